@@ -1,0 +1,3 @@
+from reclip_ray.cli import main
+
+raise SystemExit(main())
