@@ -1,0 +1,181 @@
+"""``reclip-ray`` command line. Thin: parse arguments, call the package, print JSON or one-line errors.
+
+Heavy imports (torch, Ray, MLflow) happen inside the handlers so ``reclip-ray --help`` is instant and a typo in
+a flag never waits for CUDA to initialise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from reclip_ray.errors import ReclipError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from reclip_ray.data.synth import make_synthetic
+
+    summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows)
+    _print_json(summary)
+    return 0
+
+
+def _data_ingest(args: argparse.Namespace) -> int:
+    from reclip_ray.data.ingest import ingest_folder, ingest_webdataset
+
+    if bool(args.webdataset) == bool(args.images):
+        raise ReclipError("data ingest needs either --images DIR --captions FILE or --webdataset 'PATTERN'")
+    if args.webdataset:
+        summary = ingest_webdataset(args.webdataset, args.out, shard_rows=args.shard_rows)
+    else:
+        if not args.captions:
+            raise ReclipError("data ingest --images needs --captions FILE.csv|FILE.jsonl")
+        summary = ingest_folder(args.images, args.captions, args.out, shard_rows=args.shard_rows)
+    _print_json(summary)
+    return 0
+
+
+def _data_tokenizer(args: argparse.Namespace) -> int:
+    from reclip_ray.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column)
+    _print_json({"out": args.out, "vocab_size": tok.vocab_size})
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from reclip_ray.data.inspect import inspect_dataset
+
+    _print_json(
+        inspect_dataset(args.path, image_column=args.image_column, caption_column=args.caption_column, limit=args.limit)
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- train/eval
+
+
+def _train(args: argparse.Namespace) -> int:
+    from reclip_ray.train.launch import train_from_cli
+
+    return train_from_cli(args.config, args.set)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from reclip_ray.evaluate import evaluate_checkpoint
+
+    _print_json(
+        evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            classes_path=args.classes,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+        )
+    )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from reclip_ray.sweep import sweep_from_cli
+
+    return sweep_from_cli(args.space, args.config, args.set)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"reclip_ray.bench.{args.what}")
+    return module.main(args.rest)
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reclip-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make, ingest, tokenize and inspect datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("synth", help="write the captioned-shapes dataset (train + eval splits)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=20000)
+    p.add_argument("--eval", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-rows", type=int, default=1000)
+    p.set_defaults(func=_data_synth)
+
+    p = data.add_parser("ingest", help="convert a folder of images + captions, or webdataset tars, to Parquet shards")
+    p.add_argument("--images")
+    p.add_argument("--captions")
+    p.add_argument("--webdataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-rows", type=int, default=1000)
+    p.set_defaults(func=_data_ingest)
+
+    p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a dataset's captions")
+    p.add_argument("--data", required=True)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--out", required=True)
+    p.add_argument("--caption-column", default="caption")
+    p.set_defaults(func=_data_tokenizer)
+
+    p = data.add_parser("inspect", help="rows, shards, columns, bad rows, image sizes (JSON)")
+    p.add_argument("path")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--limit", type=int, default=0, help="decode at most this many rows (0: all)")
+    p.set_defaults(func=_data_inspect)
+
+    p = sub.add_parser("train", help="run a RECLIP training job (no arguments: the embedded default)")
+    p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. phases.0.image_size=48")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model (JSON)")
+    p.add_argument("--checkpoint", required=True, help="exported model directory (or a Ray Train checkpoint)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--classes", default=None, help="JSON list of class names (or {classes, templates})")
+    p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sweep", help="Ray Tune search over resolution / phase-length schedules")
+    p.add_argument("--space", required=True)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON lines)")
+    p.add_argument("what", choices=["data", "model", "e2e"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except ReclipError as exc:
+        print(f"reclip-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reclip-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
