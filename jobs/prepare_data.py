@@ -1,0 +1,12 @@
+"""`ray job submit` entrypoint for dataset preparation: the same arguments as `reclip-ray data ...`.
+
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/prepare_data.py synth --out /shared/reclip_data --train 200000
+"""
+
+import sys
+
+from reclip_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["data", *sys.argv[1:]]))

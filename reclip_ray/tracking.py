@@ -1,0 +1,166 @@
+"""MLflow bookkeeping: one MLflow run per training run, continued across restarts and resizes.
+
+The driver owns the run's lifecycle (create or reopen, end FINISHED/FAILED/KILLED); rank 0 of the worker group logs
+per-step metrics into the same run by id. Nothing here relies on MLflow's "active run" (a thread-local that Ray
+workers do not share), so every call names the run explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from reclip_ray.config import Config
+
+# MLflow caps a param value at 6000 characters and a batch at 1000 metrics / 100 params.
+_MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory.
+
+    Absolute because Ray workers run in other directories: a relative ``sqlite:///mlflow.db`` would silently
+    create a second, empty database next to each worker.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        return f"sqlite:///{Path(rel).resolve()}"
+    if "://" not in uri:  # a bare path to a database file
+        return f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """For a SQLite store, keep artifacts in an absolute folder beside the database (MLflow's default is cwd-relative)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists to dotted keys, the same paths ``--set`` uses (``phases.0.image_size``)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def get_or_create_experiment(tracking_uri: str, name: str) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
+
+
+def start_or_resume_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    run_id: str | None,
+    cfg: Config,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Reopen ``run_id`` if it exists (a restart), else create a run with the flattened config as params."""
+    c = client(tracking_uri)
+    if run_id:
+        try:
+            run = c.get_run(run_id)
+            c.update_run(run_id, status="RUNNING")
+            restarts = int(run.data.tags.get("reclip.restarts", "0")) + 1
+            c.set_tag(run_id, "reclip.restarts", str(restarts))
+            return run_id
+        except Exception:  # deleted or from another store: start fresh rather than fail the job
+            pass
+    exp_id = get_or_create_experiment(tracking_uri, experiment)
+    all_tags = {"mlflow.runName": run_name, "reclip.restarts": "0", **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    log_params(tracking_uri, run.info.run_id, flatten(cfg.to_dict()))
+    return run.info.run_id
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(_metric_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+    c = client(tracking_uri)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(tracking_uri)
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+    client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
+
+
+def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
+    """Highest step already logged for ``key`` (-1 if none): a resumed run skips steps it has already logged."""
+    history = client(tracking_uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED: a run must never be left RUNNING."""
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def _metric_key(key: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def metric_history(tracking_uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    c = client(tracking_uri)
+    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}

@@ -1,0 +1,106 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a directory (Ray Train persists and rotates it): ``state.pt`` holds tensors only and is loaded
+with ``weights_only=True`` so a checkpoint can never run code; ``meta.json`` holds the schedule position and
+bookkeeping and is written last, so a directory without it is an interrupted save and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reclip_ray.errors import CheckpointError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainState:
+    """Position in the run. Keyed by samples seen, so a resize to another worker count changes nothing."""
+
+    samples: int = 0
+    step: int = 0
+    phase: int = 0
+    phase_done: bool = False  # the phase at index ``phase`` has finished (its end checkpoint)
+    data_seed: int = 0  # bumped on every resume: a resumed phase reshuffles instead of replaying
+    restarts: int = 0
+    mlflow_run_id: str = ""
+    rows_seen: int = 0
+    rows_bad: int = 0
+    gflops: float = 0.0
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config_yaml: str,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+    _atomic_torch_save(payload, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(config_yaml)
+    _atomic_write_text(directory / META_FILE, json.dumps(dataclasses.asdict(state), indent=2))
+    return directory
+
+
+def read_state(directory: str | Path) -> TrainState:
+    meta = Path(directory) / META_FILE
+    if not meta.is_file():
+        raise CheckpointError(f"{directory}: no {META_FILE}; the checkpoint is incomplete (interrupted save?)")
+    raw = json.loads(meta.read_text())
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    map_location: str | torch.device = "cpu",
+) -> TrainState:
+    """Restore model (and optimizer, RNG) in place and return the run position."""
+    directory = Path(directory)
+    state = read_state(directory)
+    try:
+        payload = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: missing {STATE_FILE}") from None
+    except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem
+        raise CheckpointError(f"{directory / STATE_FILE}: refused to load ({type(exc).__name__}: {exc})") from None
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    rng = payload.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    return state
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,279 @@
+"""Driver side of a training run: check inputs, prepare data and tracking, then hand over to Ray Train.
+
+Everything that can fail because of a user mistake (config, paths, schema) is checked here *before* Ray starts, so
+the user sees one line instead of a worker traceback three minutes later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reclip_ray.config import Config, absolute, load_config
+from reclip_ray.errors import DataError, ReclipError
+
+RUN_STATE_FILE = "reclip_run.json"
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    run_name: str
+    run_dir: str
+    tokenizer_path: str
+    tracking_uri: str
+    experiment: str
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Resolve paths, make the synthetic data if asked, check shards and schema, get a tokenizer. No Ray yet."""
+    from reclip_ray import tracking
+    from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files
+
+    data = cfg.data
+    data.train = absolute(data.train)
+    data.eval = absolute(data.eval) if data.eval else ""
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    run_name = cfg.run.name or cfg.name
+    cfg.run.name = run_name
+
+    if "://" not in data.train and not Path(data.train).exists():
+        if not data.synth_if_missing:
+            raise DataError(f"data.train not found: {data.train}")
+        _make_synthetic(cfg)
+
+    columns = ColumnMap.from_config(data)
+    check_schema(list_parquet_files(data.train), columns)
+    if data.eval:
+        if "://" not in data.eval and not Path(data.eval).exists():
+            raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
+        check_schema(list_parquet_files(data.eval), columns)
+
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{run_name}"
+    tokenizer_path = _ensure_tokenizer(cfg, run_dir)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    cfg.tracking.uri = tracking_uri
+    return Prepared(cfg, run_name, run_dir, tokenizer_path, tracking_uri, cfg.tracking.experiment or cfg.name)
+
+
+def _make_synthetic(cfg: Config) -> None:
+    from reclip_ray.data.synth import make_synthetic
+
+    train, evald = Path(cfg.data.train), Path(cfg.data.eval) if cfg.data.eval else None
+    if train.name != "train" or (evald is not None and evald != train.parent / "eval"):
+        raise DataError(
+            f"data.synth_if_missing needs data.train=DIR/train and data.eval=DIR/eval, got {train} and {evald}"
+        )
+    print(f"[reclip] making the synthetic captioned-shapes dataset under {train.parent} ...", flush=True)
+    make_synthetic(train.parent, train=cfg.data.synth_train, eval=cfg.data.synth_eval, seed=cfg.train.seed)
+
+
+def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
+    """The config's tokenizer, else one trained on data.train and kept in the run folder (reused on resume)."""
+    from reclip_ray.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if cfg.data.tokenizer:
+        path = absolute(cfg.data.tokenizer)
+        if not Path(path).is_file():
+            raise ReclipError(f"data.tokenizer not found: {path}")
+        load_tokenizer(path)  # fail now on a bad file
+        cfg.data.tokenizer = path
+        return path
+    if "://" in run_dir:
+        raise ReclipError("with remote run.storage_path, set data.tokenizer to a tokenizer.json (reclip-ray data tokenizer)")
+    path = Path(run_dir) / "tokenizer.json"
+    if not path.is_file():
+        print(f"[reclip] training a {cfg.data.vocab_size}-token BPE tokenizer on {cfg.data.train} ...", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, out=path, caption_column=cfg.data.caption_column)
+    cfg.data.tokenizer = str(path)
+    return str(path)
+
+
+def _read_run_state(run_dir: str) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_STATE_FILE
+    if "://" in run_dir or not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _write_run_state(run_dir: str, state: dict[str, Any]) -> None:
+    if "://" in run_dir:
+        return
+    path = Path(run_dir) / RUN_STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to $RAY_ADDRESS (or an already initialised Ray); else start a local one sized for the workers.
+
+    On a 2-core box, workers with a whole CPU each starve Ray Data, so a local Ray gets enough logical CPUs for
+    the workers *and* the data pipeline.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return
+    needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False, runtime_env=env)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    setting = str(cfg.scaling.use_gpu).lower()
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return setting == "true"
+
+
+def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter: Any) -> dict[str, Any]:
+    """One Ray Dataset per phase, each decoding to its own resolution and text length.
+
+    A phase reads the shards as many times as its sample count needs (each pass with its own file order), so one
+    iteration covers the whole phase and no rank ever waits for another to start a new epoch.
+    """
+    from reclip_ray.data.pipeline import phase_dataset, read_shards
+    from reclip_ray.data.schema import ColumnMap
+    from reclip_ray.schedule import Schedule
+    from reclip_ray.train.worker import phase_dataset_name
+
+    columns = ColumnMap.from_config(cfg.data)
+    rows = read_shards(cfg.data.train, columns, shuffle_files=False).count()
+    if rows == 0:
+        raise DataError(f"{cfg.data.train}: the shards hold no rows")
+    usable = max(1.0, rows * (1.0 - cfg.data.max_bad_fraction))
+    datasets = {}
+    for plan in Schedule.from_config(cfg).phases:
+        # Margin: the equal split drops up to one row per worker, drop_last up to one batch per worker.
+        needed = (plan.end_sample - plan.start_sample) + 2 * plan.batch_size * (cfg.scaling.max_workers + 1)
+        passes = max(1, math.ceil(needed / usable))
+        seed = cfg.train.seed * 1_000_003 + data_seed * 1009 + plan.index * 101
+        shuffle = cfg.data.shuffle == "files"
+        reads = [read_shards(cfg.data.train, columns, shuffle_files=shuffle, seed=seed + p) for p in range(passes)]
+        ds = reads[0].union(*reads[1:]) if passes > 1 else reads[0]
+        datasets[phase_dataset_name(plan.index)] = phase_dataset(
+            ds,
+            image_size=plan.image_size,
+            text_length=plan.text_length,
+            tokenizer_json=tokenizer_json,
+            train=True,
+            seed=seed,
+            batch_size=cfg.data.decode_batch_size,
+            bad_counter=bad_counter,
+        )
+    return datasets
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from reclip_ray import tracking
+    from reclip_ray.data.pipeline import get_or_create_bad_counter
+    from reclip_ray.flops import run_flops
+    from reclip_ray.train.worker import train_loop_per_worker
+
+    prep = prepare(cfg)
+    cfg = prep.cfg
+    run_state = _read_run_state(prep.run_dir)
+    flops = run_flops(cfg)
+    tags = {
+        "reclip.phases": " -> ".join(f"{p.name}:{p.image_size}px/{p.text_length}tok" for p in cfg.phases),
+        "reclip.total_train_gflops": f"{flops['total_train_gflops']:.1f}",
+        "reclip.run_dir": prep.run_dir,
+    }
+    run_id = tracking.start_or_resume_run(
+        prep.tracking_uri, prep.experiment, prep.run_name, run_state.get("mlflow_run_id"), cfg, tags=tags
+    )
+    resumed = bool(run_state.get("mlflow_run_id")) and run_state["mlflow_run_id"] == run_id
+    _write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": run_state.get("attempts", 0) + 1})
+    print(f"[reclip] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {prep.tracking_uri}", flush=True)
+
+    status = "FAILED"
+    try:
+        init_ray(cfg)
+        use_gpu = _use_gpu(cfg)
+        tokenizer_json = Path(prep.tokenizer_path).read_text()
+        bad_counter = get_or_create_bad_counter(f"reclip-bad-rows-{prep.run_name}")
+        datasets = build_datasets(cfg, tokenizer_json, data_seed=run_state.get("attempts", 0), bad_counter=bad_counter)
+        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = cfg.scaling.gpus_per_worker
+        workers = (
+            cfg.scaling.min_workers
+            if cfg.scaling.min_workers == cfg.scaling.max_workers
+            else (cfg.scaling.min_workers, cfg.scaling.max_workers)
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "config_yaml": cfg.to_yaml(),
+                "tokenizer_json": tokenizer_json,
+                "tracking_uri": prep.tracking_uri,
+                "mlflow_run_id": run_id,
+                "run_dir": prep.run_dir,
+                "bad_counter": bad_counter,
+            },
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
+                elastic_resize_monitor_interval_s=cfg.scaling.resize_check_interval_s,
+            ),
+            run_config=ray.train.RunConfig(
+                name=prep.run_name,
+                storage_path=cfg.run.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            ),
+            datasets=datasets,
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        status = "FINISHED"
+        metrics = dict(result.metrics or {})
+        metrics["mlflow_run_id"] = run_id
+        metrics["run_dir"] = prep.run_dir
+        metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+        return metrics
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(prep.tracking_uri, run_id, status)
+
+
+def train_from_cli(config: str | None, overrides: list[str]) -> int:
+    cfg = load_config(config, overrides)
+    try:
+        metrics = run_training(cfg)
+    except ReclipError:
+        raise
+    except Exception as exc:  # a worker's error arrives wrapped; show its last line, not Ray's traceback
+        root = exc
+        while getattr(root, "__cause__", None) is not None:
+            root = root.__cause__
+        raise ReclipError(f"training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__}") from None
+    final = {k: v for k, v in metrics.items() if k.startswith("eval/") and ("top1" in k or "r@1" in k)}
+    print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"]}, indent=2))
+    uri = cfg.tracking.uri
+    print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    return 0
