@@ -21,10 +21,19 @@ def _print_json(obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 
 
+def _os_error(exc: OSError) -> ReclipError:
+    """File-system mistakes (missing path, permission, disk full) in data commands become one-line errors."""
+    where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+    return ReclipError(f"{exc.strerror or exc}{where}")
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from reclip_ray.data.synth import make_synthetic
 
-    summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows)
+    try:
+        summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows)
+    except OSError as exc:
+        raise _os_error(exc) from None
     _print_json(summary)
     return 0
 
@@ -34,12 +43,15 @@ def _data_ingest(args: argparse.Namespace) -> int:
 
     if bool(args.webdataset) == bool(args.images):
         raise ReclipError("data ingest needs either --images DIR --captions FILE or --webdataset 'PATTERN'")
-    if args.webdataset:
-        summary = ingest_webdataset(args.webdataset, args.out, shard_rows=args.shard_rows)
-    else:
-        if not args.captions:
-            raise ReclipError("data ingest --images needs --captions FILE.csv|FILE.jsonl")
-        summary = ingest_folder(args.images, args.captions, args.out, shard_rows=args.shard_rows)
+    try:
+        if args.webdataset:
+            summary = ingest_webdataset(args.webdataset, args.out, shard_rows=args.shard_rows)
+        else:
+            if not args.captions:
+                raise ReclipError("data ingest --images needs --captions FILE.csv|FILE.jsonl")
+            summary = ingest_folder(args.images, args.captions, args.out, shard_rows=args.shard_rows)
+    except OSError as exc:
+        raise _os_error(exc) from None
     _print_json(summary)
     return 0
 
@@ -47,7 +59,10 @@ def _data_ingest(args: argparse.Namespace) -> int:
 def _data_tokenizer(args: argparse.Namespace) -> int:
     from reclip_ray.data.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column)
+    try:
+        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column)
+    except OSError as exc:
+        raise _os_error(exc) from None
     _print_json({"out": args.out, "vocab_size": tok.vocab_size})
     return 0
 
@@ -55,9 +70,12 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 def _data_inspect(args: argparse.Namespace) -> int:
     from reclip_ray.data.inspect import inspect_dataset
 
-    _print_json(
-        inspect_dataset(args.path, image_column=args.image_column, caption_column=args.caption_column, limit=args.limit)
-    )
+    try:
+        report = inspect_dataset(args.path, image_column=args.image_column, caption_column=args.caption_column,
+                                 limit=args.limit)
+    except OSError as exc:
+        raise _os_error(exc) from None
+    _print_json(report)
     return 0
 
 

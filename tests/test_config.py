@@ -44,6 +44,7 @@ def test_fraction_versus_count():
         (["phases.1.text_length=500"], "text_length 500"),
         (["train.batch_size=abc"], "'train.batch_size' must be an integer"),
         (["phases.5.image_size=32"], "not an index"),
+        (["optim.lr=fast"], "'optim.lr' must be a number"),
         (["scaling.min_workers=3", "scaling.max_workers=2"], "min_workers <= max_workers"),
         (["model=vit-z"], "unknown model preset 'vit-z'"),
     ],
@@ -83,3 +84,7 @@ def test_cli_prints_one_line_error_without_traceback():
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["reclip-ray: error: unknown config key 'optim.lrr'; valid keys here: " + lines[0].split("valid keys here: ")[1]]
+
+
+def test_exponent_without_dot_is_a_number():
+    assert load_config("tiny", ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)

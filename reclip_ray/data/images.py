@@ -1,0 +1,174 @@
+"""Image bytes -> fixed-size uint8 RGB arrays, cheaply and without surprises.
+
+The RECLIP main phase trains at 32-64 px from sources of 256-1024 px, so a full JPEG decode wastes most of its
+work. JPEG can decode at 1/2, 1/4 or 1/8 scale inside the IDCT (``Image.draft``), which is what makes small-image
+training fast on the CPU side; we pick the largest reduction that still leaves at least ``size`` pixels across the
+crop, so quality matches a full decode followed by a resize.
+
+Crop policy: train = random resized crop (area 0.9-1.0, aspect 3/4-4/3) and no flips, because captions name left
+and right; eval = resize the shorter side, centre crop. Both are done by one ``Image.resize(box=...)`` call, so the
+crop never materialises an intermediate image.
+
+Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
+onto white, which is how a browser or a caption writer saw them. 16-bit and integer images are scaled to 8 bits
+(not clipped), CMYK goes through PIL's conversion.
+
+Bad input: undecodable, truncated or too-large (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit, which we
+keep) images raise :class:`BadImage` with a short reason, so callers can skip and count them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Random resized crop ranges. Narrow on purpose: a synthetic object "on the left" must stay on the left.
+CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+RESAMPLE = Image.Resampling.BICUBIC
+
+_BAD_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+               Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+class BadImage(Exception):
+    """An image that cannot be used; ``str(exc)`` is the reason (e.g. "cannot identify image")."""
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open without decoding pixels; enforces the decompression-bomb limit as an error, not a warning."""
+    if not data:
+        raise BadImage("empty image bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise BadImage("cannot identify image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage(f"decompression bomb: {exc}") from None
+        except _BAD_ERRORS as exc:
+            if "truncated" in str(exc).lower():
+                raise BadImage(f"truncated image: {exc}") from None
+            raise BadImage(f"cannot open image: {exc}") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:  # PIL only warns between 1x and 2x the limit; treat both as bad
+        raise BadImage(f"decompression bomb: {w}x{h} exceeds Image.MAX_IMAGE_PIXELS={limit}")
+    if w <= 0 or h <= 0:
+        raise BadImage(f"empty image {w}x{h}")
+    return img
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header only; raises BadImage when the header is unreadable."""
+    return _open(data).size
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (alpha onto white, 16/32-bit scaled to 8-bit)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        if mode in ("RGBa", "La"):
+            img = img.convert(mode.replace("a", "A"))
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img)
+        if arr.ndim == 3:  # e.g. 16-bit RGB read as integer channels
+            arr = arr[..., :3]
+        if mode.startswith("I;16") or arr.dtype == np.uint16 or (arr.size and arr.max() > 255):
+            arr = np.clip(arr.astype(np.float32), 0, 65535) * (255.0 / 65535.0)
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def _crop_box(width: int, height: int, *, train: bool, rng: np.random.Generator | None) -> tuple[float, float, float, float]:
+    """Crop rectangle (left, top, right, bottom) in source pixels."""
+    if not train:
+        side = min(width, height)
+        left = (width - side) / 2
+        top = (height - side) / 2
+        return (left, top, left + side, top + side)
+    rng = rng if rng is not None else np.random.default_rng()
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target * ratio)
+        h = math.sqrt(target / ratio)
+        if w <= width and h <= height:
+            left = rng.uniform(0, width - w)
+            top = rng.uniform(0, height - h)
+            return (left, top, left + w, top + h)
+    # Fallback (very elongated source): the whole image, squeezed to a square like torchvision's fallback.
+    return (0.0, 0.0, float(width), float(height))
+
+
+def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> float:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px; returns the scale applied."""
+    if img.format != "JPEG":
+        return 1.0
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    k = min(crop_w, crop_h) / size  # how much we may shrink and still have `size` px across the crop
+    if k < 2:
+        return 1.0
+    w, h = img.size
+    # PIL picks scale = largest of 1/2/4/8 with scale <= min(w // req_w, h // req_h); ceil keeps scale <= k.
+    request = (max(1, math.ceil(w / k)), max(1, math.ceil(h / k)))
+    img.draft("RGB", request)
+    return w / img.size[0]
+
+
+def decode_image(
+    data: bytes, size: int, *, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Decode, crop and resize to a (size, size, 3) uint8 RGB array. Raises BadImage for unusable input."""
+    img = _open(data)
+    src_w, src_h = img.size
+    box = _crop_box(src_w, src_h, train=train, rng=rng)
+    try:
+        scale = _draft(img, box, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = to_rgb(img)
+        if scale != 1.0:  # map the crop into the reduced image (per axis: the decoder rounds sizes up)
+            sx, sy = img.size[0] / src_w, img.size[1] / src_h
+            box = (box[0] * sx, box[1] * sy, min(img.size[0], box[2] * sx), min(img.size[1], box[3] * sy))
+        out = img.resize((size, size), RESAMPLE, box=box)
+    except BadImage:
+        raise
+    except _BAD_ERRORS as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower():
+            raise BadImage(f"truncated image: {msg}") from None
+        raise BadImage(f"cannot decode image: {msg}") from None
+    arr = np.asarray(out, dtype=np.uint8)
+    if arr.shape != (size, size, 3):  # defensive: a decoder plugin returning an odd mode
+        raise BadImage(f"decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def reference_decode(data: bytes, size: int) -> np.ndarray:
+    """Full decode then the eval crop/resize: the baseline the draft path is measured and tested against."""
+    img = Image.open(io.BytesIO(data))
+    img = to_rgb(img)
+    box = _crop_box(*img.size, train=False, rng=None)
+    return np.asarray(img.resize((size, size), RESAMPLE, box=box), dtype=np.uint8)

@@ -1,0 +1,390 @@
+"""Captioned shapes: a procedural dataset small enough for CPU tests and rich enough for CLIP to learn.
+
+Each 128 px image holds one to three objects with five attributes the captions describe: shape (10), colour (10),
+size (small/large), position (left/right/top/bottom/centre) and a surface pattern (solid/striped/dotted/checkered).
+The patterns have a period of ~4 px at 128 px, so they average out at 32 px and are plain at 128 px: exactly the
+detail a low-resolution RECLIP phase cannot learn and the full-resolution finetune must add. About a third of the
+captions name only one or two attributes ("a star", "a striped shape"), so zero-shot prompts are in-distribution.
+
+Rows are a pure function of (seed, split, row): ``np.random.default_rng([seed, split_id, row])``, so any shard can
+be rebuilt alone, shards can be written in parallel, and train and eval never share a stream.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing as mp
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from reclip_ray.errors import DataError
+
+SHAPES = ["circle", "square", "triangle", "star", "diamond", "hexagon", "pentagon", "cross", "heart", "crescent"]
+COLOURS = {
+    "red": (215, 35, 35),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 180),
+    "pink": (245, 130, 190),
+    "brown": (120, 75, 35),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLOUR_NAMES = list(COLOURS)
+PATTERNS = ["solid", "striped", "dotted", "checkered"]
+SIZES = ["small", "large"]
+POSITIONS = ["left", "right", "top", "bottom", "centre"]
+SPLITS = {"train": 0, "eval": 1}
+JPEG_QUALITY = 90
+
+SHAPE_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.", "an image of a {}."]
+PATTERN_TEMPLATES = ["a {} shape.", "a photo of a {} shape.", "a picture of a {} object."]
+
+_ANCHOR = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "centre": (0, 0)}
+_POSITION_WORDS = {
+    "left": ["on the left", "at the left", "on the left side", "to the left"],
+    "right": ["on the right", "at the right", "on the right side", "to the right"],
+    "top": ["at the top", "near the top", "in the upper part"],
+    "bottom": ["at the bottom", "near the bottom", "in the lower part"],
+    "centre": ["in the centre", "in the middle", "in the center"],
+}
+_PATTERN_ADJ = {"solid": ["solid", "plain"], "striped": ["striped"], "dotted": ["dotted", "polka-dot"],
+                "checkered": ["checkered"]}
+_PATTERN_WITH = {"solid": ["a solid fill", "no pattern"], "striped": ["stripes", "thin stripes"],
+                 "dotted": ["dots", "small dots"], "checkered": ["a checkerboard pattern", "small checks"]}
+_SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
+_PREFIXES = ["", "", "a photo of ", "a picture of ", "an image of ", "a drawing of "]
+
+
+# -------------------------------------------------------------------------------------------------- drawing
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon outline of a shape with circumradius ~r."""
+    def poly(n: int, start: float, radii=(1.0,)) -> list[tuple[float, float]]:
+        k = len(radii)
+        return [
+            (math.cos(start + 2 * math.pi * i / (n * k)) * radii[i % k], math.sin(start + 2 * math.pi * i / (n * k)) * radii[i % k])
+            for i in range(n * k)
+        ]
+
+    if shape == "square":
+        pts = [(x * 0.8, y * 0.8) for x, y in [(-1, -1), (1, -1), (1, 1), (-1, 1)]]
+    elif shape == "triangle":
+        pts = poly(3, -math.pi / 2)
+        pts = [(x, y + 0.2) for x, y in pts]
+    elif shape == "star":
+        pts = poly(5, -math.pi / 2, radii=(1.0, 0.45))
+    elif shape == "diamond":
+        pts = [(0, -1), (0.62, 0), (0, 1), (-0.62, 0)]
+    elif shape == "hexagon":
+        pts = poly(6, 0)
+    elif shape == "pentagon":
+        pts = poly(5, -math.pi / 2)
+    elif shape == "cross":
+        a, b = 0.32, 0.95
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    elif shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        xs = 16 * np.sin(ts) ** 3 / 17
+        ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)) / 17 - 0.1
+        pts = list(zip(xs.tolist(), ys.tolist()))
+    else:
+        raise ValueError(shape)
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+
+
+def _mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
+    """Antialiased coverage in [0, 1]: drawn at 2x and box-reduced (cheap at these sizes)."""
+    s2 = 2 * size
+    m = Image.new("L", (s2, s2), 0)
+    d = ImageDraw.Draw(m)
+    cx2, cy2, r2 = 2 * cx, 2 * cy, 2 * r
+    if shape == "circle":
+        d.ellipse([cx2 - r2, cy2 - r2, cx2 + r2, cy2 + r2], fill=255)
+    elif shape == "crescent":
+        d.ellipse([cx2 - r2, cy2 - r2, cx2 + r2, cy2 + r2], fill=255)
+        ox, oy = 0.45 * r2 * math.cos(angle), 0.45 * r2 * math.sin(angle)
+        r3 = 0.85 * r2
+        d.ellipse([cx2 + ox - r3, cy2 + oy - r3, cx2 + ox + r3, cy2 + oy + r3], fill=0)
+    else:
+        d.polygon(_shape_points(shape, cx2, cy2, r2, angle), fill=255)
+    return np.asarray(m.reduce(2), dtype=np.float32) * (1.0 / 255.0)
+
+
+@lru_cache(maxsize=64)
+def _pattern(pattern: str, variant: int, size: int) -> np.ndarray:
+    """Boolean (size, size) texture: True = object colour, False = contrast colour. Period ~4 px at 128 px."""
+    period = 4.0 * size / 128
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    phase = variant * period / 4
+    if pattern == "solid":
+        return np.ones((size, size), dtype=bool)
+    if pattern == "striped":
+        angle = [0, 90][variant % 2] * math.pi / 180  # axis-aligned: averages out exactly at 4x smaller
+        u = x * math.cos(angle) + y * math.sin(angle) + phase
+        return np.floor(u / (period / 2)).astype(np.int64) % 2 == 0
+    if pattern == "dotted":
+        p = period
+        dx = np.mod(x + phase, p) - p / 2
+        dy = np.mod(y + phase, p) - p / 2
+        return ~((dx * dx + dy * dy) <= (0.3 * p) ** 2)  # dots of the contrast colour on the object colour
+    if pattern == "checkered":
+        return (np.floor((x + phase) / (period / 2)).astype(np.int64) + np.floor((y + phase) / (period / 2)).astype(np.int64)) % 2 == 0
+    raise ValueError(pattern)
+
+
+def _contrast(rgb: np.ndarray) -> np.ndarray:
+    """Second colour of a pattern: a dark shade, or a light tint for dark colours; same hue family."""
+    lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    if lum > 90:
+        return rgb * np.float32(0.35)
+    return rgb + (np.float32(255.0) - rgb) * np.float32(0.55)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    c1 = rng.uniform(85, 175, 3).astype(np.float32)
+    c2 = c1 + rng.uniform(-35, 35, 3).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.arange(size, dtype=np.float32) + 0.5) / size
+    g = ramp[None, :] * np.float32(math.cos(angle)) + ramp[:, None] * np.float32(math.sin(angle))
+    g -= g.min()
+    g *= np.float32(1.0 / max(1e-6, float(g.max())))
+    img = c1 + g[..., None] * (c2 - c1)
+    img += rng.integers(-5, 6, size=(size, size, 1), dtype=np.int8)
+    return img
+
+
+def _sample_scene(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
+    """Objects, main object first (it sets the labels and leads the caption)."""
+    n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+    positions = list(rng.permutation(POSITIONS))
+    objects = []
+    for i in range(n):
+        size_word = SIZES[int(rng.integers(2))] if i == 0 else "small"
+        pos = str(positions[i])
+        if i > 0 and objects[0]["size"] == "large" and pos == "centre":
+            pos = str(positions[n])  # keep small distractors out from under a large main object
+        r = size * (rng.uniform(0.26, 0.32) if size_word == "large" else rng.uniform(0.11, 0.15))
+        offset = size * (0.19 if size_word == "large" else 0.29)
+        ax, ay = _ANCHOR[pos]
+        jitter = rng.uniform(-0.03, 0.03, 2) * size
+        objects.append({
+            "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+            "colour": COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))],
+            "pattern": PATTERNS[int(rng.integers(len(PATTERNS)))],
+            "size": size_word,
+            "position": pos,
+            "cx": size / 2 + ax * offset + jitter[0],
+            "cy": size / 2 + ay * offset + jitter[1],
+            "r": r,
+            "angle": float(rng.uniform(-0.25, 0.25)),
+            "brightness": float(rng.uniform(0.85, 1.1)),
+            "variant": int(rng.integers(4)),
+        })
+    return objects
+
+
+def render(objects: list[dict[str, Any]], rng: np.random.Generator, size: int) -> np.ndarray:
+    img = _background(rng, size)
+    for obj in reversed(objects):  # main object last = on top
+        base = np.clip(np.array(COLOURS[obj["colour"]], dtype=np.float32) * np.float32(obj["brightness"]), 0, 255)
+        other = _contrast(base)
+        # composite only inside the object's bounding box: most of the image is background
+        pad = obj["r"] * 1.1 + 2
+        x0, y0 = max(0, int(obj["cx"] - pad)), max(0, int(obj["cy"] - pad))
+        x1, y1 = min(size, int(obj["cx"] + pad) + 1), min(size, int(obj["cy"] + pad) + 1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        tex = _pattern(obj["pattern"], obj["variant"], size)[y0:y1, x0:x1]
+        layer = np.where(tex[..., None], base, other)
+        m = _mask(obj["shape"], obj["cx"], obj["cy"], obj["r"], obj["angle"], size)[y0:y1, x0:x1, None]
+        region = img[y0:y1, x0:x1]
+        region += m * (layer - region)
+    img += 0.5
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# -------------------------------------------------------------------------------------------------- captions
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def caption_for(objects: list[dict[str, Any]], rng: np.random.Generator) -> str:
+    main = objects[0]
+    shape, colour, pattern = main["shape"], main["colour"], main["pattern"]
+    size_w = _pick(rng, _SIZE_WORDS[main["size"]])
+    pos_w = _pick(rng, _POSITION_WORDS[main["position"]])
+    pat_adj = _pick(rng, _PATTERN_ADJ[pattern])
+    if rng.random() < 0.35:  # short: one or two attributes
+        prefix = _pick(rng, _PREFIXES)
+        choice = int(rng.integers(9))
+        phrase = [
+            shape,
+            f"{pat_adj} shape",
+            f"{colour} shape",
+            f"{colour} {shape}",
+            f"{pat_adj} {shape}",
+            f"{size_w} {shape}",
+            shape,
+            f"{colour} {shape}",
+            f"{pat_adj} {shape}",
+        ][choice]
+        if choice == 6:
+            return f"{prefix}{_a(shape)} {pos_w}".strip()
+        return f"{prefix}{_a(phrase)}".strip()
+    # full description of the main object
+    pattern_optional = pattern == "solid" and rng.random() < 0.4
+    adj = f"{size_w} {colour}" if pattern_optional else f"{size_w} {pat_adj} {colour}"
+    with_pattern = "" if pattern_optional else f" with {_pick(rng, _PATTERN_WITH[pattern])}"
+    template = int(rng.integers(6))
+    if template == 0:
+        text = f"{_a(adj)} {shape} {pos_w}"
+    elif template == 1:
+        text = f"there is {_a(size_w)} {colour} {shape}{with_pattern} {pos_w} of the picture"
+    elif template == 2:
+        text = f"{_pick(rng, _PREFIXES[2:])}{_a(adj)} {shape}, {pos_w}"
+    elif template == 3:
+        text = f"{_a(size_w)} {shape}{with_pattern}, coloured {colour}, {pos_w}"
+    elif template == 4:
+        text = f"{pos_w} there is {_a(adj)} {shape}"
+    else:
+        text = f"{_a(colour)} {shape}{with_pattern}; it is {size_w} and sits {pos_w}"
+    others = objects[1:]
+    if others:
+        if rng.random() < 0.5:
+            text += " and " + " and ".join(f"{_a(o['colour'])} {o['shape']}" for o in others)
+            if rng.random() < 0.5:
+                text += " " + _pick(rng, _POSITION_WORDS[others[-1]["position"]])
+        else:
+            n = len(others)
+            text += f", next to {'one other shape' if n == 1 else f'{n} other shapes'}"
+    return text
+
+
+# -------------------------------------------------------------------------------------------------- shards
+
+
+def make_row(seed: int, split: str, row: int, image_size: int = 128) -> dict[str, Any]:
+    """One sample, a pure function of its arguments."""
+    rng = np.random.default_rng([seed, SPLITS[split], row])
+    objects = _sample_scene(rng, image_size)
+    pixels = render(objects, rng, image_size)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    main = objects[0]
+    return {
+        "key": f"{split}-{row:08d}",
+        "image": buf.getvalue(),
+        "caption": caption_for(objects, rng),
+        "width": image_size,
+        "height": image_size,
+        "label": SHAPES.index(main["shape"]),
+        "label_pattern": PATTERNS.index(main["pattern"]),
+    }
+
+
+def _write_shard(task: tuple[str, str, int, int, int, int, int]) -> int:
+    import pyarrow as pa
+
+    from reclip_ray.data.ingest import write_parquet_atomic
+
+    out_dir, split, seed, start, stop, index, image_size = task
+    rows = [make_row(seed, split, r, image_size) for r in range(start, stop)]
+    columns = {
+        "key": pa.array([r["key"] for r in rows], pa.string()),
+        "image": pa.array([r["image"] for r in rows], pa.binary()),
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+        "width": pa.array([r["width"] for r in rows], pa.int32()),
+        "height": pa.array([r["height"] for r in rows], pa.int32()),
+    }
+    if split == "eval":
+        columns["label"] = pa.array([r["label"] for r in rows], pa.int32())
+        columns["label_pattern"] = pa.array([r["label_pattern"] for r in rows], pa.int32())
+    write_parquet_atomic(pa.table(columns), os.path.join(out_dir, f"shard-{index:05d}.parquet"))
+    return len(rows)
+
+
+def _dataset_json(split: str, rows: int, seed: int, image_size: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "rows": rows,
+        "source": "synthetic:captioned-shapes",
+        "split": split,
+        "seed": seed,
+        "image_size": image_size,
+        "attributes": {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "position": POSITIONS,
+                       "pattern": PATTERNS},
+    }
+    if split == "eval":
+        meta["classes"] = list(SHAPES)
+        meta["templates"] = list(SHAPE_TEMPLATES)
+        meta["label_sets"] = {
+            "shape": {"column": "label", "classes": list(SHAPES), "templates": list(SHAPE_TEMPLATES)},
+            "pattern": {"column": "label_pattern", "classes": list(PATTERNS), "templates": list(PATTERN_TEMPLATES)},
+        }
+    return meta
+
+
+def make_synthetic(
+    out: str | os.PathLike,
+    train: int = 20000,
+    eval: int = 1000,
+    seed: int = 0,
+    shard_rows: int = 1000,
+    image_size: int = 128,
+    workers: int | None = None,
+) -> dict:
+    """Write ``out/train`` and ``out/eval`` (Parquet shards + dataset.json); returns a summary."""
+    from reclip_ray.data.schema import write_json_atomic
+
+    if not 32 <= image_size <= 256:
+        raise DataError(f"synthetic image_size must be between 32 and 256, got {image_size}")
+    if train < 0 or eval < 0 or train + eval == 0:
+        raise DataError(f"need a positive number of rows (train={train}, eval={eval})")
+    if shard_rows <= 0:
+        raise DataError(f"shard_rows must be positive, got {shard_rows}")
+    out = Path(out)
+    start_time = time.perf_counter()
+    tasks = []
+    for split, rows in (("train", train), ("eval", eval)):
+        if rows == 0:
+            continue
+        split_dir = out / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        for stale in split_dir.glob("shard-*.parquet"):  # a rerun with fewer rows must not keep old shards
+            stale.unlink()
+        for index, start in enumerate(range(0, rows, shard_rows)):
+            tasks.append((str(split_dir), split, seed, start, min(rows, start + shard_rows), index, image_size))
+    if workers is None:
+        workers = min(len(tasks), os.cpu_count() or 1) if train + eval >= 4000 else 1
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            list(pool.imap_unordered(_write_shard, tasks))
+    else:
+        for task in tasks:
+            _write_shard(task)
+    summary: dict[str, Any] = {"out": str(out)}
+    for split, rows in (("train", train), ("eval", eval)):
+        if rows == 0:
+            continue
+        shards = math.ceil(rows / shard_rows)
+        write_json_atomic(out / split / "dataset.json", _dataset_json(split, rows, seed, image_size))
+        summary[split] = {"path": str(out / split), "rows": rows, "shards": shards}
+    summary["seconds"] = round(time.perf_counter() - start_time, 2)
+    return summary

@@ -1,0 +1,165 @@
+"""Caption tokenizer: byte-level BPE (``tokenizers``) behind a small fixed-length interface.
+
+RECLIP's main phase uses short texts (16 tokens in CLIPA), so truncation must keep the end token: the text tower
+pools at the last non-pad token and was trained to find the end-of-text there. Any ``tokenizer.json`` works; we
+only need to find its pad / start / end tokens, whose names differ between ecosystems.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from reclip_ray.errors import DataError
+
+PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
+PAD_NAMES = (PAD, "[PAD]", "<|pad|>", "<|padding|>", "<PAD>")
+SOT_NAMES = (SOT, "<|startoftext|>", "<|start_of_text|>", "[CLS]", "<s>", "<bos>", "<|begin_of_text|>", "[BOS]")
+EOT_NAMES = (EOT, "<|endoftext|>", "<|end_of_text|>", "[SEP]", "</s>", "<eos>", "[EOS]")
+
+
+def _normalize(text: str) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+class CaptionTokenizer:
+    """Wraps a ``tokenizers.Tokenizer``; encodes to [sot, ..., eot, pad, ...] int64 rows of a fixed length."""
+
+    def __init__(self, tokenizer, *, pad: str | None = None, sot: str | None = None, eot: str | None = None,
+                 source: str = "tokenizer") -> None:
+        self._tok = tokenizer
+        self.source = source
+        self.pad_id = self._find("pad", pad, PAD_NAMES)
+        self.sot_id = self._find("start", sot, SOT_NAMES)
+        self.eot_id = self._find("end", eot, EOT_NAMES)
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def _find(self, role: str, name: str | None, candidates: Sequence[str]) -> int:
+        names = (name,) if name else candidates
+        for candidate in names:
+            idx = self._tok.token_to_id(candidate)
+            if idx is not None:
+                return int(idx)
+        raise DataError(
+            f"{self.source}: no {role} token found (looked for {', '.join(names)}); "
+            f"add one of them as a special token"
+        )
+
+    def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
+        if length < 2:
+            raise DataError(f"text length must be >= 2 (start and end tokens), got {length}")
+        out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
+        if not len(texts):
+            return out
+        encodings = self._tok.encode_batch([_normalize(t) for t in texts], add_special_tokens=False)
+        body = length - 2
+        for i, enc in enumerate(encodings):
+            ids = enc.ids[:body]
+            out[i, 0] = self.sot_id
+            out[i, 1 : 1 + len(ids)] = ids
+            out[i, 1 + len(ids)] = self.eot_id
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        special = {self.pad_id, self.sot_id, self.eot_id}
+        kept = []
+        for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1).tolist():
+            if i == self.eot_id:
+                break
+            if i not in special:
+                kept.append(int(i))
+        return self._tok.decode(kept, skip_special_tokens=True).strip()
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    @classmethod
+    def from_json(cls, s: str, **names: str | None) -> "CaptionTokenizer":
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(s)
+        except Exception as exc:
+            raise DataError(f"not a valid tokenizer.json: {exc}") from exc
+        return cls(tok, **names)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    def __repr__(self) -> str:
+        return (f"CaptionTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, sot_id={self.sot_id}, "
+                f"eot_id={self.eot_id})")
+
+
+def load_tokenizer(path: str | os.PathLike, *, pad: str | None = None, sot: str | None = None,
+                   eot: str | None = None) -> CaptionTokenizer:
+    """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read tokenizer {path}: {exc}") from None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as exc:
+        raise DataError(f"{path}: not a valid tokenizer.json ({exc})") from None
+    return CaptionTokenizer(tok, pad=pad, sot=sot, eot=eot, source=str(path))
+
+
+def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batch_rows: int = 4096) -> Iterator[str]:
+    """Captions of every shard under ``data``, read column-only (no image bytes touched)."""
+    import pyarrow.parquet as pq
+
+    from reclip_ray.data.schema import _filesystem, list_parquet_files, parquet_schema
+
+    for file in list_parquet_files(str(data)):
+        if caption_column not in parquet_schema(file).names:
+            raise DataError(f"{file}: missing caption column {caption_column!r}")
+        fs, inner = _filesystem(file)
+        with fs.open_input_file(inner) as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=[caption_column]):
+                for caption in batch.column(0).to_pylist():
+                    if caption:
+                        yield _normalize(caption)
+
+
+def train_tokenizer(
+    data: str | os.PathLike,
+    vocab_size: int,
+    out: str | os.PathLike | None = None,
+    caption_column: str = "caption",
+) -> CaptionTokenizer:
+    """Byte-level BPE on the dataset's captions; ids 0/1/2 are <pad>/<start_of_text>/<end_of_text>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if vocab_size < 256 + 3:
+        raise DataError(f"vocab_size must be >= 259 (256 bytes + 3 special tokens), got {vocab_size}")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, SOT, EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(iter_captions(data, caption_column), trainer=trainer)
+    result = CaptionTokenizer(tok, source=str(data))
+    if out is not None:
+        result.save(out)
+    return result

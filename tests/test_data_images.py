@@ -1,0 +1,101 @@
+"""decode_image: sizes, draft decoding, colour modes and every kind of bad image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reclip_ray.data import images
+from reclip_ray.data.images import BadImage, decode_image, reference_decode
+
+
+def _photo(size=(512, 384), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    arr = np.stack([xx * 255, yy * 255, (1 - xx) * 200], -1) + rng.normal(0, 4, (h, w, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return _encode(Image.fromarray(_photo()), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize("size", [32, 96])
+@pytest.mark.parametrize("train", [False, True])
+def test_decode_shape_dtype(jpeg, size, train):
+    out = decode_image(jpeg, size, train=train, rng=np.random.default_rng(0))
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+
+
+def test_draft_decodes_fewer_pixels_and_matches_reference(jpeg):
+    img = Image.open(io.BytesIO(jpeg))
+    scale = images._draft(img, images._crop_box(*img.size, train=False, rng=None), 64)
+    img.load()
+    assert scale == 4 and img.size == (128, 96)  # 384 / 64 = 6 -> largest DCT scale <= 6 is 4
+    for size in (48, 64, 128):
+        fast = decode_image(jpeg, size, train=False).astype(np.int16)
+        ref = reference_decode(jpeg, size).astype(np.int16)
+        assert np.abs(fast - ref).mean() < 2.0  # same picture, only the decoder's scaling differs
+
+
+def test_train_crop_is_random_but_reproducible(jpeg):
+    a = decode_image(jpeg, 64, train=True, rng=np.random.default_rng(1))
+    b = decode_image(jpeg, 64, train=True, rng=np.random.default_rng(1))
+    c = decode_image(jpeg, 64, train=True, rng=np.random.default_rng(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # no flips: the left edge of the crop stays on the left (red grows to the right in _photo)
+    assert a[:, :8, 0].mean() < a[:, -8:, 0].mean()
+
+
+def test_colour_modes_become_rgb():
+    base = Image.fromarray(_photo((64, 64)))
+    rgba = base.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent -> composited onto white
+    cases = {
+        "L": _encode(base.convert("L"), "PNG"),
+        "LA": _encode(base.convert("LA"), "PNG"),
+        "P": _encode(base.convert("P"), "PNG"),
+        "RGBA": _encode(rgba, "PNG"),
+        "CMYK": _encode(base.convert("CMYK"), "JPEG", quality=90),
+        "I;16": _encode(Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257), "PNG"),
+    }
+    grey = np.asarray(base.convert("L").resize((32, 32), Image.Resampling.BICUBIC)).astype(np.int16)
+    for mode, data in cases.items():
+        out = decode_image(data, 32, train=False)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8, mode
+        if mode == "RGBA":
+            assert out.min() == 255
+        if mode == "I;16":  # 16-bit scaled to 8-bit, not clipped to white
+            assert np.abs(out[..., 0].astype(np.int16) - grey).mean() < 3
+
+
+def test_corrupt_and_truncated_are_bad(jpeg):
+    with pytest.raises(BadImage, match="cannot identify"):
+        decode_image(b"not an image at all", 32, train=False)
+    with pytest.raises(BadImage):
+        decode_image(b"", 32, train=False)
+    with pytest.raises(BadImage, match="truncated|decode"):
+        decode_image(jpeg[: len(jpeg) // 2], 32, train=False)
+    png = _encode(Image.fromarray(_photo((64, 64))), "PNG")
+    with pytest.raises(BadImage):
+        decode_image(png[:-200], 32, train=False)
+
+
+def test_decompression_bomb_is_bad(jpeg, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 // 3)  # > 2x: PIL's own error
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(jpeg, 32, train=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 - 1)  # between 1x and 2x: PIL only warns
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(jpeg, 32, train=False)
