@@ -76,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from reclip_ray import tracking
-    from reclip_ray.data.pipeline import check_bad_fraction
+    from reclip_ray.data.local import check_bad_fraction
     from reclip_ray.data.tokenizer import CaptionTokenizer
     from reclip_ray.flops import sample_forward_flops
     from reclip_ray.model import build_model

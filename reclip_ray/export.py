@@ -1,0 +1,119 @@
+"""The exported inference model: a folder that opens without Ray, written atomically.
+
+``model.safetensors`` (weights; no pickle, so loading runs no code), ``config.yaml`` (the full run config with
+``model.text.vocab_size`` filled in) and ``tokenizer.json``. A legacy ``model.pt`` is accepted only through
+``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects or call functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from reclip_ray.config import Config, ConfigError, from_dict
+from reclip_ray.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir: str | os.PathLike) -> Path:
+    """Write model + config + tokenizer to ``out_dir`` (replaced if it exists); returns the path.
+
+    Everything is written into a sibling temp folder that is renamed into place at the end, so a crash never
+    leaves a folder that looks like an export but holds half a model.
+    """
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(config)
+    cfg.model = copy.deepcopy(getattr(model, "cfg", cfg.model))  # the model's own config has vocab_size filled
+    # Shared tensors (tied weights) cannot be saved as aliases; independent contiguous copies load back fine.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(cfg.to_yaml())
+        (tmp / TOKENIZER).write_text(tokenizer.to_json())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, Config) from an exported folder."""
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"exported model not found: {root} is not a directory")
+    for name in (CONFIG, TOKENIZER):
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root}: missing {name} (not an exported reclip-ray model)")
+    try:
+        cfg = from_dict(yaml.safe_load((root / CONFIG).read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{root / CONFIG}: {str(exc).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(root / TOKENIZER)
+    state = _load_state(root)
+    model = build_model(cfg.model, vocab_size=cfg.model.text.vocab_size or tokenizer.vocab_size)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{root}: weights do not match config.yaml: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def _load_state(root: Path) -> dict[str, torch.Tensor]:
+    if (root / WEIGHTS).is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(root / WEIGHTS))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{root / WEIGHTS}: unreadable safetensors file ({exc})") from None
+    if (root / LEGACY_WEIGHTS).is_file():
+        import pickle
+
+        try:
+            state = torch.load(root / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{root / LEGACY_WEIGHTS}: refused to load (weights_only): {first}") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{root / LEGACY_WEIGHTS}: not a state dict of tensors")
+        return state
+    raise CheckpointError(f"{root}: no {WEIGHTS} or {LEGACY_WEIGHTS}")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(CLIP in eval mode, CaptionTokenizer) from an exported folder; no Ray needed."""
+    model, tokenizer, _ = load_export(path, device)
+    return model, tokenizer

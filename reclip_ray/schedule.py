@@ -1,0 +1,141 @@
+"""The RECLIP phase plan and learning-rate schedule, both functions of *samples seen*.
+
+Everything is keyed by samples rather than steps so that an elastic resize (different worker count, same global
+batch) or a resume cannot change the optimisation: the same sample count always means the same phase and LR.
+
+LR rules (``optim.schedule``):
+
+* ``global``: linear warmup over ``optim.warmup_samples`` (a fraction of the run when a float <= 1), then one
+  cosine from ``optim.lr`` down to ``min_lr_ratio * optim.lr`` at the end of the last phase.
+* ``per_phase``: every phase restarts: its own warmup (``phase.warmup_samples``; -1 means
+  ``optim.warmup_samples``; a float <= 1 is a fraction of *that phase*), its own peak (``phase.lr``; 0 means
+  ``optim.lr``) and a cosine to ``min_lr_ratio * peak`` at the phase end. RECLIP's short full-resolution finetune
+  needs this: the low-res phase has decayed to ~0 and the finetune needs a fresh (smaller) peak.
+
+Warmup is ``peak * min(1, (s + 1) / warmup)`` for ``s`` samples into the warmup, so the very first step does not
+run at exactly zero LR; the cosine starts when the warmup ends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reclip_ray.config import Config, OptimConfig, resolve_count
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    index: int
+    name: str
+    image_size: int
+    text_length: int
+    start_sample: int
+    end_sample: int  # exclusive: the phase covers samples [start_sample, end_sample)
+    batch_size: int  # global batch
+    steps: int  # ceil(samples / batch_size); the last step of a phase may be short
+    peak_lr: float
+    warmup_samples: int
+
+    @property
+    def samples(self) -> int:
+        return self.end_sample - self.start_sample
+
+    def batch_at(self, samples_seen: int) -> int:
+        """Global batch of the step that starts at ``samples_seen``: full, or the remainder at the phase end."""
+        return max(0, min(self.batch_size, self.end_sample - samples_seen))
+
+
+def _cosine(peak: float, floor: float, warmup: int, length: int, s: int) -> float:
+    """Warmup then cosine over ``length`` samples; ``s`` counts samples from the start of the segment."""
+    if warmup > 0 and s < warmup:
+        return peak * min(1.0, (s + 1) / warmup)
+    decay = max(1, length - warmup)
+    progress = min(1.0, max(0.0, (s - warmup) / decay))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    def __init__(self, phases: list[PhasePlan], optim: OptimConfig, global_warmup: int) -> None:
+        self.phases = phases
+        self.optim = optim
+        self.global_warmup = global_warmup
+        self.total_samples = phases[-1].end_sample
+        self.total_steps = sum(p.steps for p in phases)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Schedule":
+        counts = cfg.phase_samples()
+        total = sum(counts)
+        global_warmup = resolve_count(cfg.optim.warmup_samples, total)
+        plans, start = [], 0
+        for i, (ph, n) in enumerate(zip(cfg.phases, counts)):
+            batch = ph.batch_size or cfg.train.batch_size
+            if cfg.optim.schedule == "per_phase":
+                peak = ph.lr or cfg.optim.lr
+                w = ph.warmup_samples if ph.warmup_samples != -1 else cfg.optim.warmup_samples
+                warmup = resolve_count(w, n)
+            else:
+                peak, warmup = cfg.optim.lr, global_warmup
+            plans.append(
+                PhasePlan(
+                    index=i,
+                    name=ph.name,
+                    image_size=ph.image_size,
+                    text_length=ph.text_length,
+                    start_sample=start,
+                    end_sample=start + n,
+                    batch_size=batch,
+                    steps=math.ceil(n / batch),
+                    peak_lr=float(peak),
+                    warmup_samples=int(warmup),
+                )
+            )
+            start += n
+        return cls(plans, cfg.optim, global_warmup)
+
+    def phase_at(self, samples: int) -> PhasePlan:
+        """The phase that the step starting at ``samples`` belongs to (the last phase once the run is over)."""
+        for plan in self.phases:
+            if samples < plan.end_sample:
+                return plan
+        return self.phases[-1]
+
+    def lr_at(self, samples: int) -> float:
+        ratio = self.optim.min_lr_ratio
+        if self.optim.schedule == "global":
+            peak = self.optim.lr
+            return _cosine(peak, ratio * peak, self.global_warmup, self.total_samples, samples)
+        plan = self.phase_at(samples)
+        return _cosine(plan.peak_lr, ratio * plan.peak_lr, plan.warmup_samples, plan.samples, samples - plan.start_sample)
+
+
+# Parameters that should not be pulled towards zero: gains/biases, embeddings and the temperature.
+_NO_DECAY = re.compile(r"(^|\.)(bias|logit_scale|pos_embed|cls_token|reg_token|positional_embedding)$|token_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or _NO_DECAY.search(name) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms, biases, embeddings and logit_scale (CLIP / open_clip practice)."""
+    model = getattr(model, "module", model)  # DDP-wrapped or not: the same parameter names
+    return torch.optim.AdamW(
+        param_groups(model, optim_cfg.weight_decay),
+        lr=optim_cfg.lr,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+    )

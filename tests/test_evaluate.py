@@ -1,0 +1,117 @@
+"""Zero-shot and retrieval metrics on embeddings where the answer is known; dataset / checkpoint evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reclip_ray.errors import ReclipError
+from reclip_ray.evaluate import evaluate_checkpoint, retrieval_metrics, zero_shot_metrics
+
+E = torch.eye(4)
+
+
+def test_zero_shot_known_answers_and_ties():
+    classifier = E[:3]  # 3 classes
+    tie01 = F.normalize(E[0] + E[1], dim=0)
+    images = torch.stack([E[0], E[1], E[2], tie01, E[1] * 0.9 + E[0] * 0.1])
+    labels = torch.tensor([0, 1, 1, 0, 0])
+    m = zero_shot_metrics(images, labels, classifier)
+    # hits at top-1: rows 0, 1; row 2 (class 1 predicted 2), row 3 (tie: counts against), row 4 (predicts 1) miss
+    assert m["top1"] == pytest.approx(2 / 5)
+    assert m["top5"] == 1.0  # k clipped to the 3 classes
+    # class 0: 1 of 3 rows right; class 1: 1 of 2
+    assert m["mean_per_class_recall"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # a collapsed model (all scores equal) gets nothing at top-1
+    assert zero_shot_metrics(torch.ones(3, 4), torch.tensor([0, 1, 2]), classifier)["top1"] == 0.0
+
+
+def test_retrieval_several_captions_and_ties():
+    images = torch.stack([E[0], E[1], E[2]])
+    # captions 0,1 -> image 0; caption 2 -> image 1; caption 3 -> image 2 (but looks like image 1);
+    # caption 4 -> image 2, exactly tied between images 1 and 2.
+    texts = torch.stack([E[3], E[0], E[1], E[1], F.normalize(E[1] + E[2], dim=0)])
+    t2i = torch.tensor([0, 0, 1, 2, 2])
+    m = retrieval_metrics(images, texts, t2i, ks=(1, 2))
+    # image 0: best caption is 1 (score 1), nothing wrong scores >= 1 -> rank 0, hit.
+    # image 1: caption 2 scores 1, but caption 3 (image 2's) also 1 -> tie against -> rank 1.
+    # image 2: best own caption 4 scores .707; no wrong caption scores >= .707 -> rank 0.
+    assert m["image_to_text_r@1"] == pytest.approx(2 / 3)
+    assert m["image_to_text_r@2"] == 1.0
+    # texts: 0 -> all images score 0: tie with 2 others -> rank 2; 1 -> hit; 2 -> hit; 3 -> image 1 wins and
+    # image 0 ties with its 0 -> rank 2;
+    # 4 -> tie between images 1 and 2 -> rank 1
+    assert m["text_to_image_r@1"] == pytest.approx(2 / 5)
+    assert m["text_to_image_r@2"] == pytest.approx(3 / 5)
+
+
+def test_chunked_metrics_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    txt = F.normalize(img.repeat(2, 1) + 0.8 * torch.randn(74, 8, generator=g), dim=-1)
+    t2i = torch.arange(37).repeat(2)
+    sims = (img @ txt.T).numpy()
+    ref_i2t = np.mean([
+        (np.sort(sims[i, t2i.numpy() != i])[::-1][:5] >= sims[i, t2i.numpy() == i].max()).sum() < 5
+        for i in range(37)
+    ])
+    ref_t2i = np.mean([(sims[:, j] > sims[t2i[j], j]).sum() < 5 for j in range(74)])
+    for chunk in (5, 1024):
+        m = retrieval_metrics(img, txt, t2i, chunk=chunk)
+        assert m["image_to_text_r@5"] == pytest.approx(ref_i2t)
+        assert m["text_to_image_r@5"] == pytest.approx(ref_t2i)
+    labels = torch.randint(0, 6, (37,), generator=g)
+    cls = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    pred = (img @ cls.T).argmax(1)
+    assert zero_shot_metrics(img, labels, cls, chunk=4)["top1"] == pytest.approx((pred == labels).float().mean().item())
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tokenizer_path):
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.export import export_model
+    from reclip_ray.model import build_model
+
+    tok = load_tokenizer(tokenizer_path)
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    return export_model(build_model(cfg.model, tok.vocab_size), tok, cfg, tmp_path_factory.mktemp("exp") / "model")
+
+
+def test_cli_eval_prints_json(export_dir, synth_dir, capsys):
+    from reclip_ray.cli import main
+
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(synth_dir / "eval"), "--batch-size", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["metrics"]
+    assert out["image_size"] == 64 and m["rows"] == 200
+    for key in ("shape/top1", "shape/top5", "pattern/top1", "pattern/mean_per_class_recall",
+                "image_to_text_r@1", "text_to_image_r@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+
+
+def test_eval_errors_and_retrieval_only(export_dir, synth_dir, tmp_path, capsys):
+    from reclip_ray.cli import main
+
+    with pytest.raises(ReclipError, match="checkpoint not found"):
+        evaluate_checkpoint(str(tmp_path / "missing"), str(synth_dir / "eval"))
+    # zero-shot asked for on a dataset without labels
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["circle", "square"]))
+    with pytest.raises(ReclipError, match="no label column"):
+        evaluate_checkpoint(str(export_dir), str(synth_dir / "train"), classes_path=str(classes), image_size=32)
+    # classes file that does not match the labels (10 shapes in the data, 2 names given)
+    with pytest.raises(ReclipError, match="outside the 2 classes"):
+        evaluate_checkpoint(str(export_dir), str(synth_dir / "eval"), classes_path=str(classes), image_size=32)
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(synth_dir / "eval"),
+                 "--classes", str(classes), "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outside the 2 classes" in err
+    # no labels and no classes: retrieval only
+    m = evaluate_checkpoint(str(export_dir), str(synth_dir / "train"), image_size=32)["metrics"]
+    assert m["rows"] == 600 and "image_to_text_r@1" in m and not any("top1" in k for k in m)

@@ -1,0 +1,87 @@
+"""Export / load round trip and refusal of unsafe pickles."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from reclip_ray.config import load_config
+from reclip_ray.errors import CheckpointError, ReclipError
+from reclip_ray.export import export_model, load_model
+
+
+@pytest.fixture()
+def exported(tmp_path, tokenizer_path):
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+
+    cfg = load_config("tiny")
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size).eval()
+    out = export_model(model, tok, cfg, tmp_path / "model")
+    return model, tok, cfg, out
+
+
+def test_round_trip_identical_embeddings(exported):
+    model, tok, cfg, out = exported
+    assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp folder left behind
+    loaded, tok2 = load_model(out)
+    assert loaded.cfg.text.vocab_size == tok.vocab_size
+    assert tok2.encode(["a red circle"], 16).tolist() == tok.encode(["a red circle"], 16).tolist()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = torch.from_numpy(tok.encode(["a red circle on the left", "a blue square"], 32))
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
+
+
+def test_export_replaces_existing(exported):
+    model, tok, cfg, out = exported
+    with torch.no_grad():
+        model.logit_scale.fill_(1.234)
+    export_model(model, tok, cfg, out)
+    assert load_model(out)[0].logit_scale.item() == pytest.approx(1.234)
+
+
+def test_model_pt_state_dict_loads(exported):
+    model, _, _, out = exported
+    (out / "model.safetensors").unlink()
+    torch.save(model.state_dict(), out / "model.pt")
+    loaded, _ = load_model(out)
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file when unpickled
+
+
+def test_malicious_pickle_refused(exported, tmp_path):
+    _, _, _, out = exported
+    (out / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(out / "model.pt", "wb") as f:
+        pickle.dump({"w": _Evil(str(marker))}, f, protocol=2)
+    with open(out / "model.pt", "rb") as f:  # the payload is live: a plain unpickle runs it
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(out)
+    assert not marker.exists()
+
+
+def test_wrong_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReclipError, match="missing config.yaml"):
+        load_model(tmp_path / "empty")

@@ -1,0 +1,63 @@
+"""The shared train step and the single-process loop: it follows the schedule and it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reclip_ray.config import load_config
+from reclip_ray.schedule import Schedule
+
+
+def test_train_step_bf16_autocast_and_clamp():
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.step import autocast_dtype_for, train_step
+
+    cfg = load_config("tiny")
+    assert autocast_dtype_for("auto", "cpu") is None and autocast_dtype_for("auto", "cuda") == torch.bfloat16
+    assert autocast_dtype_for("fp32", "cuda") is None and autocast_dtype_for("bf16", "cpu") == torch.bfloat16
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=64)
+    with torch.no_grad():
+        model.logit_scale.fill_(4.7)  # above ln(100)
+    opt = build_optimizer(model, cfg.optim)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    tokens = torch.randint(3, 64, (4, 16))
+    out = train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)
+    assert set(out) == {"loss", "logit_scale", "grad_norm", "lr"} and out["lr"] == 1e-3
+    assert out["logit_scale"] == pytest.approx(100.0) and model.logit_scale.item() <= 4.6052
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_train_local_learns_retrieval(tmp_path, synth_dir, tokenizer_path):
+    from reclip_ray.data.synth import make_synthetic
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.evaluate import evaluate_dataset
+    from reclip_ray.train.local import train_local
+
+    # The shared 600-row fixture is memorised rather than learned; 4000 rows generalise in the same steps.
+    make_synthetic(tmp_path, train=4000, eval=10, seed=1, shard_rows=1000)
+    tok = load_tokenizer(tokenizer_path)
+    steps, batch = 400, 64
+    cfg = load_config("tiny", [
+        f"data.train={tmp_path / 'train'}", f"train.samples={steps * batch}", f"train.batch_size={batch}",
+        "phases=[{name: low, image_size: 32, text_length: 16, samples: 1.0}]",
+        "optim.lr=1.0e-3", "optim.warmup_samples=0.1", "optim.schedule=global", "train.log_every_steps=100",
+    ])
+    model, history = train_local(cfg, tokenizer=tok, log=None)
+    schedule = Schedule.from_config(cfg)
+    assert len(history) == schedule.total_steps == steps
+    assert [h["lr"] for h in history[:3]] == [schedule.lr_at(i * batch) for i in range(3)]
+    assert history[-1]["samples"] == steps * batch
+    first = sum(h["loss"] for h in history[:10]) / 10
+    last = sum(h["loss"] for h in history[-10:]) / 10
+    assert last < first - 0.5
+    metrics = evaluate_dataset(model, tok, str(synth_dir / "eval"), image_size=32, text_length=16, batch_size=200)
+    # Retrieval is learned well above chance at this budget (measured ~6-12x); zero-shot *shape* accuracy stays
+    # near chance at 32 px after 25k samples (colour/pattern/position are learned first), so it is not asserted.
+    chance_r10 = 10 / metrics["rows"]
+    assert metrics["image_to_text_r@10"] > 3 * chance_r10, metrics
+    assert metrics["text_to_image_r@10"] > 3 * chance_r10, metrics
