@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -15,7 +16,10 @@ from reclip_ray.errors import ReclipError
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    try:
+        print(json.dumps(obj, indent=2, sort_keys=False, default=str), flush=True)
+    except BrokenPipeError:  # `reclip-ray ... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model (JSON)")
-    p.add_argument("--checkpoint", required=True, help="exported model directory (or a Ray Train checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="exported model directory (the run's model/ folder, or an MLflow model artifact)")
     p.add_argument("--data", required=True)
     p.add_argument("--classes", default=None, help="JSON list of class names (or {classes, templates})")
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")

@@ -32,16 +32,16 @@ def test_train_step_bf16_autocast_and_clamp():
 
 
 @pytest.mark.slow
-def test_train_local_learns_retrieval(tmp_path, synth_dir, tokenizer_path):
+def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
     from reclip_ray.data.synth import make_synthetic
     from reclip_ray.data.tokenizer import load_tokenizer
     from reclip_ray.evaluate import evaluate_dataset
     from reclip_ray.train.local import train_local
 
-    # The shared 600-row fixture is memorised rather than learned; 4000 rows generalise in the same steps.
-    make_synthetic(tmp_path, train=4000, eval=10, seed=1, shard_rows=1000)
+    # The shared 600-row fixture is memorised rather than learned; 6000 rows generalise in the same steps.
+    make_synthetic(tmp_path, train=6000, eval=400, seed=1, shard_rows=1000)
     tok = load_tokenizer(tokenizer_path)
-    steps, batch = 400, 64
+    steps, batch = 250, 128
     cfg = load_config("tiny", [
         f"data.train={tmp_path / 'train'}", f"train.samples={steps * batch}", f"train.batch_size={batch}",
         "phases=[{name: low, image_size: 32, text_length: 16, samples: 1.0}]",
@@ -52,12 +52,15 @@ def test_train_local_learns_retrieval(tmp_path, synth_dir, tokenizer_path):
     assert len(history) == schedule.total_steps == steps
     assert [h["lr"] for h in history[:3]] == [schedule.lr_at(i * batch) for i in range(3)]
     assert history[-1]["samples"] == steps * batch
+    assert all(b["time"] >= a["time"] for a, b in zip(history, history[1:]))
     first = sum(h["loss"] for h in history[:10]) / 10
     last = sum(h["loss"] for h in history[-10:]) / 10
     assert last < first - 0.5
-    metrics = evaluate_dataset(model, tok, str(synth_dir / "eval"), image_size=32, text_length=16, batch_size=200)
-    # Retrieval is learned well above chance at this budget (measured ~6-12x); zero-shot *shape* accuracy stays
-    # near chance at 32 px after 25k samples (colour/pattern/position are learned first), so it is not asserted.
+    metrics = evaluate_dataset(model, tok, str(tmp_path / "eval"), image_size=32, text_length=16, batch_size=200)
+    # Zero-shot on held-out images with prompts never seen as captions ("a photo of a red object."): colour is
+    # learned within ~150 steps (measured 0.5-0.7 vs chance 0.1). Shape needs ~500+ steps at this batch size
+    # (BENCHMARKS.md), so it is reported, not asserted, here.
+    assert metrics["colour/top1"] > 3 * metrics["colour/chance_top1"], metrics
     chance_r10 = 10 / metrics["rows"]
     assert metrics["image_to_text_r@10"] > 3 * chance_r10, metrics
     assert metrics["text_to_image_r@10"] > 3 * chance_r10, metrics

@@ -177,8 +177,18 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
     return datasets
 
 
-def run_training(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case."""
+def run_training(
+    cfg: Config,
+    *,
+    callbacks: list[Any] | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case.
+
+    ``callbacks`` go to Ray Train's RunConfig (a sweep passes Tune's report callback); ``parent_run_id`` nests the
+    MLflow run under a sweep's parent run.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -196,9 +206,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
         "reclip.phases": " -> ".join(f"{p.name}:{p.image_size}px/{p.text_length}tok" for p in cfg.phases),
         "reclip.total_train_gflops": f"{flops['total_train_gflops']:.1f}",
         "reclip.run_dir": prep.run_dir,
+        **(tags or {}),
     }
     run_id = tracking.start_or_resume_run(
-        prep.tracking_uri, prep.experiment, prep.run_name, run_state.get("mlflow_run_id"), cfg, tags=tags
+        prep.tracking_uri, prep.experiment, prep.run_name, run_state.get("mlflow_run_id"), cfg, tags=tags,
+        parent_run_id=parent_run_id,
     )
     resumed = bool(run_state.get("mlflow_run_id")) and run_state["mlflow_run_id"] == run_id
     _write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": run_state.get("attempts", 0) + 1})
@@ -242,6 +254,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
                 storage_path=cfg.run.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                callbacks=list(callbacks or []),
             ),
             datasets=datasets,
         )
@@ -272,7 +285,8 @@ def train_from_cli(config: str | None, overrides: list[str]) -> int:
         while getattr(root, "__cause__", None) is not None:
             root = root.__cause__
         raise ReclipError(f"training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__}") from None
-    final = {k: v for k, v in metrics.items() if k.startswith("eval/") and ("top1" in k or "r@1" in k)}
+    final = {k: v for k, v in metrics.items()
+             if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
     print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"]}, indent=2))
     uri = cfg.tracking.uri
     print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}", file=sys.stderr)

@@ -91,7 +91,7 @@ def train_local(
                 samples += n
                 step += 1
                 history.append({"step": step, "samples": samples, "phase": plan.index,
-                                "image_size": plan.image_size, **out})
+                                "image_size": plan.image_size, "time": time.perf_counter() - t0, **out})
                 if log and (step % cfg.train.log_every_steps == 0 or samples >= plan.end_sample):
                     log(f"step {step}/{schedule.total_steps} {plan.name} samples {samples} loss {out['loss']:.4f} "
                         f"lr {lr:.2e} scale {out['logit_scale']:.1f} {samples / (time.perf_counter() - t0):.0f} samples/s")

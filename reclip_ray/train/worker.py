@@ -129,7 +129,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], save: bool) -> None:
         """Barrier on every rank; rank 0 attaches the checkpoint. Same call count on every rank by construction."""
-        metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase, "workers": world}
+        metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase, "workers": world,
+                   "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
         if save and rank == 0:
             with tempfile.TemporaryDirectory(prefix="reclip-ckpt-") as tmp:
                 save_checkpoint(tmp, model, optimizer, state, loop_config["config_yaml"])
@@ -238,11 +239,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.eval = eval_metrics
             tracking.log_metrics(tracking_uri, run_id, eval_metrics, step=state.step)
             print(f"[reclip] eval after '{plan.name}': {json.dumps(_short(eval_metrics))}", flush=True)
-        report({"loss": last.get("loss", float("nan")), **eval_metrics}, save=True)
+        # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
+        # whatever the trial's full size is.
+        full_size = cfg.eval.full_image_size or schedule.phases[-1].image_size
+        tune_view = {k.replace(f"eval/{full_size}px/", "eval/full/"): v for k, v in eval_metrics.items()
+                     if k.startswith(f"eval/{full_size}px/")}
+        report({"loss": last.get("loss", float("nan")), **eval_metrics, **tune_view, "eval_round": plan.index + 1,
+                "eval_rounds_planned": len(schedule.phases)}, save=True)
 
     if rank == 0:
         _export(cfg, model, tokenizer, run_dir, tracking_uri, run_id, state, loop_config["config_yaml"])
-    report({"done": 1, **state.eval}, save=False)
+    report({"done": 1, **state.eval, "eval_round": len(schedule.phases), "eval_rounds_planned": len(schedule.phases)},
+           save=False)
 
 
 def _short(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,484 @@
+"""Ray Tune sweeps over RECLIP schedules at equal compute.
+
+A search space is a YAML file (``tune_spaces/*.yaml``)::
+
+    name: smoke
+    base: tiny                       # preset name or config path (relative to the space file)
+    set: ["train.batch_size=64"]     # overrides for every trial
+    params:                          # dotted config paths (as --set), plus finetune_fraction
+      phases.0.image_size: {grid: [32, 48]}
+      finetune_fraction: {grid: [0.1, 0.25]}
+      phases.1.lr: {loguniform: [1.0e-5, 1.0e-3]}
+    metric: eval/full/shape/top1     # eval/full/... = evaluated at the run's full resolution
+    mode: max
+    budget: {gflops: 40}             # or {samples: 20000}: each trial's phase lengths are derived from it
+    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # time unit: evaluation rounds (phase ends)
+    num_samples: 1
+    max_concurrent_trials: 2
+
+Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray Train V2's way of nesting Train in
+Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end, so ASHA can stop a poor schedule after
+its first phase. Compute is the fair axis: with a GFLOPs budget a 32 px main phase gets more samples than a 64 px
+one, and what each trial spent is reported next to its accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_raw, set_path
+
+
+FINETUNE_FRACTION = "finetune_fraction"
+SPACE_KEYS = {"name", "base", "set", "params", "metric", "mode", "budget", "scheduler", "num_samples",
+              "max_concurrent_trials", "resources_per_trial_cpu"}
+DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class Space:
+    name: str
+    base: str
+    overrides: list[str]
+    params: dict[str, dict[str, Any]]
+    metric: str = "eval/full/shape/top1"
+    mode: str = "max"
+    budget: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    resources_per_trial_cpu: float = 0.1
+
+
+def load_space(path: str | os.PathLike) -> Space:
+    """Read and check a search-space YAML; every mistake is a one-line ConfigError naming the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"search space not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a search space must be a YAML mapping")
+    unknown = set(raw) - SPACE_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(SPACE_KEYS)}")
+    base = str(raw.get("base", "tiny"))
+    if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+        base = str((p.parent / base).resolve())
+    params = raw.get("params") or {}
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{p}: 'params' must map config paths to domains like {{grid: [32, 64]}}")
+    for key, dom in params.items():
+        if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+            raise ConfigError(f"{p}: params.{key} must be one of {{{' | '.join(d + ': ...' for d in DOMAINS)}}}")
+        kind, value = next(iter(dom.items()))
+        if kind in ("grid", "choice") and (not isinstance(value, list) or not value):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high]")
+    budget = raw.get("budget") or {}
+    if budget and (not isinstance(budget, dict) or set(budget) - {"gflops", "samples"} or len(budget) != 1):
+        raise ConfigError(f"{p}: budget must be {{gflops: N}} or {{samples: N}}")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
+    scheduler = {"name": "asha", "grace_period": 1, "reduction_factor": 2, **(raw.get("scheduler") or {})}
+    if scheduler["name"] not in ("asha", "fifo"):
+        raise ConfigError(f"{p}: scheduler.name must be asha or fifo, got {scheduler['name']!r}")
+    return Space(
+        name=str(raw.get("name") or p.stem),
+        base=base,
+        overrides=[str(s) for s in raw.get("set") or []],
+        params=params,
+        metric=str(raw.get("metric", "eval/full/shape/top1")),
+        mode=mode,
+        budget={k: float(v) for k, v in budget.items()},
+        scheduler=scheduler,
+        num_samples=int(raw.get("num_samples", 1)),
+        max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
+        resources_per_trial_cpu=float(raw.get("resources_per_trial_cpu", 0.1)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ trial configs
+
+
+def _phase_fractions(raw: dict[str, Any]) -> list[float]:
+    """Each phase's share of the run's samples, from fractions or absolute counts."""
+    total = float(raw["train"]["samples"])
+    counts = [float(ph["samples"]) * total if isinstance(ph["samples"], float) and ph["samples"] <= 1.0 else float(ph["samples"])
+              for ph in raw["phases"]]
+    s = sum(counts)
+    return [c / s for c in counts]
+
+
+def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str, float]) -> dict[str, Any]:
+    """The full raw config of one trial: params applied, then the budget turned into absolute phase lengths.
+
+    ``finetune_fraction`` f gives the last phase a share f and scales the others to 1 - f; f = 0 drops the finetune
+    (the low-resolution-only ablation) but still evaluates at the finetune's resolution.
+    """
+    from reclip_ray.config import _resolve_model
+    from reclip_ray.flops import train_flops_per_sample
+    from reclip_ray.config import ModelConfig, _build
+
+    raw = copy.deepcopy(base_raw)
+    for key, value in params.items():
+        if key != FINETUNE_FRACTION:
+            set_path(raw, key, value)
+    fractions = _phase_fractions(raw)
+    if FINETUNE_FRACTION in params:
+        f = float(params[FINETUNE_FRACTION])
+        if not 0.0 <= f < 1.0 or len(raw["phases"]) < 2:
+            raise ConfigError(f"finetune_fraction {f} needs 0 <= f < 1 and at least two phases")
+        head = sum(fractions[:-1])
+        fractions = [x / head * (1.0 - f) for x in fractions[:-1]] + [f]
+    full = raw["phases"][-1]
+    if fractions[-1] == 0.0:
+        raw.setdefault("eval", {})["full_image_size"] = int(full["image_size"])
+    keep = [(ph, fr) for ph, fr in zip(raw["phases"], fractions) if fr > 0.0]
+    model_cfg = _build(ModelConfig, _resolve_model(raw.get("model")), "model")
+    if "gflops" in budget:
+        per_sample = sum(fr * train_flops_per_sample(model_cfg, int(ph["image_size"]), int(ph["text_length"]))
+                         for ph, fr in keep) / 1e9
+        total = budget["gflops"] / per_sample
+    elif "samples" in budget:
+        total = budget["samples"]
+    else:
+        total = float(raw["train"]["samples"])
+    counts = [int(math.floor(fr * total)) for _, fr in keep]
+    raw["phases"] = []
+    for (ph, _), n in zip(keep, counts):
+        if n <= 0:
+            raise ConfigError(f"budget {budget} leaves phase '{ph.get('name')}' with no samples")
+        raw["phases"].append({**ph, "samples": n})
+    raw["train"]["samples"] = sum(counts)
+    return raw
+
+
+def _tune_domain(spec: dict[str, Any]):
+    from ray import tune
+
+    kind, value = next(iter(spec.items()))
+    return {
+        "grid": lambda: tune.grid_search(list(value)),
+        "choice": lambda: tune.choice(list(value)),
+        "uniform": lambda: tune.uniform(float(value[0]), float(value[1])),
+        "loguniform": lambda: tune.loguniform(float(value[0]), float(value[1])),
+        "randint": lambda: tune.randint(int(value[0]), int(value[1])),
+    }[kind]()
+
+
+def _param_key(key: str) -> str:
+    return key.replace(".", "/")  # Tune's config keys stay flat and readable in results.csv
+
+
+# ------------------------------------------------------------------------------------------ the trainable
+
+
+def _run_trial(config: dict[str, Any]) -> None:
+    """One trial: the base config + this trial's parameters, under the budget, trained by Ray Train."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from reclip_ray.train.launch import run_training
+
+    setup = config["_setup"]
+    params = {k.replace("/", "."): v for k, v in config.items() if k != "_setup"}
+    raw = trial_raw(setup["base_raw"], params, setup["budget"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
+    raw["run"]["storage_path"] = setup["trials_dir"]
+    raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
+    cfg = from_dict(raw)
+    run_training(cfg, callbacks=[TuneReportCallback()], parent_run_id=setup["parent_run_id"],
+                 tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
+                       "reclip.budget": json.dumps(setup["budget"])})
+
+
+class _Progress:
+    """A Tune callback: one line per finished trial."""
+
+    def __new__(cls, metric: str, n_phases: int):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._line(trial, "done")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._line(trial, "error")
+
+            def _line(self, trial, how):
+                r = trial.last_result or {}
+                rounds = r.get("eval_round", 0)
+                early = how == "done" and rounds and rounds < r.get("eval_rounds_planned", n_phases)
+                print(
+                    f"[sweep] trial {trial.trial_id} {'stopped early' if early else how}: "
+                    f"{metric}={r.get(metric, float('nan')):.4f} GFLOPs {r.get('gflops_total', float('nan')):.1f} "
+                    f"samples {r.get('samples', 0)} params {json.dumps(_public(trial.config))}",
+                    flush=True,
+                )
+
+        return Progress()
+
+
+def _public(config: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("/", "."): v for k, v in config.items() if k != "_setup"}
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep; writes results.csv, pareto.png and best.yaml in the sweep folder."""
+    import ray
+    from ray import tune
+
+    from reclip_ray import tracking
+    from reclip_ray.train.launch import init_ray, prepare
+
+    space = load_space(space_path)
+    base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
+    base_cfg = from_dict(base_raw)
+    # Check every trial's config (and its budget) before Ray starts: a bad grid value is a one-line error now.
+    for combo in _grid_corners(space):
+        from_dict(trial_raw(base_raw, combo, space.budget))
+
+    sweep_name = space.name
+    base_cfg.run.name = sweep_name
+    prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
+    sweep_dir = Path(prep.run_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base_raw = prep.cfg.to_dict()
+    base_raw["data"]["synth_if_missing"] = False
+    experiment = prep.cfg.tracking.experiment or f"sweep-{sweep_name}"
+
+    state_path = sweep_dir / "sweep_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    parent = tracking.start_or_resume_run(
+        prep.tracking_uri, experiment, sweep_name, state.get("parent_run_id"), prep.cfg,
+        tags={"reclip.sweep": sweep_name, "reclip.space": Path(space_path).read_text()[:5000]},
+    )
+    state_path.write_text(json.dumps({"parent_run_id": parent, "experiment": experiment}))
+    tracking.log_params(prep.tracking_uri, parent, {f"space.{k}": json.dumps(v) for k, v in space.params.items()}
+                        | {"space.budget": json.dumps(space.budget), "space.metric": space.metric})
+
+    status = "FAILED"
+    try:
+        init_ray(prep.cfg)
+        setup = {
+            "base_raw": base_raw,
+            "budget": space.budget,
+            "sweep": sweep_name,
+            "trials_dir": str(sweep_dir / "trials"),
+            "experiment": experiment,
+            "parent_run_id": parent,
+        }
+        param_space = {_param_key(k): _tune_domain(v) for k, v in space.params.items()}
+        param_space["_setup"] = setup
+        n_phases = len(base_cfg.phases)
+        if space.scheduler["name"] == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="eval_round",
+                max_t=n_phases,
+                grace_period=int(space.scheduler.get("grace_period", 1)),
+                reduction_factor=float(space.scheduler.get("reduction_factor", 2)),
+            )
+        else:
+            scheduler = tune.schedulers.FIFOScheduler()
+        trainable = tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
+        tune_dir = sweep_dir / "tune"
+        run_config = tune.RunConfig(
+            name="tune", storage_path=str(sweep_dir), callbacks=[_Progress(space.metric, n_phases)], verbose=0,
+        )
+        if tune.Tuner.can_restore(str(tune_dir)):
+            print(f"[sweep] resuming {tune_dir}", flush=True)
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, restart_errored=True,
+                                       param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=space.metric, mode=space.mode, scheduler=scheduler,
+                    num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
+                ),
+                run_config=run_config,
+            )
+        grid = tuner.fit()
+        rows = _rows(grid, space, n_phases)
+        summary = _write_outputs(rows, space, sweep_dir, base_raw, prep, parent)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(prep.tracking_uri, parent, status)
+
+
+def _grid_corners(space: Space) -> list[dict[str, Any]]:
+    """A few concrete parameter sets covering each domain's extremes (for the up-front config check)."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, dom in space.params.items():
+        kind, value = next(iter(dom.items()))
+        options = list(value) if kind in ("grid", "choice") else [value[0], value[1]]
+        combos = [{**c, key: o} for c in combos for o in options][:64]
+    return combos
+
+
+def _rows(grid: Any, space: Space, n_phases: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        m = dict(result.metrics or {})
+        cfg = _public(result.config or {})
+        rounds = int(m.get("eval_round", 0) or 0)
+        if result.error is not None:
+            status = "error"
+        elif rounds and rounds < int(m.get("eval_rounds_planned", n_phases)):
+            status = "stopped_early"
+        else:
+            status = "completed"
+        rows.append({
+            "trial_id": os.path.basename(str(result.path)).split("_")[1] if result.path else "",
+            **{f"param:{k}": v for k, v in cfg.items()},
+            "gflops_spent": m.get("gflops_total", float("nan")),
+            "budget_gflops": space.budget.get("gflops", ""),
+            "samples": m.get("samples", 0),
+            "phases": m.get("eval_rounds_planned", ""),
+            "eval_rounds": rounds,
+            space.metric: m.get(space.metric, float("nan")),
+            **{k: v for k, v in sorted(m.items()) if k.startswith("eval/full/") and k != space.metric
+               and ("top1" in k or "r@" in k)},
+            "mlflow_run_id": m.get("mlflow_run_id", ""),
+            "status": status,
+            "error": str(result.error).splitlines()[0][:200] if result.error is not None else "",
+        })
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(float(r[space.metric]))]
+    if not done:
+        return None
+    sign = 1 if space.mode == "max" else -1
+    return max(done, key=lambda r: sign * float(r[space.metric]))
+
+
+def pareto_front(points: list[tuple[float, float]], mode: str = "max") -> list[int]:
+    """Indices of points not dominated (less compute and better metric) by any other point, by compute."""
+    sign = 1 if mode == "max" else -1
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if sign * points[i][1] > best:
+            front.append(i)
+            best = sign * points[i][1]
+    return front
+
+
+def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(float(r["gflops_spent"]), float(r[space.metric])) for r in rows
+           if not math.isnan(float(r["gflops_spent"])) and not math.isnan(float(r[space.metric]))]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    kept = [r for r in rows if not math.isnan(float(r["gflops_spent"])) and not math.isnan(float(r[space.metric]))]
+    colours = {"completed": "tab:blue", "stopped_early": "tab:gray", "error": "tab:red"}
+    for status, colour in colours.items():
+        xs = [float(r["gflops_spent"]) for r in kept if r["status"] == status]
+        ys = [float(r[space.metric]) for r in kept if r["status"] == status]
+        if xs:
+            ax.scatter(xs, ys, c=colour, label=status.replace("_", " "), zorder=3)
+    front = pareto_front(pts, space.mode)
+    if front:
+        fx, fy = zip(*[pts[i] for i in front])
+        ax.step(fx, fy, where="post", c="tab:orange", lw=1.5, label="Pareto front", zorder=2)
+    if best is not None:
+        label = ", ".join(f"{k[6:]}={v}" for k, v in best.items() if k.startswith("param:"))
+        ax.annotate(f"best: {label}", (float(best["gflops_spent"]), float(best[space.metric])),
+                    textcoords="offset points", xytext=(8, -14), fontsize=8)
+        ax.scatter([float(best["gflops_spent"])], [float(best[space.metric])], s=140, facecolors="none",
+                   edgecolors="tab:orange", zorder=4)
+    if space.budget.get("gflops"):
+        ax.axvline(space.budget["gflops"], ls="--", c="k", lw=0.8, label="budget")
+    ax.set_xlabel("training GFLOPs spent")
+    ax.set_ylabel(space.metric)
+    ax.set_title(f"sweep '{space.name}': accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def _write_outputs(rows, space: Space, sweep_dir: Path, base_raw, prep, parent: str) -> dict[str, Any]:
+    from reclip_ray import tracking
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = sweep_dir / "results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, sweep_dir / "results.csv")
+
+    best = _best(rows, space)
+    _plot(rows, space, best, sweep_dir / "pareto.png")
+    out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "trials": len(rows),
+                           "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+                           "errors": sum(r["status"] == "error" for r in rows), "mlflow_parent_run_id": parent}
+    if best is not None:
+        params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
+        raw = trial_raw(base_raw, params, space.budget)
+        raw["run"]["name"] = f"{space.name}-best"
+        raw["run"]["storage_path"] = str(Path(prep.cfg.run.storage_path))
+        cfg = from_dict(raw)
+        text = f"# best trial of sweep '{space.name}': {json.dumps(params)} -> {space.metric}={best[space.metric]:.4f}\n"
+        (sweep_dir / "best.yaml").write_text(text + cfg.to_yaml())
+        out["best"] = {"params": params, space.metric: best[space.metric], "gflops": best["gflops_spent"]}
+        tracking.log_metrics(prep.tracking_uri, parent, {f"best/{space.metric}": float(best[space.metric]),
+                                                          "best/gflops": float(best["gflops_spent"])}, step=0)
+    for name in ("results.csv", "pareto.png", "best.yaml"):
+        if (sweep_dir / name).exists():
+            tracking.log_artifact(prep.tracking_uri, parent, sweep_dir / name)
+    _print_table(rows, space)
+    return out
+
+
+def _print_table(rows: list[dict[str, Any]], space: Space) -> None:
+    params = [k for k in rows[0] if k.startswith("param:")] if rows else []
+    head = [p[6:] for p in params] + ["GFLOPs", space.metric.split("/")[-2] + "/" + space.metric.split("/")[-1], "status"]
+    table = [[str(r[p]) for p in params] + [f"{float(r['gflops_spent']):.1f}", f"{float(r[space.metric]):.4f}", r["status"]]
+             for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths)))
+
+
+def sweep_from_cli(space: str, config: str | None, overrides: list[str]) -> int:
+    summary = run_sweep(space, config, overrides)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

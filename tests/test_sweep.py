@@ -1,0 +1,92 @@
+"""Ray Tune sweeps: equal-compute trial configs (fast) and the smoke space end to end on local Ray (slow)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_raw
+from reclip_ray.flops import run_flops, train_flops_per_sample
+from reclip_ray.sweep import load_space, pareto_front, trial_raw
+
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
+@pytest.mark.parametrize("name", ["smoke", "resolution_budget", "phase_length"])
+def test_shipped_spaces_load_and_every_corner_fits_the_budget(name):
+    space = load_space(SPACES / f"{name}.yaml")
+    base = apply_overrides(load_raw(space.base), space.overrides)
+    budget = space.budget["gflops"]
+    for size in (32, 48, 64):
+        for f in (0.0, 0.1, 0.3):
+            cfg = from_dict(trial_raw(base, {"phases.0.image_size": size, "finetune_fraction": f}, space.budget))
+            spent = run_flops(cfg)["total_train_gflops"]
+            # One batch of the most expensive phase is the allowed overshoot; flooring means we never go over.
+            worst = max(train_flops_per_sample(cfg.model, p.image_size, p.text_length) for p in cfg.phases) / 1e9
+            assert budget - 2 * cfg.train.batch_size * worst <= spent <= budget + cfg.train.batch_size * worst
+            assert len(cfg.phases) == (1 if f == 0.0 else 2)
+            assert cfg.eval.full_image_size in (0, 64)
+
+
+def test_equal_compute_gives_small_images_more_samples():
+    space = load_space(SPACES / "resolution_budget.yaml")
+    base = load_raw(space.base)
+    n = {s: from_dict(trial_raw(base, {"phases.0.image_size": s}, space.budget)).train.samples for s in (32, 64)}
+    # Reference computed from the per-sample FLOPs directly.
+    cfg = from_dict(base)
+    per = {s: 0.9 * train_flops_per_sample(cfg.model, s, 16) + 0.1 * train_flops_per_sample(cfg.model, 64, 32)
+           for s in (32, 64)}
+    assert n[32] / n[64] == pytest.approx(per[64] / per[32], rel=0.01)
+    assert n[32] > 2 * n[64]
+
+
+def test_bad_spaces_give_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params: {phases.0.image_size: {range: [1, 2]}}\n")
+    with pytest.raises(ConfigError, match="params.phases.0.image_size must be one of"):
+        load_space(bad)
+    bad.write_text("params: {x: {grid: [1]}}\nbudgett: {gflops: 1}\n")
+    with pytest.raises(ConfigError, match="unknown key.*budgett"):
+        load_space(bad)
+    with pytest.raises(ConfigError, match="search space not found"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (4.0, 0.6), (2.5, 0.5)]
+    assert pareto_front(pts, "max") == [0, 1, 3]
+    assert pareto_front([(1.0, 3.0), (2.0, 1.0)], "min") == [0, 1]
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from reclip_ray.config import load_config
+    from reclip_ray.sweep import run_sweep
+
+    db = tmp_path / "mlflow.db"
+    summary = run_sweep(str(SPACES / "smoke.yaml"), overrides=[
+        f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}", f"data.tokenizer={tokenizer_path}",
+        "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
+    ])
+    sweep_dir = Path(summary["sweep_dir"])
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert len(rows) == 4 == summary["trials"]
+    assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
+    for r in rows:
+        assert 0 < float(r["gflops_spent"]) <= 300 * 1.05
+    assert summary["stopped_early"] >= 1, rows  # the lr=1e-7 trials lose to lr=1e-3 after round 1
+    with Image.open(sweep_dir / "pareto.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    best = load_config(str(sweep_dir / "best.yaml"))
+    assert best.optim.lr == pytest.approx(1e-3)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
