@@ -61,6 +61,7 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path):
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -79,7 +80,7 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path
     assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
     for r in rows:
         assert 0 < float(r["gflops_spent"]) <= 300 * 1.05
-    assert summary["stopped_early"] >= 1, rows  # the lr=1e-7 trials lose to lr=1e-3 after round 1
+    assert summary["stopped_early"] >= 1, rows  # an lr=1e-9 trial (still at init) loses to lr=1e-3 after round 1
     with Image.open(sweep_dir / "pareto.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
     best = load_config(str(sweep_dir / "best.yaml"))
