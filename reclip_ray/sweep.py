@@ -29,7 +29,6 @@ import csv
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +243,6 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep; writes results.csv, pareto.png and best.yaml in the sweep folder."""
-    import ray
     from ray import tune
 
     from reclip_ray import tracking
@@ -396,10 +394,9 @@ def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(float(r["gflops_spent"]), float(r[space.metric])) for r in rows
-           if not math.isnan(float(r["gflops_spent"])) and not math.isnan(float(r[space.metric]))]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     kept = [r for r in rows if not math.isnan(float(r["gflops_spent"])) and not math.isnan(float(r[space.metric]))]
+    pts = [(float(r["gflops_spent"]), float(r[space.metric])) for r in kept]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     colours = {"completed": "tab:blue", "stopped_early": "tab:gray", "error": "tab:red"}
     for status, colour in colours.items():
         xs = [float(r["gflops_spent"]) for r in kept if r["status"] == status]

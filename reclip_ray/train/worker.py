@@ -10,7 +10,6 @@ of iterator exhaustion or of the worker count, so every rank takes the same numb
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
