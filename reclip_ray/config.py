@@ -47,6 +47,7 @@ class DataConfig:
     read_parallelism: int = -1  # -1: let Ray Data decide
     decode_batch_size: int = 64
     shuffle: str = "files"  # files | none; row-level shuffling is local to the read blocks
+    missing_shards: str = "fail"  # fail | skip: what a shard that disappears during the run does
 
 
 @dataclass
@@ -123,6 +124,7 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     resize_check_interval_s: float = 60.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources, e.g. a node type
 
 
 @dataclass
@@ -155,6 +157,7 @@ class EvalConfig:
 class FaultConfig:
     fail_at_samples: int = 0  # testing only: rank fail_rank raises once when this many samples have been seen
     fail_rank: int = 0
+    step_delay_s: float = 0.0  # testing only: sleep per step, so a short test run is still alive during a resize
 
 
 @dataclass
@@ -443,6 +446,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.shuffle not in ("files", "none"):
         raise ConfigError(f"'data.shuffle' must be files or none, got {cfg.data.shuffle!r}")
+    if cfg.data.missing_shards not in ("fail", "skip"):
+        raise ConfigError(f"'data.missing_shards' must be fail or skip, got {cfg.data.missing_shards!r}")
+    extra = cfg.scaling.resources_per_worker
+    if not isinstance(extra, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in extra.values()):
+        raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")
+    if {"CPU", "GPU"} & set(extra):
+        raise ConfigError("'scaling.resources_per_worker' takes custom resources; use cpus_per_worker / gpus_per_worker")
 
 
 def absolute(path: str, base: str | os.PathLike | None = None) -> str:

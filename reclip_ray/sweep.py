@@ -317,6 +317,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
                 run_config=run_config,
             )
         grid = tuner.fit()
+        _close_trial_runs(prep.tracking_uri, parent)
         rows = _rows(grid, space, n_phases)
         summary = _write_outputs(rows, space, sweep_dir, base_raw, prep, parent)
         status = "FINISHED"
@@ -326,6 +327,17 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         raise
     finally:
         tracking.end_run(prep.tracking_uri, parent, status)
+
+
+def _close_trial_runs(tracking_uri: str, parent: str) -> None:
+    """Mark trial runs that Tune stopped (ASHA) or that crashed as KILLED: a trial actor killed mid-run never
+    reaches its own ``end_run``, and no MLflow run may stay RUNNING after the sweep."""
+    from reclip_ray import tracking
+
+    c = tracking.client(tracking_uri)
+    exp = c.get_run(parent).info.experiment_id
+    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+        tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
 
 
 def _grid_corners(space: Space) -> list[dict[str, Any]]:
@@ -466,7 +478,7 @@ def _write_outputs(rows, space: Space, sweep_dir: Path, base_raw, prep, parent: 
 
 def _print_table(rows: list[dict[str, Any]], space: Space) -> None:
     params = [k for k in rows[0] if k.startswith("param:")] if rows else []
-    head = [p[6:] for p in params] + ["GFLOPs", space.metric.split("/")[-2] + "/" + space.metric.split("/")[-1], "status"]
+    head = [p[6:] for p in params] + ["GFLOPs", "/".join(space.metric.split("/")[-2:]), "status"]
     table = [[str(r[p]) for p in params] + [f"{float(r['gflops_spent']):.1f}", f"{float(r[space.metric]):.4f}", r["status"]]
              for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]

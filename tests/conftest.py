@@ -16,24 +16,43 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with more logical CPUs than cores, so fractional-CPU workers leave room for Ray Data."""
+def ray_cluster():
+    """A simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``) that the whole test session shares.
+
+    The head has more logical CPUs than the machine has cores, so fractional-CPU workers leave room for Ray Data.
+    Tests that need more nodes add them with a custom resource (see test_reliability) and remove them again. The
+    dashboard is on (a free port): Ray Train's placement-group cleaner and the state API need it.
+    """
     import ray
+    from ray.cluster_utils import Cluster
 
     # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "include_dashboard": True,
+            "dashboard_port": 0,
+            "temp_dir": temp_dir,
+            "object_store_memory": 1 << 30,
+        },
     )
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    yield ray
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """The connected ``ray`` module (for tests that only need a Ray, not the cluster handle)."""
+    import ray
+
+    yield ray
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +72,56 @@ def tokenizer_path(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_tokenizer(synth_dir / "train", vocab_size=512, out=out)
     return out
+
+
+def overrides_for(tmp_path: Path, synth_dir: Path, tokenizer_path: Path, name: str,
+                  workers: int | tuple[int, int] = 1, extra=(), train: Path | None = None) -> list[str]:
+    """`--set` overrides of a small two-phase `tiny` run on the shared synthetic data, MLflow in ``tmp_path``."""
+    lo, hi = workers if isinstance(workers, tuple) else (workers, workers)
+    return [
+        f"run.name={name}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=it",
+        f"data.train={train or synth_dir / 'train'}",
+        f"data.eval={synth_dir / 'eval'}",
+        f"data.tokenizer={tokenizer_path}",
+        "data.synth_if_missing=false",
+        "model.vision.depth=2",
+        "model.text.depth=2",
+        "train.samples=1024",
+        "train.batch_size=64",
+        "train.log_every_steps=1",
+        "phases.0.samples=0.75",
+        "phases.1.samples=0.25",
+        "checkpoint.every_samples=512",
+        f"scaling.min_workers={lo}",
+        f"scaling.max_workers={hi}",
+        "scaling.cpus_per_worker=0.5",
+        "scaling.use_gpu=false",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path, synth_dir, tokenizer_path):
+    """Builds the config of ``overrides_for`` (same arguments, minus the paths)."""
+    from reclip_ray.config import load_config
+
+    def make(name: str, workers: int | tuple[int, int] = 1, extra=(), train: Path | None = None):
+        return load_config("tiny", overrides_for(tmp_path, synth_dir, tokenizer_path, name, workers, extra, train))
+
+    return make
+
+
+def mlflow_run(db: Path, run_id: str | None = None):
+    """(client, run) of the only run in experiment 'it' (or of ``run_id``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    if run_id is not None:
+        return client, client.get_run(run_id)
+    exp = client.get_experiment_by_name("it")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]

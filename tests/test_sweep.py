@@ -60,6 +60,20 @@ def test_pareto_front():
     assert pareto_front([(1.0, 3.0), (2.0, 1.0)], "min") == [0, 1]
 
 
+def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
+    import time
+
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.time() + timeout_s
+    while True:
+        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live or time.time() > deadline:
+            break
+        time.sleep(1.0)
+    assert not live, f"placement groups left behind by the sweep: {live}"
+
+
 @pytest.mark.slow
 @pytest.mark.sweep
 def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path):
@@ -90,4 +104,7 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}, [c.info.status for c in children]
+    # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
+    _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -18,7 +18,8 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _measure(preset: str, image_size: int, text_length: int, batch: int, steps: int, warmup: int) -> dict:
+def _measure(preset: str, image_size: int, text_length: int, batch: int, steps: int, warmup: int,
+             device: str = "cpu", precision: str = "fp32") -> dict:
     import torch
 
     from reclip_ray.config import load_config
@@ -29,14 +30,20 @@ def _measure(preset: str, image_size: int, text_length: int, batch: int, steps: 
 
     cfg = load_config("tiny", [f"model={preset}"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, vocab_size=49408)
+    model = build_model(cfg.model, vocab_size=49408).to(device)
     optimizer = build_optimizer(model, cfg.optim)
-    images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8)
-    tokens = torch.randint(3, 49408, (batch, text_length))
+    images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=device)
+    tokens = torch.randint(3, 49408, (batch, text_length), device=device)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        train_step(model, optimizer, images, tokens, lr=1e-5)
+        train_step(model, optimizer, images, tokens, lr=1e-5, autocast_dtype=autocast)
+        if cuda:
+            torch.cuda.synchronize()  # time the kernels, not their launch
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
@@ -53,6 +60,9 @@ def _measure(preset: str, image_size: int, text_length: int, batch: int, steps: 
         "train_gflops_per_sample": round(3 * flops["total"] / 1e9, 3),
         "achieved_gflops_per_s": round(3 * flops["total"] * batch / step_s / 1e9, 2),
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": precision,
+        **({"peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {}),
     }
 
 
@@ -84,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, as training on GPU")
     p.add_argument("--flops-only", action="store_true")
     p.add_argument("--table-models", default="vit-b-16,vit-l-16")
     p.add_argument("--table-sizes", type=_ints, default=[64, 96, 128, 160, 224])
@@ -100,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results = []
     for size in args.sizes:
-        r = _measure(args.model, size, args.text_length, args.batch, args.steps, args.warmup)
+        r = _measure(args.model, size, args.text_length, args.batch, args.steps, args.warmup, args.device,
+                     args.precision)
         results.append(r)
         print(json.dumps(r), flush=True)
     ref = results[0]

@@ -31,16 +31,22 @@ class _BadRowCounter:
 
     def __init__(self) -> None:
         self._count = BadRowCount()
+        self._missing: list[str] = []
 
     def add(self, seen: int, bad: int, examples: list | None = None) -> None:
         self._count.add(seen, bad, examples or [])
 
+    def add_missing(self, file: str) -> None:
+        if file not in self._missing:
+            self._missing.append(file)
+
     def totals(self) -> dict:
         return {"seen": self._count.seen, "bad": self._count.bad, "fraction": self._count.fraction,
-                "examples": list(self._count.examples)}
+                "examples": list(self._count.examples), "missing": list(self._missing)}
 
     def reset(self) -> None:
         self._count = BadRowCount()
+        self._missing = []
 
 
 BadRowCounter = ray.remote(num_cpus=0, max_restarts=-1)(_BadRowCounter)
@@ -63,29 +69,91 @@ def check_counter(counter, threshold: float) -> dict:
 
 
 def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, seed: int = 0,
-                extra_columns: tuple[str, ...] = (), **read_kwargs: Any) -> "ray.data.Dataset":
-    """``ray.data.read_parquet`` over the shards with columns renamed to key/image/caption/label.
+                extra_columns: tuple[str, ...] = (), missing: str = "fail", bad_counter=None,
+                passes: int = 1) -> "ray.data.Dataset":
+    """The shards as one Ray Dataset, columns renamed to key/image/caption/label (+ ``path``).
 
     The schema of every file is checked first (footers only), so a missing column fails here with the file and
-    column named rather than inside a Ray task minutes later.
+    column named rather than inside a Ray task minutes later. Files are read whole, one per task, in a seeded order
+    per pass; ``passes`` > 1 chains that many passes into one dataset (``read_parquet`` drops repeated paths, and a
+    union of N reads starts N times the tasks, which on a small machine costs more than the training). A shard that
+    disappears after this call fails the read naming the file, or with ``missing="skip"`` is skipped and reported to
+    ``bad_counter`` (for buckets that lose objects during a long run).
     """
+    import pyarrow as pa
+
     files = list_parquet_files(path)
     check_schema(files, columns)
-    names = set(parquet_schema(files[0]).names)
+    schema = parquet_schema(files[0])
     wanted = [columns.image, columns.caption]
     for optional in (columns.key, columns.label, "label_pattern", *extra_columns):
-        if optional in names and optional not in wanted:
+        if optional in schema.names and optional not in wanted:
             wanted.append(optional)
-    shuffle = None
-    if shuffle_files:
-        from ray.data import FileShuffleConfig
-
-        shuffle = FileShuffleConfig(seed=seed)
-    ds = ray.data.read_parquet(files, columns=wanted, shuffle=shuffle, include_paths=True, **read_kwargs)
+    order: list[str] = []
+    for p in range(passes):
+        perm = np.random.default_rng(seed + p).permutation(len(files)) if shuffle_files else range(len(files))
+        order += [files[i] for i in perm]
+    out_schema = pa.schema([schema.field(c) for c in wanted] + [pa.field("path", pa.string())])
+    ds = ray.data.from_items([{"file": f} for f in order], override_num_blocks=len(order)).map_batches(
+        _ReadShard,
+        fn_constructor_kwargs={"schema": out_schema, "missing": missing, "counter": bad_counter},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=DECODE_NUM_CPUS,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+    )
     renames = {src: dst for src, dst in columns.renames().items() if src in wanted}
     if renames:
         ds = ds.rename_columns(renames)
     return ds
+
+
+class _ReadShard:
+    """map_batches callable: one Parquet file name in, its rows out (the wanted columns plus ``path``)."""
+
+    def __init__(self, schema: "pa.Schema", missing: str = "fail", counter=None) -> None:
+        self.schema = schema
+        self.missing = missing
+        self.counter = counter
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        import pyarrow as pa
+
+        from reclip_ray.data.local import _read_shard
+        from reclip_ray.errors import DataError
+
+        columns = [f.name for f in self.schema if f.name != "path"]
+        tables = []
+        for file in batch.column("file").to_pylist():
+            try:
+                table = _read_shard(file, columns)
+            except DataError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+                if self.missing != "skip":
+                    raise DataError(f"shard {file} disappeared during the run (data.missing_shards=fail; "
+                                    "set data.missing_shards=skip to train on without it)") from None
+                print(f"[reclip] WARNING: shard {file} is gone; skipped (data.missing_shards=skip)", flush=True)
+                if self.counter is not None:
+                    ray.get(self.counter.add_missing.remote(file))
+                continue
+            table = table.append_column("path", pa.array([file] * table.num_rows, pa.string()))
+            tables.append(table.select(self.schema.names).cast(self.schema))
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+
+
+def count_rows(path: str) -> int:
+    """Rows in all shards, from the Parquet footers (no data read, no Ray tasks)."""
+    import pyarrow.parquet as pq
+
+    from reclip_ray.data.schema import _filesystem
+
+    total = 0
+    for file in list_parquet_files(path):
+        fs, inner = _filesystem(file)
+        with fs.open_input_file(inner) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
 class DecodeBatch:

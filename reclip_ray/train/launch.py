@@ -127,7 +127,10 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False, runtime_env=env)
+    # The dashboard stays on (Ray's default): Ray Train's placement-group cleaner and the state API need it; without
+    # it a worker group killed mid-run (a sweep trial stopped early) keeps its CPUs reserved forever.
+    # address="local": a new Ray even when /tmp/ray/ray_current_cluster names another (`ray start`, a test cluster).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env)
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -145,13 +148,13 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
     A phase reads the shards as many times as its sample count needs (each pass with its own file order), so one
     iteration covers the whole phase and no rank ever waits for another to start a new epoch.
     """
-    from reclip_ray.data.pipeline import phase_dataset, read_shards
+    from reclip_ray.data.pipeline import count_rows, phase_dataset, read_shards
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.schedule import Schedule
     from reclip_ray.train.worker import phase_dataset_name
 
     columns = ColumnMap.from_config(cfg.data)
-    rows = read_shards(cfg.data.train, columns, shuffle_files=False).count()
+    rows = count_rows(cfg.data.train)
     if rows == 0:
         raise DataError(f"{cfg.data.train}: the shards hold no rows")
     usable = max(1.0, rows * (1.0 - cfg.data.max_bad_fraction))
@@ -162,8 +165,8 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
         passes = max(1, math.ceil(needed / usable))
         seed = cfg.train.seed * 1_000_003 + data_seed * 1009 + plan.index * 101
         shuffle = cfg.data.shuffle == "files"
-        reads = [read_shards(cfg.data.train, columns, shuffle_files=shuffle, seed=seed + p) for p in range(passes)]
-        ds = reads[0].union(*reads[1:]) if passes > 1 else reads[0]
+        ds = read_shards(cfg.data.train, columns, shuffle_files=shuffle, seed=seed, passes=passes,
+                         missing=cfg.data.missing_shards, bad_counter=bad_counter)
         datasets[phase_dataset_name(plan.index)] = phase_dataset(
             ds,
             image_size=plan.image_size,
@@ -223,7 +226,7 @@ def run_training(
         tokenizer_json = Path(prep.tokenizer_path).read_text()
         bad_counter = get_or_create_bad_counter(f"reclip-bad-rows-{prep.run_name}")
         datasets = build_datasets(cfg, tokenizer_json, data_seed=run_state.get("attempts", 0), bad_counter=bad_counter)
-        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.scaling.gpus_per_worker
         workers = (
@@ -258,11 +261,19 @@ def run_training(
             ),
             datasets=datasets,
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit:
+            # Ray Train's own SIGINT handler (installed by fit() in the main thread) aborts the workers and then
+            # exits from inside fit(); to the user that is a Ctrl-C like any other.
+            raise KeyboardInterrupt from None
         if result.error is not None:
             raise result.error
-        status = "FINISHED"
         metrics = dict(result.metrics or {})
+        if metrics.get("samples") != cfg.train.samples:
+            raise ReclipError(f"training stopped at {metrics.get('samples')} of {cfg.train.samples} samples "
+                              "without an error (aborted?); rerun the same command to resume")
+        status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         metrics["run_dir"] = prep.run_dir
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
@@ -274,17 +285,51 @@ def run_training(
         tracking.end_run(prep.tracking_uri, run_id, status)
 
 
+def root_message(exc: BaseException) -> str:
+    """The line of a (Ray-wrapped) exception chain that says what went wrong.
+
+    Ray wraps a worker's error several times and appends advice; the useful line is the innermost
+    "SomeError: message", and our own errors (written to be read) are preferred and shown without their type.
+    """
+    import re
+
+    # Breadth-first through causes and the per-rank failures Ray Train keeps (its own message holds only a snippet
+    # of each worker's traceback); deepest last.
+    chain: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in chain:
+            continue
+        chain.append(e)
+        nested = [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                  *(getattr(e, "worker_failures", None) or {}).values()]
+        todo += [n for n in nested if isinstance(n, BaseException)]
+    pattern = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+    ours = ("DataError", "ConfigError", "CheckpointError", "ReclipError")
+    candidates: list[tuple[str, str]] = []
+    for e in reversed(chain):  # innermost first
+        for line in reversed([ln.strip() for ln in str(e).splitlines() if ln.strip()]):
+            m = pattern.match(line)
+            if m and not line.startswith("ray.exceptions."):
+                candidates.append(m.groups())
+    for kind, text in candidates:
+        if kind in ours:
+            return text
+    if candidates:
+        return f"{candidates[0][0]}: {candidates[0][1]}"
+    lines = [ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(chain[-1]).__name__
+
+
 def train_from_cli(config: str | None, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     try:
         metrics = run_training(cfg)
     except ReclipError:
         raise
-    except Exception as exc:  # a worker's error arrives wrapped; show its last line, not Ray's traceback
-        root = exc
-        while getattr(root, "__cause__", None) is not None:
-            root = root.__cause__
-        raise ReclipError(f"training failed: {str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__}") from None
+    except Exception as exc:  # a worker's error arrives wrapped in Ray's; show the line that says what went wrong
+        raise ReclipError(f"training failed: {root_message(exc)}") from None
     final = {k: v for k, v in metrics.items()
              if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
     print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"]}, indent=2))

@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_id = state.mlflow_run_id
     already_logged = tracking.last_logged_step(tracking_uri, run_id) if rank == 0 else -1
     if rank == 0:
-        tracking.log_metrics(tracking_uri, run_id, {"restarts": state.restarts, "workers": world}, step=state.step)
+        tracking.log_metrics(tracking_uri, run_id, {"restarts": state.restarts}, step=state.step)
         print(
             f"[reclip] rank 0 of {world} on {device}: "
             + (f"resumed at {state.samples} samples, step {state.step}" if checkpoint else "starting fresh"),
@@ -189,6 +189,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.gflops += train_gflops_per_sample * (state.samples - prev)
             steps_window += 1
             _maybe_inject_fault(cfg, state, prev, rank, fault_marker)
+            if cfg.fault.step_delay_s:
+                time.sleep(cfg.fault.step_delay_s)
 
             if rank == 0 and (state.step % cfg.train.log_every_steps == 0 or state.samples >= plan.end_sample):
                 elapsed = time.perf_counter() - t_window
@@ -207,6 +209,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "text_length": plan.text_length,
                     "samples": state.samples,
                     "gflops_total": state.gflops,
+                    "workers": world,
+                    "local_batch": local_sizes[rank],
                 }
                 if bad_counter is not None:
                     import ray
@@ -214,7 +218,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     totals = ray.get(bad_counter.totals.remote())
                     metrics["data_rows_seen"] = totals["seen"]
                     metrics["data_rows_bad"] = totals["bad"]
-                    check_bad_fraction(totals["seen"], totals["bad"], cfg.data.max_bad_fraction, totals.get("examples"))
+                    metrics["data_shards_missing"] = len(totals.get("missing", []))
+                    examples = totals.get("examples") or []
+                    check_bad_fraction(totals["seen"], totals["bad"], cfg.data.max_bad_fraction,
+                                       examples[0] if examples else None)
                 if state.step > already_logged:
                     tracking.log_metrics(tracking_uri, run_id, metrics, step=state.step)
                 print(
@@ -232,6 +239,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # Phase end: evaluate (rank 0, every eval row), checkpoint, report. Other ranks wait in report().
         state.phase_done = True
+        steps = _steps_on_every_rank(state.step, world, device)
+        if rank == 0:
+            tracking.log_metrics(tracking_uri, run_id, {"rank_steps_min": min(steps), "rank_steps_max": max(steps)},
+                                 step=state.step)
         eval_metrics: dict[str, float] = {}
         if rank == 0 and cfg.eval.at_phase_end and cfg.data.eval:
             eval_metrics = _evaluate_phase(cfg, model, tokenizer, plan, schedule, device)
@@ -250,6 +261,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _export(cfg, model, tokenizer, run_dir, tracking_uri, run_id, state, loop_config["config_yaml"])
     report({"done": 1, **state.eval, "eval_round": len(schedule.phases), "eval_rounds_planned": len(schedule.phases)},
            save=False)
+
+
+def _steps_on_every_rank(step: int, world: int, device: torch.device) -> list[int]:
+    """Every rank's step count at a phase end; raises if they differ.
+
+    Equal counts are what keeps the collectives (DDP's all-reduce, the loss's all-gather, ``report``) paired up; a
+    rank that took one step more would hang the others on a real cluster, so a mismatch fails loudly instead.
+    """
+    if world == 1:
+        return [step]
+    import torch.distributed as dist
+
+    steps = torch.tensor([step], dtype=torch.int64, device=device)  # nccl gathers GPU tensors only
+    gathered = [torch.zeros_like(steps) for _ in range(world)]
+    dist.all_gather(gathered, steps)
+    out = [int(t.item()) for t in gathered]
+    if len(set(out)) != 1:
+        raise RuntimeError(f"ranks disagree on the step count at a phase end: {out}")
+    return out
 
 
 def _short(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,60 @@
+"""Tests that need a CUDA GPU (run by benchmarks/gpu_check.sh). Without one they are skipped, and not counted."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from reclip_ray.config import load_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_bf16_autocast_train_step_on_cuda():
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.step import autocast_dtype_for, train_step
+
+    cfg = load_config("tiny")
+    assert autocast_dtype_for("auto", "cuda") == torch.bfloat16
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=256).cuda()
+    opt = build_optimizer(model, cfg.optim)
+    images = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8, device="cuda")
+    tokens = torch.randint(3, 256, (32, 32), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        feats = model.encode_image(images.permute(0, 3, 1, 2).float() / 255.0, normalize=False)
+    assert feats.dtype == torch.bfloat16  # the matmuls really ran in bf16
+    losses = [train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)["loss"] for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # the same batch five times: the loss must fall
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_nccl_process_group_with_one_rank_gathers_with_grad():
+    import torch.distributed as dist
+
+    from reclip_ray.loss import _AllGatherWithGrad, _gather_sizes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        x = torch.randn(8, 16, device="cuda", requires_grad=True)
+        assert _gather_sizes(8, x.device) == [8]
+        y = _AllGatherWithGrad.apply(x, [8], 0)
+        torch.testing.assert_close(y, x)
+        (y * 3.0).sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+        t = torch.tensor([5], device="cuda")
+        out = [torch.zeros_like(t)]
+        dist.all_gather(out, t)
+        assert out[0].item() == 5
+    finally:
+        dist.destroy_process_group()

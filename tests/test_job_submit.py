@@ -1,0 +1,108 @@
+"""`ray job submit` end to end against a real head node started with `ray start --head --block`.
+
+The head runs under its own session (setsid) with its own temp dir and ports, token authentication on, and only
+that process group is killed at the end (never `ray stop`, which would take every Ray on the machine with it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import overrides_for
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    ray = shutil.which("ray", path=env["PATH"]) or "ray"
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_ray_job_submit_runs_pretrain_to_success(tmp_path, synth_dir, tokenizer_path):
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray.train.checkpoint import read_state
+
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Unix socket paths are limited
+    dashboard = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is the head's
+        "RAY_AUTH_MODE": "token",  # token authentication stays on, for the head and for the job client
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    })
+    head_cmd = [
+        "ray", "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=4",
+        f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+    head_log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(head_cmd, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while _ray("job", "list", "--address", address, env=env).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head's job server did not come up"
+            time.sleep(1.0)
+
+        sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
+                             extra=["eval.at_phase_end=true"])
+        args = ["job", "submit", "--address", address, "--submission-id", "reclip-e2e", "--working-dir", ".",
+                "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", "python", "jobs/pretrain.py",
+                "--config", "tiny"]
+        for s in sets:
+            args += ["--set", s]
+        submitted = _ray(*args, env=env)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+
+        deadline = time.time() + 480
+        status = ""
+        while time.time() < deadline:
+            status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(3.0)
+        logs = _ray("job", "logs", "--address", address, "reclip-e2e", env=env).stdout
+        assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only the process group this test started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    run_dir = tmp_path / "runs" / "jobrun"
+    finals = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").is_file())
+    state = read_state(finals[-1])
+    assert (state.samples, state.phase, state.phase_done) == (1024, 1, True)
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("it").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["samples"] == 1024
+    assert any(k.startswith("eval/64px/") for k in runs[0].data.metrics)
+    assert '"mlflow_run_id": "' + runs[0].info.run_id in logs

@@ -1,0 +1,399 @@
+"""Reliability on a real (simulated multi-node) Ray cluster: faults, resizes, uneven and bad data, Ctrl-C.
+
+Every test checks what the user would check afterwards: the exact sample count, the MLflow history (one run, steps
+never going backwards, the LR the schedule says at each sample count), a loadable checkpoint, the run's status.
+Each prints a `[reliability]` line with the measured recovery time (seconds from the fault to the restarted
+worker group having restored its checkpoint), which RELIABILITY.md quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import mlflow_run
+from reclip_ray.schedule import Schedule
+from reclip_ray.train.checkpoint import load_checkpoint, read_state
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    points = client.get_metric_history(run_id, key)
+    steps = [m.step for m in points]
+    assert len(steps) == len(set(steps)), f"{key}: a step was logged twice: {sorted(steps)}"
+    return {m.step: m.value for m in points}
+
+
+def _check_history(cfg, client, run, total_steps: int) -> dict[str, dict[int, float]]:
+    """One point per step 1..N, samples = step x batch, and the LR the schedule gives at that sample count."""
+    run_id = run.info.run_id
+    h = {k: _history(client, run_id, k) for k in ("loss", "lr", "samples", "workers", "local_batch")}
+    assert sorted(h["loss"]) == list(range(1, total_steps + 1))
+    schedule = Schedule.from_config(cfg)
+    batch = cfg.train.batch_size
+    for step in range(1, total_steps + 1):
+        assert h["samples"][step] == step * batch
+        assert h["lr"][step] == pytest.approx(schedule.lr_at((step - 1) * batch), rel=1e-6, abs=1e-12)
+        assert h["local_batch"][step] * h["workers"][step] == pytest.approx(batch, abs=h["workers"][step])
+    return h
+
+
+def _final_checkpoint_is_complete(cfg, metrics: dict) -> None:
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+
+    state = read_state(metrics["checkpoint"])
+    assert (state.samples, state.phase, state.phase_done) == (cfg.train.samples, len(cfg.phases) - 1, True)
+    model = build_model(cfg.model, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size)
+    load_checkpoint(metrics["checkpoint"], model)  # weights_only=True inside; raises on anything else
+
+
+def _recovery_seconds(client, run_id: str, fault_time: float) -> float:
+    """Fault -> the first `restarts` point logged after it (logged once the new group restored its checkpoint)."""
+    after = [m.timestamp / 1000 for m in client.get_metric_history(run_id, "restarts") if m.timestamp / 1000 > fault_time]
+    assert after, "no restart was logged after the fault"
+    return min(after) - fault_time
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints Ray Train has registered (a directory on disk may not be registered yet: killing a worker
+    then would restart from the one before)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        names = [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+    return sorted(run_dir / n for n in names if (run_dir / n / "meta.json").is_file())
+
+
+def _wait_for(what: str, predicate, timeout_s: float = 180.0, every_s: float = 0.2):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class _Background:
+    """run_training in a thread of this driver, so the test can act on the cluster while it trains."""
+
+    def __init__(self, cfg):
+        from reclip_ray.train.launch import run_training
+
+        self.result: dict = {}
+        self.error: BaseException | None = None
+
+        def target():
+            try:
+                self.result = run_training(cfg)
+            except BaseException as exc:  # reported by join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout_s: float = 300.0) -> dict:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "training did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _logged(db: Path, key: str):
+    """Metric history of the only run so far, or {} before MLflow has one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("it")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    if not runs:
+        return {}
+    return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
+
+
+# ------------------------------------------------------------------------------------------ 1. worker exception
+
+
+def test_worker_exception_restarts_from_the_last_checkpoint(ray_session, make_cfg, tmp_path):
+    from reclip_ray.train.launch import run_training
+
+    # Rank 1 raises once at 704 samples (step 11, phase 0); the last checkpoint before it is at 512.
+    cfg = make_cfg("exc", workers=2, extra=["fault.fail_at_samples=704", "fault.fail_rank=1",
+                                             "checkpoint.every_samples=256", "eval.at_phase_end=false"])
+    metrics = run_training(cfg)
+
+    assert metrics["samples"] == cfg.train.samples == 1024
+    fault = json.loads((Path(metrics["run_dir"]) / ".fault_injected").read_text())
+    assert fault["samples"] == 704
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED" and run.info.run_id == metrics["mlflow_run_id"]
+    assert run.data.metrics["restarts"] == 1
+    _check_history(cfg, client, run, total_steps=16)
+    _final_checkpoint_is_complete(cfg, metrics)
+    print(f"\n[reliability] worker exception: recovery {_recovery_seconds(client, run.info.run_id, fault['time']):.1f} s")
+
+
+# ------------------------------------------------------------------------------------------ 2. elastic resize
+
+
+def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg, tmp_path):
+    """Workers need a `reclip_slot` that only the two extra nodes have; one node goes away, then a new one joins."""
+    import ray
+
+    def add_node():
+        return ray_cluster.add_node(num_cpus=1, resources={"reclip_slot": 1}, object_store_memory=100 * 1024**2)
+
+    nodes = [add_node(), add_node()]
+    db = tmp_path / "mlflow.db"
+    cfg = make_cfg("elastic", workers=(1, 2), extra=[
+        "scaling.resources_per_worker={reclip_slot: 1}", "scaling.cpus_per_worker=1",
+        "scaling.resize_check_interval_s=2", "train.samples=7680", "checkpoint.every_samples=640",
+        "fault.step_delay_s=0.2", "eval.at_phase_end=false", "run.max_failures=4",
+    ])
+    run_dir = Path(cfg.run.storage_path) / "elastic"
+    try:
+        job = _Background(cfg)
+        _wait_for("2 workers training and a checkpoint", lambda: 2 in _logged(db, "workers").values()
+                  and _checkpoints(run_dir), timeout_s=240)
+        removed_at = time.time()
+        ray_cluster.remove_node(nodes.pop())  # takes one worker (and its node) away
+        step_at_removal = max(_logged(db, "workers"))
+
+        _wait_for("training on 1 worker", lambda: any(
+            s > step_at_removal and v == 1 for s, v in _logged(db, "workers").items()), timeout_s=240)
+        _wait_for("a checkpoint after the scale-down", lambda: read_state(_checkpoints(run_dir)[-1]).step > step_at_removal
+                  + 1, timeout_s=240)
+        step_at_add = max(_logged(db, "workers"))
+        nodes.append(add_node())
+        metrics = job.join(timeout_s=400)
+    finally:
+        for node in nodes:
+            ray_cluster.remove_node(node)
+
+    assert metrics["samples"] == cfg.train.samples
+    client, run = mlflow_run(db)
+    assert run.info.status == "FINISHED"
+    h = _check_history(cfg, client, run, total_steps=cfg.train.samples // cfg.train.batch_size)
+    workers = [int(h["workers"][s]) for s in sorted(h["workers"])]
+    phases = [w for i, w in enumerate(workers) if i == 0 or workers[i - 1] != w]
+    assert phases == [2, 1, 2], phases
+    assert run.data.metrics["restarts"] == 2  # both resizes resumed from a checkpoint
+    # The data is re-split: one worker reads the whole global batch, two read half each.
+    assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 1} == {64}
+    assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 2} == {32}
+    _final_checkpoint_is_complete(cfg, metrics)
+    print(f"\n[reliability] node removed (2 -> 1 workers): recovery {_recovery_seconds(client, run.info.run_id, removed_at):.1f} s")
+    assert ray.cluster_resources().get("reclip_slot", 0) == 0
+
+
+# ------------------------------------------------------------------------------------------ 3. uneven data
+
+
+def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_session, make_cfg, tmp_path, synth_dir):
+    table = pa.concat_tables(pq.read_table(f) for f in sorted((synth_dir / "train").rglob("*.parquet")))
+    out = tmp_path / "uneven"
+    out.mkdir()
+    start = 0
+    for i, n in enumerate((7, 311, 1, 90)):  # 409 rows: not a multiple of 3 workers or of the batch
+        pq.write_table(table.slice(start, n), out / f"part-{i}.parquet")
+        start += n
+    cfg = make_cfg("uneven", workers=3, extra=["scaling.cpus_per_worker=0.4", "eval.at_phase_end=false",
+                                                "train.batch_size=50", "train.samples=700", "checkpoint.every_samples=0"],
+                   train=out)
+    from reclip_ray.train.launch import run_training
+
+    metrics = run_training(cfg)
+    assert metrics["samples"] == 700
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    steps = len(_history(client, run.info.run_id, "loss"))
+    assert steps == 15  # 525 / 50 -> 11 (10 full + a partial last step), 175 / 50 -> 4
+    # Every rank took the same number of steps (gathered across ranks at each phase end).
+    assert run.data.metrics["rank_steps_min"] == run.data.metrics["rank_steps_max"] == steps
+    assert run.data.metrics["local_batch"] in (16, 17)  # 50 split over 3 ranks: 17, 17, 16
+
+
+# ------------------------------------------------------------------------------------------ 4. SIGKILL of a worker
+
+
+def test_sigkill_of_a_training_worker_process(ray_session, make_cfg, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = make_cfg("kill", workers=2, extra=["checkpoint.every_samples=256", "fault.step_delay_s=0.3",
+                                              "eval.at_phase_end=false"])
+    run_dir = Path(cfg.run.storage_path) / "kill"
+    job = _Background(cfg)
+    _wait_for("a checkpoint", lambda: _checkpoints(run_dir), timeout_s=240)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2, workers
+    killed_at = time.time()
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    metrics = job.join(timeout_s=400)
+
+    assert metrics["samples"] == 1024
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["restarts"] == 1
+    _check_history(cfg, client, run, total_steps=16)
+    _final_checkpoint_is_complete(cfg, metrics)
+    print(f"\n[reliability] SIGKILL of a worker: recovery {_recovery_seconds(client, run.info.run_id, killed_at):.1f} s")
+
+
+# ------------------------------------------------------------------------------------------ 5. bad data
+
+
+def _corrupt_copy(src: Path, out: Path, every: int) -> int:
+    """Copy the shards, overwriting every ``every``-th image with bytes that are not an image; returns how many."""
+    out.mkdir()
+    bad = 0
+    for i, f in enumerate(sorted(src.rglob("*.parquet"))):
+        t = pq.read_table(f)
+        images = t.column("image").to_pylist()
+        for j in range(0, len(images), every):
+            images[j] = b"\xff\xd8\xff\xe0 this is not a jpeg" + bytes(j % 7)
+            bad += 1
+        t = t.set_column(t.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+        pq.write_table(t, out / f"shard-{i:02d}.parquet")
+    return bad
+
+
+def test_a_few_bad_rows_train_through_and_a_deleted_shard_is_skipped(ray_session, make_cfg, tmp_path, synth_dir):
+    data = tmp_path / "bad"
+    _corrupt_copy(synth_dir / "train", data, every=40)  # 2.5% of the rows
+    pq.write_table(pq.read_table(sorted(data.glob("*.parquet"))[0]).slice(0, 50), data / "shard-99-extra.parquet")
+    cfg = make_cfg("badrows", workers=1, train=data, extra=[
+        "data.max_bad_fraction=0.05", "data.missing_shards=skip", "eval.at_phase_end=false",
+        "checkpoint.every_samples=256", "train.samples=2048", "fault.step_delay_s=0.1",
+    ])
+    run_dir = Path(cfg.run.storage_path) / "badrows"
+    job = _Background(cfg)
+    _wait_for("a checkpoint", lambda: _checkpoints(run_dir), timeout_s=240)
+    (data / "shard-99-extra.parquet").unlink()  # the later passes over the shards no longer find it
+    metrics = job.join(timeout_s=400)
+
+    assert metrics["samples"] == 2048
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    seen, bad = run.data.metrics["data_rows_seen"], run.data.metrics["data_rows_bad"]
+    assert bad > 0 and 0.01 < bad / seen < 0.04
+    assert run.data.metrics["data_shards_missing"] == 1
+
+
+def test_too_many_bad_rows_fail_with_a_message_naming_a_shard(ray_session, make_cfg, tmp_path, synth_dir):
+    from reclip_ray.train.launch import root_message, run_training
+
+    data = tmp_path / "bad"
+    _corrupt_copy(synth_dir / "train", data, every=40)  # 2.5%: fine at 5% (above), too many at 1%
+    cfg = make_cfg("toomany", train=data, extra=["data.max_bad_fraction=0.01", "run.max_failures=0",
+                                                  "eval.at_phase_end=false"])
+    with pytest.raises(Exception) as info:
+        run_training(cfg)
+    # What `reclip-ray train` prints after "training failed: ".
+    message = root_message(info.value)
+    assert re.match(r"^\d+ of \d+ rows \(\d+\.\d%\) bad rows \(> 1\.0%, data\.max_bad_fraction\) e\.g\. "
+                    r"shard-\d\d\.parquet key=\S+: ", message), message
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED"
+
+
+def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_session, make_cfg, tmp_path, synth_dir):
+    from reclip_ray.train.launch import root_message, run_training
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted((synth_dir / "train").rglob("*.parquet")):
+        (data / f.name).write_bytes(f.read_bytes())
+    victim = sorted(data.glob("*.parquet"))[1]
+    kept = victim.read_bytes()
+    cfg = make_cfg("gone", train=data, extra=["run.max_failures=0", "eval.at_phase_end=false",
+                                               "checkpoint.every_samples=256", "train.samples=2048",
+                                               "fault.step_delay_s=0.1"])
+    run_dir = Path(cfg.run.storage_path) / "gone"
+    job = _Background(cfg)
+    _wait_for("a checkpoint", lambda: _checkpoints(run_dir), timeout_s=240)
+    victim.unlink()
+    with pytest.raises(Exception) as info:
+        job.join(timeout_s=400)
+    message = root_message(info.value)
+    assert message.startswith(f"shard {victim} disappeared during the run"), message
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED"
+    last = _checkpoints(run_dir)[-1]
+    saved = read_state(last)
+    assert 0 < saved.samples < 2048
+
+    victim.write_bytes(kept)  # the user restores the shard and runs the same command again
+    metrics = run_training(make_cfg("gone", train=data, extra=["eval.at_phase_end=false", "checkpoint.every_samples=256",
+                                                                "train.samples=2048"]))
+    assert metrics["samples"] == 2048 and metrics["mlflow_run_id"] == run.info.run_id
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED" and run.data.tags["reclip.restarts"] == "1"
+    restarts = client.get_metric_history(run.info.run_id, "restarts")
+    assert [m.step for m in restarts if m.value == 1] == [saved.step]  # resumed exactly at the kept checkpoint
+    assert sorted(_history(client, run.info.run_id, "loss")) == list(range(1, 33))
+
+
+# ------------------------------------------------------------------------------------------ 6. Ctrl-C of the driver
+
+
+def test_ctrl_c_stops_the_workers_and_the_same_command_resumes(ray_cluster, tmp_path, synth_dir, tokenizer_path):
+    from ray.util.state import list_actors
+
+    from conftest import overrides_for
+
+    overrides = overrides_for(tmp_path, synth_dir, tokenizer_path, "ctrlc", workers=2,
+                              extra=["checkpoint.every_samples=256", "eval.at_phase_end=false", "train.samples=2048"])
+    command = [sys.executable, "-m", "reclip_ray", "train", "--config", "tiny"]
+    for o in overrides:
+        command += ["--set", o]
+    # The CLI joins this session's cluster (RAY_ADDRESS); RAY_AUTH_MODE=token is inherited from this process.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "runs" / "ctrlc"
+    log = open(tmp_path / "first.log", "w")
+    slow = command + ["--set", "fault.step_delay_s=0.3"]
+    proc = subprocess.Popen(slow, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for("a checkpoint", lambda: _checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "first.log").read_text()
+    assert rc == 130, text[-3000:]
+    assert "reclip-ray: interrupted" in text
+
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "KILLED"
+    kept = _checkpoints(run_dir)[-1]
+    saved = read_state(kept)
+    assert 0 < saved.samples < 2048
+    _wait_for("the training workers to exit", lambda: not list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), timeout_s=60)
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED" and run.data.tags["reclip.restarts"] == "1"
+    assert sorted(_history(client, run.info.run_id, "loss")) == list(range(1, 33))
+    assert json.loads(again.stdout[again.stdout.index("{"):])["mlflow_run_id"] == run.info.run_id
