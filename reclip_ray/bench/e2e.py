@@ -53,13 +53,16 @@ def run_ray(args: argparse.Namespace, data: Path, tokenizer: Path, out: Path, wo
     t0 = time.perf_counter()
     result = run_training(cfg)
     wall = time.perf_counter() - t0
-    hist = tracking.metric_history(cfg.tracking.uri, result["mlflow_run_id"], ["samples_per_s", "phase", "data_wait_fraction"])
+    hist = tracking.metric_history(cfg.tracking.uri, result["mlflow_run_id"],
+                                   ["samples_per_s", "phase", "data_wait_fraction", "worker_peak_rss_mib"])
     phase_at = dict(hist["phase"])
     rates: dict[int, list[float]] = {}
     for step, value in hist["samples_per_s"]:
         rates.setdefault(int(phase_at[step]), []).append(value)
     waits = [v for _, v in hist["data_wait_fraction"]]
-    return {"steady_samples_per_s": _steady(rates), "wall_s": wall, "median_data_wait": statistics.median(waits)}
+    rss = [v for _, v in hist["worker_peak_rss_mib"]]
+    return {"steady_samples_per_s": _steady(rates), "wall_s": wall, "median_data_wait": statistics.median(waits),
+            "rank0_peak_rss_mib": max(rss) if rss else None}
 
 
 def run_plain(args: argparse.Namespace, data: Path, tokenizer: Path, out: Path) -> dict[str, Any]:
@@ -79,7 +82,10 @@ def run_plain(args: argparse.Namespace, data: Path, tokenizer: Path, out: Path) 
         a, b = history[i - window], history[i]
         if a["phase"] == b["phase"]:
             rates.setdefault(int(b["phase"]), []).append((b["samples"] - a["samples"]) / (b["time"] - a["time"]))
-    return {"steady_samples_per_s": _steady(rates), "wall_s": wall}
+    import resource
+
+    return {"steady_samples_per_s": _steady(rates), "wall_s": wall,
+            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,10 +122,12 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and Ray refuses a second
+        # one from the driver. Workers set their torch threads from scaling.cpus_per_worker themselves.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     needed = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + 2
     # The dashboard stays on (Ray's default): Ray Train's placement-group cleaner and the state API need it; without
     # it a worker group killed mid-run (a sweep trial stopped early) keeps its CPUs reserved forever.

@@ -211,6 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "gflops_total": state.gflops,
                     "workers": world,
                     "local_batch": local_sizes[rank],
+                    "worker_peak_rss_mib": _peak_rss_mib(),
                 }
                 if bad_counter is not None:
                     import ray
@@ -261,6 +262,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _export(cfg, model, tokenizer, run_dir, tracking_uri, run_id, state, loop_config["config_yaml"])
     report({"done": 1, **state.eval, "eval_round": len(schedule.phases), "eval_rounds_planned": len(schedule.phases)},
            save=False)
+
+
+def _peak_rss_mib() -> float:
+    """This worker process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _steps_on_every_rank(step: int, world: int, device: torch.device) -> list[int]:
