@@ -190,7 +190,6 @@ def _param_key(key: str) -> str:
 def _run_trial(config: dict[str, Any]) -> None:
     """One trial: the base config + this trial's parameters, under the budget, trained by Ray Train."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from reclip_ray.train.launch import run_training
 
@@ -202,9 +201,24 @@ def _run_trial(config: dict[str, Any]) -> None:
     raw["run"]["storage_path"] = setup["trials_dir"]
     raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
     cfg = from_dict(raw)
-    run_training(cfg, callbacks=[TuneReportCallback()], parent_run_id=setup["parent_run_id"],
+    run_training(cfg, callbacks=[_phase_end_reports()], parent_run_id=setup["parent_run_id"],
                  tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
                        "reclip.budget": json.dumps(setup["budget"])})
+
+
+def _phase_end_reports():
+    """Ray Tune's report callback, forwarding only the phase-end reports (the ones with evaluation metrics).
+
+    Mid-phase checkpoint reports carry no evaluation, and Tune fails a trial whose result lacks the sweep's metric.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class PhaseEndReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "eval_round" in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return PhaseEndReports()
 
 
 class _Progress:
@@ -400,7 +414,16 @@ def pareto_front(points: list[tuple[float, float]], mode: str = "max") -> list[i
     return front
 
 
+def _label(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k[6:].split('.')[-1] if k[6:] != FINETUNE_FRACTION else 'ft'}={v}"
+                     for k, v in row.items() if k.startswith("param:"))
+
+
 def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None, out: Path) -> None:
+    """Left: metric vs training GFLOPs, Pareto front and best marked. Right: every trial's metric, labelled.
+
+    With a GFLOPs budget all trials sit at (almost) the same x; the right panel is where schedules are compared.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,7 +431,7 @@ def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None,
 
     kept = [r for r in rows if not math.isnan(float(r["gflops_spent"])) and not math.isnan(float(r[space.metric]))]
     pts = [(float(r["gflops_spent"]), float(r[space.metric])) for r in kept]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
     colours = {"completed": "tab:blue", "stopped_early": "tab:gray", "error": "tab:red"}
     for status, colour in colours.items():
         xs = [float(r["gflops_spent"]) for r in kept if r["status"] == status]
@@ -420,18 +443,32 @@ def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None,
         fx, fy = zip(*[pts[i] for i in front])
         ax.step(fx, fy, where="post", c="tab:orange", lw=1.5, label="Pareto front", zorder=2)
     if best is not None:
-        label = ", ".join(f"{k[6:]}={v}" for k, v in best.items() if k.startswith("param:"))
-        ax.annotate(f"best: {label}", (float(best["gflops_spent"]), float(best[space.metric])),
-                    textcoords="offset points", xytext=(8, -14), fontsize=8)
-        ax.scatter([float(best["gflops_spent"])], [float(best[space.metric])], s=140, facecolors="none",
-                   edgecolors="tab:orange", zorder=4)
+        ax.scatter([float(best["gflops_spent"])], [float(best[space.metric])], s=160, facecolors="none",
+                   edgecolors="tab:orange", lw=2, zorder=4, label=f"best: {_label(best)}")
     if space.budget.get("gflops"):
         ax.axvline(space.budget["gflops"], ls="--", c="k", lw=0.8, label="budget")
+    ax.set_xlim(0, max([x for x, _ in pts] + [space.budget.get("gflops", 0)]) * 1.08 if pts else None)
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.set_xlabel("training GFLOPs spent")
     ax.set_ylabel(space.metric)
-    ax.set_title(f"sweep '{space.name}': accuracy vs compute")
+    ax.set_title("accuracy vs compute")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+
+    order = sorted(kept, key=lambda r: float(r[space.metric]), reverse=space.mode == "max")
+    labels = [f"{_label(r)} ({float(r['gflops_spent']):.0f} GF)" for r in order]
+    values = [float(r[space.metric]) for r in order]
+    cols = ["tab:orange" if best is not None and r is best else colours.get(r["status"], "tab:blue") for r in order]
+    bars.barh(range(len(order)), values, color=cols)
+    bars.set_yticks(range(len(order)), labels, fontsize=7)
+    bars.invert_yaxis()
+    for i, v in enumerate(values):
+        bars.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+    bars.set_xlabel(space.metric)
+    bars.set_title("every trial (best first)")
+    bars.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"sweep '{space.name}'" + (f" at {space.budget['gflops']:.0f} training GFLOPs per trial"
+                                            if space.budget.get("gflops") else ""))
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp)

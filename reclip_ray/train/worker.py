@@ -142,6 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
 
     fault_marker = run_dir / ".fault_injected"
+    final_loss = float("nan")
     every = cfg.checkpoint.every_samples
     for plan in schedule.phases:
         if state.phase > plan.index or (state.phase == plan.index and state.phase_done):
@@ -252,16 +253,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[reclip] eval after '{plan.name}': {json.dumps(_short(eval_metrics))}", flush=True)
         # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
         # whatever the trial's full size is.
-        full_size = cfg.eval.full_image_size or schedule.phases[-1].image_size
-        tune_view = {k.replace(f"eval/{full_size}px/", "eval/full/"): v for k, v in eval_metrics.items()
-                     if k.startswith(f"eval/{full_size}px/")}
-        report({"loss": last.get("loss", float("nan")), **eval_metrics, **tune_view, "eval_round": plan.index + 1,
-                "eval_rounds_planned": len(schedule.phases)}, save=True)
+        final_loss = last.get("loss", final_loss)
+        report({"loss": final_loss, **eval_metrics, **_full_view(cfg, schedule, eval_metrics),
+                "eval_round": plan.index + 1, "eval_rounds_planned": len(schedule.phases)}, save=True)
 
     if rank == 0:
         _export(cfg, model, tokenizer, run_dir, tracking_uri, run_id, state, loop_config["config_yaml"])
-    report({"done": 1, **state.eval, "eval_round": len(schedule.phases), "eval_rounds_planned": len(schedule.phases)},
-           save=False)
+    report({"done": 1, "loss": final_loss, **state.eval, **_full_view(cfg, schedule, state.eval),
+            "eval_round": len(schedule.phases),
+            "eval_rounds_planned": len(schedule.phases)}, save=False)
+
+
+def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
+    """The full-resolution metrics again under ``eval/full/...``: one name for a sweep's metric, whatever each
+    trial's full size is."""
+    full = f"eval/{cfg.eval.full_image_size or schedule.phases[-1].image_size}px/"
+    return {"eval/full/" + k[len(full):]: v for k, v in eval_metrics.items() if k.startswith(full)}
 
 
 def _peak_rss_mib() -> float:
