@@ -331,8 +331,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
                 run_config=run_config,
             )
         grid = tuner.fit()
-        _close_trial_runs(prep.tracking_uri, parent)
         rows = _rows(grid, space, n_phases)
+        _close_trial_runs(prep.tracking_uri, parent, rows)
         summary = _write_outputs(rows, space, sweep_dir, base_raw, prep, parent)
         status = "FINISHED"
         return summary
@@ -343,15 +343,24 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         tracking.end_run(prep.tracking_uri, parent, status)
 
 
-def _close_trial_runs(tracking_uri: str, parent: str) -> None:
-    """Mark trial runs that Tune stopped (ASHA) or that crashed as KILLED: a trial actor killed mid-run never
-    reaches its own ``end_run``, and no MLflow run may stay RUNNING after the sweep."""
+def _close_trial_runs(tracking_uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
+    """Make each trial's MLflow status say what Tune saw: completed -> FINISHED, stopped early -> KILLED,
+    error -> FAILED. No MLflow run may stay RUNNING after the sweep.
+
+    Tune stops a trial by tearing down its actor, sometimes while the trial is still writing its final report or
+    export (ASHA also stops a trial that reaches the last round): its own ``end_run`` then never runs, or records
+    the teardown as FAILED.
+    """
     from reclip_ray import tracking
 
+    wanted = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
+    by_run = {r["mlflow_run_id"]: wanted[r["status"]] for r in rows if r.get("mlflow_run_id")}
     c = tracking.client(tracking_uri)
     exp = c.get_run(parent).info.experiment_id
-    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-        tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
+    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
+        status = by_run.get(run.info.run_id, "KILLED")
+        if run.info.status != status and run.info.status in ("RUNNING", "FAILED", "KILLED"):
+            tracking.end_run(tracking_uri, run.info.run_id, status)
 
 
 def _grid_corners(space: Space) -> list[dict[str, Any]]:
@@ -377,7 +386,7 @@ def _rows(grid: Any, space: Space, n_phases: int) -> list[dict[str, Any]]:
         else:
             status = "completed"
         rows.append({
-            "trial_id": os.path.basename(str(result.path)).split("_")[1] if result.path else "",
+            "trial_id": m.get("trial_id", ""),
             **{f"param:{k}": v for k, v in cfg.items()},
             "gflops_spent": m.get("gflops_total", float("nan")),
             "budget_gflops": space.budget.get("gflops", ""),

@@ -182,7 +182,6 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
             s > step_at_removal and v == 1 for s, v in _logged(db, "workers").items()), timeout_s=240)
         _wait_for("a checkpoint after the scale-down", lambda: read_state(_checkpoints(run_dir)[-1]).step > step_at_removal
                   + 1, timeout_s=240)
-        step_at_add = max(_logged(db, "workers"))
         nodes.append(add_node())
         metrics = job.join(timeout_s=400)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from reclip_ray import tracking
 from reclip_ray.config import load_config

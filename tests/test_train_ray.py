@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from conftest import overrides_for
 from reclip_ray.config import load_config
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, synth_dir: Path, tokenizer_path: Path, name: str, workers: int, extra=()):
-    overrides = [
-        f"run.name={name}",
-        f"run.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tracking.experiment=it",
-        f"data.train={synth_dir / 'train'}",
-        f"data.eval={synth_dir / 'eval'}",
-        f"data.tokenizer={tokenizer_path}",
-        "data.synth_if_missing=false",
-        "model.vision.depth=2",
-        "model.text.depth=2",
-        "train.samples=1024",
-        "train.batch_size=64",
-        "train.log_every_steps=1",
-        "phases.0.samples=0.75",
-        "phases.1.samples=0.25",
-        "checkpoint.every_samples=512",
-        f"scaling.min_workers={workers}",
-        f"scaling.max_workers={workers}",
-        "scaling.cpus_per_worker=0.5",
-        "scaling.use_gpu=false",
-        *extra,
-    ]
-    return load_config("tiny", overrides)
+    return load_config("tiny", overrides_for(tmp_path, synth_dir, tokenizer_path, name, workers, extra))
 
 
 def _mlflow_runs(db: Path):

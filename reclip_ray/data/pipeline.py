@@ -12,7 +12,7 @@ reads its totals, logs them and applies ``data.max_bad_fraction`` via ``check_ba
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -21,6 +21,9 @@ from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.local import MAX_EXAMPLES, BadRowCount, check_bad_fraction, row_rng
 from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files, parquet_schema
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DECODE_NUM_CPUS = 0.25
 LABEL_COLUMNS = ("label", "label_pattern")

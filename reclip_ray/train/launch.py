@@ -273,6 +273,7 @@ def run_training(
             raise result.error
         metrics = dict(result.metrics or {})
         if metrics.get("samples") != cfg.train.samples:
+            status = "KILLED"  # aborted from outside (Ctrl-C's graceful abort, a sweep stopping the trial)
             raise ReclipError(f"training stopped at {metrics.get('samples')} of {cfg.train.samples} samples "
                               "without an error (aborted?); rerun the same command to resume")
         status = "FINISHED"
