@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
-from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files, parquet_schema, read_dataset_json
+from reclip_ray.data.schema import (ColumnMap, check_schema, count_rows, list_parquet_files, parquet_schema,
+                                    read_dataset_json)
 from reclip_ray.data.local import _read_shard
 
 MAX_EXAMPLES = 10
@@ -43,15 +44,8 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
     files = list_parquet_files(path)
     columns = ColumnMap(image=image_column, caption=caption_column)
     check_schema(files, columns)
-    import pyarrow.parquet as pq
-
-    from reclip_ray.data.schema import _filesystem
-
     schema = parquet_schema(files[0])
-    total_rows = 0
-    for f in files:
-        fs, inner = _filesystem(f)
-        total_rows += pq.ParquetFile(fs.open_input_file(inner)).metadata.num_rows
+    total_rows = count_rows(files)
     checked = bad = 0
     reasons: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []

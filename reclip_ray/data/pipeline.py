@@ -145,20 +145,6 @@ class _ReadShard:
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
 
-def count_rows(path: str) -> int:
-    """Rows in all shards, from the Parquet footers (no data read, no Ray tasks)."""
-    import pyarrow.parquet as pq
-
-    from reclip_ray.data.schema import _filesystem
-
-    total = 0
-    for file in list_parquet_files(path):
-        fs, inner = _filesystem(file)
-        with fs.open_input_file(inner) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
-
-
 class DecodeBatch:
     """map_batches callable: bytes + captions -> uint8 images + int64 tokens. One tokenizer per actor."""
 

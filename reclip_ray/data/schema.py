@@ -100,6 +100,18 @@ def parquet_schema(file: str):
         raise DataError(f"{file}: not a readable Parquet file ({exc})") from exc
 
 
+def count_rows(files: Iterable[str]) -> int:
+    """Rows in the given shards, from their Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in files:
+        fs, inner = _filesystem(file)
+        with fs.open_input_file(inner) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
 def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool = False) -> None:
     """Fail before any work starts when a shard lacks a column, naming the file and the column."""
     import pyarrow as pa

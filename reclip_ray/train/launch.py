@@ -150,13 +150,14 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
     A phase reads the shards as many times as its sample count needs (each pass with its own file order), so one
     iteration covers the whole phase and no rank ever waits for another to start a new epoch.
     """
-    from reclip_ray.data.pipeline import count_rows, phase_dataset, read_shards
+    from reclip_ray.data.pipeline import phase_dataset, read_shards
+    from reclip_ray.data.schema import count_rows, list_parquet_files
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.schedule import Schedule
     from reclip_ray.train.worker import phase_dataset_name
 
     columns = ColumnMap.from_config(cfg.data)
-    rows = count_rows(cfg.data.train)
+    rows = count_rows(list_parquet_files(cfg.data.train))
     if rows == 0:
         raise DataError(f"{cfg.data.train}: the shards hold no rows")
     usable = max(1.0, rows * (1.0 - cfg.data.max_bad_fraction))
