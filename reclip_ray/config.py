@@ -442,6 +442,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"'scaling' needs 1 <= min_workers <= max_workers, got {cfg.scaling.min_workers}..{cfg.scaling.max_workers}"
         )
+    if cfg.scaling.cpus_per_worker < 0 or cfg.scaling.gpus_per_worker < 0:
+        raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
+                          f"reserves none), got {cfg.scaling.cpus_per_worker} / {cfg.scaling.gpus_per_worker}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.shuffle not in ("files", "none"):

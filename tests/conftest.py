@@ -38,7 +38,10 @@ def ray_cluster():
             "object_store_memory": 1 << 30,
         },
     )
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # Ray Train's controller polls its workers every 2 s by default; at 0.5 s a 16-step test run ends about 5 s
+    # sooner (measured: 26 -> 19.5 s per run), which over the suite's ~25 runs is two minutes.
+    env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield cluster
@@ -74,6 +77,25 @@ def tokenizer_path(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def fresh_mlflow_db(path: Path) -> Path:
+    """An empty, already-migrated MLflow SQLite store at ``path`` (a copy of one made once per session).
+
+    Creating the tables costs about 1.5 s per store; the Ray tests make some 25 stores.
+    """
+    if not path.exists():
+        if not _MLFLOW_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+            MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+            _MLFLOW_TEMPLATE.append(template)
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], path)
+    return path
+
+
 def overrides_for(tmp_path: Path, synth_dir: Path, tokenizer_path: Path, name: str,
                   workers: int | tuple[int, int] = 1, extra=(), train: Path | None = None) -> list[str]:
     """`--set` overrides of a small two-phase `tiny` run on the shared synthetic data, MLflow in ``tmp_path``."""
@@ -81,7 +103,7 @@ def overrides_for(tmp_path: Path, synth_dir: Path, tokenizer_path: Path, name: s
     return [
         f"run.name={name}",
         f"run.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri=sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}",
         "tracking.experiment=it",
         f"data.train={train or synth_dir / 'train'}",
         f"data.eval={synth_dir / 'eval'}",

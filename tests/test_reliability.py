@@ -82,14 +82,19 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir / n for n in names if (run_dir / n / "meta.json").is_file())
 
 
-def _wait_for(what: str, predicate, timeout_s: float = 180.0, every_s: float = 0.2):
+def _wait_for(what: str, predicate, timeout_s: float = 180.0, every_s: float = 0.2, job=None, state=None):
+    """Poll ``predicate``; fail at once if the background ``job`` has ended, and on a timeout say what ``state()``
+    returns (the cluster's view), so that a CI failure can be read without rerunning it."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
+        if job is not None and not job.thread.is_alive():
+            raise AssertionError(f"training ended while waiting for {what}: {job.error!r}"
+                                 + (f"; {state()}" if state else ""))
         time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}" + (f"; {state()}" if state else ""))
 
 
 class _Background:
@@ -156,33 +161,51 @@ def test_worker_exception_restarts_from_the_last_checkpoint(ray_session, make_cf
 
 
 def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg, tmp_path):
-    """Workers need a `reclip_slot` that only the two extra nodes have; one node goes away, then a new one joins."""
+    """Workers need a `reclip_slot` that only two extra nodes have; one node goes away, then a new one joins.
+
+    The extra nodes stand in for GPU nodes: they have a slot and no logical CPU, and the workers ask for no CPU, so
+    nothing else (Ray Data's read and decode actors, which run on the head) can take a worker's place on them while
+    the worker group restarts.
+    """
     import ray
 
     def add_node():
-        return ray_cluster.add_node(num_cpus=1, resources={"reclip_slot": 1}, object_store_memory=100 * 1024**2)
+        return ray_cluster.add_node(num_cpus=0, resources={"reclip_slot": 1}, object_store_memory=100 * 1024**2)
 
     nodes = [add_node(), add_node()]
+    ray_cluster.wait_for_nodes()
     db = tmp_path / "mlflow.db"
     cfg = make_cfg("elastic", workers=(1, 2), extra=[
-        "scaling.resources_per_worker={reclip_slot: 1}", "scaling.cpus_per_worker=1",
+        "scaling.resources_per_worker={reclip_slot: 1}", "scaling.cpus_per_worker=0",
         "scaling.resize_check_interval_s=2", "train.samples=7680", "checkpoint.every_samples=640",
-        "fault.step_delay_s=0.2", "eval.at_phase_end=false", "run.max_failures=4",
+        "fault.step_delay_s=0.2", "eval.at_phase_end=false", "run.max_failures=6",
     ])
     run_dir = Path(cfg.run.storage_path) / "elastic"
+
+    def workers_by_step() -> dict[int, float]:
+        return _logged(db, "workers")
+
+    def cluster_view() -> str:
+        return (f"workers logged by step: {_runs_of(workers_by_step())}; checkpoints: {[c.name for c in _checkpoints(run_dir)]}; "
+                f"available: {ray.available_resources()}")
+
     try:
         job = _Background(cfg)
-        _wait_for("2 workers training and a checkpoint", lambda: 2 in _logged(db, "workers").values()
-                  and _checkpoints(run_dir), timeout_s=240)
+        # Ray Train may start with one worker if it sees the second node late; it then scales up to two.
+        _wait_for("2 workers training and a checkpoint", lambda: 2 in workers_by_step().values()
+                  and _checkpoints(run_dir), timeout_s=300, job=job, state=cluster_view)
         removed_at = time.time()
         ray_cluster.remove_node(nodes.pop())  # takes one worker (and its node) away
-        step_at_removal = max(_logged(db, "workers"))
+        _refresh_node_view()
+        step_at_removal = max(workers_by_step())
 
         _wait_for("training on 1 worker", lambda: any(
-            s > step_at_removal and v == 1 for s, v in _logged(db, "workers").items()), timeout_s=240)
-        _wait_for("a checkpoint after the scale-down", lambda: read_state(_checkpoints(run_dir)[-1]).step > step_at_removal
-                  + 1, timeout_s=240)
+            s > step_at_removal and v == 1 for s, v in workers_by_step().items()), timeout_s=300, job=job,
+            state=cluster_view)
+        _wait_for("a checkpoint after the scale-down", lambda: read_state(_checkpoints(run_dir)[-1]).step
+                  > step_at_removal + 1, timeout_s=300, job=job, state=cluster_view)
         nodes.append(add_node())
+        _refresh_node_view()
         metrics = job.join(timeout_s=400)
     finally:
         for node in nodes:
@@ -192,16 +215,42 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
     client, run = mlflow_run(db)
     assert run.info.status == "FINISHED"
     h = _check_history(cfg, client, run, total_steps=cfg.train.samples // cfg.train.batch_size)
-    workers = [int(h["workers"][s]) for s in sorted(h["workers"])]
-    phases = [w for i, w in enumerate(workers) if i == 0 or workers[i - 1] != w]
-    assert phases == [2, 1, 2], phases
-    assert run.data.metrics["restarts"] == 2  # both resizes resumed from a checkpoint
+    runs = _runs_of(h["workers"])
+    assert runs[-3:] == [2, 1, 2] and runs[:-3] in ([], [1]), runs
+    assert run.data.metrics["restarts"] == len(runs) - 1  # every resize resumed from a checkpoint
     # The data is re-split: one worker reads the whole global batch, two read half each.
     assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 1} == {64}
     assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 2} == {32}
     _final_checkpoint_is_complete(cfg, metrics)
     print(f"\n[reliability] node removed (2 -> 1 workers): recovery {_recovery_seconds(client, run.info.run_id, removed_at):.1f} s")
     assert ray.cluster_resources().get("reclip_slot", 0) == 0
+
+
+def _refresh_node_view() -> None:
+    """Have Ray's AutoscalingCoordinator re-read the node list now rather than at its next 20 s tick.
+
+    Ray Train's elastic policy sizes a restart from the coordinator's view. Left alone, a node removed just before
+    a restart is still counted for up to 20 s, the restart then waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)
+    for a worker that cannot be placed, and recovery takes about 70 s instead of about 10 (both measured, see
+    RELIABILITY.md). That wait is Ray's polling, not this project's recovery, so the test skips it; best effort,
+    since the coordinator is a Ray-internal actor.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        import ray
+
+        ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("reclip-tests", recompute=True),
+                timeout=10)
+    except Exception as exc:  # an internal API: if it moves, the test still passes, only slower
+        print(f"[reliability] could not refresh the coordinator's node view: {exc!r}")
+
+
+def _runs_of(by_step: dict[int, float]) -> list[int]:
+    """Worker counts in step order with repeats collapsed: {1: 2, 2: 2, 3: 1, 4: 2} -> [2, 1, 2]."""
+    values = [int(by_step[s]) for s in sorted(by_step)]
+    return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
 
 
 # ------------------------------------------------------------------------------------------ 3. uneven data

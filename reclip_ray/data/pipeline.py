@@ -11,6 +11,7 @@ reads its totals, logs them and applies ``data.max_bad_fraction`` via ``check_ba
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 DECODE_NUM_CPUS = 0.25
+MAX_TASKS = 4  # per stage; caps the worker processes Ray starts for fractional-CPU tasks
 LABEL_COLUMNS = ("label", "label_pattern")
 
 
@@ -98,12 +100,12 @@ def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, se
         order += [files[i] for i in perm]
     out_schema = pa.schema([schema.field(c) for c in wanted] + [pa.field("path", pa.string())])
     ds = ray.data.from_items([{"file": f} for f in order], override_num_blocks=len(order)).map_batches(
-        _ReadShard,
-        fn_constructor_kwargs={"schema": out_schema, "missing": missing, "counter": bad_counter},
+        _read_files,
+        fn_kwargs={"schema": out_schema, "missing": missing, "counter": bad_counter},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=DECODE_NUM_CPUS,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        concurrency=MAX_TASKS,
     )
     renames = {src: dst for src, dst in columns.renames().items() if src in wanted}
     if renames:
@@ -111,99 +113,90 @@ def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, se
     return ds
 
 
-class _ReadShard:
-    """map_batches callable: one Parquet file name in, its rows out (the wanted columns plus ``path``)."""
+def _read_files(batch: "pa.Table", *, schema: "pa.Schema", missing: str = "fail", counter=None) -> "pa.Table":
+    """map_batches function: Parquet file names in, their rows out (the wanted columns plus ``path``)."""
+    import pyarrow as pa
 
-    def __init__(self, schema: "pa.Schema", missing: str = "fail", counter=None) -> None:
-        self.schema = schema
-        self.missing = missing
-        self.counter = counter
+    from reclip_ray.data.local import _read_shard
+    from reclip_ray.errors import DataError
 
-    def __call__(self, batch: "pa.Table") -> "pa.Table":
-        import pyarrow as pa
-
-        from reclip_ray.data.local import _read_shard
-        from reclip_ray.errors import DataError
-
-        columns = [f.name for f in self.schema if f.name != "path"]
-        tables = []
-        for file in batch.column("file").to_pylist():
-            try:
-                table = _read_shard(file, columns)
-            except DataError as exc:
-                if not isinstance(exc.__cause__, FileNotFoundError):
-                    raise
-                if self.missing != "skip":
-                    raise DataError(f"shard {file} disappeared during the run (data.missing_shards=fail; "
-                                    "set data.missing_shards=skip to train on without it)") from None
-                print(f"[reclip] WARNING: shard {file} is gone; skipped (data.missing_shards=skip)", flush=True)
-                if self.counter is not None:
-                    ray.get(self.counter.add_missing.remote(file))
-                continue
-            table = table.append_column("path", pa.array([file] * table.num_rows, pa.string()))
-            tables.append(table.select(self.schema.names).cast(self.schema))
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
+    columns = [f.name for f in schema if f.name != "path"]
+    tables = []
+    for file in batch.column("file").to_pylist():
+        try:
+            table = _read_shard(file, columns)
+        except DataError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            if missing != "skip":
+                raise DataError(f"shard {file} disappeared during the run (data.missing_shards=fail; "
+                                "set data.missing_shards=skip to train on without it)") from None
+            print(f"[reclip] WARNING: shard {file} is gone; skipped (data.missing_shards=skip)", flush=True)
+            if counter is not None:
+                ray.get(counter.add_missing.remote(file))
+            continue
+        table = table.append_column("path", pa.array([file] * table.num_rows, pa.string()))
+        tables.append(table.select(schema.names).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-class DecodeBatch:
-    """map_batches callable: bytes + captions -> uint8 images + int64 tokens. One tokenizer per actor."""
-
-    def __init__(self, *, image_size: int, text_length: int, tokenizer_json: str, train: bool, seed: int,
-                 bad_counter=None) -> None:
-        self.image_size = image_size
-        self.text_length = text_length
-        self.train = train
-        self.seed = seed
-        self.tokenizer = _tokenizer_from(tokenizer_json)
-        self.counter = bad_counter  # actor handles pickle: every decode actor reports to the same counter
-        self._fallback_rng = np.random.default_rng([seed, os.getpid()])
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch["image"]
-        captions = batch["caption"]
-        n = len(images)
-        keys = batch.get("key")
-        paths = batch.get("path")
-        keep: list[int] = []
-        decoded: list[np.ndarray] = []
-        examples: list[dict] = []
-        bad = 0
-        for i in range(n):
-            caption = captions[i]
-            key = keys[i] if keys is not None else None
-            try:
-                if caption is None or not str(caption).strip():
-                    raise BadImage("empty caption")
-                data = images[i]
-                if data is None:
-                    raise BadImage("missing image bytes")
-                rng = None
-                if self.train:
-                    rng = row_rng(self.seed, key) if key is not None else self._fallback_rng
-                decoded.append(decode_image(bytes(data), self.image_size, train=self.train, rng=rng))
-                keep.append(i)
-            except BadImage as exc:
-                bad += 1
-                if len(examples) < MAX_EXAMPLES:
-                    file = os.path.basename(str(paths[i])) if paths is not None else "?"
-                    examples.append({"file": file, "row": None, "key": None if key is None else str(key),
-                                     "reason": str(exc)})
-        if self.counter is not None:
-            # Wait for the ack (about a millisecond per batch): totals read right after the epoch are then complete.
-            ray.get(self.counter.add.remote(n, bad, examples))
-        s = self.image_size
-        out = {
-            "image": np.stack(decoded) if decoded else np.zeros((0, s, s, 3), np.uint8),
-            "tokens": self.tokenizer.encode([str(captions[i]) for i in keep], self.text_length),
-        }
-        for name in LABEL_COLUMNS:
-            if name in batch:
-                out[name] = np.asarray(batch[name])[keep].astype(np.int64)
-        return out
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, text_length: int, tokenizer_json: str,
+                 train: bool, seed: int, bad_counter=None) -> dict[str, np.ndarray]:
+    """map_batches function: bytes + captions -> uint8 images + int64 tokens; unusable rows dropped and counted."""
+    tokenizer = _tokenizer_from(tokenizer_json)
+    images = batch["image"]
+    captions = batch["caption"]
+    n = len(images)
+    keys = batch.get("key")
+    paths = batch.get("path")
+    keep: list[int] = []
+    decoded: list[np.ndarray] = []
+    examples: list[dict] = []
+    bad = 0
+    for i in range(n):
+        caption = captions[i]
+        key = keys[i] if keys is not None else None
+        try:
+            if caption is None or not str(caption).strip():
+                raise BadImage("empty caption")
+            data = images[i]
+            if data is None:
+                raise BadImage("missing image bytes")
+            rng = None
+            if train:
+                rng = row_rng(seed, key) if key is not None else _fallback_rng(seed)
+            decoded.append(decode_image(bytes(data), image_size, train=train, rng=rng))
+            keep.append(i)
+        except BadImage as exc:
+            bad += 1
+            if len(examples) < MAX_EXAMPLES:
+                file = os.path.basename(str(paths[i])) if paths is not None else "?"
+                examples.append({"file": file, "row": None, "key": None if key is None else str(key),
+                                 "reason": str(exc)})
+    if bad_counter is not None:
+        # Wait for the ack (about a millisecond per batch): totals read right after the epoch are then complete.
+        ray.get(bad_counter.add.remote(n, bad, examples))
+    s = image_size
+    out = {
+        "image": np.stack(decoded) if decoded else np.zeros((0, s, s, 3), np.uint8),
+        "tokens": tokenizer.encode([str(captions[i]) for i in keep], text_length),
+    }
+    for name in LABEL_COLUMNS:
+        if name in batch:
+            out[name] = np.asarray(batch[name])[keep].astype(np.int64)
+    return out
 
 
+@functools.lru_cache(maxsize=8)
+def _fallback_rng(seed: int) -> np.random.Generator:
+    """Crop randomness for rows without a key: one stream per worker process and seed."""
+    return np.random.default_rng([seed, os.getpid()])
+
+
+@functools.lru_cache(maxsize=4)
 def _tokenizer_from(tokenizer_json: str) -> CaptionTokenizer:
-    """The JSON text itself (travels to remote actors without a shared filesystem) or a path to it."""
+    """The JSON text itself (travels to remote tasks without a shared filesystem) or a path to it; built once per
+    worker process (Ray reuses task processes, so this is once per run, not once per batch)."""
     if tokenizer_json.lstrip().startswith("{"):
         return CaptionTokenizer.from_json(tokenizer_json)
     return load_tokenizer(tokenizer_json)
@@ -220,13 +213,13 @@ def phase_dataset(
     batch_size: int = 64,
     bad_counter=None,
     num_cpus: float = DECODE_NUM_CPUS,
-    max_actors: int = 4,
+    concurrency: int | None = None,
 ) -> "ray.data.Dataset":
     """Decode + crop to ``image_size`` and tokenize to ``text_length``; columns image, tokens (+label[s])."""
     _tokenizer_from(tokenizer_json)  # fail here (driver), not inside an actor, on a bad tokenizer
     return ds.map_batches(
-        DecodeBatch,
-        fn_constructor_kwargs={
+        decode_batch,
+        fn_kwargs={
             "image_size": image_size,
             "text_length": text_length,
             "tokenizer_json": tokenizer_json,
@@ -237,5 +230,5 @@ def phase_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        concurrency=concurrency or MAX_TASKS,
     )
