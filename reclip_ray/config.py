@@ -44,7 +44,7 @@ class DataConfig:
     synth_if_missing: bool = False  # make the captioned-shapes dataset when data.train does not exist
     synth_train: int = 20000
     synth_eval: int = 1000
-    read_parallelism: int = -1  # -1: let Ray Data decide
+    read_parallelism: int = -1  # read+decode tasks in flight per phase; -1: max(4, the cluster's CPUs)
     decode_batch_size: int = 64
     shuffle: str = "files"  # files | none; row-level shuffling is local to the read blocks
     missing_shards: str = "fail"  # fail | skip: what a shard that disappears during the run does

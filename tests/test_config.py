@@ -46,6 +46,7 @@ def test_fraction_versus_count():
         (["phases.5.image_size=32"], "not an index"),
         (["optim.lr=fast"], "'optim.lr' must be a number"),
         (["scaling.min_workers=3", "scaling.max_workers=2"], "min_workers <= max_workers"),
+        (["scaling.cpus_per_worker=-1"], "must be >= 0"),
         (["model=vit-z"], "unknown model preset 'vit-z'"),
     ],
 )

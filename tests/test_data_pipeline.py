@@ -63,3 +63,12 @@ def test_bad_rows_dropped_and_counted_with_renamed_columns(ray_session, synth_di
     assert check_counter(counter, 0.1)["bad"] == 3
     with pytest.raises(DataError, match=r"3 of 40 rows \(7.5%\) bad rows \(> 1.0%.*part-00000\.parquet key="):
         check_counter(counter, 0.01)
+
+
+def test_decode_concurrency_comes_from_the_config_or_the_cluster(ray_session):
+    from reclip_ray.config import load_config
+    from reclip_ray.train.launch import decode_concurrency
+
+    assert decode_concurrency(load_config("tiny", ["data.read_parallelism=3"])) == 3
+    cpus = int(ray_session.cluster_resources()["CPU"])  # the test cluster's head has 4 logical CPUs
+    assert decode_concurrency(load_config("tiny")) == max(4, cpus) >= 4

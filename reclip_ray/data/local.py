@@ -1,7 +1,7 @@
 """Batches without Ray: evaluation, the single-process training loop and benchmarks read shards through here.
 
-Same decode and tokenization as the Ray pipeline (``DecodeBatch`` is shared), so a model evaluated locally sees
-exactly what it was trained on.
+Same decode (``images.decode_image``) and tokenizer as the Ray pipeline's ``decode_batch``, so a model evaluated
+locally sees exactly what it was trained on.
 """
 
 from __future__ import annotations

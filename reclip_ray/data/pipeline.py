@@ -1,8 +1,10 @@
 """Ray Data input for the trainer: Parquet shards -> decoded, cropped, tokenized batches for one RECLIP phase.
 
 Each phase gets its own ``phase_dataset`` over the same ``read_shards`` dataset, so switching from 64 px to 224 px
-changes only the decode size, never the files. Decoding runs in a pool of actors (the tokenizer is built once per
-actor) that ask for a fraction of a CPU, so on a 2-core box they fit next to the training workers. Images stay
+changes only the decode size, never the files. Reading a file and decoding its rows are plain functions that Ray
+Data fuses into one task; the tasks ask for a fraction of a CPU (so on a 2-core box they fit next to the training
+workers), at most ``MAX_TASKS`` at a time, and the tokenizer is built once per Ray worker process (Ray reuses task
+processes; actor pools started new processes for every phase of every run, about 7 s a run here). Images stay
 uint8 NHWC here; normalisation happens on the training device, where it is free compared to a 4x bigger transfer.
 
 Unusable rows (bad image, empty caption) are dropped and reported to a named ``BadRowCounter`` actor; the trainer
@@ -27,12 +29,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 DECODE_NUM_CPUS = 0.25
-MAX_TASKS = 4  # per stage; caps the worker processes Ray starts for fractional-CPU tasks
+MAX_TASKS = 4  # default cap per stage: fractional-CPU tasks are otherwise started by the dozen on a small box
 LABEL_COLUMNS = ("label", "label_pattern")
 
 
 class _BadRowCounter:
-    """Totals of rows seen / dropped across all decode actors of a run (a few examples kept for the message)."""
+    """Totals of rows seen / dropped across all decode tasks of a run (a few examples kept for the message)."""
 
     def __init__(self) -> None:
         self._count = BadRowCount()
@@ -58,7 +60,7 @@ BadRowCounter = ray.remote(num_cpus=0, max_restarts=-1)(_BadRowCounter)
 
 
 def get_or_create_bad_counter(name: str = "reclip_bad_rows", namespace: str | None = None):
-    """The named counter actor of a run (created on first use), shared by the decode actors and the trainer."""
+    """The named counter actor of a run (created on first use), shared by the decode tasks and the trainer."""
     opts: dict[str, Any] = {"name": name, "get_if_exists": True}
     if namespace is not None:
         opts["namespace"] = namespace
@@ -75,7 +77,7 @@ def check_counter(counter, threshold: float) -> dict:
 
 def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, seed: int = 0,
                 extra_columns: tuple[str, ...] = (), missing: str = "fail", bad_counter=None,
-                passes: int = 1) -> "ray.data.Dataset":
+                passes: int = 1, concurrency: int | None = None) -> "ray.data.Dataset":
     """The shards as one Ray Dataset, columns renamed to key/image/caption/label (+ ``path``).
 
     The schema of every file is checked first (footers only), so a missing column fails here with the file and
@@ -105,7 +107,7 @@ def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, se
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=DECODE_NUM_CPUS,
-        concurrency=MAX_TASKS,
+        concurrency=concurrency or MAX_TASKS,  # the same as phase_dataset's, so Ray Data fuses the two
     )
     renames = {src: dst for src, dst in columns.renames().items() if src in wanted}
     if renames:
@@ -216,7 +218,7 @@ def phase_dataset(
     concurrency: int | None = None,
 ) -> "ray.data.Dataset":
     """Decode + crop to ``image_size`` and tokenize to ``text_length``; columns image, tokens (+label[s])."""
-    _tokenizer_from(tokenizer_json)  # fail here (driver), not inside an actor, on a bad tokenizer
+    _tokenizer_from(tokenizer_json)  # fail here (driver), not inside a task, on a bad tokenizer
     return ds.map_batches(
         decode_batch,
         fn_kwargs={

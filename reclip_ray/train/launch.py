@@ -157,6 +157,7 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
     from reclip_ray.train.worker import phase_dataset_name
 
     columns = ColumnMap.from_config(cfg.data)
+    concurrency = decode_concurrency(cfg)
     rows = count_rows(list_parquet_files(cfg.data.train))
     if rows == 0:
         raise DataError(f"{cfg.data.train}: the shards hold no rows")
@@ -169,7 +170,7 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
         seed = cfg.train.seed * 1_000_003 + data_seed * 1009 + plan.index * 101
         shuffle = cfg.data.shuffle == "files"
         ds = read_shards(cfg.data.train, columns, shuffle_files=shuffle, seed=seed, passes=passes,
-                         missing=cfg.data.missing_shards, bad_counter=bad_counter)
+                         missing=cfg.data.missing_shards, bad_counter=bad_counter, concurrency=concurrency)
         datasets[phase_dataset_name(plan.index)] = phase_dataset(
             ds,
             image_size=plan.image_size,
@@ -179,8 +180,21 @@ def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter
             seed=seed,
             batch_size=cfg.data.decode_batch_size,
             bad_counter=bad_counter,
+            concurrency=concurrency,
         )
     return datasets
+
+
+def decode_concurrency(cfg: Config) -> int:
+    """Read+decode tasks in flight per phase: ``data.read_parallelism``, or by default one per CPU in the cluster
+    (at least 4). Decoding is single-threaded PIL work; a fixed small cap starves the GPUs of a big node."""
+    import ray
+
+    from reclip_ray.data.pipeline import MAX_TASKS
+
+    if cfg.data.read_parallelism > 0:
+        return cfg.data.read_parallelism
+    return max(MAX_TASKS, int(ray.cluster_resources().get("CPU", 0)))
 
 
 def run_training(
