@@ -110,6 +110,17 @@ def markdown(summary: list[dict], chance: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def per_run_markdown(rows: list[dict]) -> str:
+    cols = ["shape/top1", "pattern/top1", "colour/top1", "image_to_text_r@1", "image_to_text_r@5", "text_to_image_r@1",
+            "text_to_image_r@5"]
+    lines = ["| arm | seed | train GFLOPs | wall s | samples/s | " + " | ".join(cols) + " |",
+             "|" + " --- |" * (5 + len(cols))]
+    for r in sorted(rows, key=lambda r: (["baseline", "reclip", "lowres"].index(r["arm"]), r["seed"])):
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['train_gflops']:.0f} | {r['wall_s']:.0f} | {r['samples_per_s']:.0f} | "
+                     + " | ".join(f"{float(r[c]):.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], chance: dict[str, float], out: Path) -> None:
     """Accuracy vs training GFLOPs per zero-shot class set, on a 0-1 axis with chance marked (so that a metric
     still at chance looks like it)."""
@@ -189,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((RESULTS / "reclip_vs_baseline.json").read_text())
         plot(saved["rows"], saved["chance"], RESULTS / "reclip_vs_baseline.png")
         print(markdown(saved["summary"], saved["chance"]))
+        print()
+        print(per_run_markdown(saved["rows"]))
         return 0
     args.tracking_uri = args.tracking_uri or f"sqlite:///{os.path.abspath(args.out)}/mlflow.db"
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = summarise(rows)
             _save(args, rows, summary, chance)
     print(markdown(summary, chance))
+    print()
+    print(per_run_markdown(rows))
     return 0
 
 
