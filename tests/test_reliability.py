@@ -164,7 +164,7 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
     """Workers need a `reclip_slot` that only two extra nodes have; one node goes away, then a new one joins.
 
     The extra nodes stand in for GPU nodes: they have a slot and no logical CPU, and the workers ask for no CPU, so
-    nothing else (Ray Data's read and decode actors, which run on the head) can take a worker's place on them while
+    nothing else (Ray Data's read and decode tasks, which run on the head) can take a worker's place on them while
     the worker group restarts.
     """
     import ray
