@@ -89,7 +89,14 @@ def _data_inspect(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from reclip_ray.train.launch import train_from_cli
 
-    return train_from_cli(args.config, args.set)
+    return train_from_cli(args.config, args.set, as_json=args.json, verbose=args.verbose)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from reclip_ray.report import report_run
+
+    print(report_run(args.run_dir, tracking_uri=args.tracking_uri), flush=True)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -118,6 +125,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(f"reclip_ray.bench.{args.what}")
     return module.main(args.rest)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Config only: no Ray, no torch, no data, so a plan is free even for a config meant for a cluster."""
+    from reclip_ray.plan import format_plan, plan_run
+
+    plan = plan_run(args.config, args.set, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, decode_rates=args.decode_rates)
+    if args.json:
+        _print_json(plan.to_dict())
+    else:
+        print(format_plan(plan), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -163,7 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a RECLIP training job (no arguments: the embedded default)")
     p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. phases.0.image_size=48")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of the summary table")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output here instead of in RUN_DIR/ray.log")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("report", help="draw RUN_DIR/report.png from the run's MLflow history (prints its path)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (run.storage_path/run.name)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: the one in RUN_DIR/reclip_run.json, else $MLFLOW_TRACKING_URI, "
+                        "else ./mlflow.db)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model (JSON)")
     p.add_argument("--checkpoint", required=True, help="exported model directory (the run's model/ folder, or an MLflow model artifact)")
@@ -183,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "model", "e2e"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("plan", help="FLOPs, RECLIP saving, wall time and decode cores of a run, from its config alone")
+    p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpus", type=int, default=None, help="price the run on N GPUs (wall time, decode cores)")
+    p.add_argument("--gpu", default=None, help="h100 (default), a100 or h200: dense bf16 peak")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default 0.4)")
+    p.add_argument("--decode-rates", default=None, metavar="FILE.jsonl", help="`reclip-ray bench data` output")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=_plan)
     return parser
 
 

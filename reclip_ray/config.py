@@ -46,7 +46,10 @@ class DataConfig:
     synth_eval: int = 1000
     read_parallelism: int = -1  # read+decode tasks in flight per phase; -1: max(4, the cluster's CPUs)
     decode_batch_size: int = 64
-    shuffle: str = "files"  # files | none; row-level shuffling is local to the read blocks
+    shuffle: str = "files"  # files | none: permute the shards per pass, and the rows of each read unit
+    shuffle_buffer: int = -1  # rows per worker in the window shuffle; -1: 10x the phase's local batch; 0: none
+    group_shards: int = 16  # shards one read task interleaves (a batch mixes rows of this many shards)
+    chunk_rows: int = 64  # rows taken from each shard per round: bounds a read task's memory to group x chunk rows
     missing_shards: str = "fail"  # fail | skip: what a shard that disappears during the run does
 
 
@@ -69,7 +72,8 @@ class TextConfig:
     mlp_ratio: float = 4.0
     context_length: int = 77  # longest text_length any phase may use
     vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
-    pad_id: int = 0
+    pad_id: int = 0  # filled from the tokenizer by build_model; kept with the exported model
+    eot_id: int = -1  # end-of-text id the tower pools at; -1: taken from the tokenizer when the model is built
 
 
 @dataclass
@@ -88,10 +92,10 @@ class PhaseConfig:
     name: str = "phase"
     image_size: int = 224
     text_length: int = 32
-    samples: float = 1.0  # float <= 1: fraction of train.samples; int: absolute count
+    samples: float = 1.0  # float <= 1: fraction of train.samples (the last one takes rounding); int: a count
     batch_size: int = 0  # 0: train.batch_size
     lr: float = 0.0  # 0: optim.lr (per-phase schedule only)
-    warmup_samples: float = -1.0  # -1: optim.warmup_samples (per-phase schedule only); fractions allowed
+    warmup_samples: float = -1.0  # -1: optim.warmup_samples (per-phase schedule only); 1 = one sample, 1.0 = the phase
 
 
 @dataclass
@@ -99,7 +103,7 @@ class TrainConfig:
     samples: int = 20000
     batch_size: int = 256  # global batch; each of N workers takes batch_size / N
     seed: int = 0
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # >= 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     collective_timeout_s: int = 600
 
@@ -108,7 +112,7 @@ class TrainConfig:
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
-    warmup_samples: float = 0.05  # fraction of the run (or of each phase) when <= 1, else a count
+    warmup_samples: float = 0.05  # float <= 1: fraction of the run (or phase); integer: samples (1 = one, 1.0 = all)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     schedule: str = "global"  # global: one warmup + cosine over the run | per_phase: each phase its own
@@ -158,6 +162,7 @@ class FaultConfig:
     fail_at_samples: int = 0  # testing only: rank fail_rank raises once when this many samples have been seen
     fail_rank: int = 0
     step_delay_s: float = 0.0  # testing only: sleep per step, so a short test run is still alive during a resize
+    record_rows: bool = False  # testing only: every rank writes the keys it trains, per step, to RUN_DIR/rows/
 
 
 @dataclass
@@ -182,8 +187,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def phase_samples(self) -> list[int]:
-        """Absolute sample count of each phase (fractions resolved against train.samples)."""
-        return [resolve_count(p.samples, self.train.samples) for p in self.phases]
+        """Absolute sample count of each phase; the counts add up to ``train.samples`` exactly.
+
+        See ``split_samples``: the last phase given as a fraction absorbs the rounding, because a run whose phases
+        stop one sample short of train.samples would look aborted to the driver. The LR schedule uses these counts.
+        """
+        return split_samples([p.samples for p in self.phases], self.train.samples)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,11 +234,37 @@ DEFAULT_PRESET = "tiny"
 # --------------------------------------------------------------------------------------------------------------
 
 
+def is_fraction(value: float) -> bool:
+    """The integer-vs-fraction rule for sample counts (phase ``samples``, ``warmup_samples``).
+
+    A float <= 1 is a fraction of the run (or phase); an integer, or a float > 1 with no fractional part (YAML's
+    ``1e6``), is a count of samples. So ``1`` is one sample and ``1.0`` is the whole run. The type decides because
+    YAML keeps it, and a value of exactly one is the only place where the two readings collide.
+    """
+    return isinstance(value, float) and value <= 1.0
+
+
 def resolve_count(value: float, total: int) -> int:
-    """A float <= 1 is a fraction of ``total``; anything else is an absolute count."""
-    if isinstance(value, float) and value <= 1.0:
+    """``value`` as a sample count: a fraction (see ``is_fraction``) of ``total``, rounded, or a whole count."""
+    if is_fraction(value):
         return int(round(value * total))
+    if value != int(value):
+        raise ConfigError(f"{value!r} is neither a fraction (a float <= 1) nor a whole number of samples")
     return int(value)
+
+
+def split_samples(values: list[float], total: int) -> list[int]:
+    """Resolve phase sizes against ``total``; when any is a fraction, the counts sum to ``total`` exactly.
+
+    Each fraction is rounded and the last phase given as a fraction takes what rounding left over (3 x 0.3333333
+    of 1000 -> 333, 333, 334). Counts written as integers are kept as written: they are the user's exact word.
+    Whether the values are close enough to ``total`` for that to be only rounding is ``validate``'s job.
+    """
+    counts = [resolve_count(v, total) for v in values]
+    fractions = [i for i, v in enumerate(values) if is_fraction(v)]
+    if fractions:
+        counts[fractions[-1]] += total - sum(counts)
+    return counts
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -399,7 +434,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field rules, checked before anything expensive (Ray, data) starts."""
+    """Cross-field rules, checked before anything expensive (Ray, data) starts.
+
+    A mistake that would fail the same way in every worker (and be retried ``run.max_failures`` times) is caught
+    here as one line naming the key. Sample amounts (phase ``samples``, ``warmup_samples``) follow one rule: an
+    integer is a number of samples and a float <= 1 a fraction, so ``1`` is one sample and ``1.0`` all of them;
+    a float > 1 must be whole (``1e6``). Phase sizes must add up to train.samples (see ``_check_phase_total``).
+    """
     if not cfg.phases:
         raise ConfigError("'phases' must list at least one phase")
     if cfg.train.samples <= 0:
@@ -416,17 +457,16 @@ def validate(cfg: Config) -> None:
                 f"{where}: text_length {ph.text_length} must be in [2, model.text.context_length="
                 f"{cfg.model.text.context_length}]"
             )
-        if ph.samples <= 0:
-            raise ConfigError(f"{where}: samples must be positive, got {ph.samples}")
+        _check_amount(ph.samples, f"phases.{i}.samples", "train.samples", allow_zero=False)
         if ph.batch_size < 0:
-            raise ConfigError(f"{where}: batch_size must be >= 0, got {ph.batch_size}")
-    counts = cfg.phase_samples()
-    total = sum(counts)
-    if abs(total - cfg.train.samples) > len(counts):  # rounding of fractions may lose a sample per phase
-        desc = " + ".join(str(p.samples) for p in cfg.phases)
-        raise ConfigError(
-            f"phase samples ({desc} -> {total}) do not add up to train.samples={cfg.train.samples}"
-        )
+            raise ConfigError(f"'phases.{i}.batch_size' ({ph.name}) must be >= 0 (0: train.batch_size), "
+                              f"got {ph.batch_size}")
+        if ph.lr < 0:
+            raise ConfigError(f"'phases.{i}.lr' ({ph.name}) must be >= 0 (0: optim.lr), got {ph.lr}")
+        if ph.warmup_samples != -1:
+            hint = "; -1: optim.warmup_samples"
+            _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
+    _check_phase_total(cfg)
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phase names must be unique, got {names}")
@@ -442,6 +482,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"'scaling' needs 1 <= min_workers <= max_workers, got {cfg.scaling.min_workers}..{cfg.scaling.max_workers}"
         )
+    _check_batches(cfg)
+    _check_heads(cfg)
+    _check_optim(cfg)
+    if cfg.train.log_every_steps < 1:
+        raise ConfigError(f"'train.log_every_steps' must be >= 1, got {cfg.train.log_every_steps}")
+    if cfg.checkpoint.every_samples < 0:
+        raise ConfigError(f"'checkpoint.every_samples' must be >= 0 (0: only at phase ends), "
+                          f"got {cfg.checkpoint.every_samples}")
+    if cfg.checkpoint.num_to_keep < 1:
+        raise ConfigError(f"'checkpoint.num_to_keep' must be >= 1, got {cfg.checkpoint.num_to_keep}")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
     if cfg.scaling.cpus_per_worker < 0 or cfg.scaling.gpus_per_worker < 0:
         raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
                           f"reserves none), got {cfg.scaling.cpus_per_worker} / {cfg.scaling.gpus_per_worker}")
@@ -449,6 +501,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.data.shuffle not in ("files", "none"):
         raise ConfigError(f"'data.shuffle' must be files or none, got {cfg.data.shuffle!r}")
+    if cfg.data.shuffle_buffer < -1:
+        raise ConfigError(f"'data.shuffle_buffer' must be -1 (10x the local batch), 0 (off) or a row count, "
+                          f"got {cfg.data.shuffle_buffer}")
+    if cfg.data.group_shards < 1 or cfg.data.chunk_rows < 1:
+        raise ConfigError(f"'data.group_shards' and 'data.chunk_rows' must be >= 1, got {cfg.data.group_shards} "
+                          f"and {cfg.data.chunk_rows}")
     if cfg.data.missing_shards not in ("fail", "skip"):
         raise ConfigError(f"'data.missing_shards' must be fail or skip, got {cfg.data.missing_shards!r}")
     extra = cfg.scaling.resources_per_worker
@@ -456,6 +514,74 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")
     if {"CPU", "GPU"} & set(extra):
         raise ConfigError("'scaling.resources_per_worker' takes custom resources; use cpus_per_worker / gpus_per_worker")
+
+
+def _check_amount(value: float, key: str, whole: str, *, allow_zero: bool = True, hint: str = "") -> None:
+    """One sample-count key against the integer-vs-fraction rule of ``is_fraction``, naming the key on failure.
+
+    ``1.5`` is rejected rather than truncated: it is either a typo for a fraction or a count, and guessing wrong
+    changes a phase or a warmup by orders of magnitude.
+    """
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else 'positive'}{hint}, got {value!r}")
+    if not is_fraction(value) and value != int(value):
+        raise ConfigError(
+            f"'{key}' = {value!r} is neither a count nor a fraction: write an integer for a number of samples "
+            f"(1 means one sample) or a float <= 1 for a fraction of {whole} (1.0 means all of it){hint}"
+        )
+
+
+def _check_phase_total(cfg: Config) -> None:
+    """Phase sizes must add up to train.samples: exactly for counts, up to rounding when fractions are used.
+
+    The slack is one sample, or a millionth of the run, per fraction (``0.3333333`` has only seven digits); the
+    rounding itself is then absorbed by ``split_samples`` so the run ends exactly at train.samples.
+    """
+    total = cfg.train.samples
+    values = [p.samples for p in cfg.phases]
+    n_fractions = sum(1 for v in values if is_fraction(v))
+    nominal = sum(v * total if is_fraction(v) else v for v in values)
+    if abs(nominal - total) > n_fractions * max(1.0, total * 1e-6):
+        desc = " + ".join(str(v) for v in values)
+        shown = round(nominal, 2) if n_fractions else int(nominal)
+        raise ConfigError(f"phase samples ({desc} -> {shown}) do not add up to train.samples={total}")
+    for i, (ph, n) in enumerate(zip(cfg.phases, split_samples(values, total))):
+        if n <= 0:
+            raise ConfigError(f"'phases.{i}.samples' ({ph.name}) leaves the phase {n} of train.samples={total}")
+
+
+def _check_batches(cfg: Config) -> None:
+    """Every global batch must give each of up to max_workers workers at least one sample per step."""
+    workers = cfg.scaling.max_workers
+    batches = [("train.batch_size", cfg.train.batch_size)]
+    batches += [(f"phases.{i}.batch_size", p.batch_size) for i, p in enumerate(cfg.phases) if p.batch_size]
+    for key, batch in batches:
+        if batch < workers:
+            raise ConfigError(f"'{key}' = {batch} (a global batch) is smaller than scaling.max_workers={workers}; "
+                              "each worker needs at least one sample per step")
+
+
+def _check_heads(cfg: Config) -> None:
+    """Attention splits the width evenly across heads; otherwise the model fails inside every worker at build."""
+    for tower in ("vision", "text"):
+        t = getattr(cfg.model, tower)
+        if t.heads < 1 or t.width < 1 or t.width % t.heads:
+            raise ConfigError(f"'model.{tower}.heads' = {t.heads} does not divide model.{tower}.width = {t.width}")
+
+
+def _check_optim(cfg: Config) -> None:
+    """Optimiser values that no run can use: found here instead of as a NaN or an exception in the workers."""
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"'optim.lr' must be positive, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"'optim.weight_decay' must be >= 0, got {o.weight_decay}")
+    if o.grad_clip < 0:
+        raise ConfigError(f"'optim.grad_clip' must be >= 0 (0: no clipping), got {o.grad_clip}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1], got {o.min_lr_ratio}")
+    whole = "the run (of each phase with optim.schedule=per_phase)"
+    _check_amount(o.warmup_samples, "optim.warmup_samples", whole)
 
 
 def absolute(path: str, base: str | os.PathLike | None = None) -> str:

@@ -8,6 +8,13 @@ score greater than **or equal to** it, and a top-k hit means rank < k. Ties coun
 the metrics independent of the order of candidates and gives a collapsed model (all scores equal) zero, not chance
 or full credit. For image -> text with several captions per image, an image's score is that of its best
 caption (a hit if any of its captions ranks high enough); images with no caption are left out of that direction.
+
+Real eval layouts (as CLIP_benchmark scores them): COCO / Flickr30k have one row per caption and five rows per
+image. Rows that show the same image (same ``image_id`` column value, else identical image bytes) are grouped and
+each unique image is decoded and encoded once, so a caption's own image never ties with a copy of itself; text ->
+image then ranks the unique images, image -> text ranks every caption. Zero-shot scores each unique image once
+(its rows must agree on the label). Sets without captions (ImageNet-style) get zero-shot only; the retrieval keys
+are then absent from the result.
 """
 
 from __future__ import annotations
@@ -142,6 +149,53 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str, classes_ove
     return sets
 
 
+class _Grouped:
+    """Features and labels of a stream of rows, one entry per unique image, and each caption's image index.
+
+    Built batch by batch from ``iter_local_batches(group_images=True, require_caption=False)``, so memory is one
+    feature row per unique image plus one per caption, never one decoded image per row.
+    """
+
+    def __init__(self, label_columns: Sequence[str]) -> None:
+        self.index: dict[str, int] = {}  # image identity -> position among the unique images
+        self.labels: dict[str, list[int]] = {c: [] for c in label_columns}
+        self.image_features: list[torch.Tensor] = []
+        self.text_features: list[torch.Tensor] = []
+        self.text_to_image: list[int] = []
+        self.rows = 0
+
+    def add(self, batch: dict[str, np.ndarray], encode_image: Any, encode_text: Any) -> None:
+        """Encode the batch's new images and its captions; map every row to its image; check shared labels."""
+        new, has_caption = batch["image_new"], batch["has_caption"]
+        if new.any():
+            self.image_features.append(encode_image(batch["image"][new]))
+        if has_caption.any():
+            self.text_features.append(encode_text(batch["tokens"][has_caption]))
+        self.rows += len(new)
+        for r, ident in enumerate(batch["image_id"]):
+            if new[r]:
+                self.index[ident] = len(self.index)
+            g = self.index[ident]
+            if has_caption[r]:
+                self.text_to_image.append(g)
+            for c, values in self.labels.items():
+                y = _label_value(batch[c][r], c, batch["file"][r], batch["key"][r])
+                if new[r]:
+                    values.append(y)
+                elif values[g] != y:
+                    raise ReclipError(
+                        f"{batch['file'][r]}: rows showing image {ident} disagree on {c!r} ({values[g]} vs {y} at "
+                        f"key={batch['key'][r]}); zero-shot needs one label per image"
+                    )
+
+
+def _label_value(value: Any, column: str, file: str, key: Any) -> int:
+    """A label cell as an int; a null label is a data mistake named by file and key, not a numpy TypeError."""
+    if value is None:
+        raise ReclipError(f"{file}: null label in column {column!r} at key={key}")
+    return int(value)
+
+
 @torch.no_grad()
 def evaluate_dataset(
     model: torch.nn.Module,
@@ -155,20 +209,19 @@ def evaluate_dataset(
     device: str | torch.device = "cpu",
     classes: dict | None = None,
 ) -> dict[str, float]:
-    """Flat metrics dict: ``rows``, ``<label set>/top1|top5|mean_per_class_recall`` for every label set, and
-    ``image_to_text_r@k`` / ``text_to_image_r@k`` (image vs. its row's caption).
+    """Flat metrics dict: ``rows`` (usable rows), ``images`` (unique images), ``captions``, ``absent_rows``,
+    ``bad_rows``, ``<label set>/top1|top5|mean_per_class_recall`` for every label set, and, when the set has
+    captions, ``image_to_text_r@k`` / ``text_to_image_r@k`` over unique images (see the module docstring).
 
     ``classes`` ({"classes": [...], "templates": [...]}) replaces dataset.json's label sets with one set on the
     label column (the CLI's ``--classes``).
     """
-    from reclip_ray.data.local import iter_local_batches
+    from reclip_ray.data.local import BadRowCount, iter_local_batches
     from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema, read_dataset_json
     from reclip_ray.model import normalize_images
 
     columns = columns or ColumnMap()
     core = getattr(model, "module", model)
-    was_training = core.training
-    core.eval()
     files = list_parquet_files(str(data_path))
     names = parquet_schema(files[0]).names
     meta = read_dataset_json(data_path)
@@ -177,25 +230,38 @@ def evaluate_dataset(
     sets = _label_sets(meta, names, columns.label, classes)
     label_cols = sorted({spec["column"] for spec in sets.values()})
 
-    img_feats, txt_feats, labels = [], [], {c: [] for c in label_cols}
-    for batch in iter_local_batches(
-        str(data_path), image_size=image_size, text_length=text_length, tokenizer=tokenizer,
-        batch_size=batch_size, columns=columns, train=False, extra_columns=label_cols,
-    ):
-        images = normalize_images(torch.from_numpy(batch["image"]).to(device))
-        img_feats.append(core.encode_image(images).float().cpu())
-        txt_feats.append(core.encode_text(torch.from_numpy(batch["tokens"]).to(device)).float().cpu())
-        for c in label_cols:
-            labels[c].append(np.asarray(batch[c], dtype=np.int64))
-    if was_training:
-        core.train()
-    if not img_feats:
-        raise ReclipError(f"{data_path}: no readable rows to evaluate")
-    image_features, text_features = torch.cat(img_feats), torch.cat(txt_feats)
+    def encode_image(images: np.ndarray) -> torch.Tensor:
+        return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()
 
-    out: dict[str, float] = {"rows": int(image_features.shape[0])}
+    def encode_text(tokens: np.ndarray) -> torch.Tensor:
+        return core.encode_text(torch.from_numpy(tokens).to(device)).float().cpu()
+
+    grouped, counts = _Grouped(label_cols), BadRowCount()
+    was_training = core.training
+    core.eval()
+    try:
+        for batch in iter_local_batches(
+            str(data_path), image_size=image_size, text_length=text_length, tokenizer=tokenizer,
+            batch_size=batch_size, columns=columns, train=False, extra_columns=label_cols, bad_rows=counts,
+            require_caption=False, group_images=True,
+        ):
+            grouped.add(batch, encode_image, encode_text)
+    finally:
+        if was_training:
+            core.train()
+    if not grouped.image_features:
+        raise ReclipError(f"{data_path}: no readable rows to evaluate ({counts.absent} rows without an image, "
+                          f"{counts.bad} bad rows)")
+    if not sets and not grouped.text_features:
+        raise ReclipError(f"{data_path}: nothing to evaluate: no captions and no label set (dataset.json "
+                          "'classes'/'label_sets', or --classes)")
+    image_features = torch.cat(grouped.image_features)
+
+    out: dict[str, float] = {"rows": grouped.rows, "images": int(image_features.shape[0]),
+                             "captions": len(grouped.text_to_image), "absent_rows": counts.absent,
+                             "bad_rows": counts.bad}
     for name, spec in sets.items():
-        y = torch.from_numpy(np.concatenate(labels[spec["column"]]))
+        y = torch.tensor(grouped.labels[spec["column"]], dtype=torch.long)
         n_cls = len(spec["classes"])
         bad = y[(y < 0) | (y >= n_cls)]
         if bad.numel():
@@ -210,12 +276,76 @@ def evaluate_dataset(
         for k, v in zero_shot_metrics(image_features, y, classifier).items():
             out[f"{name}/{k}"] = v
         out[f"{name}/chance_top1"] = 1.0 / n_cls
-    out.update(retrieval_metrics(image_features, text_features))
+    if grouped.text_features:
+        out.update(retrieval_metrics(image_features, torch.cat(grouped.text_features),
+                                     torch.tensor(grouped.text_to_image, dtype=torch.long)))
     return out
 
 
-def _columns_for(data: str, configured: Any) -> Any:
-    """The training config's column names, falling back to the canonical ones the eval shards actually have."""
+def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: int) -> dict[str, Any]:
+    """Checks of an eval set that need no model and no Ray, so ``train`` fails in seconds, not after a phase.
+
+    Fails (one-line ReclipError / DataError) on: an eval image size that is not a multiple of the patch size, a
+    shard without an image column (captions are optional: classification-only sets), no rows at all, a null
+    label or one outside the classes of a label set in dataset.json, and a set with neither captions nor labels. Reads Parquet footers, the label columns
+    and at most the caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes},
+    "has_captions"}``.
+    """
+    from reclip_ray.data.local import _read_shard, check_columns
+    from reclip_ray.data.schema import ColumnMap, count_rows, list_parquet_files, parquet_schema, read_dataset_json
+    from reclip_ray.errors import DataError
+
+    columns = columns or ColumnMap()
+    for size in image_sizes:
+        if int(size) % int(patch_size):
+            raise ReclipError(f"eval image size {size} is not a multiple of the model's patch size {patch_size}")
+    files = list_parquet_files(str(path))
+    check_columns(files, columns, require_caption=False)
+    rows = count_rows(files)
+    if rows == 0:
+        raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
+
+    sets = _label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None)
+    source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    has_captions = False
+    for file in files:
+        names = parquet_schema(file).names
+        for column in sorted(set(source.values())):
+            if column not in names:
+                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
+        if sets:
+            table = _read_shard(file, sorted(set(source.values())))
+            for name, spec in sets.items():
+                _check_labels(file, source[name], name, len(spec["classes"]), table.column(source[name]))
+        if not has_captions and columns.caption in names:
+            captions = _read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
+            has_captions = any(c is not None and str(c).strip() for c in captions)
+    if not sets and not has_captions:
+        raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
+                        "'label_sets')")
+    return {"rows": rows, "files": len(files), "label_sets": {n: len(s["classes"]) for n, s in sets.items()},
+            "has_captions": has_captions}
+
+
+def _check_labels(file: str, column: str, set_name: str, n_classes: int, values: Any) -> None:
+    """Raise naming the file, column and label set when a label is null or outside ``range(n_classes)``."""
+    from reclip_ray.errors import DataError
+
+    if values.null_count:
+        raise DataError(f"{file}: null label in column {column!r} (label set {set_name!r})")
+    y = np.asarray(values.to_numpy(), dtype=np.int64)
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.size:
+        raise DataError(f"{file}: label {int(bad[0])} in column {column!r} is outside the {n_classes} classes of "
+                        f"label set {set_name!r} in dataset.json")
+
+
+def eval_columns(data: str, configured: Any) -> Any:
+    """The training config's column names, falling back to the canonical ones the eval shards actually have.
+
+    Training shards are often img2dataset's (``jpg``/``txt``) while the eval set is a canonical one (``image``/
+    ``caption``); the CLI, the pre-Ray check and the phase-end evaluation should all read it with these columns.
+    """
     from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema
 
     names = parquet_schema(list_parquet_files(data)[0]).names
@@ -271,7 +401,7 @@ def evaluate_checkpoint(
     if size % patch:
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = _read_classes(classes_path, read_dataset_json(data)) if classes_path else None
-    columns = _columns_for(data, ColumnMap.from_config(cfg.data))
+    columns = eval_columns(data, ColumnMap.from_config(cfg.data))
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=last.text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,

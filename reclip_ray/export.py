@@ -1,8 +1,9 @@
 """The exported inference model: a folder that opens without Ray, written atomically.
 
 ``model.safetensors`` (weights; no pickle, so loading runs no code), ``config.yaml`` (the full run config with
-``model.text.vocab_size`` filled in) and ``tokenizer.json``. A legacy ``model.pt`` is accepted only through
-``torch.load(weights_only=True)``, which refuses pickles that would construct arbitrary objects or call functions.
+``model.text.vocab_size``, ``eot_id`` and ``pad_id`` filled in from the tokenizer) and ``tokenizer.json``. A legacy
+``model.pt`` is accepted only through ``torch.load(weights_only=True)``, which refuses pickles that would construct
+arbitrary objects or call functions.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
 
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, Config) from an exported folder."""
-    from reclip_ray.data.tokenizer import load_tokenizer
     from reclip_ray.model import build_model
 
     root = Path(path)
@@ -78,14 +78,32 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
         cfg = from_dict(yaml.safe_load((root / CONFIG).read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{root / CONFIG}: {str(exc).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(root / TOKENIZER)
+    tokenizer = _matching_tokenizer(root, cfg)
     state = _load_state(root)
-    model = build_model(cfg.model, vocab_size=cfg.model.text.vocab_size or tokenizer.vocab_size)
+    text = cfg.model.text
+    # The saved ids win; an export from before eot_id was saved (-1) takes it from its tokenizer.
+    model = build_model(cfg.model, tokenizer=tokenizer, vocab_size=text.vocab_size or None,
+                        eot_id=text.eot_id if text.eot_id >= 0 else None, pad_id=text.pad_id)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{root}: weights do not match config.yaml: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, cfg
+
+
+def _matching_tokenizer(root: Path, cfg: Config):
+    """The export's tokenizer with its pad / end tokens pinned to the ids saved in config.yaml.
+
+    The model pools at the saved ``eot_id``; if the tokenizer were left to find its special tokens by name (a
+    training run may have named them explicitly) it could write a different end token and every text feature
+    would be pooled at the wrong position. Exports from before the ids were saved (``eot_id`` -1) find them by name.
+    """
+    from reclip_ray.data.tokenizer import load_tokenizer
+
+    text = cfg.model.text
+    if text.eot_id < 0:
+        return load_tokenizer(root / TOKENIZER)
+    return load_tokenizer(root / TOKENIZER, pad=text.pad_id, eot=text.eot_id)  # DataError names a missing id
 
 
 def _load_state(root: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ cost is one small interpolation per forward pass (not counted as FLOPs; it is in
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,9 @@ class CLIP(nn.Module):
         v, t = cfg.vision, cfg.text
         if t.vocab_size <= 0:
             raise ValueError("model.text.vocab_size must be > 0 (build_model fills it from the tokenizer)")
+        for key in ("pad_id", "eot_id"):
+            if getattr(t, key) >= t.vocab_size:
+                raise ValueError(f"model.text.{key}={getattr(t, key)} is not below vocab_size={t.vocab_size}")
         if v.base_image_size % v.patch_size:
             raise ValueError(f"base_image_size {v.base_image_size} is not a multiple of patch_size {v.patch_size}")
         self.cfg = cfg
@@ -95,14 +99,29 @@ class CLIP(nn.Module):
         return image_features, text_features, logit_scale
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
-    """Build from a model config; ``vocab_size`` (from the tokenizer) overrides / fills ``cfg.text.vocab_size``.
+def build_model(
+    cfg: ModelConfig,
+    vocab_size: int | None = None,
+    *,
+    tokenizer: Any = None,
+    eot_id: int | None = None,
+    pad_id: int | None = None,
+) -> CLIP:
+    """Build from a model config, with the text ids taken from the tokenizer that will feed the model.
 
-    The config is copied, so the returned ``model.cfg`` is complete (what export writes as config.yaml).
+    ``tokenizer`` (anything with ``vocab_size``, ``eot_id`` and ``pad_id``, e.g. a CaptionTokenizer) fills
+    ``cfg.text.vocab_size``, ``eot_id`` and ``pad_id``; explicit ``vocab_size`` / ``eot_id`` / ``pad_id`` win over
+    it. The text tower pools at ``eot_id``, so a model whose ids do not come from its tokenizer pools the wrong
+    token without any error. The config is copied, so the returned ``model.cfg`` is complete: export writes it as
+    config.yaml and ``load_model`` rebuilds the same ids from it.
     """
     import copy
 
     cfg = copy.deepcopy(cfg)
-    if vocab_size is not None:
-        cfg.text.vocab_size = int(vocab_size)
+    ids = {"vocab_size": vocab_size, "eot_id": eot_id, "pad_id": pad_id}
+    for key, value in ids.items():
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, key)
+        if value is not None:
+            setattr(cfg.text, key, int(value))
     return CLIP(cfg)

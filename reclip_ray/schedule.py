@@ -5,7 +5,8 @@ batch) or a resume cannot change the optimisation: the same sample count always 
 
 LR rules (``optim.schedule``):
 
-* ``global``: linear warmup over ``optim.warmup_samples`` (a fraction of the run when a float <= 1), then one
+* ``global``: linear warmup over ``optim.warmup_samples`` (a fraction of the run when a float <= 1; an integer
+  is a count, so ``1`` is one sample and ``1.0`` the whole run), then one
   cosine from ``optim.lr`` down to ``min_lr_ratio * optim.lr`` at the end of the last phase.
 * ``per_phase``: every phase restarts: its own warmup (``phase.warmup_samples``; -1 means
   ``optim.warmup_samples``; a float <= 1 is a fraction of *that phase*), its own peak (``phase.lr``; 0 means
@@ -60,15 +61,22 @@ def _cosine(peak: float, floor: float, warmup: int, length: int, s: int) -> floa
 
 
 class Schedule:
+    """The phase plan plus the LR rule; ``total_samples`` is where the run ends.
+
+    ``total_samples`` is the schedule's own end (the last phase's end sample), which is what the workers train to.
+    A driver deciding whether a run finished must compare against it, not recompute it from the config.
+    """
+
     def __init__(self, phases: list[PhasePlan], optim: OptimConfig, global_warmup: int) -> None:
         self.phases = phases
         self.optim = optim
         self.global_warmup = global_warmup
-        self.total_samples = phases[-1].end_sample
+        self.total_samples: int = phases[-1].end_sample
         self.total_steps = sum(p.steps for p in phases)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Schedule":
+        """Plan from ``cfg.phase_samples()`` (the same counts the config validated), so both agree on the total."""
         counts = cfg.phase_samples()
         total = sum(counts)
         global_warmup = resolve_count(cfg.optim.warmup_samples, total)

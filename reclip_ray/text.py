@@ -1,7 +1,11 @@
-"""The text tower: a causal transformer over token ids, pooled at the last real token.
+"""The text tower: a causal transformer over token ids, pooled at the end-of-text token.
 
-Captions are right-padded with ``pad_id`` and attention is causal, so no position ever attends to padding that
-follows it; the pooled (last non-pad) token therefore sees exactly its caption at any ``text_length``. Positional
+The pooled position is the first ``eot_id`` in each row (CLIP / open_clip pool at the end-of-text token too; they
+take ``argmax`` of the ids, which assumes eot is the largest id). The ids come from the tokenizer, never from
+defaults: with the standard CLIP BPE ``<|endoftext|>`` is 49407 and padding is 0 or eot itself, so "last non-pad"
+or a fixed id would pool the wrong token. Taking the *first* eot stays right when pad == eot. A row without eot
+(hand-made ids) pools its last position. Attention is causal, so the eot token never sees the padding after it and
+its feature is the same at any ``text_length``. Positional
 embeddings are learned for ``context_length`` positions and a shorter phase simply uses the first ``L`` of them, so
 RECLIP's short-text main phase and longer-text finetune share one set of weights.
 """
@@ -55,6 +59,7 @@ class TextTransformer(nn.Module):
             raise ValueError("the text tower needs vocab_size > 0 (take it from the tokenizer)")
         self.context_length = cfg.context_length
         self.pad_id = cfg.pad_id
+        self.eot_id = cfg.eot_id  # < 0: not known (model built without a tokenizer); see pool_positions
         self.width = cfg.width
         self.token_embedding = nn.Embedding(vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
@@ -86,8 +91,19 @@ class TextTransformer(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        # Last non-pad position (right padding); an all-pad row pools position 0.
-        positions = torch.arange(L, device=tokens.device).expand_as(tokens)
-        last = torch.where(tokens != self.pad_id, positions, torch.zeros_like(positions)).amax(dim=1)
-        pooled = x[torch.arange(x.shape[0], device=x.device), last]
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.pool_positions(tokens)]
         return self.ln_final(pooled)
+
+    def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the token each row is pooled at: its first ``eot_id``, else its last position.
+
+        Without a known eot id (``eot_id < 0``: a model built from a bare vocab size, as in older call sites and
+        benchmarks) this keeps the earlier rule, the last non-pad position, so those callers behave as before.
+        """
+        L = tokens.shape[1]
+        if self.eot_id < 0:
+            positions = torch.arange(L, device=tokens.device).expand_as(tokens)
+            return torch.where(tokens != self.pad_id, positions, torch.zeros_like(positions)).amax(dim=1)
+        is_eot = tokens == self.eot_id
+        first = is_eot.int().argmax(dim=1)  # argmax returns the first maximum
+        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, L - 1))

@@ -144,6 +144,14 @@ def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
     return max((m.step for m in history), default=-1)
 
 
+def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
+    """The value logged at the highest step for ``key`` (None if never logged)."""
+    history = client(tracking_uri).get_metric_history(run_id, key)
+    if not history:
+        return None
+    return max(history, key=lambda m: (m.step, m.timestamp)).value
+
+
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """FINISHED, FAILED or KILLED: a run must never be left RUNNING."""
     client(tracking_uri).set_terminated(run_id, status=status)

@@ -26,6 +26,9 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # Ray records the newest cluster's address in /tmp/ray/ray_current_cluster and fails if /tmp/ray is missing
+    # (a fresh machine where no Ray ran with its default temp dir).
+    os.makedirs("/tmp/ray", exist_ok=True)
     # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")
     cluster = Cluster(
@@ -121,6 +124,9 @@ def overrides_for(tmp_path: Path, synth_dir: Path, tokenizer_path: Path, name: s
         f"scaling.max_workers={hi}",
         "scaling.cpus_per_worker=0.5",
         "scaling.use_gpu=false",
+        # 4x the local batch instead of the default 10x: each phase of each test run fills it before its first step,
+        # and that wait is most of a 16-step run's data time. The shuffle itself is tested in test_data_stream.py.
+        "data.shuffle_buffer=128",
         *extra,
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -48,6 +49,27 @@ def test_fraction_versus_count():
         (["scaling.min_workers=3", "scaling.max_workers=2"], "min_workers <= max_workers"),
         (["scaling.cpus_per_worker=-1"], "must be >= 0"),
         (["model=vit-z"], "unknown model preset 'vit-z'"),
+        (["model.vision.heads=5"], "'model.vision.heads' = 5 does not divide model.vision.width = 128"),
+        (["model.text.heads=3"], "'model.text.heads' = 3 does not divide model.text.width = 128"),
+        (["model.text.heads=0"], "'model.text.heads' = 0"),
+        (["train.batch_size=2", "scaling.max_workers=4"], "'train.batch_size' = 2 (a global batch) is smaller than "
+                                                          "scaling.max_workers=4"),
+        (["phases.1.batch_size=3", "scaling.max_workers=4"], "'phases.1.batch_size' = 3 (a global batch)"),
+        (["train.log_every_steps=0"], "'train.log_every_steps' must be >= 1, got 0"),
+        (["optim.warmup_samples=1.5"], "'optim.warmup_samples' = 1.5 is neither a count nor a fraction: write an "
+                                       "integer for a number of samples (1 means one sample) or a float <= 1"),
+        (["optim.warmup_samples=-5"], "'optim.warmup_samples' must be >= 0, got -5"),
+        (["optim.warmup_samples=-0.1"], "'optim.warmup_samples' must be >= 0"),
+        (["phases.1.warmup_samples=-0.5"], "'phases.1.warmup_samples' must be >= 0; -1: optim.warmup_samples"),
+        (["phases.1.warmup_samples=2.5"], "'phases.1.warmup_samples' = 2.5 is neither"),
+        (["phases.0.samples=-0.9"], "'phases.0.samples' must be positive"),
+        (["phases.0.samples=0"], "'phases.0.samples' must be positive"),
+        (["phases.0.samples=1.5"], "'phases.0.samples' = 1.5 is neither"),
+        (["phases.1.lr=-1e-4"], "'phases.1.lr' (finetune) must be >= 0"),
+        (["optim.lr=0"], "'optim.lr' must be positive"),
+        (["optim.weight_decay=-0.1"], "'optim.weight_decay' must be >= 0"),
+        (["optim.min_lr_ratio=2"], "'optim.min_lr_ratio' must be in [0, 1]"),
+        (["checkpoint.every_samples=-1"], "'checkpoint.every_samples' must be >= 0"),
     ],
 )
 def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment):
@@ -55,6 +77,67 @@ def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment)
         load_config("tiny", overrides)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def _phases(*samples, total=1000):
+    """A tiny-model config whose phases have the given ``samples`` values (fractions or counts)."""
+    from reclip_ray.config import from_dict
+
+    phases = [{"name": f"p{i}", "image_size": 32, "text_length": 16, "samples": s} for i, s in enumerate(samples)]
+    return from_dict({"model": "tiny", "phases": phases, "train": {"samples": total, "batch_size": 64}})
+
+
+def test_last_fraction_takes_the_rounding_so_phases_sum_to_train_samples():
+    cfg = _phases(0.3333333, 0.3333333, 0.3333333)
+    assert cfg.phase_samples() == [333, 333, 334]
+    assert sum(cfg.phase_samples()) == cfg.train.samples == 1000
+    big = _phases(0.3333333, 0.3333333, 0.3333333, total=2_000_000_000)  # 7 digits: 200 samples short, still ok
+    assert sum(big.phase_samples()) == 2_000_000_000
+
+
+@pytest.mark.parametrize(
+    "samples, counts",
+    [
+        ((0.9, 100), [900, 100]),
+        ((100, 0.9), [100, 900]),
+        ((0.5, 300, 0.2), [500, 300, 200]),
+        ((0.3333333, 333, 0.3333333), [333, 333, 334]),
+        ((0.33333, 0.33333, 333), [333, 334, 333]),  # counts are kept as written; the last *fraction* absorbs
+        ((400, 600), [400, 600]),
+        ((0.333, 0.333, 0.333), [333, 333, 334]),  # 999 of 1000 is within rounding
+        ((1000.0,), [1000]),  # an integral float > 1 is a count
+    ],
+)
+def test_mixed_fractions_and_counts(samples, counts):
+    assert _phases(*samples).phase_samples() == counts
+
+
+@pytest.mark.parametrize(
+    "samples, fragment",
+    [
+        ((800, 300), "phase samples (800 + 300 -> 1100) do not add up to train.samples=1000"),
+        ((400, 599), "phase samples (400 + 599 -> 999) do not add up to train.samples=1000"),
+        ((0.5, 300), "phase samples (0.5 + 300 -> 800.0) do not add up to train.samples=1000"),
+        ((1,), "phase samples (1 -> 1) do not add up"),  # the integer 1 is one sample, not the whole run
+        ((0.0001, 1000), "'phases.0.samples' (p0) leaves the phase 0 of train.samples=1000"),
+    ],
+)
+def test_phase_totals_that_do_not_match_fail_naming_the_numbers(samples, fragment):
+    with pytest.raises(ConfigError) as info:
+        _phases(*samples)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_warmup_integer_is_a_count_and_float_one_is_everything():
+    from reclip_ray.schedule import Schedule
+
+    assert Schedule.from_config(load_config("tiny", ["optim.warmup_samples=1"])).global_warmup == 1
+    cfg = load_config("tiny", ["optim.warmup_samples=1.0"])
+    assert Schedule.from_config(cfg).global_warmup == cfg.train.samples
+    assert Schedule.from_config(load_config("tiny", ["optim.warmup_samples=2e3"])).global_warmup == 2000
+    assert load_config("tiny", ["optim.warmup_samples=0"]).optim.warmup_samples == 0
+    with pytest.raises(ConfigError, match="neither a fraction"):
+        resolve_count(2.5, 100)
 
 
 def test_yaml_file_round_trip(tmp_path):
@@ -89,3 +172,40 @@ def test_cli_prints_one_line_error_without_traceback():
 
 def test_exponent_without_dot_is_a_number():
     assert load_config("tiny", ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("config", "'train.batch_size' must be positive, got -1"),
+        ("missing data", "data.train not found: "),
+        ("schema", "missing image column 'jpg'"),
+    ],
+)
+def test_bad_config_fails_before_ray_starts(tmp_path, synth_dir, case, fragment):
+    """The CLI in a fresh process: a user mistake is one line on stderr, exit 2, and nothing was started or made.
+
+    ``RAY_ADDRESS`` names a port nothing listens on: a process that tried to connect to Ray would fail with a Ray
+    error (or hang until the timeout) instead of the expected line; ``RAY_TMPDIR`` would be created by a local Ray.
+    The working directory must stay empty: no ``reclip_data`` (data made), no ``reclip_runs`` (a tokenizer or run
+    folder), no ``mlflow.db`` (a tracking run).
+    """
+    overrides = {
+        "config": ["train.batch_size=-1"],
+        "missing data": [f"data.train={tmp_path / 'nope' / 'train'}", "data.synth_if_missing=false"],
+        "schema": [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}", "data.image_column=jpg"],
+    }[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MLFLOW_TRACKING_URI"}
+    env.update({"RAY_ADDRESS": "127.0.0.1:1", "RAY_TMPDIR": str(tmp_path / "ray_tmp"), "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "reclip_ray", "train"]
+    for o in overrides:
+        command += ["--set", o]
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("reclip-ray: error: ") and fragment in lines[0], proc.stderr[-3000:]
+    assert sorted(p.name for p in cwd.iterdir()) == []  # no reclip_data, reclip_runs, mlflow.db
+    assert not (tmp_path / "ray_tmp").exists()

@@ -1,4 +1,7 @@
-"""Ray Data pipeline: one set of shards, two phase resolutions, bad rows counted by the counter actor."""
+"""Ray Data pipeline: one set of shards, two phase resolutions, bad rows flagged (``_ok = 0``) with their reason.
+
+The first two tests run the phase stream through Ray Data (slow); the decode-concurrency test needs no Ray.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +9,56 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from reclip_ray.data.images import decode_image
-from reclip_ray.data.pipeline import check_counter, get_or_create_bad_counter, phase_dataset, read_shards
-from reclip_ray.data.schema import ColumnMap, list_parquet_files
+from reclip_ray.data.pipeline import phase_dataset
+from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files
+from reclip_ray.data.stream import BAD, OK, PhaseStream, read_footers, unit_permutation
 from reclip_ray.errors import DataError
 
-pytestmark = pytest.mark.slow
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    """Every row of a phase dataset, as one numpy batch (blocks concatenated in arrival order)."""
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert blocks
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
+@pytest.mark.slow
 def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_path):
+    from reclip_ray.data.tokenizer import load_tokenizer
+
     tok_json = tokenizer_path.read_text()
-    ds = read_shards(str(synth_dir / "eval"), ColumnMap(), shuffle_files=False)
-    first = pq.read_table(list_parquet_files(str(synth_dir / "eval"))[0]).slice(0, 1).to_pylist()[0]
+    files = list_parquet_files(str(synth_dir / "eval"))
+    stream = PhaseStream(read_footers(files), seed=0, passes=1, shuffle=False)
+    assert stream.total_rows == 200
+    source = {r["key"]: r for f in files for r in pq.read_table(f, columns=["key", "image", "caption"]).to_pylist()}
+    # Stream position 0 is the first row of unit 0's permutation; unit 0 is the first chunk of each shard of group 0
+    # (in file order: no shuffle), concatenated.
+    group = stream.groups[0]
+    unit0 = [k for f in group.files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()[:stream.chunk_rows]]
+    assert len(unit0) == group.unit_sizes()[0]
+    expected_key = unit0[int(unit_permutation(0, 0, 0, 0, len(unit0))[0])]
     for size, length in ((32, 8), (96, 20)):
-        phase = phase_dataset(ds, image_size=size, text_length=length, tokenizer_json=tok_json, train=False,
-                              seed=0, batch_size=50)
-        batches = list(phase.iter_torch_batches(batch_size=64))
-        assert sum(len(b["image"]) for b in batches) == 200
-        b = batches[0]
-        assert b["image"].shape == (64, size, size, 3) and b["image"].dtype == torch.uint8
-        assert b["tokens"].shape == (64, length) and b["tokens"].dtype == torch.int64
-        assert b["label"].dtype == torch.int64 and "label_pattern" in b
-        # eval decode is deterministic: the first row equals a direct decode_image call
-        assert np.array_equal(b["image"][0].numpy(), decode_image(first["image"], size, train=False))
-        assert int(b["label"][0]) == first["label"]
+        ds = phase_dataset(stream, ColumnMap(), image_size=size, text_length=length, tokenizer_json=tok_json,
+                           train=False, keep_keys=True)
+        rows = _collect(ds)
+        assert sorted(rows["_pos"].tolist()) == list(range(200))  # every row once, none dropped
+        assert (rows["_ok"] == OK).all(), [b for b in rows["_bad"] if b]
+        assert rows["image"].shape == (200, size, size, 3) and rows["image"].dtype == np.uint8
+        assert rows["tokens"].shape == (200, length) and rows["tokens"].dtype == np.int64
+        assert sorted(rows["key"].tolist()) == sorted(source)
+        # eval decode is deterministic: the row at stream position 0 equals a direct decode_image of its source row
+        i = int(np.flatnonzero(rows["_pos"] == 0)[0])
+        key = str(rows["key"][i])
+        assert key == expected_key
+        assert np.array_equal(rows["image"][i], decode_image(source[key]["image"], size, train=False))
+        tok = load_tokenizer(tokenizer_path)
+        assert np.array_equal(rows["tokens"][i], tok.encode([source[key]["caption"]], length)[0])
 
 
-def test_bad_rows_dropped_and_counted_with_renamed_columns(ray_session, synth_dir, tokenizer_path, tmp_path):
+@pytest.mark.slow
+def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer_path, tmp_path):
     rows = pq.read_table(list_parquet_files(str(synth_dir / "train"))[0]).slice(0, 40).to_pylist()
     rows[3]["image"] = rows[3]["image"][:200]  # truncated JPEG
     rows[10]["image"] = b"not an image"
@@ -42,33 +66,55 @@ def test_bad_rows_dropped_and_counted_with_renamed_columns(ray_session, synth_di
     renamed = [{"key": r["key"], "jpg": r["image"], "txt": r["caption"]} for r in rows]  # img2dataset-like names
     (tmp_path / "d").mkdir()
     pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "d" / "part-00000.parquet")
+    files = list_parquet_files(str(tmp_path / "d"))
 
-    with pytest.raises(DataError, match="missing image column 'image'"):
-        read_shards(str(tmp_path / "d"), ColumnMap())
-    counter = get_or_create_bad_counter("test_bad_rows")
-    ds = read_shards(str(tmp_path / "d"), ColumnMap(image="jpg", caption="txt"), seed=1)
-    phase = phase_dataset(ds, image_size=48, text_length=12, tokenizer_json=str(tokenizer_path), train=True,
-                          seed=0, batch_size=16, bad_counter=counter)
-    n = sum(len(b["tokens"]) for b in phase.iter_torch_batches(batch_size=16))
-    assert n == 37
+    # What launch.prepare runs before any Ray work: the default column names are missing, and it says which.
+    with pytest.raises(DataError, match="missing image column 'image'.*data.image_column=jpg"):
+        check_schema(files, ColumnMap())
+    columns = ColumnMap(image="jpg", caption="txt")
+    check_schema(files, columns)
+
+    stream = PhaseStream(read_footers(files, image_column="jpg"), seed=1, passes=1)
+    ds = phase_dataset(stream, columns, image_size=48, text_length=12, tokenizer_json=str(tokenizer_path),
+                       train=True)
+    out = _collect(ds)
+    assert sorted(out["_pos"].tolist()) == list(range(40))  # bad rows travel on (flagged), none are lost
+    ok = out["_ok"]
+    assert int((ok == OK).sum()) == 37 and int((ok == BAD).sum()) == 3
+    assert all(b == "" for b in out["_bad"][ok == OK])
+    assert not out["image"][ok == BAD].any()  # blank image for a bad row
+    reasons = sorted(str(b) for b in out["_bad"][ok == BAD])
+    expected = {3: "truncated image", 10: "cannot identify image", 20: "empty caption"}
+    assert len(reasons) == 3
+    for r, why in expected.items():
+        prefix = f"part-00000.parquet row {r} key={rows[r]['key']}: {why}"
+        assert sum(reason.startswith(prefix) for reason in reasons) == 1, (prefix, reasons)
+
+
+# ------------------------------------------------------------------------------------------------ no Ray needed
+
+
+@pytest.mark.parametrize("cpus, default", [(9.0, 9), (2.0, 4)])
+def test_decode_concurrency_comes_from_the_config_or_the_cluster(monkeypatch, cpus, default):
+    """The default is one task per cluster CPU, at least ``MAX_TASKS``; ``data.read_parallelism`` overrides it.
+
+    ``ray.cluster_resources`` is faked (no Ray is started): with 9 CPUs the default must follow the cluster, with 2
+    it must take the floor, so neither a constant nor a formula that ignores one of the two passes.
+    """
     import ray
 
-    totals = ray.get(counter.totals.remote())
-    assert totals["seen"] == 40 and totals["bad"] == 3
-    reasons = sorted(e["reason"].split(":")[0] for e in totals["examples"])
-    assert reasons == ["cannot identify image", "empty caption", "truncated image"]
-    assert {e["file"] for e in totals["examples"]} == {"part-00000.parquet"}
-    assert {e["key"] for e in totals["examples"]} == {rows[i]["key"] for i in (3, 10, 20)}
-    assert get_or_create_bad_counter("test_bad_rows")._ray_actor_id == counter._ray_actor_id
-    assert check_counter(counter, 0.1)["bad"] == 3
-    with pytest.raises(DataError, match=r"3 of 40 rows \(7.5%\) bad rows \(> 1.0%.*part-00000\.parquet key="):
-        check_counter(counter, 0.01)
-
-
-def test_decode_concurrency_comes_from_the_config_or_the_cluster(ray_session):
     from reclip_ray.config import load_config
+    from reclip_ray.data.pipeline import MAX_TASKS
     from reclip_ray.train.launch import decode_concurrency
 
+    assert MAX_TASKS == 4
+    calls = []
+
+    def fake_resources():
+        calls.append(1)
+        return {"CPU": cpus, "memory": 1e9}
+
+    monkeypatch.setattr(ray, "cluster_resources", fake_resources)
+    assert decode_concurrency(load_config("tiny")) == default
+    assert calls, "decode_concurrency did not ask the cluster"
     assert decode_concurrency(load_config("tiny", ["data.read_parallelism=3"])) == 3
-    cpus = int(ray_session.cluster_resources()["CPU"])  # the test cluster's head has 4 logical CPUs
-    assert decode_concurrency(load_config("tiny")) == max(4, cpus) >= 4

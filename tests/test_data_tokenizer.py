@@ -54,3 +54,34 @@ def test_user_tokenizer_with_other_special_names(tmp_path):
     assert load_tokenizer(tmp_path / "nopad.json", pad="</s>").pad_id == 1
     with pytest.raises(DataError, match="not found"):
         load_tokenizer(tmp_path / "absent.json")
+
+
+def test_clip_layout_end_of_text_is_the_last_id_and_pads(tmp_path):
+    """CLIP's BPE puts <|endoftext|> last (49407) and HF pads with it: ids come from the file, first eot ends it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "red", "star", "<|startoftext|>", "<|endoftext|>"]
+    user = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    user.pre_tokenizer = pre_tokenizers.Whitespace()
+    user.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, pad="<|endoftext|>")
+    assert (tok.sot_id, tok.eot_id, tok.pad_id, tok.vocab_size) == (3, 4, 4, 5)
+    assert tok.encode(["red star"], 6).tolist() == [[3, 1, 2, 4, 4, 4]]
+    assert tok.decode([3, 1, 2, 4, 4, 4]) == "red star"
+
+
+def test_special_tokens_pinned_by_id(tmp_path):
+    """An exported model pins pad/eot by the ids it was trained with; a missing id is a one-line DataError."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "red", "<pad>", "<end_of_text>", "<start_of_text>", "</s>"]
+    user = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    user.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    user.save(str(path))
+    assert load_tokenizer(path).eot_id == 3  # found by name
+    tok = load_tokenizer(path, eot=5, pad=0)
+    assert (tok.eot_id, tok.pad_id) == (5, 0)
+    assert tok.encode(["red"], 5).tolist() == [[4, 1, 5, 0, 0]]
+    with pytest.raises(DataError, match=r"no end token with id 9 \(vocabulary of 6\)"):
+        load_tokenizer(path, eot=9)

@@ -50,10 +50,21 @@ def test_export_replaces_existing(exported):
 
 def test_model_pt_state_dict_loads(exported):
     model, _, _, out = exported
+    # Perturb every parameter (logit_scale included) with seeded noise first: a loader that ignored model.pt and
+    # kept the freshly built weights (same seed, same init) would otherwise pass.
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            before = p.detach().clone()
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            assert not torch.equal(p, before), name
     (out / "model.safetensors").unlink()
     torch.save(model.state_dict(), out / "model.pt")
     loaded, _ = load_model(out)
-    assert torch.equal(loaded.logit_scale, model.logit_scale)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
 class _Evil:

@@ -48,6 +48,16 @@ def test_fraction_and_absolute_counts_agree():
         assert frac.lr_at(x) == count.lr_at(x)
 
 
+def test_schedule_total_is_train_samples_when_fractions_do_not_add_up_exactly():
+    phases = [{"name": n, "image_size": 32, "text_length": 16, "samples": 0.3333333} for n in ("a", "b", "c")]
+    cfg = _cfg(phases=phases)
+    s = Schedule.from_config(cfg)
+    assert [p.samples for p in s.phases] == cfg.phase_samples() == [333, 333, 334]
+    assert s.total_samples == cfg.train.samples == 1000  # the driver compares the samples reached with this
+    assert [p.start_sample for p in s.phases[1:]] == [p.end_sample for p in s.phases[:-1]]
+    assert s.total_steps == 6 + 6 + 6
+
+
 def test_global_warmup_then_cosine():
     s = Schedule.from_config(_cfg("global"))
     peak, floor = 1e-3, 1e-4

@@ -67,46 +67,81 @@ def test_two_phase_run_two_workers_then_resume(ray_session, tmp_path, synth_dir,
         feats = model.encode_text(torch.as_tensor(tok.encode(["a red star"], 16)))
     assert feats.shape == (1, cfg.model.embed_dim)
 
-    # Rerunning the same command resumes from the last checkpoint: no step is trained (or logged) again.
+    # Rerunning the command of a finished run says so and starts nothing: no restart, no step trained again.
     again = run_training(_config(tmp_path, synth_dir, tokenizer_path, "two", workers=2))
     assert again["samples"] == 1024 and again["mlflow_run_id"] == run.info.run_id
+    assert again["eval/full/colour/top1"] == metrics["eval/full/colour/top1"]
     client, runs = _mlflow_runs(tmp_path / "mlflow.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["reclip.restarts"] == "1"
+    assert runs[0].data.tags["reclip.restarts"] == "0"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 17))
 
 
+def _rows_of_step(run_dir: Path, step: int, phase: int = 0) -> list[tuple[str, int]]:
+    """(key, pass) of every row that any rank trained at ``step`` (``fault.record_rows``: RUN_DIR/rows/*.jsonl)."""
+    import json
+
+    out = []
+    for path in sorted((run_dir / "rows").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] == step and rec["phase"] == phase:
+                out += list(zip(rec["keys"], rec["passes"]))
+    return out
+
+
 def test_one_and_two_workers_follow_the_same_schedule(ray_session, tmp_path, synth_dir, tokenizer_path):
+    """1 and 2 workers: the same LR at every step (the schedule's, a function of samples only), the same sample
+    counts and image sizes, and the same first-step loss.
+
+    The loss of step 1 is the contrastive loss of the *global* batch (every rank computes it over the gathered
+    features) under the same initial weights (``torch.manual_seed(train.seed)`` before building the model), so it
+    depends only on which rows the step trained (and their crops, a function of key and pass). No shuffle buffer,
+    one read task and 32-row blocks make the stream arrive in order, so both runs usually train positions 0..63 at
+    step 1; but which blocks each rank of the 2-worker run gets from Ray Data's split is not guaranteed. So: when
+    the recorded rows of step 1 are the same set in both runs, the losses must agree to float rounding (1e-4
+    relative); in every case they must agree within 5%, the spread expected from two different random batches of
+    the same data at the same initial weights (measured: ~0.5% between batches of 64 of this data at init).
+    """
+    from reclip_ray.schedule import Schedule
     from reclip_ray.train.launch import run_training
 
-    histories = {}
+    extra = ["eval.at_phase_end=false", "checkpoint.every_samples=0", "data.shuffle_buffer=0",
+             "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
+             "fault.record_rows=true"]
+    histories, first_rows = {}, {}
     for workers in (1, 2):
-        cfg = _config(
-            tmp_path, synth_dir, tokenizer_path, f"w{workers}", workers, extra=["eval.at_phase_end=false", "checkpoint.every_samples=0"]
-        )
+        cfg = _config(tmp_path, synth_dir, tokenizer_path, f"w{workers}", workers, extra=extra)
         result = run_training(cfg)
         client, runs = _mlflow_runs(tmp_path / "mlflow.db")
         run = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
         assert run.data.metrics["workers"] == workers
         histories[workers] = {
-            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in ("lr", "samples", "image_size")
+            key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            for key in ("lr", "samples", "image_size", "loss")
         }
-    assert histories[1] == histories[2]
-    assert len(histories[1]["lr"]) == 16
+        first_rows[workers] = _rows_of_step(Path(result["run_dir"]), 1)
+        assert len(first_rows[workers]) == 64 == len(set(first_rows[workers]))
 
+        # The logged LR of every step is the schedule's LR at the samples seen before that step.
+        schedule = Schedule.from_config(cfg)
+        expected, samples, step = {}, 0, 0
+        for plan in schedule.phases:
+            while samples < plan.end_sample:
+                step += 1
+                expected[step] = schedule.lr_at(samples)
+                samples += plan.batch_at(samples)
+        assert len(expected) == 16
+        logged = dict(histories[workers]["lr"])
+        assert sorted(logged) == sorted(expected)
+        for s, lr in expected.items():
+            assert logged[s] == pytest.approx(lr, rel=1e-9, abs=1e-15), s
 
-def test_bad_config_fails_before_ray_starts(tmp_path, synth_dir):
-    import ray
-
-    from reclip_ray.errors import ReclipError
-    from reclip_ray.train.launch import run_training
-
-    cfg = load_config("tiny", [f"data.train={tmp_path / 'nope' / 'train'}", "data.synth_if_missing=false"])
-    was_running = ray.is_initialized()
-    with pytest.raises(ReclipError, match="data.train not found"):
-        run_training(cfg)
-    assert ray.is_initialized() == was_running
-    cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", "data.image_column=jpg"])
-    with pytest.raises(ReclipError, match="jpg"):
-        run_training(cfg)
+    for key in ("lr", "samples", "image_size"):
+        assert histories[1][key] == histories[2][key], key
+    loss1, loss2 = (dict(histories[w]["loss"])[1] for w in (1, 2))
+    same_rows = set(first_rows[1]) == set(first_rows[2])
+    print(f"step-1 loss: 1 worker {loss1:.6f}, 2 workers {loss2:.6f}; same rows: {same_rows}")
+    if same_rows:
+        assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert loss2 == pytest.approx(loss1, rel=0.05)

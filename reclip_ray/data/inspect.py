@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
-from reclip_ray.data.schema import (ColumnMap, check_schema, count_rows, list_parquet_files, parquet_schema,
-                                    read_dataset_json)
+from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, count_rows, list_parquet_files,
+                                    parquet_schema, read_dataset_json)
 from reclip_ray.data.local import _read_shard
 
 MAX_EXAMPLES = 10
@@ -39,14 +39,20 @@ def _summarise_meta(meta: dict) -> dict[str, Any]:
 
 
 def inspect_dataset(path: str, image_column: str = "image", caption_column: str = "caption", limit: int = 0) -> dict:
-    """Rows, shards, columns, bad rows (fully decoded, like the pipeline would) and image size stats."""
+    """Rows, shards, columns, absent and bad rows (fully decoded, like the pipeline would) and image size stats.
+
+    Absent rows (null image, or a ``status`` other than "success": img2dataset's failed downloads) are counted in
+    ``rows_absent`` and never as bad: they are not samples, and ``bad_fraction`` is a share of the samples, the
+    same share ``data.max_bad_fraction`` limits. ``rows_bad`` (also ``bad_rows``) counts only present rows whose
+    image does not decode or whose caption is empty. With ``limit`` both count among the rows checked.
+    """
     path = str(path)
     files = list_parquet_files(path)
     columns = ColumnMap(image=image_column, caption=caption_column)
     check_schema(files, columns)
     schema = parquet_schema(files[0])
     total_rows = count_rows(files)
-    checked = bad = 0
+    checked = bad = absent_rows = 0
     reasons: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     widths: list[int] = []
@@ -55,8 +61,10 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
         if limit and checked >= limit:
             break
         names = parquet_schema(file).names
-        wanted = [image_column, caption_column] + (["key"] if "key" in names else [])
+        wanted = [image_column, caption_column] + [c for c in ("key", "status") if c in names and c not in
+                                                    (image_column, caption_column)]
         table = _read_shard(file, wanted)
+        absent = absent_mask(table, image_column)
         images = table.column(image_column).to_pylist()
         captions = table.column(caption_column).to_pylist()
         keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)
@@ -64,6 +72,9 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
             if limit and checked >= limit:
                 break
             checked += 1
+            if absent[row]:
+                absent_rows += 1
+                continue
             reason = None
             try:
                 if data is None:
@@ -81,14 +92,17 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
                 reasons[reason.split(":")[0]] += 1
                 if len(examples) < MAX_EXAMPLES:
                     examples.append({"file": os.path.basename(file), "row": row, "key": key, "reason": reason})
+    samples = checked - absent_rows
     return {
         "path": path,
         "rows": total_rows,
+        "rows_absent": absent_rows,
+        "rows_bad": bad,
         "shards": len(files),
         "columns": {field.name: str(field.type) for field in schema},
         "checked_rows": checked,
-        "bad_rows": bad,
-        "bad_fraction": round(bad / checked, 6) if checked else 0.0,
+        "bad_rows": bad,  # the name this report had before rows_absent/rows_bad; kept for scripts that read it
+        "bad_fraction": round(bad / samples, 6) if samples else 0.0,
         "bad_reasons": dict(reasons),
         "bad_examples": examples,
         "image_size": {"width": _stats(widths), "height": _stats(heights)},

@@ -6,6 +6,7 @@ locally sees exactly what it was trained on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -14,28 +15,38 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image
-from reclip_ray.data.schema import ColumnMap, _filesystem, check_schema, list_parquet_files, parquet_schema
+from reclip_ray.data.schema import (ColumnMap, _filesystem, absent_mask, check_schema, list_parquet_files,
+                                    parquet_schema)
 from reclip_ray.data.tokenizer import CaptionTokenizer
 from reclip_ray.errors import DataError
 
 MAX_EXAMPLES = 10
+STATUS_COLUMN = "status"  # img2dataset: "success", or why the download failed (that row then has no image)
+IMAGE_ID_COLUMN = "image_id"  # COCO/Flickr-style eval sets: the rows that share an image share this id
 
 
 @dataclass
 class BadRowCount:
-    """Rows seen and rows skipped, with a few examples ({file, row, key, reason}) for the error message."""
+    """Rows seen and rows skipped, with a few examples ({file, row, key, reason}) for the error message.
+
+    ``absent`` counts rows that carry no image at all (img2dataset keeps failed downloads as rows with a null image
+    and ``status`` != "success"). They are samples that were never there, not broken data, so they are counted
+    apart and left out of ``seen`` and of the bad-row fraction: a crawl that lost 30% of its URLs is not 30% bad.
+    """
 
     seen: int = 0
     bad: int = 0
     examples: list = field(default_factory=list)
+    absent: int = 0
 
     @property
     def fraction(self) -> float:
         return self.bad / self.seen if self.seen else 0.0
 
-    def add(self, seen: int, bad: int, examples: Sequence[dict] = ()) -> None:
+    def add(self, seen: int, bad: int, examples: Sequence[dict] = (), absent: int = 0) -> None:
         self.seen += int(seen)
         self.bad += int(bad)
+        self.absent += int(absent)
         room = MAX_EXAMPLES - len(self.examples)
         if room > 0:
             self.examples.extend(list(examples)[:room])
@@ -75,6 +86,41 @@ def row_rng(seed: int, key: Any, epoch: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(key).encode()), int(epoch)])
 
 
+def check_columns(files: Sequence[str], columns: ColumnMap, *, require_caption: bool = True) -> None:
+    """Fail before reading when a shard lacks a column the read needs, naming the file and the column.
+
+    Training needs a string caption column (``schema.check_schema``). Evaluation (``require_caption=False``) also
+    accepts shards without one, or with an all-null one (Arrow type ``null``), because classification-only sets
+    such as ImageNet have labels and images but no captions.
+    """
+    if require_caption:
+        check_schema(files, columns)
+        return
+    import pyarrow as pa
+
+    for file in files:
+        schema = parquet_schema(file)
+        if columns.image not in schema.names:
+            raise DataError(f"{file}: missing image column {columns.image!r}; columns are {sorted(schema.names)} "
+                            "(set data.image_column)")
+        image_type = schema.field(columns.image).type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
+            raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary")
+        if columns.caption in schema.names:
+            caption_type = schema.field(columns.caption).type
+            if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type)
+                    or pa.types.is_null(caption_type)):
+                raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
+
+
+def image_identity(image_id: Any, image: bytes) -> str:
+    """The key that groups rows showing the same image: the ``image_id`` column when the row has one, else a
+    digest of the encoded bytes (COCO/Flickr rows repeat the identical file once per caption)."""
+    if image_id is not None:
+        return f"id:{image_id}"
+    return "blake2b:" + hashlib.blake2b(image, digest_size=16).hexdigest()
+
+
 def _read_shard(file: str, columns: list[str]):
     import pyarrow.parquet as pq
 
@@ -98,10 +144,22 @@ def iter_local_batches(
     epochs: int = 1,
     extra_columns: Sequence[str] = (),
     bad_rows: BadRowCount | None = None,
+    require_caption: bool = True,
+    group_images: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded batches in file order (train: files and rows shuffled per epoch). Bad rows skipped and counted."""
+    """Decoded batches in file order (train: files and rows shuffled per epoch). Bad rows skipped and counted;
+    rows without an image (failed downloads) skipped before decoding and counted in ``bad_rows.absent``.
+
+    Evaluation options (the defaults are what training wants):
+
+    - ``require_caption=False``: a missing, null or blank caption is not a bad row; the row keeps its image, its
+      text is "" and the batch's ``has_caption`` (bool) says which rows have a real caption.
+    - ``group_images=True``: batches carry ``image_id`` (``image_identity``: the ``image_id`` column, else a bytes
+      digest), ``image_new`` (bool) and ``file``. Only the first row of each image in the stream is decoded;
+      a repeat gets an all-zero placeholder image and ``image_new`` False, so the caller encodes each image once.
+    """
     files = list_parquet_files(str(path))
-    check_schema(files, columns)
+    check_columns(files, columns, require_caption=require_caption)
     user_names = {"label": columns.label, "key": columns.key}
     extra = list(extra_columns)
     for name in extra:
@@ -110,7 +168,10 @@ def iter_local_batches(
             if source not in parquet_schema(file).names:
                 raise DataError(f"{file}: missing column {source!r} (asked for {name!r})")
     bad_rows = bad_rows if bad_rows is not None else BadRowCount()
-    pending: dict[str, list] = {"image": [], "_text": [], "key": [], **{c: [] for c in extra if c != "key"}}
+    flags = ([] if require_caption else ["has_caption"]) + (["image_id", "image_new", "file"] if group_images else [])
+    pending: dict[str, list] = {"image": [], "_text": [], "key": [], **{c: [] for c in extra + flags if c != "key"}}
+    decoded: set[str] = set()  # group_images: identities already decoded successfully
+    placeholder = np.zeros((image_size, image_size, 3), np.uint8)
 
     def emit() -> dict[str, np.ndarray]:
         out = {
@@ -122,6 +183,8 @@ def iter_local_batches(
             if c == "key":
                 continue
             out[c] = np.array(pending[c], dtype=object if c in ("caption", "key") else None)
+        for c in flags:
+            out[c] = np.array(pending[c], dtype=bool if c in ("has_caption", "image_new") else object)
         for v in pending.values():
             v.clear()
         return out
@@ -134,31 +197,49 @@ def iter_local_batches(
         for fi in order:
             file = files[fi]
             names = parquet_schema(file).names
-            wanted = [columns.image, columns.caption] + [n for n in (columns.key,) if n in names]
+            optional = [columns.key, STATUS_COLUMN] + ([IMAGE_ID_COLUMN] if group_images else [])
+            wanted = [columns.image] + [n for n in [columns.caption, *optional] if n in names]
             wanted += [user_names.get(c, c) for c in extra if user_names.get(c, c) not in wanted]
             table = _read_shard(file, wanted)
-            images = table.column(columns.image).to_pylist()
-            captions = table.column(columns.caption).to_pylist()
-            keys = table.column(columns.key).to_pylist() if columns.key in names else [f"{os.path.basename(file)}#{i}" for i in range(len(images))]
+            n_rows = table.num_rows
+
+            def col(name: str) -> list:
+                """The column's values, or Nones when it was not read (this shard lacks it, or not asked for)."""
+                return table.column(name).to_pylist() if name in table.column_names else [None] * n_rows
+
+            images, captions, image_ids = col(columns.image), col(columns.caption), col(IMAGE_ID_COLUMN)
+            absent = absent_mask(table, columns.image, STATUS_COLUMN)
+            keys = table.column(columns.key).to_pylist() if columns.key in names else [f"{os.path.basename(file)}#{i}" for i in range(n_rows)]
             extras = {c: table.column(user_names.get(c, c)).to_pylist() for c in extra}
-            rows = np.arange(len(images))
+            rows = np.arange(n_rows)
             if train:
                 rng.shuffle(rows)
             for r in rows.tolist():
+                if absent[r]:
+                    bad_rows.absent += 1
+                    continue
                 bad_rows.seen += 1
                 caption = captions[r]
+                has_caption = caption is not None and bool(str(caption).strip())
+                ident = image_identity(image_ids[r], images[r]) if group_images else ""
+                new = ident not in decoded
                 try:
-                    if caption is None or not str(caption).strip():
+                    if require_caption and not has_caption:
                         raise BadImage("empty caption")
-                    if images[r] is None:
-                        raise BadImage("missing image bytes")
                     arr = decode_image(images[r], image_size, train=train,
-                                       rng=row_rng(seed, keys[r], epoch) if train else None)
+                                       rng=row_rng(seed, keys[r], epoch) if train else None) if new else placeholder
                 except BadImage as exc:
                     bad_rows.add(0, 1, [{"file": file, "row": r, "key": keys[r], "reason": str(exc)}])
                     continue
+                if group_images:
+                    decoded.add(ident)
+                    pending["image_id"].append(ident)
+                    pending["image_new"].append(new)
+                    pending["file"].append(file)
+                if not require_caption:
+                    pending["has_caption"].append(has_caption)
                 pending["image"].append(arr)
-                pending["_text"].append(str(caption))
+                pending["_text"].append(str(caption) if has_caption else "")
                 pending["key"].append(keys[r])
                 for c in extra:
                     if c != "key":

@@ -1,198 +1,286 @@
-"""Ray Data input for the trainer: Parquet shards -> decoded, cropped, tokenized batches for one RECLIP phase.
+"""Ray Data input for the trainer: the phase stream (``stream.PhaseStream``) -> decoded, cropped, tokenized rows.
 
-Each phase gets its own ``phase_dataset`` over the same ``read_shards`` dataset, so switching from 64 px to 224 px
-changes only the decode size, never the files. Reading a file and decoding its rows are plain functions that Ray
-Data fuses into one task; the tasks ask for a fraction of a CPU (so on a 2-core box they fit next to the training
-workers), at most ``MAX_TASKS`` at a time, and the tokenizer is built once per Ray worker process (Ray reuses task
-processes; actor pools started new processes for every phase of every run, about 7 s a run here). Images stay
-uint8 NHWC here; normalisation happens on the training device, where it is free compared to a 4x bigger transfer.
+One read task streams one group of shards (``stream.Group``): it opens each shard once, takes ``chunk_rows`` rows
+from each per round, permutes the round's rows with the unit's seeded RNG and yields them, so memory per task is
+one unit of raw bytes (``group_shards * chunk_rows`` rows, e.g. 16 x 64 rows of ~30 KB JPEGs = 30 MB) whatever the
+shard size. Reading and decoding are plain functions that Ray Data fuses into one task; the tasks ask for a
+fraction of a CPU (so on a 2-core box they fit next to the training workers), and the tokenizer is built once per
+Ray worker process.
 
-Unusable rows (bad image, empty caption) are dropped and reported to a named ``BadRowCounter`` actor; the trainer
-reads its totals, logs them and applies ``data.max_bad_fraction`` via ``check_bad_fraction``.
+Only the columns a phase needs travel to the workers: the decoded image (uint8 NHWC; normalised on the training
+device, where it is free compared to a 4x bigger transfer), the tokens, and the row's stream bookkeeping
+(``_pos``, ``_unit``, ``_unit_rows``, ``_unit_absent``, ``_ok``, ``_bad``). Any other column of the shards, of any
+name and type, is never read.
+
+Three kinds of rows that are not trained:
+* *absent* rows (a null image, or an img2dataset ``status`` other than ``success``: failed downloads) are not
+  samples. They are dropped before decoding and counted per unit (``_unit_absent``), never as bad rows;
+* *bad* rows (undecodable image, empty caption) travel on as ``_ok = 0`` with a blank image and the reason in
+  ``_bad``, so the worker counts them, applies ``data.max_bad_fraction`` and marks their position as done;
+* a unit with nothing left to emit (all absent, or all trained before a restart) sends one *marker* row
+  (``_ok = 2``) so the worker can still mark the unit done.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import ray
 
 from reclip_ray.data.images import BadImage, decode_image
-from reclip_ray.data.local import MAX_EXAMPLES, BadRowCount, check_bad_fraction, row_rng
-from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files, parquet_schema
+from reclip_ray.data.local import row_rng
+from reclip_ray.data.schema import ColumnMap, absent_mask
+from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, rows_to_skip, unit_permutation
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
+from reclip_ray.errors import DataError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 DECODE_NUM_CPUS = 0.25
 MAX_TASKS = 4  # default cap per stage: fractional-CPU tasks are otherwise started by the dozen on a small box
-LABEL_COLUMNS = ("label", "label_pattern")
 
 
-class _BadRowCounter:
-    """Totals of rows seen / dropped across all decode tasks of a run (a few examples kept for the message)."""
+class _MissingShards:
+    """Shards that disappeared during a run with ``data.missing_shards=skip`` (rare: one call per lost shard)."""
 
     def __init__(self) -> None:
-        self._count = BadRowCount()
         self._missing: list[str] = []
 
-    def add(self, seen: int, bad: int, examples: list | None = None) -> None:
-        self._count.add(seen, bad, examples or [])
-
-    def add_missing(self, file: str) -> None:
+    def add(self, file: str) -> None:
         if file not in self._missing:
             self._missing.append(file)
 
-    def totals(self) -> dict:
-        return {"seen": self._count.seen, "bad": self._count.bad, "fraction": self._count.fraction,
-                "examples": list(self._count.examples), "missing": list(self._missing)}
-
-    def reset(self) -> None:
-        self._count = BadRowCount()
-        self._missing = []
+    def missing(self) -> list[str]:
+        return list(self._missing)
 
 
-BadRowCounter = ray.remote(num_cpus=0, max_restarts=-1)(_BadRowCounter)
+MissingShards = ray.remote(num_cpus=0, max_restarts=-1)(_MissingShards)
 
 
-def get_or_create_bad_counter(name: str = "reclip_bad_rows", namespace: str | None = None):
-    """The named counter actor of a run (created on first use), shared by the decode tasks and the trainer."""
+def get_or_create_missing_shards(name: str, namespace: str | None = None):
+    """The named actor of a run that remembers skipped shards (created on first use)."""
     opts: dict[str, Any] = {"name": name, "get_if_exists": True}
     if namespace is not None:
         opts["namespace"] = namespace
-    return BadRowCounter.options(**opts).remote()
+    return MissingShards.options(**opts).remote()
 
 
-def check_counter(counter, threshold: float) -> dict:
-    """Totals of a BadRowCounter; raises DataError (with an example row) past ``threshold`` (data.max_bad_fraction)."""
-    totals = ray.get(counter.totals.remote())
-    examples = totals.get("examples") or []
-    check_bad_fraction(totals["seen"], totals["bad"], threshold, examples[0] if examples else None)
-    return totals
+# ------------------------------------------------------------------------------------------------ reading
 
 
-def read_shards(path: str, columns: ColumnMap, *, shuffle_files: bool = True, seed: int = 0,
-                extra_columns: tuple[str, ...] = (), missing: str = "fail", bad_counter=None,
-                passes: int = 1, concurrency: int | None = None) -> "ray.data.Dataset":
-    """The shards as one Ray Dataset, columns renamed to key/image/caption/label (+ ``path``).
-
-    The schema of every file is checked first (footers only), so a missing column fails here with the file and
-    column named rather than inside a Ray task minutes later. Files are read whole, one per task, in a seeded order
-    per pass; ``passes`` > 1 chains that many passes into one dataset (``read_parquet`` drops repeated paths, and a
-    union of N reads starts N times the tasks, which on a small machine costs more than the training). A shard that
-    disappears after this call fails the read naming the file, or with ``missing="skip"`` is skipped and reported to
-    ``bad_counter`` (for buckets that lose objects during a long run).
-    """
+def _read_schema() -> "pa.Schema":
     import pyarrow as pa
 
-    files = list_parquet_files(path)
-    check_schema(files, columns)
-    schema = parquet_schema(files[0])
-    wanted = [columns.image, columns.caption]
-    for optional in (columns.key, columns.label, "label_pattern", *extra_columns):
-        if optional in schema.names and optional not in wanted:
-            wanted.append(optional)
-    order: list[str] = []
-    for p in range(passes):
-        perm = np.random.default_rng(seed + p).permutation(len(files)) if shuffle_files else range(len(files))
-        order += [files[i] for i in perm]
-    out_schema = pa.schema([schema.field(c) for c in wanted] + [pa.field("path", pa.string())])
-    ds = ray.data.from_items([{"file": f} for f in order], override_num_blocks=len(order)).map_batches(
-        _read_files,
-        fn_kwargs={"schema": out_schema, "missing": missing, "counter": bad_counter},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=DECODE_NUM_CPUS,
-        concurrency=concurrency or MAX_TASKS,  # the same as phase_dataset's, so Ray Data fuses the two
-    )
-    renames = {src: dst for src, dst in columns.renames().items() if src in wanted}
-    if renames:
-        ds = ds.rename_columns(renames)
-    return ds
+    return pa.schema([
+        ("image", pa.binary()), ("caption", pa.string()), ("key", pa.string()), ("_pass", pa.int32()),
+        ("_pos", pa.int64()), ("_unit", pa.int64()), ("_unit_rows", pa.int32()), ("_unit_absent", pa.int32()),
+        ("_marker", pa.bool_()), ("_file", pa.string()), ("_row", pa.int64()),
+    ])
 
 
-def _read_files(batch: "pa.Table", *, schema: "pa.Schema", missing: str = "fail", counter=None) -> "pa.Table":
-    """map_batches function: Parquet file names in, their rows out (the wanted columns plus ``path``)."""
-    import pyarrow as pa
+class _ShardChunks:
+    """Consecutive ``chunk`` -row slices of one shard's needed columns, read batch by batch (bounded memory)."""
 
-    from reclip_ray.data.local import _read_shard
-    from reclip_ray.errors import DataError
+    def __init__(self, file: str, row_groups: Sequence[int], chunk: int, start_row: int, columns: ColumnMap,
+                 missing: str, on_missing) -> None:
+        self.file, self.chunk, self.row = file, chunk, start_row
+        self._buffer: list = []
+        self._buffered = 0
+        self._batches = self._open(row_groups, start_row, columns, missing, on_missing)
 
-    columns = [f.name for f in schema if f.name != "path"]
-    tables = []
-    for file in batch.column("file").to_pylist():
+    def _open(self, row_groups, start_row, columns, missing, on_missing) -> Iterator:
+        import pyarrow.parquet as pq
+
+        from reclip_ray.data.schema import _filesystem
+
+        groups, drop = rows_to_skip(row_groups, start_row)
+        if not groups:
+            return iter(())
+        fs, inner = _filesystem(self.file)
         try:
-            table = _read_shard(file, columns)
-        except DataError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
+            fh = fs.open_input_file(inner)
+        except FileNotFoundError:
             if missing != "skip":
-                raise DataError(f"shard {file} disappeared during the run (data.missing_shards=fail; "
+                raise DataError(f"shard {self.file} disappeared during the run (data.missing_shards=fail; "
                                 "set data.missing_shards=skip to train on without it)") from None
-            print(f"[reclip] WARNING: shard {file} is gone; skipped (data.missing_shards=skip)", flush=True)
-            if counter is not None:
-                ray.get(counter.add_missing.remote(file))
+            print(f"[reclip] WARNING: shard {self.file} is gone; skipped (data.missing_shards=skip)", flush=True)
+            on_missing(self.file)
+            return iter(())
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        wanted = [c for c in (columns.image, columns.caption, columns.key, "status") if c in names]
+        batches = pf.iter_batches(batch_size=self.chunk, row_groups=groups, columns=list(dict.fromkeys(wanted)),
+                                  use_threads=False)
+        if drop:
+            batches = _drop_rows(batches, drop)
+        return batches
+
+    def next(self):
+        """The next slice (a pyarrow Table of up to ``chunk`` rows) and its first row number, or None at the end."""
+        import pyarrow as pa
+
+        while self._buffered < self.chunk:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._buffer.append(batch)
+            self._buffered += batch.num_rows
+        if not self._buffered:
+            return None
+        table = pa.Table.from_batches(self._buffer)
+        head, rest = table.slice(0, self.chunk), table.slice(self.chunk)
+        self._buffer = rest.to_batches() if rest.num_rows else []
+        self._buffered = rest.num_rows
+        first = self.row
+        self.row += head.num_rows
+        return head, first
+
+
+def _drop_rows(batches: Iterator, n: int) -> Iterator:
+    for batch in batches:
+        if n >= batch.num_rows:
+            n -= batch.num_rows
             continue
-        table = table.append_column("path", pa.array([file] * table.num_rows, pa.string()))
-        tables.append(table.select(schema.names).cast(schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+        yield batch.slice(n) if n else batch
+        n = 0
+
+
+def _canonical(table: "pa.Table", columns: ColumnMap, file: str, first_row: int) -> "pa.Table":
+    """The slice with canonical column names and types (shards may store int keys, large_binary, ...)."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    names = table.column_names
+    image = table.column(columns.image).cast(pa.binary())
+    caption = table.column(columns.caption).cast(pa.string()) if columns.caption in names else pa.nulls(n, pa.string())
+    if columns.key in names:
+        key = table.column(columns.key).cast(pa.string())
+    else:
+        base = os.path.basename(file)
+        key = pa.array([f"{base}#{first_row + i}" for i in range(n)], pa.string())
+    return pa.table({"image": image, "caption": caption, "key": key,
+                     "_file": pa.array([file] * n, pa.string()),
+                     "_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64))})
+
+
+def _placeholder(n: int, file: str, first_row: int) -> "pa.Table":
+    import pyarrow as pa
+
+    return pa.table({"image": pa.nulls(n, pa.binary()), "caption": pa.nulls(n, pa.string()),
+                     "key": pa.array([""] * n), "_file": pa.array([file] * n),
+                     "_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+                     "_absent": pa.array(np.ones(n, dtype=bool))})
+
+
+def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed: int, missing: str = "fail",
+                missing_actor=None) -> Iterator["pa.Table"]:
+    """map_batches generator: one stream group in, one table per unit out (its rows in stream order)."""
+    import pyarrow as pa
+
+    schema = _read_schema()
+
+    def on_missing(file: str) -> None:
+        if missing_actor is not None:
+            ray.get(missing_actor.add.remote(file))
+
+    for item in items.to_pylist():
+        files, rows, start = item["files"], item["rows"], item["start_round"]
+        done = np.asarray(item["done"], dtype=np.int64)
+        readers = [_ShardChunks(f, rg, chunk_rows, start * chunk_rows, columns, missing, on_missing)
+                   for f, rg in zip(files, item["row_groups"])]
+        sizes = [sum(min(chunk_rows, max(0, n - k * chunk_rows)) for n in rows)
+                 for k in range(-(-max(rows) // chunk_rows))]
+        unit_pos = item["first_pos"] + sum(sizes[:start])
+        for k in range(start, len(sizes)):
+            parts = []
+            for reader, n in zip(readers, rows):
+                expected = min(chunk_rows, max(0, n - k * chunk_rows))
+                got = reader.next() if expected else None
+                if got is not None:
+                    parts.append(_canonical(got[0], columns, reader.file, got[1]).append_column(
+                        "_absent", pa.array(absent_mask(got[0], columns.image))))
+                    if got[0].num_rows != expected:
+                        raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says "
+                                        f"{expected} (the shard changed during the run?)")
+                elif expected:  # a skipped missing shard keeps its positions (as absent rows): the others' stay put
+                    parts.append(_placeholder(expected, reader.file, k * chunk_rows))
+            size = sizes[k]
+            perm = unit_permutation(seed, item["pass_index"], item["group"], k, size)
+            positions = unit_pos + np.arange(size, dtype=np.int64)
+            unit_pos += size
+            unit = item["first_unit"] + k
+            table = pa.concat_tables(parts).take(pa.array(perm))
+            is_absent = np.asarray(table.column("_absent").to_numpy(zero_copy_only=False), dtype=bool)
+            absent = int(is_absent.sum())
+            keep = ~is_absent
+            table = table.drop_columns(["_absent"])
+            if done.size:
+                keep &= ~np.isin(positions, done)
+            emitted = int(keep.sum())
+            if emitted:
+                out = table.filter(pa.array(keep))
+                n, pos = emitted, positions[keep]
+                marker = np.zeros(n, dtype=bool)
+            else:  # nothing to train here: one marker row lets the workers mark the unit done
+                out = pa.table({"image": pa.nulls(1, pa.binary()), "caption": pa.nulls(1, pa.string()),
+                                "key": pa.array([""]), "_file": pa.array([files[0]]), "_row": pa.array([-1])})
+                n, pos, marker = 1, np.asarray([-1], dtype=np.int64), np.ones(1, dtype=bool)
+            out = out.append_column("_pass", pa.array(np.full(n, item["pass_index"], np.int32)))
+            out = out.append_column("_pos", pa.array(pos))
+            out = out.append_column("_unit", pa.array(np.full(n, unit, np.int64)))
+            out = out.append_column("_unit_rows", pa.array(np.full(n, n, np.int32)))
+            out = out.append_column("_unit_absent", pa.array(np.full(n, absent, np.int32)))
+            out = out.append_column("_marker", pa.array(marker))
+            yield out.select(schema.names).cast(schema)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, text_length: int, tokenizer_json: str,
-                 train: bool, seed: int, bad_counter=None) -> dict[str, np.ndarray]:
-    """map_batches function: bytes + captions -> uint8 images + int64 tokens; unusable rows dropped and counted."""
+                 train: bool, seed: int, keep_keys: bool = False) -> dict[str, np.ndarray]:
+    """map_batches function: bytes + captions -> uint8 images + int64 tokens; bad rows flagged, not dropped."""
     tokenizer = _tokenizer_from(tokenizer_json)
-    images = batch["image"]
-    captions = batch["caption"]
+    images, captions, keys = batch["image"], batch["caption"], batch["key"]
+    markers, passes = batch["_marker"], batch["_pass"]
     n = len(images)
-    keys = batch.get("key")
-    paths = batch.get("path")
-    keep: list[int] = []
-    decoded: list[np.ndarray] = []
-    examples: list[dict] = []
-    bad = 0
+    s = image_size
+    pixels = np.zeros((n, s, s, 3), np.uint8)
+    ok = np.full(n, OK, np.int8)
+    bad = np.full(n, "", dtype=object)
+    texts = [""] * n
     for i in range(n):
+        if markers[i]:
+            ok[i] = MARKER
+            continue
         caption = captions[i]
-        key = keys[i] if keys is not None else None
         try:
             if caption is None or not str(caption).strip():
                 raise BadImage("empty caption")
-            data = images[i]
-            if data is None:
-                raise BadImage("missing image bytes")
-            rng = None
-            if train:
-                rng = row_rng(seed, key) if key is not None else _fallback_rng(seed)
-            decoded.append(decode_image(bytes(data), image_size, train=train, rng=rng))
-            keep.append(i)
+            rng = row_rng(seed, keys[i], int(passes[i])) if train else None
+            pixels[i] = decode_image(bytes(images[i]), image_size, train=train, rng=rng)
+            texts[i] = str(caption)
         except BadImage as exc:
-            bad += 1
-            if len(examples) < MAX_EXAMPLES:
-                file = os.path.basename(str(paths[i])) if paths is not None else "?"
-                examples.append({"file": file, "row": None, "key": None if key is None else str(key),
-                                 "reason": str(exc)})
-    if bad_counter is not None:
-        # Wait for the ack (about a millisecond per batch): totals read right after the epoch are then complete.
-        ray.get(bad_counter.add.remote(n, bad, examples))
-    s = image_size
+            ok[i] = BAD
+            bad[i] = f"{os.path.basename(str(batch['_file'][i]))} row {int(batch['_row'][i])} key={keys[i]}: {exc}"
     out = {
-        "image": np.stack(decoded) if decoded else np.zeros((0, s, s, 3), np.uint8),
-        "tokens": tokenizer.encode([str(captions[i]) for i in keep], text_length),
+        "image": pixels,
+        "tokens": tokenizer.encode(texts, text_length),
+        "_ok": ok,
+        "_bad": bad,
+        "_pos": np.asarray(batch["_pos"], np.int64),
+        "_unit": np.asarray(batch["_unit"], np.int64),
+        "_unit_rows": np.asarray(batch["_unit_rows"], np.int32),
+        "_unit_absent": np.asarray(batch["_unit_absent"], np.int32),
     }
-    for name in LABEL_COLUMNS:
-        if name in batch:
-            out[name] = np.asarray(batch[name])[keep].astype(np.int64)
+    if keep_keys:
+        out["key"] = np.asarray(keys, dtype=object)
+        out["_pass"] = np.asarray(passes, np.int32)
     return out
-
-
-@functools.lru_cache(maxsize=8)
-def _fallback_rng(seed: int) -> np.random.Generator:
-    """Crop randomness for rows without a key: one stream per worker process and seed."""
-    return np.random.default_rng([seed, os.getpid()])
 
 
 @functools.lru_cache(maxsize=4)
@@ -205,32 +293,48 @@ def _tokenizer_from(tokenizer_json: str) -> CaptionTokenizer:
 
 
 def phase_dataset(
-    ds: "ray.data.Dataset",
+    stream: PhaseStream,
+    columns: ColumnMap,
     *,
     image_size: int,
     text_length: int,
     tokenizer_json: str,
-    train: bool,
-    seed: int,
-    batch_size: int = 64,
-    bad_counter=None,
-    num_cpus: float = DECODE_NUM_CPUS,
+    train: bool = True,
+    frontier: int = 0,
+    done: Sequence[int] = (),
+    decode_batch_size: int = 64,
+    missing: str = "fail",
+    missing_actor=None,
     concurrency: int | None = None,
+    num_cpus: float = DECODE_NUM_CPUS,
+    keep_keys: bool = False,
 ) -> "ray.data.Dataset":
-    """Decode + crop to ``image_size`` and tokenize to ``text_length``; columns image, tokens (+label[s])."""
+    """The rows of ``stream`` not yet trained (units from ``frontier`` on, minus the ``done`` positions), decoded
+    to ``image_size`` and tokenized to ``text_length``. Lazy: nothing runs until a worker iterates."""
     _tokenizer_from(tokenizer_json)  # fail here (driver), not inside a task, on a bad tokenizer
+    items = stream.items(frontier, done)
+    if not items:
+        raise DataError("the phase's data stream is exhausted at its checkpointed position")
+    concurrency = concurrency or MAX_TASKS
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_groups,
+        fn_kwargs={"columns": columns, "chunk_rows": stream.chunk_rows, "seed": stream.seed, "missing": missing,
+                   "missing_actor": missing_actor},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),  # the same as the decode's, so Ray Data fuses the two
+    )
+    # Ray Data would coalesce the decoded batches into blocks of up to 128 MB (a whole group, thousands of rows);
+    # the split hands out whole blocks, so small blocks keep the ranks' shares interleaved in stream order.
+    ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * (3 * image_size**2 + 9 * text_length + 64)))
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={
-            "image_size": image_size,
-            "text_length": text_length,
-            "tokenizer_json": tokenizer_json,
-            "train": train,
-            "seed": seed,
-            "bad_counter": bad_counter,
-        },
-        batch_size=batch_size,
+        fn_kwargs={"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json,
+                   "train": train, "seed": stream.seed, "keep_keys": keep_keys},
+        batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,
-        concurrency=concurrency or MAX_TASKS,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
     )

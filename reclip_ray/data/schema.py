@@ -6,9 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from reclip_ray.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CANONICAL = ("key", "image", "caption", "label")
 
@@ -113,27 +116,150 @@ def count_rows(files: Iterable[str]) -> int:
 
 
 def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool = False) -> None:
-    """Fail before any work starts when a shard lacks a column, naming the file and the column."""
-    import pyarrow as pa
+    """Fail before any work starts when a shard lacks a column, naming the file and the column.
 
+    A missing image/caption column is most often a naming difference (img2dataset writes ``jpg``), or shards that
+    hold only metadata because the images are in webdataset tars beside them; the message says which, with the
+    exact flag or command to run, so the user does not have to read the column list and guess.
+    """
     required = [("image", columns.image), ("caption", columns.caption)]
     if require_label:
         required.append(("label", columns.label))
     for file in files:
         schema = parquet_schema(file)
         names = set(schema.names)
-        for role, name in required:
-            if name not in names:
-                hint = f" (set data.{role}_column)" if role != "label" else " (set data.label_column)"
-                raise DataError(
-                    f"{file}: missing {role} column {name!r}; columns are {sorted(names)}{hint}"
-                )
+        missing = [(role, name) for role, name in required if name not in names]
+        if missing:
+            raise DataError(_missing_column_message(file, schema, missing))
         image_type = schema.field(columns.image).type
-        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-            raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary")
+        if not _is_binary(image_type):
+            others = _binary_columns(schema)
+            hint = f" (try --set data.image_column={others[0]})" if others else ""
+            raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary{hint}")
         caption_type = schema.field(columns.caption).type
-        if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type)):
+        if not _is_string(caption_type):
             raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
+
+
+# Column names other tools use for the caption, most likely first; only these are suggested, so that img2dataset's
+# many other string columns (url, status, exif, sha256...) are never offered as captions.
+CAPTION_NAMES = ("caption", "txt", "text", "captions", "alt", "alt_text", "title", "description", "prompt")
+IMAGE_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+
+
+def _is_binary(type_) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+
+
+def _is_string(type_) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
+def _binary_columns(schema) -> list[str]:
+    """Binary columns, the usual image names first: the candidates for ``data.image_column``."""
+    binary = [f.name for f in schema if _is_binary(f.type)]
+    return sorted(binary, key=lambda n: (IMAGE_NAMES.index(n) if n in IMAGE_NAMES else len(IMAGE_NAMES)))
+
+
+def _caption_columns(schema) -> list[str]:
+    """String columns with a caption-like name, the usual names first: the candidates for ``data.caption_column``."""
+    present = {f.name for f in schema if _is_string(f.type)}
+    return [n for n in CAPTION_NAMES if n in present]
+
+
+def _missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -> str:
+    """One line for the missing ``(role, name)`` columns: the webdataset command, the --set flags, or the columns."""
+    roles = [role for role, _ in missing]
+    if "image" in roles and not _binary_columns(schema):
+        pattern = _webdataset_pattern(file, schema)
+        if pattern is not None:
+            return (f"{file}: missing image column {missing[0][1]!r}: the images are in the webdataset tars beside "
+                    f"this metadata-only shard (img2dataset --output_format webdataset); convert them with "
+                    f"reclip-ray data ingest --webdataset '{pattern}' --out DIR")
+    finders = {"image": _binary_columns, "caption": _caption_columns}
+    hints = []
+    for role, name in missing:
+        found = [n for n in finders.get(role, lambda _: [])(schema) if n != name]
+        hints.append(f"try --set data.{role}_column={found[0]}" if found else f"set data.{role}_column")
+    role, name = missing[0]
+    return f"{file}: missing {role} column {name!r}; columns are {sorted(schema.names)} ({'; '.join(hints)})"
+
+
+def _webdataset_pattern(file: str, schema) -> str | None:
+    """``DIR/{00000..NNNNN}.tar`` when ``file`` looks like img2dataset's webdataset sidecar, else None.
+
+    Evidence: ``.tar`` files in the same folder, or img2dataset's metadata columns (status plus url or
+    error_message). The brace range comes from the tars when present, else from the Parquet names (img2dataset
+    names a shard's tar and Parquet alike).
+    """
+    import pyarrow.fs as pafs
+
+    folder = file.rsplit("/", 1)[0] if "/" in file else "."
+    fs, inner = _filesystem(file)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(os.path.dirname(inner), recursive=False))
+    except Exception:  # listing is best effort: the message falls back to the plain column error
+        infos = []
+    tars = sorted(os.path.basename(i.path)[: -len(".tar")] for i in infos if i.path.endswith(".tar"))
+    names = set(schema.names)
+    looks_meta = "status" in names and bool(names & {"url", "error_message"})
+    if not tars and not looks_meta:
+        return None
+    stems = tars or sorted(os.path.basename(i.path)[: -len(".parquet")] for i in infos if i.path.endswith(".parquet"))
+    return f"{folder}/{_brace_range(stems)}.tar"
+
+
+def _brace_range(stems: list[str]) -> str:
+    """``{00000..00003}`` for numbered shards of one width (what ``expand_braces`` reads back), else a placeholder."""
+    if stems and all(s.isdigit() and len(s) == len(stems[0]) for s in stems):
+        return stems[0] if len(stems) == 1 else f"{{{stems[0]}..{stems[-1]}}}"
+    return "{00000..NNNNN}"
+
+
+def absent_mask(batch: Any, image_column: str = "image", status_column: str = "status") -> np.ndarray:
+    """Boolean mask of the rows that are absent samples: null image cell, or a ``status`` other than "success".
+
+    img2dataset keeps failed downloads as rows with a null image and ``status="failed_to_download"``. Those are not
+    samples that went wrong, they are samples that never existed: they must not count towards
+    ``data.max_bad_fraction`` (a 30% download failure rate is normal and would otherwise stop every run). Only a
+    string ``status`` column is read, so an unrelated numeric ``status`` column does not hide rows.
+
+    ``batch`` is a ``pyarrow.Table``/``RecordBatch`` or a mapping of column name to array (Ray's numpy batch format;
+    a pandas DataFrame works too).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        n = batch.num_rows
+        names = batch.schema.names
+        absent = np.zeros(n, dtype=bool)
+        if image_column in names:
+            absent |= batch.column(image_column).is_null().to_numpy(zero_copy_only=False)
+        if status_column in names and _is_string(batch.schema.field(status_column).type):
+            status = batch.column(status_column).to_pylist()
+            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+        return absent
+    images = batch[image_column] if image_column in batch else None
+    first = next(iter(batch), None)  # a column name, for a dict and a DataFrame alike
+    n = len(batch[first]) if first is not None else 0
+    absent = np.zeros(n, dtype=bool)
+    if images is not None:
+        absent |= np.fromiter((_is_null(v) for v in images), dtype=bool, count=n)
+    if status_column in batch:
+        status = list(batch[status_column])
+        if any(isinstance(s, str) for s in status):
+            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+    return absent
+
+
+def _is_null(value: Any) -> bool:
+    """None, or pandas' NaN stand-in for a missing object cell."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def read_dataset_json(path: str | os.PathLike) -> dict:

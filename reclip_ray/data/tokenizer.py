@@ -1,8 +1,9 @@
 """Caption tokenizer: byte-level BPE (``tokenizers``) behind a small fixed-length interface.
 
 RECLIP's main phase uses short texts (16 tokens in CLIPA), so truncation must keep the end token: the text tower
-pools at the last non-pad token and was trained to find the end-of-text there. Any ``tokenizer.json`` works; we
-only need to find its pad / start / end tokens, whose names differ between ecosystems.
+pools at the (first) end-of-text token. Any ``tokenizer.json`` works; we only need to find its pad / start / end
+tokens, whose names and ids differ between ecosystems (CLIP's BPE has ``<|endoftext|>`` as its last id, 49407).
+The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=tok)``), never from defaults.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def _normalize(text: str) -> str:
 class CaptionTokenizer:
     """Wraps a ``tokenizers.Tokenizer``; encodes to [sot, ..., eot, pad, ...] int64 rows of a fixed length."""
 
-    def __init__(self, tokenizer, *, pad: str | None = None, sot: str | None = None, eot: str | None = None,
-                 source: str = "tokenizer") -> None:
+    def __init__(self, tokenizer, *, pad: str | int | None = None, sot: str | int | None = None,
+                 eot: str | int | None = None, source: str = "tokenizer") -> None:
         self._tok = tokenizer
         self.source = source
         self.pad_id = self._find("pad", pad, PAD_NAMES)
@@ -37,7 +38,14 @@ class CaptionTokenizer:
         self.eot_id = self._find("end", eot, EOT_NAMES)
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
-    def _find(self, role: str, name: str | None, candidates: Sequence[str]) -> int:
+    def _find(self, role: str, name: str | int | None, candidates: Sequence[str]) -> int:
+        """The id of a special token: given as an id (an exported model pins the ids it was trained with), by
+        name, or else the first of the usual names that the vocabulary has."""
+        if isinstance(name, int) and not isinstance(name, bool):
+            if self._tok.id_to_token(name) is None:
+                raise DataError(f"{self.source}: no {role} token with id {name} (vocabulary of "
+                                f"{self._tok.get_vocab_size(with_added_tokens=True)})")
+            return name
         names = (name,) if name else candidates
         for candidate in names:
             idx = self._tok.token_to_id(candidate)
@@ -98,9 +106,9 @@ class CaptionTokenizer:
                 f"eot_id={self.eot_id})")
 
 
-def load_tokenizer(path: str | os.PathLike, *, pad: str | None = None, sot: str | None = None,
-                   eot: str | None = None) -> CaptionTokenizer:
-    """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given."""
+def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot: str | int | None = None,
+                   eot: str | int | None = None) -> CaptionTokenizer:
+    """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given (name or id)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"

@@ -31,11 +31,12 @@ class TrainState:
     step: int = 0
     phase: int = 0
     phase_done: bool = False  # the phase at index ``phase`` has finished (its end checkpoint)
-    data_seed: int = 0  # bumped on every resume: a resumed phase reshuffles instead of replaying
     restarts: int = 0
     mlflow_run_id: str = ""
-    rows_seen: int = 0
+    rows_seen: int = 0  # rows trained or dropped as bad, settled at checkpoints (exact across restarts)
     rows_bad: int = 0
+    rows_absent: int = 0  # not samples (failed downloads): never counted as bad
+    data: dict[str, Any] = field(default_factory=dict)  # feed.DataPosition of the phase in progress
     gflops: float = 0.0
     eval: dict[str, float] = field(default_factory=dict)
 

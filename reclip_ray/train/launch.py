@@ -52,7 +52,13 @@ def prepare(cfg: Config) -> Prepared:
     if data.eval:
         if "://" not in data.eval and not Path(data.eval).exists():
             raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
-        check_schema(list_parquet_files(data.eval), columns)
+        from reclip_ray.evaluate import check_eval_set, eval_columns
+
+        sizes = [p.image_size for p in cfg.phases] + ([cfg.eval.full_image_size] if cfg.eval.full_image_size else [])
+        summary = check_eval_set(data.eval, eval_columns(data.eval, columns), sizes, cfg.model.vision.patch_size)
+        sets = ", ".join(f"{name} ({n} classes)" for name, n in summary["label_sets"].items()) or "none"
+        print(f"[reclip] eval set: {summary['rows']} rows; zero-shot label sets: {sets}; "
+              f"retrieval: {'yes' if summary['has_captions'] else 'no captions'}", flush=True)
 
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{run_name}"
     tokenizer_path = _ensure_tokenizer(cfg, run_dir)
@@ -93,6 +99,15 @@ def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
         train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, out=path, caption_column=cfg.data.caption_column)
     cfg.data.tokenizer = str(path)
     return str(path)
+
+
+def _final_eval(run_dir: str) -> dict[str, float]:
+    """The last evaluation, as the workers exported it (Ray Train returns the last checkpoint's metrics, and the
+    phase-end checkpoint is written before its evaluation)."""
+    path = Path(run_dir) / "eval.json"
+    if "://" in run_dir or not path.is_file():
+        return {}
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()}
 
 
 def _read_run_state(run_dir: str) -> dict[str, Any]:
@@ -144,45 +159,118 @@ def _use_gpu(cfg: Config) -> bool:
     return setting == "true"
 
 
-def build_datasets(cfg: Config, tokenizer_json: str, data_seed: int, bad_counter: Any) -> dict[str, Any]:
-    """One Ray Dataset per phase, each decoding to its own resolution and text length.
+def build_datasets(cfg: Config, tokenizer_json: str, run_dir: str, missing_actor: Any = None) -> dict[str, Any]:
+    """One dataset factory per phase, for ``TorchTrainer(datasets=...)``.
 
-    A phase reads the shards as many times as its sample count needs (each pass with its own file order), so one
-    iteration covers the whole phase and no rank ever waits for another to start a new epoch.
+    Ray Train calls a callable dataset again at every start of the worker group (a restart, an elastic resize, a
+    rerun of the same command), so each factory rebuilds its phase's stream from the data position stored in the
+    checkpoint that Ray Train is about to restore: a restart continues with the rows that follow, none trained
+    twice. The footers are read once here (in parallel) and travel with the factories.
     """
-    from reclip_ray.data.pipeline import phase_dataset, read_shards
-    from reclip_ray.data.schema import count_rows, list_parquet_files
-    from reclip_ray.data.schema import ColumnMap
+    from reclip_ray.data.schema import list_parquet_files
+    from reclip_ray.data.stream import read_footers
     from reclip_ray.schedule import Schedule
-    from reclip_ray.train.worker import phase_dataset_name
+    from reclip_ray.train.worker import phase_dataset_name, shuffle_buffer_rows, split_batch
 
-    columns = ColumnMap.from_config(cfg.data)
+    shards = read_footers(list_parquet_files(cfg.data.train), cfg.data.image_column)
+    rows = sum(s.rows for s in shards)
+    present = rows - sum(s.absent for s in shards)
+    if present <= 0:
+        raise DataError(f"{cfg.data.train}: the shards hold no rows" if rows == 0 else
+                        f"{cfg.data.train}: all {rows} rows are absent (no image bytes: failed downloads?)")
+    usable = max(1.0, present * (1.0 - cfg.data.max_bad_fraction))
     concurrency = decode_concurrency(cfg)
-    rows = count_rows(list_parquet_files(cfg.data.train))
-    if rows == 0:
-        raise DataError(f"{cfg.data.train}: the shards hold no rows")
-    usable = max(1.0, rows * (1.0 - cfg.data.max_bad_fraction))
     datasets = {}
     for plan in Schedule.from_config(cfg).phases:
-        # Margin: the equal split drops up to one row per worker, drop_last up to one batch per worker.
-        needed = (plan.end_sample - plan.start_sample) + 2 * plan.batch_size * (cfg.scaling.max_workers + 1)
-        passes = max(1, math.ceil(needed / usable))
-        seed = cfg.train.seed * 1_000_003 + data_seed * 1009 + plan.index * 101
-        shuffle = cfg.data.shuffle == "files"
-        ds = read_shards(cfg.data.train, columns, shuffle_files=shuffle, seed=seed, passes=passes,
-                         missing=cfg.data.missing_shards, bad_counter=bad_counter, concurrency=concurrency)
-        datasets[phase_dataset_name(plan.index)] = phase_dataset(
-            ds,
-            image_size=plan.image_size,
-            text_length=plan.text_length,
-            tokenizer_json=tokenizer_json,
-            train=True,
-            seed=seed,
-            batch_size=cfg.data.decode_batch_size,
-            bad_counter=bad_counter,
-            concurrency=concurrency,
-        )
+        # Margin for the rows a phase reads but does not train: each worker's shuffle buffer and prefetch at the
+        # phase end, and the equal split's remainder.
+        local = split_batch(plan.batch_size, cfg.scaling.min_workers)[0]
+        leftover = cfg.scaling.max_workers * (shuffle_buffer_rows(cfg, local) + 4 * cfg.data.decode_batch_size)
+        needed = plan.samples + 2 * plan.batch_size + leftover
+        datasets[phase_dataset_name(plan.index)] = PhaseDatasetFactory(
+            cfg, plan.index, shards, passes=max(1, math.ceil(needed / usable)), tokenizer_json=tokenizer_json,
+            run_dir=run_dir, concurrency=concurrency, missing_actor=missing_actor)
     return datasets
+
+
+class PhaseDatasetFactory:
+    """Called by Ray Train (in its controller) at every worker-group start: the phase's dataset from where the
+    checkpoint about to be restored left it."""
+
+    def __init__(self, cfg: Config, phase: int, shards: list, *, passes: int, tokenizer_json: str, run_dir: str,
+                 concurrency: int, missing_actor: Any = None) -> None:
+        from reclip_ray.data.stream import PhaseStream
+        from reclip_ray.train.worker import phase_seed
+
+        self.cfg, self.phase, self.run_dir = cfg, phase, run_dir
+        self.plan = cfg.phases[phase]
+        self.stream = PhaseStream(shards, seed=phase_seed(cfg, phase), passes=passes,
+                                  group_shards=cfg.data.group_shards, chunk_rows=cfg.data.chunk_rows,
+                                  shuffle=cfg.data.shuffle == "files")
+        self.tokenizer_json = tokenizer_json
+        self.concurrency = concurrency
+        self.missing_actor = missing_actor
+
+    def __call__(self) -> Any:
+        from reclip_ray.data.feed import DataPosition
+        from reclip_ray.data.pipeline import phase_dataset
+        from reclip_ray.data.schema import ColumnMap
+
+        raise_if_fatal(self.run_dir)
+        checkpoint, state = latest_checkpoint_state(self.run_dir)
+        position = DataPosition.from_dict(state.get("data"))
+        if position.phase != self.phase or state.get("phase_done"):
+            position = DataPosition(phase=self.phase)
+        record_data_start(self.run_dir, self.phase, checkpoint, position)
+        return phase_dataset(
+            self.stream, ColumnMap.from_config(self.cfg.data), image_size=self.plan.image_size,
+            text_length=self.plan.text_length, tokenizer_json=self.tokenizer_json, train=True,
+            frontier=position.frontier, done=position.done, decode_batch_size=self.cfg.data.decode_batch_size,
+            missing=self.cfg.data.missing_shards, missing_actor=self.missing_actor, concurrency=self.concurrency,
+            keep_keys=self.cfg.fault.record_rows)
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 keeps its registered checkpoints here
+DATA_START_DIR = ".data_start"
+
+
+def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """(name, meta.json) of the checkpoint Ray Train restores next: the latest registered one; ("", {}) if none."""
+    from reclip_ray.data.schema import _filesystem
+    from reclip_ray.train.checkpoint import META_FILE
+
+    fs, inner = _filesystem(run_dir)
+    try:
+        with fs.open_input_stream(f"{inner}/{CHECKPOINT_SNAPSHOT}") as f:
+            snapshot = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return "", {}
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not latest:
+        return "", {}
+    with fs.open_input_stream(f"{inner}/{latest}/{META_FILE}") as f:
+        return latest, json.loads(f.read().decode("utf-8"))
+
+
+def raise_if_fatal(run_dir: str) -> None:
+    """End the run at a worker-group start when the last group died of a deterministic error (see the worker)."""
+    from reclip_ray.train.worker import FATAL_FILE
+
+    path = Path(run_dir) / FATAL_FILE
+    if "://" in run_dir or not path.is_file():
+        return
+    raise DataError(json.loads(path.read_text())["message"])
+
+
+def record_data_start(run_dir: str, phase: int, checkpoint: str, position: Any) -> None:
+    """Note which checkpoint a phase's stream was rebuilt from, so the worker can check it restored the same one."""
+    if "://" in run_dir:
+        return
+    folder = Path(run_dir) / DATA_START_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"phase{phase}.json.tmp"
+    tmp.write_text(json.dumps({"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done)}))
+    os.replace(tmp, folder / f"phase{phase}.json")
 
 
 def decode_concurrency(cfg: Config) -> int:
@@ -203,24 +291,34 @@ def run_training(
     callbacks: list[Any] | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    console: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case.
 
     ``callbacks`` go to Ray Train's RunConfig (a sweep passes Tune's report callback); ``parent_run_id`` nests the
-    MLflow run under a sweep's parent run.
+    MLflow run under a sweep's parent run. ``console`` (the CLI) draws the run's progress in this process and sends
+    Ray's own output to ``RUN_DIR/ray.log`` (unless ``verbose``).
     """
+    import contextlib
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from reclip_ray import tracking
-    from reclip_ray.data.pipeline import get_or_create_bad_counter
+    from reclip_ray.data.pipeline import get_or_create_missing_shards
     from reclip_ray.flops import run_flops
+    from reclip_ray.schedule import Schedule
     from reclip_ray.train.worker import train_loop_per_worker
 
     prep = prepare(cfg)
     cfg = prep.cfg
     run_state = _read_run_state(prep.run_dir)
+    finished = run_state.get("finished") or {}
+    if finished.get("samples") == Schedule.from_config(cfg).total_samples:
+        print(f"[reclip] run '{prep.run_name}' already finished ({finished['samples']} samples); model at "
+              f"{prep.run_dir}/model, MLflow run {finished.get('mlflow_run_id')}. Nothing to do.", flush=True)
+        return dict(finished)
     flops = run_flops(cfg)
     tags = {
         "reclip.phases": " -> ".join(f"{p.name}:{p.image_size}px/{p.text_length}tok" for p in cfg.phases),
@@ -239,10 +337,23 @@ def run_training(
     status = "FAILED"
     try:
         init_ray(cfg)
+        board = display = None
+        if console:
+            from reclip_ray.console import ProgressDisplay, get_board, redirect_ray_output
+
+            log_file = None if verbose else redirect_ray_output(prep.run_dir)
+            if log_file:
+                print(f"[reclip] Ray's own output: {log_file} (--verbose shows it here)", flush=True)
+            board = get_board(prep.run_name, create=True)
+            display = ProgressDisplay(board)
         use_gpu = _use_gpu(cfg)
         tokenizer_json = Path(prep.tokenizer_path).read_text()
-        bad_counter = get_or_create_bad_counter(f"reclip-bad-rows-{prep.run_name}")
-        datasets = build_datasets(cfg, tokenizer_json, data_seed=run_state.get("attempts", 0), bad_counter=bad_counter)
+        from reclip_ray.train.worker import FATAL_FILE
+
+        if "://" not in prep.run_dir:
+            (Path(prep.run_dir) / FATAL_FILE).unlink(missing_ok=True)  # a rerun tries again (the user fixed it?)
+        missing_actor = get_or_create_missing_shards(f"reclip-missing-shards-{prep.run_name}")
+        datasets = build_datasets(cfg, tokenizer_json, prep.run_dir, missing_actor)
         resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
         if use_gpu:
             resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -260,7 +371,8 @@ def run_training(
                 "tracking_uri": prep.tracking_uri,
                 "mlflow_run_id": run_id,
                 "run_dir": prep.run_dir,
-                "bad_counter": bad_counter,
+                "missing_actor": missing_actor,
+                "board": board,
             },
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
             scaling_config=ray.train.ScalingConfig(
@@ -279,7 +391,8 @@ def run_training(
             datasets=datasets,
         )
         try:
-            result = trainer.fit()
+            with display or contextlib.nullcontext():
+                result = trainer.fit()
         except SystemExit:
             # Ray Train's own SIGINT handler (installed by fit() in the main thread) aborts the workers and then
             # exits from inside fit(); to the user that is a Ctrl-C like any other.
@@ -287,14 +400,18 @@ def run_training(
         if result.error is not None:
             raise result.error
         metrics = dict(result.metrics or {})
-        if metrics.get("samples") != cfg.train.samples:
+        expected = Schedule.from_config(cfg).total_samples
+        if metrics.get("samples") != expected:
             status = "KILLED"  # aborted from outside (Ctrl-C's graceful abort, a sweep stopping the trial)
-            raise ReclipError(f"training stopped at {metrics.get('samples')} of {cfg.train.samples} samples "
+            raise ReclipError(f"training stopped at {metrics.get('samples')} of {expected} samples "
                               "without an error (aborted?); rerun the same command to resume")
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         metrics["run_dir"] = prep.run_dir
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+        metrics.update(_final_eval(prep.run_dir))
+        done = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        _write_run_state(prep.run_dir, {**_read_run_state(prep.run_dir), "finished": done})
         return metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -340,17 +457,32 @@ def root_message(exc: BaseException) -> str:
     return lines[-1] if lines else type(chain[-1]).__name__
 
 
-def train_from_cli(config: str | None, overrides: list[str]) -> int:
+def train_from_cli(config: str | None, overrides: list[str], as_json: bool = False, verbose: bool = False) -> int:
+    """Run the job; print the summary table (or, with ``as_json``, the final metrics as JSON) and draw report.png."""
+    import time
+
+    from reclip_ray.report import report_after_training, summary_table
+
     cfg = load_config(config, overrides)
+    t0 = time.monotonic()
     try:
-        metrics = run_training(cfg)
+        metrics = run_training(cfg, console=True, verbose=verbose)
     except ReclipError:
         raise
     except Exception as exc:  # a worker's error arrives wrapped in Ray's; show the line that says what went wrong
         raise ReclipError(f"training failed: {root_message(exc)}") from None
-    final = {k: v for k, v in metrics.items()
-             if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
-    print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"]}, indent=2))
-    uri = cfg.tracking.uri
-    print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    wall_s = time.monotonic() - t0
+    uri = cfg.tracking.uri  # made absolute by prepare()
+    png = report_after_training(metrics["run_dir"], uri, metrics["mlflow_run_id"])  # warns, never raises
+    if as_json:
+        final = {k: v for k, v in metrics.items()
+                 if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
+        print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"],
+                          "report": png}, indent=2))
+        print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}",
+              file=sys.stderr)
+    else:
+        print(summary_table(metrics, wall_s=wall_s, run_dir=metrics["run_dir"], mlflow_run_id=metrics["mlflow_run_id"],
+                            tracking_uri=uri, full_size=cfg.eval.full_image_size or cfg.phases[-1].image_size,
+                            report_png=png), flush=True)
     return 0

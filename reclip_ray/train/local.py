@@ -56,7 +56,7 @@ def train_local(
     train_path = data_root or cfg.data.train
     columns = ColumnMap.from_config(cfg.data)
 
-    model = build_model(cfg.model, vocab_size=tok.vocab_size).to(device)
+    model = build_model(cfg.model, tokenizer=tok).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule.from_config(cfg)
     autocast = autocast_dtype_for(cfg.train.precision, device)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -23,6 +23,7 @@ from reclip_ray.config import Config, from_dict
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 FAULT_ENV = "RECLIP_FAIL_AT_SAMPLES"
+FATAL_FILE = ".fatal_error.json"  # a deterministic error of this run's workers (not retried)
 
 
 def split_batch(global_batch: int, world_size: int) -> list[int]:
@@ -37,231 +38,373 @@ def phase_dataset_name(index: int) -> str:
     return f"phase{index}"
 
 
-def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if cfg.train.precision == "fp32":
-        return None
-    if cfg.train.precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    return None
-
-
 def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank: int, marker: Path) -> None:
     """Testing only: make one rank raise once when the run crosses ``fault.fail_at_samples``.
 
-    "Once" is remembered by a marker file in the run folder, so the restarted run does not fail again.
+    "Once" is remembered by a marker file in the run folder, so the restarted run does not fail again at the same
+    sample count (a rerun with another ``fail_at_samples`` fails once more).
     """
     at = int(os.environ.get(FAULT_ENV, "0") or 0) or cfg.fault.fail_at_samples
-    if not at or rank != cfg.fault.fail_rank or not (prev_samples < at <= state.samples) or marker.exists():
+    if not at or rank != cfg.fault.fail_rank or not (prev_samples < at <= state.samples):
+        return
+    if marker.exists() and json.loads(marker.read_text()).get("at", at) == at:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"samples": state.samples, "time": time.time()}))
+    marker.write_text(json.dumps({"at": at, "samples": state.samples, "time": time.time()}))
     raise RuntimeError(f"fault injected at {state.samples} samples on rank {rank} (fault.fail_at_samples={at})")
 
 
-def _batches(shard: Any, local_batch: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    return iter(
-        shard.iter_torch_batches(
-            batch_size=local_batch,
-            drop_last=True,
-            prefetch_batches=2,
-            device=device,
-            dtypes={"image": torch.uint8, "tokens": torch.int64},
-        )
-    )
+def phase_seed(cfg: Config, phase_index: int) -> int:
+    """The seed of a phase's stream (shard order, row order, crops): the same in every attempt of the run."""
+    return cfg.train.seed * 1_000_003 + phase_index * 101
+
+
+def shuffle_buffer_rows(cfg: Config, local_batch: int) -> int:
+    return 10 * local_batch if cfg.data.shuffle_buffer == -1 else cfg.data.shuffle_buffer
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+    """Restore, then run each phase not finished yet, then export. Every rank takes the same steps.
 
-    from reclip_ray import tracking
-    from reclip_ray.data.local import check_bad_fraction
-    from reclip_ray.data.tokenizer import CaptionTokenizer
-    from reclip_ray.flops import sample_forward_flops
-    from reclip_ray.model import build_model
-    from reclip_ray.schedule import Schedule, build_optimizer
-    from reclip_ray.train.step import train_step
+    A data, config or checkpoint error is deterministic: retrying it would fail again at the same place after
+    another restore. It is written to ``FATAL_FILE`` in the run folder, where the next worker-group start (the
+    launcher's dataset factory) finds it and ends the run at once instead of retrying ``run.max_failures`` times.
+    """
+    from reclip_ray.errors import ReclipError
 
-    cfg: Config = from_dict(loop_config["config"])
-    tokenizer = CaptionTokenizer.from_json(loop_config["tokenizer_json"])
-    tracking_uri: str = loop_config["tracking_uri"]
-    run_dir = Path(loop_config["run_dir"])
-    bad_counter = loop_config.get("bad_counter")
+    try:
+        _train(loop_config)
+    except ReclipError as exc:
+        _write_fatal(Path(loop_config["run_dir"]), exc)
+        raise
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker))))
-    autocast = _autocast_dtype(cfg, device)
 
-    # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size).to(device)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, cfg.optim)
-    schedule = Schedule.from_config(cfg)
-    state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
+def _write_fatal(run_dir: Path, exc: BaseException) -> None:
+    if "://" in str(run_dir):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{FATAL_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+    os.replace(tmp, run_dir / FATAL_FILE)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, model, optimizer, map_location=device)
-        state.restarts += 1
-        state.data_seed += 1  # reshuffle rather than replay the part of the phase already seen
-        state.mlflow_run_id = loop_config["mlflow_run_id"]
-        torch.manual_seed(cfg.train.seed + 1000 * state.restarts + rank)
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else model
-    if world == 1:
-        model.to(device)
 
-    run_id = state.mlflow_run_id
-    already_logged = tracking.last_logged_step(tracking_uri, run_id) if rank == 0 else -1
-    if rank == 0:
-        tracking.log_metrics(tracking_uri, run_id, {"restarts": state.restarts}, step=state.step)
-        print(
-            f"[reclip] rank 0 of {world} on {device}: "
-            + (f"resumed at {state.samples} samples, step {state.step}" if checkpoint else "starting fresh"),
-            flush=True,
-        )
+def _train(loop_config: dict[str, Any]) -> None:
+    w = _Worker(loop_config)
+    for plan in w.schedule.phases:
+        if w.state.phase > plan.index or (w.state.phase == plan.index and w.state.phase_done):
+            continue  # finished before the restart
+        _run_phase(w, plan)
+        _end_phase(w, plan)
+    if w.rank == 0:
+        _export(w.cfg, w.model, w.tokenizer, w.run_dir, w.tracking_uri, w.run_id, w.state, loop_config["config_yaml"])
+    w.report({"done": 1, "loss": w.final_loss, **w.state.eval, **_full_view(w.cfg, w.schedule, w.state.eval),
+              "eval_round": len(w.schedule.phases), "eval_rounds_planned": len(w.schedule.phases)}, save=False)
 
-    def report(metrics: dict[str, Any], save: bool) -> None:
+
+class _Worker:
+    """What every step of a rank needs: config, model, optimizer, schedule, run position, and Ray's context."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        from reclip_ray import tracking
+        from reclip_ray.data.tokenizer import CaptionTokenizer
+        from reclip_ray.model import build_model
+        from reclip_ray.schedule import Schedule, build_optimizer
+        from reclip_ray.train.step import autocast_dtype_for
+
+        self.loop_config = loop_config
+        self.cfg = cfg = from_dict(loop_config["config"])
+        self.tokenizer = CaptionTokenizer.from_json(loop_config["tokenizer_json"])
+        self.tracking_uri: str = loop_config["tracking_uri"]
+        self.run_dir = Path(loop_config["run_dir"])
+        self.missing_actor = loop_config.get("missing_actor")
+        self.board = loop_config.get("board")  # the driver's progress display (None: print, as in a sweep trial)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker))))
+        self.autocast = autocast_dtype_for(cfg.train.precision, self.device)
+
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, tokenizer=self.tokenizer).to(self.device)
+        if cfg.model.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedule = Schedule.from_config(cfg)
+        self.state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
+        checkpoint = ray.train.get_checkpoint()
+        self.restored_from = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device)
+            self.state.mlflow_run_id = loop_config["mlflow_run_id"]
+        self.run_id = self.state.mlflow_run_id
+        # Every start of a worker group after the first is a restart, with or without a checkpoint to resume from
+        # (MLflow remembers the count, so a restart before the first checkpoint still shows).
+        if self.rank == 0:
+            previous = tracking.latest_metric(self.tracking_uri, self.run_id, "restarts")
+            self.state.restarts = max(self.state.restarts, -1 if previous is None else int(previous)) + (
+                0 if previous is None and checkpoint is None else 1)
+        torch.manual_seed(cfg.train.seed + 1000 * self.state.restarts + self.rank)
+        self.ddp_model = (ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={
+            "find_unused_parameters": False}) if self.world > 1 else self.model)
+        self.already_logged = tracking.last_logged_step(self.tracking_uri, self.run_id) if self.rank == 0 else -1
+        if self.rank == 0:
+            tracking.log_metrics(self.tracking_uri, self.run_id, {"restarts": self.state.restarts}, step=self.state.step)
+            self.say(f"{self.world} worker{'s' if self.world > 1 else ''} on {self.device.type}: "
+                     + (f"resumed at {self.state.samples:,} samples (step {self.state.step}, restart "
+                        f"{self.state.restarts})" if checkpoint else "starting fresh"))
+        self.final_loss = float("nan")
+        self.fault_marker = self.run_dir / ".fault_injected"
+
+    def say(self, text: str) -> None:
+        """A line for the person watching: through the driver's display, else printed (rank 0 only)."""
+        line = f"[reclip] {text}"
+        print(line, flush=True)  # the run's log
+        if self.board is not None:
+            self.board.event.remote(line)
+
+    def report(self, metrics: dict[str, Any], save: bool) -> None:
         """Barrier on every rank; rank 0 attaches the checkpoint. Same call count on every rank by construction."""
-        metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase, "workers": world,
-                   "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
-        if save and rank == 0:
+        import ray.train
+
+        state = self.state
+        metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase,
+                   "workers": self.world, "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
+        if save and self.rank == 0:
             with tempfile.TemporaryDirectory(prefix="reclip-ckpt-") as tmp:
-                save_checkpoint(tmp, model, optimizer, state, loop_config["config_yaml"])
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}",
-                )
+                save_checkpoint(tmp, self.model, self.optimizer, state, self.loop_config["config_yaml"])
+                name = f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}"
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)
         else:
             ray.train.report(metrics, checkpoint=None)
 
-    fault_marker = run_dir / ".fault_injected"
-    final_loss = float("nan")
-    every = cfg.checkpoint.every_samples
-    for plan in schedule.phases:
-        if state.phase > plan.index or (state.phase == plan.index and state.phase_done):
-            continue  # finished before the restart
-        if state.phase != plan.index:
-            state.phase, state.phase_done = plan.index, False
-        local_sizes = split_batch(plan.batch_size, world)
-        flops = sample_forward_flops(cfg.model, plan.image_size, plan.text_length)
-        train_gflops_per_sample = 3 * flops["total"] / 1e9
-        shard = ray.train.get_dataset_shard(phase_dataset_name(plan.index))
-        batches = _batches(shard, local_sizes[rank], device)
-        if rank == 0:
-            print(
-                f"[reclip] phase {plan.index} '{plan.name}': {plan.image_size}px, {plan.text_length} tokens, "
-                f"samples {state.samples}..{plan.end_sample}, global batch {plan.batch_size} "
-                f"(per worker {local_sizes}), {train_gflops_per_sample:.3f} train GFLOPs/sample",
-                flush=True,
-            )
-        ddp_model.train()
-        t_window, data_window, steps_window = time.perf_counter(), 0.0, 0
-        last: dict[str, float] = {}
-        while state.samples < plan.end_sample:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                raise RuntimeError(
-                    f"phase '{plan.name}': rank {rank} ran out of data at {state.samples} samples "
-                    f"(phase ends at {plan.end_sample}); too many bad rows?"
-                )
-            data_window += time.perf_counter() - t0
-            lr = schedule.lr_at(state.samples)
-            last = train_step(
-                ddp_model,
-                optimizer,
-                batch["image"],
-                batch["tokens"],
-                lr=lr,
-                grad_clip=cfg.optim.grad_clip,
-                autocast_dtype=autocast,
-                local_batch_sizes=local_sizes,
-            )
-            prev = state.samples
-            state.samples = min(state.samples + plan.batch_size, plan.end_sample)
-            state.step += 1
-            state.gflops += train_gflops_per_sample * (state.samples - prev)
-            steps_window += 1
-            _maybe_inject_fault(cfg, state, prev, rank, fault_marker)
-            if cfg.fault.step_delay_s:
-                time.sleep(cfg.fault.step_delay_s)
 
-            if rank == 0 and (state.step % cfg.train.log_every_steps == 0 or state.samples >= plan.end_sample):
-                elapsed = time.perf_counter() - t_window
-                sps = steps_window * plan.batch_size / max(elapsed, 1e-9)
-                remaining = sum(
-                    p.end_sample - max(p.start_sample, state.samples) for p in schedule.phases if p.end_sample > state.samples
-                )
-                metrics = {
-                    "loss": last["loss"],
-                    "lr": lr,
-                    "logit_scale": last["logit_scale"],
-                    "samples_per_s": sps,
-                    "data_wait_fraction": data_window / max(elapsed, 1e-9),
-                    "phase": plan.index,
-                    "image_size": plan.image_size,
-                    "text_length": plan.text_length,
-                    "samples": state.samples,
-                    "gflops_total": state.gflops,
-                    "workers": world,
-                    "local_batch": local_sizes[rank],
-                    "worker_peak_rss_mib": _peak_rss_mib(),
-                }
-                if bad_counter is not None:
-                    import ray
+def _open_feed(w: _Worker, plan: Any, local_batch: int) -> Any:
+    """This rank's feed of the phase: its shard of the stream (which starts where the checkpoint left off)."""
+    import ray.train
 
-                    totals = ray.get(bad_counter.totals.remote())
-                    metrics["data_rows_seen"] = totals["seen"]
-                    metrics["data_rows_bad"] = totals["bad"]
-                    metrics["data_shards_missing"] = len(totals.get("missing", []))
-                    examples = totals.get("examples") or []
-                    check_bad_fraction(totals["seen"], totals["bad"], cfg.data.max_bad_fraction,
-                                       examples[0] if examples else None)
-                if state.step > already_logged:
-                    tracking.log_metrics(tracking_uri, run_id, metrics, step=state.step)
-                print(
-                    f"[reclip] {plan.name} {plan.image_size}px step {state.step}/{schedule.total_steps} "
-                    f"samples {state.samples}/{schedule.total_samples} loss {last['loss']:.4f} lr {lr:.2e} "
-                    f"scale {last['logit_scale']:.1f} {sps:.0f} samples/s data-wait "
-                    f"{metrics['data_wait_fraction']:.0%} GFLOPs {state.gflops:.1f} "
-                    f"ETA {remaining / max(sps, 1e-9):.0f}s",
-                    flush=True,
-                )
-                t_window, data_window, steps_window = time.perf_counter(), 0.0, 0
+    from reclip_ray.data.feed import DataPosition, PhaseFeed
 
-            if every and state.samples < plan.end_sample and state.samples // every > prev // every:
-                report({"loss": last["loss"]}, save=True)
+    position = DataPosition.from_dict(w.state.data)
+    if position.phase != plan.index:
+        position = DataPosition(phase=plan.index)
+    _check_data_start(w, plan.index)
+    shard = ray.train.get_dataset_shard(phase_dataset_name(plan.index))
+    blocks = iter(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    return PhaseFeed(blocks, buffer_rows=shuffle_buffer_rows(w.cfg, local_batch),
+                     seed=phase_seed(w.cfg, plan.index) * 31 + 1000 * w.state.restarts + w.rank, position=position)
 
-        # Phase end: evaluate (rank 0, every eval row), checkpoint, report. Other ranks wait in report().
-        state.phase_done = True
-        steps = _steps_on_every_rank(state.step, world, device)
-        if rank == 0:
-            tracking.log_metrics(tracking_uri, run_id, {"rank_steps_min": min(steps), "rank_steps_max": max(steps)},
-                                 step=state.step)
-        eval_metrics: dict[str, float] = {}
-        if rank == 0 and cfg.eval.at_phase_end and cfg.data.eval:
-            eval_metrics = _evaluate_phase(cfg, model, tokenizer, plan, schedule, device)
-            state.eval = eval_metrics
-            tracking.log_metrics(tracking_uri, run_id, eval_metrics, step=state.step)
-            print(f"[reclip] eval after '{plan.name}': {json.dumps(_short(eval_metrics))}", flush=True)
-        # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
-        # whatever the trial's full size is.
-        final_loss = last.get("loss", final_loss)
-        report({"loss": final_loss, **eval_metrics, **_full_view(cfg, schedule, eval_metrics),
-                "eval_round": plan.index + 1, "eval_rounds_planned": len(schedule.phases)}, save=True)
 
+def _check_data_start(w: _Worker, phase: int) -> None:
+    """The phase's stream was rebuilt (by the launcher's dataset factory) from the checkpoint this worker restored;
+    a mismatch would silently train rows twice or skip them, so it fails loudly instead."""
+    from reclip_ray.train.launch import DATA_START_DIR
+
+    path = w.run_dir / DATA_START_DIR / f"phase{phase}.json"
+    if "://" in str(w.run_dir) or not path.is_file():
+        return
+    used = json.loads(path.read_text()).get("checkpoint", "")
+    if used != w.restored_from:
+        raise RuntimeError(f"phase {phase}: the data stream was rebuilt from checkpoint {used or 'none'!r} but this "
+                           f"worker restored {w.restored_from or 'none'!r}")
+
+
+def _run_phase(w: _Worker, plan: Any) -> None:
+    """Train ``plan`` from the current sample count to its end: the step loop, logging and periodic checkpoints."""
+    from reclip_ray.flops import sample_forward_flops
+    from reclip_ray.train.step import train_step
+
+    cfg, state, rank, world = w.cfg, w.state, w.rank, w.world
+    if state.phase != plan.index:
+        state.phase, state.phase_done, state.data = plan.index, False, {}
+    flops = sample_forward_flops(cfg.model, plan.image_size, plan.text_length)
+    gflops_per_sample = 3 * flops["total"] / 1e9
+    local_sizes = split_batch(plan.batch_size, world)
+    w.feed = feed = _open_feed(w, plan, local_sizes[rank])
     if rank == 0:
-        _export(cfg, model, tokenizer, run_dir, tracking_uri, run_id, state, loop_config["config_yaml"])
-    report({"done": 1, "loss": final_loss, **state.eval, **_full_view(cfg, schedule, state.eval),
-            "eval_round": len(schedule.phases),
-            "eval_rounds_planned": len(schedule.phases)}, save=False)
+        w.say(f"phase {plan.index} '{plan.name}': {plan.image_size} px, {plan.text_length} tokens, samples "
+              f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({local_sizes[rank]} per "
+              f"worker), {gflops_per_sample:.3f} train GFLOPs/sample")
+    rows_log = _RowLog(w) if cfg.fault.record_rows else None
+    window = _Window()
+    every = cfg.checkpoint.every_samples
+    while state.samples < plan.end_sample:
+        # The last step of a phase may be short: it trains exactly the samples it counts.
+        sizes = split_batch(plan.batch_at(state.samples), world)
+        t0 = time.perf_counter()
+        batch = feed.take(sizes[rank])
+        if batch is None:
+            raise RuntimeError(f"phase '{plan.name}': rank {rank} ran out of data at {state.samples} samples "
+                               f"(phase ends at {plan.end_sample}); too many bad or absent rows?")
+        window.data_s += time.perf_counter() - t0
+        lr = w.schedule.lr_at(state.samples)
+        last = train_step(w.ddp_model, w.optimizer, torch.from_numpy(batch["image"]),
+                          torch.from_numpy(batch["tokens"]), lr=lr, grad_clip=cfg.optim.grad_clip,
+                          autocast_dtype=w.autocast, local_batch_sizes=sizes)
+        prev = state.samples
+        state.samples += sum(sizes)
+        state.step += 1
+        state.gflops += gflops_per_sample * (state.samples - prev)
+        window.steps += 1
+        window.samples += sum(sizes)
+        w.final_loss = last["loss"]
+        if rows_log is not None:
+            rows_log.write(state.step, plan.index, batch)
+        _maybe_inject_fault(cfg, state, prev, rank, w.fault_marker)
+        if cfg.fault.step_delay_s:
+            time.sleep(cfg.fault.step_delay_s)
+        if state.step % cfg.train.log_every_steps == 0 or state.samples >= plan.end_sample:
+            _log_window(w, plan, window, last, lr, sizes)
+            window = _Window()
+        if every and state.samples < plan.end_sample and state.samples // every > prev // every:
+            _settle_data(w)
+            w.report({"loss": last["loss"]}, save=True)
+
+
+class _Window:
+    """Counters of one logging window."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.data_s = 0.0
+        self.steps = 0
+        self.samples = 0
+
+
+def _log_window(w: _Worker, plan: Any, window: _Window, last: dict[str, float], lr: float, sizes: list[int]) -> None:
+    """Check the bad-row budget on every rank (one small all-reduce), then rank 0 logs the window."""
+    from reclip_ray import tracking
+
+    state = w.state
+    seen, bad = _sum_over_ranks(w, [w.feed.seen, w.feed.bad])
+    seen += state.rows_seen
+    bad += state.rows_bad
+    _check_bad_rows(w, seen, bad)
+    if w.rank != 0:
+        return
+    elapsed = max(time.perf_counter() - window.t0, 1e-9)
+    sps = window.samples / elapsed
+    remaining = sum(p.end_sample - max(p.start_sample, state.samples) for p in w.schedule.phases
+                    if p.end_sample > state.samples)
+    metrics = {
+        "loss": last["loss"], "lr": lr, "logit_scale": last["logit_scale"], "samples_per_s": sps,
+        "data_wait_fraction": window.data_s / elapsed, "phase": plan.index, "image_size": plan.image_size,
+        "text_length": plan.text_length, "samples": state.samples, "gflops_total": state.gflops,
+        "workers": w.world, "local_batch": sizes[w.rank], "worker_peak_rss_mib": _peak_rss_mib(),
+        "data_rows_seen": seen, "data_rows_bad": bad, "data_rows_absent": state.rows_absent,
+    }
+    if w.missing_actor is not None:
+        import ray
+
+        metrics["data_shards_missing"] = len(ray.get(w.missing_actor.missing.remote()))
+    if state.step > w.already_logged:
+        tracking.log_metrics(w.tracking_uri, w.run_id, metrics, step=state.step)
+    if w.board is not None:
+        w.board.update.remote({**metrics, "phase_name": plan.name, "step": state.step,
+                               "total_steps": w.schedule.total_steps, "total_samples": w.schedule.total_samples,
+                               "eta_s": remaining / max(sps, 1e-9)})
+    print(f"[reclip] {plan.name} {plan.image_size}px step {state.step}/{w.schedule.total_steps} "
+          f"samples {state.samples}/{w.schedule.total_samples} loss {last['loss']:.4f} lr {lr:.2e} "
+          f"scale {last['logit_scale']:.1f} {sps:.0f} samples/s data-wait {metrics['data_wait_fraction']:.0%} "
+          f"GFLOPs {state.gflops:.1f} ETA {remaining / max(sps, 1e-9):.0f}s", flush=True)
+
+
+def _check_bad_rows(w: _Worker, seen: int, bad: int) -> None:
+    """``data.max_bad_fraction`` over the whole run so far; every rank decides alike (same totals), and the error
+    names a bad row that one of the ranks saw."""
+    from reclip_ray.data.local import check_bad_fraction
+
+    if seen <= 0 or bad / seen <= w.cfg.data.max_bad_fraction:
+        return
+    examples = _gather(w, w.feed.example)
+    check_bad_fraction(seen, bad, w.cfg.data.max_bad_fraction, next((e for e in examples if e), None))
+
+
+def _settle_data(w: _Worker) -> None:
+    """Agree on the data position (all ranks) and fold the settled row counts into the run state."""
+    settled = w.feed.merge(_gather(w, w.feed.report()))
+    w.state.rows_seen += settled["seen"]
+    w.state.rows_bad += settled["bad"]
+    w.state.rows_absent += settled["absent"]
+    w.state.data = w.feed.position().to_dict()
+
+
+def _gather(w: _Worker, obj: Any) -> list[Any]:
+    if w.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * w.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum_over_ranks(w: _Worker, values: list[int]) -> list[int]:
+    if w.world == 1:
+        return [int(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64, device=w.device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def _end_phase(w: _Worker, plan: Any) -> None:
+    """Checkpoint the finished phase first, then evaluate it: an evaluation error is logged, never costs the
+    phase's training."""
+    from reclip_ray import tracking
+
+    state = w.state
+    _settle_data(w)
+    state.rows_absent += w.feed.absent_in_flight()  # units the phase never finished: their absent rows count now
+    state.phase_done, state.data = True, {}
+    steps = _steps_on_every_rank(state.step, w.world, w.device)
+    if w.rank == 0:
+        tracking.log_metrics(w.tracking_uri, w.run_id, {"rank_steps_min": min(steps), "rank_steps_max": max(steps),
+                                                        "data_rows_seen": state.rows_seen,
+                                                        "data_rows_bad": state.rows_bad,
+                                                        "data_rows_absent": state.rows_absent}, step=state.step)
+    w.report({"loss": w.final_loss}, save=True)
+    eval_metrics: dict[str, float] = {}
+    if w.rank == 0 and w.cfg.eval.at_phase_end and w.cfg.data.eval:
+        try:
+            eval_metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device)
+        except Exception as exc:  # noqa: BLE001 - a broken eval set must not throw the phase's training away
+            message = f"evaluation after '{plan.name}' failed: {type(exc).__name__}: {exc}"
+            w.say(f"WARNING: {message} (training goes on)")
+            tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.eval_error.{plan.name}": message[:5000]})
+            tracking.log_metrics(w.tracking_uri, w.run_id, {"eval_errors": 1}, step=state.step)
+        else:
+            state.eval = eval_metrics
+            tracking.log_metrics(w.tracking_uri, w.run_id, eval_metrics, step=state.step)
+            w.say(f"eval after '{plan.name}': {_eval_line(eval_metrics)}")
+    # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
+    # whatever the trial's full size is.
+    w.report({"loss": w.final_loss, **eval_metrics, **_full_view(w.cfg, w.schedule, eval_metrics),
+              "eval_round": plan.index + 1, "eval_rounds_planned": len(w.schedule.phases)}, save=False)
+
+
+class _RowLog:
+    """Testing only (``fault.record_rows``): the keys each rank trains at each step, one JSON line per step."""
+
+    def __init__(self, w: _Worker) -> None:
+        folder = w.run_dir / "rows"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rank{w.rank}-start{w.state.restarts}-{os.getpid()}.jsonl"
+        self.world = w.world
+
+    def write(self, step: int, phase: int, batch: dict[str, Any]) -> None:
+        line = {"step": step, "phase": phase, "t": time.time(), "world": self.world,
+                "keys": [str(k) for k in batch["key"]],
+                "passes": [int(p) for p in batch["_pass"]]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
@@ -297,14 +440,27 @@ def _steps_on_every_rank(step: int, world: int, device: torch.device) -> list[in
     return out
 
 
-def _short(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in metrics.items() if "top1" in k or "r@1" in k}
+def _eval_line(metrics: dict[str, float]) -> str:
+    """``32px: colour 0.61 (chance 0.10), shape 0.18 (0.10), i2t R@1 0.05 | 64px: ...`` for the console."""
+    parts = []
+    sizes = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.split("/")[1] != "full"},
+                   key=lambda s: int(s.rstrip("px")))
+    for size in sizes:
+        prefix = f"eval/{size}/"
+        sets = [k[len(prefix):-len("/top1")] for k in metrics if k.startswith(prefix) and k.endswith("/top1")]
+        items = [f"{s} {metrics[prefix + s + '/top1']:.2f} (chance {metrics.get(prefix + s + '/chance_top1', 0):.2f})"
+                 for s in sets]
+        for key, label in (("image_to_text_r@1", "i2t R@1"), ("text_to_image_r@1", "t2i R@1")):
+            if prefix + key in metrics:
+                items.append(f"{label} {metrics[prefix + key]:.2f}")
+        parts.append(f"{size}: " + ", ".join(items))
+    return " | ".join(parts)
 
 
 def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, schedule: Any, device: torch.device) -> dict[str, float]:
     """Zero-shot + retrieval at the phase's resolution and at full resolution (if they differ)."""
     from reclip_ray.data.schema import ColumnMap
-    from reclip_ray.evaluate import evaluate_dataset
+    from reclip_ray.evaluate import eval_columns, evaluate_dataset
 
     full = schedule.phases[-1]
     sizes = {plan.image_size: plan.text_length}
@@ -318,7 +474,7 @@ def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: A
             image_size=image_size,
             text_length=text_length,
             batch_size=cfg.eval.batch_size,
-            columns=ColumnMap.from_config(cfg.data),
+            columns=eval_columns(cfg.data.eval, ColumnMap.from_config(cfg.data)),
             device=device,
         )
         out.update({f"eval/{image_size}px/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -340,11 +496,13 @@ def _export(
 
     from reclip_ray import tracking
     from reclip_ray.export import export_model
+    from reclip_ray.schedule import Schedule
 
     with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
         local = Path(tmp) / "model"
         export_model(model, tokenizer, cfg, local)
-        (Path(tmp) / "eval.json").write_text(json.dumps(state.eval, indent=2, sort_keys=True))
+        final_eval = {**state.eval, **_full_view(cfg, Schedule.from_config(cfg), state.eval)}
+        (Path(tmp) / "eval.json").write_text(json.dumps(final_eval, indent=2, sort_keys=True))
         tracking.log_artifacts(tracking_uri, run_id, local, "model")
         tracking.log_artifact(tracking_uri, run_id, Path(tmp) / "eval.json")
         target = f"{run_dir}/model"
@@ -356,4 +514,7 @@ def _export(
             shutil.copytree(local, staging)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
-    print(f"[reclip] exported model to {run_dir}/model", flush=True)
+            tmp_eval = Path(f"{run_dir}/eval.json.tmp-{os.getpid()}")
+            shutil.copyfile(Path(tmp) / "eval.json", tmp_eval)
+            os.replace(tmp_eval, Path(run_dir) / "eval.json")
+    print(f"[reclip] exported model to {run_dir}/model", flush=True)  # the run's log; the driver's table says it

@@ -1,0 +1,179 @@
+"""What a person sees while a run trains: one progress display, drawn by the driver.
+
+Rank 0 sends each log window's numbers and the run's events (a phase starts, an evaluation finishes, a warning)
+to a small named actor, ``ProgressBoard``, with fire-and-forget calls (one per log window: nothing waits on
+them). A thread in the driver polls the board and draws: on a terminal one live status line, redrawn in place,
+with events printed above it; elsewhere (CI logs, ``ray job submit`` logs) one line per log window. The workers
+print nothing to the console themselves, and Ray's own output goes to the run's log file
+(``console.setup_logging``), so every line the user sees is printed once, by one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+import ray
+
+BOARD_NAME = "reclip-progress-{run}"
+
+
+class _ProgressBoard:
+    """The latest log window and the events not yet shown, per run."""
+
+    def __init__(self) -> None:
+        self._window: dict[str, Any] = {}
+        self._events: list[str] = []
+        self._seq = 0
+
+    def update(self, window: dict[str, Any]) -> None:
+        self._seq += 1
+        self._window = {**window, "seq": self._seq}
+
+    def event(self, text: str) -> None:
+        self._events.append(text)
+
+    def take(self) -> tuple[dict[str, Any], list[str]]:
+        events, self._events = self._events, []
+        return self._window, events
+
+
+ProgressBoard = ray.remote(num_cpus=0, max_restarts=-1)(_ProgressBoard)
+
+
+def get_board(run: str, create: bool = False):
+    """The run's board (created by the driver; the workers look it up by name, None if there is none)."""
+    name = BOARD_NAME.format(run=run)
+    if create:
+        return ProgressBoard.options(name=name, get_if_exists=True).remote()
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
+def format_window(w: dict[str, Any]) -> str:
+    """One status line from a log window's numbers."""
+    eta = w.get("eta_s", float("nan"))
+    return (f"{w.get('phase_name', '?')} {int(w.get('image_size', 0))}px  step {int(w.get('step', 0))}/"
+            f"{int(w.get('total_steps', 0))}  samples {int(w.get('samples', 0)):,}/{int(w.get('total_samples', 0)):,}  "
+            f"loss {w.get('loss', float('nan')):.4f}  {w.get('samples_per_s', 0):,.0f} samples/s  "
+            f"data-wait {w.get('data_wait_fraction', 0):.0%}  GFLOPs {w.get('gflops_total', 0):,.1f}  "
+            f"ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds < 0:  # nan
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressDisplay:
+    """The driver's thread that draws the board: a live line on a terminal, a line per window elsewhere."""
+
+    def __init__(self, board: Any, stream: TextIO | None = None, interval_s: float = 0.5,
+                 live: bool | None = None) -> None:
+        self.board = board
+        self.stream = stream or sys.stdout
+        self.interval_s = interval_s
+        self.live = self.stream.isatty() if live is None else live
+        self._seen = 0
+        self._status = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reclip-progress", daemon=True)
+
+    def __enter__(self) -> "ProgressDisplay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()  # what arrived after the last poll
+        if self.live and self._status:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - a display problem must never stop training
+                pass
+
+    def poll(self) -> None:
+        window, events = ray.get(self.board.take.remote(), timeout=10)
+        for text in events:
+            self._print_line(text)
+        if window and window.get("seq", 0) > self._seen:
+            self._seen = window["seq"]
+            line = format_window(window)
+            if self.live:
+                self._status = line
+                self.stream.write("\r\x1b[2K" + line)
+                self.stream.flush()
+            else:
+                self._print_line(line)
+
+    def _print_line(self, text: str) -> None:
+        if self.live and self._status:
+            self.stream.write("\r\x1b[2K" + text + "\n" + self._status)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def redirect_ray_output(run_dir: str) -> str | None:
+    """Write Ray's output (the logs of its workers, actors, raylet and Ray Data, which the driver otherwise prints)
+    to ``RUN_DIR/ray.log`` instead of the console; errors and warnings are still shown. Returns the file, or None
+    when the run folder is remote or Ray's log dispatcher is not where this Ray version kept it (then Ray prints
+    as usual)."""
+    if "://" in run_dir:
+        return None
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # an internal API of Ray 2.x; without it Ray simply prints as usual
+        return None
+    path = Path(run_dir) / "ray.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", buffering=1)
+
+    def to_file(data: dict[str, Any]) -> None:
+        who = data.get("actor_name") or data.get("task_name") or data.get("pid", "")
+        shown = []
+        for line in data.get("lines", []):
+            log.write(f"({who}) {line}\n")
+            if _worth_showing(line, data):
+                shown.append(line)
+        for line in shown:
+            print(f"({who}) {line}", file=sys.stderr, flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("reclip_ray_log", to_file)
+    logger = logging.getLogger("ray")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    for h in logger.handlers:
+        if type(h) is logging.StreamHandler:
+            h.setLevel(logging.WARNING)
+    return str(path)
+
+
+_NOISE = ("PYTHON worker processes have been started",)  # the raylet's note on fractional-CPU tasks: expected here
+
+
+def _worth_showing(line: str, data: dict[str, Any]) -> bool:
+    """Errors and warnings reach the console; everything else only the log file."""
+    if any(n in line for n in _NOISE):
+        return False
+    return ("ERROR" in line or "Error" in line or "Traceback" in line or "WARNING" in line) and not line.startswith(
+        "[reclip] ")  # our own warnings reach the console through the progress board

@@ -1,0 +1,350 @@
+"""What a run will cost, from its config alone: FLOPs per phase, the RECLIP saving, GPU hours and decode cores.
+
+``reclip-ray plan`` answers "what will this cost?" before anything is spent: it reads only the config (no Ray, no
+data, no torch), so it runs in a second on a laptop for a 64-GPU config. The FLOPs are ``reclip_ray.flops``'s
+(the same count the trainer logs as ``gflops_total`` and the sweep budgets with; training = 3x forward), so the
+plan, the sweep and the MLflow history agree. Wall time is FLOPs / (GPUs x peak x MFU): an estimate whose only
+free parameter is the MFU the user expects, stated in the output. The decode-cores column says how many CPU cores
+per GPU must decode JPEGs to keep the GPU fed, which is what a 64 px phase on a fast GPU runs out of first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from reclip_ray.config import Config, load_config
+from reclip_ray.errors import ReclipError
+from reclip_ray.flops import image_forward_flops, image_tokens, train_flops_per_sample
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """A GPU's peak for the precision CLIP trains in, and where the number comes from (so it can be checked)."""
+
+    name: str
+    tflops: float
+    precision: str
+    source: str
+
+
+# Dense (no structured sparsity) BF16 tensor-core peaks: training runs in bf16 autocast (train.precision=auto on a
+# GPU), and the datasheets' headline BF16 figures for Hopper assume 2:4 sparsity, which training does not use.
+GPU_PEAKS: dict[str, GpuPeak] = {
+    "h100": GpuPeak("NVIDIA H100 SXM", 989.0, "dense BF16 tensor core",
+                    "NVIDIA H100 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense"),
+    "a100": GpuPeak("NVIDIA A100 SXM", 312.0, "dense BF16 tensor core",
+                    "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS BF16 dense, 624 with sparsity"),
+    "h200": GpuPeak("NVIDIA H200 SXM", 989.0, "dense BF16 tensor core",
+                    "NVIDIA H200 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense "
+                    "(H100's compute)"),
+}
+
+# Images/s per core of the project's decode path (JPEG draft mode + one box resize), from BENCHMARKS.md, section
+# "Performance report" -> "Data pipeline: images/s per core by resolution", column "project path img/s/core"
+# (`reclip-ray bench data --images 200 --sizes 64,128,224 --repeats 5`, 2026-11-29 10:48 UTC, 2-core AMD EPYC,
+# 512 px JPEG sources). 32 and 112 px were not measured there; see decode_rate_at for how a missing size is chosen.
+DEFAULT_DECODE_RATES: dict[int, float] = {64: 1807.0, 128: 1665.0, 224: 731.0}
+DEFAULT_DECODE_SOURCE = ("BENCHMARKS.md, Performance report, data pipeline images/s per core "
+                         "(2026-11-29, 2-core AMD EPYC, 512 px JPEG sources)")
+DEFAULT_GPU = "h100"
+FLOPS_CONVENTION = "reclip_ray.flops: multiply-add = 2 FLOPs; matmuls, patch conv, attention; training = 3x forward"
+DEFAULT_MFU = 0.4
+
+
+@dataclass
+class PhaseCost:
+    """One phase's FLOPs and, with hardware given, its wall time and the decode throughput it needs."""
+
+    name: str
+    samples: int
+    image_size: int
+    image_tokens: int
+    text_length: int
+    train_gflops_per_sample: float
+    train_gflops: float
+    share: float = 0.0
+    wall_s: Optional[float] = None
+    samples_per_s_per_gpu: Optional[float] = None
+    decode_rate_per_core: Optional[float] = None
+    decode_rate_px: Optional[int] = None
+    decode_cores_per_gpu: Optional[float] = None
+
+
+@dataclass
+class Hardware:
+    """The GPUs a plan is priced on; ``peak_tflops`` is per GPU."""
+
+    gpu: str
+    gpus: int
+    mfu: float
+    peak_tflops: float
+    precision: str
+    source: str
+    decode_rates_source: str
+    decode_rates_per_core: dict[int, float]
+
+
+@dataclass
+class Plan:
+    """Everything ``reclip-ray plan`` prints; ``to_dict`` is the ``--json`` object."""
+
+    config: str
+    model: str
+    train_samples: int
+    flops_convention: str
+    phases: list[PhaseCost]
+    total_train_gflops: float
+    full_resolution: dict[str, Any]
+    saving_total: float
+    saving_image_tower: float
+    hardware: Optional[Hardware] = None
+    wall_s: Optional[float] = None
+    gpu_hours: Optional[float] = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def gpu_peak(name: str) -> GpuPeak:
+    """The peak of a GPU by its short name; an unknown name is a one-line error listing the known ones."""
+    key = name.strip().lower()
+    if key not in GPU_PEAKS:
+        raise ReclipError(f"unknown --gpu '{name}'; known: {', '.join(sorted(GPU_PEAKS))}")
+    return GPU_PEAKS[key]
+
+
+def load_decode_rates(path: str | Path) -> dict[int, float]:
+    """Per-core decode rates by target px from the JSON lines ``reclip-ray bench data`` prints.
+
+    Only the project's own path counts (``path`` starting with "reclip"; the other rows are the plain-PIL
+    baseline), because that is what training runs. Several rows for one size (files of several runs appended)
+    give their median, so one noisy run does not decide the plan.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ReclipError(f"--decode-rates: cannot read {path}: {exc.strerror or exc}") from None
+    found: dict[int, list[float]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ReclipError(f"--decode-rates: {path}:{number} is not a JSON line") from None
+        if _is_project_decode_row(row):
+            found.setdefault(int(row["target_px"]), []).append(float(row["images_per_s_per_core"]))
+    if not found:
+        raise ReclipError(f"--decode-rates: {path} has no 'reclip' rows with images_per_s_per_core "
+                          "(expected the output of `reclip-ray bench data`)")
+    return {px: statistics.median(rates) for px, rates in sorted(found.items())}
+
+
+def _is_project_decode_row(row: Any) -> bool:
+    return (isinstance(row, dict) and row.get("bench") == "data_decode"
+            and str(row.get("path", "")).startswith("reclip")
+            and isinstance(row.get("images_per_s_per_core"), (int, float)) and row["images_per_s_per_core"] > 0
+            and isinstance(row.get("target_px"), int))
+
+
+def decode_rate_at(rates: dict[int, float], size: int) -> tuple[float, int]:
+    """The per-core rate to plan a ``size`` px phase with, and the measured size it comes from.
+
+    A missing size takes the next larger measured size: decoding to a larger target is never faster, so the plan
+    errs towards too many cores. Above every measured size the largest is used, which is optimistic; the caller
+    says so in the notes either way.
+    """
+    larger = [px for px in rates if px >= size]
+    px = min(larger) if larger else max(rates)
+    return rates[px], px
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+
+
+def phase_costs(cfg: Config) -> list[PhaseCost]:
+    """Per-phase training FLOPs from ``reclip_ray.flops`` (the same count ``run_flops`` and the trainer use)."""
+    out = []
+    for ph, samples in zip(cfg.phases, cfg.phase_samples()):
+        per_sample = train_flops_per_sample(cfg.model, ph.image_size, ph.text_length)
+        out.append(PhaseCost(
+            name=ph.name, samples=samples, image_size=ph.image_size,
+            image_tokens=image_tokens(cfg.model.vision, ph.image_size), text_length=ph.text_length,
+            train_gflops_per_sample=per_sample / 1e9, train_gflops=per_sample * samples / 1e9,
+        ))
+    total = sum(p.train_gflops for p in out)
+    for p in out:
+        p.share = p.train_gflops / total
+    return out
+
+
+def full_resolution(cfg: Config) -> dict[str, Any]:
+    """The baseline RECLIP is measured against: every sample at the last phase's image size and text length."""
+    last = cfg.phases[-1]
+    per_sample = train_flops_per_sample(cfg.model, last.image_size, last.text_length)
+    return {
+        "image_size": last.image_size,
+        "image_tokens": image_tokens(cfg.model.vision, last.image_size),
+        "text_length": last.text_length,
+        "samples": cfg.train.samples,
+        "train_gflops_per_sample": per_sample / 1e9,
+        "train_gflops": per_sample * cfg.train.samples / 1e9,
+    }
+
+
+def image_tower_saving(cfg: Config) -> float:
+    """Full-resolution image-tower FLOPs over the schedule's; the 3x training factor cancels in the ratio."""
+    vision, embed = cfg.model.vision, cfg.model.embed_dim
+    full = image_forward_flops(vision, cfg.phases[-1].image_size, embed) * cfg.train.samples
+    spent = sum(image_forward_flops(vision, ph.image_size, embed) * n for ph, n in zip(cfg.phases, cfg.phase_samples()))
+    return full / spent
+
+
+# ---------------------------------------------------------------------------------------------------- hardware
+
+
+def wall_seconds(train_gflops: float, gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds to spend ``train_gflops`` on ``gpus`` GPUs that each reach ``mfu`` of ``peak_tflops``."""
+    return train_gflops * 1e9 / (gpus * peak_tflops * 1e12 * mfu)
+
+
+def _price_phases(plan: Plan, hw: Hardware) -> None:
+    """Fill each phase's wall time, the samples/s per GPU it implies, and the decode cores that rate needs."""
+    for p in plan.phases:
+        p.wall_s = wall_seconds(p.train_gflops, hw.gpus, hw.peak_tflops, hw.mfu)
+        p.samples_per_s_per_gpu = p.samples / p.wall_s / hw.gpus
+        p.decode_rate_per_core, p.decode_rate_px = decode_rate_at(hw.decode_rates_per_core, p.image_size)
+        p.decode_cores_per_gpu = p.samples_per_s_per_gpu / p.decode_rate_per_core
+        if p.decode_rate_px > p.image_size:
+            plan.notes.append(f"phase '{p.name}': no decode rate measured at {p.image_size} px; used "
+                              f"{p.decode_rate_px} px's (the next larger size measured: errs towards more cores)")
+        elif p.decode_rate_px < p.image_size:
+            plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
+                              f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
+    plan.wall_s = sum(p.wall_s for p in plan.phases)
+    plan.gpu_hours = plan.wall_s * hw.gpus / 3600
+    full = plan.full_resolution
+    full["wall_s"] = wall_seconds(full["train_gflops"], hw.gpus, hw.peak_tflops, hw.mfu)
+    full["gpu_hours"] = full["wall_s"] * hw.gpus / 3600
+
+
+def _hardware(gpus: int, gpu: str, mfu: float, decode_rates: str | None) -> Hardware:
+    """Validate the hardware flags into a ``Hardware``; every mistake is a one-line error."""
+    if gpus < 1:
+        raise ReclipError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ReclipError(f"--mfu must be in (0, 1], got {mfu}")
+    peak = gpu_peak(gpu)
+    rates = load_decode_rates(decode_rates) if decode_rates else dict(DEFAULT_DECODE_RATES)
+    source = f"{decode_rates} (reclip-ray bench data)" if decode_rates else DEFAULT_DECODE_SOURCE
+    return Hardware(gpu=gpu.strip().lower(), gpus=gpus, mfu=mfu, peak_tflops=peak.tflops, precision=peak.precision,
+                    source=peak.source, decode_rates_source=source, decode_rates_per_core=rates)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu: float | None = None,
+              decode_rates: str | None = None) -> Plan:
+    """The plan of a validated config; hardware flags without ``gpus`` are an error, not silently ignored."""
+    if gpus is None and (gpu is not None or mfu is not None or decode_rates is not None):
+        raise ReclipError("--gpu, --mfu and --decode-rates price the run on GPUs: add --gpus N")
+    phases = phase_costs(cfg)
+    full = full_resolution(cfg)
+    total = sum(p.train_gflops for p in phases)
+    plan = Plan(
+        config=cfg.name, model=cfg.model.name, train_samples=cfg.train.samples,
+        flops_convention=FLOPS_CONVENTION,
+        phases=phases, total_train_gflops=total, full_resolution=full,
+        saving_total=full["train_gflops"] / total, saving_image_tower=image_tower_saving(cfg),
+    )
+    if gpus is not None:
+        plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)
+        _price_phases(plan, plan.hardware)
+    return plan
+
+
+def plan_run(config: str | None, overrides: list[str] | None = None, **hardware: Any) -> Plan:
+    """Load the config (preset or YAML plus ``--set``) and plan it; a bad config is a ``ConfigError``."""
+    cfg = load_config(config, overrides)
+    return make_plan(cfg, **hardware)
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def _duration(seconds: float) -> str:
+    """A wall time in the unit a person reads it in (seconds, minutes, hours, days)."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+_FLOPS_HEAD = f"{'phase':<10} {'samples':>14} {'px':>5} {'img tokens':>10} {'text len':>8} " \
+              f"{'GFLOP/sample':>12} {'phase GFLOP':>12} {'share':>6}"
+_HW_HEAD = f"{'phase':<10} {'wall':>9} {'samples/s/GPU':>14} {'decode img/s/core (px)':>23} {'decode cores/GPU':>16}"
+
+
+def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_sample: float, gflops: float,
+               share: float | None) -> str:
+    shown = "" if share is None else f"{share:.1%}"  # the full-resolution row is not a share of this run
+    return (f"{name:<10} {samples:>14,} {size:>5} {tokens:>10} {text:>8} {per_sample:>12.3f} {gflops:>12.4e} "
+            f"{shown:>6}")
+
+
+def _hw_row(p: PhaseCost) -> str:
+    rate = f"{p.decode_rate_per_core:,.0f} ({p.decode_rate_px})"
+    return (f"{p.name:<10} {_duration(p.wall_s or 0):>9} {p.samples_per_s_per_gpu:>14,.0f} {rate:>23} "
+            f"{p.decode_cores_per_gpu:>16.1f}")
+
+
+def format_plan(plan: Plan) -> str:
+    """The fixed-width table ``reclip-ray plan`` prints (``--json`` has the same numbers, unrounded)."""
+    full = plan.full_resolution
+    lines = [f"plan: config {plan.config}, model {plan.model}, {plan.train_samples:,} samples",
+             f"FLOPs: {plan.flops_convention}", "", _FLOPS_HEAD]
+    lines += [_flops_row(p.name, p.samples, p.image_size, p.image_tokens, p.text_length, p.train_gflops_per_sample,
+                         p.train_gflops, p.share) for p in plan.phases]
+    lines.append(f"{'total':<10} {plan.train_samples:>14,} {'':>5} {'':>10} {'':>8} {'':>12} "
+                 f"{plan.total_train_gflops:>12.4e} {1:>6.1%}")
+    lines.append(_flops_row("full res", full["samples"], full["image_size"], full["image_tokens"], full["text_length"],
+                            full["train_gflops_per_sample"], full["train_gflops"], None))
+    lines += ["", f"RECLIP saving vs full resolution: {plan.saving_total:.2f}x total, "
+                  f"{plan.saving_image_tower:.2f}x image tower"]
+    if plan.hardware is not None:
+        lines += _format_hardware(plan, plan.hardware)
+    else:
+        lines += ["", "add --gpus N [--gpu h100|a100|h200] [--mfu 0.4] for wall time and decode cores per GPU"]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _format_hardware(plan: Plan, hw: Hardware) -> list[str]:
+    name = GPU_PEAKS[hw.gpu].name
+    lines = ["", f"on {hw.gpus} x {name} at {hw.peak_tflops:g} TFLOP/s ({hw.precision}) x MFU {hw.mfu:g}:", _HW_HEAD]
+    lines += [_hw_row(p) for p in plan.phases]
+    full = plan.full_resolution
+    lines.append(f"{'total':<10} {_duration(plan.wall_s or 0):>9}  ({plan.gpu_hours:,.1f} GPU-hours)")
+    lines.append(f"{'full res':<10} {_duration(full['wall_s']):>9}  ({full['gpu_hours']:,.1f} GPU-hours)")
+    lines += ["", f"peak: {hw.source}", f"decode rates: {hw.decode_rates_source}"]
+    return lines
+
+
+__all__ = ["GPU_PEAKS", "DEFAULT_DECODE_RATES", "Plan", "PhaseCost", "Hardware", "make_plan", "plan_run",
+           "format_plan", "load_decode_rates", "decode_rate_at", "wall_seconds"]

@@ -1,0 +1,144 @@
+"""Layouts other tools write (tests/layouts.py): inspect counts, absent rows, and the column/webdataset hints.
+
+Expected counts come from the writers (how many rows they made failed or corrupt), never from reading the files
+back with the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from layouts import write_img2dataset, write_labelled_folder_dataset, write_messy, write_webdataset_sibling
+from reclip_ray.cli import main
+from reclip_ray.data.ingest import ingest_webdataset
+from reclip_ray.data.inspect import inspect_dataset
+from reclip_ray.data.schema import ColumnMap, absent_mask, check_schema, list_parquet_files
+from reclip_ray.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def i2d(tmp_path_factory):
+    """50 rows over 2 shards: 15 failed downloads (30%), 4 corrupt images among the successes."""
+    return write_img2dataset(tmp_path_factory.mktemp("i2d") / "out", 50, failed_fraction=0.3, corrupt=4, seed=3)
+
+
+def _inspect_cli(capsys, *argv: str) -> dict:
+    assert main(["data", "inspect", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_img2dataset_inspect_counts_absent_apart_from_bad(i2d, capsys):
+    report = _inspect_cli(capsys, str(i2d.path), "--image-column", "jpg")
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (50, 15, 4)
+    assert report["bad_rows"] == 4 and report["shards"] == 2
+    assert report["bad_fraction"] == pytest.approx(4 / 35, abs=1e-6)  # a share of the 35 samples, not of 50 rows
+    assert {e["key"] for e in report["bad_examples"]} == set(i2d.bad_keys)
+    assert not {e["key"] for e in report["bad_examples"]} & set(i2d.absent_keys)
+    assert set(report["bad_reasons"]) <= {"truncated image", "cannot identify image", "cannot open image",
+                                          "cannot decode image"}
+    assert report["columns"]["jpg"] == "binary" and report["columns"]["tags"] == "list<element: string>"
+
+
+def test_img2dataset_txt_captions_with_null_cells(tmp_path):
+    layout = write_img2dataset(tmp_path / "d", 20, failed_fraction=0.5, seed=1, shards=1, extra_columns=False,
+                               caption_column="txt")
+    report = inspect_dataset(str(layout.path), image_column="jpg", caption_column="txt")
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (20, 10, 0)  # null txt on absent rows only
+
+
+def test_missing_columns_suggest_the_set_flags(tmp_path, i2d):
+    with pytest.raises(DataError, match=r"00000\.parquet: missing image column 'image'; .*\(try --set "
+                                        r"data\.image_column=jpg\)$"):
+        check_schema(i2d.files, ColumnMap())
+    txt = write_img2dataset(tmp_path / "txt", 6, seed=2, shards=1, caption_column="txt")
+    with pytest.raises(DataError) as err:
+        check_schema(txt.files, ColumnMap())
+    assert "missing image column 'image'" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).endswith("(try --set data.image_column=jpg; try --set data.caption_column=txt)")
+    with pytest.raises(DataError, match=r"missing caption column 'caption'; .*\(try --set data\.caption_column=txt\)"):
+        check_schema(txt.files, ColumnMap(image="jpg"))
+    with pytest.raises(DataError, match=r"image column 'url' has type string, expected binary \(try --set "
+                                        r"data\.image_column=jpg\)"):
+        check_schema(i2d.files, ColumnMap(image="url"))
+    check_schema(i2d.files, ColumnMap(image="jpg"))  # img2dataset's own caption column is the default name
+
+
+def test_missing_column_without_candidates_keeps_the_plain_hint(tmp_path):
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["x"], "url": ["http://x"]}), tmp_path / "d" / "p.parquet")
+    with pytest.raises(DataError, match=r"p\.parquet: missing image column 'image'; columns are \['caption', 'key', "
+                                        r"'url'\] \(set data\.image_column\)$"):
+        check_schema(list_parquet_files(str(tmp_path / "d")), ColumnMap())
+
+
+def test_webdataset_sibling_error_names_a_command_that_works(tmp_path, capsys):
+    layout = write_webdataset_sibling(tmp_path / "wds", n_rows=14, shards=2, seed=4)
+    for columns in (ColumnMap(), ColumnMap(image="jpg", caption="txt")):
+        with pytest.raises(DataError) as err:
+            check_schema(layout.files, columns)
+        message = str(err.value)
+        assert "\n" not in message and "reclip-ray data ingest --webdataset" in message
+    assert f"'{layout.path}/{{00000..00001}}.tar' --out DIR" in message
+    pattern = re.search(r"--webdataset '([^']+)'", message).group(1)
+    summary = ingest_webdataset(pattern, tmp_path / "ingested")  # the command the error names really converts it
+    assert summary["rows"] == len(layout.valid_keys) == 14 - layout.absent
+
+    assert main(["data", "inspect", str(layout.path)]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "--webdataset" in err_lines[0] and "Traceback" not in err_lines[0]
+
+
+def test_metadata_only_parquet_without_tars_still_points_to_ingest(tmp_path):
+    layout = write_webdataset_sibling(tmp_path / "wds", n_rows=6, seed=5)
+    os.remove(tmp_path / "wds" / "00000.tar")  # tars kept elsewhere: img2dataset's metadata columns still tell
+    with pytest.raises(DataError, match=r"ingest --webdataset '.*/wds/00000\.tar' --out DIR"):
+        check_schema(layout.files, ColumnMap())
+
+
+def test_absent_mask_table_batches_and_numpy(i2d):
+    absent_keys = set()
+    for file in i2d.files:
+        table = pq.read_table(file)
+        mask = absent_mask(table, "jpg")
+        assert mask.dtype == bool and len(mask) == table.num_rows
+        keys = np.array(table.column("key").to_pylist())
+        absent_keys |= set(keys[mask])
+        numpy_batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("jpg", "status", "key")}
+        assert np.array_equal(absent_mask(numpy_batch, "jpg"), mask)
+        assert np.array_equal(absent_mask(table.to_batches()[0], "jpg"), mask[: table.to_batches()[0].num_rows])
+        assert np.array_equal(absent_mask(table.select(["key", "jpg", "caption"]).to_pandas(), "jpg"), mask)
+    assert absent_keys == set(i2d.absent_keys)
+
+    # status alone marks a row absent; a non-string status column is not img2dataset's and is ignored
+    t = pa.table({"image": [b"x", b"y", None], "status": ["success", "failed_to_resize", "success"]})
+    assert absent_mask(t).tolist() == [False, True, True]
+    assert absent_mask(t.set_column(1, "status", pa.array([0, 1, 2]))).tolist() == [False, False, True]
+    assert absent_mask({"image": np.array([b"x", b"y"], dtype=object), "status": np.array([3, 4])}).tolist() == [False, False]
+    assert absent_mask(t.slice(0, 0)).tolist() == [] and absent_mask({}).tolist() == []
+
+
+def test_messy_export_inspects_with_absent_and_bad_apart(tmp_path):
+    layout = write_messy(tmp_path / "messy", n_rows=16, seed=6)
+    report = inspect_dataset(str(layout.path))
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (16, layout.absent, layout.bad) == (16, 1, 3)
+    assert report["shards"] == 2 and report["bad_reasons"] == {"empty caption": 3}
+    assert [e["key"] for e in report["bad_examples"]] == [None] * 3  # no key column: file and row name the rows
+    assert report["columns"]["fetched"] == "timestamp[us, tz=UTC]"
+    assert report["image_size"]["width"]["min"] == 1  # the 1-pixel-wide image decodes: a sample, not a bad row
+
+
+def test_labelled_folder_dataset_is_canonical(tmp_path):
+    layout = write_labelled_folder_dataset(tmp_path / "lab", n_rows=9, shard_rows=4)
+    check_schema(layout.files, ColumnMap(), require_label=True)
+    table = pa.concat_tables(pq.read_table(f) for f in layout.files)
+    assert table.schema.field("label").type == pa.int32()
+    assert dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist())) == layout.extra["labels"]
+    report = inspect_dataset(str(layout.path))
+    assert (report["rows"], report["rows_absent"], report["rows_bad"], report["shards"]) == (9, 0, 0, 3)

@@ -1,0 +1,524 @@
+"""The phase stream without Ray: PhaseStream's order, read_groups' units, decode_batch's flags, PhaseFeed's position.
+
+Everything here calls the plain functions that Ray Data would run (``read_groups`` with a one-item table,
+``decode_batch`` with a numpy batch) and checks them against references read straight from the Parquet files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from layouts import write_img2dataset, write_messy
+from reclip_ray.data.feed import DataPosition, PhaseFeed
+from reclip_ray.data.images import decode_image
+from reclip_ray.data.pipeline import decode_batch, read_groups
+from reclip_ray.data.schema import ColumnMap
+from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, read_footers, rows_to_skip, unit_permutation
+from reclip_ray.errors import DataError
+
+INT_COLUMNS = ("_pass", "_pos", "_unit", "_unit_rows", "_unit_absent", "_row")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def synth_rows(synth_dir) -> list[dict]:
+    """(key, image, caption) of the shared synthetic train rows: real JPEG bytes to build small shards from."""
+    files = sorted((synth_dir / "train").glob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f, columns=["key", "image", "caption"]).to_pylist()]
+
+
+def write_shards(folder: Path, sizes, source: list[dict], prefix: str, row_group_size: int | None = None,
+                 edits: dict | None = None) -> list[str]:
+    """Shards of ``sizes`` rows (keys ``PREFIX-SS-III``), images/captions cycled from ``source``.
+    ``edits[(shard, row)]`` is "null" (absent image) or "corrupt" (undecodable bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    edits = edits or {}
+    files, k = [], 0
+    for s, n in enumerate(sizes):
+        rows = []
+        for i in range(n):
+            src = source[k % len(source)]
+            k += 1
+            image = src["image"]
+            if edits.get((s, i)) == "null":
+                image = None
+            elif edits.get((s, i)) == "corrupt":
+                image = image[: len(image) // 3] if i % 2 else b"<html><body>404</body></html>"
+            rows.append({"key": f"{prefix}-{s:02d}-{i:03d}", "image": image, "caption": src["caption"]})
+        schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
+        path = folder / f"{prefix}-{s:02d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema), path, row_group_size=row_group_size)
+        files.append(str(path))
+    return files
+
+
+def read_item(item: dict, chunk_rows: int, seed: int, columns: ColumnMap = ColumnMap()) -> list[pa.Table]:
+    return list(read_groups(pa.Table.from_pylist([item]), columns=columns, chunk_rows=chunk_rows, seed=seed))
+
+
+def read_stream(stream: PhaseStream, frontier: int = 0, done=(), columns: ColumnMap = ColumnMap()) -> list[pa.Table]:
+    out = []
+    for item in stream.items(frontier, done):
+        out += read_item(item, stream.chunk_rows, stream.seed, columns)
+    return out
+
+
+def as_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A read table as the numpy batch Ray Data hands to decode_batch."""
+    out = {}
+    for c, values in table.to_pydict().items():
+        if c == "_marker":
+            out[c] = np.asarray(values, dtype=bool)
+        elif c in INT_COLUMNS:
+            out[c] = np.asarray(values, dtype=np.int64)
+        else:
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            out[c] = arr
+    return out
+
+
+def decode(table: pa.Table, tokenizer: Path, *, size: int = 16, train: bool = True, seed: int = 0) -> dict:
+    return decode_batch(as_batch(table), image_size=size, text_length=8, tokenizer_json=str(tokenizer), train=train,
+                        seed=seed, keep_keys=True)
+
+
+def decoded_blocks(stream: PhaseStream, tokenizer: Path, *, frontier: int = 0, done=(), batch_rows: int = 16,
+                   columns: ColumnMap = ColumnMap(), train: bool = True) -> list[dict]:
+    """Decode batches as Ray Data would make them: each read task's output cut into ``batch_rows``-row batches (so
+    a batch spans unit boundaries)."""
+    blocks = []
+    for item in stream.items(frontier, done):
+        table = pa.concat_tables(read_item(item, stream.chunk_rows, stream.seed, columns))
+        for start in range(0, table.num_rows, batch_rows):
+            blocks.append(decode(table.slice(start, batch_rows), tokenizer, train=train, seed=stream.seed))
+    return blocks
+
+
+def drain(feed: PhaseFeed, batch: int, limit: int | None = None) -> list[dict]:
+    """``limit`` batches, or (limit None) every row the feed has, the last batch short."""
+    out = []
+    while limit is None or len(out) < limit:
+        b = feed.take(batch)
+        if b is None:
+            if limit is None and feed.available:
+                out.append(feed.take(feed.available))
+            break
+        out.append(b)
+    if limit is not None:
+        assert len(out) == limit, "the stream ended before the batches the test wanted"
+    return out
+
+
+def pass_keys(batches: list[dict]) -> list[tuple[int, str]]:
+    return [(int(p), str(k)) for b in batches for p, k in zip(b["_pass"], b["key"])]
+
+
+def file_keys(files) -> dict[str, list[str]]:
+    return {f: pq.read_table(f, columns=["key"]).column("key").to_pylist() for f in files}
+
+
+# ------------------------------------------------------------------------------------------------ 1. the stream
+
+
+def _stream_rows(tables: list[pa.Table]) -> list[tuple[int, str, int]]:
+    return [(p, k, q) for t in tables for p, k, q in zip(t["_pass"].to_pylist(), t["key"].to_pylist(),
+                                                         t["_pos"].to_pylist())]
+
+
+def test_stream_covers_every_position_and_key_once_per_pass(tmp_path, synth_rows):
+    sizes = [7, 31, 1, 0, 20]  # uneven, one single-row shard, one empty shard (dropped by the stream)
+    files = write_shards(tmp_path, sizes, synth_rows, "u", row_group_size=6)
+    truth = file_keys(files)
+    keys = sorted(k for ks in truth.values() for k in ks)
+    n, passes, chunk = len(keys), 3, 5
+    assert n == sum(sizes)
+    stream = PhaseStream(read_footers(files), seed=3, passes=passes, group_shards=2, chunk_rows=chunk)
+    assert stream.total_rows == passes * n
+
+    # Files: every non-empty shard once per pass, in an order that changes between passes.
+    orders = [[f for g in stream.groups if g.pass_index == p for f in g.files] for p in range(passes)]
+    nonempty = sorted(f for f, s in zip(files, sizes) if s)
+    assert all(sorted(o) == nonempty for o in orders)
+    assert len({tuple(o) for o in orders}) > 1, orders
+
+    tables = read_stream(stream)
+    # One table per unit, units numbered densely in stream order, positions contiguous and increasing.
+    units = [t["_unit"].to_pylist() for t in tables]
+    assert all(len(set(u)) == 1 for u in units)
+    assert [u[0] for u in units] == list(range(stream.total_units))
+    group_of = {u: g for g in stream.groups for u in range(g.first_unit, g.first_unit + g.num_units)}
+    next_pos = 0
+    unordered_units = 0
+    for t in tables:
+        d = t.to_pydict()
+        assert not any(d["_marker"])
+        unit = d["_unit"][0]
+        g, k = group_of[unit], unit - group_of[unit].first_unit
+        assert sorted(d["_pos"]) == list(range(next_pos, next_pos + t.num_rows))
+        next_pos += t.num_rows
+        assert t.num_rows == g.unit_sizes()[k]
+        assert set(d["_pass"]) == {g.pass_index}
+        # A unit is round k of its group: rows [k*chunk, (k+1)*chunk) of every shard of the group.
+        expected = {(f, r) for f, rows in zip(g.files, g.rows) for r in range(k * chunk, min(rows, (k + 1) * chunk))}
+        got = list(zip(d["_file"], d["_row"]))
+        assert sorted(got) == sorted(expected)
+        assert all(truth[f][r] == key for f, r, key in zip(d["_file"], d["_row"], d["key"]))
+        # Stream order within a unit is the unit's permutation of its rows (shards concatenated in group order).
+        in_file_order = sorted(got, key=lambda fr: (g.files.index(fr[0]), fr[1]))
+        perm = unit_permutation(stream.seed, g.pass_index, g.index, k, t.num_rows)
+        assert got == [in_file_order[i] for i in perm]
+        unordered_units += got != in_file_order
+    assert next_pos == stream.total_rows
+    assert unordered_units > 0
+
+    rows = _stream_rows(tables)
+    assert sorted(q for _, _, q in rows) == list(range(passes * n))
+    for p in range(passes):
+        in_pass = [(k, q) for pp, k, q in rows if pp == p]
+        assert sorted(q for _, q in in_pass) == list(range(p * n, (p + 1) * n))
+        assert sorted(k for k, _ in in_pass) == keys
+    assert Counter((p, k) for p, k, _ in rows) == Counter({(p, k): 1 for p in range(passes) for k in keys})
+
+    # Deterministic from the seed and the footers alone; another seed is another order.
+    again = PhaseStream(read_footers(files), seed=3, passes=passes, group_shards=2, chunk_rows=chunk)
+    assert [(k, q) for _, k, q in _stream_rows(read_stream(again))] == [(k, q) for _, k, q in rows]
+    other = PhaseStream(read_footers(files), seed=4, passes=passes, group_shards=2, chunk_rows=chunk)
+    other_rows = _stream_rows(read_stream(other))
+    assert [(k, q) for _, k, q in other_rows] != [(k, q) for _, k, q in rows]
+    assert Counter((p, k) for p, k, _ in other_rows) == Counter((p, k) for p, k, _ in rows)
+
+
+# ------------------------------------------------------------------------------------------------ 2. restart
+
+
+def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, synth_rows, tokenizer_path):
+    sizes = [13, 22, 9, 17, 30, 3]
+    edits = {(1, 3): "null", (3, 0): "null", (0, 2): "corrupt", (4, 11): "corrupt"}
+    edits.update({(5, i): "null" for i in range(3)})  # a shard of absent rows only
+    files = write_shards(tmp_path, sizes, synth_rows, "r", row_group_size=5, edits=edits)
+    truth = file_keys(files)
+    key_edit = {truth[files[s]][i]: e for (s, i), e in edits.items()}
+    valid = [k for ks in truth.values() for k in ks if k not in key_edit]
+    passes, batch, buffer = 2, 8, 24
+    reference = Counter({(p, k): 1 for p in range(passes) for k in valid})
+    n_bad = sum(e == "corrupt" for e in edits.values()) * passes
+    n_absent = sum(e == "null" for e in edits.values()) * passes
+
+    def new_stream():  # what a restarted run computes: the footers again
+        return PhaseStream(read_footers(files), seed=11, passes=passes, group_shards=2, chunk_rows=4)
+
+    stream = new_stream()
+    blocks = decoded_blocks(stream, tokenizer_path)
+
+    # Uninterrupted, one rank.
+    solo = PhaseFeed(iter(blocks), buffer_rows=buffer, seed=1)
+    solo_batches = drain(solo, batch)
+    assert Counter(pass_keys(solo_batches)) == reference
+    images = {pk: img for b in solo_batches for pk, img in zip(pass_keys([b]), b["image"])}
+    settled = solo.merge([solo.report()])
+    assert settled == {"seen": len(reference) + n_bad, "bad": n_bad, "absent": n_absent}
+    assert solo.frontier == stream.total_units and solo.position().done == []
+
+    # Two ranks, blocks dealt alternately; two checkpoints (merges), then a "crash".
+    its = [iter(blocks[0::2]), iter(blocks[1::2])]
+    feeds = [PhaseFeed(it, buffer_rows=buffer, seed=1) for it in its]
+    before: list[dict] = []
+    totals = Counter()
+    for takes in ((2, 2), (3, 1)):
+        for feed, count in zip(feeds, takes):
+            before += drain(feed, batch, count)
+        reports = [f.report() for f in feeds]
+        settled = [f.merge(reports) for f in feeds]  # every rank merges the same reports: the same counts
+        assert settled[0] == settled[1]
+        totals.update(settled[0])
+    position = feeds[0].position()
+    assert position == feeds[1].position()
+    assert DataPosition.from_dict(position.to_dict()) == position
+    assert position.frontier > 0 and position.done, position  # the restart is neither trivial nor at a unit edge
+
+    def good_pos(bl):
+        return [int(q) for b in bl for q, ok in zip(b["_pos"], b["_ok"]) if ok == OK]
+
+    trained_pos = [int(q) for b in before for q in b["_pos"]]
+    buffered = {int(q) for f in feeds for q in f._pool["_pos"][f._head:]}
+    unconsumed = set(buffered)
+    unpulled = [b for it in its for b in it]
+    unconsumed |= set(good_pos(unpulled))
+    unpulled_bad = {int(q) for b in unpulled for q, ok in zip(b["_pos"], b["_ok"]) if ok == BAD}
+
+    # Restart: another worker count, fresh feeds, the stream rebuilt from the position.
+    restarted = new_stream()
+    blocks2 = decoded_blocks(restarted, tokenizer_path, frontier=position.frontier, done=position.done)
+    reread = good_pos(blocks2)
+    assert len(reread) == len(set(reread))
+    assert set(reread) == unconsumed  # exactly what sat in buffers or was never pulled
+    assert not set(reread) & set(trained_pos)
+    assert {int(q) for b in blocks2 for q, ok in zip(b["_pos"], b["_ok"]) if ok == BAD} == unpulled_bad
+    feeds2 = [PhaseFeed(iter(blocks2[r::3]), buffer_rows=buffer, seed=1, position=position) for r in range(3)]
+    after = [b for f in feeds2 for b in drain(f, batch)]
+    reports = [f.report() for f in feeds2]
+    for f in feeds2:
+        settled = f.merge(reports)
+        assert f.frontier == restarted.total_units and f.position().done == []
+    totals.update(settled)
+
+    trained_before, trained_after = pass_keys(before), pass_keys(after)
+    assert Counter(trained_before + trained_after) == Counter(pass_keys(solo_batches)) == reference
+    assert not set(trained_before) & set(trained_after)
+    assert len(set(trained_before)) == len(trained_before) and len(set(trained_after)) == len(trained_after)
+    # Rows count as seen when they arrive: the rows a buffer held at the crash arrive (and count) twice.
+    assert dict(totals) == {"seen": len(reference) + n_bad + len(buffered), "bad": n_bad, "absent": n_absent}
+    # Crops are a function of (seed, key, pass): the restart trains the same pixels.
+    for b in before + after:
+        for pk, img in zip(pass_keys([b]), b["image"]):
+            assert np.array_equal(img, images[pk])
+
+
+# ------------------------------------------------------------------------------------------------ 3. mixing
+
+
+def _mean_shards_per_batch(files, shard_of, tokenizer, batch, buffer, **stream_kw) -> float:
+    stream = PhaseStream(read_footers(files), seed=0, passes=1, chunk_rows=8, **stream_kw)
+    feed = PhaseFeed(iter(decoded_blocks(stream, tokenizer, batch_rows=64, train=False)), buffer_rows=buffer, seed=0)
+    counts = [len({shard_of[k] for k in b["key"]}) for b in drain(feed, batch)]
+    assert sum(counts) > 0
+    return float(np.mean(counts))
+
+
+def test_batches_draw_from_many_shards(tmp_path, synth_rows, tokenizer_path):
+    # 48-row shards: a file-by-file reader fills a batch of 32 from 1 or 2 of them (the lower bound below)
+    files = write_shards(tmp_path, [48] * 24, synth_rows, "m")
+    shard_of = {k: f for f, ks in file_keys(files).items() for k in ks}
+    mixed = _mean_shards_per_batch(files, shard_of, tokenizer_path, 32, 320, group_shards=16)
+    by_file = _mean_shards_per_batch(files, shard_of, tokenizer_path, 32, 0, group_shards=1, shuffle=False)
+    print(f"\nmean distinct shards per batch of 32: group_shards=16 + buffer 320: {mixed:.2f}; "
+          f"group_shards=1, no shuffle, no buffer: {by_file:.2f}")
+    assert mixed >= 8
+    assert by_file <= 2
+
+
+# ------------------------------------------------------------------------------------------------ 4. absent, bad
+
+
+def _null_or_failed(file: str, image_column: str) -> list[bool]:
+    t = pq.read_table(file, columns=[image_column, "status"])
+    return [img is None or st != "success" for img, st in zip(t.column(image_column).to_pylist(),
+                                                               t.column("status").to_pylist())]
+
+
+@pytest.mark.parametrize("caption_column", ["caption", "txt"])
+def test_absent_rows_markers_and_bad_rows(tmp_path, tokenizer_path, caption_column):
+    a = write_img2dataset(tmp_path / "a", n_rows=40, failed_fraction=0.3, seed=1, shards=2, extra_columns=False,
+                          corrupt=3, caption_column=caption_column)
+    b = write_img2dataset(tmp_path / "b", n_rows=36, failed_fraction=1.0, seed=2, shards=1, extra_columns=False,
+                          caption_column=caption_column)  # failed downloads only
+    assert a.absent and a.bad and b.absent == b.rows
+    files = a.files + b.files
+    columns = ColumnMap(image=a.image_column, caption=a.caption_column)
+    chunk = 8
+    footers = read_footers(files, "jpg")
+    assert sum(s.absent for s in footers) == a.absent + b.absent
+    stream = PhaseStream(footers, seed=5, passes=1, group_shards=3, chunk_rows=chunk, shuffle=False)
+    assert len(stream.groups) == 1
+
+    # Reference per unit (round k of the one group), straight from the files.
+    flags = {f: _null_or_failed(f, "jpg") for f in files}
+    expected_absent = {k: sum(sum(flags[f][k * chunk:(k + 1) * chunk]) for f in files)
+                       for k in range(stream.total_units)}
+    expected_markers = {k for k in range(stream.total_units)
+                        if all(all(flags[f][k * chunk:(k + 1) * chunk]) for f in files)}
+    assert expected_markers  # the all-failed shard outlasts the others
+
+    tables = read_stream(stream, columns=columns)
+    got_absent, markers, emitted = {}, set(), []
+    for t in tables:
+        d = t.to_pydict()
+        unit = d["_unit"][0]
+        assert set(d["_unit"]) == {unit} and len(set(d["_unit_absent"])) == 1
+        got_absent[unit] = d["_unit_absent"][0]
+        assert set(d["_unit_rows"]) == {t.num_rows}
+        if any(d["_marker"]):
+            assert t.num_rows == 1 and d["_pos"] == [-1]
+            markers.add(unit)
+        else:
+            assert all(img is not None for img in d["image"])
+            emitted += d["key"]
+    assert got_absent == expected_absent
+    assert sum(got_absent.values()) == a.absent + b.absent
+    assert markers == expected_markers
+    assert sorted(emitted) == sorted(a.valid_keys + a.bad_keys)
+    assert not set(emitted) & set(a.absent_keys)
+
+    blocks = [decode(t, tokenizer_path, train=False) for t in tables]
+    ok = np.concatenate([bl["_ok"] for bl in blocks])
+    assert int((ok == MARKER).sum()) == len(expected_markers)
+    row_of = {k: (os.path.basename(f), i) for f in a.files for i, k in enumerate(file_keys([f])[f])}
+    bad_keys = []
+    for bl in blocks:
+        for key, flag, reason in zip(bl["key"], bl["_ok"], bl["_bad"]):
+            if flag == BAD:
+                base, row = row_of[key]
+                assert f"{base} row {row} key={key}:" in reason, reason
+                bad_keys.append(key)
+            else:
+                assert reason == ""
+    assert sorted(bad_keys) == sorted(a.bad_keys)
+
+    # Two ranks, a merge every two batches: the settled counts add up to the layout's, absent once all units are done.
+    feeds = [PhaseFeed(iter(blocks[r::2]), buffer_rows=8, seed=0) for r in range(2)]
+    totals, trained = Counter(), []
+    while True:
+        got = [f.take(4) for f in feeds]
+        trained += [k for g in got if g is not None for k in g["key"]]
+        if all(g is None for g in got):
+            trained += [k for f in feeds if f.available for k in f.take(f.available)["key"]]
+        reports = [f.report() for f in feeds]
+        for f in feeds:
+            settled = f.merge(reports)
+        totals.update(settled)
+        frontier = feeds[0].frontier
+        assert totals["absent"] == sum(expected_absent[u] for u in range(frontier))
+        if all(g is None for g in got):
+            break
+    assert sorted(trained) == sorted(a.valid_keys)
+    assert dict(totals) == {"seen": a.rows - a.absent, "bad": a.bad, "absent": a.absent + b.absent}
+    assert all(f.frontier == stream.total_units and f.absent_in_flight() == 0 for f in feeds)
+
+
+# ------------------------------------------------------------------------------------------------ 5. crops
+
+
+def test_train_crops_depend_on_the_pass(synth_rows, tokenizer_path):
+    r, other = synth_rows[0], synth_rows[1]
+    n = 5
+    batch = {
+        "image": np.array([r["image"]] * 4 + [other["image"]], dtype=object),
+        "caption": np.array([r["caption"]] * 4 + [other["caption"]], dtype=object),
+        "key": np.array([r["key"]] * 4 + [other["key"]], dtype=object),
+        "_pass": np.array([0, 1, 0, 2, 0]), "_marker": np.zeros(n, bool),
+        "_file": np.array(["f.parquet"] * n, dtype=object), "_row": np.arange(n), "_pos": np.arange(n),
+        "_unit": np.zeros(n, np.int64), "_unit_rows": np.full(n, n), "_unit_absent": np.zeros(n, np.int64),
+    }
+    kw = dict(image_size=32, text_length=8, tokenizer_json=str(tokenizer_path), keep_keys=True)
+    out = decode_batch(batch, train=True, seed=0, **kw)
+    img = out["image"]
+    assert (out["_ok"] == OK).all()
+    assert np.array_equal(img[0], img[2])  # same row, same pass
+    assert not np.array_equal(img[0], img[1]) and not np.array_equal(img[1], img[3])  # another pass
+    # Position in the batch does not matter (a restart batches rows differently).
+    alone = decode_batch({k: v[1:2] for k, v in batch.items()}, train=True, seed=0, **kw)
+    assert np.array_equal(alone["image"][0], img[1])
+    assert not np.array_equal(decode_batch(batch, train=True, seed=1, **kw)["image"][0], img[0])  # the seed too
+    evaluated = decode_batch(batch, train=False, seed=0, **kw)["image"]
+    centre = decode_image(r["image"], 32, train=False)
+    assert all(np.array_equal(evaluated[i], centre) for i in range(4))
+
+
+# ------------------------------------------------------------------------------------------------ 6. restart reads
+
+
+def test_rows_to_skip():
+    assert rows_to_skip([6, 6, 6, 6, 7], 14) == ([2, 3, 4], 2)  # inside the 3rd row group
+    assert rows_to_skip([6, 6, 6], 12) == ([2], 0)
+    assert rows_to_skip([6, 6, 6], 17) == ([2], 5)
+    assert rows_to_skip([6, 6, 6], 0) == ([0, 1, 2], 0)
+    assert rows_to_skip([6, 6, 6], 18) == ([], 0)
+    assert rows_to_skip([0, 5], 0) == ([1], 0)
+
+
+def test_read_from_a_later_round_skips_row_groups_and_returns_the_tail(tmp_path, synth_rows, monkeypatch):
+    files = write_shards(tmp_path, [31, 20], synth_rows, "s", row_group_size=6)
+    chunk = 5
+    stream = PhaseStream(read_footers(files), seed=2, passes=1, group_shards=2, chunk_rows=chunk, shuffle=False)
+    full = read_stream(stream)
+    assert [t["_unit"][0].as_py() for t in full] == list(range(stream.total_units))
+
+    calls = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        calls.append(list(kwargs.get("row_groups") or []))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    frontier = 3  # round 3 = row 15 of each shard: inside the 3rd row group (12..17), 3 rows in
+    (item,) = stream.items(frontier)
+    assert item["start_round"] == 3
+    tail = read_item(item, chunk, stream.seed)
+    assert calls == [[2, 3, 4, 5], [2, 3]]  # 31 rows = 5 x 6 + 1; 20 rows = 3 x 6 + 2
+    assert [t.to_pydict() for t in tail] == [t.to_pydict() for t in full[frontier:]]
+    first = sum(min(n, frontier * chunk) for n in (31, 20))
+    assert sorted(q for t in tail for q in t["_pos"].to_pylist()) == list(range(first, stream.total_rows))
+    monkeypatch.undo()
+
+    # Several groups and passes: every frontier reads exactly the tail of the full stream.
+    files4 = write_shards(tmp_path / "four", [7, 31, 1, 20], synth_rows, "t", row_group_size=6)
+    stream4 = PhaseStream(read_footers(files4), seed=9, passes=2, group_shards=3, chunk_rows=chunk)
+    full4 = [t.to_pydict() for t in read_stream(stream4)]
+    for frontier in range(stream4.total_units):
+        assert [t.to_pydict() for t in read_stream(stream4, frontier)] == full4[frontier:], frontier
+
+    # Positions done beyond the frontier are dropped; a unit with all rows done sends one marker.
+    unit3 = full4[3]["_pos"]
+    some = full4[4]["_pos"][:2]
+    tables = read_stream(stream4, 2, unit3 + some)
+    by_unit = {t["_unit"][0].as_py(): t.to_pydict() for t in tables}
+    assert by_unit[3]["_marker"] == [True] and by_unit[3]["_unit_rows"] == [1]
+    assert sorted(by_unit[4]["_pos"]) == sorted(set(full4[4]["_pos"]) - set(some))
+    assert by_unit[4]["_unit_rows"][0] == len(full4[4]["_pos"]) - 2
+    assert by_unit[2] == full4[2]
+
+
+# ------------------------------------------------------------------------------------------------ 7. footers
+
+
+def test_read_footers_match_the_files(tmp_path, synth_rows):
+    i2d = write_img2dataset(tmp_path / "i2d", n_rows=110, failed_fraction=0.3, seed=3, shards=1, extra_columns=False)
+    messy = write_messy(tmp_path / "messy", n_rows=8)
+    plain = write_shards(tmp_path / "plain", [23], synth_rows, "p", row_group_size=6,
+                         edits={(0, 1): "null", (0, 20): "null"})
+    nostats = str(tmp_path / "nostats.parquet")
+    pq.write_table(pq.read_table(plain[0]), nostats, row_group_size=10, write_statistics=False)
+    noimage = str(tmp_path / "noimage.parquet")
+    pq.write_table(pq.read_table(plain[0], columns=["key", "caption"]), noimage, row_group_size=7)
+
+    def check(files, column, with_stats=True):
+        footers = read_footers(files, column)
+        assert [s.path for s in footers] == list(files)
+        assert read_footers(files, column, threads=1) == footers
+        for s, f in zip(footers, files):
+            pf = pq.ParquetFile(f)
+            groups = tuple(pf.read_row_group(i, columns=["key"] if "key" in pf.schema_arrow.names else None).num_rows
+                           for i in range(pf.num_row_groups))
+            table = pq.read_table(f)
+            assert (s.rows, s.row_groups) == (table.num_rows, groups)
+            nulls = table.column(column).null_count if column in table.column_names else 0
+            assert s.absent == (nulls if with_stats else 0)
+        return footers
+
+    (s,) = check(i2d.files, "jpg")
+    assert s.row_groups == (100, 10) and s.absent == i2d.absent > 0
+    assert sum(s.absent for s in check(messy.files, "image")) == messy.absent == 1
+    (s,) = check(plain, "image")
+    assert len(s.row_groups) == 4 and s.absent == 2
+    check([nostats], "image", with_stats=False)
+    (s,) = check([noimage], "image")
+    assert s.absent == 0 and s.row_groups == (7, 7, 7, 2)
+    assert read_footers([]) == []
+
+    with pytest.raises(DataError, match="not found"):
+        read_footers([str(tmp_path / "gone.parquet")])
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet"):
+        read_footers([str(junk)])

@@ -1,0 +1,217 @@
+"""`reclip-ray plan`: the cost of a run from its config alone (no Ray, no data, no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reclip_ray.cli import main
+from reclip_ray.config import from_dict, load_config
+from reclip_ray.errors import ReclipError
+from reclip_ray.flops import run_flops, train_flops_per_sample
+from reclip_ray.plan import DEFAULT_DECODE_RATES, decode_rate_at, format_plan, load_decode_rates, make_plan
+
+H100_PEAK = 989e12  # dense BF16, FLOP/s
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit-b-16"])
+def test_phase_gflops_equal_flops_module(preset):
+    cfg = load_config(preset)
+    plan = make_plan(cfg)
+    ref = run_flops(cfg)
+    assert [p.name for p in plan.phases] == [p["name"] for p in ref["phases"]]
+    for mine, theirs, ph in zip(plan.phases, ref["phases"], cfg.phases):
+        assert mine.train_gflops == pytest.approx(theirs["train_gflops"], rel=1e-12)
+        assert mine.train_gflops_per_sample == train_flops_per_sample(cfg.model, ph.image_size, ph.text_length) / 1e9
+        assert mine.samples == theirs["samples"]
+    assert plan.total_train_gflops == pytest.approx(ref["total_train_gflops"], rel=1e-12)
+    assert sum(p.share for p in plan.phases) == pytest.approx(1.0)
+
+
+def _hand_config():
+    """Patch 8, vision width 64 x 1 block, text width 32 x 1 block, embed 16; 30 samples at 16 px, 10 at 32 px."""
+    return from_dict({
+        "name": "hand",
+        "model": {"embed_dim": 16,
+                  "vision": {"patch_size": 8, "width": 64, "depth": 1, "heads": 1, "base_image_size": 32},
+                  "text": {"width": 32, "depth": 1, "heads": 1, "context_length": 16}},
+        "phases": [{"name": "low", "image_size": 16, "text_length": 4, "samples": 30},
+                   {"name": "full", "image_size": 32, "text_length": 8, "samples": 10}],
+        "train": {"samples": 40, "batch_size": 4},
+    })
+
+
+def _block(L: int, D: int) -> int:
+    """One transformer block, multiply-add = 2 FLOPs, MLP hidden 4D, all heads together (flops.py's convention)."""
+    qkv = 2 * L * D * (3 * D)
+    scores = 2 * L * L * D  # q @ k^T
+    mix = 2 * L * L * D  # softmax(scores) @ v
+    proj = 2 * L * D * D
+    mlp = 2 * L * D * (4 * D) + 2 * L * (4 * D) * D
+    return qkv + scores + mix + proj + mlp
+
+
+def _hand_image(px: int) -> int:
+    patches = (px // 8) ** 2
+    patch_embed = 2 * patches * (3 * 8 * 8) * 64  # the 8x8 conv over 3 channels is a matmul per patch
+    return patch_embed + _block(patches + 1, 64) + 2 * 64 * 16  # + cls token; + projection to embed 16
+
+
+def _hand_text(length: int) -> int:
+    return _block(length, 32) + 2 * 32 * 16
+
+
+def test_hand_computed_total_and_savings():
+    plan = make_plan(_hand_config())
+    train = lambda px, n: 3 * (_hand_image(px) + _hand_text(n))  # noqa: E731  training = forward + 2x backward
+    expected = 30 * train(16, 4) + 10 * train(32, 8)
+    full = 40 * train(32, 8)
+    assert [p.image_tokens for p in plan.phases] == [(16 // 8) ** 2 + 1, (32 // 8) ** 2 + 1]
+    assert plan.total_train_gflops * 1e9 == pytest.approx(expected, rel=1e-12)
+    assert plan.full_resolution["train_gflops"] * 1e9 == pytest.approx(full, rel=1e-12)
+    assert plan.saving_total == pytest.approx(full / expected, rel=1e-12)
+    image_saving = 40 * _hand_image(32) / (30 * _hand_image(16) + 10 * _hand_image(32))
+    assert plan.saving_image_tower == pytest.approx(image_saving, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit-b-16"])
+def test_saving_is_full_over_total(preset):
+    plan = make_plan(load_config(preset))
+    assert plan.saving_total == pytest.approx(plan.full_resolution["train_gflops"] / plan.total_train_gflops)
+    assert plan.saving_total > 1 and plan.saving_image_tower > 1
+
+
+def test_wall_time_8_h100_at_mfu_04():
+    plan = make_plan(load_config("vit-b-16"), gpus=8, gpu="h100", mfu=0.4)
+    for p in plan.phases:
+        assert p.wall_s == pytest.approx(p.train_gflops * 1e9 / (8 * H100_PEAK * 0.4), rel=1e-12)
+        assert p.samples_per_s_per_gpu == pytest.approx(p.samples / p.wall_s / 8)
+        assert p.decode_cores_per_gpu == pytest.approx(p.samples_per_s_per_gpu / DEFAULT_DECODE_RATES[p.image_size])
+    assert plan.wall_s == pytest.approx(plan.total_train_gflops * 1e9 / (8 * H100_PEAK * 0.4), rel=1e-12)
+    assert plan.gpu_hours == pytest.approx(plan.wall_s * 8 / 3600)
+    assert plan.hardware.peak_tflops == 989.0
+    a100 = make_plan(load_config("vit-b-16"), gpus=8, gpu="A100", mfu=0.4)
+    assert a100.wall_s == pytest.approx(plan.wall_s * 989 / 312)
+
+
+def _bench_lines(rates: dict[int, float]) -> str:
+    """What `reclip-ray bench data` prints: a project row, a baseline row and a speedup row per size."""
+    rows = []
+    for px, rate in rates.items():
+        rows.append({"bench": "data_decode", "path": "reclip (draft + box resize)", "target_px": px,
+                     "source_px": 512, "source_kb": 54.0, "images_per_s_per_core": rate})
+        rows.append({"bench": "data_decode", "path": "baseline (full decode + resize)", "target_px": px,
+                     "source_px": 512, "source_kb": 54.0, "images_per_s_per_core": rate / 4})
+        rows.append({"bench": "data_decode", "target_px": px, "speedup": 4.0})
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+def test_decode_rates_file_and_nearest_larger_size(tmp_path):
+    path = tmp_path / "rates.jsonl"
+    path.write_text(_bench_lines({32: 3000.0, 96: 1500.0, 128: 1200.0}))
+    assert load_decode_rates(path) == {32: 3000.0, 96: 1500.0, 128: 1200.0}
+    assert decode_rate_at({32: 3000.0, 96: 1500.0}, 64) == (1500.0, 96)  # next larger measured size
+    assert decode_rate_at({32: 3000.0, 96: 1500.0}, 224) == (1500.0, 96)  # above all: the largest
+    cfg = load_config("tiny", ["phases.1.image_size=64"])  # 32 px measured, 64 px not
+    plan = make_plan(cfg, gpus=2, gpu="h100", decode_rates=str(path))
+    assert [(p.decode_rate_per_core, p.decode_rate_px) for p in plan.phases] == [(3000.0, 32), (1500.0, 96)]
+    assert any("no decode rate measured at 64 px; used 96 px" in n for n in plan.notes)
+    assert "note: phase 'finetune'" in format_plan(plan)
+
+
+def test_bad_decode_rates_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"bench": "data_decode"}\nnot json\n')
+    with pytest.raises(ReclipError, match=r"bad.jsonl:2 is not a JSON line"):
+        load_decode_rates(bad)
+    bad.write_text(json.dumps({"bench": "data_decode", "target_px": 64, "speedup": 3.0}) + "\n")
+    with pytest.raises(ReclipError, match="no 'reclip' rows"):
+        load_decode_rates(bad)
+    with pytest.raises(ReclipError, match="cannot read"):
+        load_decode_rates(tmp_path / "missing.jsonl")
+
+
+def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_json_has_the_numbers_of_the_table(capsys):
+    args = ("plan", "--config", "vit-b-16", "--gpus", "64", "--gpu", "h100")
+    rc, table, _ = _run_cli(capsys, *args)
+    assert rc == 0
+    rc, text, _ = _run_cli(capsys, *args, "--json")
+    assert rc == 0
+    data = json.loads(text)
+    lines = table.splitlines()
+    for p in data["phases"]:
+        flops_row, hw_row = [line.split() for line in lines if line.startswith(p["name"] + " ")]
+        assert int(flops_row[1].replace(",", "")) == p["samples"]
+        assert [int(v) for v in flops_row[2:5]] == [p["image_size"], p["image_tokens"], p["text_length"]]
+        assert float(flops_row[5]) == pytest.approx(p["train_gflops_per_sample"], abs=5e-4)
+        assert float(flops_row[6]) == pytest.approx(p["train_gflops"], rel=1e-4)
+        assert float(flops_row[7].rstrip("%")) / 100 == pytest.approx(p["share"], abs=5e-4)
+        assert float(hw_row[3].replace(",", "")) == pytest.approx(p["samples_per_s_per_gpu"], abs=0.5)
+        assert float(hw_row[-1]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
+        assert hw_row[-2] == f"({p['decode_rate_px']})"
+    total = next(line for line in lines if line.startswith("total ") and "e+" in line).split()
+    assert float(total[2]) == pytest.approx(data["total_train_gflops"], rel=1e-4)
+    saving = re.search(r"saving vs full resolution: ([\d.]+)x total, ([\d.]+)x image tower", table)
+    assert float(saving[1]) == pytest.approx(data["saving_total"], abs=5e-3)
+    assert float(saving[2]) == pytest.approx(data["saving_image_tower"], abs=5e-3)
+    gpu_hours = re.search(r"^total .*\(([\d,.]+) GPU-hours\)", table, re.M)
+    assert float(gpu_hours[1].replace(",", "")) == pytest.approx(data["gpu_hours"], abs=0.05)
+    assert data["hardware"]["gpus"] == 64 and data["hardware"]["peak_tflops"] == 989.0
+
+
+def _clean_env() -> dict[str, str]:
+    """An unreachable RAY_ADDRESS: anything that tried to connect to Ray would hang or fail."""
+    return {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_plan_touches_no_ray_and_no_files(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "reclip_ray", "plan", "--config", "vit-b-16", "--gpus", "64",
+                           "--gpu", "h100"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 30
+    assert "RECLIP saving vs full resolution" in proc.stdout and "decode cores/GPU" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_imports_neither_ray_nor_torch(tmp_path):
+    code = ("import sys; from reclip_ray.cli import main; rc = main(['plan', '--config', 'vit-b-16', '--gpus', '8', "
+            "'--json']); heavy = sorted({'ray', 'torch', 'pyarrow'} & set(sys.modules)); "
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc or bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "8", "--gpu", "v100"], "unknown --gpu 'v100'; known: a100, h100, h200"),
+    (["--gpu", "h100"], "add --gpus N"),
+    (["--gpus", "0"], "--gpus must be >= 1"),
+    (["--gpus", "8", "--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["--config", "no-such-preset"], "unknown config 'no-such-preset'"),
+    (["--config", "tiny", "--set", "phases.0.image_size=33"], "not a positive multiple of the patch size"),
+])
+def test_mistakes_are_one_line_exit_2(capsys, argv, message):
+    rc, out, err = _run_cli(capsys, "plan", *argv)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("reclip-ray: error: ")
+
+
+def test_tiny_plan_without_gpus_prints_a_hint(capsys):
+    rc, out, _ = _run_cli(capsys, "plan")
+    assert rc == 0
+    assert "config tiny" in out and "add --gpus N" in out and "decode cores/GPU" not in out
+    assert json.loads(json.dumps(make_plan(load_config("tiny")).to_dict()))["hardware"] is None
