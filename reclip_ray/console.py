@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import ray
 
@@ -55,6 +55,10 @@ def get_board(run: str, create: bool = False):
         return None
 
 
+def board_reader(board: Any) -> Callable[[], tuple[dict[str, Any], list[str]]]:
+    return lambda: ray.get(board.take.remote(), timeout=10)
+
+
 def format_window(w: dict[str, Any]) -> str:
     """One status line from a log window's numbers."""
     eta = w.get("eta_s", float("nan"))
@@ -77,11 +81,15 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """The driver's thread that draws the board: a live line on a terminal, a line per window elsewhere."""
+    """The driver's thread that draws the board: a live line on a terminal, a line per window elsewhere.
 
-    def __init__(self, board: Any, stream: TextIO | None = None, interval_s: float = 0.5,
-                 live: bool | None = None) -> None:
-        self.board = board
+    ``take`` returns the board's latest window and the events not yet shown (``board_reader(board)``; tests pass a
+    plain function).
+    """
+
+    def __init__(self, take: Callable[[], tuple[dict[str, Any], list[str]]], stream: TextIO | None = None,
+                 interval_s: float = 0.5, live: bool | None = None) -> None:
+        self.take = take
         self.stream = stream or sys.stdout
         self.interval_s = interval_s
         self.live = self.stream.isatty() if live is None else live
@@ -110,7 +118,7 @@ class ProgressDisplay:
                 pass
 
     def poll(self) -> None:
-        window, events = ray.get(self.board.take.remote(), timeout=10)
+        window, events = self.take()
         for text in events:
             self._print_line(text)
         if window and window.get("seq", 0) > self._seen:

@@ -339,13 +339,13 @@ def run_training(
         init_ray(cfg)
         board = display = None
         if console:
-            from reclip_ray.console import ProgressDisplay, get_board, redirect_ray_output
+            from reclip_ray.console import ProgressDisplay, board_reader, get_board, redirect_ray_output
 
             log_file = None if verbose else redirect_ray_output(prep.run_dir)
             if log_file:
                 print(f"[reclip] Ray's own output: {log_file} (--verbose shows it here)", flush=True)
             board = get_board(prep.run_name, create=True)
-            display = ProgressDisplay(board)
+            display = ProgressDisplay(board_reader(board))
         use_gpu = _use_gpu(cfg)
         tokenizer_json = Path(prep.tokenizer_path).read_text()
         from reclip_ray.train.worker import FATAL_FILE

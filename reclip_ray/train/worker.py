@@ -305,10 +305,11 @@ def _log_window(w: _Worker, plan: Any, window: _Window, last: dict[str, float], 
         metrics["data_shards_missing"] = len(ray.get(w.missing_actor.missing.remote()))
     if state.step > w.already_logged:
         tracking.log_metrics(w.tracking_uri, w.run_id, metrics, step=state.step)
-    if w.board is not None:
+    if w.board is not None:  # the driver draws it
         w.board.update.remote({**metrics, "phase_name": plan.name, "step": state.step,
                                "total_steps": w.schedule.total_steps, "total_samples": w.schedule.total_samples,
                                "eta_s": remaining / max(sps, 1e-9)})
+        return
     print(f"[reclip] {plan.name} {plan.image_size}px step {state.step}/{w.schedule.total_steps} "
           f"samples {state.samples}/{w.schedule.total_samples} loss {last['loss']:.4f} lr {lr:.2e} "
           f"scale {last['logit_scale']:.1f} {sps:.0f} samples/s data-wait {metrics['data_wait_fraction']:.0%} "

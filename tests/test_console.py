@@ -1,0 +1,62 @@
+"""The driver's progress display: every line once, one line per log window off a terminal, a live line on one."""
+
+from __future__ import annotations
+
+import io
+
+from reclip_ray.console import ProgressDisplay, _worth_showing, format_window
+
+
+def _window(seq: int, step: int) -> dict:
+    return {"seq": seq, "phase_name": "lowres", "image_size": 32, "step": step, "total_steps": 20, "samples": step * 128,
+            "total_samples": 2560, "loss": 4.5, "samples_per_s": 812.0, "data_wait_fraction": 0.02,
+            "gflops_total": 18.2 * step, "eta_s": 75}
+
+
+class _Board:
+    """A scripted board: what each poll returns."""
+
+    def __init__(self, polls):
+        self.polls = list(polls)
+
+    def take(self):
+        return self.polls.pop(0) if self.polls else ({}, [])
+
+
+def test_off_a_terminal_each_window_and_event_is_one_line_once():
+    board = _Board([
+        ({}, ["[reclip] phase 0 'lowres': 32 px"]),
+        (_window(1, 10), []),
+        (_window(1, 10), []),  # the same window polled again: not printed again
+        (_window(2, 20), ["[reclip] eval after 'lowres': ..."]),
+    ])
+    out = io.StringIO()
+    display = ProgressDisplay(board.take, stream=out, live=False)
+    for _ in range(4):
+        display.poll()
+    lines = out.getvalue().splitlines()
+    assert lines == ["[reclip] phase 0 'lowres': 32 px", format_window(_window(1, 10)),
+                     "[reclip] eval after 'lowres': ...", format_window(_window(2, 20))]
+    assert "step 10/20  samples 1,280/2,560" in lines[1] and "ETA 1m15s" in lines[1] and "812 samples/s" in lines[1]
+
+
+def test_on_a_terminal_the_status_line_is_redrawn_and_events_go_above_it():
+    board = _Board([(_window(1, 10), []), (_window(2, 20), ["[reclip] eval after 'lowres': ..."])])
+    out = io.StringIO()
+    with ProgressDisplay(board.take, stream=out, live=True, interval_s=0.01) as display:
+        while board.polls:
+            pass
+    assert display._thread.is_alive() is False
+    text = out.getvalue()
+    # Each redraw clears the line; the event is printed on its own line and the status drawn again below it.
+    assert text.count("\r\x1b[2K" + format_window(_window(1, 10))) == 1
+    assert "\r\x1b[2K[reclip] eval after 'lowres': ...\n" + format_window(_window(1, 10)) in text
+    assert text.endswith("\r\x1b[2K" + format_window(_window(2, 20)) + "\n")  # the status line is ended at exit
+
+
+def test_ray_lines_that_reach_the_console():
+    assert _worth_showing("ERROR worker died", {})
+    assert _worth_showing("WARNING: something odd", {})
+    assert not _worth_showing("Reporting training result 3: ...", {})
+    assert not _worth_showing("WARNING: 8 PYTHON worker processes have been started on node", {})
+    assert not _worth_showing("[reclip] WARNING: shown through the board", {})
