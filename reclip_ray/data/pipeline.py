@@ -33,7 +33,8 @@ import ray
 from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.local import row_rng
 from reclip_ray.data.schema import ColumnMap, absent_mask
-from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, rows_to_skip, unit_permutation
+from reclip_ray.data.stream import (BAD, MARKER, OK, PhaseStream, rows_in_round, rows_to_skip, unit_permutation,
+                                   unit_sizes)
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from reclip_ray.errors import DataError
 
@@ -192,13 +193,12 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
         done = np.asarray(item["done"], dtype=np.int64)
         readers = [_ShardChunks(f, rg, chunk_rows, start * chunk_rows, columns, missing, on_missing)
                    for f, rg in zip(files, item["row_groups"])]
-        sizes = [sum(min(chunk_rows, max(0, n - k * chunk_rows)) for n in rows)
-                 for k in range(-(-max(rows) // chunk_rows))]
+        sizes = unit_sizes(rows, chunk_rows)
         unit_pos = item["first_pos"] + sum(sizes[:start])
         for k in range(start, len(sizes)):
             parts = []
             for reader, n in zip(readers, rows):
-                expected = min(chunk_rows, max(0, n - k * chunk_rows))
+                expected = rows_in_round(n, k, chunk_rows)
                 got = reader.next() if expected else None
                 if got is not None:
                     parts.append(_canonical(got[0], columns, reader.file, got[1]).append_column(

@@ -94,11 +94,10 @@ class Group:
 
     @property
     def num_units(self) -> int:
-        return math.ceil(max(self.rows, default=0) / self.chunk_rows)
+        return len(self.unit_sizes())
 
     def unit_sizes(self) -> list[int]:
-        c = self.chunk_rows
-        return [sum(min(c, max(0, n - k * c)) for n in self.rows) for k in range(self.num_units)]
+        return unit_sizes(self.rows, self.chunk_rows)
 
     @property
     def num_rows(self) -> int:
@@ -147,6 +146,17 @@ class PhaseStream:
                 "done": done_arr[lo:hi].tolist(),
             })
         return out
+
+
+def rows_in_round(rows: int, round_index: int, chunk_rows: int) -> int:
+    """How many of a shard's ``rows`` fall in round ``round_index`` (its rows [k * chunk, (k + 1) * chunk))."""
+    return min(chunk_rows, max(0, rows - round_index * chunk_rows))
+
+
+def unit_sizes(rows: Sequence[int], chunk_rows: int) -> list[int]:
+    """Rows per unit (round) of a group whose shards hold ``rows``: the group's rounds in order."""
+    rounds = math.ceil(max(rows, default=0) / chunk_rows)
+    return [sum(rows_in_round(n, k, chunk_rows) for n in rows) for k in range(rounds)]
 
 
 def unit_permutation(seed: int, pass_index: int, group_index: int, round_index: int, size: int) -> np.ndarray:
