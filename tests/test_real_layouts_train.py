@@ -56,3 +56,26 @@ def test_labelled_messy_and_img2dataset_layouts_train(ray_session, make_cfg, tmp
     assert 0 < m["data_rows_bad"] / m["data_rows_seen"] <= 2 * len(shards.bad_keys) / present + 0.01
     rows = pq.read_table(shards.files[0])
     assert rows.column("jpg").null_count > 0 and pa.types.is_binary(rows.schema.field("jpg").type)
+
+
+def test_an_evaluation_that_fails_is_logged_and_training_goes_on(ray_session, make_cfg, tmp_path, synth_dir):
+    """The eval set passes the checks before Ray (its footers and labels are fine) but no image decodes, so every
+    phase-end evaluation fails; the run still finishes, with the error in MLflow."""
+    from reclip_ray.train.launch import run_training
+
+    broken = tmp_path / "broken_eval"
+    broken.mkdir()
+    (broken / "dataset.json").write_text((synth_dir / "eval" / "dataset.json").read_text())
+    table = pq.read_table(sorted((synth_dir / "eval").glob("*.parquet"))[0])
+    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), broken / "part-0.parquet")
+    cfg = make_cfg("evalfails", extra=["train.samples=256", "checkpoint.every_samples=0", f"data.eval={broken}"])
+    out = run_training(cfg)
+    assert out["samples"] == 256
+    client, run = mlflow_run(tmp_path / "mlflow.db", out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    errors = {k: v for k, v in run.data.tags.items() if k.startswith("reclip.eval_error.")}
+    assert set(errors) == {"reclip.eval_error.lowres", "reclip.eval_error.finetune"}, errors
+    assert all("no readable rows" in v for v in errors.values()), errors
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_errors")] == [1.0, 1.0]
+    assert not any(k.startswith("eval/") for k in run.data.metrics)
