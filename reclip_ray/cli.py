@@ -36,6 +36,24 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     try:
         summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows)
+        if args.shrink:
+            summary["copies"] = _shrink(os.path.join(args.out, "train"), args.shrink, image_column="image")
+    except OSError as exc:
+        raise _os_error(exc) from None
+    _print_json(summary)
+    return 0
+
+
+def _shrink(data: str, sizes: str, **kwargs: Any) -> dict:
+    from reclip_ray.data.copies import shrink_dataset
+
+    return shrink_dataset(data, sizes, log=lambda m: print(m, file=sys.stderr, flush=True), **kwargs)
+
+
+def _data_shrink(args: argparse.Namespace) -> int:
+    try:
+        summary = _shrink(args.data, args.sizes, out=args.out, image_column=args.image_column, quality=args.quality,
+                          workers=args.workers or None, force=args.force)
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json(summary)
@@ -54,6 +72,8 @@ def _data_ingest(args: argparse.Namespace) -> int:
             if not args.captions:
                 raise ReclipError("data ingest --images needs --captions FILE.csv|FILE.jsonl")
             summary = ingest_folder(args.images, args.captions, args.out, shard_rows=args.shard_rows)
+        if args.shrink:
+            summary["copies"] = _shrink(args.out, args.shrink)
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json(summary)
@@ -64,7 +84,8 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
     from reclip_ray.data.tokenizer import train_tokenizer
 
     try:
-        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column)
+        tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column,
+                              max_captions=max(0, args.max_captions))
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json({"out": args.out, "vocab_size": tok.vocab_size})
@@ -114,6 +135,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """An exported model (a run's model/ folder) rewritten for another ecosystem; no Ray."""
+    from reclip_ray.export import export_model, load_export
+    from reclip_ray.openclip import OPEN_CLIP_CONFIG
+
+    model, tokenizer, cfg = load_export(args.model_dir)
+    out = export_model(model, tokenizer, cfg, args.out, format=args.format, image_size=args.image_size or None)
+    meta = json.loads((out / OPEN_CLIP_CONFIG).read_text())["reclip_ray"]
+    _print_json({"out": str(out), "format": args.format, "image_size": meta["image_size"],
+                 "tokenizer": meta["tokenizer"], "open_clip": f"local-dir:{out}"})
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from reclip_ray.sweep import sweep_from_cli
 
@@ -155,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-rows", type=int, default=1000)
+    p.add_argument("--shrink", default="", metavar="SIZES", help="also store shrunk copies of the train split, e.g. 40,80")
     p.set_defaults(func=_data_synth)
 
     p = data.add_parser("ingest", help="convert a folder of images + captions, or webdataset tars, to Parquet shards")
@@ -163,13 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webdataset")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-rows", type=int, default=1000)
+    p.add_argument("--shrink", default="", metavar="SIZES", help="then store shrunk copies (as `data shrink`), e.g. 40,80")
     p.set_defaults(func=_data_ingest)
+
+    p = data.add_parser("shrink", help="store small JPEG copies (e.g. 40,80 px shorter side) next to every image, "
+                                       "for the low-resolution phases")
+    p.add_argument("data", metavar="DATA", help="dataset folder (its shards are rewritten in place, atomically)")
+    p.add_argument("--sizes", required=True, help="shorter sides in px, e.g. 40,80 (a 64 px phase reads the 80 px copy)")
+    p.add_argument("--out", default=None, help="write the shards with copies to this folder instead of in place")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    p.add_argument("--force", action="store_true", help="remake copies that already exist")
+    p.set_defaults(func=_data_shrink)
 
     p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a dataset's captions")
     p.add_argument("--data", required=True)
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--out", required=True)
     p.add_argument("--caption-column", default="caption")
+    p.add_argument("--max-captions", type=int, default=1_000_000,
+                   help="train on the first N captions (0: all; the default matches data.tokenizer_sample_captions)")
     p.set_defaults(func=_data_tokenizer)
 
     p = data.add_parser("inspect", help="rows, shards, columns, bad rows, image sizes (JSON)")
@@ -194,12 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model (JSON)")
-    p.add_argument("--checkpoint", required=True, help="exported model directory (the run's model/ folder, or an MLflow model artifact)")
+    p.add_argument("--checkpoint", required=True,
+                   help="exported model directory (the run's model/ folder, an MLflow model artifact, or an open_clip "
+                        "folder: `reclip-ray export --format open_clip`)")
     p.add_argument("--data", required=True)
     p.add_argument("--classes", default=None, help="JSON list of class names (or {classes, templates})")
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="rewrite an exported model for open_clip (a `local-dir:` folder)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory (the run's model/ folder)")
+    p.add_argument("--format", choices=["open_clip"], default="open_clip")
+    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("sweep", help="Ray Tune search over resolution / phase-length schedules")
     p.add_argument("--space", required=True)
@@ -208,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("bench", help="benchmarks (JSON lines)")
-    p.add_argument("what", choices=["data", "model", "e2e"])
+    p.add_argument("what", choices=["data", "model", "e2e", "step"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
 

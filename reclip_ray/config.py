@@ -40,6 +40,7 @@ class DataConfig:
     key_column: str = "key"
     tokenizer: str = ""  # path to tokenizer.json; empty: train one on data.train at launch (vocab_size below)
     vocab_size: int = 1024  # only used when the tokenizer is trained at launch
+    tokenizer_sample_captions: int = 1_000_000  # a tokenizer trained at launch reads this many captions; 0: all
     max_bad_fraction: float = 0.01
     synth_if_missing: bool = False  # make the captioned-shapes dataset when data.train does not exist
     synth_train: int = 20000
@@ -51,6 +52,8 @@ class DataConfig:
     group_shards: int = 16  # shards one read task interleaves (a batch mixes rows of this many shards)
     chunk_rows: int = 64  # rows taken from each shard per round: bounds a read task's memory to group x chunk rows
     missing_shards: str = "fail"  # fail | skip: what a shard that disappears during the run does
+    use_copies: bool = True  # read the smallest shrunk copy (``data shrink``) that covers a phase's image size
+    decode_device: str = "cpu"  # cpu | cuda: decode JPEGs on the training GPU (nvJPEG; data/device_decode.py)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     grad_checkpointing: bool = False
+    init_from: str = ""  # weights to start from: reclip-ray export, open_clip checkpoint or timm ViT (init_weights.py)
 
 
 @dataclass
@@ -106,6 +110,9 @@ class TrainConfig:
     log_every_steps: int = 10  # >= 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     collective_timeout_s: int = 600
+    local_loss: str = "auto"  # auto (on with > 1 worker) | true | false: each rank builds only its rows of the logits
+    micro_batch_size: int = 0  # rows per forward/backward on a worker (exact accumulation); 0: the whole local batch
+    compile: bool = False  # torch.compile the model (off until measured faster: BENCHMARKS.md)
 
 
 @dataclass
@@ -155,6 +162,7 @@ class EvalConfig:
     batch_size: int = 256
     at_phase_end: bool = True
     full_image_size: int = 0  # 0: the last phase's image_size
+    at_gflops: list[float] = field(default_factory=list)  # also evaluate + report when training GFLOPs cross these
 
 
 @dataclass
@@ -317,7 +325,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"'{where}' must be a number, got {value!r}")
         return value  # keep int vs float: phase samples use the distinction
     if tp is str:
-        if isinstance(value, bool) and where.endswith("use_gpu"):
+        if isinstance(value, bool) and where.endswith(("use_gpu", "local_loss")):
             return str(value).lower()
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"'{where}' must be a string, got {value!r}")
@@ -476,6 +484,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'optim.schedule' must be global or per_phase, got {cfg.optim.schedule!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"'train.precision' must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+    if str(cfg.train.local_loss).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"'train.local_loss' must be auto, true or false, got {cfg.train.local_loss!r}")
+    if cfg.train.micro_batch_size < 0:
+        raise ConfigError(f"'train.micro_batch_size' must be a positive number of rows or 0 (no accumulation), "
+                          f"got {cfg.train.micro_batch_size}")
     if str(cfg.scaling.use_gpu).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"'scaling.use_gpu' must be auto, true or false, got {cfg.scaling.use_gpu!r}")
     if not 1 <= cfg.scaling.min_workers <= cfg.scaling.max_workers:
@@ -494,6 +507,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'checkpoint.num_to_keep' must be >= 1, got {cfg.checkpoint.num_to_keep}")
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    if any(not isinstance(g, (int, float)) or g <= 0 for g in cfg.eval.at_gflops):
+        raise ConfigError(f"'eval.at_gflops' must be a list of positive GFLOPs, got {cfg.eval.at_gflops!r}")
     if cfg.scaling.cpus_per_worker < 0 or cfg.scaling.gpus_per_worker < 0:
         raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
                           f"reserves none), got {cfg.scaling.cpus_per_worker} / {cfg.scaling.gpus_per_worker}")
@@ -509,6 +524,13 @@ def validate(cfg: Config) -> None:
                           f"and {cfg.data.chunk_rows}")
     if cfg.data.missing_shards not in ("fail", "skip"):
         raise ConfigError(f"'data.missing_shards' must be fail or skip, got {cfg.data.missing_shards!r}")
+    if cfg.data.decode_device not in ("cpu", "cuda"):
+        raise ConfigError(f"'data.decode_device' must be cpu or cuda, got {cfg.data.decode_device!r}")
+    if cfg.data.decode_device == "cuda" and str(cfg.scaling.use_gpu).lower() == "false":
+        raise ConfigError("'data.decode_device=cuda' decodes on the training GPUs, but scaling.use_gpu=false")
+    if cfg.data.tokenizer_sample_captions < 0:
+        raise ConfigError(f"'data.tokenizer_sample_captions' must be a number of captions, or 0 for all of them, "
+                          f"got {cfg.data.tokenizer_sample_captions}")
     extra = cfg.scaling.resources_per_worker
     if not isinstance(extra, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in extra.values()):
         raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")

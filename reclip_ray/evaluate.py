@@ -46,15 +46,33 @@ def zero_shot_classifier(
     text_length: int,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
-    """[C, D] class embeddings: each class's normalised template embeddings averaged, then re-normalised."""
+    """[C, D] class embeddings: each class's normalised template embeddings averaged, then re-normalised.
+
+    With ``world_size`` > 1 (every rank calls it) each rank encodes a contiguous block of the same batches that one
+    rank would encode, and the features are gathered: ImageNet's 1000 classes x 80 templates are 80k captions,
+    and a batch encodes to the same numbers whichever rank runs it.
+    """
     model = getattr(model, "module", model)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
-    feats = []
-    for i in range(0, len(texts), batch_size):
-        tokens = torch.from_numpy(tokenizer.encode(texts[i : i + batch_size], text_length)).to(device)
-        feats.append(model.encode_text(tokens, normalize=True).float())
+    starts = list(range(0, len(texts), batch_size))
+    lo, hi = _block(len(starts), rank, world_size)
+
+    def encode() -> list[torch.Tensor]:
+        feats = []
+        for i in starts[lo:hi]:
+            tokens = torch.from_numpy(tokenizer.encode(texts[i : i + batch_size], text_length)).to(device)
+            feats.append(model.encode_text(tokens, normalize=True).float())
+        return feats
+
+    if world_size == 1:
+        feats = encode()
+    else:
+        mine = _agree(encode, world_size)
+        feats = [t.to(device) for t in gather_rows(torch.cat(mine) if mine else None, world_size, device)]
     per_template = torch.cat(feats).view(len(classnames), len(templates), -1)
     return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
 
@@ -183,10 +201,12 @@ class _Grouped:
                 if new[r]:
                     values.append(y)
                 elif values[g] != y:
-                    raise ReclipError(
-                        f"{batch['file'][r]}: rows showing image {ident} disagree on {c!r} ({values[g]} vs {y} at "
-                        f"key={batch['key'][r]}); zero-shot needs one label per image"
-                    )
+                    raise ReclipError(_disagree(batch["file"][r], ident, c, values[g], y, batch["key"][r]))
+
+
+def _disagree(file: str, ident: str, column: str, first: int, other: int, key: Any) -> str:
+    return (f"{file}: rows showing image {ident} disagree on {column!r} ({first} vs {other} at key={key}); "
+            "zero-shot needs one label per image")
 
 
 def _label_value(value: Any, column: str, file: str, key: Any) -> int:
@@ -208,6 +228,8 @@ def evaluate_dataset(
     columns: Any = None,
     device: str | torch.device = "cpu",
     classes: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Flat metrics dict: ``rows`` (usable rows), ``images`` (unique images), ``captions``, ``absent_rows``,
     ``bad_rows``, ``<label set>/top1|top5|mean_per_class_recall`` for every label set, and, when the set has
@@ -215,53 +237,106 @@ def evaluate_dataset(
 
     ``classes`` ({"classes": [...], "templates": [...]}) replaces dataset.json's label sets with one set on the
     label column (the CLI's ``--classes``).
+
+    ``world_size`` > 1: every rank of the initialised default ``torch.distributed`` group calls this with the same
+    arguments (and its own ``rank``), so that no GPU idles while one rank evaluates. Each rank decodes and encodes
+    one contiguous slice of the rows (and of the class-prompt batches); the features and per-row records are
+    gathered, put back in row order and grouped exactly as one rank would (``_assemble``); the metrics are computed
+    once, on rank 0, and broadcast: every rank returns the dict single-rank evaluation returns. An error on any
+    rank is raised on every rank, so the ranks' collectives stay paired.
     """
     from reclip_ray.data.local import BadRowCount, iter_local_batches
     from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema, read_dataset_json
-    from reclip_ray.model import normalize_images
 
     columns = columns or ColumnMap()
     core = getattr(model, "module", model)
-    files = list_parquet_files(str(data_path))
-    names = parquet_schema(files[0]).names
-    meta = read_dataset_json(data_path)
-    if classes is not None and columns.label not in names:
-        raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
-    sets = _label_sets(meta, names, columns.label, classes)
+
+    def setup() -> tuple[list[str], dict[str, dict]]:
+        files = list_parquet_files(str(data_path))
+        names = parquet_schema(files[0]).names
+        if classes is not None and columns.label not in names:
+            raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
+        return files, _label_sets(read_dataset_json(data_path), names, columns.label, classes)
+
+    files, sets = setup() if world_size == 1 else _agree(setup, world_size)
     label_cols = sorted({spec["column"] for spec in sets.values()})
 
-    def encode_image(images: np.ndarray) -> torch.Tensor:
-        return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()
+    def read(collector: Any, row_range: tuple[int, int] | None) -> BadRowCount:
+        """Decode and encode the rows (all, or ``row_range``) into ``collector``; the model is put in eval mode."""
+        from reclip_ray.model import normalize_images
 
-    def encode_text(tokens: np.ndarray) -> torch.Tensor:
-        return core.encode_text(torch.from_numpy(tokens).to(device)).float().cpu()
+        def encode_image(images: np.ndarray) -> torch.Tensor:
+            return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()
 
-    grouped, counts = _Grouped(label_cols), BadRowCount()
-    was_training = core.training
-    core.eval()
-    try:
-        for batch in iter_local_batches(
-            str(data_path), image_size=image_size, text_length=text_length, tokenizer=tokenizer,
-            batch_size=batch_size, columns=columns, train=False, extra_columns=label_cols, bad_rows=counts,
-            require_caption=False, group_images=True,
-        ):
-            grouped.add(batch, encode_image, encode_text)
-    finally:
-        if was_training:
-            core.train()
-    if not grouped.image_features:
-        raise ReclipError(f"{data_path}: no readable rows to evaluate ({counts.absent} rows without an image, "
-                          f"{counts.bad} bad rows)")
-    if not sets and not grouped.text_features:
+        def encode_text(tokens: np.ndarray) -> torch.Tensor:
+            return core.encode_text(torch.from_numpy(tokens).to(device)).float().cpu()
+
+        counts = BadRowCount()
+        was_training = core.training
+        core.eval()
+        try:
+            for batch in iter_local_batches(
+                str(data_path), image_size=image_size, text_length=text_length, tokenizer=tokenizer,
+                batch_size=batch_size, columns=columns, train=False, extra_columns=label_cols, bad_rows=counts,
+                require_caption=False, group_images=True, row_range=row_range,
+            ):
+                collector.add(batch, encode_image, encode_text)
+        finally:
+            if was_training:
+                core.train()
+        return counts
+
+    if world_size == 1:
+        grouped = _Grouped(label_cols)
+        counts = read(grouped, None)
+        got = _Gathered(torch.cat(grouped.image_features) if grouped.image_features else None,
+                        torch.cat(grouped.text_features) if grouped.text_features else None,
+                        grouped.labels, grouped.text_to_image, grouped.rows, counts.absent, counts.bad)
+    else:
+        from reclip_ray.data.stream import footers
+
+        def read_slice() -> tuple[_Slice, BadRowCount]:
+            part = _Slice(label_cols)
+            return part, read(part, _block(sum(f.rows for f in footers(files)), rank, world_size))
+
+        part, counts = _agree(read_slice, world_size)
+        got = _gather_slices(part, counts, label_cols, world_size, device)
+    _check_gathered(data_path, sets, got)
+    classifiers = {
+        name: zero_shot_classifier(
+            core, tokenizer, spec["classes"], spec.get("templates") or DEFAULT_TEMPLATES, text_length=text_length,
+            device=device, batch_size=batch_size, rank=rank, world_size=world_size,
+        ).cpu()
+        for name, spec in sets.items()
+    }
+    if world_size == 1:
+        return _scores(sets, got, classifiers)
+    return _from_rank0(lambda: _scores(sets, got, classifiers), rank, world_size)
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+class _Gathered:
+    """Everything the metrics need, in single-rank order: one feature row per unique image, one per caption."""
+
+    def __init__(self, image_features: torch.Tensor | None, text_features: torch.Tensor | None,
+                 labels: dict[str, list[int]], text_to_image: list[int], rows: int, absent: int, bad: int) -> None:
+        self.image_features, self.text_features = image_features, text_features
+        self.labels, self.text_to_image = labels, text_to_image
+        self.rows, self.absent, self.bad = rows, absent, bad
+
+
+def _check_gathered(data_path: str, sets: dict[str, dict], got: _Gathered) -> None:
+    """The user-facing errors that need every row: nothing readable, nothing to score, a label outside its set."""
+    if got.image_features is None:
+        raise ReclipError(f"{data_path}: no readable rows to evaluate ({got.absent} rows without an image, "
+                          f"{got.bad} bad rows)")
+    if not sets and got.text_features is None:
         raise ReclipError(f"{data_path}: nothing to evaluate: no captions and no label set (dataset.json "
                           "'classes'/'label_sets', or --classes)")
-    image_features = torch.cat(grouped.image_features)
-
-    out: dict[str, float] = {"rows": grouped.rows, "images": int(image_features.shape[0]),
-                             "captions": len(grouped.text_to_image), "absent_rows": counts.absent,
-                             "bad_rows": counts.bad}
     for name, spec in sets.items():
-        y = torch.tensor(grouped.labels[spec["column"]], dtype=torch.long)
+        y = torch.tensor(got.labels[spec["column"]], dtype=torch.long)
         n_cls = len(spec["classes"])
         bad = y[(y < 0) | (y >= n_cls)]
         if bad.numel():
@@ -269,17 +344,179 @@ def evaluate_dataset(
                 f"{data_path}: label {int(bad[0])} in column {spec['column']!r} is outside the {n_cls} classes "
                 f"of label set {name!r} (classes file does not match the dataset?)"
             )
-        classifier = zero_shot_classifier(
-            core, tokenizer, spec["classes"], spec.get("templates") or DEFAULT_TEMPLATES,
-            text_length=text_length, device=device, batch_size=batch_size,
-        ).cpu()
-        for k, v in zero_shot_metrics(image_features, y, classifier).items():
+
+
+def _scores(sets: dict[str, dict], got: _Gathered, classifiers: dict[str, torch.Tensor]) -> dict[str, float]:
+    out: dict[str, float] = {"rows": got.rows, "images": int(got.image_features.shape[0]),
+                             "captions": len(got.text_to_image), "absent_rows": got.absent, "bad_rows": got.bad}
+    for name, spec in sets.items():
+        y = torch.tensor(got.labels[spec["column"]], dtype=torch.long)
+        for k, v in zero_shot_metrics(got.image_features, y, classifiers[name]).items():
             out[f"{name}/{k}"] = v
-        out[f"{name}/chance_top1"] = 1.0 / n_cls
-    if grouped.text_features:
-        out.update(retrieval_metrics(image_features, torch.cat(grouped.text_features),
-                                     torch.tensor(grouped.text_to_image, dtype=torch.long)))
+        out[f"{name}/chance_top1"] = 1.0 / len(spec["classes"])
+    if got.text_features is not None:
+        out.update(retrieval_metrics(got.image_features, got.text_features,
+                                     torch.tensor(got.text_to_image, dtype=torch.long)))
     return out
+
+
+# --------------------------------------------------------------------------------------------------- sharded
+
+
+def _block(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share [lo, hi) of ``n`` items (sizes differ by at most one)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class _Slice:
+    """One rank's rows in order: each row's image identity, whether this rank encoded its image (the first row of
+    that image in the slice), caption flag, label cells, file and key; plus the features it encoded. Grouping
+    across slices, and every label check, wait for ``_assemble``: a rank cannot know which rows of its images
+    other ranks hold."""
+
+    def __init__(self, label_columns: Sequence[str]) -> None:
+        self.rows: dict[str, list] = {"ids": [], "new": [], "has_caption": [], "files": [], "keys": [],
+                                      **{f"label:{c}": [] for c in label_columns}}
+        self.image_features: list[torch.Tensor] = []
+        self.text_features: list[torch.Tensor] = []
+
+    def add(self, batch: dict[str, np.ndarray], encode_image: Any, encode_text: Any) -> None:
+        new, has_caption = batch["image_new"], batch["has_caption"]
+        if new.any():
+            self.image_features.append(encode_image(batch["image"][new]))
+        if has_caption.any():
+            self.text_features.append(encode_text(batch["tokens"][has_caption]))
+        for name, source in (("ids", "image_id"), ("new", "image_new"), ("has_caption", "has_caption"),
+                             ("files", "file"), ("keys", "key")):
+            self.rows[name] += batch[source].tolist()
+        for name in self.rows:
+            if name.startswith("label:"):
+                self.rows[name] += batch[name[len("label:"):]].tolist()
+
+
+def _gather_slices(part: _Slice, counts: Any, label_cols: Sequence[str], world_size: int,
+                   device: str | torch.device) -> _Gathered:
+    """Every rank's slice on every rank (records as objects, features as padded tensors), then ``_assemble``."""
+    import torch.distributed as dist
+
+    records: list[Any] = [None] * world_size
+    dist.all_gather_object(records, {**part.rows, "absent": counts.absent, "bad": counts.bad})
+    images = gather_rows(torch.cat(part.image_features) if part.image_features else None, world_size, device)
+    texts = gather_rows(torch.cat(part.text_features) if part.text_features else None, world_size, device)
+    return _assemble(records, images, texts, label_cols)
+
+
+def _assemble(records: list[dict], images: list[torch.Tensor], texts: list[torch.Tensor],
+              label_cols: Sequence[str]) -> _Gathered:
+    """The slices, in rank order (= row order), grouped as ``_Grouped`` groups one stream of rows.
+
+    A row starts a unique image when no earlier row, in any slice, showed it; its features are those its own rank
+    encoded (that rank had not seen the image before in its slice either). Later rows of the image, in any slice,
+    map to it and must agree on its labels. So images, captions, labels, row and bad-row counts are those of one
+    rank reading every row, with one exception: rows sharing an ``image_id`` but not their bytes, where the first
+    such row in a later slice fails to decode although an earlier slice decoded the image (one rank never
+    decodes a repeat, so it would keep that row; the slice's rank counts it bad).
+    """
+    index: dict[str, int] = {}
+    pick: list[int] = []  # row of the concatenated image features for each unique image
+    labels: dict[str, list[int]] = {c: [] for c in label_cols}
+    t2i: list[int] = []
+    rows = absent = bad = 0
+    base = 0
+    for rec, feats in zip(records, images):
+        local = 0
+        for i, ident in enumerate(rec["ids"]):
+            slot = None
+            if rec["new"][i]:
+                slot, local = base + local, local + 1
+            first = ident not in index
+            if first:
+                if slot is None:  # cannot happen: a slice encodes the first row of each of its images
+                    raise RuntimeError(f"sharded evaluation: no features for image {ident}")
+                index[ident] = len(index)
+                pick.append(slot)
+            g = index[ident]
+            if rec["has_caption"][i]:
+                t2i.append(g)
+            for c in label_cols:
+                y = _label_value(rec[f"label:{c}"][i], c, rec["files"][i], rec["keys"][i])
+                if first:
+                    labels[c].append(y)
+                elif labels[c][g] != y:
+                    raise ReclipError(_disagree(rec["files"][i], ident, c, labels[c][g], y, rec["keys"][i]))
+        rows += len(rec["ids"])
+        absent += rec["absent"]
+        bad += rec["bad"]
+        base += int(feats.shape[0])
+    image_features = torch.cat(images)[pick] if pick else None
+    text_features = torch.cat(texts) if t2i else None
+    return _Gathered(image_features, text_features, labels, t2i, rows, absent, bad)
+
+
+def gather_rows(local: torch.Tensor | None, world_size: int, device: str | torch.device) -> list[torch.Tensor]:
+    """Every rank's ``[n_r, ...]`` tensor (n_r may differ, or be None = no rows), on CPU, in rank order.
+
+    ``dist.all_gather`` needs equal shapes, so the row counts (and the trailing shape, which a rank without rows
+    does not know) are exchanged first and each tensor is padded to the largest. The tensors travel on ``device``
+    (NCCL gathers GPU tensors only).
+    """
+    import torch.distributed as dist
+
+    shape = None if local is None else (int(local.shape[0]), tuple(local.shape[1:]), str(local.dtype))
+    shapes: list[Any] = [None] * world_size
+    dist.all_gather_object(shapes, shape)
+    known = [s for s in shapes if s is not None]
+    if not known:
+        return [torch.zeros(0) for _ in range(world_size)]
+    _, tail, dtype_name = known[0]
+    dtype = getattr(torch, dtype_name.split(".")[-1])
+    counts = [s[0] if s is not None else 0 for s in shapes]
+    buf = torch.zeros((max(counts), *tail), dtype=dtype, device=device)
+    if local is not None and local.shape[0]:
+        buf[: local.shape[0]] = local.to(device)
+    out = [torch.empty_like(buf) for _ in range(world_size)]
+    dist.all_gather(out, buf)
+    return [o[:n].cpu() for o, n in zip(out, counts)]
+
+
+def _agree(fn: Any, world_size: int) -> Any:
+    """``fn()`` on this rank, then a check that it worked on every rank: a rank whose slice failed (an unreadable
+    shard, say) would otherwise leave the others waiting in the next collective until the timeout. The failing
+    rank raises its own error; the others raise a ReclipError that names it."""
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    errors: list[Any] = [None] * world_size
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, message = failed[0]
+        raise ReclipError(f"evaluation failed on rank {r}: {message}")
+    return result
+
+
+def _from_rank0(fn: Any, rank: int, world_size: int) -> dict[str, float]:
+    """``fn()`` on rank 0 only (the metrics: once, not once per rank), its result or error broadcast to all."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value if isinstance(value, Exception) else ReclipError(str(value))
+    return value
 
 
 def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: int) -> dict[str, Any]:
@@ -384,7 +621,8 @@ def evaluate_checkpoint(
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
-    text length is the last phase's.
+    text length is the last phase's. ``checkpoint`` may also be an open_clip folder: open_clip builds the model
+    and (for the CLIP tokenizer) tokenizes, so the numbers are open_clip's on the same images.
     """
     from reclip_ray.data.schema import ColumnMap, read_dataset_json
     from reclip_ray.export import load_export
@@ -394,7 +632,12 @@ def evaluate_checkpoint(
     if not os.path.exists(data) and "://" not in data:
         raise ReclipError(f"eval data not found: {data}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = load_export(checkpoint, device)
+    from reclip_ray.openclip import is_open_clip_dir, load_open_clip_export
+
+    if is_open_clip_dir(checkpoint):  # e.g. `reclip-ray export --format open_clip`: open_clip builds the model
+        model, tokenizer, cfg = load_open_clip_export(checkpoint, device, image_size=image_size)
+    else:
+        model, tokenizer, cfg = load_export(checkpoint, device)
     last = cfg.phases[-1]
     size = image_size or cfg.eval.full_image_size or last.image_size
     patch = cfg.model.vision.patch_size

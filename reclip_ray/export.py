@@ -31,12 +31,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir: str | os.PathLike) -> Path:
+def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir: str | os.PathLike, *,
+                 format: str = "reclip", image_size: int | None = None) -> Path:
     """Write model + config + tokenizer to ``out_dir`` (replaced if it exists); returns the path.
 
     Everything is written into a sibling temp folder that is renamed into place at the end, so a crash never
-    leaves a folder that looks like an export but holds half a model.
+    leaves a folder that looks like an export but holds half a model. ``format="open_clip"`` writes an open_clip
+    ``local-dir:`` folder instead, fixed at ``image_size`` (default: the run's full resolution); see
+    ``reclip_ray.openclip.export_open_clip``.
     """
+    if format == "open_clip":
+        from reclip_ray.openclip import export_open_clip
+
+        return export_open_clip(model, tokenizer, config, out_dir, image_size=image_size)
+    if format != "reclip":
+        raise ValueError(f"export format must be reclip or open_clip, got {format!r}")
     from safetensors.torch import save_file
 
     model = _unwrap(model)

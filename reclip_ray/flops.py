@@ -3,13 +3,24 @@
 A multiply-add counts as 2 FLOPs. We count exactly what ``torch.utils.flop_counter.FlopCounterMode`` counts -
 matrix multiplies, convolutions and attention (``scaled_dot_product_attention``, the full L x L score matrix even
 when causal, as dense kernels compute it) - so the numbers can be checked against it. Not counted: LayerNorm,
-GELU, softmax, residual adds, the position-embedding resample and the B x B logits of the loss (per sample
-``2 * B * embed_dim``, about 0.2% of ViT-B/16 at 64 px even at batch 32k). Training = 3x forward (backward ~2x).
+GELU, softmax, residual adds and the position-embedding resample. Training = 3x forward (backward ~2x).
+
+The loss's logits are counted when the global batch B is given (``global_batch``; the trainer, ``run_flops``,
+``reclip-ray plan`` and the sweep budget all pass the phase's configured global batch): the one B x B x embed_dim
+matrix multiply of the global batch, ``2 * B * embed_dim`` forward FLOPs per sample (0.8% of ViT-B/16 at 64 px and
+16 tokens at B = 32,768; the phase's short last step is counted at the full batch's rate). That is the model's
+count - a property of the config, the same for any worker count, ``train.local_loss`` and
+``train.micro_batch_size`` - not what the hardware executes: without ``local_loss`` every one of the N ranks
+builds the whole B x B matrix (N times the count: at 64 workers that is about half the towers' FLOPs again),
+with it each rank builds its b x B rows twice, image->text and text->image (2x the count, and N times less logits
+memory per rank); gradient accumulation re-runs each tower forward once more (4x forward instead of 3x), as
+activation checkpointing does. Those are costs of the execution, as in the MFU-vs-HFU distinction, and are not in
+``gflops_total``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from reclip_ray.config import Config, ModelConfig, TextConfig, VisionConfig
 
@@ -40,21 +51,35 @@ def text_forward_flops(text: TextConfig, length: int, embed_dim: int = 0) -> int
     return text.depth * _block_flops(length, text.width, text.mlp_ratio) + 2 * text.width * embed_dim
 
 
-def sample_forward_flops(model_cfg: ModelConfig, image_size: int, text_length: int) -> dict[str, int]:
+def logits_forward_flops(embed_dim: int, global_batch: int) -> int:
+    """Forward FLOPs per sample of the global batch's B x B logits (one row of ``image @ text.T``): ``2 B D``."""
+    return 2 * global_batch * embed_dim
+
+
+def sample_forward_flops(model_cfg: ModelConfig, image_size: int, text_length: int,
+                         global_batch: int = 0) -> dict[str, int]:
+    """Per-sample forward FLOPs: ``image``, ``text``, ``logits`` (0 without ``global_batch``) and their ``total``."""
     image = image_forward_flops(model_cfg.vision, image_size, model_cfg.embed_dim)
     text = text_forward_flops(model_cfg.text, text_length, model_cfg.embed_dim)
-    return {"image": image, "text": text, "total": image + text}
+    logits = logits_forward_flops(model_cfg.embed_dim, global_batch)
+    return {"image": image, "text": text, "logits": logits, "total": image + text + logits}
 
 
-def train_flops_per_sample(model_cfg: ModelConfig, image_size: int, text_length: int) -> int:
-    return 3 * sample_forward_flops(model_cfg, image_size, text_length)["total"]
+def train_flops_per_sample(model_cfg: ModelConfig, image_size: int, text_length: int, global_batch: int = 0) -> int:
+    """Training FLOPs per sample (3x forward); with ``global_batch`` the logits are in it (module docstring)."""
+    return 3 * sample_forward_flops(model_cfg, image_size, text_length, global_batch)["total"]
+
+
+def phase_global_batch(cfg: Config, phase_index: int) -> int:
+    """The global batch a phase trains at (``phases.N.batch_size``, else ``train.batch_size``)."""
+    return cfg.phases[phase_index].batch_size or cfg.train.batch_size
 
 
 def run_flops(cfg: Config) -> dict[str, Any]:
     """Per-phase and total training GFLOPs of a run (what RECLIP's schedule saves vs. all-full-size)."""
     phases = []
-    for ph, samples in zip(cfg.phases, cfg.phase_samples()):
-        f = sample_forward_flops(cfg.model, ph.image_size, ph.text_length)
+    for i, (ph, samples) in enumerate(zip(cfg.phases, cfg.phase_samples())):
+        f = sample_forward_flops(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i))
         phases.append({
             "name": ph.name,
             "image_size": ph.image_size,
@@ -62,6 +87,16 @@ def run_flops(cfg: Config) -> dict[str, Any]:
             "samples": samples,
             "image_gflops_per_sample": f["image"] / 1e9,
             "text_gflops_per_sample": f["text"] / 1e9,
+            "logits_gflops_per_sample": f["logits"] / 1e9,
             "train_gflops": 3 * f["total"] * samples / 1e9,
         })
     return {"phases": phases, "total_train_gflops": sum(p["train_gflops"] for p in phases)}
+
+
+def milestones_crossed(milestones: Sequence[float], before: float, after: float) -> list[float]:
+    """The compute milestones (GFLOPs) a step took the run past: ``before < m <= after``.
+
+    A sweep's ASHA compares trials at these (``eval.at_gflops``); the worker reports at the first step that
+    crosses one, so every trial is compared within one step of the same compute.
+    """
+    return [m for m in milestones if before < m <= after]

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from reclip_ray.config import Config, load_config
 from reclip_ray.errors import ReclipError
-from reclip_ray.flops import image_forward_flops, image_tokens, train_flops_per_sample
+from reclip_ray.flops import image_forward_flops, image_tokens, phase_global_batch, train_flops_per_sample
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ DEFAULT_DECODE_RATES: dict[int, float] = {64: 1807.0, 128: 1665.0, 224: 731.0}
 DEFAULT_DECODE_SOURCE = ("BENCHMARKS.md, Performance report, data pipeline images/s per core "
                          "(2026-11-29, 2-core AMD EPYC, 512 px JPEG sources)")
 DEFAULT_GPU = "h100"
-FLOPS_CONVENTION = "reclip_ray.flops: multiply-add = 2 FLOPs; matmuls, patch conv, attention; training = 3x forward"
+FLOPS_CONVENTION = ("reclip_ray.flops: multiply-add = 2 FLOPs; matmuls, patch conv, attention, the global batch's "
+                    "B x B logits; training = 3x forward")
 DEFAULT_MFU = 0.4
 
 
@@ -175,8 +176,8 @@ def decode_rate_at(rates: dict[int, float], size: int) -> tuple[float, int]:
 def phase_costs(cfg: Config) -> list[PhaseCost]:
     """Per-phase training FLOPs from ``reclip_ray.flops`` (the same count ``run_flops`` and the trainer use)."""
     out = []
-    for ph, samples in zip(cfg.phases, cfg.phase_samples()):
-        per_sample = train_flops_per_sample(cfg.model, ph.image_size, ph.text_length)
+    for i, (ph, samples) in enumerate(zip(cfg.phases, cfg.phase_samples())):
+        per_sample = train_flops_per_sample(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i))
         out.append(PhaseCost(
             name=ph.name, samples=samples, image_size=ph.image_size,
             image_tokens=image_tokens(cfg.model.vision, ph.image_size), text_length=ph.text_length,
@@ -189,9 +190,9 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
 
 
 def full_resolution(cfg: Config) -> dict[str, Any]:
-    """The baseline RECLIP is measured against: every sample at the last phase's image size and text length."""
+    """The baseline RECLIP is measured against: every sample at the last phase's image size, text length, batch."""
     last = cfg.phases[-1]
-    per_sample = train_flops_per_sample(cfg.model, last.image_size, last.text_length)
+    per_sample = train_flops_per_sample(cfg.model, last.image_size, last.text_length, phase_global_batch(cfg, -1))
     return {
         "image_size": last.image_size,
         "image_tokens": image_tokens(cfg.model.vision, last.image_size),

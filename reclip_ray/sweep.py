@@ -12,14 +12,15 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     metric: eval/full/shape/top1     # eval/full/... = evaluated at the run's full resolution
     mode: max
     budget: {gflops: 40}             # or {samples: 20000}: each trial's phase lengths are derived from it
-    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # time unit: evaluation rounds (phase ends)
+    scheduler: {name: asha, grace_fraction: 0.25, reduction_factor: 2}   # time axis: training GFLOPs spent
     num_samples: 1
     max_concurrent_trials: 2
 
 Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray Train V2's way of nesting Train in
-Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end, so ASHA can stop a poor schedule after
-its first phase. Compute is the fair axis: with a GFLOPs budget a 32 px main phase gets more samples than a 64 px
-one, and what each trial spent is reported next to its accuracy.
+Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end and at every compute milestone.
+Compute is the fair axis twice over: with a GFLOPs budget a 32 px main phase gets more samples than a 64 px one,
+and ASHA compares trials at equal GFLOPs spent (``asha_axis``), not at phase ends, which fall at very different
+compute for a RECLIP schedule and a full-resolution baseline.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ FINETUNE_FRACTION = "finetune_fraction"
 SPACE_KEYS = {"name", "base", "set", "params", "metric", "mode", "budget", "scheduler", "num_samples",
               "max_concurrent_trials", "resources_per_trial_cpu"}
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+# ASHA on a compute axis (see asha_axis): rungs at grace, grace * rf, ... GFLOPs, grace = grace_fraction x the
+# largest trial's GFLOPs unless grace_gflops is given; metric: what ASHA compares (default: see asha_metric).
+SCHEDULER_DEFAULTS = {"name": "asha", "grace_fraction": 0.25, "reduction_factor": 2}
+SCHEDULER_KEYS = {"name", "metric", "grace_fraction", "grace_gflops", "reduction_factor", "max_gflops"}
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Space:
     metric: str = "eval/full/shape/top1"
     mode: str = "max"
     budget: dict[str, float] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_DEFAULTS))
     num_samples: int = 1
     max_concurrent_trials: int = 1
     resources_per_trial_cpu: float = 0.1
@@ -93,9 +98,22 @@ def load_space(path: str | os.PathLike) -> Space:
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
-    scheduler = {"name": "asha", "grace_period": 1, "reduction_factor": 2, **(raw.get("scheduler") or {})}
+    scheduler = {**SCHEDULER_DEFAULTS, **(raw.get("scheduler") or {})}
     if scheduler["name"] not in ("asha", "fifo"):
         raise ConfigError(f"{p}: scheduler.name must be asha or fifo, got {scheduler['name']!r}")
+    if "grace_period" in scheduler:
+        raise ConfigError(f"{p}: scheduler.grace_period (evaluation rounds) is gone: ASHA's time axis is training "
+                          "GFLOPs now; use scheduler.grace_fraction (of the budget, default 0.25) or grace_gflops")
+    unknown = set(scheduler) - SCHEDULER_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown scheduler key(s) {sorted(unknown)}; valid: {sorted(SCHEDULER_KEYS)}")
+    for key in ("grace_fraction", "grace_gflops", "max_gflops"):
+        if key in scheduler and not (isinstance(scheduler[key], (int, float)) and scheduler[key] > 0):
+            raise ConfigError(f"{p}: scheduler.{key} must be a positive number, got {scheduler[key]!r}")
+    if not 0 < float(scheduler["grace_fraction"]) <= 1:
+        raise ConfigError(f"{p}: scheduler.grace_fraction must be in (0, 1], got {scheduler['grace_fraction']!r}")
+    if not (isinstance(scheduler["reduction_factor"], (int, float)) and scheduler["reduction_factor"] > 1):
+        raise ConfigError(f"{p}: scheduler.reduction_factor must be > 1, got {scheduler['reduction_factor']!r}")
     return Space(
         name=str(raw.get("name") or p.stem),
         base=base,
@@ -131,7 +149,7 @@ def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str
     """
     from reclip_ray.config import _resolve_model
     from reclip_ray.flops import train_flops_per_sample
-    from reclip_ray.config import ModelConfig, _build
+    from reclip_ray.config import ModelConfig, TrainConfig, _build
 
     raw = copy.deepcopy(base_raw)
     for key, value in params.items():
@@ -150,7 +168,9 @@ def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str
     keep = [(ph, fr) for ph, fr in zip(raw["phases"], fractions) if fr > 0.0]
     model_cfg = _build(ModelConfig, _resolve_model(raw.get("model")), "model")
     if "gflops" in budget:
-        per_sample = sum(fr * train_flops_per_sample(model_cfg, int(ph["image_size"]), int(ph["text_length"]))
+        batch = int(raw.get("train", {}).get("batch_size") or TrainConfig.batch_size)  # logits: as gflops_total
+        per_sample = sum(fr * train_flops_per_sample(model_cfg, int(ph["image_size"]), int(ph["text_length"]),
+                                                     int(ph.get("batch_size") or batch))
                          for ph, fr in keep) / 1e9
         total = budget["gflops"] / per_sample
     elif "samples" in budget:
@@ -184,6 +204,84 @@ def _param_key(key: str) -> str:
     return key.replace(".", "/")  # Tune's config keys stay flat and readable in results.csv
 
 
+# ------------------------------------------------------------------------------------------ the compute axis
+
+TIME_ATTR = "gflops_total"  # the training GFLOPs spent, in every report of the worker (worker._Worker.report)
+CURRENT = "eval/current/"  # the worker's metrics at the resolution the trial is training at (worker._current_view)
+FULL = "eval/full/"
+
+
+def asha_metric(space: Space) -> str:
+    """What ASHA compares at its milestones: ``scheduler.metric``, else the sweep's metric with ``eval/full/``
+    replaced by ``eval/current/``.
+
+    Why not the sweep's metric itself: a milestone falls in the middle of a run, where a RECLIP trial is still in
+    its low-resolution main phase, and its full-resolution accuracy there is that of a model before its finetune
+    (DESIGN.md: a 32 px model collapses at 128 px until finetuned). ASHA would stop exactly the schedules the sweep
+    exists to find. ``eval/current/...`` is the same metric at the resolution and text length the trial is training
+    at when it crosses the milestone (the worker evaluates then): every trial is judged on what it has learned for
+    the compute it spent, and in the last phase it is the sweep's metric itself. The training loss is the other
+    candidate; it is what ASHA compares when the sweep's metric is the loss (the smoke space). It exists at every
+    report and costs no evaluation, but it depends on image size, text length and batch size, so across RECLIP
+    schedules it compares different tasks.
+    """
+    if space.scheduler.get("metric"):
+        return str(space.scheduler["metric"])
+    return CURRENT + space.metric[len(FULL):] if space.metric.startswith(FULL) else space.metric
+
+
+def asha_milestones(grace: float, max_t: float, reduction_factor: float) -> list[float]:
+    """The rungs (GFLOPs) of Ray's ASHA with one bracket: grace * rf**k for k < log(max_t / grace) / log(rf) + 1
+    (the same expression as ``ray.tune.schedulers.async_hyperband._Bracket``, so the trials report where it looks)."""
+    import numpy as np
+
+    rungs = int(np.log(max_t / grace) / np.log(reduction_factor) + 1)
+    return [grace * reduction_factor ** k for k in range(rungs)]
+
+
+def asha_axis(space: Space, trial_gflops: list[float]) -> dict[str, Any]:
+    """ASHA's time axis in training GFLOPs: ``max_t``, ``grace``, ``reduction_factor`` and the rungs' milestones,
+    from the space and the trials' total GFLOPs (``flops.run_flops`` of each trial's config).
+
+    max_t: ``scheduler.max_gflops``, else the GFLOPs budget every trial is built to spend, else the largest trial's
+    total. grace: ``scheduler.grace_gflops``, else ``grace_fraction`` (default 0.25) of max_t. With the default
+    reduction factor 2 the rungs sit at 1/4, 1/2 and all of the budget: past every trial's warmup, and early enough
+    that a trial cut at the first rung gives back three quarters of its compute. A trial never stops at max_t
+    (``stop_last_trials=False``): it ends by itself, at its budget.
+    """
+    max_t = float(space.scheduler.get("max_gflops") or space.budget.get("gflops") or max(trial_gflops))
+    grace = float(space.scheduler.get("grace_gflops") or float(space.scheduler["grace_fraction"]) * max_t)
+    if grace > max_t:
+        raise ConfigError(f"scheduler.grace_gflops {grace:g} is above the trials' {max_t:g} training GFLOPs")
+    rf = float(space.scheduler["reduction_factor"])
+    return {"max_t": max_t, "grace": grace, "reduction_factor": rf, "milestones": asha_milestones(grace, max_t, rf)}
+
+
+def make_scheduler(space: Space, axis: dict[str, Any] | None):
+    """The Tune scheduler of a space: ASHA on ``asha_axis`` comparing ``asha_metric``, or FIFO."""
+    from ray import tune
+
+    if space.scheduler["name"] != "asha" or axis is None:
+        return tune.schedulers.FIFOScheduler()
+    return tune.schedulers.ASHAScheduler(
+        time_attr=TIME_ATTR, metric=asha_metric(space), mode=space.mode, max_t=axis["max_t"],
+        grace_period=axis["grace"], reduction_factor=axis["reduction_factor"], stop_last_trials=False,
+    )
+
+
+def forward_to_tune(metrics: dict[str, Any], metric: str) -> bool:
+    """Which of a trial's Ray Train reports reach Tune: phase ends and the final report (``eval_round``), and the
+    compute-milestone reports (``compute_round``) that carry the compared ``metric``.
+
+    Tune fails a trial whose result lacks the scheduler's metric, so a milestone whose evaluation failed is
+    dropped rather than failing the trial (ASHA then records the trial at its next report). Mid-phase checkpoint
+    reports carry no metric and are dropped.
+    """
+    if "compute_round" in metrics:
+        return metric in metrics
+    return "eval_round" in metrics
+
+
 # ------------------------------------------------------------------------------------------ the trainable
 
 
@@ -200,14 +298,16 @@ def _run_trial(config: dict[str, Any]) -> None:
     raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
     raw["run"]["storage_path"] = setup["trials_dir"]
     raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
+    raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
     cfg = from_dict(raw)
-    run_training(cfg, callbacks=[_phase_end_reports()], parent_run_id=setup["parent_run_id"],
+    run_training(cfg, callbacks=[_phase_end_reports(setup.get("asha_metric", ""))],
+                 parent_run_id=setup["parent_run_id"],
                  tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
                        "reclip.budget": json.dumps(setup["budget"])})
 
 
-def _phase_end_reports():
-    """Ray Tune's report callback, forwarding only the phase-end reports (the ones with evaluation metrics).
+def _phase_end_reports(metric: str = ""):
+    """Ray Tune's report callback, forwarding the phase-end and compute-milestone reports (``forward_to_tune``).
 
     Mid-phase checkpoint reports carry no evaluation, and Tune fails a trial whose result lacks the sweep's metric.
     """
@@ -215,7 +315,7 @@ def _phase_end_reports():
 
     class PhaseEndReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and "eval_round" in metrics[0]:
+            if metrics and forward_to_tune(metrics[0], metric):
                 super().after_report(run_context, metrics, checkpoint)
 
     return PhaseEndReports()
@@ -236,8 +336,8 @@ class _Progress:
 
             def _line(self, trial, how):
                 r = trial.last_result or {}
-                rounds = r.get("eval_round", 0)
-                early = how == "done" and rounds and rounds < r.get("eval_rounds_planned", n_phases)
+                rounds = r.get("eval_round", 0)  # phases finished (a compute-milestone report sits mid-phase)
+                early = how == "done" and rounds < r.get("eval_rounds_planned", n_phases)
                 print(
                     f"[sweep] trial {trial.trial_id} {'stopped early' if early else how}: "
                     f"{metric}={r.get(metric, float('nan')):.4f} GFLOPs {r.get('gflops_total', float('nan')):.1f} "
@@ -266,8 +366,11 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
     base_cfg = from_dict(base_raw)
     # Check every trial's config (and its budget) before Ray starts: a bad grid value is a one-line error now.
-    for combo in _grid_corners(space):
-        from_dict(trial_raw(base_raw, combo, space.budget))
+    from reclip_ray.flops import run_flops
+
+    totals = [run_flops(from_dict(trial_raw(base_raw, combo, space.budget)))["total_train_gflops"]
+              for combo in _grid_corners(space)]
+    axis = asha_axis(space, totals) if space.scheduler["name"] == "asha" else None
 
     sweep_name = space.name
     base_cfg.run.name = sweep_name
@@ -298,19 +401,16 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             "trials_dir": str(sweep_dir / "trials"),
             "experiment": experiment,
             "parent_run_id": parent,
+            "milestones": axis["milestones"] if axis else [],
+            "asha_metric": asha_metric(space) if axis else "",
         }
         param_space = {_param_key(k): _tune_domain(v) for k, v in space.params.items()}
         param_space["_setup"] = setup
         n_phases = len(base_cfg.phases)
-        if space.scheduler["name"] == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="eval_round",
-                max_t=n_phases,
-                grace_period=int(space.scheduler.get("grace_period", 1)),
-                reduction_factor=float(space.scheduler.get("reduction_factor", 2)),
-            )
-        else:
-            scheduler = tune.schedulers.FIFOScheduler()
+        scheduler = make_scheduler(space, axis)
+        if axis:
+            print(f"[sweep] ASHA on training GFLOPs: compares {asha_metric(space)} at "
+                  f"{', '.join(f'{m:,.0f}' for m in axis['milestones'])} GFLOPs", flush=True)
         trainable = tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
         tune_dir = sweep_dir / "tune"
         run_config = tune.RunConfig(
@@ -324,8 +424,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    metric=space.metric, mode=space.mode, scheduler=scheduler,
+                tune_config=tune.TuneConfig(  # ASHA has its own metric (asha_metric); Tune refuses two
+                    metric=None if axis else space.metric, mode=None if axis else space.mode, scheduler=scheduler,
                     num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
                 ),
                 run_config=run_config,
@@ -378,10 +478,10 @@ def _rows(grid: Any, space: Space, n_phases: int) -> list[dict[str, Any]]:
     for result in grid:
         m = dict(result.metrics or {})
         cfg = _public(result.config or {})
-        rounds = int(m.get("eval_round", 0) or 0)
+        rounds = int(m.get("eval_round", 0) or 0)  # phases finished
         if result.error is not None:
             status = "error"
-        elif rounds and rounds < int(m.get("eval_rounds_planned", n_phases)):
+        elif rounds < int(m.get("eval_rounds_planned", n_phases)):
             status = "stopped_early"
         else:
             status = "completed"

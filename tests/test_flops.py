@@ -7,7 +7,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from reclip_ray.config import load_config
-from reclip_ray.flops import image_forward_flops, run_flops, sample_forward_flops, text_forward_flops, train_flops_per_sample
+from reclip_ray.flops import (
+    image_forward_flops,
+    logits_forward_flops,
+    phase_global_batch,
+    run_flops,
+    sample_forward_flops,
+    text_forward_flops,
+    train_flops_per_sample,
+)
 from reclip_ray.model import build_model
 
 
@@ -52,8 +60,26 @@ def test_reclip_ratio_and_run_total():
     out = run_flops(cfg)
     assert [p["name"] for p in out["phases"]] == ["lowres", "finetune"]
     expected = sum(
-        train_flops_per_sample(cfg.model, ph.image_size, ph.text_length) * n
-        for ph, n in zip(cfg.phases, cfg.phase_samples())
+        train_flops_per_sample(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i)) * n
+        for i, (ph, n) in enumerate(zip(cfg.phases, cfg.phase_samples()))
     ) / 1e9
     assert out["total_train_gflops"] == pytest.approx(expected)
     assert out["phases"][1]["image_gflops_per_sample"] == pytest.approx(image_forward_flops(cfg.model.vision, 224, 512) / 1e9)
+
+
+def test_logits_flops_match_flop_counter_and_scale_with_the_global_batch():
+    """The loss's B x B logits: 2 B D forward FLOPs per sample (FlopCounterMode on contrastive_loss), counted in
+    the training total at the phase's global batch, the same for any worker count."""
+    from reclip_ray.loss import contrastive_loss
+
+    batch, dim = 24, 16
+    img = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
+    measured = _counted(contrastive_loss, img, img.clone(), torch.tensor(10.0))
+    assert logits_forward_flops(dim, batch) * batch == measured
+    cfg = load_config("vit-b-16")
+    towers = train_flops_per_sample(cfg.model, 64, 16)
+    with_logits = train_flops_per_sample(cfg.model, 64, 16, 32768)
+    assert with_logits - towers == 3 * 2 * 32768 * 512
+    assert 0.005 < (with_logits - towers) / towers < 0.01  # the model's count; N ranks without local_loss run N x
+    big = load_config("vit-b-16", ["phases.1.batch_size=4096"])
+    assert run_flops(big)["phases"][1]["logits_gflops_per_sample"] == 2 * 4096 * 512 / 1e9

@@ -14,7 +14,7 @@ import pytest
 from reclip_ray.cli import main
 from reclip_ray.config import from_dict, load_config
 from reclip_ray.errors import ReclipError
-from reclip_ray.flops import run_flops, train_flops_per_sample
+from reclip_ray.flops import phase_global_batch, run_flops, train_flops_per_sample
 from reclip_ray.plan import DEFAULT_DECODE_RATES, decode_rate_at, format_plan, load_decode_rates, make_plan
 
 H100_PEAK = 989e12  # dense BF16, FLOP/s
@@ -26,9 +26,11 @@ def test_phase_gflops_equal_flops_module(preset):
     plan = make_plan(cfg)
     ref = run_flops(cfg)
     assert [p.name for p in plan.phases] == [p["name"] for p in ref["phases"]]
-    for mine, theirs, ph in zip(plan.phases, ref["phases"], cfg.phases):
+    for i, (mine, theirs, ph) in enumerate(zip(plan.phases, ref["phases"], cfg.phases)):
         assert mine.train_gflops == pytest.approx(theirs["train_gflops"], rel=1e-12)
-        assert mine.train_gflops_per_sample == train_flops_per_sample(cfg.model, ph.image_size, ph.text_length) / 1e9
+        batch = phase_global_batch(cfg, i)
+        assert mine.train_gflops_per_sample == train_flops_per_sample(cfg.model, ph.image_size, ph.text_length,
+                                                                      batch) / 1e9
         assert mine.samples == theirs["samples"]
     assert plan.total_train_gflops == pytest.approx(ref["total_train_gflops"], rel=1e-12)
     assert sum(p.share for p in plan.phases) == pytest.approx(1.0)
@@ -69,7 +71,8 @@ def _hand_text(length: int) -> int:
 
 def test_hand_computed_total_and_savings():
     plan = make_plan(_hand_config())
-    train = lambda px, n: 3 * (_hand_image(px) + _hand_text(n))  # noqa: E731  training = forward + 2x backward
+    logits = 2 * 4 * 16  # per sample: one row of the batch-4 x batch-4 logits over embed 16
+    train = lambda px, n: 3 * (_hand_image(px) + _hand_text(n) + logits)  # noqa: E731  training = 3x forward
     expected = 30 * train(16, 4) + 10 * train(32, 8)
     full = 40 * train(32, 8)
     assert [p.image_tokens for p in plan.phases] == [(16 // 8) ** 2 + 1, (32 // 8) ** 2 + 1]

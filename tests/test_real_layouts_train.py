@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import mlflow_run
+from reclip_ray.data.copies import shrink_shard
 from layouts import write_img2dataset, write_labelled_folder_dataset, write_messy
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,11 @@ def test_labelled_messy_and_img2dataset_layouts_train(ray_session, make_cfg, tmp
     assert m["data_rows_bad"] / m["data_rows_seen"] < 2 * len(messy.bad_keys) / (len(labelled.valid_keys) + 13)
     assert m["data_rows_absent"] >= 1
 
-    # 2. img2dataset's parquet output as it is: jpg + caption, 40 % failed downloads, a few corrupt images.
+    # 2. img2dataset's parquet output as it is: jpg + caption, 40 % failed downloads, a few corrupt images; two of
+    # its three shards carry shrunk copies (`data shrink`), the third does not (it falls back to `jpg`, counted).
     shards = write_img2dataset(tmp_path / "img2dataset", n_rows=160, failed_fraction=0.4, shards=3, corrupt=2)
+    for f in shards.files[:2]:
+        shrink_shard(f, [40, 80], image_column="jpg")
     cfg = make_cfg("img2dataset", extra=["train.samples=128", "train.batch_size=32", "checkpoint.every_samples=0",
                                          "eval.at_phase_end=false", "data.image_column=jpg", "data.max_bad_fraction=0.05",
                                          f"data.caption_column={shards.caption_column}"], train=shards.path)
@@ -56,6 +60,10 @@ def test_labelled_messy_and_img2dataset_layouts_train(ray_session, make_cfg, tmp
     assert 0 < m["data_rows_bad"] / m["data_rows_seen"] <= 2 * len(shards.bad_keys) / present + 0.01
     rows = pq.read_table(shards.files[0])
     assert rows.column("jpg").null_count > 0 and pa.types.is_binary(rows.schema.field("jpg").type)
+    _, run = mlflow_run(tmp_path / "mlflow.db", out["mlflow_run_id"])
+    without = "(full image: 1 without a copy that covers it)"
+    assert run.data.tags["reclip.data_source.lowres"] == f"jpg in 1 shard, jpg_40 in 2 shards {without}"
+    assert run.data.tags["reclip.data_source.finetune"] == f"jpg in 1 shard, jpg_80 in 2 shards {without}"
 
 
 def test_an_evaluation_that_fails_is_logged_and_training_goes_on(ray_session, make_cfg, tmp_path, synth_dir):

@@ -1,1 +1,1 @@
-"""Benchmarks run by ``reclip-ray bench data|model|e2e``; each prints JSON lines."""
+"""Benchmarks run by ``reclip-ray bench data|model|e2e|step``; each prints JSON lines."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from reclip_ray.data.stream import BAD, MARKER, OK
 
-SERVED = ("image", "tokens", "_pos", "_unit", "key", "_pass")
+SERVED = ("image", "jpeg", "box", "tokens", "_pos", "_unit", "key", "_pass")  # jpeg/box: data.decode_device=cuda
 
 
 @dataclass

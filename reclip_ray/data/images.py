@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -98,8 +99,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _crop_box(width: int, height: int, *, train: bool, rng: np.random.Generator | None) -> tuple[float, float, float, float]:
-    """Crop rectangle (left, top, right, bottom) in source pixels."""
+def _crop_box(width: int, height: int, *, train: bool, rng: Any = None) -> tuple[float, float, float, float]:
+    """Crop rectangle (left, top, right, bottom) in source pixels. ``rng``: anything with ``uniform(a, b)`` (a
+    ``random.Random`` or a numpy Generator)."""
     if not train:
         side = min(width, height)
         left = (width - side) / 2
@@ -136,9 +138,7 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) 
     return w / img.size[0]
 
 
-def decode_image(
-    data: bytes, size: int, *, train: bool, rng: np.random.Generator | None = None
-) -> np.ndarray:
+def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.ndarray:
     """Decode, crop and resize to a (size, size, 3) uint8 RGB array. Raises BadImage for unusable input."""
     img = _open(data)
     src_w, src_h = img.size
@@ -164,6 +164,60 @@ def decode_image(
     if arr.shape != (size, size, 3):  # defensive: a decoder plugin returning an odd mode
         raise BadImage(f"decoded to unexpected shape {arr.shape}")
     return arr
+
+
+def plan_crop(data: bytes, *, train: bool, rng: Any = None) -> tuple[str, tuple[float, float, float, float]]:
+    """(format, crop box in source pixels) from the header alone, drawing the box exactly as ``decode_image`` does:
+    what ``data.decode_device=cuda`` sends to the device decoder instead of pixels. Raises BadImage like it."""
+    img = _open(data)
+    return img.format or "", _crop_box(*img.size, train=train, rng=rng)
+
+
+def min_source_side(size: int, train: bool) -> float:
+    """The shorter source side that still leaves ``size`` pixels across every crop (no upsampling).
+
+    Eval crops the full shorter side. A train crop (w, h) fits in the source (W, H) and keeps at least ``s =
+    CROP_SCALE[0]`` of its area, so h >= s*W*H / w >= s*H and likewise w >= s*W: its shorter side is at least 0.9
+    of the source's, whatever the aspect ratios (the fallback crop is the whole image). A 64 px train crop needs a
+    71 px source, a 32 px one 36 px.
+    """
+    if not train:
+        return float(size)
+    return size / CROP_SCALE[0]
+
+
+def make_copy(data: bytes, short_side: int, quality: int = 90) -> bytes:
+    """A JPEG copy of ``data`` whose shorter side is ``short_side`` (the shrunk copies of ``data shrink``).
+
+    Draft-decodes (as ``decode_image`` does), converts with the same colour policy and resizes with an antialiased
+    filter, so decoding the copy to a size it covers gives nearly the pixels of decoding the original. Chroma is kept
+    at full resolution (4:4:4): at 40 px, 4:2:0 would halve the colour detail of a 32 px crop. An image that is
+    already no larger than ``short_side`` is returned unchanged (any format). Raises BadImage like decode_image.
+    """
+    img = _open(data)
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return data
+    try:
+        if img.format == "JPEG":
+            k = min(w, h) / short_side
+            if k >= 2:
+                img.draft("RGB", (max(1, math.ceil(w / k)), max(1, math.ceil(h / k))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = to_rgb(img)
+        scale = short_side / min(w, h)
+        size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality, subsampling=0)
+    except BadImage:
+        raise
+    except _BAD_ERRORS as exc:
+        msg = str(exc) or type(exc).__name__
+        raise BadImage(("truncated image: " if "truncated" in msg.lower() else "cannot decode image: ") + msg) from None
+    return buf.getvalue()
 
 
 def reference_decode(data: bytes, size: int) -> np.ndarray:

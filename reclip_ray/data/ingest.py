@@ -38,11 +38,20 @@ _TYPES = {
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, row_group_rows: int | None = None) -> None:
-    """Write to ``path.tmp`` and rename, so a reader never sees a half-written shard."""
+    """Write to ``path.tmp`` and rename, so a reader never sees a half-written shard.
+
+    Layout for bounded reads: row groups of about ``copies.ROW_GROUP_BYTES``, pages of ``copies.WRITE_BATCH_ROWS``
+    rows, and no dictionary on binary columns (image bytes never repeat; the dictionary page would only add a MB
+    that every reader holds), so a reader streaming the shard page by page holds a few MB, not the shard."""
+    from reclip_ray.data.copies import WRITE_BATCH_ROWS, row_group_rows as rows_for
+
     path = str(path)
     tmp = path + ".tmp"
+    binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="none" if _mostly_binary(table) else "snappy")
+        pq.write_table(table, tmp, row_group_size=row_group_rows or rows_for(table.nbytes, table.num_rows),
+                       compression="none" if _mostly_binary(table) else "snappy", write_batch_size=WRITE_BATCH_ROWS,
+                       use_dictionary=[f.name for f in table.schema if f.name not in binary])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

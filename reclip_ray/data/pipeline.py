@@ -23,6 +23,7 @@ Three kinds of rows that are not trained:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 DECODE_NUM_CPUS = 0.25
 MAX_TASKS = 4  # default cap per stage: fractional-CPU tasks are otherwise started by the dozen on a small box
+READ_BUFFER_BYTES = 1 << 20  # per open shard: 1 MB reads (object storage handles those well); bounds memory
 
 
 class _MissingShards:
@@ -88,7 +90,7 @@ class _ShardChunks:
 
     def __init__(self, file: str, row_groups: Sequence[int], chunk: int, start_row: int, columns: ColumnMap,
                  missing: str, on_missing) -> None:
-        self.file, self.chunk, self.row = file, chunk, start_row
+        self.file, self.chunk, self.row, self.columns = file, chunk, start_row, columns
         self._buffer: list = []
         self._buffered = 0
         self._batches = self._open(row_groups, start_row, columns, missing, on_missing)
@@ -111,7 +113,10 @@ class _ShardChunks:
             print(f"[reclip] WARNING: shard {self.file} is gone; skipped (data.missing_shards=skip)", flush=True)
             on_missing(self.file)
             return iter(())
-        pf = pq.ParquetFile(fh)
+        # Buffered, page-by-page reading: only about one page (~64 images in shards we write) plus one chunk is held
+        # per open shard. The default pre-buffered read fetches whole column chunks at once: a shard written as one
+        # row group of 10k web images (img2dataset's layout) would put ~300 MB per shard in memory.
+        pf = pq.ParquetFile(fh, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
         names = pf.schema_arrow.names
         wanted = [c for c in (columns.image, columns.caption, columns.key, "status") if c in names]
         batches = pf.iter_batches(batch_size=self.chunk, row_groups=groups, columns=list(dict.fromkeys(wanted)),
@@ -191,8 +196,11 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
     for item in items.to_pylist():
         files, rows, start = item["files"], item["rows"], item["start_round"]
         done = np.asarray(item["done"], dtype=np.int64)
-        readers = [_ShardChunks(f, rg, chunk_rows, start * chunk_rows, columns, missing, on_missing)
-                   for f, rg in zip(files, item["row_groups"])]
+        # Each shard is read from the column the phase chose for it (a shrunk copy, or the full image).
+        shard_columns = [dataclasses.replace(columns, image=src) if src else columns
+                         for src in item.get("sources") or [""] * len(files)]
+        readers = [_ShardChunks(f, rg, chunk_rows, start * chunk_rows, cols, missing, on_missing)
+                   for f, rg, cols in zip(files, item["row_groups"], shard_columns)]
         sizes = unit_sizes(rows, chunk_rows)
         unit_pos = item["first_pos"] + sum(sizes[:start])
         for k in range(start, len(sizes)):
@@ -201,8 +209,8 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
                 expected = rows_in_round(n, k, chunk_rows)
                 got = reader.next() if expected else None
                 if got is not None:
-                    parts.append(_canonical(got[0], columns, reader.file, got[1]).append_column(
-                        "_absent", pa.array(absent_mask(got[0], columns.image))))
+                    parts.append(_canonical(got[0], reader.columns, reader.file, got[1]).append_column(
+                        "_absent", pa.array(absent_mask(got[0], reader.columns.image))))
                     if got[0].num_rows != expected:
                         raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says "
                                         f"{expected} (the shard changed during the run?)")
@@ -213,8 +221,8 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
             positions = unit_pos + np.arange(size, dtype=np.int64)
             unit_pos += size
             unit = item["first_unit"] + k
-            table = pa.concat_tables(parts).take(pa.array(perm))
-            is_absent = np.asarray(table.column("_absent").to_numpy(zero_copy_only=False), dtype=bool)
+            table = pa.concat_tables(parts)  # no copy: the unit's rows are gathered once, by the take below
+            is_absent = np.asarray(table.column("_absent").to_numpy(zero_copy_only=False), dtype=bool)[perm]
             absent = int(is_absent.sum())
             keep = ~is_absent
             table = table.drop_columns(["_absent"])
@@ -222,7 +230,7 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
                 keep &= ~np.isin(positions, done)
             emitted = int(keep.sum())
             if emitted:
-                out = table.filter(pa.array(keep))
+                out = table.take(pa.array(perm[keep]))
                 n, pos = emitted, positions[keep]
                 marker = np.zeros(n, dtype=bool)
             else:  # nothing to train here: one marker row lets the workers mark the unit done
@@ -242,14 +250,19 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, text_length: int, tokenizer_json: str,
-                 train: bool, seed: int, keep_keys: bool = False) -> dict[str, np.ndarray]:
-    """map_batches function: bytes + captions -> uint8 images + int64 tokens; bad rows flagged, not dropped."""
+                 train: bool, seed: int, keep_keys: bool = False, on_device: bool = False) -> dict[str, np.ndarray]:
+    """map_batches function: bytes + captions -> uint8 images + int64 tokens; bad rows flagged, not dropped.
+
+    ``on_device`` (``data.decode_device=cuda``): JPEG bytes + crop boxes (``jpeg``, ``box``) instead of ``image``,
+    for ``device_decode.decode_on_device`` on the training device; see that module for what stays on the CPU."""
     tokenizer = _tokenizer_from(tokenizer_json)
     images, captions, keys = batch["image"], batch["caption"], batch["key"]
     markers, passes = batch["_marker"], batch["_pass"]
     n = len(images)
     s = image_size
-    pixels = np.zeros((n, s, s, 3), np.uint8)
+    pixels = np.zeros((0 if on_device else n, s, s, 3), np.uint8)
+    jpegs = np.full(n, b"", dtype=object) if on_device else None
+    boxes = np.zeros((n, 4), np.float32) if on_device else None
     ok = np.full(n, OK, np.int8)
     bad = np.full(n, "", dtype=object)
     texts = [""] * n
@@ -262,13 +275,17 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, text_length: 
             if caption is None or not str(caption).strip():
                 raise BadImage("empty caption")
             rng = row_rng(seed, keys[i], int(passes[i])) if train else None
-            pixels[i] = decode_image(bytes(images[i]), image_size, train=train, rng=rng)
+            if on_device:
+                jpegs[i], boxes[i] = _for_device(bytes(images[i]), image_size, train, rng,
+                                                 lambda: row_rng(seed, keys[i], int(passes[i])) if train else None)
+            else:
+                pixels[i] = decode_image(bytes(images[i]), image_size, train=train, rng=rng)
             texts[i] = str(caption)
         except BadImage as exc:
             ok[i] = BAD
             bad[i] = f"{os.path.basename(str(batch['_file'][i]))} row {int(batch['_row'][i])} key={keys[i]}: {exc}"
     out = {
-        "image": pixels,
+        **({"jpeg": jpegs, "box": boxes} if on_device else {"image": pixels}),
         "tokens": tokenizer.encode(texts, text_length),
         "_ok": ok,
         "_bad": bad,
@@ -281,6 +298,18 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, text_length: 
         out["key"] = np.asarray(keys, dtype=object)
         out["_pass"] = np.asarray(passes, np.int32)
     return out
+
+
+def _for_device(data: bytes, size: int, train: bool, rng: Any, fresh_rng) -> tuple[bytes, np.ndarray]:
+    """A JPEG goes to the device as it is, with its crop box; any other format is decoded here (with the row's RNG
+    drawn afresh, so the crop is the one ``decode_image`` gives) and sent as a re-encoded JPEG of the crop."""
+    from reclip_ray.data.device_decode import encode_for_device
+    from reclip_ray.data.images import plan_crop
+
+    fmt, box = plan_crop(data, train=train, rng=rng)
+    if fmt == "JPEG":
+        return data, np.asarray(box, dtype=np.float32)
+    return encode_for_device(decode_image(data, size, train=train, rng=fresh_rng()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -308,6 +337,7 @@ def phase_dataset(
     concurrency: int | None = None,
     num_cpus: float = DECODE_NUM_CPUS,
     keep_keys: bool = False,
+    on_device: bool = False,
 ) -> "ray.data.Dataset":
     """The rows of ``stream`` not yet trained (units from ``frontier`` on, minus the ``done`` positions), decoded
     to ``image_size`` and tokenized to ``text_length``. Lazy: nothing runs until a worker iterates."""
@@ -328,11 +358,12 @@ def phase_dataset(
     )
     # Ray Data would coalesce the decoded batches into blocks of up to 128 MB (a whole group, thousands of rows);
     # the split hands out whole blocks, so small blocks keep the ranks' shares interleaved in stream order.
-    ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * (3 * image_size**2 + 9 * text_length + 64)))
+    row_bytes = (64 << 10) if on_device else 3 * image_size**2  # JPEG bytes (a generous mean) or pixels
+    ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * (row_bytes + 9 * text_length + 64)))
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json,
-                   "train": train, "seed": stream.seed, "keep_keys": keep_keys},
+                   "train": train, "seed": stream.seed, "keep_keys": keep_keys, "on_device": on_device},
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,

@@ -74,33 +74,32 @@ def list_parquet_files(path: str | os.PathLike) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"no Parquet files under {path} (path does not exist)")
     if info.type == pafs.FileType.File:
-        files = [inner] if inner.endswith(".parquet") else []
+        infos = [info] if inner.endswith(".parquet") else []
     else:
-        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-        files = sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File
-            and i.path.endswith(".parquet")
-            and not os.path.basename(i.path).startswith((".", "_"))
+        infos = sorted(
+            (i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+             if i.type == pafs.FileType.File
+             and i.path.endswith(".parquet")
+             and not os.path.basename(i.path).startswith((".", "_"))),
+            key=lambda i: i.path,
         )
-    if not files:
+    if not infos:
         raise DataError(f"no Parquet files under {path}")
-    if _is_uri(path) and not path.startswith("file://"):
-        scheme = path.split("://", 1)[0]
-        files = [f"{scheme}://{f}" for f in files]
+    prefix = f"{path.split('://', 1)[0]}://" if _is_uri(path) and not path.startswith("file://") else ""
+    files = [prefix + i.path for i in infos]
+    from reclip_ray.data.stream import note_listing
+
+    for f, i in zip(files, infos):  # the footer cache's key: a cached footer is reused while these are unchanged
+        note_listing(f, i.size, i.mtime_ns)
     return files
 
 
 def parquet_schema(file: str):
-    """The Arrow schema of one file (footer only, no data read)."""
-    import pyarrow.parquet as pq
+    """The Arrow schema of one file (without its key-value metadata), from the footer cache: callers that loop
+    over many files call ``stream.footers(files)`` first, so the footers are read in parallel and only once."""
+    from reclip_ray.data.stream import footers
 
-    fs, inner = _filesystem(file)
-    try:
-        return pq.read_schema(inner, filesystem=fs)
-    except Exception as exc:
-        raise DataError(f"{file}: not a readable Parquet file ({exc})") from exc
+    return footers([file])[0].schema
 
 
 def count_rows(files: Iterable[str]) -> int:
@@ -117,9 +116,13 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
     hold only metadata because the images are in webdataset tars beside them; the message says which, with the
     exact flag or command to run, so the user does not have to read the column list and guess.
     """
+    from reclip_ray.data.stream import footers
+
     required = [("image", columns.image), ("caption", columns.caption)]
     if require_label:
         required.append(("label", columns.label))
+    files = list(files)
+    footers(files)  # all footers in parallel (and cached for the launch's later steps); the loop below reads none
     for file in files:
         schema = parquet_schema(file)
         names = set(schema.names)

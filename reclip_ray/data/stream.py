@@ -15,6 +15,8 @@ checkpoint stores the first unit not known to be fully trained (the *frontier*) 
 trained beyond it; the restarted stream starts at the frontier's group and drops those positions before decoding.
 Cost at scale: the footers are read once per run on the driver (a thread pool; 140k shards is a few minutes of
 small reads on object storage, once), and the stream is one list of groups (140k / 16 = 9k items per pass).
+``footers`` keeps what each footer says for the life of the process, keyed by (path, size, mtime), so the launch's
+schema check, eval-set checks, tokenizer and phase streams share that one read.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from reclip_ray.errors import DataError
 
 FOOTER_THREADS = 32
+FOOTER_PROBE = 32  # footers read one by one and timed before deciding whether threads help (``footers``)
+FOOTER_IO_BOUND_S = 0.0005  # a local-disk footer parses in ~0.1 ms; object storage takes 10-50 ms per read
+MAX_SCHEMAS = 64  # distinct Parquet schemas kept for reuse (``_schema_of``); more are converted per file
 OK, BAD, MARKER = 1, 0, 2  # the ``_ok`` flag of a decoded row: trained, dropped as bad, a unit's end marker
 
 
@@ -40,17 +45,126 @@ class Shard:
     rows: int
     row_groups: tuple[int, ...]  # rows per row group, in file order
     absent: int = 0  # null cells in the image column (footer statistics; 0 when the writer kept none)
+    copies: tuple[int, ...] = ()  # sizes of the shrunk copies the footer vouches for (``copies.footer_copies``)
+    stale_copies: tuple[int, ...] = ()  # copy columns present but not vouched for: never read
 
 
 def read_footers(files: Sequence[str], image_column: str = "image", threads: int = FOOTER_THREADS) -> list[Shard]:
-    """Every file's footer, read once and in parallel (object storage answers one small read at a time)."""
-    if not files:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
-        return list(pool.map(lambda f: _footer(f, image_column), files))
+    """Every file's footer as a ``Shard``: read at most once per process, in parallel (see ``footers``)."""
+    return [f.shard(image_column) for f in footers(files, threads)]
 
 
-def _footer(file: str, image_column: str) -> Shard:
+@dataclass(frozen=True)
+class Footer:
+    """What one Parquet footer says, kept by ``footers`` so that no launch step reads it a second time.
+
+    Compact on purpose: pyarrow's ``FileMetaData`` costs ~9 KiB per small file (over 1 GB for 140k shards); this
+    keeps the row counts, one shared ``pyarrow.Schema`` per distinct schema, the non-zero null counts and the
+    footer's ``reclip.*`` key-value entries (what ``copies.footer_copies`` reads).
+    """
+
+    path: str
+    rows: int
+    row_groups: tuple[int, ...]  # rows per row group, in file order
+    schema: Any  # pyarrow.Schema without metadata, interned: files with equal schemas share one object
+    null_counts: tuple[tuple[str, int], ...] = ()  # (leaf column path, nulls) from row-group statistics, nulls > 0
+    reclip_metadata: tuple[tuple[bytes, bytes], ...] = ()  # the footer's key-value entries named reclip.*
+
+    def shard(self, image_column: str = "image") -> Shard:
+        """The phase stream's view: rows, row groups, the image column's nulls (absent samples), shrunk copies."""
+        from types import SimpleNamespace
+
+        from reclip_ray.data.copies import footer_copies
+
+        view = SimpleNamespace(schema=self.schema, metadata=dict(self.reclip_metadata), num_rows=self.rows)
+        copies, stale = footer_copies(view, image_column)
+        return Shard(self.path, self.rows, self.row_groups, dict(self.null_counts).get(image_column, 0), copies, stale)
+
+
+# path -> ((size, mtime_ns), Footer). Process-wide on purpose: the driver's launch steps (prepare's schema check,
+# the eval-set checks, the tokenizer, build_datasets) each take a file list, and this is how they share one read.
+_FOOTERS: dict[str, tuple[tuple[int, int], Footer]] = {}
+_LISTED: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) as the latest ``list_parquet_files`` saw it
+_SCHEMAS: dict[str, list] = {}  # "entries": the distinct schemas seen (``_schema_of``)
+FOOTER_READS = [0]  # footers read from storage by this process (the tests count them)
+
+
+def note_listing(path: str, size: int | None, mtime_ns: int | None) -> None:
+    """Record a file's (size, mtime) as a listing saw it, so a cache lookup needs no stat of its own (on object
+    storage a stat is a HEAD request, as slow as reading the footer)."""
+    _LISTED[path] = (int(size or 0), int(mtime_ns or 0))
+
+
+def clear_footer_cache() -> None:
+    _FOOTERS.clear()
+    _LISTED.clear()
+    _SCHEMAS.clear()
+
+
+def footers(files: Sequence[str], threads: int = FOOTER_THREADS) -> list[Footer]:
+    """Every file's ``Footer``, in order: each read at most once per process; many in parallel when reads wait on
+    storage.
+
+    The first ``FOOTER_PROBE`` footers not cached are read one by one and timed. Slower than
+    ``FOOTER_IO_BOUND_S`` each, the reads wait on storage (object storage, NFS: one small read at a time, ms
+    each) and the rest go ``threads`` at a time. Faster, they are parsing on a local disk, where Python threads only
+    contend for the GIL (measured here: 20,000 footers took twice as long with 32 threads as with one), so the
+    rest are read in this thread too.
+
+    A cached footer is reused while the file's (size, mtime) is unchanged: taken from the latest listing when
+    ``list_parquet_files`` saw the file, else from a stat. A file rewritten in place with the same size within
+    the filesystem's mtime resolution would be missed; shard writers here write a temp file and rename it.
+    """
+    files = list(files)
+    out: list[Footer | None] = [None] * len(files)
+    todo: list[int] = []
+    for i, f in enumerate(files):
+        hit = _FOOTERS.get(f)
+        if hit is not None and _LISTED.get(f) == hit[0]:
+            out[i] = hit[1]
+        else:
+            todo.append(i)
+    import time
+
+    t0 = time.perf_counter()
+    for i in todo[:FOOTER_PROBE]:
+        out[i] = _cached_footer(files[i])
+    rest = todo[FOOTER_PROBE:]
+    io_bound = (time.perf_counter() - t0) / max(1, min(FOOTER_PROBE, len(todo))) > FOOTER_IO_BOUND_S
+    if rest and io_bound and threads > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(rest))) as pool:
+            for i, footer in zip(rest, pool.map(lambda i: _cached_footer(files[i]), rest)):
+                out[i] = footer
+    else:
+        for i in rest:
+            out[i] = _cached_footer(files[i])
+    return out  # type: ignore[return-value]
+
+
+def _cached_footer(file: str) -> Footer:
+    import pyarrow.fs as pafs
+
+    from reclip_ray.data.schema import _filesystem
+
+    stamp = _LISTED.get(file)
+    if stamp is None:
+        fs, inner = _filesystem(file)
+        try:
+            info = fs.get_file_info(inner)
+        except Exception as exc:
+            raise DataError(f"{file}: cannot read ({exc})") from exc
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{file}: shard not found")
+        stamp = (int(info.size or 0), int(info.mtime_ns or 0))
+    hit = _FOOTERS.get(file)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    footer = _footer(file)
+    _FOOTERS[file] = (stamp, footer)
+    return footer
+
+
+def _footer(file: str) -> Footer:
     import pyarrow.parquet as pq
 
     from reclip_ray.data.schema import _filesystem
@@ -59,24 +173,48 @@ def _footer(file: str, image_column: str) -> Shard:
     try:
         with fs.open_input_file(inner) as fh:
             meta = pq.ParquetFile(fh).metadata
+            kv = meta.metadata or {}
+            schema, binary_leaves = _schema_of(meta)
     except FileNotFoundError:
         raise DataError(f"{file}: shard not found") from None
     except Exception as exc:
         raise DataError(f"{file}: not a readable Parquet file ({exc})") from exc
-    column = None
-    for i in range(meta.num_columns):
-        if meta.schema.column(i).path == image_column:
-            column = i
-    absent = 0
+    FOOTER_READS[0] += 1
+    nulls = dict.fromkeys(binary_leaves, 0)
     groups = []
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         groups.append(rg.num_rows)
-        if column is not None:
-            stats = rg.column(column).statistics
+        for c, path in binary_leaves.items():
+            stats = rg.column(c).statistics
             if stats is not None and stats.has_null_count:
-                absent += stats.null_count
-    return Shard(file, meta.num_rows, tuple(groups), absent)
+                nulls[c] += stats.null_count
+    ours = tuple(sorted((k, v) for k, v in kv.items() if k.startswith(b"reclip.")))
+    return Footer(file, meta.num_rows, tuple(groups), schema,
+                  tuple((binary_leaves[c], n) for c, n in nulls.items() if n), ours)
+
+
+def _schema_of(meta: Any) -> tuple[Any, dict[int, str]]:
+    """(Arrow schema without metadata, {leaf index: path} of the binary columns) of a footer, computed once per
+    distinct Parquet schema: most datasets have one, and converting it for each of 140k footers is a fifth of the
+    read. Null counts are kept for the binary columns only, the candidate image columns (absent samples).
+
+    Files with equal Parquet schemas share the first one's Arrow schema. Their own ``ARROW:schema`` metadata could
+    differ in detail (string vs large_string, say), which no reader here distinguishes; it is not part of the
+    key because img2dataset's pandas metadata (in it) differs in every file.
+    """
+    entries = _SCHEMAS.setdefault("entries", [])
+    for parquet_schema, arrow, leaves in entries:
+        if parquet_schema.equals(meta.schema):
+            return arrow, leaves
+    import pyarrow as pa
+
+    arrow = meta.schema.to_arrow_schema().remove_metadata()
+    binary = {f.name for f in arrow if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    leaves = {c: meta.schema.column(c).path for c in range(meta.num_columns) if meta.schema.column(c).path in binary}
+    if len(entries) < MAX_SCHEMAS:
+        entries.append((meta.schema, arrow, leaves))
+    return arrow, leaves
 
 
 @dataclass(frozen=True)
@@ -91,6 +229,7 @@ class Group:
     first_unit: int
     first_pos: int
     chunk_rows: int
+    sources: tuple[str, ...] = ()  # the image column to read per shard ("" or absent: the configured one)
 
     @property
     def num_units(self) -> int:
@@ -108,7 +247,7 @@ class PhaseStream:
     """The ordered groups of one phase (``passes`` passes over ``shards``)."""
 
     def __init__(self, shards: Sequence[Shard], *, seed: int, passes: int, group_shards: int = 16,
-                 chunk_rows: int = 64, shuffle: bool = True) -> None:
+                 chunk_rows: int = 64, shuffle: bool = True, sources: dict[str, str] | None = None) -> None:
         if group_shards < 1 or chunk_rows < 1:
             raise ValueError("group_shards and chunk_rows must be >= 1")
         self.seed = int(seed)
@@ -122,7 +261,8 @@ class PhaseStream:
             for start in range(0, len(order), group_shards):
                 members = [shards[i] for i in order[start : start + group_shards]]
                 g = Group(p, len(self.groups), tuple(s.path for s in members), tuple(s.rows for s in members),
-                          tuple(s.row_groups for s in members), unit, pos, self.chunk_rows)
+                          tuple(s.row_groups for s in members), unit, pos, self.chunk_rows,
+                          tuple((sources or {}).get(s.path, "") for s in members))
                 self.groups.append(g)
                 unit += g.num_units
                 pos += g.num_rows
@@ -143,6 +283,7 @@ class PhaseStream:
                 "pass_index": g.pass_index, "group": g.index, "files": list(g.files), "rows": list(g.rows),
                 "row_groups": [list(r) for r in g.row_groups], "first_unit": g.first_unit,
                 "first_pos": g.first_pos, "start_round": max(0, frontier - g.first_unit),
+                "sources": list(g.sources) or [""] * len(g.files),
                 "done": done_arr[lo:hi].tolist(),
             })
         return out

@@ -46,6 +46,7 @@ SIZES = ["small", "large"]
 POSITIONS = ["left", "right", "top", "bottom", "centre"]
 SPLITS = {"train": 0, "eval": 1}
 JPEG_QUALITY = 90
+IMAGE_SIZE = 128  # side of every synthetic image
 
 SHAPE_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.", "an image of a {}."]
 COLOUR_TEMPLATES = ["a {} shape.", "a photo of a {} object.", "something {}."]
@@ -294,7 +295,7 @@ def caption_for(objects: list[dict[str, Any]], rng: np.random.Generator) -> str:
 # -------------------------------------------------------------------------------------------------- shards
 
 
-def make_row(seed: int, split: str, row: int, image_size: int = 128) -> dict[str, Any]:
+def make_row(seed: int, split: str, row: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
     """One sample, a pure function of its arguments."""
     rng = np.random.default_rng([seed, SPLITS[split], row])
     objects = _sample_scene(rng, image_size)
@@ -364,7 +365,7 @@ def make_synthetic(
     eval: int = 1000,
     seed: int = 0,
     shard_rows: int = 1000,
-    image_size: int = 128,
+    image_size: int = IMAGE_SIZE,
     workers: int | None = None,
 ) -> dict:
     """Write ``out/train`` and ``out/eval`` (Parquet shards + dataset.json); returns a summary."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,8 +31,17 @@ class CaptionTokenizer:
 
     def __init__(self, tokenizer, *, pad: str | int | None = None, sot: str | int | None = None,
                  eot: str | int | None = None, source: str = "tokenizer") -> None:
+        from reclip_ray.data.clip_bpe import CLIP_PAD_ID, clean_caption, is_clip_vocab
+
         self._tok = tokenizer
         self.source = source
+        # CLIP's vocabulary (data.tokenizer: clip) has no pad token: open_clip pads with id 0, and its captions are
+        # cleaned with ftfy first (clean_caption; checked here so a missing ftfy fails at once, not in a task).
+        self.clip_bpe = is_clip_vocab(tokenizer)
+        self._clean = clean_caption if self.clip_bpe else None
+        if self._clean is not None:
+            self._clean("")
+            pad = CLIP_PAD_ID if pad is None else pad
         self.pad_id = self._find("pad", pad, PAD_NAMES)
         self.sot_id = self._find("start", sot, SOT_NAMES)
         self.eot_id = self._find("end", eot, EOT_NAMES)
@@ -62,6 +71,8 @@ class CaptionTokenizer:
         out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
         if not len(texts):
             return out
+        if self._clean is not None:
+            texts = [self._clean(str(t)) for t in texts]
         encodings = self._tok.encode_batch([_normalize(t) for t in texts], add_special_tokens=False)
         body = length - 2
         for i, enc in enumerate(encodings):
@@ -108,8 +119,15 @@ class CaptionTokenizer:
 
 def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot: str | int | None = None,
                    eot: str | int | None = None) -> CaptionTokenizer:
-    """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given (name or id)."""
+    """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given (name or id).
+
+    ``"clip"`` (when no such file exists) is OpenAI's CLIP BPE, converted from open_clip's vocabulary on first use.
+    """
+    from reclip_ray.data.clip_bpe import CLIP_NAME, clip_tokenizer_file
+
     path = Path(path)
+    if str(path) == CLIP_NAME and not path.exists():
+        path = clip_tokenizer_file()
     if path.is_dir():
         path = path / "tokenizer.json"
     try:
@@ -127,22 +145,74 @@ def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot
     return CaptionTokenizer(tok, pad=pad, sot=sot, eot=eot, source=str(path))
 
 
-def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batch_rows: int = 4096) -> Iterator[str]:
-    """Captions of every shard under ``data``, read column-only (no image bytes touched)."""
+CAPTION_READ_THREADS = 8  # caption columns read in parallel (object storage answers one small read at a time)
+
+
+def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batch_rows: int = 16384, *,
+                  limit: int = 0, threads: int = CAPTION_READ_THREADS) -> Iterator[str]:
+    """The non-empty captions of the shards under ``data`` in file order, read column-only (no image bytes
+    touched), at most ``limit`` of them (0: all).
+
+    Files are read ``threads`` at a time, in order, at most ``2 * threads`` files ahead of the consumer, so a
+    bounded sample stops reading soon after the bound: files not started yet are never opened. On a local disk
+    the reads are CPU-bound and more threads than cores only contend for the GIL (20,000 small shards: 8.4 s with
+    one thread, 5.9 s with two, 8.0 s with eight on 2 cores), so there ``threads`` is capped at the core count.
+    """
+    from reclip_ray.data.schema import _is_uri, list_parquet_files
+
+    files = list_parquet_files(str(data))
+    if not _is_uri(str(data)) or str(data).startswith("file://"):
+        threads = min(threads, os.cpu_count() or 1)
+    taken = 0
+    for captions in _ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+        for caption in captions:
+            yield caption
+            taken += 1
+            if limit and taken >= limit:
+                return
+
+
+def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]:
+    """One file's non-empty captions, normalised."""
     import pyarrow.parquet as pq
 
-    from reclip_ray.data.schema import _filesystem, list_parquet_files, parquet_schema
+    from reclip_ray.data.schema import _filesystem
 
-    for file in list_parquet_files(str(data)):
-        if caption_column not in parquet_schema(file).names:
+    fs, inner = _filesystem(file)
+    with fs.open_input_file(inner) as f:
+        pf = pq.ParquetFile(f)
+        if caption_column not in pf.schema_arrow.names:
             raise DataError(f"{file}: missing caption column {caption_column!r}")
-        fs, inner = _filesystem(file)
-        with fs.open_input_file(inner) as f:
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=[caption_column]):
-                for caption in batch.column(0).to_pylist():
-                    if caption:
-                        yield _normalize(caption)
+        if pf.metadata.num_rows <= batch_rows:  # one read of the column chunk: the common case, and the cheapest
+            return [_normalize(c) for c in pf.read(columns=[caption_column], use_threads=False).column(0).to_pylist()
+                    if c]
+        return [_normalize(c) for batch in pf.iter_batches(batch_size=batch_rows, columns=[caption_column],
+                                                          use_threads=False)
+                for c in batch.column(0).to_pylist() if c]
+
+
+def _ordered_prefetch(fn: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
+    closing the generator early cancels what has not started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    pending: deque = deque()
+    todo = iter(items)
+    try:
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * max(1, threads):
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in todo:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def train_tokenizer(
@@ -150,8 +220,14 @@ def train_tokenizer(
     vocab_size: int,
     out: str | os.PathLike | None = None,
     caption_column: str = "caption",
+    max_captions: int = 0,
 ) -> CaptionTokenizer:
-    """Byte-level BPE on the dataset's captions; ids 0/1/2 are <pad>/<start_of_text>/<end_of_text>."""
+    """Byte-level BPE on the dataset's captions; ids 0/1/2 are <pad>/<start_of_text>/<end_of_text>.
+
+    ``max_captions`` > 0 trains on the first that many captions in file order (a launch passes
+    ``data.tokenizer_sample_captions``): BPE merges settle long before a billion captions, and reading every
+    caption of a web-scale set would keep the driver busy for hours before the first step.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 256 + 3:
@@ -166,7 +242,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_captions(data, caption_column), trainer=trainer)
+    tok.train_from_iterator(iter_captions(data, caption_column, limit=max_captions), trainer=trainer)
     result = CaptionTokenizer(tok, source=str(data))
     if out is not None:
         result.save(out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reclip_ray.config import Config, absolute, load_config
+from reclip_ray.config import Config, ConfigError, absolute, load_config
 from reclip_ray.errors import DataError, ReclipError
 
 RUN_STATE_FILE = "reclip_run.json"
@@ -41,6 +41,10 @@ def prepare(cfg: Config) -> Prepared:
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     run_name = cfg.run.name or cfg.name
     cfg.run.name = run_name
+    if cfg.model.init_from and not latest_checkpoint_state(f"{cfg.run.storage_path.rstrip('/')}/{run_name}")[0]:
+        from reclip_ray.init_weights import check_init_from  # a resumed run ignores it: the checkpoint wins
+
+        cfg.model.init_from = check_init_from(cfg.model.init_from)
 
     if "://" not in data.train and not Path(data.train).exists():
         if not data.synth_if_missing:
@@ -68,7 +72,8 @@ def prepare(cfg: Config) -> Prepared:
 
 
 def _make_synthetic(cfg: Config) -> None:
-    from reclip_ray.data.synth import make_synthetic
+    from reclip_ray.data.copies import shrink_dataset, sizes_for_phases
+    from reclip_ray.data.synth import IMAGE_SIZE as SYNTH_IMAGE_SIZE, make_synthetic
 
     train, evald = Path(cfg.data.train), Path(cfg.data.eval) if cfg.data.eval else None
     if train.name != "train" or (evald is not None and evald != train.parent / "eval"):
@@ -77,12 +82,22 @@ def _make_synthetic(cfg: Config) -> None:
         )
     print(f"[reclip] making the synthetic captioned-shapes dataset under {train.parent} ...", flush=True)
     make_synthetic(train.parent, train=cfg.data.synth_train, eval=cfg.data.synth_eval, seed=cfg.train.seed)
+    # Shrunk copies for the config's phases (e.g. 40 px for 32, 72 px for 64), as `data synth --shrink` makes.
+    sizes = sizes_for_phases([p.image_size for p in cfg.phases], source_side=SYNTH_IMAGE_SIZE)
+    if sizes and cfg.data.use_copies:
+        shrink_dataset(train, sizes, image_column=cfg.data.image_column, log=None)
 
 
 def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
     """The config's tokenizer, else one trained on data.train and kept in the run folder (reused on resume)."""
     from reclip_ray.data.tokenizer import load_tokenizer, train_tokenizer
 
+    if cfg.data.tokenizer == "clip" and not Path("clip").exists():
+        from reclip_ray.data.clip_bpe import clip_tokenizer_file  # OpenAI's BPE, converted once from open_clip's
+
+        path = str(clip_tokenizer_file())
+        load_tokenizer(path)  # fail now (e.g. no ftfy)
+        return path
     if cfg.data.tokenizer:
         path = absolute(cfg.data.tokenizer)
         if not Path(path).is_file():
@@ -94,9 +109,13 @@ def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
         raise ReclipError("with remote run.storage_path, set data.tokenizer to a tokenizer.json (reclip-ray data tokenizer)")
     path = Path(run_dir) / "tokenizer.json"
     if not path.is_file():
-        print(f"[reclip] training a {cfg.data.vocab_size}-token BPE tokenizer on {cfg.data.train} ...", flush=True)
+        bound = cfg.data.tokenizer_sample_captions
+        sample = f"the first {bound:,} captions of" if bound else "every caption of"
+        print(f"[reclip] training a {cfg.data.vocab_size}-token BPE tokenizer on {sample} {cfg.data.train} "
+              "(data.tokenizer_sample_captions) ...", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, out=path, caption_column=cfg.data.caption_column)
+        train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, out=path, caption_column=cfg.data.caption_column,
+                        max_captions=bound)
     cfg.data.tokenizer = str(path)
     return str(path)
 
@@ -199,14 +218,18 @@ class PhaseDatasetFactory:
 
     def __init__(self, cfg: Config, phase: int, shards: list, *, passes: int, tokenizer_json: str, run_dir: str,
                  concurrency: int, missing_actor: Any = None) -> None:
+        from reclip_ray.data.copies import choose_sources
         from reclip_ray.data.stream import PhaseStream
         from reclip_ray.train.worker import phase_seed
 
         self.cfg, self.phase, self.run_dir = cfg, phase, run_dir
         self.plan = cfg.phases[phase]
+        # The cheapest source per shard: a shrunk copy that covers the phase's image size, else the full image.
+        self.sources = choose_sources(shards, self.plan.image_size, train=True, image_column=cfg.data.image_column,
+                                      use_copies=cfg.data.use_copies)
         self.stream = PhaseStream(shards, seed=phase_seed(cfg, phase), passes=passes,
                                   group_shards=cfg.data.group_shards, chunk_rows=cfg.data.chunk_rows,
-                                  shuffle=cfg.data.shuffle == "files")
+                                  shuffle=cfg.data.shuffle == "files", sources=self.sources.columns)
         self.tokenizer_json = tokenizer_json
         self.concurrency = concurrency
         self.missing_actor = missing_actor
@@ -221,12 +244,13 @@ class PhaseDatasetFactory:
         position = DataPosition.from_dict(state.get("data"))
         if position.phase != self.phase or state.get("phase_done"):
             position = DataPosition(phase=self.phase)
-        record_data_start(self.run_dir, self.phase, checkpoint, position)
+        record_data_start(self.run_dir, self.phase, checkpoint, position, sources=self.sources.as_dict())
         return phase_dataset(
             self.stream, ColumnMap.from_config(self.cfg.data), image_size=self.plan.image_size,
             text_length=self.plan.text_length, tokenizer_json=self.tokenizer_json, train=True,
             frontier=position.frontier, done=position.done, decode_batch_size=self.cfg.data.decode_batch_size,
             missing=self.cfg.data.missing_shards, missing_actor=self.missing_actor, concurrency=self.concurrency,
+            on_device=self.cfg.data.decode_device == "cuda",
             keep_keys=self.cfg.fault.record_rows)
 
 
@@ -262,14 +286,16 @@ def raise_if_fatal(run_dir: str) -> None:
     raise DataError(json.loads(path.read_text())["message"])
 
 
-def record_data_start(run_dir: str, phase: int, checkpoint: str, position: Any) -> None:
-    """Note which checkpoint a phase's stream was rebuilt from, so the worker can check it restored the same one."""
+def record_data_start(run_dir: str, phase: int, checkpoint: str, position: Any, sources: dict | None = None) -> None:
+    """Note which checkpoint a phase's stream was rebuilt from, so the worker can check it restored the same one,
+    and which image column each shard is read from (the worker logs it to MLflow)."""
     if "://" in run_dir:
         return
     folder = Path(run_dir) / DATA_START_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"phase{phase}.json.tmp"
-    tmp.write_text(json.dumps({"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done)}))
+    tmp.write_text(json.dumps({"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done),
+                               "sources": sources or {}}))
     os.replace(tmp, folder / f"phase{phase}.json")
 
 
@@ -347,6 +373,9 @@ def run_training(
             board = get_board(prep.run_name, create=True)
             display = ProgressDisplay(board_reader(board))
         use_gpu = _use_gpu(cfg)
+        if cfg.data.decode_device == "cuda" and not use_gpu:
+            raise ConfigError("'data.decode_device=cuda' needs GPU workers, and this cluster has no GPU "
+                              "(set data.decode_device=cpu)")
         tokenizer_json = Path(prep.tokenizer_path).read_text()
         from reclip_ray.train.worker import FATAL_FILE
 

@@ -27,7 +27,8 @@ def _tokenizer_for(cfg: Config, tokenizer: Any):
         return load_tokenizer(tokenizer)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
-    return train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, caption_column=cfg.data.caption_column)
+    return train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, caption_column=cfg.data.caption_column,
+                           max_captions=cfg.data.tokenizer_sample_captions)
 
 
 def train_local(
@@ -48,7 +49,7 @@ def train_local(
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.model import build_model
     from reclip_ray.schedule import Schedule, build_optimizer
-    from reclip_ray.train.step import autocast_dtype_for, train_step
+    from reclip_ray.train.step import autocast_dtype_for, compile_model, train_step
 
     device = torch.device(device)
     torch.manual_seed(cfg.train.seed)
@@ -57,6 +58,14 @@ def train_local(
     columns = ColumnMap.from_config(cfg.data)
 
     model = build_model(cfg.model, tokenizer=tok).to(device)
+    if cfg.model.init_from:
+        from reclip_ray.init_weights import check_init_from, init_from
+
+        line = init_from(model, check_init_from(cfg.model.init_from))
+        if log:
+            log(line)
+    if cfg.train.compile:
+        compile_model(model)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule.from_config(cfg)
     autocast = autocast_dtype_for(cfg.train.precision, device)
@@ -87,6 +96,7 @@ def train_local(
                     model, optimizer,
                     torch.from_numpy(batch["image"][:n]), torch.from_numpy(batch["tokens"][:n]),
                     lr=lr, grad_clip=cfg.optim.grad_clip, autocast_dtype=autocast,
+                    micro_batch=cfg.train.micro_batch_size,  # one process: local_loss has nothing to split
                 )
                 samples += n
                 step += 1

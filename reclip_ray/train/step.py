@@ -3,6 +3,29 @@
 The caller owns the schedule: it passes ``lr = schedule.lr_at(samples_seen)``, so the LR is a function of samples
 seen and never of the worker count. The model may be DDP-wrapped; gradients are then averaged over ranks by DDP,
 which is exactly the convention ``reclip_ray.loss.contrastive_loss`` is written for (see its docstring).
+
+Gradient accumulation (``micro_batch``) keeps a worker's memory fixed whatever its share of the global batch, and
+it is exact for the contrastive loss, whose every row needs the features of the *whole* global batch. It is the
+feature-cache method (GradCache, Gao et al. 2021; open_clip's ``accum_freq`` is a variant of it):
+
+1. encode every micro-batch of this rank without autograd (same autocast as the plain path) and keep only the
+   L2-normalised features - ``2 x local_batch x embed_dim`` floats, no activations;
+2. compute ``contrastive_loss`` once on those cached features, as leaves that require grad (all ranks' features
+   are gathered there, exactly as in the plain path, with the same ``local_loss`` / ``gather_with_grad`` modes and
+   DDP convention), and backpropagate to the leaves: that gives ``dL/d(features)`` of every local row - image rows
+   and text rows, so both directions of the symmetric loss and the column terms from every other row and rank are
+   in it - and ``dL/d(logit_scale)``;
+3. re-encode each micro-batch with autograd and backpropagate ``<features, cached gradient>``; by the chain rule the
+   parameter gradients summed over micro-batches are the gradients of the plain path. ``logit_scale`` enters once,
+   through the last micro-batch's surrogate, so its gradient is counted exactly once.
+
+Unlike open_clip (which recomputes the whole loss for every micro-batch) the logits are built once per step. Under
+DDP the micro-batches before the last run on the unwrapped module (DDP's hooks are idle when its forward did not
+prepare a reduction: what ``no_sync()`` does, without a buffer broadcast per micro-batch, so ranks may even run
+different numbers of micro-batches), and the last runs through DDP, whose backward all-reduces the accumulated
+gradients: averaged over ranks exactly once. Step 3 assumes the re-encoded features equal the cached ones, i.e. a
+deterministic forward: the CLIP here has no dropout, drop-path or batch norm; a model with randomness would need
+its RNG state replayed between the two passes.
 """
 
 from __future__ import annotations
@@ -11,6 +34,7 @@ import contextlib
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from reclip_ray.loss import contrastive_loss
@@ -25,6 +49,46 @@ def autocast_dtype_for(precision: str, device: torch.device | str) -> torch.dtyp
     return None
 
 
+def local_loss_enabled(setting: str | bool, world_size: int) -> bool:
+    """``train.local_loss``: ``auto`` is on with more than one worker (what open_clip users expect), else as set.
+
+    Local loss is exact with ``gather_with_grad=True`` (see ``reclip_ray.loss``) and needs ``world`` times less
+    logits memory per rank, so ``auto`` turns it on whenever there is more than one rank to split the rows over.
+    """
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return world_size > 1
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"train.local_loss must be auto, true or false, got {setting!r}")
+
+
+def micro_batch_slices(n: int, micro_batch: int) -> list[slice]:
+    """Consecutive row ranges of at most ``micro_batch`` rows covering ``n`` rows (one range when ``micro_batch``
+    is 0 or at least ``n``)."""
+    if micro_batch <= 0 or micro_batch >= n:
+        return [slice(0, n)]
+    return [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``train.compile``: ``torch.compile`` the model's forward in place and return it.
+
+    In place (``nn.Module.compile``) so parameter names, ``state_dict`` keys, checkpoints, DDP wrapping and export
+    are unchanged. ``dynamic=None`` is torch's automatic dynamic shapes, measured here (tests/test_accumulation.py,
+    slow): each resolution compiles once and keeps its graph (the image size stays static: timm's position-embedding
+    resample specialises on the patch grid), so a phase that returns to a size reuses it; the batch size and the
+    text length recompile once at their first change (a phase's short last step) and are symbolic after that. The
+    no-grad encode of gradient accumulation is another graph (grad mode is part of the guard). The cache limit is
+    raised so a many-phase run never falls back to eager silently.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    model.compile(dynamic=None)
+    return model
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -37,10 +101,16 @@ def train_step(
     local_loss: bool = False,
     gather_with_grad: bool = True,
     local_batch_sizes: Sequence[int] | None = None,
+    micro_batch: int = 0,
 ) -> dict[str, float]:
     """uint8 NHWC images + int64 tokens (this rank's share of the global batch) -> one AdamW step.
 
-    Returns floats: ``loss`` (this rank's contrastive loss; the global-batch loss in full-gather mode),
+    ``micro_batch`` > 0 and smaller than the largest local batch (``local_batch_sizes``, else this rank's): exact
+    gradient accumulation over micro-batches of at most that many rows (module docstring); 0 or at least every
+    rank's batch: the plain single-pass step, bit for bit.
+
+    Returns floats: ``loss`` (the global-batch loss on every rank: with ``local_loss`` each rank's share is
+    averaged over ranks, one scalar all-reduce, so the logged loss means the same with or without it),
     ``logit_scale`` (exp'd, as used in the logits), ``grad_norm`` (before clipping) and ``lr``.
     """
     core = getattr(model, "module", model)
@@ -51,25 +121,27 @@ def train_step(
         group["lr"] = lr
 
     model.train()
-    x = normalize_images(images)
     amp = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        (lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype))
         if autocast_dtype is not None
-        else contextlib.nullcontext()
+        else contextlib.nullcontext
     )
-    with amp:
-        image_features, text_features, logit_scale = model(x, tokens)
-    # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
-    loss = contrastive_loss(
-        image_features.float(),
-        text_features.float(),
-        logit_scale.float(),
-        local_loss=local_loss,
-        gather_with_grad=gather_with_grad,
-        local_batch_sizes=local_batch_sizes,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, local_batch_sizes=local_batch_sizes)
+    # Every rank takes the same path (the two issue their collectives in a different order), decided by the largest
+    # local batch when the sizes are known: a rank at or under micro_batch then accumulates over one micro-batch.
+    longest = max(local_batch_sizes) if local_batch_sizes else images.shape[0]
+    if not 0 < micro_batch < longest:
+        x = normalize_images(images)
+        with amp():
+            image_features, text_features, logit_scale = model(x, tokens)
+        # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
+        loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), **loss_kwargs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        slices = micro_batch_slices(images.shape[0], micro_batch)
+        loss, logit_scale = _accumulate(model, core, images, tokens, slices, amp, loss_kwargs)
     params = [p for p in core.parameters() if p.grad is not None]
     if grad_clip and grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -79,8 +151,57 @@ def train_step(
     if hasattr(core, "clamp_logit_scale_"):
         core.clamp_logit_scale_()
     return {
-        "loss": float(loss.detach()),
+        "loss": _global_loss_value(loss, local_loss),
         "logit_scale": float(logit_scale.detach()),
         "grad_norm": float(grad_norm),
         "lr": float(lr),
     }
+
+
+def _global_loss_value(loss: torch.Tensor, local_loss: bool) -> float:
+    """The global-batch loss: as is in full-gather mode; the mean of the ranks' shares with ``local_loss``."""
+    if not local_loss or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(loss.detach())
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def _accumulate(
+    model: nn.Module,
+    core: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    slices: list[slice],
+    amp,
+    loss_kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of the module docstring; leaves the summed gradients in ``.grad``, returns (loss, logit_scale)."""
+    # 1. Cache the features of every micro-batch (images normalised per micro-batch: memory stays flat).
+    image_parts, text_parts = [], []
+    with torch.no_grad():
+        for sl in slices:
+            with amp():
+                img, txt, scale = core(normalize_images(images[sl]), tokens[sl])
+            image_parts.append(img.float())
+            text_parts.append(txt.float())
+    image_cache = torch.cat(image_parts).requires_grad_()
+    text_cache = torch.cat(text_parts).requires_grad_()
+    scale_leaf = scale.float().detach().requires_grad_()
+    del image_parts, text_parts
+
+    # 2. The loss once, on the cached features of all ranks; its backward gives the features' gradients.
+    loss = contrastive_loss(image_cache, text_cache, scale_leaf, **loss_kwargs)
+    loss.backward()
+    image_grad, text_grad, scale_grad = image_cache.grad, text_cache.grad, scale_leaf.grad
+
+    # 3. Re-encode with autograd; the last micro-batch goes through DDP (one all-reduce) and carries logit_scale.
+    for k, sl in enumerate(slices):
+        last = k == len(slices) - 1
+        with amp():
+            img, txt, scale = (model if last else core)(normalize_images(images[sl]), tokens[sl])
+        surrogate = (img.float() * image_grad[sl]).sum() + (txt.float() * text_grad[sl]).sum()
+        if last:
+            surrogate = surrogate + scale.float() * scale_grad
+        surrogate.backward()
+    return loss, scale_leaf

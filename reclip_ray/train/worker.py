@@ -98,6 +98,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     if w.rank == 0:
         _export(w.cfg, w.model, w.tokenizer, w.run_dir, w.tracking_uri, w.run_id, w.state, loop_config["config_yaml"])
     w.report({"done": 1, "loss": w.final_loss, **w.state.eval, **_full_view(w.cfg, w.schedule, w.state.eval),
+              **_current_view(w.schedule.phases[-1], w.state.eval),
               "eval_round": len(w.schedule.phases), "eval_rounds_planned": len(w.schedule.phases)}, save=False)
 
 
@@ -112,7 +113,7 @@ class _Worker:
         from reclip_ray.data.tokenizer import CaptionTokenizer
         from reclip_ray.model import build_model
         from reclip_ray.schedule import Schedule, build_optimizer
-        from reclip_ray.train.step import autocast_dtype_for
+        from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled
 
         self.loop_config = loop_config
         self.cfg = cfg = from_dict(loop_config["config"])
@@ -127,12 +128,15 @@ class _Worker:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker))))
         self.autocast = autocast_dtype_for(cfg.train.precision, self.device)
+        self.local_loss = local_loss_enabled(cfg.train.local_loss, self.world)
 
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, tokenizer=self.tokenizer).to(self.device)
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if cfg.train.compile:
+            compile_model(self.model)  # in place: checkpoints and DDP see the same module and parameter names
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = Schedule.from_config(cfg)
         self.state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
@@ -142,6 +146,12 @@ class _Worker:
             with checkpoint.as_directory() as ckpt_dir:
                 self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device)
             self.state.mlflow_run_id = loop_config["mlflow_run_id"]
+        elif cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
+            from reclip_ray.init_weights import init_from
+
+            line = init_from(self.model, cfg.model.init_from)
+            if self.rank == 0:
+                self.say(line)
         self.run_id = self.state.mlflow_run_id
         # Every start of a worker group after the first is a restart, with or without a checkpoint to resume from
         # (MLflow remembers the count, so a restart before the first checkpoint still shows).
@@ -160,6 +170,7 @@ class _Worker:
                         f"{self.state.restarts})" if checkpoint else "starting fresh"))
         self.final_loss = float("nan")
         self.fault_marker = self.run_dir / ".fault_injected"
+        self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
 
     def say(self, text: str) -> None:
         """A line for the person watching: through the driver's display, else printed (rank 0 only)."""
@@ -209,28 +220,37 @@ def _check_data_start(w: _Worker, phase: int) -> None:
     path = w.run_dir / DATA_START_DIR / f"phase{phase}.json"
     if "://" in str(w.run_dir) or not path.is_file():
         return
-    used = json.loads(path.read_text()).get("checkpoint", "")
+    start = json.loads(path.read_text())
+    used = start.get("checkpoint", "")
     if used != w.restored_from:
         raise RuntimeError(f"phase {phase}: the data stream was rebuilt from checkpoint {used or 'none'!r} but this "
                            f"worker restored {w.restored_from or 'none'!r}")
+    sources = start.get("sources") or {}
+    if w.rank == 0 and sources.get("summary"):
+        from reclip_ray import tracking
+
+        name = w.cfg.phases[phase].name
+        w.say(f"phase {phase} '{name}' reads {sources['summary']}")
+        tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.data_source.{name}": sources["summary"]})
 
 
 def _run_phase(w: _Worker, plan: Any) -> None:
     """Train ``plan`` from the current sample count to its end: the step loop, logging and periodic checkpoints."""
-    from reclip_ray.flops import sample_forward_flops
+    from reclip_ray.flops import train_flops_per_sample
     from reclip_ray.train.step import train_step
 
     cfg, state, rank, world = w.cfg, w.state, w.rank, w.world
     if state.phase != plan.index:
         state.phase, state.phase_done, state.data = plan.index, False, {}
-    flops = sample_forward_flops(cfg.model, plan.image_size, plan.text_length)
-    gflops_per_sample = 3 * flops["total"] / 1e9
+    # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
+    gflops_per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
     local_sizes = split_batch(plan.batch_size, world)
     w.feed = feed = _open_feed(w, plan, local_sizes[rank])
     if rank == 0:
         w.say(f"phase {plan.index} '{plan.name}': {plan.image_size} px, {plan.text_length} tokens, samples "
               f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({local_sizes[rank]} per "
-              f"worker), {gflops_per_sample:.3f} train GFLOPs/sample")
+              f"worker{_micro_note(cfg.train.micro_batch_size, local_sizes[rank])}), {gflops_per_sample:.3f} train "
+              f"GFLOPs/sample")
     rows_log = _RowLog(w) if cfg.fault.record_rows else None
     window = _Window()
     every = cfg.checkpoint.every_samples
@@ -242,11 +262,13 @@ def _run_phase(w: _Worker, plan: Any) -> None:
         if batch is None:
             raise RuntimeError(f"phase '{plan.name}': rank {rank} ran out of data at {state.samples} samples "
                                f"(phase ends at {plan.end_sample}); too many bad or absent rows?")
+        images = _images(w, batch, plan.image_size)
         window.data_s += time.perf_counter() - t0
         lr = w.schedule.lr_at(state.samples)
-        last = train_step(w.ddp_model, w.optimizer, torch.from_numpy(batch["image"]),
+        last = train_step(w.ddp_model, w.optimizer, images,
                           torch.from_numpy(batch["tokens"]), lr=lr, grad_clip=cfg.optim.grad_clip,
-                          autocast_dtype=w.autocast, local_batch_sizes=sizes)
+                          autocast_dtype=w.autocast, local_batch_sizes=sizes, local_loss=w.local_loss,
+                          micro_batch=cfg.train.micro_batch_size)
         prev = state.samples
         state.samples += sum(sizes)
         state.step += 1
@@ -265,6 +287,60 @@ def _run_phase(w: _Worker, plan: Any) -> None:
         if every and state.samples < plan.end_sample and state.samples // every > prev // every:
             _settle_data(w)
             w.report({"loss": last["loss"]}, save=True)
+        if cfg.eval.at_gflops:
+            _compute_milestone(w, plan, last)
+
+
+def _compute_milestone(w: _Worker, plan: Any, last: dict[str, float]) -> None:
+    """Sweeps (``eval.at_gflops`` = ASHA's rungs): at the first step past a compute milestone, evaluate at the
+    phase's resolution (every rank, its share of the rows) and report, so that Tune's ASHA compares trials at equal
+    training GFLOPs (``sweep.asha_axis``) instead of at phase ends, which fall at very different compute for a RECLIP
+    schedule and a full-resolution baseline. Every rank decides alike: the GFLOPs follow from the samples seen."""
+    from reclip_ray import tracking
+    from reclip_ray.flops import milestones_crossed
+
+    crossed = milestones_crossed(w.cfg.eval.at_gflops, w.gflops_reported, w.state.gflops)
+    if not crossed:
+        return
+    w.gflops_reported = w.state.gflops
+    metrics: dict[str, float] = {}
+    if w.cfg.data.eval:
+        try:
+            metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device, w.rank, w.world,
+                                      with_full=False)
+        except Exception as exc:  # noqa: BLE001 - as at a phase end: logged, training goes on
+            if w.rank == 0:
+                w.say(f"WARNING: evaluation at {crossed[-1]:,.0f} GFLOPs failed: {type(exc).__name__}: {exc}")
+    if w.rank == 0 and metrics:
+        tracking.log_metrics(w.tracking_uri, w.run_id, metrics, step=w.state.step)
+    metrics = metrics if w.rank == 0 else {}
+    w.report({"loss": last["loss"], **metrics, **_current_view(plan, metrics), "compute_milestone": crossed[-1],
+              "compute_round": sorted(w.cfg.eval.at_gflops).index(crossed[-1]) + 1,
+              "eval_round": plan.index, "eval_rounds_planned": len(w.schedule.phases)}, save=False)
+
+
+def _images(w: _Worker, batch: dict[str, Any], size: int) -> torch.Tensor:
+    """The batch's uint8 NHWC images; with ``data.decode_device=cuda`` the stream sends JPEG bytes + crop boxes
+    and they are decoded here, on the training device (``data/device_decode.py``)."""
+    if "jpeg" not in batch:
+        return torch.from_numpy(batch["image"])
+    from reclip_ray import tracking
+    from reclip_ray.data.device_decode import decode_on_device
+
+    images, stats = decode_on_device(batch["jpeg"], batch["box"], size, w.device)
+    if stats["failed"]:  # rare: a JPEG neither nvJPEG nor PIL could decode trained as a black image
+        w.decode_failed = getattr(w, "decode_failed", 0) + stats["failed"]
+        w.say(f"WARNING: {stats['failed']} image(s) failed to decode on rank {w.rank} and trained as black images "
+              f"({w.decode_failed} so far)")
+        if w.rank == 0:
+            tracking.log_metrics(w.tracking_uri, w.run_id, {"data_rows_decode_failed": w.decode_failed},
+                                 step=w.state.step)
+    return images
+
+
+def _micro_note(micro: int, local: int) -> str:
+    """Say when a worker accumulates: its share of the global batch is over ``train.micro_batch_size``."""
+    return f" in {-(-local // micro)} micro-batches of <= {micro}" if 0 < micro < local else ""
 
 
 class _Window:
@@ -373,22 +449,27 @@ def _end_phase(w: _Worker, plan: Any) -> None:
                                                         "data_rows_absent": state.rows_absent}, step=state.step)
     w.report({"loss": w.final_loss}, save=True)
     eval_metrics: dict[str, float] = {}
-    if w.rank == 0 and w.cfg.eval.at_phase_end and w.cfg.data.eval:
+    if w.cfg.eval.at_phase_end and w.cfg.data.eval:  # every rank evaluates its share of the rows (evaluate.py)
         try:
-            eval_metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device)
+            eval_metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device, w.rank, w.world)
         except Exception as exc:  # noqa: BLE001 - a broken eval set must not throw the phase's training away
-            message = f"evaluation after '{plan.name}' failed: {type(exc).__name__}: {exc}"
-            w.say(f"WARNING: {message} (training goes on)")
-            tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.eval_error.{plan.name}": message[:5000]})
-            tracking.log_metrics(w.tracking_uri, w.run_id, {"eval_errors": 1}, step=state.step)
+            if w.rank == 0:  # every rank got the same error (evaluate_dataset raises it on all of them)
+                message = f"evaluation after '{plan.name}' failed: {type(exc).__name__}: {exc}"
+                w.say(f"WARNING: {message} (training goes on)")
+                tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.eval_error.{plan.name}": message[:5000]})
+                tracking.log_metrics(w.tracking_uri, w.run_id, {"eval_errors": 1}, step=state.step)
         else:
-            state.eval = eval_metrics
-            tracking.log_metrics(w.tracking_uri, w.run_id, eval_metrics, step=state.step)
-            w.say(f"eval after '{plan.name}': {_eval_line(eval_metrics)}")
+            if w.rank == 0:
+                state.eval = eval_metrics
+                tracking.log_metrics(w.tracking_uri, w.run_id, eval_metrics, step=state.step)
+                w.say(f"eval after '{plan.name}': {_eval_line(eval_metrics)}")
+            else:
+                eval_metrics = {}  # rank 0 logs and reports them; the other ranks' reports carry none, as before
     # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
     # whatever the trial's full size is.
     w.report({"loss": w.final_loss, **eval_metrics, **_full_view(w.cfg, w.schedule, eval_metrics),
-              "eval_round": plan.index + 1, "eval_rounds_planned": len(w.schedule.phases)}, save=False)
+              **_current_view(plan, eval_metrics), "eval_round": plan.index + 1,
+              "eval_rounds_planned": len(w.schedule.phases)}, save=False)
 
 
 class _RowLog:
@@ -406,6 +487,13 @@ class _RowLog:
                 "passes": [int(p) for p in batch["_pass"]]}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def _current_view(plan: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics at the phase's own resolution again under ``eval/current/...``: what a sweep's ASHA compares
+    mid-run (``sweep.asha_metric``), whatever resolution each trial is training at."""
+    own = f"eval/{plan.image_size}px/"
+    return {"eval/current/" + k[len(own):]: v for k, v in eval_metrics.items() if k.startswith(own)}
 
 
 def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
@@ -458,14 +546,17 @@ def _eval_line(metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, schedule: Any, device: torch.device) -> dict[str, float]:
-    """Zero-shot + retrieval at the phase's resolution and at full resolution (if they differ)."""
+def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, schedule: Any, device: torch.device,
+                    rank: int = 0, world: int = 1, with_full: bool = True) -> dict[str, float]:
+    """Zero-shot + retrieval at the phase's resolution and (``with_full``) at full resolution, if different. With
+    ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics."""
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.evaluate import eval_columns, evaluate_dataset
 
     full = schedule.phases[-1]
     sizes = {plan.image_size: plan.text_length}
-    sizes.setdefault(cfg.eval.full_image_size or full.image_size, full.text_length)
+    if with_full:
+        sizes.setdefault(cfg.eval.full_image_size or full.image_size, full.text_length)
     out: dict[str, float] = {}
     for image_size, text_length in sizes.items():
         metrics = evaluate_dataset(
@@ -477,6 +568,8 @@ def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: A
             batch_size=cfg.eval.batch_size,
             columns=eval_columns(cfg.data.eval, ColumnMap.from_config(cfg.data)),
             device=device,
+            rank=rank,
+            world_size=world,
         )
         out.update({f"eval/{image_size}px/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return out

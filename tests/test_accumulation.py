@@ -1,0 +1,201 @@
+"""Exact gradient accumulation and local loss through ``train_step``: the same numbers as the plain global batch.
+
+The reference is one process training on the whole global batch in one pass (``micro_batch=0``). Every other way
+of running the same steps - micro-batches of a quarter of the global batch in one process, two gloo ranks under
+DDP with and without micro-batches, with ``local_loss`` on, with unequal local batches so the ranks run different
+numbers of micro-batches - must give the same loss and pre-clip gradient norm at every step, the same gradients
+after the first step (``logit_scale``'s included: counted once) and the same parameters after three AdamW steps,
+up to float rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from reclip_ray.config import ConfigError, load_config
+from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, train_step
+
+GLOBAL = 16
+STEPS = 3
+LR = 1e-3
+# Losses and gradients agree to fp32 rounding (gradients to ~5e-8 absolute here). Parameters after AdamW get an
+# absolute tolerance of 1% of one step's size (LR): Adam divides by sqrt(v), so for gradient elements near zero
+# a rounding-level difference becomes a visible share of that element's step. A real error (a gradient counted
+# twice, a missing column term) moves parameters by a good part of LR, 100x more.
+RTOL, PARAM_ATOL = 1e-5, 1e-2 * LR
+
+# Two-rank cases: (name, per-rank sizes, micro_batch, local_loss)
+RANK_CASES = [
+    ("ddp", [8, 8], 0, False),
+    ("ddp-local-loss", [8, 8], 0, True),
+    ("ddp-micro", [8, 8], GLOBAL // 4, False),
+    ("ddp-micro-local-loss", [8, 8], GLOBAL // 4, True),
+    ("ddp-micro-unequal", [9, 7], GLOBAL // 4, True),  # rank 0: 4+4+1 rows, rank 1: 4+3 rows
+    ("ddp-micro-one-rank-over", [9, 7], 8, False),  # rank 0: 8+1 rows, rank 1: one micro-batch of 7 (same path)
+]
+
+
+def _cfg():
+    return load_config("tiny", ["model.vision.depth=1", "model.text.depth=1"])
+
+
+def _model():
+    from reclip_ray.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(_cfg().model, vocab_size=64)
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)  # moderate logits: the test stays sensitive to gradient errors
+    return model
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        images = torch.randint(0, 256, (GLOBAL, 32, 32, 3), dtype=torch.uint8, generator=g)
+        tokens = torch.randint(3, 64, (GLOBAL, 8), generator=g)
+        tokens[::2, 6:] = 0  # some right padding
+        out.append((images, tokens))
+    return out
+
+
+def _run(model, rows: slice = slice(None), **step_kwargs) -> dict:
+    """``STEPS`` AdamW steps on ``rows`` of each global batch; per-step loss / grad norm, step-1 grads, end params."""
+    from reclip_ray.schedule import build_optimizer
+
+    core = getattr(model, "module", model)
+    opt = build_optimizer(core, _cfg().optim)
+    losses, norms, grads = [], [], {}
+    for i, (images, tokens) in enumerate(_batches()):
+        out = train_step(model, opt, images[rows], tokens[rows], lr=LR, grad_clip=1.0, **step_kwargs)
+        losses.append(out["loss"])
+        norms.append(out["grad_norm"])
+        if i == 0:
+            grads = {n: p.grad.detach().clone() for n, p in core.named_parameters() if p.grad is not None}
+    params = {n: p.detach().clone() for n, p in core.named_parameters()}
+    return {"loss": losses, "grad_norm": norms, "grads": grads, "params": params}
+
+
+def _assert_same(got: dict, ref: dict, what: str) -> None:
+    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), what
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), what
+    assert got["grads"].keys() == ref["grads"].keys(), what
+    for name, g in got["grads"].items():
+        torch.testing.assert_close(g, ref["grads"][name], rtol=1e-4, atol=1e-7, msg=f"{what}: grad of {name}")
+    for name, p in got["params"].items():
+        torch.testing.assert_close(p, ref["params"][name], rtol=RTOL, atol=PARAM_ATOL, msg=f"{what}: {name}")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return _run(_model())
+
+
+def test_micro_batch_slices():
+    assert micro_batch_slices(10, 0) == [slice(0, 10)]
+    assert micro_batch_slices(10, 10) == micro_batch_slices(10, 64) == [slice(0, 10)]
+    assert micro_batch_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+def test_one_worker_micro_batches_equal_the_global_batch(reference):
+    got = _run(_model(), micro_batch=GLOBAL // 4)
+    _assert_same(got, reference, "1 worker, micro-batch global/4")
+    # The negatives matter: four independent quarter-batch losses are not the global loss (what exactness buys).
+    from reclip_ray.loss import contrastive_loss
+
+    model = _model()
+    images, tokens = _batches()[0]
+    from reclip_ray.model import normalize_images
+
+    with torch.no_grad():
+        img, txt, scale = model(normalize_images(images), tokens)
+        quarters = [contrastive_loss(img[sl], txt[sl], scale).item() for sl in micro_batch_slices(GLOBAL, 4)]
+    assert sum(quarters) / 4 != pytest.approx(reference["loss"][0], rel=1e-3)
+
+
+def test_micro_batch_at_least_the_local_batch_is_the_plain_step_bit_for_bit(reference):
+    got = _run(_model(), micro_batch=GLOBAL)
+    assert got["loss"] == reference["loss"]
+    assert all(torch.equal(p, reference["params"][n]) for n, p in got["params"].items())
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, sizes, micro, local_loss in RANK_CASES:
+        ddp = DDP(_model(), find_unused_parameters=False)  # as the trainer wraps it (ray.train.torch.prepare_model)
+        start = sum(sizes[:rank])
+        results[name] = _run(ddp, slice(start, start + sizes[rank]), micro_batch=micro, local_loss=local_loss,
+                             gather_with_grad=True, local_batch_sizes=sizes)
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_path, reference):
+    out = str(tmp_path / "out.pt")
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    results = torch.load(out, weights_only=False)
+    for name, *_ in RANK_CASES:
+        _assert_same(results[name], reference, name)
+
+
+def test_local_loss_setting():
+    assert local_loss_enabled("auto", 1) is False and local_loss_enabled("auto", 2) is True
+    assert local_loss_enabled("true", 1) is True and local_loss_enabled(False, 8) is False
+    with pytest.raises(ValueError, match="local_loss"):
+        local_loss_enabled("sometimes", 2)
+
+
+def test_config_keys_and_one_line_errors():
+    cfg = load_config("tiny")
+    assert (cfg.train.local_loss, cfg.train.micro_batch_size, cfg.train.compile) == ("auto", 0, False)
+    cfg = load_config("tiny", ["train.local_loss=false", "train.micro_batch_size=32", "train.compile=true"])
+    assert (cfg.train.local_loss, cfg.train.micro_batch_size, cfg.train.compile) == ("false", 32, True)
+    assert load_config("tiny", ["train.local_loss=true"]).train.local_loss == "true"
+    for override, key in [("train.micro_batch_size=-1", "train.micro_batch_size"),
+                          ("train.micro_batch_size=2.5", "train.micro_batch_size"),
+                          ("train.local_loss=maybe", "train.local_loss"),
+                          ("train.compile=fast", "train.compile")]:
+        with pytest.raises(ConfigError, match=key) as info:
+            load_config("tiny", [override])
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_and_compiles_once_per_resolution():
+    """``train.compile``: the same numbers as eager; one compile per resolution, reused when a resolution comes back
+    (timm's position-embedding resample keeps the image size static), and batch size and text length turn dynamic
+    at their first change (a phase's short last step). About 3 minutes on 2 loaded CPU cores with a cold cache."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.step import compile_model
+
+    torch._dynamo.reset()
+    ref = _run(_model())
+    model = compile_model(_model())
+    got = _run(model)  # 32 px, batch 16, 8 tokens
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    for name, p in got["params"].items():
+        torch.testing.assert_close(p, ref["params"][name], rtol=1e-4, atol=PARAM_ATOL, msg=name)
+
+    opt = build_optimizer(model, _cfg().optim)
+    graphs = [int(counters["stats"]["unique_graphs"])]
+    shapes = [(64, 16, 8), (48, 16, 8), (64, 16, 8), (32, 16, 8), (48, 8, 8), (48, 5, 8), (48, 5, 12), (48, 7, 10)]
+    for px, n, length in shapes:
+        images = torch.randint(0, 256, (n, px, px, 3), dtype=torch.uint8)
+        train_step(model, opt, images, torch.randint(3, 64, (n, length)), lr=LR)
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+    new = [b - a for a, b in zip(graphs, graphs[1:])]
+    #     64 px, 48 px, 64 again, 32 again, batch 8, batch 5, 12 tokens, batch 7 + 10 tokens
+    assert new == [1, 1, 0, 0, 1, 0, 1, 0], list(zip(shapes, new))

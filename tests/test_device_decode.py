@@ -1,0 +1,113 @@
+"""``data.decode_device=cuda``: the CPU side (bytes + crop boxes) and the device side, run here on the CPU device.
+
+The CUDA run of the same function is ``tests/test_gpu.py::test_device_decode_on_cuda_matches_cpu``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reclip_ray.config import ConfigError, load_config
+from reclip_ray.data.device_decode import decode_on_device
+from reclip_ray.data.feed import PhaseFeed
+from reclip_ray.data.pipeline import decode_batch
+from reclip_ray.data.stream import BAD, OK
+from reclip_ray.data.tokenizer import train_tokenizer
+
+
+def _photo(rng: np.random.Generator, w: int, h: int, fmt: str = "JPEG") -> bytes:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, 3) * (xx / w)[..., None] + rng.uniform(0, 255, 3) * (yy / h)[..., None] * 0.5
+    img = np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        img[y0 : y0 + h // 4, x0 : x0 + w // 5] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("captions")
+    pq.write_table(pa.table({"caption": [f"a photo of thing {i}" for i in range(50)]}), folder / "c.parquet")
+    return train_tokenizer(str(folder), vocab_size=300).to_json()
+
+
+def _batch(images: list[bytes]) -> dict[str, np.ndarray]:
+    n = len(images)
+    return {"image": np.asarray(images, dtype=object), "caption": np.asarray([f"a photo of thing {i}" for i in range(n)], dtype=object),
+            "key": np.asarray([f"k{i}" for i in range(n)], dtype=object), "_marker": np.zeros(n, bool),
+            "_pass": np.zeros(n, np.int32), "_pos": np.arange(n), "_unit": np.zeros(n, np.int64),
+            "_unit_rows": np.full(n, n, np.int32), "_unit_absent": np.zeros(n, np.int32),
+            "_file": np.asarray(["f.parquet"] * n, dtype=object), "_row": np.arange(n)}
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_device_path_gives_the_cpu_path_crops(size, tokenizer_json):
+    rng = np.random.default_rng(0)
+    images = [_photo(rng, int(rng.integers(300, 600)), int(rng.integers(300, 600))) for _ in range(10)]
+    images += [_photo(rng, 320, 240, "PNG"), _photo(rng, 260, 300, "WEBP")]  # not for nvJPEG: re-encoded on the CPU
+    kw = dict(image_size=size, text_length=8, tokenizer_json=tokenizer_json, train=True, seed=5)
+    cpu = decode_batch(_batch(images), **kw)
+    dev = decode_batch(_batch(images), **kw, on_device=True)
+    assert "image" not in dev and dev["jpeg"].shape == (12,) and dev["box"].shape == (12, 4)
+    assert np.array_equal(dev["tokens"], cpu["tokens"]) and np.array_equal(dev["_ok"], cpu["_ok"])
+    assert dev["jpeg"][0] == images[0]  # a JPEG travels as it is ...
+    assert Image.open(io.BytesIO(dev["jpeg"][10])).size == (size, size)  # ... a PNG as a JPEG of its crop
+    pixels, stats = decode_on_device(dev["jpeg"], dev["box"], size, "cpu")
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (12, size, size, 3)
+    assert stats == {"fallback": 0, "failed": 0}
+    diff = np.abs(pixels.numpy().astype(np.float32) - cpu["image"].astype(np.float32)).mean(axis=(1, 2, 3))
+    # The same crop box; only the resampling differs (PIL's draft-mode DCT scaling + its bicubic vs torch's).
+    assert diff.mean() < 2.0 and diff.max() < 4.0, diff  # measured: 0.9 and 2.3 levels of 255
+    assert diff[10:].max() < 3.0  # the re-encoded PNG/WebP crops: quality-95 JPEG error only
+
+
+def test_bad_rows_are_flagged_before_the_device_and_undecodable_ones_are_counted(tokenizer_json):
+    rng = np.random.default_rng(1)
+    good = [_photo(rng, 200, 160) for _ in range(3)]
+    broken_tail = good[0][:200] + b"\x00" * 50  # a valid header whose data is gone: passes the header check
+    images = [good[0], b"<html>404</html>", good[1], broken_tail, good[2]]
+    dev = decode_batch(_batch(images), image_size=32, text_length=8, tokenizer_json=tokenizer_json, train=False,
+                       seed=0, on_device=True)
+    assert dev["_ok"].tolist() == [OK, BAD, OK, OK, OK]
+    assert "cannot identify image" in dev["_bad"][1] and dev["jpeg"][1] == b""
+    keep = dev["_ok"] == OK
+    pixels, stats = decode_on_device(dev["jpeg"][keep], dev["box"][keep], 32, "cpu")
+    cpu = decode_batch(_batch(good), image_size=32, text_length=8, tokenizer_json=tokenizer_json, train=False, seed=0)
+    # The broken row decodes on neither decoder: it trains black and is counted; the batch's other rows are intact.
+    assert stats["failed"] + stats["fallback"] >= 1
+    if stats["failed"]:
+        assert pixels[2].sum() == 0
+    for i, j in ((0, 0), (1, 1), (3, 2)):
+        assert np.abs(pixels[i].numpy().astype(float) - cpu["image"][j].astype(float)).mean() < 6.0
+
+
+def test_the_feed_serves_bytes_and_boxes_with_their_positions(tokenizer_json):
+    rng = np.random.default_rng(2)
+    images = [_photo(rng, 120, 100) for _ in range(6)]
+    block = decode_batch(_batch(images), image_size=32, text_length=8, tokenizer_json=tokenizer_json, train=True,
+                         seed=0, on_device=True)
+    feed = PhaseFeed(iter([block]), buffer_rows=0, seed=0)
+    out = feed.take(6)
+    order = out["_pos"]
+    assert sorted(order.tolist()) == list(range(6))
+    assert [bytes(b) for b in out["jpeg"]] == [images[p] for p in order]
+    assert np.array_equal(out["box"], block["box"][order])
+
+
+def test_decode_device_is_validated():
+    with pytest.raises(ConfigError, match="'data.decode_device' must be cpu or cuda"):
+        load_config("tiny", ["data.decode_device=gpu"])
+    with pytest.raises(ConfigError, match="scaling.use_gpu=false"):
+        load_config("tiny", ["data.decode_device=cuda", "scaling.use_gpu=false"])
+    assert load_config("tiny", ["data.decode_device=cuda"]).data.decode_device == "cuda"

@@ -1,0 +1,223 @@
+"""Evaluation sharded over ranks (``evaluate_dataset(rank=, world_size=)``) gives single-rank numbers.
+
+Two processes with torch.distributed's gloo backend, started by torch.multiprocessing (no Ray): each evaluates its
+slice of the rows, the features are gathered, the metrics are computed once. Every job below is evaluated once in
+this process (one rank, the reference) and once by the two ranks; both ranks must return the reference's dict.
+The stub model's features are table lookups, so those numbers must match exactly; the real tiny CLIP encodes its
+slices in other batches than one rank would, so its numbers are compared to 1e-6.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from reclip_ray.data.schema import ColumnMap
+from reclip_ray.errors import ReclipError
+from reclip_ray.evaluate import evaluate_dataset
+from test_eval_layouts import (COCO_META, StubTokenizer, coco_rows, img2dataset_rows, noisy_model, perfect_model,
+                               swapped_model, write_set)
+
+WORLD = 2
+
+
+# ------------------------------------------------------------------------------------------------ the jobs
+
+
+def _model(job: dict) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) of a job, built the same way in every process."""
+    if job["model"] == "tiny":
+        from reclip_ray.config import load_config
+        from reclip_ray.data.tokenizer import load_tokenizer
+        from reclip_ray.model import build_model
+
+        tok = load_tokenizer(job["tokenizer"])
+        torch.manual_seed(0)
+        model = build_model(load_config("tiny").model, tokenizer=tok)
+        return model, tok
+    return {"noisy": noisy_model, "perfect": perfect_model, "swapped": swapped_model}[job["model"]](), StubTokenizer()
+
+
+def run_job(job: dict, rank: int = 0, world_size: int = 1) -> dict:
+    """The job's metrics, or {"error": message} for an evaluation that raises a ReclipError."""
+    model, tok = _model(job)
+    try:
+        return evaluate_dataset(model, tok, job["path"], image_size=job.get("image_size", 32),
+                                text_length=job.get("text_length", 8), batch_size=job.get("batch_size", 7),
+                                columns=ColumnMap(**job.get("columns", {})), rank=rank, world_size=world_size)
+    except ReclipError as exc:
+        return {"error": str(exc)}
+
+
+def _rank_main(rank: int, init_file: str, jobs_file: str, out_dir: str) -> None:
+    """One rank: join the gloo group, run every job, write the results (and a direct check of gather_rows)."""
+    import torch.distributed as dist
+
+    from reclip_ray.evaluate import gather_rows
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        jobs = json.loads(Path(jobs_file).read_text())
+        results = {name: run_job(job, rank, WORLD) for name, job in jobs.items()}
+        # uneven rows, and a rank without any: rank 0 sends 3 rows, rank 1 none
+        mine = torch.arange(6, dtype=torch.float32).view(3, 2) if rank == 0 else None
+        gathered = gather_rows(mine, WORLD, "cpu")
+        results["_gather_rows"] = [t.tolist() for t in gathered]
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _odd(rows: list[dict]) -> list[dict]:
+    assert len(rows) % 2 == 0
+    return rows[:-1]
+
+
+def _tiny_eval_set(synth_dir: Path, out: Path, n_rows: int = 101, shards: int = 3) -> str:
+    """``n_rows`` rows of the synthetic eval set in ``shards`` files (row groups of 16), with its dataset.json."""
+    table = pq.read_table(next((synth_dir / "eval").glob("*.parquet"))).slice(0, n_rows)
+    out.mkdir(parents=True)
+    per = -(-n_rows // shards)
+    for s in range(shards):
+        pq.write_table(table.slice(s * per, per), out / f"part-{s:05d}.parquet", row_group_size=16)
+    (out / "dataset.json").write_text((synth_dir / "eval" / "dataset.json").read_text())
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, synth_dir, tokenizer_path) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("sharded")
+    out: dict[str, dict] = {}
+    # COCO layout, 8 images x 5 captions shuffled over 2 shards: an image's rows sit in both ranks' slices.
+    coco = write_set(root / "coco_id", coco_rows(True), meta=COCO_META)
+    out["coco_image_id_noisy"] = {"path": coco, "model": "noisy"}
+    out["coco_image_id_swapped"] = {"path": coco, "model": "swapped"}
+    out["coco_bytes_noisy"] = {"path": write_set(root / "coco_bytes", coco_rows(False), meta=COCO_META),
+                               "model": "noisy"}
+    # 39 rows: the slices are 19 and 20 rows
+    out["coco_odd_rows"] = {"path": write_set(root / "coco_odd", _odd(coco_rows(True)), shards=3, meta=COCO_META),
+                            "model": "noisy", "batch_size": 4}
+    # img2dataset: absent rows (failed downloads) and a bad row are counted the same
+    out["img2dataset"] = {"path": write_set(root / "i2d", img2dataset_rows(), shards=1), "model": "noisy",
+                          "columns": {"image": "jpg", "caption": "txt"}}
+    # one row: rank 0's slice is empty
+    out["one_row"] = {"path": write_set(root / "one", coco_rows(True)[:1], shards=1, meta=COCO_META),
+                      "model": "perfect"}
+    # rows of one image (in different slices) disagree on the label: the same one-line error as one rank's
+    rows = coco_rows(True)
+    rows[3]["label"] = (rows[3]["label"] + 1) % 3
+    out["labels_disagree"] = {"path": write_set(root / "disagree", rows, meta=COCO_META), "model": "noisy"}
+    # a null label: the same error, naming the same file and key
+    schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
+                        ("label", pa.int32()), ("image_id", pa.int64())])
+    rows = coco_rows(True)
+    rows[-1]["label"] = None
+    out["null_label"] = {"path": write_set(root / "null", rows, shards=1, meta=COCO_META, schema=schema),
+                         "model": "noisy"}
+    # the real tiny CLIP on 101 rows of the synthetic eval set (3 label sets, captions), 3 shards
+    out["tiny_clip_101_rows"] = {"path": _tiny_eval_set(synth_dir, root / "synth101"), "model": "tiny",
+                                 "tokenizer": str(tokenizer_path), "image_size": 32, "text_length": 16,
+                                 "batch_size": 16}
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_results(jobs) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="reclip-sharded-") as tmp:
+        jobs_file = Path(tmp, "jobs.json")
+        jobs_file.write_text(json.dumps(jobs))
+        init_file = Path(tmp, "init")
+        env = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            mp.spawn(_rank_main, args=(str(init_file), str(jobs_file), tmp), nprocs=WORLD, join=True)
+        finally:
+            if env is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+EXACT = ["coco_image_id_noisy", "coco_image_id_swapped", "coco_bytes_noisy", "coco_odd_rows", "img2dataset",
+         "one_row", "labels_disagree", "null_label"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_two_ranks_equal_one_rank_exactly(name, jobs, sharded_results):
+    reference = run_job(jobs[name])
+    for rank, results in enumerate(sharded_results):
+        assert results[name] == reference, (name, rank)
+
+
+def test_the_jobs_cover_what_they_claim(jobs):
+    """The reference numbers are not trivial and the layouts are what the test names say (teeth for the above)."""
+    m = run_job(jobs["coco_image_id_noisy"])
+    assert (m["rows"], m["images"], m["captions"]) == (40, 8, 40)
+    assert 0 < m["text_to_image_r@1"] < 1 and 0 < m["image_to_text_r@1"] < 1
+    assert run_job(jobs["coco_odd_rows"])["rows"] == 39
+    i2d = run_job(jobs["img2dataset"])
+    assert i2d["absent_rows"] == 2 and i2d["bad_rows"] == 1
+    assert run_job(jobs["one_row"])["images"] == 1
+    assert "disagree on 'label'" in run_job(jobs["labels_disagree"])["error"]
+    assert "null label" in run_job(jobs["null_label"])["error"]
+
+
+def test_tiny_clip_two_ranks_match_one_rank(jobs, sharded_results):
+    reference = run_job(jobs["tiny_clip_101_rows"])
+    assert reference["rows"] == 101 and {"colour/top1", "shape/top1", "image_to_text_r@1"} <= set(reference)
+    for results in sharded_results:
+        got = results["tiny_clip_101_rows"]
+        assert set(got) == set(reference)
+        for key, value in reference.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_gather_rows_uneven_and_empty(sharded_results):
+    for results in sharded_results:
+        assert results["_gather_rows"] == [[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], []]
+
+
+def test_row_range_reads_only_its_rows(tmp_path):
+    """The slices of ``iter_local_batches(row_range=)`` partition the rows, keys and bad-row positions unchanged."""
+    from reclip_ray.data.local import BadRowCount, iter_local_batches
+
+    rows = [dict(r) for r in img2dataset_rows() * 3]
+    for i, r in enumerate(rows):
+        r["key"] = f"{i:03d}"
+    path = write_set(tmp_path / "d", rows, shards=2)
+    files = sorted(Path(path).glob("*.parquet"))
+    for f in files:  # small row groups, so a slice starts inside one
+        pq.write_table(pq.read_table(f), f, row_group_size=5)
+    kw = dict(image_size=32, text_length=8, tokenizer=StubTokenizer(), batch_size=4,
+              columns=ColumnMap(image="jpg", caption="txt"), require_caption=False)
+    whole = BadRowCount()
+    keys = [k for b in iter_local_batches(path, bad_rows=whole, **kw) for k in b["key"]]
+    n = len(rows)
+    parts, counts = [], []
+    for lo, hi in ((0, 7), (7, 7), (7, 13), (13, n)):
+        c = BadRowCount()
+        parts += [k for b in iter_local_batches(path, bad_rows=c, row_range=(lo, hi), **kw) for k in b["key"]]
+        counts.append(c)
+    assert parts == keys
+    assert sum(c.absent for c in counts) == whole.absent and sum(c.bad for c in counts) == whole.bad > 0
+    assert sorted(e["row"] for c in counts for e in c.examples) == sorted(e["row"] for e in whole.examples)
+    assert sum(c.seen for c in counts) == whole.seen

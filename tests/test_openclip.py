@@ -1,0 +1,417 @@
+"""Speak open_clip (issue 15): the CLIP tokenizer, the open_clip export, ``model.init_from`` and evaluation of an
+export. No Ray, nothing downloaded: every open_clip model here is built with random weights.
+
+Models get seeded noise on every parameter before they are compared: a fresh init has zero biases and unit
+LayerNorm weights, so a mapping that dropped or swapped those would still look exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from reclip_ray.config import ConfigError, load_config  # noqa: E402
+from reclip_ray.data.tokenizer import load_tokenizer  # noqa: E402
+from reclip_ray.errors import CheckpointError, DataError  # noqa: E402
+from reclip_ray.model import build_model  # noqa: E402
+
+TOL = 1e-4  # the issue's bound on |reclip-ray - open_clip| after normalisation, fp32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clip_cache(tmp_path_factory):
+    """The converted CLIP tokenizer goes to a per-module cache, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def clip_tok():
+    return load_tokenizer("clip")
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.02, vectors_only: bool = False) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if vectors_only and p.ndim > 1 and p.shape[0] > 1:
+                continue
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def make_model(preset: str, tok, *, pool: str = "cls", seed: int = 0, vectors_only: bool = False):
+    cfg = load_config(preset, [f"model.vision.pool={pool}"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, tokenizer=tok).eval()
+    perturb(model, seed, vectors_only=vectors_only)
+    return model, cfg
+
+
+def load_open_clip(folder: Path, caplog) -> torch.nn.Module:
+    """create_model_and_transforms on the folder, failing on any warning or log line about keys."""
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    noise = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in noise if "missing" in m.lower() or "unexpected" in m.lower()], noise
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------- 1. tokenizer
+
+WORDS = ("a photo of the cat dog on left right red blue green circle square striped dotted big small two three "
+         "sitting beside under over").split()
+ODD = [
+    "café", "naïve", "Ångström", "façade", "ΟΔΟΣ", "σοφία", "İstanbul", "straße", "ẞIG", "Москва", "日本語",
+    "北京の夜", "مرحبا", "😀", "👍🏽", "🇫🇷", "“quoted”", "it’s", "‘single’", "&amp;", "&quot;hi&quot;", "&#39;",
+    "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp;", "ﬁne", "ＡＢＣ１２３", "Ã©tÃ©", "x\u200by", "non\u00a0breaking",
+    "snake_case", "https://example.com/a_b?c=1&d=2", "me@example.org", "#hashtag", "@user", "3.14", "1,000",
+    "1990s", "--", "...", "!!!", "?!", "(paren)", "[bracket]", "{brace}", "a/b", "50%", "$9.99", "C++", "e.g.",
+    "IT'S", "they're", "we'll", "I'M", "you'd", "o'clock", "rock'n'roll", "TAB\tTAB", "new\nline", "<end_of_text>",
+    "<start_of_text>", "ＨＥＬＬＯ", "Ω≈ç√∫", "™®©", "naïve—dash", "x–y", "½", "²", "Ⅻ", "ǅ", "ﬀ",
+]
+
+
+def captions(n: int = 1200, seed: int = 0) -> list[str]:
+    """Varied captions: plain, capitalised, punctuated, unicode-heavy, HTML-escaped, and long (cut at 16 and 77)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.choice([1, 2, 4, 8, 12, 20, 40, 90]) if i % 7 else rng.randint(60, 150)
+        words = []
+        for _ in range(length):
+            r = rng.random()
+            w = rng.choice(ODD) if r < 0.3 else rng.choice(WORDS)
+            if rng.random() < 0.2:
+                w = w.upper() if rng.random() < 0.5 else w.capitalize()
+            if rng.random() < 0.15:
+                w += rng.choice(",.!?;:")
+            words.append(w)
+        sep = rng.choice([" ", " ", "  ", "\t", " \n "])
+        out.append(rng.choice(["", " ", "\n"]) + sep.join(words) + rng.choice(["", " ", "."]))
+    out += ["", " ", "a", "A.", "x" * 400, "word " * 200]
+    return out
+
+
+def test_clip_tokenizer_matches_open_clip_tokenize(clip_tok):
+    caps = captions()
+    assert len(caps) >= 1000
+    assert (clip_tok.vocab_size, clip_tok.pad_id, clip_tok.sot_id, clip_tok.eot_id) == (49408, 0, 49406, 49407)
+    for length in (16, 77):
+        ours = clip_tok.encode(caps, length)
+        ref = open_clip.tokenize(caps, context_length=length).numpy()
+        bad = [caps[i] for i in np.flatnonzero((ours != ref).any(axis=1))]
+        assert not bad, f"{len(bad)} captions differ at length {length}, e.g. {bad[:3]!r}"
+    cut = clip_tok.encode(["word " * 200], 16)[0]
+    assert cut[0] == 49406 and cut[-1] == 49407  # truncation keeps the end token
+
+
+def test_clip_tokenizer_is_a_tokenizers_json_converted_once(tmp_path, clip_tok):
+    from reclip_ray.data.clip_bpe import clip_tokenizer_file
+    from reclip_ray.data.tokenizer import CaptionTokenizer
+
+    path = clip_tokenizer_file(tmp_path)
+    stamp = path.stat().st_mtime_ns
+    assert clip_tokenizer_file(tmp_path) == path and path.stat().st_mtime_ns == stamp  # not converted again
+    # The JSON text alone (what Ray workers get) tokenizes the same.
+    again = CaptionTokenizer.from_json(path.read_text())
+    caps = captions(200, seed=1)
+    assert np.array_equal(again.encode(caps, 77), clip_tok.encode(caps, 77))
+    assert clip_tok.decode(clip_tok.encode(["A red circle, on the left!"], 16)[0]) == "a red circle , on the left !"
+
+
+def test_clip_tokenizer_without_open_clip_is_one_line_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from reclip_ray.data import clip_bpe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing converted yet
+    with pytest.raises(DataError) as err:
+        load_tokenizer("clip")
+    message = str(err.value)
+    assert "\n" not in message and "pip install" in message and "openclip" in message
+    assert not (tmp_path / "reclip_ray").exists() or not list((tmp_path / "reclip_ray").iterdir())
+    assert clip_bpe.CLIP_NAME == "clip"
+
+
+def test_data_tokenizer_clip_builds_the_model_ids(clip_tok):
+    from reclip_ray.train.local import _tokenizer_for
+
+    cfg = load_config("tiny", ["data.tokenizer=clip"])
+    tok = _tokenizer_for(cfg, None)
+    model = build_model(cfg.model, tokenizer=tok)
+    t = model.cfg.text
+    assert (t.vocab_size, t.eot_id, t.pad_id) == (49408, 49407, 0)
+
+
+# --------------------------------------------------------------------------------------------------- 2. export
+
+
+def compare(model, oc, tok, size: int, length: int, n_images: int = 2) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(n_images, 3, size, size, generator=g)
+    caps = ["a photo of a cat", "Two “striped” squares &amp; a circle, on the LEFT!"]
+    tokens = torch.from_numpy(tok.encode(caps, length))
+    with torch.no_grad():
+        d_img = (model.encode_image(images) - oc.encode_image(images, normalize=True)).abs().max().item()
+        padded = torch.nn.functional.pad(tokens, (0, oc.context_length - length), value=tok.pad_id)
+        d_txt = (model.encode_text(tokens) - oc.encode_text(padded, normalize=True)).abs().max().item()
+    return d_img, d_txt
+
+
+@pytest.mark.parametrize("preset,pool,size", [("tiny", "cls", None), ("tiny", "avg", 32), ("vit-b-16", "cls", None)])
+def test_open_clip_export_loads_and_matches(tmp_path, clip_tok, caplog, preset, pool, size):
+    import reclip_ray
+
+    model, cfg = make_model(preset, clip_tok, pool=pool, vectors_only=preset != "tiny")
+    out = reclip_ray.export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip", image_size=size)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
+                                                     "open_clip_model.safetensors", "tokenizer.json"]
+    oc = load_open_clip(out, caplog)
+    size = size or cfg.phases[-1].image_size
+    assert tuple(oc.visual.image_size) == (size, size)
+    length = cfg.phases[-1].text_length
+    d_img, d_txt = compare(model, oc, clip_tok, size, length)
+    print(f"{preset}/{pool}/{size}px: max |diff| image {d_img:.2e}, text {d_txt:.2e}")
+    assert d_img < TOL and d_txt < TOL
+    # open_clip's own tokenizer for the folder gives our ids.
+    oc_tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    caps = captions(50, seed=2)
+    ctx = cfg.model.text.context_length
+    assert np.array_equal(oc_tok(caps).numpy(), clip_tok.encode(caps, ctx))
+    assert "open_clip.get_tokenizer" in (out / "README.md").read_text()
+
+
+def test_open_clip_export_with_project_tokenizer(tmp_path, tokenizer_path, caplog):
+    from reclip_ray.openclip import export_open_clip
+
+    tok = load_tokenizer(tokenizer_path)
+    model, cfg = make_model("tiny", tok, seed=3)
+    out = export_open_clip(model, tok, cfg, tmp_path / "oc")
+    doc = json.loads((out / "open_clip_config.json").read_text())
+    assert doc["model_cfg"]["text_cfg"]["pool_type"] == "eos" and doc["model_cfg"]["text_cfg"]["eos_id"] == tok.eot_id
+    oc = load_open_clip(out, caplog)
+    d_img, d_txt = compare(model, oc, tok, 64, 16)
+    assert d_img < TOL and d_txt < TOL
+    readme = (out / "README.md").read_text()
+    assert "load_tokenizer" in readme and f"eot={tok.eot_id}" in readme and "not open_clip.get_tokenizer" in readme
+
+
+def test_mapping_covers_every_weight_both_ways(clip_tok):
+    """Every reclip-ray weight has exactly one open_clip name (the key set open_clip's CLIP has), and back."""
+    from reclip_ray.openclip import from_open_clip_state, open_clip_model_cfg, to_open_clip_state
+
+    for pool in ("cls", "avg"):
+        model, _ = make_model("tiny", clip_tok, pool=pool)
+        theirs = to_open_clip_state(model, 64)
+        oc = open_clip.CLIP(**open_clip_model_cfg(model, 64))
+        assert set(theirs) == set(oc.state_dict())
+        assert all(theirs[k].shape == v.shape for k, v in oc.state_dict().items())
+        back, unused = from_open_clip_state(theirs, pool=pool)
+        ours = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.norm." if pool == "avg"
+                                                                                   else "visual.fc_norm.")}
+        assert not unused and set(back) == set(ours)
+        assert all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_patch_embed_bias_is_folded_exactly(tmp_path):
+    """A timm ViT whose patch embedding has a bias computes the same features once loaded (bias -> positions)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from reclip_ray.init_weights import init_from
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, num_classes=0,
+                            pre_norm=True).eval()
+    old = vit.patch_embed.proj
+    vit.patch_embed.proj = torch.nn.Conv2d(3, 128, 8, 8, bias=True)
+    with torch.no_grad():
+        vit.patch_embed.proj.weight.copy_(old.weight)
+    perturb(vit, 4)
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    assert "patch_embed.proj.bias" in state
+    model = build_model(load_config("tiny").model, vocab_size=100, eot_id=2, pad_id=0).eval()
+    torch.save(state, tmp_path / "vit.pth")
+    line = init_from(model, tmp_path / "vit.pth")
+    assert "(timm)" in line and "missing" in line
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.visual(x) - vit(x)).abs().max().item() < 1e-5
+
+
+def test_cli_export(tmp_path, clip_tok, capsys):
+    from reclip_ray.cli import main
+    from reclip_ray.export import export_model
+
+    model, cfg = make_model("tiny", clip_tok)
+    src = export_model(model, clip_tok, cfg, tmp_path / "model")
+    assert main(["export", str(src), "--format", "open_clip", "--out", str(tmp_path / "oc"), "--image-size", "48"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["image_size"] == 48 and printed["tokenizer"] == "clip"
+    assert (tmp_path / "oc" / "open_clip_model.safetensors").is_file()
+    assert main(["export", str(src), "--out", str(tmp_path / "bad"), "--image-size", "50"]) == 2  # not 8k
+    assert "multiple of the model's patch size" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- 3. init_from
+
+
+def random_open_clip(seed: int = 1) -> tuple[torch.nn.Module, dict]:
+    """A randomly initialised open_clip CLIP shaped like `tiny` but on a 96 px grid with a 40-token context."""
+    cfg = dict(embed_dim=128,
+               vision_cfg=dict(image_size=96, patch_size=8, width=128, layers=4, head_width=32,
+                               norm_kwargs={"eps": 1e-6}),
+               text_cfg=dict(context_length=40, vocab_size=49408, width=128, heads=4, layers=3))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg).eval()
+    perturb(model, seed)
+    return model, cfg
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+def test_init_from_open_clip_checkpoint(tmp_path, clip_tok, suffix):
+    from safetensors.torch import save_file
+
+    from reclip_ray.init_weights import init_from
+
+    oc, oc_cfg = random_open_clip()
+    path = tmp_path / f"open_clip{suffix}"
+    state = {k: v.contiguous() for k, v in oc.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    elif suffix == ".bin":
+        torch.save(state, path)
+    else:  # a training checkpoint: wrapped, saved from DDP
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model, _ = make_model("tiny", clip_tok, seed=5)
+    line = init_from(model, path)
+    assert "\n" not in line and "(open_clip)" in line
+    n = len(model.state_dict())
+    assert f"loaded {n}/{n}" in line and "missing 0" in line and "unexpected 0" in line
+    assert "visual.pos_embed 12x12->8x8" in line and "text.positional_embedding 40->32" in line
+    # Same features as open_clip's own model on the same grid (open_clip resizes its grid the same way).
+    at64 = open_clip.CLIP(**{**oc_cfg, "vision_cfg": {**oc_cfg["vision_cfg"], "image_size": 64}}).eval()
+    sd = oc.state_dict()
+    open_clip.model.resize_pos_embed(sd, at64)
+    at64.load_state_dict(sd)
+    d_img, d_txt = compare(model.eval(), at64, clip_tok, 64, 32)
+    assert d_img < TOL and d_txt < TOL
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_init_from_open_clip_export_and_reclip_export(tmp_path, clip_tok, pool):
+    from reclip_ray.export import export_model
+    from reclip_ray.init_weights import init_from
+    from reclip_ray.openclip import export_open_clip
+
+    src, cfg = make_model("tiny", clip_tok, pool=pool, seed=6)
+    fresh, _ = make_model("tiny", clip_tok, pool=pool, seed=7)
+    line = init_from(fresh, export_model(src, clip_tok, cfg, tmp_path / "model"))
+    assert "(reclip-ray)" in line
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), src.state_dict().values()))
+    other, _ = make_model("tiny", clip_tok, pool=pool, seed=8)
+    line = init_from(other, export_open_clip(src, clip_tok, cfg, tmp_path / "oc"))  # a local-dir folder
+    assert "(open_clip)" in line and "unexpected 0" in line
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), src.state_dict().values()))
+
+
+def test_init_from_timm_vit_loads_the_image_tower_only(tmp_path):
+    import timm
+
+    from reclip_ray.init_weights import init_from
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)  # 192 wide, 12 deep, 3 heads
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    cfg = load_config("tiny", ["model.vision.patch_size=16", "model.vision.width=192", "model.vision.depth=12",
+                               "model.vision.heads=3", "model.vision.base_image_size=64"])
+    model = build_model(cfg.model, vocab_size=300, eot_id=2, pad_id=0)
+    before = model.text.token_embedding.weight.clone()
+    line = init_from(model, tmp_path / "vit.pth")
+    assert "(timm)" in line and "unexpected 2 (visual.head.weight, visual.head.bias)" in line
+    assert "text: " in line and "visual: 2" in line  # text tower and norm_pre (plain timm ViTs have none) missing
+    assert "visual.pos_embed 14x14->4x4" in line
+    assert torch.equal(model.visual.blocks[3].mlp.fc1.weight, vit.blocks[3].mlp.fc1.weight)
+    assert torch.equal(model.text.token_embedding.weight, before)
+    small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)  # 384 wide: nothing fits
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(CheckpointError, match="nothing in"):
+        init_from(model, tmp_path / "small.pth")
+
+
+def test_init_from_missing_path_is_a_config_error(tmp_path, synth_dir, tokenizer_path):
+    from reclip_ray.train.local import train_local
+
+    cfg = load_config("tiny", [f"model.init_from={tmp_path / 'nope.safetensors'}", f"data.train={synth_dir / 'train'}"])
+    with pytest.raises(ConfigError) as err:
+        train_local(cfg, tokenizer=tokenizer_path, max_steps=1, log=None)
+    assert "'model.init_from'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_init_from_in_train_local_logs_one_line(tmp_path, synth_dir, clip_tok):
+    from reclip_ray.openclip import export_open_clip
+    from reclip_ray.train.local import train_local
+
+    src, cfg = make_model("tiny", clip_tok, seed=9)
+    folder = export_open_clip(src, clip_tok, cfg, tmp_path / "oc", image_size=32)
+    lines: list[str] = []
+    run = load_config("tiny", ["data.tokenizer=clip", f"model.init_from={folder}", f"data.train={synth_dir / 'train'}",
+                               "train.batch_size=8", "model.vision.depth=4"])
+    train_local(run, max_steps=1, log=lines.append)
+    assert [ln for ln in lines if ln.startswith("init_from")] and "visual.pos_embed 4x4->8x8" in lines[0]
+
+
+def test_prepare_checks_init_from_only_for_a_fresh_run(tmp_path, synth_dir, tokenizer_path):
+    from reclip_ray.train.launch import CHECKPOINT_SNAPSHOT, prepare
+
+    def cfg(name: str):
+        return load_config("tiny", [f"run.name={name}", f"run.storage_path={tmp_path / 'runs'}",
+                                    f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                                    f"data.tokenizer={tokenizer_path}", f"tracking.uri={tmp_path / 'mlflow.db'}",
+                                    f"model.init_from={tmp_path / 'nope.pt'}"])
+
+    with pytest.raises(ConfigError, match="'model.init_from' not found"):
+        prepare(cfg("fresh"))
+    # With a checkpoint to resume from, the checkpoint wins and the (now missing) init_from is not needed.
+    run_dir = tmp_path / "runs" / "resumed"
+    (run_dir / "checkpoint_s1").mkdir(parents=True)
+    (run_dir / "checkpoint_s1" / "meta.json").write_text("{}")
+    (run_dir / CHECKPOINT_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result":
+                                                           {"checkpoint_dir_name": "checkpoint_s1"}}))
+    prepare(cfg("resumed"))
+
+
+# --------------------------------------------------------------------------------------------------- 4. evaluation
+
+
+@pytest.mark.parametrize("tokenizer", ["clip", "project"])
+def test_eval_open_clip_export_equals_reclip_model(tmp_path, synth_dir, tokenizer_path, clip_tok, tokenizer, capsys):
+    from reclip_ray.cli import main
+    from reclip_ray.evaluate import evaluate_checkpoint
+    from reclip_ray.export import export_model
+
+    tok = clip_tok if tokenizer == "clip" else load_tokenizer(tokenizer_path)
+    model, cfg = make_model("tiny", tok, seed=11)
+    perturb(model, 12, scale=0.3)  # far from init: zero-shot no longer puts every image in one class
+    ours = export_model(model, tok, cfg, tmp_path / "model")
+    theirs = export_model(model, tok, cfg, tmp_path / "oc", format="open_clip")
+    data = str(synth_dir / "eval")
+    a = evaluate_checkpoint(str(ours), data, batch_size=64, device="cpu")
+    assert main(["eval", "--checkpoint", str(theirs), "--data", data, "--batch-size", "64"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert (a["image_size"], a["text_length"]) == (b["image_size"], b["text_length"]) == (64, 32)
+    assert set(a["metrics"]) == set(b["metrics"]) and any("top1" in k for k in a["metrics"])
+    assert any("r@1" in k for k in a["metrics"])
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, abs=1e-9), key
