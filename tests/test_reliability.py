@@ -141,9 +141,18 @@ def _logged(db: Path, key: str):
 def test_worker_exception_restarts_from_the_last_checkpoint(ray_session, make_cfg, tmp_path):
     from reclip_ray.train.launch import run_training
 
-    # Rank 1 raises once at 704 samples (step 11, phase 0); the last checkpoint before it is at 512.
+    # Rank 1 raises once at 704 samples (step 11, phase 0); the last checkpoint before it is at 512. The run starts
+    # from exported weights (model.init_from): the fresh start loads them, the restart resumes its checkpoint instead.
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.export import export_model
+    from reclip_ray.model import build_model
+
+    first = make_cfg("exc", workers=2)
+    tok = load_tokenizer(first.data.tokenizer)
+    export_model(build_model(first.model, tokenizer=tok), tok, first, tmp_path / "start_weights")
     cfg = make_cfg("exc", workers=2, extra=["fault.fail_at_samples=704", "fault.fail_rank=1",
-                                             "checkpoint.every_samples=256", "eval.at_phase_end=false"])
+                                             "checkpoint.every_samples=256", "eval.at_phase_end=false",
+                                             f"model.init_from={tmp_path / 'start_weights'}"])
     metrics = run_training(cfg)
 
     assert metrics["samples"] == cfg.train.samples == 1024
@@ -152,6 +161,8 @@ def test_worker_exception_restarts_from_the_last_checkpoint(ray_session, make_cf
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED" and run.info.run_id == metrics["mlflow_run_id"]
     assert run.data.metrics["restarts"] == 1
+    assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restart
+    assert run.data.tags["reclip.init_from"].startswith("init_from")
     _check_history(cfg, client, run, total_steps=16)
     _final_checkpoint_is_complete(cfg, metrics)
     print(f"\n[reliability] worker exception: recovery {_recovery_seconds(client, run.info.run_id, fault['time']):.1f} s")
@@ -311,6 +322,8 @@ def test_sigkill_of_a_training_worker_process(ray_session, make_cfg, tmp_path):
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["restarts"] == 1
+    assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restart
+    assert run.data.tags["reclip.init_from"].startswith("init_from")
     _check_history(cfg, client, run, total_steps=16)
     _final_checkpoint_is_complete(cfg, metrics)
     print(f"\n[reliability] SIGKILL of a worker: recovery {_recovery_seconds(client, run.info.run_id, killed_at):.1f} s")

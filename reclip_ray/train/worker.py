@@ -152,6 +152,9 @@ class _Worker:
             line = init_from(self.model, cfg.model.init_from)
             if self.rank == 0:
                 self.say(line)
+                # One point per application: a resumed run must add none (tests/test_reliability.py checks).
+                tracking.log_metrics(self.tracking_uri, self.state.mlflow_run_id, {"init_from_applied": 1}, step=0)
+                tracking.set_tags(self.tracking_uri, self.state.mlflow_run_id, {"reclip.init_from": line[:5000]})
         self.run_id = self.state.mlflow_run_id
         # Every start of a worker group after the first is a restart, with or without a checkpoint to resume from
         # (MLflow remembers the count, so a restart before the first checkpoint still shows).
