@@ -207,8 +207,22 @@ def _param_key(key: str) -> str:
 # ------------------------------------------------------------------------------------------ the compute axis
 
 TIME_ATTR = "gflops_total"  # the training GFLOPs spent, in every report of the worker (worker._Worker.report)
-CURRENT = "eval/current/"  # the worker's metrics at the resolution the trial is training at (worker._current_view)
+CURRENT = "eval/current/"  # the worker's metrics at the resolution the trial is training at (current_view)
 FULL = "eval/full/"
+
+
+def current_view(image_size: int, eval_metrics: dict[str, float]) -> dict[str, float]:
+    """A phase's metrics at its own resolution again under ``eval/current/...``: what ASHA compares mid-run
+    (``asha_metric``), whatever resolution each trial is training at. The worker adds it to its Tune reports."""
+    own = f"eval/{image_size}px/"
+    return {CURRENT + k[len(own):]: v for k, v in eval_metrics.items() if k.startswith(own)}
+
+
+def full_view(full_image_size: int, eval_metrics: dict[str, float]) -> dict[str, float]:
+    """The full-resolution metrics again under ``eval/full/...``: one name for a sweep's metric, whatever each
+    trial's full size is."""
+    full = f"eval/{full_image_size}px/"
+    return {FULL + k[len(full):]: v for k, v in eval_metrics.items() if k.startswith(full)}
 
 
 def asha_metric(space: Space) -> str:

@@ -3,14 +3,23 @@
 The driver owns the run's lifecycle (create or reopen, end FINISHED/FAILED/KILLED); rank 0 of the worker group logs
 per-step metrics into the same run by id. Nothing here relies on MLflow's "active run" (a thread-local that Ray
 workers do not share), so every call names the run explicitly.
+
+A local store (the default ``sqlite:///<cwd>/mlflow.db``, or any SQLite file) is a file on the driver's machine.
+On a multi-node cluster rank 0 usually runs on another node, where that path is another, empty file (and the model
+artifact would land in that node's ``mlartifacts``): the run's metrics would silently go elsewhere. So for a local
+store the launcher starts a ``TrackingRelay`` actor on the driver's node and the workers send their MLflow calls
+to it (``use_relay``): the calls below marked ``@_relayed`` run in the relay, artifacts travel as bytes. About one
+call per log window, so the relay is never a bottleneck. A server URI (``http://...``) is written directly.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from reclip_ray.config import Config
 
@@ -33,6 +42,82 @@ def resolve_tracking_uri(uri: str = "") -> str:
     if "://" not in uri:  # a bare path to a database file
         return f"sqlite:///{Path(uri).resolve()}"
     return uri
+
+
+# ------------------------------------------------------------------------------------------------ relay
+
+_RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    """A store that is a file on one machine (SQLite, a file: URI, a bare path), not a server every node reaches."""
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
+def use_relay(relay: Any) -> None:
+    """In this process, send the ``@_relayed`` calls to ``relay`` (a TrackingRelay actor handle); None: direct."""
+    global _RELAY
+    _RELAY = relay
+
+
+def _relayed(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _RELAY is None:
+            return fn(*args, **kwargs)
+        import ray
+
+        return ray.get(_RELAY.call.remote(fn.__name__, args, kwargs))
+
+    return call
+
+
+def _read_files(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+class TrackingRelay:
+    """Runs MLflow calls for the workers on the driver's node (see the module docstring). Stateless apart from a
+    call count, so a restarted relay (``max_restarts``) loses nothing."""
+
+    def __init__(self) -> None:
+        import ray
+
+        use_relay(None)  # this process talks to MLflow itself
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.calls = 0
+
+    def call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        self.calls += 1
+        fn = globals()[name]
+        return getattr(fn, "__wrapped__", fn)(*args, **kwargs)
+
+    def call_with_files(self, name: str, args: tuple, files: dict[str, bytes], single: bool, kwargs: dict) -> None:
+        """``log_artifact(s)``: the worker's files, rewritten here, then logged from the driver's node."""
+        self.calls += 1
+        with tempfile.TemporaryDirectory(prefix="reclip-relay-") as tmp:
+            for rel, data in files.items():
+                target = Path(tmp) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            local = Path(tmp) / next(iter(files)) if single else Path(tmp)
+            globals()[name](args[0], args[1], local, *args[3:], **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "calls": self.calls}
+
+
+def start_relay(name: str) -> Any:
+    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(TrackingRelay).options(
+        name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -113,6 +198,7 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> Non
         c.log_batch(run_id, params=items[i : i + 100])
 
 
+@_relayed
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
@@ -123,6 +209,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], st
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+@_relayed
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -131,19 +218,33 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    if _RELAY is not None:  # the files are on this node: send their bytes to the driver's node
+        import ray
+
+        ray.get(_RELAY.call_with_files.remote("log_artifacts", (tracking_uri, run_id, None, artifact_path),
+                                              _read_files(Path(local_dir)), False, {}))
+        return
     client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+    if _RELAY is not None:
+        import ray
+
+        ray.get(_RELAY.call_with_files.remote("log_artifact", (tracking_uri, run_id, None, artifact_path),
+                                              _read_files(Path(local_file)), True, {}))
+        return
     client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
 
 
+@_relayed
 def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
     """Highest step already logged for ``key`` (-1 if none): a resumed run skips steps it has already logged."""
     history = client(tracking_uri).get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
 
 
+@_relayed
 def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
     """The value logged at the highest step for ``key`` (None if never logged)."""
     history = client(tracking_uri).get_metric_history(run_id, key)

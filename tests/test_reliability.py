@@ -225,6 +225,14 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
     assert metrics["samples"] == cfg.train.samples
     client, run = mlflow_run(db)
     assert run.info.status == "FINISHED"
+    # Rank 0 ran on an extra node (only those have a reclip_slot), yet every MLflow write of the workers - one loss
+    # point per step, the model artifact - went through the relay on the driver's node, where a local store's file
+    # lives: on a real cluster that node's path would be another, empty file (tracking.TrackingRelay).
+    head = ray.get_runtime_context().get_node_id()
+    assert run.data.tags["reclip.rank0_node"] != head
+    assert run.data.tags["reclip.tracking_relay_node"] == head
+    assert int(run.data.tags["reclip.tracking_relay_calls"]) >= cfg.train.samples // cfg.train.batch_size
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     h = _check_history(cfg, client, run, total_steps=cfg.train.samples // cfg.train.batch_size)
     runs = _runs_of(h["workers"])
     assert runs[-3:] == [2, 1, 2] and runs[:-3] in ([], [1]), runs
@@ -322,8 +330,6 @@ def test_sigkill_of_a_training_worker_process(ray_session, make_cfg, tmp_path):
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["restarts"] == 1
-    assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restart
-    assert run.data.tags["reclip.init_from"].startswith("init_from")
     _check_history(cfg, client, run, total_steps=16)
     _final_checkpoint_is_complete(cfg, metrics)
     print(f"\n[reliability] SIGKILL of a worker: recovery {_recovery_seconds(client, run.info.run_id, killed_at):.1f} s")

@@ -109,3 +109,13 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path
     # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
     _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_the_sweep_metric_views_are_named_in_the_sweep_module():
+    from reclip_ray.sweep import CURRENT, FULL, current_view, full_view
+
+    metrics = {"eval/32px/shape/top1": 0.5, "eval/64px/shape/top1": 0.3, "eval/64px/image_to_text_r@1": 0.1,
+               "loss": 4.0}
+    assert current_view(32, metrics) == {CURRENT + "shape/top1": 0.5}
+    assert full_view(64, metrics) == {FULL + "shape/top1": 0.3, FULL + "image_to_text_r@1": 0.1}
+    assert current_view(112, metrics) == {}

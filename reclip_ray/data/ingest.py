@@ -33,7 +33,6 @@ _TYPES = {
     "width": pa.int32(),
     "height": pa.int32(),
     "label": pa.int32(),
-    "label_pattern": pa.int32(),
 }
 
 

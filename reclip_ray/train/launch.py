@@ -382,6 +382,8 @@ def run_training(
         if "://" not in prep.run_dir:
             (Path(prep.run_dir) / FATAL_FILE).unlink(missing_ok=True)  # a rerun tries again (the user fixed it?)
         missing_actor = get_or_create_missing_shards(f"reclip-missing-shards-{prep.run_name}")
+        relay = (tracking.start_relay(f"reclip-tracking-{prep.run_name}")
+                 if tracking.is_local_store(prep.tracking_uri) else None)
         datasets = build_datasets(cfg, tokenizer_json, prep.run_dir, missing_actor)
         resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
         if use_gpu:
@@ -402,6 +404,7 @@ def run_training(
                 "run_dir": prep.run_dir,
                 "missing_actor": missing_actor,
                 "board": board,
+                "tracking_relay": relay,
             },
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
             scaling_config=ray.train.ScalingConfig(
@@ -446,7 +449,24 @@ def run_training(
         status = "KILLED"
         raise
     finally:
+        _note_relay(prep.tracking_uri, run_id, locals().get("relay"))
         tracking.end_run(prep.tracking_uri, run_id, status)
+
+
+def _note_relay(tracking_uri: str, run_id: str, relay: Any) -> None:
+    """Record on the run where the workers' MLflow calls were written (the relay's node) and how many there were."""
+    if relay is None:
+        return
+    import ray
+
+    from reclip_ray import tracking
+
+    try:
+        stats = ray.get(relay.stats.remote(), timeout=30)
+        tracking.set_tags(tracking_uri, run_id, {"reclip.tracking_relay_node": stats["node_id"],
+                                                 "reclip.tracking_relay_calls": stats["calls"]})
+    except Exception as exc:  # noqa: BLE001 - bookkeeping about bookkeeping must not mask the run's own outcome
+        print(f"[reclip] WARNING: could not read the MLflow relay's statistics: {exc}", file=sys.stderr, flush=True)
 
 
 def root_message(exc: BaseException) -> str:

@@ -117,6 +117,8 @@ class _Worker:
 
         self.loop_config = loop_config
         self.cfg = cfg = from_dict(loop_config["config"])
+        # A local MLflow store is a file on the driver's node: send the MLflow calls there (tracking.TrackingRelay).
+        tracking.use_relay(loop_config.get("tracking_relay"))
         self.tokenizer = CaptionTokenizer.from_json(loop_config["tokenizer_json"])
         self.tracking_uri: str = loop_config["tracking_uri"]
         self.run_dir = Path(loop_config["run_dir"])
@@ -168,6 +170,8 @@ class _Worker:
         self.already_logged = tracking.last_logged_step(self.tracking_uri, self.run_id) if self.rank == 0 else -1
         if self.rank == 0:
             tracking.log_metrics(self.tracking_uri, self.run_id, {"restarts": self.state.restarts}, step=self.state.step)
+            tracking.set_tags(self.tracking_uri, self.run_id,
+                              {"reclip.rank0_node": ray.get_runtime_context().get_node_id()})
             self.say(f"{self.world} worker{'s' if self.world > 1 else ''} on {self.device.type}: "
                      + (f"resumed at {self.state.samples:,} samples (step {self.state.step}, restart "
                         f"{self.state.restarts})" if checkpoint else "starting fresh"))
@@ -493,17 +497,15 @@ class _RowLog:
 
 
 def _current_view(plan: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics at the phase's own resolution again under ``eval/current/...``: what a sweep's ASHA compares
-    mid-run (``sweep.asha_metric``), whatever resolution each trial is training at."""
-    own = f"eval/{plan.image_size}px/"
-    return {"eval/current/" + k[len(own):]: v for k, v in eval_metrics.items() if k.startswith(own)}
+    from reclip_ray.sweep import current_view  # the sweep's metric names live in the sweep module
+
+    return current_view(plan.image_size, eval_metrics)
 
 
 def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    """The full-resolution metrics again under ``eval/full/...``: one name for a sweep's metric, whatever each
-    trial's full size is."""
-    full = f"eval/{cfg.eval.full_image_size or schedule.phases[-1].image_size}px/"
-    return {"eval/full/" + k[len(full):]: v for k, v in eval_metrics.items() if k.startswith(full)}
+    from reclip_ray.sweep import full_view
+
+    return full_view(cfg.eval.full_image_size or schedule.phases[-1].image_size, eval_metrics)
 
 
 def _peak_rss_mib() -> float:
