@@ -167,6 +167,15 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str, classes_ove
     return sets
 
 
+def _encode_batch(batch: dict[str, np.ndarray], encode_image: Any, encode_text: Any,
+                  image_features: list[torch.Tensor], text_features: list[torch.Tensor]) -> None:
+    """Append the features of a batch's first-seen images and of its captions (a batch of grouped eval rows)."""
+    if batch["image_new"].any():
+        image_features.append(encode_image(batch["image"][batch["image_new"]]))
+    if batch["has_caption"].any():
+        text_features.append(encode_text(batch["tokens"][batch["has_caption"]]))
+
+
 class _Grouped:
     """Features and labels of a stream of rows, one entry per unique image, and each caption's image index.
 
@@ -185,10 +194,7 @@ class _Grouped:
     def add(self, batch: dict[str, np.ndarray], encode_image: Any, encode_text: Any) -> None:
         """Encode the batch's new images and its captions; map every row to its image; check shared labels."""
         new, has_caption = batch["image_new"], batch["has_caption"]
-        if new.any():
-            self.image_features.append(encode_image(batch["image"][new]))
-        if has_caption.any():
-            self.text_features.append(encode_text(batch["tokens"][has_caption]))
+        _encode_batch(batch, encode_image, encode_text, self.image_features, self.text_features)
         self.rows += len(new)
         for r, ident in enumerate(batch["image_id"]):
             if new[r]:
@@ -381,11 +387,7 @@ class _Slice:
         self.text_features: list[torch.Tensor] = []
 
     def add(self, batch: dict[str, np.ndarray], encode_image: Any, encode_text: Any) -> None:
-        new, has_caption = batch["image_new"], batch["has_caption"]
-        if new.any():
-            self.image_features.append(encode_image(batch["image"][new]))
-        if has_caption.any():
-            self.text_features.append(encode_text(batch["tokens"][has_caption]))
+        _encode_batch(batch, encode_image, encode_text, self.image_features, self.text_features)
         for name, source in (("ids", "image_id"), ("new", "image_new"), ("has_caption", "has_caption"),
                              ("files", "file"), ("keys", "key")):
             self.rows[name] += batch[source].tolist()

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -55,11 +55,22 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
     cfg.model = copy.deepcopy(getattr(model, "cfg", cfg.model))  # the model's own config has vocab_size filled
     # Shared tensors (tied weights) cannot be saved as aliases; independent contiguous copies load back fine.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(cfg.to_yaml())
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
+
+    return write_folder_atomic(out, write)
+
+
+def write_folder_atomic(out: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a sibling temp folder with ``write(tmp)`` and rename it to ``out`` (replacing an old one), so a crash
+    never leaves a folder that looks like an export but holds half of one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -29,8 +29,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -276,25 +274,17 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
                            "resize_mode": "shortest"},
         "reclip_ray": meta,
     }
+    from reclip_ray.export import write_folder_atomic
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
         (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(doc, indent=2))
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
         (tmp / README).write_text(_readme(out, meta, t.context_length))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder_atomic(out, write)
 
 
 def _config_dict(config: Any, model: nn.Module) -> dict[str, Any] | None:

@@ -361,6 +361,7 @@ def run_training(
     print(f"[reclip] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {prep.tracking_uri}", flush=True)
 
     status = "FAILED"
+    relay = None  # the workers' MLflow relay (a local store only)
     try:
         init_ray(cfg)
         board = display = None
@@ -449,7 +450,7 @@ def run_training(
         status = "KILLED"
         raise
     finally:
-        _note_relay(prep.tracking_uri, run_id, locals().get("relay"))
+        _note_relay(prep.tracking_uri, run_id, relay)
         tracking.end_run(prep.tracking_uri, run_id, status)
 
 

@@ -177,6 +177,7 @@ class _Worker:
                         f"{self.state.restarts})" if checkpoint else "starting fresh"))
         self.final_loss = float("nan")
         self.fault_marker = self.run_dir / ".fault_injected"
+        self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (_images)
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
 
     def say(self, text: str) -> None:
@@ -336,7 +337,7 @@ def _images(w: _Worker, batch: dict[str, Any], size: int) -> torch.Tensor:
 
     images, stats = decode_on_device(batch["jpeg"], batch["box"], size, w.device)
     if stats["failed"]:  # rare: a JPEG neither nvJPEG nor PIL could decode trained as a black image
-        w.decode_failed = getattr(w, "decode_failed", 0) + stats["failed"]
+        w.decode_failed += stats["failed"]
         w.say(f"WARNING: {stats['failed']} image(s) failed to decode on rank {w.rank} and trained as black images "
               f"({w.decode_failed} so far)")
         if w.rank == 0:
