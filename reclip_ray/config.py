@@ -475,6 +475,10 @@ def validate(cfg: Config) -> None:
             hint = "; -1: optim.warmup_samples"
             _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
     _check_phase_total(cfg)
+    base = cfg.model.vision.base_image_size
+    if base <= 0 or base % patch:
+        raise ConfigError(f"'model.vision.base_image_size' = {base} (the position-embedding grid) is not a positive "
+                          f"multiple of the patch size {patch}")
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phase names must be unique, got {names}")

@@ -89,8 +89,12 @@ def run_flops(cfg: Config) -> dict[str, Any]:
             "text_gflops_per_sample": f["text"] / 1e9,
             "logits_gflops_per_sample": f["logits"] / 1e9,
             "train_gflops": 3 * f["total"] * samples / 1e9,
+            "image_train_gflops": 3 * f["image"] * samples / 1e9,  # the image tower's share (RECLIP's main saving)
+            "text_train_gflops": 3 * f["text"] * samples / 1e9,
         })
-    return {"phases": phases, "total_train_gflops": sum(p["train_gflops"] for p in phases)}
+    return {"phases": phases, "total_train_gflops": sum(p["train_gflops"] for p in phases),
+            "total_image_train_gflops": sum(p["image_train_gflops"] for p in phases),
+            "total_text_train_gflops": sum(p["text_train_gflops"] for p in phases)}
 
 
 def milestones_crossed(milestones: Sequence[float], before: float, after: float) -> list[float]:

@@ -52,6 +52,8 @@ def test_fraction_versus_count():
         (["model.vision.heads=5"], "'model.vision.heads' = 5 does not divide model.vision.width = 128"),
         (["model.text.heads=3"], "'model.text.heads' = 3 does not divide model.text.width = 128"),
         (["model.text.heads=0"], "'model.text.heads' = 0"),
+        (["model.vision.base_image_size=36"], "'model.vision.base_image_size' = 36 (the position-embedding grid) is "
+                                              "not a positive multiple of the patch size 8"),
         (["train.batch_size=2", "scaling.max_workers=4"], "'train.batch_size' = 2 (a global batch) is smaller than "
                                                           "scaling.max_workers=4"),
         (["phases.1.batch_size=3", "scaling.max_workers=4"], "'phases.1.batch_size' = 3 (a global batch)"),

@@ -99,3 +99,43 @@ def test_decompression_bomb_is_bad(jpeg, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 - 1)  # between 1x and 2x: PIL only warns
     with pytest.raises(BadImage, match="decompression bomb"):
         decode_image(jpeg, 32, train=False)
+
+
+def test_jpeg_frame_reads_what_pil_reads_and_plan_crop_draws_the_same_box(jpeg):
+    """The device path's header walk (no PIL) against PIL's header parser, on the JPEG flavours web data has."""
+    import random
+
+    base = Image.fromarray(_photo((300, 200), seed=3))
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    variants = {
+        "baseline": _encode(base, "JPEG", quality=90),
+        "progressive": _encode(base, "JPEG", progressive=True),
+        "grey": _encode(base.convert("L"), "JPEG"),
+        "cmyk": _encode(base.convert("CMYK"), "JPEG"),
+        "exif+icc": _encode(base, "JPEG", exif=exif.tobytes(), icc_profile=b"\0" * 3000),
+        "4:4:4": _encode(base, "JPEG", subsampling=0),
+    }
+    variants["fill bytes"] = variants["baseline"][:2] + b"\xff\xff" + variants["baseline"][2:]
+    for name, data in variants.items():
+        img = Image.open(io.BytesIO(data))
+        w, h, components, precision = images.jpeg_frame(data)
+        assert (w, h) == img.size, name
+        assert components == len(img.getbands()) and precision == 8, name
+        fmt, box = images.plan_crop(data, train=True, rng=random.Random(7))
+        assert fmt == ("JPEG-other" if name == "cmyk" else "JPEG"), name
+        rng = random.Random(7)
+        assert box == images._crop_box(*img.size, train=True, rng=rng), name
+    png = _encode(base, "PNG")
+    assert images.jpeg_frame(png) is None and images.plan_crop(png, train=False)[0] == "PNG"
+    # Cut before the frame header: the walk gives up and PIL names the problem.
+    assert images.jpeg_frame(jpeg[:30]) is None
+    with pytest.raises(BadImage):
+        images.plan_crop(jpeg[:30], train=False)
+    assert images.jpeg_frame(b"\xff\xd8\xff\xda\x00\x08") is None  # scan before any frame
+
+
+def test_plan_crop_applies_the_decompression_bomb_limit(jpeg, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 - 1)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        images.plan_crop(jpeg, train=False)

@@ -67,6 +67,35 @@ def test_reclip_ratio_and_run_total():
     assert out["phases"][1]["image_gflops_per_sample"] == pytest.approx(image_forward_flops(cfg.model.vision, 224, 512) / 1e9)
 
 
+def test_run_flops_image_and_text_tower_totals_by_hand():
+    """The per-tower training totals of run_flops against a hand count of a one-block model (2 FLOPs a multiply-add,
+    training = 3x forward): they add up, with the logits, to the run's total."""
+    cfg = load_config("tiny", [
+        "model.embed_dim=4", "model.vision.width=16", "model.vision.depth=1", "model.vision.heads=1",
+        "model.text.width=8", "model.text.depth=1", "model.text.heads=1", "train.samples=100", "train.batch_size=10",
+        "phases=[{name: low, image_size: 32, text_length: 16, samples: 90}, "
+        "{name: full, image_size: 64, text_length: 32, samples: 10}]",
+    ])
+    # image, patch 8, width 16, MLP 64: patch embed 2*P*(3*8*8)*16; one block at T = P + 1 tokens: qkv 2*T*16*48,
+    # attention 2*2*T*T*16, out projection 2*T*16*16, MLP 2*2*T*16*64; projection to embed_dim 2*16*4.
+    def block(t, w, hidden):
+        return 2 * t * w * 3 * w + 4 * t * t * w + 2 * t * w * w + 4 * t * w * hidden
+
+    image32 = 2 * 16 * 192 * 16 + block(17, 16, 64) + 2 * 16 * 4
+    image64 = 2 * 64 * 192 * 16 + block(65, 16, 64) + 2 * 16 * 4
+    assert (image32, image64) == (98304 + 122944 + 128, 393216 + 669760 + 128)
+    text16, text32 = block(16, 8, 32) + 2 * 8 * 4, block(32, 8, 32) + 2 * 8 * 4
+    assert (text16, text32) == (32832, 81984)
+    out = run_flops(cfg)
+    assert out["total_image_train_gflops"] == pytest.approx(3 * (90 * image32 + 10 * image64) / 1e9, rel=1e-12)
+    assert out["total_text_train_gflops"] == pytest.approx(3 * (90 * text16 + 10 * text32) / 1e9, rel=1e-12)
+    assert [p["image_train_gflops"] for p in out["phases"]] == pytest.approx([3 * 90 * image32 / 1e9,
+                                                                               3 * 10 * image64 / 1e9])
+    logits = 3 * 100 * 2 * 10 * 4 / 1e9
+    assert out["total_train_gflops"] == pytest.approx(
+        out["total_image_train_gflops"] + out["total_text_train_gflops"] + logits, rel=1e-12)
+
+
 def test_logits_flops_match_flop_counter_and_scale_with_the_global_batch():
     """The loss's B x B logits: 2 B D forward FLOPs per sample (FlopCounterMode on contrastive_loss), counted in
     the training total at the phase's global batch, the same for any worker count."""

@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the Ray Data phase pipeline at --sizes (default 32,64,112,224), full image vs. shrunk "
                              "copy, plus decode cores per GPU (starts a local Ray)")
     parser.add_argument("--rows", type=int, default=4000, help="--pipeline: rows streamed per measurement")
+    parser.add_argument("--device-side", action="store_true",
+                        help="--pipeline: also stream each copy through the CPU side of data.decode_device=cuda")
+    parser.add_argument("--copy", type=int, default=0,
+                        help="--device: decode shrunk copies with this shorter side (as `data shrink` writes them) "
+                             "instead of the --source-size originals")
     parser.add_argument("--device", default="", help="time data.decode_device on this device (e.g. cuda): "
                                                        "decode + crop + resize of --images JPEGs in one batch")
     args = parser.parse_args(list(argv or []))
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reclip_ray.bench.pipeline import run
 
         sizes = [int(s) for s in (args.sizes if args.sizes != "64,128,224" else "32,64,112,224").split(",")]
-        run(sizes, images=args.images, rows=args.rows, repeats=max(1, min(args.repeats, 3)))
+        run(sizes, images=args.images, rows=args.rows, repeats=max(1, min(args.repeats, 3)),
+            device_side=args.device_side)
         return 0
     sources = make_sources(args.images, args.source_size)
     mean_kb = sum(map(len, sources)) / len(sources) / 1024
@@ -99,27 +105,37 @@ def _device_rates(args: argparse.Namespace) -> int:
     """Images/s of ``device_decode.decode_on_device`` (one batch of --images) vs one CPU core's decode_image."""
     import torch
 
-    from reclip_ray.data.device_decode import decode_on_device
-    from reclip_ray.data.images import plan_crop
+    from reclip_ray.data.device_decode import _decode_all, decode_on_device
+    from reclip_ray.data.images import make_copy, plan_crop
 
     sources = make_sources(args.images, args.source_size)
+    if args.copy:
+        sources = [make_copy(d, args.copy) for d in sources]
     rng = np.random.default_rng(0)
+    device = torch.device(args.device)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return len(sources) / statistics.median(times)
+
     for size in (int(s) for s in args.sizes.split(",")):
         boxes = np.asarray([plan_crop(d, train=True, rng=rng)[1] for d in sources], dtype=np.float32)
         decode_on_device(sources[:8], boxes[:8], size, args.device)  # warm up (nvJPEG handles, kernels)
-        times = []
-        for _ in range(args.repeats):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            decode_on_device(sources, boxes, size, args.device)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        device_rate = len(sources) / statistics.median(times)
+        device_rate = timed(lambda: decode_on_device(sources, boxes, size, args.device))
+        decode_rate = timed(lambda: _decode_all(sources, device))
         cpu_rate = _rates({"cpu": lambda d, s: decode_image(d, s, train=True, rng=rng)}, sources, size, 1)["cpu"]
         print(json.dumps({"bench": "data_decode_device", "device": args.device, "target_px": size,
-                          "source_px": args.source_size, "images_per_s_device": round(device_rate, 1),
+                          "source_px": args.copy or args.source_size, "images": len(sources),
+                          "images_per_s_device": round(device_rate, 1),
+                          "decode_only_per_s_device": round(decode_rate, 1),
                           "images_per_s_per_cpu_core": round(cpu_rate, 1),
                           "cpu_cores_replaced": round(device_rate / cpu_rate, 1)}))
     return 0

@@ -44,8 +44,8 @@ def write_shards(root: Path, sources: list[bytes], shards: int, rows_per_shard: 
                        root / f"shard-{s:05d}.parquet", compression="none", row_group_size=rows_per_shard)
 
 
-def _stream_rate(shards: list, column: str, image_size: int, rows: int, tokenizer_json: str) -> float:
-    """Images/s through phase_dataset with one read+decode task (one core), reading ``column`` of every shard."""
+def _dataset(shards: list, column: str, image_size: int, rows: int, tokenizer_json: str, on_device: bool):
+    """``rows`` rows through phase_dataset with one read+decode task (one core), reading ``column`` of every shard."""
     from reclip_ray.data.pipeline import phase_dataset
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.data.stream import PhaseStream
@@ -53,29 +53,58 @@ def _stream_rate(shards: list, column: str, image_size: int, rows: int, tokenize
     per_pass = sum(s.rows for s in shards)
     stream = PhaseStream(shards, seed=0, passes=max(1, -(-rows // per_pass)), group_shards=4, chunk_rows=64,
                          sources={s.path: column for s in shards})
-    ds = phase_dataset(stream, ColumnMap(), image_size=image_size, text_length=16, tokenizer_json=tokenizer_json,
-                       train=True, concurrency=1, num_cpus=1)
-    seen = 0
-    start = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
-        if start is None:  # the first block includes task start-up and the first read: not the steady state
+    return phase_dataset(stream, ColumnMap(), image_size=image_size, text_length=16, tokenizer_json=tokenizer_json,
+                         train=True, concurrency=1, num_cpus=1, on_device=on_device)
+
+
+def _stream_seconds(*args) -> float:
+    """Seconds from building the dataset to its last row (start-up included)."""
+    start = time.perf_counter()
+    for _ in _dataset(*args).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+        pass
+    return time.perf_counter() - start
+
+
+def _stream_rate(shards: list, column: str, image_size: int, rows: int, tokenizer_json: str,
+                 on_device: bool = False) -> float:
+    """Images/s per core in the steady state.
+
+    Decoding on the CPU, the task is the bottleneck: time from the first block (task start-up and the first read
+    excluded) to the last. ``on_device`` (the CPU side of ``data.decode_device=cuda``: header, crop box, tokens) is
+    so fast that the task runs ahead of the consumer and most rows are made before the first block arrives, which
+    made that timing read 60,000-230,000 rows/s; there the rate is the difference between streaming 2 x ``rows``
+    and ``rows`` rows, start-up included in both. (That difference is noisier: on CPU sources it read a 32 px
+    pipeline faster than its bare decode, so they keep the first timing.)"""
+    args = (shards, column, image_size, rows, tokenizer_json, on_device)
+    if on_device:
+        short = _stream_seconds(*args)
+        long = _stream_seconds(shards, column, image_size, 2 * rows, tokenizer_json, on_device)
+        return rows / (long - short) if long > short else float("nan")
+    seen, start = 0, None
+    for batch in _dataset(*args).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+        if start is None:
             start = time.perf_counter()
             continue
         seen += len(batch["_ok"])
     return seen / (time.perf_counter() - start) if start and seen else 0.0
 
 
-def _bare_rate(data: list[bytes], image_size: int, repeats: int = 3) -> float:
-    import numpy as np
+def _bare_rate(data: list[bytes], image_size: int, repeats: int = 3, on_device: bool = False) -> float:
+    """The same work without Ray, Parquet or the tokenizer: decode + crop, or (``on_device``) the header read and
+    crop box that the CPU does for ``data.decode_device=cuda``."""
+    import random
 
-    from reclip_ray.data.images import decode_image
+    from reclip_ray.data.images import decode_image, plan_crop
 
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for d in data:
-            decode_image(d, image_size, train=True, rng=rng)
+            if on_device:
+                plan_crop(d, train=True, rng=rng)
+            else:
+                decode_image(d, image_size, train=True, rng=rng)
         rates.append(len(data) / (time.perf_counter() - t0))
     return statistics.median(rates)
 
@@ -95,7 +124,9 @@ def cores_per_gpu(rate: float, image_size: int) -> dict[str, float]:
 
 
 def run(sizes: Sequence[int], images: int = 200, shards: int = 8, rows_per_shard: int = 250,
-        rows: int = 4000, repeats: int = 2) -> list[dict[str, Any]]:
+        rows: int = 4000, repeats: int = 2, device_side: bool = False) -> list[dict[str, Any]]:
+    """``device_side`` adds a third source per size: the copy through the CPU side of ``data.decode_device=cuda``.
+    Its cores per GPU leave the decode itself to the GPU (timed by ``bench data --device cuda``)."""
     import pyarrow.parquet as pq
     import ray
 
@@ -125,20 +156,26 @@ def run(sizes: Sequence[int], images: int = 200, shards: int = 8, rows_per_shard
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         for size in sizes:
             copy = copy_column("image", COPY_FOR.get(size, size + size // 4))
-            rates: dict[str, list[float]] = {"image": [], copy: []}
-            for _ in range(repeats):  # alternate the two sources so a busy neighbour slows both alike
-                for column in rates:
-                    rates[column].append(_stream_rate(shard_info, column, size, rows, tokenizer_json))
+            device = f"{copy}@device"
+            rates: dict[str, list[float]] = {"image": [], copy: [], **({device: []} if device_side else {})}
+            for _ in range(repeats):  # alternate the sources so a busy neighbour slows them alike
+                for source in rates:
+                    column, on_device = source.split("@")[0], source.endswith("@device")
+                    n = rows * (10 if on_device else 1)  # the device side is ~10x faster: as many seconds
+                    rates[source].append(_stream_rate(shard_info, column, size, n, tokenizer_json, on_device))
             results = {}
             for column, values in rates.items():
-                data = [bytes(b) for b in table.column(column).to_pylist()[:images]]
-                bare = _bare_rate(data, size)
+                data = [bytes(b) for b in table.column(column.split("@")[0]).to_pylist()[:images]]
+                bare = _bare_rate(data, size, on_device=column.endswith("@device"))
                 rate = statistics.median(values)
                 results[column] = rate
                 row = {"bench": "data_pipeline", "target_px": size, "source": column,
                        "source_kb": round(sum(map(len, data)) / len(data) / 1024, 2),
                        "images_per_s_per_core": round(rate, 1), "bare_decode_per_core": round(bare, 1),
                        "pipeline_vs_bare": round(rate / bare, 2)}
+                if column.endswith("@device"):
+                    row["cores_per_gpu_h100_40mfu"] = {k: round(v, 1) for k, v in cores_per_gpu(rate, size).items()
+                                                       if "samples" not in k}
                 out.append(row)
                 print(json.dumps(row), flush=True)
             best = results[copy]

@@ -166,11 +166,67 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.
     return arr
 
 
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): they carry the size.
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, precision) read from a JPEG's start-of-frame segment, or None when ``data`` is
+    not a plain JPEG this walk understands (the caller then asks PIL, which gives the proper BadImage reason).
+
+    Why not PIL: ``Image.open`` costs ~80 us per image in Python-level parsing, most of the CPU time left on the
+    device-decode path (``data.decode_device=cuda``), where the CPU only needs the size to draw the crop box. This
+    walk reads a few marker headers with ``int.from_bytes`` and stops at the frame header (~2 us).
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _SOF:
+            if length < 8 or i + 10 > n:
+                return None
+            precision = data[i + 4]
+            height = int.from_bytes(data[i + 5:i + 7], "big")
+            width = int.from_bytes(data[i + 7:i + 9], "big")
+            return width, height, data[i + 9], precision
+        i += 2 + length
+    return None
+
+
 def plan_crop(data: bytes, *, train: bool, rng: Any = None) -> tuple[str, tuple[float, float, float, float]]:
     """(format, crop box in source pixels) from the header alone, drawing the box exactly as ``decode_image`` does:
-    what ``data.decode_device=cuda`` sends to the device decoder instead of pixels. Raises BadImage like it."""
+    what ``data.decode_device=cuda`` sends to the device decoder instead of pixels. Raises BadImage like it.
+
+    The format is "JPEG" only for what nvJPEG decodes (8-bit, grey or three-component); a CMYK or 12-bit JPEG is
+    reported as "JPEG-other" so the caller decodes it on the CPU. A JPEG whose frame header ``jpeg_frame`` cannot
+    read goes through PIL, whose errors name the problem."""
+    frame = jpeg_frame(data)
+    if frame is not None:
+        w, h, components, precision = frame
+        limit = Image.MAX_IMAGE_PIXELS
+        if w > 0 and h > 0 and not (limit and w * h > limit):
+            fmt = "JPEG" if components in (1, 3) and precision == 8 else "JPEG-other"
+            return fmt, _crop_box(w, h, train=train, rng=rng)
     img = _open(data)
-    return img.format or "", _crop_box(*img.size, train=train, rng=rng)
+    fmt = img.format or ""
+    if fmt == "JPEG" and img.mode not in ("L", "RGB"):
+        fmt = "JPEG-other"
+    return fmt, _crop_box(*img.size, train=train, rng=rng)
 
 
 def min_source_side(size: int, train: bool) -> float:

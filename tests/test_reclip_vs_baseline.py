@@ -1,0 +1,310 @@
+"""benchmarks/reclip_vs_baseline.py: arms, resume keys, summaries and FLOPs ratios (fast), and one real resumed
+experiment on Ray (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from reclip_ray.config import load_config
+from reclip_ray.flops import run_flops
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reclip_vs_baseline.py"
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The script as a module, its results folder in tmp_path."""
+    spec = importlib.util.spec_from_file_location("reclip_vs_baseline_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up while being defined
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    return mod
+
+
+def _args(bench, *argv):
+    """The script's parsed arguments (via --dry-run's parser path, without running anything)."""
+    captured = {}
+
+    def fake_dry_run(arms, seeds, args):
+        captured.update(arms=arms, seeds=seeds, args=args)
+        return 0
+
+    original = bench.dry_run
+    bench.dry_run = fake_dry_run
+    try:
+        assert bench.main(["--dry-run", *argv]) == 0
+    finally:
+        bench.dry_run = original
+    return captured["arms"], captured["seeds"], captured["args"]
+
+
+# ------------------------------------------------------------------------------------------------ arms
+
+
+def test_arm_names(bench):
+    assert bench.share_label(0.1) == "10%"
+    assert bench.share_label(0.05) == "5%"
+    assert bench.share_label(0.075) == "7.5%"
+    assert bench.arm_name("baseline", 0.1, 32) == "baseline"
+    assert bench.arm_name("reclip", 0.1) == "reclip-10%"
+    assert bench.arm_name("reclip", 0.05, 32) == "reclip-5%-pos32"
+    assert "%" not in bench.run_name("reclip-5%-pos32", 1, "0123456789abcdef")
+    assert bench.run_name("reclip-5%-pos32", 1, "0123456789abcdef") == "reclip-5pct-pos32-s1-01234567"
+
+
+def test_plan_arms_crosses_shares_and_position_grids(bench):
+    arms = bench.plan_arms("baseline,reclip,lowres", [0.05, 0.1], [32, 112])
+    assert [a.name for a in arms] == ["baseline", "reclip-5%-pos32", "reclip-5%-pos112", "reclip-10%-pos32",
+                                      "reclip-10%-pos112", "lowres"]
+    assert [a.name for a in bench.plan_arms("reclip,baseline", [0.1], [])] == ["reclip-10%", "baseline"]
+    with pytest.raises(SystemExit, match="unknown arm"):
+        bench.plan_arms("baseline,fancy", [0.1], [])
+    with pytest.raises(SystemExit, match=r"\(0, 1\)"):
+        bench.plan_arms("reclip", [1.0], [])
+    with pytest.raises(SystemExit, match="repeat"):
+        bench.plan_arms("reclip", [0.1, 0.1], [])
+
+
+def test_arm_configs_schedules_and_position_grid(bench):
+    arms, _, args = _args(bench, "--low", "32", "--full", "112", "--finetune", "0.05", "--base-image-size", "32",
+                          "--samples", "10000", "--set", "model.vision.base_image_size=112")
+    cfgs = {a.name: bench.arm_config(a, 0, args) for a in arms}
+    base, reclip, low = cfgs["baseline"], cfgs["reclip-5%-pos32"], cfgs["lowres"]
+    assert [(p.image_size, p.text_length) for p in base.phases] == [(112, 32)]
+    assert [(p.image_size, p.text_length) for p in reclip.phases] == [(32, 16), (112, 32)]
+    assert reclip.phase_samples() == [9500, 500]
+    assert reclip.phases[1].lr == 2.5e-4
+    assert [p.image_size for p in low.phases] == [32] and low.eval.full_image_size == 112
+    # the arm's grid wins over --set, which applies to the other arms
+    assert reclip.model.vision.base_image_size == 32
+    assert base.model.vision.base_image_size == low.model.vision.base_image_size == 112
+    assert base.scaling.min_workers == base.scaling.max_workers == 2
+
+
+def test_vit_b_16_on_one_gpu_worker_builds(bench):
+    arms, _, args = _args(bench, "--config", "vit-b-16", "--low", "64", "--full", "224", "--workers", "1",
+                          "--use-gpu", "true", "--finetune", "0.07", "--samples", "200000", "--batch", "256")
+    cfg = bench.arm_config(arms[1], 0, args)
+    assert cfg.model.name == "vit-b-16"
+    assert [(p.image_size, p.text_length) for p in cfg.phases] == [(64, 16), (224, 32)]
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers, cfg.scaling.use_gpu) == (1, 1, "true")
+    # the synthetic data's columns and a small tokenizer, not the preset's web-data settings
+    assert (cfg.data.image_column, cfg.data.caption_column, cfg.data.tokenizer, cfg.data.vocab_size) == \
+        ("image", "caption", "", 1024)
+    assert cfg.optim.warmup_samples == 0.05  # the preset's 5M-sample warmup would never end in 200k samples
+
+
+# ------------------------------------------------------------------------------------------------ resume key
+
+
+def test_run_key_is_the_runs_settings(bench):
+    arms, _, args = _args(bench)
+    cfg = bench.arm_config(arms[0], 0, args).to_dict()
+    data = {"train": {"rows": 100, "image_size": 128}, "eval": {"rows": 10}}
+    key = bench.run_key("baseline", 0, cfg, data)
+    assert key == bench.run_key("baseline", 0, json.loads(json.dumps(cfg)), dict(data))
+    moved = {**cfg, "run": {**cfg["run"], "storage_path": "/elsewhere"}, "tracking": {"uri": "sqlite:///x.db"}}
+    assert bench.run_key("baseline", 0, moved, data) == key  # where it is stored/logged is not a setting
+    assert bench.run_key("baseline", 0, {**cfg, "checkpoint": {"every_samples": 5000}}, data) == key
+    assert bench.run_key("lowres", 0, cfg, data) != key
+    assert bench.run_key("baseline", 1, cfg, data) != key
+    assert bench.run_key("baseline", 0, {**cfg, "train": {**cfg["train"], "samples": 7}}, data) != key
+    assert bench.run_key("baseline", 0, cfg, {**data, "train": {"rows": 100, "image_size": 256}}) != key
+
+
+def test_load_rows_splits_finished_from_other(bench, tmp_path):
+    path = tmp_path / "r.json"
+    assert bench.load_rows(path, {"a"}) == ({}, [], {})
+    path.write_text(json.dumps({"rows": [{"arm": "baseline", "key": "a"}, {"arm": "reclip"}],
+                                "other_rows": [{"arm": "lowres", "key": "b"}]}))
+    done, other, _ = bench.load_rows(path, {"a", "b", "c"})
+    assert set(done) == {"a", "b"}
+    assert other == [{"arm": "reclip"}]  # a row from before rows had keys: kept, never counted as done
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _row(arm, seed, train, image, **metrics):
+    kind = arm.split("-")[0]
+    return {"arm": arm, "kind": kind, "finetune": 0.1 if kind == "reclip" else 0.0, "base_image_size": 64,
+            "seed": seed, "train_gflops": train, "image_gflops": image, "wall_s": 10.0 + seed, "samples_per_s": 1.0,
+            **metrics}
+
+
+def test_mean_half_range(bench):
+    assert bench.mean_half_range([0.2, 0.4, 0.3]) == pytest.approx((0.3, 0.1))
+    assert bench.mean_half_range([0.5]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in bench.mean_half_range([]))
+
+
+def test_summary_savings_spread_and_targets(bench):
+    sets = ["colour", "glyph"]
+    metrics = bench.metric_names(sets)
+    assert metrics == ["colour/top1", "glyph/top1", *bench.RETRIEVAL]
+    full = dict.fromkeys(bench.RETRIEVAL, 0.5)
+    rows = [
+        _row("baseline", 0, 1000.0, 800.0, **{"colour/top1": 0.8, "glyph/top1": 0.10}, **full),
+        _row("baseline", 1, 1000.0, 800.0, **{"colour/top1": 0.6, "glyph/top1": 0.12}, **full),
+        _row("reclip-10%", 0, 150.0, 80.0, **{"colour/top1": 0.7, "glyph/top1": 0.05}, **full),
+        _row("reclip-10%", 1, 150.0, 80.0, **{"colour/top1": 0.7, "glyph/top1": 0.05}, **full),
+        _row("lowres", 0, 100.0, 50.0, **{"colour/top1": 0.35, "glyph/top1": 0.11},
+             **dict.fromkeys(bench.RETRIEVAL, 0.2)),
+    ]
+    summary = {s["arm"]: s for s in bench.summarise(rows, metrics)}
+    assert list(summary) == ["baseline", "reclip-10%", "lowres"]
+    b, r, lo = summary["baseline"], summary["reclip-10%"], summary["lowres"]
+    assert (b["seeds"], r["seeds"], lo["seeds"]) == (2, 2, 1)
+    assert b["colour/top1"] == pytest.approx(0.7) and b["colour/top1_spread"] == pytest.approx(0.1)
+    assert b["wall_s"] == pytest.approx(10.5) and b["wall_s_spread"] == pytest.approx(0.5)
+    assert r["flops_saving"] == pytest.approx(1000 / 150) and r["image_flops_saving"] == pytest.approx(10.0)
+    assert b["flops_saving"] == 1.0
+    assert r["colour/top1_vs_baseline"] == pytest.approx(1.0)
+    chance = {"colour/top1": 0.1, "glyph/top1": 0.1, **dict.fromkeys(bench.RETRIEVAL, 0.01)}
+    t = {x["arm"]: x for x in bench.targets(list(summary.values()), chance, sets)}
+    # glyph stays below 2x chance for the baseline: not a set it learned, so not held against RECLIP
+    assert t["reclip-10%"]["learned_sets"] == ["colour"]
+    assert t["reclip-10%"]["met"] and t["reclip-10%"]["worst_r5_kept"] == pytest.approx(1.0)
+    assert not t["lowres"]["top1_ok"] and not t["lowres"]["r5_ok"] and t["lowres"]["flops_ok"]
+    table = bench.markdown(list(summary.values()), chance, sets)
+    for text in ("colour top-1", "glyph top-1", "i2t R@5", "t2i R@5", "| chance |", "6.67x", "10.00x",
+                 "0.700 ± 0.100"):
+        assert text in table, text
+    assert "yes" in bench.targets_markdown(list(t.values()))
+
+
+def test_flops_ratios_are_flops_py_ratios(bench):
+    arms, _, args = _args(bench, "--low", "32", "--full", "112", "--finetune", "0.05,0.1", "--samples", "50000")
+    cfgs = {a.name: bench.arm_config(a, 0, args) for a in arms}
+    rows = [_row(name, 0, **{"train": bench.flops_of(c)["train_gflops"], "image": bench.flops_of(c)["image_gflops"]})
+            for name, c in cfgs.items()]
+    summary = {s["arm"]: s for s in bench.summarise(rows, [])}
+    base = run_flops(cfgs["baseline"])
+    for name, cfg in cfgs.items():
+        f = run_flops(cfg)
+        assert summary[name]["flops_saving"] == pytest.approx(base["total_train_gflops"] / f["total_train_gflops"])
+        assert summary[name]["image_flops_saving"] == pytest.approx(
+            base["total_image_train_gflops"] / f["total_image_train_gflops"])
+    assert summary["reclip-5%"]["image_flops_saving"] > 8  # 16 vs 196 patches at 95% of the samples
+
+
+def test_chance_levels_follow_the_eval_sets_label_sets(bench):
+    meta = {"rows": 500, "label_sets": {"size": {"column": "label_size", "classes": ["s", "l"]},
+                                        "glyph": {"column": "label_glyph", "classes": list("abcde")},
+                                        "empty": {"column": "x", "classes": []}}}
+    assert bench.label_sets_of(meta) == ["size", "glyph"]
+    chance = bench.chance_levels(meta)
+    assert chance["size/top1"] == 0.5 and chance["glyph/top1"] == 0.2
+    assert chance["image_to_text_r@5"] == chance["text_to_image_r@5"] == 5 / 500
+    assert chance["text_to_image_r@1"] == 1 / 500
+    plain = {"rows": 10, "classes": ["x", "y", "z", "w"]}
+    assert bench.label_sets_of(plain) == ["label"] and bench.chance_levels(plain)["label/top1"] == 0.25
+
+
+def test_main_resumes_without_rerunning_finished_runs(bench, tmp_path, monkeypatch, capsys):
+    """main() with a stand-in for training: the first call runs every planned run, an interrupted one is picked
+    up, and a rerun with the same --name runs nothing."""
+    calls = []
+
+    def fake_run(arm, seed, cfg, key, args, label_sets):
+        if len(calls) == 2 and not calls[-1].get("interrupted"):
+            calls.append({"interrupted": True})
+            raise KeyboardInterrupt
+        calls.append({"arm": arm.name, "seed": seed})
+        metrics = {f"eval/{args.full}px/{m}": 0.5 for m in bench.metric_names(label_sets)}
+        return bench.make_row(arm, seed, key, cfg.model.vision.base_image_size, bench.flops_of(cfg),
+                              {"samples": cfg.train.samples, **metrics}, 1.0, args.full, label_sets)
+
+    monkeypatch.setattr(bench, "run_arm", fake_run)
+    argv = ["--arms", "baseline,reclip", "--finetune", "0.05,0.1", "--seeds", "0,1", "--samples", "1000",
+            "--synth-train", "40", "--synth-eval", "20", "--data", str(tmp_path / "data"), "--out",
+            str(tmp_path / "out"), "--name", "resume"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    saved = json.loads((tmp_path / "results" / "resume.json").read_text())
+    assert [r["arm"] for r in saved["rows"]] == ["baseline", "reclip-5%"]
+    assert bench.main(argv) == 0
+    ran = [(c["arm"], c["seed"]) for c in calls if "arm" in c]
+    assert ran == [("baseline", 0), ("reclip-5%", 0), ("reclip-10%", 0), ("baseline", 1), ("reclip-5%", 1),
+                   ("reclip-10%", 1)]
+    before = len(calls)
+    assert bench.main(argv) == 0
+    assert len(calls) == before  # nothing left to run
+    out = capsys.readouterr().out
+    assert "6 of 6 runs already in" in out
+    saved = json.loads((tmp_path / "results" / "resume.json").read_text())
+    assert saved["label_sets"] == bench.label_sets_of(json.loads((tmp_path / "data/eval/dataset.json").read_text()))
+    assert (tmp_path / "results" / "resume.csv").is_file() and (tmp_path / "results" / "resume.png").is_file()
+    # other settings under the same name: the finished rows are kept aside (not summarised) and the new plan runs
+    changed = list(argv)
+    changed[changed.index("--samples") + 1] = "2000"
+    assert bench.main(changed) == 0
+    saved = json.loads((tmp_path / "results" / "resume.json").read_text())
+    assert len(saved["rows"]) == 6 and len(saved["other_rows"]) == 6
+    assert {r["samples"] for r in saved["rows"]} == {2000}
+    assert len([c for c in calls if "arm" in c]) == 12
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+
+
+@pytest.mark.slow
+def test_experiment_runs_then_resumes(ray_session, bench, tmp_path, synth_dir, tokenizer_path, monkeypatch, capsys):
+    """The script's main() trains a baseline and a RECLIP arm on Ray; a rerun trains nothing (no run_arm call, no
+    new MLflow run); the table lists every label set with its chance level and the FLOPs ratios of flops.py."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import fresh_mlflow_db
+
+    db = fresh_mlflow_db(tmp_path / "mlflow.db")
+    argv = ["--arms", "baseline,reclip", "--finetune", "0.25", "--seeds", "0", "--samples", "512", "--batch", "64",
+            "--low", "32", "--full", "64", "--workers", "1", "--use-gpu", "false", "--data", str(synth_dir),
+            "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{db}", "--name", "slow",
+            "--set", f"data.tokenizer={tokenizer_path}", "--set", "model.vision.depth=2", "--set", "model.text.depth=2",
+            "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=128"]
+    assert bench.main(argv) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("reclip_vs_baseline")
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    saved = json.loads((tmp_path / "results" / "slow.json").read_text())
+    assert [r["arm"] for r in saved["rows"]] == ["baseline", "reclip-25%"]
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(bench, "run_arm", must_not_train)
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    out = capsys.readouterr().out
+    assert "2 of 2 runs already in" in out
+
+    meta = json.loads((synth_dir / "eval" / "dataset.json").read_text())
+    sets = bench.label_sets_of(meta)
+    assert sets and saved["label_sets"] == sets
+    chance_row = next(line for line in out.splitlines() if line.startswith("| chance |"))
+    for name in sets:
+        assert f"{name} top-1" in out
+        assert f"{1 / len(meta['label_sets'][name]['classes']):.3f}" in chance_row
+        assert all(0.0 <= r[f"{name}/top1"] <= 1.0 for r in saved["rows"])  # measured, not NaN
+    for r in saved["rows"]:
+        assert all(0.0 <= r[m] <= 1.0 for m in bench.RETRIEVAL)
+    # the same two schedules written out by hand, counted by flops.py
+    same = ["train.samples=512", "train.batch_size=64", "model.vision.depth=2", "model.text.depth=2"]
+    base = run_flops(load_config("tiny", same + ["phases=[{name: f, image_size: 64, text_length: 32, samples: 1.0}]"]))
+    reclip = run_flops(load_config("tiny", same + [
+        "phases=[{name: l, image_size: 32, text_length: 16, samples: 384}, "
+        "{name: f, image_size: 64, text_length: 32, samples: 128}]"]))
+    summary = {s["arm"]: s for s in saved["summary"]}
+    assert summary["reclip-25%"]["flops_saving"] == pytest.approx(
+        base["total_train_gflops"] / reclip["total_train_gflops"])
+    assert summary["reclip-25%"]["image_flops_saving"] == pytest.approx(
+        base["total_image_train_gflops"] / reclip["total_image_train_gflops"])
+    assert f"{summary['reclip-25%']['flops_saving']:.2f}x" in out
