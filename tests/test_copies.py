@@ -143,6 +143,12 @@ def test_stale_and_missing_copies_fall_back_to_the_full_image(photos):
     assert (choice.missing, choice.stale) == (1, 1)
     assert choice.summary() == "image in 2 shards, image_80 in 1 shard (full image: 1 without a copy that covers it; " \
                                "1 with stale copies)"
+    # `data inspect` says the same before any run.
+    from reclip_ray.data.inspect import inspect_dataset
+
+    report = inspect_dataset(str(photos))["copies"]
+    assert report == {"sizes": {"40": {"shards": 1, "stale": 1}, "80": {"shards": 1, "stale": 1}},
+                      "shards_without_copies": 1}
 
 
 def test_the_smallest_covering_copy_is_chosen():

@@ -16,6 +16,25 @@ from reclip_ray.data.local import _read_shard
 MAX_EXAMPLES = 10
 
 
+def _copies(files: list[str], image_column: str) -> dict[str, Any]:
+    """Per copy size (``data shrink``), the shards whose footer vouches for it and those where it is stale; the
+    pipeline reads the full image in both of the latter cases, so this is what a phase will cost before it runs."""
+    import pyarrow.parquet as pq
+
+    from reclip_ray.data.copies import footer_copies
+
+    valid: Counter[int] = Counter()
+    stale: Counter[int] = Counter()
+    without = 0
+    for file in files:
+        good, bad = footer_copies(pq.read_metadata(file), image_column)
+        valid.update(good)
+        stale.update(bad)
+        without += not good and not bad
+    return {"sizes": {str(size): {"shards": valid[size], "stale": stale[size]} for size in sorted(valid | stale)},
+            "shards_without_copies": without}
+
+
 def _stats(values: list[int]) -> dict[str, float] | None:
     if not values:
         return None
@@ -106,5 +125,6 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
         "bad_reasons": dict(reasons),
         "bad_examples": examples,
         "image_size": {"width": _stats(widths), "height": _stats(heights)},
+        "copies": _copies(files, image_column),
         "dataset_json": _summarise_meta(read_dataset_json(path)),
     }
