@@ -95,6 +95,21 @@ def draw(colour: str, shape: str, size: tuple[int, int], background: str = "whit
     return img
 
 
+def photo(rng: np.random.Generator, w: int, h: int, fmt: str = "JPEG", noise: float = 6.0) -> bytes:
+    """A photo-like image: two colour gradients, four flat blocks and Gaussian noise, so decoders and resamplers
+    differ by what they would on photographs (not on flat drawings, where they all agree). JPEG at quality 90;
+    other formats at PIL's defaults."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, 3) * (xx / w)[..., None] + rng.uniform(0, 255, 3) * (yy / h)[..., None] * 0.5
+    img = np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        img[y0 : y0 + h // 4, x0 : x0 + w // 5] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def encode(img: Image.Image, fmt: str) -> bytes:
     """Encoded bytes as a downloader would have stored them (JPEG q=90, PNG, lossy WebP)."""
     buf = io.BytesIO()

@@ -22,20 +22,12 @@ from reclip_ray.data.schema import ColumnMap, list_parquet_files
 from reclip_ray.data.stream import PhaseStream, Shard, read_footers
 from reclip_ray.data.tokenizer import train_tokenizer
 from reclip_ray.errors import DataError
-from tests.layouts import write_img2dataset
+from tests.layouts import photo, write_img2dataset
 
 
 def _photo(rng: np.random.Generator, w: int, h: int) -> bytes:
-    """A photo-like JPEG (smooth gradient + shapes + noise), so resampling differences are realistic."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = rng.uniform(0, 255, 3) * (xx / w)[..., None] + rng.uniform(0, 255, 3) * (yy / h)[..., None] * 0.5
-    img = np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-        img[y0 : y0 + h // 4, x0 : x0 + w // 5] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    """A photo-like JPEG with noise 8: this file's crop-statistics tolerances were measured on these images."""
+    return photo(rng, w, h, noise=8.0)
 
 
 def _write(path: Path, images: list[bytes | None], start: int = 0) -> None:

@@ -63,7 +63,7 @@ def test_nccl_process_group_with_one_rank_gathers_with_grad():
 def test_device_decode_on_cuda_matches_cpu():
     """data.decode_device=cuda: nvJPEG + roi_align on the GPU gives the CPU device's pixels (libjpeg + roi_align).
 
-    Two kinds of JPEG: photo-like ones (gradients and flat blocks, as in tests/test_device_decode.py) and white
+    Two kinds of JPEG: photo-like ones (``tests.layouts.photo``, as in tests/test_device_decode.py) and white
     noise, the worst case for the decoders' differences (IDCT rounding and 4:2:0 chroma upsampling). The first run
     on an H200 measured a mean difference of 3.26 levels of 255 on the noise images."""
     import io
@@ -72,6 +72,7 @@ def test_device_decode_on_cuda_matches_cpu():
     from PIL import Image
 
     from reclip_ray.data.device_decode import decode_on_device
+    from tests.layouts import photo
 
     rng = np.random.default_rng(0)
     for kind, bound in (("photo", 2.0), ("noise", 5.0)):
@@ -79,17 +80,12 @@ def test_device_decode_on_cuda_matches_cpu():
         for _ in range(16):
             w, h = int(rng.integers(300, 600)), int(rng.integers(300, 600))
             if kind == "noise":
-                img = np.clip(rng.normal(128, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(np.clip(rng.normal(128, 40, (h, w, 3)), 0, 255).astype(np.uint8)).save(
+                    buf, "JPEG", quality=90)
+                jpegs.append(buf.getvalue())
             else:
-                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-                img = rng.uniform(0, 255, 3) * (xx / w)[..., None] + rng.uniform(0, 255, 3) * (yy / h)[..., None] / 2
-                img = np.clip(img + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
-                for _ in range(4):
-                    x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-                    img[y0 : y0 + h // 4, x0 : x0 + w // 5] = rng.integers(0, 256, 3)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, "JPEG", quality=90)
-            jpegs.append(buf.getvalue())
+                jpegs.append(photo(rng, w, h))
             boxes.append([w * 0.05, h * 0.05, w * 0.95, h * 0.9])
         for size in (64, 224):
             gpu, stats = decode_on_device(jpegs, np.asarray(boxes), size, "cuda")
