@@ -18,19 +18,17 @@ MAX_EXAMPLES = 10
 
 def _copies(files: list[str], image_column: str) -> dict[str, Any]:
     """Per copy size (``data shrink``), the shards whose footer vouches for it and those where it is stale; the
-    pipeline reads the full image in both of the latter cases, so this is what a phase will cost before it runs."""
-    import pyarrow.parquet as pq
-
-    from reclip_ray.data.copies import footer_copies
+    pipeline reads the full image in both of the latter cases, so this is what a phase will cost before it runs.
+    From the footers ``count_rows`` already read (``stream.footers`` caches them): no second read per shard."""
+    from reclip_ray.data.stream import read_footers
 
     valid: Counter[int] = Counter()
     stale: Counter[int] = Counter()
     without = 0
-    for file in files:
-        good, bad = footer_copies(pq.read_metadata(file), image_column)
-        valid.update(good)
-        stale.update(bad)
-        without += not good and not bad
+    for shard in read_footers(files, image_column):
+        valid.update(shard.copies)
+        stale.update(shard.stale_copies)
+        without += not shard.copies and not shard.stale_copies
     return {"sizes": {str(size): {"shards": valid[size], "stale": stale[size]} for size in sorted(valid | stale)},
             "shards_without_copies": without}
 
