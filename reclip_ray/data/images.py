@@ -174,9 +174,9 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     """(width, height, components, precision) read from a JPEG's start-of-frame segment, or None when ``data`` is
     not a plain JPEG this walk understands (the caller then asks PIL, which gives the proper BadImage reason).
 
-    Why not PIL: ``Image.open`` costs ~80 us per image in Python-level parsing, most of the CPU time left on the
+    Why not PIL: ``Image.open`` costs ~50 us per image in Python-level parsing, most of the CPU time left on the
     device-decode path (``data.decode_device=cuda``), where the CPU only needs the size to draw the crop box. This
-    walk reads a few marker headers with ``int.from_bytes`` and stops at the frame header (~2 us).
+    walk reads a few marker headers with ``int.from_bytes`` and stops at the frame header (3-5 us; BENCHMARKS.md).
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
