@@ -18,7 +18,8 @@ The paper's comparison: same batch, same samples seen, so the only difference is
 Every run is a real reclip-ray training run (Ray Train workers, Ray Data input) logged to one MLflow experiment;
 metrics are evaluated at full resolution on the eval split, for every label set its dataset.json lists. The data
 (the synthetic captioned-shapes set at ``--synth-image-size`` px, plus the shrunk copies the low phase reads) is made
-under ``--data`` first unless it is there.
+under ``--data`` first unless it is there; ``--synth-textured`` adds the background-texture label set, the one a
+32 px image cannot show.
 
 Results: ``benchmarks/results/NAME.json``, ``.csv`` and ``.png`` (accuracy vs training GFLOPs), NAME from ``--name``
 (default ``reclip_vs_baseline``), written after every run. Each run has a key (a hash of its arm, seed, resolved
@@ -206,7 +207,8 @@ def ensure_data(args: argparse.Namespace) -> float:
     t0 = time.perf_counter()
     print(f"[bench] making the synthetic dataset: {args.synth_train} train + {args.synth_eval} eval rows at {side} px "
           f"under {args.data} ...", flush=True)
-    make_synthetic(args.data, train=args.synth_train, eval=args.synth_eval, seed=args.synth_seed, image_size=side)
+    make_synthetic(args.data, train=args.synth_train, eval=args.synth_eval, seed=args.synth_seed, image_size=side,
+                   textured=args.synth_textured)
     sizes = sizes_for_phases([args.low, args.full], source_side=side)
     if sizes:
         shrink_dataset(train, sizes, image_column="image", log=None)
@@ -543,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-image-size", type=int, default=0, help="side of the synthetic images (0: synth.IMAGE_SIZE, "
                                                                    "128); at least --full")
     p.add_argument("--synth-seed", type=int, default=0)
+    p.add_argument("--synth-textured", action="store_true",
+                   help="add the background-texture label set (synth.BACKGROUNDS): detail only full resolution shows")
     p.add_argument("--out", default="reclip_bench", help="run folders and the MLflow store")
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--name", default=DEFAULT_NAME, help="results: benchmarks/results/NAME.{json,csv,png}; a rerun "

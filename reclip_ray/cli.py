@@ -35,7 +35,8 @@ def _data_synth(args: argparse.Namespace) -> int:
     from reclip_ray.data.synth import make_synthetic
 
     try:
-        summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows)
+        summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows,
+                                 textured=args.textured)
         if args.shrink:
             summary["copies"] = _shrink(os.path.join(args.out, "train"), args.shrink, image_column="image")
     except OSError as exc:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-rows", type=int, default=1000)
     p.add_argument("--shrink", default="", metavar="SIZES", help="also store shrunk copies of the train split, e.g. 40,80")
+    p.add_argument("--textured", action="store_true",
+                   help="textured backgrounds and their label set 'background': detail that 32 px cannot show")
     p.set_defaults(func=_data_synth)
 
     p = data.add_parser("ingest", help="convert a folder of images + captions, or webdataset tars, to Parquet shards")

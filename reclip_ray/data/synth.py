@@ -6,6 +6,13 @@ The patterns have a period of ~4 px at 128 px, so they average out at 32 px and 
 detail a low-resolution RECLIP phase cannot learn and the full-resolution finetune must add. About a third of the
 captions name only one or two attributes ("a star", "a striped shape"), so zero-shot prompts are in-distribution.
 
+``textured=True`` adds a sixth attribute, the background's texture (plain, horizontal lines, vertical lines, small
+checks), as label set ``background``. It is the detail set issue 14 needs: a tiny ViT never learned the object
+pattern at 112 px within a CPU budget (the pattern covers one small object and is named in about a third of the
+captions), while the texture covers most of every image and most captions name it. Its period (4 px at 128 px) is
+a box filter's exact null at 4x, so at 32 px the four textures are the same flat background. The texture is drawn
+from its own random stream, so a textured set has the same scenes and captions as the plain one plus the texture.
+
 Rows are a pure function of (seed, split, row): ``np.random.default_rng([seed, split_id, row])``, so any shard can
 be rebuilt alone, shards can be written in parallel, and train and eval never share a stream.
 """
@@ -42,6 +49,7 @@ COLOURS = {
 }
 COLOUR_NAMES = list(COLOURS)
 PATTERNS = ["solid", "striped", "dotted", "checkered"]
+BACKGROUNDS = ["plain", "horizontal", "vertical", "checks"]
 SIZES = ["small", "large"]
 POSITIONS = ["left", "right", "top", "bottom", "centre"]
 SPLITS = {"train": 0, "eval": 1}
@@ -51,6 +59,12 @@ IMAGE_SIZE = 128  # side of every synthetic image
 SHAPE_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.", "an image of a {}."]
 COLOUR_TEMPLATES = ["a {} shape.", "a photo of a {} object.", "something {}."]
 PATTERN_TEMPLATES = ["a {} shape.", "a photo of a {} shape.", "a picture of a {} object."]
+# Background classes are whole phrases so that captions and prompts share their words ("... on vertical lines").
+BACKGROUND_PHRASES = {"plain": ["a plain background", "a blank background"], "horizontal": ["horizontal lines"],
+                      "vertical": ["vertical lines"], "checks": ["small checks"]}
+BACKGROUND_CLASSES = [BACKGROUND_PHRASES[b][0] for b in BACKGROUNDS]
+BACKGROUND_TEMPLATES = ["a shape on {}.", "a photo of a shape on {}.", "something on {}."]
+BACKGROUND_CONTRAST = 0.22  # +-22 % of the background's brightness: plain to see at 112 px, gone at 32 px
 
 _ANCHOR = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "centre": (0, 0)}
 _POSITION_WORDS = {
@@ -170,6 +184,18 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+def _texture(background: str, phase_x: int, phase_y: int, size: int) -> np.ndarray:
+    """(size, size, 1) brightness factor of a background texture: a square wave of period 4 px at 128 px."""
+    if background == "plain":
+        return np.ones((size, size, 1), dtype=np.float32)
+    half = 2.0 * size / 128
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    sx = np.floor((x + phase_x) / half).astype(np.int64) % 2
+    sy = np.floor((y + phase_y) / half).astype(np.int64) % 2
+    wave = {"horizontal": sy, "vertical": sx, "checks": (sx + sy) % 2}[background]
+    return (1.0 + BACKGROUND_CONTRAST * (2.0 * wave - 1.0)).astype(np.float32)[..., None]
+
+
 def _sample_scene(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
     """Objects, main object first (it sets the labels and leads the caption)."""
     n = int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))
@@ -200,8 +226,11 @@ def _sample_scene(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
     return objects
 
 
-def render(objects: list[dict[str, Any]], rng: np.random.Generator, size: int) -> np.ndarray:
+def render(objects: list[dict[str, Any]], rng: np.random.Generator, size: int,
+           texture: np.ndarray | None = None) -> np.ndarray:
     img = _background(rng, size)
+    if texture is not None:
+        img *= texture
     for obj in reversed(objects):  # main object last = on top
         base = np.clip(np.array(COLOURS[obj["colour"]], dtype=np.float32) * np.float32(obj["brightness"]), 0, 255)
         other = _contrast(base)
@@ -295,33 +324,44 @@ def caption_for(objects: list[dict[str, Any]], rng: np.random.Generator) -> str:
 # -------------------------------------------------------------------------------------------------- shards
 
 
-def make_row(seed: int, split: str, row: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+def make_row(seed: int, split: str, row: int, image_size: int = IMAGE_SIZE, textured: bool = False) -> dict[str, Any]:
     """One sample, a pure function of its arguments."""
     rng = np.random.default_rng([seed, SPLITS[split], row])
     objects = _sample_scene(rng, image_size)
-    pixels = render(objects, rng, image_size)
+    background, texture = "plain", None
+    if textured:
+        trng = np.random.default_rng([seed, SPLITS[split], row, 1])
+        background = BACKGROUNDS[int(trng.integers(len(BACKGROUNDS)))]
+        texture = _texture(background, int(trng.integers(4)), int(trng.integers(4)), image_size)
+    pixels = render(objects, rng, image_size, texture)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
     main = objects[0]
-    return {
+    caption = caption_for(objects, rng)
+    if textured and trng.random() < 0.8:
+        caption += " on " + _pick(trng, BACKGROUND_PHRASES[background])
+    row_dict = {
         "key": f"{split}-{row:08d}",
         "image": buf.getvalue(),
-        "caption": caption_for(objects, rng),
+        "caption": caption,
         "width": image_size,
         "height": image_size,
         "label": SHAPES.index(main["shape"]),
         "label_pattern": PATTERNS.index(main["pattern"]),
         "label_colour": COLOUR_NAMES.index(main["colour"]),
     }
+    if textured:
+        row_dict["label_background"] = BACKGROUNDS.index(background)
+    return row_dict
 
 
-def _write_shard(task: tuple[str, str, int, int, int, int, int]) -> int:
+def _write_shard(task: tuple[str, str, int, int, int, int, int, bool]) -> int:
     import pyarrow as pa
 
     from reclip_ray.data.ingest import write_parquet_atomic
 
-    out_dir, split, seed, start, stop, index, image_size = task
-    rows = [make_row(seed, split, r, image_size) for r in range(start, stop)]
+    out_dir, split, seed, start, stop, index, image_size, textured = task
+    rows = [make_row(seed, split, r, image_size, textured) for r in range(start, stop)]
     columns = {
         "key": pa.array([r["key"] for r in rows], pa.string()),
         "image": pa.array([r["image"] for r in rows], pa.binary()),
@@ -333,11 +373,13 @@ def _write_shard(task: tuple[str, str, int, int, int, int, int]) -> int:
         columns["label"] = pa.array([r["label"] for r in rows], pa.int32())
         columns["label_pattern"] = pa.array([r["label_pattern"] for r in rows], pa.int32())
         columns["label_colour"] = pa.array([r["label_colour"] for r in rows], pa.int32())
+        if textured:
+            columns["label_background"] = pa.array([r["label_background"] for r in rows], pa.int32())
     write_parquet_atomic(pa.table(columns), os.path.join(out_dir, f"shard-{index:05d}.parquet"))
     return len(rows)
 
 
-def _dataset_json(split: str, rows: int, seed: int, image_size: int) -> dict[str, Any]:
+def _dataset_json(split: str, rows: int, seed: int, image_size: int, textured: bool = False) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "rows": rows,
         "source": "synthetic:captioned-shapes",
@@ -347,6 +389,9 @@ def _dataset_json(split: str, rows: int, seed: int, image_size: int) -> dict[str
         "attributes": {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES, "position": POSITIONS,
                        "pattern": PATTERNS},
     }
+    if textured:
+        meta["source"] = "synthetic:captioned-shapes-textured"
+        meta["attributes"]["background"] = BACKGROUNDS
     if split == "eval":
         meta["classes"] = list(SHAPES)
         meta["templates"] = list(SHAPE_TEMPLATES)
@@ -356,6 +401,9 @@ def _dataset_json(split: str, rows: int, seed: int, image_size: int) -> dict[str
             # the easy set: colour is visible at any resolution, so it shows learning long before shape does
             "colour": {"column": "label_colour", "classes": list(COLOUR_NAMES), "templates": list(COLOUR_TEMPLATES)},
         }
+        if textured:
+            meta["label_sets"]["background"] = {"column": "label_background", "classes": list(BACKGROUND_CLASSES),
+                                                "templates": list(BACKGROUND_TEMPLATES)}
     return meta
 
 
@@ -367,6 +415,7 @@ def make_synthetic(
     shard_rows: int = 1000,
     image_size: int = IMAGE_SIZE,
     workers: int | None = None,
+    textured: bool = False,
 ) -> dict:
     """Write ``out/train`` and ``out/eval`` (Parquet shards + dataset.json); returns a summary."""
     from reclip_ray.data.schema import write_json_atomic
@@ -388,7 +437,8 @@ def make_synthetic(
         for stale in split_dir.glob("shard-*.parquet"):  # a rerun with fewer rows must not keep old shards
             stale.unlink()
         for index, start in enumerate(range(0, rows, shard_rows)):
-            tasks.append((str(split_dir), split, seed, start, min(rows, start + shard_rows), index, image_size))
+            tasks.append((str(split_dir), split, seed, start, min(rows, start + shard_rows), index, image_size,
+                          textured))
     if workers is None:
         workers = min(len(tasks), os.cpu_count() or 1) if train + eval >= 4000 else 1
     if workers > 1:
@@ -402,7 +452,7 @@ def make_synthetic(
         if rows == 0:
             continue
         shards = math.ceil(rows / shard_rows)
-        write_json_atomic(out / split / "dataset.json", _dataset_json(split, rows, seed, image_size))
+        write_json_atomic(out / split / "dataset.json", _dataset_json(split, rows, seed, image_size, textured))
         summary[split] = {"path": str(out / split), "rows": rows, "shards": shards}
     summary["seconds"] = round(time.perf_counter() - start_time, 2)
     return summary
