@@ -43,10 +43,12 @@ if [[ "${1:-}" == "--evidence" ]]; then
         : "${USE_GPU:=true}" "${LR:=5e-4}" "${FINETUNE:=0.07}" "${FINETUNE_LR:=2e-4}" "${NAME:=gpu_evidence}"
         : "${EVIDENCE_TIMEOUT_S:=540}"
     fi
-    : "${SEEDS:=0}" "${ARMS:=baseline,reclip}" "${BASE_IMAGE_SIZE:=}" "${EXTRA_SET:=}"
+    : "${SEEDS:=0}" "${ARMS:=baseline,reclip}" "${BASE_IMAGE_SIZE:=}" "${EXTRA_SET:=}" "${TEXTURED:=1}"
     EVIDENCE_DIR="${EVIDENCE_DIR:-${TMPDIR:-/tmp}/reclip_evidence_$NAME}"
     EXTRA=()
     for s in $EXTRA_SET; do EXTRA+=(--set "$s"); done  # space-separated key=value overrides for every arm
+    # textured backgrounds (synth.BACKGROUNDS): the label set that only full resolution shows (period 8 px at 256 px)
+    [[ "$TEXTURED" == 1 ]] && EXTRA+=(--synth-textured)
     rc=0
     timeout "$EVIDENCE_TIMEOUT_S" "$PYTHON" benchmarks/reclip_vs_baseline.py --name "$NAME" --config "$CONFIG" \
         --arms "$ARMS" --seeds "$SEEDS" --samples "$SAMPLES" --batch "$BATCH" --low "$LOW" --low-text 16 \

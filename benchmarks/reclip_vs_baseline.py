@@ -273,7 +273,8 @@ def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
     nan = float("nan")
     out = []
     base = [r for r in rows if r["arm"] == "baseline"]
-    base_flops = {k: statistics.mean(float(r.get(k, nan)) for r in base) for k in ("train_gflops", "image_gflops")}
+    base_flops = {k: statistics.mean(float(r.get(k, nan)) for r in base) if base else nan
+                  for k in ("train_gflops", "image_gflops")}  # no baseline arm (--arms reclip): no ratios
     for arm in dict.fromkeys(r["arm"] for r in sorted(rows, key=arm_sort_key)):
         rs = [r for r in rows if r["arm"] == arm]
         s: dict[str, Any] = {"arm": arm, "kind": kind_of(rs[0]), "seeds": len(rs),
@@ -513,7 +514,9 @@ def dry_run(arms: list[Arm], seeds: list[int], args: argparse.Namespace) -> int:
               f"{saving(base['train_gflops'], f['train_gflops']):.2f}x | {f['image_gflops']:.0f} | "
               f"{saving(base['image_gflops'], f['image_gflops']):.2f}x | {keys} |")
     if not data["train"]:
-        print(f"(no data under {args.data} yet: the keys will differ once it is made)")
+        kind = "textured captioned shapes" if args.synth_textured else "captioned shapes"
+        print(f"(no data under {args.data} yet: it will be made ({args.synth_train} + {args.synth_eval} rows of "
+              f"{kind} at {args.synth_image_size or 'the default'} px), and the keys will differ once it is)")
     return 0
 
 

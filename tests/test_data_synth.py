@@ -76,6 +76,66 @@ def test_pattern_is_fine_detail():
     assert patch.std() > 30 and small[12:20, 12:20].mean(-1).std() < 3
 
 
+def test_textured_rows_are_the_plain_rows_plus_a_named_texture():
+    """textured=True keeps every scene and caption (the texture has its own random stream) and names the texture in
+    most captions with the phrases the zero-shot classes use."""
+    counts, named = [0] * len(synth.BACKGROUNDS), 0
+    for row in range(160):
+        plain, textured = synth.make_row(3, "eval", row), synth.make_row(3, "eval", row, textured=True)
+        background = synth.BACKGROUNDS[textured["label_background"]]
+        counts[textured["label_background"]] += 1
+        assert textured["caption"].startswith(plain["caption"])
+        suffix = textured["caption"][len(plain["caption"]):]
+        if suffix:
+            named += 1
+            assert suffix.removeprefix(" on ") in synth.BACKGROUND_PHRASES[background], (row, suffix)
+        assert (textured["image"] == plain["image"]) == (background == "plain")
+        assert {k: v for k, v in textured.items() if k not in ("image", "caption", "label_background")} == \
+            {k: v for k, v in plain.items() if k not in ("image", "caption")}
+    assert min(counts) > 20 and 0.7 * 160 < named < 0.9 * 160
+
+
+def _edge_energy(pixels: np.ndarray) -> tuple[float, float]:
+    grey = pixels.astype(np.float32).mean(-1)
+    return float(np.abs(np.diff(grey, axis=1)).mean()), float(np.abs(np.diff(grey, axis=0)).mean())
+
+
+def test_background_texture_shows_at_112_px_and_not_at_32_px():
+    """Through the pipeline's own decode: the lines' orientation is plain at 112 px (the eval crop) and gone at 32 px
+    from the 40 px copy the low phase reads (a random train crop), where issue 14 needs a 32 px model to be blind."""
+    import random
+
+    from reclip_ray.data.images import decode_image, make_copy
+
+    rng = random.Random(0)
+    ratio: dict[str, dict[int, list[float]]] = {b: {32: [], 112: []} for b in ("horizontal", "vertical")}
+    for row in range(120):
+        r = synth.make_row(0, "train", row, textured=True)
+        background = synth.BACKGROUNDS[r["label_background"]]
+        if background in ratio:
+            gx, gy = _edge_energy(decode_image(r["image"], 112, train=False))
+            ratio[background][112].append(gy / gx)
+            gx, gy = _edge_energy(decode_image(make_copy(r["image"], 40), 32, train=True, rng=rng))
+            ratio[background][32].append(gy / gx)
+    mean = {b: {size: float(np.mean(v)) for size, v in d.items()} for b, d in ratio.items()}
+    assert mean["horizontal"][112] > 3 and mean["vertical"][112] < 1 / 3, mean  # vertical edges across horizontal lines
+    for b in ratio:
+        assert 0.8 < mean[b][32] < 1.25, mean
+
+
+def test_textured_dataset_has_the_background_label_set(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert cli_main(["data", "synth", "--out", str(out), "--train", "8", "--eval", "12", "--textured"]) == 0
+    capsys.readouterr()
+    meta = read_dataset_json(str(out / "eval"))
+    assert meta["label_sets"]["background"]["classes"] == synth.BACKGROUND_CLASSES
+    assert set(meta["label_sets"]) == {"shape", "pattern", "colour", "background"}
+    table = pq.read_table(list_parquet_files(str(out / "eval"))[0])
+    assert table.column("label_background").to_pylist() == [
+        synth.make_row(0, "eval", r, textured=True)["label_background"] for r in range(12)]
+    assert "label_background" not in pq.read_schema(list_parquet_files(str(out / "train"))[0]).names
+
+
 def test_inspect_reports_bad_rows(tmp_path, synth_dir):
     good = pq.read_table(list_parquet_files(str(synth_dir / "train"))[0]).slice(0, 20).to_pylist()
     good[3]["image"] = good[3]["image"][:300]

@@ -25,18 +25,39 @@ def _metrics(db, run_id):
     return run.data.metrics
 
 
-def test_labelled_messy_and_img2dataset_layouts_train(ray_session, make_cfg, tmp_path):
+def _broken_eval_set(out, synth_dir):
+    """An eval set that passes the checks before Ray (its footers and labels are fine) but where no image decodes."""
+    out.mkdir()
+    (out / "dataset.json").write_text((synth_dir / "eval" / "dataset.json").read_text())
+    table = pq.read_table(sorted((synth_dir / "eval").glob("*.parquet"))[0])
+    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), out / "part-0.parquet")
+    return out
+
+
+def test_labelled_messy_and_img2dataset_layouts_train_through_a_failing_evaluation(ray_session, make_cfg, tmp_path,
+                                                                                     synth_dir):
     from reclip_ray.train.launch import run_training
 
     # 1. A labelled split plus a messy export in one folder: label column, no key column in some shards, nulls.
+    # Its eval set is broken, so both phase-end evaluations fail: the run still finishes, with the errors in MLflow
+    # (one run for both checks: each costs a worker group's ~25 s start-up).
     mixed = tmp_path / "mixed"
     labelled = write_labelled_folder_dataset(mixed / "labelled", n_rows=40, shard_rows=16)
     messy = write_messy(mixed / "messy", n_rows=16)
+    broken = _broken_eval_set(tmp_path / "broken_eval", synth_dir)
     cfg = make_cfg("labelled", extra=["train.samples=128", "train.batch_size=32", "checkpoint.every_samples=0",
-                                      "eval.at_phase_end=false", "data.max_bad_fraction=0.5"], train=mixed)
+                                      "data.max_bad_fraction=0.5", f"data.eval={broken}"], train=mixed)
     out = run_training(cfg)
     assert out["samples"] == 128
-    m = _metrics(tmp_path / "mlflow.db", out["mlflow_run_id"])
+    client, run = mlflow_run(tmp_path / "mlflow.db", out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    errors = {k: v for k, v in run.data.tags.items() if k.startswith("reclip.eval_error.")}
+    assert set(errors) == {"reclip.eval_error.lowres", "reclip.eval_error.finetune"}, errors
+    assert all("no readable rows" in v for v in errors.values()), errors
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_errors")] == [1.0, 1.0]
+    assert not any(k.startswith("eval/") for k in run.data.metrics)
+    m = run.data.metrics
     # Every bad row of the messy export is a real one (null / empty caption), never an absent row; the null image
     # is absent. Passes repeat rows, so compare rates, not counts.
     assert m["data_rows_seen"] >= 128 and m["data_rows_bad"] > 0
@@ -64,26 +85,3 @@ def test_labelled_messy_and_img2dataset_layouts_train(ray_session, make_cfg, tmp
     without = "(full image: 1 without a copy that covers it)"
     assert run.data.tags["reclip.data_source.lowres"] == f"jpg in 1 shard, jpg_40 in 2 shards {without}"
     assert run.data.tags["reclip.data_source.finetune"] == f"jpg in 1 shard, jpg_80 in 2 shards {without}"
-
-
-def test_an_evaluation_that_fails_is_logged_and_training_goes_on(ray_session, make_cfg, tmp_path, synth_dir):
-    """The eval set passes the checks before Ray (its footers and labels are fine) but no image decodes, so every
-    phase-end evaluation fails; the run still finishes, with the error in MLflow."""
-    from reclip_ray.train.launch import run_training
-
-    broken = tmp_path / "broken_eval"
-    broken.mkdir()
-    (broken / "dataset.json").write_text((synth_dir / "eval" / "dataset.json").read_text())
-    table = pq.read_table(sorted((synth_dir / "eval").glob("*.parquet"))[0])
-    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), broken / "part-0.parquet")
-    cfg = make_cfg("evalfails", extra=["train.samples=256", "checkpoint.every_samples=0", f"data.eval={broken}"])
-    out = run_training(cfg)
-    assert out["samples"] == 256
-    client, run = mlflow_run(tmp_path / "mlflow.db", out["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    errors = {k: v for k, v in run.data.tags.items() if k.startswith("reclip.eval_error.")}
-    assert set(errors) == {"reclip.eval_error.lowres", "reclip.eval_error.finetune"}, errors
-    assert all("no readable rows" in v for v in errors.values()), errors
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_errors")] == [1.0, 1.0]
-    assert not any(k.startswith("eval/") for k in run.data.metrics)

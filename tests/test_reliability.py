@@ -135,37 +135,50 @@ def _logged(db: Path, key: str):
     return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
 
 
-# ------------------------------------------------------------------------------------------ 1. worker exception
+# ------------------------------------------------------------------------------------------ 1. worker exception, SIGKILL
 
 
-def test_worker_exception_restarts_from_the_last_checkpoint(ray_session, make_cfg, tmp_path):
-    from reclip_ray.train.launch import run_training
+def test_a_worker_exception_then_a_sigkill_each_restart_from_the_last_checkpoint(ray_session, make_cfg, tmp_path):
+    """Two faults in one run (one run's start-up instead of two): rank 1 raises once at 704 samples (step 11, phase 0;
+    the last checkpoint before it is at 512), and once the restarted group has checkpointed past the fault, a
+    worker process is SIGKILLed. The run starts from exported weights (model.init_from): the fresh start loads them,
+    each restart resumes its checkpoint instead."""
+    from ray.util.state import list_actors
 
-    # Rank 1 raises once at 704 samples (step 11, phase 0); the last checkpoint before it is at 512. The run starts
-    # from exported weights (model.init_from): the fresh start loads them, the restart resumes its checkpoint instead.
     from reclip_ray.data.tokenizer import load_tokenizer
     from reclip_ray.export import export_model
     from reclip_ray.model import build_model
 
-    first = make_cfg("exc", workers=2)
+    first = make_cfg("faults", workers=2)
     tok = load_tokenizer(first.data.tokenizer)
     export_model(build_model(first.model, tokenizer=tok), tok, first, tmp_path / "start_weights")
-    cfg = make_cfg("exc", workers=2, extra=["fault.fail_at_samples=704", "fault.fail_rank=1",
-                                             "checkpoint.every_samples=256", "eval.at_phase_end=false",
-                                             f"model.init_from={tmp_path / 'start_weights'}"])
-    metrics = run_training(cfg)
+    cfg = make_cfg("faults", workers=2, extra=["fault.fail_at_samples=704", "fault.fail_rank=1", "train.samples=2048",
+                                                "checkpoint.every_samples=256", "eval.at_phase_end=false",
+                                                "fault.step_delay_s=0.2", f"model.init_from={tmp_path / 'start_weights'}"])
+    run_dir = Path(cfg.run.storage_path) / "faults"
+    job = _Background(cfg)
+    _wait_for("a checkpoint after the raised fault", lambda: any(
+        read_state(c).samples > 704 for c in _checkpoints(run_dir)), timeout_s=300, job=job)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2, workers
+    killed_at = time.time()
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    metrics = job.join(timeout_s=400)
 
-    assert metrics["samples"] == cfg.train.samples == 1024
+    assert metrics["samples"] == cfg.train.samples == 2048
     fault = json.loads((Path(metrics["run_dir"]) / ".fault_injected").read_text())
     assert fault["samples"] == 704
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED" and run.info.run_id == metrics["mlflow_run_id"]
-    assert run.data.metrics["restarts"] == 1
-    assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restart
+    assert run.data.metrics["restarts"] == 2
+    restarts = client.get_metric_history(run.info.run_id, "restarts")
+    assert sorted(m.value for m in restarts) == [0, 1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restarts
     assert run.data.tags["reclip.init_from"].startswith("init_from")
-    _check_history(cfg, client, run, total_steps=16)
+    _check_history(cfg, client, run, total_steps=32)
     _final_checkpoint_is_complete(cfg, metrics)
     print(f"\n[reliability] worker exception: recovery {_recovery_seconds(client, run.info.run_id, fault['time']):.1f} s")
+    print(f"[reliability] SIGKILL of a worker: recovery {_recovery_seconds(client, run.info.run_id, killed_at):.1f} s")
 
 
 # ------------------------------------------------------------------------------------------ 2. elastic resize
@@ -309,33 +322,7 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
     assert run.data.metrics["local_batch"] == 9  # rank 0's share of the last step
 
 
-# ------------------------------------------------------------------------------------------ 4. SIGKILL of a worker
-
-
-def test_sigkill_of_a_training_worker_process(ray_session, make_cfg, tmp_path):
-    from ray.util.state import list_actors
-
-    cfg = make_cfg("kill", workers=2, extra=["checkpoint.every_samples=256", "fault.step_delay_s=0.3",
-                                              "eval.at_phase_end=false"])
-    run_dir = Path(cfg.run.storage_path) / "kill"
-    job = _Background(cfg)
-    _wait_for("a checkpoint", lambda: _checkpoints(run_dir), timeout_s=240)
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-    assert len(workers) == 2, workers
-    killed_at = time.time()
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    metrics = job.join(timeout_s=400)
-
-    assert metrics["samples"] == 1024
-    client, run = mlflow_run(tmp_path / "mlflow.db")
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["restarts"] == 1
-    _check_history(cfg, client, run, total_steps=16)
-    _final_checkpoint_is_complete(cfg, metrics)
-    print(f"\n[reliability] SIGKILL of a worker: recovery {_recovery_seconds(client, run.info.run_id, killed_at):.1f} s")
-
-
-# ------------------------------------------------------------------------------------------ 5. bad data
+# ------------------------------------------------------------------------------------------ 4. bad data
 
 
 def _corrupt_copy(src: Path, out: Path, every: int) -> int:
@@ -433,7 +420,7 @@ def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_s
     assert sorted(_history(client, run.info.run_id, "loss")) == list(range(1, 33))
 
 
-# ------------------------------------------------------------------------------------------ 6. Ctrl-C of the driver
+# ------------------------------------------------------------------------------------------ 5. Ctrl-C of the driver
 
 
 def test_ctrl_c_stops_the_workers_and_the_same_command_resumes(ray_cluster, tmp_path, synth_dir, tokenizer_path):
