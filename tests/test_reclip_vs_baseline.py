@@ -281,8 +281,8 @@ def test_gpu_check_evidence_plans_the_textured_comparison(tmp_path):
 def test_experiment_runs_then_resumes(ray_session, bench, tmp_path, synth_dir, tokenizer_path, monkeypatch, capsys):
     """The script's main() trains a RECLIP arm on Ray; a rerun trains nothing (no run_arm call, no new MLflow run);
     the table lists every label set with its chance level, and the row the GFLOPs of flops.py. One arm: a second
-    run costs another worker-group start-up (~25 s), and the ratios to a baseline row are checked above, with a
-    stand-in trainer."""
+    run costs another worker-group start-up (~25 s), and the ratios to a baseline row are checked by the fast tests
+    above (hand-made rows, flops.py, and main() with a stand-in trainer)."""
     from mlflow.tracking import MlflowClient
 
     from conftest import fresh_mlflow_db

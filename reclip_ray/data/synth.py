@@ -184,8 +184,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+@lru_cache(maxsize=64)
 def _texture(background: str, phase_x: int, phase_y: int, size: int) -> np.ndarray:
-    """(size, size, 1) brightness factor of a background texture: a square wave of period 4 px at 128 px."""
+    """(size, size, 1) brightness factor of a background texture: a square wave of period 4 px at 128 px. Cached
+    like ``_pattern``: 49 distinct textures per image size, read only by ``render``."""
     if background == "plain":
         return np.ones((size, size, 1), dtype=np.float32)
     half = 2.0 * size / 128
