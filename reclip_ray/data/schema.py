@@ -41,20 +41,16 @@ class ColumnMap:
 
 
 def _is_uri(path: str) -> bool:
-    return "://" in path
+    from reclip_ray.storage import is_uri
+
+    return is_uri(path)
 
 
 def _filesystem(path: str):
-    """(pyarrow filesystem, path inside it). Local paths get the local filesystem without URI parsing."""
-    import pyarrow.fs as pafs
+    """(pyarrow filesystem, path inside it): ``reclip_ray.storage.filesystem``."""
+    from reclip_ray.storage import filesystem
 
-    if _is_uri(path) and not path.startswith("file://"):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes or missing creds
-            raise DataError(f"cannot open {path}: {exc}") from exc
-    local = path[len("file://") :] if path.startswith("file://") else path
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+    return filesystem(path)
 
 
 def list_parquet_files(path: str | os.PathLike) -> list[str]:

@@ -1,0 +1,214 @@
+"""Paths that may be local folders or object-store URIs (``s3://bucket/runs``), through pyarrow's filesystems.
+
+A run folder or a dataset can live on a local disk, a shared filesystem or a bucket. ``pathlib.Path`` is the wrong
+type for the last: ``Path("s3://b/x")`` is ``s3:/b/x``, a *local* path, so every write would silently land in a
+folder named ``s3:`` on whichever node ran it. This module is the one place that turns a path string into a
+filesystem: everything else keeps paths as strings, joins them with ``join`` and reads/writes through the helpers
+here. Local paths (and ``file://`` URIs) are made absolute; URIs keep their scheme.
+
+Writes are atomic where the storage allows it: locally a temporary file in the same folder and ``os.replace``; on
+an object store a single PUT (an object becomes visible whole, when the upload completes, or not at all).
+
+Cost at scale: ``pyarrow.fs.FileSystem.from_uri`` builds an S3 client (and may ask the bucket for its region) each
+call, so filesystems are cached per scheme and bucket for the life of the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from reclip_ray.errors import DataError
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (which is a local path written as a URI)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str) -> str | None:
+    """The absolute local path of a local path or ``file://`` URI; None for a remote URI."""
+    path = str(path)
+    if is_uri(path):
+        return None
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def normalize(path: str) -> str:
+    """Local paths absolute, URIs as given (without a trailing slash)."""
+    local = local_path(path)
+    return local if local is not None else str(path).rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI alike (``os.path.join`` would do for the former only)."""
+    base = str(base)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
+
+
+def parent(path: str) -> str:
+    path = str(path).rstrip("/")
+    if not is_uri(path):
+        return os.path.dirname(path)
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest)}"
+
+
+def name(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+@functools.lru_cache(maxsize=64)
+def _remote_filesystem(scheme: str, authority: str) -> pafs.FileSystem:
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}/")
+    return fs
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it). One line of error for an unknown scheme or missing credentials."""
+    path = str(path)
+    local = local_path(path)
+    if local is not None:
+        return pafs.LocalFileSystem(), local
+    scheme, rest = path.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    try:
+        fs = _remote_filesystem(scheme, authority)
+        if scheme in ("s3", "gs", "gcs"):
+            return fs, rest.rstrip("/")  # pyarrow's S3/GCS paths are bucket/key
+        return fs, pafs.FileSystem.from_uri(path)[1]
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes or missing credentials
+        raise DataError(f"cannot open {path}: {exc}") from exc
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def makedirs(path: str) -> None:
+    """A folder (and its parents); on object stores there are no folders and this does nothing harmful."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes; FileNotFoundError if it is not there."""
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # pyarrow's S3 reports a missing key as OSError on some versions
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path) from exc
+        raise
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    """The parsed JSON file, or ``default`` when it does not exist."""
+    try:
+        return json.loads(read_text(path))
+    except FileNotFoundError:
+        return default
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write the whole file atomically: readers see the old file or the new one, never a part."""
+    fs, inner = filesystem(path)
+    local = local_path(path)
+    if local is None:  # an object store: one PUT, visible whole when it completes
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=True))
+
+
+def delete_file(path: str) -> None:
+    """Remove a file if it is there."""
+    fs, inner = filesystem(path)
+    try:
+        fs.delete_file(inner)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+            raise
+
+
+def delete_dir(path: str) -> None:
+    """Remove a folder (every object under the prefix) if it is there."""
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        return
+    fs.delete_dir(inner)
+
+
+def upload_dir(local_dir: str, target: str) -> None:
+    """Copy a local folder to ``target`` (local or URI), replacing what was there.
+
+    Locally the copy is staged beside the target and renamed into place, so a reader never sees half a folder. An
+    object store has no rename: the files are written one by one, each whole, after the old ones are removed.
+    """
+    import shutil
+
+    local_target = local_path(target)
+    if local_target is not None:
+        staging = f"{local_target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, staging)
+        old = f"{local_target}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(local_target):
+            os.replace(local_target, old)
+        os.replace(staging, local_target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    delete_dir(target)
+    fs, inner = filesystem(target)
+    pafs.copy_files(local_dir, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(source: str, local_dir: str) -> str:
+    """Copy a folder (local or URI) into ``local_dir``; returns ``local_dir``."""
+    fs, inner = filesystem(source)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(source)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
