@@ -151,19 +151,36 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------------------------------- datasets
 
 
-def _label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None) -> dict[str, dict]:
-    """{set name: {column, classes, templates}} from dataset.json (or a --classes file for the main label)."""
+def _label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
+                class_labels: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
+    dataset.json's ``label_sets`` or ``classes``, the ClassLabel columns of a Hugging Face ``datasets`` export
+    (``class_labels``, ``schema.class_label_sets``).
+
+    A ClassLabel column is named as dataset.json would name it: the label column (``data.label_column``) is the set
+    ``label``; any other is a set named after its column (CIFAR-100's ``fine_label`` and ``coarse_label``). A column
+    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column."""
     if classes_override is not None:
-        return {"label": {"column": "label", **classes_override}}
+        return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
     sets: dict[str, dict] = {}
+    if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
+        for column, classes in (class_labels or {}).items():
+            main = column == label_column
+            if column in names and (main or column != "label"):
+                sets["label" if main else column] = {"column": "label" if main else column, "classes": classes,
+                                                     "templates": meta.get("templates", []),
+                                                     "source": "the 'huggingface' metadata"}
+        return dict(sorted(sets.items(), key=lambda kv: kv[0] != "label"))
     if isinstance(meta.get("label_sets"), dict):
         for name, spec in meta["label_sets"].items():
             column = spec.get("column", "label")
             source = label_column if column == "label" else column
             if source in names and spec.get("classes"):
-                sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", [])}
+                sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
+                              "source": "dataset.json"}
     elif meta.get("classes") and label_column in names:
-        sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", [])}
+        sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
+                         "source": "dataset.json"}
     return sets
 
 
@@ -252,7 +269,8 @@ def evaluate_dataset(
     rank is raised on every rank, so the ranks' collectives stay paired.
     """
     from reclip_ray.data.local import BadRowCount, iter_local_batches
-    from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import (ColumnMap, class_label_sets, list_parquet_files, parquet_schema,
+                                        read_dataset_json)
 
     columns = columns or ColumnMap()
     core = getattr(model, "module", model)
@@ -262,7 +280,8 @@ def evaluate_dataset(
         names = parquet_schema(files[0]).names
         if classes is not None and columns.label not in names:
             raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
-        return files, _label_sets(read_dataset_json(data_path), names, columns.label, classes)
+        return files, _label_sets(read_dataset_json(data_path), names, columns.label, classes,
+                                  class_label_sets(files))
 
     files, sets = setup() if world_size == 1 else _agree(setup, world_size)
     label_cols = sorted({spec["column"] for spec in sets.values()})
@@ -340,7 +359,7 @@ def _check_gathered(data_path: str, sets: dict[str, dict], got: _Gathered) -> No
                           f"{got.bad} bad rows)")
     if not sets and got.text_features is None:
         raise ReclipError(f"{data_path}: nothing to evaluate: no captions and no label set (dataset.json "
-                          "'classes'/'label_sets', or --classes)")
+                          "'classes'/'label_sets', --classes, or ClassLabel columns of Hugging Face datasets)")
     for name, spec in sets.items():
         y = torch.tensor(got.labels[spec["column"]], dtype=torch.long)
         n_cls = len(spec["classes"])
@@ -531,7 +550,8 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     "has_captions"}``.
     """
     from reclip_ray.data.local import _read_shard, check_columns
-    from reclip_ray.data.schema import ColumnMap, count_rows, list_parquet_files, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import (ColumnMap, class_label_sets, count_rows, list_parquet_files, parquet_schema,
+                                        read_dataset_json)
     from reclip_ray.errors import DataError
 
     columns = columns or ColumnMap()
@@ -544,7 +564,8 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     if rows == 0:
         raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
 
-    sets = _label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None)
+    sets = _label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None,
+                       class_label_sets(files))
     source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
     has_captions = False
     for file in files:
@@ -555,28 +576,31 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
         if sets:
             table = _read_shard(file, sorted(set(source.values())))
             for name, spec in sets.items():
-                _check_labels(file, source[name], name, len(spec["classes"]), table.column(source[name]))
+                _check_labels(file, source[name], name, spec, table.column(source[name]))
         if not has_captions and columns.caption in names:
             captions = _read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
             has_captions = any(c is not None and str(c).strip() for c in captions)
     if not sets and not has_captions:
         raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
-                        "'label_sets')")
+                        "'label_sets', or ClassLabel columns of Hugging Face datasets)")
     return {"rows": rows, "files": len(files), "label_sets": {n: len(s["classes"]) for n, s in sets.items()},
             "has_captions": has_captions}
 
 
-def _check_labels(file: str, column: str, set_name: str, n_classes: int, values: Any) -> None:
+def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any) -> None:
     """Raise naming the file, column and label set when a label is null or outside ``range(n_classes)``."""
     from reclip_ray.errors import DataError
 
+    n_classes = len(spec["classes"])
     if values.null_count:
         raise DataError(f"{file}: null label in column {column!r} (label set {set_name!r})")
     y = np.asarray(values.to_numpy(), dtype=np.int64)
     bad = y[(y < 0) | (y >= n_classes)]
     if bad.size:
         raise DataError(f"{file}: label {int(bad[0])} in column {column!r} is outside the {n_classes} classes of "
-                        f"label set {set_name!r} in dataset.json")
+                        f"label set {set_name!r} in {spec['source']}"
+                        + (" (-1 is how datasets marks a missing label: an unlabelled split?)"
+                           if int(bad[0]) == -1 and "huggingface" in spec["source"] else ""))
 
 
 def eval_columns(data: str, configured: Any) -> Any:

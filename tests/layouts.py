@@ -398,3 +398,69 @@ def write_messy(out: str | Path, n_rows: int = 16, seed: int = 0) -> Layout:
     keys = [f"{paths[0].name}#{i}" for i in range(half)] + [f"{paths[1].name}#{i}" for i in range(n_rows - half)]
     return Layout(out, [str(p) for p in paths], "image", "caption", keys[4:], absent_keys=keys[:1],
                   bad_keys=keys[1:4])
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+
+
+def write_hugging_face(out: str | Path, n_rows: int = 14, *, shards: int = 2, seed: int = 0,
+                       image_column: str = "image", caption_column: str | None = "caption",
+                       null: tuple[int, ...] = (3,), path_only: tuple[int, ...] = (8,),
+                       corrupt: tuple[int, ...] = (5,)) -> Layout:
+    """Parquet written by the ``datasets`` library itself, as a Hub export: ``Dataset.shard`` + ``to_parquet`` into
+    ``data/train-0000S-of-0000N.parquet``.
+
+    ``datasets`` stores an ``Image()`` feature as ``struct<bytes: binary, path: string>`` and a ``ClassLabel`` as
+    int64, the class names living only in the footer's ``huggingface`` metadata; there is no key column, so keys are
+    ``FILE#ROW``. Two ClassLabels: ``label`` (the shape, ``extra["classes"]``) and ``colour``
+    (``extra["colours"]``). Rows ``null`` have no image (a null struct) and rows ``path_only`` an image that
+    ``to_parquet`` did not embed (bytes null, path set): both absent. Rows ``corrupt`` hold truncated bytes (bad).
+    ``extra["images"]`` maps each valid key to the encoded bytes it stores.
+    """
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as HFImage
+
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    fmts = _formats(rng, n_rows)
+    colours = list(COLOURS)
+    images, labels, colour_ids, captions = [], [], [], []
+    for i in range(n_rows):
+        shape, colour = SHAPES[i % len(SHAPES)], colours[int(rng.integers(len(colours)))]
+        size = (int(rng.integers(48, 129)), int(rng.integers(40, 97)))
+        data = encode(draw(colour, shape, size), fmts[i])
+        if i in null:
+            images.append(None)
+        elif i in path_only:
+            file = out / f"local-{i}.png"
+            file.write_bytes(data)
+            images.append({"bytes": None, "path": str(file)})
+        else:
+            images.append({"bytes": data[: len(data) // 2] if i in corrupt else data, "path": None})
+        labels.append(SHAPES.index(shape))
+        colour_ids.append(colours.index(colour))
+        captions.append(f"a {colour} {shape}")
+    features = {image_column: HFImage(), "label": ClassLabel(names=list(SHAPES)),
+                "colour": ClassLabel(names=colours)}
+    columns = {image_column: images, "label": labels, "colour": colour_ids}
+    if caption_column:
+        features[caption_column] = Value("string")
+        columns[caption_column] = captions
+    ds = Dataset.from_dict(columns, features=Features(features))
+    files, keys, start = [], [], 0
+    for s in range(shards):
+        part = ds.shard(num_shards=shards, index=s, contiguous=True)
+        path = out / "data" / f"train-{s:05d}-of-{shards:05d}.parquet"
+        part.to_parquet(str(path))
+        files.append(str(path))
+        keys += [(i, f"{path.name}#{i - start}") for i in range(start, start + part.num_rows)]
+        start += part.num_rows
+    valid = [k for i, k in keys if i not in (*null, *path_only, *corrupt)]
+    return Layout(out, files, image_column, caption_column or "", valid,
+                  absent_keys=[k for i, k in keys if i in (*null, *path_only)],
+                  bad_keys=[k for i, k in keys if i in corrupt],
+                  extra={"classes": list(SHAPES), "colours": colours,
+                         "labels": {k: labels[i] for i, k in keys},
+                         "colour_labels": {k: colour_ids[i] for i, k in keys},
+                         "images": {k: images[i]["bytes"] for i, k in keys if k in valid}})

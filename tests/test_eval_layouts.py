@@ -365,3 +365,91 @@ def test_eval_columns_fall_back_to_canonical_names(coco_dir, tmp_path):
     path = write_set(tmp_path / "i2d", img2dataset_rows(), shards=1)
     picked = eval_columns(path, ColumnMap(image="jpg", caption="txt"))
     assert (picked.image, picked.caption) == ("jpg", "txt")
+
+
+# --------------------------------------------------------------------------------------------------- Hugging Face
+
+
+def write_hf_set(folder, *, caption: str | None = None, labels=None, names=CLASSES, shards: int = 2) -> str:
+    """Parquet written by ``datasets`` itself: Image() struct, ClassLabel ``label`` (``names``) and ``coarse`` (image
+    parity), an optional caption column named ``caption``; class names only in the footers' metadata."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as HFImage
+
+    labels = [labels_of(i) for i in range(N_IMAGES)] if labels is None else labels
+    columns = {"image": [{"bytes": image_bytes(i, "PNG" if i % 3 == 2 else "JPEG"), "path": None}
+                         for i in range(N_IMAGES)],
+               "label": labels, "coarse": [i % 2 for i in range(N_IMAGES)]}
+    features = {"image": HFImage(), "label": ClassLabel(names=list(names)),
+                "coarse": ClassLabel(names=["class0", "class1"])}
+    if caption:
+        columns[caption] = [f"image {i} caption 0" for i in range(N_IMAGES)]
+        features[caption] = Value("string")
+    ds = Dataset.from_dict(columns, features=Features(features))
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        ds.shard(num_shards=shards, index=s, contiguous=True).to_parquet(str(folder / f"train-{s:05d}.parquet"))
+    return str(folder)
+
+
+def reference_top1_of(model: StubModel, labels: list[int], n_classes: int) -> float:
+    """Top-1 by brute force over the stub's first ``n_classes`` class vectors (ties are misses)."""
+    sims = (model.image_vecs @ model.class_vecs[:n_classes].T).tolist()
+    return sum(all(sims[i][c] < sims[i][y] for c in range(n_classes) if c != y)
+               for i, y in enumerate(labels)) / len(labels)
+
+
+def test_hugging_face_classlabels_are_the_label_sets(tmp_path):
+    """An image + ClassLabel set exported by ``datasets``, no dataset.json: each ClassLabel column is a label set
+    (the label column is ``label``, others keep their column's name), scored zero-shot with its names."""
+    path = write_hf_set(tmp_path / "hf")
+    model = noisy_model(2)
+    m = evaluate(model, path)
+    labels = [labels_of(i) for i in range(N_IMAGES)]
+    assert m["label/top1"] == pytest.approx(reference_top1_of(model, labels, 3))
+    assert m["coarse/top1"] == pytest.approx(reference_top1_of(model, [i % 2 for i in range(N_IMAGES)], 2))
+    assert (m["label/chance_top1"], m["coarse/chance_top1"]) == (pytest.approx(1 / 3), 0.5)
+    assert 0 < m["label/top1"] < 1 and m["images"] == N_IMAGES and not any("r@" in k for k in m)
+    assert evaluate(perfect_model(), path)["label/top1"] == 1.0
+    assert check_eval_set(path, ColumnMap(), [32], 16) == {"rows": N_IMAGES, "files": 2,
+                                                          "label_sets": {"label": 3, "coarse": 2},
+                                                          "has_captions": False}
+    # dataset.json's templates (without classes) are used with the ClassLabel names
+    (tmp_path / "hf" / "dataset.json").write_text(json.dumps({"templates": ["itap of a {}."]}))
+    seen: list[str] = []
+
+    class Recording(StubTokenizer):
+        def encode(self, texts, length):
+            seen.extend(texts)
+            return super().encode(texts, length)
+
+    evaluate_dataset(model, Recording(), path, image_size=32, text_length=8)
+    assert {"itap of a class2.", "itap of a class1."} <= set(seen) and not any("photo" in t for t in seen)
+    # dataset.json, when it names classes, says otherwise: its classes (here in another order) and only its sets
+    (tmp_path / "hf" / "dataset.json").write_text(json.dumps({"classes": ["class1", "class2", "class0"]}))
+    m = evaluate(model, path)
+    assert not any(k.startswith("coarse/") for k in m)
+    shifted = StubModel(model.image_vecs, model.caption_vecs, model.class_vecs[[1, 2, 0]])
+    assert m["label/top1"] == pytest.approx(reference_top1_of(shifted, labels, 3))
+
+
+def test_hugging_face_image_text_set_gets_retrieval_too(tmp_path):
+    path = write_hf_set(tmp_path / "hf", caption="text")
+    m = evaluate_dataset(perfect_model(), StubTokenizer(), path, image_size=32, text_length=8,
+                         columns=ColumnMap(caption="text"))
+    assert m["captions"] == N_IMAGES and m["image_to_text_r@1"] == 1.0 and m["label/top1"] == 1.0
+
+
+def test_hugging_face_label_errors_name_the_metadata(tmp_path):
+    unlabelled = write_hf_set(tmp_path / "test_split", labels=[-1] * N_IMAGES)  # datasets' "no label"
+    with pytest.raises(ReclipError, match=r"label -1 in column 'label' is outside the 3 classes of label set 'label' "
+                                          r"in the 'huggingface' metadata \(-1 is how datasets marks a missing"):
+        check_eval_set(unlabelled, ColumnMap(), [32], 16)
+    mixed = write_hf_set(tmp_path / "mixed", shards=1)
+    write_hf_set(tmp_path / "other", names=["class0", "class1", "class9"], shards=1)
+    (tmp_path / "other" / "train-00000.parquet").rename(tmp_path / "mixed" / "train-00001.parquet")
+    with pytest.raises(ReclipError, match=r"train-00001\.parquet: ClassLabel names in its 'huggingface' metadata "
+                                          r"differ from those of .*train-00000\.parquet"):
+        evaluate(perfect_model(), mixed)
+    with pytest.raises(ReclipError, match=r"train-00001\.parquet: ClassLabel names .* differ"):
+        check_eval_set(mixed, ColumnMap(), [32], 16)

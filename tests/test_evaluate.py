@@ -115,3 +115,21 @@ def test_eval_errors_and_retrieval_only(export_dir, synth_dir, tmp_path, capsys)
     # no labels and no classes: retrieval only
     m = evaluate_checkpoint(str(export_dir), str(synth_dir / "train"), image_size=32)["metrics"]
     assert m["rows"] == 600 and "image_to_text_r@1" in m and not any("top1" in k for k in m)
+
+
+def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_dir, tmp_path, capsys):
+    """`reclip-ray eval` on Parquet written by `datasets`: struct images, the ClassLabel names as label sets, the
+    same numbers as the names given by --classes."""
+    from layouts import write_hugging_face
+    from reclip_ray.cli import main
+
+    hf = write_hugging_face(tmp_path / "hf")
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(hf.path), "--image-size", "32"]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert (m["rows"], m["absent_rows"], m["bad_rows"]) == (len(hf.valid_keys), hf.absent, hf.bad)
+    assert (m["label/chance_top1"], m["colour/chance_top1"]) == (pytest.approx(1 / 3), 0.25)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(hf.extra["classes"]))
+    given = evaluate_checkpoint(str(export_dir), str(hf.path), classes_path=str(classes), image_size=32)["metrics"]
+    assert {k: v for k, v in m.items() if k.startswith("label/")} == {k: v for k, v in given.items()
+                                                                      if k.startswith("label/")}

@@ -6,7 +6,10 @@ by the GPU. Decoding an 80 px JPEG is 5-10x cheaper (``reclip-ray bench data --p
 
 Layout: one extra binary column per size in the same shard, named ``{image_column}_{size}`` (``image_40``,
 ``image_80``), holding a JPEG whose shorter side is ``size`` (or the original bytes when the image is already that
-small). Same file, same rows, so:
+small). For a Hugging Face ``datasets`` Image column (struct<bytes, path>) the copies are plain binary columns
+too, made from its ``bytes``: readers take both kinds, and the struct and the file's ``huggingface`` metadata stay
+as they were, so ``datasets`` still loads the shard (the copies appear there as binary values). Same file, same
+rows, so:
 * a phase reads only the column it needs: Parquet column projection skips the full images entirely (on object
   storage a column read is a byte-range read of that column chunk), and no join by key is needed;
 * one footer per shard still describes everything the driver needs (``stream.read_footers`` reads it once).
@@ -156,6 +159,8 @@ def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image"
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from reclip_ray.data.schema import image_bytes
+
     dst = out_path or path
     pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     meta = pf.metadata
@@ -188,7 +193,7 @@ def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image"
                               write_batch_size=WRITE_BATCH_ROWS,
                               use_dictionary=[n for n in schema.names if n not in binary]) as writer:
             for batch in pf.iter_batches(batch_size=rows_per_group, use_threads=False):
-                images = batch.column(image_column).to_pylist()
+                images = image_bytes(batch.column(image_column)).to_pylist()
                 columns = {n: batch.column(n) for n in kept}
                 for s in todo:
                     out: list[bytes | None] = []
@@ -225,7 +230,7 @@ def copy_bytes_per_sample(files: Sequence[str], column: str) -> float:
     size = rows = 0
     for f in files:
         meta = pq.ParquetFile(f).metadata
-        idx = [i for i in range(meta.num_columns) if meta.schema.column(i).path == column]
+        idx = [i for i in range(meta.num_columns) if meta.schema.column(i).path in (column, f"{column}.bytes")]
         if not idx:
             continue
         rows += meta.num_rows

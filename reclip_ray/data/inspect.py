@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
-from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, count_rows, list_parquet_files,
-                                    parquet_schema, read_dataset_json)
+from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, class_label_sets, count_rows, image_bytes,
+                                    list_parquet_files, parquet_schema, read_dataset_json)
 from reclip_ray.data.local import _read_shard
 
 MAX_EXAMPLES = 10
@@ -62,6 +62,8 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
     ``rows_absent`` and never as bad: they are not samples, and ``bad_fraction`` is a share of the samples, the
     same share ``data.max_bad_fraction`` limits. ``rows_bad`` (also ``bad_rows``) counts only present rows whose
     image does not decode or whose caption is empty. With ``limit`` both count among the rows checked.
+    ``class_labels`` lists the ClassLabel columns of Parquet written by Hugging Face ``datasets`` (the label sets
+    evaluation scores when ``dataset.json`` names none).
     """
     path = str(path)
     files = list_parquet_files(path)
@@ -82,7 +84,7 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
                                                     (image_column, caption_column)]
         table = _read_shard(file, wanted)
         absent = absent_mask(table, image_column)
-        images = table.column(image_column).to_pylist()
+        images = image_bytes(table.column(image_column)).to_pylist()
         captions = table.column(caption_column).to_pylist()
         keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)
         for row, (data, caption, key) in enumerate(zip(images, captions, keys)):
@@ -125,4 +127,6 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
         "image_size": {"width": _stats(widths), "height": _stats(heights)},
         "copies": _copies(files, image_column),
         "dataset_json": _summarise_meta(read_dataset_json(path)),
+        "class_labels": {column: {"classes": len(names), "class_examples": names[:5]}
+                         for column, names in class_label_sets(files).items()},
     }

@@ -16,8 +16,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image
-from reclip_ray.data.schema import (ColumnMap, _filesystem, absent_mask, check_schema, list_parquet_files,
-                                    parquet_schema)
+from reclip_ray.data.schema import (ColumnMap, _check_images_embedded, _filesystem, absent_mask, check_schema,
+                                    image_bytes, is_image_type, list_parquet_files, parquet_schema)
 from reclip_ray.data.tokenizer import CaptionTokenizer
 from reclip_ray.errors import DataError
 
@@ -111,13 +111,14 @@ def check_columns(files: Sequence[str], columns: ColumnMap, *, require_caption: 
             raise DataError(f"{file}: missing image column {columns.image!r}; columns are {sorted(schema.names)} "
                             "(set data.image_column)")
         image_type = schema.field(columns.image).type
-        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)):
+        if not (is_image_type(image_type) or pa.types.is_null(image_type)):
             raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary")
         if columns.caption in schema.names:
             caption_type = schema.field(columns.caption).type
             if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type)
                     or pa.types.is_null(caption_type)):
                 raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
+    _check_images_embedded(files, columns.image)
 
 
 def image_identity(image_id: Any, image: bytes) -> str:
@@ -252,7 +253,8 @@ def iter_local_batches(
                 """The column's values, or Nones when it was not read (this shard lacks it, or not asked for)."""
                 return table.column(name).to_pylist() if name in table.column_names else [None] * n_rows
 
-            images, captions, image_ids = col(columns.image), col(columns.caption), col(IMAGE_ID_COLUMN)
+            images = image_bytes(table.column(columns.image)).to_pylist()
+            captions, image_ids = col(columns.caption), col(IMAGE_ID_COLUMN)
             absent = absent_mask(table, columns.image, STATUS_COLUMN)
             keys = table.column(columns.key).to_pylist() if columns.key in names else [f"{os.path.basename(file)}#{first + i}" for i in range(n_rows)]
             extras = {c: table.column(user_names.get(c, c)).to_pylist() for c in extra}

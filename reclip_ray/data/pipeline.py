@@ -33,7 +33,7 @@ import ray
 
 from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.local import row_rng
-from reclip_ray.data.schema import ColumnMap, absent_mask
+from reclip_ray.data.schema import ColumnMap, absent_mask, image_bytes
 from reclip_ray.data.stream import (BAD, MARKER, OK, PhaseStream, rows_in_round, rows_to_skip, unit_permutation,
                                    unit_sizes)
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
@@ -156,12 +156,13 @@ def _drop_rows(batches: Iterator, n: int) -> Iterator:
 
 
 def _canonical(table: "pa.Table", columns: ColumnMap, file: str, first_row: int) -> "pa.Table":
-    """The slice with canonical column names and types (shards may store int keys, large_binary, ...)."""
+    """The slice with canonical column names and types (shards may store int keys, large_binary, Hugging Face's
+    Image struct, ...)."""
     import pyarrow as pa
 
     n = table.num_rows
     names = table.column_names
-    image = table.column(columns.image).cast(pa.binary())
+    image = image_bytes(table.column(columns.image)).cast(pa.binary())
     caption = table.column(columns.caption).cast(pa.string()) if columns.caption in names else pa.nulls(n, pa.string())
     if columns.key in names:
         key = table.column(columns.key).cast(pa.string())

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from reclip_ray.errors import DataError
 
@@ -126,19 +126,39 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
         if missing:
             raise DataError(_missing_column_message(file, schema, missing))
         image_type = schema.field(columns.image).type
-        if not _is_binary(image_type):
+        if not is_image_type(image_type):
             others = _binary_columns(schema)
             hint = f" (try --set data.image_column={others[0]})" if others else ""
             raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary{hint}")
         caption_type = schema.field(columns.caption).type
         if not _is_string(caption_type):
             raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
+    _check_images_embedded(files, columns.image)
+
+
+def _check_images_embedded(files: list[str], image_column: str) -> None:
+    """Fail when a Hugging Face Image column holds no bytes in any row: ``datasets``' ``to_parquet`` writes the
+    images of a dataset loaded from local files as paths (``push_to_hub`` embeds them), and every row would be an
+    absent sample. From the cached footers' null counts: nothing is read."""
+    from reclip_ray.data.stream import footers
+
+    found = footers(files)
+    if not any(image_column in f.schema.names and _hf_image_bytes_type(f.schema.field(image_column).type) is not None
+               for f in found):
+        return
+    shards = [f.shard(image_column) for f in found]
+    rows = sum(s.rows for s in shards)
+    if rows and sum(s.absent for s in shards) == rows:
+        raise DataError(f"{files[0]}: no image bytes in any of the {rows} rows of {image_column!r}: Hugging Face "
+                        "datasets stored paths only (to_parquet does not embed local image files; embed them "
+                        "first with ds.with_format('arrow').map(datasets.table.embed_table_storage, batched=True))")
 
 
 # Column names other tools use for the caption, most likely first; only these are suggested, so that img2dataset's
 # many other string columns (url, status, exif, sha256...) are never offered as captions.
 CAPTION_NAMES = ("caption", "txt", "text", "captions", "alt", "alt_text", "title", "description", "prompt")
 IMAGE_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+HF_IMAGE_FIELD = "bytes"  # Hugging Face ``datasets`` stores an Image feature as struct<bytes: binary, path: string>
 
 
 def _is_binary(type_) -> bool:
@@ -153,9 +173,62 @@ def _is_string(type_) -> bool:
     return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
+def is_image_type(type_) -> bool:
+    """Encoded image bytes: a binary column, or Hugging Face ``datasets``' Image feature (``HF_IMAGE_FIELD``)."""
+    return _is_binary(type_) or _hf_image_bytes_type(type_) is not None
+
+
+def _hf_image_bytes_type(type_):
+    """The type of the ``bytes`` child when ``type_`` is a struct with a binary ``bytes`` child, else None."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(type_):
+        return None
+    index = type_.get_field_index(HF_IMAGE_FIELD)
+    return type_.field(index).type if index >= 0 and _is_binary(type_.field(index).type) else None
+
+
+def image_bytes(column: Any) -> Any:
+    """The encoded bytes of an image column (pyarrow Array or ChunkedArray): the column itself, or the ``bytes`` child
+    of a Hugging Face Image struct, null where the struct or its ``bytes`` is null (an image ``datasets`` stored by
+    ``path`` only is not in the shard: an absent sample)."""
+    import pyarrow.compute as pc
+
+    if _hf_image_bytes_type(column.type) is None:
+        return column
+    return pc.struct_field(column, HF_IMAGE_FIELD)  # combines the struct's validity with the child's
+
+
+def hf_class_labels(raw: bytes | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``((column, class names), ...)`` of the top-level ClassLabel features in the ``huggingface`` entry that
+    ``datasets`` writes into a Parquet footer (``{"info": {"features": {col: {"_type": "ClassLabel", "names":
+    [...]}}}}``). Optional metadata: an entry that does not parse gives no class labels, not an error."""
+    if not raw:
+        return ()
+    try:
+        features = json.loads(raw).get("info", {}).get("features", {})
+        return tuple((str(col), tuple(str(n) for n in spec["names"])) for col, spec in features.items()
+                     if isinstance(spec, dict) and spec.get("_type") == "ClassLabel" and spec.get("names"))
+    except (ValueError, AttributeError, TypeError):
+        return ()
+
+
+def class_label_sets(files: Sequence[str]) -> dict[str, list[str]]:
+    """{column: class names} of the ClassLabel columns recorded in the shards' ``huggingface`` metadata (from the
+    footer cache: no read when the footers are cached). Shards that disagree are a DataError naming two of them."""
+    from reclip_ray.data.stream import footers
+
+    found = footers(files)
+    for footer in found[1:]:
+        if footer.class_labels != found[0].class_labels:
+            raise DataError(f"{footer.path}: ClassLabel names in its 'huggingface' metadata differ from those of "
+                            f"{found[0].path}; the shards must share one label set")
+    return {col: list(names) for col, names in (found[0].class_labels if found else ())}
+
+
 def _binary_columns(schema) -> list[str]:
-    """Binary columns, the usual image names first: the candidates for ``data.image_column``."""
-    binary = [f.name for f in schema if _is_binary(f.type)]
+    """Image-bytes columns, the usual image names first: the candidates for ``data.image_column``."""
+    binary = [f.name for f in schema if is_image_type(f.type)]
     return sorted(binary, key=lambda n: (IMAGE_NAMES.index(n) if n in IMAGE_NAMES else len(IMAGE_NAMES)))
 
 
@@ -215,7 +288,8 @@ def _brace_range(stems: list[str]) -> str:
 
 
 def absent_mask(batch: Any, image_column: str = "image", status_column: str = "status") -> np.ndarray:
-    """Boolean mask of the rows that are absent samples: null image cell, or a ``status`` other than "success".
+    """Boolean mask of the rows that are absent samples: null image cell (for a Hugging Face Image struct: a null
+    struct or a null ``bytes``), or a ``status`` other than "success".
 
     img2dataset keeps failed downloads as rows with a null image and ``status="failed_to_download"``. Those are not
     samples that went wrong, they are samples that never existed: they must not count towards
@@ -233,7 +307,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
         names = batch.schema.names
         absent = np.zeros(n, dtype=bool)
         if image_column in names:
-            absent |= batch.column(image_column).is_null().to_numpy(zero_copy_only=False)
+            absent |= image_bytes(batch.column(image_column)).is_null().to_numpy(zero_copy_only=False)
         if status_column in names and _is_string(batch.schema.field(status_column).type):
             status = batch.column(status_column).to_pylist()
             absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
@@ -252,7 +326,9 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
 
 
 def _is_null(value: Any) -> bool:
-    """None, or pandas' NaN stand-in for a missing object cell."""
+    """None, pandas' NaN stand-in for a missing object cell, or a Hugging Face Image cell without bytes."""
+    if isinstance(value, dict):
+        value = value.get(HF_IMAGE_FIELD)
     return value is None or (isinstance(value, float) and value != value)
 
 
