@@ -45,7 +45,7 @@ EMOJI = [
 ]
 PNG_VENDORS = ("apple", "google", "facebook")
 MISSING = {("facebook", "1F955")}  # emoji-datasource-facebook has no image of this one
-COLOURS = {"apple": (220, 30, 30), "google": (30, 160, 40), "facebook": (40, 60, 220)}
+COLOURS = {"apple": (220, 30, 30), "google": (30, 160, 40), "facebook": (40, 60, 220), "twitter": (90, 90, 90)}
 
 
 def _short_hex(unified: str) -> str:
@@ -99,7 +99,7 @@ def packages(tmp_path, emoji_data):
     entries = [_datasource_entry(*e) for e in EMOJI]
     for order, entry in enumerate(entries):
         entry["sort_order"] = order
-    for vendor in PNG_VENDORS:
+    for vendor in PNG_VENDORS + ("twitter",):  # emoji-datasource-twitter: only read with --twitter png
         folder = root / emoji_data.PACKAGES[vendor].folder
         (folder / "img" / vendor / "64").mkdir(parents=True)
         (folder / "emoji.json").write_text(json.dumps(entries[::-1]))  # not in Unicode order on disk
@@ -214,6 +214,18 @@ def test_build_splits_captions_labels_and_images(tmp_path, packages, emoji_data)
     # --shrink wrote the train split's copies through `data shrink`.
     assert "image_32" in pq.read_schema(list_parquet_files(str(out / "train"))[0]).names
     assert not list((out).glob(".*"))  # no staging or temporary split left behind
+
+
+def test_twitter_png_option_reads_emoji_datasource_twitter(tmp_path, packages, emoji_data):
+    """--twitter png: Twitter's 64 px PNGs instead of the SVGs, so every training style is 64 px (the ablation)."""
+    out = tmp_path / "emoji"
+    assert emoji_data.main(["--out", str(out), "--packages-dir", str(packages), "--workers", "1",
+                            "--twitter", "png"]) == 0
+    twitter = [r for r in _rows(out / "train") if r["key"].startswith("twitter/")]
+    assert twitter and all((r["width"], r["height"]) == (64, 64) for r in twitter)
+    assert _pixels(twitter[0])[32, 32].tolist() == list(COLOURS["twitter"])
+    assert read_dataset_json(str(out / "train"))["styles"]["twitter"] == {
+        "package": "emoji-datasource-twitter", "kind": "png", "size": 64}
 
 
 def test_heldout_choice_is_seeded_and_stable(emoji_data):
