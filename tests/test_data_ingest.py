@@ -96,6 +96,24 @@ def test_folder_jsonl_round_trip_skips_unusable(tmp_path, image_folder):
     _check_round_trip(tmp_path / "out", records, labels=False)
 
 
+def test_folder_keeps_extra_label_sets_as_int32(tmp_path, image_folder):
+    """``label_<set>`` columns (an eval set's extra label sets, dataset.json ``label_sets``) pass through as int32;
+    a row that lacks one the first row had is an error naming the row and the column."""
+    folder, records = image_folder
+    lines = [{"file": r["file"], "caption": r["caption"], "label": r["label"], "label_colour": str(i * 2)}
+             for i, r in enumerate(records)]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    ingest_folder(folder, captions, tmp_path / "out", shard_rows=3)
+    files = list_parquet_files(str(tmp_path / "out"))
+    assert str(pq.read_schema(files[0]).field("label_colour").type) == "int32"
+    assert [r["label_colour"] for r in _read_all(tmp_path / "out")] == [i * 2 for i in range(len(records))]
+    del lines[3]["label_colour"]
+    captions.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(DataError, match=r"captions\.jsonl row 4: missing 'label_colour'"):
+        ingest_folder(folder, captions, tmp_path / "out2", shard_rows=3)
+
+
 def test_folder_errors_name_file_row_and_column(tmp_path, image_folder):
     folder, records = image_folder
     bad_csv = tmp_path / "nocaption.csv"

@@ -62,6 +62,10 @@ def _mostly_binary(table: pa.Table) -> bool:
     return "image" in table.column_names and table.num_rows > 0
 
 
+def _column_type(name: str) -> pa.DataType | None:
+    return pa.int32() if name.startswith("label_") else _TYPES.get(name)
+
+
 class ShardWriter:
     """Buffers rows and writes ``{prefix}-{index:05d}.parquet`` shards of ``shard_rows`` rows, each atomically.
 
@@ -95,7 +99,7 @@ class ShardWriter:
         if not self._buffer:
             return
         assert self._columns is not None
-        arrays = {c: pa.array([r[c] for r in self._buffer], type=_TYPES.get(c)) for c in self._columns}
+        arrays = {c: pa.array([r[c] for r in self._buffer], type=_column_type(c)) for c in self._columns}
         path = self.out_dir / f"{self.prefix}-{len(self.files):05d}.parquet"
         write_parquet_atomic(pa.table(arrays), path)
         self.files.append(str(path))
@@ -129,11 +133,13 @@ class _Skipped:
             self.examples.append({"file": file, "row": row, "key": key, "reason": reason})
 
 
-def _image_row(key: str, data: bytes, caption: str, label: int | None) -> dict[str, Any]:
+def _image_row(key: str, data: bytes, caption: str, label: int | None,
+               extra_labels: dict[str, int] | None = None) -> dict[str, Any]:
     w, h = image_size(data)
     row: dict[str, Any] = {"key": key, "image": data, "caption": caption, "width": w, "height": h}
     if label is not None:
         row["label"] = label
+    row.update(extra_labels or {})
     return row
 
 
@@ -182,12 +188,17 @@ def _parse_label(value: Any, where: str) -> int | None:
 
 def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: str | os.PathLike,
                   shard_rows: int = 1000) -> dict:
-    """Folder of images + captions CSV/JSONL (columns ``file``, ``caption``, optional ``label``/``key``)."""
+    """Folder of images + captions CSV/JSONL (columns ``file``, ``caption``, optional ``label``/``key``).
+
+    Further integer columns named ``label_<set>`` (e.g. ``label_colour``) are kept as int32 columns of that name:
+    the extra label sets an eval set's dataset.json ``label_sets`` points at. The first row decides which of them
+    the set has; every later row must have them too."""
     images, captions, out = Path(images), Path(captions), Path(out)
     if not images.is_dir():
         raise DataError(f"image folder not found: {images}")
     skipped = _Skipped()
     has_label: bool | None = None
+    label_sets: list[str] | None = None
     with ShardWriter(out, shard_rows) as writer:
         for i, record in _read_caption_rows(captions):
             where = f"{captions} row {i}"
@@ -200,6 +211,12 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
                 has_label = "label" in record
             if has_label and label is None:
                 raise DataError(f"{where}: missing 'label' (earlier rows have one)")
+            if label_sets is None:
+                label_sets = sorted(c for c in record if re.fullmatch(r"label_\w+", c))
+            extra = {c: _parse_label(record.get(c), where) for c in label_sets}
+            missing = [c for c, v in extra.items() if v is None]
+            if missing:
+                raise DataError(f"{where}: missing {missing[0]!r} (earlier rows have one)")
             key = str(record.get("key") or f"{Path(rel).stem}-{i:08d}")
             path = images / rel
             try:
@@ -213,7 +230,7 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
                 skipped.add(str(captions), i, key, "empty caption")
                 continue
             try:
-                writer.add(_image_row(key, data, caption, label if has_label else None))
+                writer.add(_image_row(key, data, caption, label if has_label else None, extra))
             except BadImage as exc:
                 skipped.add(str(path), i, key, str(exc))
     return _finish(out, writer, skipped, source=f"folder:{images} captions:{captions}")
