@@ -398,3 +398,15 @@ def write_messy(out: str | Path, n_rows: int = 16, seed: int = 0) -> Layout:
     keys = [f"{paths[0].name}#{i}" for i in range(half)] + [f"{paths[1].name}#{i}" for i in range(n_rows - half)]
     return Layout(out, [str(p) for p in paths], "image", "caption", keys[4:], absent_keys=keys[:1],
                   bad_keys=keys[1:4])
+
+
+def write_broken_eval_set(out: str | Path, like: str | Path) -> Path:
+    """A copy of the eval set ``like`` (its first shard) that passes the checks before Ray (footers, labels and
+    dataset.json are fine) but where no image decodes: every evaluation on it fails."""
+    out, like = Path(out), Path(like)
+    out.mkdir(parents=True)
+    (out / "dataset.json").write_text((like / "dataset.json").read_text())
+    table = pq.read_table(sorted(like.glob("*.parquet"))[0])
+    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), out / "part-0.parquet")
+    return out
