@@ -17,10 +17,11 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     max_concurrent_trials: 2
 
 Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray Train V2's way of nesting Train in
-Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end and at every compute milestone.
+Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end and at every compute milestone
+(``tune_result``: a report whose evaluation failed carries the metric as NaN, so the sweep goes on).
 Compute is the fair axis twice over: with a GFLOPs budget a 32 px main phase gets more samples than a 64 px one,
 and ASHA compares trials at equal GFLOPs spent (``asha_axis``), not at phase ends, which fall at very different
-compute for a RECLIP schedule and a full-resolution baseline.
+compute for a RECLIP schedule and a full-resolution baseline; and at one resolution, the full one (``asha_metric``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def load_space(path: str | os.PathLike) -> Space:
     budget = raw.get("budget") or {}
     if budget and (not isinstance(budget, dict) or set(budget) - {"gflops", "samples"} or len(budget) != 1):
         raise ConfigError(f"{p}: budget must be {{gflops: N}} or {{samples: N}}")
+    _check_metric(p, "metric", raw.get("metric"))
+    _check_metric(p, "scheduler.metric", (raw.get("scheduler") or {}).get("metric"))
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
@@ -127,6 +130,15 @@ def load_space(path: str | os.PathLike) -> Space:
         max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
         resources_per_trial_cpu=float(raw.get("resources_per_trial_cpu", 0.1)),
     )
+
+
+def _check_metric(path: Path, where: str, metric: Any) -> None:
+    """An evaluation metric must be one every trial reports at every rung and at its end: ``eval/full/...``."""
+    if metric is None or not str(metric).startswith("eval/") or str(metric).startswith(FULL):
+        return
+    raise ConfigError(f"{path}: {where} {metric!r}: a sweep compares evaluations at full resolution only "
+                      f"(every trial's final metric, and what ASHA compares at its rungs): use "
+                      f"{FULL}{str(metric).split('/', 2)[-1]}")
 
 
 # ------------------------------------------------------------------------------------------ trial configs
@@ -207,15 +219,8 @@ def _param_key(key: str) -> str:
 # ------------------------------------------------------------------------------------------ the compute axis
 
 TIME_ATTR = "gflops_total"  # the training GFLOPs spent, in every report of the worker (worker._Worker.report)
-CURRENT = "eval/current/"  # the worker's metrics at the resolution the trial is training at (current_view)
 FULL = "eval/full/"
-
-
-def current_view(image_size: int, eval_metrics: dict[str, float]) -> dict[str, float]:
-    """A phase's metrics at its own resolution again under ``eval/current/...``: what ASHA compares mid-run
-    (``asha_metric``), whatever resolution each trial is training at. The worker adds it to its Tune reports."""
-    own = f"eval/{image_size}px/"
-    return {CURRENT + k[len(own):]: v for k, v in eval_metrics.items() if k.startswith(own)}
+EVAL_ERROR = "eval_error"  # in a report whose evaluation failed or did not run: why (worker._eval_report)
 
 
 def full_view(full_image_size: int, eval_metrics: dict[str, float]) -> dict[str, float]:
@@ -226,22 +231,38 @@ def full_view(full_image_size: int, eval_metrics: dict[str, float]) -> dict[str,
 
 
 def asha_metric(space: Space) -> str:
-    """What ASHA compares at its milestones: ``scheduler.metric``, else the sweep's metric with ``eval/full/``
-    replaced by ``eval/current/``.
+    """What ASHA compares at its rungs: ``scheduler.metric``, else the sweep's metric itself.
 
-    Why not the sweep's metric itself: a milestone falls in the middle of a run, where a RECLIP trial is still in
-    its low-resolution main phase, and its full-resolution accuracy there is that of a model before its finetune
-    (DESIGN.md: a 32 px model collapses at 128 px until finetuned). ASHA would stop exactly the schedules the sweep
-    exists to find. ``eval/current/...`` is the same metric at the resolution and text length the trial is training
-    at when it crosses the milestone (the worker evaluates then): every trial is judged on what it has learned for
-    the compute it spent, and in the last phase it is the sweep's metric itself. The training loss is the other
-    candidate; it is what ASHA compares when the sweep's metric is the loss (the smoke space). It exists at every
-    report and costs no evaluation, but it depends on image size, text length and batch size, so across RECLIP
-    schedules it compares different tasks.
+    With an ``eval/full/...`` metric every trial is evaluated at a rung as its final metric is: at full resolution
+    and the last phase's text length (``worker._compute_milestone``), so ASHA compares all trials on one task. For
+    a RECLIP trial still in its low-resolution phase that is its model before the finetune, measured as it is.
+    Each trial at the resolution it trains at then is a different task per trial, and misjudges RECLIP trials by no
+    fixed amount. BENCHMARKS.md's 32 -> 64 px experiment: the 32 px-only (lowres)
+    arm scored 0.177-0.386 shape top-1 at 32 px but about 0.155 at 64 px, where the finetuned RECLIP arm ended
+    (0.154). Colour at full resolution before any finetune is behind the finetuned arm, not collapsed: 0.803 vs
+    0.853 at 64 px, 0.719 vs 0.798 at 112 px. So the full-resolution value before the finetune is what predicts the
+    final metric. What remains is that gap: ASHA may stop a RECLIP trial that trails a full-resolution one at a rung
+    by less than its finetune would add (raise ``grace_fraction``, or use ``fifo``, when trials are that close).
+    The training loss is one resolution per trial too, and also depends on text length and batch size.
     """
-    if space.scheduler.get("metric"):
-        return str(space.scheduler["metric"])
-    return CURRENT + space.metric[len(FULL):] if space.metric.startswith(FULL) else space.metric
+    return str(space.scheduler.get("metric") or space.metric)
+
+
+def tune_result(report: dict[str, Any], metrics: list[str]) -> dict[str, Any] | None:
+    """What of a trial's Ray Train report reaches Tune: None for a mid-phase checkpoint report (no evaluation,
+    no round); a phase end, compute milestone or final report as it is, except that a report whose evaluation
+    failed or did not run (``eval_error``) gets each of ``metrics`` (the ones Tune checks) as NaN.
+
+    Tune fails the whole sweep on a result without its metric. NaN keeps the trial going (RELIABILITY.md: an
+    evaluation failure never costs the training): ASHA records it at the rung without comparing it (its cutoff is a
+    ``nanpercentile`` and ``NaN < cutoff`` is false), and the trial's row in results.csv says why it has no metric.
+    A report that was evaluated but lacks the metric (a misspelt label set) still fails loudly.
+    """
+    if "eval_round" not in report and "compute_round" not in report:
+        return None
+    if EVAL_ERROR not in report:
+        return report
+    return {**{m: float("nan") for m in metrics}, **report}
 
 
 def asha_milestones(grace: float, max_t: float, reduction_factor: float) -> list[float]:
@@ -283,19 +304,6 @@ def make_scheduler(space: Space, axis: dict[str, Any] | None):
     )
 
 
-def forward_to_tune(metrics: dict[str, Any], metric: str) -> bool:
-    """Which of a trial's Ray Train reports reach Tune: phase ends and the final report (``eval_round``), and the
-    compute-milestone reports (``compute_round``) that carry the compared ``metric``.
-
-    Tune fails a trial whose result lacks the scheduler's metric, so a milestone whose evaluation failed is
-    dropped rather than failing the trial (ASHA then records the trial at its next report). Mid-phase checkpoint
-    reports carry no metric and are dropped.
-    """
-    if "compute_round" in metrics:
-        return metric in metrics
-    return "eval_round" in metrics
-
-
 # ------------------------------------------------------------------------------------------ the trainable
 
 
@@ -314,25 +322,24 @@ def _run_trial(config: dict[str, Any]) -> None:
     raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
     raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
     cfg = from_dict(raw)
-    run_training(cfg, callbacks=[_phase_end_reports(setup.get("asha_metric", ""))],
+    run_training(cfg, callbacks=[_tune_reports(setup.get("checked_metrics") or [])],
                  parent_run_id=setup["parent_run_id"],
                  tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
                        "reclip.budget": json.dumps(setup["budget"])})
 
 
-def _phase_end_reports(metric: str = ""):
-    """Ray Tune's report callback, forwarding the phase-end and compute-milestone reports (``forward_to_tune``).
-
-    Mid-phase checkpoint reports carry no evaluation, and Tune fails a trial whose result lacks the sweep's metric.
-    """
+def _tune_reports(checked: list[str]):
+    """Ray Tune's report callback, forwarding what ``tune_result`` lets through (``checked``: the metrics Tune
+    checks)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class PhaseEndReports(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and forward_to_tune(metrics[0], metric):
-                super().after_report(run_context, metrics, checkpoint)
+    class TuneReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):  # Ray passes these by keyword
+            result = tune_result(metrics[0], checked) if metrics else None
+            if result is not None:
+                super().after_report(run_context=run_context, metrics=[result, *metrics[1:]], checkpoint=checkpoint)
 
-    return PhaseEndReports()
+    return TuneReports()
 
 
 class _Progress:
@@ -355,7 +362,8 @@ class _Progress:
                 print(
                     f"[sweep] trial {trial.trial_id} {'stopped early' if early else how}: "
                     f"{metric}={r.get(metric, float('nan')):.4f} GFLOPs {r.get('gflops_total', float('nan')):.1f} "
-                    f"samples {r.get('samples', 0)} params {json.dumps(_public(trial.config))}",
+                    f"samples {r.get('samples', 0)} params {json.dumps(_public(trial.config))}"
+                    + (f" ({r[EVAL_ERROR]})" if r.get(EVAL_ERROR) else ""),
                     flush=True,
                 )
 
@@ -382,8 +390,9 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     # Check every trial's config (and its budget) before Ray starts: a bad grid value is a one-line error now.
     from reclip_ray.flops import run_flops
 
-    totals = [run_flops(from_dict(trial_raw(base_raw, combo, space.budget)))["total_train_gflops"]
-              for combo in _grid_corners(space)]
+    corners = [from_dict(trial_raw(base_raw, combo, space.budget)) for combo in _grid_corners(space)]
+    check_trials_evaluate(space, corners)
+    totals = [run_flops(cfg)["total_train_gflops"] for cfg in corners]
     axis = asha_axis(space, totals) if space.scheduler["name"] == "asha" else None
 
     sweep_name = space.name
@@ -416,7 +425,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             "experiment": experiment,
             "parent_run_id": parent,
             "milestones": axis["milestones"] if axis else [],
-            "asha_metric": asha_metric(space) if axis else "",
+            # Tune checks ASHA's metric (and, without ASHA, the sweep's) in every result (tune_result)
+            "checked_metrics": sorted({space.metric, asha_metric(space)} if axis else {space.metric}),
         }
         param_space = {_param_key(k): _tune_domain(v) for k, v in space.params.items()}
         param_space["_setup"] = setup
@@ -455,6 +465,18 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         raise
     finally:
         tracking.end_run(prep.tracking_uri, parent, status)
+
+
+def check_trials_evaluate(space: Space, configs: list[Any]) -> None:
+    """A sweep that compares evaluations needs trials that evaluate: one line before Ray, not a NaN row per trial
+    after all their training (a trial whose evaluation fails at run time still trains on: ``tune_result``)."""
+    needs_eval = [m for m in (space.metric, asha_metric(space)) if m.startswith(FULL)]
+    for cfg in configs:
+        if needs_eval and not cfg.data.eval:
+            raise ConfigError(f"metric {needs_eval[0]} needs an eval set, but data.eval is empty")
+        if space.metric.startswith(FULL) and not cfg.eval.at_phase_end:
+            raise ConfigError(f"metric {space.metric} is each trial's evaluation at its end, but "
+                              "eval.at_phase_end is false")
 
 
 def _close_trial_runs(tracking_uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
@@ -512,9 +534,16 @@ def _rows(grid: Any, space: Space, n_phases: int) -> list[dict[str, Any]]:
                and ("top1" in k or "r@" in k)},
             "mlflow_run_id": m.get("mlflow_run_id", ""),
             "status": status,
-            "error": str(result.error).splitlines()[0][:200] if result.error is not None else "",
+            "error": _last_line(result.error) if result.error is not None else "",
+            EVAL_ERROR: str(m.get(EVAL_ERROR) or "")[:200],  # why the metric is NaN (a failed/absent evaluation)
         })
     return rows
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a trial's error that says what went wrong: the last one (the first is Ray's actor banner)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__
 
 
 def _best(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:

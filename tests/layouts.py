@@ -464,3 +464,15 @@ def write_hugging_face(out: str | Path, n_rows: int = 14, *, shards: int = 2, se
                          "labels": {k: labels[i] for i, k in keys},
                          "colour_labels": {k: colour_ids[i] for i, k in keys},
                          "images": {k: images[i]["bytes"] for i, k in keys if k in valid}})
+
+
+def write_broken_eval_set(out: str | Path, like: str | Path) -> Path:
+    """A copy of the eval set ``like`` (its first shard) that passes the checks before Ray (footers, labels and
+    dataset.json are fine) but where no image decodes: every evaluation on it fails."""
+    out, like = Path(out), Path(like)
+    out.mkdir(parents=True)
+    (out / "dataset.json").write_text((like / "dataset.json").read_text())
+    table = pq.read_table(sorted(like.glob("*.parquet"))[0])
+    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), out / "part-0.parquet")
+    return out

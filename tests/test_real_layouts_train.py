@@ -14,7 +14,7 @@ import pytest
 
 from conftest import mlflow_run
 from reclip_ray.data.copies import shrink_shard
-from layouts import write_img2dataset, write_labelled_folder_dataset, write_messy
+from layouts import write_broken_eval_set, write_img2dataset, write_labelled_folder_dataset, write_messy
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +23,6 @@ def _metrics(db, run_id):
     client, run = mlflow_run(db, run_id)
     assert run.info.status == "FINISHED"
     return run.data.metrics
-
-
-def _broken_eval_set(out, synth_dir):
-    """An eval set that passes the checks before Ray (its footers and labels are fine) but where no image decodes."""
-    out.mkdir()
-    (out / "dataset.json").write_text((synth_dir / "eval" / "dataset.json").read_text())
-    table = pq.read_table(sorted((synth_dir / "eval").glob("*.parquet"))[0])
-    bad = pa.array([b"not an image"] * table.num_rows, pa.binary())
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", bad), out / "part-0.parquet")
-    return out
 
 
 def test_labelled_messy_and_img2dataset_layouts_train_through_a_failing_evaluation(ray_session, make_cfg, tmp_path,
@@ -45,7 +35,7 @@ def test_labelled_messy_and_img2dataset_layouts_train_through_a_failing_evaluati
     mixed = tmp_path / "mixed"
     labelled = write_labelled_folder_dataset(mixed / "labelled", n_rows=40, shard_rows=16)
     messy = write_messy(mixed / "messy", n_rows=16)
-    broken = _broken_eval_set(tmp_path / "broken_eval", synth_dir)
+    broken = write_broken_eval_set(tmp_path / "broken_eval", synth_dir / "eval")
     cfg = make_cfg("labelled", extra=["train.samples=128", "train.batch_size=32", "checkpoint.every_samples=0",
                                       "data.max_bad_fraction=0.5", f"data.eval={broken}"], train=mixed)
     out = run_training(cfg)

@@ -76,25 +76,50 @@ def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
 
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path):
+def test_smoke_sweep_end_to_end_through_failing_evaluations(ray_session, tmp_path, synth_dir, tokenizer_path):
+    """The smoke space on local Ray with its image-size axis swapped for an eval-set axis (the same 4 trials, the
+    suite's costliest test run once): the trials on a set where no image decodes train on through every failed
+    evaluation, and the sweep finishes with their reason in results.csv and MLflow."""
+    import yaml
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
+    from layouts import write_broken_eval_set
     from reclip_ray.config import load_config
     from reclip_ray.sweep import run_sweep
 
+    space = yaml.safe_load((SPACES / "smoke.yaml").read_text())
+    assert set(space["params"]) == {"optim.lr", "phases.0.image_size"}
+    broken = write_broken_eval_set(tmp_path / "broken_eval", synth_dir / "eval")
+    good = str(synth_dir / "eval")
+    # The grid runs (1e-3, good), (1e-9, good), (1e-3, broken), (1e-9, broken): the last starts once two trials have
+    # ended, when both good ones have recorded their loss at the first rung, and is stopped there (smoke.yaml).
+    space["params"] = {"optim.lr": space["params"]["optim.lr"], "data.eval": {"grid": [good, str(broken)]}}
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(space))
     db = tmp_path / "mlflow.db"
-    summary = run_sweep(str(SPACES / "smoke.yaml"), overrides=[
-        f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}", f"data.tokenizer={tokenizer_path}",
+    summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=[
+        f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
         "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
     ])
     sweep_dir = Path(summary["sweep_dir"])
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
-    assert len(rows) == 4 == summary["trials"]
+    assert len(rows) == 4 == summary["trials"] and summary["errors"] == 0
     assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
     for r in rows:
         assert 0 < float(r["gflops_spent"]) <= 300 * 1.05
-    assert summary["stopped_early"] >= 1, rows  # an lr=1e-9 trial (still at init) loses to lr=1e-3 after round 1
+        assert float(r["loss"]) > 0  # the sweep's metric (the training loss) whatever the evaluation did
+    assert summary["stopped_early"] >= 1, rows  # an lr=1e-9 trial (still at init) loses to lr=1e-3 at the rung
+    on_broken = [r for r in rows if r["param:data.eval"] == str(broken)]
+    on_good = [r for r in rows if r["param:data.eval"] == good]
+    for r in on_broken:  # the reason: the last evaluation's (the finetune's, or the rung's it was stopped at)
+        assert "failed: ReclipError" in r["eval_error"] and "no readable rows" in r["eval_error"], r
+        assert not any(r[k] for k in r if k.startswith("eval/full/")), r
+    (done,) = [r for r in on_broken if r["status"] == "completed"]  # lr=1e-3 on the broken set trains to its end
+    assert done["eval_error"].startswith("evaluation after 'finetune' failed") and done["eval_rounds"] == "2"
+    stopped = next(r for r in on_broken if r["status"] == "stopped_early")
+    assert stopped["eval_error"].startswith("evaluation at 150 GFLOPs failed"), stopped
+    for r in on_good:
+        assert r["eval_error"] == "" and 0 <= float(r["eval/full/colour/top1"]) <= 1, r
     with Image.open(sweep_dir / "pareto.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
     best = load_config(str(sweep_dir / "best.yaml"))
@@ -106,16 +131,32 @@ def test_smoke_sweep_end_to_end(ray_session, tmp_path, synth_dir, tokenizer_path
     assert len(children) == 4
     wanted = {r["mlflow_run_id"]: {"completed": "FINISHED", "stopped_early": "KILLED"}[r["status"]] for r in rows}
     assert {c.info.run_id: c.info.status for c in children} == wanted
+    tags = {c.info.run_id: {k for k in c.data.tags if k.startswith("reclip.eval_error.")} for c in children}
+    assert tags[done["mlflow_run_id"]] == {"reclip.eval_error.gflops_150", "reclip.eval_error.lowres",
+                                           "reclip.eval_error.finetune"}
+    assert tags[stopped["mlflow_run_id"]] == {"reclip.eval_error.gflops_150"}
+    assert not any(tags[r["mlflow_run_id"]] for r in on_good)
     # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
     _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_the_sweep_metric_views_are_named_in_the_sweep_module():
-    from reclip_ray.sweep import CURRENT, FULL, current_view, full_view
+def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path):
+    """Every trial would end with a NaN metric: a one-line error before Ray starts."""
+    from reclip_ray.sweep import run_sweep
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/shape/top1\nbudget: {gflops: 300}\n")
+    with pytest.raises(ConfigError, match="metric eval/full/shape/top1 needs an eval set, but data.eval is empty"):
+        run_sweep(str(space), overrides=["data.eval="])
+    with pytest.raises(ConfigError, match="eval.at_phase_end is false"):
+        run_sweep(str(space), overrides=["eval.at_phase_end=false"])
+
+
+def test_the_sweep_metric_view_is_named_in_the_sweep_module():
+    from reclip_ray.sweep import FULL, full_view
 
     metrics = {"eval/32px/shape/top1": 0.5, "eval/64px/shape/top1": 0.3, "eval/64px/image_to_text_r@1": 0.1,
                "loss": 4.0}
-    assert current_view(32, metrics) == {CURRENT + "shape/top1": 0.5}
     assert full_view(64, metrics) == {FULL + "shape/top1": 0.3, FULL + "image_to_text_r@1": 0.1}
-    assert current_view(112, metrics) == {}
+    assert full_view(112, metrics) == {}

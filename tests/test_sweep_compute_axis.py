@@ -1,16 +1,18 @@
-"""ASHA on a compute axis: trials are compared at equal training GFLOPs, not at phase ends.
+"""ASHA on a compute axis: trials are compared at equal training GFLOPs, on one task, and survive failed evaluations.
 
 A RECLIP trial (90% of its budget at 32 px, then 64 px) and a full-resolution baseline (64 px throughout) spend the
-same GFLOPs budget at different GFLOPs per step. Their report streams are made by the worker's own milestone code
-(``worker._compute_milestone``, with the evaluation stubbed) plus the phase-end and final reports, filtered as the
-sweep's Tune callback filters them (``sweep.forward_to_tune``), and fed to the scheduler the sweep builds
-(``sweep.make_scheduler``: Ray Tune's ASHAScheduler; no Ray cluster, the trials are lightweight stand-ins). The
-test reads which result ASHA recorded at each rung from the scheduler's bracket (a private attribute of Ray's
-ASHA, ``_trial_info[trial_id]._rungs``).
+same GFLOPs budget at different GFLOPs per step. Their reports are made by the worker's own code: the rung check of
+the step loop (``worker._compute_milestone``), the phase end with its checkpoint report (``worker._end_phase``) and
+the final report (``worker._final_report``), each through ``_Worker.report`` (which adds ``gflops_total``, ASHA's
+time) with only Ray's ``ray.train.report`` replaced. The evaluation is stubbed at ``evaluate_dataset``, so the real
+``worker._evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
+into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's ASHAScheduler, driven through its public
+``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``; no Ray cluster, the trials are stand-ins).
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from reclip_ray.config import apply_overrides, from_dict, load_raw
 from reclip_ray.flops import run_flops, train_flops_per_sample
 from reclip_ray.schedule import Schedule
-from reclip_ray.sweep import asha_axis, asha_metric, forward_to_tune, load_space, make_scheduler, trial_raw
+from reclip_ray.sweep import asha_axis, asha_metric, load_space, make_scheduler, trial_raw, tune_result
 
 BUDGET = 6000.0
 SPACE = f"""
@@ -34,6 +36,7 @@ scheduler: {{name: asha, grace_fraction: 0.25, reduction_factor: 2}}
 """
 TRIALS = {"reclip": {"phases.0.image_size": 32, "finetune_fraction": 0.1},
           "baseline": {"phases.0.image_size": 64, "finetune_fraction": 0.0}}
+SLOPE = {"reclip": 0.8, "baseline": 0.5}  # the stubbed metric per GFLOP: RECLIP learns more for its compute
 
 
 @pytest.fixture
@@ -54,131 +57,179 @@ def step_gflops(cfg) -> list[float]:
             for p in Schedule.from_config(cfg).phases]
 
 
-def quality(name: str, gflops: float) -> float:
-    """The stubbed eval metric: the RECLIP trial learns more per GFLOP (what the sweep should find)."""
-    return (0.8 if name == "reclip" else 0.5) * gflops / BUDGET
+class Trial:
+    """One trial's worker (rank 0 of one) and everything it reported."""
+
+    def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
+                 fail: set = frozenset(), slope: float | None = None) -> None:
+        """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names."""
+        import ray.train
+
+        from reclip_ray import evaluate, tracking
+        from reclip_ray.train import worker
+        from reclip_ray.train.checkpoint import TrainState
+
+        self.name, self.reports, self.asked = name, [], []  # asked: (image size, text length) of each evaluation
+        slope = SLOPE[name] if slope is None else slope
+        cfg.eval.at_gflops = list(milestones)
+        cfg.data.eval = eval_set
+        self.cfg, self.fail, self.at = cfg, fail, None
+        state = TrainState(mlflow_run_id="run")
+
+        def evaluate_dataset(model, tokenizer, path, *, image_size, text_length, **_):
+            self.asked.append((self.at, image_size, text_length))
+            if self.at in fail:
+                raise RuntimeError(f"no readable rows in {path}")
+            return {"shape/top1": slope * state.gflops / BUDGET}
+
+        monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
+        monkeypatch.setattr(evaluate, "eval_columns", lambda *a: None)
+        monkeypatch.setattr(tracking, "log_metrics", lambda *a, **k: None)
+        monkeypatch.setattr(tracking, "set_tags", lambda *a, **k: None)
+        monkeypatch.setattr(worker, "save_checkpoint", lambda *a, **k: None)
+        monkeypatch.setattr(worker, "_settle_data", lambda w: None)  # the data feed's bookkeeping: not under test
+        monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **k: self.reports.append(metrics))
+        w = SimpleNamespace(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, optimizer=None,
+                            tokenizer=None,
+                            device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
+                            tracking_uri="", run_id="run", final_loss=1.0, loop_config={"config_yaml": ""},
+                            feed=SimpleNamespace(absent_in_flight=lambda: 0), eval_error="not evaluated yet")
+        w.report = lambda metrics, save: worker._Worker.report(w, metrics, save)
+        for plan in w.schedule.phases:  # the accounting of worker._run_phase's step loop, without the training
+            per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
+            state.phase, state.phase_done = plan.index, False
+            while state.samples < plan.end_sample:
+                step = plan.batch_at(state.samples)
+                state.samples += step
+                state.step += 1
+                state.gflops += per_sample * step
+                crossed = [m for m in milestones if w.gflops_reported < m <= state.gflops]
+                self.at = crossed[-1] if crossed else None
+                worker._compute_milestone(w, plan, {"loss": 1.0})
+            self.at = plan.name
+            worker._end_phase(w, plan)
+        worker._final_report(w)
+
+    def to_tune(self, metrics: list[str]) -> list[dict]:
+        """What the sweep's Tune callback forwards."""
+        return [r for r in (tune_result(r, metrics) for r in self.reports) if r is not None]
 
 
-def report_stream(name: str, cfg, milestones: list[float], monkeypatch) -> list[dict]:
-    """What rank 0 of a trial reports, in order: the worker's milestone reports, the mid-phase checkpoint reports
-    (no metric), the phase-end reports and the final report, each with ``gflops_total`` as ``_Worker.report`` adds."""
-    from reclip_ray import tracking
-    from reclip_ray.train import worker
-
-    reports: list[dict] = []
-    state = SimpleNamespace(gflops=0.0, samples=0, step=0)
-
-    def report(metrics, save):
-        reports.append({**metrics, "gflops_total": state.gflops, "samples": state.samples})
-
-    def fake_eval(cfg_, model, tok, plan, schedule, device, rank, world, with_full=True):
-        assert not with_full  # a milestone evaluates at the phase's resolution only
-        return {f"eval/{plan.image_size}px/shape/top1": quality(name, state.gflops)}
-
-    monkeypatch.setattr(worker, "_evaluate_phase", fake_eval)
-    monkeypatch.setattr(tracking, "log_metrics", lambda *a, **k: None)
-    cfg.eval.at_gflops = list(milestones)
-    cfg.data.eval = "stub"
-    w = SimpleNamespace(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, report=report, model=None,
-                        tokenizer=None, device="cpu", schedule=Schedule.from_config(cfg), say=print,
-                        tracking_uri="", run_id="")
-    n = len(w.schedule.phases)
-    for plan in w.schedule.phases:
-        per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
-        while state.samples < plan.end_sample:  # the step loop of worker._run_phase, without the training
-            step = plan.batch_at(state.samples)
-            state.samples += step
-            state.step += 1
-            state.gflops += per_sample * step
-            if state.step % 7 == 0:
-                report({"loss": 1.0}, True)  # a mid-phase checkpoint report: no metric, never reaches Tune
-            worker._compute_milestone(w, plan, {"loss": 1.0})
-        value = quality(name, state.gflops)
-        report({"loss": 1.0, f"eval/{plan.image_size}px/shape/top1": value, "eval/current/shape/top1": value,
-                "eval_round": plan.index + 1, "eval_rounds_planned": n}, False)
-    report({"done": 1, "eval/current/shape/top1": quality(name, state.gflops), "eval_round": n,
-            "eval_rounds_planned": n}, False)
-    return reports
-
-
-def run_asha(space, streams: dict[str, list[dict]], order: list[str]):
-    """Feed the streams (each trial run to completion, in ``order``, as with max_concurrent_trials: 1) to the
-    sweep's scheduler; return {trial: {milestone: gflops of the result recorded there}} and the STOP decisions."""
+def run_asha(space, trials: dict[str, Trial], order: list[str]) -> dict[str, dict]:
+    """Feed the trials (each run to its end or its STOP, in ``order``, as with max_concurrent_trials: 1) to the
+    sweep's scheduler through its public API; return the result each stopped trial was stopped at."""
     from ray.tune.schedulers import TrialScheduler
 
-    configs = _configs(space)
-    axis = asha_axis(space, [run_flops(c)["total_train_gflops"] for c in configs.values()])
+    axis = asha_axis(space, [run_flops(t.cfg)["total_train_gflops"] for t in trials.values()])
     scheduler = make_scheduler(space, axis)
-    metric = asha_metric(space)
-    trials = {name: SimpleNamespace(trial_id=name) for name in streams}
-    for t in trials.values():
+    stand_ins = {name: SimpleNamespace(trial_id=name) for name in trials}
+    for t in stand_ins.values():
         scheduler.on_trial_add(None, t)
-    recorded: dict[str, dict[float, float]] = {name: {} for name in streams}
     stops: dict[str, dict] = {}
     for name in order:
-        rungs = scheduler._trial_info[name]._rungs
-        for result in streams[name]:
-            if not forward_to_tune(result, metric):
-                continue
-            before = {m for m, rec in rungs if name in rec}
-            decision = scheduler.on_trial_result(None, trials[name], result)
-            for m, rec in rungs:
-                if name in rec and m not in before:
-                    recorded[name][m] = result["gflops_total"]
-            if decision == TrialScheduler.STOP:
+        results = trials[name].to_tune([asha_metric(space)])
+        for result in results:
+            if scheduler.on_trial_result(None, stand_ins[name], result) == TrialScheduler.STOP:
                 stops[name] = result
                 break
-    return axis, scheduler, recorded, stops
+        else:
+            scheduler.on_trial_complete(None, stand_ins[name], results[-1])
+    return stops
 
 
-def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops(space, monkeypatch):
+def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops_at_full_resolution(space, monkeypatch):
     configs = _configs(space)
-    assert [p.image_size for p in configs["reclip"].phases] == [32, 64]
+    assert [(p.image_size, p.text_length) for p in configs["reclip"].phases] == [(32, 16), (64, 32)]
     assert [p.image_size for p in configs["baseline"].phases] == [64]
     axis = asha_axis(space, [run_flops(c)["total_train_gflops"] for c in configs.values()])
     assert axis["milestones"] == [1500.0, 3000.0, 6000.0]  # 1/4, 1/2 and all of the budget
-    streams = {name: report_stream(name, cfg, axis["milestones"], monkeypatch) for name, cfg in configs.items()}
+    trials = {name: Trial(name, cfg, axis["milestones"], monkeypatch) for name, cfg in configs.items()}
     main = {name: step_gflops(cfg)[0] for name, cfg in configs.items()}
     assert main["baseline"] > 2 * main["reclip"]  # different GFLOPs per step: the point of the test
     step = {name: max(step_gflops(cfg)) for name, cfg in configs.items()}
 
+    # One task at every rung: the RECLIP trial, still at 32 px, is evaluated as its final metric is (64 px, the
+    # finetune's 32 tokens); its phase end also evaluates at its own resolution (logged, not compared).
+    reclip = trials["reclip"]
+    assert [a for a in reclip.asked if a[0] in axis["milestones"]] == [(1500.0, 64, 32), (3000.0, 64, 32)]
+    assert [a for a in reclip.asked if a[0] == "lowres"] == [("lowres", 32, 16), ("lowres", 64, 32)]
+    metric = asha_metric(space)
+    assert metric == space.metric == "eval/full/shape/top1"
+    for t in trials.values():
+        rungs = [r for r in t.to_tune([metric]) if "compute_round" in r]
+        assert [r["compute_milestone"] for r in rungs] == [1500.0, 3000.0]  # 6000: the budget is never exceeded
+        for r in rungs:
+            assert r["compute_milestone"] <= r["gflops_total"] < r["compute_milestone"] + step[t.name]
+            assert r[metric] == r["eval/64px/shape/top1"] and "eval/32px/shape/top1" not in r
+
     # Phase ends (the old time axis) fall at very different compute: after the RECLIP main phase, the baseline has
     # already finished its whole budget.
-    first_end = {n: next(r["gflops_total"] for r in s if r.get("eval_round") == 1) for n, s in streams.items()}
+    first_end = {n: next(r["gflops_total"] for r in t.reports if r.get("eval_round") == 1) for n, t in trials.items()}
     assert first_end["baseline"] - first_end["reclip"] > 0.1 * BUDGET
-
-    # Baseline first: it is recorded at 1500 and 3000 GFLOPs; the RECLIP trial is compared there and survives.
-    _, scheduler, recorded, stops = run_asha(space, streams, ["baseline", "reclip"])
-    assert sorted(m for m, _ in scheduler._trial_info["reclip"]._rungs) == axis["milestones"]  # same rungs
-    assert not stops
-    for name in ("baseline", "reclip"):
-        assert set(recorded[name]) == {1500.0, 3000.0}
-        for milestone, gflops in recorded[name].items():
-            assert milestone <= gflops < milestone + step[name], (name, milestone, gflops)
 
     # RECLIP first: the baseline is compared with it at 1500 GFLOPs (within one of its steps) and stopped there,
     # long before its first phase end.
-    _, _, recorded, stops = run_asha(space, streams, ["reclip", "baseline"])
+    stops = run_asha(space, trials, ["reclip", "baseline"])
     assert set(stops) == {"baseline"}
     stop = stops["baseline"]
     assert 1500.0 <= stop["gflops_total"] < 1500.0 + step["baseline"]
     assert stop["compute_round"] == 1 and stop["eval_round"] == 0  # a milestone report, mid-phase
-    assert abs(recorded["reclip"][1500.0] - recorded["baseline"][1500.0]) < max(step.values())
+    # Baseline first: the RECLIP trial, better at equal compute, survives both rungs. Had ASHA recorded the
+    # baseline after 1.6x a rung's GFLOPs (0.5 x 1.6 = 0.8 per GFLOP: its phase end at 6000, say), it would not.
+    assert run_asha(space, trials, ["baseline", "reclip"]) == {}
 
 
-def test_milestone_reports_carry_the_compared_metric_and_checkpoint_reports_do_not_reach_tune(space, monkeypatch):
+@pytest.mark.parametrize("case", ["fails", "at_phase_end_false", "no_eval_set"])
+def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_does_not_run(space, monkeypatch,
+                                                                                             case):
+    """Tune fails the whole sweep on a result without its metric (its strict metric check): a trial whose
+    evaluation failed or did not run reports the metric as NaN, with the reason, and trains on."""
     cfg = _configs(space)["reclip"]
     milestones = asha_axis(space, [BUDGET])["milestones"]
-    stream = report_stream("reclip", cfg, milestones, monkeypatch)
-    metric = asha_metric(space)
-    assert metric == "eval/current/shape/top1"
-    crossed = [r for r in stream if "compute_round" in r]
-    assert [r["compute_milestone"] for r in crossed] == [1500.0, 3000.0]  # 6000: the budget is never exceeded
-    assert all(metric in r and r["eval/32px/shape/top1"] == r[metric] for r in crossed)  # both in the main phase
-    forwarded = [r for r in stream if forward_to_tune(r, metric)]
-    assert all(metric in r for r in forwarded)  # Tune's strict metric check would fail a trial otherwise
-    assert len(forwarded) == len(crossed) + len(cfg.phases) + 1
-    assert not forward_to_tune({"loss": 1.0, "compute_round": 1}, metric)  # a milestone whose evaluation failed
+    if case == "at_phase_end_false":
+        cfg.eval.at_phase_end = False
+    trial = Trial("reclip", cfg, milestones, monkeypatch, eval_set="" if case == "no_eval_set" else "stub",
+                  fail={1500.0, "finetune"} if case == "fails" else set())
+    checked = sorted({asha_metric(space), space.metric, "loss"})
+    results = trial.to_tune(checked)
+    assert len(results) == len(milestones) - 1 + len(cfg.phases) + 1  # rungs, phase ends, the final report
+    dropped = [r for r in trial.reports if tune_result(r, checked) is None]
+    assert len(dropped) + len(results) == len(trial.reports) and len(dropped) >= len(cfg.phases)
+    assert not any("eval_round" in r or "compute_round" in r for r in dropped)  # checkpoint reports only
+    assert all(m in r for r in results for m in checked)
+    measured = [r for r in results if not math.isnan(r[space.metric])]
+    unmeasured = [r for r in results if math.isnan(r[space.metric])]
+    assert all(r["eval_error"] for r in unmeasured) and not any("eval_error" in r for r in measured)
+    final = results[-1]
+    assert final["done"] == 1 and final["samples"] == cfg.train.samples  # it trained to its end
+    reason = {"fails": "evaluation after 'finetune' failed: RuntimeError: no readable rows in stub",
+              "at_phase_end_false": "no evaluation: eval.at_phase_end is false",
+              "no_eval_set": "no evaluation: data.eval is empty"}[case]
+    assert final["eval_error"] == reason and math.isnan(final[space.metric])
+    if case == "fails":  # the other evaluations worked: the 3000 GFLOPs rung, the main phase's end
+        assert [r.get("compute_milestone") for r in unmeasured] == [1500.0, None, None]
+        assert unmeasured[0]["eval_error"].startswith("evaluation at 1,500 GFLOPs failed: RuntimeError")
+        assert [r.get("compute_milestone") for r in measured] == [3000.0, None]
+    elif case == "at_phase_end_false":  # the rungs still evaluate: ASHA can compare the trial
+        assert [r.get("compute_milestone") for r in measured] == [1500.0, 3000.0]
+    else:
+        assert not measured
+    # Without ASHA, Tune checks the sweep's metric: the same reports carry it.
+    assert all(space.metric in r for r in trial.to_tune([space.metric]))
+
+
+def test_a_trial_whose_rung_evaluation_failed_is_not_compared_there_and_does_not_shift_the_cutoff(space, monkeypatch):
+    configs = _configs(space)
+    milestones = asha_axis(space, [BUDGET])["milestones"]
+    trials = {"good": Trial("reclip", configs["reclip"], milestones, monkeypatch, slope=0.8),
+              "failed": Trial("reclip", configs["reclip"], milestones, monkeypatch, slope=0.1, fail={1500.0}),
+              "worse": Trial("baseline", configs["baseline"], milestones, monkeypatch, slope=0.5)}
+    # The failed trial would be stopped at 1500 GFLOPs on its metric (0.1 < 0.8 per GFLOP) had it one; NaN is not
+    # compared. The next trial is compared with the measured trial alone (nanpercentile): 0.5 < 0.8, stopped.
+    stops = run_asha(space, trials, ["good", "failed", "worse"])
+    assert set(stops) == {"worse", "failed"}
+    assert stops["worse"]["compute_round"] == 1
+    assert stops["failed"]["compute_round"] == 2  # measured again at 3000 GFLOPs, and behind there
 
 
 def test_scheduler_keys_are_checked(tmp_path):
@@ -190,6 +241,13 @@ def test_scheduler_keys_are_checked(tmp_path):
         load_space(path)
     path.write_text(SPACE.replace("grace_fraction: 0.25", "grace_fraction: 2"))
     with pytest.raises(ConfigError, match="grace_fraction must be in"):
+        load_space(path)
+    path.write_text(SPACE.replace("grace_fraction: 0.25", "metric: eval/current/shape/top1"))
+    with pytest.raises(ConfigError, match="scheduler.metric 'eval/current/shape/top1'.*full resolution.*"
+                                          "use eval/full/shape/top1"):
+        load_space(path)
+    path.write_text(SPACE.replace("metric: eval/full/shape/top1", "metric: eval/32px/shape/top1"))
+    with pytest.raises(ConfigError, match="metric 'eval/32px/shape/top1'"):
         load_space(path)
     path.write_text(SPACE.replace("grace_fraction: 0.25", "grace_gflops: 600, metric: loss"))
     space = load_space(path)
@@ -206,6 +264,10 @@ def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
 
     grid = [result({"eval_round": 0, "eval_rounds_planned": 2, "compute_round": 1, "gflops_total": 1510.0}),
             result({"eval_round": 1, "eval_rounds_planned": 2, "gflops_total": 4400.0}),
-            result({"eval_round": 2, "eval_rounds_planned": 2, "gflops_total": 5999.0, "done": 1}),
-            result({}, error=RuntimeError("boom"))]
-    assert [r["status"] for r in _rows(grid, space, 2)] == ["stopped_early", "stopped_early", "completed", "error"]
+            result({"eval_round": 2, "eval_rounds_planned": 2, "gflops_total": 5999.0, "done": 1,
+                    "eval_error": "evaluation after 'finetune' failed: X"}),
+            result({}, error=RuntimeError("(pid=1) ray::ImplicitFunc.train()\n  File x\nValueError: boom"))]
+    rows = _rows(grid, space, 2)
+    assert [r["status"] for r in rows] == ["stopped_early", "stopped_early", "completed", "error"]
+    assert [r["eval_error"] for r in rows] == ["", "", "evaluation after 'finetune' failed: X", ""]
+    assert rows[3]["error"] == "ValueError: boom"  # the line that says what failed, not Ray's actor banner

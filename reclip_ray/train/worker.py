@@ -97,9 +97,14 @@ def _train(loop_config: dict[str, Any]) -> None:
         _end_phase(w, plan)
     if w.rank == 0:
         _export(w.cfg, w.model, w.tokenizer, w.run_dir, w.tracking_uri, w.run_id, w.state, loop_config["config_yaml"])
-    w.report({"done": 1, "loss": w.final_loss, **w.state.eval, **_full_view(w.cfg, w.schedule, w.state.eval),
-              **_current_view(w.schedule.phases[-1], w.state.eval),
-              "eval_round": len(w.schedule.phases), "eval_rounds_planned": len(w.schedule.phases)}, save=False)
+    _final_report(w)
+
+
+def _final_report(w: _Worker) -> None:
+    """The run's last report: the final model's evaluation (the last phase end's), or why there is none."""
+    n = len(w.schedule.phases)
+    w.report({"done": 1, "loss": w.final_loss, **_eval_report(w, w.state.eval, w.eval_error), "eval_round": n,
+              "eval_rounds_planned": n}, save=False)
 
 
 class _Worker:
@@ -179,6 +184,9 @@ class _Worker:
         self.fault_marker = self.run_dir / ".fault_injected"
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (_images)
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
+        # Why the last phase end has no evaluation (None: it has one); _end_phase sets it, _final_report reads it.
+        self.eval_error: str | None = "the final model was not evaluated in this attempt (it restarted after the " \
+                                      "last phase's checkpoint)"
 
     def say(self, text: str) -> None:
         """A line for the person watching: through the driver's display, else printed (rank 0 only)."""
@@ -300,10 +308,11 @@ def _run_phase(w: _Worker, plan: Any) -> None:
 
 
 def _compute_milestone(w: _Worker, plan: Any, last: dict[str, float]) -> None:
-    """Sweeps (``eval.at_gflops`` = ASHA's rungs): at the first step past a compute milestone, evaluate at the
-    phase's resolution (every rank, its share of the rows) and report, so that Tune's ASHA compares trials at equal
-    training GFLOPs (``sweep.asha_axis``) instead of at phase ends, which fall at very different compute for a RECLIP
-    schedule and a full-resolution baseline. Every rank decides alike: the GFLOPs follow from the samples seen."""
+    """Sweeps (``eval.at_gflops`` = ASHA's rungs): at the first step past a compute milestone, evaluate at full
+    resolution (every rank, its share of the rows) and report, so that Tune's ASHA compares trials at equal
+    training GFLOPs (``sweep.asha_axis``) and on one task, the sweep's final metric (``sweep.asha_metric``), instead
+    of at phase ends, which fall at very different compute for a RECLIP schedule and a full-resolution baseline.
+    Every rank decides alike: the GFLOPs follow from the samples seen."""
     from reclip_ray import tracking
     from reclip_ray.flops import milestones_crossed
 
@@ -312,17 +321,20 @@ def _compute_milestone(w: _Worker, plan: Any, last: dict[str, float]) -> None:
         return
     w.gflops_reported = w.state.gflops
     metrics: dict[str, float] = {}
-    if w.cfg.data.eval:
+    error = None if w.cfg.data.eval else "no evaluation: data.eval is empty"
+    if error is None:
         try:
             metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device, w.rank, w.world,
-                                      with_full=False)
+                                      own=False)
         except Exception as exc:  # noqa: BLE001 - as at a phase end: logged, training goes on
+            error = f"evaluation at {crossed[-1]:,.0f} GFLOPs failed: {type(exc).__name__}: {exc}"
             if w.rank == 0:
-                w.say(f"WARNING: evaluation at {crossed[-1]:,.0f} GFLOPs failed: {type(exc).__name__}: {exc}")
+                w.say(f"WARNING: {error}")
+                tag = f"reclip.eval_error.gflops_{crossed[-1]:.0f}"
+                tracking.set_tags(w.tracking_uri, w.run_id, {tag: error[:5000]})
     if w.rank == 0 and metrics:
         tracking.log_metrics(w.tracking_uri, w.run_id, metrics, step=w.state.step)
-    metrics = metrics if w.rank == 0 else {}
-    w.report({"loss": last["loss"], **metrics, **_current_view(plan, metrics), "compute_milestone": crossed[-1],
+    w.report({"loss": last["loss"], **_eval_report(w, metrics, error), "compute_milestone": crossed[-1],
               "compute_round": sorted(w.cfg.eval.at_gflops).index(crossed[-1]) + 1,
               "eval_round": plan.index, "eval_rounds_planned": len(w.schedule.phases)}, save=False)
 
@@ -457,14 +469,16 @@ def _end_phase(w: _Worker, plan: Any) -> None:
                                                         "data_rows_absent": state.rows_absent}, step=state.step)
     w.report({"loss": w.final_loss}, save=True)
     eval_metrics: dict[str, float] = {}
-    if w.cfg.eval.at_phase_end and w.cfg.data.eval:  # every rank evaluates its share of the rows (evaluate.py)
+    error = ("no evaluation: data.eval is empty" if not w.cfg.data.eval else
+             None if w.cfg.eval.at_phase_end else "no evaluation: eval.at_phase_end is false")
+    if error is None:  # every rank evaluates its share of the rows (evaluate.py)
         try:
             eval_metrics = _evaluate_phase(w.cfg, w.model, w.tokenizer, plan, w.schedule, w.device, w.rank, w.world)
         except Exception as exc:  # noqa: BLE001 - a broken eval set must not throw the phase's training away
+            error = f"evaluation after '{plan.name}' failed: {type(exc).__name__}: {exc}"
             if w.rank == 0:  # every rank got the same error (evaluate_dataset raises it on all of them)
-                message = f"evaluation after '{plan.name}' failed: {type(exc).__name__}: {exc}"
-                w.say(f"WARNING: {message} (training goes on)")
-                tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.eval_error.{plan.name}": message[:5000]})
+                w.say(f"WARNING: {error} (training goes on)")
+                tracking.set_tags(w.tracking_uri, w.run_id, {f"reclip.eval_error.{plan.name}": error[:5000]})
                 tracking.log_metrics(w.tracking_uri, w.run_id, {"eval_errors": 1}, step=state.step)
         else:
             if w.rank == 0:
@@ -473,10 +487,9 @@ def _end_phase(w: _Worker, plan: Any) -> None:
                 w.say(f"eval after '{plan.name}': {_eval_line(eval_metrics)}")
             else:
                 eval_metrics = {}  # rank 0 logs and reports them; the other ranks' reports carry none, as before
-    # For Ray Tune (sweeps): a monotonic round counter for ASHA and the full-resolution metrics under one name
-    # whatever the trial's full size is.
-    w.report({"loss": w.final_loss, **eval_metrics, **_full_view(w.cfg, w.schedule, eval_metrics),
-              **_current_view(plan, eval_metrics), "eval_round": plan.index + 1,
+    w.eval_error = error
+    # For Ray Tune (sweeps): the evaluation (or why there is none) and the phases finished so far.
+    w.report({"loss": w.final_loss, **_eval_report(w, eval_metrics, error), "eval_round": plan.index + 1,
               "eval_rounds_planned": len(w.schedule.phases)}, save=False)
 
 
@@ -497,14 +510,23 @@ class _RowLog:
             f.write(json.dumps(line) + "\n")
 
 
-def _current_view(plan: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    from reclip_ray.sweep import current_view  # the sweep's metric names live in the sweep module
+def _eval_report(w: _Worker, metrics: dict[str, float], error: str | None) -> dict[str, Any]:
+    """The evaluation part of a report that may reach Tune (a compute milestone, a phase end, the final report).
 
-    return current_view(plan.image_size, eval_metrics)
+    The metrics, with the full-resolution ones again under ``eval/full/...`` (one name for a sweep's metric whatever
+    each trial's full size is); or, when this evaluation failed or did not run, why (``eval_error``): a sweep then
+    reports its metric as NaN for this trial here (``sweep.tune_result``) instead of failing Tune's metric check.
+    Only rank 0's report reaches Tune; the other ranks' carry neither.
+    """
+    if w.rank != 0:
+        return {}
+    if error is not None:
+        return {"eval_error": error}
+    return {**metrics, **_full_view(w.cfg, w.schedule, metrics)}
 
 
 def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    from reclip_ray.sweep import full_view
+    from reclip_ray.sweep import full_view  # the sweep's metric names live in the sweep module
 
     return full_view(cfg.eval.full_image_size or schedule.phases[-1].image_size, eval_metrics)
 
@@ -553,16 +575,15 @@ def _eval_line(metrics: dict[str, float]) -> str:
 
 
 def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, schedule: Any, device: torch.device,
-                    rank: int = 0, world: int = 1, with_full: bool = True) -> dict[str, float]:
-    """Zero-shot + retrieval at the phase's resolution and (``with_full``) at full resolution, if different. With
+                    rank: int = 0, world: int = 1, own: bool = True) -> dict[str, float]:
+    """Zero-shot + retrieval at full resolution and (``own``) at the phase's resolution, if different. With
     ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics."""
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.evaluate import eval_columns, evaluate_dataset
 
     full = schedule.phases[-1]
-    sizes = {plan.image_size: plan.text_length}
-    if with_full:
-        sizes.setdefault(cfg.eval.full_image_size or full.image_size, full.text_length)
+    sizes = {plan.image_size: plan.text_length} if own else {}
+    sizes.setdefault(cfg.eval.full_image_size or full.image_size, full.text_length)
     out: dict[str, float] = {}
     for image_size, text_length in sizes.items():
         metrics = evaluate_dataset(
