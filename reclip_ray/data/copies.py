@@ -286,8 +286,9 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     if workers == 1:
         results = [_shrink_one(j) for j in jobs]
     else:
-        # Forked children would inherit the parent's S3 clients (storage caches one per bucket), which the AWS SDK
-        # does not support after a fork: with a remote source or target they start fresh (spawn, ~1 s each).
+        # Forked children would inherit the parent's S3 clients (storage caches one per bucket) and the AWS SDK's
+        # threads, which nothing promises to survive a fork (s3fs documents hangs): with a remote source or target
+        # the workers start fresh (spawn, ~1 s each). Forking worked on the moto server here; this is caution.
         remote = storage.is_uri(src) or storage.is_uri(dst_root)
         context = multiprocessing.get_context("spawn") if remote else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
