@@ -100,9 +100,9 @@ def _words(node: ast.AST) -> tuple[set[str], set[str]]:
         elif isinstance(sub, ast.Attribute):
             names.add(sub.attr)
             fields.add(sub.attr)
-        elif isinstance(sub, ast.Subscript) and isinstance(sub.slice, ast.Constant) and isinstance(sub.slice.value, str):
-            names.add(sub.slice.value)
-            fields.add(sub.slice.value)
+        elif isinstance(sub, ast.Subscript) and isinstance(key := sub.slice, ast.Constant) and isinstance(key.value, str):
+            names.add(key.value)
+            fields.add(key.value)
         for child in ast.iter_child_nodes(sub):
             walk(child)
 

@@ -220,7 +220,7 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
 
     Any of the three may be a URI. Remote images are fetched ``REMOTE_READ_THREADS`` at a time, in order; local
     ones one by one (a local read is cheaper than a thread hand-off)."""
-    images, captions, out = storage.normalize(str(images)), storage.normalize(str(captions)), storage.normalize(str(out))
+    images, captions, out = (storage.normalize(str(p)) for p in (images, captions, out))
     local_images = storage.local_path(images)
     if local_images is not None and not os.path.isdir(local_images):
         raise DataError(f"image folder not found: {images}")
