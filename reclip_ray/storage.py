@@ -137,7 +137,7 @@ def read_json(path: str, default: Any = None) -> Any:
         return default
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes | memoryview) -> None:
     """Write the whole file atomically: readers see the old file or the new one, never a part."""
     fs, inner = filesystem(path)
     local = local_path(path)

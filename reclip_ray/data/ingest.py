@@ -73,7 +73,7 @@ def write_file_atomic(path: str, write: Any) -> None:
     if local is None:
         sink = pa.BufferOutputStream()
         write(sink)
-        storage.write_bytes(path, sink.getvalue().to_pybytes())
+        storage.write_bytes(path, memoryview(sink.getvalue()))  # no copy of the file into a bytes object
         return
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = local + ".tmp"
