@@ -38,7 +38,9 @@ def _data_synth(args: argparse.Namespace) -> int:
         summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows,
                                  textured=args.textured)
         if args.shrink:
-            summary["copies"] = _shrink(os.path.join(args.out, "train"), args.shrink, image_column="image")
+            from reclip_ray.storage import join
+
+            summary["copies"] = _shrink(join(args.out, "train"), args.shrink, image_column="image")
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json(summary)
@@ -67,7 +69,7 @@ def _data_ingest(args: argparse.Namespace) -> int:
     if bool(args.webdataset) == bool(args.images):
         raise ReclipError("data ingest needs either --images DIR --captions FILE or --webdataset 'PATTERN'")
     try:
-        if args.webdataset:
+        if args.webdataset:  # any of the paths may be a URI (s3://...): see reclip_ray.storage
             summary = ingest_webdataset(args.webdataset, args.out, shard_rows=args.shard_rows)
         else:
             if not args.captions:
@@ -137,15 +139,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """An exported model (a run's model/ folder) rewritten for another ecosystem; no Ray."""
+    """An exported model (a run's model/ folder) rewritten for another ecosystem; no Ray. Either may be a URI."""
+    from reclip_ray import storage
     from reclip_ray.export import export_model, load_export
     from reclip_ray.openclip import OPEN_CLIP_CONFIG
 
     model, tokenizer, cfg = load_export(args.model_dir)
-    out = export_model(model, tokenizer, cfg, args.out, format=args.format, image_size=args.image_size or None)
-    meta = json.loads((out / OPEN_CLIP_CONFIG).read_text())["reclip_ray"]
-    _print_json({"out": str(out), "format": args.format, "image_size": meta["image_size"],
-                 "tokenizer": meta["tokenizer"], "open_clip": f"local-dir:{out}"})
+    out = str(export_model(model, tokenizer, cfg, args.out, format=args.format, image_size=args.image_size or None))
+    meta = storage.read_json(storage.join(out, OPEN_CLIP_CONFIG))["reclip_ray"]
+    summary = {"out": out, "format": args.format, "image_size": meta["image_size"], "tokenizer": meta["tokenizer"]}
+    if not storage.is_uri(out):  # open_clip loads a local folder only: a remote export is downloaded first
+        summary["open_clip"] = f"local-dir:{out}"
+    _print_json(summary)
     return 0
 
 

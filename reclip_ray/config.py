@@ -611,7 +611,8 @@ def _check_optim(cfg: Config) -> None:
 
 
 def absolute(path: str, base: str | os.PathLike | None = None) -> str:
-    """Make a local path absolute (Ray workers run in other directories); URIs pass through."""
+    """Make a local path absolute (Ray workers run in other directories; ``~`` is the user's home, which no shell
+    expands inside ``--set key=~/x``); URIs (``s3://b/x``, ``file:///x``) pass through exactly as given."""
     if "://" in path or not path:
         return path
-    return str((Path(base) if base else Path.cwd()).joinpath(path).resolve())
+    return str((Path(base) if base else Path.cwd()).joinpath(os.path.expanduser(path)).resolve())

@@ -20,8 +20,6 @@ are then absent from the result.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -621,11 +619,13 @@ def eval_columns(data: str, configured: Any) -> Any:
 
 
 def _read_classes(path: str, meta: dict) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ReclipError(f"classes file not found: {p}")
+    from reclip_ray import storage
+
+    p = str(path)
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(storage.read_text(p))
+    except FileNotFoundError:
+        raise ReclipError(f"classes file not found: {p}") from None
     except ValueError as exc:
         raise ReclipError(f"{p}: not valid JSON ({exc})") from None
     if isinstance(raw, list):
@@ -650,19 +650,19 @@ def evaluate_checkpoint(
     text length is the last phase's. ``checkpoint`` may also be an open_clip folder: open_clip builds the model
     and (for the CLIP tokenizer) tokenizes, so the numbers are open_clip's on the same images.
     """
+    from reclip_ray import storage
     from reclip_ray.data.schema import ColumnMap, read_dataset_json
     from reclip_ray.export import load_export
-
-    if not os.path.exists(checkpoint):
-        raise ReclipError(f"checkpoint not found: {checkpoint}")
-    if not os.path.exists(data) and "://" not in data:
-        raise ReclipError(f"eval data not found: {data}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from reclip_ray.openclip import is_open_clip_dir, load_open_clip_export
 
+    if not storage.exists(checkpoint):
+        raise ReclipError(f"checkpoint not found: {checkpoint}")
+    if not storage.exists(data):
+        raise ReclipError(f"eval data not found: {data}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_open_clip_dir(checkpoint):  # e.g. `reclip-ray export --format open_clip`: open_clip builds the model
         model, tokenizer, cfg = load_open_clip_export(checkpoint, device, image_size=image_size)
-    else:
+    else:  # both loaders download a URI to a temp folder first
         model, tokenizer, cfg = load_export(checkpoint, device)
     last = cfg.phases[-1]
     size = image_size or cfg.eval.full_image_size or last.image_size

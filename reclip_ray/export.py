@@ -8,16 +8,18 @@ arbitrary objects or call functions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
 
+from reclip_ray import storage
 from reclip_ray.config import Config, ConfigError, from_dict
 from reclip_ray.errors import CheckpointError
 
@@ -32,11 +34,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir: str | os.PathLike, *,
-                 format: str = "reclip", image_size: int | None = None) -> Path:
-    """Write model + config + tokenizer to ``out_dir`` (replaced if it exists); returns the path.
+                 format: str = "reclip", image_size: int | None = None) -> Path | str:
+    """Write model + config + tokenizer to ``out_dir`` (replaced if it exists); returns the path (a ``Path`` for a
+    local folder, the URI string for a remote one: ``s3://bucket/models/x``).
 
     Everything is written into a sibling temp folder that is renamed into place at the end, so a crash never
-    leaves a folder that looks like an export but holds half a model. ``format="open_clip"`` writes an open_clip
+    leaves a folder that looks like an export but holds half a model (on an object store, see
+    ``write_folder_atomic``). ``format="open_clip"`` writes an open_clip
     ``local-dir:`` folder instead, fixed at ``image_size`` (default: the run's full resolution); see
     ``reclip_ray.openclip.export_open_clip``.
     """
@@ -49,8 +53,6 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
     from safetensors.torch import save_file
 
     model = _unwrap(model)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(config)
     cfg.model = copy.deepcopy(getattr(model, "cfg", cfg.model))  # the model's own config has vocab_size filled
     # Shared tensors (tied weights) cannot be saved as aliases; independent contiguous copies load back fine.
@@ -61,12 +63,23 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
         (tmp / CONFIG).write_text(cfg.to_yaml())
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
 
-    return write_folder_atomic(out, write)
+    return write_folder_atomic(out_dir, write)
 
 
-def write_folder_atomic(out: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a sibling temp folder with ``write(tmp)`` and rename it to ``out`` (replacing an old one), so a crash
-    never leaves a folder that looks like an export but holds half of one."""
+def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path | str:
+    """Fill a sibling temp folder with ``write(tmp)`` and rename it to ``out_dir`` (replacing an old one), so a
+    crash never leaves a folder that looks like an export but holds half of one.
+
+    On an object store there is no rename: the folder is filled locally, then the old objects are deleted and the
+    new ones uploaded one by one (``storage.upload_dir``), each whole. A crash during the upload can leave a folder
+    with some of the files (a model of 3 objects: a few seconds' window); ``load_export`` then names the missing
+    one. Returns the URI string."""
+    if storage.is_uri(str(out_dir)):
+        with tempfile.TemporaryDirectory(prefix="reclip-export-") as local_tmp:
+            write(Path(local_tmp))
+            storage.upload_dir(local_tmp, str(out_dir))
+        return str(out_dir).rstrip("/")
+    out = Path(storage.local_path(str(out_dir)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -84,20 +97,49 @@ def write_folder_atomic(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+    """A local path holding ``path``'s contents: the path itself when local, else a temp copy of the remote file
+    or folder (deleted on exit). Cost: one LIST (or HEAD) plus one GET per file; a vit-b-16 export is ~600 MB."""
+    path = str(path)
+    local = storage.local_path(path)
+    if local is not None:
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="reclip-download-") as tmp:
+        if storage.is_file(path):
+            target = os.path.join(tmp, storage.name(path))
+            with open(target, "wb") as f:
+                f.write(storage.read_bytes(path))
+            yield target
+        elif storage.exists(path):
+            yield storage.download_dir(path, os.path.join(tmp, storage.name(path) or "model"))
+        else:
+            raise FileNotFoundError(path)
+
+
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, Config) from an exported folder."""
+    """(model in eval mode, tokenizer, Config) from an exported folder, local or a URI (downloaded first)."""
+    try:
+        with local_copy(path) as local:
+            return _load_export_dir(Path(local), str(path), device)
+    except FileNotFoundError:
+        raise CheckpointError(f"exported model not found: {path}") from None
+
+
+def _load_export_dir(root: Path, shown: str, device: str | torch.device):
+    """``load_export`` of a local folder; errors name ``shown`` (the path the user gave, maybe a URI)."""
     from reclip_ray.model import build_model
 
-    root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"exported model not found: {root} is not a directory")
+        raise CheckpointError(f"exported model not found: {shown} is not a directory")
     for name in (CONFIG, TOKENIZER):
         if not (root / name).is_file():
-            raise CheckpointError(f"{root}: missing {name} (not an exported reclip-ray model)")
+            raise CheckpointError(f"{shown}: missing {name} (not an exported reclip-ray model)")
     try:
         cfg = from_dict(yaml.safe_load((root / CONFIG).read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{root / CONFIG}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{storage.join(shown, CONFIG)}: {str(exc).splitlines()[0]}") from None
     tokenizer = _matching_tokenizer(root, cfg)
     state = _load_state(root)
     text = cfg.model.text
@@ -107,7 +149,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{root}: weights do not match config.yaml: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{shown}: weights do not match config.yaml: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -152,6 +194,6 @@ def _load_state(root: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(CLIP in eval mode, CaptionTokenizer) from an exported folder; no Ray needed."""
+    """(CLIP in eval mode, CaptionTokenizer) from an exported folder (local or a URI); no Ray needed."""
     model, tokenizer, _ = load_export(path, device)
     return model, tokenizer

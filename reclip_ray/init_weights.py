@@ -25,21 +25,25 @@ import torch
 from torch import nn
 
 from reclip_ray.config import ConfigError
-from reclip_ray.errors import CheckpointError
+from reclip_ray.errors import CheckpointError, ReclipError
 
 KEY = "model.init_from"
 
 
 def check_init_from(path: str) -> str:
-    """The absolute path of ``model.init_from``; a one-line ConfigError naming the key when it does not exist."""
+    """The absolute path (or the URI) of ``model.init_from``; a one-line ConfigError naming the key when it does
+    not exist."""
+    from reclip_ray import storage
     from reclip_ray.config import absolute
 
     if not path:
         return path
-    if "://" in path:
-        raise ConfigError(f"'{KEY}' must be a local path (or a shared filesystem's), got {path}")
     full = absolute(path)
-    if not os.path.exists(full):
+    try:
+        found = storage.exists(full)
+    except ReclipError as exc:  # an unknown scheme, no credentials
+        raise ConfigError(f"'{KEY}': {exc}") from None
+    if not found:
         raise ConfigError(f"'{KEY}' not found: {full} (a reclip-ray export, an open_clip checkpoint or a timm ViT "
                           "state dict)")
     return full
@@ -49,9 +53,16 @@ def read_state(path: str | os.PathLike, *, pool: str = "cls") -> tuple[dict[str,
     """(state dict in reclip-ray names, source kind) from any accepted source; shapes are the checkpoint's.
 
     ``pool`` is the target model's image pooling: it decides which timm norm open_clip's ``ln_post`` becomes.
+    A URI (file or folder) is downloaded to a temp folder first: every worker of a run fetches it once.
     """
-    root = Path(path)
-    raw = _read_any(root)
+    from reclip_ray.export import local_copy
+
+    try:
+        with local_copy(path) as local:
+            raw = _read_any(Path(local))
+    except FileNotFoundError:
+        raise CheckpointError(f"{KEY}: not found: {path}") from None
+    root = str(path)
     kind = detect_kind(raw)
     if kind == "reclip-ray":
         return raw, kind

@@ -240,9 +240,10 @@ def default_export_size(config: Any, model: nn.Module) -> int:
 
 
 def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str | os.PathLike, *,
-                     image_size: int | None = None) -> Path:
+                     image_size: int | None = None) -> Path | str:
     """Write an open_clip ``local-dir:`` folder: ``open_clip_config.json``, ``open_clip_model.safetensors``,
-    ``tokenizer.json`` and a README; returns its path. Replaced atomically if it exists.
+    ``tokenizer.json`` and a README; returns its path (a URI stays a string: ``export.write_folder_atomic``).
+    Replaced atomically if it exists.
 
     ``open_clip.create_model_and_transforms("local-dir:OUT")`` then builds the same model, fixed at
     ``image_size`` (default: the run's full resolution). With the CLIP tokenizer (``data.tokenizer: clip``)
@@ -275,16 +276,15 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
         "reclip_ray": meta,
     }
     from reclip_ray.export import write_folder_atomic
-
-    out = Path(out_dir)
+    from reclip_ray.storage import name
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
         (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(doc, indent=2))
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
-        (tmp / README).write_text(_readme(out, meta, t.context_length))
+        (tmp / README).write_text(_readme(name(str(out_dir)), meta, t.context_length))
 
-    return write_folder_atomic(out, write)
+    return write_folder_atomic(out_dir, write)
 
 
 def _config_dict(config: Any, model: nn.Module) -> dict[str, Any] | None:
@@ -295,27 +295,27 @@ def _config_dict(config: Any, model: nn.Module) -> dict[str, Any] | None:
     return cfg.to_dict()
 
 
-def _readme(out: Path, meta: dict[str, Any], context_length: int) -> str:
+def _readme(folder: str, meta: dict[str, Any], context_length: int) -> str:
     size, ids = meta["image_size"], f"pad={meta['pad_id']}, eot={meta['eot_id']}"
     lines = [
-        f"# {out.name}: a reclip-ray model in open_clip's format",
+        f"# {folder}: a reclip-ray model in open_clip's format",
         "",
         f"Image size {size} px (open_clip's VisionTransformer has one fixed size; "
         "`force_image_size=N` resamples the position embeddings).",
         "",
         "```python",
         "import open_clip",
-        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out.name}')",
+        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{folder}')",
         "```",
         "",
     ]
     if meta["tokenizer"] == "clip":
-        lines.append(f"Tokenize with open_clip: `tokenizer = open_clip.get_tokenizer('local-dir:{out.name}')` "
+        lines.append(f"Tokenize with open_clip: `tokenizer = open_clip.get_tokenizer('local-dir:{folder}')` "
                      f"(OpenAI's CLIP BPE, {context_length} tokens).")
     else:
         lines.append(
             "Tokenize with this model's own BPE, not open_clip.get_tokenizer (that is CLIP's, whose ids mean nothing "
-            f"here): `from reclip_ray.data.tokenizer import load_tokenizer; tok = load_tokenizer('{out.name}/"
+            f"here): `from reclip_ray.data.tokenizer import load_tokenizer; tok = load_tokenizer('{folder}/"
             f"{TOKENIZER}', {ids}); text = torch.from_numpy(tok.encode(captions, {context_length}))`.")
     return "\n".join(lines) + "\n"
 
@@ -324,9 +324,10 @@ def _readme(out: Path, meta: dict[str, Any], context_length: int) -> str:
 
 
 def is_open_clip_dir(path: str | os.PathLike) -> bool:
-    """An open_clip ``local-dir:`` folder (ours or anyone's), as opposed to a reclip-ray export."""
-    root = Path(path)
-    return root.is_dir() and (root / OPEN_CLIP_CONFIG).is_file() and not (root / "config.yaml").is_file()
+    """An open_clip ``local-dir:`` folder (ours or anyone's; local or a URI), as opposed to a reclip-ray export."""
+    from reclip_ray.storage import is_file, join
+
+    return is_file(join(str(path), OPEN_CLIP_CONFIG)) and not is_file(join(str(path), "config.yaml"))
 
 
 def _import_open_clip() -> Any:
@@ -385,12 +386,18 @@ def load_open_clip_export(path: str | os.PathLike, device: str | torch.device = 
     The Config is the training run's when the folder is a reclip-ray export, else a minimal one (one phase at the
     folder's image size and context length), with ``eval.full_image_size`` set to the model's image size so that
     ``reclip-ray eval`` evaluates at the size open_clip built. ``image_size`` other than the folder's is passed to
-    open_clip as ``force_image_size`` (it resamples the position embeddings).
+    open_clip as ``force_image_size`` (it resamples the position embeddings). A URI is downloaded first.
     """
+    from reclip_ray.export import local_copy
+
+    with local_copy(path) as local:
+        return _load_open_clip_dir(Path(local), device, image_size)
+
+
+def _load_open_clip_dir(root: Path, device: str | torch.device, image_size: int) -> tuple[OpenClipModel, Any, Any]:
     from reclip_ray.config import ConfigError, from_dict
 
     open_clip = _import_open_clip()
-    root = Path(path)
     try:
         doc = json.loads((root / OPEN_CLIP_CONFIG).read_text())
         model_cfg = doc["model_cfg"]

@@ -130,9 +130,10 @@ def load_decode_rates(path: str | Path) -> dict[int, float]:
     baseline), because that is what training runs. Several rows for one size (files of several runs appended)
     give their median, so one noisy run does not decide the plan.
     """
-    path = Path(path)
+    from reclip_ray.storage import read_text
+
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(str(path)).splitlines()  # a local file or a URI
     except OSError as exc:
         raise ReclipError(f"--decode-rates: cannot read {path}: {exc.strerror or exc}") from None
     found: dict[int, list[float]] = {}

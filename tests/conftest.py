@@ -16,6 +16,21 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 S3_BUCKET = "reclip-test"
+S3_REQUESTS: list[tuple[str, str]] = []  # (method, path?query) of every request the S3 server answered
+
+
+def _log_requests(server) -> None:
+    """Record each request the moto server answers in ``S3_REQUESTS`` (the ``s3_requests`` fixture reads it), so
+    tests can count what a code path costs on a real object store: PUTs per shard, LISTs per dataset."""
+    wsgi = server._server
+    app = wsgi.app
+
+    def logged(environ, start_response):
+        query = environ.get("QUERY_STRING", "")
+        S3_REQUESTS.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "") + (f"?{query}" if query else "")))
+        return app(environ, start_response)
+
+    wsgi.app = logged
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +41,14 @@ def s3_server():
     fixture), so the driver, Ray's workers and any CLI subprocess reach the same server through the standard
     ``AWS_ENDPOINT_URL``. Yields the endpoint URL. Tests use their own prefix under the bucket.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would bury the tests' own output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _log_requests(server)
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -48,6 +67,13 @@ def s3_prefix(s3_server, request) -> str:
     import uuid
 
     return f"s3://{S3_BUCKET}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def s3_requests(s3_server) -> list[tuple[str, str]]:
+    """The requests the S3 server answers from now on, as (method, path?query); the list grows as the test runs."""
+    S3_REQUESTS.clear()
+    return S3_REQUESTS
 
 
 @pytest.fixture(scope="session")

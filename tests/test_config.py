@@ -211,3 +211,19 @@ def test_bad_config_fails_before_ray_starts(tmp_path, synth_dir, case, fragment)
     assert len(lines) == 1 and lines[0].startswith("reclip-ray: error: ") and fragment in lines[0], proc.stderr[-3000:]
     assert sorted(p.name for p in cwd.iterdir()) == []  # no reclip_data, reclip_runs, mlflow.db
     assert not (tmp_path / "ray_tmp").exists()
+
+
+def test_absolute_keeps_uris_as_given_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    """Run and data paths reach Ray workers that run in other folders: local ones must be absolute, and a URI
+    must stay a URI (``Path("s3://b/x")`` would be the local folder ``s3:/b/x``)."""
+    from reclip_ray.config import absolute
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for uri in ("s3://bucket/runs", "s3://bucket/runs/", "gs://b/data/train", "file:///data/x", "hdfs://nn:8020/d"):
+        assert absolute(uri) == uri
+    assert absolute("") == ""
+    assert absolute("data/train") == os.path.join(os.path.realpath(tmp_path), "data", "train")
+    assert absolute("~/data") == os.path.join(os.path.realpath(tmp_path), "home", "data")  # no shell expands it
+    assert absolute("/abs/x") == "/abs/x"
+    assert absolute("x", base=tmp_path / "configs") == os.path.join(os.path.realpath(tmp_path), "configs", "x")

@@ -25,7 +25,10 @@ def _collect(ds) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_path):
+def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_path, s3_prefix):
+    """Also: the same phase read by Ray Data's tasks from a copy of the shards on S3 (moto's server), with the
+    tokenizer given as an s3:// path, yields the same rows at the same positions as the local read."""
+    from reclip_ray import storage
     from reclip_ray.data.tokenizer import load_tokenizer
 
     tok_json = tokenizer_path.read_text()
@@ -55,6 +58,20 @@ def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_
         assert np.array_equal(rows["image"][i], decode_image(source[key]["image"], size, train=False))
         tok = load_tokenizer(tokenizer_path)
         assert np.array_equal(rows["tokens"][i], tok.encode([source[key]["caption"]], length)[0])
+        if size == 32:
+            local_rows = rows
+
+    storage.upload_dir(str(synth_dir / "eval"), storage.join(s3_prefix, "eval"))
+    storage.write_bytes(storage.join(s3_prefix, "tokenizer.json"), tokenizer_path.read_bytes())
+    remote = list_parquet_files(storage.join(s3_prefix, "eval"))
+    assert remote[0].startswith("s3://")
+    ds = phase_dataset(PhaseStream(read_footers(remote), seed=0, passes=1, shuffle=False), ColumnMap(), image_size=32,
+                       text_length=8, tokenizer_json=storage.join(s3_prefix, "tokenizer.json"), train=False,
+                       keep_keys=True)
+    rows = _collect(ds)
+    order, local_order = np.argsort(rows["_pos"]), np.argsort(local_rows["_pos"])
+    for column in ("_pos", "key", "image", "tokens", "_ok"):
+        assert np.array_equal(rows[column][order], local_rows[column][local_order]), column
 
 
 @pytest.mark.slow

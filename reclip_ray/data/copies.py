@@ -23,21 +23,22 @@ for that shard and counts it. A shard with no copy large enough falls back too (
 metadata cannot catch is an image replaced in place by a tool that kept our columns and metadata; re-run
 ``data shrink --force`` after editing images.
 
-Writes are atomic per shard (temp file, then rename) and resumable (a shard whose metadata already lists every
-requested size is skipped), like ``data ingest``. Rewritten shards get small row groups and pages, which bounds
-what a read task holds per open shard (see ``pipeline._ShardChunks``).
+Writes are atomic per shard (temp file, then rename; on an object store one upload of the whole rewritten shard,
+built in memory) and resumable (a shard whose metadata already lists every requested size is skipped), like
+``data ingest``. Rewritten shards get small row groups and pages, which bounds what a read task holds per open
+shard (see ``pipeline._ShardChunks``). Cost on S3 per shard: a HEAD, the footer and the image column read in 1 MB
+ranged GETs, one upload (a PUT up to 10 MB, else multipart); skipped shards cost the HEAD and the footer only.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from reclip_ray.data.images import BadImage, make_copy, min_source_side
@@ -48,6 +49,9 @@ DEFAULT_QUALITY = 90
 ROW_GROUP_BYTES = 16 << 20  # target bytes of one row group (all columns), so a reader holds little per shard
 WRITE_BATCH_ROWS = 64  # rows per Parquet page check: pages of ~64 images, streamed page by page on read
 MAX_ROW_GROUP_ROWS = 4096
+# A shard is read front to back once: 8 MB reads make a 47 MB shard 6 ranged GETs on S3 instead of 47 (measured on
+# the moto server), for 8 MB of buffer per column in each worker.
+SHRINK_READ_BUFFER = 8 << 20
 
 
 def copy_column(image_column: str, size: int) -> str:
@@ -155,22 +159,38 @@ def _compression(names: Sequence[str], binary: set[str]) -> dict[str, str]:
 
 def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image", out_path: str | None = None,
                  quality: int = DEFAULT_QUALITY, force: bool = False) -> dict[str, Any]:
-    """Add (or refresh) the copies of one shard; returns counts. Atomic: the shard is replaced only when complete."""
+    """Add (or refresh) the copies of one shard; returns counts and the stored bytes per column. Atomic: the shard
+    is replaced only when complete (``ingest.write_file_atomic``: a temp file renamed locally, one object on a
+    store). Local path or URI alike."""
+    import pyarrow.parquet as pq
+
+    from reclip_ray.storage import filesystem
+
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as fh:
+        pf = pq.ParquetFile(fh, buffer_size=SHRINK_READ_BUFFER, pre_buffer=False)
+        meta = pf.metadata
+        names = pf.schema_arrow.names
+        if image_column not in names:
+            raise DataError(f"{path}: no column {image_column!r} to shrink (columns: {', '.join(names)}); pass "
+                            f"--image-column")
+        valid, stale = ((), ()) if force else footer_copies(meta, image_column)
+        if set(sizes) <= set(valid) and (out_path or path) == path:
+            return {"file": path, "rows": meta.num_rows, "made": 0, "bad": 0, "skipped": True,
+                    "column_bytes": _column_bytes(meta)}
+        return _rewrite_with_copies(pf, path, out_path or path, sizes, valid, stale, image_column, quality, force)
+
+
+def _rewrite_with_copies(pf: Any, path: str, dst: str, sizes: Sequence[int], valid: Sequence[int],
+                         stale: Sequence[int], image_column: str, quality: int, force: bool) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from reclip_ray.data.ingest import write_file_atomic
     from reclip_ray.data.schema import image_bytes
 
-    dst = out_path or path
-    pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     meta = pf.metadata
     names = pf.schema_arrow.names
-    if image_column not in names:
-        raise DataError(f"{path}: no column {image_column!r} to shrink (columns: {', '.join(names)}); pass "
-                        f"--image-column")
-    valid, stale = ((), ()) if force else footer_copies(meta, image_column)
-    if set(sizes) <= set(valid) and dst == path:
-        return {"file": path, "rows": meta.num_rows, "made": 0, "bad": 0, "skipped": True}
     all_sizes = sorted(set(sizes) | set(valid))
     todo = [s for s in all_sizes if s not in valid]
     drop = {copy_column(image_column, s) for s in (*stale, *todo)} | (
@@ -185,11 +205,11 @@ def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image"
     total = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     rows_per_group = row_group_rows(total, meta.num_rows)
     binary = {image_column} | {copy_column(image_column, s) for s in all_sizes}
-    tmp = f"{dst}.shrink-tmp"
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    made = bad = row = 0
-    try:
-        with pq.ParquetWriter(tmp, schema, compression=_compression(schema.names, binary),
+    counts = {"made": 0, "bad": 0, "row": 0}
+    footer: list[Any] = []
+
+    def write(sink: Any) -> None:
+        with pq.ParquetWriter(sink, schema, compression=_compression(schema.names, binary),
                               write_batch_size=WRITE_BATCH_ROWS,
                               use_dictionary=[n for n in schema.names if n not in binary]) as writer:
             for batch in pf.iter_batches(batch_size=rows_per_group, use_threads=False):
@@ -197,45 +217,40 @@ def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image"
                 columns = {n: batch.column(n) for n in kept}
                 for s in todo:
                     out: list[bytes | None] = []
-                    for i, data in enumerate(images):
+                    for data in images:
                         if data is None:
                             out.append(None)
                             continue
                         try:
                             out.append(make_copy(bytes(data), s, quality))
-                            made += 1
+                            counts["made"] += 1
                         except BadImage:
                             out.append(bytes(data))  # decoding the copy then fails exactly as the original does
-                            bad += 1
+                            counts["bad"] += 1
                     columns[copy_column(image_column, s)] = pa.array(out, pa.binary())
                 writer.write_table(pa.table(columns, schema=schema), row_group_size=rows_per_group)
-                row += batch.num_rows
-        os.replace(tmp, dst)
-    except BadImage:
+                counts["row"] += batch.num_rows
+        footer.append(writer.writer.metadata)  # the new file's footer (what pyarrow's metadata_collector keeps)
+
+    try:
+        write_file_atomic(dst, write)
+    except DataError:
         raise
     except Exception as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: shrinking failed near row {row}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return {"file": path, "rows": meta.num_rows, "made": made, "bad": bad // max(1, len(todo)), "skipped": False}
+        raise DataError(f"{path}: shrinking failed near row {counts['row']}: {exc}") from exc
+    return {"file": path, "rows": meta.num_rows, "made": counts["made"], "bad": counts["bad"] // max(1, len(todo)),
+            "skipped": False, "column_bytes": _column_bytes(footer[0])}
 
 
-def copy_bytes_per_sample(files: Sequence[str], column: str) -> float:
-    """Mean stored bytes per row of ``column`` over ``files``, from the footers."""
-    import pyarrow.parquet as pq
-
-    size = rows = 0
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        idx = [i for i in range(meta.num_columns) if meta.schema.column(i).path in (column, f"{column}.bytes")]
-        if not idx:
-            continue
-        rows += meta.num_rows
-        size += sum(meta.row_group(g).column(idx[0]).total_compressed_size for g in range(meta.num_row_groups))
-    return size / rows if rows else 0.0
+def _column_bytes(meta: Any) -> dict[str, int]:
+    """Stored bytes per column of a file, from its footer: the summary's bytes per sample need no second read."""
+    out: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            column = rg.column(c)
+            out[column.path_in_schema] = out.get(column.path_in_schema, 0) + column.total_compressed_size
+    return out
 
 
 def _shrink_one(args: tuple) -> dict[str, Any]:
@@ -252,22 +267,25 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     bucket or while a job trains on the source); otherwise they are replaced in place, one at a time and atomically,
     so an interrupted run leaves whole shards and the next run continues with the rest.
     """
-    from reclip_ray.data.schema import list_parquet_files, write_json_atomic
+    from reclip_ray import storage
+    from reclip_ray.data.schema import list_parquet_files, read_dataset_json, write_json_atomic
 
-    src = Path(data)
-    files = list_parquet_files(str(src))
-    if not files:
-        raise DataError(f"no Parquet files under {src}")
+    src = storage.normalize(str(data))
+    files = list_parquet_files(src)
     sizes = parse_sizes(sizes)
-    dst_root = Path(out) if out else src
+    dst_root = storage.normalize(str(out)) if out else src
+
+    def relative(file: str) -> str:
+        return file[len(src):].lstrip("/")
+
     if out:
-        dst_root.mkdir(parents=True, exist_ok=True)
-        for extra in src.rglob("*"):  # dataset.json, classes.json, ...: small files travel with the shards
-            if extra.is_file() and not extra.name.endswith(".parquet") and not extra.name.startswith("."):
-                target = dst_root / extra.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(extra, target)
-    jobs = [(f, sizes, image_column, str(dst_root / Path(f).relative_to(src)) if out else None, quality, force)
+        if storage.local_path(dst_root):  # an object store has no folders to make
+            os.makedirs(dst_root, exist_ok=True)
+        for extra in storage.list_files(src):  # dataset.json, classes.json, ...: small files travel with the shards
+            name = storage.name(extra)
+            if not name.endswith(".parquet") and not name.startswith(".") and ".tmp" not in name:
+                storage.write_bytes(storage.join(dst_root, relative(extra)), storage.read_bytes(extra))
+    jobs = [(f, sizes, image_column, storage.join(dst_root, relative(f)) if out else None, quality, force)
             for f in files]
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -275,26 +293,35 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     if workers == 1:
         results = [_shrink_one(j) for j in jobs]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Forked children would inherit the parent's S3 clients (storage caches one per bucket) and the AWS SDK's
+        # threads, which nothing promises to survive a fork (s3fs documents hangs): with a remote source or target
+        # the workers start fresh (spawn, ~1 s each). Forking worked on the moto server here; this is caution.
+        remote = storage.is_uri(src) or storage.is_uri(dst_root)
+        context = multiprocessing.get_context("spawn") if remote else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             for r in pool.map(_shrink_one, jobs, chunksize=1):
                 results.append(r)
                 if log and len(results) % max(1, len(jobs) // 10) == 0:
                     log(f"[reclip] shrink: {len(results)}/{len(jobs)} shards")
     seconds = time.perf_counter() - t0
-    written = [j[3] or j[0] for j in jobs]
+
+    def per_sample(column: str) -> float:
+        having = [r for r in results if column in r["column_bytes"]]
+        rows = sum(r["rows"] for r in having)
+        return round(sum(r["column_bytes"][column] for r in having) / rows, 1) if rows else 0.0
+
     summary = {
-        "out": str(dst_root), "shards": len(files), "rows": sum(r["rows"] for r in results),
+        "out": dst_root, "shards": len(files), "rows": sum(r["rows"] for r in results),
         "shards_skipped": sum(r["skipped"] for r in results), "copies_made": sum(r["made"] for r in results),
         "bad_images": sum(r["bad"] for r in results), "sizes": sizes, "quality": quality,
         "seconds": round(seconds, 2),
-        "bytes_per_sample": {str(s): round(copy_bytes_per_sample(written, copy_column(image_column, s)), 1)
-                             for s in sizes},
-        "full_bytes_per_sample": round(copy_bytes_per_sample(written, image_column), 1),
+        "bytes_per_sample": {str(s): per_sample(copy_column(image_column, s)) for s in sizes},
+        # a Hugging Face Image struct stores its bytes in the leaf column ``image.bytes``
+        "full_bytes_per_sample": per_sample(image_column) or per_sample(f"{image_column}.bytes"),
     }
-    meta_path = dst_root / "dataset.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if isinstance(meta, dict):
+    meta = read_dataset_json(dst_root)
+    if meta and isinstance(meta, dict):
         meta["copies"] = {"column": image_column, "sizes": sizes, "quality": quality,
                           "bytes_per_sample": summary["bytes_per_sample"]}
-        write_json_atomic(meta_path, meta)
+        write_json_atomic(storage.join(dst_root, "dataset.json"), meta)
     return summary

@@ -4,23 +4,32 @@ Image bytes are stored exactly as given (no re-encode, no resize): the pipeline 
 current phase needs, and re-encoding would lose quality for every later resolution. Only the header is read here,
 for width/height; rows whose header is unreadable are skipped and counted (with examples) rather than stopping a
 long ingest, while structural mistakes (a missing file, column or caption) stop it at once with the file and row.
+
+Any input or output may be a URI (``s3://bucket/prefix``). Cost on S3: one PUT per shard of up to 10 MB (above
+that a multipart upload: 2 + size/10 MB requests) plus one for ``dataset.json``, and nothing else under the output
+(no temp object, no copy-and-delete rename). Remote images cost one GET each (fetched 16 at a time); remote tars
+one LIST per folder up front, then one ranged GET per 8 MB streamed. A shard is held in memory until its PUT
+(``shard_rows`` images: ~50 MB for 1000 web images).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
 import os
 import re
 import tarfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reclip_ray import storage
 from reclip_ray.data.images import BadImage, image_size
 from reclip_ray.data.schema import write_json_atomic
+from reclip_ray.data.tokenizer import ordered_prefetch
 from reclip_ray.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -37,21 +46,40 @@ _TYPES = {
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, row_group_rows: int | None = None) -> None:
-    """Write to ``path.tmp`` and rename, so a reader never sees a half-written shard.
+    """Write a whole shard so that no reader ever sees half of one: locally a ``.tmp`` file renamed into place; on
+    an object store the file is built in memory and sent as one object (a PUT, or a multipart upload that becomes
+    visible only when it completes), so an exception or a kill mid-write leaves no object at all. A file written
+    straight to the store would not do: pyarrow's writer closes it (footer and all) on an exception, leaving a
+    valid-looking shard that holds only the rows before the error.
 
     Layout for bounded reads: row groups of about ``copies.ROW_GROUP_BYTES``, pages of ``copies.WRITE_BATCH_ROWS``
     rows, and no dictionary on binary columns (image bytes never repeat; the dictionary page would only add a MB
     that every reader holds), so a reader streaming the shard page by page holds a few MB, not the shard."""
     from reclip_ray.data.copies import WRITE_BATCH_ROWS, row_group_rows as rows_for
 
-    path = str(path)
-    tmp = path + ".tmp"
     binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    options = dict(row_group_size=row_group_rows or rows_for(table.nbytes, table.num_rows),
+                   compression="none" if _mostly_binary(table) else "snappy", write_batch_size=WRITE_BATCH_ROWS,
+                   use_dictionary=[f.name for f in table.schema if f.name not in binary])
+    write_file_atomic(str(path), lambda sink: pq.write_table(table, sink, **options))
+
+
+def write_file_atomic(path: str, write: Any) -> None:
+    """``write(sink)`` fills a new file that appears at ``path`` whole or not at all (local path or URI).
+
+    ``sink`` is a local temp path, or an in-memory buffer that becomes one object on a store (the file's size in
+    memory: a shard of ~1000 web images is ~50 MB)."""
+    local = storage.local_path(path)
+    if local is None:
+        sink = pa.BufferOutputStream()
+        write(sink)
+        storage.write_bytes(path, memoryview(sink.getvalue()))  # no copy of the file into a bytes object
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = local + ".tmp"
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows or rows_for(table.nbytes, table.num_rows),
-                       compression="none" if _mostly_binary(table) else "snappy", write_batch_size=WRITE_BATCH_ROWS,
-                       use_dictionary=[f.name for f in table.schema if f.name not in binary])
-        os.replace(tmp, path)
+        write(tmp)
+        os.replace(tmp, local)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -76,8 +104,9 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, shard_rows: int, prefix: str = "shard") -> None:
         if shard_rows <= 0:
             raise DataError(f"shard_rows must be positive, got {shard_rows}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = storage.normalize(str(out_dir))
+        if storage.local_path(self.out_dir):  # an object store has no folders (a marker object would cost 3 requests)
+            os.makedirs(self.out_dir, exist_ok=True)
         self.shard_rows = shard_rows
         self.prefix = prefix
         self.rows = 0
@@ -100,9 +129,9 @@ class ShardWriter:
             return
         assert self._columns is not None
         arrays = {c: pa.array([r[c] for r in self._buffer], type=_column_type(c)) for c in self._columns}
-        path = self.out_dir / f"{self.prefix}-{len(self.files):05d}.parquet"
+        path = storage.join(self.out_dir, f"{self.prefix}-{len(self.files):05d}.parquet")
         write_parquet_atomic(pa.table(arrays), path)
-        self.files.append(str(path))
+        self.files.append(path)
         self._buffer = []
 
     def close(self) -> None:
@@ -146,11 +175,13 @@ def _image_row(key: str, data: bytes, caption: str, label: int | None,
 # -------------------------------------------------------------------------------------------------- folder
 
 
-def _read_caption_rows(captions: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row number, record) from CSV (header row) or JSONL; row numbers are 1-based data rows."""
-    suffix = captions.suffix.lower()
+def _read_caption_rows(captions: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) from CSV (header row) or JSONL, local or a URI; row numbers are 1-based data rows."""
+    suffix = os.path.splitext(storage.name(captions))[1].lower()
     try:
-        f = open(captions, newline="", encoding="utf-8")
+        local = storage.local_path(captions)
+        # A remote captions file is read whole: a million captions are ~100 MB, and one GET is the cheapest read.
+        f = open(local, newline="", encoding="utf-8") if local else io.StringIO(storage.read_text(captions), newline="")
     except FileNotFoundError:
         raise DataError(f"captions file not found: {captions}") from None
     with f:
@@ -186,62 +217,78 @@ def _parse_label(value: Any, where: str) -> int | None:
         raise DataError(f"{where}: label {value!r} is not an integer") from None
 
 
+REMOTE_READ_THREADS = 16  # images fetched at once from an object store (one GET each, ~20 ms of waiting)
+
+
 def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: str | os.PathLike,
                   shard_rows: int = 1000) -> dict:
     """Folder of images + captions CSV/JSONL (columns ``file``, ``caption``, optional ``label``/``key``).
 
     Further integer columns named ``label_<set>`` (e.g. ``label_colour``) are kept as int32 columns of that name:
     the extra label sets an eval set's dataset.json ``label_sets`` points at. The first row decides which of them
-    the set has; every later row must have them too."""
-    images, captions, out = Path(images), Path(captions), Path(out)
-    if not images.is_dir():
+    the set has; every later row must have them too.
+
+    Any of the three may be a URI. Remote images are fetched ``REMOTE_READ_THREADS`` at a time, in order; local
+    ones one by one (a local read is cheaper than a thread hand-off)."""
+    images, captions, out = (storage.normalize(str(p)) for p in (images, captions, out))
+    local_images = storage.local_path(images)
+    if local_images is not None and not os.path.isdir(local_images):
         raise DataError(f"image folder not found: {images}")
+    rows = _read_caption_rows(captions)
+    first = next(rows, None)
+    has_label = first is not None and "label" in first[1]  # the first row decides for all
+    label_sets = sorted(c for c in first[1] if re.fullmatch(r"label_\w+", c)) if first is not None else []
+    rows = itertools.chain([first] if first else [], rows)
+
+    def read(item: tuple[int, dict[str, Any]]) -> tuple[int, str, dict[str, Any] | None, tuple[str, str] | None]:
+        """(row, key, the shard row or None, (file, why) it was skipped). Runs in a reader thread for remote
+        images; a DataError raised here reaches the caller in row order, after the rows before it."""
+        i, record = item
+        where = f"{captions} row {i}"
+        for column in ("file", "caption"):
+            if record.get(column) is None:
+                raise DataError(f"{where}: missing {column!r}")
+        rel = str(record["file"])
+        label = _parse_label(record.get("label"), where)
+        if has_label and label is None:
+            raise DataError(f"{where}: missing 'label' (earlier rows have one)")
+        extra = {c: _parse_label(record.get(c), where) for c in label_sets}
+        missing = [c for c, v in extra.items() if v is None]
+        if missing:
+            raise DataError(f"{where}: missing {missing[0]!r} (earlier rows have one)")
+        key = str(record.get("key") or f"{os.path.splitext(os.path.basename(rel))[0]}-{i:08d}")
+        path = storage.join(images, rel)
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise DataError(f"{where}: image file not found: {path}") from None
+        except OSError as exc:
+            raise DataError(f"{where}: cannot read {path}: {exc}") from None
+        caption = str(record["caption"]).strip()
+        if not caption:
+            return i, key, None, (captions, "empty caption")
+        try:
+            return i, key, _image_row(key, data, caption, label if has_label else None, extra), None
+        except BadImage as exc:
+            return i, key, None, (path, str(exc))
+
     skipped = _Skipped()
-    has_label: bool | None = None
-    label_sets: list[str] | None = None
+    threads = 1 if local_images is not None else REMOTE_READ_THREADS
     with ShardWriter(out, shard_rows) as writer:
-        for i, record in _read_caption_rows(captions):
-            where = f"{captions} row {i}"
-            for column in ("file", "caption"):
-                if record.get(column) is None:
-                    raise DataError(f"{where}: missing {column!r}")
-            rel = str(record["file"])
-            label = _parse_label(record.get("label"), where)
-            if has_label is None:
-                has_label = "label" in record
-            if has_label and label is None:
-                raise DataError(f"{where}: missing 'label' (earlier rows have one)")
-            if label_sets is None:
-                label_sets = sorted(c for c in record if re.fullmatch(r"label_\w+", c))
-            extra = {c: _parse_label(record.get(c), where) for c in label_sets}
-            missing = [c for c, v in extra.items() if v is None]
-            if missing:
-                raise DataError(f"{where}: missing {missing[0]!r} (earlier rows have one)")
-            key = str(record.get("key") or f"{Path(rel).stem}-{i:08d}")
-            path = images / rel
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise DataError(f"{where}: image file not found: {path}") from None
-            except OSError as exc:
-                raise DataError(f"{where}: cannot read {path}: {exc}") from None
-            caption = str(record["caption"]).strip()
-            if not caption:
-                skipped.add(str(captions), i, key, "empty caption")
-                continue
-            try:
-                writer.add(_image_row(key, data, caption, label if has_label else None, extra))
-            except BadImage as exc:
-                skipped.add(str(path), i, key, str(exc))
+        for i, key, row, skip in map(read, rows) if threads == 1 else ordered_prefetch(read, rows, threads):
+            if row is not None:
+                writer.add(row)
+            else:
+                skipped.add(skip[0], i, key, skip[1])
     return _finish(out, writer, skipped, source=f"folder:{images} captions:{captions}")
 
 
-def _finish(out: Path, writer: ShardWriter, skipped: _Skipped, source: str) -> dict:
+def _finish(out: str, writer: ShardWriter, skipped: _Skipped, source: str) -> dict:
     if writer.rows == 0:
         raise DataError(f"no usable rows for {out} ({skipped.count} skipped, e.g. {skipped.examples[:1]})")
     meta = {"rows": writer.rows, "source": source, "shards": len(writer.files), "skipped": skipped.count}
-    write_json_atomic(out / "dataset.json", meta)
-    return {"out": str(out), "rows": writer.rows, "shards": len(writer.files), "skipped": skipped.count,
+    write_json_atomic(storage.join(out, "dataset.json"), meta)
+    return {"out": out, "rows": writer.rows, "shards": len(writer.files), "skipped": skipped.count,
             "skipped_examples": skipped.examples}
 
 
@@ -277,37 +324,60 @@ def _split_key(name: str) -> tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), ext.lower()
 
 
+TAR_READ_BUFFER = 8 << 20  # a remote tar is streamed in reads of this size (one ranged GET each)
+
+
 def _iter_tar_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a tar's samples in order, read front to back (local or a URI: a remote tar is
+    streamed, never downloaded whole or read at random)."""
     try:
-        tar = tarfile.open(tar_path, "r:*")
+        fs, inner = storage.filesystem(tar_path)
+        stream = fs.open_input_stream(inner, compression=None, buffer_size=TAR_READ_BUFFER)
     except FileNotFoundError:
         raise DataError(f"webdataset shard not found: {tar_path}") from None
-    except tarfile.TarError as exc:
-        raise DataError(f"{tar_path}: not a readable tar file ({exc})") from None
-    with tar:
-        key, files = None, {}
+    with stream:
         try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_key(member.name)
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                f = tar.extractfile(member)
-                files[ext] = f.read() if f is not None else b""
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DataError(f"{tar_path}: corrupt tar after sample {key!r} ({exc})") from None
-        if key is not None:
-            yield key, files
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except tarfile.TarError as exc:
+            raise DataError(f"{tar_path}: not a readable tar file ({exc})") from None
+        with tar:
+            key, files = None, {}
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, ext = _split_key(member.name)
+                    if k != key:
+                        if key is not None:
+                            yield key, files
+                        key, files = k, {}
+                    f = tar.extractfile(member)
+                    files[ext] = f.read() if f is not None else b""
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise DataError(f"{tar_path}: corrupt tar after sample {key!r} ({exc})") from None
+            if key is not None:
+                yield key, files
+
+
+def _missing_files(paths: list[str]) -> list[str]:
+    """The paths that are not files, found before any work: one listing per folder (on S3 a LIST returns 1000
+    keys, where a HEAD per tar would be 10,000 requests for a 10,000-tar crawl)."""
+    import pyarrow.fs as pafs
+
+    present: set[str] = set()
+    for folder in dict.fromkeys(storage.parent(p) for p in paths):
+        fs, inner = storage.filesystem(folder)
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+        present.update(storage.join(folder, storage.name(i.path)) for i in infos if i.type == pafs.FileType.File)
+    return [p for p in paths if p not in present]
 
 
 def ingest_webdataset(pattern: str, out: str | os.PathLike, shard_rows: int = 1000) -> dict:
-    """webdataset / img2dataset tars (``NNNNN.jpg`` + ``NNNNN.txt``, also png/webp; ``.json``/``.cls`` optional)."""
-    out = Path(out)
-    tars = expand_braces(str(pattern))
-    missing = [t for t in tars if not os.path.exists(t)]
+    """webdataset / img2dataset tars (``NNNNN.jpg`` + ``NNNNN.txt``, also png/webp; ``.json``/``.cls`` optional);
+    the pattern and ``out`` may be URIs."""
+    out = storage.normalize(str(out))
+    tars = [storage.normalize(t) for t in expand_braces(str(pattern))]
+    missing = _missing_files(tars)
     if missing:
         raise DataError(f"webdataset shard not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     skipped = _Skipped()

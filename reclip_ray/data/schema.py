@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from reclip_ray.errors import DataError
@@ -351,7 +350,7 @@ def read_dataset_json(path: str | os.PathLike) -> dict:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """A whole JSON file (local path or URI): readers see the old file or the new one (``storage.write_bytes``)."""
+    from reclip_ray.storage import write_text
+
+    write_text(str(path), json.dumps(obj, indent=2) + "\n")

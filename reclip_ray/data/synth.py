@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -377,7 +376,9 @@ def _write_shard(task: tuple[str, str, int, int, int, int, int, bool]) -> int:
         columns["label_colour"] = pa.array([r["label_colour"] for r in rows], pa.int32())
         if textured:
             columns["label_background"] = pa.array([r["label_background"] for r in rows], pa.int32())
-    write_parquet_atomic(pa.table(columns), os.path.join(out_dir, f"shard-{index:05d}.parquet"))
+    from reclip_ray.storage import join
+
+    write_parquet_atomic(pa.table(columns), join(out_dir, f"shard-{index:05d}.parquet"))
     return len(rows)
 
 
@@ -428,18 +429,23 @@ def make_synthetic(
         raise DataError(f"need a positive number of rows (train={train}, eval={eval})")
     if shard_rows <= 0:
         raise DataError(f"shard_rows must be positive, got {shard_rows}")
-    out = Path(out)
+    from reclip_ray import storage
+
+    out = storage.normalize(str(out))
     start_time = time.perf_counter()
     tasks = []
     for split, rows in (("train", train), ("eval", eval)):
         if rows == 0:
             continue
-        split_dir = out / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        for stale in split_dir.glob("shard-*.parquet"):  # a rerun with fewer rows must not keep old shards
-            stale.unlink()
+        split_dir = storage.join(out, split)
+        if storage.local_path(split_dir):  # an object store has no folders to make
+            os.makedirs(split_dir, exist_ok=True)
+        for stale in storage.list_files(split_dir):  # a rerun with fewer rows must not keep old shards
+            name = storage.name(stale)
+            if storage.parent(stale) == split_dir and name.startswith("shard-") and name.endswith(".parquet"):
+                storage.delete_file(stale)
         for index, start in enumerate(range(0, rows, shard_rows)):
-            tasks.append((str(split_dir), split, seed, start, min(rows, start + shard_rows), index, image_size,
+            tasks.append((split_dir, split, seed, start, min(rows, start + shard_rows), index, image_size,
                           textured))
     if workers is None:
         workers = min(len(tasks), os.cpu_count() or 1) if train + eval >= 4000 else 1
@@ -449,12 +455,13 @@ def make_synthetic(
     else:
         for task in tasks:
             _write_shard(task)
-    summary: dict[str, Any] = {"out": str(out)}
+    summary: dict[str, Any] = {"out": out}
     for split, rows in (("train", train), ("eval", eval)):
         if rows == 0:
             continue
         shards = math.ceil(rows / shard_rows)
-        write_json_atomic(out / split / "dataset.json", _dataset_json(split, rows, seed, image_size, textured))
-        summary[split] = {"path": str(out / split), "rows": rows, "shards": shards}
+        meta = _dataset_json(split, rows, seed, image_size, textured)
+        write_json_atomic(storage.join(out, split, "dataset.json"), meta)
+        summary[split] = {"path": storage.join(out, split), "rows": rows, "shards": shards}
     summary["seconds"] = round(time.perf_counter() - start_time, 2)
     return summary

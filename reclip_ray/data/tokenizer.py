@@ -9,7 +9,6 @@ The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -106,11 +105,10 @@ class CaptionTokenizer:
         return cls(tok, **names)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        """Write ``tokenizer.json`` whole (local path or URI; ``storage.write_text`` is atomic)."""
+        from reclip_ray.storage import write_text
+
+        write_text(str(path), self.to_json())
 
     def __repr__(self) -> str:
         return (f"CaptionTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, sot_id={self.sot_id}, "
@@ -122,19 +120,21 @@ def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot
     """Any ``tokenizer.json`` (ours or a user's); special tokens found by common names unless given (name or id).
 
     ``"clip"`` (when no such file exists) is OpenAI's CLIP BPE, converted from open_clip's vocabulary on first use.
+    ``path`` may be a URI (``s3://bucket/tokenizer.json``): one GET.
     """
+    from reclip_ray import storage
     from reclip_ray.data.clip_bpe import CLIP_NAME, clip_tokenizer_file
 
-    path = Path(path)
-    if str(path) == CLIP_NAME and not path.exists():
-        path = clip_tokenizer_file()
-    if path.is_dir():
-        path = path / "tokenizer.json"
+    path = str(path)
+    if path == CLIP_NAME and not os.path.exists(path):
+        path = str(clip_tokenizer_file())
     try:
-        text = path.read_text()
+        if not path.endswith(".json") and storage.exists(storage.join(path, "tokenizer.json")):
+            path = storage.join(path, "tokenizer.json")  # a folder that holds one (an export)
+        text = storage.read_text(path)
     except FileNotFoundError:
         raise DataError(f"tokenizer file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:  # also a folder without tokenizer.json
         raise DataError(f"cannot read tokenizer {path}: {exc}") from None
     from tokenizers import Tokenizer
 
@@ -164,7 +164,7 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
     if not _is_uri(str(data)) or str(data).startswith("file://"):
         threads = min(threads, os.cpu_count() or 1)
     taken = 0
-    for captions in _ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+    for captions in ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
         for caption in captions:
             yield caption
             taken += 1
@@ -191,7 +191,7 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
                 for c in batch.column(0).to_pylist() if c]
 
 
-def _ordered_prefetch(fn: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
+def ordered_prefetch(fn: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
     """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
     closing the generator early cancels what has not started."""
     from collections import deque
