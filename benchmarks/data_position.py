@@ -15,17 +15,21 @@ columns that ``pipeline.read_groups`` + ``decode_batch`` give each row (``_pos``
   rank prefetches 2 (``iter_batches(prefetch_batches=2)``); a rank takes the next queued block when its feed needs
   one (``streaming_split``'s dynamic split).
 
-At every checkpoint (every ``every`` samples) each rank's ``report()`` is pickled and unpickled (the all-gather's
-serialisation; the network transfer itself is not simulated), every rank merges the 64 reports, and rank 0's
-position is written as ``meta.json`` writes it (``json.dumps(indent=2)``, nested under "data"). The script checks
+At every checkpoint (every ``every`` samples) the ranks settle as ``worker._settle_data`` does: two all-gathers
+(``report`` then ``merge``, ``pending`` then ``agree``), each simulated by pickling every rank's object and
+unpickling them all (the serialisation; the network transfer itself is not simulated); every rank merges, and
+rank 0's position is measured as ``meta.json`` writes it (``json.dumps(indent=2)``, under "data"). The script checks
 at every checkpoint that the position is exactly the rows trained (every position trained at most once, and the
 rows the position calls done are the rows trained), and prints one JSON line per checkpoint with the bytes, the
 bound (``position_bound``), the units read and not done (P), the gather and merge seconds, and the positions
 the earlier format (every done position beyond the frontier, as lists of ints) would have held.
 
-    python benchmarks/data_position.py                   # the cluster case: 64 ranks, 64 tasks, 10k-row shards
+    python benchmarks/data_position.py --samples 16000000 --every 2000000   # the cluster case (BENCHMARKS.md)
+    PYTHONPATH=/tmp/old python benchmarks/data_position.py ...              # another checkout's reclip_ray
     python benchmarks/data_position.py --shards 64 --rows 400 --group-shards 4 --chunk-rows 16 --tasks 8 \\
-        --ranks 4 --batch 128 --every 2048 --decode-batch 16   # the fast test's case
+        --ranks 4 --batch 128 --buffer 320 --every 1024 --decode-batch 16 --queue 16   # the fast test's case
+
+The earlier code (positions as lists, one all-gather) runs too: the script uses whichever API it finds.
 """
 
 from __future__ import annotations

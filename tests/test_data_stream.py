@@ -631,7 +631,7 @@ SIDE_BY_SIDE = dict(tasks=8, ranks=4, batch=128, buffer_rows=320, decode_batch=1
 
 def test_position_stays_small_while_groups_are_read_side_by_side():
     """8 groups in flight (64-row units, 1,600-row groups): the earlier position (every done position beyond the
-    frontier) grew to ~11k positions, ~250 KB of meta.json; this one stays within ``position_bound`` (1-2 KB)."""
+    frontier) grew to 11k positions, 23-250 KB of meta.json; this one stays within ``position_bound`` (0.5-1.7 KB)."""
     sim_mod = _position_sim()
     stream = PhaseStream(sim_mod.shards(64, 400), seed=0, passes=1, group_shards=4, chunk_rows=16)
     sim = sim_mod.Sim(stream, 0, 0.1)

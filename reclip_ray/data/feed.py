@@ -6,12 +6,31 @@ left when a window runs low are shuffled into the next one, so a row waits about
 the data position below stays small), and records which stream positions
 it has trained, dropped as bad, or seen as a unit's end marker.
 
-The data position is what a restart needs to continue exactly where the last checkpoint was: at every checkpoint
-the ranks exchange what they recorded since the last one (``report`` / ``merge``) and agree on the *frontier*,
-the first unit (``stream.PhaseStream``) that is not fully done, plus the positions done beyond it. Everything
-before the frontier is trained, everything done beyond it is dropped when the stream is rebuilt, and what was in a
-buffer or in flight is read again. Size at scale: the positions beyond the frontier are about
-(workers x (buffer + prefetch)) rows, e.g. 64 x 6k = 400k int64 = 3 MB per checkpoint.
+The data position is what a restart needs to continue exactly where the last checkpoint was. At every checkpoint
+the ranks exchange, in two all-gathers, their counts per unit since the last one (``report`` / ``merge``: a unit
+is done once its rows trained, dropped as bad or marked reach the rows its read task emitted), then the positions
+they recorded in units still not done (``pending`` / ``agree``). They agree on the *frontier* (the first unit of
+``stream.PhaseStream`` not done), the *whole* units done beyond it, and the positions done in units not done.
+Everything before the frontier is trained, the rebuilt stream skips the whole units and drops the done positions,
+and what was in a buffer or in flight is read again.
+
+Size: with ``data.read_parallelism`` groups read side by side, done units pile up beyond the frontier until the
+frontier's group finishes; they are kept as unit numbers (ranges in ``meta.json``), and positions only for the
+units with rows in flight. The position takes at most
+
+    120 + (2 D_u + 2) (P + G) + (D_u + D_p + 12 + 4 ceil(ceil(U / 8) / 3)) P   bytes of meta.json
+
+G: read tasks in flight; P: units read and not done at the checkpoint; U = group_shards x chunk_rows, the most
+rows of a unit (its bitmap's bits); D_u, D_p: the digits of the largest unit and position (derived in
+``benchmarks/data_position.py``, ``position_bound``). With U = 1,024, D_u = 8, D_p = 11 that is 120 + 18 G + 221 P.
+Each unit in P has a row in flight (a rank's buffer or prefetch, Ray Data's queue), and a window is trained down to
+less than a batch before the next fill, so P is about the rows in flight over U, times 1.3 to 2: measured
+P = 479-717 and 88-135 KB for 64 ranks with 5,120-row buffers and 64 read tasks (``BENCHMARKS.md``, "Data
+position at cluster scale"); the earlier position, every done position beyond the frontier, grew to 7.9 million
+positions (213 MB) there. The exchange: the counts are three dicts per rank over the units it touched since the
+last checkpoint (about its rows / ``data.decode_batch_size``), the positions a few hundred per unit in flight;
+2.7-8.3 MB gathered in all per checkpoint every 2M samples, 9.4 MB every 10M, and a merge of 0.02-0.13 s per rank
+(the earlier exchange, every position trained since the last checkpoint: 16 bytes each, 160 MB per 10M samples).
 
 Memory: the buffer holds ``buffer_rows + batch`` decoded images, ``buffer_rows x size^2 x 3`` bytes: 5,120 rows
 are 63 MB at 64 px and 770 MB at 224 px per worker (host memory).

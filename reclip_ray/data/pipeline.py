@@ -17,8 +17,9 @@ Three kinds of rows that are not trained:
   samples. They are dropped before decoding and counted per unit (``_unit_absent``), never as bad rows;
 * *bad* rows (undecodable image, empty caption) travel on as ``_ok = 0`` with a blank image and the reason in
   ``_bad``, so the worker counts them, applies ``data.max_bad_fraction`` and marks their position as done;
-* a unit with nothing left to emit (all absent, or all trained before a restart) sends one *marker* row
-  (``_ok = 2``) so the worker can still mark the unit done.
+* a unit with nothing left to emit (all absent, or all its rows among a restart's done positions) sends one
+  *marker* row (``_ok = 2``) so the worker can still mark the unit done. A unit the restart's position holds as
+  whole sends nothing: the workers' position already says it is done.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ A phase reads the shards as one deterministic stream of rows, fixed by the seed 
 
 Positions and unit numbers depend only on the footers' row counts, so a restarted run (another worker count, a
 new process, a new ``fit()``) computes the same ones. That is what makes the data position checkpointable: a
-checkpoint stores the first unit not known to be fully trained (the *frontier*) and the positions already
-trained beyond it; the restarted stream starts at the frontier's group and drops those positions before decoding.
+checkpoint stores the first unit not known to be fully trained (the *frontier*), the whole units trained beyond
+it and the positions trained in the others (``feed.DataPosition``); the restarted stream starts at the frontier's
+group, skips the whole units (a group starts after those it begins with) and drops those positions before
+decoding.
 Cost at scale: the footers are read once per run on the driver (a thread pool; 140k shards is a few minutes of
 small reads on object storage, once), and the stream is one list of groups (140k / 16 = 9k items per pass).
 ``footers`` keeps what each footer says for the life of the process, keyed by (path, size, mtime), so the launch's
