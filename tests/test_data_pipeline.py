@@ -73,6 +73,21 @@ def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_
     for column in ("_pos", "key", "image", "tokens", "_ok"):
         assert np.array_equal(rows[column][order], local_rows[column][local_order]), column
 
+    # A restart's position through Ray Data: items with whole units to read past and without (their lists differ in
+    # type when empty), and done positions; every other row of the stream comes once.
+    train = PhaseStream(read_footers(list_parquet_files(str(synth_dir / "train"))), seed=0, passes=1, group_shards=1)
+    g0, g1 = train.groups[:2]
+    assert len(train.groups) == 3 and g0.num_units == g1.num_units == 4
+    unit_of = np.repeat(np.arange(train.total_units), [n for g in train.groups for n in g.unit_sizes()])
+    whole = [g0.first_unit + 2, g1.first_unit + 1]
+    done = np.flatnonzero(unit_of == g1.first_unit + 2)[::3]
+    items = train.items(1, done, whole)
+    assert [bool(i["skip_rounds"]) for i in items] == [True, True, False] and items[0]["start_round"] == 1
+    ds = phase_dataset(train, ColumnMap(), image_size=32, text_length=8, tokenizer_json=tok_json, train=False,
+                       frontier=1, units=whole, done=done)
+    expected = np.flatnonzero((unit_of >= 1) & ~np.isin(unit_of, whole) & ~np.isin(np.arange(len(unit_of)), done))
+    assert sorted(_collect(ds)["_pos"].tolist()) == expected.tolist()
+
 
 @pytest.mark.slow
 def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer_path, tmp_path):

@@ -6,6 +6,7 @@ Everything here calls the plain functions that Ray Data would run (``read_groups
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,7 @@ from reclip_ray.data.images import decode_image
 from reclip_ray.data.pipeline import decode_batch, read_groups
 from reclip_ray.data.schema import ColumnMap
 from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, read_footers, rows_to_skip, unit_permutation
-from reclip_ray.errors import DataError
+from reclip_ray.errors import CheckpointError, DataError
 
 INT_COLUMNS = ("_pass", "_pos", "_unit", "_unit_rows", "_unit_absent", "_row")
 
@@ -65,9 +66,10 @@ def read_item(item: dict, chunk_rows: int, seed: int, columns: ColumnMap = Colum
     return list(read_groups(pa.Table.from_pylist([item]), columns=columns, chunk_rows=chunk_rows, seed=seed))
 
 
-def read_stream(stream: PhaseStream, frontier: int = 0, done=(), columns: ColumnMap = ColumnMap()) -> list[pa.Table]:
+def read_stream(stream: PhaseStream, frontier: int = 0, done=(), columns: ColumnMap = ColumnMap(),
+                units=()) -> list[pa.Table]:
     out = []
-    for item in stream.items(frontier, done):
+    for item in stream.items(frontier, done, units):
         out += read_item(item, stream.chunk_rows, stream.seed, columns)
     return out
 
@@ -92,12 +94,12 @@ def decode(table: pa.Table, tokenizer: Path, *, size: int = 16, train: bool = Tr
                         seed=seed, keep_keys=True)
 
 
-def decoded_blocks(stream: PhaseStream, tokenizer: Path, *, frontier: int = 0, done=(), batch_rows: int = 16,
-                   columns: ColumnMap = ColumnMap(), train: bool = True) -> list[dict]:
+def decoded_blocks(stream: PhaseStream, tokenizer: Path, *, frontier: int = 0, done=(), units=(),
+                   batch_rows: int = 16, columns: ColumnMap = ColumnMap(), train: bool = True) -> list[dict]:
     """Decode batches as Ray Data would make them: each read task's output cut into ``batch_rows``-row batches (so
     a batch spans unit boundaries)."""
     blocks = []
-    for item in stream.items(frontier, done):
+    for item in stream.items(frontier, done, units):
         table = pa.concat_tables(read_item(item, stream.chunk_rows, stream.seed, columns))
         for start in range(0, table.num_rows, batch_rows):
             blocks.append(decode(table.slice(start, batch_rows), tokenizer, train=train, seed=stream.seed))
@@ -117,6 +119,16 @@ def drain(feed: PhaseFeed, batch: int, limit: int | None = None) -> list[dict]:
     if limit is not None:
         assert len(out) == limit, "the stream ended before the batches the test wanted"
     return out
+
+
+def settle(feeds: list[PhaseFeed]) -> list[dict[str, int]]:
+    """A checkpoint's two all-gathers (``worker._settle_data``) between feeds in one process."""
+    reports = [f.report() for f in feeds]
+    settled = [f.merge(reports) for f in feeds]
+    pending = [f.pending() for f in feeds]
+    for f in feeds:
+        f.agree(pending)
+    return settled
 
 
 def pass_keys(batches: list[dict]) -> list[tuple[int, str]]:
@@ -225,9 +237,9 @@ def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, sy
     solo_batches = drain(solo, batch)
     assert Counter(pass_keys(solo_batches)) == reference
     images = {pk: img for b in solo_batches for pk, img in zip(pass_keys([b]), b["image"])}
-    settled = solo.merge([solo.report()])
+    (settled,) = settle([solo])
     assert settled == {"seen": len(reference) + n_bad, "bad": n_bad, "absent": n_absent}
-    assert solo.frontier == stream.total_units and solo.position().done == []
+    assert solo.position() == DataPosition(frontier=stream.total_units)
 
     # Two ranks, blocks dealt alternately; two checkpoints (merges), then a "crash".
     its = [iter(blocks[0::2]), iter(blocks[1::2])]
@@ -237,14 +249,13 @@ def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, sy
     for takes in ((2, 2), (3, 1)):
         for feed, count in zip(feeds, takes):
             before += drain(feed, batch, count)
-        reports = [f.report() for f in feeds]
-        settled = [f.merge(reports) for f in feeds]  # every rank merges the same reports: the same counts
+        settled = settle(feeds)  # every rank merges the same reports: the same counts
         assert settled[0] == settled[1]
         totals.update(settled[0])
     position = feeds[0].position()
     assert position == feeds[1].position()
     assert DataPosition.from_dict(position.to_dict()) == position
-    assert position.frontier > 0 and position.done, position  # the restart is neither trivial nor at a unit edge
+    assert position.frontier > 0 and len(position.done), position  # the restart is neither trivial nor at a unit edge
 
     def good_pos(bl):
         return [int(q) for b in bl for q, ok in zip(b["_pos"], b["_ok"]) if ok == OK]
@@ -258,7 +269,8 @@ def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, sy
 
     # Restart: another worker count, fresh feeds, the stream rebuilt from the position.
     restarted = new_stream()
-    blocks2 = decoded_blocks(restarted, tokenizer_path, frontier=position.frontier, done=position.done)
+    blocks2 = decoded_blocks(restarted, tokenizer_path, frontier=position.frontier, done=position.done,
+                             units=position.units)
     reread = good_pos(blocks2)
     assert len(reread) == len(set(reread))
     assert set(reread) == unconsumed  # exactly what sat in buffers or was never pulled
@@ -266,11 +278,9 @@ def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, sy
     assert {int(q) for b in blocks2 for q, ok in zip(b["_pos"], b["_ok"]) if ok == BAD} == unpulled_bad
     feeds2 = [PhaseFeed(iter(blocks2[r::3]), buffer_rows=buffer, seed=1, position=position) for r in range(3)]
     after = [b for f in feeds2 for b in drain(f, batch)]
-    reports = [f.report() for f in feeds2]
-    for f in feeds2:
-        settled = f.merge(reports)
-        assert f.frontier == restarted.total_units and f.position().done == []
-    totals.update(settled)
+    settled = settle(feeds2)
+    assert all(f.position() == DataPosition(frontier=restarted.total_units) for f in feeds2)
+    totals.update(settled[0])
 
     trained_before, trained_after = pass_keys(before), pass_keys(after)
     assert Counter(trained_before + trained_after) == Counter(pass_keys(solo_batches)) == reference
@@ -374,7 +384,8 @@ def test_absent_rows_markers_and_bad_rows(tmp_path, tokenizer_path, caption_colu
                 assert reason == ""
     assert sorted(bad_keys) == sorted(a.bad_keys)
 
-    # Two ranks, a merge every two batches: the settled counts add up to the layout's, absent once all units are done.
+    # Two ranks, a merge every two batches: the settled counts add up to the layout's, each unit's absent rows once
+    # the unit is done (before the frontier, or a whole unit beyond it).
     feeds = [PhaseFeed(iter(blocks[r::2]), buffer_rows=8, seed=0) for r in range(2)]
     totals, trained = Counter(), []
     while True:
@@ -382,12 +393,10 @@ def test_absent_rows_markers_and_bad_rows(tmp_path, tokenizer_path, caption_colu
         trained += [k for g in got if g is not None for k in g["key"]]
         if all(g is None for g in got):
             trained += [k for f in feeds if f.available for k in f.take(f.available)["key"]]
-        reports = [f.report() for f in feeds]
-        for f in feeds:
-            settled = f.merge(reports)
-        totals.update(settled)
-        frontier = feeds[0].frontier
-        assert totals["absent"] == sum(expected_absent[u] for u in range(frontier))
+        totals.update(settle(feeds)[0])
+        position = feeds[0].position()
+        done_units = set(range(position.frontier)) | set(position.units.tolist())
+        assert totals["absent"] == sum(expected_absent[u] for u in done_units)
         if all(g is None for g in got):
             break
     assert sorted(trained) == sorted(a.valid_keys)
@@ -478,6 +487,19 @@ def test_read_from_a_later_round_skips_row_groups_and_returns_the_tail(tmp_path,
     assert by_unit[4]["_unit_rows"][0] == len(full4[4]["_pos"]) - 2
     assert by_unit[2] == full4[2]
 
+    # Whole units done beyond the frontier are not emitted at all (no marker either: the position says they are
+    # done): at a group's start the read starts after them, elsewhere it reads past them.
+    g0, g1 = stream4.groups[:2]
+    assert g0.num_units > 3 and g1.num_units > 2
+    whole = [1, 2, g1.first_unit + 1]
+    items = stream4.items(1, (), whole)
+    assert (items[0]["start_round"], items[0]["skip_rounds"]) == (3, [])  # units 1, 2: the start moves on
+    assert (items[1]["start_round"], items[1]["skip_rounds"]) == (0, [1])  # read past round 1
+    rest = [t.to_pydict() for t in read_stream(stream4, 1, units=whole)]
+    assert rest == [t for u, t in enumerate(full4) if u >= 1 and u not in whole]
+    everything = list(range(1, stream4.total_units))
+    assert stream4.items(1, (), everything) == [] and read_stream(stream4, 1, units=everything) == []
+
 
 # ------------------------------------------------------------------------------------------------ 7. footers
 
@@ -522,3 +544,144 @@ def test_read_footers_match_the_files(tmp_path, synth_rows):
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet"):
         read_footers([str(junk)])
+
+
+# ------------------------------------------------------------------------------------------------ 8. side by side
+
+
+def interleaved_blocks(stream: PhaseStream, tokenizer: Path, tasks: int, *, frontier: int = 0, done=(), units=(),
+                       batch_rows: int = 8) -> list[dict]:
+    """Decoded blocks as ``tasks`` read tasks deliver them side by side: one block from each running task in turn,
+    a task taking the next stream item when its group ends (so later groups finish before earlier ones)."""
+    per_item = []
+    for item in stream.items(frontier, done, units):
+        table = pa.concat_tables(read_item(item, stream.chunk_rows, stream.seed))
+        per_item.append([decode(table.slice(s, batch_rows), tokenizer, seed=stream.seed)
+                         for s in range(0, table.num_rows, batch_rows)])
+    waiting, running, out = list(reversed(per_item)), [], []
+    while waiting or running:
+        while waiting and len(running) < tasks:
+            running.append(iter(waiting.pop()))
+        for task in list(running):
+            block = next(task, None)
+            if block is None:
+                running.remove(task)
+            else:
+                out.append(block)
+    return out
+
+
+def test_restart_with_groups_read_side_by_side_trains_every_row_once(tmp_path, synth_rows, tokenizer_path):
+    """The real read path (``read_groups``) with several groups in flight: whole units beyond the frontier go into
+    the position as unit numbers, the rebuilt stream skips them, and every row is trained once across a restart."""
+    sizes = [24, 17, 24, 9, 24, 24, 12, 24]
+    edits = {(0, 5): "null", (2, 7): "corrupt", (5, 1): "null", (5, 2): "corrupt"}
+    files = write_shards(tmp_path, sizes, synth_rows, "x", row_group_size=6, edits=edits)
+    truth = file_keys(files)
+    key_edit = {truth[files[s]][i]: e for (s, i), e in edits.items()}
+    passes, batch = 2, 8
+    reference = Counter({(p, k): 1 for p in range(passes) for ks in truth.values() for k in ks if k not in key_edit})
+
+    def new_stream():
+        return PhaseStream(read_footers(files), seed=4, passes=passes, group_shards=2, chunk_rows=3)
+
+    stream = new_stream()
+    blocks = interleaved_blocks(stream, tokenizer_path, tasks=3)
+    its = [iter(blocks[0::2]), iter(blocks[1::2])]
+    feeds = [PhaseFeed(it, buffer_rows=24, seed=6) for it in its]
+    before: list[dict] = []
+    for _ in range(3):
+        for feed in feeds:
+            before += drain(feed, batch, 4)
+        settle(feeds)
+    position = feeds[0].position()
+    assert position == feeds[1].position() == DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))
+    # Not trivial: whole units beyond the frontier, and rows done in units that are not.
+    assert len(position.units) >= 3 and len(position.done), position
+    items = new_stream().items(position.frontier, position.done, position.units)
+    assert any(i["skip_rounds"] for i in items)  # a whole unit after a group's first one not done: read past it
+    assert any(i["start_round"] > max(0, position.frontier - i["first_unit"]) for i in items)  # one it starts after
+
+    restarted = new_stream()
+    blocks2 = interleaved_blocks(restarted, tokenizer_path, tasks=2, frontier=position.frontier, done=position.done,
+                                 units=position.units)
+    assert not {int(q) for b in blocks2 for q in b["_pos"]} & {int(q) for b in before for q in b["_pos"]}
+    feeds2 = [PhaseFeed(iter(blocks2[r::3]), buffer_rows=24, seed=3, position=position) for r in range(3)]
+    after = [b for f in feeds2 for b in drain(f, batch)]
+    settle(feeds2)
+    assert all(f.position() == DataPosition(frontier=restarted.total_units) for f in feeds2)
+    trained = pass_keys(before) + pass_keys(after)
+    assert Counter(trained) == reference
+
+
+def _position_sim():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "data_position.py"
+    spec = importlib.util.spec_from_file_location("data_position_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while being defined
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SIDE_BY_SIDE = dict(tasks=8, ranks=4, batch=128, buffer_rows=320, decode_batch=16, queue=16)
+
+
+def test_position_stays_small_while_groups_are_read_side_by_side():
+    """8 groups in flight (64-row units, 1,600-row groups): the earlier position (every done position beyond the
+    frontier) grew to 11k positions, 23-250 KB of meta.json; this one stays within ``position_bound`` (0.5-1.7 KB)."""
+    sim_mod = _position_sim()
+    stream = PhaseStream(sim_mod.shards(64, 400), seed=0, passes=1, group_shards=4, chunk_rows=16)
+    sim = sim_mod.Sim(stream, 0, 0.1)
+    stats: list[dict] = []
+    sim_mod.run(sim, every=1024, samples=stream.total_rows, drain=True, on_checkpoint=stats.append, **SIDE_BY_SIDE)
+    assert len(stats) >= 20
+    assert max(s["earlier_format_positions"] for s in stats) > 10_000  # the case the earlier position grew in
+    for s in stats:  # every checkpoint also checked that the position is exactly the rows trained (``Sim.check``)
+        assert s["meta_bytes"] <= s["bound_bytes"] <= 4_000, s
+    assert stats[-1]["frontier"] == stream.total_units and stats[-1]["meta_bytes"] < 150
+
+
+def test_restart_from_any_mid_phase_position_trains_every_row_once_side_by_side():
+    """The simulated cluster (groups side by side, absent rows), restarted from a mid-phase checkpoint on 3 ranks
+    instead of 4: every present row is trained exactly once over the two runs, the absent ones never."""
+    sim_mod = _position_sim()
+    stream = PhaseStream(sim_mod.shards(64, 400), seed=1, passes=1, group_shards=4, chunk_rows=16)
+    for crash_at in (3072, 12288):
+        sim = sim_mod.Sim(stream, 1, 0.1)
+        position = sim_mod.run(sim, every=1024, samples=crash_at, **SIDE_BY_SIDE)
+        assert len(position.units) and len(position.done), position
+        sim.rollback(position)  # the rows trained after the checkpoint are lost with the weights
+        saved = sim.trained.copy()
+        restored = DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))
+        sim_mod.run(sim, every=1024, samples=stream.total_rows, position=restored, restarts=1, drain=True,
+                    **(SIDE_BY_SIDE | {"ranks": 3, "batch": 96}))
+        assert (sim.trained[sim.present] == 1).all() and not sim.trained[~sim.present].any()
+
+        # The same checkpoint in the earlier format (every done position beyond the frontier, whole units too):
+        # the rebuilt stream sends a marker for each unit all done, and the restart trains the same rows.
+        sim.trained = saved
+        beyond = np.flatnonzero(saved.astype(bool) & (sim.unit_of >= position.frontier))
+        earlier = {"phase": 0, "frontier": position.frontier, "done": beyond.tolist(),
+                   "done_units": sim.unit_of[beyond].tolist()}
+        sim_mod.run(sim, every=1024, samples=stream.total_rows, position=DataPosition.from_dict(earlier), restarts=2,
+                    drain=True, **SIDE_BY_SIDE)
+        assert (sim.trained[sim.present] == 1).all() and not sim.trained[~sim.present].any()
+
+
+def test_position_json_is_compact_and_earlier_checkpoints_load():
+    position = DataPosition(2, 3, units=[5, 6, 7, 9, 12, 13], done=[100, 101, 103, 200], done_units=[4, 4, 4, 8])
+    raw = position.to_dict()
+    # Whole units as ranges, done positions as one bitmap per unit (bits 0, 1, 3 from 100 -> 0b1011).
+    assert raw == {"phase": 2, "frontier": 3, "units": "5-7,9,12-13", "partial": ["4:100:Cw==", "8:200:AQ=="]}
+    assert DataPosition.from_dict(json.loads(json.dumps(raw))) == position
+    assert DataPosition.from_dict(None) == DataPosition() and DataPosition().to_dict()["partial"] == []
+    # A checkpoint of the earlier format (every done position and its unit) loads as done positions.
+    earlier = {"phase": 2, "frontier": 3, "done": [200, 100, 103, 101], "done_units": [8, 4, 4, 4]}
+    assert DataPosition.from_dict(earlier) == DataPosition(2, 3, done=[100, 101, 103, 200], done_units=[4, 4, 4, 8])
+    for bad in ({"units": "7-5"}, {"units": "x"}, {"partial": ["4:100"]}, {"partial": ["4:100:%%"]},
+                {"done": [1, 2]}):
+        with pytest.raises(CheckpointError, match="data position"):
+            DataPosition.from_dict(bad)

@@ -6,12 +6,31 @@ left when a window runs low are shuffled into the next one, so a row waits about
 the data position below stays small), and records which stream positions
 it has trained, dropped as bad, or seen as a unit's end marker.
 
-The data position is what a restart needs to continue exactly where the last checkpoint was: at every checkpoint
-the ranks exchange what they recorded since the last one (``report`` / ``merge``) and agree on the *frontier*,
-the first unit (``stream.PhaseStream``) that is not fully done, plus the positions done beyond it. Everything
-before the frontier is trained, everything done beyond it is dropped when the stream is rebuilt, and what was in a
-buffer or in flight is read again. Size at scale: the positions beyond the frontier are about
-(workers x (buffer + prefetch)) rows, e.g. 64 x 6k = 400k int64 = 3 MB per checkpoint.
+The data position is what a restart needs to continue exactly where the last checkpoint was. At every checkpoint
+the ranks exchange, in two all-gathers, their counts per unit since the last one (``report`` / ``merge``: a unit
+is done once its rows trained, dropped as bad or marked reach the rows its read task emitted), then the positions
+they recorded in units still not done (``pending`` / ``agree``). They agree on the *frontier* (the first unit of
+``stream.PhaseStream`` not done), the *whole* units done beyond it, and the positions done in units not done.
+Everything before the frontier is trained, the rebuilt stream skips the whole units and drops the done positions,
+and what was in a buffer or in flight is read again.
+
+Size: with ``data.read_parallelism`` groups read side by side, done units pile up beyond the frontier until the
+frontier's group finishes; they are kept as unit numbers (ranges in ``meta.json``), and positions only for the
+units with rows in flight. The position takes at most
+
+    120 + (2 D_u + 2) (P + G) + (D_u + D_p + 12 + 4 ceil(ceil(U / 8) / 3)) P   bytes of meta.json
+
+G: read tasks in flight; P: units read and not done at the checkpoint; U = group_shards x chunk_rows, the most
+rows of a unit (its bitmap's bits); D_u, D_p: the digits of the largest unit and position (derived in
+``benchmarks/data_position.py``, ``position_bound``). With U = 1,024, D_u = 8, D_p = 11 that is 120 + 18 G + 221 P.
+Each unit in P has a row in flight (a rank's buffer or prefetch, Ray Data's queue), and a window is trained down to
+less than a batch before the next fill, so P is about the rows in flight over U, times 1.3 to 2: measured
+P = 479-717 and 88-135 KB for 64 ranks with 5,120-row buffers and 64 read tasks (``BENCHMARKS.md``, "Data
+position at cluster scale"); the earlier position, every done position beyond the frontier, grew to 7.9 million
+positions (213 MB) there. The exchange: the counts are three dicts per rank over the units it touched since the
+last checkpoint (about its rows / ``data.decode_batch_size``), the positions a few hundred per unit in flight;
+2.7-8.3 MB gathered in all per checkpoint every 2M samples, 9.4 MB every 10M, and a merge of 0.02-0.13 s per rank
+(the earlier exchange, every position trained since the last checkpoint: 16 bytes each, 160 MB per 10M samples).
 
 Memory: the buffer holds ``buffer_rows + batch`` decoded images, ``buffer_rows x size^2 x 3`` bytes: 5,120 rows
 are 63 MB at 64 px and 770 MB at 224 px per worker (host memory).
@@ -21,6 +40,7 @@ Plain numpy, no Ray: the unit tests drive it with hand-made blocks.
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -28,40 +48,120 @@ from typing import Any, Iterator
 import numpy as np
 
 from reclip_ray.data.stream import BAD, MARKER, OK
+from reclip_ray.errors import CheckpointError
 
 SERVED = ("image", "jpeg", "box", "tokens", "_pos", "_unit", "key", "_pass")  # jpeg/box: data.decode_device=cuda
 
 
-@dataclass
+def _ints(values: Any = ()) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+@dataclass(eq=False)
 class DataPosition:
-    """Where a phase's stream continues: units before ``frontier`` are done, and so are the ``done`` positions."""
+    """Where a phase's stream continues: units before ``frontier`` are done, so are the whole ``units`` beyond it
+    and the ``done`` positions (rows trained in units that are not done yet; ``done_units`` holds each one's unit).
+
+    Sorted int64 arrays. In ``meta.json`` (``to_dict``) the whole units are ranges in one string ("40-56,60") and
+    the done positions one string per unit: "UNIT:FIRST:BITS", BITS the base64 of a little-endian bitmap of the
+    positions from FIRST on (at most ``group_shards x chunk_rows`` bits). Checkpoints written before this format
+    (the positions as lists of ints, ``done`` and ``done_units``) still load.
+    """
 
     phase: int = 0
     frontier: int = 0
-    done: list[int] = field(default_factory=list)
-    done_units: list[int] = field(default_factory=list)  # the unit of each ``done`` position
+    units: np.ndarray = field(default_factory=_ints)
+    done: np.ndarray = field(default_factory=_ints)
+    done_units: np.ndarray = field(default_factory=_ints)
+
+    def __post_init__(self) -> None:
+        self.units, self.done, self.done_units = _ints(self.units), _ints(self.done), _ints(self.done_units)
+        if len(self.done) != len(self.done_units):
+            raise ValueError(f"{len(self.done)} done positions but {len(self.done_units)} units for them")
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, DataPosition) and (self.phase, self.frontier) == (other.phase, other.frontier)
+                and all(np.array_equal(a, b) for a, b in zip(self._arrays(), other._arrays())))
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return self.units, self.done, self.done_units
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "frontier": self.frontier, "done": list(self.done),
-                "done_units": list(self.done_units)}
+        return {"phase": self.phase, "frontier": self.frontier, "units": _ranges_text(self.units),
+                "partial": _bitmaps_text(self.done, self.done_units)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "DataPosition":
         raw = raw or {}
-        done = [int(p) for p in raw.get("done", [])]
-        units = [int(u) for u in raw.get("done_units", [-1] * len(done))]
-        return cls(int(raw.get("phase", 0)), int(raw.get("frontier", 0)), done, units)
+        phase, frontier = int(raw.get("phase", 0)), int(raw.get("frontier", 0))
+        try:
+            if "done" in raw:  # the earlier format: every done position and its unit, as lists of ints
+                done, units = _ints(raw["done"]), _ints(raw["done_units"])
+                order = np.argsort(done, kind="stable")
+                return cls(phase, frontier, done=done[order], done_units=units[order])
+            done, done_units = _parse_bitmaps(raw.get("partial", []))
+            return cls(phase, frontier, _parse_ranges(raw.get("units", "")), done, done_units)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"the checkpoint's data position (meta.json 'data') is unreadable: {exc}") from None
+
+
+def _ranges_text(units: np.ndarray) -> str:
+    """Sorted unit numbers as inclusive ranges: [3, 4, 5, 9] -> "3-5,9"."""
+    if not len(units):
+        return ""
+    cut = np.flatnonzero(np.diff(units) != 1) + 1
+    starts, ends = units[np.r_[0, cut]], units[np.r_[cut - 1, len(units) - 1]]
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts.tolist(), ends.tolist()))
+
+
+def _parse_ranges(text: str) -> np.ndarray:
+    parts = []
+    for item in filter(None, str(text).split(",")):
+        a, _, b = item.partition("-")
+        lo, hi = int(a), int(b or a)
+        if hi < lo:
+            raise ValueError(f"unit range {item!r} ends before it starts")
+        parts.append(np.arange(lo, hi + 1, dtype=np.int64))
+    return np.unique(np.concatenate(parts)) if parts else _ints()
+
+
+def _bitmaps_text(done: np.ndarray, units: np.ndarray) -> list[str]:
+    """One "UNIT:FIRST:BITS" per unit of ``done`` (sorted positions; a unit's positions are contiguous in the
+    stream, so its bitmap spans at most the unit's rows)."""
+    out = []
+    cut = np.flatnonzero(np.diff(units) != 0) + 1
+    for pos, unit in zip(np.split(done, cut), np.split(units, cut)):
+        if not len(pos):
+            continue
+        bits = np.zeros(int(pos[-1] - pos[0]) + 1, dtype=bool)
+        bits[pos - pos[0]] = True
+        packed = np.packbits(bits, bitorder="little").tobytes()
+        out.append(f"{int(unit[0])}:{int(pos[0])}:{base64.b64encode(packed).decode('ascii')}")
+    return out
+
+
+def _parse_bitmaps(entries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    done, units = [], []
+    for entry in entries:
+        unit, first, bits = str(entry).split(":")
+        offsets = np.flatnonzero(np.unpackbits(np.frombuffer(base64.b64decode(bits, validate=True), np.uint8),
+                                               bitorder="little"))
+        done.append(int(first) + offsets)
+        units.append(np.full(len(offsets), int(unit), np.int64))
+    if not done:
+        return _ints(), _ints()
+    done_arr, unit_arr = np.concatenate(done), np.concatenate(units)
+    order = np.argsort(done_arr, kind="stable")
+    return done_arr[order], unit_arr[order]
 
 
 @dataclass
 class FeedReport:
-    """What one rank recorded since the last merge (exchanged between ranks at a checkpoint)."""
+    """What one rank counted since the last merge, per unit (the first exchange between ranks at a checkpoint)."""
 
     emitted: dict[int, int]
     absent: dict[int, int]
     done: dict[int, int]
-    positions: np.ndarray
-    units: np.ndarray
     seen: int
     bad: int
     example: str
@@ -80,12 +180,14 @@ class PhaseFeed:
         # Agreed by every rank at the last merge.
         self.phase = position.phase
         self.frontier = position.frontier
-        self._done_pos = np.asarray(position.done, dtype=np.int64)
-        self._done_unit = np.asarray(position.done_units, dtype=np.int64)
+        self._whole = position.units  # whole units done beyond the frontier (the rebuilt stream skips them)
+        self._done_pos, self._done_unit = position.done, position.done_units  # rows done in units not done yet
+        # Units seen but not done yet: rows emitted (the rebuilt stream's count), rows done since, absent rows.
         self._g_emitted: dict[int, int] = {}
         self._g_done: Counter[int] = Counter()
         self._g_absent: dict[int, int] = {}
         self.absent_done = 0  # absent rows of units that became done at a merge
+        self._mine = (_ints(), _ints())  # this rank's positions in units not done at the last merge (``pending``)
         # Recorded by this rank since the last merge.
         self._reset_local()
 
@@ -173,38 +275,84 @@ class PhaseFeed:
     # ------------------------------------------------------------------------------------------ position
 
     def report(self) -> FeedReport:
-        """This rank's records since the last merge (to be all-gathered)."""
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-        return FeedReport(dict(self._emitted), dict(self._absent), dict(self._done), cat(self._pos), cat(self._units),
-                          self.seen, self.bad, self.example)
+        """This rank's counts since the last merge (to be all-gathered, then ``merge``d)."""
+        return FeedReport(dict(self._emitted), dict(self._absent), dict(self._done), self.seen, self.bad, self.example)
 
     def merge(self, reports: list[FeedReport]) -> dict[str, int]:
-        """Fold every rank's report into the agreed position (every rank calls this with the same reports and so
-        reaches the same state). Returns the counts that the merge settled: rows seen / bad, absent rows."""
+        """Fold every rank's counts into the agreed position (every rank calls this with the same reports and so
+        reaches the same state). Returns the counts that the merge settled: rows seen / bad, and the absent rows
+        of the units that became done. ``pending`` / ``agree`` then exchange the positions still needed.
+
+        A unit is done once its rows done reach its rows emitted, wherever it lies: it joins the whole ``units``,
+        and the frontier moves over every whole unit in front of it. So positions are kept (and exchanged) only
+        for units with rows still in flight, whatever the order groups finish in, and however many rows were
+        trained since the last merge.
+        """
+        touched: set[int] = set()
         for r in reports:
             self._g_emitted.update(r.emitted)
             self._g_absent.update(r.absent)
             self._g_done.update(r.done)
+            touched.update(r.done)  # a unit's last rows done are in some report's ``done``
+        finished = sorted(u for u in touched if u in self._g_emitted and self._g_done[u] >= self._g_emitted[u])
         absent_before = self.absent_done
-        while self.frontier in self._g_emitted and self._g_done[self.frontier] >= self._g_emitted[self.frontier]:
-            u = self.frontier
+        for u in finished:
             self.absent_done += self._g_absent.pop(u, 0)
-            self._g_emitted.pop(u)
+            del self._g_emitted[u]
             self._g_done.pop(u, None)
-            self.frontier += 1
-        pos = np.concatenate([self._done_pos] + [r.positions for r in reports])
-        unit = np.concatenate([self._done_unit] + [r.units for r in reports])
-        keep = (unit >= self.frontier) | (unit < 0)
-        order = np.argsort(pos[keep], kind="stable")
-        self._done_pos, self._done_unit = pos[keep][order], unit[keep][order]
+        units = np.union1d(self._whole, np.asarray(finished, dtype=np.int64))
+        self.frontier = _advance(self.frontier, units)
+        self._whole = units[units >= self.frontier]
+        pending = _pending(self.frontier, self._whole)
+        keep = pending(self._done_unit)
+        self._done_pos, self._done_unit = self._done_pos[keep], self._done_unit[keep]
+        mine_pos, mine_unit = (np.concatenate([m, *xs]) for m, xs in zip(self._mine, (self._pos, self._units)))
+        keep = pending(mine_unit)
+        self._mine = (mine_pos[keep], mine_unit[keep])
         settled = {"seen": sum(r.seen for r in reports), "bad": sum(r.bad for r in reports),
                    "absent": self.absent_done - absent_before}
         self._reset_local()
         return settled
 
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, units) this rank trained or dropped since the last merge in units that are still not done:
+        the second exchange (to be all-gathered, then passed to ``agree``). At most the rows of the units that
+        have rows in flight."""
+        return self._mine
+
+    def agree(self, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Add every rank's ``pending`` positions to the agreed position."""
+        pos = np.concatenate([self._done_pos] + [p for p, _ in pending])
+        unit = np.concatenate([self._done_unit] + [u for _, u in pending])
+        order = np.argsort(pos, kind="stable")
+        self._done_pos, self._done_unit = pos[order], unit[order]
+        self._mine = (_ints(), _ints())
+
     def position(self) -> DataPosition:
-        return DataPosition(self.phase, self.frontier, self._done_pos.tolist(), self._done_unit.tolist())
+        """The agreed position (after ``merge`` and ``agree``)."""
+        return DataPosition(self.phase, self.frontier, self._whole.copy(), self._done_pos.copy(),
+                            self._done_unit.copy())
 
     def absent_in_flight(self) -> int:
         """Absent rows of units seen but not yet done (counted once the phase ends)."""
         return sum(self._g_absent.values()) + sum(v for u, v in self._absent.items() if u not in self._g_absent)
+
+
+def _advance(frontier: int, units: np.ndarray) -> int:
+    """The frontier moved over the run of whole ``units`` (sorted, unique) that starts at it."""
+    run = units[np.searchsorted(units, frontier):]
+    at = run - np.arange(len(run)) == frontier  # True for the consecutive run from the frontier on, then False
+    return frontier + (len(at) if at.all() else int(np.argmin(at)))
+
+
+def _pending(frontier: int, whole: np.ndarray):
+    """A test for an array of units: which are not done (not before the frontier, not one of the ``whole`` units,
+    sorted and >= frontier). One table lookup per row: a rank tests every row it trained since the last merge."""
+    table = np.zeros(int(whole[-1]) - frontier + 2 if whole.size else 1, dtype=bool)  # the last slot: beyond them
+    table[whole - frontier] = True
+
+    def pending(unit: np.ndarray) -> np.ndarray:
+        offset = unit - frontier
+        return (offset >= 0) & ~table[np.clip(offset, 0, len(table) - 1)]
+
+    return pending

@@ -17,8 +17,9 @@ Three kinds of rows that are not trained:
   samples. They are dropped before decoding and counted per unit (``_unit_absent``), never as bad rows;
 * *bad* rows (undecodable image, empty caption) travel on as ``_ok = 0`` with a blank image and the reason in
   ``_bad``, so the worker counts them, applies ``data.max_bad_fraction`` and marks their position as done;
-* a unit with nothing left to emit (all absent, or all trained before a restart) sends one *marker* row
-  (``_ok = 2``) so the worker can still mark the unit done.
+* a unit with nothing left to emit (all absent, or all its rows among a restart's done positions) sends one
+  *marker* row (``_ok = 2``) so the worker can still mark the unit done. A unit the restart's position holds as
+  whole sends nothing: the workers' position already says it is done.
 """
 
 from __future__ import annotations
@@ -146,6 +147,14 @@ class _ShardChunks:
         return head, first
 
 
+def _read_past(reader: _ShardChunks, expected: int) -> None:
+    """Move a shard's reader over one round without using its rows (a unit trained before a restart)."""
+    got = reader.next() if expected else None
+    if got is not None and got[0].num_rows != expected:
+        raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says {expected} (the "
+                        "shard changed during the run?)")
+
+
 def _drop_rows(batches: Iterator, n: int) -> Iterator:
     for batch in batches:
         if n >= batch.num_rows:
@@ -197,6 +206,7 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
     for item in items.to_pylist():
         files, rows, start = item["files"], item["rows"], item["start_round"]
         done = np.asarray(item["done"], dtype=np.int64)
+        skip = set(item.get("skip_rounds") or ())  # whole units trained before a restart: read past, not emitted
         # Each shard is read from the column the phase chose for it (a shrunk copy, or the full image).
         shard_columns = [dataclasses.replace(columns, image=src) if src else columns
                          for src in item.get("sources") or [""] * len(files)]
@@ -205,6 +215,11 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
         sizes = unit_sizes(rows, chunk_rows)
         unit_pos = item["first_pos"] + sum(sizes[:start])
         for k in range(start, len(sizes)):
+            if k in skip:
+                for reader, n in zip(readers, rows):
+                    _read_past(reader, rows_in_round(n, k, chunk_rows))
+                unit_pos += sizes[k]
+                continue
             parts = []
             for reader, n in zip(readers, rows):
                 expected = rows_in_round(n, k, chunk_rows)
@@ -332,6 +347,7 @@ def phase_dataset(
     train: bool = True,
     frontier: int = 0,
     done: Sequence[int] = (),
+    units: Sequence[int] = (),
     decode_batch_size: int = 64,
     missing: str = "fail",
     missing_actor=None,
@@ -340,10 +356,11 @@ def phase_dataset(
     keep_keys: bool = False,
     on_device: bool = False,
 ) -> "ray.data.Dataset":
-    """The rows of ``stream`` not yet trained (units from ``frontier`` on, minus the ``done`` positions), decoded
-    to ``image_size`` and tokenized to ``text_length``. Lazy: nothing runs until a worker iterates."""
+    """The rows of ``stream`` not yet trained (units from ``frontier`` on, minus the whole ``units`` and the
+    ``done`` positions: a ``feed.DataPosition``), decoded to ``image_size`` and tokenized to ``text_length``. Lazy:
+    nothing runs until a worker iterates."""
     _tokenizer_from(tokenizer_json)  # fail here (driver), not inside a task, on a bad tokenizer
-    items = stream.items(frontier, done)
+    items = stream.items(frontier, done, units)
     if not items:
         raise DataError("the phase's data stream is exhausted at its checkpointed position")
     concurrency = concurrency or MAX_TASKS

@@ -11,8 +11,10 @@ A phase reads the shards as one deterministic stream of rows, fixed by the seed 
 
 Positions and unit numbers depend only on the footers' row counts, so a restarted run (another worker count, a
 new process, a new ``fit()``) computes the same ones. That is what makes the data position checkpointable: a
-checkpoint stores the first unit not known to be fully trained (the *frontier*) and the positions already
-trained beyond it; the restarted stream starts at the frontier's group and drops those positions before decoding.
+checkpoint stores the first unit not known to be fully trained (the *frontier*), the whole units trained beyond
+it and the positions trained in the others (``feed.DataPosition``); the restarted stream starts at the frontier's
+group, skips the whole units (a group starts after those it begins with) and drops those positions before
+decoding.
 Cost at scale: the footers are read once per run on the driver (a thread pool; 140k shards is a few minutes of
 small reads on object storage, once), and the stream is one list of groups (140k / 16 = 9k items per pass).
 ``footers`` keeps what each footer says for the life of the process, keyed by (path, size, mtime), so the launch's
@@ -300,20 +302,32 @@ class PhaseStream:
         self.total_units = unit
         self.total_rows = pos
 
-    def items(self, frontier: int = 0, done: Iterable[int] = ()) -> list[dict]:
+    def items(self, frontier: int = 0, done: Iterable[int] = (), units: Iterable[int] = ()) -> list[dict]:
         """One read item per group that still has untrained rows: ``frontier`` is the first unit not known to be
-        trained, ``done`` the positions trained beyond it (they are dropped before decoding)."""
+        trained, ``units`` the whole units trained beyond it (never emitted: a group starts after those it begins
+        with, and reads past the others without decoding them) and ``done`` the positions trained in the units
+        that are not whole (dropped before decoding)."""
         done_arr = np.unique(np.asarray(list(done), dtype=np.int64))
+        whole = np.unique(np.asarray(list(units), dtype=np.int64))
         out = []
         for g in self.groups:
-            if g.first_unit + g.num_units <= frontier:
+            end_unit = g.first_unit + g.num_units
+            if end_unit <= frontier:
+                continue
+            start = max(0, frontier - g.first_unit)
+            lo, hi = np.searchsorted(whole, [g.first_unit + start, end_unit])
+            rounds = whole[lo:hi] - g.first_unit
+            at = rounds == np.arange(start, start + len(rounds))  # True for the whole units the group starts with
+            lead = len(at) if at.all() else int(np.argmin(at))
+            start, skip = start + lead, rounds[lead:].tolist()
+            if start >= g.num_units:
                 continue
             end = g.first_pos + g.num_rows
             lo, hi = np.searchsorted(done_arr, [g.first_pos, end])
             out.append({
                 "pass_index": g.pass_index, "group": g.index, "files": list(g.files), "rows": list(g.rows),
                 "row_groups": [list(r) for r in g.row_groups], "first_unit": g.first_unit,
-                "first_pos": g.first_pos, "start_round": max(0, frontier - g.first_unit),
+                "first_pos": g.first_pos, "start_round": start, "skip_rounds": skip,
                 "sources": list(g.sources) or [""] * len(g.files),
                 "done": done_arr[lo:hi].tolist(),
             })

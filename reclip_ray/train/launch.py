@@ -248,7 +248,8 @@ class PhaseDatasetFactory:
         return phase_dataset(
             self.stream, ColumnMap.from_config(self.cfg.data), image_size=self.plan.image_size,
             text_length=self.plan.text_length, tokenizer_json=self.tokenizer_json, train=True,
-            frontier=position.frontier, done=position.done, decode_batch_size=self.cfg.data.decode_batch_size,
+            frontier=position.frontier, units=position.units, done=position.done,
+            decode_batch_size=self.cfg.data.decode_batch_size,
             missing=self.cfg.data.missing_shards, missing_actor=self.missing_actor, concurrency=self.concurrency,
             on_device=self.cfg.data.decode_device == "cuda",
             keep_keys=self.cfg.fault.record_rows)

@@ -424,8 +424,11 @@ def _check_bad_rows(w: _Worker, seen: int, bad: int) -> None:
 
 
 def _settle_data(w: _Worker) -> None:
-    """Agree on the data position (all ranks) and fold the settled row counts into the run state."""
+    """Agree on the data position (all ranks) and fold the settled row counts into the run state. Two all-gathers:
+    each rank's counts per unit (which units are done), then its positions in the units that are not (a few per
+    unit with rows in flight, however many rows were trained since the last checkpoint)."""
     settled = w.feed.merge(_gather(w, w.feed.report()))
+    w.feed.agree(_gather(w, w.feed.pending()))
     w.state.rows_seen += settled["seen"]
     w.state.rows_bad += settled["bad"]
     w.state.rows_absent += settled["absent"]
