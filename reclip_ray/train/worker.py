@@ -26,12 +26,26 @@ FAULT_ENV = "RECLIP_FAIL_AT_SAMPLES"
 FATAL_FILE = ".fatal_error.json"  # a deterministic error of this run's workers (not retried)
 
 
-def split_batch(global_batch: int, world_size: int) -> list[int]:
-    """Per-rank batch sizes that add up to the global batch exactly (the first ranks take one extra)."""
+def split_batch(global_batch: int, world_size: int, first: int = 0) -> list[int]:
+    """Per-rank batch sizes that add up to the global batch exactly: ranks ``first``, ``first + 1``, ... (wrapping
+    around) take the rows that do not divide, one each."""
     base, extra = divmod(global_batch, world_size)
     if base == 0:
         raise ValueError(f"global batch {global_batch} is smaller than the number of workers {world_size}")
-    return [base + (1 if r < extra else 0) for r in range(world_size)]
+    return [base + (1 if (r - first) % world_size < extra else 0) for r in range(world_size)]
+
+
+def step_split(plan: Any, samples_seen: int, world_size: int) -> list[int]:
+    """Every rank's rows in the step of ``plan`` that starts at ``samples_seen``.
+
+    The rows that do not divide go to the next ranks in turn, continuing where the step before left off (step k of
+    the phase starts at rank ``k * (batch % world) % world``), so over any run of steps each rank trains within one
+    row of ``rows / world``. That is what ``streaming_split(equal=True)`` gives each rank of the phase's stream;
+    always favouring the first ranks would make rank 0 need ``steps x (1 - (batch % world) / world)`` rows more than
+    its share. A function of the sample count, so a restart continues the rotation where the checkpoint left it.
+    """
+    k = (samples_seen - plan.start_sample) // plan.batch_size
+    return split_batch(plan.batch_at(samples_seen), world_size, first=k * (plan.batch_size % world_size) % world_size)
 
 
 def phase_dataset_name(index: int) -> str:
@@ -252,19 +266,20 @@ def _run_phase(w: _Worker, plan: Any) -> None:
         state.phase, state.phase_done, state.data = plan.index, False, {}
     # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
     gflops_per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
-    local_sizes = split_batch(plan.batch_size, world)
-    w.feed = feed = _open_feed(w, plan, local_sizes[rank])
+    local = -(-plan.batch_size // world)  # the larger share of a full step
+    w.feed = feed = _open_feed(w, plan, local)
     if rank == 0:
+        shares = f"{plan.batch_size // world}-{local}" if plan.batch_size % world else f"{local}"
         w.say(f"phase {plan.index} '{plan.name}': {plan.image_size} px, {plan.text_length} tokens, samples "
-              f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({local_sizes[rank]} per "
-              f"worker{_micro_note(cfg.train.micro_batch_size, local_sizes[rank])}), {gflops_per_sample:.3f} train "
+              f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({shares} per "
+              f"worker{_micro_note(cfg.train.micro_batch_size, local)}), {gflops_per_sample:.3f} train "
               f"GFLOPs/sample")
     rows_log = _RowLog(w) if cfg.fault.record_rows else None
     window = _Window()
     every = cfg.checkpoint.every_samples
     while state.samples < plan.end_sample:
-        # The last step of a phase may be short: it trains exactly the samples it counts.
-        sizes = split_batch(plan.batch_at(state.samples), world)
+        # The last step of a phase may be short (or a full step plus a remainder): it trains exactly what it counts.
+        sizes = step_split(plan, state.samples, world)
         t0 = time.perf_counter()
         batch = feed.take(sizes[rank])
         if batch is None:
