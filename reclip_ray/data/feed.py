@@ -105,6 +105,11 @@ class PhaseFeed:
     def available(self) -> int:
         return len(self._pool.get("_pos", ())) - self._head
 
+    @property
+    def recorded(self) -> int:
+        """Rows trained or dropped as bad since the last merge (what the merge settles as seen)."""
+        return sum(len(p) for p in self._pos)
+
     def take(self, n: int) -> dict[str, np.ndarray] | None:
         """The next ``n`` rows (image, tokens, and key/_pass when the stream carries them); None when the stream
         ends first (the rows that are left stay unrecorded, so a restart would read them again)."""
@@ -197,7 +202,10 @@ class PhaseFeed:
         keep = (unit >= self.frontier) | (unit < 0)
         order = np.argsort(pos[keep], kind="stable")
         self._done_pos, self._done_unit = pos[keep][order], unit[keep][order]
-        settled = {"seen": sum(r.seen for r in reports), "bad": sum(r.bad for r in reports),
+        # Seen = trained or dropped as bad: the positions recorded, which a restart never reads again. (``seen``
+        # counts rows on arrival, buffered ones too, which a restart reads again: right for the bad-row budget
+        # between merges, but summed over merges it would count every buffer left at a crash twice.)
+        settled = {"seen": sum(len(r.positions) for r in reports), "bad": sum(r.bad for r in reports),
                    "absent": self.absent_done - absent_before}
         self._reset_local()
         return settled

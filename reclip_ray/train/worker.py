@@ -381,10 +381,12 @@ def _log_window(w: _Worker, plan: Any, window: _Window, last: dict[str, float], 
     from reclip_ray import tracking
 
     state = w.state
-    seen, bad = _sum_over_ranks(w, [w.feed.seen, w.feed.bad])
+    # Seen: trained or dropped as bad (exact across restarts). The bad-row budget is a share of the rows read, so
+    # it also counts the rows waiting in the feeds' buffers.
+    seen, buffered, bad = _sum_over_ranks(w, [w.feed.recorded, w.feed.available, w.feed.bad])
     seen += state.rows_seen
     bad += state.rows_bad
-    _check_bad_rows(w, seen, bad)
+    _check_bad_rows(w, seen + buffered, bad)
     if w.rank != 0:
         return
     elapsed = max(time.perf_counter() - window.t0, 1e-9)
