@@ -203,8 +203,8 @@ class PhaseFeed:
         order = np.argsort(pos[keep], kind="stable")
         self._done_pos, self._done_unit = pos[keep][order], unit[keep][order]
         # Seen = trained or dropped as bad: the positions recorded, which a restart never reads again. (``seen``
-        # counts rows on arrival, buffered ones too, which a restart reads again: right for the bad-row budget
-        # between merges, but summed over merges it would count every buffer left at a crash twice.)
+        # counts rows on arrival, buffered ones too, which a restart from this merge reads again: summed over merges
+        # it would count every buffer left at a crash twice. The caller counts what is buffered at the phase end.)
         settled = {"seen": sum(len(r.positions) for r in reports), "bad": sum(r.bad for r in reports),
                    "absent": self.absent_done - absent_before}
         self._reset_local()

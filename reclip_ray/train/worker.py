@@ -381,12 +381,12 @@ def _log_window(w: _Worker, plan: Any, window: _Window, last: dict[str, float], 
     from reclip_ray import tracking
 
     state = w.state
-    # Seen: trained or dropped as bad (exact across restarts). The bad-row budget is a share of the rows read, so
-    # it also counts the rows waiting in the feeds' buffers.
-    seen, buffered, bad = _sum_over_ranks(w, [w.feed.recorded, w.feed.available, w.feed.bad])
+    # Rows read so far, each once: settled at checkpoints (trained or dropped as bad), trained or dropped since, and
+    # waiting in the feeds' buffers (``_settle_data``).
+    seen, bad = _sum_over_ranks(w, [w.feed.recorded + w.feed.available, w.feed.bad])
     seen += state.rows_seen
     bad += state.rows_bad
-    _check_bad_rows(w, seen + buffered, bad)
+    _check_bad_rows(w, seen, bad)
     if w.rank != 0:
         return
     elapsed = max(time.perf_counter() - window.t0, 1e-9)
@@ -429,7 +429,12 @@ def _check_bad_rows(w: _Worker, seen: int, bad: int) -> None:
 
 
 def _settle_data(w: _Worker) -> None:
-    """Agree on the data position (all ranks) and fold the settled row counts into the run state."""
+    """Agree on the data position (all ranks) and fold the settled row counts into the run state.
+
+    ``rows_seen`` counts each row read once, across restarts: a checkpoint settles the rows trained or dropped as
+    bad (``PhaseFeed.merge``), never those still in a buffer, which a restart from it reads again; those count
+    when trained, or at the phase end (``_end_phase``) if they never are.
+    """
     settled = w.feed.merge(_gather(w, w.feed.report()))
     w.state.rows_seen += settled["seen"]
     w.state.rows_bad += settled["bad"]
@@ -465,6 +470,7 @@ def _end_phase(w: _Worker, plan: Any) -> None:
     state = w.state
     _settle_data(w)
     state.rows_absent += w.feed.absent_in_flight()  # units the phase never finished: their absent rows count now
+    state.rows_seen += _sum_over_ranks(w, [w.feed.available])[0]  # read, never to be read again: seen now
     state.phase_done, state.data = True, {}
     steps = _steps_on_every_rank(state.step, w.world, w.device)
     if w.rank == 0:
