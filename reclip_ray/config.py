@@ -25,6 +25,9 @@ class ConfigError(ReclipError, ValueError):
     """A user mistake in a config file, a preset name or an override; printed as one line."""
 
 
+MAX_BAD_FRACTION = 0.5  # the largest data.max_bad_fraction: the phase streams read 1 / (1 - it) times their samples
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------------------
@@ -516,8 +519,16 @@ def validate(cfg: Config) -> None:
     if cfg.scaling.cpus_per_worker < 0 or cfg.scaling.gpus_per_worker < 0:
         raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
                           f"reserves none), got {cfg.scaling.cpus_per_worker} / {cfg.scaling.gpus_per_worker}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    use_gpu = str(cfg.scaling.use_gpu).lower()
+    if cfg.scaling.gpus_per_worker == 0 and use_gpu != "false":
+        # Ray Train refuses GPU workers without a GPU, but only once the MLflow run exists (auto: on a GPU cluster).
+        raise ConfigError(f"'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU (scaling.use_gpu="
+                          f"{use_gpu}); set scaling.use_gpu=false for CPU workers")
+    if not 0.0 <= cfg.data.max_bad_fraction <= MAX_BAD_FRACTION:
+        raise ConfigError(f"'data.max_bad_fraction' must be in [0, {MAX_BAD_FRACTION}], got "
+                          f"{cfg.data.max_bad_fraction}: the phase streams read 1 / (1 - max_bad_fraction) times the "
+                          "rows they train, and a set with more bad rows than good ones needs cleaning "
+                          "(reclip-ray data inspect)")
     if cfg.data.shuffle not in ("files", "none"):
         raise ConfigError(f"'data.shuffle' must be files or none, got {cfg.data.shuffle!r}")
     if cfg.data.shuffle_buffer < -1:
@@ -577,7 +588,9 @@ def _check_phase_total(cfg: Config) -> None:
 
 
 def _check_batches(cfg: Config) -> None:
-    """Every global batch must give each of up to max_workers workers at least one sample per step."""
+    """Every step must give each of up to max_workers workers at least one sample: every global batch, and every
+    phase (its short last step joins the full one before it when it is smaller, ``schedule.PhasePlan.batch_at``,
+    but a phase of one short step has none to join)."""
     workers = cfg.scaling.max_workers
     batches = [("train.batch_size", cfg.train.batch_size)]
     batches += [(f"phases.{i}.batch_size", p.batch_size) for i, p in enumerate(cfg.phases) if p.batch_size]
@@ -585,6 +598,10 @@ def _check_batches(cfg: Config) -> None:
         if batch < workers:
             raise ConfigError(f"'{key}' = {batch} (a global batch) is smaller than scaling.max_workers={workers}; "
                               "each worker needs at least one sample per step")
+    for i, (ph, n) in enumerate(zip(cfg.phases, cfg.phase_samples())):
+        if n < workers:
+            raise ConfigError(f"'phases.{i}.samples' ({ph.name}) gives the phase {n} samples, fewer than "
+                              f"scaling.max_workers={workers}; each worker needs at least one sample per step")
 
 
 def _check_heads(cfg: Config) -> None:

@@ -20,7 +20,7 @@ are then absent from the result.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,17 +59,18 @@ def zero_shot_classifier(
     starts = list(range(0, len(texts), batch_size))
     lo, hi = _block(len(starts), rank, world_size)
 
-    def encode() -> list[torch.Tensor]:
+    def encode() -> Iterator[None]:  # one prompt batch per step (see _agree)
         feats = []
         for i in starts[lo:hi]:
             tokens = torch.from_numpy(tokenizer.encode(texts[i : i + batch_size], text_length)).to(device)
             feats.append(model.encode_text(tokens, normalize=True).float())
+            yield
         return feats
 
     if world_size == 1:
-        feats = encode()
+        feats = _finish(encode())
     else:
-        mine = _agree(encode, world_size)
+        mine = _agree(encode(), world_size, device)
         feats = [t.to(device) for t in gather_rows(torch.cat(mine) if mine else None, world_size, device)]
     per_template = torch.cat(feats).view(len(classnames), len(templates), -1)
     return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
@@ -281,11 +282,12 @@ def evaluate_dataset(
         return files, _label_sets(read_dataset_json(data_path), names, columns.label, classes,
                                   class_label_sets(files))
 
-    files, sets = setup() if world_size == 1 else _agree(setup, world_size)
+    files, sets = setup() if world_size == 1 else _agree(_one_step(setup), world_size, device)
     label_cols = sorted({spec["column"] for spec in sets.values()})
 
-    def read(collector: Any, row_range: tuple[int, int] | None) -> BadRowCount:
-        """Decode and encode the rows (all, or ``row_range``) into ``collector``; the model is put in eval mode."""
+    def read(collector: Any, row_range: tuple[int, int] | None) -> Iterator[None]:
+        """Decode and encode the rows (all, or ``row_range``) into ``collector``, one batch per step (see
+        ``_agree``), and return the row counts; the model is in eval mode meanwhile."""
         from reclip_ray.model import normalize_images
 
         def encode_image(images: np.ndarray) -> torch.Tensor:
@@ -304,6 +306,7 @@ def evaluate_dataset(
                 require_caption=False, group_images=True, row_range=row_range,
             ):
                 collector.add(batch, encode_image, encode_text)
+                yield
         finally:
             if was_training:
                 core.train()
@@ -311,18 +314,19 @@ def evaluate_dataset(
 
     if world_size == 1:
         grouped = _Grouped(label_cols)
-        counts = read(grouped, None)
+        counts = _finish(read(grouped, None))
         got = _Gathered(torch.cat(grouped.image_features) if grouped.image_features else None,
                         torch.cat(grouped.text_features) if grouped.text_features else None,
                         grouped.labels, grouped.text_to_image, grouped.rows, counts.absent, counts.bad)
     else:
         from reclip_ray.data.stream import footers
 
-        def read_slice() -> tuple[_Slice, BadRowCount]:
+        def read_slice() -> Iterator[None]:
             part = _Slice(label_cols)
-            return part, read(part, _block(sum(f.rows for f in footers(files)), rank, world_size))
+            counts = yield from read(part, _block(sum(f.rows for f in footers(files)), rank, world_size))
+            return part, counts
 
-        part, counts = _agree(read_slice, world_size)
+        part, counts = _agree(read_slice(), world_size, device)
         got = _gather_slices(part, counts, label_cols, world_size, device)
     _check_gathered(data_path, sets, got)
     classifiers = {
@@ -498,27 +502,58 @@ def gather_rows(local: torch.Tensor | None, world_size: int, device: str | torch
     return [o[:n].cpu() for o, n in zip(out, counts)]
 
 
-def _agree(fn: Any, world_size: int) -> Any:
-    """``fn()`` on this rank, then a check that it worked on every rank: a rank whose slice failed (an unreadable
-    shard, say) would otherwise leave the others waiting in the next collective until the timeout. The failing
-    rank raises its own error; the others raise a ReclipError that names it."""
+def _agree(steps: Iterator[Any], world_size: int, device: str | torch.device) -> Any:
+    """Run the generator ``steps`` (one unit of work per ``next``; its return value is the result) on every rank
+    in lockstep, so that an error on one rank stops every rank within one unit of work.
+
+    After each unit the ranks all-reduce two flags (failed here, still working), one tiny collective per unit
+    (an eval batch): a rank whose slice failed (an unreadable shard, say) would otherwise leave the others waiting
+    in the next collective until they finished their own slices, or until the collective timeout when that takes
+    longer. A rank that is done keeps answering until every rank is. The failing rank raises its own error; the
+    others raise a ReclipError that names it.
+    """
     import torch.distributed as dist
 
     error: BaseException | None = None
     result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-        error = exc
+    working = True
+    while True:
+        if working:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                result, working = stop.value, False
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error, working = exc, False
+        flags = torch.tensor([error is not None, working], dtype=torch.int64, device=device)
+        dist.all_reduce(flags)
+        failed, busy = flags.tolist()
+        if failed or not busy:
+            break
+    if not failed:
+        return result
+    steps.close()  # a rank stopped early: its generator's ``finally`` (the model's train mode) runs now
     errors: list[Any] = [None] * world_size
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        r, message = failed[0]
-        raise ReclipError(f"evaluation failed on rank {r}: {message}")
-    return result
+    r, message = next((r, e) for r, e in enumerate(errors) if e is not None)
+    raise ReclipError(f"evaluation failed on rank {r}: {message}")
+
+
+def _one_step(fn: Callable[[], Any]) -> Iterator[None]:
+    """``fn`` as a one-step generator for ``_agree``: the first ``next`` runs it and stops with its result."""
+    return fn()
+    yield  # unreachable: makes this a generator
+
+
+def _finish(steps: Iterator[Any]) -> Any:
+    """Run a step generator to its end on one rank; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _from_rank0(fn: Any, rank: int, world_size: int) -> dict[str, float]:

@@ -13,6 +13,10 @@ LR rules (``optim.schedule``):
   ``optim.lr``) and a cosine to ``min_lr_ratio * peak`` at the phase end. RECLIP's short full-resolution finetune
   needs this: the low-res phase has decayed to ~0 and the finetune needs a fresh (smaller) peak.
 
+A phase's steps are full global batches plus a short last one for the remainder; a remainder smaller than
+``scaling.max_workers`` joins the last full step instead (``PhasePlan.batch_at``), so every step gives every
+worker a row whatever the worker count up to that maximum.
+
 Warmup is ``peak * min(1, (s + 1) / warmup)`` for ``s`` samples into the warmup, so the very first step does not
 run at exactly zero LR; the cosine starts when the warmup ends.
 """
@@ -38,17 +42,38 @@ class PhasePlan:
     start_sample: int
     end_sample: int  # exclusive: the phase covers samples [start_sample, end_sample)
     batch_size: int  # global batch
-    steps: int  # ceil(samples / batch_size); the last step of a phase may be short
+    steps: int  # full steps plus a short last one; a remainder under min_step rows joins the step before it
     peak_lr: float
     warmup_samples: int
+    min_step: int = 1  # the fewest rows a step may have: scaling.max_workers, so that every worker gets a row
 
     @property
     def samples(self) -> int:
         return self.end_sample - self.start_sample
 
     def batch_at(self, samples_seen: int) -> int:
-        """Global batch of the step that starts at ``samples_seen``: full, or the remainder at the phase end."""
-        return max(0, min(self.batch_size, self.end_sample - samples_seen))
+        """Global batch of the step that starts at ``samples_seen``: full, or what is left at the phase end.
+
+        What is left after the last full step is a short step of its own when it gives every one of up to
+        ``min_step`` workers a row, else it joins the last full step (``batch_size + remainder`` rows, one step):
+        DDP and the loss's all-gather need every rank in every step's collectives, and a rank with no rows would
+        push empty tensors through the model. Either way the step trains exactly the samples it counts.
+        """
+        left = self.end_sample - samples_seen
+        if left <= 0:
+            return 0
+        return left if left < self.batch_size + self.min_step else self.batch_size
+
+    @property
+    def last_batch(self) -> int:
+        """The global batch of the phase's last step (the largest step when a remainder joined it)."""
+        return self.batch_at(self.start_sample + (self.steps - 1) * self.batch_size)
+
+
+def phase_steps(samples: int, batch: int, min_step: int) -> int:
+    """Steps of a phase (``PhasePlan.batch_at``): the full ones, plus the remainder's unless it joins the last."""
+    full, rest = divmod(samples, batch)
+    return max(1, full + (1 if rest >= min_step else 0))
 
 
 def _cosine(peak: float, floor: float, warmup: int, length: int, s: int) -> float:
@@ -98,9 +123,10 @@ class Schedule:
                     start_sample=start,
                     end_sample=start + n,
                     batch_size=batch,
-                    steps=math.ceil(n / batch),
+                    steps=phase_steps(n, batch, cfg.scaling.max_workers),
                     peak_lr=float(peak),
                     warmup_samples=int(warmup),
+                    min_step=cfg.scaling.max_workers,
                 )
             )
             start += n

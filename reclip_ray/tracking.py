@@ -10,14 +10,23 @@ artifact would land in that node's ``mlartifacts``): the run's metrics would sil
 store the launcher starts a ``TrackingRelay`` actor on the driver's node and the workers send their MLflow calls
 to it (``use_relay``): the calls below marked ``@_relayed`` run in the relay, artifacts travel as bytes. About one
 call per log window, so the relay is never a bottleneck. A server URI (``http://...``) is written directly.
+
+A relay call waits at most ``RELAY_TIMEOUT_S`` and is tried ``RELAY_ATTEMPTS`` times; a write that still fails is a
+warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises).
+Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
+taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
+row, which MLflow's SQL store keeps once.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -60,16 +69,54 @@ def use_relay(relay: Any) -> None:
     _RELAY = relay
 
 
-def _relayed(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if _RELAY is None:
-            return fn(*args, **kwargs)
-        import ray
+RELAY_TIMEOUT_S = 60.0  # one metric batch, tag or read; a write this slow has met a hiccup, not a big batch
+ARTIFACT_TIMEOUT_S = 900.0  # the model's bytes (a ViT-L export is ~1.7 GB)
+RELAY_ATTEMPTS = 3
+RELAY_BACKOFF_S = 2.0  # the wait before try k + 1 is k times this
+_RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
 
-        return ray.get(_RELAY.call.remote(fn.__name__, args, kwargs))
 
-    return call
+def _relayed(write: bool) -> Callable[[Callable], Callable]:
+    """Run the function in the relay when this process has one (``use_relay``), through ``_through_relay``."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _RELAY is None:
+                return fn(*args, **kwargs)
+            return _through_relay(fn.__name__, "call", (fn.__name__, args, kwargs), write=write,
+                                  timeout_s=RELAY_TIMEOUT_S)
+
+        return call
+
+    return wrap
+
+
+def _through_relay(what: str, method: str, payload: tuple, *, write: bool, timeout_s: float) -> Any:
+    """One relay call: a bounded wait, retried under the same call id (the relay runs an id once, so a reply lost
+    to a timeout is not a second write); a write that fails every time is a warning, a read an error."""
+    call_id = uuid.uuid4().hex
+    error: Exception | None = None
+    for attempt in range(1, RELAY_ATTEMPTS + 1):
+        try:
+            return _wait(getattr(_RELAY, method).remote(call_id, *payload), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a timeout, a relay restarting, an MLflow error: all retried
+            error = exc
+            if attempt < RELAY_ATTEMPTS:
+                time.sleep(RELAY_BACKOFF_S * attempt)
+    lines = str(error).strip().splitlines() or [""]
+    message = (f"MLflow {what} through the tracking relay failed {RELAY_ATTEMPTS} times "
+               f"({type(error).__name__}: {lines[-1][:300]})")
+    if not write:
+        raise RuntimeError(message) from error
+    print(f"[reclip] WARNING: {message}; training goes on without it", file=sys.stderr, flush=True)
+    return None
+
+
+def _wait(ref: Any, timeout_s: float) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=timeout_s)
 
 
 def _read_files(path: Path) -> dict[str, bytes]:
@@ -79,34 +126,48 @@ def _read_files(path: Path) -> dict[str, bytes]:
 
 
 class TrackingRelay:
-    """Runs MLflow calls for the workers on the driver's node (see the module docstring). Stateless apart from a
-    call count, so a restarted relay (``max_restarts``) loses nothing."""
+    """Runs MLflow calls for the workers on the driver's node (see the module docstring). Apart from a call count
+    it remembers only the ids of recent calls and their results, so that a retried call runs once; a restarted
+    relay (``max_restarts``) forgets them, and a metric row written again is then the same row (module docstring)."""
 
     def __init__(self) -> None:
-        import ray
-
         use_relay(None)  # this process talks to MLflow itself
-        self.node_id = ray.get_runtime_context().get_node_id()
         self.calls = 0
+        self._done: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
-    def call(self, name: str, args: tuple, kwargs: dict) -> Any:
+    def _once(self, call_id: str, run: Callable[[], Any]) -> Any:
+        if call_id in self._done:
+            return self._done[call_id]
         self.calls += 1
+        result = run()  # an error is not remembered: the retry runs the call again
+        self._done[call_id] = result
+        while len(self._done) > _RELAY_REMEMBERS:
+            self._done.popitem(last=False)
+        return result
+
+    def call(self, call_id: str, name: str, args: tuple, kwargs: dict) -> Any:
         fn = globals()[name]
-        return getattr(fn, "__wrapped__", fn)(*args, **kwargs)
+        return self._once(call_id, lambda: getattr(fn, "__wrapped__", fn)(*args, **kwargs))
 
-    def call_with_files(self, name: str, args: tuple, files: dict[str, bytes], single: bool, kwargs: dict) -> None:
+    def call_with_files(self, call_id: str, name: str, args: tuple, files: dict[str, bytes], single: bool,
+                        kwargs: dict) -> None:
         """``log_artifact(s)``: the worker's files, rewritten here, then logged from the driver's node."""
-        self.calls += 1
-        with tempfile.TemporaryDirectory(prefix="reclip-relay-") as tmp:
-            for rel, data in files.items():
-                target = Path(tmp) / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            local = Path(tmp) / next(iter(files)) if single else Path(tmp)
-            globals()[name](args[0], args[1], local, *args[3:], **kwargs)
+
+        def run() -> None:
+            with tempfile.TemporaryDirectory(prefix="reclip-relay-") as tmp:
+                for rel, data in files.items():
+                    target = Path(tmp) / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+                local = Path(tmp) / next(iter(files)) if single else Path(tmp)
+                globals()[name](args[0], args[1], local, *args[3:], **kwargs)
+
+        return self._once(call_id, run)
 
     def stats(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "calls": self.calls}
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}
 
 
 def start_relay(name: str) -> Any:
@@ -198,18 +259,24 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> Non
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-@_relayed
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    # The timestamp is taken here, by the caller: a retried write is then the very same row (module docstring).
+    ts = int(time.time() * 1000)
+    _log_metric_rows(tracking_uri, run_id,
+                     [(_metric_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)])
+
+
+@_relayed(write=True)
+def _log_metric_rows(tracking_uri: str, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
     from mlflow.entities import Metric
 
-    ts = int(time.time() * 1000)
-    items = [Metric(_metric_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+    items = [Metric(*row) for row in rows]
     c = client(tracking_uri)
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-@_relayed
+@_relayed(write=True)
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -219,32 +286,29 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
     if _RELAY is not None:  # the files are on this node: send their bytes to the driver's node
-        import ray
-
-        ray.get(_RELAY.call_with_files.remote("log_artifacts", (tracking_uri, run_id, None, artifact_path),
-                                              _read_files(Path(local_dir)), False, {}))
+        files = _read_files(Path(local_dir))
+        payload = ("log_artifacts", (tracking_uri, run_id, None, artifact_path), files, False, {})
+        _through_relay("log_artifacts", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
     client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
     if _RELAY is not None:
-        import ray
-
-        ray.get(_RELAY.call_with_files.remote("log_artifact", (tracking_uri, run_id, None, artifact_path),
-                                              _read_files(Path(local_file)), True, {}))
+        payload = ("log_artifact", (tracking_uri, run_id, None, artifact_path), _read_files(Path(local_file)), True, {})
+        _through_relay("log_artifact", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
     client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
 
 
-@_relayed
+@_relayed(write=False)
 def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
     """Highest step already logged for ``key`` (-1 if none): a resumed run skips steps it has already logged."""
     history = client(tracking_uri).get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
 
 
-@_relayed
+@_relayed(write=False)
 def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
     """The value logged at the highest step for ``key`` (None if never logged)."""
     history = client(tracking_uri).get_metric_history(run_id, key)

@@ -72,6 +72,13 @@ def test_fraction_versus_count():
         (["optim.weight_decay=-0.1"], "'optim.weight_decay' must be >= 0"),
         (["optim.min_lr_ratio=2"], "'optim.min_lr_ratio' must be in [0, 1]"),
         (["checkpoint.every_samples=-1"], "'checkpoint.every_samples' must be >= 0"),
+        # Configs Ray Train or the driver used to refuse only after the MLflow run existed:
+        (["scaling.gpus_per_worker=0"], "'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU "
+                                        "(scaling.use_gpu=auto); set scaling.use_gpu=false for CPU workers"),
+        (["scaling.gpus_per_worker=0", "scaling.use_gpu=true"], "(scaling.use_gpu=true)"),
+        (["data.max_bad_fraction=0.99"], "'data.max_bad_fraction' must be in [0, 0.5], got 0.99"),
+        (["train.samples=650", "phases.0.samples=649", "phases.1.samples=1"],
+         "'phases.1.samples' (finetune) gives the phase 1 samples, fewer than scaling.max_workers=2"),
     ],
 )
 def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment):
@@ -79,6 +86,15 @@ def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment)
         load_config("tiny", overrides)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_accepted_edge_values():
+    """The edges of the rules above are accepted: CPU workers reserving no GPU, half the rows bad, a phase of
+    exactly max_workers samples (one step, a row each)."""
+    assert load_config("tiny", ["scaling.gpus_per_worker=0", "scaling.use_gpu=false"]).scaling.gpus_per_worker == 0
+    assert load_config("tiny", ["data.max_bad_fraction=0.5"]).data.max_bad_fraction == 0.5
+    assert load_config("tiny", ["train.samples=650", "phases.0.samples=648", "phases.1.samples=2"]).phase_samples() == [
+        648, 2]
 
 
 def _phases(*samples, total=1000):
@@ -180,6 +196,7 @@ def test_exponent_without_dot_is_a_number():
     "case, fragment",
     [
         ("config", "'train.batch_size' must be positive, got -1"),
+        ("gpus", "'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU"),
         ("missing data", "data.train not found: "),
         ("schema", "missing image column 'jpg'"),
     ],
@@ -194,6 +211,7 @@ def test_bad_config_fails_before_ray_starts(tmp_path, synth_dir, case, fragment)
     """
     overrides = {
         "config": ["train.batch_size=-1"],
+        "gpus": ["scaling.gpus_per_worker=0", "scaling.use_gpu=true"],
         "missing data": [f"data.train={tmp_path / 'nope' / 'train'}", "data.synth_if_missing=false"],
         "schema": [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}", "data.image_column=jpg"],
     }[case]

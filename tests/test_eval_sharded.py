@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,7 +44,29 @@ def _model(job: dict) -> tuple[torch.nn.Module, object]:
         torch.manual_seed(0)
         model = build_model(load_config("tiny").model, tokenizer=tok)
         return model, tok
-    return {"noisy": noisy_model, "perfect": perfect_model, "swapped": swapped_model}[job["model"]](), StubTokenizer()
+    models = {"noisy": noisy_model, "perfect": perfect_model, "swapped": swapped_model, "faulty": _faulty_model}
+    return models[job["model"]](), StubTokenizer()
+
+
+SLOW_TEXT_S = 0.5
+FAULT = "injected fault: rank 1 cannot encode its captions"
+
+
+def _faulty_model() -> torch.nn.Module:
+    """The noisy stub, slow on rank 0 (``SLOW_TEXT_S`` per caption batch) and failing at rank 1's first one."""
+    import torch.distributed as dist
+
+    model = noisy_model()
+    plain = model.encode_text
+
+    def encode_text(tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if dist.get_rank() == 1:
+            raise ReclipError(FAULT)
+        time.sleep(SLOW_TEXT_S)
+        return plain(tokens, *args, **kwargs)
+
+    model.encode_text = encode_text
+    return model
 
 
 def run_job(job: dict, rank: int = 0, world_size: int = 1) -> dict:
@@ -68,7 +91,12 @@ def _rank_main(rank: int, init_file: str, jobs_file: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         jobs = json.loads(Path(jobs_file).read_text())
-        results = {name: run_job(job, rank, WORLD) for name, job in jobs.items()}
+        results, seconds = {}, {}
+        for name, job in jobs.items():
+            start = time.monotonic()
+            results[name] = run_job(job, rank, WORLD)
+            seconds[name] = time.monotonic() - start
+        results["_seconds"] = seconds
         # uneven rows, and a rank without any: rank 0 sends 3 rows, rank 1 none
         mine = torch.arange(6, dtype=torch.float32).view(3, 2) if rank == 0 else None
         gathered = gather_rows(mine, WORLD, "cpu")
@@ -127,6 +155,8 @@ def jobs(tmp_path_factory, synth_dir, tokenizer_path) -> dict[str, dict]:
     rows[-1]["label"] = None
     out["null_label"] = {"path": write_set(root / "null", rows, shards=1, meta=COCO_META, schema=schema),
                          "model": "noisy"}
+    # rank 1 fails at its first caption batch while rank 0 has 20 slow ones (batch 1): 10 s before its next collective
+    out["fault_on_rank1"] = {"path": coco, "model": "faulty", "batch_size": 1}
     # the real tiny CLIP on 101 rows of the synthetic eval set (3 label sets, captions), 3 shards
     out["tiny_clip_101_rows"] = {"path": _tiny_eval_set(synth_dir, root / "synth101"), "model": "tiny",
                                  "tokenizer": str(tokenizer_path), "image_size": 32, "text_length": 16,
@@ -189,6 +219,17 @@ def test_tiny_clip_two_ranks_match_one_rank(jobs, sharded_results):
         assert set(got) == set(reference)
         for key, value in reference.items():
             assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_at_once(sharded_results):
+    """The ranks agree after every batch, so rank 0 stops after its first slow batch instead of finishing its slice
+    (20 x 0.5 s) and only then finding out; with a slice longer than the collective timeout, rank 1 would have
+    died waiting."""
+    errors = [results["fault_on_rank1"].get("error") for results in sharded_results]
+    assert errors == [f"evaluation failed on rank 1: ReclipError: {FAULT}", FAULT]
+    seconds = [results["_seconds"]["fault_on_rank1"] for results in sharded_results]
+    print("\n[eval-sharded] fault on rank 1: ranks raised after", [round(x, 2) for x in seconds], "s")
+    assert max(seconds) < 4, seconds
 
 
 def test_gather_rows_uneven_and_empty(sharded_results):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -299,27 +300,37 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
         pq.write_table(table.slice(start, n), out / f"part-{i}.parquet")
         start += n
     cfg = make_cfg("uneven", workers=3, extra=["scaling.cpus_per_worker=0.4", "eval.at_phase_end=false",
-                                                "train.batch_size=50", "train.samples=700", "checkpoint.every_samples=0",
+                                                "train.batch_size=50", "train.samples=668", "checkpoint.every_samples=0",
                                                 "fault.record_rows=true"],
                    train=out)
     from reclip_ray.train.launch import run_training
 
     metrics = run_training(cfg)
-    assert metrics["samples"] == 700
+    assert metrics["samples"] == 668
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
     steps = len(_history(client, run.info.run_id, "loss"))
-    assert steps == 15  # 525 / 50 -> 11 (10 full + a partial last step), 175 / 50 -> 4
+    # 501 = 10 x 50 + 1: a 1-row step would leave 2 of the 3 workers without a row, so the 10th step trains 51;
+    # 167 = 3 x 50 + 17 -> 4 steps.
+    assert steps == 14
     # Every rank took the same number of steps (gathered across ranks at each phase end).
     assert run.data.metrics["rank_steps_min"] == run.data.metrics["rank_steps_max"] == steps
     # The rows actually trained (recorded by every rank at every step), not a counter: exactly train.samples, and
-    # each phase's short last step (525 = 10 x 50 + 25; 175 = 3 x 50 + 25) trains 25 rows, 9 + 8 + 8.
+    # each phase's last step trains exactly what it counts.
     from test_data_position import trained_rows
 
     rows = trained_rows(Path(metrics["run_dir"]))
-    assert sum(len(r) for r in rows.values()) == 700
-    assert [len(rows[s]) for s in (11, 15)] == [25, 25] and all(len(rows[s]) == 50 for s in rows if s not in (11, 15))
-    assert run.data.metrics["local_batch"] == 9  # rank 0's share of the last step
+    assert sum(len(r) for r in rows.values()) == 668
+    assert [len(rows[s]) for s in (10, 14)] == [51, 17] and all(len(rows[s]) == 50 for s in rows if s not in (10, 14))
+    # The rows that do not divide rotate over the ranks, so each rank trains within one row of the others in each
+    # phase (its equal share of the stream, streaming_split(equal=True)): 167 x 3, then 56 + 56 + 55.
+    per_rank: Counter = Counter()
+    for path in (Path(metrics["run_dir"]) / "rows").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per_rank[(rec["phase"], int(path.name[4:path.name.index("-")]))] += len(rec["keys"])
+    assert [[per_rank[(p, r)] for r in range(3)] for p in (0, 1)] == [[167, 167, 167], [56, 56, 55]]
+    assert run.data.metrics["local_batch"] == 6  # rank 0's share of the last step: 17 = 6 + 6 + 5
 
 
 # ------------------------------------------------------------------------------------------ 4. bad data

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 
+from conftest import fresh_mlflow_db
 from reclip_ray import tracking
 from reclip_ray.config import load_config
 
@@ -43,3 +45,100 @@ def test_run_is_resumed_not_duplicated(tmp_path):
     exp = c.get_experiment_by_name("exp")
     assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert len(c.search_runs([exp.experiment_id])) == 1
+
+
+# ------------------------------------------------------------------------------------------------ relay retries
+
+
+class _Handle:
+    """A TrackingRelay actor handle as the workers use it, run in this process: ``handle.call.remote(...)`` runs the
+    call at once and returns a stand-in for its object ref, which ``_wait`` below resolves."""
+
+    def __init__(self, relay: tracking.TrackingRelay) -> None:
+        self.relay = relay
+
+    def __getattr__(self, method: str):
+        handle = self
+
+        class _Method:
+            def remote(self, *args):
+                try:
+                    return "ok", getattr(handle.relay, method)(*args)
+                except Exception as exc:  # noqa: BLE001 - delivered by _wait, as ray.get would
+                    return "error", exc
+
+        return _Method()
+
+
+def _relay_world(monkeypatch, tmp_path, lose_replies: int = 0, restart_after_call: bool = False, fail: bool = False):
+    """A relay handle whose first ``lose_replies`` replies never arrive (the call itself ran: a timeout), optionally
+    replaced by a fresh relay (a restart: it remembers no call ids) after its first call, or failing every call."""
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    run_id = tracking.start_or_resume_run(uri, "exp", "r", None, load_config("tiny"))
+    handle = _Handle(tracking.TrackingRelay())
+    waits: list[float] = []
+    state = {"lose": lose_replies}
+
+    def wait(ref, timeout_s):
+        waits.append(timeout_s)
+        if restart_after_call and len(waits) == 1:
+            handle.relay = tracking.TrackingRelay()
+            tracking.use_relay(handle)  # (a relay clears this process's relay: here it shares the test's process)
+        if fail:
+            raise TimeoutError("the relay did not answer")
+        kind, value = ref
+        if state["lose"] > 0:
+            state["lose"] -= 1
+            raise TimeoutError("reply lost")
+        if kind == "error":
+            raise value
+        return value
+
+    monkeypatch.setattr(tracking, "_wait", wait)
+    monkeypatch.setattr(tracking, "RELAY_BACKOFF_S", 0.01)  # > 1 ms: a timestamp taken at each try would differ
+    tracking.use_relay(handle)
+    return uri, run_id, handle, waits
+
+
+def _points(uri, run_id, key):
+    return [(m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key)]
+
+
+def test_a_retried_relay_call_writes_one_point(monkeypatch, tmp_path):
+    uri, run_id, handle, waits = _relay_world(monkeypatch, tmp_path, lose_replies=1)
+    try:
+        tracking.log_metrics(uri, run_id, {"loss": 2.0, "lr": 0.1}, step=7)
+        tracking.set_tags(uri, run_id, {"reclip.x": "y"})
+        assert tracking.last_logged_step(uri, run_id) == 7
+    finally:
+        tracking.use_relay(None)
+    assert waits == [tracking.RELAY_TIMEOUT_S] * 4  # every wait is bounded; the first reply was lost and retried
+    assert _points(uri, run_id, "loss") == [(7, 2.0)] and _points(uri, run_id, "lr") == [(7, 0.1)]
+    assert handle.relay.calls == 3  # the retried call ran once: the relay answered it from its call-id memory
+    assert tracking.client(uri).get_run(run_id).data.tags["reclip.x"] == "y"
+
+
+def test_a_relay_restarted_between_tries_still_writes_one_point(monkeypatch, tmp_path):
+    uri, run_id, handle, _ = _relay_world(monkeypatch, tmp_path, lose_replies=1, restart_after_call=True)
+    try:
+        tracking.log_metrics(uri, run_id, {"loss": 2.0}, step=3)
+    finally:
+        tracking.use_relay(None)
+    # The fresh relay did not know the call id and wrote again: the same row (the caller's timestamp), kept once.
+    assert handle.relay.calls == 1
+    assert _points(uri, run_id, "loss") == [(3, 2.0)]
+
+
+def test_a_relay_that_never_answers_warns_on_writes_and_raises_on_reads(monkeypatch, tmp_path, capsys):
+    uri, run_id, handle, waits = _relay_world(monkeypatch, tmp_path, fail=True)
+    try:
+        tracking.log_metrics(uri, run_id, {"loss": 2.0}, step=3)  # returns: training goes on
+        warning = capsys.readouterr().err
+        with pytest.raises(RuntimeError, match="latest_metric through the tracking relay failed 3 times"):
+            tracking.latest_metric(uri, run_id, "loss")
+    finally:
+        tracking.use_relay(None)
+    assert "WARNING: MLflow _log_metric_rows through the tracking relay failed 3 times (TimeoutError" in warning
+    assert len(waits) == 2 * tracking.RELAY_ATTEMPTS
+    # The relay did run the write (only its replies were lost): once, whatever the three tries.
+    assert _points(uri, run_id, "loss") == [(3, 2.0)] and handle.relay.calls == 2

@@ -165,6 +165,7 @@ class FeedReport:
     seen: int
     bad: int
     example: str
+    recorded: int = 0  # rows trained or dropped as bad (positions recorded): what a merge settles as seen
 
 
 class PhaseFeed:
@@ -206,6 +207,11 @@ class PhaseFeed:
     @property
     def available(self) -> int:
         return len(self._pool.get("_pos", ())) - self._head
+
+    @property
+    def recorded(self) -> int:
+        """Rows trained or dropped as bad since the last merge (what the merge settles as seen)."""
+        return sum(len(p) for p in self._pos)
 
     def take(self, n: int) -> dict[str, np.ndarray] | None:
         """The next ``n`` rows (image, tokens, and key/_pass when the stream carries them); None when the stream
@@ -276,7 +282,8 @@ class PhaseFeed:
 
     def report(self) -> FeedReport:
         """This rank's counts since the last merge (to be all-gathered, then ``merge``d)."""
-        return FeedReport(dict(self._emitted), dict(self._absent), dict(self._done), self.seen, self.bad, self.example)
+        return FeedReport(dict(self._emitted), dict(self._absent), dict(self._done), self.seen, self.bad, self.example,
+                          self.recorded)
 
     def merge(self, reports: list[FeedReport]) -> dict[str, int]:
         """Fold every rank's counts into the agreed position (every rank calls this with the same reports and so
@@ -309,7 +316,10 @@ class PhaseFeed:
         mine_pos, mine_unit = (np.concatenate([m, *xs]) for m, xs in zip(self._mine, (self._pos, self._units)))
         keep = pending(mine_unit)
         self._mine = (mine_pos[keep], mine_unit[keep])
-        settled = {"seen": sum(r.seen for r in reports), "bad": sum(r.bad for r in reports),
+        # Seen = trained or dropped as bad: the positions recorded, which a restart never reads again. (``seen``
+        # counts rows on arrival, buffered ones too, which a restart from this merge reads again: summed over merges
+        # it would count every buffer left at a crash twice. The caller counts what is buffered at the phase end.)
+        settled = {"seen": sum(r.recorded for r in reports), "bad": sum(r.bad for r in reports),
                    "absent": self.absent_done - absent_before}
         self._reset_local()
         return settled

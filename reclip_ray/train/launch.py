@@ -189,7 +189,7 @@ def build_datasets(cfg: Config, tokenizer_json: str, run_dir: str, missing_actor
     from reclip_ray.data.schema import list_parquet_files
     from reclip_ray.data.stream import read_footers
     from reclip_ray.schedule import Schedule
-    from reclip_ray.train.worker import phase_dataset_name, shuffle_buffer_rows, split_batch
+    from reclip_ray.train.worker import phase_dataset_name
 
     shards = read_footers(list_parquet_files(cfg.data.train), cfg.data.image_column)
     rows = sum(s.rows for s in shards)
@@ -201,15 +201,30 @@ def build_datasets(cfg: Config, tokenizer_json: str, run_dir: str, missing_actor
     concurrency = decode_concurrency(cfg)
     datasets = {}
     for plan in Schedule.from_config(cfg).phases:
-        # Margin for the rows a phase reads but does not train: each worker's shuffle buffer and prefetch at the
-        # phase end, and the equal split's remainder.
-        local = split_batch(plan.batch_size, cfg.scaling.min_workers)[0]
-        leftover = cfg.scaling.max_workers * (shuffle_buffer_rows(cfg, local) + 4 * cfg.data.decode_batch_size)
-        needed = plan.samples + 2 * plan.batch_size + leftover
         datasets[phase_dataset_name(plan.index)] = PhaseDatasetFactory(
-            cfg, plan.index, shards, passes=max(1, math.ceil(needed / usable)), tokenizer_json=tokenizer_json,
-            run_dir=run_dir, concurrency=concurrency, missing_actor=missing_actor)
+            cfg, plan.index, shards, passes=max(1, math.ceil(phase_rows_needed(cfg, plan) / usable)),
+            tokenizer_json=tokenizer_json, run_dir=run_dir, concurrency=concurrency, missing_actor=missing_actor)
     return datasets
+
+
+def phase_rows_needed(cfg: Config, plan: Any) -> int:
+    """Good rows a phase's stream must hold so that no rank runs out: ``samples + 2 (N - 1) + slack``, N =
+    ``scaling.max_workers`` (the worst case of any worker count up to it).
+
+    ``streaming_split(equal=True)`` gives each of N ranks ``floor(rows / N)`` rows (it drops fewer than N), and
+    ``worker.step_split`` rotates the rows that do not divide, so from any step on a rank trains at most
+    ``ceil(samples / N)`` of the phase's remaining rows: ``N ceil(samples / N) + N - 1 <= samples + 2 (N - 1)`` rows
+    are enough. A restart rebuilds the stream without the rows already trained (``feed.DataPosition``), so the
+    bound holds from every checkpoint on. The slack, one shuffle buffer and four decode batches per worker, absorbs
+    bad rows and unit markers falling unevenly on the ranks' shares (the bad-row budget, ``max_bad_fraction``,
+    is taken out of every pass by the caller).
+    """
+    from reclip_ray.train.worker import shuffle_buffer_rows
+
+    workers = cfg.scaling.max_workers
+    local = -(-plan.batch_size // cfg.scaling.min_workers)  # the largest share, which sizes the largest buffer
+    slack = workers * (shuffle_buffer_rows(cfg, local) + 4 * cfg.data.decode_batch_size)
+    return plan.samples + 2 * (workers - 1) + slack
 
 
 class PhaseDatasetFactory:

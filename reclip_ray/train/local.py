@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from reclip_ray.config import Config
@@ -88,6 +89,10 @@ def train_local(
             got_any = False
             for batch in batches:
                 n = plan.batch_at(samples)
+                if n > len(batch["tokens"]):  # a remainder too small for its own step joined this one (batch_at)
+                    more = next(batches, None)
+                    if more is not None:
+                        batch = {k: np.concatenate([batch[k], more[k]]) for k in ("image", "tokens")}
                 if len(batch["tokens"]) < n:
                     continue  # drop the short end of an epoch (as the Ray loop does): steps == schedule.total_steps
                 got_any = True

@@ -26,12 +26,26 @@ FAULT_ENV = "RECLIP_FAIL_AT_SAMPLES"
 FATAL_FILE = ".fatal_error.json"  # a deterministic error of this run's workers (not retried)
 
 
-def split_batch(global_batch: int, world_size: int) -> list[int]:
-    """Per-rank batch sizes that add up to the global batch exactly (the first ranks take one extra)."""
+def split_batch(global_batch: int, world_size: int, first: int = 0) -> list[int]:
+    """Per-rank batch sizes that add up to the global batch exactly: ranks ``first``, ``first + 1``, ... (wrapping
+    around) take the rows that do not divide, one each."""
     base, extra = divmod(global_batch, world_size)
     if base == 0:
         raise ValueError(f"global batch {global_batch} is smaller than the number of workers {world_size}")
-    return [base + (1 if r < extra else 0) for r in range(world_size)]
+    return [base + (1 if (r - first) % world_size < extra else 0) for r in range(world_size)]
+
+
+def step_split(plan: Any, samples_seen: int, world_size: int) -> list[int]:
+    """Every rank's rows in the step of ``plan`` that starts at ``samples_seen``.
+
+    The rows that do not divide go to the next ranks in turn, continuing where the step before left off (step k of
+    the phase starts at rank ``k * (batch % world) % world``), so over any run of steps each rank trains within one
+    row of ``rows / world``. That is what ``streaming_split(equal=True)`` gives each rank of the phase's stream;
+    always favouring the first ranks would make rank 0 need ``steps x (1 - (batch % world) / world)`` rows more than
+    its share. A function of the sample count, so a restart continues the rotation where the checkpoint left it.
+    """
+    k = (samples_seen - plan.start_sample) // plan.batch_size
+    return split_batch(plan.batch_at(samples_seen), world_size, first=k * (plan.batch_size % world_size) % world_size)
 
 
 def phase_dataset_name(index: int) -> str:
@@ -260,19 +274,20 @@ def _run_phase(w: _Worker, plan: Any) -> None:
         state.phase, state.phase_done, state.data = plan.index, False, {}
     # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
     gflops_per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
-    local_sizes = split_batch(plan.batch_size, world)
-    w.feed = feed = _open_feed(w, plan, local_sizes[rank])
+    local = -(-plan.batch_size // world)  # the larger share of a full step
+    w.feed = feed = _open_feed(w, plan, local)
     if rank == 0:
+        shares = f"{plan.batch_size // world}-{local}" if plan.batch_size % world else f"{local}"
         w.say(f"phase {plan.index} '{plan.name}': {plan.image_size} px, {plan.text_length} tokens, samples "
-              f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({local_sizes[rank]} per "
-              f"worker{_micro_note(cfg.train.micro_batch_size, local_sizes[rank])}), {gflops_per_sample:.3f} train "
+              f"{state.samples:,}..{plan.end_sample:,}, global batch {plan.batch_size} ({shares} per "
+              f"worker{_micro_note(cfg.train.micro_batch_size, local)}), {gflops_per_sample:.3f} train "
               f"GFLOPs/sample")
     rows_log = _RowLog(w) if cfg.fault.record_rows else None
     window = _Window()
     every = cfg.checkpoint.every_samples
     while state.samples < plan.end_sample:
-        # The last step of a phase may be short: it trains exactly the samples it counts.
-        sizes = split_batch(plan.batch_at(state.samples), world)
+        # The last step of a phase may be short (or a full step plus a remainder): it trains exactly what it counts.
+        sizes = step_split(plan, state.samples, world)
         t0 = time.perf_counter()
         batch = feed.take(sizes[rank])
         if batch is None:
@@ -378,7 +393,9 @@ def _log_window(w: _Worker, plan: Any, window: _Window, last: dict[str, float], 
     from reclip_ray import tracking
 
     state = w.state
-    seen, bad = _sum_over_ranks(w, [w.feed.seen, w.feed.bad])
+    # Rows read so far, each once: settled at checkpoints (trained or dropped as bad), trained or dropped since, and
+    # waiting in the feeds' buffers (``_settle_data``).
+    seen, bad = _sum_over_ranks(w, [w.feed.recorded + w.feed.available, w.feed.bad])
     seen += state.rows_seen
     bad += state.rows_bad
     _check_bad_rows(w, seen, bad)
@@ -426,7 +443,12 @@ def _check_bad_rows(w: _Worker, seen: int, bad: int) -> None:
 def _settle_data(w: _Worker) -> None:
     """Agree on the data position (all ranks) and fold the settled row counts into the run state. Two all-gathers:
     each rank's counts per unit (which units are done), then its positions in the units that are not (a few per
-    unit with rows in flight, however many rows were trained since the last checkpoint)."""
+    unit with rows in flight, however many rows were trained since the last checkpoint).
+
+    ``rows_seen`` counts each row read once, across restarts: a checkpoint settles the rows trained or dropped as
+    bad (``PhaseFeed.merge``), never those still in a buffer, which a restart from it reads again; those count
+    when trained, or at the phase end (``_end_phase``) if they never are.
+    """
     settled = w.feed.merge(_gather(w, w.feed.report()))
     w.feed.agree(_gather(w, w.feed.pending()))
     w.state.rows_seen += settled["seen"]
@@ -463,6 +485,7 @@ def _end_phase(w: _Worker, plan: Any) -> None:
     state = w.state
     _settle_data(w)
     state.rows_absent += w.feed.absent_in_flight()  # units the phase never finished: their absent rows count now
+    state.rows_seen += _sum_over_ranks(w, [w.feed.available])[0]  # read, never to be read again: seen now
     state.phase_done, state.data = True, {}
     steps = _steps_on_every_rank(state.step, w.world, w.device)
     if w.rank == 0:
