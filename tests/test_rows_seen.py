@@ -17,10 +17,13 @@ UNITS, ROWS = 12, 10  # 120 rows, positions 0..119; every 7th row is bad
 
 
 def _blocks(position: DataPosition | None = None) -> list[dict[str, np.ndarray]]:
-    """One block per unit, as the rebuilt stream sends them: units before the frontier and done positions dropped."""
+    """One block per unit, as the rebuilt stream sends them: units before the frontier, whole units done beyond it
+    and done positions dropped."""
     position = position or DataPosition()
     out = []
     for u in range(position.frontier, UNITS):
+        if u in position.units:
+            continue
         pos = np.arange(u * ROWS, (u + 1) * ROWS)
         pos = pos[~np.isin(pos, position.done)]
         if len(pos) == 0:
@@ -54,6 +57,9 @@ def _live(settled: int, feeds: list[PhaseFeed]) -> int:
 def _merge(feeds: list[PhaseFeed]) -> int:
     reports = [f.report() for f in feeds]
     counts = [f.merge(reports) for f in feeds]
+    pending = [f.pending() for f in feeds]  # the second exchange (worker._settle_data): positions still needed
+    for f in feeds:
+        f.agree(pending)
     assert all(c == counts[0] for c in counts)
     return counts[0]["seen"]
 

@@ -93,7 +93,7 @@ class Trial:
                             tokenizer=None,
                             device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
                             tracking_uri="", run_id="run", final_loss=1.0, loop_config={"config_yaml": ""},
-                            feed=SimpleNamespace(absent_in_flight=lambda: 0), eval_error="not evaluated yet")
+                            feed=SimpleNamespace(absent_in_flight=lambda: 0, available=0), eval_error="not evaluated yet")
         w.report = lambda metrics, save: worker._Worker.report(w, metrics, save)
         for plan in w.schedule.phases:  # the accounting of worker._run_phase's step loop, without the training
             per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
