@@ -626,9 +626,20 @@ def evaluate_checkpoint(
     text length is the last phase's. ``checkpoint`` may also be an open_clip folder: open_clip builds the model
     and (for the CLIP tokenizer) tokenizes, so the numbers are open_clip's on the same images.
     """
+    from reclip_ray import storage
     from reclip_ray.data.schema import ColumnMap, read_dataset_json
     from reclip_ray.export import load_export
 
+    if storage.is_uri(checkpoint):  # a run's model/ on object storage: a local copy (one GET per file), then as usual
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="reclip-eval-") as tmp:
+            try:
+                local = storage.download_dir(checkpoint, os.path.join(tmp, "model"))
+            except FileNotFoundError:
+                raise ReclipError(f"checkpoint not found: {checkpoint}") from None
+            return {**evaluate_checkpoint(local, data, classes_path, image_size, batch_size, device),
+                    "checkpoint": checkpoint}
     if not os.path.exists(checkpoint):
         raise ReclipError(f"checkpoint not found: {checkpoint}")
     if not os.path.exists(data) and "://" not in data:
