@@ -26,8 +26,11 @@ def s3_server():
     fixture), so the driver, Ray's workers and any CLI subprocess reach the same server through the standard
     ``AWS_ENDPOINT_URL``. Yields the endpoint URL. Tests use their own prefix under the bucket.
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request drowns a failing test's log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
