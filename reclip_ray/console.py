@@ -11,9 +11,9 @@ print nothing to the console themselves, and Ray's own output goes to the run's 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import ray
@@ -139,19 +139,60 @@ class ProgressDisplay:
         self.stream.flush()
 
 
+RAY_LOG = "ray.log"
+
+
+def ray_log_file(run_dir: str) -> str:
+    """Where this process appends Ray's output: ``RUN_DIR/ray.log``, or for a remote run folder (an object store
+    has no append) a local file named after it, copied there by ``upload_ray_log`` when the run ends."""
+    import hashlib
+    import tempfile
+
+    from reclip_ray import storage
+
+    local = storage.local_path(run_dir)
+    if local is not None:
+        return os.path.join(local, RAY_LOG)
+    digest = hashlib.sha1(storage.normalize(run_dir).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "reclip-ray-logs", f"{storage.name(run_dir)}-{digest}", RAY_LOG)
+
+
+def upload_ray_log(run_dir: str, log_file: str | None) -> None:
+    """Copy the local log of a remote run folder there (one upload of the whole file, earlier attempts included)."""
+    from reclip_ray import storage
+
+    if log_file is None or not storage.is_uri(run_dir) or not os.path.isfile(log_file):
+        return
+    with open(log_file, "rb") as f:
+        storage.write_bytes(storage.join(run_dir, RAY_LOG), f.read())
+
+
+def _open_ray_log(run_dir: str) -> str:
+    """``ray_log_file``, its folder made; for a remote run folder, first seeded with the ray.log there (earlier
+    attempts, maybe from another machine), so the copy at the end keeps them."""
+    from reclip_ray import storage
+
+    path = ray_log_file(run_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if storage.is_uri(run_dir) and not os.path.exists(path):
+        try:
+            earlier = storage.read_bytes(storage.join(run_dir, RAY_LOG))
+        except FileNotFoundError:
+            return path
+        with open(path, "wb") as f:
+            f.write(earlier)
+    return path
+
+
 def redirect_ray_output(run_dir: str) -> str | None:
     """Write Ray's output (the logs of its workers, actors, raylet and Ray Data, which the driver otherwise prints)
-    to ``RUN_DIR/ray.log`` instead of the console; errors and warnings are still shown. Returns the file, or None
-    when the run folder is remote or Ray's log dispatcher is not where this Ray version kept it (then Ray prints
-    as usual)."""
-    if "://" in run_dir:
-        return None
+    to ``RUN_DIR/ray.log`` (``ray_log_file``) instead of the console; errors and warnings are still shown. Returns
+    the file, or None when Ray's log dispatcher is not where this Ray version kept it (then Ray prints as usual)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # an internal API of Ray 2.x; without it Ray simply prints as usual
         return None
-    path = Path(run_dir) / "ray.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _open_ray_log(run_dir)
     log = open(path, "a", buffering=1)
 
     def to_file(data: dict[str, Any]) -> None:

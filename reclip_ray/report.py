@@ -356,14 +356,16 @@ def _save(fig: Any, out_png: str) -> str:
 # ---------------------------------------------------------------------------------------------------- finding the run
 
 
-def _read_state(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_STATE_FILE
-    if not path.is_file():
-        return None
+def _read_state(run_dir: str) -> dict[str, Any] | None:
+    from reclip_ray import storage
+
+    path = storage.join(run_dir, RUN_STATE_FILE)
     try:
-        state = json.loads(path.read_text())
+        state = storage.read_json(path)
     except (OSError, ValueError) as exc:
         raise ReclipError(f"{path}: unreadable ({exc})") from None
+    if state is None:
+        return None
     if not isinstance(state, dict) or not state.get("mlflow_run_id"):
         raise ReclipError(f"{path}: no mlflow_run_id in it")
     return state
@@ -385,7 +387,7 @@ def _run_exists(uri: str, run_id: str) -> bool:
         return False
 
 
-def _search_by_tag(uri: str, run_dir: Path) -> str | None:
+def _search_by_tag(uri: str, run_dir: str) -> str | None:
     """The newest run tagged ``reclip.run_dir`` = this folder (as given, absolute, or with symlinks resolved)."""
     from mlflow.entities import ViewType
 
@@ -395,7 +397,10 @@ def _search_by_tag(uri: str, run_dir: Path) -> str | None:
     exp_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
     if not exp_ids:
         return None
-    candidates = dict.fromkeys([os.path.abspath(run_dir), str(run_dir.resolve())])
+    from reclip_ray import storage
+
+    candidates = dict.fromkeys([storage.normalize(run_dir)] if storage.is_uri(run_dir) else
+                               [os.path.abspath(run_dir), os.path.realpath(run_dir)])
     for cand in candidates:
         if "'" in cand:  # MLflow's filter grammar has no escape for quotes: filter in Python instead
             runs = [r for r in c.search_runs(exp_ids, run_view_type=ViewType.ALL, order_by=["attributes.start_time DESC"])
@@ -415,12 +420,10 @@ def find_run(run_dir: str, tracking_uri: str | None = None) -> tuple[str, str]:
     database that moved); else a run tagged ``reclip.run_dir`` with this folder in ``tracking_uri``,
     ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``.
     """
-    from reclip_ray import tracking
+    from reclip_ray import storage, tracking
 
-    folder = Path(run_dir)
-    if "://" in run_dir:
-        raise ReclipError(f"reclip-ray report needs a local run folder, got {run_dir}")
-    if not folder.is_dir():
+    folder = storage.normalize(run_dir)
+    if not storage.exists(folder):
         raise ReclipError(f"run folder not found: {run_dir}")
     state = _read_state(folder)
     if state is not None:
@@ -428,46 +431,51 @@ def find_run(run_dir: str, tracking_uri: str | None = None) -> tuple[str, str]:
         _check_store(uri)
         run_id = str(state["mlflow_run_id"])
         if not _run_exists(uri, run_id):
-            raise ReclipError(f"MLflow run {run_id} (from {folder / RUN_STATE_FILE}) not found in {uri}")
+            raise ReclipError(f"MLflow run {run_id} (from {storage.join(folder, RUN_STATE_FILE)}) not found in {uri}")
         return uri, run_id
     uri = tracking.resolve_tracking_uri(tracking_uri or "")
     _check_store(uri)
     run_id = _search_by_tag(uri, folder)
     if run_id is None:
-        raise ReclipError(f"{run_dir}: no {RUN_STATE_FILE} and no MLflow run tagged {RUN_DIR_TAG}={os.path.abspath(run_dir)} "
+        raise ReclipError(f"{run_dir}: no {RUN_STATE_FILE} and no MLflow run tagged {RUN_DIR_TAG}={folder} "
                           f"in {uri} (pass --tracking-uri?)")
     return uri, run_id
 
 
 def report_run(run_dir: str, tracking_uri: str | None = None) -> str:
     """``reclip-ray report RUN_DIR``: draw RUN_DIR/report.png from the run's MLflow history, attach it to the run."""
-    from reclip_ray import tracking
-
     uri, run_id = find_run(run_dir, tracking_uri)
-    out = draw_report(uri, run_id, str(Path(run_dir) / REPORT_PNG))
-    tracking.log_artifact(uri, run_id, out)
-    return out
+    return _draw_into_run_dir(run_dir, uri, run_id)
 
 
 def report_after_training(run_dir: str, tracking_uri: str, run_id: str) -> str | None:
     """The launcher's end-of-run hook: report.png in the run folder and in MLflow; never fails the finished run.
 
-    The training is done and saved by the time this runs, so a plotting problem is a warning, not an error. With a
-    remote run folder the PNG is drawn in a temp folder and only logged to MLflow.
+    The training is done and saved by the time this runs, so a plotting problem is a warning, not an error.
     """
     import sys
-    import tempfile
-
-    from reclip_ray import tracking
 
     try:
-        if "://" in run_dir:
-            with tempfile.TemporaryDirectory() as tmp:
-                tracking.log_artifact(tracking_uri, run_id, draw_report(tracking_uri, run_id, f"{tmp}/{REPORT_PNG}"))
-            return None
-        out = draw_report(tracking_uri, run_id, str(Path(run_dir) / REPORT_PNG))
-        tracking.log_artifact(tracking_uri, run_id, out)
-        return out
+        return _draw_into_run_dir(run_dir, tracking_uri, run_id)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         print(f"[reclip] WARNING: could not draw {REPORT_PNG}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return None
+
+
+def _draw_into_run_dir(run_dir: str, tracking_uri: str, run_id: str) -> str:
+    """Draw report.png, log it to MLflow and put it in the run folder (a local folder or a URI: one PUT there)."""
+    import tempfile
+
+    from reclip_ray import storage, tracking
+
+    target = storage.join(storage.normalize(run_dir), REPORT_PNG)
+    if not storage.is_uri(target):
+        out = draw_report(tracking_uri, run_id, target)
+        tracking.log_artifact(tracking_uri, run_id, out)
+        return out
+    with tempfile.TemporaryDirectory(prefix="reclip-report-") as tmp:
+        out = draw_report(tracking_uri, run_id, os.path.join(tmp, REPORT_PNG))
+        tracking.log_artifact(tracking_uri, run_id, out)
+        with open(out, "rb") as f:
+            storage.write_bytes(target, f.read())
+    return target

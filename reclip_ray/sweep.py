@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from reclip_ray import storage
 from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_raw, set_path
 
 
@@ -398,19 +399,20 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     sweep_name = space.name
     base_cfg.run.name = sweep_name
     prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
-    sweep_dir = Path(prep.run_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = prep.run_dir  # a local folder or a URI (storage.py): Tune, the trials and the outputs all go there
+    if storage.local_path(sweep_dir):
+        storage.makedirs(sweep_dir)
     base_raw = prep.cfg.to_dict()
     base_raw["data"]["synth_if_missing"] = False
     experiment = prep.cfg.tracking.experiment or f"sweep-{sweep_name}"
 
-    state_path = sweep_dir / "sweep_state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state_path = storage.join(sweep_dir, "sweep_state.json")
+    state = storage.read_json(state_path, default={})
     parent = tracking.start_or_resume_run(
         prep.tracking_uri, experiment, sweep_name, state.get("parent_run_id"), prep.cfg,
         tags={"reclip.sweep": sweep_name, "reclip.space": Path(space_path).read_text()[:5000]},
     )
-    state_path.write_text(json.dumps({"parent_run_id": parent, "experiment": experiment}))
+    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment})
     tracking.log_params(prep.tracking_uri, parent, {f"space.{k}": json.dumps(v) for k, v in space.params.items()}
                         | {"space.budget": json.dumps(space.budget), "space.metric": space.metric})
 
@@ -421,7 +423,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             "base_raw": base_raw,
             "budget": space.budget,
             "sweep": sweep_name,
-            "trials_dir": str(sweep_dir / "trials"),
+            "trials_dir": storage.join(sweep_dir, "trials"),
             "experiment": experiment,
             "parent_run_id": parent,
             "milestones": axis["milestones"] if axis else [],
@@ -436,13 +438,13 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             print(f"[sweep] ASHA on training GFLOPs: compares {asha_metric(space)} at "
                   f"{', '.join(f'{m:,.0f}' for m in axis['milestones'])} GFLOPs", flush=True)
         trainable = tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
-        tune_dir = sweep_dir / "tune"
+        tune_dir = storage.join(sweep_dir, "tune")
         run_config = tune.RunConfig(
-            name="tune", storage_path=str(sweep_dir), callbacks=[_Progress(space.metric, n_phases)], verbose=0,
+            name="tune", storage_path=sweep_dir, callbacks=[_Progress(space.metric, n_phases)], verbose=0,
         )
-        if tune.Tuner.can_restore(str(tune_dir)):
+        if tune.Tuner.can_restore(tune_dir):
             print(f"[sweep] resuming {tune_dir}", flush=True)
-            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, restart_errored=True,
+            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True,
                                        param_space=param_space)
         else:
             tuner = tune.Tuner(
@@ -571,7 +573,7 @@ def _label(row: dict[str, Any]) -> str:
                      for k, v in row.items() if k.startswith("param:"))
 
 
-def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None, out: Path) -> None:
+def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None, out: str) -> None:
     """Left: metric vs training GFLOPs, Pareto front and best marked. Right: every trial's metric, labelled.
 
     With a GFLOPs budget all trials sit at (almost) the same x; the right panel is where schedules are compared.
@@ -622,45 +624,50 @@ def _plot(rows: list[dict[str, Any]], space: Space, best: dict[str, Any] | None,
     fig.suptitle(f"sweep '{space.name}'" + (f" at {space.budget['gflops']:.0f} training GFLOPs per trial"
                                             if space.budget.get("gflops") else ""))
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(out)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
-def _write_outputs(rows, space: Space, sweep_dir: Path, base_raw, prep, parent: str) -> dict[str, Any]:
+def _write_outputs(rows, space: Space, sweep_dir: str, base_raw, prep, parent: str) -> dict[str, Any]:
+    """results.csv, pareto.png and best.yaml: drawn in a local temp folder, logged to MLflow from there, and each
+    written whole into the sweep folder (one PUT each on an object store)."""
+    import tempfile
+
     from reclip_ray import tracking
 
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = sweep_dir / "results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, sweep_dir / "results.csv")
-
     best = _best(rows, space)
-    _plot(rows, space, best, sweep_dir / "pareto.png")
-    out: dict[str, Any] = {"sweep_dir": str(sweep_dir), "trials": len(rows),
+    out: dict[str, Any] = {"sweep_dir": sweep_dir, "trials": len(rows),
                            "stopped_early": sum(r["status"] == "stopped_early" for r in rows),
                            "errors": sum(r["status"] == "error" for r in rows), "mlflow_parent_run_id": parent}
-    if best is not None:
-        params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
-        raw = trial_raw(base_raw, params, space.budget)
-        raw["run"]["name"] = f"{space.name}-best"
-        raw["run"]["storage_path"] = str(Path(prep.cfg.run.storage_path))
-        cfg = from_dict(raw)
-        text = f"# best trial of sweep '{space.name}': {json.dumps(params)} -> {space.metric}={best[space.metric]:.4f}\n"
-        (sweep_dir / "best.yaml").write_text(text + cfg.to_yaml())
-        out["best"] = {"params": params, space.metric: best[space.metric], "gflops": best["gflops_spent"]}
-        tracking.log_metrics(prep.tracking_uri, parent, {f"best/{space.metric}": float(best[space.metric]),
-                                                          "best/gflops": float(best["gflops_spent"])}, step=0)
-    for name in ("results.csv", "pareto.png", "best.yaml"):
-        if (sweep_dir / name).exists():
-            tracking.log_artifact(prep.tracking_uri, parent, sweep_dir / name)
+    with tempfile.TemporaryDirectory(prefix="reclip-sweep-") as tmp:
+        with open(os.path.join(tmp, "results.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+        _plot(rows, space, best, os.path.join(tmp, "pareto.png"))
+        if best is not None:
+            params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
+            raw = trial_raw(base_raw, params, space.budget)
+            raw["run"]["name"] = f"{space.name}-best"
+            raw["run"]["storage_path"] = prep.cfg.run.storage_path  # a string: a Path would mangle s3://
+            cfg = from_dict(raw)
+            text = (f"# best trial of sweep '{space.name}': {json.dumps(params)} -> "
+                    f"{space.metric}={best[space.metric]:.4f}\n")
+            with open(os.path.join(tmp, "best.yaml"), "w") as fh:
+                fh.write(text + cfg.to_yaml())
+            out["best"] = {"params": params, space.metric: best[space.metric], "gflops": best["gflops_spent"]}
+            tracking.log_metrics(prep.tracking_uri, parent, {f"best/{space.metric}": float(best[space.metric]),
+                                                              "best/gflops": float(best["gflops_spent"])}, step=0)
+        for name in ("results.csv", "pareto.png", "best.yaml"):
+            local = os.path.join(tmp, name)
+            if os.path.exists(local):
+                with open(local, "rb") as fh:
+                    storage.write_bytes(storage.join(sweep_dir, name), fh.read())
+                tracking.log_artifact(prep.tracking_uri, parent, local)
     _print_table(rows, space)
     return out
 

@@ -1,4 +1,5 @@
-"""`ray job submit` end to end against a real head node started with `ray start --head --block`.
+"""`ray job submit` end to end against a real head node started with `ray start --head --block`, as the README's
+"On a cluster" runs it: data and run folder on S3 (a real S3 API on localhost, moto), tokenizer a local file.
 
 The head runs under its own session (setsid) with its own temp dir and ports, token authentication on, and only
 that process group is killed at the end (never `ray stop`, which would take every Ray on the machine with it).
@@ -35,14 +36,21 @@ def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_ray_job_submit_runs_pretrain_to_success(tmp_path, synth_dir, tokenizer_path):
+def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(tmp_path, synth_dir, tokenizer_path,
+                                                                          s3_prefix):
     from mlflow.tracking import MlflowClient
 
-    from reclip_ray.train.checkpoint import read_state
+    from reclip_ray import storage
+
+    data, runs = f"{s3_prefix}/data", f"{s3_prefix}/runs"
+    storage.upload_dir(str(synth_dir / "train"), f"{data}/train")
+    storage.upload_dir(str(synth_dir / "eval"), f"{data}/eval")
 
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Unix socket paths are limited
     dashboard = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The nodes reach S3 with their own credentials (here AWS_ENDPOINT_URL & co., set by the s3_server fixture, in
+    # the head's environment; on a cloud, the instance role): the job's runtime env needs nothing for it.
     env.update({
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is the head's
         "RAY_AUTH_MODE": "token",  # token authentication stays on, for the head and for the job client
@@ -67,7 +75,8 @@ def test_ray_job_submit_runs_pretrain_to_success(tmp_path, synth_dir, tokenizer_
             time.sleep(1.0)
 
         sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
-                             extra=["eval.at_phase_end=true"])
+                             extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
+                                    f"run.storage_path={runs}"])  # the later --set wins
         # As the README runs it: the submit blocks, streams the job's logs and ends with the job. (Polling `ray job
         # status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds on a 2-core machine.)
         args = ["job", "submit", "--address", address, "--submission-id", "reclip-e2e", "--working-dir", ".",
@@ -79,6 +88,9 @@ def test_ray_job_submit_runs_pretrain_to_success(tmp_path, synth_dir, tokenizer_
         assert submitted.returncode == 0, f"{submitted.stderr[-3000:]}\n{logs[-4000:]}"
         status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
         assert "succeeded" in status.lower(), f"{status}\n{logs[-4000:]}"
+        # Path("s3://b/x") is the relative path s3:/b/x: it would land in the job's working dir (under temp_dir).
+        made = [folder for folder, dirs, _ in os.walk(temp_dir) if "s3:" in dirs]
+        assert not made, made
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # only the process group this test started
         try:
@@ -89,11 +101,15 @@ def test_ray_job_submit_runs_pretrain_to_success(tmp_path, synth_dir, tokenizer_
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
-    run_dir = tmp_path / "runs" / "jobrun"
-    finals = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").is_file())
-    state = read_state(finals[-1])
-    assert (state.samples, state.phase, state.phase_done) == (1024, 1, True)
-    assert (run_dir / "model" / "model.safetensors").is_file()
+    run_dir = f"{runs}/jobrun"
+    snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")  # Ray Train's own, on S3
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    state = storage.read_json(f"{run_dir}/{latest}/meta.json")
+    assert (state["samples"], state["phase"], state["phase_done"]) == (1024, 1, True)
+    assert storage.is_file(f"{run_dir}/model/model.safetensors")
+    assert storage.read_json(f"{run_dir}/reclip_run.json")["finished"]["samples"] == 1024
+    assert any(k.startswith("eval/64px/") for k in storage.read_json(f"{run_dir}/eval.json"))
+    assert not (tmp_path / "runs").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("it").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -373,27 +373,6 @@ def test_a_few_bad_rows_train_through_and_a_deleted_shard_is_skipped(ray_session
     assert run.data.metrics["data_shards_missing"] == 1
 
 
-def test_too_many_bad_rows_fail_with_a_message_naming_a_shard(ray_session, make_cfg, tmp_path, synth_dir):
-    from reclip_ray.train.launch import root_message, run_training
-
-    data = tmp_path / "bad"
-    _corrupt_copy(synth_dir / "train", data, every=40)  # 2.5%: fine at 5% (above), too many at 1%
-    # run.max_failures stays at its default (2): a data error is deterministic and must not be retried.
-    cfg = make_cfg("toomany", train=data, extra=["data.max_bad_fraction=0.01", "eval.at_phase_end=false"])
-    started = time.time()
-    with pytest.raises(Exception) as info:
-        run_training(cfg)
-    print(f"\n[reliability] too many bad rows: failed after {time.time() - started:.1f} s")
-    # What `reclip-ray train` prints after "training failed: ".
-    message = root_message(info.value)
-    assert re.match(r"^\d+ of \d+ rows \(\d+\.\d%\) bad rows \(> 1\.0%, data\.max_bad_fraction\) e\.g\. "
-                    r"shard-\d\d\.parquet row \d+ key=\S+: ", message), message
-    client, run = mlflow_run(tmp_path / "mlflow.db")
-    assert run.info.status == "FAILED"
-    # One worker group trained; the restart Ray Train began was ended before training (no second `restarts` point).
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0]
-
-
 def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_session, make_cfg, tmp_path, synth_dir):
     from reclip_ray.train.launch import root_message, run_training
 
@@ -431,48 +410,173 @@ def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_s
     assert sorted(_history(client, run.info.run_id, "loss")) == list(range(1, 33))
 
 
-# ------------------------------------------------------------------------------------------ 5. Ctrl-C of the driver
+# ------------------------------------------------------------------------------------------ 5. object storage, Ctrl-C
 
 
-def test_ctrl_c_stops_the_workers_and_the_same_command_resumes(ray_cluster, tmp_path, synth_dir, tokenizer_path):
+def _s3_listing(prefix: str) -> list[str]:
+    """Every object under an ``s3://`` prefix, relative to it."""
+    import pyarrow.fs as pafs
+
+    from reclip_ray import storage
+
+    fs, inner = storage.filesystem(prefix)
+    return sorted(i.path[len(inner) + 1:] for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+                  if i.type == pafs.FileType.File)
+
+
+def _s3_checkpoints(run_dir: str) -> list[str]:
+    """As ``_checkpoints``, for a run folder on S3: the registered checkpoints whose meta.json is there."""
+    from reclip_ray import storage
+
+    snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"), default={})
+    names = [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
+    return sorted(n for n in names if storage.is_file(storage.join(run_dir, n, "meta.json")))
+
+
+def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_resumes_and_finishes(
+        ray_cluster, tmp_path, synth_dir, s3_prefix):
+    """One run folder on a real S3 API (moto on localhost), data on S3 too, driven by the CLI as a user would:
+
+    1. too many bad rows: a deterministic error, written to the run folder on S3, so Ray Train does not retry it;
+    2. the same run, fixed data: Ctrl-C after a checkpoint (exit 130, MLflow KILLED, no worker left);
+    3. the same command: resumes from the S3 checkpoint into the same MLflow run and finishes, evaluating;
+    4. once more: "already finished" (from the run-state file on S3);
+    5. ``reclip-ray eval --checkpoint s3://.../model``; 6. ``reclip-ray report`` of the S3 run folder.
+    Then the bucket is listed: checkpoints, Ray Train's snapshot, model/, eval.json, the run-state file, the
+    tokenizer trained into the run folder, .data_start/, report.png and ray.log are all under the prefix, and no
+    local folder named ``s3:`` was made (in the CLI's cwd, this process's, a Ray worker's or SESSION/artifacts, where
+    Ray Train's workers run). It replaces the local Ctrl-C and too-many-bad-rows tests (their assertions are here).
+    """
+    import ray
     from ray.util.state import list_actors
 
-    from conftest import overrides_for
+    from conftest import fresh_mlflow_db
+    from reclip_ray import storage
+    from reclip_ray.report import report_run
 
-    overrides = overrides_for(tmp_path, synth_dir, tokenizer_path, "ctrlc", workers=2,
-                              extra=["checkpoint.every_samples=256", "eval.at_phase_end=false", "train.samples=2048"])
-    command = [sys.executable, "-m", "reclip_ray", "train", "--json", "--config", "tiny"]
-    for o in overrides:
-        command += ["--set", o]
-    # The CLI joins this session's cluster (RAY_ADDRESS); RAY_AUTH_MODE=token is inherited from this process.
+    data = f"{s3_prefix}/data"
+    storage.upload_dir(str(synth_dir / "train"), f"{data}/train")
+    storage.upload_dir(str(synth_dir / "eval"), f"{data}/eval")
+    _corrupt_copy(synth_dir / "train", tmp_path / "bad", every=40)  # 2.5% of the rows: over a 1% budget
+    storage.upload_dir(str(tmp_path / "bad"), f"{data}/bad")
+    runs = f"{s3_prefix}/runs"
+    run_dir = f"{runs}/s3run"
+    db = fresh_mlflow_db(tmp_path / "mlflow.db")
+    overrides = [
+        "run.name=s3run", f"run.storage_path={runs}", f"tracking.uri=sqlite:///{db}", "tracking.experiment=it",
+        f"data.train={data}/train", f"data.eval={data}/eval", "data.vocab_size=512",  # no data.tokenizer: trained
+        "data.synth_if_missing=false", "model.vision.depth=2", "model.text.depth=2", "train.samples=2048",
+        "train.batch_size=64", "train.log_every_steps=1", "phases.0.samples=0.75", "phases.1.samples=0.25",
+        "checkpoint.every_samples=256", "scaling.min_workers=2", "scaling.max_workers=2",
+        "scaling.cpus_per_worker=0.5", "scaling.use_gpu=false", "data.shuffle_buffer=128", "eval.at_phase_end=false",
+    ]
+    cli = [sys.executable, "-m", "reclip_ray"]
+    command = cli + ["train", "--json", "--config", "tiny"] + [a for o in overrides for a in ("--set", o)]
+    # The CLI joins this session's cluster (RAY_ADDRESS) and reaches the S3 server through AWS_ENDPOINT_URL (set
+    # by the s3_server fixture); RAY_AUTH_MODE=token is inherited from this process.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}
-    run_dir = tmp_path / "runs" / "ctrlc"
-    log = open(tmp_path / "first.log", "w")
-    slow = command + ["--set", "fault.step_delay_s=0.3"]
-    proc = subprocess.Popen(slow, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    def run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+        t0 = time.time()
+        try:
+            return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        finally:
+            print(f"\n[reliability] on S3, reclip-ray {' '.join(args[3:5])} ...: {time.time() - t0:.1f} s", flush=True)
+
+    # 1. A deterministic error: one worker group, then the restart Ray Train begins finds .fatal_error.json on S3.
+    # run.max_failures stays at its default (2): the error must end the run at the restart's first check.
+    failed = run(command + ["--set", f"data.train={data}/bad", "--set", "data.max_bad_fraction=0.01"])
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    # What `reclip-ray train` prints for more bad rows than data.max_bad_fraction: one line, naming a shard and row.
+    assert re.search(r"^reclip-ray: error: training failed: \d+ of \d+ rows \(\d+\.\d%\) bad rows \(> 1\.0%, "
+                     r"data\.max_bad_fraction\) e\.g\. shard-\d\d\.parquet row \d+ key=\S+: ", failed.stderr, re.M), \
+        failed.stderr[-3000:]
+    assert "training a 512-token BPE tokenizer" in failed.stdout
+    client, first = mlflow_run(db)
+    assert first.info.status == "FAILED"
+    # One worker group trained; the restart Ray Train began was ended before training (no second `restarts` point).
+    assert [m.value for m in client.get_metric_history(first.info.run_id, "restarts")] == [0]
+    assert storage.read_json(f"{run_dir}/.fatal_error.json")["type"] == "DataError"
+
+    # 2. The data fixed, the same run: Ctrl-C once a checkpoint is on S3.
+    log = open(tmp_path / "second.log", "w")
+    proc = subprocess.Popen(command + ["--set", "fault.step_delay_s=0.3"], env=env, cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for("a checkpoint", lambda: _checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        _wait_for("a checkpoint on S3", lambda: _s3_checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
+        assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+        assert not storage.exists(f"{run_dir}/.fatal_error.json")  # a rerun tries again
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = (tmp_path / "first.log").read_text()
+    text = (tmp_path / "second.log").read_text()
     assert rc == 130, text[-3000:]
-    assert "reclip-ray: interrupted" in text
-
-    client, run = mlflow_run(tmp_path / "mlflow.db")
-    assert run.info.status == "KILLED"
-    kept = _checkpoints(run_dir)[-1]
-    saved = read_state(kept)
-    assert 0 < saved.samples < 2048
+    assert "reclip-ray: interrupted" in text and "training a 512-token" not in text  # the S3 tokenizer is reused
+    client, run_ = mlflow_run(db)
+    assert run_.info.run_id == first.info.run_id and run_.info.status == "KILLED"
+    kept = _s3_checkpoints(run_dir)[-1]
+    saved = json.loads(storage.read_text(f"{run_dir}/{kept}/meta.json"))
+    assert 0 < saved["samples"] < 2048
     _wait_for("the training workers to exit", lambda: not list_actors(
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), timeout_s=60)
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    # 3. The same command resumes from the checkpoint on S3, into the same MLflow run, and finishes.
+    again = run(command + ["--set", "eval.at_phase_end=true"])
     assert again.returncode == 0, again.stderr[-3000:]
-    client, run = mlflow_run(tmp_path / "mlflow.db")
-    assert run.info.status == "FINISHED" and run.data.tags["reclip.restarts"] == "1"
-    assert sorted(_history(client, run.info.run_id, "loss")) == list(range(1, 33))
-    assert json.loads(again.stdout[again.stdout.index("{"):])["mlflow_run_id"] == run.info.run_id
+    out = json.loads(again.stdout[again.stdout.index("{"):])
+    client, run_ = mlflow_run(db)
+    assert out["mlflow_run_id"] == run_.info.run_id == first.info.run_id and run_.info.status == "FINISHED"
+    assert run_.data.tags["reclip.restarts"] == "2"  # the fatal attempt, the Ctrl-C'd one, this one
+    restarts = client.get_metric_history(run_.info.run_id, "restarts")
+    assert [m.step for m in restarts if m.value == 2] == [saved["step"]]  # resumed exactly at the S3 checkpoint
+    assert sorted(_history(client, run_.info.run_id, "loss")) == list(range(1, 33))
+    assert out["run_dir"] == run_dir and out["report"] == f"{run_dir}/report.png"
+    final = storage.read_json(f"{run_dir}/eval.json")  # the launcher's final metrics come from it
+    logged = {k: run_.data.metrics[k] for k in final if k in run_.data.metrics}
+    assert any(k.startswith("eval/64px/") for k in logged) and final == pytest.approx({**final, **logged})
+    assert out["final"] == {k: v for k, v in final.items() if k in out["final"]} and out["final"]
+
+    # 4. Once more: the run-state file on S3 says it is done; no new MLflow run, no training.
+    done = run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done.stdout
+    assert len(client.search_runs([first.info.experiment_id])) == 1
+
+    # 5. The exported model, straight from S3.
+    evaluated = run(cli + ["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert result["image_size"] == 64 and result["metrics"]["rows"] == 200
+    for key, value in result["metrics"].items():  # the same numbers as the run's own last evaluation
+        if key.endswith("/top1"):
+            assert value == pytest.approx(final[f"eval/64px/{key}"], abs=1 / 200 + 1e-9), key
+
+    # 6. `reclip-ray report RUN_DIR` on the S3 folder: finds the run through reclip_run.json there, redraws it.
+    storage.delete_file(f"{run_dir}/report.png")
+    assert report_run(run_dir) == f"{run_dir}/report.png"
+    assert storage.read_bytes(f"{run_dir}/report.png").startswith(b"\x89PNG")
+
+    listing = _s3_listing(run_dir)
+    state = storage.read_json(f"{run_dir}/reclip_run.json")
+    assert state["mlflow_run_id"] == first.info.run_id and state["attempts"] == 3
+    assert state["finished"]["samples"] == 2048
+    assert {"checkpoint_manager_snapshot.json", "reclip_run.json", "eval.json", "tokenizer.json", "report.png",
+            "ray.log", "model/config.yaml", "model/tokenizer.json", ".data_start/phase0.json",
+            ".data_start/phase1.json"} <= set(listing), listing
+    assert any(f.startswith("model/model.") for f in listing), listing
+    final_ckpt = [c for c in _s3_checkpoints(run_dir) if c.endswith("_p1e")]
+    assert final_ckpt and f"{final_ckpt[-1]}/meta.json" in listing
+    assert json.loads(storage.read_text(f"{run_dir}/{final_ckpt[-1]}/meta.json"))["samples"] == 2048
+    # Path("s3://b/x") is the relative path s3:/b/x: it would land in the cwd of the process that made it: the
+    # CLI's, a Ray worker's, or a Ray Train worker's (SESSION/artifacts/RUN_NAME).
+    worker_cwd = ray.get(ray.remote(num_cpus=0)(lambda: os.getcwd()).remote())
+    for folder in {str(cwd), os.getcwd(), worker_cwd}:
+        assert not os.path.exists(os.path.join(folder, "s3:")), folder
+    artifacts = os.path.join(ray_cluster.head_node.get_session_dir_path(), "artifacts")
+    assert os.path.isdir(os.path.join(artifacts, "s3run"))  # where this run's workers ran
+    made = [f for f, dirs, _ in os.walk(artifacts) if "s3:" in dirs]
+    assert not made, made

@@ -76,15 +76,22 @@ def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
 
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_smoke_sweep_end_to_end_through_failing_evaluations(ray_session, tmp_path, synth_dir, tokenizer_path):
+def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s3(ray_session, tmp_path, synth_dir,
+                                                                               tokenizer_path, s3_prefix):
     """The smoke space on local Ray with its image-size axis swapped for an eval-set axis (the same 4 trials, the
-    suite's costliest test run once): the trials on a set where no image decodes train on through every failed
-    evaluation, and the sweep finishes with their reason in results.csv and MLflow."""
+    suite's costliest test run once), and run.storage_path on S3 (moto on localhost): the trials on a set where no
+    image decodes train on through every failed evaluation, and the sweep finishes with their reason in results.csv
+    and MLflow; Tune's experiment state, every trial's run folder and the sweep's results.csv / pareto.png /
+    best.yaml all land under the prefix."""
+    import io
+
+    import pyarrow.fs as pafs
     import yaml
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from layouts import write_broken_eval_set
+    from reclip_ray import storage
     from reclip_ray.config import load_config
     from reclip_ray.sweep import run_sweep
 
@@ -99,10 +106,11 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations(ray_session, tmp_pat
     db = tmp_path / "mlflow.db"
     summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=[
         f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
-        "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
+        "data.synth_if_missing=false", f"run.storage_path={s3_prefix}/runs", f"tracking.uri=sqlite:///{db}",
     ])
-    sweep_dir = Path(summary["sweep_dir"])
-    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    sweep_dir = summary["sweep_dir"]
+    assert sweep_dir == f"{s3_prefix}/runs/smoke"
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv"))))
     assert len(rows) == 4 == summary["trials"] and summary["errors"] == 0
     assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
     for r in rows:
@@ -120,10 +128,20 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations(ray_session, tmp_pat
     assert stopped["eval_error"].startswith("evaluation at 150 GFLOPs failed"), stopped
     for r in on_good:
         assert r["eval_error"] == "" and 0 <= float(r["eval/full/colour/top1"]) <= 1, r
-    with Image.open(sweep_dir / "pareto.png") as im:
+    with Image.open(io.BytesIO(storage.read_bytes(f"{sweep_dir}/pareto.png"))) as im:
         assert im.format == "PNG" and im.size[0] > 300
-    best = load_config(str(sweep_dir / "best.yaml"))
+    (tmp_path / "best.yaml").write_text(storage.read_text(f"{sweep_dir}/best.yaml"))
+    best = load_config(str(tmp_path / "best.yaml"))
     assert best.optim.lr == pytest.approx(1e-3)
+    assert best.run.storage_path == f"{s3_prefix}/runs"  # not s3:/... (a Path would have mangled it)
+    fs, inner = storage.filesystem(sweep_dir)
+    listed = [i.path[len(inner) + 1:] for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))]
+    assert any(p.startswith("tune/experiment_state") for p in listed), listed  # Tune's own state, on S3
+    completed = [r for r in rows if r["status"] == "completed"]
+    for r in completed:  # each finished trial's run folder: Ray Train's snapshot, the model, the run-state file
+        trial = f"trials/smoke-{r['trial_id']}"
+        assert {f"{trial}/checkpoint_manager_snapshot.json", f"{trial}/model/model.safetensors",
+                f"{trial}/reclip_run.json"} <= set(listed), (trial, listed)
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"

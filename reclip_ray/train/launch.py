@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reclip_ray import storage
 from reclip_ray.config import Config, ConfigError, absolute, load_config
 from reclip_ray.errors import DataError, ReclipError
 
@@ -41,12 +42,13 @@ def prepare(cfg: Config) -> Prepared:
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     run_name = cfg.run.name or cfg.name
     cfg.run.name = run_name
-    if cfg.model.init_from and not latest_checkpoint_state(f"{cfg.run.storage_path.rstrip('/')}/{run_name}")[0]:
+    run_dir = storage.join(storage.normalize(cfg.run.storage_path), run_name)  # a local folder or a URI
+    if cfg.model.init_from and not latest_checkpoint_state(run_dir)[0]:
         from reclip_ray.init_weights import check_init_from  # a resumed run ignores it: the checkpoint wins
 
         cfg.model.init_from = check_init_from(cfg.model.init_from)
 
-    if "://" not in data.train and not Path(data.train).exists():
+    if not storage.is_uri(data.train) and not os.path.exists(data.train):
         if not data.synth_if_missing:
             raise DataError(f"data.train not found: {data.train}")
         _make_synthetic(cfg)
@@ -54,7 +56,7 @@ def prepare(cfg: Config) -> Prepared:
     columns = ColumnMap.from_config(data)
     check_schema(list_parquet_files(data.train), columns)
     if data.eval:
-        if "://" not in data.eval and not Path(data.eval).exists():
+        if not storage.is_uri(data.eval) and not os.path.exists(data.eval):
             raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
         from reclip_ray.evaluate import check_eval_set, eval_columns
 
@@ -64,7 +66,6 @@ def prepare(cfg: Config) -> Prepared:
         print(f"[reclip] eval set: {summary['rows']} rows; zero-shot label sets: {sets}; "
               f"retrieval: {'yes' if summary['has_captions'] else 'no captions'}", flush=True)
 
-    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{run_name}"
     tokenizer_path = _ensure_tokenizer(cfg, run_dir)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     cfg.tracking.uri = tracking_uri
@@ -89,8 +90,9 @@ def _make_synthetic(cfg: Config) -> None:
 
 
 def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
-    """The config's tokenizer, else one trained on data.train and kept in the run folder (reused on resume)."""
-    from reclip_ray.data.tokenizer import load_tokenizer, train_tokenizer
+    """The config's tokenizer (a file or a URI), else one trained on data.train and kept in the run folder (reused
+    on resume; the run folder may be a URI too)."""
+    from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
     if cfg.data.tokenizer == "clip" and not Path("clip").exists():
         from reclip_ray.data.clip_bpe import clip_tokenizer_file  # OpenAI's BPE, converted once from open_clip's
@@ -100,50 +102,45 @@ def _ensure_tokenizer(cfg: Config, run_dir: str) -> str:
         return path
     if cfg.data.tokenizer:
         path = absolute(cfg.data.tokenizer)
-        if not Path(path).is_file():
-            raise ReclipError(f"data.tokenizer not found: {path}")
-        load_tokenizer(path)  # fail now on a bad file
+        if storage.is_uri(path):
+            try:
+                CaptionTokenizer.from_json(storage.read_text(path))  # fail now on a bad file
+            except FileNotFoundError:
+                raise ReclipError(f"data.tokenizer not found: {path}") from None
+        else:
+            if not os.path.isfile(path):
+                raise ReclipError(f"data.tokenizer not found: {path}")
+            load_tokenizer(path)  # fail now on a bad file
         cfg.data.tokenizer = path
         return path
-    if "://" in run_dir:
-        raise ReclipError("with remote run.storage_path, set data.tokenizer to a tokenizer.json (reclip-ray data tokenizer)")
-    path = Path(run_dir) / "tokenizer.json"
-    if not path.is_file():
+    path = storage.join(run_dir, "tokenizer.json")
+    if not storage.is_file(path):
         bound = cfg.data.tokenizer_sample_captions
         sample = f"the first {bound:,} captions of" if bound else "every caption of"
         print(f"[reclip] training a {cfg.data.vocab_size}-token BPE tokenizer on {sample} {cfg.data.train} "
               "(data.tokenizer_sample_captions) ...", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size, out=path, caption_column=cfg.data.caption_column,
-                        max_captions=bound)
-    cfg.data.tokenizer = str(path)
-    return str(path)
+        tokenizer = train_tokenizer(cfg.data.train, vocab_size=cfg.data.vocab_size,
+                                    caption_column=cfg.data.caption_column, max_captions=bound)
+        storage.write_text(path, tokenizer.to_json())
+    cfg.data.tokenizer = path
+    return path
 
 
 def _final_eval(run_dir: str) -> dict[str, float]:
     """The last evaluation, as the workers exported it (Ray Train returns the last checkpoint's metrics, and the
     phase-end checkpoint is written before its evaluation)."""
-    path = Path(run_dir) / "eval.json"
-    if "://" in run_dir or not path.is_file():
-        return {}
-    return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    final = storage.read_json(storage.join(run_dir, "eval.json"), default={})
+    return {k: float(v) for k, v in final.items()}
 
 
 def _read_run_state(run_dir: str) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_STATE_FILE
-    if "://" in run_dir or not path.is_file():
-        return {}
-    return json.loads(path.read_text())
+    """The launcher's own record of the run (``RUN_STATE_FILE``): its MLflow run, attempts, and once it finished,
+    its final metrics. One small read per launch (on S3 a HEAD and a GET)."""
+    return storage.read_json(storage.join(run_dir, RUN_STATE_FILE), default={})
 
 
 def _write_run_state(run_dir: str, state: dict[str, Any]) -> None:
-    if "://" in run_dir:
-        return
-    path = Path(run_dir) / RUN_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    storage.write_json(storage.join(run_dir, RUN_STATE_FILE), state)
 
 
 def init_ray(cfg: Config) -> None:
@@ -275,44 +272,36 @@ DATA_START_DIR = ".data_start"
 
 
 def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
-    """(name, meta.json) of the checkpoint Ray Train restores next: the latest registered one; ("", {}) if none."""
-    from reclip_ray.data.schema import _filesystem
+    """(name, meta.json) of the checkpoint Ray Train restores next: the latest registered one; ("", {}) if none.
+
+    Two small reads (Ray Train's snapshot, the checkpoint's meta.json; on S3 a HEAD and a GET each) per call: once
+    per phase at each worker-group start.
+    """
     from reclip_ray.train.checkpoint import META_FILE
 
-    fs, inner = _filesystem(run_dir)
-    try:
-        with fs.open_input_stream(f"{inner}/{CHECKPOINT_SNAPSHOT}") as f:
-            snapshot = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return "", {}
+    snapshot = storage.read_json(storage.join(run_dir, CHECKPOINT_SNAPSHOT), default={})
     latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     if not latest:
         return "", {}
-    with fs.open_input_stream(f"{inner}/{latest}/{META_FILE}") as f:
-        return latest, json.loads(f.read().decode("utf-8"))
+    return latest, json.loads(storage.read_text(storage.join(run_dir, latest, META_FILE)))
 
 
 def raise_if_fatal(run_dir: str) -> None:
     """End the run at a worker-group start when the last group died of a deterministic error (see the worker)."""
     from reclip_ray.train.worker import FATAL_FILE
 
-    path = Path(run_dir) / FATAL_FILE
-    if "://" in run_dir or not path.is_file():
-        return
-    raise DataError(json.loads(path.read_text())["message"])
+    fatal = storage.read_json(storage.join(run_dir, FATAL_FILE))
+    if fatal is not None:
+        raise DataError(fatal["message"])
 
 
 def record_data_start(run_dir: str, phase: int, checkpoint: str, position: Any, sources: dict | None = None) -> None:
     """Note which checkpoint a phase's stream was rebuilt from, so the worker can check it restored the same one,
-    and which image column each shard is read from (the worker logs it to MLflow)."""
-    if "://" in run_dir:
-        return
-    folder = Path(run_dir) / DATA_START_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"phase{phase}.json.tmp"
-    tmp.write_text(json.dumps({"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done),
-                               "sources": sources or {}}))
-    os.replace(tmp, folder / f"phase{phase}.json")
+    and which image column each shard is read from (the worker logs it to MLflow). One small write per phase per
+    worker-group start (on S3, pyarrow's 3-request multipart upload)."""
+    storage.write_json(storage.join(run_dir, DATA_START_DIR, f"phase{phase}.json"),
+                       {"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done),
+                        "sources": sources or {}}, indent=None)
 
 
 def decode_concurrency(cfg: Config) -> int:
@@ -373,11 +362,13 @@ def run_training(
         parent_run_id=parent_run_id,
     )
     resumed = bool(run_state.get("mlflow_run_id")) and run_state["mlflow_run_id"] == run_id
-    _write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": run_state.get("attempts", 0) + 1})
+    _write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri,
+                                    "attempts": run_state.get("attempts", 0) + 1})
     print(f"[reclip] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {prep.tracking_uri}", flush=True)
 
     status = "FAILED"
     relay = None  # the workers' MLflow relay (a local store only)
+    log_file = None  # Ray's output, when the console takes it off the screen
     try:
         init_ray(cfg)
         board = display = None
@@ -386,18 +377,19 @@ def run_training(
 
             log_file = None if verbose else redirect_ray_output(prep.run_dir)
             if log_file:
-                print(f"[reclip] Ray's own output: {log_file} (--verbose shows it here)", flush=True)
+                copied = (f", copied to {storage.join(prep.run_dir, 'ray.log')} at the end"
+                          if storage.is_uri(prep.run_dir) else "")
+                print(f"[reclip] Ray's own output: {log_file}{copied} (--verbose shows it here)", flush=True)
             board = get_board(prep.run_name, create=True)
             display = ProgressDisplay(board_reader(board))
         use_gpu = _use_gpu(cfg)
         if cfg.data.decode_device == "cuda" and not use_gpu:
             raise ConfigError("'data.decode_device=cuda' needs GPU workers, and this cluster has no GPU "
                               "(set data.decode_device=cpu)")
-        tokenizer_json = Path(prep.tokenizer_path).read_text()
+        tokenizer_json = storage.read_text(prep.tokenizer_path)
         from reclip_ray.train.worker import FATAL_FILE
 
-        if "://" not in prep.run_dir:
-            (Path(prep.run_dir) / FATAL_FILE).unlink(missing_ok=True)  # a rerun tries again (the user fixed it?)
+        storage.delete_file(storage.join(prep.run_dir, FATAL_FILE))  # a rerun tries again (the user fixed it?)
         missing_actor = get_or_create_missing_shards(f"reclip-missing-shards-{prep.run_name}")
         relay = (tracking.start_relay(f"reclip-tracking-{prep.run_name}")
                  if tracking.is_local_store(prep.tracking_uri) else None)
@@ -457,7 +449,9 @@ def run_training(
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         metrics["run_dir"] = prep.run_dir
-        metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+        # Ray's Checkpoint.path is inside its filesystem (no s3:// scheme): name it under the run folder instead.
+        metrics["checkpoint"] = (storage.join(prep.run_dir, storage.name(result.checkpoint.path))
+                                 if result.checkpoint else None)
         metrics.update(_final_eval(prep.run_dir))
         done = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
         _write_run_state(prep.run_dir, {**_read_run_state(prep.run_dir), "finished": done})
@@ -468,6 +462,19 @@ def run_training(
     finally:
         _note_relay(prep.tracking_uri, run_id, relay)
         tracking.end_run(prep.tracking_uri, run_id, status)
+        _upload_log(prep.run_dir, log_file)
+
+
+def _upload_log(run_dir: str, log_file: str | None) -> None:
+    """A remote run folder gets the local ray.log at the end of each attempt (console.upload_ray_log)."""
+    if log_file is None or not storage.is_uri(run_dir):
+        return
+    from reclip_ray.console import upload_ray_log
+
+    try:
+        upload_ray_log(run_dir, log_file)
+    except Exception as exc:  # noqa: BLE001 - a log copy must not mask the run's own outcome
+        print(f"[reclip] WARNING: could not copy {log_file} to {run_dir}: {exc}", file=sys.stderr, flush=True)
 
 
 def _note_relay(tracking_uri: str, run_id: str, relay: Any) -> None:

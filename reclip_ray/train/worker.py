@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from reclip_ray import storage
 from reclip_ray.config import Config, from_dict
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
@@ -52,7 +51,7 @@ def phase_dataset_name(index: int) -> str:
     return f"phase{index}"
 
 
-def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank: int, marker: Path) -> None:
+def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank: int, marker: str) -> None:
     """Testing only: make one rank raise once when the run crosses ``fault.fail_at_samples``.
 
     "Once" is remembered by a marker file in the run folder, so the restarted run does not fail again at the same
@@ -61,10 +60,10 @@ def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank:
     at = int(os.environ.get(FAULT_ENV, "0") or 0) or cfg.fault.fail_at_samples
     if not at or rank != cfg.fault.fail_rank or not (prev_samples < at <= state.samples):
         return
-    if marker.exists() and json.loads(marker.read_text()).get("at", at) == at:
+    seen = storage.read_json(marker)
+    if seen is not None and seen.get("at", at) == at:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"at": at, "samples": state.samples, "time": time.time()}))
+    storage.write_json(marker, {"at": at, "samples": state.samples, "time": time.time()})
     raise RuntimeError(f"fault injected at {state.samples} samples on rank {rank} (fault.fail_at_samples={at})")
 
 
@@ -89,17 +88,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         _train(loop_config)
     except ReclipError as exc:
-        _write_fatal(Path(loop_config["run_dir"]), exc)
+        _write_fatal(loop_config["run_dir"], exc)
         raise
 
 
-def _write_fatal(run_dir: Path, exc: BaseException) -> None:
-    if "://" in str(run_dir):
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{FATAL_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
-    os.replace(tmp, run_dir / FATAL_FILE)
+def _write_fatal(run_dir: str, exc: BaseException) -> None:
+    """Every rank that hit it writes the same small file (3 requests on S3: pyarrow uploads in parts); the last
+    one wins. A failed write is printed, never raised: it must not hide the error it was recording."""
+    path = storage.join(run_dir, FATAL_FILE)
+    try:
+        storage.write_json(path, {"type": type(exc).__name__, "message": str(exc)})
+    except Exception as write_error:  # noqa: BLE001 - then Ray Train retries the run, as without the file
+        print(f"[reclip] WARNING: could not write {path}: {write_error}", flush=True)
 
 
 def _train(loop_config: dict[str, Any]) -> None:
@@ -140,7 +140,7 @@ class _Worker:
         tracking.use_relay(loop_config.get("tracking_relay"))
         self.tokenizer = CaptionTokenizer.from_json(loop_config["tokenizer_json"])
         self.tracking_uri: str = loop_config["tracking_uri"]
-        self.run_dir = Path(loop_config["run_dir"])
+        self.run_dir: str = loop_config["run_dir"]  # a local folder or a URI: never a Path (storage.py)
         self.missing_actor = loop_config.get("missing_actor")
         self.board = loop_config.get("board")  # the driver's progress display (None: print, as in a sweep trial)
         ctx = ray.train.get_context()
@@ -195,7 +195,7 @@ class _Worker:
                      + (f"resumed at {self.state.samples:,} samples (step {self.state.step}, restart "
                         f"{self.state.restarts})" if checkpoint else "starting fresh"))
         self.final_loss = float("nan")
-        self.fault_marker = self.run_dir / ".fault_injected"
+        self.fault_marker = storage.join(self.run_dir, ".fault_injected")
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (_images)
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
         # Why the last phase end has no evaluation (None: it has one); _end_phase sets it, _final_report reads it.
@@ -247,10 +247,9 @@ def _check_data_start(w: _Worker, phase: int) -> None:
     a mismatch would silently train rows twice or skip them, so it fails loudly instead."""
     from reclip_ray.train.launch import DATA_START_DIR
 
-    path = w.run_dir / DATA_START_DIR / f"phase{phase}.json"
-    if "://" in str(w.run_dir) or not path.is_file():
+    start = storage.read_json(storage.join(w.run_dir, DATA_START_DIR, f"phase{phase}.json"))
+    if start is None:
         return
-    start = json.loads(path.read_text())
     used = start.get("checkpoint", "")
     if used != w.restored_from:
         raise RuntimeError(f"phase {phase}: the data stream was rebuilt from checkpoint {used or 'none'!r} but this "
@@ -520,20 +519,30 @@ def _end_phase(w: _Worker, plan: Any) -> None:
 
 
 class _RowLog:
-    """Testing only (``fault.record_rows``): the keys each rank trains at each step, one JSON line per step."""
+    """Testing only (``fault.record_rows``): the keys each rank trains at each step, one JSON line per step.
+
+    A local file is appended to; an object store has no append, so there the whole file is rewritten each step
+    (one upload per step, fine for the tests this exists for).
+    """
 
     def __init__(self, w: _Worker) -> None:
-        folder = w.run_dir / "rows"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"rank{w.rank}-start{w.state.restarts}-{os.getpid()}.jsonl"
+        self.path = storage.join(w.run_dir, "rows", f"rank{w.rank}-start{w.state.restarts}-{os.getpid()}.jsonl")
+        self.local = storage.local_path(self.path)
+        if self.local is not None:
+            os.makedirs(os.path.dirname(self.local), exist_ok=True)
+        self.lines: list[str] = []
         self.world = w.world
 
     def write(self, step: int, phase: int, batch: dict[str, Any]) -> None:
-        line = {"step": step, "phase": phase, "t": time.time(), "world": self.world,
-                "keys": [str(k) for k in batch["key"]],
-                "passes": [int(p) for p in batch["_pass"]]}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        line = json.dumps({"step": step, "phase": phase, "t": time.time(), "world": self.world,
+                           "keys": [str(k) for k in batch["key"]],
+                           "passes": [int(p) for p in batch["_pass"]]}) + "\n"
+        if self.local is not None:
+            with open(self.local, "a") as f:
+                f.write(line)
+            return
+        self.lines.append(line)
+        storage.write_text(self.path, "".join(self.lines))
 
 
 def _eval_report(w: _Worker, metrics: dict[str, float], error: str | None) -> dict[str, Any]:
@@ -632,36 +641,30 @@ def _export(
     cfg: Config,
     model: torch.nn.Module,
     tokenizer: Any,
-    run_dir: Path,
+    run_dir: str,
     tracking_uri: str,
     run_id: str,
     state: TrainState,
     config_yaml: str,
 ) -> None:
-    """Write the inference model next to the checkpoints and into MLflow; atomic on local storage."""
-    import pyarrow.fs as pafs
+    """Write the inference model and eval.json next to the checkpoints and into MLflow.
 
+    The model folder is replaced whole (storage.upload_dir: a rename locally; on an object store the old objects
+    are removed and each file is one PUT). eval.json goes last: the launcher reads it as the run's final metrics.
+    """
     from reclip_ray import tracking
     from reclip_ray.export import export_model
     from reclip_ray.schedule import Schedule
 
     with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
-        local = Path(tmp) / "model"
+        local = os.path.join(tmp, "model")
         export_model(model, tokenizer, cfg, local)
         final_eval = {**state.eval, **_full_view(cfg, Schedule.from_config(cfg), state.eval)}
-        (Path(tmp) / "eval.json").write_text(json.dumps(final_eval, indent=2, sort_keys=True))
+        eval_file = os.path.join(tmp, "eval.json")
+        with open(eval_file, "w") as f:
+            f.write(json.dumps(final_eval, indent=2, sort_keys=True))
         tracking.log_artifacts(tracking_uri, run_id, local, "model")
-        tracking.log_artifact(tracking_uri, run_id, Path(tmp) / "eval.json")
-        target = f"{run_dir}/model"
-        if "://" in str(run_dir):
-            pafs.copy_files(str(local), target)
-        else:
-            staging = Path(f"{target}.tmp-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(local, staging)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-            tmp_eval = Path(f"{run_dir}/eval.json.tmp-{os.getpid()}")
-            shutil.copyfile(Path(tmp) / "eval.json", tmp_eval)
-            os.replace(tmp_eval, Path(run_dir) / "eval.json")
-    print(f"[reclip] exported model to {run_dir}/model", flush=True)  # the run's log; the driver's table says it
+        tracking.log_artifact(tracking_uri, run_id, eval_file)
+        storage.upload_dir(local, storage.join(run_dir, "model"))
+        storage.write_json(storage.join(run_dir, "eval.json"), final_eval)
+    print(f"[reclip] exported model to {storage.join(run_dir, 'model')}", flush=True)  # the run's log

@@ -1,0 +1,136 @@
+"""The run folder's small files through reclip_ray.storage, on the local disk and on a real S3 API (moto on
+localhost), without Ray: the launcher's and the workers' reads and writes, called as they call them.
+
+The end-to-end runs on S3 (a fatal error, Ctrl-C, resume, "already finished", eval and report from the bucket) are
+in test_reliability.py; a sweep on S3 in test_sweep.py; `ray job submit` on S3 in test_job_submit.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from reclip_ray import storage
+from reclip_ray.errors import DataError, ReclipError
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_dir(request, tmp_path, monkeypatch):
+    """A run folder on the local disk, or on S3; with S3 the test runs in an empty cwd, where a ``Path`` made of
+    the URI (``s3:/bucket/...``, a relative path) would have left a folder named ``s3:``."""
+    if request.param == "local":
+        yield str(tmp_path / "runs" / "r")
+        return
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield f"{request.getfixturevalue('s3_prefix')}/runs/r"
+    assert os.listdir(tmp_path / "cwd") == []
+
+
+def test_a_fatal_error_written_by_a_worker_ends_the_next_start(run_dir):
+    from reclip_ray.train.launch import raise_if_fatal
+    from reclip_ray.train.worker import FATAL_FILE, _write_fatal
+
+    raise_if_fatal(run_dir)  # nothing yet
+    _write_fatal(run_dir, DataError("12 of 320 rows (3.8%) bad rows"))
+    with pytest.raises(DataError, match=r"^12 of 320 rows \(3\.8%\) bad rows$"):
+        raise_if_fatal(run_dir)
+    assert storage.read_json(storage.join(run_dir, FATAL_FILE))["type"] == "DataError"
+
+
+def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir):
+    from reclip_ray.train.launch import CHECKPOINT_SNAPSHOT, latest_checkpoint_state
+
+    assert latest_checkpoint_state(run_dir) == ("", {})
+    name = "checkpoint_s000000000512_p0"
+    storage.write_json(storage.join(run_dir, CHECKPOINT_SNAPSHOT),
+                       {"latest_checkpoint_result": {"checkpoint_dir_name": name}})
+    storage.write_json(storage.join(run_dir, name, "meta.json"), {"samples": 512, "phase": 0})
+    assert latest_checkpoint_state(run_dir) == (name, {"samples": 512, "phase": 0})
+
+
+def test_run_state_round_trip_and_the_final_eval(run_dir):
+    from reclip_ray.train.launch import RUN_STATE_FILE, _final_eval, _read_run_state, _write_run_state
+
+    assert _read_run_state(run_dir) == {} and _final_eval(run_dir) == {}
+    _write_run_state(run_dir, {"mlflow_run_id": "abc", "attempts": 1})
+    assert _read_run_state(run_dir) == {"mlflow_run_id": "abc", "attempts": 1}
+    assert storage.is_file(storage.join(run_dir, RUN_STATE_FILE))
+    storage.write_json(storage.join(run_dir, "eval.json"), {"eval/64px/shape/top1": 0.5})
+    assert _final_eval(run_dir) == {"eval/64px/shape/top1": 0.5}
+
+
+def test_the_fault_marker_makes_an_injected_fault_fire_once(run_dir):
+    from reclip_ray.config import load_config
+    from reclip_ray.train.checkpoint import TrainState
+    from reclip_ray.train.worker import _maybe_inject_fault
+
+    cfg = load_config("tiny", ["fault.fail_at_samples=128"])
+    marker = storage.join(run_dir, ".fault_injected")
+    with pytest.raises(RuntimeError, match="fault injected at 128 samples"):
+        _maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)
+    _maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)  # the restart crosses it again: no fault
+    assert storage.read_json(marker)["at"] == 128
+
+
+def test_row_log_lines_accumulate(run_dir):
+    import numpy as np
+
+    from reclip_ray.train.worker import _RowLog
+
+    w = SimpleNamespace(run_dir=run_dir, rank=1, world=2, state=SimpleNamespace(restarts=0))
+    log = _RowLog(w)
+    log.write(1, 0, {"key": np.array(["a", "b"]), "_pass": np.array([0, 0])})
+    log.write(2, 0, {"key": np.array(["c"]), "_pass": np.array([1])})
+    assert log.path.startswith(storage.join(run_dir, "rows", "rank1-start0-"))
+    lines = [json.loads(line) for line in storage.read_text(log.path).splitlines()]
+    assert [(r["step"], r["keys"], r["passes"]) for r in lines] == [(1, ["a", "b"], [0, 0]), (2, ["c"], [1])]
+
+
+def test_a_tokenizer_trained_into_the_run_folder_is_reused(run_dir, synth_dir, capsys):
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import CaptionTokenizer
+    from reclip_ray.train.launch import _ensure_tokenizer
+
+    cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", "data.vocab_size=300"])
+    path = _ensure_tokenizer(cfg, run_dir)
+    assert path == storage.join(run_dir, "tokenizer.json") == cfg.data.tokenizer
+    assert CaptionTokenizer.from_json(storage.read_text(path)).vocab_size == 300
+    assert "training a 300-token BPE tokenizer" in capsys.readouterr().out
+    cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", "data.vocab_size=300"])
+    assert _ensure_tokenizer(cfg, run_dir) == path
+    assert "training" not in capsys.readouterr().out  # a rerun reads it back
+
+
+def test_data_tokenizer_may_be_a_uri(s3_prefix, tokenizer_path):
+    from reclip_ray.config import load_config
+    from reclip_ray.train.launch import _ensure_tokenizer
+
+    uri = f"{s3_prefix}/tokenizer.json"
+    cfg = load_config("tiny", [f"data.tokenizer={uri}"])
+    with pytest.raises(ReclipError, match=f"^data.tokenizer not found: {uri}$"):
+        _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
+    storage.write_bytes(uri, tokenizer_path.read_bytes())
+    assert _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r") == uri
+    storage.write_text(uri, "not json")
+    with pytest.raises(DataError, match="not a valid tokenizer.json"):
+        _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
+
+
+def test_ray_log_of_a_remote_run_folder_is_kept_locally_and_copied_there(s3_prefix, tmp_path):
+    from reclip_ray.console import _open_ray_log, ray_log_file, upload_ray_log
+
+    run_dir = f"{s3_prefix}/runs/r"
+    assert ray_log_file(str(tmp_path / "r")) == str(tmp_path / "r" / "ray.log")
+    local = ray_log_file(run_dir)
+    assert not local.startswith("s3:") and os.path.isabs(local) and "s3:" not in local.split(os.sep)
+    storage.write_text(storage.join(run_dir, "ray.log"), "attempt 1\n")  # an earlier attempt, another machine
+    assert _open_ray_log(run_dir) == local
+    with open(local, "a") as f:
+        f.write("attempt 2\n")
+    upload_ray_log(run_dir, local)
+    assert storage.read_text(storage.join(run_dir, "ray.log")) == "attempt 1\nattempt 2\n"
+    os.unlink(local)
