@@ -343,9 +343,10 @@ def _draw_switches(ax: Any, switches: Sequence[tuple[float, str]]) -> None:
                 transform=ax.get_xaxis_transform())
 
 
-def _save(fig: Any, out_png: str) -> str:
-    """Write atomically (temp file + rename): a reader never sees half a PNG."""
-    out = Path(out_png)
+def _save(fig: Any, local_png: str) -> str:
+    """Write atomically (temp file + rename): a reader never sees half a PNG. A local file (a remote run folder's
+    report is drawn locally and copied up by the caller)."""
+    out = Path(local_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp)

@@ -42,46 +42,16 @@ LOCAL_ONLY = {
                                                                  "package",
     ("data/clip_bpe.py", "clip_tokenizer_file", "cache_dir"): "the user's cache folder (~/.cache/reclip_ray)",
     ("bench/e2e.py", "main", "args.data"): "a scratch dataset for a local timing run (made if missing)",
+    ("sweep.py", "load_space", "path"): "a search-space YAML file, read by the driver like a config file",
+    ("sweep.py", "run_sweep", "space_path"): "the search-space YAML file (as above)",
+    ("report.py", "_check_store", "uri[len('sqlite:///'):]"): "an SQLite file: a local database by nature",
+    ("tracking.py", "resolve_tracking_uri", "uri"): "a bare path to an SQLite file (local by nature)",
+    ("tracking.py", "default_artifact_root", "tracking_uri[len('sqlite:///'):]"): "beside the SQLite file",
+    ("train/checkpoint.py", "save_checkpoint", "directory"): "a local temp folder: Ray Train uploads it",
+    ("train/checkpoint.py", "read_state", "directory"): "Checkpoint.as_directory(): Ray Train's local copy",
+    ("train/checkpoint.py", "load_checkpoint", "directory"): "Checkpoint.as_directory(): Ray Train's local copy",
 }
 
-# s3run: being converted. Offenders in modules that the s3run helper is converting to reclip_ray.storage right
-# now (train/*, sweep.py, report.py, console.py, tracking.py), as they stand on this branch. Remove at merge; an
-# entry that still matches then means that path still goes through Path. Notes say which look local by nature.
-S3RUN_CONVERTING = {
-    ("console.py", "redirect_ray_output", "run_dir"),
-    ("report.py", "_save", "out_png"),
-    ("report.py", "_check_store", "uri[len('sqlite:///'):]"),  # an SQLite file: local by nature, may stay
-    ("report.py", "find_run", "run_dir"),
-    ("report.py", "report_run", "run_dir"),
-    ("report.py", "report_after_training", "run_dir"),
-    ("sweep.py", "load_space", "path"),  # the search-space YAML (like a config file): may stay local
-    ("sweep.py", "run_sweep", "prep.run_dir"),
-    ("sweep.py", "run_sweep", "space_path"),  # the search-space YAML: may stay local
-    ("sweep.py", "_write_outputs", "prep.cfg.run.storage_path"),
-    ("tracking.py", "resolve_tracking_uri", "uri"),  # an SQLite file: local by nature, may stay
-    ("tracking.py", "default_artifact_root", "tracking_uri[len('sqlite:///'):]"),  # SQLite: may stay
-    ("train/checkpoint.py", "save_checkpoint", "directory"),
-    ("train/checkpoint.py", "read_state", "directory"),
-    ("train/checkpoint.py", "load_checkpoint", "directory"),
-    ("train/launch.py", "prepare", "data.train"),
-    ("train/launch.py", "prepare", "data.eval"),
-    ("train/launch.py", "_make_synthetic", "cfg.data.train"),
-    ("train/launch.py", "_make_synthetic", "cfg.data.eval"),
-    ("train/launch.py", "_ensure_tokenizer", "path"),
-    ("train/launch.py", "_ensure_tokenizer", "run_dir"),
-    ("train/launch.py", "_final_eval", "run_dir"),
-    ("train/launch.py", "_read_run_state", "run_dir"),
-    ("train/launch.py", "_write_run_state", "run_dir"),
-    ("train/launch.py", "raise_if_fatal", "run_dir"),
-    ("train/launch.py", "record_data_start", "run_dir"),
-    ("train/launch.py", "run_training", "prep.tokenizer_path"),
-    ("train/launch.py", "run_training", "prep.run_dir"),
-    ("train/worker.py", "train_loop_per_worker", "loop_config['run_dir']"),
-    ("train/worker.py", "_Worker.__init__", "loop_config['run_dir']"),
-    ("train/worker.py", "_export", "f'{target}.tmp-{os.getpid()}'"),
-    ("train/worker.py", "_export", "f'{run_dir}/eval.json.tmp-{os.getpid()}'"),
-    ("train/worker.py", "_export", "run_dir"),
-}
 
 
 def _words(node: ast.AST) -> tuple[set[str], set[str]]:
@@ -168,14 +138,14 @@ def _package_offenders() -> dict[tuple[str, str, str], str]:
 def test_no_run_or_data_path_is_wrapped_in_pathlib():
     found = _package_offenders()
     unexplained = [f"reclip_ray/{m}: {f}(): Path({a}) [{kind}]" for (m, f, a), kind in found.items()
-                   if (m, f, a) not in S3RUN_CONVERTING and (kind == "forbidden" or (m, f, a) not in LOCAL_ONLY)]
+                   if (kind == "forbidden" or (m, f, a) not in LOCAL_ONLY)]
     assert not unexplained, ("Path() on a run or data path (a URI would become a local path; use reclip_ray.storage, "
                              "or name a local copy local_*/tmp_*):\n" + "\n".join(unexplained))
 
 
 def test_every_exception_still_matches_something():
     found = _package_offenders()
-    stale = sorted(set(LOCAL_ONLY) - set(found)) + sorted(S3RUN_CONVERTING - set(found))
+    stale = sorted(set(LOCAL_ONLY) - set(found))
     assert not stale, f"allow-list entries that match nothing any more (remove them): {stale}"
     assert not [k for k in LOCAL_ONLY if found[k] == "forbidden"], "a config path field cannot be local-only"
 

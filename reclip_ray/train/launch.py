@@ -76,13 +76,14 @@ def _make_synthetic(cfg: Config) -> None:
     from reclip_ray.data.copies import shrink_dataset, sizes_for_phases
     from reclip_ray.data.synth import IMAGE_SIZE as SYNTH_IMAGE_SIZE, make_synthetic
 
-    train, evald = Path(cfg.data.train), Path(cfg.data.eval) if cfg.data.eval else None
-    if train.name != "train" or (evald is not None and evald != train.parent / "eval"):
+    train, evald = cfg.data.train, cfg.data.eval or None
+    root = storage.parent(train)
+    if storage.name(train) != "train" or (evald is not None and evald.rstrip("/") != storage.join(root, "eval")):
         raise DataError(
             f"data.synth_if_missing needs data.train=DIR/train and data.eval=DIR/eval, got {train} and {evald}"
         )
-    print(f"[reclip] making the synthetic captioned-shapes dataset under {train.parent} ...", flush=True)
-    make_synthetic(train.parent, train=cfg.data.synth_train, eval=cfg.data.synth_eval, seed=cfg.train.seed)
+    print(f"[reclip] making the synthetic captioned-shapes dataset under {root} ...", flush=True)
+    make_synthetic(root, train=cfg.data.synth_train, eval=cfg.data.synth_eval, seed=cfg.train.seed)
     # Shrunk copies for the config's phases (e.g. 40 px for 32, 72 px for 64), as `data synth --shrink` makes.
     sizes = sizes_for_phases([p.image_size for p in cfg.phases], source_side=SYNTH_IMAGE_SIZE)
     if sizes and cfg.data.use_copies:
