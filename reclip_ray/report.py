@@ -12,7 +12,6 @@ full resolution. ``eval/full/...`` repeats the full-resolution ones under a size
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
