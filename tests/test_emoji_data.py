@@ -371,3 +371,55 @@ def test_failed_rebuild_keeps_every_old_split(tmp_path, packages, emoji_data, mo
     assert emoji_data.main(args + ["--seed", "1"]) == 0
     assert sorted(r["key"] for r in _rows(out / "eval_emoji")) != before["eval_emoji"]
 
+
+@pytest.mark.slow
+def test_experiment_trains_an_arm_on_the_fixture_and_reports_every_split(ray_session, tmp_path, packages,
+                                                                         emoji_data, monkeypatch):
+    """Issue 23, item 3: the builder's output through benchmarks/reclip_vs_baseline.py. One short arm trains on
+    Ray (the full-resolution baseline: one phase, one Ray Data pipeline, so the test stays short; the RECLIP arms'
+    schedules are the fast tests'); the row has every metric of both eval splits at full resolution. The first
+    split's numbers are the trainer's last evaluation and the second's the exported model's (evaluated in the
+    driver, logged to the same MLflow run): each must be what evaluating that split from the export gives, so both
+    paths score the same model, at the same size, on the split they are named after."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import fresh_mlflow_db
+    from reclip_ray.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "emoji"
+    assert emoji_data.main(["--out", str(data), "--packages-dir", str(packages), "--full-size", "64",
+                            "--workers", "1", "--shrink", "40"]) == 0
+    spec = importlib.util.spec_from_file_location("reclip_vs_baseline_for_emoji", SCRIPT.parent /
+                                                  "reclip_vs_baseline.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    db = fresh_mlflow_db(tmp_path / "mlflow.db")
+    splits = ["eval_style", "eval_emoji"]
+    assert bench.main([
+        "--data", str(data), "--eval-splits", ",".join(splits), "--arms", "baseline", "--samples", "64",
+        "--batch", "16", "--low", "32", "--full", "64",
+        "--workers", "1", "--use-gpu", "false", "--vocab-size", "300", "--out", str(tmp_path / "out"),
+        "--tracking-uri", f"sqlite:///{db}", "--name", "emoji", "--set", "model.vision.depth=2",
+        "--set", "model.text.depth=2", "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=64",
+    ]) == 0
+    saved = json.loads((tmp_path / "results" / "emoji.json").read_text())
+    assert saved["eval_splits"] == splits and saved["label_sets"] == ["category", "subcategory"]
+    (row,) = saved["rows"]
+    assert (row["arm"], row["samples"]) == ("baseline", 64)
+    names = bench.metric_names(saved["label_sets"])
+    for split in splits:
+        assert saved["chance"][f"{split}/category/top1"] == pytest.approx(1 / 5)
+        for m in names:
+            assert 0.0 <= row[f"{split}/{m}"] <= 1.0, (split, m)  # measured, not NaN
+    for split in splits:  # each split's own rows, scored by the model the run exported, at full resolution
+        again = evaluate_checkpoint(f"{row['run_dir']}/model", str(data / split), image_size=64)["metrics"]
+        assert {m: row[f"{split}/{m}"] for m in names} == pytest.approx({m: again[m] for m in names}, abs=1e-6)
+        assert row[f"{split}/rows"] == read_dataset_json(str(data / split))["rows"]
+        assert 0.0 <= row[f"{split}/subcategory/mean_per_class_recall"] <= 1.0
+    logged = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(row["mlflow_run_id"]).data.metrics
+    assert logged["eval_emoji/64px/subcategory/top1"] == pytest.approx(row["eval_emoji/subcategory/top1"])
+    assert logged["eval_emoji/64px/text_to_image_r_5"] == pytest.approx(row["eval_emoji/text_to_image_r@5"])
+    assert logged["eval/64px/category/top1"] == pytest.approx(row["eval_style/category/top1"])
+    assert (tmp_path / "results" / "emoji.png").is_file() and (tmp_path / "results" / "emoji.csv").is_file()
