@@ -46,6 +46,11 @@ Decisions:
   held-out names easy by their variants. Category ``Component`` (bare skin-tone swatches and hair parts) and
   OpenMoji's non-Unicode extras are dropped: they are not emoji of their own or have no Unicode name. An emoji a
   style does not draw is left out of that style (counted as ``absent`` in the summary).
+- One row per distinct image in a split: vendors draw some emoji alike (Apple's and Google's families are one
+  picture under up to a dozen names), and the evaluator groups rows by image bytes, so one image under two
+  subcategories could not be scored at all. The first in plan order (style, then Unicode order) keeps the image;
+  an eval row whose image is also in train is dropped too (the drawing is not unseen). dataset.json's
+  ``duplicates_dropped`` counts both (on the real packages: 54 train, 23 + 0 eval_style, 0 + 16 eval_emoji rows).
 - Images are composited on white (transparent pixels carry arbitrary colours) and stored as PNG: lossless for
   flat-colour art with hard edges, which JPEG rings around, at 1.0-1.3x the bytes of a quality-95 JPEG at 64 px
   and 0.6x at 128 px, decoded about as fast (measured on this data, 2 cores). The low-resolution phase reads
@@ -463,7 +468,6 @@ def build(folders: dict[str, Path], out: str | os.PathLike, *, full_size: int = 
     emoji = load_emoji(folders[TRAIN_STYLES[0]], folders.get(HELDOUT_STYLE.package), seed, heldout)
     categories, subcategories = class_lists(emoji)
     rows, absent = plan(emoji, style_list, folders)
-    rows["train"] = sorted(rows["train"], key=lambda r: _rng(seed, "order", r[0].name, r[1].key).random())
     info = {"source": "emoji:" + ",".join(f"{PACKAGES[s.package].name}@{PACKAGES[s.package].version}"
                                           for s in style_list),
             "seed": seed, "heldout_share": heldout, "full_size": full_size,
@@ -474,11 +478,14 @@ def build(folders: dict[str, Path], out: str | os.PathLike, *, full_size: int = 
                                "absent": absent, "splits": {}}
     out = Path(out)
     staging = out / ".staging"
-    written = [s for s in SPLITS if rows[s]]
     try:
         shutil.rmtree(staging, ignore_errors=True)
         _prepare_images(rows, staging, full_size, workers, log)
         summary["seconds_images"] = round(time.perf_counter() - start, 1)
+        rows, summary["duplicates"] = drop_duplicates(rows, staging)
+        info["duplicates_dropped"] = summary["duplicates"]
+        rows["train"] = sorted(rows["train"], key=lambda r: _rng(seed, "order", r[0].name, r[1].key).random())
+        written = [s for s in SPLITS if rows[s]]
         for split in written:
             meta = {**_dataset_meta(split, categories, subcategories, info),
                     "rows_per_style": _count(rows[split], lambda r: r[0].name),
@@ -505,9 +512,46 @@ def build(folders: dict[str, Path], out: str | os.PathLike, *, full_size: int = 
     return summary
 
 
+def _staged(staging: Path, split: str, style: Style, emoji: Emoji) -> Path:
+    return staging / split / style.name / f"{emoji.key}.png"
+
+
+def drop_duplicates(rows: dict[str, list], staging: Path) -> tuple[dict[str, list], dict[str, dict[str, int]]]:
+    """The rows without those whose prepared image is byte-identical to one kept before it, and how many of each
+    split were dropped and why.
+
+    Vendors draw some emoji alike: Apple's and Google's two-person families are one picture under several names,
+    OpenMoji's "family" is its "family: man, woman, boy". The evaluator groups rows by image bytes, so one image
+    with two subcategories cannot be scored at all, and an eval image that training saw under another name is no
+    unseen emoji. So within a split the first row in plan order (style, then Unicode order) keeps the image, and an
+    eval row whose image is in train is dropped."""
+    def digest(split: str, style: Style, emoji: Emoji) -> bytes:
+        return hashlib.blake2b(_staged(staging, split, style, emoji).read_bytes(), digest_size=16).digest()
+
+    kept: dict[str, list] = {}
+    dropped: dict[str, dict[str, int]] = {}
+    train: set[bytes] = set()
+    for split in SPLITS:  # train first: the eval splits are checked against it
+        seen: set[bytes] = set()
+        kept[split], counts = [], {"same_image_in_split": 0, "same_image_as_train": 0}
+        for row in rows[split]:
+            d = digest(split, row[0], row[1])
+            if d in seen:
+                counts["same_image_in_split"] += 1
+            elif split != "train" and d in train:
+                counts["same_image_as_train"] += 1
+            else:
+                seen.add(d)
+                kept[split].append(row)
+        if split == "train":
+            train = seen
+        dropped[split] = counts
+    return kept, dropped
+
+
 def _prepare_images(rows: dict[str, list], staging: Path, full_size: int, workers: int, log: Any) -> None:
     """Every row's image, flattened (and rendered), as ``staging/<split>/<style>/<key>.png``."""
-    tasks = [(style.kind, str(src), full_size, str(staging / split / style.name / f"{e.key}.png"))
+    tasks = [(style.kind, str(src), full_size, str(_staged(staging, split, style, e)))
              for split, items in rows.items() for style, e, src in items]
     log(f"[emoji] preparing {len(tasks)} images ({workers} worker(s))")
     if workers > 1:

@@ -62,12 +62,12 @@ def emoji_data(monkeypatch):
     return mod
 
 
-def _png(colour: tuple[int, int, int]) -> bytes:
+def _png(colour: tuple[int, int, int], radius: int = 20) -> bytes:
     """64 px RGBA: an opaque disc of ``colour``, a half-transparent black band at rows 0-3, fully transparent
     *black* elsewhere (what a naive RGB conversion would show as black)."""
     a = np.zeros((64, 64, 4), dtype=np.uint8)
     y, x = np.mgrid[0:64, 0:64]
-    disc = (x - 32) ** 2 + (y - 32) ** 2 < 20**2
+    disc = (x - 32) ** 2 + (y - 32) ** 2 < radius**2
     a[disc] = (*colour, 255)
     a[:4, :, 3] = 128
     buf = io.BytesIO()
@@ -75,11 +75,16 @@ def _png(colour: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _svg(fill: str, view: int) -> str:
-    """A square viewBox with a centred disc; the corners are transparent."""
+def _svg(fill: str, view: int, share: float = 0.3) -> str:
+    """A square viewBox with a centred disc (radius ``share`` of the side); the corners are transparent."""
     c = view / 2
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {view} {view}">'
-            f'<circle cx="{c}" cy="{c}" r="{view * 0.3}" fill="{fill}"/></svg>')
+            f'<circle cx="{c}" cy="{c}" r="{view * share}" fill="{fill}"/></svg>')
+
+
+def _radius(index: int) -> int:
+    """Each emoji's disc has its own radius, so no two images of a style are the same bytes."""
+    return 12 + index
 
 
 def _datasource_entry(unified, name, short, category, sub, *_):
@@ -103,25 +108,25 @@ def packages(tmp_path, emoji_data):
         folder = root / emoji_data.PACKAGES[vendor].folder
         (folder / "img" / vendor / "64").mkdir(parents=True)
         (folder / "emoji.json").write_text(json.dumps(entries[::-1]))  # not in Unicode order on disk
-        for e in entries:
+        for i, e in enumerate(entries):
             if (vendor, e["unified"]) in MISSING:
                 continue
-            (folder / "img" / vendor / "64" / e["image"]).write_bytes(_png(COLOURS[vendor]))
+            (folder / "img" / vendor / "64" / e["image"]).write_bytes(_png(COLOURS[vendor], _radius(i)))
         (folder / "img" / vendor / "64" / "1f44b-1f3fb.png").write_bytes(_png((0, 0, 0)))
     twemoji = root / emoji_data.PACKAGES["twemoji"].folder
     twemoji.mkdir()
-    for unified, *_ in EMOJI:
-        (twemoji / f"{_short_hex(unified)}.svg").write_text(_svg("#ffcc00", 36))
+    for i, (unified, *_) in enumerate(EMOJI):
+        (twemoji / f"{_short_hex(unified)}.svg").write_text(_svg("#ffcc00", 36, _radius(i) / 64))
     om = root / emoji_data.PACKAGES["openmoji"].folder
     (om / "color" / "svg").mkdir(parents=True)
     (om / "data").mkdir()
     records = []
-    for unified, name, short, category, sub, annotation, tags in EMOJI:
+    for i, (unified, name, short, category, sub, annotation, tags) in enumerate(EMOJI):
         group = category.lower().replace(" & ", "-")
         records.append({"emoji": "", "hexcode": unified, "group": group, "subgroups": sub, "annotation": annotation,
                         "tags": tags, "openmoji_tags": "openmoji only words", "skintone": "",
                         "skintone_combination": "", "skintone_base_emoji": "", "skintone_base_hexcode": ""})
-        (om / "color" / "svg" / f"{unified}.svg").write_text(_svg("#00aaff", 72))
+        (om / "color" / "svg" / f"{unified}.svg").write_text(_svg("#00aaff", 72, _radius(i) / 64))
     records.append({**records[2], "hexcode": "1F44B-1F3FB", "annotation": "waving hand: light skin tone",
                     "skintone": "1", "skintone_base_hexcode": "1F44B"})
     records.append({**records[0], "hexcode": "E000", "group": "extras-openmoji", "annotation": "openmoji extra"})
@@ -214,6 +219,49 @@ def test_build_splits_captions_labels_and_images(tmp_path, packages, emoji_data)
     # --shrink wrote the train split's copies through `data shrink`.
     assert "image_32" in pq.read_schema(list_parquet_files(str(out / "train"))[0]).names
     assert not list((out).glob(".*"))  # no staging or temporary split left behind
+
+
+def test_duplicate_images_are_dropped_so_every_split_evaluates(tmp_path, packages, emoji_data):
+    """Vendors draw some emoji alike (Apple's families). One image under two subcategories is an error in the
+    evaluator, and an eval image that training saw is not unseen: the later row of a split is dropped, and an eval
+    row whose image is in train, and the counts are in the summary and dataset.json."""
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import train_tokenizer
+    from reclip_ray.evaluate import evaluate_dataset
+    from reclip_ray.model import build_model
+
+    folders = emoji_data.packages_in(packages, emoji_data.needed())
+    emoji = emoji_data.load_emoji(folders["apple"], folders["openmoji"])
+    held, seen = [e for e in emoji if e.heldout], [e for e in emoji if not e.heldout]
+    a = seen[0]
+    b = next(e for e in seen if e.subcategory != a.subcategory)  # after a in Unicode order
+
+    def png(vendor, e):
+        return folders[vendor] / "img" / vendor / "64" / e.image
+
+    png("apple", b).write_bytes(png("apple", a).read_bytes())  # train: one picture, two subcategories
+    png("google", held[0]).write_bytes(png("google", a).read_bytes())  # eval_emoji: a picture training saw
+    svgs = emoji_data.svg_files(folders["openmoji"], "color/svg")
+    om = folders["openmoji"]
+    (om / svgs[b.key]).write_text((om / svgs[a.key]).read_text())  # eval_style: one picture, two subcategories
+    out = tmp_path / "emoji"
+    summary = emoji_data.build(folders, out, full_size=FULL, log=lambda m: None)
+    expected = {"train": (1, 0), "eval_style": (1, 0), "eval_emoji": (0, 1), "eval_both": (0, 0)}
+    assert {s: (c["same_image_in_split"], c["same_image_as_train"]) for s, c in summary["duplicates"].items()} \
+        == expected
+    keys = {s: {r["key"] for r in _rows(out / s)} for s in emoji_data.SPLITS}
+    assert f"apple/{a.key}" in keys["train"] and f"apple/{b.key}" not in keys["train"]
+    assert f"google/{b.key}" in keys["train"]  # only the vendor that draws them alike loses a row
+    assert f"google/{held[0].key}" not in keys["eval_emoji"] and f"apple/{held[0].key}" in keys["eval_emoji"]
+    assert f"openmoji/{a.key}" in keys["eval_style"] and f"openmoji/{b.key}" not in keys["eval_style"]
+    meta = read_dataset_json(str(out / "eval_style"))
+    assert meta["duplicates_dropped"] == summary["duplicates"] and meta["rows"] == len(keys["eval_style"])
+    tokenizer = train_tokenizer(str(out / "train"), 300)
+    model = build_model(load_config("tiny").model, tokenizer=tokenizer)
+    for split in emoji_data.SPLITS:
+        metrics = evaluate_dataset(model, tokenizer, str(out / split), image_size=64, text_length=32)
+        assert metrics["rows"] == metrics["images"] == len(keys[split]), split
+        assert 0.0 <= metrics["subcategory/top1"] <= 1.0
 
 
 def test_twitter_png_option_reads_emoji_datasource_twitter(tmp_path, packages, emoji_data):
@@ -322,3 +370,56 @@ def test_failed_rebuild_keeps_every_old_split(tmp_path, packages, emoji_data, mo
     monkeypatch.setattr(ingest, "ingest_folder", real)
     assert emoji_data.main(args + ["--seed", "1"]) == 0
     assert sorted(r["key"] for r in _rows(out / "eval_emoji")) != before["eval_emoji"]
+
+
+@pytest.mark.slow
+def test_experiment_trains_an_arm_on_the_fixture_and_reports_every_split(ray_session, tmp_path, packages,
+                                                                         emoji_data, monkeypatch):
+    """Issue 23, item 3: the builder's output through benchmarks/reclip_vs_baseline.py. One short arm trains on
+    Ray (the full-resolution baseline: one phase, one Ray Data pipeline, so the test stays short; the RECLIP arms'
+    schedules are the fast tests'); the row has every metric of both eval splits at full resolution. The first
+    split's numbers are the trainer's last evaluation and the second's the exported model's (evaluated in the
+    driver, logged to the same MLflow run): each must be what evaluating that split from the export gives, so both
+    paths score the same model, at the same size, on the split they are named after."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import fresh_mlflow_db
+    from reclip_ray.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "emoji"
+    assert emoji_data.main(["--out", str(data), "--packages-dir", str(packages), "--full-size", "64",
+                            "--workers", "1", "--shrink", "40"]) == 0
+    spec = importlib.util.spec_from_file_location("reclip_vs_baseline_for_emoji", SCRIPT.parent /
+                                                  "reclip_vs_baseline.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    db = fresh_mlflow_db(tmp_path / "mlflow.db")
+    splits = ["eval_style", "eval_emoji"]
+    assert bench.main([
+        "--data", str(data), "--eval-splits", ",".join(splits), "--arms", "baseline", "--samples", "64",
+        "--batch", "16", "--low", "32", "--full", "64",
+        "--workers", "1", "--use-gpu", "false", "--vocab-size", "300", "--out", str(tmp_path / "out"),
+        "--tracking-uri", f"sqlite:///{db}", "--name", "emoji", "--set", "model.vision.depth=2",
+        "--set", "model.text.depth=2", "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=64",
+    ]) == 0
+    saved = json.loads((tmp_path / "results" / "emoji.json").read_text())
+    assert saved["eval_splits"] == splits and saved["label_sets"] == ["category", "subcategory"]
+    (row,) = saved["rows"]
+    assert (row["arm"], row["samples"]) == ("baseline", 64)
+    names = bench.metric_names(saved["label_sets"])
+    for split in splits:
+        assert saved["chance"][f"{split}/category/top1"] == pytest.approx(1 / 5)
+        for m in names:
+            assert 0.0 <= row[f"{split}/{m}"] <= 1.0, (split, m)  # measured, not NaN
+    for split in splits:  # each split's own rows, scored by the model the run exported, at full resolution
+        again = evaluate_checkpoint(f"{row['run_dir']}/model", str(data / split), image_size=64)["metrics"]
+        assert {m: row[f"{split}/{m}"] for m in names} == pytest.approx({m: again[m] for m in names}, abs=1e-6)
+        assert row[f"{split}/rows"] == read_dataset_json(str(data / split))["rows"]
+        assert 0.0 <= row[f"{split}/subcategory/mean_per_class_recall"] <= 1.0
+    logged = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(row["mlflow_run_id"]).data.metrics
+    assert logged["eval_emoji/64px/subcategory/top1"] == pytest.approx(row["eval_emoji/subcategory/top1"])
+    assert logged["eval_emoji/64px/text_to_image_r_5"] == pytest.approx(row["eval_emoji/text_to_image_r@5"])
+    assert logged["eval/64px/category/top1"] == pytest.approx(row["eval_style/category/top1"])
+    assert (tmp_path / "results" / "emoji.png").is_file() and (tmp_path / "results" / "emoji.csv").is_file()

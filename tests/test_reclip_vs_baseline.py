@@ -252,6 +252,146 @@ def test_main_resumes_without_rerunning_finished_runs(bench, tmp_path, monkeypat
     assert len([c for c in calls if "arm" in c]) == 12
 
 
+# ------------------------------------------------------------------------------------------------ eval splits
+
+
+def test_long_finetune_arm_is_an_absolute_count_of_the_same_samples(bench):
+    arms, _, args = _args(bench, "--full", "128", "--finetune", "0.05", "--long-finetune", "20000",
+                          "--samples", "48000")
+    assert [a.name for a in arms] == ["baseline", "reclip-5%", "reclip-ft20k", "lowres"]
+    long = bench.arm_config(arms[2], 0, args)
+    assert [(p.image_size, n) for p, n in zip(long.phases, long.phase_samples())] == [(32, 28000), (128, 20000)]
+    assert long.phases[1].lr == 2.5e-4 and long.train.samples == 48000
+    assert arms[2].finetune == pytest.approx(20000 / 48000)  # sorts among the shares
+    assert bench.arm_name("reclip", 0.0, 32, 2500) == "reclip-ft2500-pos32"
+    with pytest.raises(SystemExit, match="between 0 and --samples"):
+        bench.plan_arms("reclip", [], [], [48000], 48000)
+
+
+def _split_data(root, splits=("eval_style", "eval_emoji"), rows=(100, 50)):
+    """dataset.json files only: what the script reads before training (label sets, chance, fingerprint)."""
+    sets = {"category": {"column": "label", "classes": list("abcdefghi")},
+            "subcategory": {"column": "label_subcategory", "classes": [f"s{i}" for i in range(98)]}}
+    for split, n in zip(("train", *splits), (1000, *rows)):
+        (root / split).mkdir(parents=True)
+        (root / split / "dataset.json").write_text(json.dumps({"rows": n, "source": "emoji:x", "label_sets": sets,
+                                                                "classes": sets["category"]["classes"]}))
+    return root
+
+
+def test_split_metrics_names_chance_and_tables(bench, tmp_path):
+    data = _split_data(tmp_path / "d")
+    splits = ["eval_style", "eval_emoji"]
+    sets, chance = bench.split_chance(str(data), splits)
+    assert sets == ["category", "subcategory"]
+    assert chance["eval_style/category/top1"] == pytest.approx(1 / 9)
+    assert chance["eval_emoji/subcategory/top1"] == pytest.approx(1 / 98)
+    assert chance["eval_style/image_to_text_r@5"] == pytest.approx(5 / 100)
+    assert chance["eval_emoji/text_to_image_r@5"] == pytest.approx(5 / 50)  # each split's own rows
+    names = bench.metric_names(sets, splits)
+    assert names[:2] == ["eval_style/category/top1", "eval_style/subcategory/top1"]
+    assert len(names) == 12 and names[-1] == "eval_emoji/text_to_image_r@5"
+    assert bench.metric_names(sets, ["eval"]) == bench.metric_names(sets)  # the synthetic mode's names
+    assert bench._label("eval_style/category/top1") == "style category top-1"
+    assert bench._label("eval_emoji/image_to_text_r@5") == "emoji i2t R@5"
+    assert bench._label("category/top1") == "category top-1" and bench._label("text_to_image_r@1") == "t2i R@1"
+    # a split without the first split's label set: one line, naming the file and the set
+    meta = json.loads((data / "eval_emoji" / "dataset.json").read_text())
+    del meta["label_sets"]["subcategory"]
+    (data / "eval_emoji" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=r"eval_emoji/dataset.json: no label set 'subcategory'"):
+        bench.split_chance(str(data), splits)
+
+
+def test_split_targets_are_the_first_splits(bench):
+    """Issue 23's targets are on the held-out style (the first split): a RECLIP arm that keeps the baseline there
+    but not on the second split meets them; one that loses the first split's category does not."""
+    sets, splits = ["category"], ["eval_style", "eval_emoji"]
+    chance = {f"{sp}/{m}": c for sp in splits for m, c in
+              (("category/top1", 1 / 9), *((r, 0.01) for r in bench.RETRIEVAL))}
+
+    def metrics(style_cat, emoji_cat, r5=0.3):
+        out = {f"eval_style/{r}": r5 for r in bench.RETRIEVAL} | {f"eval_emoji/{r}": r5 for r in bench.RETRIEVAL}
+        return {**out, "eval_style/category/top1": style_cat, "eval_emoji/category/top1": emoji_cat}
+
+    rows = [_row("baseline", 0, 1000.0, 900.0, **metrics(0.6, 0.6)),
+            _row("reclip-5%", 0, 120.0, 90.0, **metrics(0.58, 0.3)),
+            _row("reclip-10%", 0, 150.0, 100.0, **metrics(0.5, 0.6))]
+    summary = bench.summarise(rows, bench.metric_names(sets, splits))
+    t = {x["arm"]: x for x in bench.targets(summary, chance, sets, splits)}
+    assert t["reclip-5%"]["met"] and t["reclip-5%"]["split"] == "eval_style"
+    assert t["reclip-5%"]["kept"]["eval_style/category/top1"] == pytest.approx(0.58 / 0.6)
+    assert not t["reclip-10%"]["top1_ok"]
+    table = bench.markdown(summary, chance, sets, splits)
+    for text in ("style category top-1", "emoji category top-1", "style i2t R@1", "emoji t2i R@5", "0.111"):
+        assert text in table, text
+    assert "category on eval_style" in bench.targets_markdown(list(t.values()))
+    assert "emoji i2t R@5" in bench.per_run_markdown(rows, sets, splits)
+
+
+def test_fingerprint_covers_every_split(bench, tmp_path):
+    data = _split_data(tmp_path / "d")
+    arms, _, args = _args(bench, "--data", str(data), "--eval-splits", "eval_style,eval_emoji")
+    assert args.eval_splits == ["eval_style", "eval_emoji"]
+    cfg = bench.arm_config(arms[0], 0, args)
+    assert cfg.data.eval == f"{data}/eval_style"  # the trainer evaluates the first split at phase ends
+    fp = bench.data_fingerprint(str(data), args.eval_splits)
+    assert set(fp) == {"train", "eval_style", "eval_emoji"}
+    key = bench.run_key("baseline", 0, cfg.to_dict(), fp)
+    meta = json.loads((data / "eval_emoji" / "dataset.json").read_text())
+    (data / "eval_emoji" / "dataset.json").write_text(json.dumps({**meta, "rows": 49}))
+    assert bench.run_key("baseline", 0, cfg.to_dict(), bench.data_fingerprint(str(data), args.eval_splits)) != key
+    assert bench.data_fingerprint(str(data)) == {"train": fp["train"], "eval": {}}  # the synthetic mode's, as before
+
+
+def test_split_mode_needs_the_data_and_never_makes_it(bench, tmp_path):
+    data = _split_data(tmp_path / "d", splits=("eval_style",), rows=(100,))
+    with pytest.raises(SystemExit, match=r"/eval_emoji: no dataset .*emoji_data.py --out"):
+        bench.main(["--data", str(data), "--eval-splits", "eval_style,eval_emoji", "--out", str(tmp_path / "o")])
+    assert not (data / "eval").exists()  # no synthetic data made in its place
+    with pytest.raises(SystemExit, match="distinct split names"):
+        bench.main(["--data", str(data), "--eval-splits", "eval_style,eval_style", "--dry-run"])
+
+
+def test_main_with_splits_saves_every_splits_metrics(bench, tmp_path, monkeypatch, capsys):
+    """main() in split mode with a stand-in trainer: each row has every split's metrics, the results file says the
+    splits and their chance levels, and the tables and plot are drawn."""
+    data = _split_data(tmp_path / "d")
+
+    def fake_run(arm, seed, cfg, key, args, label_sets):
+        by_split = {s: {m: 0.1 * (i + 1) for m in bench.metric_names(label_sets)}
+                    for i, s in enumerate(args.eval_splits)}
+        return bench.make_row(arm, seed, key, cfg.model.vision.base_image_size, bench.flops_of(cfg),
+                              {"samples": cfg.train.samples}, 1.0, args.full, label_sets, by_split=by_split,
+                              eval_s=2.0)
+
+    monkeypatch.setattr(bench, "run_arm", fake_run)
+    assert bench.main(["--data", str(data), "--eval-splits", "eval_style,eval_emoji", "--arms", "baseline,reclip",
+                       "--finetune", "0.05", "--long-finetune", "500", "--samples", "1000", "--full", "128",
+                       "--out", str(tmp_path / "o"), "--name", "splits"]) == 0
+    saved = json.loads((tmp_path / "results" / "splits.json").read_text())
+    assert saved["eval_splits"] == ["eval_style", "eval_emoji"]
+    assert [r["arm"] for r in saved["rows"]] == ["baseline", "reclip-5%", "reclip-ft500"]
+    row = saved["rows"][2]
+    assert row["eval_style/category/top1"] == pytest.approx(0.1) and row["eval_emoji/category/top1"] == 0.2
+    assert row["finetune_samples"] == 500 and row["split_eval_s"] == 2.0
+    assert saved["chance"]["eval_emoji/image_to_text_r@5"] == pytest.approx(0.1)
+    assert (tmp_path / "results" / "splits.png").is_file()
+    assert "emoji subcategory top-1" in capsys.readouterr().out
+    assert bench.main(["--replot", "--name", "splits"]) == 0
+    assert "style category top-1" in capsys.readouterr().out
+
+
+def test_estimate_adds_phases_at_their_rates(bench):
+    arms, _, args = _args(bench, "--full", "128", "--finetune", "0.1", "--samples", "10000")
+    rates = bench.parse_rates("32=100,128=10")
+    assert bench.estimate_s(bench.arm_config(arms[1], 0, args), rates, 5.0) == pytest.approx(
+        9000 / 100 + 1000 / 10 + 5 * 3)
+    assert bench.estimate_s(bench.arm_config(arms[0], 0, args), rates, 0.0) == pytest.approx(1000)
+    with pytest.raises(SystemExit, match="no rate for 128 px"):
+        bench.estimate_s(bench.arm_config(arms[0], 0, args), {32: 1.0}, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
