@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from reclip_ray.errors import ReclipError
 
-RUN_STATE_FILE = "reclip_run.json"  # same name as launch.RUN_STATE_FILE; not imported so this module stays light
+from reclip_ray.run_names import RUN_STATE_FILE
 REPORT_PNG = "report.png"
 RUN_DIR_TAG = "reclip.run_dir"
 

@@ -39,6 +39,7 @@ import yaml
 
 from reclip_ray import storage
 from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_raw, set_path
+from reclip_ray.run_names import EVAL_ERROR, FULL, TIME_ATTR
 
 
 FINETUNE_FRACTION = "finetune_fraction"
@@ -218,18 +219,6 @@ def _param_key(key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the compute axis
-
-TIME_ATTR = "gflops_total"  # the training GFLOPs spent, in every report of the worker (worker._Worker.report)
-FULL = "eval/full/"
-EVAL_ERROR = "eval_error"  # in a report whose evaluation failed or did not run: why (worker._eval_report)
-
-
-def full_view(full_image_size: int, eval_metrics: dict[str, float]) -> dict[str, float]:
-    """The full-resolution metrics again under ``eval/full/...``: one name for a sweep's metric, whatever each
-    trial's full size is."""
-    full = f"eval/{full_image_size}px/"
-    return {FULL + k[len(full):]: v for k, v in eval_metrics.items() if k.startswith(full)}
-
 
 def asha_metric(space: Space) -> str:
     """What ASHA compares at its rungs: ``scheduler.metric``, else the sweep's metric itself.

@@ -32,7 +32,8 @@ def run_dir(request, tmp_path, monkeypatch):
 
 def test_a_fatal_error_written_by_a_worker_ends_the_next_start(run_dir):
     from reclip_ray.train.launch import raise_if_fatal
-    from reclip_ray.train.worker import FATAL_FILE, _write_fatal
+    from reclip_ray.run_names import FATAL_FILE
+    from reclip_ray.train.worker import _write_fatal
 
     raise_if_fatal(run_dir)  # nothing yet
     _write_fatal(run_dir, DataError("12 of 320 rows (3.8%) bad rows"))
@@ -42,7 +43,8 @@ def test_a_fatal_error_written_by_a_worker_ends_the_next_start(run_dir):
 
 
 def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir):
-    from reclip_ray.train.launch import CHECKPOINT_SNAPSHOT, latest_checkpoint_state
+    from reclip_ray.run_names import CHECKPOINT_SNAPSHOT
+    from reclip_ray.train.launch import latest_checkpoint_state
 
     assert latest_checkpoint_state(run_dir) == ("", {})
     name = "checkpoint_s000000000512_p0"
@@ -53,7 +55,8 @@ def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir)
 
 
 def test_run_state_round_trip_and_the_final_eval(run_dir):
-    from reclip_ray.train.launch import RUN_STATE_FILE, _final_eval, _read_run_state, _write_run_state
+    from reclip_ray.run_names import RUN_STATE_FILE
+    from reclip_ray.train.launch import _final_eval, _read_run_state, _write_run_state
 
     assert _read_run_state(run_dir) == {} and _final_eval(run_dir) == {}
     _write_run_state(run_dir, {"mlflow_run_id": "abc", "attempts": 1})

@@ -172,7 +172,7 @@ def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path):
 
 
 def test_the_sweep_metric_view_is_named_in_the_sweep_module():
-    from reclip_ray.sweep import FULL, full_view
+    from reclip_ray.run_names import FULL, full_view
 
     metrics = {"eval/32px/shape/top1": 0.5, "eval/64px/shape/top1": 0.3, "eval/64px/image_to_text_r@1": 0.1,
                "loss": 4.0}

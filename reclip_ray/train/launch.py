@@ -17,8 +17,9 @@ from typing import Any
 from reclip_ray import storage
 from reclip_ray.config import Config, ConfigError, absolute, load_config
 from reclip_ray.errors import DataError, ReclipError
+from reclip_ray.run_names import (CHECKPOINT_SNAPSHOT, DATA_START_DIR, FATAL_FILE, RUN_STATE_FILE, phase_dataset_name,
+                                  phase_seed, shuffle_buffer_rows)
 
-RUN_STATE_FILE = "reclip_run.json"
 
 
 @dataclass
@@ -187,7 +188,6 @@ def build_datasets(cfg: Config, tokenizer_json: str, run_dir: str, missing_actor
     from reclip_ray.data.schema import list_parquet_files
     from reclip_ray.data.stream import read_footers
     from reclip_ray.schedule import Schedule
-    from reclip_ray.train.worker import phase_dataset_name
 
     shards = read_footers(list_parquet_files(cfg.data.train), cfg.data.image_column)
     rows = sum(s.rows for s in shards)
@@ -217,7 +217,6 @@ def phase_rows_needed(cfg: Config, plan: Any) -> int:
     bad rows and unit markers falling unevenly on the ranks' shares (the bad-row budget, ``max_bad_fraction``,
     is taken out of every pass by the caller).
     """
-    from reclip_ray.train.worker import shuffle_buffer_rows
 
     workers = cfg.scaling.max_workers
     local = -(-plan.batch_size // cfg.scaling.min_workers)  # the largest share, which sizes the largest buffer
@@ -233,7 +232,6 @@ class PhaseDatasetFactory:
                  concurrency: int, missing_actor: Any = None) -> None:
         from reclip_ray.data.copies import choose_sources
         from reclip_ray.data.stream import PhaseStream
-        from reclip_ray.train.worker import phase_seed
 
         self.cfg, self.phase, self.run_dir = cfg, phase, run_dir
         self.plan = cfg.phases[phase]
@@ -268,8 +266,6 @@ class PhaseDatasetFactory:
             keep_keys=self.cfg.fault.record_rows)
 
 
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 keeps its registered checkpoints here
-DATA_START_DIR = ".data_start"
 
 
 def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
@@ -289,7 +285,6 @@ def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
 
 def raise_if_fatal(run_dir: str) -> None:
     """End the run at a worker-group start when the last group died of a deterministic error (see the worker)."""
-    from reclip_ray.train.worker import FATAL_FILE
 
     fatal = storage.read_json(storage.join(run_dir, FATAL_FILE))
     if fatal is not None:
@@ -388,7 +383,6 @@ def run_training(
             raise ConfigError("'data.decode_device=cuda' needs GPU workers, and this cluster has no GPU "
                               "(set data.decode_device=cpu)")
         tokenizer_json = storage.read_text(prep.tokenizer_path)
-        from reclip_ray.train.worker import FATAL_FILE
 
         storage.delete_file(storage.join(prep.run_dir, FATAL_FILE))  # a rerun tries again (the user fixed it?)
         missing_actor = get_or_create_missing_shards(f"reclip-missing-shards-{prep.run_name}")

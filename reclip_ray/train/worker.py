@@ -19,10 +19,10 @@ import torch
 
 from reclip_ray import storage
 from reclip_ray.config import Config, from_dict
+from reclip_ray.run_names import (DATA_START_DIR, FATAL_FILE, FAULT_ENV, full_view, phase_dataset_name, phase_seed,
+                                  shuffle_buffer_rows)
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
-FAULT_ENV = "RECLIP_FAIL_AT_SAMPLES"
-FATAL_FILE = ".fatal_error.json"  # a deterministic error of this run's workers (not retried)
 
 
 def split_batch(global_batch: int, world_size: int, first: int = 0) -> list[int]:
@@ -47,10 +47,6 @@ def step_split(plan: Any, samples_seen: int, world_size: int) -> list[int]:
     return split_batch(plan.batch_at(samples_seen), world_size, first=k * (plan.batch_size % world_size) % world_size)
 
 
-def phase_dataset_name(index: int) -> str:
-    return f"phase{index}"
-
-
 def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank: int, marker: str) -> None:
     """Testing only: make one rank raise once when the run crosses ``fault.fail_at_samples``.
 
@@ -65,15 +61,6 @@ def _maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank:
         return
     storage.write_json(marker, {"at": at, "samples": state.samples, "time": time.time()})
     raise RuntimeError(f"fault injected at {state.samples} samples on rank {rank} (fault.fail_at_samples={at})")
-
-
-def phase_seed(cfg: Config, phase_index: int) -> int:
-    """The seed of a phase's stream (shard order, row order, crops): the same in every attempt of the run."""
-    return cfg.train.seed * 1_000_003 + phase_index * 101
-
-
-def shuffle_buffer_rows(cfg: Config, local_batch: int) -> int:
-    return 10 * local_batch if cfg.data.shuffle_buffer == -1 else cfg.data.shuffle_buffer
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -245,7 +232,6 @@ def _open_feed(w: _Worker, plan: Any, local_batch: int) -> Any:
 def _check_data_start(w: _Worker, phase: int) -> None:
     """The phase's stream was rebuilt (by the launcher's dataset factory) from the checkpoint this worker restored;
     a mismatch would silently train rows twice or skip them, so it fails loudly instead."""
-    from reclip_ray.train.launch import DATA_START_DIR
 
     start = storage.read_json(storage.join(w.run_dir, DATA_START_DIR, f"phase{phase}.json"))
     if start is None:
@@ -561,7 +547,6 @@ def _eval_report(w: _Worker, metrics: dict[str, float], error: str | None) -> di
 
 
 def _full_view(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    from reclip_ray.sweep import full_view  # the sweep's metric names live in the sweep module
 
     return full_view(cfg.eval.full_image_size or schedule.phases[-1].image_size, eval_metrics)
 
