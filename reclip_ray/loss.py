@@ -258,14 +258,19 @@ def _ring_texts(text_features: torch.Tensor, sizes: list[int]):
         to_right, to_left = from_left, from_right
 
 
-def _sigmoid_block(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                   *, positives: bool) -> torch.Tensor:
-    """Summed ``-log sigmoid(z * logit)`` over one block of pairs; z = +1 on the diagonal of the own block."""
-    logits = logit_scale * images @ texts.T + logit_bias
-    signs = -torch.ones_like(logits)
+def _sigmoid_block(scaled_images: torch.Tensor, texts: torch.Tensor, logit_bias: torch.Tensor, *,
+                   positives: bool) -> torch.Tensor:
+    """Summed ``-log sigmoid(z * logit)`` over one block of pairs; z = +1 on the diagonal of the own block, else -1.
+
+    Written so that autograd keeps one b x b tensor per block (the logsigmoid input): the scale is already in the
+    images, and the all-negative blocks are negated rather than multiplied by a sign matrix.
+    """
+    logits = scaled_images @ texts.T + logit_bias
     if positives:
+        signs = -torch.ones_like(logits)
         signs.fill_diagonal_(1.0)
-    return -F.logsigmoid(signs * logits).sum()
+        return -F.logsigmoid(signs * logits).sum()
+    return -F.logsigmoid(-logits).sum()
 
 
 def sigmoid_loss(
@@ -283,8 +288,9 @@ def sigmoid_loss(
     """
     rank, world = _dist_info()
     sizes = [image_features.shape[0]] if world == 1 else _batch_sizes(image_features, local_batch_sizes)
-    loss = _sigmoid_block(image_features, text_features, logit_scale, logit_bias, positives=True)
+    scaled = logit_scale * image_features
+    loss = _sigmoid_block(scaled, text_features, logit_bias, positives=True)
     if world > 1:
         for texts in _ring_texts(text_features, sizes):
-            loss = loss + _sigmoid_block(image_features, texts, logit_scale, logit_bias, positives=False)
+            loss = loss + _sigmoid_block(scaled, texts, logit_bias, positives=False)
     return loss * (world / sum(sizes))
