@@ -90,6 +90,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # the sigmoid loss's bias; train.loss=siglip sets -10 (and scale log 10)
     grad_checkpointing: bool = False
     init_from: str = ""  # weights to start from: reclip-ray export, open_clip checkpoint or timm ViT (init_weights.py)
 
@@ -113,6 +114,7 @@ class TrainConfig:
     log_every_steps: int = 10  # >= 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     collective_timeout_s: int = 600
+    loss: str = "clip"  # clip (softmax InfoNCE) | siglip (pairwise sigmoid, learnable bias; no B x B gather)
     local_loss: str = "auto"  # auto (on with > 1 worker) | true | false: each rank builds only its rows of the logits
     micro_batch_size: int = 0  # rows per forward/backward on a worker (exact accumulation); 0: the whole local batch
     compile: bool = False  # torch.compile the model (off until measured faster: BENCHMARKS.md)
@@ -434,9 +436,19 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Validate a raw mapping into a ``Config`` and check the cross-field rules."""
     raw = copy.deepcopy(raw)
     raw["model"] = _resolve_model(raw.get("model"))
+    _apply_loss_defaults(raw)
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _apply_loss_defaults(raw: dict[str, Any]) -> None:
+    """``train.loss: siglip`` starts from the SigLIP paper's temperature and bias (t' = log 10, b = -10), as open_clip's
+    ``--siglip`` does; keys the user set win. On the raw mapping, where "not set" is still visible."""
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("loss") == "siglip":
+        raw["model"].setdefault("init_logit_bias", -10.0)
+        raw["model"].setdefault("init_logit_scale", math.log(10.0))
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -505,6 +517,7 @@ def validate(cfg: Config) -> None:
     _check_batches(cfg)
     _check_heads(cfg)
     _check_optim(cfg)
+    _check_loss(cfg)
     if cfg.train.log_every_steps < 1:
         raise ConfigError(f"'train.log_every_steps' must be >= 1, got {cfg.train.log_every_steps}")
     if cfg.checkpoint.every_samples < 0:
@@ -625,6 +638,21 @@ def _check_optim(cfg: Config) -> None:
         raise ConfigError(f"'optim.min_lr_ratio' must be in [0, 1], got {o.min_lr_ratio}")
     whole = "the run (of each phase with optim.schedule=per_phase)"
     _check_amount(o.warmup_samples, "optim.warmup_samples", whole)
+
+
+def _check_loss(cfg: Config) -> None:
+    """``train.loss`` and the model's logit bias go together: the sigmoid loss trains it, the CLIP loss has none
+    (an unused parameter would also stop DDP)."""
+    loss, bias = cfg.train.loss, cfg.model.init_logit_bias
+    if loss not in ("clip", "siglip"):
+        raise ConfigError(f"'train.loss' must be clip or siglip, got {loss!r}")
+    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
+        raise ConfigError(f"'model.init_logit_bias' must be a number, got {bias!r}")
+    if loss == "siglip" and bias is None:
+        raise ConfigError("'train.loss=siglip' needs 'model.init_logit_bias' (leave it unset for the paper's -10)")
+    if loss == "clip" and bias is not None:
+        raise ConfigError(f"'model.init_logit_bias' ({bias}) is the sigmoid loss's bias; set train.loss=siglip or "
+                          "remove it")
 
 
 def absolute(path: str, base: str | os.PathLike | None = None) -> str:

@@ -23,6 +23,32 @@ loss`` equals the global-batch loss. No extra scaling is needed in the trainer. 
 
 Local batches may differ in size between ranks (the last batch of a split): sizes are gathered first and
 features padded to the largest.
+
+The sigmoid loss (SigLIP, Zhai et al. 2023; ``train.loss: siglip``, selected by passing ``logit_bias``) follows the
+same convention: each rank returns its share (the mean over ranks is the global-batch loss
+``sum over all B x B pairs of -log sigmoid(z_ij (t x_i.y_j + b)) / B``, z = +1 on the diagonal, -1 elsewhere) and
+DDP's mean gives the global gradients exactly. Every pair is independent, so no rank ever needs the B x B matrix or
+the other ranks' images: rank r scores its b images against its own texts, then against every other rank's texts
+as they come round a ring (``_ring_texts``: both neighbours at once, ceil((N - 1) / 2) point-to-point rounds). The
+received texts keep their autograd path (``_Exchange``: the backward sends each received chunk's gradient back to
+its owner), so a rank's text features get the column terms that every other rank's images put on them. The
+``local_loss`` / ``gather_with_grad`` modes do not apply: the loss is always row-local and gradient-exact.
+
+Cost at scale (64 ranks, B = 32,768, b = 512, D = 512, fp32 features: one rank's features are 1 MiB), per rank
+per step, loss only:
+
+* bytes moved: sigmoid 63 MiB in (texts) + 63 MiB back (their gradients) = 126 MiB. CLIP with local loss:
+  all-gather of images and texts 2 x 63 MiB, then an all-reduce of two B x D gradients (2 x 64 MiB, ring:
+  ~2 x 126 MiB) = ~378 MiB, 3x more, and the all-reduce is a synchronising collective over all 64 ranks where the
+  ring only ever waits for two neighbours.
+* peak memory: sigmoid keeps the received text chunks for the backward (B x D = 64 MiB) and one b x b logits
+  block per rank pair (b x B = 64 MiB), ~130 MiB. CLIP with local loss keeps the gathered images and texts
+  (128 MiB), two b x B logits matrices plus their softmax (~256 MiB) and the all-reduce buffers (128 MiB),
+  ~0.5 GiB. Both are small next to the towers' activations; the sigmoid loss never builds anything B x B.
+* latency: the ring is 32 sequential rounds of 1 MiB each way (not overlapped with the block's compute here).
+* FLOPs: one ``b x B x D`` product per rank, exactly the ``2 B D`` per sample that ``reclip_ray.flops`` counts for
+  the logits (CLIP with local loss executes it twice, one per direction); the sigmoid and the sums are
+  elementwise (not counted, as LayerNorm is not). So the FLOPs accounting is the same for both losses.
 """
 
 from __future__ import annotations
@@ -46,6 +72,17 @@ def _gather_sizes(n: int, device: torch.device) -> list[int]:
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
+
+
+def _batch_sizes(features: torch.Tensor, local_batch_sizes: Sequence[int] | None) -> list[int]:
+    """Every rank's local batch size: checked against this rank when the caller knows them, else gathered."""
+    rank, world = _dist_info()
+    if local_batch_sizes is None:
+        return _gather_sizes(features.shape[0], features.device)
+    sizes = [int(n) for n in local_batch_sizes]
+    if len(sizes) != world or sizes[rank] != features.shape[0]:
+        raise ValueError(f"local_batch_sizes {sizes} do not match rank {rank}'s batch {features.shape[0]}")
+    return sizes
 
 
 def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -105,12 +142,7 @@ def gather_features(
     rank, world = _dist_info()
     if world == 1:
         return image_features, text_features, [image_features.shape[0]]
-    if local_batch_sizes is not None:
-        sizes = [int(n) for n in local_batch_sizes]
-        if len(sizes) != world or sizes[rank] != image_features.shape[0]:
-            raise ValueError(f"local_batch_sizes {sizes} do not match rank {rank}'s batch {image_features.shape[0]}")
-    else:
-        sizes = _gather_sizes(image_features.shape[0], image_features.device)
+    sizes = _batch_sizes(image_features, local_batch_sizes)
     if gather_with_grad:
         all_img = _AllGatherWithGrad.apply(image_features, sizes, rank)
         all_txt = _AllGatherWithGrad.apply(text_features, sizes, rank)
@@ -132,8 +164,15 @@ def contrastive_loss(
     local_loss: bool = False,
     gather_with_grad: bool = True,
     local_batch_sizes: Sequence[int] | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE on L2-normalised local features; see the module docstring for the DDP convention."""
+    """Symmetric InfoNCE on L2-normalised local features; see the module docstring for the DDP convention.
+
+    With ``logit_bias`` (a model built for ``train.loss: siglip`` has one) it is the sigmoid loss instead
+    (``sigmoid_loss``): the trainer makes one call whatever the loss, and the model decides which.
+    """
+    if logit_bias is not None:
+        return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, local_batch_sizes=local_batch_sizes)
     rank, world = _dist_info()
     if world == 1:
         logits = logit_scale * image_features @ text_features.T
@@ -160,3 +199,98 @@ def contrastive_loss(
     logits_per_text = logit_scale * text_features @ all_img.T
     loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
     return loss * (world * n / total)
+
+
+# ----------------------------------------------------------------------------------------------- sigmoid loss
+
+
+def _p2p(tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int],
+         recv_rows: Sequence[int]) -> list[torch.Tensor]:
+    """Send ``tensors[i]`` to rank ``send_to[i]`` and receive a ``recv_rows[j]``-row tensor from ``recv_from[j]``,
+    all in one batch of point-to-point operations."""
+    like = tensors[0]
+    received = [like.new_empty((rows, *like.shape[1:])) for rows in recv_rows]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in zip(tensors, send_to)]
+    ops += [dist.P2POp(dist.irecv, buf, peer) for buf, peer in zip(received, recv_from)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _Exchange(torch.autograd.Function):
+    """``_p2p`` whose backward runs the same exchange in reverse: the gradient of every received tensor goes back
+    to the rank that sent it and lands on the tensor it sent, so features used on another rank get their gradient."""
+
+    @staticmethod
+    def forward(ctx, send_to: tuple[int, ...], recv_from: tuple[int, ...], recv_rows: tuple[int, ...],
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.send_to, ctx.recv_from = send_to, recv_from
+        ctx.send_rows = tuple(t.shape[0] for t in tensors)
+        return tuple(_p2p(tensors, send_to, recv_from, recv_rows))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        back = _p2p([g.contiguous() for g in grads], ctx.recv_from, ctx.send_to, ctx.send_rows)
+        return (None, None, None, *back)
+
+
+def _ring_texts(text_features: torch.Tensor, sizes: list[int]):
+    """Yield every other rank's text features, each once, with autograd paths back to their owners.
+
+    Round k receives the texts of rank r - k from the left neighbour and of rank r + k from the right one (each
+    rank passes on what it received the round before), so N - 1 chunks arrive in ceil((N - 1) / 2) rounds; with
+    N even the last round is one-way (from the left: rank r + N/2 is rank r - N/2).
+    """
+    rank, world = _dist_info()
+    left, right = (rank - 1) % world, (rank + 1) % world
+    to_right = to_left = text_features
+    for k in range(1, world // 2 + 1):
+        from_left_rows = sizes[(rank - k) % world]
+        if 2 * k == world:  # the last round of an even ring: one way
+            (from_left,) = _Exchange.apply((right,), (left,), (from_left_rows,), to_right)
+            yield from_left
+            return
+        from_left, from_right = _Exchange.apply(
+            (right, left), (left, right), (from_left_rows, sizes[(rank + k) % world]), to_right, to_left
+        )
+        yield from_left
+        yield from_right
+        to_right, to_left = from_left, from_right
+
+
+def _sigmoid_block(scaled_images: torch.Tensor, texts: torch.Tensor, logit_bias: torch.Tensor, *,
+                   positives: bool) -> torch.Tensor:
+    """Summed ``-log sigmoid(z * logit)`` over one block of pairs; z = +1 on the diagonal of the own block, else -1.
+
+    Written so that autograd keeps one b x b tensor per block (the logsigmoid input): the scale is already in the
+    images, and the all-negative blocks are negated rather than multiplied by a sign matrix.
+    """
+    logits = scaled_images @ texts.T + logit_bias
+    if positives:
+        signs = -torch.ones_like(logits)
+        signs.fill_diagonal_(1.0)
+        return -F.logsigmoid(signs * logits).sum()
+    return -F.logsigmoid(-logits).sum()
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    local_batch_sizes: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """This rank's share of SigLIP's pairwise sigmoid loss (module docstring: convention, exchange and cost).
+
+    Equal to open_clip's ``SigLipLoss`` when local batches are equal (it divides by the local batch; here the
+    scale is ``N / B`` so that unequal batches still average to the global loss).
+    """
+    rank, world = _dist_info()
+    sizes = [image_features.shape[0]] if world == 1 else _batch_sizes(image_features, local_batch_sizes)
+    scaled = logit_scale * image_features
+    loss = _sigmoid_block(scaled, text_features, logit_bias, positives=True)
+    if world > 1:
+        for texts in _ring_texts(text_features, sizes):
+            loss = loss + _sigmoid_block(scaled, texts, logit_bias, positives=False)
+    return loss * (world / sum(sizes))

@@ -72,6 +72,9 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=t.width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.max_log_logit_scale = math.log(cfg.max_logit_scale)
+        # The sigmoid loss's learnable bias (train.loss: siglip); None keeps the CLIP loss's parameter set.
+        bias = cfg.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
 

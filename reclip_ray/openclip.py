@@ -69,6 +69,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     ("text.blocks.{i}.mlp.2.{p}", "transformer.resblocks.{i}.mlp.c_proj.{p}"),
     ("text.ln_final.{p}", "ln_final.{p}"),
     ("logit_scale", "logit_scale"),
+    ("logit_bias", "logit_bias"),  # the sigmoid loss's (train.loss: siglip); open_clip's CLIP has it too
 )
 # (reclip-ray name, open_clip name): same values, different shapes (reshaped or transposed by _reshape).
 _RESHAPED: tuple[tuple[str, str], ...] = (
@@ -199,7 +200,12 @@ def open_clip_model_cfg(model: nn.Module, image_size: int) -> dict[str, Any]:
     vocab = t.vocab_size
     # argmax pools the largest id: the first end token when that is the vocabulary's last id (CLIP's BPE).
     pool = "argmax" if t.eot_id == vocab - 1 else "eos"
+    # A model trained with the sigmoid loss keeps its bias: open_clip's CLIP creates the parameter only when
+    # init_logit_bias is set (the trained value then comes with the weights).
+    logit_bias = getattr(model, "logit_bias", None)
+    bias = {} if logit_bias is None else {"init_logit_bias": float(logit_bias.detach())}
     return {
+        **bias,
         "embed_dim": int(model.cfg.embed_dim),
         "quick_gelu": False,
         "vision_cfg": {

@@ -5,7 +5,8 @@ of running the same steps - micro-batches of a quarter of the global batch in on
 DDP with and without micro-batches, with ``local_loss`` on, with unequal local batches so the ranks run different
 numbers of micro-batches - must give the same loss and pre-clip gradient norm at every step, the same gradients
 after the first step (``logit_scale``'s included: counted once) and the same parameters after three AdamW steps,
-up to float rounding.
+up to float rounding. The same holds for the sigmoid loss (``train.loss: siglip``: texts exchanged round a ring,
+its ``logit_bias`` a leaf counted once, like ``logit_scale``).
 """
 
 from __future__ import annotations
@@ -26,30 +27,36 @@ LR = 1e-3
 # twice, a missing column term) moves parameters by a good part of LR, 100x more.
 RTOL, PARAM_ATOL = 1e-5, 1e-2 * LR
 
-# Two-rank cases: (name, per-rank sizes, micro_batch, local_loss)
+# Two-rank cases: (name, per-rank sizes, micro_batch, local_loss, train.loss)
 RANK_CASES = [
-    ("ddp", [8, 8], 0, False),
-    ("ddp-local-loss", [8, 8], 0, True),
-    ("ddp-micro", [8, 8], GLOBAL // 4, False),
-    ("ddp-micro-local-loss", [8, 8], GLOBAL // 4, True),
-    ("ddp-micro-unequal", [9, 7], GLOBAL // 4, True),  # rank 0: 4+4+1 rows, rank 1: 4+3 rows
-    ("ddp-micro-one-rank-over", [9, 7], 8, False),  # rank 0: 8+1 rows, rank 1: one micro-batch of 7 (same path)
+    ("ddp", [8, 8], 0, False, "clip"),
+    ("ddp-local-loss", [8, 8], 0, True, "clip"),
+    ("ddp-micro", [8, 8], GLOBAL // 4, False, "clip"),
+    ("ddp-micro-local-loss", [8, 8], GLOBAL // 4, True, "clip"),
+    ("ddp-micro-unequal", [9, 7], GLOBAL // 4, True, "clip"),  # rank 0: 4+4+1 rows, rank 1: 4+3 rows
+    ("ddp-micro-one-rank-over", [9, 7], 8, False, "clip"),  # rank 0: 8+1 rows, rank 1: one micro-batch of 7 (same path)
     # The extra row on rank 1, as worker.step_split rotates it: rank 0's features are padded in the gather
-    ("ddp-extra-row-on-rank-1", [7, 9], 0, True),
+    ("ddp-extra-row-on-rank-1", [7, 9], 0, True, "clip"),
+    # The sigmoid loss (local_loss does not apply): plain, accumulated, and unequal with different micro-batch counts
+    ("siglip-ddp", [8, 8], 0, False, "siglip"),
+    ("siglip-ddp-micro", [8, 8], GLOBAL // 4, False, "siglip"),
+    ("siglip-ddp-micro-unequal", [9, 7], GLOBAL // 4, True, "siglip"),
 ]
 
 
-def _cfg():
-    return load_config("tiny", ["model.vision.depth=1", "model.text.depth=1"])
+def _cfg(loss: str = "clip"):
+    return load_config("tiny", ["model.vision.depth=1", "model.text.depth=1", f"train.loss={loss}"])
 
 
-def _model():
+def _model(loss: str = "clip"):
     from reclip_ray.model import build_model
 
     torch.manual_seed(0)
-    model = build_model(_cfg().model, vocab_size=64)
+    model = build_model(_cfg(loss).model, vocab_size=64)
     with torch.no_grad():
         model.logit_scale.fill_(2.0)  # moderate logits: the test stays sensitive to gradient errors
+        if model.logit_bias is not None:
+            model.logit_bias.fill_(-1.0)  # likewise (the paper's -10 makes every pair a confident negative)
     return model
 
 
@@ -96,6 +103,17 @@ def reference() -> dict:
     return _run(_model())
 
 
+@pytest.fixture(scope="module")
+def reference_siglip() -> dict:
+    return _run(_model("siglip"))
+
+
+def test_one_worker_micro_batches_equal_the_global_batch_siglip(reference_siglip):
+    assert "logit_bias" in reference_siglip["grads"]  # so the comparison covers the bias, counted once
+    got = _run(_model("siglip"), micro_batch=GLOBAL // 4)
+    _assert_same(got, reference_siglip, "siglip, 1 worker, micro-batch global/4")
+
+
 def test_micro_batch_slices():
     assert micro_batch_slices(10, 0) == [slice(0, 10)]
     assert micro_batch_slices(10, 10) == micro_batch_slices(10, 64) == [slice(0, 10)]
@@ -131,8 +149,8 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
-    for name, sizes, micro, local_loss in RANK_CASES:
-        ddp = DDP(_model(), find_unused_parameters=False)  # as the trainer wraps it (ray.train.torch.prepare_model)
+    for name, sizes, micro, local_loss, loss in RANK_CASES:
+        ddp = DDP(_model(loss), find_unused_parameters=False)  # as the trainer wraps it (ray.train.torch.prepare_model)
         start = sum(sizes[:rank])
         results[name] = _run(ddp, slice(start, start + sizes[rank]), micro_batch=micro, local_loss=local_loss,
                              gather_with_grad=True, local_batch_sizes=sizes)
@@ -142,12 +160,12 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_path, reference):
+def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_path, reference, reference_siglip):
     out = str(tmp_path / "out.pt")
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
-    for name, *_ in RANK_CASES:
-        _assert_same(results[name], reference, name)
+    for name, *_, loss in RANK_CASES:
+        _assert_same(results[name], reference_siglip if loss == "siglip" else reference, name)
 
 
 def test_local_loss_setting():

@@ -209,6 +209,37 @@ def test_open_clip_export_with_project_tokenizer(tmp_path, tokenizer_path, caplo
     assert "load_tokenizer" in readme and f"eot={tok.eot_id}" in readme and "not open_clip.get_tokenizer" in readme
 
 
+def test_sigmoid_loss_model_exports_its_bias_both_ways(tmp_path, clip_tok, caplog):
+    """train.loss=siglip: open_clip's config gets ``init_logit_bias`` (so its CLIP has the parameter) and the trained
+    bias and scale load exactly, in ``create_model_and_transforms("local-dir:...")`` and in our own export."""
+    import reclip_ray
+    from reclip_ray.openclip import from_open_clip_state, open_clip_model_cfg, to_open_clip_state
+
+    cfg = load_config("tiny", ["train.loss=siglip"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer=clip_tok).eval()
+    perturb(model)  # the bias moves off its init: the trained value must travel with the weights
+    bias, scale = model.logit_bias.item(), model.logit_scale.item()
+    assert bias != -10.0
+    out = reclip_ray.export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip")
+    doc = json.loads((out / "open_clip_config.json").read_text())
+    assert doc["model_cfg"]["init_logit_bias"] == pytest.approx(bias)
+    oc = load_open_clip(out, caplog)
+    assert (oc.logit_bias.item(), oc.logit_scale.item()) == (bias, scale)
+    size, length = cfg.phases[-1].image_size, cfg.phases[-1].text_length
+    d_img, d_txt = compare(model, oc, clip_tok, size, length)
+    assert d_img < TOL and d_txt < TOL
+    theirs = to_open_clip_state(model, size)
+    assert set(theirs) == set(open_clip.CLIP(**open_clip_model_cfg(model, size)).state_dict())
+    assert torch.equal(from_open_clip_state(theirs)[0]["logit_bias"], model.logit_bias.detach())
+    # A CLIP-loss model has no bias and its config none (open_clip then builds no such parameter).
+    plain, _ = make_model("tiny", clip_tok)
+    assert "init_logit_bias" not in open_clip_model_cfg(plain, 64) and "logit_bias" not in to_open_clip_state(plain, 64)
+    # reclip-ray's own export reloads the same bias (config.yaml keeps train.loss and model.init_logit_bias).
+    again, _ = reclip_ray.load_model(reclip_ray.export_model(model, clip_tok, cfg, tmp_path / "ours"))
+    assert again.logit_bias.item() == bias
+
+
 def test_mapping_covers_every_weight_both_ways(clip_tok):
     """Every reclip-ray weight has exactly one open_clip name (the key set open_clip's CLIP has), and back."""
     from reclip_ray.openclip import from_open_clip_state, open_clip_model_cfg, to_open_clip_state

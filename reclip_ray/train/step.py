@@ -111,9 +111,12 @@ def train_step(
 
     Returns floats: ``loss`` (the global-batch loss on every rank: with ``local_loss`` each rank's share is
     averaged over ranks, one scalar all-reduce, so the logged loss means the same with or without it),
-    ``logit_scale`` (exp'd, as used in the logits), ``grad_norm`` (before clipping) and ``lr``.
+    ``logit_scale`` (exp'd, as used in the logits), ``grad_norm`` (before clipping) and ``lr``; with the sigmoid
+    loss also ``logit_bias``. The loss is the model's: one with a ``logit_bias`` (``train.loss: siglip``) trains
+    the sigmoid loss, whose value is always each rank's share (as with ``local_loss``).
     """
     core = getattr(model, "module", model)
+    bias = getattr(core, "logit_bias", None)
     device = next(core.parameters()).device
     images = images.to(device, non_blocking=True)
     tokens = tokens.to(device, non_blocking=True)
@@ -135,7 +138,8 @@ def train_step(
         with amp():
             image_features, text_features, logit_scale = model(x, tokens)
         # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
-        loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), **loss_kwargs)
+        loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(),
+                                logit_bias=None if bias is None else bias.float(), **loss_kwargs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
     else:
@@ -151,10 +155,11 @@ def train_step(
     if hasattr(core, "clamp_logit_scale_"):
         core.clamp_logit_scale_()
     return {
-        "loss": _global_loss_value(loss, local_loss),
+        "loss": _global_loss_value(loss, local_loss or bias is not None),
         "logit_scale": float(logit_scale.detach()),
         "grad_norm": float(grad_norm),
         "lr": float(lr),
+        **({} if bias is None else {"logit_bias": float(bias.detach())}),
     }
 
 
@@ -188,10 +193,12 @@ def _accumulate(
     image_cache = torch.cat(image_parts).requires_grad_()
     text_cache = torch.cat(text_parts).requires_grad_()
     scale_leaf = scale.float().detach().requires_grad_()
+    bias = getattr(core, "logit_bias", None)  # the sigmoid loss's; a leaf like logit_scale
+    bias_leaf = None if bias is None else bias.float().detach().requires_grad_()
     del image_parts, text_parts
 
     # 2. The loss once, on the cached features of all ranks; its backward gives the features' gradients.
-    loss = contrastive_loss(image_cache, text_cache, scale_leaf, **loss_kwargs)
+    loss = contrastive_loss(image_cache, text_cache, scale_leaf, logit_bias=bias_leaf, **loss_kwargs)
     loss.backward()
     image_grad, text_grad, scale_grad = image_cache.grad, text_cache.grad, scale_leaf.grad
 
@@ -203,5 +210,7 @@ def _accumulate(
         surrogate = (img.float() * image_grad[sl]).sum() + (txt.float() * text_grad[sl]).sum()
         if last:
             surrogate = surrogate + scale.float() * scale_grad
+            if bias is not None:
+                surrogate = surrogate + bias.float() * bias_leaf.grad
         surrogate.backward()
     return loss, scale_leaf
