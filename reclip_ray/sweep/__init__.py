@@ -28,7 +28,7 @@ The modules, in the order a sweep uses them:
 - ``space``: the YAML file read and checked (``load_space``), its domains in Tune's terms.
 - ``trial_config``: one trial's config, its budget turned into phase lengths (``trial_raw``).
 - ``asha``: the compute axis, the metric ASHA compares, the scheduler, what of a report reaches Tune.
-- ``trainable``: what every trial shares (``trial_setup``) and the trial itself (``run_trial``).
+- ``trainable``: what every trial shares (``trial_setup``) and the trial itself (``tune_trainable``).
 - ``progress``: one printed line per finished trial.
 - ``results`` and ``plot``: results.csv, best.yaml, pareto.png, and the trials' MLflow statuses.
 - ``run``: ``run_sweep``, the steps above in order.
@@ -41,11 +41,15 @@ from reclip_ray.sweep.asha import asha_axis, asha_metric, asha_milestones, make_
 from reclip_ray.sweep.plot import pareto_front
 from reclip_ray.sweep.results import best_row, trial_rows
 from reclip_ray.sweep.run import check_trials, check_trials_evaluate, run_sweep, sweep_from_cli
-from reclip_ray.sweep.space import FINETUNE_FRACTION, Space, grid_corners, load_space
+from reclip_ray.sweep.space import FINETUNE_FRACTION, Space, grid_corners, load_space, trial_params
 from reclip_ray.sweep.trial_config import trial_raw
+
+# Tune pickles a sweep's callbacks into its saved state; the progress callback of a sweep started before sweep.py
+# became this package calls the old module's ``_public`` by that name when the sweep resumes.
+_public = trial_params
 
 __all__ = [
     "FINETUNE_FRACTION", "Space", "asha_axis", "asha_metric", "asha_milestones", "best_row", "check_trials",
     "check_trials_evaluate", "grid_corners", "load_space", "make_scheduler", "pareto_front", "run_sweep",
-    "sweep_from_cli", "trial_raw", "trial_rows", "tune_result",
+    "sweep_from_cli", "trial_params", "trial_raw", "trial_rows", "tune_result",
 ]

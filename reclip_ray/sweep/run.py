@@ -16,7 +16,7 @@ from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
 from reclip_ray.sweep.progress import progress_callback
 from reclip_ray.sweep.results import close_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
-from reclip_ray.sweep.trainable import run_trial, trial_setup
+from reclip_ray.sweep.trainable import trial_setup, tune_trainable
 from reclip_ray.sweep.trial_config import trial_raw
 
 
@@ -124,7 +124,7 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
     if axis:
         print(f"[sweep] ASHA on training GFLOPs: compares {asha_metric(space)} at "
               f"{', '.join(f'{m:,.0f}' for m in axis['milestones'])} GFLOPs", flush=True)
-    trainable = tune.with_resources(run_trial, {"cpu": space.resources_per_trial_cpu})
+    trainable = tune_trainable(space)
     tune_dir = storage.join(sweep.sweep_dir, "tune")
     run_config = tune.RunConfig(
         name="tune", storage_path=sweep.sweep_dir, callbacks=[progress_callback(space.metric, n_phases)], verbose=0,

@@ -1,8 +1,8 @@
 """The trial: a function trainable that builds its config and fits a ``TorchTrainer`` (Ray Train V2's way of
 nesting Train in Tune), forwarding what rank 0 reports to Tune.
 
-``trial_setup`` is what every trial shares (Tune hands it to each as ``config["_setup"]``); ``run_trial`` reads it
-in the trial's own process, so the two are kept together here.
+``trial_setup`` is what every trial shares (Tune hands it to each as ``config["_setup"]``); the trial reads it in
+its own process, so the two are kept together here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,15 @@ def trial_setup(space: Space, axis: dict[str, Any] | None, *, base_raw: dict[str
     }
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def tune_trainable(space: Space) -> Any:
+    """The trial as Tune runs it, with its CPU share. Its name, ``_run_trial``, is part of every sweep's saved
+    state: ``Tuner.restore`` refuses a trainable of another name, so an interrupted sweep resumes only under it."""
+    from ray import tune
+
+    return tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
+
+
+def _run_trial(config: dict[str, Any]) -> None:
     """One trial: the base config + this trial's parameters, under the budget, trained by Ray Train."""
     import ray.tune
 
