@@ -183,12 +183,20 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One small function per subcommand below, each adding its arguments and its handler (``func``)."""
     parser = argparse.ArgumentParser(prog="reclip-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
     data = sub.add_parser("data", help="make, ingest, tokenize and inspect datasets").add_subparsers(
         dest="data_command", required=True
     )
+    for add in (_add_data_synth, _add_data_ingest, _add_data_shrink, _add_data_tokenizer, _add_data_inspect):
+        add(data)
+    for add in (_add_train, _add_report, _add_eval, _add_export, _add_sweep, _add_bench, _add_plan):
+        add(sub)
+    return parser
+
+
+def _add_data_synth(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("synth", help="write the captioned-shapes dataset (train + eval splits)")
     p.add_argument("--out", required=True)
     p.add_argument("--train", type=int, default=20000)
@@ -200,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="textured backgrounds and their label set 'background': detail that 32 px cannot show")
     p.set_defaults(func=_data_synth)
 
+
+def _add_data_ingest(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("ingest", help="convert a folder of images + captions, or webdataset tars, to Parquet shards")
     p.add_argument("--images")
     p.add_argument("--captions")
@@ -209,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shrink", default="", metavar="SIZES", help="then store shrunk copies (as `data shrink`), e.g. 40,80")
     p.set_defaults(func=_data_ingest)
 
+
+def _add_data_shrink(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("shrink", help="store small JPEG copies (e.g. 40,80 px shorter side) next to every image, "
                                        "for the low-resolution phases")
     p.add_argument("data", metavar="DATA", help="dataset folder (its shards are rewritten in place, atomically)")
@@ -220,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remake copies that already exist")
     p.set_defaults(func=_data_shrink)
 
+
+def _add_data_tokenizer(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a dataset's captions")
     p.add_argument("--data", required=True)
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -229,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N captions (0: all; the default matches data.tokenizer_sample_captions)")
     p.set_defaults(func=_data_tokenizer)
 
+
+def _add_data_inspect(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("inspect", help="rows, shards, columns, bad rows, image sizes (JSON)")
     p.add_argument("path")
     p.add_argument("--image-column", default="image")
@@ -236,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="decode at most this many rows (0: all)")
     p.set_defaults(func=_data_inspect)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run a RECLIP training job (no arguments: the embedded default)")
     p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. phases.0.image_size=48")
@@ -243,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Ray's own output here instead of in RUN_DIR/ray.log")
     p.set_defaults(func=_train)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="draw RUN_DIR/report.png from the run's MLflow history (prints its path)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (run.storage_path/run.name)")
     p.add_argument("--tracking-uri", default=None,
@@ -250,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else ./mlflow.db)")
     p.set_defaults(func=_report)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="zero-shot classification and retrieval of an exported model (JSON)")
     p.add_argument("--checkpoint", required=True,
                    help="exported model directory (the run's model/ folder, an MLflow model artifact, or an open_clip "
@@ -260,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=_eval)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="rewrite an exported model for open_clip (a `local-dir:` folder)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory (the run's model/ folder)")
     p.add_argument("--format", choices=["open_clip"], default="open_clip")
@@ -267,17 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
     p.set_defaults(func=_export)
 
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="Ray Tune search over resolution / phase-length schedules")
     p.add_argument("--space", required=True)
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_sweep)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (JSON lines)")
     p.add_argument("what", choices=["data", "model", "e2e", "step"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
 
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="FLOPs, RECLIP saving, wall time and decode cores of a run, from its config alone")
     p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -287,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-rates", default=None, metavar="FILE.jsonl", help="`reclip-ray bench data` output")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=_plan)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -451,6 +451,13 @@ def _apply_loss_defaults(raw: dict[str, Any]) -> None:
         raw["model"].setdefault("init_logit_scale", math.log(10.0))
 
 
+def model_config(raw_model: Any) -> ModelConfig:
+    """The model a raw ``model`` entry describes (a preset name, or a mapping with an optional ``preset`` plus
+    overrides; None: the default preset), with the same key checks as a whole config. For code that prices a raw
+    config it is still editing: a sweep turns its GFLOPs budget into phase lengths before the config is whole."""
+    return _build(ModelConfig, _resolve_model(raw_model), "model")
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Preset name or YAML path, plus ``--set`` overrides, validated."""
     return from_dict(apply_overrides(load_raw(name_or_path), overrides))
@@ -463,107 +470,142 @@ def validate(cfg: Config) -> None:
     here as one line naming the key. Sample amounts (phase ``samples``, ``warmup_samples``) follow one rule: an
     integer is a number of samples and a float <= 1 a fraction, so ``1`` is one sample and ``1.0`` all of them;
     a float > 1 must be whole (``1e6``). Phase sizes must add up to train.samples (see ``_check_phase_total``).
+
+    One check per section, in this order: the run's size first (every later check counts samples or batches),
+    then the phases, and the sections that only look at their own keys. A new key gets its line in its section's
+    check; the scaling check comes before the batch and data checks, which read ``scaling.use_gpu`` and
+    ``max_workers`` as valid.
     """
+    for check in (_check_run_size, _check_phases, _check_model, _check_optim, _check_train, _check_scaling,
+                  _check_batches, _check_checkpoint, _check_eval, _check_data):
+        check(cfg)
+
+
+def _check_run_size(cfg: Config) -> None:
     if not cfg.phases:
         raise ConfigError("'phases' must list at least one phase")
     if cfg.train.samples <= 0:
         raise ConfigError(f"'train.samples' must be positive, got {cfg.train.samples}")
     if cfg.train.batch_size <= 0:
         raise ConfigError(f"'train.batch_size' must be positive, got {cfg.train.batch_size}")
-    patch = cfg.model.vision.patch_size
+
+
+def _check_phases(cfg: Config) -> None:
+    """Each phase on its own, then their sizes together, then their names (the run folder and MLflow use them)."""
     for i, ph in enumerate(cfg.phases):
-        where = f"phases.{i} ({ph.name})"
-        if ph.image_size <= 0 or ph.image_size % patch:
-            raise ConfigError(f"{where}: image_size {ph.image_size} is not a positive multiple of the patch size {patch}")
-        if not 2 <= ph.text_length <= cfg.model.text.context_length:
-            raise ConfigError(
-                f"{where}: text_length {ph.text_length} must be in [2, model.text.context_length="
-                f"{cfg.model.text.context_length}]"
-            )
-        _check_amount(ph.samples, f"phases.{i}.samples", "train.samples", allow_zero=False)
-        if ph.batch_size < 0:
-            raise ConfigError(f"'phases.{i}.batch_size' ({ph.name}) must be >= 0 (0: train.batch_size), "
-                              f"got {ph.batch_size}")
-        if ph.lr < 0:
-            raise ConfigError(f"'phases.{i}.lr' ({ph.name}) must be >= 0 (0: optim.lr), got {ph.lr}")
-        if ph.warmup_samples != -1:
-            hint = "; -1: optim.warmup_samples"
-            _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
+        _check_phase(cfg, i, ph)
     _check_phase_total(cfg)
+    names = [p.name for p in cfg.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"phase names must be unique, got {names}")
+
+
+def _check_phase(cfg: Config, i: int, ph: PhaseConfig) -> None:
+    where = f"phases.{i} ({ph.name})"
+    patch = cfg.model.vision.patch_size
+    if ph.image_size <= 0 or ph.image_size % patch:
+        raise ConfigError(f"{where}: image_size {ph.image_size} is not a positive multiple of the patch size {patch}")
+    if not 2 <= ph.text_length <= cfg.model.text.context_length:
+        raise ConfigError(
+            f"{where}: text_length {ph.text_length} must be in [2, model.text.context_length="
+            f"{cfg.model.text.context_length}]"
+        )
+    _check_amount(ph.samples, f"phases.{i}.samples", "train.samples", allow_zero=False)
+    if ph.batch_size < 0:
+        raise ConfigError(f"'phases.{i}.batch_size' ({ph.name}) must be >= 0 (0: train.batch_size), "
+                          f"got {ph.batch_size}")
+    if ph.lr < 0:
+        raise ConfigError(f"'phases.{i}.lr' ({ph.name}) must be >= 0 (0: optim.lr), got {ph.lr}")
+    if ph.warmup_samples != -1:
+        hint = "; -1: optim.warmup_samples"
+        _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
+
+
+def _check_model(cfg: Config) -> None:
+    patch = cfg.model.vision.patch_size
     base = cfg.model.vision.base_image_size
     if base <= 0 or base % patch:
         raise ConfigError(f"'model.vision.base_image_size' = {base} (the position-embedding grid) is not a positive "
                           f"multiple of the patch size {patch}")
-    names = [p.name for p in cfg.phases]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"phase names must be unique, got {names}")
     if cfg.model.vision.pool not in ("cls", "avg"):
         raise ConfigError(f"'model.vision.pool' must be cls or avg, got {cfg.model.vision.pool!r}")
-    if cfg.optim.schedule not in ("global", "per_phase"):
-        raise ConfigError(f"'optim.schedule' must be global or per_phase, got {cfg.optim.schedule!r}")
-    if cfg.train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"'train.precision' must be auto, fp32 or bf16, got {cfg.train.precision!r}")
-    if str(cfg.train.local_loss).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"'train.local_loss' must be auto, true or false, got {cfg.train.local_loss!r}")
-    if cfg.train.micro_batch_size < 0:
-        raise ConfigError(f"'train.micro_batch_size' must be a positive number of rows or 0 (no accumulation), "
-                          f"got {cfg.train.micro_batch_size}")
-    if str(cfg.scaling.use_gpu).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"'scaling.use_gpu' must be auto, true or false, got {cfg.scaling.use_gpu!r}")
-    if not 1 <= cfg.scaling.min_workers <= cfg.scaling.max_workers:
-        raise ConfigError(
-            f"'scaling' needs 1 <= min_workers <= max_workers, got {cfg.scaling.min_workers}..{cfg.scaling.max_workers}"
-        )
-    _check_batches(cfg)
     _check_heads(cfg)
-    _check_optim(cfg)
+
+
+def _check_train(cfg: Config) -> None:
     _check_loss(cfg)
-    if cfg.train.log_every_steps < 1:
-        raise ConfigError(f"'train.log_every_steps' must be >= 1, got {cfg.train.log_every_steps}")
+    t = cfg.train
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"'train.precision' must be auto, fp32 or bf16, got {t.precision!r}")
+    if str(t.local_loss).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"'train.local_loss' must be auto, true or false, got {t.local_loss!r}")
+    if t.micro_batch_size < 0:
+        raise ConfigError(f"'train.micro_batch_size' must be a positive number of rows or 0 (no accumulation), "
+                          f"got {t.micro_batch_size}")
+    if t.log_every_steps < 1:
+        raise ConfigError(f"'train.log_every_steps' must be >= 1, got {t.log_every_steps}")
+
+
+def _check_scaling(cfg: Config) -> None:
+    s = cfg.scaling
+    use_gpu = str(s.use_gpu).lower()
+    if use_gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"'scaling.use_gpu' must be auto, true or false, got {s.use_gpu!r}")
+    if not 1 <= s.min_workers <= s.max_workers:
+        raise ConfigError(f"'scaling' needs 1 <= min_workers <= max_workers, got {s.min_workers}..{s.max_workers}")
+    if s.cpus_per_worker < 0 or s.gpus_per_worker < 0:
+        raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
+                          f"reserves none), got {s.cpus_per_worker} / {s.gpus_per_worker}")
+    if s.gpus_per_worker == 0 and use_gpu != "false":
+        # Ray Train refuses GPU workers without a GPU, but only once the MLflow run exists (auto: on a GPU cluster).
+        raise ConfigError(f"'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU (scaling.use_gpu="
+                          f"{use_gpu}); set scaling.use_gpu=false for CPU workers")
+    extra = s.resources_per_worker
+    if not isinstance(extra, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in extra.values()):
+        raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")
+    if {"CPU", "GPU"} & set(extra):
+        raise ConfigError("'scaling.resources_per_worker' takes custom resources; use cpus_per_worker / gpus_per_worker")
+
+
+def _check_checkpoint(cfg: Config) -> None:
     if cfg.checkpoint.every_samples < 0:
         raise ConfigError(f"'checkpoint.every_samples' must be >= 0 (0: only at phase ends), "
                           f"got {cfg.checkpoint.every_samples}")
     if cfg.checkpoint.num_to_keep < 1:
         raise ConfigError(f"'checkpoint.num_to_keep' must be >= 1, got {cfg.checkpoint.num_to_keep}")
+
+
+def _check_eval(cfg: Config) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
     if any(not isinstance(g, (int, float)) or g <= 0 for g in cfg.eval.at_gflops):
         raise ConfigError(f"'eval.at_gflops' must be a list of positive GFLOPs, got {cfg.eval.at_gflops!r}")
-    if cfg.scaling.cpus_per_worker < 0 or cfg.scaling.gpus_per_worker < 0:
-        raise ConfigError("'scaling.cpus_per_worker' and 'scaling.gpus_per_worker' must be >= 0 (0: the worker "
-                          f"reserves none), got {cfg.scaling.cpus_per_worker} / {cfg.scaling.gpus_per_worker}")
-    use_gpu = str(cfg.scaling.use_gpu).lower()
-    if cfg.scaling.gpus_per_worker == 0 and use_gpu != "false":
-        # Ray Train refuses GPU workers without a GPU, but only once the MLflow run exists (auto: on a GPU cluster).
-        raise ConfigError(f"'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU (scaling.use_gpu="
-                          f"{use_gpu}); set scaling.use_gpu=false for CPU workers")
-    if not 0.0 <= cfg.data.max_bad_fraction <= MAX_BAD_FRACTION:
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if not 0.0 <= d.max_bad_fraction <= MAX_BAD_FRACTION:
         raise ConfigError(f"'data.max_bad_fraction' must be in [0, {MAX_BAD_FRACTION}], got "
-                          f"{cfg.data.max_bad_fraction}: the phase streams read 1 / (1 - max_bad_fraction) times the "
+                          f"{d.max_bad_fraction}: the phase streams read 1 / (1 - max_bad_fraction) times the "
                           "rows they train, and a set with more bad rows than good ones needs cleaning "
                           "(reclip-ray data inspect)")
-    if cfg.data.shuffle not in ("files", "none"):
-        raise ConfigError(f"'data.shuffle' must be files or none, got {cfg.data.shuffle!r}")
-    if cfg.data.shuffle_buffer < -1:
+    if d.shuffle not in ("files", "none"):
+        raise ConfigError(f"'data.shuffle' must be files or none, got {d.shuffle!r}")
+    if d.shuffle_buffer < -1:
         raise ConfigError(f"'data.shuffle_buffer' must be -1 (10x the local batch), 0 (off) or a row count, "
-                          f"got {cfg.data.shuffle_buffer}")
-    if cfg.data.group_shards < 1 or cfg.data.chunk_rows < 1:
-        raise ConfigError(f"'data.group_shards' and 'data.chunk_rows' must be >= 1, got {cfg.data.group_shards} "
-                          f"and {cfg.data.chunk_rows}")
-    if cfg.data.missing_shards not in ("fail", "skip"):
-        raise ConfigError(f"'data.missing_shards' must be fail or skip, got {cfg.data.missing_shards!r}")
-    if cfg.data.decode_device not in ("cpu", "cuda"):
-        raise ConfigError(f"'data.decode_device' must be cpu or cuda, got {cfg.data.decode_device!r}")
-    if cfg.data.decode_device == "cuda" and str(cfg.scaling.use_gpu).lower() == "false":
+                          f"got {d.shuffle_buffer}")
+    if d.group_shards < 1 or d.chunk_rows < 1:
+        raise ConfigError(f"'data.group_shards' and 'data.chunk_rows' must be >= 1, got {d.group_shards} "
+                          f"and {d.chunk_rows}")
+    if d.missing_shards not in ("fail", "skip"):
+        raise ConfigError(f"'data.missing_shards' must be fail or skip, got {d.missing_shards!r}")
+    if d.decode_device not in ("cpu", "cuda"):
+        raise ConfigError(f"'data.decode_device' must be cpu or cuda, got {d.decode_device!r}")
+    if d.decode_device == "cuda" and str(cfg.scaling.use_gpu).lower() == "false":
         raise ConfigError("'data.decode_device=cuda' decodes on the training GPUs, but scaling.use_gpu=false")
-    if cfg.data.tokenizer_sample_captions < 0:
+    if d.tokenizer_sample_captions < 0:
         raise ConfigError(f"'data.tokenizer_sample_captions' must be a number of captions, or 0 for all of them, "
-                          f"got {cfg.data.tokenizer_sample_captions}")
-    extra = cfg.scaling.resources_per_worker
-    if not isinstance(extra, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in extra.values()):
-        raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")
-    if {"CPU", "GPU"} & set(extra):
-        raise ConfigError("'scaling.resources_per_worker' takes custom resources; use cpus_per_worker / gpus_per_worker")
+                          f"got {d.tokenizer_sample_captions}")
 
 
 def _check_amount(value: float, key: str, whole: str, *, allow_zero: bool = True, hint: str = "") -> None:
@@ -628,6 +670,8 @@ def _check_heads(cfg: Config) -> None:
 def _check_optim(cfg: Config) -> None:
     """Optimiser values that no run can use: found here instead of as a NaN or an exception in the workers."""
     o = cfg.optim
+    if o.schedule not in ("global", "per_phase"):
+        raise ConfigError(f"'optim.schedule' must be global or per_phase, got {o.schedule!r}")
     if o.lr <= 0:
         raise ConfigError(f"'optim.lr' must be positive, got {o.lr}")
     if o.weight_decay < 0:

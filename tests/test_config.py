@@ -88,6 +88,40 @@ def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment)
     assert "\n" not in str(info.value)
 
 
+# One mistake per section check of ``validate`` (each check is a function in a list; a check dropped from it, or a
+# rule moved out of every check, fails here), beside the ones above that already reach a check.
+SECTION_CASES = [
+    (["train.samples=0"], "'train.samples' must be positive, got 0"),  # _check_run_size
+    (["phases.1.name=lowres"], "phase names must be unique, got ['lowres', 'lowres']"),  # _check_phases
+    (["model.vision.pool=max"], "'model.vision.pool' must be cls or avg, got 'max'"),  # _check_model
+    (["optim.schedule=cosine"], "'optim.schedule' must be global or per_phase, got 'cosine'"),  # _check_optim
+    (["train.precision=fp16"], "'train.precision' must be auto, fp32 or bf16, got 'fp16'"),  # _check_train
+    (["train.local_loss=maybe"], "'train.local_loss' must be auto, true or false, got 'maybe'"),
+    (["train.micro_batch_size=-1"], "'train.micro_batch_size' must be a positive number of rows or 0"),
+    (["scaling.use_gpu=maybe"], "'scaling.use_gpu' must be auto, true or false, got 'maybe'"),  # _check_scaling
+    (["scaling.resources_per_worker={CPU: 1}"], "'scaling.resources_per_worker' takes custom resources"),
+    (["scaling.resources_per_worker={node: -1}"], "'scaling.resources_per_worker' must map resource names"),
+    (["checkpoint.num_to_keep=0"], "'checkpoint.num_to_keep' must be >= 1, got 0"),  # _check_checkpoint
+    (["eval.batch_size=0"], "'eval.batch_size' must be >= 1, got 0"),  # _check_eval
+    (["eval.at_gflops=[100, -1]"], "'eval.at_gflops' must be a list of positive GFLOPs, got [100, -1]"),
+    (["data.shuffle=rows"], "'data.shuffle' must be files or none, got 'rows'"),  # _check_data
+    (["data.shuffle_buffer=-2"], "'data.shuffle_buffer' must be -1 (10x the local batch), 0 (off) or a row count"),
+    (["data.group_shards=0"], "'data.group_shards' and 'data.chunk_rows' must be >= 1"),
+    (["data.missing_shards=warn"], "'data.missing_shards' must be fail or skip, got 'warn'"),
+    (["data.decode_device=tpu"], "'data.decode_device' must be cpu or cuda, got 'tpu'"),
+    (["data.decode_device=cuda", "scaling.use_gpu=false"], "'data.decode_device=cuda' decodes on the training GPUs"),
+    (["data.tokenizer_sample_captions=-1"], "'data.tokenizer_sample_captions' must be a number of captions"),
+]
+
+
+@pytest.mark.parametrize("overrides, fragment", SECTION_CASES)
+def test_each_section_check_of_validate_runs(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_accepted_edge_values():
     """The edges of the rules above are accepted: CPU workers reserving no GPU, half the rows bad, a phase of
     exactly max_workers samples (one step, a row each)."""

@@ -257,7 +257,7 @@ def test_scheduler_keys_are_checked(tmp_path):
 
 def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
     """ASHA can now stop a trial mid-phase, before its first phase end (eval_round 0 = phases finished)."""
-    from reclip_ray.sweep import _rows
+    from reclip_ray.sweep import trial_rows
 
     def result(metrics, error=None):
         return SimpleNamespace(metrics=metrics, config={"phases/0/image_size": 32}, error=error)
@@ -267,7 +267,7 @@ def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
             result({"eval_round": 2, "eval_rounds_planned": 2, "gflops_total": 5999.0, "done": 1,
                     "eval_error": "evaluation after 'finetune' failed: X"}),
             result({}, error=RuntimeError("(pid=1) ray::ImplicitFunc.train()\n  File x\nValueError: boom"))]
-    rows = _rows(grid, space, 2)
+    rows = trial_rows(grid, space, 2)
     assert [r["status"] for r in rows] == ["stopped_early", "stopped_early", "completed", "error"]
     assert [r["eval_error"] for r in rows] == ["", "", "evaluation after 'finetune' failed: X", ""]
     assert rows[3]["error"] == "ValueError: boom"  # the line that says what failed, not Ray's actor banner

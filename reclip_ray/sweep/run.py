@@ -1,0 +1,150 @@
+"""Running a sweep, in four steps: check every trial's config before Ray starts, open the sweep (its folder and
+its MLflow parent run), let Tune run the trials, write the results. Rerunning an interrupted sweep resumes it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reclip_ray import storage
+from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, load_raw
+from reclip_ray.flops import run_flops
+from reclip_ray.run_names import FULL
+from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
+from reclip_ray.sweep.progress import progress_callback
+from reclip_ray.sweep.results import close_trial_runs, trial_rows, write_outputs
+from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
+from reclip_ray.sweep.trainable import trial_setup, tune_trainable
+from reclip_ray.sweep.trial_config import trial_raw
+
+
+@dataclass
+class OpenSweep:
+    """A sweep whose folder and MLflow parent run exist: what the trials and the results need of it."""
+
+    prep: Any  # train.launch.Prepared of the base config: data, tokenizer, tracking URI, absolute paths
+    sweep_dir: str  # a local folder or a URI (storage.py): Tune, the trials and the outputs all go there
+    base_raw: dict[str, Any]  # the prepared base config, every trial's starting point
+    experiment: str
+    parent: str  # the MLflow parent run's id
+
+
+def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep; writes results.csv, pareto.png and best.yaml in the sweep folder."""
+    from reclip_ray import tracking
+    from reclip_ray.train.launch import init_ray
+
+    space = load_space(space_path)
+    base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
+    base_cfg = from_dict(base_raw)
+    axis = check_trials(space, base_raw)
+    sweep = open_sweep(space, space_path, base_cfg)
+    n_phases = len(base_cfg.phases)
+    status = "FAILED"
+    try:
+        init_ray(sweep.prep.cfg)
+        grid = _tuner(space, sweep, axis, n_phases).fit()
+        rows = trial_rows(grid, space, n_phases)
+        close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
+        summary = write_outputs(rows, space, sweep.base_raw, sweep_dir=sweep.sweep_dir,
+                                storage_path=sweep.prep.cfg.run.storage_path, tracking_uri=sweep.prep.tracking_uri,
+                                parent=sweep.parent)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
+
+
+def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
+    """Every trial's config (and its budget), checked before Ray starts: a bad grid value is a one-line error now.
+    Returns ASHA's compute axis (``asha.asha_axis``) from the trials' total GFLOPs; None without ASHA."""
+    corners = [from_dict(trial_raw(base_raw, combo, space.budget)) for combo in grid_corners(space)]
+    check_trials_evaluate(space, corners)
+    totals = [run_flops(cfg)["total_train_gflops"] for cfg in corners]
+    return asha_axis(space, totals) if space.scheduler["name"] == "asha" else None
+
+
+def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
+    """A sweep that compares evaluations needs trials that evaluate: one line before Ray, not a NaN row per trial
+    after all their training (a trial whose evaluation fails at run time still trains on: ``tune_result``)."""
+    needs_eval = [m for m in (space.metric, asha_metric(space)) if m.startswith(FULL)]
+    for cfg in configs:
+        if needs_eval and not cfg.data.eval:
+            raise ConfigError(f"metric {needs_eval[0]} needs an eval set, but data.eval is empty")
+        if space.metric.startswith(FULL) and not cfg.eval.at_phase_end:
+            raise ConfigError(f"metric {space.metric} is each trial's evaluation at its end, but "
+                              "eval.at_phase_end is false")
+
+
+def open_sweep(space: Space, space_path: str, base_cfg: Config) -> OpenSweep:
+    """Prepare the base config under the space's name (its run folder is the sweep folder), and start the sweep's
+    MLflow parent run, or resume the one ``sweep_state.json`` names."""
+    from reclip_ray.train.launch import prepare
+
+    base_cfg.run.name = space.name
+    prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
+    sweep_dir = prep.run_dir
+    if storage.local_path(sweep_dir):
+        storage.makedirs(sweep_dir)
+    base_raw = prep.cfg.to_dict()
+    base_raw["data"]["synth_if_missing"] = False
+    experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
+    parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment)
+    return OpenSweep(prep=prep, sweep_dir=sweep_dir, base_raw=base_raw, experiment=experiment, parent=parent)
+
+
+def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str) -> str:
+    from reclip_ray import tracking
+
+    state_path = storage.join(sweep_dir, "sweep_state.json")
+    state = storage.read_json(state_path, default={})
+    parent = tracking.start_or_resume_run(
+        prep.tracking_uri, experiment, space.name, state.get("parent_run_id"), prep.cfg,
+        tags={"reclip.sweep": space.name, "reclip.space": space_text[:5000]},
+    )
+    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment})
+    tracking.log_params(prep.tracking_uri, parent, {f"space.{k}": json.dumps(v) for k, v in space.params.items()}
+                        | {"space.budget": json.dumps(space.budget), "space.metric": space.metric})
+    return parent
+
+
+def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases: int):
+    """Tune's Tuner for the sweep: restored from the sweep folder when an earlier run of it was interrupted."""
+    from ray import tune
+
+    setup = trial_setup(space, axis, base_raw=sweep.base_raw, sweep_dir=sweep.sweep_dir,
+                        experiment=sweep.experiment, parent_run_id=sweep.parent)
+    param_space = tune_param_space(space, setup)
+    scheduler = make_scheduler(space, axis)
+    if axis:
+        print(f"[sweep] ASHA on training GFLOPs: compares {asha_metric(space)} at "
+              f"{', '.join(f'{m:,.0f}' for m in axis['milestones'])} GFLOPs", flush=True)
+    trainable = tune_trainable(space)
+    tune_dir = storage.join(sweep.sweep_dir, "tune")
+    run_config = tune.RunConfig(
+        name="tune", storage_path=sweep.sweep_dir, callbacks=[progress_callback(space.metric, n_phases)], verbose=0,
+    )
+    if tune.Tuner.can_restore(tune_dir):
+        print(f"[sweep] resuming {tune_dir}", flush=True)
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True,
+                                  param_space=param_space)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(  # ASHA has its own metric (asha_metric); Tune refuses two
+            metric=None if axis else space.metric, mode=None if axis else space.mode, scheduler=scheduler,
+            num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials,
+        ),
+        run_config=run_config,
+    )
+
+
+def sweep_from_cli(space: str, config: str | None, overrides: list[str]) -> int:
+    summary = run_sweep(space, config, overrides)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

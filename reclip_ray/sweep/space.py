@@ -1,0 +1,172 @@
+"""A search space: the YAML file (``tune_spaces/*.yaml``) read and checked, and its domains in Ray Tune's terms.
+
+Every mistake in the file is a one-line ``ConfigError`` naming the key, found before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reclip_ray.config import ConfigError
+from reclip_ray.run_names import FULL
+
+FINETUNE_FRACTION = "finetune_fraction"  # a parameter that is no config key: the last phase's share of the budget
+SPACE_KEYS = {"name", "base", "set", "params", "metric", "mode", "budget", "scheduler", "num_samples",
+              "max_concurrent_trials", "resources_per_trial_cpu"}
+DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+# ASHA on a compute axis (see asha.asha_axis): rungs at grace, grace * rf, ... GFLOPs, grace = grace_fraction x the
+# largest trial's GFLOPs unless grace_gflops is given; metric: what ASHA compares (default: see asha.asha_metric).
+SCHEDULER_DEFAULTS = {"name": "asha", "grace_fraction": 0.25, "reduction_factor": 2}
+SCHEDULER_KEYS = {"name", "metric", "grace_fraction", "grace_gflops", "reduction_factor", "max_gflops"}
+
+
+@dataclass
+class Space:
+    name: str
+    base: str
+    overrides: list[str]
+    params: dict[str, dict[str, Any]]
+    metric: str = "eval/full/shape/top1"
+    mode: str = "max"
+    budget: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_DEFAULTS))
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    resources_per_trial_cpu: float = 0.1
+
+
+def load_space(path: str | os.PathLike) -> Space:
+    """Read and check a search-space YAML; every mistake is a one-line ConfigError naming the key."""
+    p = Path(path)
+    raw = _read(p)
+    base = str(raw.get("base", "tiny"))
+    if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+        base = str((p.parent / base).resolve())
+    params = _check_params(p, raw.get("params") or {})
+    budget = _check_budget(p, raw.get("budget") or {})
+    _check_metric(p, "metric", raw.get("metric"))
+    _check_metric(p, "scheduler.metric", (raw.get("scheduler") or {}).get("metric"))
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
+    scheduler = _check_scheduler(p, raw.get("scheduler") or {})
+    return Space(
+        name=str(raw.get("name") or p.stem),
+        base=base,
+        overrides=[str(s) for s in raw.get("set") or []],
+        params=params,
+        metric=str(raw.get("metric", "eval/full/shape/top1")),
+        mode=mode,
+        budget={k: float(v) for k, v in budget.items()},
+        scheduler=scheduler,
+        num_samples=int(raw.get("num_samples", 1)),
+        max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
+        resources_per_trial_cpu=float(raw.get("resources_per_trial_cpu", 0.1)),
+    )
+
+
+def _read(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"search space not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a search space must be a YAML mapping")
+    unknown = set(raw) - SPACE_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(SPACE_KEYS)}")
+    return raw
+
+
+def _check_params(p: Path, params: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{p}: 'params' must map config paths to domains like {{grid: [32, 64]}}")
+    for key, dom in params.items():
+        if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+            raise ConfigError(f"{p}: params.{key} must be one of {{{' | '.join(d + ': ...' for d in DOMAINS)}}}")
+        kind, value = next(iter(dom.items()))
+        if kind in ("grid", "choice") and (not isinstance(value, list) or not value):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high]")
+    return params
+
+
+def _check_budget(p: Path, budget: Any) -> dict[str, Any]:
+    if budget and (not isinstance(budget, dict) or set(budget) - {"gflops", "samples"} or len(budget) != 1):
+        raise ConfigError(f"{p}: budget must be {{gflops: N}} or {{samples: N}}")
+    return budget
+
+
+def _check_metric(path: Path, where: str, metric: Any) -> None:
+    """An evaluation metric must be one every trial reports at every rung and at its end: ``eval/full/...``."""
+    if metric is None or not str(metric).startswith("eval/") or str(metric).startswith(FULL):
+        return
+    raise ConfigError(f"{path}: {where} {metric!r}: a sweep compares evaluations at full resolution only "
+                      f"(every trial's final metric, and what ASHA compares at its rungs): use "
+                      f"{FULL}{str(metric).split('/', 2)[-1]}")
+
+
+def _check_scheduler(p: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler section over its defaults; the GFLOPs keys are ASHA's time axis (``asha.asha_axis``)."""
+    scheduler = {**SCHEDULER_DEFAULTS, **given}
+    if scheduler["name"] not in ("asha", "fifo"):
+        raise ConfigError(f"{p}: scheduler.name must be asha or fifo, got {scheduler['name']!r}")
+    if "grace_period" in scheduler:
+        raise ConfigError(f"{p}: scheduler.grace_period (evaluation rounds) is gone: ASHA's time axis is training "
+                          "GFLOPs now; use scheduler.grace_fraction (of the budget, default 0.25) or grace_gflops")
+    unknown = set(scheduler) - SCHEDULER_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown scheduler key(s) {sorted(unknown)}; valid: {sorted(SCHEDULER_KEYS)}")
+    for key in ("grace_fraction", "grace_gflops", "max_gflops"):
+        if key in scheduler and not (isinstance(scheduler[key], (int, float)) and scheduler[key] > 0):
+            raise ConfigError(f"{p}: scheduler.{key} must be a positive number, got {scheduler[key]!r}")
+    if not 0 < float(scheduler["grace_fraction"]) <= 1:
+        raise ConfigError(f"{p}: scheduler.grace_fraction must be in (0, 1], got {scheduler['grace_fraction']!r}")
+    if not (isinstance(scheduler["reduction_factor"], (int, float)) and scheduler["reduction_factor"] > 1):
+        raise ConfigError(f"{p}: scheduler.reduction_factor must be > 1, got {scheduler['reduction_factor']!r}")
+    return scheduler
+
+
+def grid_corners(space: Space) -> list[dict[str, Any]]:
+    """A few concrete parameter sets covering each domain's extremes (for the up-front config check)."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, dom in space.params.items():
+        kind, value = next(iter(dom.items()))
+        options = list(value) if kind in ("grid", "choice") else [value[0], value[1]]
+        combos = [{**c, key: o} for c in combos for o in options][:64]
+    return combos
+
+
+# ------------------------------------------------------------------------------------------ in Tune's terms
+
+
+def tune_param_space(space: Space, setup: dict[str, Any]) -> dict[str, Any]:
+    """Tune's ``param_space``: each parameter's domain under a flat key (``phases/0/image_size``: readable in
+    results.csv), and ``_setup``, what every trial shares (``trainable.trial_setup``)."""
+    return {**{k.replace(".", "/"): _tune_domain(v) for k, v in space.params.items()}, "_setup": setup}
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters from its Tune config: dotted config paths again, without ``_setup``."""
+    return {k.replace("/", "."): v for k, v in config.items() if k != "_setup"}
+
+
+def _tune_domain(spec: dict[str, Any]):
+    from ray import tune
+
+    kind, value = next(iter(spec.items()))
+    return {
+        "grid": lambda: tune.grid_search(list(value)),
+        "choice": lambda: tune.choice(list(value)),
+        "uniform": lambda: tune.uniform(float(value[0]), float(value[1])),
+        "loguniform": lambda: tune.loguniform(float(value[0]), float(value[1])),
+        "randint": lambda: tune.randint(int(value[0]), int(value[1])),
+    }[kind]()

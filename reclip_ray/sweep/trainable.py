@@ -1,0 +1,75 @@
+"""The trial: a function trainable that builds its config and fits a ``TorchTrainer`` (Ray Train V2's way of
+nesting Train in Tune), forwarding what rank 0 reports to Tune.
+
+``trial_setup`` is what every trial shares (Tune hands it to each as ``config["_setup"]``); the trial reads it in
+its own process, so the two are kept together here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from reclip_ray import storage
+from reclip_ray.config import from_dict
+from reclip_ray.sweep.asha import asha_metric, tune_result
+from reclip_ray.sweep.space import Space, trial_params
+from reclip_ray.sweep.trial_config import trial_raw
+
+
+def trial_setup(space: Space, axis: dict[str, Any] | None, *, base_raw: dict[str, Any], sweep_dir: str,
+                experiment: str, parent_run_id: str) -> dict[str, Any]:
+    """Plain data, so Tune can store it with its experiment state and a resumed sweep gets it back."""
+    return {
+        "base_raw": base_raw,
+        "budget": space.budget,
+        "sweep": space.name,
+        "trials_dir": storage.join(sweep_dir, "trials"),
+        "experiment": experiment,
+        "parent_run_id": parent_run_id,
+        "milestones": axis["milestones"] if axis else [],
+        # Tune checks ASHA's metric (and, without ASHA, the sweep's) in every result (tune_result)
+        "checked_metrics": sorted({space.metric, asha_metric(space)} if axis else {space.metric}),
+    }
+
+
+def tune_trainable(space: Space) -> Any:
+    """The trial as Tune runs it, with its CPU share. Its name, ``_run_trial``, is part of every sweep's saved
+    state: ``Tuner.restore`` refuses a trainable of another name, so an interrupted sweep resumes only under it."""
+    from ray import tune
+
+    return tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
+
+
+def _run_trial(config: dict[str, Any]) -> None:
+    """One trial: the base config + this trial's parameters, under the budget, trained by Ray Train."""
+    import ray.tune
+
+    from reclip_ray.train.launch import run_training
+
+    setup = config["_setup"]
+    raw = trial_raw(setup["base_raw"], trial_params(config), setup["budget"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
+    raw["run"]["storage_path"] = setup["trials_dir"]
+    raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
+    raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
+    cfg = from_dict(raw)
+    run_training(cfg, callbacks=[_tune_reports(setup.get("checked_metrics") or [])],
+                 parent_run_id=setup["parent_run_id"],
+                 tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
+                       "reclip.budget": json.dumps(setup["budget"])})
+
+
+def _tune_reports(checked: list[str]):
+    """Ray Tune's report callback, forwarding what ``tune_result`` lets through (``checked``: the metrics Tune
+    checks)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TuneReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):  # Ray passes these by keyword
+            result = tune_result(metrics[0], checked) if metrics else None
+            if result is not None:
+                super().after_report(run_context=run_context, metrics=[result, *metrics[1:]], checkpoint=checkpoint)
+
+    return TuneReports()
