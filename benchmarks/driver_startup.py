@@ -77,9 +77,9 @@ def make_dataset(root: Path, shards: int, rows: int, seed: int = 0) -> None:
 def measure(root: Path, work: Path, overrides: list[str] | None = None) -> dict:
     """Seconds of each driver-side piece, in one process, in the order ``run_training`` runs them."""
     import reclip_ray
-    from reclip_ray import evaluate
     from reclip_ray.config import load_config
     from reclip_ray.data import schema
+    from reclip_ray.evaluation import eval_set
     from reclip_ray.train import launch
 
     t_import = time.perf_counter() - T_START
@@ -108,7 +108,7 @@ def measure(root: Path, work: Path, overrides: list[str] | None = None) -> dict:
     pq.ParquetFile.__init__ = counting_init
     # prepare() imports these by name at call time, so patching the modules' attributes times its pieces.
     schema.check_schema = timed("check_schema_train", schema.check_schema)
-    evaluate.check_eval_set = timed("check_eval_set", evaluate.check_eval_set)
+    eval_set.check_eval_set = timed("check_eval_set", eval_set.check_eval_set)
     launch._ensure_tokenizer = timed("tokenizer", launch._ensure_tokenizer)
 
     cfg = load_config("tiny", [

@@ -22,7 +22,7 @@ import torch
 from reclip_ray.config import load_config
 from reclip_ray.data.local import iter_local_batches
 from reclip_ray.data.tokenizer import train_tokenizer
-from reclip_ray.evaluate import evaluate_dataset
+from reclip_ray.evaluation.dataset import evaluate_dataset
 from reclip_ray.model import build_model
 from reclip_ray.schedule import Schedule, build_optimizer
 from reclip_ray.train.step import train_step

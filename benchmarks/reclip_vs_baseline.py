@@ -36,7 +36,7 @@ Real images (issue 23): ``--data`` a folder made by ``benchmarks/emoji_data.py``
 eval_style,eval_emoji`` (the held-out art style first: the targets are read on the first split). Every arm is
 evaluated at full resolution on each split: the first is the trainer's ``data.eval`` (evaluated at phase ends,
 logged as ``eval/128px/...``); each other split is evaluated after training, in this process, from the model the
-run exported (``evaluate.evaluate_checkpoint``, what ``reclip-ray eval`` runs) and logged to the same MLflow run as
+run exported (``evaluation.checkpoint.evaluate_checkpoint``, what ``reclip-ray eval`` runs) and logged to the same MLflow run as
 ``SPLIT/128px/...``. Rows then have ``SPLIT/METRIC`` columns (plus ``SPLIT/rows`` and mean per-class recall), the
 run key covers every split's dataset.json, and such data is never made here. ``--long-finetune 20000`` adds
 ``reclip-ft20k``: the same samples, the last 20,000 at full resolution.
@@ -311,13 +311,13 @@ def run_arm(arm: Arm, seed: int, cfg: Any, key: str, args: argparse.Namespace, l
 def evaluate_splits(metrics: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """{split: metrics at full resolution}. The first split's are the trainer's last evaluation (it is data.eval);
     every other split (and the first, if that evaluation failed) is evaluated here, in the driver, from the model
-    the run exported (``evaluate.evaluate_checkpoint``, as ``reclip-ray eval`` does) and logged to the same MLflow
+    the run exported (``evaluation.checkpoint.evaluate_checkpoint``, as ``reclip-ray eval`` does) and logged to the same MLflow
     run as ``SPLIT/FULLpx/METRIC``. That costs one forward pass over the split per run and no trainer change;
     the trainer's ``data.eval`` stays one path."""
     import torch
 
     from reclip_ray import tracking
-    from reclip_ray.evaluate import evaluate_checkpoint
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
 
     prefix = f"eval/{args.full}px/"
     out: dict[str, dict[str, float]] = {}

@@ -124,7 +124,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from reclip_ray.evaluate import evaluate_checkpoint
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
 
     _print_json(
         evaluate_checkpoint(

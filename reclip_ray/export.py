@@ -8,13 +8,10 @@ arbitrary objects or call functions.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -22,6 +19,7 @@ import yaml
 from reclip_ray import storage
 from reclip_ray.config import Config, ConfigError, from_dict
 from reclip_ray.errors import CheckpointError
+from reclip_ray.folders import local_copy, write_folder_atomic
 
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "model.pt"
@@ -40,7 +38,7 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
 
     Everything is written into a sibling temp folder that is renamed into place at the end, so a crash never
     leaves a folder that looks like an export but holds half a model (on an object store, see
-    ``write_folder_atomic``). ``format="open_clip"`` writes an open_clip
+    ``folders.write_folder_atomic``). ``format="open_clip"`` writes an open_clip
     ``local-dir:`` folder instead, fixed at ``image_size`` (default: the run's full resolution); see
     ``reclip_ray.openclip.export_open_clip``.
     """
@@ -66,58 +64,6 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
     return write_folder_atomic(out_dir, write)
 
 
-def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path | str:
-    """Fill a sibling temp folder with ``write(tmp)`` and rename it to ``out_dir`` (replacing an old one), so a
-    crash never leaves a folder that looks like an export but holds half of one.
-
-    On an object store there is no rename: the folder is filled locally, then the old objects are deleted and the
-    new ones uploaded one by one (``storage.upload_dir``), each whole. A crash during the upload can leave a folder
-    with some of the files (a model of 3 objects: a few seconds' window); ``load_export`` then names the missing
-    one. Returns the URI string."""
-    if storage.is_uri(str(out_dir)):
-        with tempfile.TemporaryDirectory(prefix="reclip-export-") as local_tmp:
-            write(Path(local_tmp))
-            storage.upload_dir(local_tmp, str(out_dir))
-        return str(out_dir).rstrip("/")
-    out = Path(storage.local_path(str(out_dir)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-@contextlib.contextmanager
-def local_copy(path: str | os.PathLike) -> Iterator[str]:
-    """A local path holding ``path``'s contents: the path itself when local, else a temp copy of the remote file
-    or folder (deleted on exit). Cost: one LIST (or HEAD) plus one GET per file; a vit-b-16 export is ~600 MB."""
-    path = str(path)
-    local = storage.local_path(path)
-    if local is not None:
-        yield local
-        return
-    with tempfile.TemporaryDirectory(prefix="reclip-download-") as tmp:
-        if storage.is_file(path):
-            target = os.path.join(tmp, storage.name(path))
-            with open(target, "wb") as f:
-                f.write(storage.read_bytes(path))
-            yield target
-        elif storage.exists(path):
-            yield storage.download_dir(path, os.path.join(tmp, storage.name(path) or "model"))
-        else:
-            raise FileNotFoundError(path)
-
-
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, Config) from an exported folder, local or a URI (downloaded first)."""
     try:
@@ -141,7 +87,7 @@ def _load_export_dir(root: Path, shown: str, device: str | torch.device):
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{storage.join(shown, CONFIG)}: {str(exc).splitlines()[0]}") from None
     tokenizer = _matching_tokenizer(root, cfg)
-    state = _load_state(root)
+    state = load_state(root)
     text = cfg.model.text
     # The saved ids win; an export from before eot_id was saved (-1) takes it from its tokenizer.
     model = build_model(cfg.model, tokenizer=tokenizer, vocab_size=text.vocab_size or None,
@@ -168,7 +114,9 @@ def _matching_tokenizer(root: Path, cfg: Config):
     return load_tokenizer(root / TOKENIZER, pad=text.pad_id, eot=text.eot_id)  # DataError names a missing id
 
 
-def _load_state(root: Path) -> dict[str, torch.Tensor]:
+def load_state(root: Path) -> dict[str, torch.Tensor]:
+    """The weights of a local export folder (``model.safetensors``, else a legacy ``model.pt`` read with
+    ``weights_only``); also what ``init_weights`` reads from a reclip-ray export."""
     if (root / WEIGHTS).is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -55,7 +55,7 @@ def read_state(path: str | os.PathLike, *, pool: str = "cls") -> tuple[dict[str,
     ``pool`` is the target model's image pooling: it decides which timm norm open_clip's ``ln_post`` becomes.
     A URI (file or folder) is downloaded to a temp folder first: every worker of a run fetches it once.
     """
-    from reclip_ray.export import local_copy
+    from reclip_ray.folders import local_copy
 
     try:
         with local_copy(path) as local:
@@ -109,9 +109,9 @@ def detect_kind(state: dict[str, torch.Tensor]) -> str:
 def _read_any(root: Path) -> dict[str, torch.Tensor]:
     if root.is_dir():
         if (root / "config.yaml").is_file():
-            from reclip_ray.export import _load_state
+            from reclip_ray.export import load_state
 
-            return _load_state(root)
+            return load_state(root)
         for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
                      "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.pt", "model.pth"):
             if (root / name).is_file():

@@ -248,7 +248,7 @@ def default_export_size(config: Any, model: nn.Module) -> int:
 def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str | os.PathLike, *,
                      image_size: int | None = None) -> Path | str:
     """Write an open_clip ``local-dir:`` folder: ``open_clip_config.json``, ``open_clip_model.safetensors``,
-    ``tokenizer.json`` and a README; returns its path (a URI stays a string: ``export.write_folder_atomic``).
+    ``tokenizer.json`` and a README; returns its path (a URI stays a string: ``folders.write_folder_atomic``).
     Replaced atomically if it exists.
 
     ``open_clip.create_model_and_transforms("local-dir:OUT")`` then builds the same model, fixed at
@@ -281,7 +281,7 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
                            "resize_mode": "shortest"},
         "reclip_ray": meta,
     }
-    from reclip_ray.export import write_folder_atomic
+    from reclip_ray.folders import write_folder_atomic
     from reclip_ray.storage import name
 
     def write(tmp: Path) -> None:
@@ -394,7 +394,7 @@ def load_open_clip_export(path: str | os.PathLike, device: str | torch.device = 
     ``reclip-ray eval`` evaluates at the size open_clip built. ``image_size`` other than the folder's is passed to
     open_clip as ``force_image_size`` (it resamples the position embeddings). A URI is downloaded first.
     """
-    from reclip_ray.export import local_copy
+    from reclip_ray.folders import local_copy
 
     with local_copy(path) as local:
         return _load_open_clip_dir(Path(local), device, image_size)

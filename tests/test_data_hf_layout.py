@@ -57,7 +57,7 @@ def test_images_stored_by_path_only_fail_the_check_in_one_line(tmp_path):
     paths = write_hugging_face(tmp_path / "paths", n_rows=rows, null=(), path_only=tuple(range(rows)), corrupt=())
     with pytest.raises(DataError, match=r"no image bytes in any of the 6 rows of 'image'.*embed_table_storage"):
         check_schema(paths.files, ColumnMap())
-    from reclip_ray.evaluate import check_eval_set
+    from reclip_ray.evaluation.eval_set import check_eval_set
 
     with pytest.raises(DataError, match=r"no image bytes in any of the 6 rows"):  # an eval set: before any model
         check_eval_set(str(paths.path), ColumnMap(), [32], 16)

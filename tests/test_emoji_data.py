@@ -20,7 +20,7 @@ from PIL import Image
 
 from reclip_ray.data.schema import list_parquet_files, read_dataset_json
 from reclip_ray.errors import DataError
-from reclip_ray.evaluate import check_eval_set
+from reclip_ray.evaluation.eval_set import check_eval_set
 
 pytest.importorskip("cairosvg")  # in the dev extra: this skip is only for a checkout without it
 
@@ -227,7 +227,7 @@ def test_duplicate_images_are_dropped_so_every_split_evaluates(tmp_path, package
     row whose image is in train, and the counts are in the summary and dataset.json."""
     from reclip_ray.config import load_config
     from reclip_ray.data.tokenizer import train_tokenizer
-    from reclip_ray.evaluate import evaluate_dataset
+    from reclip_ray.evaluation.dataset import evaluate_dataset
     from reclip_ray.model import build_model
 
     folders = emoji_data.packages_in(packages, emoji_data.needed())
@@ -384,7 +384,7 @@ def test_experiment_trains_an_arm_on_the_fixture_and_reports_every_split(ray_ses
     from mlflow.tracking import MlflowClient
 
     from conftest import fresh_mlflow_db
-    from reclip_ray.evaluate import evaluate_checkpoint
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
 
     data = tmp_path / "emoji"
     assert emoji_data.main(["--out", str(data), "--packages-dir", str(packages), "--full-size", "64",

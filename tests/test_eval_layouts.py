@@ -24,7 +24,8 @@ from PIL import Image
 from reclip_ray.data.local import BadRowCount, iter_local_batches
 from reclip_ray.data.schema import ColumnMap
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluate import check_eval_set, eval_columns, evaluate_dataset
+from reclip_ray.evaluation.dataset import evaluate_dataset
+from reclip_ray.evaluation.eval_set import check_eval_set, eval_columns
 from reclip_ray.model import CLIP_MEAN, CLIP_STD
 
 N_IMAGES = 8

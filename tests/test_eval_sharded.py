@@ -23,7 +23,7 @@ import torch
 
 from reclip_ray.data.schema import ColumnMap
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluate import evaluate_dataset
+from reclip_ray.evaluation.dataset import evaluate_dataset
 from test_eval_layouts import (COCO_META, StubTokenizer, coco_rows, img2dataset_rows, noisy_model, perfect_model,
                                swapped_model, write_set)
 
@@ -84,7 +84,7 @@ def _rank_main(rank: int, init_file: str, jobs_file: str, out_dir: str) -> None:
     """One rank: join the gloo group, run every job, write the results (and a direct check of gather_rows)."""
     import torch.distributed as dist
 
-    from reclip_ray.evaluate import gather_rows
+    from reclip_ray.evaluation.gather import gather_rows
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,

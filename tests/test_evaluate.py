@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluate import evaluate_checkpoint, retrieval_metrics, zero_shot_metrics
+from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
+from reclip_ray.evaluation.metrics import retrieval_metrics, zero_shot_metrics
 
 E = torch.eye(4)
 
@@ -133,3 +134,33 @@ def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_
     given = evaluate_checkpoint(str(export_dir), str(hf.path), classes_path=str(classes), image_size=32)["metrics"]
     assert {k: v for k, v in m.items() if k.startswith("label/")} == {k: v for k, v in given.items()
                                                                       if k.startswith("label/")}
+
+
+def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth_dir, tmp_path):
+    """An eval set whose captions sit in a column named neither like the run's ``data.caption_column`` nor
+    ``caption`` is scored as captionless (zero-shot only) unless ``caption_column`` names it; named, it scores
+    exactly what the same set with canonical names scores. A named column the shards lack is a one-line error."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from reclip_ray.data.schema import list_parquet_files
+
+    src = synth_dir / "eval"
+    renamed = tmp_path / "eval"
+    renamed.mkdir()
+    for path in list_parquet_files(str(src)):
+        table = pq.read_table(path)
+        names = ["alt_text" if n == "caption" else n for n in table.column_names]
+        pq.write_table(table.rename_columns(names), renamed / path.rsplit("/", 1)[-1])
+    shutil.copy(src / "dataset.json", renamed / "dataset.json")
+
+    reference = evaluate_checkpoint(str(export_dir), str(src), image_size=32)["metrics"]
+    assert reference["text_to_image_r@1"] > 0 and reference["captions"] == reference["rows"] == 200
+    blind = evaluate_checkpoint(str(export_dir), str(renamed), image_size=32)["metrics"]
+    assert blind["captions"] == 0 and not any("_r@" in k for k in blind)
+    named = evaluate_checkpoint(str(export_dir), str(renamed), image_size=32, caption_column="alt_text")["metrics"]
+    assert named == reference
+    missing = r"--caption-column 'nope': no such column in .*\.parquet; columns are .*'alt_text'"
+    with pytest.raises(ReclipError, match=missing):
+        evaluate_checkpoint(str(export_dir), str(renamed), image_size=32, caption_column="nope")

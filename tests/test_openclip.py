@@ -430,7 +430,7 @@ def test_prepare_checks_init_from_only_for_a_fresh_run(tmp_path, synth_dir, toke
 @pytest.mark.parametrize("tokenizer", ["clip", "project"])
 def test_eval_open_clip_export_equals_reclip_model(tmp_path, synth_dir, tokenizer_path, clip_tok, tokenizer, capsys):
     from reclip_ray.cli import main
-    from reclip_ray.evaluate import evaluate_checkpoint
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
     from reclip_ray.export import export_model
 
     tok = clip_tok if tokenizer == "clip" else load_tokenizer(tokenizer_path)

@@ -65,7 +65,9 @@ class Trial:
         """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names."""
         import ray.train
 
-        from reclip_ray import evaluate, tracking
+        from reclip_ray import tracking
+        from reclip_ray.evaluation import dataset as eval_dataset
+        from reclip_ray.evaluation import eval_set as eval_set_module
         from reclip_ray.train import worker
         from reclip_ray.train.checkpoint import TrainState
 
@@ -82,8 +84,8 @@ class Trial:
                 raise RuntimeError(f"no readable rows in {path}")
             return {"shape/top1": slope * state.gflops / BUDGET}
 
-        monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
-        monkeypatch.setattr(evaluate, "eval_columns", lambda *a: None)
+        monkeypatch.setattr(eval_dataset, "evaluate_dataset", evaluate_dataset)
+        monkeypatch.setattr(eval_set_module, "eval_columns", lambda *a: None)
         monkeypatch.setattr(tracking, "log_metrics", lambda *a, **k: None)
         monkeypatch.setattr(tracking, "set_tags", lambda *a, **k: None)
         monkeypatch.setattr(worker, "save_checkpoint", lambda *a, **k: None)

@@ -35,7 +35,7 @@ def test_train_step_bf16_autocast_and_clamp():
 def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
     from reclip_ray.data.synth import make_synthetic
     from reclip_ray.data.tokenizer import load_tokenizer
-    from reclip_ray.evaluate import evaluate_dataset
+    from reclip_ray.evaluation.dataset import evaluate_dataset
     from reclip_ray.train.local import train_local
 
     # The shared 600-row fixture is memorised rather than learned; 6000 rows generalise in the same steps.

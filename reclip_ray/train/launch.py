@@ -59,7 +59,7 @@ def prepare(cfg: Config) -> Prepared:
     if data.eval:
         if not storage.is_uri(data.eval) and not os.path.exists(data.eval):
             raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
-        from reclip_ray.evaluate import check_eval_set, eval_columns
+        from reclip_ray.evaluation.eval_set import check_eval_set, eval_columns
 
         sizes = [p.image_size for p in cfg.phases] + ([cfg.eval.full_image_size] if cfg.eval.full_image_size else [])
         summary = check_eval_set(data.eval, eval_columns(data.eval, columns), sizes, cfg.model.vision.patch_size)

@@ -599,7 +599,8 @@ def _evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: A
     """Zero-shot + retrieval at full resolution and (``own``) at the phase's resolution, if different. With
     ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics."""
     from reclip_ray.data.schema import ColumnMap
-    from reclip_ray.evaluate import eval_columns, evaluate_dataset
+    from reclip_ray.evaluation.dataset import evaluate_dataset
+    from reclip_ray.evaluation.eval_set import eval_columns
 
     full = schedule.phases[-1]
     sizes = {plan.image_size: plan.text_length} if own else {}

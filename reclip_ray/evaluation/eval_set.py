@@ -1,0 +1,150 @@
+"""What an eval set holds, read without a model: its label sets, its columns, a ``--classes`` file; and the checks
+``train`` runs before Ray starts, so that a bad eval set fails in seconds rather than at the first phase end.
+
+A label set is ``{column, classes, templates, source}``: the column holding each row's class index, the class
+names, the prompt templates, and where the names came from (named in errors). Zero-shot scores one per set.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from reclip_ray.errors import ReclipError
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
+               class_labels: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
+    dataset.json's ``label_sets`` or ``classes``, the ClassLabel columns of a Hugging Face ``datasets`` export
+    (``class_labels``, ``schema.class_label_sets``).
+
+    A ClassLabel column is named as dataset.json would name it: the label column (``data.label_column``) is the set
+    ``label``; any other is a set named after its column (CIFAR-100's ``fine_label`` and ``coarse_label``). A column
+    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column."""
+    if classes_override is not None:
+        return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
+    sets: dict[str, dict] = {}
+    if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
+        for column, classes in (class_labels or {}).items():
+            main = column == label_column
+            if column in names and (main or column != "label"):
+                sets["label" if main else column] = {"column": "label" if main else column, "classes": classes,
+                                                     "templates": meta.get("templates", []),
+                                                     "source": "the 'huggingface' metadata"}
+        return dict(sorted(sets.items(), key=lambda kv: kv[0] != "label"))
+    if isinstance(meta.get("label_sets"), dict):
+        for name, spec in meta["label_sets"].items():
+            column = spec.get("column", "label")
+            source = label_column if column == "label" else column
+            if source in names and spec.get("classes"):
+                sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
+                              "source": "dataset.json"}
+    elif meta.get("classes") and label_column in names:
+        sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
+                         "source": "dataset.json"}
+    return sets
+
+
+def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: int) -> dict[str, Any]:
+    """Checks of an eval set that need no model and no Ray, so ``train`` fails in seconds, not after a phase.
+
+    Fails (one-line ReclipError / DataError) on: an eval image size that is not a multiple of the patch size, a
+    shard without an image column (captions are optional: classification-only sets), no rows at all, a null
+    label or one outside the classes of a label set in dataset.json, and a set with neither captions nor labels.
+    Reads Parquet footers, the label columns and at most the caption column, never the images. Returns
+    ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
+    """
+    from reclip_ray.data.local import _read_shard, check_columns
+    from reclip_ray.data.schema import (ColumnMap, class_label_sets, count_rows, list_parquet_files, parquet_schema,
+                                        read_dataset_json)
+    from reclip_ray.errors import DataError
+
+    columns = columns or ColumnMap()
+    for size in image_sizes:
+        if int(size) % int(patch_size):
+            raise ReclipError(f"eval image size {size} is not a multiple of the model's patch size {patch_size}")
+    files = list_parquet_files(str(path))
+    check_columns(files, columns, require_caption=False)
+    rows = count_rows(files)
+    if rows == 0:
+        raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
+
+    sets = label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None,
+                      class_label_sets(files))
+    source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    has_captions = False
+    for file in files:
+        names = parquet_schema(file).names
+        for column in sorted(set(source.values())):
+            if column not in names:
+                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
+        if sets:
+            table = _read_shard(file, sorted(set(source.values())))
+            for name, spec in sets.items():
+                _check_labels(file, source[name], name, spec, table.column(source[name]))
+        if not has_captions and columns.caption in names:
+            captions = _read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
+            has_captions = any(c is not None and str(c).strip() for c in captions)
+    if not sets and not has_captions:
+        raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
+                        "'label_sets', or ClassLabel columns of Hugging Face datasets)")
+    return {"rows": rows, "files": len(files), "label_sets": {n: len(s["classes"]) for n, s in sets.items()},
+            "has_captions": has_captions}
+
+
+def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any) -> None:
+    """Raise naming the file, column and label set when a label is null or outside ``range(n_classes)``."""
+    from reclip_ray.errors import DataError
+
+    n_classes = len(spec["classes"])
+    if values.null_count:
+        raise DataError(f"{file}: null label in column {column!r} (label set {set_name!r})")
+    y = np.asarray(values.to_numpy(), dtype=np.int64)
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.size:
+        raise DataError(f"{file}: label {int(bad[0])} in column {column!r} is outside the {n_classes} classes of "
+                        f"label set {set_name!r} in {spec['source']}"
+                        + (" (-1 is how datasets marks a missing label: an unlabelled split?)"
+                           if int(bad[0]) == -1 and "huggingface" in spec["source"] else ""))
+
+
+def eval_columns(data: str, configured: Any) -> Any:
+    """The training config's column names, falling back to the canonical ones the eval shards actually have.
+
+    Training shards are often img2dataset's (``jpg``/``txt``) while the eval set is a canonical one (``image``/
+    ``caption``); the CLI, the pre-Ray check and the phase-end evaluation should all read it with these columns.
+    """
+    from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema
+
+    names = parquet_schema(list_parquet_files(data)[0]).names
+    canonical = ColumnMap()
+    picked = {}
+    for field in ("image", "caption", "label", "key"):
+        mine = getattr(configured, field)
+        picked[field] = mine if mine in names or getattr(canonical, field) not in names else getattr(canonical, field)
+    return ColumnMap(**picked)
+
+
+def read_classes(path: str, meta: dict) -> dict:
+    """A ``--classes`` file as a label set's ``{classes, templates}``: a JSON list of class names (templates from
+    dataset.json, else the default) or ``{"classes": [...], "templates": [...]}``; one-line errors otherwise."""
+    from reclip_ray import storage
+
+    p = str(path)
+    try:
+        raw = json.loads(storage.read_text(p))
+    except FileNotFoundError:
+        raise ReclipError(f"classes file not found: {p}") from None
+    except ValueError as exc:
+        raise ReclipError(f"{p}: not valid JSON ({exc})") from None
+    if isinstance(raw, list):
+        raw = {"classes": raw, "templates": meta.get("templates") or list(DEFAULT_TEMPLATES)}
+    if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list) or not raw["classes"]:
+        raise ReclipError(f"{p}: expected a JSON list of class names or {{\"classes\": [...], \"templates\": [...]}}")
+    templates = raw.get("templates") or meta.get("templates") or list(DEFAULT_TEMPLATES)
+    return {"classes": [str(c) for c in raw["classes"]], "templates": [str(t) for t in templates]}
