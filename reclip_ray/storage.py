@@ -105,6 +105,12 @@ def is_file(path: str) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.File
 
 
+def is_dir(path: str) -> bool:
+    """True for a folder (on an object store: a prefix that holds objects, or a folder marker)."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
 def makedirs(path: str) -> None:
     """A folder (and its parents); on object stores there are no folders and this does nothing harmful."""
     fs, inner = filesystem(path)
@@ -160,8 +166,10 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, sort_keys=True))
+def write_json(path: str, obj: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+    """The whole JSON file, atomically (``write_bytes``). ``sort_keys=False`` keeps the dict's order where a reader
+    shows it (``dataset.json``'s label sets are listed in the order its writer gave)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def list_files(path: str) -> list[str]:
