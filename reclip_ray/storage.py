@@ -20,7 +20,7 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -234,3 +234,28 @@ def download_dir(source: str, local_dir: str) -> str:
     os.makedirs(local_dir, exist_ok=True)
     pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
+    closing the generator early cancels what has not started. For reading many files from an object store, where
+    each read mostly waits (``data ingest``'s remote images, the tokenizer's caption columns)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    pending: deque = deque()
+    todo = iter(items)
+    try:
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * max(1, threads):
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in todo:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

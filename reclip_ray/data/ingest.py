@@ -29,7 +29,6 @@ import pyarrow as pa
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, image_size
 from reclip_ray.data.shards import write_parquet_atomic
-from reclip_ray.data.tokenizer import ordered_prefetch
 from reclip_ray.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -199,7 +198,7 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
     skipped = _Skipped()
     threads = 1 if local_images is not None else REMOTE_READ_THREADS
     with ShardWriter(out, shard_rows) as writer:
-        for i, key, row, skip in map(read, rows) if threads == 1 else ordered_prefetch(read, rows, threads):
+        for i, key, row, skip in map(read, rows) if threads == 1 else storage.ordered_prefetch(read, rows, threads):
             if row is not None:
                 writer.add(row)
             else:

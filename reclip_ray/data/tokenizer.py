@@ -9,7 +9,7 @@ The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
     if not storage.is_uri(str(data)):
         threads = min(threads, os.cpu_count() or 1)
     taken = 0
-    for captions in ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+    for captions in storage.ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
         for caption in captions:
             yield caption
             taken += 1
@@ -184,30 +184,6 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
         return [_normalize(c) for batch in pf.iter_batches(batch_size=batch_rows, columns=[caption_column],
                                                           use_threads=False)
                 for c in batch.column(0).to_pylist() if c]
-
-
-def ordered_prefetch(fn: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
-    closing the generator early cancels what has not started."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    pending: deque = deque()
-    todo = iter(items)
-    try:
-        for item in todo:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * max(1, threads):
-                break
-        while pending:
-            result = pending.popleft().result()
-            for item in todo:
-                pending.append(pool.submit(fn, item))
-                break
-            yield result
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def train_tokenizer(
