@@ -1,7 +1,7 @@
 """Data position at cluster scale: how big a checkpoint's data position gets, and what the checkpoint-time gather +
 merge costs, with the real ``stream.PhaseStream`` and ``feed.PhaseFeed`` and blocks delivered as Ray Data would.
 
-No Ray and no images: shards are footers only (``stream.Shard``), and a read task's output is the bookkeeping
+No Ray and no images: shards are footers only (``shards.Shard``), and a read task's output is the bookkeeping
 columns that ``pipeline.read_groups`` + ``decode_batch`` give each row (``_pos``, ``_unit``, ``_unit_rows``,
 ``_unit_absent``, ``_ok``). How the blocks reach the ranks (what ``pipeline.phase_dataset`` does on a cluster):
 
@@ -46,7 +46,8 @@ from typing import Iterator
 import numpy as np
 
 from reclip_ray.data.feed import DataPosition, PhaseFeed
-from reclip_ray.data.stream import MARKER, OK, PhaseStream, Shard, unit_sizes
+from reclip_ray.data.shards import Shard
+from reclip_ray.data.stream import MARKER, OK, PhaseStream, unit_sizes
 
 META_INDENT = 2  # checkpoint.save_checkpoint writes meta.json with indent=2; the position sits under "data"
 

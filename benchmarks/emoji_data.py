@@ -567,8 +567,9 @@ def _prepare_images(rows: dict[str, list], staging: Path, full_size: int, worker
 def _ingest_split(items: list, staging: Path, dest: Path, seed: int, split: str, categories: list[str],
                   subcategories: list[str], meta: dict, shard_rows: int) -> None:
     """A captions file for the split's staged images, then ``data ingest`` into ``dest``, then its dataset.json."""
+    from reclip_ray import storage
     from reclip_ray.data.ingest import ingest_folder
-    from reclip_ray.data.schema import read_dataset_json, write_json_atomic
+    from reclip_ray.data.schema import read_dataset_json
 
     captions = staging / f"{split}.jsonl"
     with open(captions, "w", encoding="utf-8") as f:
@@ -580,7 +581,7 @@ def _ingest_split(items: list, staging: Path, dest: Path, seed: int, split: str,
             }) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     ingest_folder(staging / split, captions, dest, shard_rows=shard_rows)
-    write_json_atomic(dest / "dataset.json", {**read_dataset_json(str(dest)), **meta})
+    storage.write_json(str(dest / "dataset.json"), {**read_dataset_json(str(dest)), **meta}, sort_keys=False)
 
 
 def _count(items: list, key: Any) -> dict[str, int]:

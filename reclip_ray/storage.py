@@ -20,7 +20,7 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -105,6 +105,12 @@ def is_file(path: str) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.File
 
 
+def is_dir(path: str) -> bool:
+    """True for a folder (on an object store: a prefix that holds objects, or a folder marker)."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
 def makedirs(path: str) -> None:
     """A folder (and its parents); on object stores there are no folders and this does nothing harmful."""
     fs, inner = filesystem(path)
@@ -160,8 +166,10 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, sort_keys=True))
+def write_json(path: str, obj: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+    """The whole JSON file, atomically (``write_bytes``). ``sort_keys=False`` keeps the dict's order where a reader
+    shows it (``dataset.json``'s label sets are listed in the order its writer gave)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def list_files(path: str) -> list[str]:
@@ -226,3 +234,28 @@ def download_dir(source: str, local_dir: str) -> str:
     os.makedirs(local_dir, exist_ok=True)
     pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
+    closing the generator early cancels what has not started. For reading many files from an object store, where
+    each read mostly waits (``data ingest``'s remote images, the tokenizer's caption columns)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    pending: deque = deque()
+    todo = iter(items)
+    try:
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * max(1, threads):
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in todo:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

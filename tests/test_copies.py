@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 
 from reclip_ray.data import copies as copies_mod
-from reclip_ray.data.copies import choose_sources, copy_column, parse_sizes, shrink_dataset
+from reclip_ray.data.copies import choose_sources, parse_sizes, shrink_dataset
 from reclip_ray.data.images import BadImage, _crop_box, decode_image, make_copy, min_source_side
 from reclip_ray.data.local import row_rng
 from reclip_ray.data.pipeline import decode_batch, read_groups
-from reclip_ray.data.schema import ColumnMap, list_parquet_files
-from reclip_ray.data.stream import PhaseStream, Shard, read_footers
+from reclip_ray.data.schema import ColumnMap
+from reclip_ray.data.shards import Shard, copy_column, list_parquet_files, read_footers
+from reclip_ray.data.stream import PhaseStream
 from reclip_ray.data.tokenizer import train_tokenizer
 from reclip_ray.errors import DataError
 from tests.layouts import photo, write_img2dataset

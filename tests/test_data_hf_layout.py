@@ -23,8 +23,9 @@ from reclip_ray.data.images import decode_image
 from reclip_ray.data.inspect import inspect_dataset
 from reclip_ray.data.local import BadRowCount, iter_local_batches
 from reclip_ray.data.pipeline import decode_batch, read_groups
-from reclip_ray.data.schema import ColumnMap, check_schema, class_label_sets, list_parquet_files
-from reclip_ray.data.stream import OK, PhaseStream, clear_footer_cache, read_footers
+from reclip_ray.data.schema import ColumnMap, check_schema, class_label_sets
+from reclip_ray.data.shards import clear_footer_cache, list_parquet_files, read_footers
+from reclip_ray.data.stream import OK, PhaseStream
 from reclip_ray.data.tokenizer import train_tokenizer
 from reclip_ray.errors import DataError
 
@@ -68,7 +69,7 @@ def test_footer_counts_null_structs_and_null_bytes_as_absent(hf):
     footers = read_footers(hf.files)
     expected = [sum(k.startswith(f.split("/")[-1] + "#") for k in hf.absent_keys) for f in hf.files]
     assert [s.absent for s in footers] == expected and sum(expected) == 2 and all(expected)
-    from reclip_ray.data.stream import footers as raw_footers
+    from reclip_ray.data.shards import footers as raw_footers
 
     first, second = raw_footers(hf.files)
     assert first.class_labels is second.class_labels  # one parsed tuple per distinct metadata entry, not per shard

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reclip_ray.data import ingest
 from reclip_ray.data.ingest import ShardWriter, expand_braces, ingest_folder, ingest_webdataset
-from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files, read_dataset_json
+from reclip_ray.data.schema import ColumnMap, check_schema, read_dataset_json
+from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 
 
@@ -199,7 +199,7 @@ def test_shard_writer_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch
             f.truncate(20)
         raise KeyboardInterrupt  # ...when the process is interrupted
 
-    monkeypatch.setattr(ingest.pq, "write_table", dying_write)
+    monkeypatch.setattr(pq, "write_table", dying_write)
     with pytest.raises(KeyboardInterrupt):
         with ShardWriter(tmp_path, shard_rows=2) as w:
             for i in range(3):

@@ -19,7 +19,8 @@ from layouts import write_img2dataset, write_labelled_folder_dataset, write_mess
 from reclip_ray.cli import main
 from reclip_ray.data.ingest import ingest_webdataset
 from reclip_ray.data.inspect import inspect_dataset
-from reclip_ray.data.schema import ColumnMap, absent_mask, check_schema, list_parquet_files
+from reclip_ray.data.schema import ColumnMap, absent_mask, check_schema
+from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 
 

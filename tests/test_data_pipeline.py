@@ -12,8 +12,9 @@ import pytest
 
 from reclip_ray.data.images import decode_image
 from reclip_ray.data.pipeline import phase_dataset
-from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files
-from reclip_ray.data.stream import BAD, OK, PhaseStream, read_footers, unit_permutation
+from reclip_ray.data.schema import ColumnMap, check_schema
+from reclip_ray.data.shards import list_parquet_files, read_footers
+from reclip_ray.data.stream import BAD, OK, PhaseStream, unit_permutation
 from reclip_ray.errors import DataError
 
 

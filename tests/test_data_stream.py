@@ -21,7 +21,8 @@ from reclip_ray.data.feed import DataPosition, PhaseFeed
 from reclip_ray.data.images import decode_image
 from reclip_ray.data.pipeline import decode_batch, read_groups
 from reclip_ray.data.schema import ColumnMap
-from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, read_footers, rows_to_skip, unit_permutation
+from reclip_ray.data.shards import read_footers
+from reclip_ray.data.stream import BAD, MARKER, OK, PhaseStream, rows_to_skip, unit_permutation
 from reclip_ray.errors import CheckpointError, DataError
 
 INT_COLUMNS = ("_pass", "_pos", "_unit", "_unit_rows", "_unit_absent", "_row")

@@ -15,7 +15,8 @@ from reclip_ray.cli import main as cli_main
 from reclip_ray.data import synth
 from reclip_ray.data.inspect import inspect_dataset
 from reclip_ray.data.local import BadRowCount, check_bad_fraction, iter_local_batches
-from reclip_ray.data.schema import list_parquet_files, read_dataset_json
+from reclip_ray.data.schema import read_dataset_json
+from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.data.tokenizer import load_tokenizer
 from reclip_ray.errors import DataError
 

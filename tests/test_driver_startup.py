@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from reclip_ray.config import ConfigError, load_config
-from reclip_ray.data import stream, tokenizer
+from reclip_ray.data import shards, tokenizer
 
 
 def _jpeg() -> bytes:
@@ -55,11 +55,11 @@ def test_launch_reads_every_footer_once(tmp_path, monkeypatch):
 
     train = write_shards(tmp_path / "data" / "train", 30, 4)
     evals = write_shards(tmp_path / "data" / "eval", 2, 5)
-    footers = count_calls(monkeypatch, stream, "_footer")
+    footers = count_calls(monkeypatch, shards, "_footer")
     captions = count_calls(monkeypatch, tokenizer, "_file_captions")
 
     def no_other_footer_reads(*a, **k):
-        raise AssertionError("a footer read outside stream.footers")
+        raise AssertionError("a footer read outside shards.footers")
 
     monkeypatch.setattr(pq, "read_schema", no_other_footer_reads)
     monkeypatch.setattr(pq, "read_metadata", no_other_footer_reads)
@@ -82,13 +82,11 @@ def test_launch_reads_every_footer_once(tmp_path, monkeypatch):
 
 def test_footer_cache_sees_a_rewritten_shard(tmp_path):
     (path,) = write_shards(tmp_path / "d", 1, 4)
-    assert stream.read_footers([path])[0].rows == 4
+    assert shards.read_footers([path])[0].rows == 4
     pq.write_table(pa.table({"key": ["x"] * 9, "image": pa.array([b"x"] * 9), "caption": ["c"] * 9}), path + ".tmp")
     Path(path + ".tmp").replace(path)
-    assert stream.read_footers([path])[0].rows == 9  # not in a listing: a stat shows the new size and mtime
-    from reclip_ray.data.schema import list_parquet_files
-
-    assert stream.read_footers(list_parquet_files(tmp_path / "d"))[0].rows == 9
+    assert shards.read_footers([path])[0].rows == 9  # not in a listing: a stat shows the new size and mtime
+    assert shards.read_footers(shards.list_parquet_files(tmp_path / "d"))[0].rows == 9
 
 
 def test_iter_captions_stops_reading_after_the_bound(tmp_path, monkeypatch):
@@ -125,7 +123,7 @@ def test_footers_use_threads_only_when_reads_wait_on_storage(tmp_path, monkeypat
     import time
 
     files = write_shards(tmp_path / "d", 80, 1)
-    real = stream._footer
+    real = shards._footer
     seen: set = set()
 
     def slow(file):
@@ -133,18 +131,18 @@ def test_footers_use_threads_only_when_reads_wait_on_storage(tmp_path, monkeypat
         time.sleep(0.002)
         return real(file)
 
-    monkeypatch.setattr(stream, "_footer", slow)
-    assert [f.rows for f in stream.footers(files)] == [1] * 80
+    monkeypatch.setattr(shards, "_footer", slow)
+    assert [f.rows for f in shards.footers(files)] == [1] * 80
     assert len(seen) > 1
 
     template = real(files[0])
     seen.clear()
-    stream.clear_footer_cache()
+    shards.clear_footer_cache()
 
     def fast(file):
         seen.add(threading.get_ident())
         return template
 
-    monkeypatch.setattr(stream, "_footer", fast)
-    stream.footers(files)
+    monkeypatch.setattr(shards, "_footer", fast)
+    shards.footers(files)
     assert seen == {threading.get_ident()}

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reclip_ray.data.schema import list_parquet_files, read_dataset_json
+from reclip_ray.data.schema import read_dataset_json
+from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 from reclip_ray.evaluation.eval_set import check_eval_set
 

@@ -144,7 +144,7 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
 
     import pyarrow.parquet as pq
 
-    from reclip_ray.data.schema import list_parquet_files
+    from reclip_ray.data.shards import list_parquet_files
 
     src = synth_dir / "eval"
     renamed = tmp_path / "eval"

@@ -23,8 +23,9 @@ def _peak_mib(folder: str, rows: int) -> float:
     code = textwrap.dedent(f"""
         import json, pyarrow as pa
         from reclip_ray.data.pipeline import read_groups
-        from reclip_ray.data.schema import ColumnMap, list_parquet_files
-        from reclip_ray.data.stream import PhaseStream, read_footers
+        from reclip_ray.data.schema import ColumnMap
+        from reclip_ray.data.shards import list_parquet_files, read_footers
+        from reclip_ray.data.stream import PhaseStream
         shards = read_footers(list_parquet_files({folder!r}))
         item = PhaseStream(shards, seed=0, passes=1, group_shards={SHARDS}, chunk_rows=64).items()[0]
         rows = sum(t.num_rows for t in read_groups(pa.Table.from_pylist([item]), columns=ColumnMap(), chunk_rows=64,

@@ -47,7 +47,7 @@ def _image_folder(root, n: int) -> tuple[str, str, list[bytes]]:
 
 def _rows(dataset: str, columns=None) -> list[dict]:
     """Every row of a dataset (local or URI), shard by shard, read through pyarrow's filesystem."""
-    from reclip_ray.data.schema import list_parquet_files
+    from reclip_ray.data.shards import list_parquet_files
 
     out = []
     for file in list_parquet_files(dataset):
@@ -68,7 +68,7 @@ def _names(uri: str) -> list[str]:
 def test_ingest_inspect_shrink_tokenizer_on_s3(tmp_path, s3_prefix, s3_requests, capsys):
     """The whole data preparation with every input and output on S3: ingest (images, captions and shards all in
     the bucket), inspect, shrink in place and to another prefix, tokenizer to S3 and to a local file."""
-    from reclip_ray.data.copies import footer_copies
+    from reclip_ray.data.shards import footer_copies
     from reclip_ray.data.tokenizer import load_tokenizer, train_tokenizer
 
     folder, captions, images = _image_folder(tmp_path, 7)
@@ -201,8 +201,9 @@ def test_the_ray_data_read_path_reads_s3_shards_as_local_ones(tmp_path, s3_prefi
     """What a phase's Ray Data tasks run (footers, ``read_groups``, ``decode_batch`` with the tokenizer given as
     an s3:// path), on a dataset in the bucket and on its local copy: the same rows, pixels and tokens."""
     from reclip_ray.data.pipeline import decode_batch, read_groups
-    from reclip_ray.data.schema import ColumnMap, list_parquet_files
-    from reclip_ray.data.stream import PhaseStream, clear_footer_cache, read_footers
+    from reclip_ray.data.schema import ColumnMap
+    from reclip_ray.data.shards import clear_footer_cache, list_parquet_files, read_footers
+    from reclip_ray.data.stream import PhaseStream
     from reclip_ray.data.synth import make_synthetic
     from reclip_ray.data.tokenizer import train_tokenizer
 

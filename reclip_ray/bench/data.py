@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reclip_ray.bench.pipeline import run
 
         sizes = [int(s) for s in (args.sizes if args.sizes != "64,128,224" else "32,64,112,224").split(",")]
-        run(sizes, images=args.images, rows=args.rows, repeats=max(1, min(args.repeats, 3)),
+        run(sizes, make_sources(args.images), rows=args.rows, repeats=max(1, min(args.repeats, 3)),
             device_side=args.device_side)
         return 0
     sources = make_sources(args.images, args.source_size)
@@ -105,7 +105,7 @@ def _device_rates(args: argparse.Namespace) -> int:
     """Images/s of ``device_decode.decode_on_device`` (one batch of --images) vs one CPU core's decode_image."""
     import torch
 
-    from reclip_ray.data.device_decode import _decode_all, decode_on_device
+    from reclip_ray.data.device_decode import decode_jpegs, decode_on_device
     from reclip_ray.data.images import make_copy, plan_crop
 
     sources = make_sources(args.images, args.source_size)
@@ -130,7 +130,7 @@ def _device_rates(args: argparse.Namespace) -> int:
         boxes = np.asarray([plan_crop(d, train=True, rng=rng)[1] for d in sources], dtype=np.float32)
         decode_on_device(sources[:8], boxes[:8], size, args.device)  # warm up (nvJPEG handles, kernels)
         device_rate = timed(lambda: decode_on_device(sources, boxes, size, args.device))
-        decode_rate = timed(lambda: _decode_all(sources, device))
+        decode_rate = timed(lambda: decode_jpegs(sources, device))
         cpu_rate = _rates({"cpu": lambda d, s: decode_image(d, s, train=True, rng=rng)}, sources, size, 1)["cpu"]
         print(json.dumps({"bench": "data_decode_device", "device": args.device, "target_px": size,
                           "source_px": args.copy or args.source_size, "images": len(sources),

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from reclip_ray.data.copies import shrink_dataset
+from reclip_ray.data.shards import copy_column, list_parquet_files, read_footers
+from reclip_ray.data.tokenizer import train_tokenizer
+
 COPY_FOR = {32: 40, 64: 80, 112: 136, 224: 272}  # the copy each phase size reads (images.min_source_side)
 H100_TFLOPS = 989.0  # dense BF16, as plan.GPU_PEAKS
 MFU = 0.4
@@ -123,70 +127,87 @@ def cores_per_gpu(rate: float, image_size: int) -> dict[str, float]:
     return out
 
 
-def run(sizes: Sequence[int], images: int = 200, shards: int = 8, rows_per_shard: int = 250,
+def run(sizes: Sequence[int], sources: list[bytes], shards: int = 8, rows_per_shard: int = 250,
         rows: int = 4000, repeats: int = 2, device_side: bool = False) -> list[dict[str, Any]]:
-    """``device_side`` adds a third source per size: the copy through the CPU side of ``data.decode_device=cuda``.
+    """The rows printed for each phase size, from shards of ``sources`` (``bench.data.make_sources``).
+
+    ``device_side`` adds a third source per size: the copy through the CPU side of ``data.decode_device=cuda``.
     Its cores per GPU leave the decode itself to the GPU (timed by ``bench data --device cuda``)."""
-    import pyarrow.parquet as pq
-    import ray
-
-    from reclip_ray.bench.data import make_sources
-    from reclip_ray.data.copies import copy_column, shrink_dataset
-    from reclip_ray.data.schema import list_parquet_files
-    from reclip_ray.data.stream import read_footers
-    from reclip_ray.data.tokenizer import train_tokenizer
-
     tmp = Path(tempfile.mkdtemp(prefix="reclip-bench-pipeline-"))
     out: list[dict[str, Any]] = []
     try:
-        sources = make_sources(images)
-        write_shards(tmp / "data", sources, shards, rows_per_shard)
-        copies = sorted({COPY_FOR.get(s, s + s // 4) for s in sizes})
-        shrink_dataset(tmp / "data", copies, log=None)
-        files = list_parquet_files(str(tmp / "data"))
-        shard_info = read_footers(files)
-        tokenizer_json = train_tokenizer(str(tmp / "data"), vocab_size=512).to_json()
-        table = pq.read_table(files[0])
-        if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     _temp_dir=os.environ.get("RECLIP_BENCH_RAY_TMP", "/tmp/ray"))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        shard_info, tokenizer_json, table = _prepare(tmp / "data", sources, sizes, shards, rows_per_shard)
+        _start_ray()
         for size in sizes:
             copy = copy_column("image", COPY_FOR.get(size, size + size // 4))
-            device = f"{copy}@device"
-            rates: dict[str, list[float]] = {"image": [], copy: [], **({device: []} if device_side else {})}
-            for _ in range(repeats):  # alternate the sources so a busy neighbour slows them alike
-                for source in rates:
-                    column, on_device = source.split("@")[0], source.endswith("@device")
-                    n = rows * (10 if on_device else 1)  # the device side is ~10x faster: as many seconds
-                    rates[source].append(_stream_rate(shard_info, column, size, n, tokenizer_json, on_device))
-            results = {}
-            for column, values in rates.items():
-                data = [bytes(b) for b in table.column(column.split("@")[0]).to_pylist()[:images]]
-                bare = _bare_rate(data, size, on_device=column.endswith("@device"))
-                rate = statistics.median(values)
-                results[column] = rate
-                row = {"bench": "data_pipeline", "target_px": size, "source": column,
-                       "source_kb": round(sum(map(len, data)) / len(data) / 1024, 2),
-                       "images_per_s_per_core": round(rate, 1), "bare_decode_per_core": round(bare, 1),
-                       "pipeline_vs_bare": round(rate / bare, 2)}
-                if column.endswith("@device"):
-                    row["cores_per_gpu_h100_40mfu"] = {k: round(v, 1) for k, v in cores_per_gpu(rate, size).items()
-                                                       if "samples" not in k}
-                out.append(row)
-                print(json.dumps(row), flush=True)
-            best = results[copy]
-            cores = cores_per_gpu(best, size)
-            full_cores = cores_per_gpu(results["image"], size)
-            row = {"bench": "data_pipeline", "target_px": size, "copy_vs_full": round(best / results["image"], 2),
-                   "cores_per_gpu_h100_40mfu": {k: round(v, 1) for k, v in cores.items() if "samples" not in k},
-                   "cores_per_gpu_full_source": {k: round(v, 1) for k, v in full_cores.items() if "samples" not in k},
-                   "samples_per_s_per_gpu": {k.split("_")[0]: round(v) for k, v in cores.items() if "samples" in k}}
-            out.append(row)
-            print(json.dumps(row), flush=True)
+            sources_of_size = [("image", False), (copy, False)] + ([(copy, True)] if device_side else [])
+            rates = _median_rates(sources_of_size, shard_info, size, rows, repeats, tokenizer_json)
+            for (column, on_device), rate in rates.items():
+                data = [bytes(b) for b in table.column(column).to_pylist()[:len(sources)]]
+                out.append(_source_row(size, column, on_device, rate, data))
+                print(json.dumps(out[-1]), flush=True)
+            out.append(_summary_row(size, rates[(copy, False)], rates[("image", False)]))
+            print(json.dumps(out[-1]), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _prepare(root: Path, sources: list[bytes], sizes: Sequence[int], shards: int,
+             rows_per_shard: int) -> tuple[list, str, Any]:
+    """Shards of ``sources`` with the copies the phase sizes read: (their footers, a tokenizer's JSON, the first
+    shard's table, whose images the bare decode uses)."""
+    import pyarrow.parquet as pq
+
+    write_shards(root, sources, shards, rows_per_shard)
+    shrink_dataset(root, sorted({COPY_FOR.get(s, s + s // 4) for s in sizes}), log=None)
+    files = list_parquet_files(str(root))
+    tokenizer_json = train_tokenizer(str(root), vocab_size=512).to_json()
+    return read_footers(files), tokenizer_json, pq.read_table(files[0])
+
+
+def _start_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.environ.get("RECLIP_BENCH_RAY_TMP", "/tmp/ray"))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _median_rates(sources: list[tuple[str, bool]], shard_info: list, size: int, rows: int, repeats: int,
+                  tokenizer_json: str) -> dict[tuple[str, bool], float]:
+    """Median images/s per core of each (column, on_device) source; the sources alternate within each repeat so
+    a busy neighbour slows them alike."""
+    rates: dict[tuple[str, bool], list[float]] = {source: [] for source in sources}
+    for _ in range(repeats):
+        for column, on_device in sources:
+            n = rows * (10 if on_device else 1)  # the device side is ~10x faster: as many seconds
+            rates[(column, on_device)].append(_stream_rate(shard_info, column, size, n, tokenizer_json, on_device))
+    return {source: statistics.median(values) for source, values in rates.items()}
+
+
+def _source_row(size: int, column: str, on_device: bool, rate: float, data: list[bytes]) -> dict[str, Any]:
+    """One source's rate against the bare decode of the same bytes (and, device side, its cores per GPU)."""
+    bare = _bare_rate(data, size, on_device=on_device)
+    row = {"bench": "data_pipeline", "target_px": size, "source": f"{column}@device" if on_device else column,
+           "source_kb": round(sum(map(len, data)) / len(data) / 1024, 2),
+           "images_per_s_per_core": round(rate, 1), "bare_decode_per_core": round(bare, 1),
+           "pipeline_vs_bare": round(rate / bare, 2)}
+    if on_device:
+        row["cores_per_gpu_h100_40mfu"] = {k: round(v, 1) for k, v in cores_per_gpu(rate, size).items()
+                                           if "samples" not in k}
+    return row
+
+
+def _summary_row(size: int, copy_rate: float, full_rate: float) -> dict[str, Any]:
+    """The copy against the full image at one size, as decode cores per GPU."""
+    cores = cores_per_gpu(copy_rate, size)
+    full_cores = cores_per_gpu(full_rate, size)
+    return {"bench": "data_pipeline", "target_px": size, "copy_vs_full": round(copy_rate / full_rate, 2),
+            "cores_per_gpu_h100_40mfu": {k: round(v, 1) for k, v in cores.items() if "samples" not in k},
+            "cores_per_gpu_full_source": {k: round(v, 1) for k, v in full_cores.items() if "samples" not in k},
+            "samples_per_s_per_gpu": {k.split("_")[0]: round(v) for k, v in cores.items() if "samples" in k}}

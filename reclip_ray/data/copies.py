@@ -12,7 +12,7 @@ as they were, so ``datasets`` still loads the shard (the copies appear there as 
 rows, so:
 * a phase reads only the column it needs: Parquet column projection skips the full images entirely (on object
   storage a column read is a byte-range read of that column chunk), and no join by key is needed;
-* one footer per shard still describes everything the driver needs (``stream.read_footers`` reads it once).
+* one footer per shard still describes everything the driver needs (``shards.read_footers`` reads it once).
 Disk cost: about 1 KB per sample for a 40 px copy and 2-4 KB for 80 px (quality 90, 4:4:4), against 30-100 KB
 for a typical web image; ``data shrink`` prints the measured bytes per sample.
 
@@ -35,27 +35,22 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from reclip_ray import storage
 from reclip_ray.data.images import BadImage, make_copy, min_source_side
+from reclip_ray.data.schema import image_bytes, read_dataset_json
+from reclip_ray.data.shards import (COPIES_KEY, WRITE_BATCH_ROWS, copy_column, footer_copies, list_parquet_files,
+                                    row_group_rows, write_file_atomic)
 from reclip_ray.errors import DataError
 
-COPIES_KEY = b"reclip.copies"
 DEFAULT_QUALITY = 90
-ROW_GROUP_BYTES = 16 << 20  # target bytes of one row group (all columns), so a reader holds little per shard
-WRITE_BATCH_ROWS = 64  # rows per Parquet page check: pages of ~64 images, streamed page by page on read
-MAX_ROW_GROUP_ROWS = 4096
 # A shard is read front to back once: 8 MB reads make a 47 MB shard 6 ranged GETs on S3 instead of 47 (measured on
 # the moto server), for 8 MB of buffer per column in each worker.
 SHRINK_READ_BUFFER = 8 << 20
-
-
-def copy_column(image_column: str, size: int) -> str:
-    return f"{image_column}_{int(size)}"
 
 
 def parse_sizes(text: str | Iterable[int]) -> list[int]:
@@ -68,21 +63,6 @@ def parse_sizes(text: str | Iterable[int]) -> list[int]:
     if not sizes or sizes[0] < 8:
         raise DataError(f"--sizes must list sizes >= 8 px, got {text!r}")
     return sizes
-
-
-def footer_copies(meta: Any, image_column: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(valid sizes, stale sizes) of a shard's copies, from its footer (``pyarrow.parquet.FileMetaData``) alone."""
-    pattern = re.compile(re.escape(image_column) + r"_(\d+)$")
-    present = {int(m.group(1)) for name in meta.schema.names if (m := pattern.match(name))}
-    if not present:
-        return (), ()
-    try:
-        info = json.loads((meta.metadata or {}).get(COPIES_KEY, b"{}"))
-    except ValueError:
-        info = {}
-    vouched = info.get("column") == image_column and info.get("rows") == meta.num_rows
-    valid = {s for s in present if vouched and s in info.get("sizes", ())}
-    return tuple(sorted(valid)), tuple(sorted(present - valid))
 
 
 # ------------------------------------------------------------------------------------------------ choosing
@@ -144,14 +124,6 @@ def sizes_for_phases(image_sizes: Iterable[int], source_side: int | None = None)
 # ------------------------------------------------------------------------------------------------ making
 
 
-def row_group_rows(total_bytes: int, rows: int) -> int:
-    """Rows per row group so one row group holds about ``ROW_GROUP_BYTES`` (64..4096 rows)."""
-    if rows <= 0:
-        return WRITE_BATCH_ROWS
-    per_row = max(1, total_bytes // rows)
-    return int(min(MAX_ROW_GROUP_ROWS, max(WRITE_BATCH_ROWS, ROW_GROUP_BYTES // per_row)))
-
-
 def _compression(names: Sequence[str], binary: set[str]) -> dict[str, str]:
     # JPEG bytes do not compress: no codec on image columns saves CPU on every read; snappy on the rest.
     return {n: ("none" if n in binary else "snappy") for n in names}
@@ -160,13 +132,11 @@ def _compression(names: Sequence[str], binary: set[str]) -> dict[str, str]:
 def shrink_shard(path: str, sizes: Sequence[int], *, image_column: str = "image", out_path: str | None = None,
                  quality: int = DEFAULT_QUALITY, force: bool = False) -> dict[str, Any]:
     """Add (or refresh) the copies of one shard; returns counts and the stored bytes per column. Atomic: the shard
-    is replaced only when complete (``ingest.write_file_atomic``: a temp file renamed locally, one object on a
+    is replaced only when complete (``shards.write_file_atomic``: a temp file renamed locally, one object on a
     store). Local path or URI alike."""
     import pyarrow.parquet as pq
 
-    from reclip_ray.storage import filesystem
-
-    fs, inner = filesystem(path)
+    fs, inner = storage.filesystem(path)
     with fs.open_input_file(inner) as fh:
         pf = pq.ParquetFile(fh, buffer_size=SHRINK_READ_BUFFER, pre_buffer=False)
         meta = pf.metadata
@@ -185,9 +155,6 @@ def _rewrite_with_copies(pf: Any, path: str, dst: str, sizes: Sequence[int], val
                          stale: Sequence[int], image_column: str, quality: int, force: bool) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from reclip_ray.data.ingest import write_file_atomic
-    from reclip_ray.data.schema import image_bytes
 
     meta = pf.metadata
     names = pf.schema_arrow.names
@@ -267,61 +234,74 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     bucket or while a job trains on the source); otherwise they are replaced in place, one at a time and atomically,
     so an interrupted run leaves whole shards and the next run continues with the rest.
     """
-    from reclip_ray import storage
-    from reclip_ray.data.schema import list_parquet_files, read_dataset_json, write_json_atomic
-
     src = storage.normalize(str(data))
     files = list_parquet_files(src)
     sizes = parse_sizes(sizes)
     dst_root = storage.normalize(str(out)) if out else src
-
-    def relative(file: str) -> str:
-        return file[len(src):].lstrip("/")
-
     if out:
-        if storage.local_path(dst_root):  # an object store has no folders to make
-            os.makedirs(dst_root, exist_ok=True)
-        for extra in storage.list_files(src):  # dataset.json, classes.json, ...: small files travel with the shards
-            name = storage.name(extra)
-            if not name.endswith(".parquet") and not name.startswith(".") and ".tmp" not in name:
-                storage.write_bytes(storage.join(dst_root, relative(extra)), storage.read_bytes(extra))
-    jobs = [(f, sizes, image_column, storage.join(dst_root, relative(f)) if out else None, quality, force)
+        _copy_small_files(src, dst_root)
+    jobs = [(f, sizes, image_column, storage.join(dst_root, _relative(f, src)) if out else None, quality, force)
             for f in files]
     t0 = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    if workers == 1:
-        results = [_shrink_one(j) for j in jobs]
-    else:
-        # Forked children would inherit the parent's S3 clients (storage caches one per bucket) and the AWS SDK's
-        # threads, which nothing promises to survive a fork (s3fs documents hangs): with a remote source or target
-        # the workers start fresh (spawn, ~1 s each). Forking worked on the moto server here; this is caution.
-        remote = storage.is_uri(src) or storage.is_uri(dst_root)
-        context = multiprocessing.get_context("spawn") if remote else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for r in pool.map(_shrink_one, jobs, chunksize=1):
-                results.append(r)
-                if log and len(results) % max(1, len(jobs) // 10) == 0:
-                    log(f"[reclip] shrink: {len(results)}/{len(jobs)} shards")
-    seconds = time.perf_counter() - t0
-
-    def per_sample(column: str) -> float:
-        having = [r for r in results if column in r["column_bytes"]]
-        rows = sum(r["rows"] for r in having)
-        return round(sum(r["column_bytes"][column] for r in having) / rows, 1) if rows else 0.0
-
+    remote = storage.is_uri(src) or storage.is_uri(dst_root)
+    results = _run_shrink_jobs(jobs, max(1, min(workers or os.cpu_count() or 1, len(jobs))), remote, log)
     summary = {
         "out": dst_root, "shards": len(files), "rows": sum(r["rows"] for r in results),
         "shards_skipped": sum(r["skipped"] for r in results), "copies_made": sum(r["made"] for r in results),
         "bad_images": sum(r["bad"] for r in results), "sizes": sizes, "quality": quality,
-        "seconds": round(seconds, 2),
-        "bytes_per_sample": {str(s): per_sample(copy_column(image_column, s)) for s in sizes},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bytes_per_sample": {str(s): _bytes_per_sample(results, copy_column(image_column, s)) for s in sizes},
         # a Hugging Face Image struct stores its bytes in the leaf column ``image.bytes``
-        "full_bytes_per_sample": per_sample(image_column) or per_sample(f"{image_column}.bytes"),
+        "full_bytes_per_sample": (_bytes_per_sample(results, image_column)
+                                  or _bytes_per_sample(results, f"{image_column}.bytes")),
     }
+    _record_copies(dst_root, {"column": image_column, "sizes": sizes, "quality": quality,
+                              "bytes_per_sample": summary["bytes_per_sample"]})
+    return summary
+
+
+def _relative(file: str, root: str) -> str:
+    return file[len(root):].lstrip("/")
+
+
+def _copy_small_files(src: str, dst_root: str) -> None:
+    """dataset.json, classes.json, ...: the small files beside the shards travel with them to a new folder."""
+    if storage.local_path(dst_root):  # an object store has no folders to make
+        os.makedirs(dst_root, exist_ok=True)
+    for extra in storage.list_files(src):
+        name = storage.name(extra)
+        if not name.endswith(".parquet") and not name.startswith(".") and ".tmp" not in name:
+            storage.write_bytes(storage.join(dst_root, _relative(extra, src)), storage.read_bytes(extra))
+
+
+def _run_shrink_jobs(jobs: list[tuple], workers: int, remote: bool,
+                     log: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """``shrink_shard`` of each job, in order: in this process, or in a pool of ``workers`` processes."""
+    if workers == 1:
+        return [_shrink_one(j) for j in jobs]
+    # Forked children would inherit the parent's S3 clients (storage caches one per bucket) and the AWS SDK's
+    # threads, which nothing promises to survive a fork (s3fs documents hangs): with a remote source or target
+    # the workers start fresh (spawn, ~1 s each). Forking worked on the moto server here; this is caution.
+    context = multiprocessing.get_context("spawn") if remote else None
+    results: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for r in pool.map(_shrink_one, jobs, chunksize=1):
+            results.append(r)
+            if log and len(results) % max(1, len(jobs) // 10) == 0:
+                log(f"[reclip] shrink: {len(results)}/{len(jobs)} shards")
+    return results
+
+
+def _bytes_per_sample(results: list[dict[str, Any]], column: str) -> float:
+    """Mean stored bytes of ``column`` per row, over the shards that have it (0 when none does)."""
+    having = [r for r in results if column in r["column_bytes"]]
+    rows = sum(r["rows"] for r in having)
+    return round(sum(r["column_bytes"][column] for r in having) / rows, 1) if rows else 0.0
+
+
+def _record_copies(dst_root: str, copies: dict[str, Any]) -> None:
+    """Note the copies in the dataset's ``dataset.json``, when it has one (``data inspect`` shows them)."""
     meta = read_dataset_json(dst_root)
     if meta and isinstance(meta, dict):
-        meta["copies"] = {"column": image_column, "sizes": sizes, "quality": quality,
-                          "bytes_per_sample": summary["bytes_per_sample"]}
-        write_json_atomic(storage.join(dst_root, "dataset.json"), meta)
-    return summary
+        meta["copies"] = copies
+        storage.write_json(storage.join(dst_root, "dataset.json"), meta, sort_keys=False)

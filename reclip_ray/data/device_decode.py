@@ -43,8 +43,9 @@ def _pil_decode(data: bytes) -> torch.Tensor | None:
         return None
 
 
-def _decode_all(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[torch.Tensor | None], int]:
-    """CHW uint8 images (None where nothing could decode) and how many rows needed the CPU fallback."""
+def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[torch.Tensor | None], int]:
+    """CHW uint8 images (None where nothing could decode) and how many rows needed the CPU fallback. Decode only:
+    ``decode_on_device`` adds the crop and resize (``bench data --device`` times the two apart)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
@@ -113,7 +114,7 @@ def decode_on_device(jpegs: Sequence[bytes], boxes: np.ndarray, size: int,
     """JPEG bytes + crop boxes (from ``decode_batch(..., on_device=True)``) -> uint8 NHWC images on ``device``,
     plus ``{"fallback": rows decoded by PIL, "failed": rows that trained as black images}``."""
     device = torch.device(device)
-    images, fallback = _decode_all(jpegs, device)
+    images, fallback = decode_jpegs(jpegs, device)
     failed = [i for i, img in enumerate(images) if img is None]
     blank = torch.zeros((3, 1, 1), dtype=torch.uint8, device=device)
     out = _crop_resize([blank if img is None else img for img in images], boxes, size) if images else \

@@ -15,6 +15,7 @@ one LIST per folder up front, then one ranged GET per 8 MB streamed. A shard is 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -24,12 +25,10 @@ import tarfile
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, image_size
-from reclip_ray.data.schema import write_json_atomic
-from reclip_ray.data.tokenizer import ordered_prefetch
+from reclip_ray.data.shards import write_parquet_atomic
 from reclip_ray.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -43,51 +42,6 @@ _TYPES = {
     "height": pa.int32(),
     "label": pa.int32(),
 }
-
-
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, row_group_rows: int | None = None) -> None:
-    """Write a whole shard so that no reader ever sees half of one: locally a ``.tmp`` file renamed into place; on
-    an object store the file is built in memory and sent as one object (a PUT, or a multipart upload that becomes
-    visible only when it completes), so an exception or a kill mid-write leaves no object at all. A file written
-    straight to the store would not do: pyarrow's writer closes it (footer and all) on an exception, leaving a
-    valid-looking shard that holds only the rows before the error.
-
-    Layout for bounded reads: row groups of about ``copies.ROW_GROUP_BYTES``, pages of ``copies.WRITE_BATCH_ROWS``
-    rows, and no dictionary on binary columns (image bytes never repeat; the dictionary page would only add a MB
-    that every reader holds), so a reader streaming the shard page by page holds a few MB, not the shard."""
-    from reclip_ray.data.copies import WRITE_BATCH_ROWS, row_group_rows as rows_for
-
-    binary = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-    options = dict(row_group_size=row_group_rows or rows_for(table.nbytes, table.num_rows),
-                   compression="none" if _mostly_binary(table) else "snappy", write_batch_size=WRITE_BATCH_ROWS,
-                   use_dictionary=[f.name for f in table.schema if f.name not in binary])
-    write_file_atomic(str(path), lambda sink: pq.write_table(table, sink, **options))
-
-
-def write_file_atomic(path: str, write: Any) -> None:
-    """``write(sink)`` fills a new file that appears at ``path`` whole or not at all (local path or URI).
-
-    ``sink`` is a local temp path, or an in-memory buffer that becomes one object on a store (the file's size in
-    memory: a shard of ~1000 web images is ~50 MB)."""
-    local = storage.local_path(path)
-    if local is None:
-        sink = pa.BufferOutputStream()
-        write(sink)
-        storage.write_bytes(path, memoryview(sink.getvalue()))  # no copy of the file into a bytes object
-        return
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = local + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _mostly_binary(table: pa.Table) -> bool:
-    # JPEG/PNG bytes do not compress; skipping the codec saves CPU on write and on every read.
-    return "image" in table.column_names and table.num_rows > 0
 
 
 def _column_type(name: str) -> pa.DataType | None:
@@ -239,43 +193,12 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
     has_label = first is not None and "label" in first[1]  # the first row decides for all
     label_sets = sorted(c for c in first[1] if re.fullmatch(r"label_\w+", c)) if first is not None else []
     rows = itertools.chain([first] if first else [], rows)
-
-    def read(item: tuple[int, dict[str, Any]]) -> tuple[int, str, dict[str, Any] | None, tuple[str, str] | None]:
-        """(row, key, the shard row or None, (file, why) it was skipped). Runs in a reader thread for remote
-        images; a DataError raised here reaches the caller in row order, after the rows before it."""
-        i, record = item
-        where = f"{captions} row {i}"
-        for column in ("file", "caption"):
-            if record.get(column) is None:
-                raise DataError(f"{where}: missing {column!r}")
-        rel = str(record["file"])
-        label = _parse_label(record.get("label"), where)
-        if has_label and label is None:
-            raise DataError(f"{where}: missing 'label' (earlier rows have one)")
-        extra = {c: _parse_label(record.get(c), where) for c in label_sets}
-        missing = [c for c, v in extra.items() if v is None]
-        if missing:
-            raise DataError(f"{where}: missing {missing[0]!r} (earlier rows have one)")
-        key = str(record.get("key") or f"{os.path.splitext(os.path.basename(rel))[0]}-{i:08d}")
-        path = storage.join(images, rel)
-        try:
-            data = storage.read_bytes(path)
-        except FileNotFoundError:
-            raise DataError(f"{where}: image file not found: {path}") from None
-        except OSError as exc:
-            raise DataError(f"{where}: cannot read {path}: {exc}") from None
-        caption = str(record["caption"]).strip()
-        if not caption:
-            return i, key, None, (captions, "empty caption")
-        try:
-            return i, key, _image_row(key, data, caption, label if has_label else None, extra), None
-        except BadImage as exc:
-            return i, key, None, (path, str(exc))
-
+    read = functools.partial(_folder_row, images=images, captions=captions, has_label=has_label,
+                             label_sets=label_sets)
     skipped = _Skipped()
     threads = 1 if local_images is not None else REMOTE_READ_THREADS
     with ShardWriter(out, shard_rows) as writer:
-        for i, key, row, skip in map(read, rows) if threads == 1 else ordered_prefetch(read, rows, threads):
+        for i, key, row, skip in map(read, rows) if threads == 1 else storage.ordered_prefetch(read, rows, threads):
             if row is not None:
                 writer.add(row)
             else:
@@ -283,11 +206,45 @@ def ingest_folder(images: str | os.PathLike, captions: str | os.PathLike, out: s
     return _finish(out, writer, skipped, source=f"folder:{images} captions:{captions}")
 
 
+def _folder_row(item: tuple[int, dict[str, Any]], *, images: str, captions: str, has_label: bool,
+                label_sets: list[str]) -> tuple[int, str, dict[str, Any] | None, tuple[str, str] | None]:
+    """(row, key, the shard row or None, (file, why) it was skipped) for one captions record. Runs in a reader
+    thread for remote images; a DataError raised here reaches the caller in row order, after the rows before it."""
+    i, record = item
+    where = f"{captions} row {i}"
+    for column in ("file", "caption"):
+        if record.get(column) is None:
+            raise DataError(f"{where}: missing {column!r}")
+    rel = str(record["file"])
+    label = _parse_label(record.get("label"), where)
+    if has_label and label is None:
+        raise DataError(f"{where}: missing 'label' (earlier rows have one)")
+    extra = {c: _parse_label(record.get(c), where) for c in label_sets}
+    missing = [c for c, v in extra.items() if v is None]
+    if missing:
+        raise DataError(f"{where}: missing {missing[0]!r} (earlier rows have one)")
+    key = str(record.get("key") or f"{os.path.splitext(os.path.basename(rel))[0]}-{i:08d}")
+    path = storage.join(images, rel)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read {path}: {exc}") from None
+    caption = str(record["caption"]).strip()
+    if not caption:
+        return i, key, None, (captions, "empty caption")
+    try:
+        return i, key, _image_row(key, data, caption, label if has_label else None, extra), None
+    except BadImage as exc:
+        return i, key, None, (path, str(exc))
+
+
 def _finish(out: str, writer: ShardWriter, skipped: _Skipped, source: str) -> dict:
     if writer.rows == 0:
         raise DataError(f"no usable rows for {out} ({skipped.count} skipped, e.g. {skipped.examples[:1]})")
     meta = {"rows": writer.rows, "source": source, "shards": len(writer.files), "skipped": skipped.count}
-    write_json_atomic(storage.join(out, "dataset.json"), meta)
+    storage.write_json(storage.join(out, "dataset.json"), meta, sort_keys=False)
     return {"out": out, "rows": writer.rows, "shards": len(writer.files), "skipped": skipped.count,
             "skipped_examples": skipped.examples}
 

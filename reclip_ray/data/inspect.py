@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
+from reclip_ray.data.local import read_shard
 from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, class_label_sets, count_rows, image_bytes,
-                                    list_parquet_files, parquet_schema, read_dataset_json)
-from reclip_ray.data.local import _read_shard
+                                    parquet_schema, read_dataset_json)
+from reclip_ray.data.shards import list_parquet_files, read_footers
 
 MAX_EXAMPLES = 10
 
@@ -19,9 +21,7 @@ MAX_EXAMPLES = 10
 def _copies(files: list[str], image_column: str) -> dict[str, Any]:
     """Per copy size (``data shrink``), the shards whose footer vouches for it and those where it is stale; the
     pipeline reads the full image in both of the latter cases, so this is what a phase will cost before it runs.
-    From the footers ``count_rows`` already read (``stream.footers`` caches them): no second read per shard."""
-    from reclip_ray.data.stream import read_footers
-
+    From the footers ``count_rows`` already read (``shards.footers`` caches them): no second read per shard."""
     valid: Counter[int] = Counter()
     stale: Counter[int] = Counter()
     without = 0
@@ -67,66 +67,86 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
     """
     path = str(path)
     files = list_parquet_files(path)
-    columns = ColumnMap(image=image_column, caption=caption_column)
-    check_schema(files, columns)
+    check_schema(files, ColumnMap(image=image_column, caption=caption_column))
     schema = parquet_schema(files[0])
     total_rows = count_rows(files)
-    checked = bad = absent_rows = 0
-    reasons: Counter[str] = Counter()
-    examples: list[dict[str, Any]] = []
-    widths: list[int] = []
-    heights: list[int] = []
+    rows = _RowCheck(limit)
     for file in files:
-        if limit and checked >= limit:
+        if rows.full():
             break
-        names = parquet_schema(file).names
-        wanted = [image_column, caption_column] + [c for c in ("key", "status") if c in names and c not in
-                                                    (image_column, caption_column)]
-        table = _read_shard(file, wanted)
-        absent = absent_mask(table, image_column)
-        images = image_bytes(table.column(image_column)).to_pylist()
-        captions = table.column(caption_column).to_pylist()
-        keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)
-        for row, (data, caption, key) in enumerate(zip(images, captions, keys)):
-            if limit and checked >= limit:
-                break
-            checked += 1
-            if absent[row]:
-                absent_rows += 1
-                continue
-            reason = None
-            try:
-                if data is None:
-                    raise BadImage("missing image bytes")
-                w, h = image_size(data)
-                decode_image(data, 16, train=False)  # full entropy decode (cheap via draft): catches truncation
-                widths.append(w)
-                heights.append(h)
-            except BadImage as exc:
-                reason = str(exc)
-            if reason is None and (caption is None or not str(caption).strip()):
-                reason = "empty caption"
-            if reason is not None:
-                bad += 1
-                reasons[reason.split(":")[0]] += 1
-                if len(examples) < MAX_EXAMPLES:
-                    examples.append({"file": os.path.basename(file), "row": row, "key": key, "reason": reason})
-    samples = checked - absent_rows
+        rows.check_file(file, image_column, caption_column)
+    samples = rows.checked - rows.absent
     return {
         "path": path,
         "rows": total_rows,
-        "rows_absent": absent_rows,
-        "rows_bad": bad,
+        "rows_absent": rows.absent,
+        "rows_bad": rows.bad,
         "shards": len(files),
-        "columns": {field.name: str(field.type) for field in schema},
-        "checked_rows": checked,
-        "bad_rows": bad,  # the name this report had before rows_absent/rows_bad; kept for scripts that read it
-        "bad_fraction": round(bad / samples, 6) if samples else 0.0,
-        "bad_reasons": dict(reasons),
-        "bad_examples": examples,
-        "image_size": {"width": _stats(widths), "height": _stats(heights)},
+        "columns": {f.name: str(f.type) for f in schema},
+        "checked_rows": rows.checked,
+        "bad_rows": rows.bad,  # the name this report had before rows_absent/rows_bad; kept for scripts that read it
+        "bad_fraction": round(rows.bad / samples, 6) if samples else 0.0,
+        "bad_reasons": dict(rows.reasons),
+        "bad_examples": rows.examples,
+        "image_size": {"width": _stats(rows.widths), "height": _stats(rows.heights)},
         "copies": _copies(files, image_column),
         "dataset_json": _summarise_meta(read_dataset_json(path)),
         "class_labels": {column: {"classes": len(names), "class_examples": names[:5]}
                          for column, names in class_label_sets(files).items()},
     }
+
+
+@dataclass
+class _RowCheck:
+    """The rows checked so far (at most ``limit``; 0: all), with what was wrong with the bad ones."""
+
+    limit: int
+    checked: int = 0
+    absent: int = 0
+    bad: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.checked >= self.limit
+
+    def check_file(self, file: str, image_column: str, caption_column: str) -> None:
+        """Decode every row of one shard (until the limit) as the pipeline would, and count what fails."""
+        names = parquet_schema(file).names
+        wanted = [image_column, caption_column] + [c for c in ("key", "status") if c in names and c not in
+                                                    (image_column, caption_column)]
+        table = read_shard(file, wanted)
+        absent = absent_mask(table, image_column)
+        images = image_bytes(table.column(image_column)).to_pylist()
+        captions = table.column(caption_column).to_pylist()
+        keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)
+        for row, (data, caption, key) in enumerate(zip(images, captions, keys)):
+            if self.full():
+                break
+            self.checked += 1
+            if absent[row]:
+                self.absent += 1
+                continue
+            reason = self._problem(data, caption)
+            if reason is not None:
+                self.bad += 1
+                self.reasons[reason.split(":")[0]] += 1
+                if len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append({"file": os.path.basename(file), "row": row, "key": key, "reason": reason})
+
+    def _problem(self, data: bytes | None, caption: Any) -> str | None:
+        """Why the row would be skipped as bad (None: it is fine); a good image's size goes into the stats."""
+        try:
+            if data is None:
+                raise BadImage("missing image bytes")
+            w, h = image_size(data)
+            decode_image(data, 16, train=False)  # full entropy decode (cheap via draft): catches truncation
+            self.widths.append(w)
+            self.heights.append(h)
+        except BadImage as exc:
+            return str(exc)
+        if caption is None or not str(caption).strip():
+            return "empty caption"
+        return None

@@ -11,15 +11,21 @@ import os
 import random
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from reclip_ray import storage
 from reclip_ray.data.images import BadImage, decode_image
-from reclip_ray.data.schema import (ColumnMap, _check_images_embedded, _filesystem, absent_mask, check_schema,
-                                    image_bytes, is_image_type, list_parquet_files, parquet_schema)
+from reclip_ray.data.schema import (ColumnMap, absent_mask, check_images_embedded, check_schema, image_bytes,
+                                    parquet_schema)
+from reclip_ray.data.shards import footers, is_image_type, is_string, list_parquet_files
+from reclip_ray.data.stream import rows_to_skip
 from reclip_ray.data.tokenizer import CaptionTokenizer
 from reclip_ray.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MAX_EXAMPLES = 10
 STATUS_COLUMN = "status"  # img2dataset: "success", or why the download failed (that row then has no image)
@@ -102,8 +108,6 @@ def check_columns(files: Sequence[str], columns: ColumnMap, *, require_caption: 
         return
     import pyarrow as pa
 
-    from reclip_ray.data.stream import footers
-
     footers(files)  # in parallel, once: parquet_schema below (and the caller's later reads) hit the cache
     for file in files:
         schema = parquet_schema(file)
@@ -115,10 +119,9 @@ def check_columns(files: Sequence[str], columns: ColumnMap, *, require_caption: 
             raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary")
         if columns.caption in schema.names:
             caption_type = schema.field(columns.caption).type
-            if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type)
-                    or pa.types.is_null(caption_type)):
+            if not (is_string(caption_type) or pa.types.is_null(caption_type)):
                 raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
-    _check_images_embedded(files, columns.image)
+    check_images_embedded(files, columns.image)
 
 
 def image_identity(image_id: Any, image: bytes) -> str:
@@ -129,21 +132,20 @@ def image_identity(image_id: Any, image: bytes) -> str:
     return "blake2b:" + hashlib.blake2b(image, digest_size=16).hexdigest()
 
 
-def _read_shard(file: str, columns: list[str]):
+def read_shard(file: str, columns: list[str]) -> "pa.Table":
+    """The given columns of one whole shard (local path or URI); a DataError naming the file if it cannot be read."""
     import pyarrow.parquet as pq
 
-    fs, inner = _filesystem(file)
+    fs, inner = storage.filesystem(file)
     try:
         return pq.read_table(inner, columns=columns, filesystem=fs)
     except Exception as exc:
         raise DataError(f"{file}: cannot read Parquet ({exc})") from exc
 
 
-def _read_rows(file: str, columns: list[str], start: int, stop: int):
+def _read_rows(file: str, columns: list[str], start: int, stop: int) -> "pa.Table":
     """Rows [start, stop) of one file, reading only the row groups that hold them."""
     import pyarrow.parquet as pq
-
-    from reclip_ray.data.stream import footers, rows_to_skip
 
     groups = footers([file])[0].row_groups
     wanted, skip = rows_to_skip(groups, start)
@@ -154,7 +156,7 @@ def _read_rows(file: str, columns: list[str], start: int, stop: int):
             break
         keep.append(g)
         end += groups[g]
-    fs, inner = _filesystem(file)
+    fs, inner = storage.filesystem(file)
     try:
         with fs.open_input_file(inner) as fh:
             table = pq.ParquetFile(fh).read_row_groups(keep, columns=columns, use_threads=False)
@@ -196,102 +198,156 @@ def iter_local_batches(
     """
     files = list_parquet_files(str(path))
     check_columns(files, columns, require_caption=require_caption)
-    if row_range is not None:
-        from reclip_ray.data.stream import footers
-
-        starts = np.cumsum([0] + [f.rows for f in footers(files)]).tolist()
-    user_names = {"label": columns.label, "key": columns.key}
-    extra = list(extra_columns)
-    for name in extra:
-        source = user_names.get(name, name)
-        for file in files:
-            if source not in parquet_schema(file).names:
-                raise DataError(f"{file}: missing column {source!r} (asked for {name!r})")
-    bad_rows = bad_rows if bad_rows is not None else BadRowCount()
-    flags = ([] if require_caption else ["has_caption"]) + (["image_id", "image_new", "file"] if group_images else [])
-    pending: dict[str, list] = {"image": [], "_text": [], "key": [], **{c: [] for c in extra + flags if c != "key"}}
-    decoded: set[str] = set()  # group_images: identities already decoded successfully
-    placeholder = np.zeros((image_size, image_size, 3), np.uint8)
-
-    def emit() -> dict[str, np.ndarray]:
-        out = {
-            "image": np.stack(pending["image"]) if pending["image"] else np.zeros((0, image_size, image_size, 3), np.uint8),
-            "tokens": tokenizer.encode(pending["_text"], text_length),
-            "key": np.array(pending["key"], dtype=object),
-        }
-        for c in extra:
-            if c == "key":
-                continue
-            out[c] = np.array(pending[c], dtype=object if c in ("caption", "key") else None)
-        for c in flags:
-            out[c] = np.array(pending[c], dtype=bool if c in ("has_caption", "image_new") else object)
-        for v in pending.values():
-            v.clear()
-        return out
-
+    _check_extra_columns(files, columns, extra_columns)
+    spans = _file_spans(files, row_range)
+    reader = _RowReader(columns, image_size=image_size, train=train, seed=seed, extra=list(extra_columns),
+                        bad_rows=bad_rows if bad_rows is not None else BadRowCount(),
+                        require_caption=require_caption, group_images=group_images)
+    batch = _PendingBatch(image_size, text_length, tokenizer, reader.extra, reader.flags)
     for epoch in range(epochs):
         order = list(range(len(files)))
         rng = np.random.default_rng([seed, epoch])
         if train:
             rng.shuffle(order)
         for fi in order:
-            file = files[fi]
-            first, stop = 0, None  # the file's rows to read: all, or those inside row_range
-            if row_range is not None:
-                first = max(0, row_range[0] - starts[fi])
-                stop = min(starts[fi + 1], row_range[1]) - starts[fi]
-                if first >= stop:
-                    continue
-            names = parquet_schema(file).names
-            optional = [columns.key, STATUS_COLUMN] + ([IMAGE_ID_COLUMN] if group_images else [])
-            wanted = [columns.image] + [n for n in [columns.caption, *optional] if n in names]
-            wanted += [user_names.get(c, c) for c in extra if user_names.get(c, c) not in wanted]
-            table = _read_shard(file, wanted) if stop is None else _read_rows(file, wanted, first, stop)
-            n_rows = table.num_rows
+            if spans[fi] is None:
+                continue
+            for row in reader.rows(files[fi], *spans[fi], epoch, rng):
+                batch.add(row)
+                if len(batch) == batch_size:
+                    yield batch.emit()
+    if len(batch):
+        yield batch.emit()
 
-            def col(name: str) -> list:
-                """The column's values, or Nones when it was not read (this shard lacks it, or not asked for)."""
-                return table.column(name).to_pylist() if name in table.column_names else [None] * n_rows
 
-            images = image_bytes(table.column(columns.image)).to_pylist()
-            captions, image_ids = col(columns.caption), col(IMAGE_ID_COLUMN)
-            absent = absent_mask(table, columns.image, STATUS_COLUMN)
-            keys = table.column(columns.key).to_pylist() if columns.key in names else [f"{os.path.basename(file)}#{first + i}" for i in range(n_rows)]
-            extras = {c: table.column(user_names.get(c, c)).to_pylist() for c in extra}
-            rows = np.arange(n_rows)
-            if train:
-                rng.shuffle(rows)
-            for r in rows.tolist():
-                if absent[r]:
-                    bad_rows.absent += 1
-                    continue
-                bad_rows.seen += 1
-                caption = captions[r]
-                has_caption = caption is not None and bool(str(caption).strip())
-                ident = image_identity(image_ids[r], images[r]) if group_images else ""
-                new = ident not in decoded
-                try:
-                    if require_caption and not has_caption:
-                        raise BadImage("empty caption")
-                    arr = decode_image(images[r], image_size, train=train,
-                                       rng=row_rng(seed, keys[r], epoch) if train else None) if new else placeholder
-                except BadImage as exc:
-                    bad_rows.add(0, 1, [{"file": file, "row": first + r, "key": keys[r], "reason": str(exc)}])
-                    continue
-                if group_images:
-                    decoded.add(ident)
-                    pending["image_id"].append(ident)
-                    pending["image_new"].append(new)
-                    pending["file"].append(file)
-                if not require_caption:
-                    pending["has_caption"].append(has_caption)
-                pending["image"].append(arr)
-                pending["_text"].append(str(caption) if has_caption else "")
-                pending["key"].append(keys[r])
-                for c in extra:
-                    if c != "key":
-                        pending[c].append(extras[c][r])
-                if len(pending["image"]) == batch_size:
-                    yield emit()
-    if pending["image"]:
-        yield emit()
+def _check_extra_columns(files: Sequence[str], columns: ColumnMap, extra: Sequence[str]) -> None:
+    """Every shard has the source column of each ``extra_columns`` name (``label``/``key`` as mapped)."""
+    user_names = {"label": columns.label, "key": columns.key}
+    for name in extra:
+        source = user_names.get(name, name)
+        for file in files:
+            if source not in parquet_schema(file).names:
+                raise DataError(f"{file}: missing column {source!r} (asked for {name!r})")
+
+
+def _file_spans(files: Sequence[str], row_range: tuple[int, int] | None) -> list[tuple[int, int | None] | None]:
+    """Per file, the rows to read as (first, stop): all of them (0, None), those inside ``row_range``, or None
+    when the range holds none of its rows."""
+    if row_range is None:
+        return [(0, None)] * len(files)
+    starts = np.cumsum([0] + [f.rows for f in footers(files)]).tolist()
+    spans: list[tuple[int, int | None] | None] = []
+    for fi in range(len(files)):
+        first = max(0, row_range[0] - starts[fi])
+        stop = min(starts[fi + 1], row_range[1]) - starts[fi]
+        spans.append((first, stop) if first < stop else None)
+    return spans
+
+
+class _RowReader:
+    """One file's rows, decoded, as the batch takes them: absent rows skipped, bad rows counted in ``bad_rows``."""
+
+    def __init__(self, columns: ColumnMap, *, image_size: int, train: bool, seed: int, extra: list[str],
+                 bad_rows: BadRowCount, require_caption: bool, group_images: bool) -> None:
+        self.columns, self.image_size, self.train, self.seed = columns, image_size, train, seed
+        self.extra, self.bad_rows = extra, bad_rows
+        self.require_caption, self.group_images = require_caption, group_images
+        self.user_names = {"label": columns.label, "key": columns.key}
+        self.flags = ([] if require_caption else ["has_caption"]) + (
+            ["image_id", "image_new", "file"] if group_images else [])
+        self.decoded: set[str] = set()  # group_images: identities already decoded successfully
+        self.placeholder = np.zeros((image_size, image_size, 3), np.uint8)
+
+    def rows(self, file: str, first: int, stop: int | None, epoch: int, rng: np.random.Generator) -> Iterator[dict]:
+        """The file's rows [first, stop) (train: shuffled by ``rng``), each a dict of the batch's fields."""
+        table = self._read(file, first, stop)
+        n_rows = table.num_rows
+
+        def col(name: str) -> list:
+            """The column's values, or Nones when it was not read (this shard lacks it, or not asked for)."""
+            return table.column(name).to_pylist() if name in table.column_names else [None] * n_rows
+
+        columns = self.columns
+        images = image_bytes(table.column(columns.image)).to_pylist()
+        captions, image_ids = col(columns.caption), col(IMAGE_ID_COLUMN)
+        absent = absent_mask(table, columns.image, STATUS_COLUMN)
+        keys = (table.column(columns.key).to_pylist() if columns.key in parquet_schema(file).names
+                else [f"{os.path.basename(file)}#{first + i}" for i in range(n_rows)])
+        extras = {c: table.column(self.user_names.get(c, c)).to_pylist() for c in self.extra}
+        order = np.arange(n_rows)
+        if self.train:
+            rng.shuffle(order)
+        for r in order.tolist():
+            if absent[r]:
+                self.bad_rows.absent += 1
+                continue
+            self.bad_rows.seen += 1
+            row = self._decode(file, first + r, keys[r], images[r], captions[r], image_ids[r], epoch)
+            if row is not None:
+                row.update({c: extras[c][r] for c in self.extra if c != "key"})
+                yield row
+
+    def _read(self, file: str, first: int, stop: int | None) -> "pa.Table":
+        """The columns the batch needs (and the optional ones the shard has) of rows [first, stop)."""
+        names = parquet_schema(file).names
+        optional = [self.columns.key, STATUS_COLUMN] + ([IMAGE_ID_COLUMN] if self.group_images else [])
+        wanted = [self.columns.image] + [n for n in [self.columns.caption, *optional] if n in names]
+        wanted += [self.user_names.get(c, c) for c in self.extra if self.user_names.get(c, c) not in wanted]
+        return read_shard(file, wanted) if stop is None else _read_rows(file, wanted, first, stop)
+
+    def _decode(self, file: str, row: int, key: Any, image: Any, caption: Any, image_id: Any,
+                epoch: int) -> dict | None:
+        """The row's image, text, key and flags; None (counted as bad) when it does not decode."""
+        has_caption = caption is not None and bool(str(caption).strip())
+        ident = image_identity(image_id, image) if self.group_images else ""
+        new = ident not in self.decoded
+        try:
+            if self.require_caption and not has_caption:
+                raise BadImage("empty caption")
+            arr = decode_image(image, self.image_size, train=self.train,
+                               rng=row_rng(self.seed, key, epoch) if self.train else None) if new else self.placeholder
+        except BadImage as exc:
+            self.bad_rows.add(0, 1, [{"file": file, "row": row, "key": key, "reason": str(exc)}])
+            return None
+        out = {"image": arr, "_text": str(caption) if has_caption else "", "key": key}
+        if self.group_images:
+            self.decoded.add(ident)
+            out.update(image_id=ident, image_new=new, file=file)
+        if not self.require_caption:
+            out["has_caption"] = has_caption
+        return out
+
+
+class _PendingBatch:
+    """Rows gathered until a batch is full, then stacked into arrays (``emit``)."""
+
+    def __init__(self, image_size: int, text_length: int, tokenizer: CaptionTokenizer, extra: list[str],
+                 flags: list[str]) -> None:
+        self.image_size, self.text_length, self.tokenizer = image_size, text_length, tokenizer
+        self.extra, self.flags = extra, flags
+        self.pending: dict[str, list] = {"image": [], "_text": [], "key": [],
+                                         **{c: [] for c in extra + flags if c != "key"}}
+
+    def __len__(self) -> int:
+        return len(self.pending["image"])
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, value in row.items():
+            self.pending[name].append(value)
+
+    def emit(self) -> dict[str, np.ndarray]:
+        pending, s = self.pending, self.image_size
+        out = {
+            "image": np.stack(pending["image"]) if pending["image"] else np.zeros((0, s, s, 3), np.uint8),
+            "tokens": self.tokenizer.encode(pending["_text"], self.text_length),
+            "key": np.array(pending["key"], dtype=object),
+        }
+        for c in self.extra:
+            if c == "key":
+                continue
+            out[c] = np.array(pending[c], dtype=object if c in ("caption", "key") else None)
+        for c in self.flags:
+            out[c] = np.array(pending[c], dtype=bool if c in ("has_caption", "image_new") else object)
+        for v in pending.values():
+            v.clear()
+        return out

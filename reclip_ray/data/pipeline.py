@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import ray
 
+from reclip_ray import storage
 from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.local import row_rng
 from reclip_ray.data.schema import ColumnMap, absent_mask, image_bytes
@@ -99,12 +100,10 @@ class _ShardChunks:
     def _open(self, row_groups, start_row, columns, missing, on_missing) -> Iterator:
         import pyarrow.parquet as pq
 
-        from reclip_ray.data.schema import _filesystem
-
         groups, drop = rows_to_skip(row_groups, start_row)
         if not groups:
             return iter(())
-        fs, inner = _filesystem(self.file)
+        fs, inner = storage.filesystem(self.file)
         try:
             fh = fs.open_input_file(inner)
         except FileNotFoundError:
@@ -195,8 +194,6 @@ def _placeholder(n: int, file: str, first_row: int) -> "pa.Table":
 def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed: int, missing: str = "fail",
                 missing_actor=None) -> Iterator["pa.Table"]:
     """map_batches generator: one stream group in, one table per unit out (its rows in stream order)."""
-    import pyarrow as pa
-
     schema = _read_schema()
 
     def on_missing(file: str) -> None:
@@ -204,62 +201,83 @@ def read_groups(items: "pa.Table", *, columns: ColumnMap, chunk_rows: int, seed:
             ray.get(missing_actor.add.remote(file))
 
     for item in items.to_pylist():
-        files, rows, start = item["files"], item["rows"], item["start_round"]
+        rows, start = item["rows"], item["start_round"]
         done = np.asarray(item["done"], dtype=np.int64)
         skip = set(item.get("skip_rounds") or ())  # whole units trained before a restart: read past, not emitted
-        # Each shard is read from the column the phase chose for it (a shrunk copy, or the full image).
-        shard_columns = [dataclasses.replace(columns, image=src) if src else columns
-                         for src in item.get("sources") or [""] * len(files)]
-        readers = [_ShardChunks(f, rg, chunk_rows, start * chunk_rows, cols, missing, on_missing)
-                   for f, rg, cols in zip(files, item["row_groups"], shard_columns)]
+        readers = _group_readers(item, columns, chunk_rows, missing, on_missing)
         sizes = unit_sizes(rows, chunk_rows)
         unit_pos = item["first_pos"] + sum(sizes[:start])
         for k in range(start, len(sizes)):
             if k in skip:
                 for reader, n in zip(readers, rows):
                     _read_past(reader, rows_in_round(n, k, chunk_rows))
-                unit_pos += sizes[k]
-                continue
-            parts = []
-            for reader, n in zip(readers, rows):
-                expected = rows_in_round(n, k, chunk_rows)
-                got = reader.next() if expected else None
-                if got is not None:
-                    parts.append(_canonical(got[0], reader.columns, reader.file, got[1]).append_column(
-                        "_absent", pa.array(absent_mask(got[0], reader.columns.image))))
-                    if got[0].num_rows != expected:
-                        raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says "
-                                        f"{expected} (the shard changed during the run?)")
-                elif expected:  # a skipped missing shard keeps its positions (as absent rows): the others' stay put
-                    parts.append(_placeholder(expected, reader.file, k * chunk_rows))
-            size = sizes[k]
-            perm = unit_permutation(seed, item["pass_index"], item["group"], k, size)
-            positions = unit_pos + np.arange(size, dtype=np.int64)
-            unit_pos += size
-            unit = item["first_unit"] + k
-            table = pa.concat_tables(parts)  # no copy: the unit's rows are gathered once, by the take below
-            is_absent = np.asarray(table.column("_absent").to_numpy(zero_copy_only=False), dtype=bool)[perm]
-            absent = int(is_absent.sum())
-            keep = ~is_absent
-            table = table.drop_columns(["_absent"])
-            if done.size:
-                keep &= ~np.isin(positions, done)
-            emitted = int(keep.sum())
-            if emitted:
-                out = table.take(pa.array(perm[keep]))
-                n, pos = emitted, positions[keep]
-                marker = np.zeros(n, dtype=bool)
-            else:  # nothing to train here: one marker row lets the workers mark the unit done
-                out = pa.table({"image": pa.nulls(1, pa.binary()), "caption": pa.nulls(1, pa.string()),
-                                "key": pa.array([""]), "_file": pa.array([files[0]]), "_row": pa.array([-1])})
-                n, pos, marker = 1, np.asarray([-1], dtype=np.int64), np.ones(1, dtype=bool)
-            out = out.append_column("_pass", pa.array(np.full(n, item["pass_index"], np.int32)))
-            out = out.append_column("_pos", pa.array(pos))
-            out = out.append_column("_unit", pa.array(np.full(n, unit, np.int64)))
-            out = out.append_column("_unit_rows", pa.array(np.full(n, n, np.int32)))
-            out = out.append_column("_unit_absent", pa.array(np.full(n, absent, np.int32)))
-            out = out.append_column("_marker", pa.array(marker))
-            yield out.select(schema.names).cast(schema)
+            else:
+                parts = _read_round(readers, rows, k, chunk_rows)
+                yield _unit_table(parts, item, k, unit_pos, sizes[k], seed, done).select(schema.names).cast(schema)
+            unit_pos += sizes[k]
+
+
+def _group_readers(item: dict, columns: ColumnMap, chunk_rows: int, missing: str, on_missing) -> list[_ShardChunks]:
+    """One reader per shard of the group, at the group's first round to read, each on the column the phase chose
+    for that shard (a shrunk copy, or the full image)."""
+    files = item["files"]
+    shard_columns = [dataclasses.replace(columns, image=src) if src else columns
+                     for src in item.get("sources") or [""] * len(files)]
+    start_row = item["start_round"] * chunk_rows
+    return [_ShardChunks(f, rg, chunk_rows, start_row, cols, missing, on_missing)
+            for f, rg, cols in zip(files, item["row_groups"], shard_columns)]
+
+
+def _read_round(readers: list[_ShardChunks], rows: Sequence[int], k: int, chunk_rows: int) -> list["pa.Table"]:
+    """Round ``k``'s rows of every shard in canonical columns, with ``_absent``; a skipped missing shard keeps its
+    positions as absent rows, so the other shards' stay put."""
+    import pyarrow as pa
+
+    parts = []
+    for reader, n in zip(readers, rows):
+        expected = rows_in_round(n, k, chunk_rows)
+        got = reader.next() if expected else None
+        if got is not None:
+            parts.append(_canonical(got[0], reader.columns, reader.file, got[1]).append_column(
+                "_absent", pa.array(absent_mask(got[0], reader.columns.image))))
+            if got[0].num_rows != expected:
+                raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says "
+                                f"{expected} (the shard changed during the run?)")
+        elif expected:
+            parts.append(_placeholder(expected, reader.file, k * chunk_rows))
+    return parts
+
+
+def _unit_table(parts: list["pa.Table"], item: dict, k: int, unit_pos: int, size: int, seed: int,
+                done: np.ndarray) -> "pa.Table":
+    """The unit's rows in stream order (the unit's seeded permutation), less the absent ones and the positions a
+    restart holds as done, with the stream bookkeeping; one marker row when nothing is left to train."""
+    import pyarrow as pa
+
+    perm = unit_permutation(seed, item["pass_index"], item["group"], k, size)
+    positions = unit_pos + np.arange(size, dtype=np.int64)
+    table = pa.concat_tables(parts)  # no copy: the unit's rows are gathered once, by the take below
+    is_absent = np.asarray(table.column("_absent").to_numpy(zero_copy_only=False), dtype=bool)[perm]
+    absent = int(is_absent.sum())
+    keep = ~is_absent
+    table = table.drop_columns(["_absent"])
+    if done.size:
+        keep &= ~np.isin(positions, done)
+    emitted = int(keep.sum())
+    if emitted:
+        out = table.take(pa.array(perm[keep]))
+        n, pos = emitted, positions[keep]
+        marker = np.zeros(n, dtype=bool)
+    else:  # nothing to train here: one marker row lets the workers mark the unit done
+        out = pa.table({"image": pa.nulls(1, pa.binary()), "caption": pa.nulls(1, pa.string()),
+                        "key": pa.array([""]), "_file": pa.array([item["files"][0]]), "_row": pa.array([-1])})
+        n, pos, marker = 1, np.asarray([-1], dtype=np.int64), np.ones(1, dtype=bool)
+    out = out.append_column("_pass", pa.array(np.full(n, item["pass_index"], np.int32)))
+    out = out.append_column("_pos", pa.array(pos))
+    out = out.append_column("_unit", pa.array(np.full(n, item["first_unit"] + k, np.int64)))
+    out = out.append_column("_unit_rows", pa.array(np.full(n, n, np.int32)))
+    out = out.append_column("_unit_absent", pa.array(np.full(n, absent, np.int32)))
+    return out.append_column("_marker", pa.array(marker))
 
 
 # ------------------------------------------------------------------------------------------------ decoding

@@ -1,12 +1,17 @@
-"""Where the shards are and which columns hold what. Every reader goes through here so errors read the same."""
+"""Which columns of the shards hold what: the column map, the checks that fail before any work starts (with the
+file, the column and the flag to set), absent rows, and ``dataset.json``. Every reader goes through here so errors
+read the same. The files themselves and their footers are ``shards``'.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from reclip_ray import storage
+from reclip_ray.data.shards import (HF_IMAGE_FIELD, footers, hf_image_bytes_type, is_image_type, is_string,
+                                    read_footers)
 from reclip_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -39,68 +44,14 @@ class ColumnMap:
         return {src: dst for src, dst in pairs.items() if src != dst}
 
 
-def _is_uri(path: str) -> bool:
-    from reclip_ray.storage import is_uri
-
-    return is_uri(path)
-
-
-def _filesystem(path: str):
-    """(pyarrow filesystem, path inside it): ``reclip_ray.storage.filesystem``."""
-    from reclip_ray.storage import filesystem
-
-    return filesystem(path)
-
-
-def list_parquet_files(path: str | os.PathLike) -> list[str]:
-    """Sorted Parquet files under a folder (any nesting), a single file, or a URI.
-
-    URIs come back as URIs (scheme kept) so Ray Data / pyarrow can open them again without the caller keeping the
-    filesystem object around. Hidden files and ``*.tmp`` leftovers of an interrupted writer are ignored.
-    """
-    import pyarrow.fs as pafs
-
-    path = str(path)
-    fs, inner = _filesystem(path)
-    try:
-        info = fs.get_file_info(inner)
-    except Exception as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"no Parquet files under {path} (path does not exist)")
-    if info.type == pafs.FileType.File:
-        infos = [info] if inner.endswith(".parquet") else []
-    else:
-        infos = sorted(
-            (i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-             if i.type == pafs.FileType.File
-             and i.path.endswith(".parquet")
-             and not os.path.basename(i.path).startswith((".", "_"))),
-            key=lambda i: i.path,
-        )
-    if not infos:
-        raise DataError(f"no Parquet files under {path}")
-    prefix = f"{path.split('://', 1)[0]}://" if _is_uri(path) and not path.startswith("file://") else ""
-    files = [prefix + i.path for i in infos]
-    from reclip_ray.data.stream import note_listing
-
-    for f, i in zip(files, infos):  # the footer cache's key: a cached footer is reused while these are unchanged
-        note_listing(f, i.size, i.mtime_ns)
-    return files
-
-
 def parquet_schema(file: str):
     """The Arrow schema of one file (without its key-value metadata), from the footer cache: callers that loop
-    over many files call ``stream.footers(files)`` first, so the footers are read in parallel and only once."""
-    from reclip_ray.data.stream import footers
-
+    over many files call ``shards.footers(files)`` first, so the footers are read in parallel and only once."""
     return footers([file])[0].schema
 
 
 def count_rows(files: Iterable[str]) -> int:
     """Rows in the given shards, from their Parquet footers (no data read; the footers are read in parallel)."""
-    from reclip_ray.data.stream import read_footers
-
     return sum(shard.rows for shard in read_footers(list(files)))
 
 
@@ -111,8 +62,6 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
     hold only metadata because the images are in webdataset tars beside them; the message says which, with the
     exact flag or command to run, so the user does not have to read the column list and guess.
     """
-    from reclip_ray.data.stream import footers
-
     required = [("image", columns.image), ("caption", columns.caption)]
     if require_label:
         required.append(("label", columns.label))
@@ -130,19 +79,17 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
             hint = f" (try --set data.image_column={others[0]})" if others else ""
             raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary{hint}")
         caption_type = schema.field(columns.caption).type
-        if not _is_string(caption_type):
+        if not is_string(caption_type):
             raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
-    _check_images_embedded(files, columns.image)
+    check_images_embedded(files, columns.image)
 
 
-def _check_images_embedded(files: list[str], image_column: str) -> None:
+def check_images_embedded(files: list[str], image_column: str) -> None:
     """Fail when a Hugging Face Image column holds no bytes in any row: ``datasets``' ``to_parquet`` writes the
     images of a dataset loaded from local files as paths (``push_to_hub`` embeds them), and every row would be an
     absent sample. From the cached footers' null counts: nothing is read."""
-    from reclip_ray.data.stream import footers
-
     found = footers(files)
-    if not any(image_column in f.schema.names and _hf_image_bytes_type(f.schema.field(image_column).type) is not None
+    if not any(image_column in f.schema.names and hf_image_bytes_type(f.schema.field(image_column).type) is not None
                for f in found):
         return
     shards = [f.shard(image_column) for f in found]
@@ -157,34 +104,6 @@ def _check_images_embedded(files: list[str], image_column: str) -> None:
 # many other string columns (url, status, exif, sha256...) are never offered as captions.
 CAPTION_NAMES = ("caption", "txt", "text", "captions", "alt", "alt_text", "title", "description", "prompt")
 IMAGE_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
-HF_IMAGE_FIELD = "bytes"  # Hugging Face ``datasets`` stores an Image feature as struct<bytes: binary, path: string>
-
-
-def _is_binary(type_) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
-
-
-def _is_string(type_) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
-
-
-def is_image_type(type_) -> bool:
-    """Encoded image bytes: a binary column, or Hugging Face ``datasets``' Image feature (``HF_IMAGE_FIELD``)."""
-    return _is_binary(type_) or _hf_image_bytes_type(type_) is not None
-
-
-def _hf_image_bytes_type(type_):
-    """The type of the ``bytes`` child when ``type_`` is a struct with a binary ``bytes`` child, else None."""
-    import pyarrow as pa
-
-    if not pa.types.is_struct(type_):
-        return None
-    index = type_.get_field_index(HF_IMAGE_FIELD)
-    return type_.field(index).type if index >= 0 and _is_binary(type_.field(index).type) else None
 
 
 def image_bytes(column: Any) -> Any:
@@ -193,30 +112,14 @@ def image_bytes(column: Any) -> Any:
     ``path`` only is not in the shard: an absent sample)."""
     import pyarrow.compute as pc
 
-    if _hf_image_bytes_type(column.type) is None:
+    if hf_image_bytes_type(column.type) is None:
         return column
     return pc.struct_field(column, HF_IMAGE_FIELD)  # combines the struct's validity with the child's
-
-
-def hf_class_labels(raw: bytes | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``((column, class names), ...)`` of the top-level ClassLabel features in the ``huggingface`` entry that
-    ``datasets`` writes into a Parquet footer (``{"info": {"features": {col: {"_type": "ClassLabel", "names":
-    [...]}}}}``). Optional metadata: an entry that does not parse gives no class labels, not an error."""
-    if not raw:
-        return ()
-    try:
-        features = json.loads(raw).get("info", {}).get("features", {})
-        return tuple((str(col), tuple(str(n) for n in spec["names"])) for col, spec in features.items()
-                     if isinstance(spec, dict) and spec.get("_type") == "ClassLabel" and spec.get("names"))
-    except (ValueError, AttributeError, TypeError):
-        return ()
 
 
 def class_label_sets(files: Sequence[str]) -> dict[str, list[str]]:
     """{column: class names} of the ClassLabel columns recorded in the shards' ``huggingface`` metadata (from the
     footer cache: no read when the footers are cached). Shards that disagree are a DataError naming two of them."""
-    from reclip_ray.data.stream import footers
-
     found = footers(files)
     for footer in found[1:]:
         if footer.class_labels != found[0].class_labels:
@@ -233,7 +136,7 @@ def _binary_columns(schema) -> list[str]:
 
 def _caption_columns(schema) -> list[str]:
     """String columns with a caption-like name, the usual names first: the candidates for ``data.caption_column``."""
-    present = {f.name for f in schema if _is_string(f.type)}
+    present = {f.name for f in schema if is_string(f.type)}
     return [n for n in CAPTION_NAMES if n in present]
 
 
@@ -265,7 +168,7 @@ def _webdataset_pattern(file: str, schema) -> str | None:
     import pyarrow.fs as pafs
 
     folder = file.rsplit("/", 1)[0] if "/" in file else "."
-    fs, inner = _filesystem(file)
+    fs, inner = storage.filesystem(file)
     try:
         infos = fs.get_file_info(pafs.FileSelector(os.path.dirname(inner), recursive=False))
     except Exception:  # listing is best effort: the message falls back to the plain column error
@@ -307,7 +210,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
         absent = np.zeros(n, dtype=bool)
         if image_column in names:
             absent |= image_bytes(batch.column(image_column)).is_null().to_numpy(zero_copy_only=False)
-        if status_column in names and _is_string(batch.schema.field(status_column).type):
+        if status_column in names and is_string(batch.schema.field(status_column).type):
             status = batch.column(status_column).to_pylist()
             absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
         return absent
@@ -334,23 +237,10 @@ def _is_null(value: Any) -> bool:
 def read_dataset_json(path: str | os.PathLike) -> dict:
     """``dataset.json`` beside the shards ({} when absent). ``path`` may be the folder or a file inside it."""
     path = str(path)
-    fs, inner = _filesystem(path)
-    import pyarrow.fs as pafs
-
-    info = fs.get_file_info(inner)
-    folder = inner if info.type == pafs.FileType.Directory else os.path.dirname(inner)
-    meta = folder.rstrip("/") + "/dataset.json"
-    if fs.get_file_info(meta).type != pafs.FileType.File:
-        return {}
+    folder = path if storage.is_dir(path) else storage.parent(path)
+    meta = storage.join(folder, "dataset.json")
     try:
-        with fs.open_input_stream(meta) as f:
-            return json.loads(f.read().decode("utf-8"))
+        found = storage.read_json(meta, default={})
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta}: not valid JSON ({exc})") from exc
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """A whole JSON file (local path or URI): readers see the old file or the new one (``storage.write_bytes``)."""
-    from reclip_ray.storage import write_text
-
-    write_text(str(path), json.dumps(obj, indent=2) + "\n")
+    return found

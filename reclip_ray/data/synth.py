@@ -359,7 +359,7 @@ def make_row(seed: int, split: str, row: int, image_size: int = IMAGE_SIZE, text
 def _write_shard(task: tuple[str, str, int, int, int, int, int, bool]) -> int:
     import pyarrow as pa
 
-    from reclip_ray.data.ingest import write_parquet_atomic
+    from reclip_ray.data.shards import write_parquet_atomic
 
     out_dir, split, seed, start, stop, index, image_size, textured = task
     rows = [make_row(seed, split, r, image_size, textured) for r in range(start, stop)]
@@ -421,7 +421,6 @@ def make_synthetic(
     textured: bool = False,
 ) -> dict:
     """Write ``out/train`` and ``out/eval`` (Parquet shards + dataset.json); returns a summary."""
-    from reclip_ray.data.schema import write_json_atomic
 
     if not 32 <= image_size <= 256:
         raise DataError(f"synthetic image_size must be between 32 and 256, got {image_size}")
@@ -461,7 +460,7 @@ def make_synthetic(
             continue
         shards = math.ceil(rows / shard_rows)
         meta = _dataset_json(split, rows, seed, image_size, textured)
-        write_json_atomic(storage.join(out, split, "dataset.json"), meta)
+        storage.write_json(storage.join(out, split, "dataset.json"), meta, sort_keys=False)
         summary[split] = {"path": storage.join(out, split), "rows": rows, "shards": shards}
     summary["seconds"] = round(time.perf_counter() - start_time, 2)
     return summary

@@ -9,10 +9,12 @@ The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from reclip_ray import storage
+from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 
 PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
@@ -106,9 +108,7 @@ class CaptionTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` whole (local path or URI; ``storage.write_text`` is atomic)."""
-        from reclip_ray.storage import write_text
-
-        write_text(str(path), self.to_json())
+        storage.write_text(str(path), self.to_json())
 
     def __repr__(self) -> str:
         return (f"CaptionTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, sot_id={self.sot_id}, "
@@ -122,7 +122,6 @@ def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot
     ``"clip"`` (when no such file exists) is OpenAI's CLIP BPE, converted from open_clip's vocabulary on first use.
     ``path`` may be a URI (``s3://bucket/tokenizer.json``): one GET.
     """
-    from reclip_ray import storage
     from reclip_ray.data.clip_bpe import CLIP_NAME, clip_tokenizer_file
 
     path = str(path)
@@ -158,13 +157,11 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
     the reads are CPU-bound and more threads than cores only contend for the GIL (20,000 small shards: 8.4 s with
     one thread, 5.9 s with two, 8.0 s with eight on 2 cores), so there ``threads`` is capped at the core count.
     """
-    from reclip_ray.data.schema import _is_uri, list_parquet_files
-
     files = list_parquet_files(str(data))
-    if not _is_uri(str(data)) or str(data).startswith("file://"):
+    if not storage.is_uri(str(data)):
         threads = min(threads, os.cpu_count() or 1)
     taken = 0
-    for captions in ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+    for captions in storage.ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
         for caption in captions:
             yield caption
             taken += 1
@@ -176,9 +173,7 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
     """One file's non-empty captions, normalised."""
     import pyarrow.parquet as pq
 
-    from reclip_ray.data.schema import _filesystem
-
-    fs, inner = _filesystem(file)
+    fs, inner = storage.filesystem(file)
     with fs.open_input_file(inner) as f:
         pf = pq.ParquetFile(f)
         if caption_column not in pf.schema_arrow.names:
@@ -189,30 +184,6 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
         return [_normalize(c) for batch in pf.iter_batches(batch_size=batch_rows, columns=[caption_column],
                                                           use_threads=False)
                 for c in batch.column(0).to_pylist() if c]
-
-
-def ordered_prefetch(fn: Any, items: Sequence[Any], threads: int) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``2 * threads`` items ahead;
-    closing the generator early cancels what has not started."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    pending: deque = deque()
-    todo = iter(items)
-    try:
-        for item in todo:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * max(1, threads):
-                break
-        while pending:
-            result = pending.popleft().result()
-            for item in todo:
-                pending.append(pool.submit(fn, item))
-                break
-            yield result
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def train_tokenizer(

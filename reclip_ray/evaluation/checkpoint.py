@@ -59,7 +59,8 @@ def _columns(data: str, cfg: Any, caption_column: str | None) -> Any:
     retrieval. A named column the shards lack is an error, not a silent zero-shot-only evaluation."""
     import dataclasses
 
-    from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema
+    from reclip_ray.data.schema import ColumnMap, parquet_schema
+    from reclip_ray.data.shards import list_parquet_files
 
     columns = eval_columns(data, ColumnMap.from_config(cfg.data))
     if not caption_column:

@@ -79,7 +79,8 @@ def evaluate_dataset(
 
 def _find_label_sets(data_path: str, columns: Any, classes: dict | None) -> tuple[list[str], dict[str, dict]]:
     """(the eval set's Parquet files, its label sets); ``--classes`` on a set without the label column fails."""
-    from reclip_ray.data.schema import class_label_sets, list_parquet_files, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import class_label_sets, parquet_schema, read_dataset_json
+    from reclip_ray.data.shards import list_parquet_files
 
     files = list_parquet_files(str(data_path))
     names = parquet_schema(files[0]).names
@@ -130,7 +131,7 @@ def _read_sharded(read: Read, files: Sequence[str], label_cols: Sequence[str], r
                   device: str | torch.device) -> Gathered:
     """This rank's contiguous slice of the rows read in lockstep with the other ranks, then every slice gathered.
     The row count comes from the Parquet footers (cached: read once per process)."""
-    from reclip_ray.data.stream import footers
+    from reclip_ray.data.shards import footers
 
     def read_slice() -> Iterator[None]:
         part = Slice(label_cols)

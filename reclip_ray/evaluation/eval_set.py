@@ -59,9 +59,9 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     Reads Parquet footers, the label columns and at most the caption column, never the images. Returns
     ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
     """
-    from reclip_ray.data.local import _read_shard, check_columns
-    from reclip_ray.data.schema import (ColumnMap, class_label_sets, count_rows, list_parquet_files, parquet_schema,
-                                        read_dataset_json)
+    from reclip_ray.data.local import check_columns, read_shard
+    from reclip_ray.data.schema import ColumnMap, class_label_sets, count_rows, parquet_schema, read_dataset_json
+    from reclip_ray.data.shards import list_parquet_files
     from reclip_ray.errors import DataError
 
     columns = columns or ColumnMap()
@@ -84,11 +84,11 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
             if column not in names:
                 raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
         if sets:
-            table = _read_shard(file, sorted(set(source.values())))
+            table = read_shard(file, sorted(set(source.values())))
             for name, spec in sets.items():
                 _check_labels(file, source[name], name, spec, table.column(source[name]))
         if not has_captions and columns.caption in names:
-            captions = _read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
+            captions = read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
             has_captions = any(c is not None and str(c).strip() for c in captions)
     if not sets and not has_captions:
         raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
@@ -119,7 +119,8 @@ def eval_columns(data: str, configured: Any) -> Any:
     Training shards are often img2dataset's (``jpg``/``txt``) while the eval set is a canonical one (``image``/
     ``caption``); the CLI, the pre-Ray check and the phase-end evaluation should all read it with these columns.
     """
-    from reclip_ray.data.schema import ColumnMap, list_parquet_files, parquet_schema
+    from reclip_ray.data.schema import ColumnMap, parquet_schema
+    from reclip_ray.data.shards import list_parquet_files
 
     names = parquet_schema(list_parquet_files(data)[0]).names
     canonical = ColumnMap()

@@ -35,7 +35,8 @@ class Prepared:
 def prepare(cfg: Config) -> Prepared:
     """Resolve paths, make the synthetic data if asked, check shards and schema, get a tokenizer. No Ray yet."""
     from reclip_ray import tracking
-    from reclip_ray.data.schema import ColumnMap, check_schema, list_parquet_files
+    from reclip_ray.data.schema import ColumnMap, check_schema
+    from reclip_ray.data.shards import list_parquet_files
 
     data = cfg.data
     data.train = absolute(data.train)
@@ -185,8 +186,7 @@ def build_datasets(cfg: Config, tokenizer_json: str, run_dir: str, missing_actor
     checkpoint that Ray Train is about to restore: a restart continues with the rows that follow, none trained
     twice. The footers are read once here (in parallel) and travel with the factories.
     """
-    from reclip_ray.data.schema import list_parquet_files
-    from reclip_ray.data.stream import read_footers
+    from reclip_ray.data.shards import list_parquet_files, read_footers
     from reclip_ray.schedule import Schedule
 
     shards = read_footers(list_parquet_files(cfg.data.train), cfg.data.image_column)

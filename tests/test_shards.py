@@ -1,0 +1,74 @@
+"""The data floor (``reclip_ray.data.shards``) and ``dataset.json`` beside the shards: what the modules above rely on.
+
+The footer cache itself is tested where its cost matters (``test_driver_startup.py``: each footer read once per
+launch, a rewritten shard seen again); these cover what moved with it: ``dataset.json`` read from the folder or a
+file inside it, and written in its writer's key order (evaluation lists the label sets in that order).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from reclip_ray import storage
+from reclip_ray.data.copies import shrink_dataset
+from reclip_ray.data.schema import read_dataset_json
+from reclip_ray.data.shards import COPIES_KEY, list_parquet_files, read_footers, write_parquet_atomic
+from reclip_ray.errors import DataError
+
+
+def _jpeg(side: int, value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (value, 255 - value, 128)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def dataset(tmp_path) -> str:
+    root = tmp_path / "d"
+    table = pa.table({"key": [f"k{i}" for i in range(6)], "image": pa.array([_jpeg(96, 40 * i) for i in range(6)]),
+                      "caption": [f"a square {i}" for i in range(6)]})
+    write_parquet_atomic(table, str(root / "shard-00000.parquet"))
+    # label sets deliberately not in alphabetical order: a sorted rewrite would reorder them
+    (root / "dataset.json").write_text(json.dumps({"rows": 6, "label_sets": {"shape": {}, "colour": {}}}))
+    return str(root)
+
+
+def test_shrink_keeps_dataset_json_in_its_writers_order(dataset, tmp_path):
+    summary = shrink_dataset(dataset, "40", out=str(tmp_path / "out"), workers=1, log=None)
+    assert summary["copies_made"] == 6
+    written = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert list(written) == ["rows", "label_sets", "copies"]
+    assert list(written["label_sets"]) == ["shape", "colour"]
+    assert written["copies"]["sizes"] == [40]
+    (shard,) = read_footers(list_parquet_files(str(tmp_path / "out")))
+    assert shard.copies == (40,) and shard.rows == 6
+    assert json.loads(pq.read_metadata(shard.path).metadata[COPIES_KEY])["sizes"] == [40]
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text()) == {"rows": 6, "label_sets":
+                                                                        {"shape": {}, "colour": {}}}  # source kept
+
+
+def test_read_dataset_json_from_the_folder_or_a_file_in_it(dataset, tmp_path):
+    meta = {"rows": 6, "label_sets": {"shape": {}, "colour": {}}}
+    assert read_dataset_json(dataset) == meta
+    assert read_dataset_json(list_parquet_files(dataset)[0]) == meta
+    assert read_dataset_json(f"file://{dataset}") == meta
+    (tmp_path / "bare").mkdir()
+    assert read_dataset_json(str(tmp_path / "bare")) == {}
+    (tmp_path / "bare" / "dataset.json").write_text('{"rows": 6,')
+    with pytest.raises(DataError, match=r"bare/dataset.json: not valid JSON"):
+        read_dataset_json(str(tmp_path / "bare"))
+
+
+def test_write_json_is_whole_and_ordered_as_asked(tmp_path):
+    path = str(tmp_path / "x.json")
+    storage.write_json(path, {"b": 1, "a": 2})
+    assert list(json.loads(storage.read_text(path))) == ["a", "b"]  # run-folder files: sorted, as before
+    storage.write_json(path, {"b": 1, "a": 2}, sort_keys=False)
+    assert list(json.loads(storage.read_text(path))) == ["b", "a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temp file left beside it
