@@ -372,7 +372,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     from ray import tune
 
     from reclip_ray import tracking
-    from reclip_ray.train.launch import init_ray, prepare
+    from reclip_ray.train.cluster import init_ray
+    from reclip_ray.train.prepare import prepare
 
     space = load_space(space_path)
     base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
