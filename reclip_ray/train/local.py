@@ -125,14 +125,14 @@ class _LocalRun:
             if len(batch["tokens"]) < n:
                 continue  # drop the short end of an epoch (as the Ray loop does): steps == schedule.total_steps
             got_any = True
-            self.train_step(plan, batch, n)
+            self.train_batch(plan, batch, n)
             if self.samples >= plan.end_sample or self.stopped():
                 break
         self.bad.check(cfg.data.max_bad_fraction)
         if not got_any:
             raise DataError(f"{self.train_path}: fewer usable rows than one batch of {plan.batch_size}")
 
-    def train_step(self, plan: Any, batch: dict[str, np.ndarray], n: int) -> None:
+    def train_batch(self, plan: Any, batch: dict[str, np.ndarray], n: int) -> None:
         """One step on the batch's first ``n`` rows, recorded in the history (and logged every few steps)."""
         from reclip_ray.train.step import train_step
 

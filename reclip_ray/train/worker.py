@@ -162,7 +162,8 @@ class Worker:
             return
         state = self.state
         tracking.log_metrics(self.tracking_uri, self.run_id, {"restarts": state.restarts}, step=state.step)
-        tracking.set_tags(self.tracking_uri, self.run_id, {"reclip.rank0_node": ray.get_runtime_context().get_node_id()})
+        node = ray.get_runtime_context().get_node_id()
+        tracking.set_tags(self.tracking_uri, self.run_id, {"reclip.rank0_node": node})
         self.say(f"{self.world} worker{'s' if self.world > 1 else ''} on {self.device.type}: "
                  + (f"resumed at {state.samples:,} samples (step {state.step}, restart {state.restarts})"
                     if self.restored_from else "starting fresh"))
