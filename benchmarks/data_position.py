@@ -15,7 +15,7 @@ columns that ``pipeline.read_groups`` + ``decode_batch`` give each row (``_pos``
   rank prefetches 2 (``iter_batches(prefetch_batches=2)``); a rank takes the next queued block when its feed needs
   one (``streaming_split``'s dynamic split).
 
-At every checkpoint (every ``every`` samples) the ranks settle as ``worker._settle_data`` does: two all-gathers
+At every checkpoint (every ``every`` samples) the ranks settle as ``rank_data.settle_data`` does: two all-gathers
 (``report`` then ``merge``, ``pending`` then ``agree``), each simulated by pickling every rank's object and
 unpickling them all (the serialisation; the network transfer itself is not simulated); every rank merges, and
 rank 0's position is measured as ``meta.json`` writes it (``json.dumps(indent=2)``, under "data"). The script checks
@@ -278,14 +278,14 @@ def _items(stream: PhaseStream, position: DataPosition | None) -> list[dict]:
 
 
 def settle_steps(feed: PhaseFeed) -> list[tuple[str, str]]:
-    """``worker._settle_data`` as (what each rank sends, what it folds the gathered list with): two all-gathers
+    """``rank_data.settle_data`` as (what each rank sends, what it folds the gathered list with): two all-gathers
     (counts, then the positions of the units not done), or one (every position trained) in the earlier code."""
     return [("report", "merge"), ("pending", "agree")] if hasattr(feed, "agree") else [("report", "merge")]
 
 
 def checkpoint(sim: Sim, feeds: list[PhaseFeed], delivery: Delivery, tasks: int, samples: int,
                on_checkpoint) -> DataPosition:
-    """``worker._settle_data`` on every rank, timed: each all-gather simulated as pickling each rank's object and
+    """``rank_data.settle_data`` on every rank, timed: each all-gather simulated as pickling each rank's object and
     unpickling all of them (the serialisation every rank pays; not the transfer), then every rank's merge."""
     wire_bytes, gather_s, merge_s = 0, 0.0, [0.0] * len(feeds)
     for send, fold in settle_steps(feeds[0]):

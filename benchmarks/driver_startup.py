@@ -77,10 +77,10 @@ def make_dataset(root: Path, shards: int, rows: int, seed: int = 0) -> None:
 def measure(root: Path, work: Path, overrides: list[str] | None = None) -> dict:
     """Seconds of each driver-side piece, in one process, in the order ``run_training`` runs them."""
     import reclip_ray
+    from reclip_ray.evaluation import eval_set
     from reclip_ray.config import load_config
     from reclip_ray.data import schema
-    from reclip_ray.evaluation import eval_set
-    from reclip_ray.train import launch
+    from reclip_ray.train import datasets as train_datasets, prepare as train_prepare
 
     t_import = time.perf_counter() - T_START
     pieces: dict[str, float] = {}
@@ -109,7 +109,7 @@ def measure(root: Path, work: Path, overrides: list[str] | None = None) -> dict:
     # prepare() imports these by name at call time, so patching the modules' attributes times its pieces.
     schema.check_schema = timed("check_schema_train", schema.check_schema)
     eval_set.check_eval_set = timed("check_eval_set", eval_set.check_eval_set)
-    launch._ensure_tokenizer = timed("tokenizer", launch._ensure_tokenizer)
+    train_prepare.ensure_tokenizer = timed("tokenizer", train_prepare.ensure_tokenizer)
 
     cfg = load_config("tiny", [
         f"data.train={root / 'train'}", f"data.eval={root / 'eval'}", "data.tokenizer=", "data.synth_if_missing=false",
@@ -118,11 +118,11 @@ def measure(root: Path, work: Path, overrides: list[str] | None = None) -> dict:
         *(overrides or []),
     ])
     t0 = time.perf_counter()
-    prep = launch.prepare(cfg)
+    prep = train_prepare.prepare(cfg)
     t_prepare = time.perf_counter() - t0
     tokenizer_json = Path(prep.tokenizer_path).read_text()
     t0 = time.perf_counter()
-    datasets = launch.build_datasets(prep.cfg, tokenizer_json, prep.run_dir)
+    datasets = train_datasets.build_datasets(prep.cfg, tokenizer_json, prep.run_dir)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     blob = pickle.dumps(datasets)

@@ -111,7 +111,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from reclip_ray.train.launch import train_from_cli
+    from reclip_ray.train.command import train_from_cli
 
     return train_from_cli(args.config, args.set, as_json=args.json, verbose=args.verbose)
 

@@ -4,33 +4,20 @@ The driver owns the run's lifecycle (create or reopen, end FINISHED/FAILED/KILLE
 per-step metrics into the same run by id. Nothing here relies on MLflow's "active run" (a thread-local that Ray
 workers do not share), so every call names the run explicitly.
 
-A local store (the default ``sqlite:///<cwd>/mlflow.db``, or any SQLite file) is a file on the driver's machine.
-On a multi-node cluster rank 0 usually runs on another node, where that path is another, empty file (and the model
-artifact would land in that node's ``mlartifacts``): the run's metrics would silently go elsewhere. So for a local
-store the launcher starts a ``TrackingRelay`` actor on the driver's node and the workers send their MLflow calls
-to it (``use_relay``): the calls below marked ``@_relayed`` run in the relay, artifacts travel as bytes. About one
-call per log window, so the relay is never a bottleneck. A server URI (``http://...``) is written directly.
-
-A relay call waits at most ``RELAY_TIMEOUT_S`` and is tried ``RELAY_ATTEMPTS`` times; a write that still fails is a
-warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises).
-Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
-taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
-row, which MLflow's SQL store keeps once.
+A local store (the default ``sqlite:///<cwd>/mlflow.db``, or any SQLite file) is a file on the driver's machine, which
+workers on other nodes cannot reach: there the calls marked ``@relayed`` run in the driver's ``TrackingRelay``
+(``tracking_relay.py``), and artifacts travel to it as bytes. A server URI (``http://...``) is written directly.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
 import os
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from reclip_ray.config import Config
+from reclip_ray.tracking_relay import ARTIFACT_TIMEOUT_S, active, read_files, relayed, through_relay
 
 # MLflow caps a param value at 6000 characters and a batch at 1000 metrics / 100 params.
 _MAX_PARAM_LEN = 6000
@@ -53,132 +40,10 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return uri
 
 
-# ------------------------------------------------------------------------------------------------ relay
-
-_RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
-
-
 def is_local_store(tracking_uri: str) -> bool:
-    """A store that is a file on one machine (SQLite, a file: URI, a bare path), not a server every node reaches."""
+    """A store that is a file on one machine (SQLite, a file: URI, a bare path), not a server every node reaches: the
+    workers then write through the relay (``tracking_relay``)."""
     return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
-
-
-def use_relay(relay: Any) -> None:
-    """In this process, send the ``@_relayed`` calls to ``relay`` (a TrackingRelay actor handle); None: direct."""
-    global _RELAY
-    _RELAY = relay
-
-
-RELAY_TIMEOUT_S = 60.0  # one metric batch, tag or read; a write this slow has met a hiccup, not a big batch
-ARTIFACT_TIMEOUT_S = 900.0  # the model's bytes (a ViT-L export is ~1.7 GB)
-RELAY_ATTEMPTS = 3
-RELAY_BACKOFF_S = 2.0  # the wait before try k + 1 is k times this
-_RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
-
-
-def _relayed(write: bool) -> Callable[[Callable], Callable]:
-    """Run the function in the relay when this process has one (``use_relay``), through ``_through_relay``."""
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if _RELAY is None:
-                return fn(*args, **kwargs)
-            return _through_relay(fn.__name__, "call", (fn.__name__, args, kwargs), write=write,
-                                  timeout_s=RELAY_TIMEOUT_S)
-
-        return call
-
-    return wrap
-
-
-def _through_relay(what: str, method: str, payload: tuple, *, write: bool, timeout_s: float) -> Any:
-    """One relay call: a bounded wait, retried under the same call id (the relay runs an id once, so a reply lost
-    to a timeout is not a second write); a write that fails every time is a warning, a read an error."""
-    call_id = uuid.uuid4().hex
-    error: Exception | None = None
-    for attempt in range(1, RELAY_ATTEMPTS + 1):
-        try:
-            return _wait(getattr(_RELAY, method).remote(call_id, *payload), timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a timeout, a relay restarting, an MLflow error: all retried
-            error = exc
-            if attempt < RELAY_ATTEMPTS:
-                time.sleep(RELAY_BACKOFF_S * attempt)
-    lines = str(error).strip().splitlines() or [""]
-    message = (f"MLflow {what} through the tracking relay failed {RELAY_ATTEMPTS} times "
-               f"({type(error).__name__}: {lines[-1][:300]})")
-    if not write:
-        raise RuntimeError(message) from error
-    print(f"[reclip] WARNING: {message}; training goes on without it", file=sys.stderr, flush=True)
-    return None
-
-
-def _wait(ref: Any, timeout_s: float) -> Any:
-    import ray
-
-    return ray.get(ref, timeout=timeout_s)
-
-
-def _read_files(path: Path) -> dict[str, bytes]:
-    if path.is_file():
-        return {path.name: path.read_bytes()}
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
-
-
-class TrackingRelay:
-    """Runs MLflow calls for the workers on the driver's node (see the module docstring). Apart from a call count
-    it remembers only the ids of recent calls and their results, so that a retried call runs once; a restarted
-    relay (``max_restarts``) forgets them, and a metric row written again is then the same row (module docstring)."""
-
-    def __init__(self) -> None:
-        use_relay(None)  # this process talks to MLflow itself
-        self.calls = 0
-        self._done: collections.OrderedDict[str, Any] = collections.OrderedDict()
-
-    def _once(self, call_id: str, run: Callable[[], Any]) -> Any:
-        if call_id in self._done:
-            return self._done[call_id]
-        self.calls += 1
-        result = run()  # an error is not remembered: the retry runs the call again
-        self._done[call_id] = result
-        while len(self._done) > _RELAY_REMEMBERS:
-            self._done.popitem(last=False)
-        return result
-
-    def call(self, call_id: str, name: str, args: tuple, kwargs: dict) -> Any:
-        fn = globals()[name]
-        return self._once(call_id, lambda: getattr(fn, "__wrapped__", fn)(*args, **kwargs))
-
-    def call_with_files(self, call_id: str, name: str, args: tuple, files: dict[str, bytes], single: bool,
-                        kwargs: dict) -> None:
-        """``log_artifact(s)``: the worker's files, rewritten here, then logged from the driver's node."""
-
-        def run() -> None:
-            with tempfile.TemporaryDirectory(prefix="reclip-relay-") as tmp:
-                for rel, data in files.items():
-                    target = Path(tmp) / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(data)
-                local = Path(tmp) / next(iter(files)) if single else Path(tmp)
-                globals()[name](args[0], args[1], local, *args[3:], **kwargs)
-
-        return self._once(call_id, run)
-
-    def stats(self) -> dict[str, Any]:
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}
-
-
-def start_relay(name: str) -> Any:
-    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = ray.get_runtime_context().get_node_id()
-    return ray.remote(TrackingRelay).options(
-        name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -260,13 +125,13 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> Non
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    # The timestamp is taken here, by the caller: a retried write is then the very same row (module docstring).
+    # The timestamp is taken here, by the caller: a retried relay write is then the very same row (tracking_relay).
     ts = int(time.time() * 1000)
     _log_metric_rows(tracking_uri, run_id,
                      [(_metric_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)])
 
 
-@_relayed(write=True)
+@relayed(write=True)
 def _log_metric_rows(tracking_uri: str, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
     from mlflow.entities import Metric
 
@@ -276,7 +141,7 @@ def _log_metric_rows(tracking_uri: str, run_id: str, rows: list[tuple[str, float
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-@_relayed(write=True)
+@relayed(write=True)
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -285,30 +150,30 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-    if _RELAY is not None:  # the files are on this node: send their bytes to the driver's node
-        files = _read_files(Path(local_dir))
-        payload = ("log_artifacts", (tracking_uri, run_id, None, artifact_path), files, False, {})
-        _through_relay("log_artifacts", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
+    if active():  # the files are on this node: send their bytes to the driver's node
+        files = read_files(Path(local_dir))
+        payload = (log_artifacts, (tracking_uri, run_id, None, artifact_path), files, False, {})
+        through_relay("log_artifacts", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
     client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
-    if _RELAY is not None:
-        payload = ("log_artifact", (tracking_uri, run_id, None, artifact_path), _read_files(Path(local_file)), True, {})
-        _through_relay("log_artifact", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
+    if active():
+        payload = (log_artifact, (tracking_uri, run_id, None, artifact_path), read_files(Path(local_file)), True, {})
+        through_relay("log_artifact", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
     client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
 
 
-@_relayed(write=False)
+@relayed(write=False)
 def last_logged_step(tracking_uri: str, run_id: str, key: str = "loss") -> int:
     """Highest step already logged for ``key`` (-1 if none): a resumed run skips steps it has already logged."""
     history = client(tracking_uri).get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
 
 
-@_relayed(write=False)
+@relayed(write=False)
 def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
     """The value logged at the highest step for ``key`` (None if never logged)."""
     history = client(tracking_uri).get_metric_history(run_id, key)

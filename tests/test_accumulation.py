@@ -35,7 +35,7 @@ RANK_CASES = [
     ("ddp-micro-local-loss", [8, 8], GLOBAL // 4, True, "clip"),
     ("ddp-micro-unequal", [9, 7], GLOBAL // 4, True, "clip"),  # rank 0: 4+4+1 rows, rank 1: 4+3 rows
     ("ddp-micro-one-rank-over", [9, 7], 8, False, "clip"),  # rank 0: 8+1 rows, rank 1: one micro-batch of 7 (same path)
-    # The extra row on rank 1, as worker.step_split rotates it: rank 0's features are padded in the gather
+    # The extra row on rank 1, as batch_split.step_split rotates it: rank 0's features are padded in the gather
     ("ddp-extra-row-on-rank-1", [7, 9], 0, True, "clip"),
     # The sigmoid loss (local_loss does not apply): plain, accumulated, and unequal with different micro-batch counts
     ("siglip-ddp", [8, 8], 0, False, "siglip"),

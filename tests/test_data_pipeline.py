@@ -101,7 +101,7 @@ def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer
     pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "d" / "part-00000.parquet")
     files = list_parquet_files(str(tmp_path / "d"))
 
-    # What launch.prepare runs before any Ray work: the default column names are missing, and it says which.
+    # What train.prepare.prepare runs before any Ray work: the default column names are missing, and it says which.
     with pytest.raises(DataError, match="missing image column 'image'.*data.image_column=jpg"):
         check_schema(files, ColumnMap())
     columns = ColumnMap(image="jpg", caption="txt")
@@ -138,7 +138,7 @@ def test_decode_concurrency_comes_from_the_config_or_the_cluster(monkeypatch, cp
 
     from reclip_ray.config import load_config
     from reclip_ray.data.pipeline import MAX_TASKS
-    from reclip_ray.train.launch import decode_concurrency
+    from reclip_ray.train.datasets import decode_concurrency
 
     assert MAX_TASKS == 4
     calls = []

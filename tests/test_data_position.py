@@ -49,7 +49,7 @@ def _run(make_cfg, name, workers, extra):
 
 
 def test_a_restarted_or_resized_run_trains_the_rows_an_uninterrupted_run_trains(ray_session, make_cfg, tmp_path):
-    from reclip_ray.train.launch import root_message
+    from reclip_ray.train.ray_errors import root_message
 
     ref_cfg, ref = _run(make_cfg, "straight", 2, [])
     ref_rows = trained_rows(Path(ref["run_dir"]))

@@ -123,7 +123,7 @@ def drain(feed: PhaseFeed, batch: int, limit: int | None = None) -> list[dict]:
 
 
 def settle(feeds: list[PhaseFeed]) -> list[dict[str, int]]:
-    """A checkpoint's two all-gathers (``worker._settle_data``) between feeds in one process."""
+    """A checkpoint's two all-gathers (``rank_data.settle_data``) between feeds in one process."""
     reports = [f.report() for f in feeds]
     settled = [f.merge(reports) for f in feeds]
     pending = [f.pending() for f in feeds]

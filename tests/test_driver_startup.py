@@ -51,7 +51,8 @@ def count_calls(monkeypatch, module, name: str) -> Counter:
 
 
 def test_launch_reads_every_footer_once(tmp_path, monkeypatch):
-    from reclip_ray.train import launch
+    from reclip_ray.train.datasets import build_datasets
+    from reclip_ray.train.prepare import prepare
 
     train = write_shards(tmp_path / "data" / "train", 30, 4)
     evals = write_shards(tmp_path / "data" / "eval", 2, 5)
@@ -69,14 +70,14 @@ def test_launch_reads_every_footer_once(tmp_path, monkeypatch):
         f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "scaling.min_workers=1", "scaling.max_workers=1",
     ])
-    prep = launch.prepare(cfg)  # schema check, eval-set check, tokenizer
-    datasets = launch.build_datasets(prep.cfg, Path(prep.tokenizer_path).read_text(), prep.run_dir)
+    prep = prepare(cfg)  # schema check, eval-set check, tokenizer
+    datasets = build_datasets(prep.cfg, Path(prep.tokenizer_path).read_text(), prep.run_dir)
     assert sorted(datasets) == ["phase0", "phase1"]
     assert footers == Counter({f: 1 for f in train + evals})
     # the tokenizer's sample of 7 captions is in the first 2 shards; it reads at most 2 * 8 files ahead of that
     assert set(captions) <= set(train[:18]) and train[0] in captions and all(n == 1 for n in captions.values())
     # a second launch in the same process (a sweep's driver, a rerun) reads no footer again
-    launch.build_datasets(prep.cfg, Path(prep.tokenizer_path).read_text(), prep.run_dir)
+    build_datasets(prep.cfg, Path(prep.tokenizer_path).read_text(), prep.run_dir)
     assert sum(footers.values()) == len(train) + len(evals)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from reclip_ray.errors import DataError
-from reclip_ray.train.launch import root_message
+from reclip_ray.train.ray_errors import root_message
 
 
 def test_worker_data_error_is_found_inside_ray_train_wrapping():

@@ -405,7 +405,7 @@ def test_init_from_in_train_local_logs_one_line(tmp_path, synth_dir, clip_tok):
 
 def test_prepare_checks_init_from_only_for_a_fresh_run(tmp_path, synth_dir, tokenizer_path):
     from reclip_ray.run_names import CHECKPOINT_SNAPSHOT
-    from reclip_ray.train.launch import prepare
+    from reclip_ray.train.prepare import prepare
 
     def cfg(name: str):
         return load_config("tiny", [f"run.name={name}", f"run.storage_path={tmp_path / 'runs'}",

@@ -241,7 +241,7 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
     assert run.info.status == "FINISHED"
     # Rank 0 ran on an extra node (only those have a reclip_slot), yet every MLflow write of the workers - one loss
     # point per step, the model artifact - went through the relay on the driver's node, where a local store's file
-    # lives: on a real cluster that node's path would be another, empty file (tracking.TrackingRelay).
+    # lives: on a real cluster that node's path would be another, empty file (tracking_relay.TrackingRelay).
     head = ray.get_runtime_context().get_node_id()
     assert run.data.tags["reclip.rank0_node"] != head
     assert run.data.tags["reclip.tracking_relay_node"] == head
@@ -374,7 +374,8 @@ def test_a_few_bad_rows_train_through_and_a_deleted_shard_is_skipped(ray_session
 
 
 def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_session, make_cfg, tmp_path, synth_dir):
-    from reclip_ray.train.launch import root_message, run_training
+    from reclip_ray.train.launch import run_training
+    from reclip_ray.train.ray_errors import root_message
 
     data = tmp_path / "data"
     data.mkdir()

@@ -160,7 +160,7 @@ def test_cli_report_in_a_subprocess_without_ray(tmp_path):
 
 def test_cli_train_json_flag_reaches_the_launcher(monkeypatch):
     from reclip_ray import cli
-    from reclip_ray.train import launch
+    from reclip_ray.train import command
 
     calls = []
 
@@ -168,7 +168,7 @@ def test_cli_train_json_flag_reaches_the_launcher(monkeypatch):
         calls.append((config, overrides, as_json))
         return 0
 
-    monkeypatch.setattr(launch, "train_from_cli", new_style)
+    monkeypatch.setattr(command, "train_from_cli", new_style)
     assert cli.main(["train", "--config", "tiny", "--json"]) == 0
     assert cli.main(["train", "--set", "a=1"]) == 0
     assert calls == [("tiny", [], True), (None, ["a=1"], False)]

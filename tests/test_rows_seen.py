@@ -50,14 +50,14 @@ class _Counted:
 
 
 def _live(settled: int, feeds: list[PhaseFeed]) -> int:
-    """The worker's live count (``_log_window``)."""
+    """The worker's live count (``Worker.log_window``)."""
     return settled + sum(f.recorded + f.available for f in feeds)
 
 
 def _merge(feeds: list[PhaseFeed]) -> int:
     reports = [f.report() for f in feeds]
     counts = [f.merge(reports) for f in feeds]
-    pending = [f.pending() for f in feeds]  # the second exchange (worker._settle_data): positions still needed
+    pending = [f.pending() for f in feeds]  # the second exchange (rank_data.settle_data): positions still needed
     for f in feeds:
         f.agree(pending)
     assert all(c == counts[0] for c in counts)
@@ -97,5 +97,5 @@ def test_rows_read_are_counted_once_across_a_crash_and_a_restart():
     left = sum(f.available for f in feeds)
     unread = sum(len(b["_pos"]) for s in streams for b in s._it)
     assert left > 0
-    # The phase end (worker._end_phase) adds what is left in the buffers: every row read, once.
+    # The phase end (Worker.end_phase) adds what is left in the buffers: every row read, once.
     assert settled + left == UNITS * ROWS - unread

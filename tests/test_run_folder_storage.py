@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -31,20 +30,21 @@ def run_dir(request, tmp_path, monkeypatch):
 
 
 def test_a_fatal_error_written_by_a_worker_ends_the_next_start(run_dir):
-    from reclip_ray.train.launch import raise_if_fatal
     from reclip_ray.run_names import FATAL_FILE
-    from reclip_ray.train.worker import _write_fatal
+    from reclip_ray.train.handover import clear_fatal, raise_if_fatal, write_fatal
 
     raise_if_fatal(run_dir)  # nothing yet
-    _write_fatal(run_dir, DataError("12 of 320 rows (3.8%) bad rows"))
+    write_fatal(run_dir, DataError("12 of 320 rows (3.8%) bad rows"))
     with pytest.raises(DataError, match=r"^12 of 320 rows \(3\.8%\) bad rows$"):
         raise_if_fatal(run_dir)
     assert storage.read_json(storage.join(run_dir, FATAL_FILE))["type"] == "DataError"
+    clear_fatal(run_dir)  # a rerun of the command tries again
+    raise_if_fatal(run_dir)
 
 
 def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir):
     from reclip_ray.run_names import CHECKPOINT_SNAPSHOT
-    from reclip_ray.train.launch import latest_checkpoint_state
+    from reclip_ray.train.handover import latest_checkpoint_state
 
     assert latest_checkpoint_state(run_dir) == ("", {})
     name = "checkpoint_s000000000512_p0"
@@ -56,36 +56,38 @@ def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir)
 
 def test_run_state_round_trip_and_the_final_eval(run_dir):
     from reclip_ray.run_names import RUN_STATE_FILE
-    from reclip_ray.train.launch import _final_eval, _read_run_state, _write_run_state
+    from reclip_ray.train.run_state import final_eval, read_run_state, record_finished, write_run_state
 
-    assert _read_run_state(run_dir) == {} and _final_eval(run_dir) == {}
-    _write_run_state(run_dir, {"mlflow_run_id": "abc", "attempts": 1})
-    assert _read_run_state(run_dir) == {"mlflow_run_id": "abc", "attempts": 1}
+    assert read_run_state(run_dir) == {} and final_eval(run_dir) == {}
+    write_run_state(run_dir, {"mlflow_run_id": "abc", "attempts": 1})
+    assert read_run_state(run_dir) == {"mlflow_run_id": "abc", "attempts": 1}
     assert storage.is_file(storage.join(run_dir, RUN_STATE_FILE))
     storage.write_json(storage.join(run_dir, "eval.json"), {"eval/64px/shape/top1": 0.5})
-    assert _final_eval(run_dir) == {"eval/64px/shape/top1": 0.5}
+    assert final_eval(run_dir) == {"eval/64px/shape/top1": 0.5}
+    record_finished(run_dir, {"samples": 64, "checkpoint": None, "run_dir": run_dir, "history": [1, 2]})
+    assert read_run_state(run_dir) == {"mlflow_run_id": "abc", "attempts": 1,  # the plain values, kept with the rest
+                                       "finished": {"samples": 64, "checkpoint": None, "run_dir": run_dir}}
 
 
 def test_the_fault_marker_makes_an_injected_fault_fire_once(run_dir):
     from reclip_ray.config import load_config
     from reclip_ray.train.checkpoint import TrainState
-    from reclip_ray.train.worker import _maybe_inject_fault
+    from reclip_ray.train.faults import fault_marker, maybe_inject_fault
 
     cfg = load_config("tiny", ["fault.fail_at_samples=128"])
-    marker = storage.join(run_dir, ".fault_injected")
+    marker = fault_marker(run_dir)
     with pytest.raises(RuntimeError, match="fault injected at 128 samples"):
-        _maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)
-    _maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)  # the restart crosses it again: no fault
+        maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)
+    maybe_inject_fault(cfg, TrainState(samples=128), 64, 0, marker)  # the restart crosses it again: no fault
     assert storage.read_json(marker)["at"] == 128
 
 
 def test_row_log_lines_accumulate(run_dir):
     import numpy as np
 
-    from reclip_ray.train.worker import _RowLog
+    from reclip_ray.train.faults import RowLog
 
-    w = SimpleNamespace(run_dir=run_dir, rank=1, world=2, state=SimpleNamespace(restarts=0))
-    log = _RowLog(w)
+    log = RowLog(run_dir, rank=1, restarts=0, world=2)
     log.write(1, 0, {"key": np.array(["a", "b"]), "_pass": np.array([0, 0])})
     log.write(2, 0, {"key": np.array(["c"]), "_pass": np.array([1])})
     assert log.path.startswith(storage.join(run_dir, "rows", "rank1-start0-"))
@@ -96,31 +98,31 @@ def test_row_log_lines_accumulate(run_dir):
 def test_a_tokenizer_trained_into_the_run_folder_is_reused(run_dir, synth_dir, capsys):
     from reclip_ray.config import load_config
     from reclip_ray.data.tokenizer import CaptionTokenizer
-    from reclip_ray.train.launch import _ensure_tokenizer
+    from reclip_ray.train.prepare import ensure_tokenizer
 
     cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", "data.vocab_size=300"])
-    path = _ensure_tokenizer(cfg, run_dir)
+    path = ensure_tokenizer(cfg, run_dir)
     assert path == storage.join(run_dir, "tokenizer.json") == cfg.data.tokenizer
     assert CaptionTokenizer.from_json(storage.read_text(path)).vocab_size == 300
     assert "training a 300-token BPE tokenizer" in capsys.readouterr().out
     cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", "data.vocab_size=300"])
-    assert _ensure_tokenizer(cfg, run_dir) == path
+    assert ensure_tokenizer(cfg, run_dir) == path
     assert "training" not in capsys.readouterr().out  # a rerun reads it back
 
 
 def test_data_tokenizer_may_be_a_uri(s3_prefix, tokenizer_path):
     from reclip_ray.config import load_config
-    from reclip_ray.train.launch import _ensure_tokenizer
+    from reclip_ray.train.prepare import ensure_tokenizer
 
     uri = f"{s3_prefix}/tokenizer.json"
     cfg = load_config("tiny", [f"data.tokenizer={uri}"])
     with pytest.raises(ReclipError, match=f"^data.tokenizer not found: {uri}$"):
-        _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
+        ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
     storage.write_bytes(uri, tokenizer_path.read_bytes())
-    assert _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r") == uri
+    assert ensure_tokenizer(cfg, f"{s3_prefix}/runs/r") == uri
     storage.write_text(uri, "not json")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
-        _ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
+        ensure_tokenizer(cfg, f"{s3_prefix}/runs/r")
 
 
 def test_ray_log_of_a_remote_run_folder_is_kept_locally_and_copied_there(s3_prefix, tmp_path):

@@ -3,7 +3,7 @@
 Every step must give every rank at least one row (DDP and the loss's all-gather need every rank in every step), the
 steps must add up to the phase exactly, and over a phase each rank must need no more rows than
 ``streaming_split(equal=True)`` hands it: ``floor(stream rows / N)``, the rows beyond a multiple of N dropped
-(Ray Data's ``OutputSplitter``). ``launch.phase_rows_needed`` sizes the stream for that.
+(Ray Data's ``OutputSplitter``). ``datasets.phase_rows_needed`` sizes the stream for that.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from reclip_ray.config import from_dict, load_config
 from reclip_ray.schedule import Schedule
-from reclip_ray.train.launch import phase_rows_needed
-from reclip_ray.train.worker import split_batch, step_split
+from reclip_ray.train.batch_split import split_batch, step_split
+from reclip_ray.train.datasets import phase_rows_needed
 
 
 def _schedule(samples: list[int], batch: int, workers: int, min_workers: int | None = None) -> Schedule:

@@ -2,10 +2,10 @@
 
 A RECLIP trial (90% of its budget at 32 px, then 64 px) and a full-resolution baseline (64 px throughout) spend the
 same GFLOPs budget at different GFLOPs per step. Their reports are made by the worker's own code: the rung check of
-the step loop (``worker._compute_milestone``), the phase end with its checkpoint report (``worker._end_phase``) and
-the final report (``worker._final_report``), each through ``_Worker.report`` (which adds ``gflops_total``, ASHA's
+the step loop (``Worker.compute_milestone``), the phase end with its checkpoint report (``Worker.end_phase``) and
+the final report (``Worker.final_report``), each through ``Worker.report`` (which adds ``gflops_total``, ASHA's
 time) with only Ray's ``ray.train.report`` replaced. The evaluation is stubbed at ``evaluate_dataset``, so the real
-``worker._evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
+``phase_eval.evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
 into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's ASHAScheduler, driven through its public
 ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``; no Ray cluster, the trials are stand-ins).
 """
@@ -89,15 +89,14 @@ class Trial:
         monkeypatch.setattr(tracking, "log_metrics", lambda *a, **k: None)
         monkeypatch.setattr(tracking, "set_tags", lambda *a, **k: None)
         monkeypatch.setattr(worker, "save_checkpoint", lambda *a, **k: None)
-        monkeypatch.setattr(worker, "_settle_data", lambda w: None)  # the data feed's bookkeeping: not under test
+        monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the data feed's bookkeeping: not under test
         monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **k: self.reports.append(metrics))
-        w = SimpleNamespace(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, optimizer=None,
-                            tokenizer=None,
-                            device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
-                            tracking_uri="", run_id="run", final_loss=1.0, loop_config={"config_yaml": ""},
-                            feed=SimpleNamespace(absent_in_flight=lambda: 0, available=0), eval_error="not evaluated yet")
-        w.report = lambda metrics, save: worker._Worker.report(w, metrics, save)
-        for plan in w.schedule.phases:  # the accounting of worker._run_phase's step loop, without the training
+        w = worker.Worker.__new__(worker.Worker)  # a rank's state without Ray's context, the model or the data
+        vars(w).update(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, optimizer=None,
+                       tokenizer=None, device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
+                       tracking_uri="", run_id="run", final_loss=1.0, config_yaml="", board=None,
+                       feed=SimpleNamespace(absent_in_flight=lambda: 0, available=0), eval_error="not evaluated yet")
+        for plan in w.schedule.phases:  # the accounting of Worker.run_phase's step loop, without the training
             per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
             state.phase, state.phase_done = plan.index, False
             while state.samples < plan.end_sample:
@@ -107,10 +106,10 @@ class Trial:
                 state.gflops += per_sample * step
                 crossed = [m for m in milestones if w.gflops_reported < m <= state.gflops]
                 self.at = crossed[-1] if crossed else None
-                worker._compute_milestone(w, plan, {"loss": 1.0})
+                w.compute_milestone(plan, {"loss": 1.0})
             self.at = plan.name
-            worker._end_phase(w, plan)
-        worker._final_report(w)
+            w.end_phase(plan)
+        w.final_report()
 
     def to_tune(self, metrics: list[str]) -> list[dict]:
         """What the sweep's Tune callback forwards."""

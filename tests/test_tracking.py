@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import fresh_mlflow_db
-from reclip_ray import tracking
+from reclip_ray import tracking, tracking_relay
 from reclip_ray.config import load_config
 
 
@@ -54,7 +54,7 @@ class _Handle:
     """A TrackingRelay actor handle as the workers use it, run in this process: ``handle.call.remote(...)`` runs the
     call at once and returns a stand-in for its object ref, which ``_wait`` below resolves."""
 
-    def __init__(self, relay: tracking.TrackingRelay) -> None:
+    def __init__(self, relay: tracking_relay.TrackingRelay) -> None:
         self.relay = relay
 
     def __getattr__(self, method: str):
@@ -75,15 +75,15 @@ def _relay_world(monkeypatch, tmp_path, lose_replies: int = 0, restart_after_cal
     replaced by a fresh relay (a restart: it remembers no call ids) after its first call, or failing every call."""
     uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
     run_id = tracking.start_or_resume_run(uri, "exp", "r", None, load_config("tiny"))
-    handle = _Handle(tracking.TrackingRelay())
+    handle = _Handle(tracking_relay.TrackingRelay())
     waits: list[float] = []
     state = {"lose": lose_replies}
 
     def wait(ref, timeout_s):
         waits.append(timeout_s)
         if restart_after_call and len(waits) == 1:
-            handle.relay = tracking.TrackingRelay()
-            tracking.use_relay(handle)  # (a relay clears this process's relay: here it shares the test's process)
+            handle.relay = tracking_relay.TrackingRelay()
+            tracking_relay.use_relay(handle)  # (a relay clears this process's relay: here it shares the test's process)
         if fail:
             raise TimeoutError("the relay did not answer")
         kind, value = ref
@@ -94,9 +94,9 @@ def _relay_world(monkeypatch, tmp_path, lose_replies: int = 0, restart_after_cal
             raise value
         return value
 
-    monkeypatch.setattr(tracking, "_wait", wait)
-    monkeypatch.setattr(tracking, "RELAY_BACKOFF_S", 0.01)  # > 1 ms: a timestamp taken at each try would differ
-    tracking.use_relay(handle)
+    monkeypatch.setattr(tracking_relay, "_wait", wait)
+    monkeypatch.setattr(tracking_relay, "RELAY_BACKOFF_S", 0.01)  # > 1 ms: a timestamp taken at each try would differ
+    tracking_relay.use_relay(handle)
     return uri, run_id, handle, waits
 
 
@@ -111,8 +111,8 @@ def test_a_retried_relay_call_writes_one_point(monkeypatch, tmp_path):
         tracking.set_tags(uri, run_id, {"reclip.x": "y"})
         assert tracking.last_logged_step(uri, run_id) == 7
     finally:
-        tracking.use_relay(None)
-    assert waits == [tracking.RELAY_TIMEOUT_S] * 4  # every wait is bounded; the first reply was lost and retried
+        tracking_relay.use_relay(None)
+    assert waits == [tracking_relay.RELAY_TIMEOUT_S] * 4  # every wait is bounded; the first reply was lost and retried
     assert _points(uri, run_id, "loss") == [(7, 2.0)] and _points(uri, run_id, "lr") == [(7, 0.1)]
     assert handle.relay.calls == 3  # the retried call ran once: the relay answered it from its call-id memory
     assert tracking.client(uri).get_run(run_id).data.tags["reclip.x"] == "y"
@@ -123,7 +123,7 @@ def test_a_relay_restarted_between_tries_still_writes_one_point(monkeypatch, tmp
     try:
         tracking.log_metrics(uri, run_id, {"loss": 2.0}, step=3)
     finally:
-        tracking.use_relay(None)
+        tracking_relay.use_relay(None)
     # The fresh relay did not know the call id and wrote again: the same row (the caller's timestamp), kept once.
     assert handle.relay.calls == 1
     assert _points(uri, run_id, "loss") == [(3, 2.0)]
@@ -137,8 +137,8 @@ def test_a_relay_that_never_answers_warns_on_writes_and_raises_on_reads(monkeypa
         with pytest.raises(RuntimeError, match="latest_metric through the tracking relay failed 3 times"):
             tracking.latest_metric(uri, run_id, "loss")
     finally:
-        tracking.use_relay(None)
+        tracking_relay.use_relay(None)
     assert "WARNING: MLflow _log_metric_rows through the tracking relay failed 3 times (TimeoutError" in warning
-    assert len(waits) == 2 * tracking.RELAY_ATTEMPTS
+    assert len(waits) == 2 * tracking_relay.RELAY_ATTEMPTS
     # The relay did run the write (only its replies were lost): once, whatever the three tries.
     assert _points(uri, run_id, "loss") == [(3, 2.0)] and handle.relay.calls == 2

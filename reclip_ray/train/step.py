@@ -31,7 +31,8 @@ its RNG state replayed between the two passes.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -124,33 +125,20 @@ def train_step(
         group["lr"] = lr
 
     model.train()
-    amp = (
-        (lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype))
-        if autocast_dtype is not None
-        else contextlib.nullcontext
-    )
-    loss_kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, local_batch_sizes=local_batch_sizes)
+    amp = _autocast(device, autocast_dtype)
+    # The one place the loss is chosen: both paths below call it on fp32 features, with the same cross-rank mode.
+    loss_fn = functools.partial(contrastive_loss, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                local_batch_sizes=local_batch_sizes)
     # Every rank takes the same path (the two issue their collectives in a different order), decided by the largest
     # local batch when the sizes are known: a rank at or under micro_batch then accumulates over one micro-batch.
     longest = max(local_batch_sizes) if local_batch_sizes else images.shape[0]
     if not 0 < micro_batch < longest:
-        x = normalize_images(images)
-        with amp():
-            image_features, text_features, logit_scale = model(x, tokens)
-        # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
-        loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(),
-                                logit_bias=None if bias is None else bias.float(), **loss_kwargs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logit_scale = _backward(model, optimizer, images, tokens, amp, loss_fn)
     else:
         optimizer.zero_grad(set_to_none=True)
         slices = micro_batch_slices(images.shape[0], micro_batch)
-        loss, logit_scale = _accumulate(model, core, images, tokens, slices, amp, loss_kwargs)
-    params = [p for p in core.parameters() if p.grad is not None]
-    if grad_clip and grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        loss, logit_scale = _accumulate(model, core, images, tokens, slices, amp, loss_fn)
+    grad_norm = _clip_gradients(core, grad_clip)
     optimizer.step()
     if hasattr(core, "clamp_logit_scale_"):
         core.clamp_logit_scale_()
@@ -161,6 +149,36 @@ def train_step(
         "lr": float(lr),
         **({} if bias is None else {"logit_bias": float(bias.detach())}),
     }
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the towers' autocast context (a no-op context without a dtype)."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _backward(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor, amp,
+              loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain single-pass step's forward and backward; returns (loss, logit_scale)."""
+    x = normalize_images(images)
+    with amp():
+        image_features, text_features, logit_scale = model(x, tokens)
+    # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
+    bias = getattr(getattr(model, "module", model), "logit_bias", None)
+    loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                   logit_bias=None if bias is None else bias.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss, logit_scale
+
+
+def _clip_gradients(core: nn.Module, grad_clip: float) -> torch.Tensor:
+    """The gradients' global norm before clipping (clipped to ``grad_clip`` when it is > 0)."""
+    params = [p for p in core.parameters() if p.grad is not None]
+    if grad_clip and grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
 def _global_loss_value(loss: torch.Tensor, local_loss: bool) -> float:
@@ -179,7 +197,7 @@ def _accumulate(
     tokens: torch.Tensor,
     slices: list[slice],
     amp,
-    loss_kwargs: dict,
+    loss_fn: Callable,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of the module docstring; leaves the summed gradients in ``.grad``, returns (loss, logit_scale)."""
     # 1. Cache the features of every micro-batch (images normalised per micro-batch: memory stays flat).
@@ -198,7 +216,7 @@ def _accumulate(
     del image_parts, text_parts
 
     # 2. The loss once, on the cached features of all ranks; its backward gives the features' gradients.
-    loss = contrastive_loss(image_cache, text_cache, scale_leaf, logit_bias=bias_leaf, **loss_kwargs)
+    loss = loss_fn(image_cache, text_cache, scale_leaf, logit_bias=bias_leaf)
     loss.backward()
     image_grad, text_grad, scale_grad = image_cache.grad, text_cache.grad, scale_leaf.grad
 

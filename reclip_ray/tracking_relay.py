@@ -1,0 +1,157 @@
+"""The tracking relay: the workers' MLflow calls, run on the driver's node.
+
+A local MLflow store (the default ``sqlite:///<cwd>/mlflow.db``, or any SQLite file) is a file on the driver's
+machine. On a multi-node cluster rank 0 usually runs on another node, where that path is another, empty file (and the
+model artifact would land in that node's ``mlartifacts``): the run's metrics would silently go elsewhere. So for a
+local store the launcher starts a ``TrackingRelay`` actor on the driver's node (``start_relay``) and the workers send
+their MLflow calls to it (``use_relay``): the functions of ``tracking.py`` marked ``@relayed`` run in the relay,
+artifacts travel as bytes. About one call per log window, so the relay is never a bottleneck. A server URI
+(``http://...``) is written directly.
+
+A relay call waits at most ``RELAY_TIMEOUT_S`` and is tried ``RELAY_ATTEMPTS`` times; a write that still fails is a
+warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises).
+Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
+taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
+row, which MLflow's SQL store keeps once.
+
+The relay knows nothing of MLflow: it runs the module-level functions it is sent (Ray pickles them by reference, so
+the relay imports ``tracking`` itself), which keeps this module a leaf under ``tracking``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+RELAY_TIMEOUT_S = 60.0  # one metric batch, tag or read; a write this slow has met a hiccup, not a big batch
+ARTIFACT_TIMEOUT_S = 900.0  # the model's bytes (a ViT-L export is ~1.7 GB)
+RELAY_ATTEMPTS = 3
+RELAY_BACKOFF_S = 2.0  # the wait before try k + 1 is k times this
+_RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
+
+_RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
+
+
+def use_relay(relay: Any) -> None:
+    """In this process, send the ``@relayed`` calls to ``relay`` (a TrackingRelay actor handle); None: direct."""
+    global _RELAY
+    _RELAY = relay
+
+
+def active() -> bool:
+    """Whether this process sends its MLflow calls to a relay."""
+    return _RELAY is not None
+
+
+def relayed(write: bool) -> Callable[[Callable], Callable]:
+    """Run the function in the relay when this process has one (``use_relay``), through ``through_relay``.
+
+    The function must be a module-level name (the relay receives the wrapped function by reference)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _RELAY is None:
+                return fn(*args, **kwargs)
+            return through_relay(fn.__name__, "call", (call, args, kwargs), write=write, timeout_s=RELAY_TIMEOUT_S)
+
+        return call
+
+    return wrap
+
+
+def through_relay(what: str, method: str, payload: tuple, *, write: bool, timeout_s: float) -> Any:
+    """One relay call: a bounded wait, retried under the same call id (the relay runs an id once, so a reply lost
+    to a timeout is not a second write); a write that fails every time is a warning, a read an error."""
+    call_id = uuid.uuid4().hex
+    error: Exception | None = None
+    for attempt in range(1, RELAY_ATTEMPTS + 1):
+        try:
+            return _wait(getattr(_RELAY, method).remote(call_id, *payload), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a timeout, a relay restarting, an MLflow error: all retried
+            error = exc
+            if attempt < RELAY_ATTEMPTS:
+                time.sleep(RELAY_BACKOFF_S * attempt)
+    lines = str(error).strip().splitlines() or [""]
+    message = (f"MLflow {what} through the tracking relay failed {RELAY_ATTEMPTS} times "
+               f"({type(error).__name__}: {lines[-1][:300]})")
+    if not write:
+        raise RuntimeError(message) from error
+    print(f"[reclip] WARNING: {message}; training goes on without it", file=sys.stderr, flush=True)
+    return None
+
+
+def _wait(ref: Any, timeout_s: float) -> Any:
+    import ray
+
+    return ray.get(ref, timeout=timeout_s)
+
+
+def read_files(path: Path) -> dict[str, bytes]:
+    """A file or a folder's files as {relative path: bytes}, to send to the relay."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+class TrackingRelay:
+    """Runs MLflow calls for the workers on the driver's node (see the module docstring). Apart from a call count
+    it remembers only the ids of recent calls and their results, so that a retried call runs once; a restarted
+    relay (``max_restarts``) forgets them, and a metric row written again is then the same row (module docstring)."""
+
+    def __init__(self) -> None:
+        use_relay(None)  # this process talks to MLflow itself
+        self.calls = 0
+        self._done: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def _once(self, call_id: str, run: Callable[[], Any]) -> Any:
+        if call_id in self._done:
+            return self._done[call_id]
+        self.calls += 1
+        result = run()  # an error is not remembered: the retry runs the call again
+        self._done[call_id] = result
+        while len(self._done) > _RELAY_REMEMBERS:
+            self._done.popitem(last=False)
+        return result
+
+    def call(self, call_id: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """A ``@relayed`` function, run here without the relay."""
+        return self._once(call_id, lambda: getattr(fn, "__wrapped__", fn)(*args, **kwargs))
+
+    def call_with_files(self, call_id: str, fn: Callable, args: tuple, files: dict[str, bytes], single: bool,
+                        kwargs: dict) -> None:
+        """``log_artifact(s)``: the worker's files, rewritten here, then logged from the driver's node (``fn``'s
+        third argument is the local path; ``single``: a file, else a folder)."""
+
+        def run() -> None:
+            with tempfile.TemporaryDirectory(prefix="reclip-relay-") as tmp:
+                for rel, data in files.items():
+                    target = Path(tmp) / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+                local = Path(tmp) / next(iter(files)) if single else Path(tmp)
+                fn(args[0], args[1], local, *args[3:], **kwargs)
+
+        return self._once(call_id, run)
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}
+
+
+def start_relay(name: str) -> Any:
+    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(TrackingRelay).options(
+        name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()

@@ -1,0 +1,39 @@
+"""The run's last act on rank 0: the inference model and eval.json, next to the checkpoints and into MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from reclip_ray import storage, tracking
+from reclip_ray.config import Config
+from reclip_ray.train.checkpoint import TrainState
+from reclip_ray.train.phase_eval import full_view_of
+
+
+def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str, tracking_uri: str, run_id: str,
+               state: TrainState) -> None:
+    """Write the inference model and eval.json next to the checkpoints and into MLflow.
+
+    The model folder is replaced whole (storage.upload_dir: a rename locally; on an object store the old objects
+    are removed and each file is one PUT). eval.json goes last: the launcher reads it as the run's final metrics.
+    """
+    from reclip_ray.export import export_model
+    from reclip_ray.schedule import Schedule
+
+    with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
+        local = os.path.join(tmp, "model")
+        export_model(model, tokenizer, cfg, local)
+        final_eval = {**state.eval, **full_view_of(cfg, Schedule.from_config(cfg), state.eval)}
+        eval_file = os.path.join(tmp, "eval.json")
+        with open(eval_file, "w") as f:
+            f.write(json.dumps(final_eval, indent=2, sort_keys=True))
+        tracking.log_artifacts(tracking_uri, run_id, local, "model")
+        tracking.log_artifact(tracking_uri, run_id, eval_file)
+        storage.upload_dir(local, storage.join(run_dir, "model"))
+        storage.write_json(storage.join(run_dir, "eval.json"), final_eval)
+    print(f"[reclip] exported model to {storage.join(run_dir, 'model')}", flush=True)  # the run's log

@@ -1,0 +1,77 @@
+"""The small files by which one start of a run's worker group hands over to the next, in the run folder.
+
+Ray Train restores the latest checkpoint it registered (``latest_checkpoint_state`` reads which); the dataset factory
+records which checkpoint each phase's stream was rebuilt from (``record_data_start``), and the workers check they
+restored the same one (``check_data_start``); a deterministic error of the workers (``write_fatal``) ends the run at
+the next start (``raise_if_fatal``) instead of being retried.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from reclip_ray import storage
+from reclip_ray.errors import DataError
+from reclip_ray.run_names import CHECKPOINT_SNAPSHOT, DATA_START_DIR, FATAL_FILE
+
+
+def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """(name, meta.json) of the checkpoint Ray Train restores next: the latest registered one; ("", {}) if none.
+
+    Two small reads (Ray Train's snapshot, the checkpoint's meta.json; on S3 a HEAD and a GET each) per call: once
+    per phase at each worker-group start.
+    """
+    from reclip_ray.train.checkpoint import META_FILE
+
+    snapshot = storage.read_json(storage.join(run_dir, CHECKPOINT_SNAPSHOT), default={})
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not latest:
+        return "", {}
+    return latest, json.loads(storage.read_text(storage.join(run_dir, latest, META_FILE)))
+
+
+def raise_if_fatal(run_dir: str) -> None:
+    """End the run at a worker-group start when the last group died of a deterministic error (see the worker)."""
+
+    fatal = storage.read_json(storage.join(run_dir, FATAL_FILE))
+    if fatal is not None:
+        raise DataError(fatal["message"])
+
+
+def write_fatal(run_dir: str, exc: BaseException) -> None:
+    """Every rank that hit it writes the same small file (3 requests on S3: pyarrow uploads in parts); the last
+    one wins. A failed write is printed, never raised: it must not hide the error it was recording."""
+    path = storage.join(run_dir, FATAL_FILE)
+    try:
+        storage.write_json(path, {"type": type(exc).__name__, "message": str(exc)})
+    except Exception as write_error:  # noqa: BLE001 - then Ray Train retries the run, as without the file
+        print(f"[reclip] WARNING: could not write {path}: {write_error}", flush=True)
+
+
+def clear_fatal(run_dir: str) -> None:
+    """A rerun of the command tries again (the user fixed it?)."""
+    storage.delete_file(storage.join(run_dir, FATAL_FILE))
+
+
+def record_data_start(run_dir: str, phase: int, checkpoint: str, position: Any, sources: dict | None = None) -> None:
+    """Note which checkpoint a phase's stream was rebuilt from, so the worker can check it restored the same one,
+    and which image column each shard is read from (the worker logs it to MLflow). One small write per phase per
+    worker-group start (on S3, pyarrow's 3-request multipart upload)."""
+    storage.write_json(storage.join(run_dir, DATA_START_DIR, f"phase{phase}.json"),
+                       {"checkpoint": checkpoint, "frontier": position.frontier, "done": len(position.done),
+                        "sources": sources or {}}, indent=None)
+
+
+def check_data_start(run_dir: str, phase: int, restored_from: str) -> dict[str, Any]:
+    """The phase's stream was rebuilt (by the dataset factory) from the checkpoint this worker restored; a mismatch
+    would silently train rows twice or skip them, so it fails loudly instead. Returns the phase's sources (the image
+    column each shard is read from; {} when nothing was recorded)."""
+    start = storage.read_json(storage.join(run_dir, DATA_START_DIR, f"phase{phase}.json"))
+    if start is None:
+        return {}
+    used = start.get("checkpoint", "")
+    if used != restored_from:
+        raise RuntimeError(f"phase {phase}: the data stream was rebuilt from checkpoint {used or 'none'!r} but this "
+                           f"worker restored {restored_from or 'none'!r}")
+    return start.get("sources") or {}
