@@ -7,7 +7,14 @@ the final report (``worker._final_report``), each through ``_Worker.report`` (wh
 time) with only Ray's ``ray.train.report`` replaced. The evaluation is stubbed at ``evaluate_dataset``, so the real
 ``worker._evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
 into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's ASHAScheduler, driven through its public
-``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``; no Ray cluster, the trials are stand-ins).
+``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``, with the ``training_iteration`` Tune adds to every
+result; no Ray cluster, the trials are stand-ins). The tests read ASHA's decisions (STOP / CONTINUE), never its
+state.
+
+The stubbed metric grows with the GFLOPs spent and depends on the resolution evaluated: below the full resolution
+a model scores ``OWN_RES_FACTOR`` of its full-resolution value, so a RECLIP trial still at 32 px scores under the
+baseline at its own resolution and above it at full resolution. ASHA comparing anything but the full-resolution
+metric at equal GFLOPs stops the wrong trial.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ scheduler: {{name: asha, grace_fraction: 0.25, reduction_factor: 2}}
 TRIALS = {"reclip": {"phases.0.image_size": 32, "finetune_fraction": 0.1},
           "baseline": {"phases.0.image_size": 64, "finetune_fraction": 0.0}}
 SLOPE = {"reclip": 0.8, "baseline": 0.5}  # the stubbed metric per GFLOP: RECLIP learns more for its compute
+OWN_RES_FACTOR = 0.375  # the RECLIP trial at 32 px: 0.3 per GFLOP, below the baseline's 0.5
 
 
 @pytest.fixture
@@ -76,11 +84,14 @@ class Trial:
         self.cfg, self.fail, self.at = cfg, fail, None
         state = TrainState(mlflow_run_id="run")
 
+        full_size = cfg.phases[-1].image_size
+
         def evaluate_dataset(model, tokenizer, path, *, image_size, text_length, **_):
             self.asked.append((self.at, image_size, text_length))
             if self.at in fail:
                 raise RuntimeError(f"no readable rows in {path}")
-            return {"shape/top1": slope * state.gflops / BUDGET}
+            factor = 1.0 if image_size >= full_size else OWN_RES_FACTOR
+            return {"shape/top1": factor * slope * state.gflops / BUDGET}
 
         monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
         monkeypatch.setattr(evaluate, "eval_columns", lambda *a: None)
@@ -127,7 +138,7 @@ def run_asha(space, trials: dict[str, Trial], order: list[str]) -> dict[str, dic
         scheduler.on_trial_add(None, t)
     stops: dict[str, dict] = {}
     for name in order:
-        results = trials[name].to_tune([asha_metric(space)])
+        results = [{**r, "training_iteration": i + 1} for i, r in enumerate(trials[name].to_tune([asha_metric(space)]))]
         for result in results:
             if scheduler.on_trial_result(None, stand_ins[name], result) == TrialScheduler.STOP:
                 stops[name] = result
