@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -258,6 +259,9 @@ def assert_each_rank_encoded_its_block(name: str, job: dict, reference: dict[str
         captions += got["texts"][:len(want)]
         prompts.append(got["texts"][len(want):])
     assert captions == reference["texts"][:len(captions)], name  # one rank's captions, each encoded once
+    one_rank = Counter(map(tuple, reference["texts"][len(captions):]))
+    for rank, mine in enumerate(prompts):  # after its captions a rank encodes class prompts, nothing else
+        assert Counter(map(tuple, mine)) <= one_rank, f"{name}: rank {rank} encoded more than its captions"
     # and its class prompts, each once (each label set's prompt batches are split in blocks: compared as multisets)
     assert sorted(sum(prompts, [])) == sorted(reference["texts"][len(captions):]), name
     if len(reference["texts"]) - len(captions) > job.get("batch_size", 7):  # more than one prompt batch: shared
