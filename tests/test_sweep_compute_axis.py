@@ -1,10 +1,10 @@
 """ASHA on a compute axis: trials are compared at equal training GFLOPs, on one task, and survive failed evaluations.
 
 A RECLIP trial (90% of its budget at 32 px, then 64 px) and a full-resolution baseline (64 px throughout) spend the
-same GFLOPs budget at different GFLOPs per step. Their reports are made by the worker's own code: the rung check of
-the step loop (``worker._compute_milestone``), the phase end with its checkpoint report (``worker._end_phase``) and
-the final report (``worker._final_report``), each through ``_Worker.report`` (which adds ``gflops_total``, ASHA's
-time) with only Ray's ``ray.train.report`` replaced. The evaluation is stubbed at ``evaluate_dataset``, so the real
+same GFLOPs budget at different GFLOPs per step. Their reports are made by the worker's own loop, run from its entry
+point (``worker.train_loop_per_worker``): the step loop's GFLOPs accounting and rung check, the phase end with its
+checkpoint report and the final report, each through ``_Worker.report`` (which adds ``gflops_total``, ASHA's time)
+with only Ray's ``ray.train.report`` replaced (the model, data feed and optimisation step are stubs: see ``Trial``). The evaluation is stubbed at ``evaluate_dataset``, so the real
 ``worker._evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
 into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's ASHAScheduler, driven through its public
 ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``, with the ``training_iteration`` Tune adds to every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from reclip_ray.config import apply_overrides, from_dict, load_raw
@@ -65,8 +66,27 @@ def step_gflops(cfg) -> list[float]:
             for p in Schedule.from_config(cfg).phases]
 
 
+class _Feed:
+    """A phase's data feed as the step loop uses it, without rows (the step itself is stubbed)."""
+
+    recorded = available = bad = 0
+    example = None
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        return {"image": np.zeros((n, 1, 1, 3), np.uint8), "tokens": np.zeros((n, 1), np.int64)}
+
+    def absent_in_flight(self) -> int:
+        return 0
+
+
 class Trial:
-    """One trial's worker (rank 0 of one) and everything it reported."""
+    """One trial's worker (rank 0 of one), run by the worker's entry point, and everything it reported.
+
+    ``worker.train_loop_per_worker`` runs its real loop: the phases' step loops with their GFLOPs accounting and
+    rung checks, the phase ends, the final report, each report through ``_Worker.report``. Stubbed: the state a
+    ``_Worker`` builds (model, Ray context), the data feed, the optimisation step, checkpoint writing, MLflow, the
+    export, and ``evaluate_dataset``, which records each evaluation as (milestone or phase, image size, text length).
+    """
 
     def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
                  fail: set = frozenset(), slope: float | None = None) -> None:
@@ -74,21 +94,21 @@ class Trial:
         import ray.train
 
         from reclip_ray import evaluate, tracking
-        from reclip_ray.train import worker
+        from reclip_ray.train import step, worker
         from reclip_ray.train.checkpoint import TrainState
 
-        self.name, self.reports, self.asked = name, [], []  # asked: (image size, text length) of each evaluation
+        self.name, self.reports, self.asked = name, [], []
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
         cfg.data.eval = eval_set
-        self.cfg, self.fail, self.at = cfg, fail, None
+        self.cfg = cfg
         state = TrainState(mlflow_run_id="run")
-
         full_size = cfg.phases[-1].image_size
 
         def evaluate_dataset(model, tokenizer, path, *, image_size, text_length, **_):
-            self.asked.append((self.at, image_size, text_length))
-            if self.at in fail:
+            at = cfg.phases[state.phase].name if state.phase_done else max(m for m in milestones if m <= state.gflops)
+            self.asked.append((at, image_size, text_length))
+            if at in fail:
                 raise RuntimeError(f"no readable rows in {path}")
             factor = 1.0 if image_size >= full_size else OWN_RES_FACTOR
             return {"shape/top1": factor * slope * state.gflops / BUDGET}
@@ -99,27 +119,23 @@ class Trial:
         monkeypatch.setattr(tracking, "set_tags", lambda *a, **k: None)
         monkeypatch.setattr(worker, "save_checkpoint", lambda *a, **k: None)
         monkeypatch.setattr(worker, "_settle_data", lambda w: None)  # the data feed's bookkeeping: not under test
+        monkeypatch.setattr(worker, "_open_feed", lambda w, plan, local_batch: _Feed())
+        monkeypatch.setattr(step, "train_step", lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0})
+        monkeypatch.setattr(worker, "_export", lambda *a, **k: None)
         monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **k: self.reports.append(metrics))
-        w = SimpleNamespace(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, optimizer=None,
-                            tokenizer=None,
-                            device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
-                            tracking_uri="", run_id="run", final_loss=1.0, loop_config={"config_yaml": ""},
-                            feed=SimpleNamespace(absent_in_flight=lambda: 0, available=0), eval_error="not evaluated yet")
-        w.report = lambda metrics, save: worker._Worker.report(w, metrics, save)
-        for plan in w.schedule.phases:  # the accounting of worker._run_phase's step loop, without the training
-            per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
-            state.phase, state.phase_done = plan.index, False
-            while state.samples < plan.end_sample:
-                step = plan.batch_at(state.samples)
-                state.samples += step
-                state.step += 1
-                state.gflops += per_sample * step
-                crossed = [m for m in milestones if w.gflops_reported < m <= state.gflops]
-                self.at = crossed[-1] if crossed else None
-                worker._compute_milestone(w, plan, {"loss": 1.0})
-            self.at = plan.name
-            worker._end_phase(w, plan)
-        worker._final_report(w)
+        attrs = dict(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, ddp_model=None,
+                     optimizer=None, tokenizer=None, device="cpu", autocast=None, local_loss=False,
+                     schedule=Schedule.from_config(cfg), board=None, missing_actor=None, tracking_uri="", run_id="run",
+                     run_dir="", already_logged=-1, fault_marker="", final_loss=1.0, eval_error="not evaluated yet")
+
+        class StandIn(worker._Worker):
+            """The worker with what its ``__init__`` builds for rank 0 of one, minus the model and Ray's context."""
+
+            def __init__(self, loop_config: dict) -> None:
+                self.__dict__.update(attrs, loop_config=loop_config)
+
+        monkeypatch.setattr(worker, "_Worker", StandIn)
+        worker.train_loop_per_worker({"run_dir": "", "config_yaml": ""})
 
     def to_tune(self, metrics: list[str]) -> list[dict]:
         """What the sweep's Tune callback forwards."""
