@@ -5,15 +5,22 @@ slice of the rows, the features are gathered, the metrics are computed once. Eve
 this process (one rank, the reference) and once by the two ranks; both ranks must return the reference's dict.
 The stub model's features are table lookups, so those numbers must match exactly; the real tiny CLIP encodes its
 slices in other batches than one rank would, so its numbers are compared to 1e-6.
+
+Equal dicts alone would not show that the work was shared (every rank evaluating every row returns them too), so
+every model records what it encodes; each rank must have encoded exactly the images and captions of its own
+contiguous block of rows, read here straight from the Parquet files, and the ranks' class prompts together exactly
+the prompts one rank encodes.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,14 +40,21 @@ WORLD = 2
 # ------------------------------------------------------------------------------------------------ the jobs
 
 
+def _tokenizer(job: dict) -> object:
+    if job["model"] == "tiny":
+        from reclip_ray.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(job["tokenizer"])
+    return StubTokenizer()
+
+
 def _model(job: dict) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) of a job, built the same way in every process."""
     if job["model"] == "tiny":
         from reclip_ray.config import load_config
-        from reclip_ray.data.tokenizer import load_tokenizer
         from reclip_ray.model import build_model
 
-        tok = load_tokenizer(job["tokenizer"])
+        tok = _tokenizer(job)
         torch.manual_seed(0)
         model = build_model(load_config("tiny").model, tokenizer=tok)
         return model, tok
@@ -69,9 +83,29 @@ def _faulty_model() -> torch.nn.Module:
     return model
 
 
-def run_job(job: dict, rank: int = 0, world_size: int = 1) -> dict:
-    """The job's metrics, or {"error": message} for an evaluation that raises a ReclipError."""
+def _record_encodes(model: torch.nn.Module, log: dict[str, list]) -> None:
+    """Wrap the model's encoders to append what each call gets, in call order: every image (a digest of its pixels)
+    to ``log["images"]``, every token row to ``log["texts"]``."""
+    encode_image, encode_text = model.encode_image, model.encode_text
+
+    def recorded_image(images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        log["images"] += [hashlib.sha1(x.numpy().tobytes()).hexdigest()[:16] for x in images.detach().cpu()]
+        return encode_image(images, *args, **kwargs)
+
+    def recorded_text(tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        log["texts"] += tokens.cpu().tolist()
+        return encode_text(tokens, *args, **kwargs)
+
+    model.encode_image, model.encode_text = recorded_image, recorded_text
+
+
+def run_job(job: dict, rank: int = 0, world_size: int = 1, log: dict[str, list] | None = None) -> dict:
+    """The job's metrics, or {"error": message} for an evaluation that raises a ReclipError. ``log``: filled with
+    what the model encoded (``_record_encodes``)."""
     model, tok = _model(job)
+    if log is not None:
+        log.update(images=[], texts=[])
+        _record_encodes(model, log)
     try:
         return evaluate_dataset(model, tok, job["path"], image_size=job.get("image_size", 32),
                                 text_length=job.get("text_length", 8), batch_size=job.get("batch_size", 7),
@@ -91,12 +125,13 @@ def _rank_main(rank: int, init_file: str, jobs_file: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         jobs = json.loads(Path(jobs_file).read_text())
-        results, seconds = {}, {}
+        results, seconds, encoded = {}, {}, {}
         for name, job in jobs.items():
             start = time.monotonic()
-            results[name] = run_job(job, rank, WORLD)
+            encoded[name] = {}
+            results[name] = run_job(job, rank, WORLD, log=encoded[name])
             seconds[name] = time.monotonic() - start
-        results["_seconds"] = seconds
+        results["_seconds"], results["_encoded"] = seconds, encoded
         # uneven rows, and a rank without any: rank 0 sends 3 rows, rank 1 none
         mine = torch.arange(6, dtype=torch.float32).view(3, 2) if rank == 0 else None
         gathered = gather_rows(mine, WORLD, "cpu")
@@ -198,6 +233,62 @@ def test_two_ranks_equal_one_rank_exactly(name, jobs, sharded_results):
         assert results[name] == reference, (name, rank)
 
 
+def _blocks(job: dict) -> list[pa.Table]:
+    """Each rank's rows as ``evaluate_dataset`` promises them: one contiguous block of the rows in file order,
+    block sizes within one of each other. Read here with plain pyarrow, not the evaluator's reader."""
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(Path(job["path"]).glob("*.parquet"))])
+    n = table.num_rows
+    return [table.slice(n * r // WORLD, n * (r + 1) // WORLD - n * r // WORLD) for r in range(WORLD)]
+
+
+def assert_each_rank_encoded_its_block(name: str, job: dict, reference: dict[str, list],
+                                       sharded_results: list[dict]) -> None:
+    """Rank r encoded exactly the captions of its block (in row order) and one image per distinct image of its
+    block; the ranks' class prompts, in rank order, are the prompts one rank encodes (each prompt batch encoded by
+    one rank). ``reference``: what one rank encoded. Rows here all have an image and a caption."""
+    columns = ColumnMap(**job.get("columns", {}))
+    tok = _tokenizer(job)
+    captions, prompts = [], []
+    for rank, (block, results) in enumerate(zip(_blocks(job), sharded_results)):
+        got = results["_encoded"][name]
+        want = tok.encode(block.column(columns.caption).to_pylist(), job.get("text_length", 8)).tolist()
+        assert got["texts"][:len(want)] == want, f"{name}: rank {rank} did not encode the captions of its block"
+        ids = block.column("image_id" if "image_id" in block.column_names else columns.image).to_pylist()
+        assert len(got["images"]) == len(set(ids)), f"{name}: rank {rank} encoded {len(got['images'])} images, " \
+                                                    f"its block shows {len(set(ids))}"
+        captions += got["texts"][:len(want)]
+        prompts.append(got["texts"][len(want):])
+    assert captions == reference["texts"][:len(captions)], name  # one rank's captions, each encoded once
+    one_rank = Counter(map(tuple, reference["texts"][len(captions):]))
+    for rank, mine in enumerate(prompts):  # after its captions a rank encodes class prompts, nothing else
+        assert Counter(map(tuple, mine)) <= one_rank, f"{name}: rank {rank} encoded more than its captions"
+    # and its class prompts, each once (each label set's prompt batches are split in blocks: compared as multisets)
+    assert sorted(sum(prompts, [])) == sorted(reference["texts"][len(captions):]), name
+    if len(reference["texts"]) - len(captions) > job.get("batch_size", 7):  # more than one prompt batch: shared
+        assert all(p for p in prompts), (name, [len(p) for p in prompts])
+    assert {d for results in sharded_results for d in results["_encoded"][name]["images"]} == set(reference["images"])
+
+
+SHARED = ["coco_image_id_noisy", "coco_image_id_swapped", "coco_bytes_noisy", "coco_odd_rows", "one_row"]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_each_rank_encodes_only_its_block(name, jobs, sharded_results):
+    reference: dict[str, list] = {}
+    assert "error" not in run_job(jobs[name], log=reference)
+    assert_each_rank_encoded_its_block(name, jobs[name], reference, sharded_results)
+
+
+def test_rows_without_an_image_are_not_encoded_on_any_rank(jobs, sharded_results):
+    """img2dataset (absent and bad rows): together the ranks encoded what one rank encodes, nothing twice."""
+    reference: dict[str, list] = {}
+    run_job(jobs["img2dataset"], log=reference)
+    got = [results["_encoded"]["img2dataset"] for results in sharded_results]
+    assert sorted(sum((g["texts"] for g in got), [])) == sorted(reference["texts"])
+    assert sorted(sum((g["images"] for g in got), [])) == sorted(reference["images"])
+    assert all(g["images"] for g in got)
+
+
 def test_the_jobs_cover_what_they_claim(jobs):
     """The reference numbers are not trivial and the layouts are what the test names say (teeth for the above)."""
     m = run_job(jobs["coco_image_id_noisy"])
@@ -212,7 +303,9 @@ def test_the_jobs_cover_what_they_claim(jobs):
 
 
 def test_tiny_clip_two_ranks_match_one_rank(jobs, sharded_results):
-    reference = run_job(jobs["tiny_clip_101_rows"])
+    encoded: dict[str, list] = {}
+    reference = run_job(jobs["tiny_clip_101_rows"], log=encoded)
+    assert_each_rank_encoded_its_block("tiny_clip_101_rows", jobs["tiny_clip_101_rows"], encoded, sharded_results)
     assert reference["rows"] == 101 and {"colour/top1", "shape/top1", "image_to_text_r@1"} <= set(reference)
     for results in sharded_results:
         got = results["tiny_clip_101_rows"]
