@@ -90,7 +90,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # the older spelling of train.grad_checkpointing: either turns it on
     init_from: str = ""  # weights to start from: reclip-ray export, open_clip checkpoint or timm ViT (init_weights.py)
 
 
@@ -103,6 +103,7 @@ class PhaseConfig:
     batch_size: int = 0  # 0: train.batch_size
     lr: float = 0.0  # 0: optim.lr (per-phase schedule only)
     warmup_samples: float = -1.0  # -1: optim.warmup_samples (per-phase schedule only); 1 = one sample, 1.0 = the phase
+    patch_dropout: float = 0.0  # fraction of image patch tokens dropped per training sample (FLIP); never at eval
 
 
 @dataclass
@@ -116,6 +117,7 @@ class TrainConfig:
     local_loss: str = "auto"  # auto (on with > 1 worker) | true | false: each rank builds only its rows of the logits
     micro_batch_size: int = 0  # rows per forward/backward on a worker (exact accumulation); 0: the whole local batch
     compile: bool = False  # torch.compile the model (off until measured faster: BENCHMARKS.md)
+    grad_checkpointing: bool = False  # recompute both towers' blocks in backward (less memory, ~1.3x compute)
 
 
 @dataclass
@@ -478,6 +480,7 @@ def validate(cfg: Config) -> None:
             hint = "; -1: optim.warmup_samples"
             _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
     _check_phase_total(cfg)
+    _check_patch_dropout(cfg)
     base = cfg.model.vision.base_image_size
     if base <= 0 or base % patch:
         raise ConfigError(f"'model.vision.base_image_size' = {base} (the position-embedding grid) is not a positive "
@@ -585,6 +588,15 @@ def _check_phase_total(cfg: Config) -> None:
     for i, (ph, n) in enumerate(zip(cfg.phases, split_samples(values, total))):
         if n <= 0:
             raise ConfigError(f"'phases.{i}.samples' ({ph.name}) leaves the phase {n} of train.samples={total}")
+
+
+def _check_patch_dropout(cfg: Config) -> None:
+    """A drop rate of 1 (or more) would leave no patch; timm's module asserts, so it fails here as one line."""
+    for i, ph in enumerate(cfg.phases):
+        p = ph.patch_dropout
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"'phases.{i}.patch_dropout' ({ph.name}) must be in [0, 1) (the fraction of image "
+                              f"patch tokens dropped in training), got {p!r}")
 
 
 def _check_batches(cfg: Config) -> None:

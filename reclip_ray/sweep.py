@@ -184,7 +184,8 @@ def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str
     if "gflops" in budget:
         batch = int(raw.get("train", {}).get("batch_size") or TrainConfig.batch_size)  # logits: as gflops_total
         per_sample = sum(fr * train_flops_per_sample(model_cfg, int(ph["image_size"]), int(ph["text_length"]),
-                                                     int(ph.get("batch_size") or batch))
+                                                     int(ph.get("batch_size") or batch),
+                                                     patch_dropout=float(ph.get("patch_dropout") or 0.0))
                          for ph, fr in keep) / 1e9
         total = budget["gflops"] / per_sample
     elif "samples" in budget:

@@ -59,6 +59,7 @@ def train_local(
     columns = ColumnMap.from_config(cfg.data)
 
     model = build_model(cfg.model, tokenizer=tok).to(device)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing or cfg.model.grad_checkpointing)
     if cfg.model.init_from:
         from reclip_ray.init_weights import check_init_from, init_from
 
@@ -76,6 +77,7 @@ def train_local(
     samples, step = 0, 0
     t0 = time.perf_counter()
     for plan in schedule.phases:
+        model.set_patch_dropout(cfg.phases[plan.index].patch_dropout)
         if log:
             log(f"phase {plan.index} '{plan.name}': {plan.image_size}px, {plan.text_length} tokens, "
                 f"{plan.samples} samples, batch {plan.batch_size}")

@@ -141,7 +141,7 @@ class _Worker:
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, tokenizer=self.tokenizer).to(self.device)
-        if cfg.model.grad_checkpointing:
+        if cfg.train.grad_checkpointing or cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
             compile_model(self.model)  # in place: checkpoints and DDP see the same module and parameter names
@@ -251,14 +251,16 @@ def _check_data_start(w: _Worker, phase: int) -> None:
 
 def _run_phase(w: _Worker, plan: Any) -> None:
     """Train ``plan`` from the current sample count to its end: the step loop, logging and periodic checkpoints."""
-    from reclip_ray.flops import train_flops_per_sample
+    from reclip_ray.flops import phase_train_flops_per_sample
+    from reclip_ray.model import set_patch_dropout
     from reclip_ray.train.step import train_step
 
     cfg, state, rank, world = w.cfg, w.state, w.rank, w.world
     if state.phase != plan.index:
         state.phase, state.phase_done, state.data = plan.index, False, {}
     # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
-    gflops_per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
+    gflops_per_sample = phase_train_flops_per_sample(cfg, plan.index) / 1e9  # with the phase's patch dropout
+    set_patch_dropout(w.model, cfg.phases[plan.index].patch_dropout)
     local = -(-plan.batch_size // world)  # the larger share of a full step
     w.feed = feed = _open_feed(w, plan, local)
     if rank == 0:
