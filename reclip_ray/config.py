@@ -91,7 +91,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # the sigmoid loss's bias; train.loss=siglip sets -10 (and scale log 10)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # the older spelling of train.grad_checkpointing: either turns it on
     init_from: str = ""  # weights to start from: reclip-ray export, open_clip checkpoint or timm ViT (init_weights.py)
 
 
@@ -104,6 +104,7 @@ class PhaseConfig:
     batch_size: int = 0  # 0: train.batch_size
     lr: float = 0.0  # 0: optim.lr (per-phase schedule only)
     warmup_samples: float = -1.0  # -1: optim.warmup_samples (per-phase schedule only); 1 = one sample, 1.0 = the phase
+    patch_dropout: float = 0.0  # fraction of image patch tokens dropped per training sample (FLIP); never at eval
 
 
 @dataclass
@@ -118,6 +119,7 @@ class TrainConfig:
     local_loss: str = "auto"  # auto (on with > 1 worker) | true | false: each rank builds only its rows of the logits
     micro_batch_size: int = 0  # rows per forward/backward on a worker (exact accumulation); 0: the whole local batch
     compile: bool = False  # torch.compile the model (off until measured faster: BENCHMARKS.md)
+    grad_checkpointing: bool = False  # recompute both towers' blocks in backward (less memory, ~1.3x compute)
 
 
 @dataclass
@@ -498,6 +500,7 @@ def _check_phases(cfg: Config) -> None:
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phase names must be unique, got {names}")
+    _check_patch_dropout(cfg)
 
 
 def _check_phase(cfg: Config, i: int, ph: PhaseConfig) -> None:
@@ -640,6 +643,15 @@ def _check_phase_total(cfg: Config) -> None:
     for i, (ph, n) in enumerate(zip(cfg.phases, split_samples(values, total))):
         if n <= 0:
             raise ConfigError(f"'phases.{i}.samples' ({ph.name}) leaves the phase {n} of train.samples={total}")
+
+
+def _check_patch_dropout(cfg: Config) -> None:
+    """A drop rate of 1 (or more) would leave no patch; timm's module asserts, so it fails here as one line."""
+    for i, ph in enumerate(cfg.phases):
+        p = ph.patch_dropout
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"'phases.{i}.patch_dropout' ({ph.name}) must be in [0, 1) (the fraction of image "
+                              f"patch tokens dropped in training), got {p!r}")
 
 
 def _check_batches(cfg: Config) -> None:

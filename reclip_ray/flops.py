@@ -16,6 +16,10 @@ with it each rank builds its b x B rows twice, image->text and text->image (2x t
 memory per rank); gradient accumulation re-runs each tower forward once more (4x forward instead of 3x), as
 activation checkpointing does. Those are costs of the execution, as in the MFU-vs-HFU distinction, and are not in
 ``gflops_total``.
+
+Patch dropout (``phases[i].patch_dropout``, FLIP) is counted as run: the patch embedding sees every patch, the
+blocks see the kept patches plus the class token (``kept_patches``: the count timm's ``PatchDropout`` keeps, with
+its rounding). Evaluation runs every token and is not in the training count.
 """
 
 from __future__ import annotations
@@ -34,15 +38,33 @@ def _block_flops(tokens: int, width: int, mlp_ratio: float) -> int:
     return qkv + attn + proj + mlp
 
 
-def image_tokens(vision: VisionConfig, image_size: int) -> int:
-    return (image_size // vision.patch_size) ** 2 + 1  # + cls token
+def kept_patches(patches: int, patch_dropout: float) -> int:
+    """Patch tokens a training forward keeps out of ``patches`` at drop rate ``patch_dropout``.
+
+    timm's ``PatchDropout`` keeps ``max(1, int(L * (1 - p)))``: rounded down, in float arithmetic (so 100 patches
+    at p = 0.9 keep 9, not 10, because ``1 - 0.9`` is just under 0.1); the same expression here counts exactly the
+    tokens that run (tests/test_patch_dropout.py compares it with the model's shapes).
+    """
+    if patch_dropout <= 0:
+        return patches
+    return max(1, int(patches * (1.0 - patch_dropout)))
 
 
-def image_forward_flops(vision: VisionConfig, image_size: int, embed_dim: int = 0) -> int:
-    """Forward FLOPs of one image through the ViT (+ the projection to ``embed_dim`` when given)."""
+def image_tokens(vision: VisionConfig, image_size: int, patch_dropout: float = 0.0) -> int:
+    """Tokens the ViT's blocks run on: the kept patches + the class token."""
+    return kept_patches((image_size // vision.patch_size) ** 2, patch_dropout) + 1
+
+
+def image_forward_flops(vision: VisionConfig, image_size: int, embed_dim: int = 0, patch_dropout: float = 0.0) -> int:
+    """Forward FLOPs of one image through the ViT (+ the projection to ``embed_dim`` when given).
+
+    With ``patch_dropout`` the patch embedding still runs on every patch (tokens are dropped after it), the blocks
+    on the kept ones.
+    """
     patches = (image_size // vision.patch_size) ** 2
     patch_embed = 2 * patches * 3 * vision.patch_size**2 * vision.width
-    blocks = vision.depth * _block_flops(patches + 1, vision.width, vision.mlp_ratio)
+    tokens = image_tokens(vision, image_size, patch_dropout)
+    blocks = vision.depth * _block_flops(tokens, vision.width, vision.mlp_ratio)
     return patch_embed + blocks + 2 * vision.width * embed_dim
 
 
@@ -57,17 +79,19 @@ def logits_forward_flops(embed_dim: int, global_batch: int) -> int:
 
 
 def sample_forward_flops(model_cfg: ModelConfig, image_size: int, text_length: int,
-                         global_batch: int = 0) -> dict[str, int]:
+                         global_batch: int = 0, *, patch_dropout: float = 0.0) -> dict[str, int]:
     """Per-sample forward FLOPs: ``image``, ``text``, ``logits`` (0 without ``global_batch``) and their ``total``."""
-    image = image_forward_flops(model_cfg.vision, image_size, model_cfg.embed_dim)
+    image = image_forward_flops(model_cfg.vision, image_size, model_cfg.embed_dim, patch_dropout)
     text = text_forward_flops(model_cfg.text, text_length, model_cfg.embed_dim)
     logits = logits_forward_flops(model_cfg.embed_dim, global_batch)
     return {"image": image, "text": text, "logits": logits, "total": image + text + logits}
 
 
-def train_flops_per_sample(model_cfg: ModelConfig, image_size: int, text_length: int, global_batch: int = 0) -> int:
+def train_flops_per_sample(model_cfg: ModelConfig, image_size: int, text_length: int, global_batch: int = 0, *,
+                           patch_dropout: float = 0.0) -> int:
     """Training FLOPs per sample (3x forward); with ``global_batch`` the logits are in it (module docstring)."""
-    return 3 * sample_forward_flops(model_cfg, image_size, text_length, global_batch)["total"]
+    return 3 * sample_forward_flops(model_cfg, image_size, text_length, global_batch,
+                                    patch_dropout=patch_dropout)["total"]
 
 
 def phase_global_batch(cfg: Config, phase_index: int) -> int:
@@ -75,14 +99,25 @@ def phase_global_batch(cfg: Config, phase_index: int) -> int:
     return cfg.phases[phase_index].batch_size or cfg.train.batch_size
 
 
+def phase_train_flops_per_sample(cfg: Config, phase_index: int) -> int:
+    """Training FLOPs per sample of a phase as configured (image size, text length, global batch, patch dropout):
+    what the trainer adds to ``gflops_total`` per sample, and what ``run_flops`` and ``reclip-ray plan`` count."""
+    ph = cfg.phases[phase_index]
+    return train_flops_per_sample(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, phase_index),
+                                  patch_dropout=ph.patch_dropout)
+
+
 def run_flops(cfg: Config) -> dict[str, Any]:
     """Per-phase and total training GFLOPs of a run (what RECLIP's schedule saves vs. all-full-size)."""
     phases = []
     for i, (ph, samples) in enumerate(zip(cfg.phases, cfg.phase_samples())):
-        f = sample_forward_flops(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i))
+        f = sample_forward_flops(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i),
+                                 patch_dropout=ph.patch_dropout)
         phases.append({
             "name": ph.name,
             "image_size": ph.image_size,
+            "patch_dropout": ph.patch_dropout,
+            "image_tokens": image_tokens(cfg.model.vision, ph.image_size, ph.patch_dropout),
             "text_length": ph.text_length,
             "samples": samples,
             "image_gflops_per_sample": f["image"] / 1e9,

@@ -7,6 +7,12 @@ current grid. We deliberately never *replace* the stored embeddings when a phase
 same tensors in every phase, so a checkpoint taken mid-phase restores exactly the model that was running, resuming
 needs no knowledge of which phase resized what, and the optimizer state always matches the parameter shapes. The
 cost is one small interpolation per forward pass (not counted as FLOPs; it is independent of batch size).
+
+Patch dropout (FLIP, ``phases[i].patch_dropout``) is timm's ``PatchDropout`` in the ViT's ``patch_drop`` slot, after
+the position embeddings and before the blocks: per sample, an argsort of Gaussian noise on the device picks the
+kept patches (one batched gather, no host sync, no loop over samples); the class token is always kept, and in
+eval mode nothing is dropped. The module has no parameters, so ``set_patch_dropout`` swaps it at each phase start
+on the live model without touching weights, optimizer state or checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -79,8 +86,25 @@ class CLIP(nn.Module):
             self.set_grad_checkpointing(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block of both towers in backward instead of keeping its activations."""
         self.visual.set_grad_checkpointing(enable)
         self.text.grad_checkpointing = enable
+
+    def set_patch_dropout(self, rate: float) -> None:
+        """Drop ``rate`` of the image patch tokens in training forwards from now on; 0: keep all (module docstring).
+
+        Setting the rate already in place is a no-op, so a compiled model does not recompile at a phase that keeps it.
+        """
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"patch dropout must be in [0, 1), got {rate!r}")
+        if rate == self.patch_dropout:
+            return
+        prefix = self.visual.num_prefix_tokens  # the class token: never dropped
+        self.visual.patch_drop = PatchDropout(rate, num_prefix_tokens=prefix) if rate > 0 else nn.Identity()
+
+    @property
+    def patch_dropout(self) -> float:
+        return float(getattr(self.visual.patch_drop, "prob", 0.0))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.image_projection(self.visual(images))
@@ -100,6 +124,11 @@ class CLIP(nn.Module):
         text_features = self.encode_text(tokens)
         logit_scale = self.logit_scale.clamp(max=self.max_log_logit_scale).exp()
         return image_features, text_features, logit_scale
+
+
+def set_patch_dropout(model: nn.Module, rate: float) -> None:
+    """Set the patch dropout of a CLIP, DDP-wrapped or not: the trainers call it at each phase start (and resume)."""
+    getattr(model, "module", model).set_patch_dropout(rate)
 
 
 def build_model(

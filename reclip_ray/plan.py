@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from reclip_ray.config import Config, load_config
 from reclip_ray.errors import ReclipError
-from reclip_ray.flops import image_forward_flops, image_tokens, phase_global_batch, train_flops_per_sample
+from reclip_ray.flops import (image_forward_flops, image_tokens, phase_global_batch, phase_train_flops_per_sample,
+                              train_flops_per_sample)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ class PhaseCost:
     name: str
     samples: int
     image_size: int
-    image_tokens: int
+    image_tokens: int  # tokens the ViT's blocks run on in training: kept patches (patch_dropout) + the class token
     text_length: int
     train_gflops_per_sample: float
     train_gflops: float
+    patch_dropout: float = 0.0
     share: float = 0.0
     wall_s: Optional[float] = None
     samples_per_s_per_gpu: Optional[float] = None
@@ -178,11 +180,12 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
     """Per-phase training FLOPs from ``reclip_ray.flops`` (the same count ``run_flops`` and the trainer use)."""
     out = []
     for i, (ph, samples) in enumerate(zip(cfg.phases, cfg.phase_samples())):
-        per_sample = train_flops_per_sample(cfg.model, ph.image_size, ph.text_length, phase_global_batch(cfg, i))
+        per_sample = phase_train_flops_per_sample(cfg, i)
         out.append(PhaseCost(
             name=ph.name, samples=samples, image_size=ph.image_size,
-            image_tokens=image_tokens(cfg.model.vision, ph.image_size), text_length=ph.text_length,
+            image_tokens=image_tokens(cfg.model.vision, ph.image_size, ph.patch_dropout), text_length=ph.text_length,
             train_gflops_per_sample=per_sample / 1e9, train_gflops=per_sample * samples / 1e9,
+            patch_dropout=ph.patch_dropout,
         ))
     total = sum(p.train_gflops for p in out)
     for p in out:
@@ -191,7 +194,8 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
 
 
 def full_resolution(cfg: Config) -> dict[str, Any]:
-    """The baseline RECLIP is measured against: every sample at the last phase's image size, text length, batch."""
+    """The baseline RECLIP is measured against: every sample at the last phase's image size, text length, batch,
+    with every patch (plain CLIP: the saving of a schedule with patch dropout includes dropout's)."""
     last = cfg.phases[-1]
     per_sample = train_flops_per_sample(cfg.model, last.image_size, last.text_length, phase_global_batch(cfg, -1))
     return {
@@ -208,7 +212,8 @@ def image_tower_saving(cfg: Config) -> float:
     """Full-resolution image-tower FLOPs over the schedule's; the 3x training factor cancels in the ratio."""
     vision, embed = cfg.model.vision, cfg.model.embed_dim
     full = image_forward_flops(vision, cfg.phases[-1].image_size, embed) * cfg.train.samples
-    spent = sum(image_forward_flops(vision, ph.image_size, embed) * n for ph, n in zip(cfg.phases, cfg.phase_samples()))
+    spent = sum(image_forward_flops(vision, ph.image_size, embed, ph.patch_dropout) * n
+                for ph, n in zip(cfg.phases, cfg.phase_samples()))
     return full / spent
 
 
@@ -263,12 +268,15 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
         raise ReclipError("--gpu, --mfu and --decode-rates price the run on GPUs: add --gpus N")
     phases = phase_costs(cfg)
     full = full_resolution(cfg)
+    notes = [f"phase '{p.name}': patch_dropout {p.patch_dropout:g} runs {p.image_tokens - 1} of "
+             f"{(p.image_size // cfg.model.vision.patch_size) ** 2} patch tokens (+ the class token) per training "
+             "sample; evaluation runs all" for p in phases if p.patch_dropout > 0]
     total = sum(p.train_gflops for p in phases)
     plan = Plan(
         config=cfg.name, model=cfg.model.name, train_samples=cfg.train.samples,
         flops_convention=FLOPS_CONVENTION,
         phases=phases, total_train_gflops=total, full_resolution=full,
-        saving_total=full["train_gflops"] / total, saving_image_tower=image_tower_saving(cfg),
+        saving_total=full["train_gflops"] / total, saving_image_tower=image_tower_saving(cfg), notes=notes,
     )
     if gpus is not None:
         plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)

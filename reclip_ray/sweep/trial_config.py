@@ -66,7 +66,8 @@ def _total_samples(raw: dict[str, Any], keep: list[tuple[dict[str, Any], float]]
     if "gflops" in budget:
         batch = int(raw.get("train", {}).get("batch_size") or TrainConfig.batch_size)  # logits: as gflops_total
         per_sample = sum(fr * train_flops_per_sample(model_cfg, int(ph["image_size"]), int(ph["text_length"]),
-                                                     int(ph.get("batch_size") or batch))
+                                                     int(ph.get("batch_size") or batch),
+                                                     patch_dropout=float(ph.get("patch_dropout") or 0.0))
                          for ph, fr in keep) / 1e9
         return budget["gflops"] / per_sample
     if "samples" in budget:

@@ -52,6 +52,7 @@ def train_local(
     model = _build_model(cfg, tok, device, log)
     run = _LocalRun(cfg, model, tok, data_root or cfg.data.train, device, max_steps, log)
     for plan in run.schedule.phases:
+        model.set_patch_dropout(cfg.phases[plan.index].patch_dropout)
         if log:
             log(f"phase {plan.index} '{plan.name}': {plan.image_size}px, {plan.text_length} tokens, "
                 f"{plan.samples} samples, batch {plan.batch_size}")
@@ -69,6 +70,7 @@ def _build_model(cfg: Config, tok: Any, device: torch.device, log: Callable[[str
     from reclip_ray.train.step import compile_model
 
     model = build_model(cfg.model, tokenizer=tok).to(device)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing or cfg.model.grad_checkpointing)
     if cfg.model.init_from:
         from reclip_ray.init_weights import check_init_from, init_from
 

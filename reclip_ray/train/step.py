@@ -23,9 +23,10 @@ Unlike open_clip (which recomputes the whole loss for every micro-batch) the log
 DDP the micro-batches before the last run on the unwrapped module (DDP's hooks are idle when its forward did not
 prepare a reduction: what ``no_sync()`` does, without a buffer broadcast per micro-batch, so ranks may even run
 different numbers of micro-batches), and the last runs through DDP, whose backward all-reduces the accumulated
-gradients: averaged over ranks exactly once. Step 3 assumes the re-encoded features equal the cached ones, i.e. a
-deterministic forward: the CLIP here has no dropout, drop-path or batch norm; a model with randomness would need
-its RNG state replayed between the two passes.
+gradients: averaged over ranks exactly once. Step 3 assumes the re-encoded features equal the cached ones: the only
+randomness of the CLIP here is patch dropout, so each micro-batch's RNG state is saved before step 1 encodes it and
+restored before step 3 re-encodes it (the same patches are dropped in both passes; no dropout, drop-path or batch
+norm otherwise).
 """
 
 from __future__ import annotations
@@ -201,9 +202,10 @@ def _accumulate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of the module docstring; leaves the summed gradients in ``.grad``, returns (loss, logit_scale)."""
     # 1. Cache the features of every micro-batch (images normalised per micro-batch: memory stays flat).
-    image_parts, text_parts = [], []
+    image_parts, text_parts, rng = [], [], []
     with torch.no_grad():
         for sl in slices:
+            rng.append(_rng_state(images.device))  # replayed in step 3: patch dropout drops the same patches
             with amp():
                 img, txt, scale = core(normalize_images(images[sl]), tokens[sl])
             image_parts.append(img.float())
@@ -223,6 +225,7 @@ def _accumulate(
     # 3. Re-encode with autograd; the last micro-batch goes through DDP (one all-reduce) and carries logit_scale.
     for k, sl in enumerate(slices):
         last = k == len(slices) - 1
+        _set_rng_state(images.device, rng[k])
         with amp():
             img, txt, scale = (model if last else core)(normalize_images(images[sl]), tokens[sl])
         surrogate = (img.float() * image_grad[sl]).sum() + (txt.float() * text_grad[sl]).sum()
@@ -232,3 +235,15 @@ def _accumulate(
                 surrogate = surrogate + bias.float() * bias_leaf.grad
         surrogate.backward()
     return loss, scale_leaf
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator ``device``'s random ops draw from (CUDA: its seed and offset, kept on the host)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

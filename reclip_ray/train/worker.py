@@ -108,7 +108,7 @@ class Worker:
 
         cfg = self.cfg
         self.model = build_model(cfg.model, tokenizer=self.tokenizer).to(self.device)
-        if cfg.model.grad_checkpointing:
+        if cfg.train.grad_checkpointing or cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
             compile_model(self.model)  # in place: checkpoints and DDP see the same module and parameter names
@@ -175,13 +175,15 @@ class Worker:
 
     def run_phase(self, plan: Any) -> None:
         """Train ``plan`` from the current sample count to its end: the step loop, logging and periodic checkpoints."""
-        from reclip_ray.flops import train_flops_per_sample
+        from reclip_ray.flops import phase_train_flops_per_sample
+        from reclip_ray.model import set_patch_dropout
 
         cfg, state = self.cfg, self.state
         if state.phase != plan.index:
             state.phase, state.phase_done, state.data = plan.index, False, {}
         # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
-        gflops_per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
+        gflops_per_sample = phase_train_flops_per_sample(cfg, plan.index) / 1e9  # with the phase's patch dropout
+        set_patch_dropout(self.model, cfg.phases[plan.index].patch_dropout)
         self.feed = self._open_feed(plan)
         if self.rank == 0:
             self.say(phase_banner(plan, state, self.world, cfg.train.micro_batch_size, gflops_per_sample))
