@@ -173,14 +173,14 @@ def test_patch_dropout_outside_zero_one_is_a_one_line_error(value):
 
 def test_a_sweep_searches_patch_dropout_per_phase_at_equal_gflops(tmp_path):
     """``phases.0.patch_dropout`` is a plain dotted param; the GFLOPs budget buys more samples with dropout."""
-    from reclip_ray.sweep import _grid_corners, load_space, trial_raw
+    from reclip_ray.sweep import grid_corners, load_space, trial_raw
 
     path = tmp_path / "flip.yaml"
     path.write_text("name: flip\nbase: tiny\nparams:\n  phases.0.patch_dropout: {grid: [0.0, 0.5]}\n"
                     "metric: eval/full/colour/top1\nbudget: {gflops: 6000}\nscheduler: {name: fifo}\n")
     space = load_space(path)
     base = apply_overrides(load_raw(space.base), space.overrides)
-    cfgs = {c["phases.0.patch_dropout"]: from_dict(trial_raw(base, c, space.budget)) for c in _grid_corners(space)}
+    cfgs = {c["phases.0.patch_dropout"]: from_dict(trial_raw(base, c, space.budget)) for c in grid_corners(space)}
     assert sorted(cfgs) == [0.0, 0.5]
     for rate, cfg in cfgs.items():
         assert [p.patch_dropout for p in cfg.phases] == [rate, 0.0]
