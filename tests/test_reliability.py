@@ -299,9 +299,10 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
     for i, n in enumerate((7, 311, 1, 90)):  # 409 rows: not a multiple of 3 workers or of the batch
         pq.write_table(table.slice(start, n), out / f"part-{i}.parquet")
         start += n
+    # Phase 0 also drops half its patches (FLIP): gflops_total must count the tokens that ran, at uneven steps.
     cfg = make_cfg("uneven", workers=3, extra=["scaling.cpus_per_worker=0.4", "eval.at_phase_end=false",
                                                 "train.batch_size=50", "train.samples=668", "checkpoint.every_samples=0",
-                                                "fault.record_rows=true"],
+                                                "fault.record_rows=true", "phases.0.patch_dropout=0.5"],
                    train=out)
     from reclip_ray.train.launch import run_training
 
@@ -331,6 +332,22 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
             per_rank[(rec["phase"], int(path.name[4:path.name.index("-")]))] += len(rec["keys"])
     assert [[per_rank[(p, r)] for r in range(3)] for p in (0, 1)] == [[167, 167, 167], [56, 56, 55]]
     assert run.data.metrics["local_batch"] == 6  # rank 0's share of the last step: 17 = 6 + 6 + 5
+
+    # gflops_total at every step = the rows trained so far x each phase's training FLOPs per sample, phase 0's with
+    # 8 of its 16 patch tokens (+ the class token) at 32 px: a worker that ignored the dropout would count 17.
+    from reclip_ray.flops import image_tokens, run_flops, train_flops_per_sample
+
+    assert image_tokens(cfg.model.vision, 32, 0.5) == 9
+    per_sample = [train_flops_per_sample(cfg.model, p.image_size, p.text_length, 50, patch_dropout=rate)
+                  for p, rate in zip(cfg.phases, (0.5, 0.0))]
+    assert per_sample[0] < train_flops_per_sample(cfg.model, 32, cfg.phases[0].text_length, 50)
+    gflops, phase = (_history(client, run.info.run_id, k) for k in ("gflops_total", "phase"))
+    total = 0.0
+    for step in sorted(rows):
+        total += len(rows[step]) * per_sample[int(phase[step])] / 1e9
+        assert gflops[step] == pytest.approx(total, rel=1e-9), step
+    assert metrics["gflops_total"] == pytest.approx(total, rel=1e-9)
+    assert total == pytest.approx(run_flops(cfg)["total_train_gflops"], rel=1e-9)  # what `plan` showed
 
 
 # ------------------------------------------------------------------------------------------ 4. bad data
