@@ -152,3 +152,31 @@ def test_flops_of_the_sigmoid_loss_are_the_counted_logits():
     with FlopCounterMode(display=False) as counter:
         loss.backward()
     assert counter.get_total_flops() == 2 * total * logits_forward_flops(DIM, total)
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_the_trained_bias_is_logged_next_to_the_scale(loss):
+    """What rank 0 logs to MLflow at each logging window (``Window.metrics``, logged whole by ``Worker.log_window``)
+    and prints without a display (``console_line``) carries the sigmoid loss's ``logit_bias`` after the step, as it
+    carries ``logit_scale``; the CLIP loss has no bias and logs none."""
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import Schedule
+    from reclip_ray.train.checkpoint import TrainState
+    from reclip_ray.train.progress import Window, console_line
+    from reclip_ray.train.step import train_step
+
+    cfg = load_config("tiny", [f"train.loss={loss}", "model.vision.depth=1", "model.text.depth=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=64)
+    images, tokens = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.randint(3, 64, (4, 16))
+    out = train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), images, tokens, lr=0.5, grad_clip=0.0)
+    schedule = Schedule.from_config(cfg)
+    state = TrainState(samples=4, step=1)
+    metrics = Window().metrics(schedule.phases[0], state, out, 0.5, 4, 1)
+    line = console_line(metrics, schedule.phases[0], state, schedule)
+    assert metrics["logit_scale"] == out["logit_scale"]
+    if loss == "clip":
+        assert "logit_bias" not in metrics and " bias " not in line
+        return
+    assert metrics["logit_bias"] == model.logit_bias.item() != -10.0  # the trained value, not the initial one
+    assert f" bias {model.logit_bias.item():.2f} " in line

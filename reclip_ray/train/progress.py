@@ -27,6 +27,7 @@ class Window:
             "data_wait_fraction": self.data_s / elapsed, "phase": plan.index, "image_size": plan.image_size,
             "text_length": plan.text_length, "samples": state.samples, "gflops_total": state.gflops,
             "workers": world, "local_batch": local_batch, "worker_peak_rss_mib": peak_rss_mib(),
+            **({"logit_bias": last["logit_bias"]} if "logit_bias" in last else {}),  # train.loss: siglip
         }
 
 
@@ -44,10 +45,11 @@ def board_update(metrics: dict[str, float], plan: Any, state: TrainState, schedu
 
 def console_line(metrics: dict[str, float], plan: Any, state: TrainState, schedule: Any) -> str:
     sps = metrics["samples_per_s"]
+    bias = f"bias {metrics['logit_bias']:.2f} " if "logit_bias" in metrics else ""
     eta = remaining_samples(schedule, state.samples) / max(sps, 1e-9)
     return (f"[reclip] {plan.name} {plan.image_size}px step {state.step}/{schedule.total_steps} "
             f"samples {state.samples}/{schedule.total_samples} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"scale {metrics['logit_scale']:.1f} {sps:.0f} samples/s data-wait {metrics['data_wait_fraction']:.0%} "
+            f"scale {metrics['logit_scale']:.1f} {bias}{sps:.0f} samples/s data-wait {metrics['data_wait_fraction']:.0%} "
             f"GFLOPs {state.gflops:.1f} ETA {eta:.0f}s")
 
 
