@@ -118,7 +118,7 @@ def train_step(
     the sigmoid loss, whose value is always each rank's share (as with ``local_loss``).
     """
     core = getattr(model, "module", model)
-    bias = getattr(core, "logit_bias", None)
+    bias = getattr(core, "logit_bias", None)  # the sigmoid loss's (train.loss: siglip); None with the CLIP loss
     device = next(core.parameters()).device
     images = images.to(device, non_blocking=True)
     tokens = tokens.to(device, non_blocking=True)
@@ -134,11 +134,11 @@ def train_step(
     # local batch when the sizes are known: a rank at or under micro_batch then accumulates over one micro-batch.
     longest = max(local_batch_sizes) if local_batch_sizes else images.shape[0]
     if not 0 < micro_batch < longest:
-        loss, logit_scale = _backward(model, optimizer, images, tokens, amp, loss_fn)
+        loss, logit_scale = _backward(model, optimizer, images, tokens, bias, amp, loss_fn)
     else:
         optimizer.zero_grad(set_to_none=True)
         slices = micro_batch_slices(images.shape[0], micro_batch)
-        loss, logit_scale = _accumulate(model, core, images, tokens, slices, amp, loss_fn)
+        loss, logit_scale = _accumulate(model, core, images, tokens, bias, slices, amp, loss_fn)
     grad_norm = _clip_gradients(core, grad_clip)
     optimizer.step()
     if hasattr(core, "clamp_logit_scale_"):
@@ -159,14 +159,14 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], c
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _backward(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor, amp,
-              loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain single-pass step's forward and backward; returns (loss, logit_scale)."""
+def _backward(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor,
+              bias: torch.Tensor | None, amp, loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain single-pass step's forward and backward (``bias``: the sigmoid loss's ``logit_bias``, else None);
+    returns (loss, logit_scale)."""
     x = normalize_images(images)
     with amp():
         image_features, text_features, logit_scale = model(x, tokens)
     # The loss (logsumexp over the whole global batch) runs in fp32 whatever the towers ran in.
-    bias = getattr(getattr(model, "module", model), "logit_bias", None)
     loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
                    logit_bias=None if bias is None else bias.float())
     optimizer.zero_grad(set_to_none=True)
@@ -196,6 +196,7 @@ def _accumulate(
     core: nn.Module,
     images: torch.Tensor,
     tokens: torch.Tensor,
+    bias: torch.Tensor | None,
     slices: list[slice],
     amp,
     loss_fn: Callable,
@@ -213,8 +214,7 @@ def _accumulate(
     image_cache = torch.cat(image_parts).requires_grad_()
     text_cache = torch.cat(text_parts).requires_grad_()
     scale_leaf = scale.float().detach().requires_grad_()
-    bias = getattr(core, "logit_bias", None)  # the sigmoid loss's; a leaf like logit_scale
-    bias_leaf = None if bias is None else bias.float().detach().requires_grad_()
+    bias_leaf = None if bias is None else bias.float().detach().requires_grad_()  # a leaf like logit_scale
     del image_parts, text_parts
 
     # 2. The loss once, on the cached features of all ranks; its backward gives the features' gradients.
