@@ -72,3 +72,30 @@ def test_write_json_is_whole_and_ordered_as_asked(tmp_path):
     storage.write_json(path, {"b": 1, "a": 2}, sort_keys=False)
     assert list(json.loads(storage.read_text(path))) == ["b", "a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temp file left beside it
+
+
+def test_a_missing_or_unreadable_path_or_shard_is_a_one_line_error(tmp_path, monkeypatch):
+    """Listing a folder and statting a shard for the footer cache say which path, and whether it is missing or the
+    filesystem could not answer (expired credentials, no network)."""
+    from reclip_ray.data.shards import clear_footer_cache, footers
+
+    missing, gone = str(tmp_path / "nope"), str(tmp_path / "gone.parquet")
+    clear_footer_cache()
+    with pytest.raises(DataError) as err:
+        list_parquet_files(missing)
+    assert str(err.value) == f"no Parquet files under {missing} (path does not exist)"
+    with pytest.raises(DataError) as err:
+        footers([gone])
+    assert str(err.value) == f"{gone}: shard not found"
+
+    class Unreachable:
+        def get_file_info(self, path):
+            raise OSError("AWS Error ACCESS_DENIED")
+
+    monkeypatch.setattr(storage, "filesystem", lambda path: (Unreachable(), path))
+    with pytest.raises(DataError) as err:
+        list_parquet_files(missing)
+    assert str(err.value) == f"cannot read {missing}: AWS Error ACCESS_DENIED"
+    with pytest.raises(DataError) as err:
+        footers([gone])
+    assert str(err.value) == f"{gone}: cannot read (AWS Error ACCESS_DENIED)"

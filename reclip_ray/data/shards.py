@@ -100,6 +100,18 @@ def footer_copies(meta: Any, image_column: str) -> tuple[tuple[int, ...], tuple[
 # ------------------------------------------------------------------------------------------------ listing
 
 
+def _file_info(fs: pafs.FileSystem, inner: str, unreadable: Callable[[Exception], str], missing: str) -> pafs.FileInfo:
+    """``fs.get_file_info(inner)`` of a path that must exist: a one-line DataError, ``unreadable(exc)`` when the
+    filesystem cannot answer (credentials, network), ``missing`` when nothing is there."""
+    try:
+        info = fs.get_file_info(inner)
+    except Exception as exc:
+        raise DataError(unreadable(exc)) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(missing)
+    return info
+
+
 def list_parquet_files(path: str | os.PathLike) -> list[str]:
     """Sorted Parquet files under a folder (any nesting), a single file, or a URI.
 
@@ -109,12 +121,8 @@ def list_parquet_files(path: str | os.PathLike) -> list[str]:
     """
     path = str(path)
     fs, inner = storage.filesystem(path)
-    try:
-        info = fs.get_file_info(inner)
-    except Exception as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"no Parquet files under {path} (path does not exist)")
+    info = _file_info(fs, inner, lambda exc: f"cannot read {path}: {exc}",
+                      f"no Parquet files under {path} (path does not exist)")
     if info.type == pafs.FileType.File:
         infos = [info] if inner.endswith(".parquet") else []
     else:
@@ -248,12 +256,7 @@ def _cached_footer(file: str) -> Footer:
     stamp = _LISTED.get(file)
     if stamp is None:
         fs, inner = storage.filesystem(file)
-        try:
-            info = fs.get_file_info(inner)
-        except Exception as exc:
-            raise DataError(f"{file}: cannot read ({exc})") from exc
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"{file}: shard not found")
+        info = _file_info(fs, inner, lambda exc: f"{file}: cannot read ({exc})", f"{file}: shard not found")
         stamp = (int(info.size or 0), int(info.mtime_ns or 0))
     hit = _FOOTERS.get(file)
     if hit is not None and hit[0] == stamp:
