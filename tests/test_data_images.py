@@ -49,6 +49,41 @@ def test_draft_decodes_fewer_pixels_and_matches_reference(jpeg):
         assert np.abs(fast - ref).mean() < 2.0  # same picture, only the decoder's scaling differs
 
 
+def _corner_jpeg(width: int, height: int) -> bytes:
+    """Black, with a white bottom-right rectangle from (0.6 W, 0.55 H): two straight edges at known places."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    arr[int(height * 0.55):, int(width * 0.6):] = 255
+    return _encode(Image.fromarray(arr), "JPEG", quality=95)
+
+
+def _edges(arr: np.ndarray) -> tuple[float, float]:
+    """Sub-pixel (x, y) of the white rectangle's left and top edges: how much of a row (column) through it is dark."""
+    white = arr.astype(np.float64).mean(-1) / 255
+    h, w = white.shape
+    return w - white[-h // 4:].mean(0).sum(), h - white[:, -w // 4:].mean(1).sum()
+
+
+@pytest.mark.parametrize("width,height,size,train", [(521, 521, 64, False), (521, 397, 48, True),
+                                                     (1001, 1001, 64, True)])
+def test_a_draft_decoded_crop_is_the_crop_of_the_full_image(width, height, size, train):
+    """At 1/8 scale a width of 8 m + 1 decodes to m + 1 pixels, the last one mostly padding: source x is x / 8
+    there, not x (m + 1) / W, which put the edges up to (d - 1) / d reduced pixels off (~0.25-0.5 px here)."""
+    data = _corner_jpeg(width, height)
+    assert width % 8 and height % 8
+    box = images._crop_box(width, height, train=train, rng=np.random.default_rng(1))
+    assert images._draft(Image.open(io.BytesIO(data)), box, size) == 8  # the reduced decode is what is tested
+    fast = decode_image(data, size, train=train, rng=np.random.default_rng(1))
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    ref = np.asarray(full.resize((size, size), images.RESAMPLE, box=box))
+    assert np.abs(np.subtract(_edges(fast), _edges(ref))).max() < 0.15
+    assert np.abs(fast.astype(np.int16) - ref).mean() < 0.6
+
+    # A shrunk copy (`data shrink`) draft-decodes the same way, then resizes the whole image.
+    copy = np.asarray(Image.open(io.BytesIO(images.make_copy(data, size))).convert("RGB"))
+    ref = np.asarray(full.resize(copy.shape[1::-1], Image.Resampling.LANCZOS))
+    assert np.abs(np.subtract(_edges(copy), _edges(ref))).max() < 0.15
+
+
 def test_train_crop_is_random_but_reproducible(jpeg):
     a = decode_image(jpeg, 64, train=True, rng=np.random.default_rng(1))
     b = decode_image(jpeg, 64, train=True, rng=np.random.default_rng(1))

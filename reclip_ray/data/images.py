@@ -123,19 +123,25 @@ def _crop_box(width: int, height: int, *, train: bool, rng: Any = None) -> tuple
     return (0.0, 0.0, float(width), float(height))
 
 
-def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> float:
-    """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px; returns the scale applied."""
+def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> int:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px; returns the reduction d
+    applied (1, 2, 4 or 8).
+
+    The decoder shrinks each 8 x 8 block to (8/d) x (8/d) pixels, so reduced pixel i covers source pixels
+    [d i, d (i + 1)): the reduced image is ceil(W/d) wide, its last column partly the encoder's edge padding, and a
+    source coordinate x is x / d in it (PIL's ``draft`` returns that box, (0, 0, W/d, H/d)), not x ceil(W/d) / W.
+    """
     if img.format != "JPEG":
-        return 1.0
+        return 1
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
     k = min(crop_w, crop_h) / size  # how much we may shrink and still have `size` px across the crop
     if k < 2:
-        return 1.0
+        return 1
     w, h = img.size
     # PIL picks scale = largest of 1/2/4/8 with scale <= min(w // req_w, h // req_h); ceil keeps scale <= k.
     request = (max(1, math.ceil(w / k)), max(1, math.ceil(h / k)))
-    img.draft("RGB", request)
-    return w / img.size[0]
+    drafted = img.draft("RGB", request)  # None when PIL cannot draft this file (then it decodes at full size)
+    return 1 if drafted is None else round(w / drafted[1][2])
 
 
 def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.ndarray:
@@ -149,9 +155,8 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
         img = to_rgb(img)
-        if scale != 1.0:  # map the crop into the reduced image (per axis: the decoder rounds sizes up)
-            sx, sy = img.size[0] / src_w, img.size[1] / src_h
-            box = (box[0] * sx, box[1] * sy, min(img.size[0], box[2] * sx), min(img.size[1], box[3] * sy))
+        if scale != 1:  # the crop in the reduced image: source coordinates / d (_draft)
+            box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
         out = img.resize((size, size), RESAMPLE, box=box)
     except BadImage:
         raise
@@ -255,17 +260,18 @@ def make_copy(data: bytes, short_side: int, quality: int = 90) -> bytes:
     if min(w, h) <= short_side:
         return data
     try:
+        drafted = None  # the whole source in the reduced image: (0, 0, w/d, h/d), without its padded edge (_draft)
         if img.format == "JPEG":
             k = min(w, h) / short_side
             if k >= 2:
-                img.draft("RGB", (max(1, math.ceil(w / k)), max(1, math.ceil(h / k))))
+                drafted = img.draft("RGB", (max(1, math.ceil(w / k)), max(1, math.ceil(h / k))))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
         img = to_rgb(img)
         scale = short_side / min(w, h)
         size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS)
+        img = img.resize(size, Image.Resampling.LANCZOS, box=drafted[1] if drafted else None)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality, subsampling=0)
     except BadImage:
