@@ -1,21 +1,35 @@
 """ASHA on a compute axis: trials are compared at equal training GFLOPs, on one task, and survive failed evaluations.
 
 A RECLIP trial (90% of its budget at 32 px, then 64 px) and a full-resolution baseline (64 px throughout) spend the
-same GFLOPs budget at different GFLOPs per step. Their reports are made by the worker's own code: the rung check of
-the step loop (``Worker.compute_milestone``), the phase end with its checkpoint report (``Worker.end_phase``) and
-the final report (``Worker.final_report``), each through ``Worker.report`` (which adds ``gflops_total``, ASHA's
-time) with only Ray's ``ray.train.report`` replaced. The evaluation is stubbed at ``evaluate_dataset``, so the real
-``phase_eval.evaluate_phase`` picks the resolutions. The reports pass the sweep's Tune filter (``sweep.tune_result``)
-into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's ASHAScheduler, driven through its public
-``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``; no Ray cluster, the trials are stand-ins).
+same GFLOPs budget at different GFLOPs per step. Each trial is the worker's own loop, run from its entry point
+(``worker.train_loop_per_worker``, one rank): ``Worker`` builds its tiny model, walks the phases' step loops with
+their GFLOPs accounting and rung checks (``Worker.compute_milestone``), ends each phase (checkpoint, evaluation,
+report) and makes the final report, each report through ``Worker.report`` (which adds ``gflops_total``, ASHA's time).
+Stand-ins sit at the edges only (see ``Trial``): Ray Train's context and ``report``, MLflow, the data feed (which
+counts the rows each phase trains: the reference for the GFLOPs spent), the optimisation step, the export, and
+``evaluate_dataset``, so the real ``phase_eval.evaluate_phase`` picks the resolutions. The reports pass the sweep's
+Tune filter (``sweep.tune_result``) into the scheduler the sweep builds (``sweep.make_scheduler``: Ray Tune's
+ASHAScheduler, driven through its public ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``, with the
+``training_iteration`` Tune adds to every result; no Ray cluster, the trials are stand-ins). The tests read ASHA's
+decisions (STOP / CONTINUE), never its state.
+
+The stubbed metric grows with the GFLOPs the trial trained (counted from the rows the feed served, not from the
+worker's own count) and depends on the resolution evaluated: below the full resolution a model scores
+``OWN_RES_FACTOR`` of its full-resolution value, so a RECLIP trial still at 32 px scores under the baseline at its
+own resolution and above it at full resolution. ASHA comparing anything but the full-resolution metric at equal
+GFLOPs stops the wrong trial.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from reclip_ray.config import apply_overrides, from_dict, load_raw
 from reclip_ray.flops import run_flops, train_flops_per_sample
@@ -37,6 +51,8 @@ scheduler: {{name: asha, grace_fraction: 0.25, reduction_factor: 2}}
 TRIALS = {"reclip": {"phases.0.image_size": 32, "finetune_fraction": 0.1},
           "baseline": {"phases.0.image_size": 64, "finetune_fraction": 0.0}}
 SLOPE = {"reclip": 0.8, "baseline": 0.5}  # the stubbed metric per GFLOP: RECLIP learns more for its compute
+OWN_RES_FACTOR = 0.375  # the RECLIP trial at 32 px: 0.3 per GFLOP, below the baseline's 0.5
+WORDS = ["<pad>", "<start_of_text>", "<end_of_text>", "<unk>", "red", "star"]  # the model's tokenizer: ids only
 
 
 @pytest.fixture
@@ -51,65 +67,122 @@ def _configs(space):
     return {name: from_dict(trial_raw(base, params, space.budget)) for name, params in TRIALS.items()}
 
 
-def step_gflops(cfg) -> list[float]:
-    """GFLOPs of one full step of each phase (what the worker adds to gflops_total per step)."""
-    return [train_flops_per_sample(cfg.model, p.image_size, p.text_length, p.batch_size) / 1e9 * p.batch_size
+def sample_gflops(cfg) -> list[float]:
+    """GFLOPs of one trained sample of each phase, from its image size, text length and global batch."""
+    return [train_flops_per_sample(cfg.model, p.image_size, p.text_length, p.batch_size) / 1e9
             for p in Schedule.from_config(cfg).phases]
 
 
+def step_gflops(cfg) -> list[float]:
+    """GFLOPs of one full step of each phase (what the worker adds to gflops_total per step)."""
+    return [g * p.batch_size for g, p in zip(sample_gflops(cfg), Schedule.from_config(cfg).phases)]
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")).to_str()
+
+
+class _Feed:
+    """A phase's data feed as the step loop takes from it (``rank_data.open_feed``), with rows of no content (the
+    optimisation step is a stand-in); it counts the rows each phase served."""
+
+    recorded = available = bad = 0
+    example = ""
+
+    def __init__(self, phase: int, served: Counter) -> None:
+        self.phase, self.served = phase, served
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        self.served[self.phase] += n
+        return {"image": np.zeros((n, 1, 1, 3), np.uint8), "tokens": np.zeros((n, 1), np.int64)}
+
+    def absent_in_flight(self) -> int:
+        return 0
+
+
 class Trial:
-    """One trial's worker (rank 0 of one) and everything it reported."""
+    """One trial: the worker's loop run by its entry point (rank 0 of one), and everything it reported.
+
+    Real: ``worker.train_loop_per_worker`` and ``Worker`` (its tiny model, schedule, step loop with the GFLOPs
+    accounting, rung checks, phase ends with their checkpoints, final report), ``phase_eval``. Stand-ins: Ray
+    Train's context (rank 0 of 1 on the CPU, no checkpoint to restore) and ``ray.train.report`` (records each
+    report and the GFLOPs trained by then, ``spent``), MLflow, the data feed (``_Feed``) and its bookkeeping at
+    checkpoints, the optimisation step, the export, and ``evaluate_dataset``, which records each evaluation as
+    (compute milestone or phase name, image size, text length) in ``asked``.
+    """
 
     def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
                  fail: set = frozenset(), slope: float | None = None) -> None:
         """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names."""
+        import ray
         import ray.train
+        import ray.train.torch
 
         from reclip_ray import tracking
         from reclip_ray.evaluation import dataset as eval_dataset
         from reclip_ray.evaluation import eval_set as eval_set_module
         from reclip_ray.train import worker
-        from reclip_ray.train.checkpoint import TrainState
 
-        self.name, self.reports, self.asked = name, [], []  # asked: (image size, text length) of each evaluation
+        self.name, self.reports, self.spent, self.asked, self.exported = name, [], [], [], 0
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
         cfg.data.eval = eval_set
-        self.cfg, self.fail, self.at = cfg, fail, None
-        state = TrainState(mlflow_run_id="run")
+        self.cfg, served = cfg, Counter()
+        per_sample = sample_gflops(cfg)
+        full_size = cfg.phases[-1].image_size
+        trial = self
+
+        def trained() -> float:
+            """The GFLOPs of the rows the feed served, each at its phase's cost: what the trial spent."""
+            return sum(per_sample[phase] * rows for phase, rows in served.items())
 
         def evaluate_dataset(model, tokenizer, path, *, image_size, text_length, **_):
-            self.asked.append((self.at, image_size, text_length))
-            if self.at in fail:
+            state = trial.worker.state  # the phase end or rung the worker is at, by its own count
+            at = cfg.phases[state.phase].name if state.phase_done else max(m for m in milestones if m <= state.gflops)
+            self.asked.append((at, image_size, text_length))
+            if at in fail:
                 raise RuntimeError(f"no readable rows in {path}")
-            return {"shape/top1": slope * state.gflops / BUDGET}
+            factor = 1.0 if image_size >= full_size else OWN_RES_FACTOR
+            return {"shape/top1": factor * slope * trained() / BUDGET}
 
+        def report(metrics, checkpoint=None, **_):
+            self.reports.append(metrics)
+            self.spent.append(trained())
+
+        class Watched(worker.Worker):
+            """The worker, unchanged; the stubbed evaluation reads its run state to name each evaluation."""
+
+            def __init__(self, loop_config: dict) -> None:
+                trial.worker = self
+                super().__init__(loop_config)
+
+        monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
+                                                                                get_world_size=lambda: 1))
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+        monkeypatch.setattr(ray.train, "report", report)
+        for call, result in {"log_metrics": None, "set_tags": None, "latest_metric": None,
+                             "last_logged_step": -1}.items():
+            monkeypatch.setattr(tracking, call, lambda *a, _result=result, **k: _result)
+        monkeypatch.setattr(worker, "open_feed", lambda cfg, plan, *a: _Feed(plan.index, served))
+        monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the feed's position at checkpoints
+        monkeypatch.setattr(worker, "train_step", lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0})
+        monkeypatch.setattr(worker, "export_run", lambda *a, **k: setattr(self, "exported", self.exported + 1))
         monkeypatch.setattr(eval_dataset, "evaluate_dataset", evaluate_dataset)
         monkeypatch.setattr(eval_set_module, "eval_columns", lambda *a: None)
-        monkeypatch.setattr(tracking, "log_metrics", lambda *a, **k: None)
-        monkeypatch.setattr(tracking, "set_tags", lambda *a, **k: None)
-        monkeypatch.setattr(worker, "save_checkpoint", lambda *a, **k: None)
-        monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the data feed's bookkeeping: not under test
-        monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **k: self.reports.append(metrics))
-        w = worker.Worker.__new__(worker.Worker)  # a rank's state without Ray's context, the model or the data
-        vars(w).update(cfg=cfg, state=state, rank=0, world=1, gflops_reported=0.0, model=None, optimizer=None,
-                       tokenizer=None, device="cpu", schedule=Schedule.from_config(cfg), say=lambda line: None,
-                       tracking_uri="", run_id="run", final_loss=1.0, config_yaml="", board=None,
-                       feed=SimpleNamespace(absent_in_flight=lambda: 0, available=0), eval_error="not evaluated yet")
-        for plan in w.schedule.phases:  # the accounting of Worker.run_phase's step loop, without the training
-            per_sample = train_flops_per_sample(cfg.model, plan.image_size, plan.text_length, plan.batch_size) / 1e9
-            state.phase, state.phase_done = plan.index, False
-            while state.samples < plan.end_sample:
-                step = plan.batch_at(state.samples)
-                state.samples += step
-                state.step += 1
-                state.gflops += per_sample * step
-                crossed = [m for m in milestones if w.gflops_reported < m <= state.gflops]
-                self.at = crossed[-1] if crossed else None
-                w.compute_milestone(plan, {"loss": 1.0})
-            self.at = plan.name
-            w.end_phase(plan)
-        w.final_report()
+        monkeypatch.setattr(worker, "Worker", Watched)
+        threads = torch.get_num_threads()  # the worker sets its CPU threads (scaling.cpus_per_worker)
+        try:
+            with tempfile.TemporaryDirectory(prefix="axis-run-") as run_dir:
+                worker.train_loop_per_worker({
+                    "config": cfg.to_dict(), "config_yaml": cfg.to_yaml(), "tokenizer_json": _tokenizer_json(),
+                    "tracking_uri": "", "mlflow_run_id": "run", "run_dir": run_dir, "missing_actor": None,
+                    "board": None, "tracking_relay": None})
+        finally:
+            torch.set_num_threads(threads)
 
     def to_tune(self, metrics: list[str]) -> list[dict]:
         """What the sweep's Tune callback forwards."""
@@ -128,7 +201,7 @@ def run_asha(space, trials: dict[str, Trial], order: list[str]) -> dict[str, dic
         scheduler.on_trial_add(None, t)
     stops: dict[str, dict] = {}
     for name in order:
-        results = trials[name].to_tune([asha_metric(space)])
+        results = [{**r, "training_iteration": i + 1} for i, r in enumerate(trials[name].to_tune([asha_metric(space)]))]
         for result in results:
             if scheduler.on_trial_result(None, stand_ins[name], result) == TrialScheduler.STOP:
                 stops[name] = result
@@ -149,6 +222,13 @@ def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops_at_full_res
     assert main["baseline"] > 2 * main["reclip"]  # different GFLOPs per step: the point of the test
     step = {name: max(step_gflops(cfg)) for name, cfg in configs.items()}
 
+    # The worker's gflops_total is the compute the rows it trained cost, each at its phase's image size and text
+    # length, in every report; the run spends its budget and ends with the final report and the export.
+    for t in trials.values():
+        assert [r["gflops_total"] for r in t.reports] == pytest.approx(t.spent, rel=1e-9)
+        assert t.spent[-1] == pytest.approx(BUDGET, rel=0.01)
+        assert t.reports[-1].get("done") == 1 and t.reports[-1]["samples"] == t.cfg.train.samples and t.exported == 1
+
     # One task at every rung: the RECLIP trial, still at 32 px, is evaluated as its final metric is (64 px, the
     # finetune's 32 tokens); its phase end also evaluates at its own resolution (logged, not compared).
     reclip = trials["reclip"]
@@ -159,8 +239,9 @@ def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops_at_full_res
     for t in trials.values():
         rungs = [r for r in t.to_tune([metric]) if "compute_round" in r]
         assert [r["compute_milestone"] for r in rungs] == [1500.0, 3000.0]  # 6000: the budget is never exceeded
-        for r in rungs:
-            assert r["compute_milestone"] <= r["gflops_total"] < r["compute_milestone"] + step[t.name]
+        spent = [g for r, g in zip(t.reports, t.spent) if "compute_round" in r]
+        for r, g in zip(rungs, spent):  # at the first step past each milestone
+            assert r["compute_milestone"] <= g < r["compute_milestone"] + step[t.name]
             assert r[metric] == r["eval/64px/shape/top1"] and "eval/32px/shape/top1" not in r
 
     # Phase ends (the old time axis) fall at very different compute: after the RECLIP main phase, the baseline has
