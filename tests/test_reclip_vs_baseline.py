@@ -268,6 +268,52 @@ def test_long_finetune_arm_is_an_absolute_count_of_the_same_samples(bench):
         bench.plan_arms("reclip", [], [], [48000], 48000)
 
 
+def test_lever_arms_drop_patches_in_the_low_phase_only_and_match_gflops(bench):
+    arms, _, args = _args(bench, "--arms", "reclip", "--low", "32", "--full", "128", "--finetune", "0.05",
+                          "--samples", "40000", "--batch", "64", "--low-patch-dropout", "0.5", "--equal-gflops",
+                          "--losses", "clip,siglip", "--reference", "reclip-5%")
+    assert [a.name for a in arms] == ["reclip-5%", "reclip-5%-pd50", "reclip-5%-pd50-eq", "reclip-5%-siglip"]
+    cfgs = {a.name: bench.arm_config(a, 0, args) for a in arms}
+    plain, pd, eq, sig = (cfgs[a.name] for a in arms)
+    assert [p.patch_dropout for p in pd.phases] == [0.5, 0.0]  # the finetune sees every patch
+    assert pd.phase_samples() == plain.phase_samples() == [38000, 2000]
+    assert sig.train.loss == "siglip" and sig.model.init_logit_bias == -10 and plain.train.loss == "clip"
+    # -eq: the same finetune, more low-phase samples, and as many training GFLOPs as the plain arm, counted by
+    # flops.run_flops (the trainer's count) within one global batch of low-phase samples
+    assert eq.phase_samples()[1] == 2000 and eq.phase_samples()[0] > 38000 and eq.train.samples == sum(eq.phase_samples())
+    assert eq.phase_samples()[0] % 64 == 0
+    f_plain, f_eq = run_flops(plain), run_flops(eq)
+    per_batch = f_eq["phases"][0]["train_gflops"] / eq.phase_samples()[0] * 64
+    assert abs(f_eq["total_train_gflops"] - f_plain["total_train_gflops"]) <= per_batch / 2
+    assert run_flops(pd)["total_train_gflops"] < 0.9 * f_plain["total_train_gflops"]
+    with pytest.raises(SystemExit, match="low-patch-dropout"):
+        bench.plan_arms("reclip", [0.05], [], dropouts=[1.0])
+    with pytest.raises(SystemExit, match="--losses"):
+        bench.plan_arms("reclip", [0.05], [], losses=["hinge"])
+
+
+def test_lever_targets_are_against_the_reference_arm(bench):
+    sets = ["colour", "glyph"]
+    metrics = bench.metric_names(sets)
+    ret = dict.fromkeys(bench.RETRIEVAL, 0.5)
+    rows = [_row("reclip-5%", 0, 300.0, 100.0, **{"colour/top1": 0.8, "glyph/top1": 0.1}, **ret),
+            _row("reclip-5%-pd50", 0, 180.0, 50.0, **{"colour/top1": 0.79, "glyph/top1": 0.02},
+                 **{**ret, "text_to_image_r@5": 0.49}),
+            _row("reclip-5%-siglip", 0, 300.0, 100.0, **{"colour/top1": 0.7, "glyph/top1": 0.1}, **ret)]
+    summary = bench.summarise(rows, metrics, "reclip-5%")
+    chance = {"colour/top1": 0.1, "glyph/top1": 0.1, **dict.fromkeys(bench.RETRIEVAL, 0.01)}
+    t = {x["arm"]: x for x in bench.lever_targets(summary, chance, sets, None, "reclip-5%")}
+    assert list(t) == ["reclip-5%-pd50", "reclip-5%-siglip"]
+    pd, sig = t["reclip-5%-pd50"], t["reclip-5%-siglip"]
+    assert pd["flops_saving"] == pytest.approx(300 / 180) and pd["flops_ok"]
+    # glyph is at chance for the reference: not held against the lever; colour 0.79/0.8 and t2i 0.49/0.5 kept
+    assert set(pd["kept"]) == {"colour/top1", "image_to_text_r@5", "text_to_image_r@5"}
+    assert pd["worst_kept"] == pytest.approx(0.98) and pd["met"]
+    assert not sig["flops_ok"] and sig["worst_kept"] == pytest.approx(0.7 / 0.8) and not sig["met"]
+    table = bench.lever_markdown(list(t.values()))
+    assert "1.67x met" in table and "1.00x MISSED" in table and "87% MISSED" in table
+
+
 def _split_data(root, splits=("eval_style", "eval_emoji"), rows=(100, 50)):
     """dataset.json files only: what the script reads before training (label sets, chance, fingerprint)."""
     sets = {"category": {"column": "label", "classes": list("abcdefghi")},
