@@ -515,3 +515,33 @@ def test_experiment_runs_then_resumes(ray_session, bench, tmp_path, synth_dir, t
     assert row["train_gflops"] == pytest.approx(reclip["total_train_gflops"])
     assert row["image_gflops"] == pytest.approx(reclip["total_image_train_gflops"])
     assert row["gflops_logged"] == pytest.approx(reclip["total_train_gflops"], rel=0.01)  # what the run logged
+
+
+def _section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    start = text.index(title)
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_benchmarks_lever_table_is_the_saved_rows(bench):
+    """BENCHMARKS' issue-25 tables are what the script prints from its saved rows (not hand-edited numbers), and the
+    prose's FLOPs arithmetic is flops.run_flops's."""
+    saved = json.loads((SCRIPT.parent / "results" / "emoji_levers.json").read_text())
+    sets, splits, ref = saved["label_sets"], saved["eval_splits"], saved["args"]["reference"]
+    summary = bench.summarise(saved["rows"], bench.metric_names(sets, splits), ref)
+    section = _section("## Beyond RECLIP")
+    assert bench.markdown(summary, saved["chance"], sets, splits) in section
+    assert bench.lever_markdown(bench.lever_targets(summary, saved["chance"], sets, splits, ref)) in section
+    assert {r["arm"] for r in saved["rows"]} == {"reclip-5%", "reclip-5%-pd50", "reclip-5%-pd50-eq",
+                                                 "reclip-5%-siglip"}
+    assert all(r["gflops_logged"] == pytest.approx(r["train_gflops"], rel=1e-9) for r in saved["rows"])
+    # the ceiling: dropping a share of the 32 px phase's patches against reclip-5%'s GFLOPs
+    argv = ["--arms", "reclip", "--finetune", "0.05", "--low", "32", "--full", "128", "--samples", "80000",
+            "--batch", "128", "--set", "model.vision.base_image_size=128"]
+    for rate, text in ((0.5, "(1.20x)"), (0.75, "75% would give 1.33x")):
+        arms, _, args = _args(bench, *argv, "--low-patch-dropout", str(rate))
+        plain, dropped = (run_flops(bench.arm_config(a, 0, args))["total_train_gflops"] for a in arms)
+        assert f"{plain / dropped:.2f}x" in text and text in section
+    f = run_flops(bench.arm_config(arms[0], 0, args))
+    every_patch = f["total_train_gflops"] / (f["total_train_gflops"] - f["phases"][0]["image_train_gflops"])
+    assert f"every patch, an upper bound, {every_patch:.2f}x" in section
