@@ -86,7 +86,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ RETRIEVAL = ("image_to_text_r@1", "image_to_text_r@5", "text_to_image_r@1", "tex
 # issue 14's targets for a RECLIP arm against the baseline
 TARGET_FLOPS_SAVING, TARGET_IMAGE_FLOPS_SAVING = 5.0, 8.0
 TARGET_TOP1_KEPT, TARGET_R5_KEPT, LEARNED_VS_CHANCE = 0.95, 0.90, 2.0
+# issue 25's target for a lever on top of RECLIP (--reference reclip-5%): >= 1.5x fewer training FLOPs, >= 97% kept
+TARGET_LEVER_SAVING, TARGET_LEVER_KEPT = 1.5, 0.97
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class Arm:
     finetune: float = 0.0  # share of the samples at full resolution (reclip)
     base_image_size: int = 0  # model.vision.base_image_size for this arm; 0: the config's
     finetune_samples: int = 0  # reclip: this many samples at full resolution instead of the share (--long-finetune)
+    patch_dropout: float = 0.0  # reclip: phases.0.patch_dropout of the low phase (--low-patch-dropout)
+    equal_gflops: bool = False  # reclip with patch dropout: more low-phase samples, as many GFLOPs as without it
+    loss: str = "clip"  # train.loss (--losses)
 
 
 def share_label(share: float) -> str:
@@ -119,13 +124,18 @@ def count_label(samples: int) -> str:
     return f"{samples // 1000}k" if samples % 1000 == 0 else str(samples)
 
 
-def arm_name(kind: str, finetune: float = 0.0, base_image_size: int = 0, finetune_samples: int = 0) -> str:
+def arm_name(kind: str, finetune: float = 0.0, base_image_size: int = 0, finetune_samples: int = 0,
+             patch_dropout: float = 0.0, equal_gflops: bool = False, loss: str = "clip") -> str:
     """``baseline``, ``lowres``, ``reclip-10%``, ``reclip-10%-pos32`` (position grid 32 px), ``reclip-ft20k`` (a
-    finetune of 20,000 samples)."""
+    finetune of 20,000 samples); issue 25's: ``reclip-5%-pd50`` (50% of the low phase's patches dropped, same
+    samples), ``reclip-5%-pd50-eq`` (the same at the GFLOPs of ``reclip-5%``: more samples), ``reclip-5%-siglip``."""
     if kind != "reclip":
         return kind
     name = f"reclip-ft{count_label(finetune_samples)}" if finetune_samples else f"reclip-{share_label(finetune)}"
-    return f"{name}-pos{base_image_size}" if base_image_size else name
+    name = f"{name}-pos{base_image_size}" if base_image_size else name
+    if patch_dropout:
+        name += f"-pd{round(patch_dropout * 100, 6):g}" + ("-eq" if equal_gflops else "")
+    return name if loss == "clip" else f"{name}-{loss}"
 
 
 def run_name(arm: str, seed: int, key: str) -> str:
@@ -138,9 +148,12 @@ def parse_list(text: str, kind: type) -> list:
 
 
 def plan_arms(arms: str, finetunes: list[float], base_sizes: list[int], long: list[int] = (),
-              samples: int = 0) -> list[Arm]:
+              samples: int = 0, dropouts: list[float] = (), equal_gflops: bool = False,
+              losses: list[str] = ("clip",)) -> list[Arm]:
     """The arms to run, in order: every reclip share x position grid where ``reclip`` is listed, then every
-    absolute finetune length in ``long`` (of ``samples`` in all) x position grid."""
+    absolute finetune length in ``long`` (of ``samples`` in all) x position grid; then issue 25's variants of each
+    reclip arm so far: its low phase with each patch dropout in ``dropouts`` (and, with ``equal_gflops``, at its
+    GFLOPs), and with each loss in ``losses`` other than clip."""
     out: list[Arm] = []
     for kind in parse_list(arms, str):
         kind = kind.strip()
@@ -159,9 +172,28 @@ def plan_arms(arms: str, finetunes: list[float], base_sizes: list[int], long: li
                 raise SystemExit(f"--long-finetune must be between 0 and --samples ({samples}) samples, got {n}")
             for b in base_sizes or [0]:
                 out.append(Arm(arm_name("reclip", 0.0, b, n), "reclip", n / samples, b, n))
+    out += variants([a for a in out if a.kind == "reclip"], dropouts, equal_gflops, losses)
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"arms repeat: {names}")
+    return out
+
+
+def variants(plain: list[Arm], dropouts: list[float], equal_gflops: bool, losses: list[str]) -> list[Arm]:
+    """Issue 25's levers on top of RECLIP, one at a time against the plain reclip arm they vary."""
+    out = []
+    for d in dropouts:
+        if not 0.0 < d < 1.0:
+            raise SystemExit(f"--low-patch-dropout must be in (0, 1), got {d}")
+        for eq in (False, True) if equal_gflops else (False,):
+            out += [replace(a, name=arm_name("reclip", a.finetune, a.base_image_size, a.finetune_samples, d, eq),
+                            patch_dropout=d, equal_gflops=eq) for a in plain]
+    for loss in losses:
+        if loss not in ("clip", "siglip"):
+            raise SystemExit(f"--losses: clip or siglip, got {loss!r}")
+        if loss != "clip":
+            out += [replace(a, name=arm_name("reclip", a.finetune, a.base_image_size, a.finetune_samples,
+                                             loss=loss), loss=loss) for a in plain]
     return out
 
 
@@ -187,9 +219,29 @@ def arm_overrides(arm: Arm, args: argparse.Namespace) -> list[str]:
             main, tail = args.samples - arm.finetune_samples, arm.finetune_samples
         else:
             main, tail = round(1 - arm.finetune, 9), arm.finetune
+        extra = [] if arm.loss == "clip" else [f"train.loss={arm.loss}"]
+        if arm.patch_dropout:
+            low += f", patch_dropout: {arm.patch_dropout}"
+            if arm.equal_gflops:
+                main, tail = equal_gflops_counts(arm, args)
+                extra.append(f"train.samples={main + tail}")
         return [f"phases=[{low}, samples: {main}}}, {full}, samples: {tail}, lr: {args.finetune_lr}, "
-                f"warmup_samples: 0.1}}]"]
+                f"warmup_samples: 0.1}}]"] + extra
     return [f"phases=[{low}, samples: 1.0}}]", f"eval.full_image_size={args.full}"]
+
+
+def equal_gflops_counts(arm: Arm, args: argparse.Namespace) -> tuple[int, int]:
+    """(low-phase samples, finetune samples) of a patch-dropout arm at its plain arm's training GFLOPs: the finetune
+    keeps its count, the low phase gets the samples the dropped patches paid for (rounded to whole global batches,
+    so the match is within one batch of low-phase FLOPs)."""
+    from reclip_ray.flops import phase_train_flops_per_sample
+
+    plain = arm_config(replace(arm, patch_dropout=0.0, equal_gflops=False), 0, args)
+    dropped = arm_config(replace(arm, equal_gflops=False), 0, args)
+    main, tail = plain.phase_samples()
+    per_plain, per_dropped = (phase_train_flops_per_sample(c, 0) for c in (plain, dropped))
+    batch = args.batch
+    return round(main * per_plain / per_dropped / batch) * batch, tail
 
 
 def common_overrides(seed: int, args: argparse.Namespace) -> list[str]:
@@ -351,6 +403,7 @@ def make_row(arm: Arm, seed: int, key: str, base_image_size: int, flops: dict[st
     samples = int(metrics.get("samples", 0))
     row: dict[str, Any] = {
         "arm": arm.name, "kind": arm.kind, "finetune": arm.finetune, "finetune_samples": arm.finetune_samples,
+        "patch_dropout": arm.patch_dropout, "equal_gflops": arm.equal_gflops, "loss": arm.loss,
         "base_image_size": base_image_size,
         "seed": seed, "key": key, "samples": samples, **flops,
         "gflops_logged": float(metrics.get("gflops_total", 0.0)),
@@ -396,13 +449,14 @@ def saving(baseline: float, arm: float) -> float:
     return baseline / arm if arm and not math.isnan(arm) else float("nan")
 
 
-def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
+def summarise(rows: list[dict], metrics: list[str], reference: str = "baseline") -> list[dict]:
     """Per arm: mean and half-range over seeds of every metric and of the wall time; the run's GFLOPs (all of it and
     the image tower's; the same for every seed) and how many times fewer than the baseline's; each metric's mean
-    relative to the baseline's mean."""
+    relative to the baseline's mean. ``reference``: the arm the ratios are against (``--reference``; still named
+    ``*_vs_baseline`` and ``flops_saving``)."""
     nan = float("nan")
     out = []
-    base = [r for r in rows if r["arm"] == "baseline"]
+    base = [r for r in rows if r["arm"] == reference]
     base_flops = {k: statistics.mean(float(r.get(k, nan)) for r in base) if base else nan
                   for k in ("train_gflops", "image_gflops")}  # no baseline arm (--arms reclip): no ratios
     for arm in dict.fromkeys(r["arm"] for r in sorted(rows, key=arm_sort_key)):
@@ -422,6 +476,42 @@ def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
                 s[m + "_vs_baseline"] = s[m] / b if b else nan
         out.append(s)
     return out
+
+
+def lever_targets(summary: list[dict], chance: dict[str, float], label_sets: list[str], splits: list[str] | None,
+                  reference: str) -> list[dict]:
+    """Issue 25's target for every arm against ``reference`` (a plain RECLIP arm): >= 1.5x fewer training FLOPs at
+    >= 97% of its top-1 on every label set it learned (>= 2x chance) and of its R@5 both ways, on every split."""
+    ref = next((s for s in summary if s["arm"] == reference), None)
+    if ref is None:
+        return []
+    nan = float("nan")
+    prefixes = [f"{x}/" for x in splits] if is_split_mode(splits) else [""]
+    names = [f"{p}{n}/top1" for p in prefixes for n in label_sets
+             if ref.get(f"{p}{n}/top1", nan) >= LEARNED_VS_CHANCE * chance.get(f"{p}{n}/top1", nan)]
+    names += [f"{p}{m}" for p in prefixes for m in ("image_to_text_r@5", "text_to_image_r@5")]
+    out = []
+    for s in summary:
+        if s["arm"] == reference:
+            continue
+        kept = {m: s.get(f"{m}_vs_baseline", nan) for m in names}
+        worst = min(kept.values(), default=nan)
+        out.append({"arm": s["arm"], "reference": reference, "flops_saving": s.get("flops_saving", nan),
+                    "kept": kept, "worst_kept": worst,
+                    "flops_ok": s.get("flops_saving", nan) >= TARGET_LEVER_SAVING,
+                    "kept_ok": worst >= TARGET_LEVER_KEPT,
+                    "met": s.get("flops_saving", nan) >= TARGET_LEVER_SAVING and worst >= TARGET_LEVER_KEPT})
+    return out
+
+
+def lever_markdown(rows: list[dict]) -> str:
+    lines = [f"| arm | train FLOPs fewer than {rows[0]['reference']} (>= {TARGET_LEVER_SAVING:g}x) | worst kept "
+             f"(>= {TARGET_LEVER_KEPT:.0%}) | kept per metric |", "| --- | --- | --- | --- |"] if rows else []
+    for t in rows:
+        per = ", ".join(f"{_label(m)} {v:.0%}" for m, v in t["kept"].items())
+        lines.append(f"| {t['arm']} | {t['flops_saving']:.2f}x {'met' if t['flops_ok'] else 'MISSED'} | "
+                     f"{t['worst_kept']:.0%} {'met' if t['kept_ok'] else 'MISSED'} | {per} |")
+    return "\n".join(lines)
 
 
 def targets(summary: list[dict], chance: dict[str, float], label_sets: list[str],
@@ -640,10 +730,13 @@ def _save(paths: dict[str, Path], doc: dict, rows: list[dict], label_sets: list[
 
 
 def print_tables(rows: list[dict], summary: list[dict], chance: dict[str, float], label_sets: list[str],
-                 splits: list[str] | None = None) -> None:
+                 splits: list[str] | None = None, reference: str = "baseline") -> None:
     print(markdown(summary, chance, label_sets, splits))
     print()
-    print(targets_markdown(targets(summary, chance, label_sets, splits)))
+    if reference == "baseline":
+        print(targets_markdown(targets(summary, chance, label_sets, splits)))
+    else:
+        print(lever_markdown(lever_targets(summary, chance, label_sets, splits, reference)))
     print()
     print(per_run_markdown(rows, label_sets, splits))
 
@@ -658,9 +751,10 @@ def replot(paths: dict[str, Path]) -> int:
     sets = saved.get("label_sets") or [k[: -len("/top1")] for k in chance if k.endswith("/top1")]
     splits = saved.get("eval_splits")
     rows = saved["rows"]
-    summary = summarise(rows, metric_names(sets, splits))
+    reference = saved.get("args", {}).get("reference") or "baseline"
+    summary = summarise(rows, metric_names(sets, splits), reference)
     plot(rows, chance, sets, paths["png"], splits)
-    print_tables(rows, summary, chance, sets, splits)
+    print_tables(rows, summary, chance, sets, splits, reference)
     return 0
 
 
@@ -746,6 +840,13 @@ def main(argv: list[str] | None = None) -> int:
                         "full resolution; the first is data.eval, the others are evaluated from the exported model")
     p.add_argument("--long-finetune", default="", help="finetune length(s) in samples, e.g. 20000: one more reclip "
                                                       "arm each (reclip-ft20k), same total samples")
+    p.add_argument("--low-patch-dropout", default="", help="issue 25: patch dropout(s) of the low phase, e.g. 0.5: "
+                                                          "one more arm per reclip arm (reclip-5%%-pd50)")
+    p.add_argument("--equal-gflops", action="store_true", help="with --low-patch-dropout: also each dropout arm at "
+                                                               "its plain arm's GFLOPs (more samples: -eq)")
+    p.add_argument("--losses", default="clip", help="issue 25: clip,siglip adds a reclip-5%%-siglip arm per reclip arm")
+    p.add_argument("--reference", default="baseline", help="the arm the savings and kept ratios are against, e.g. "
+                                                            "reclip-5%% (issue 25's target instead of issue 14's)")
     p.add_argument("--rates", default="", help="--dry-run: measured samples/s per image size, e.g. 32=300,128=30, "
                                                "to estimate each arm's wall time")
     p.add_argument("--overhead-s", type=float, default=40.0, help="--dry-run with --rates: seconds per run start "
@@ -774,7 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_splits or len(set(args.eval_splits)) != len(args.eval_splits) or "train" in args.eval_splits:
         raise SystemExit(f"--eval-splits: distinct split names other than train, got {args.eval_splits}")
     arms = plan_arms(args.arms, parse_list(args.finetune, float), parse_list(args.base_image_size, int),
-                     parse_list(args.long_finetune, int), args.samples)
+                     parse_list(args.long_finetune, int), args.samples, parse_list(args.low_patch_dropout, float),
+                     args.equal_gflops, [x.strip() for x in parse_list(args.losses, str)])
     seeds = parse_list(args.seeds, int)
     if not seeds or not arms:
         raise SystemExit("need at least one seed and one arm")
@@ -813,12 +915,13 @@ def main(argv: list[str] | None = None) -> int:
         done[key] = run_arm(arm, seed, cfg, key, args, label_sets)
         rows = finished()
         doc = {"args": vars(args), "label_sets": label_sets, "eval_splits": splits, "chance": chance, "rows": rows,
-               "summary": summarise(rows, metrics), "other_rows": other, "synth_s": synth_s,
+               "summary": summarise(rows, metrics, args.reference), "other_rows": other, "synth_s": synth_s,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine()}
-        doc["targets"] = targets(doc["summary"], chance, label_sets, splits)
+        doc["targets"] = (targets(doc["summary"], chance, label_sets, splits) if args.reference == "baseline" else
+                          lever_targets(doc["summary"], chance, label_sets, splits, args.reference))
         _save(paths, doc, rows, label_sets, splits)
     rows = finished()
-    print_tables(rows, summarise(rows, metrics), chance, label_sets, splits)
+    print_tables(rows, summarise(rows, metrics, args.reference), chance, label_sets, splits, args.reference)
     print(f"\n[bench] {len(rows)} runs in {paths['json']}; this invocation {time.perf_counter() - started:.0f} s "
           f"(data {synth_s:.0f} s)", flush=True)
     return 0

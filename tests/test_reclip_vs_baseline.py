@@ -268,6 +268,52 @@ def test_long_finetune_arm_is_an_absolute_count_of_the_same_samples(bench):
         bench.plan_arms("reclip", [], [], [48000], 48000)
 
 
+def test_lever_arms_drop_patches_in_the_low_phase_only_and_match_gflops(bench):
+    arms, _, args = _args(bench, "--arms", "reclip", "--low", "32", "--full", "128", "--finetune", "0.05",
+                          "--samples", "40000", "--batch", "64", "--low-patch-dropout", "0.5", "--equal-gflops",
+                          "--losses", "clip,siglip", "--reference", "reclip-5%")
+    assert [a.name for a in arms] == ["reclip-5%", "reclip-5%-pd50", "reclip-5%-pd50-eq", "reclip-5%-siglip"]
+    cfgs = {a.name: bench.arm_config(a, 0, args) for a in arms}
+    plain, pd, eq, sig = (cfgs[a.name] for a in arms)
+    assert [p.patch_dropout for p in pd.phases] == [0.5, 0.0]  # the finetune sees every patch
+    assert pd.phase_samples() == plain.phase_samples() == [38000, 2000]
+    assert sig.train.loss == "siglip" and sig.model.init_logit_bias == -10 and plain.train.loss == "clip"
+    # -eq: the same finetune, more low-phase samples, and as many training GFLOPs as the plain arm, counted by
+    # flops.run_flops (the trainer's count) within one global batch of low-phase samples
+    assert eq.phase_samples()[1] == 2000 and eq.phase_samples()[0] > 38000 and eq.train.samples == sum(eq.phase_samples())
+    assert eq.phase_samples()[0] % 64 == 0
+    f_plain, f_eq = run_flops(plain), run_flops(eq)
+    per_batch = f_eq["phases"][0]["train_gflops"] / eq.phase_samples()[0] * 64
+    assert abs(f_eq["total_train_gflops"] - f_plain["total_train_gflops"]) <= per_batch / 2
+    assert run_flops(pd)["total_train_gflops"] < 0.9 * f_plain["total_train_gflops"]
+    with pytest.raises(SystemExit, match="low-patch-dropout"):
+        bench.plan_arms("reclip", [0.05], [], dropouts=[1.0])
+    with pytest.raises(SystemExit, match="--losses"):
+        bench.plan_arms("reclip", [0.05], [], losses=["hinge"])
+
+
+def test_lever_targets_are_against_the_reference_arm(bench):
+    sets = ["colour", "glyph"]
+    metrics = bench.metric_names(sets)
+    ret = dict.fromkeys(bench.RETRIEVAL, 0.5)
+    rows = [_row("reclip-5%", 0, 300.0, 100.0, **{"colour/top1": 0.8, "glyph/top1": 0.1}, **ret),
+            _row("reclip-5%-pd50", 0, 180.0, 50.0, **{"colour/top1": 0.79, "glyph/top1": 0.02},
+                 **{**ret, "text_to_image_r@5": 0.49}),
+            _row("reclip-5%-siglip", 0, 300.0, 100.0, **{"colour/top1": 0.7, "glyph/top1": 0.1}, **ret)]
+    summary = bench.summarise(rows, metrics, "reclip-5%")
+    chance = {"colour/top1": 0.1, "glyph/top1": 0.1, **dict.fromkeys(bench.RETRIEVAL, 0.01)}
+    t = {x["arm"]: x for x in bench.lever_targets(summary, chance, sets, None, "reclip-5%")}
+    assert list(t) == ["reclip-5%-pd50", "reclip-5%-siglip"]
+    pd, sig = t["reclip-5%-pd50"], t["reclip-5%-siglip"]
+    assert pd["flops_saving"] == pytest.approx(300 / 180) and pd["flops_ok"]
+    # glyph is at chance for the reference: not held against the lever; colour 0.79/0.8 and t2i 0.49/0.5 kept
+    assert set(pd["kept"]) == {"colour/top1", "image_to_text_r@5", "text_to_image_r@5"}
+    assert pd["worst_kept"] == pytest.approx(0.98) and pd["met"]
+    assert not sig["flops_ok"] and sig["worst_kept"] == pytest.approx(0.7 / 0.8) and not sig["met"]
+    table = bench.lever_markdown(list(t.values()))
+    assert "1.67x met" in table and "1.00x MISSED" in table and "87% MISSED" in table
+
+
 def _split_data(root, splits=("eval_style", "eval_emoji"), rows=(100, 50)):
     """dataset.json files only: what the script reads before training (label sets, chance, fingerprint)."""
     sets = {"category": {"column": "label", "classes": list("abcdefghi")},
@@ -469,3 +515,33 @@ def test_experiment_runs_then_resumes(ray_session, bench, tmp_path, synth_dir, t
     assert row["train_gflops"] == pytest.approx(reclip["total_train_gflops"])
     assert row["image_gflops"] == pytest.approx(reclip["total_image_train_gflops"])
     assert row["gflops_logged"] == pytest.approx(reclip["total_train_gflops"], rel=0.01)  # what the run logged
+
+
+def _section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    start = text.index(title)
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_benchmarks_lever_table_is_the_saved_rows(bench):
+    """BENCHMARKS' issue-25 tables are what the script prints from its saved rows (not hand-edited numbers), and the
+    prose's FLOPs arithmetic is flops.run_flops's."""
+    saved = json.loads((SCRIPT.parent / "results" / "emoji_levers.json").read_text())
+    sets, splits, ref = saved["label_sets"], saved["eval_splits"], saved["args"]["reference"]
+    summary = bench.summarise(saved["rows"], bench.metric_names(sets, splits), ref)
+    section = _section("## Beyond RECLIP")
+    assert bench.markdown(summary, saved["chance"], sets, splits) in section
+    assert bench.lever_markdown(bench.lever_targets(summary, saved["chance"], sets, splits, ref)) in section
+    assert {r["arm"] for r in saved["rows"]} == {"reclip-5%", "reclip-5%-pd50", "reclip-5%-pd50-eq",
+                                                 "reclip-5%-siglip"}
+    assert all(r["gflops_logged"] == pytest.approx(r["train_gflops"], rel=1e-9) for r in saved["rows"])
+    # the ceiling: dropping a share of the 32 px phase's patches against reclip-5%'s GFLOPs
+    argv = ["--arms", "reclip", "--finetune", "0.05", "--low", "32", "--full", "128", "--samples", "80000",
+            "--batch", "128", "--set", "model.vision.base_image_size=128"]
+    for rate, text in ((0.5, "(1.20x)"), (0.75, "75% would give 1.33x")):
+        arms, _, args = _args(bench, *argv, "--low-patch-dropout", str(rate))
+        plain, dropped = (run_flops(bench.arm_config(a, 0, args))["total_train_gflops"] for a in arms)
+        assert f"{plain / dropped:.2f}x" in text and text in section
+    f = run_flops(bench.arm_config(arms[0], 0, args))
+    every_patch = f["total_train_gflops"] / (f["total_train_gflops"] - f["phases"][0]["image_train_gflops"])
+    assert f"every patch, an upper bound, {every_patch:.2f}x" in section
