@@ -2,17 +2,18 @@
 
 Each 128 px image holds one object with five attributes the captions describe: colour (10), position (the cell of a
 3x3 grid it sits in: "top left" ... "bottom right"), size (small/large), shape (10) and a surface pattern
-(solid/striped/dotted/checkered). Colour and position are plain at 32 px, so a tiny ViT learns them within the
-default job's budget (label sets ``colour`` and ``position``, BENCHMARKS.md "The default job"); most captions name
-both. Shape and pattern are the harder sets: at 32 px an object is 4-9 px across, and the patterns have a period of
-~4 px at 128 px, so they average out at 32 px and are plain at 128 px: the detail a low-resolution RECLIP phase
-cannot learn and a full-resolution finetune must add. One caption in five is short ("a red shape", "a star"), so
-zero-shot prompts are in distribution.
+(solid/striped/dotted/checkered). Colour and position are plain at 32 px, the default job's main resolution, so
+most captions name both (label sets ``colour`` and ``position``): the previous generator named shape in almost
+every caption, and a tiny ViT did not learn shape at 32 px within the default job's budget (BENCHMARKS.md, "Shape
+learning"). Shape and pattern are the harder sets: at 32 px an object is 6-13 px across, and the patterns have a
+period of ~4 px at 128 px, so they average out at 32 px and are plain at 128 px: the detail a low-resolution RECLIP
+phase cannot learn and a full-resolution finetune must add. One caption in five is short ("a red shape", "a
+star"), so zero-shot prompts are in distribution.
 
 ``textured=True`` adds a sixth attribute, the background's texture (plain, horizontal lines, vertical lines, small
 checks), as label set ``background``. It is the detail set issue 14 needs: a tiny ViT never learned the object
-pattern at 112 px within a CPU budget (the pattern covers one small object and is named in about a third of the
-captions), while the texture covers most of every image and most captions name it. Its period (4 px at 128 px) is
+pattern at 112 px within a CPU budget (the pattern covered one small object and was named in about a third of
+the captions), while the texture covers most of every image and most captions name it. Its period (4 px at 128 px) is
 a box filter's exact null at 4x, so at 32 px the four textures are the same flat background. The texture is drawn
 from its own random stream, so a textured set has the same scenes and captions as the plain one plus the texture.
 
@@ -277,13 +278,13 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 
 def caption_for(objects: list[dict[str, Any]], rng: np.random.Generator) -> str:
-    """A caption for the scene's object: colour and position in most captions, the rest sometimes.
+    """A caption for the scene's object: colour and position in most captions, the rest less often.
 
-    Colour and position are what a tiny ViT sees at 32 px, so most captions name them (each ~80 %) and contrastive
-    training has a reason to learn both; shape (~65 %), size (~40 %) and pattern (~30 %) are named less often. One
-    caption in five is short ("a red shape", "a star", "something in the centre"), so the zero-shot prompts are in
-    distribution. Words are fixed per value (the colour's name, the position's phrases): the zero-shot classes use
-    the same ones.
+    Colour and position are what a tiny ViT sees at 32 px, so most captions name them (~75 % each, measured over
+    4,000 rows) and contrastive training has a reason to learn both; shape (~58 %), size (~32 %) and pattern (~23 %)
+    are named less often. One caption in five takes the short form ("a red shape", "a star", "something in the
+    centre"), so the zero-shot prompts are in distribution. Words are fixed per value (the colour's name, the
+    position's phrases): the zero-shot classes use the same ones.
     """
     obj = objects[0]
     colour, shape = obj["colour"], obj["shape"]
