@@ -423,7 +423,7 @@ def _dataset_json(split: str, rows: int, seed: int, image_size: int, textured: b
         meta["label_sets"] = {
             "shape": {"column": "label", "classes": list(SHAPES), "templates": list(SHAPE_TEMPLATES)},
             "pattern": {"column": "label_pattern", "classes": list(PATTERNS), "templates": list(PATTERN_TEMPLATES)},
-            # the easy sets are colour and scene (global colour, learned in the default job); position and shape are harder
+            # the easy sets: colour and scene (global colour, learned in the default job); position, shape harder
             "colour": {"column": "label_colour", "classes": list(COLOUR_NAMES), "templates": list(COLOUR_TEMPLATES)},
             "position": {"column": "label_position", "classes": list(POSITION_CLASSES),
                          "templates": list(POSITION_TEMPLATES)},
