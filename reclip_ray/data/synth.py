@@ -297,10 +297,10 @@ def caption_for(objects: list[dict[str, Any]], rng: np.random.Generator) -> str:
     """A caption for the scene's object: colour, position and scene in most captions, the rest less often.
 
     Colour (~71 % of captions), position (~71 %) and scene (~61 %) are named most often (measured over 3,000 rows);
-    shape (~57 %), size and pattern less. One caption in five takes the short form ("a red shape", "a star", "something in the
-    centre", "a shape at night"), so the zero-shot prompts are in distribution. Words are fixed per value (the
-    colour's name, the position's and the scene's phrases): the zero-shot classes use the same ones. The scene
-    comes first half the time ("in fog, a red star ..."), because the 32 px phase keeps 14 tokens of a caption.
+    shape (~57 %), size and pattern less. One caption in five takes the short form ("a red shape", "a star",
+    "something in the centre", "a shape at night"), so the zero-shot prompts are in distribution. Words are fixed per
+    value (the colour's name, the position's and the scene's phrases): the zero-shot classes use the same ones. The
+    scene comes first half the time ("in fog, a red star ..."), because the 32 px phase keeps 14 tokens of a caption.
     """
     obj = objects[0]
     colour, shape = obj["colour"], obj["shape"]
