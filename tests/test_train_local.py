@@ -57,10 +57,12 @@ def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
     last = sum(h["loss"] for h in history[-10:]) / 10
     assert last < first - 0.5
     metrics = evaluate_dataset(model, tok, str(tmp_path / "eval"), image_size=32, text_length=16, batch_size=200)
-    # Zero-shot on held-out images with prompts never seen as captions ("a photo of a red object."): colour is
-    # learned within ~150 steps (measured 0.5-0.7 vs chance 0.1). Shape needs ~500+ steps at this batch size
-    # (BENCHMARKS.md), so it is reported, not asserted, here.
-    assert metrics["colour/top1"] > 3 * metrics["colour/chance_top1"], metrics
+    # Zero-shot on held-out images with prompts never seen as captions ("a photo of a red object."): the scene's
+    # tone is learned first and the object's colour after it (measured 0.868 vs chance 0.125 and 0.32 vs 0.10 here;
+    # BENCHMARKS.md, "The default job: what it learns"). Position and shape need far more steps at this batch size,
+    # so they are reported, not asserted, here.
+    assert metrics["scene/top1"] > 4 * metrics["scene/chance_top1"], metrics
+    assert metrics["colour/top1"] > 2.5 * metrics["colour/chance_top1"], metrics
     chance_r10 = 10 / metrics["rows"]
     assert metrics["image_to_text_r@10"] > 3 * chance_r10, metrics
     assert metrics["text_to_image_r@10"] > 3 * chance_r10, metrics
