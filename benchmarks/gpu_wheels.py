@@ -95,7 +95,8 @@ EXCLUDE = {
     "py-spy": "ray[default]: the dashboard's stack-trace and CPU-profile buttons only (2.9 MB)",
     "cryptography": "google-auth (via databricks-sdk, google-api-core): signing with cloud service-account keys "
                     "only (4.7 MB)",
-    "databricks-sdk": "mlflow-skinny: Databricks-hosted tracking only; this job's store is SQLite (1.2 MB)",
+    # databricks-sdk cannot go: mlflow.genai's import asks importlib.util.find_spec("databricks.agents"), which
+    # imports the `databricks` namespace package (seen in the CPU dry run).
 }
 # Carried as the pure-Python wheel: SQLAlchemy's C extensions only speed up result rows (2.1 MB instead of 4.7).
 PURE = {"sqlalchemy"}
@@ -348,8 +349,12 @@ def check_env(site: str) -> int:
     for dist in metadata.distributions():  # in sys.path order: the first one found is the one imported
         installed.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
     errors = problems(lock, installed)
-    import mlflow
-    import ray
+    try:
+        import mlflow
+        import ray
+    except Exception as exc:  # noqa: BLE001 - a missing module of the set: say which, as one JSON line
+        print(json.dumps({"check_env": "FAILED", "errors": errors + [f"import: {type(exc).__name__}: {exc}"]}))
+        return 1
 
     site_path = os.path.realpath(site)
     for mod in (ray, mlflow):
@@ -375,6 +380,10 @@ def cpu_set(dest: Path) -> int:
     """The lock's versions for this interpreter: wheels that run here copied from .whl/, the others downloaded."""
     lock = json.loads(LOCK.read_text())
     dest.mkdir(parents=True, exist_ok=True)
+    wanted = {(w["name"], Version(w["version"])) for w in lock["wheels"]}
+    for stale in dest.glob("*.whl"):  # a wheel of an older lock would be installed too
+        if parse_wheel_filename(stale.name)[:2] not in wanted:
+            stale.unlink()
     have = {p.name for p in dest.glob("*.whl")}
     fetch = []
     for w in lock["wheels"]:
