@@ -2,7 +2,8 @@
 for a run's first checkpoint (the kill-and-resume check) and the per-phase table read back from MLflow.
 
   python benchmarks/gpu_e2e.py data OUT --train N --eval M --size PX --shrink 80
-  python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S     exits 0 once a checkpoint folder exists
+  python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S [--pid P]   exits 0 once a checkpoint folder
+        exists, 1 after S seconds or once process P (the job) has exited
   python benchmarks/gpu_e2e.py phases --tracking-uri URI --experiment NAME --label L --peak-flops F
         --config C [--set K=V ...]     one JSON line per phase: samples/s, step time, data wait, MFU, peak GPU memory
 
@@ -48,8 +49,10 @@ def wait_checkpoint(args: argparse.Namespace) -> int:
         if found:
             print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": os.path.basename(found[0])}), flush=True)
             return 0
+        if args.pid and not os.path.exists(f"/proc/{args.pid}"):  # the job ended (failed) before any checkpoint
+            break
         time.sleep(0.5)
-    print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": None, "after_s": args.timeout}), flush=True)
+    print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": None}), flush=True)
     return 1
 
 
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("wait-checkpoint")
     w.add_argument("run_dir")
     w.add_argument("--timeout", type=float, required=True)
+    w.add_argument("--pid", type=int, default=0, help="stop waiting once this process has exited")
     w.set_defaults(func=wait_checkpoint)
     s = sub.add_parser("phases")
     s.add_argument("--tracking-uri", required=True)
