@@ -82,6 +82,7 @@ if [[ $CPU == 1 ]]; then
     CONFIG=tiny LOW=32 FULL=64 LOW_BATCH=64 FULL_BATCH=64 LOW_SAMPLES=512 FULL_SAMPLES=128 CKPT_EVERY=256
     SYNTH="--train 512 --eval 128 --size 128 --shrink 40" LOG_EVERY=2 MICRO=32 FT_BATCH=64 FT_SAMPLES=128
     J2_EXTRA=(train.compile=false data.decode_device=cpu) GPU=false CPUS=0.5 SCALE=4
+    DELAY=1.0  # s per step (fault.step_delay_s): the tiny job would pass its phase end before the kill lands
     export OMP_NUM_THREADS=1
     WHEELS="$WORK/whl_cpu"
     [[ -d .whl ]] || { echo ".whl/ is missing: run python benchmarks/gpu_wheels.py first" >&2; exit 1; }
@@ -96,7 +97,7 @@ if [[ $CPU == 1 ]]; then
 else
     CONFIG=vit-b-16 LOW=64 FULL=224 LOW_BATCH=1024 FULL_BATCH=512 LOW_SAMPLES=163840 FULL_SAMPLES=40960
     CKPT_EVERY=81920 SYNTH="--train 20000 --eval 1000 --size 256 --shrink 80" LOG_EVERY=10 MICRO=128 FT_BATCH=512
-    FT_SAMPLES=24576 J2_EXTRA=(train.compile=true data.decode_device=cuda) GPU=true CPUS=2 SCALE=1
+    FT_SAMPLES=24576 J2_EXTRA=(train.compile=true data.decode_device=cuda) GPU=true CPUS=2 SCALE=1 DELAY=0
     WHEELS="$REPO/.whl"
     PY="${PYTHON:-python3}"
     PIP=("$PY" -m pip)
@@ -134,7 +135,7 @@ JOB1=(--config "$CONFIG"
       --set optim.warmup_samples=0.05 --set "checkpoint.every_samples=$CKPT_EVERY" --set checkpoint.num_to_keep=2
       --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
       --set "scaling.cpus_per_worker=$CPUS" --set "run.storage_path=$WORK/runs" --set run.name=e2e-main
-      --set "tracking.uri=$URI" --set tracking.experiment=e2e-main)
+      --set "tracking.uri=$URI" --set tracking.experiment=e2e-main --set "fault.step_delay_s=$DELAY")
 t0=$(date +%s%N)
 setsid timeout -k 5 "$(T 90)" "$PY" -m reclip_ray train "${JOB1[@]}" >"$LOGS/job1_attempt1.log" 2>&1 &
 job_pid=$!
@@ -196,15 +197,21 @@ step job2_phases "$(T 15)" "$PY" benchmarks/gpu_e2e.py phases --tracking-uri "$U
 # the final table; the logs (Ray's own too) in one archive: $OUT brings back at most 8 files
 tar -czf "$OUT/e2e_logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d runs/*/ray.log runs/*/*.log 2>/dev/null) \
     2>/dev/null || true
-timeout 10 "$PY" - "$JSONL" "$OUT/e2e_table.json" "$CPU" <<'PY'
-import json, sys
+timeout 10 "$PY" - "$JSONL" "$OUT/e2e_table.json" "$CPU" "$WORK" <<'PY'
+import glob, json, re, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+logs = glob.glob(f"{sys.argv[4]}/logs/*.log") + glob.glob(f"{sys.argv[4]}/runs/*/ray.log")
+text = "".join(open(f, errors="replace").read() for f in logs)
+resumed = re.search(r"resumed at ([0-9,]+) samples", open(f"{sys.argv[4]}/logs/job1_resume.log").read())
+missing = sorted(set(re.findall(r"No module named '([^']+)'", text)))  # a wheel the set lacks, in any process
 steps = {r["step"]: r["rc"] for r in rows if r.get("e2e") == "step"}
 must = ["install", "data", "check_env", "job1_resume", "job1_phases", "eval", "job2", "export_open_clip", "job2_phases"]
 attempt1 = next((r for r in rows if r.get("step") == "job1_attempt1"), {})
+resumed_at = int(resumed.group(1).replace(",", "")) if resumed else None
 table = {"gpu_e2e": {"cpu_dry_run": sys.argv[3] == "1", "ok": all(steps.get(s) == 0 for s in must)
-                     and attempt1.get("killed_after_checkpoint") is True,
+                     and attempt1.get("killed_after_checkpoint") is True and bool(resumed_at),
                      "steps": steps, "killed_after_checkpoint": attempt1.get("killed_after_checkpoint"),
+                     "resumed_at_samples": resumed_at, "modules_missing_in_logs": missing,
                      "phases": [r for r in rows if r.get("e2e") == "phase"],
                      "open_clip": next((r for r in rows if r.get("e2e") == "open_clip_load"), None)}}
 json.dump(table, open(sys.argv[2], "w"), indent=1)
