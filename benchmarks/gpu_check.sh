@@ -15,8 +15,14 @@
 # (224 px baseline vs 64 px -> 224 px RECLIP, one seed, one GPU) in ~4-5 min including data synthesis; prints the
 # table of benchmarks/reclip_vs_baseline.py and copies its results to $OUT. Needs ray and mlflow. EVIDENCE_CPU=1
 # runs it at tiny sizes on CPU (tiny preset, 32 -> 64 px, 4,096 samples, 2 workers). Settings: env vars, below.
+#
+# bash benchmarks/gpu_check.sh --e2e: instead, the real `reclip-ray train` job (vit-b-16, bf16, 64 -> 224 px) with
+# Ray and MLflow installed from the carried wheel set (.whl/, benchmarks/gpu_wheels.py), kill-and-resume, eval,
+# export, and the finetune phase with micro-batches, compile and device decode: benchmarks/gpu_e2e.sh says how.
+# Device call: carry [".whl"], timeout_s 600. E2E_CPU=1 is its dry run on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[[ "${1:-}" == "--e2e" ]] && exec bash benchmarks/gpu_e2e.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"

@@ -60,3 +60,17 @@ def test_ray_lines_that_reach_the_console():
     assert not _worth_showing("Reporting training result 3: ...", {})
     assert not _worth_showing("WARNING: 8 PYTHON worker processes have been started on node", {})
     assert not _worth_showing("[reclip] WARNING: shown through the board", {})
+
+
+def test_a_window_logs_the_phase_peak_gpu_memory_and_it_is_zero_on_cpu():
+    """worker_peak_gpu_mib (benchmarks/gpu_check.sh --e2e reads it per phase): on a CPU worker CUDA never starts and
+    the key is 0, so a CPU run's metrics keep the same keys as a GPU run's."""
+    from types import SimpleNamespace
+
+    from reclip_ray.train.checkpoint import TrainState
+    from reclip_ray.train.progress import Window
+
+    plan = SimpleNamespace(index=0, image_size=32, text_length=16)
+    metrics = Window().metrics(plan, TrainState(), {"loss": 1.0, "logit_scale": 14.3}, 1e-3, 64, 1)
+    assert metrics["worker_peak_gpu_mib"] == 0.0
+    assert metrics["worker_peak_rss_mib"] > 0

@@ -53,6 +53,7 @@ def test_two_phase_run_two_workers_then_resume(ray_session, tmp_path, synth_dir,
     first, last = sum(losses[s] for s in (1, 2)) / 2, sum(losses[s] for s in (15, 16)) / 2
     assert last < first
     keys = run.data.metrics.keys()
+    assert run.data.metrics["worker_peak_gpu_mib"] == 0.0  # CPU workers: the key is there, CUDA never started
     assert any(k.startswith("eval/32px/") for k in keys) and any(k.startswith("eval/64px/") for k in keys)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/model.safetensors", "model/config.yaml", "model/tokenizer.json"} <= artifacts

@@ -28,6 +28,7 @@ class Window:
             "text_length": plan.text_length, "samples": state.samples, "gflops_total": state.gflops,
             "workers": world, "local_batch": local_batch, "worker_peak_rss_mib": peak_rss_mib(),
             **({"logit_bias": last["logit_bias"]} if "logit_bias" in last else {}),  # train.loss: siglip
+            "worker_peak_gpu_mib": peak_gpu_mib(),
         }
 
 
@@ -65,6 +66,16 @@ def phase_banner(plan: Any, state: TrainState, world: int, micro_batch: int, gfl
 def micro_note(micro: int, local: int) -> str:
     """Say when a worker accumulates: its share of the global batch is over ``train.micro_batch_size``."""
     return f" in {-(-local // micro)} micro-batches of <= {micro}" if 0 < micro < local else ""
+
+
+def peak_gpu_mib() -> float:
+    """Peak GPU memory this worker's tensors held since its phase began (``Worker.run_phase`` resets the peak), the
+    number that says how far a phase's batch is from the card's memory; 0 on a CPU worker (CUDA never started)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0.0
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def peak_rss_mib() -> float:

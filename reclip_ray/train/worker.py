@@ -184,6 +184,8 @@ class Worker:
         # With the global batch's logits, as run_flops / plan count them (flops.py: the same for any worker count).
         gflops_per_sample = phase_train_flops_per_sample(cfg, plan.index) / 1e9  # with the phase's patch dropout
         set_patch_dropout(self.model, cfg.phases[plan.index].patch_dropout)
+        if self.device.type == "cuda":  # worker_peak_gpu_mib is per phase: 64 px and 224 px differ several-fold
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.feed = self._open_feed(plan)
         if self.rank == 0:
             self.say(phase_banner(plan, state, self.world, cfg.train.micro_batch_size, gflops_per_sample))

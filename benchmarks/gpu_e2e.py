@@ -1,0 +1,185 @@
+"""Helpers of ``benchmarks/gpu_check.sh --e2e`` (the real ``reclip-ray train`` job on the lent GPU): the data, the wait
+for a run's first checkpoint (the kill-and-resume check) and the per-phase table read back from MLflow.
+
+  python benchmarks/gpu_e2e.py data OUT --train N --eval M --size PX --shrink 80
+  python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S [--pid P]   exits 0 once a checkpoint folder
+        exists, 1 after S seconds or once process P (the job) has exited
+  python benchmarks/gpu_e2e.py phases --tracking-uri URI --experiment NAME --label L --peak-flops F
+        --config C [--set K=V ...]     one JSON line per phase: samples/s, step time, data wait, MFU, peak GPU memory
+
+Steady state: the median over a phase's logging windows, its first window dropped (the worker group, the data
+pipeline's start and a compile fall in it), as ``reclip-ray bench e2e`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+H200_DENSE_BF16 = 989e12  # FLOP/s, the H200's dense bf16 peak (NVIDIA's data sheet; 1,979 with sparsity)
+
+
+def make_data(args: argparse.Namespace) -> int:
+    from reclip_ray.data.copies import shrink_dataset
+    from reclip_ray.data.synth import make_synthetic
+
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(args.out, "train", "dataset.json")):
+        make_synthetic(args.out, train=args.train, eval=args.eval, seed=0, image_size=args.size)
+    synth_s = time.perf_counter() - t0
+    train = os.path.join(args.out, "train")
+    copies = shrink_dataset(train, [int(s) for s in args.shrink.split(",")], log=None) if args.shrink else {}
+    print(json.dumps({"e2e": "data", "train": args.train, "eval": args.eval, "size": args.size, "shrink": args.shrink,
+                      "synth_s": round(synth_s, 1), "total_s": round(time.perf_counter() - t0, 1),
+                      "copies": copies}, default=str), flush=True)
+    return 0
+
+
+def wait_checkpoint(args: argparse.Namespace) -> int:
+    """Poll the run folder for a finished checkpoint (Ray Train moves it in whole: checkpoint_s<samples>_p<phase>)."""
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        found = sorted(glob.glob(os.path.join(args.run_dir, "checkpoint_s*")))
+        if found:
+            print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": os.path.basename(found[0])}), flush=True)
+            return 0
+        if args.pid and not os.path.exists(f"/proc/{args.pid}"):  # the job ended (failed) before any checkpoint
+            break
+        time.sleep(0.5)
+    print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": None}), flush=True)
+    return 1
+
+
+def _run_id(uri: str, experiment: str) -> tuple[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
+    if not runs:
+        raise SystemExit(f"no MLflow run in experiment {experiment!r} of {uri}")
+    return runs[0].info.run_id, runs[0].info.status
+
+
+def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[str, Any]]:
+    """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB."""
+    from reclip_ray import tracking
+    from reclip_ray.flops import phase_train_flops_per_sample
+
+    keys = ["samples_per_s", "phase", "data_wait_fraction", "worker_peak_gpu_mib", "local_batch", "workers"]
+    hist = {k: dict(v) for k, v in tracking.metric_history(uri, run_id, keys).items()}
+    rows = []
+    for index, phase in enumerate(cfg.phases):
+        steps = sorted(s for s, p in hist.get("phase", {}).items() if int(p) == index)
+        steady = steps[1:] if len(steps) > 2 else steps
+        if not steps:
+            rows.append({"phase": phase.name, "image_size": phase.image_size, "windows": 0})
+            continue
+        sps = statistics.median(hist["samples_per_s"][s] for s in steady)
+        batch = phase.batch_size or cfg.train.batch_size
+        flops = phase_train_flops_per_sample(cfg, index)
+        gpu = [hist.get("worker_peak_gpu_mib", {}).get(s) for s in steps]
+        rows.append({
+            "phase": phase.name, "image_size": phase.image_size, "text_length": phase.text_length,
+            "global_batch": batch, "windows": len(steps), "samples_per_s": round(sps, 1),
+            "step_s": round(batch / sps, 4), "data_wait": round(statistics.median(
+                hist["data_wait_fraction"][s] for s in steady), 4),
+            "train_gflops_per_sample": round(flops / 1e9, 2),
+            "mfu": round(sps * flops / (peak_flops * max(1, int(hist["workers"][steps[-1]]))), 4),
+            "peak_gpu_mib": max((g for g in gpu if g is not None), default=None),
+        })
+    return rows
+
+
+def phases(args: argparse.Namespace) -> int:
+    from reclip_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run_id, status = _run_id(args.tracking_uri, args.experiment)
+    for row in phase_rows(args.tracking_uri, run_id, cfg, args.peak_flops):
+        print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row}), flush=True)
+    return 0
+
+
+def open_clip_check(args: argparse.Namespace) -> int:
+    """open_clip loads the export (``local-dir:``) and embeds as the run's own model does (max abs difference).
+
+    open_clip is not in the carried wheel set (64 MiB; gpu_wheels.py): where it is missing, the export's files are
+    checked to load as safetensors into the run's model shapes instead, and tests/test_openclip.py covers open_clip
+    loading a vit-b-16 export on CPU (the load does not depend on where the weights were trained)."""
+    import torch
+
+    import reclip_ray
+
+    try:
+        import open_clip
+    except ImportError:
+        from safetensors.torch import load_file
+
+        from reclip_ray.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+
+        state = load_file(os.path.join(args.open_clip_dir, OPEN_CLIP_WEIGHTS))
+        config = json.load(open(os.path.join(args.open_clip_dir, OPEN_CLIP_CONFIG)))
+        ours, _ = reclip_ray.load_model(args.model_dir)
+        ok = sum(t.numel() for t in state.values()) >= sum(p.numel() for p in ours.parameters()) * 0.99 and all(
+            torch.isfinite(t.float()).all() for t in state.values())
+        print(json.dumps({"e2e": "open_clip_load", "open_clip_installed": False, "tensors": len(state),
+                          "config_keys": sorted(config), "ok": bool(ok)}), flush=True)
+        return 0 if ok else 1
+
+    ours, tok = reclip_ray.load_model(args.model_dir)
+    oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{args.open_clip_dir}")
+    ours.eval(), oc.eval()
+    size = oc.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens = torch.from_numpy(tok.encode(["a red star on the left", "a large blue circle"], 16))
+    padded = torch.nn.functional.pad(tokens, (0, oc.context_length - tokens.shape[1]), value=tok.pad_id)
+    with torch.no_grad():
+        d_img = (ours.encode_image(images) - oc.encode_image(images, normalize=True)).abs().max().item()
+        d_txt = (ours.encode_text(tokens) - oc.encode_text(padded, normalize=True)).abs().max().item()
+    ok = d_img < 1e-3 and d_txt < 1e-3
+    print(json.dumps({"e2e": "open_clip_load", "image_size": size, "max_abs_diff_image": d_img,
+                      "max_abs_diff_text": d_txt, "ok": ok}), flush=True)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("out")
+    d.add_argument("--train", type=int, required=True)
+    d.add_argument("--eval", type=int, required=True)
+    d.add_argument("--size", type=int, required=True)
+    d.add_argument("--shrink", default="")
+    d.set_defaults(func=make_data)
+    w = sub.add_parser("wait-checkpoint")
+    w.add_argument("run_dir")
+    w.add_argument("--timeout", type=float, required=True)
+    w.add_argument("--pid", type=int, default=0, help="stop waiting once this process has exited")
+    w.set_defaults(func=wait_checkpoint)
+    s = sub.add_parser("phases")
+    s.add_argument("--tracking-uri", required=True)
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--label", required=True)
+    s.add_argument("--peak-flops", type=float, default=H200_DENSE_BF16)
+    s.add_argument("--config", required=True)
+    s.add_argument("--set", action="append", default=[])
+    s.set_defaults(func=phases)
+    o = sub.add_parser("open-clip-check")
+    o.add_argument("open_clip_dir")
+    o.add_argument("model_dir")
+    o.set_defaults(func=open_clip_check)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
