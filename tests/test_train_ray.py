@@ -24,27 +24,12 @@ def _mlflow_runs(db: Path):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-# No shuffle buffer, one read task and 32-row blocks: the stream arrives in order (see the schedule test below).
-IN_ORDER = ["data.shuffle_buffer=0", "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
-            "fault.record_rows=true"]
-
-
-@pytest.fixture(scope="module")
-def two_workers(ray_session, tmp_path_factory, synth_dir, tokenizer_path):
-    """(tmp_path, config, final metrics) of the 2-worker two-phase run, evaluating and checkpointing, that both
-    tests below check from their side: one worker group's start-up (~20 s on 2 cores) instead of two."""
-    from reclip_ray.train.launch import run_training
-
-    tmp_path = tmp_path_factory.mktemp("two")
-    cfg = _config(tmp_path, synth_dir, tokenizer_path, "two", workers=2, extra=IN_ORDER)
-    return tmp_path, cfg, run_training(cfg)
-
-
-def test_two_phase_run_two_workers_then_resume(two_workers, synth_dir, tokenizer_path):
+def test_two_phase_run_two_workers_then_resume(ray_session, tmp_path, synth_dir, tokenizer_path):
     from reclip_ray.train.checkpoint import read_state
     from reclip_ray.train.launch import run_training
 
-    tmp_path, cfg, metrics = two_workers
+    cfg = _config(tmp_path, synth_dir, tokenizer_path, "two", workers=2)
+    metrics = run_training(cfg)
 
     # Schedule: both phases done, exactly the configured samples.
     assert metrics["samples"] == 1024
@@ -83,7 +68,7 @@ def test_two_phase_run_two_workers_then_resume(two_workers, synth_dir, tokenizer
     assert feats.shape == (1, cfg.model.embed_dim)
 
     # Rerunning the command of a finished run says so and starts nothing: no restart, no step trained again.
-    again = run_training(_config(tmp_path, synth_dir, tokenizer_path, "two", workers=2, extra=IN_ORDER))
+    again = run_training(_config(tmp_path, synth_dir, tokenizer_path, "two", workers=2))
     assert again["samples"] == 1024 and again["mlflow_run_id"] == run.info.run_id
     assert again["eval/full/colour/top1"] == metrics["eval/full/colour/top1"]
     client, runs = _mlflow_runs(tmp_path / "mlflow.db")
@@ -105,10 +90,9 @@ def _rows_of_step(run_dir: Path, step: int, phase: int = 0) -> list[tuple[str, i
     return out
 
 
-def test_one_and_two_workers_follow_the_same_schedule(two_workers, tmp_path, synth_dir, tokenizer_path):
+def test_one_and_two_workers_follow_the_same_schedule(ray_session, tmp_path, synth_dir, tokenizer_path):
     """1 and 2 workers: the same LR at every step (the schedule's, a function of samples only), the same sample
-    counts and image sizes, and the same first-step loss. The 2-worker run is the one the test above checks (its
-    phase-end evaluations and checkpoints change none of these: they come after the steps and train nothing).
+    counts and image sizes, and the same first-step loss.
 
     The loss of step 1 is the contrastive loss of the *global* batch (every rank computes it over the gathered
     features) under the same initial weights (``torch.manual_seed(train.seed)`` before building the model), so it
@@ -122,16 +106,14 @@ def test_one_and_two_workers_follow_the_same_schedule(two_workers, tmp_path, syn
     from reclip_ray.schedule import Schedule
     from reclip_ray.train.launch import run_training
 
+    extra = ["eval.at_phase_end=false", "checkpoint.every_samples=0", "data.shuffle_buffer=0",
+             "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
+             "fault.record_rows=true"]
     histories, first_rows = {}, {}
     for workers in (1, 2):
-        if workers == 1:
-            cfg = _config(tmp_path, synth_dir, tokenizer_path, "w1", 1,
-                          extra=["eval.at_phase_end=false", "checkpoint.every_samples=0", *IN_ORDER])
-            db, result = tmp_path / "mlflow.db", run_training(cfg)
-        else:
-            two_path, cfg, result = two_workers
-            db = two_path / "mlflow.db"
-        client, runs = _mlflow_runs(db)
+        cfg = _config(tmp_path, synth_dir, tokenizer_path, f"w{workers}", workers, extra=extra)
+        result = run_training(cfg)
+        client, runs = _mlflow_runs(tmp_path / "mlflow.db")
         run = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
         assert run.data.metrics["workers"] == workers
         histories[workers] = {
