@@ -8,6 +8,8 @@ worker group having restored its checkpoint), which RELIABILITY.md quotes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -435,7 +437,7 @@ def _s3_checkpoints(run_dir: str) -> list[str]:
 
 
 def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_resumes_and_finishes(
-        ray_cluster, tmp_path, synth_dir, s3_prefix, capsys, monkeypatch):
+        ray_cluster, tmp_path, synth_dir, s3_prefix, monkeypatch):
     """One run folder on a real S3 API (moto on localhost), data on S3 too, driven by the CLI as a user would:
 
     1. too many bad rows: a deterministic error, written to the run folder on S3, so Ray Train does not retry it;
@@ -547,16 +549,20 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     # `python -m reclip_ray` processes above cover the entry point, and each more would cost ~4 s of imports.
     from reclip_ray.cli import main
 
+    def in_process(args: list[str]) -> str:
+        """What `reclip-ray ARGS` prints, run by main() here (capsys would also take the [reliability] lines)."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(args) == 0
+        return out.getvalue()
+
     monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    assert main(command[3:]) == 0
-    done = capsys.readouterr()
-    assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done.out, done.err[-3000:]
+    done = in_process(command[3:])
+    assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done, done[-3000:]
     assert len(client.search_runs([first.info.experiment_id])) == 1
 
     # 5. The exported model, straight from S3.
-    assert main(["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"]) == 0
-    evaluated = capsys.readouterr().out
+    evaluated = in_process(["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
     result = json.loads(evaluated[evaluated.index("{"):])
     assert result["image_size"] == 64 and result["metrics"]["rows"] == 200
     for key, value in result["metrics"].items():  # the same numbers as the run's own last evaluation
