@@ -31,6 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status: with token authentication on, 401 is an answer)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     ray = shutil.which("ray", path=env["PATH"]) or "ray"
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -69,6 +83,12 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(tmp_pa
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
+        # Wait for the dashboard's HTTP server (up once its modules are loaded) with cheap requests, then confirm
+        # with the job CLI: each `ray job list` is a Ray-importing process, ~2 s of CPU that the starting head needs.
+        while not _answers(address):
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head's dashboard did not come up"
+            time.sleep(0.2)
         while _ray("job", "list", "--address", address, env=env).returncode != 0:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             assert time.time() < deadline, "the head's job server did not come up"

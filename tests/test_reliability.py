@@ -8,6 +8,8 @@ worker group having restored its checkpoint), which RELIABILITY.md quotes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -452,7 +454,7 @@ def _s3_checkpoints(run_dir: str) -> list[str]:
 
 
 def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_resumes_and_finishes(
-        ray_cluster, tmp_path, synth_dir, s3_prefix):
+        ray_cluster, tmp_path, synth_dir, s3_prefix, monkeypatch):
     """One run folder on a real S3 API (moto on localhost), data on S3 too, driven by the CLI as a user would:
 
     1. too many bad rows: a deterministic error, written to the run folder on S3, so Ray Train does not retry it;
@@ -495,6 +497,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    here = os.getcwd()  # this process's, until steps 4-6 run in the CLI's
 
     def run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
         t0 = time.time()
@@ -558,16 +561,26 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     assert any(k.startswith("eval/64px/") for k in logged) and final == pytest.approx({**final, **logged})
     assert out["final"] == {k: v for k, v in final.items() if k in out["final"]} and out["final"]
 
-    # 4. Once more: the run-state file on S3 says it is done; no new MLflow run, no training.
-    done = run(command)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done.stdout
+    # 4. Once more: the run-state file on S3 says it is done; no new MLflow run, no training. Steps 4 and 5 start
+    # no Ray, so they run the CLI's main() with the same arguments in this process, in the CLI's cwd: the three
+    # `python -m reclip_ray` processes above cover the entry point, and each more would cost ~4 s of imports.
+    from reclip_ray.cli import main
+
+    def in_process(args: list[str]) -> str:
+        """What `reclip-ray ARGS` prints, run by main() here (capsys would also take the [reliability] lines)."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(args) == 0
+        return out.getvalue()
+
+    monkeypatch.chdir(cwd)
+    done = in_process(command[3:])
+    assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done, done[-3000:]
     assert len(client.search_runs([first.info.experiment_id])) == 1
 
     # 5. The exported model, straight from S3.
-    evaluated = run(cli + ["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    result = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    evaluated = in_process(["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
+    result = json.loads(evaluated[evaluated.index("{"):])
     assert result["image_size"] == 64 and result["metrics"]["rows"] == 200
     for key, value in result["metrics"].items():  # the same numbers as the run's own last evaluation
         if key.endswith("/top1"):
@@ -592,7 +605,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     # Path("s3://b/x") is the relative path s3:/b/x: it would land in the cwd of the process that made it: the
     # CLI's, a Ray worker's, or a Ray Train worker's (SESSION/artifacts/RUN_NAME).
     worker_cwd = ray.get(ray.remote(num_cpus=0)(lambda: os.getcwd()).remote())
-    for folder in {str(cwd), os.getcwd(), worker_cwd}:
+    for folder in {str(cwd), here, worker_cwd}:
         assert not os.path.exists(os.path.join(folder, "s3:")), folder
     artifacts = os.path.join(ray_cluster.head_node.get_session_dir_path(), "artifacts")
     assert os.path.isdir(os.path.join(artifacts, "s3run"))  # where this run's workers ran
