@@ -19,7 +19,7 @@
 #      (on CPU, 40 s, overlapping: not in the sum): open_clip loads it and embeds as our model does where open_clip
 #      is installed; it is not in the carried set (64 MiB), so there its weights are loaded against the run's model
 #      (tests/test_openclip.py has open_clip load a vit-b-16 export); then job 2's table (15 s), the final table (10 s).
-# The device call: here `python benchmarks/gpu_wheels.py --fetch` (the lock's 64 wheels by URL, ~15 s, sha256 checked),
+# The device call: here `python benchmarks/gpu_wheels.py --fetch` (the lock's 59 wheels by URL, ~15 s, sha256 checked),
 # then run(command="bash benchmarks/gpu_check.sh --e2e", carry=[".whl"], timeout_s=600).
 # Sizing, from the H200 kernel loop (BENCHMARKS "GPU readiness": eager bf16 vit-b-16, 12,325 samples/s at 64 px with
 # batch 1,024, 2,332 at 224 px with batch 256):
