@@ -18,7 +18,7 @@ def asha_metric(space: Space) -> str:
     """What ASHA compares at its rungs: ``scheduler.metric``, else the sweep's metric itself.
 
     With an ``eval/full/...`` metric every trial is evaluated at a rung as its final metric is: at full resolution
-    and the last phase's text length (``worker._compute_milestone``), so ASHA compares all trials on one task. For
+    and the last phase's text length (``Worker.compute_milestone``), so ASHA compares all trials on one task. For
     a RECLIP trial still in its low-resolution phase that is its model before the finetune, measured as it is.
     Each trial at the resolution it trains at then is a different task per trial, and misjudges RECLIP trials by no
     fixed amount. BENCHMARKS.md's 32 -> 64 px experiment: the 32 px-only (lowres)
