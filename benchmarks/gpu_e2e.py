@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any
 
-H200_DENSE_BF16 = 989e12  # FLOP/s, the H200's dense bf16 peak (NVIDIA's data sheet; 1,979 with sparsity)
 
 
 def make_data(args: argparse.Namespace) -> int:
@@ -57,9 +56,9 @@ def wait_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_id(uri: str, experiment: str) -> tuple[str, str]:
-    from mlflow.tracking import MlflowClient
+    from reclip_ray import tracking
 
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
     if not runs:
@@ -70,7 +69,7 @@ def _run_id(uri: str, experiment: str) -> tuple[str, str]:
 def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[str, Any]]:
     """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB."""
     from reclip_ray import tracking
-    from reclip_ray.flops import phase_train_flops_per_sample
+    from reclip_ray.flops import phase_global_batch, phase_train_flops_per_sample
 
     keys = ["samples_per_s", "phase", "data_wait_fraction", "worker_peak_gpu_mib", "local_batch", "workers"]
     hist = {k: dict(v) for k, v in tracking.metric_history(uri, run_id, keys).items()}
@@ -82,7 +81,7 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
             rows.append({"phase": phase.name, "image_size": phase.image_size, "windows": 0})
             continue
         sps = statistics.median(hist["samples_per_s"][s] for s in steady)
-        batch = phase.batch_size or cfg.train.batch_size
+        batch = phase_global_batch(cfg, index)
         flops = phase_train_flops_per_sample(cfg, index)
         gpu = [hist.get("worker_peak_gpu_mib", {}).get(s) for s in steps]
         rows.append({
@@ -99,10 +98,12 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
 
 def phases(args: argparse.Namespace) -> int:
     from reclip_ray.config import load_config
+    from reclip_ray.plan import GPU_PEAKS
 
     cfg = load_config(args.config, args.set)
     run_id, status = _run_id(args.tracking_uri, args.experiment)
-    for row in phase_rows(args.tracking_uri, run_id, cfg, args.peak_flops):
+    peak = args.peak_flops or GPU_PEAKS["h200"].tflops * 1e12  # dense bf16, NVIDIA's data sheet
+    for row in phase_rows(args.tracking_uri, run_id, cfg, peak):
         print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row}), flush=True)
     return 0
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tracking-uri", required=True)
     s.add_argument("--experiment", required=True)
     s.add_argument("--label", required=True)
-    s.add_argument("--peak-flops", type=float, default=H200_DENSE_BF16)
+    s.add_argument("--peak-flops", type=float, default=0.0, help="FLOP/s of one GPU (default: plan.GPU_PEAKS' H200)")
     s.add_argument("--config", required=True)
     s.add_argument("--set", action="append", default=[])
     s.set_defaults(func=phases)

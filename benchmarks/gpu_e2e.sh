@@ -55,7 +55,7 @@ WORK="${E2E_DIR:-${TMPDIR:-/tmp}/reclip_e2e$([[ $CPU == 1 ]] && echo _cpu)}"
 SITE="$WORK/site"
 LOGS="$WORK/logs"
 JSONL="$OUT/e2e.jsonl"
-PEAK_FLOPS="${PEAK_FLOPS:-989e12}"
+PEAK_FLOPS="${PEAK_FLOPS:-0}"  # FLOP/s of one GPU; 0: plan.GPU_PEAKS["h200"] (989e12, dense bf16)
 mkdir -p "$OUT" "$LOGS"
 rm -rf "$SITE" "$WORK/runs" "$WORK/mlflow.db" "$WORK/mlartifacts" "$WORK/openclip"
 : >"$JSONL"

@@ -134,7 +134,7 @@ def arm_name(kind: str, finetune: float = 0.0, base_image_size: int = 0, finetun
     name = f"reclip-ft{count_label(finetune_samples)}" if finetune_samples else f"reclip-{share_label(finetune)}"
     name = f"{name}-pos{base_image_size}" if base_image_size else name
     if patch_dropout:
-        name += f"-pd{round(patch_dropout * 100, 6):g}" + ("-eq" if equal_gflops else "")
+        name += f"-pd{share_label(patch_dropout).rstrip('%')}" + ("-eq" if equal_gflops else "")
     return name if loss == "clip" else f"{name}-{loss}"
 
 

@@ -260,18 +260,15 @@ def make_copy(data: bytes, short_side: int, quality: int = 90) -> bytes:
     if min(w, h) <= short_side:
         return data
     try:
-        drafted = None  # the whole source in the reduced image: (0, 0, w/d, h/d), without its padded edge (_draft)
-        if img.format == "JPEG":
-            k = min(w, h) / short_side
-            if k >= 2:
-                drafted = img.draft("RGB", (max(1, math.ceil(w / k)), max(1, math.ceil(h / k))))
+        d = _draft(img, (0.0, 0.0, float(w), float(h)), short_side)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
         img = to_rgb(img)
         scale = short_side / min(w, h)
         size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS, box=drafted[1] if drafted else None)
+        # the whole source in the reduced image, without its padded edge: (0, 0, w/d, h/d) (_draft)
+        img = img.resize(size, Image.Resampling.LANCZOS, box=(0.0, 0.0, w / d, h / d) if d != 1 else None)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality, subsampling=0)
     except BadImage:
