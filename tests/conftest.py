@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # starts, so that the raylet passes it to every worker: also to the controllers of the `reclip-ray train` processes
 # that tests start against this cluster (they join it without the session's runtime env).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a preemption-watcher actor (a Python process, ~1.3 s of CPU) with every worker group, to drain
+# workers before a spot node is reclaimed; no test preempts a node, and the suite starts some 40 worker groups.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 S3_BUCKET = "reclip-test"
@@ -107,8 +110,7 @@ def ray_cluster(s3_server):
             "object_store_memory": 1 << 30,
         },
     )
-    env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-           **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}  # the S3 server (s3_server)
+    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_TRAIN_"))}}
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -205,6 +207,36 @@ def make_cfg(tmp_path, synth_dir, tokenizer_path):
         return load_config("tiny", overrides_for(tmp_path, synth_dir, tokenizer_path, name, workers, extra, train))
 
     return make
+
+
+# No shuffle buffer, one read task and 32-row blocks: the stream arrives in the order of the shards, so two runs of
+# this data can be compared row for row (fault.record_rows writes the keys each rank trains at each step).
+IN_ORDER = ["data.shuffle_buffer=0", "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
+            "fault.record_rows=true"]
+
+
+@pytest.fixture(scope="session")
+def in_order_run(ray_cluster, tmp_path_factory, synth_dir, tokenizer_path):
+    """``in_order_run(workers)`` -> (tmp_path, config, final metrics) of the two-phase run of ``overrides_for`` with
+    the stream ``IN_ORDER``, evaluating at each phase end and checkpointing, on 1 or 2 workers.
+
+    Each is trained once per session and checked from several sides (test_train_ray: the run's outputs, its
+    rerun, and the schedule on 1 vs 2 workers; test_data_position: the rows an uninterrupted run trains): a worker
+    group's start-up costs ~20 s on 2 cores. Tests must not write into its run folder or MLflow store.
+    """
+    from reclip_ray.config import load_config
+    from reclip_ray.train.launch import run_training
+
+    done: dict[int, tuple] = {}
+
+    def run(workers: int):
+        if workers not in done:
+            tmp = tmp_path_factory.mktemp(f"in_order_{workers}w")
+            cfg = load_config("tiny", overrides_for(tmp, synth_dir, tokenizer_path, f"w{workers}", workers, IN_ORDER))
+            done[workers] = (tmp, cfg, run_training(cfg))
+        return done[workers]
+
+    return run
 
 
 def mlflow_run(db: Path, run_id: str | None = None):

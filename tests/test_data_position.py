@@ -1,8 +1,9 @@
 """A restart continues the data where it stopped (Ray integration, the shared test cluster).
 
-Every rank writes the keys it trains at each step (``fault.record_rows``). An uninterrupted run is compared with a
-run that fails (2 workers, no retries), is rerun on 1 worker (a resize), and fails once more inside ``fit()`` (an
-in-run restart from the last checkpoint). Steps re-run after a restart replace the lost attempt's records, so the
+Every rank writes the keys it trains at each step (``fault.record_rows``). An uninterrupted run (the session's
+2-worker ``in_order_run``, conftest.py) is compared with a run of the same config that fails (2 workers, no
+retries), is rerun on 1 worker (a resize), and fails once more inside ``fit()`` (an in-run restart from the last
+checkpoint). Steps re-run after a restart replace the lost attempt's records, so the
 rows counted are the rows that made it into the final weights.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_run
+from conftest import IN_ORDER, mlflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +38,19 @@ def trained_rows(run_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
 
 
 def _run(make_cfg, name, workers, extra):
+    """The config of ``in_order_run`` (its stream in the order of the shards, so that runs compare row for row), with
+    checkpoints every 2 steps and no evaluation, plus ``extra``."""
     from reclip_ray.train.launch import run_training
 
-    cfg = make_cfg(name, workers=workers, extra=[
-        "train.samples=512", "phases.0.samples=0.75", "phases.1.samples=0.25", "checkpoint.every_samples=128",
-        "eval.at_phase_end=false", "fault.record_rows=true",
-        # In arrival order from one read task at a time, the stream's order is the training order, so the two runs
-        # can be compared row for row (the shuffle buffer and parallel reads make arrival order vary between runs).
-        "data.shuffle_buffer=0", "data.read_parallelism=1", *extra])
+    cfg = make_cfg(name, workers=workers, extra=[*IN_ORDER, "checkpoint.every_samples=128", "eval.at_phase_end=false",
+                                                 *extra])
     return cfg, run_training(cfg)
 
 
-def test_a_restarted_or_resized_run_trains_the_rows_an_uninterrupted_run_trains(ray_session, make_cfg, tmp_path):
+def test_a_restarted_or_resized_run_trains_the_rows_an_uninterrupted_run_trains(in_order_run, make_cfg, tmp_path):
     from reclip_ray.train.ray_errors import root_message
 
-    ref_cfg, ref = _run(make_cfg, "straight", 2, [])
+    _, ref_cfg, ref = in_order_run(2)
     ref_rows = trained_rows(Path(ref["run_dir"]))
 
     # 2 workers fail at 192 samples (checkpoint at 128) with no retry; the same command on 1 worker resumes and
@@ -59,10 +58,11 @@ def test_a_restarted_or_resized_run_trains_the_rows_an_uninterrupted_run_trains(
     with pytest.raises(Exception) as info:
         _run(make_cfg, "broken", 2, ["fault.fail_at_samples=192", "fault.fail_rank=1", "run.max_failures=0"])
     assert "fault injected at 192" in root_message(info.value)
-    _, broken = _run(make_cfg, "broken", 1, ["fault.fail_at_samples=320", "run.max_failures=1"])
+    cfg, broken = _run(make_cfg, "broken", 1, ["fault.fail_at_samples=320", "run.max_failures=1"])
+    assert (cfg.data, cfg.phases, cfg.train, cfg.model) == (ref_cfg.data, ref_cfg.phases, ref_cfg.train, ref_cfg.model)
     rows = trained_rows(Path(broken["run_dir"]))
 
-    assert sorted(rows) == sorted(ref_rows) == list(range(1, 9))
+    assert sorted(rows) == sorted(ref_rows) == list(range(1, 17))
     for step, got in rows.items():  # every step trained exactly the rows it counts
         assert len(got) == BATCH, (step, len(got))
     for phase in (0, 1):

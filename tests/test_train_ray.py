@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import overrides_for
+from conftest import IN_ORDER, overrides_for
 from reclip_ray.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -24,12 +24,11 @@ def _mlflow_runs(db: Path):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_two_phase_run_two_workers_then_resume(ray_session, tmp_path, synth_dir, tokenizer_path):
+def test_two_phase_run_two_workers_then_resume(in_order_run, synth_dir, tokenizer_path):
     from reclip_ray.train.checkpoint import read_state
     from reclip_ray.train.launch import run_training
 
-    cfg = _config(tmp_path, synth_dir, tokenizer_path, "two", workers=2)
-    metrics = run_training(cfg)
+    tmp_path, cfg, metrics = in_order_run(2)
 
     # Schedule: both phases done, exactly the configured samples.
     assert metrics["samples"] == 1024
@@ -69,7 +68,7 @@ def test_two_phase_run_two_workers_then_resume(ray_session, tmp_path, synth_dir,
     assert feats.shape == (1, cfg.model.embed_dim)
 
     # Rerunning the command of a finished run says so and starts nothing: no restart, no step trained again.
-    again = run_training(_config(tmp_path, synth_dir, tokenizer_path, "two", workers=2))
+    again = run_training(_config(tmp_path, synth_dir, tokenizer_path, "w2", workers=2, extra=IN_ORDER))
     assert again["samples"] == 1024 and again["mlflow_run_id"] == run.info.run_id
     assert again["eval/full/colour/top1"] == metrics["eval/full/colour/top1"]
     client, runs = _mlflow_runs(tmp_path / "mlflow.db")
@@ -91,7 +90,7 @@ def _rows_of_step(run_dir: Path, step: int, phase: int = 0) -> list[tuple[str, i
     return out
 
 
-def test_one_and_two_workers_follow_the_same_schedule(ray_session, tmp_path, synth_dir, tokenizer_path):
+def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
     """1 and 2 workers: the same LR at every step (the schedule's, a function of samples only), the same sample
     counts and image sizes, and the same first-step loss.
 
@@ -103,17 +102,14 @@ def test_one_and_two_workers_follow_the_same_schedule(ray_session, tmp_path, syn
     the recorded rows of step 1 are the same set in both runs, the losses must agree to float rounding (1e-4
     relative); in every case they must agree within 5%, the spread expected from two different random batches of
     the same data at the same initial weights (measured: ~0.5% between batches of 64 of this data at init).
+    Both runs are the session's ``in_order_run``s: their phase-end evaluations and checkpoints come after the steps
+    and train nothing.
     """
     from reclip_ray.schedule import Schedule
-    from reclip_ray.train.launch import run_training
 
-    extra = ["eval.at_phase_end=false", "checkpoint.every_samples=0", "data.shuffle_buffer=0",
-             "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
-             "fault.record_rows=true"]
     histories, first_rows = {}, {}
     for workers in (1, 2):
-        cfg = _config(tmp_path, synth_dir, tokenizer_path, f"w{workers}", workers, extra=extra)
-        result = run_training(cfg)
+        tmp_path, cfg, result = in_order_run(workers)
         client, runs = _mlflow_runs(tmp_path / "mlflow.db")
         run = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
         assert run.data.metrics["workers"] == workers

@@ -170,12 +170,15 @@ class Attempt:
         return ProgressDisplay(board_reader(self.board))
 
     def start_actors(self) -> tuple[Any, Any]:
-        """The run's missing-shards actor and, for a local MLflow store, its tracking relay."""
+        """The run's missing-shards actor (only where shards may be skipped: otherwise a missing shard ends the run)
+        and, for a local MLflow store, its tracking relay. Each actor is a Python process started with every
+        attempt."""
         from reclip_ray.data.pipeline import get_or_create_missing_shards
         from reclip_ray.tracking_relay import start_relay
 
         name = self.prep.run_name
-        missing_actor = get_or_create_missing_shards(f"reclip-missing-shards-{name}")
+        missing_actor = (get_or_create_missing_shards(f"reclip-missing-shards-{name}")
+                         if self.prep.cfg.data.missing_shards == "skip" else None)
         self.relay = start_relay(f"reclip-tracking-{name}") if tracking.is_local_store(self.prep.tracking_uri) else None
         return missing_actor, self.relay
 

@@ -305,7 +305,7 @@ class Worker:
             return
         metrics = {**window.metrics(plan, state, last, lr, sizes[self.rank], self.world),
                    "data_rows_seen": seen, "data_rows_bad": bad, "data_rows_absent": state.rows_absent}
-        if self.missing_actor is not None:
+        if self.missing_actor is not None:  # data.missing_shards=skip (with =fail, a missing shard ends the run)
             import ray
 
             metrics["data_shards_missing"] = len(ray.get(self.missing_actor.missing.remote()))
