@@ -105,10 +105,23 @@ class TrackingRelay:
     it remembers only the ids of recent calls and their results, so that a retried call runs once; a restarted
     relay (``max_restarts``) forgets them, and a metric row written again is then the same row (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm_up: Callable[[], Any] | None = None) -> None:
         use_relay(None)  # this process talks to MLflow itself
         self.calls = 0
         self._done: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        if warm_up is not None:
+            self._warm_up(warm_up)
+
+    @staticmethod
+    def _warm_up(warm_up: Callable[[], Any]) -> None:
+        """Pay the store's first-call cost (importing MLflow, opening the SQLite store: ~1.5 s on 2 cores) while
+        the worker group starts, instead of in rank 0's first call. A failure here is only a warning: that first
+        call then tries again and reports what is wrong."""
+        try:
+            warm_up()
+        except Exception as exc:  # noqa: BLE001
+            print(f"[reclip] WARNING: the MLflow relay could not open the store ahead of time: {exc}",
+                  file=sys.stderr, flush=True)
 
     def _once(self, call_id: str, run: Callable[[], Any]) -> Any:
         if call_id in self._done:
@@ -146,12 +159,13 @@ class TrackingRelay:
         return {"node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}
 
 
-def start_relay(name: str) -> Any:
-    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused."""
+def start_relay(name: str, warm_up: Callable[[], Any] | None = None) -> Any:
+    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused. A new one
+    runs ``warm_up`` (e.g. opening the run's store) as it starts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return ray.remote(TrackingRelay).options(
         name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(warm_up)

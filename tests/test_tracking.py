@@ -142,3 +142,22 @@ def test_a_relay_that_never_answers_warns_on_writes_and_raises_on_reads(monkeypa
     assert len(waits) == 2 * tracking_relay.RELAY_ATTEMPTS
     # The relay did run the write (only its replies were lost): once, whatever the three tries.
     assert _points(uri, run_id, "loss") == [(3, 2.0)] and handle.relay.calls == 2
+
+
+def test_a_relay_opens_the_store_as_it_starts_and_a_failed_warm_up_only_warns(tmp_path, capsys):
+    """The launcher's relay opens the run's store in its constructor (what the worker group's first MLflow call
+    would otherwise wait for); a warm-up that fails is a warning, and the relay still serves calls."""
+    import functools
+
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    opened: list[str] = []
+    relay = tracking_relay.TrackingRelay(warm_up=functools.partial(opened.append, uri))
+    assert opened == [uri] and relay.calls == 0  # ran once, at construction, and is not counted as a call
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    relay = tracking_relay.TrackingRelay(warm_up=broken)
+    assert "the MLflow relay could not open the store ahead of time: disk full" in capsys.readouterr().err
+    run_id = tracking.start_or_resume_run(uri, "exp", "r", None, load_config("tiny"))
+    assert relay.call("id-1", tracking.latest_metric, (uri, run_id, "loss"), {}) is None and relay.calls == 1

@@ -8,6 +8,7 @@ or, when it already finished, returns its final metrics without training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Any
 
@@ -179,7 +180,9 @@ class Attempt:
         name = self.prep.run_name
         missing_actor = (get_or_create_missing_shards(f"reclip-missing-shards-{name}")
                          if self.prep.cfg.data.missing_shards == "skip" else None)
-        self.relay = start_relay(f"reclip-tracking-{name}") if tracking.is_local_store(self.prep.tracking_uri) else None
+        uri = self.prep.tracking_uri
+        self.relay = (start_relay(f"reclip-tracking-{name}", warm_up=functools.partial(tracking.client, uri))
+                      if tracking.is_local_store(uri) else None)
         return missing_actor, self.relay
 
     def final_metrics(self, result: Any) -> dict[str, Any]:
