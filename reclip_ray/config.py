@@ -177,6 +177,7 @@ class FaultConfig:
     fail_at_samples: int = 0  # testing only: rank fail_rank raises once when this many samples have been seen
     fail_rank: int = 0
     step_delay_s: float = 0.0  # testing only: sleep per step, so a short test run is still alive during a resize
+    step_delay_while: str = ""  # testing only: a local file; step_delay_s applies only while it exists ("": always)
     record_rows: bool = False  # testing only: every rank writes the keys it trains, per step, to RUN_DIR/rows/
 
 
@@ -479,7 +480,7 @@ def validate(cfg: Config) -> None:
     ``max_workers`` as valid.
     """
     for check in (_check_run_size, _check_phases, _check_model, _check_optim, _check_train, _check_scaling,
-                  _check_batches, _check_checkpoint, _check_eval, _check_data):
+                  _check_batches, _check_checkpoint, _check_eval, _check_data, _check_fault):
         check(cfg)
 
 
@@ -609,6 +610,19 @@ def _check_data(cfg: Config) -> None:
     if d.tokenizer_sample_captions < 0:
         raise ConfigError(f"'data.tokenizer_sample_captions' must be a number of captions, or 0 for all of them, "
                           f"got {d.tokenizer_sample_captions}")
+
+
+def _check_fault(cfg: Config) -> None:
+    """The test hooks: a file that gates the step delay is a local path each rank stats every step, and gates
+    nothing without a delay (a test that sets only the file would wait on a run that never slows down)."""
+    f = cfg.fault
+    if f.step_delay_s < 0:
+        raise ConfigError(f"'fault.step_delay_s' must be >= 0, got {f.step_delay_s}")
+    if f.step_delay_while and "://" in f.step_delay_while:
+        raise ConfigError(f"'fault.step_delay_while' must be a local file path (each rank checks it every step), "
+                          f"got {f.step_delay_while!r}")
+    if f.step_delay_while and not f.step_delay_s:
+        raise ConfigError("'fault.step_delay_while' gates fault.step_delay_s, which is 0: set both")
 
 
 def _check_amount(value: float, key: str, whole: str, *, allow_zero: bool = True, hint: str = "") -> None:

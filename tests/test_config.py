@@ -111,6 +111,7 @@ SECTION_CASES = [
     (["data.decode_device=tpu"], "'data.decode_device' must be cpu or cuda, got 'tpu'"),
     (["data.decode_device=cuda", "scaling.use_gpu=false"], "'data.decode_device=cuda' decodes on the training GPUs"),
     (["data.tokenizer_sample_captions=-1"], "'data.tokenizer_sample_captions' must be a number of captions"),
+    (["fault.step_delay_s=-0.5"], "'fault.step_delay_s' must be >= 0, got -0.5"),  # _check_fault
 ]
 
 
@@ -129,6 +130,27 @@ def test_accepted_edge_values():
     assert load_config("tiny", ["data.max_bad_fraction=0.5"]).data.max_bad_fraction == 0.5
     assert load_config("tiny", ["train.samples=650", "phases.0.samples=648", "phases.1.samples=2"]).phase_samples() == [
         648, 2]
+
+
+def test_the_step_delay_gated_by_a_file_applies_only_while_the_file_exists(tmp_path):
+    """fault.step_delay_while, the test hook that lets a reliability test decide how long its run crawls: the delay
+    is paid while the file is there, not before it is made nor after it is deleted; without the key it is always
+    paid. A gate without a delay, or on an object store (a request per step per rank), is refused."""
+    from reclip_ray.train.faults import step_delay_s
+
+    gate = tmp_path / "crawl"
+    cfg = load_config("tiny", ["fault.step_delay_s=0.2", f"fault.step_delay_while={gate}"])
+    assert step_delay_s(cfg) == 0.0
+    gate.touch()
+    assert step_delay_s(cfg) == 0.2
+    gate.unlink()
+    assert step_delay_s(cfg) == 0.0
+    assert step_delay_s(load_config("tiny", ["fault.step_delay_s=0.2"])) == 0.2
+    assert step_delay_s(load_config("tiny")) == 0.0
+    with pytest.raises(ConfigError, match=r"^'fault.step_delay_while' gates fault.step_delay_s, which is 0: set both$"):
+        load_config("tiny", [f"fault.step_delay_while={gate}"])
+    with pytest.raises(ConfigError, match=r"^'fault.step_delay_while' must be a local file path .* got 's3://b/crawl'$"):
+        load_config("tiny", ["fault.step_delay_s=0.2", "fault.step_delay_while=s3://b/crawl"])
 
 
 def _phases(*samples, total=1000):

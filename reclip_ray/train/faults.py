@@ -1,5 +1,6 @@
-"""Testing aids in the worker's loop: a planted failure (``fault.fail_at_samples``) and the row log
-(``fault.record_rows``) that shows which rows each rank trained. Both are off in a real run.
+"""Testing aids in the worker's loop: a planted failure (``fault.fail_at_samples``), a slowed step
+(``fault.step_delay_s``, gated by ``fault.step_delay_while``) and the row log (``fault.record_rows``) that shows
+which rows each rank trained. All are off in a real run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ def maybe_inject_fault(cfg: Config, state: TrainState, prev_samples: int, rank: 
         return
     storage.write_json(marker, {"at": at, "samples": state.samples, "time": time.time()})
     raise RuntimeError(f"fault injected at {state.samples} samples on rank {rank} (fault.fail_at_samples={at})")
+
+
+def step_delay_s(cfg: Config) -> float:
+    """Testing only: the seconds to sleep after a step. ``fault.step_delay_s`` keeps a short test run training
+    while the test acts on it (removes a node, kills a worker); with ``fault.step_delay_while`` it applies only
+    while that file exists, so the test deletes the file once it has done so and the run finishes at full speed
+    instead of crawling through a margin sized for the slowest machine.
+
+    The file is a local path: a test on the workers' machine flips it (the simulated cluster's nodes share one
+    disk). Cost: one stat() per step per rank when the file is set, nothing otherwise.
+    """
+    fault = cfg.fault
+    if not fault.step_delay_s or (fault.step_delay_while and not os.path.exists(fault.step_delay_while)):
+        return 0.0
+    return fault.step_delay_s
 
 
 class RowLog:

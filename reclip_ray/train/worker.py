@@ -23,7 +23,7 @@ from reclip_ray.tracking_relay import use_relay
 from reclip_ray.train.batch_split import step_split
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
-from reclip_ray.train.faults import RowLog, fault_marker, maybe_inject_fault
+from reclip_ray.train.faults import RowLog, fault_marker, maybe_inject_fault, step_delay_s
 from reclip_ray.train.final_export import export_run
 from reclip_ray.train.handover import check_data_start, write_fatal
 from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, skip_reason
@@ -198,8 +198,8 @@ class Worker:
             if rows_log is not None:
                 rows_log.write(state.step, plan.index, batch)
             maybe_inject_fault(cfg, state, prev, self.rank, self.fault_marker)
-            if cfg.fault.step_delay_s:
-                time.sleep(cfg.fault.step_delay_s)
+            if delay := step_delay_s(cfg):
+                time.sleep(delay)
             if state.step % cfg.train.log_every_steps == 0 or state.samples >= plan.end_sample:
                 self.log_window(plan, window, last, lr, sizes)
                 window = Window()
