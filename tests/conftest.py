@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train starts a preemption-watcher actor (a Python process, ~1.3 s of CPU) with every worker group, to drain
 # workers before a spot node is reclaimed; no test preempts a node, and the suite starts some 40 worker groups.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Token authentication, as Ray 2.60 turns it on for the clusters `ray start` (with a token in ~/.ray) and `ray.init()`
+# start: the session cluster then asks of the tests' clients (a `ray job submit`, a CLI joining with RAY_ADDRESS,
+# which inherit this) what a user's cluster asks of theirs. Set before Ray is imported, which reads it once.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 S3_BUCKET = "reclip-test"
@@ -84,6 +90,16 @@ def s3_requests(s3_server) -> list[tuple[str, str]]:
     return S3_REQUESTS
 
 
+def _ensure_auth_token() -> None:
+    """The user's default token (~/.ray/auth_token), made once on a machine that has none, as `ray.init()` does."""
+    if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        return
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray if os.path.exists(ray) else "ray", "get-auth-token", "--generate"], check=True,
+                   capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``) that the whole test session shares.
@@ -95,6 +111,9 @@ def ray_cluster(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
+    _ensure_auth_token()
+    # A `ray job submit` entrypoint's `python` is found on the PATH of the cluster's processes: make it this one.
+    os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
     # Ray records the newest cluster's address in /tmp/ray/ray_current_cluster and fails if /tmp/ray is missing
     # (a fresh machine where no Ray ran with its default temp dir).
     os.makedirs("/tmp/ray", exist_ok=True)

@@ -1,20 +1,19 @@
-"""`ray job submit` end to end against a real head node started with `ray start --head --block`, as the README's
-"On a cluster" runs it: data and run folder on S3 (a real S3 API on localhost, moto), tokenizer a local file.
+"""`ray job submit` end to end, as the README's "On a cluster" runs it, against this session's test cluster: its
+head's dashboard hosts the job server, as a `ray start --head` node's does. Data and run folder on S3 (a real S3 API
+on localhost, moto), tokenizer a local file.
 
-The head runs under its own session (setsid) with its own temp dir and ports, token authentication on, and only
-that process group is killed at the end (never `ray stop`, which would take every Ray on the machine with it).
+The job runs beside the other tests' work on the shared cluster, so it must leave it as it found it: no actor or
+placement group of the job outlives it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,33 +24,31 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    """Whether an HTTP server answers at ``url`` (any status: with token authentication on, 401 is an answer)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     ray = shutil.which("ray", path=env["PATH"]) or "ray"
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(tmp_path, synth_dir, tokenizer_path,
-                                                                          s3_prefix):
+# Ray Data's per-cluster singletons (detached, named): the first Ray Data user of a cluster starts them, for all.
+_CLUSTER_SINGLETONS = {"_StatsActor", "_AutoscalingCoordinatorActor"}
+
+
+def _alive() -> set[str]:
+    """The cluster's live actors (but Ray Data's singletons) and placement groups, as ``actor CLASS ID``, ``group ID``."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+              if a.class_name not in _CLUSTER_SINGLETONS]
+    groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=10_000)
+    return {f"actor {a.class_name} {a.actor_id}" for a in actors} | {f"group {g.placement_group_id}" for g in groups}
+
+
+def _walk_for(root: str, name: str) -> list[str]:
+    return [folder for folder, dirs, files in os.walk(root) if name in dirs or name in files]
+
+
+def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cluster, tmp_path, synth_dir,
+                                                                          tokenizer_path, s3_prefix):
     from mlflow.tracking import MlflowClient
 
     from reclip_ray import storage
@@ -60,66 +57,48 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(tmp_pa
     storage.upload_dir(str(synth_dir / "train"), f"{data}/train")
     storage.upload_dir(str(synth_dir / "eval"), f"{data}/eval")
 
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Unix socket paths are limited
-    dashboard = _free_port()
+    # The dashboard's address, as `ray start --head` prints it for RAY_ADDRESS. The nodes reach S3 with their own
+    # credentials (here AWS_ENDPOINT_URL & co., in the cluster's environment since the s3_server fixture set them
+    # before it started; on a cloud, the instance role): the job's runtime env needs nothing for it.
+    address = f"http://{ray_cluster.head_node.webui_url}"
+    # The cluster has token authentication on (conftest), as the README's `ray start` head has: a client without the
+    # token is refused, and the README's client setting is what lets the submit through.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10).close()
+    assert refused.value.code == 401
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # The nodes reach S3 with their own credentials (here AWS_ENDPOINT_URL & co., set by the s3_server fixture, in
-    # the head's environment; on a cloud, the instance role): the job's runtime env needs nothing for it.
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is the head's
-        "RAY_AUTH_MODE": "token",  # token authentication stays on, for the head and for the job client
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "OMP_NUM_THREADS": "1",
-    })
-    head_cmd = [
-        "ray", "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=4",
-        f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-    ]
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(head_cmd, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 120
-        # Wait for the dashboard's HTTP server (up once its modules are loaded) with cheap requests, then confirm
-        # with the job CLI: each `ray job list` is a Ray-importing process, ~2 s of CPU that the starting head needs.
-        while not _answers(address):
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the head's dashboard did not come up"
-            time.sleep(0.2)
-        while _ray("job", "list", "--address", address, env=env).returncode != 0:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the head's job server did not come up"
-            time.sleep(1.0)
+    env["RAY_AUTH_MODE"] = "token"  # the README: "set RAY_AUTH_MODE=token on the client that submits"
+    before = _alive()
 
-        sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
-                             extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
-                                    f"run.storage_path={runs}"])  # the later --set wins
-        # As the README runs it: the submit blocks, streams the job's logs and ends with the job. (Polling `ray job
-        # status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds on a 2-core machine.)
-        args = ["job", "submit", "--address", address, "--submission-id", "reclip-e2e", "--working-dir", ".",
-                "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
-        for s in sets:
-            args += ["--set", s]
-        submitted = _ray(*args, env=env, timeout=480)
-        logs = submitted.stdout
-        assert submitted.returncode == 0, f"{submitted.stderr[-3000:]}\n{logs[-4000:]}"
-        status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
-        assert "succeeded" in status.lower(), f"{status}\n{logs[-4000:]}"
-        # Path("s3://b/x") is the relative path s3:/b/x: it would land in the job's working dir (under temp_dir).
-        made = [folder for folder, dirs, _ in os.walk(temp_dir) if "s3:" in dirs]
-        assert not made, made
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only the process group this test started
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        head_log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
+                         extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
+                                f"run.storage_path={runs}"])  # the later --set wins
+    # As the README runs it: the submit blocks, streams the job's logs and ends with the job. (Polling `ray job
+    # status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds on a 2-core machine.)
+    args = ["job", "submit", "--address", address, "--submission-id", "reclip-e2e", "--working-dir", ".",
+            "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
+    for s in sets:
+        args += ["--set", s]
+    submitted = _ray(*args, env=env, timeout=480)
+    logs = submitted.stdout
+    assert submitted.returncode == 0, f"{submitted.stderr[-3000:]}\n{logs[-4000:]}"
+    status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
+    assert "succeeded" in status.lower(), f"{status}\n{logs[-4000:]}"
+
+    # Path("s3://b/x") is the relative path s3:/b/x: it would land in the working dir of the process that made it,
+    # all under the cluster's session dir: the driver's is the job's working dir as Ray unpacked it (found by its
+    # jobs/pretrain.py), the Train workers' is Ray Train's artifacts/<run name>.
+    session = ray_cluster.head_node.get_session_dir_path()
+    assert any(os.path.isfile(os.path.join(f, "jobs", "pretrain.py")) for f in _walk_for(session, "jobs")), session
+    assert _walk_for(os.path.join(session, "artifacts"), "jobrun"), session
+    made = _walk_for(session, "s3:")
+    assert not made, made
+
+    # The job's supervisor, Ray Train's controller and workers, the tracking relay and their placement group are gone.
+    deadline = time.time() + 30
+    while left := _alive() - before:
+        assert time.time() < deadline, f"left on the cluster: {sorted(left)}"
+        time.sleep(0.5)
 
     run_dir = f"{runs}/jobrun"
     snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")  # Ray Train's own, on S3

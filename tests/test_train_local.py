@@ -42,10 +42,14 @@ def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
     make_synthetic(tmp_path, train=6000, eval=400, seed=1, shard_rows=1000)
     tok = load_tokenizer(tokenizer_path)
     steps, batch = 250, 128
+    # Two image blocks and one text block (tiny has 4 and 3): half the step time, and at this budget it learns
+    # colour at least as well (train.seed 0/1/2: colour top-1 0.41/0.67/0.50, scene 0.84/0.89/0.87; tiny's own
+    # depths, seed 0: 0.32 and 0.87, in 69 s instead of 35 s).
     cfg = load_config("tiny", [
         f"data.train={tmp_path / 'train'}", f"train.samples={steps * batch}", f"train.batch_size={batch}",
-        "phases=[{name: low, image_size: 32, text_length: 16, samples: 1.0}]",
-        "optim.lr=1.0e-3", "optim.warmup_samples=0.1", "optim.schedule=global", "train.log_every_steps=100",
+        "phases=[{name: low, image_size: 32, text_length: 16, samples: 1.0}]", "model.vision.depth=2",
+        "model.text.depth=1", "optim.lr=1.0e-3", "optim.warmup_samples=0.1", "optim.schedule=global",
+        "train.log_every_steps=100",
     ])
     model, history = train_local(cfg, tokenizer=tok, log=None)
     schedule = Schedule.from_config(cfg)
@@ -58,11 +62,11 @@ def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
     assert last < first - 0.5
     metrics = evaluate_dataset(model, tok, str(tmp_path / "eval"), image_size=32, text_length=16, batch_size=200)
     # Zero-shot on held-out images with prompts never seen as captions ("a photo of a red object."): the scene's
-    # tone is learned first and the object's colour after it (measured 0.868 vs chance 0.125 and 0.32 vs 0.10 here;
+    # tone is learned first and the object's colour after it (measured 0.837 vs chance 0.125 and 0.407 vs 0.10 here;
     # BENCHMARKS.md, "The default job: what it learns"). Position and shape need far more steps at this batch size,
     # so they are reported, not asserted, here.
     assert metrics["scene/top1"] > 4 * metrics["scene/chance_top1"], metrics
-    assert metrics["colour/top1"] > 2.5 * metrics["colour/chance_top1"], metrics
+    assert metrics["colour/top1"] > 3 * metrics["colour/chance_top1"], metrics
     chance_r10 = 10 / metrics["rows"]
     assert metrics["image_to_text_r@10"] > 3 * chance_r10, metrics
     assert metrics["text_to_image_r@10"] > 3 * chance_r10, metrics
