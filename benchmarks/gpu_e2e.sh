@@ -204,14 +204,21 @@ logs = glob.glob(f"{sys.argv[4]}/logs/*.log") + glob.glob(f"{sys.argv[4]}/runs/*
 text = "".join(open(f, errors="replace").read() for f in logs)
 resumed = re.search(r"resumed at ([0-9,]+) samples", open(f"{sys.argv[4]}/logs/job1_resume.log").read())
 missing = sorted(set(re.findall(r"No module named '([^']+)'", text)))  # a wheel the set lacks, in any process
+# Each job's local Ray must bring its dashboard up (Ray Train's placement-group cleaner and the state API need it;
+# ray.init only logs its failure): every "Started a local Ray instance." goes on with "View the dashboard at".
+ray_starts = len(re.findall(r"Started a local Ray instance\.", text))
+no_dashboard = ray_starts - len(re.findall(r"Started a local Ray instance\. View the dashboard at", text)) \
+    + text.count("Failed to start the dashboard")
 steps = {r["step"]: r["rc"] for r in rows if r.get("e2e") == "step"}
 must = ["install", "data", "check_env", "job1_resume", "job1_phases", "eval", "job2", "export_open_clip", "job2_phases"]
 attempt1 = next((r for r in rows if r.get("step") == "job1_attempt1"), {})
 resumed_at = int(resumed.group(1).replace(",", "")) if resumed else None
 table = {"gpu_e2e": {"cpu_dry_run": sys.argv[3] == "1", "ok": all(steps.get(s) == 0 for s in must)
-                     and attempt1.get("killed_after_checkpoint") is True and bool(resumed_at),
+                     and attempt1.get("killed_after_checkpoint") is True and bool(resumed_at)
+                     and ray_starts > 0 and no_dashboard == 0,
                      "steps": steps, "killed_after_checkpoint": attempt1.get("killed_after_checkpoint"),
                      "resumed_at_samples": resumed_at, "modules_missing_in_logs": missing,
+                     "ray_starts": ray_starts, "ray_starts_without_dashboard": no_dashboard,
                      "phases": [r for r in rows if r.get("e2e") == "phase"],
                      "open_clip": next((r for r in rows if r.get("e2e") == "open_clip_load"), None)}}
 json.dump(table, open(sys.argv[2], "w"), indent=1)
