@@ -60,6 +60,25 @@ def test_pareto_front():
     assert pareto_front([(1.0, 3.0), (2.0, 1.0)], "min") == [0, 1]
 
 
+def test_a_grid_runs_in_the_order_the_space_file_lists_it(tmp_path):
+    """Tune sorts a grid's keys and varies the first fastest; the sweep keys them by their place in the file, so
+    the first listed parameter varies fastest whatever its name. Expanded by Tune's own variant generator."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from reclip_ray.sweep.space import trial_params, tune_param_space
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params:\n  optim.lr: {grid: [1.0e-3, 1.0e-9]}\n  data.eval: {grid: [good, broken]}\n"
+                     "  finetune_fraction: {grid: [0.1, 0.2]}\nmetric: loss\nmode: min\nbudget: {gflops: 300}\n")
+    trials = [trial_params(config) for _, config in generate_variants(tune_param_space(load_space(space), {}))]
+    expected = [{"optim.lr": lr, "data.eval": ev, "finetune_fraction": f}
+                for f in (0.1, 0.2) for ev in ("good", "broken") for lr in (1e-3, 1e-9)]
+    assert trials == expected
+    # A sweep started before the place prefix existed resumes with its trials' configs keyed by path alone.
+    assert trial_params({"optim/lr": 1e-3, "phases/0/image_size": 32, "_setup": {}}) == {
+        "optim.lr": 1e-3, "phases.0.image_size": 32}
+
+
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     import time
 
@@ -99,8 +118,10 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     assert set(space["params"]) == {"optim.lr", "phases.0.image_size"}
     broken = write_broken_eval_set(tmp_path / "broken_eval", synth_dir / "eval")
     good = str(synth_dir / "eval")
-    # The grid runs (1e-3, good), (1e-9, good), (1e-3, broken), (1e-9, broken): the last starts once two trials have
-    # ended, when both good ones have recorded their loss at the first rung, and is stopped there (smoke.yaml).
+    # The grid runs (1e-3, good), (1e-9, good), (1e-3, broken), (1e-9, broken), in the file's order (not Tune's
+    # alphabetical one, which would run both lr=1e-3 trials side by side and stop whichever of the two reaches the
+    # first rung second with the higher loss: a coin toss). The last starts once two trials have ended, when both
+    # good ones have recorded their loss at the first rung (a stopped trial's too), and is stopped there (smoke.yaml).
     space["params"] = {"optim.lr": space["params"]["optim.lr"], "data.eval": {"grid": [good, str(broken)]}}
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(space))
     db = tmp_path / "mlflow.db"
@@ -112,6 +133,8 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     assert sweep_dir == f"{s3_prefix}/runs/smoke"
     rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv"))))
     assert len(rows) == 4 == summary["trials"] and summary["errors"] == 0
+    started = [(float(r["param:optim.lr"]), r["param:data.eval"]) for r in sorted(rows, key=lambda r: r["trial_id"])]
+    assert started == [(1e-3, good), (1e-9, good), (1e-3, str(broken)), (1e-9, str(broken))]
     assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
     for r in rows:
         assert 0 < float(r["gflops_spent"]) <= 300 * 1.05

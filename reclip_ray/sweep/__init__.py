@@ -14,7 +14,7 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     budget: {gflops: 40}             # or {samples: 20000}: each trial's phase lengths are derived from it
     scheduler: {name: asha, grace_fraction: 0.25, reduction_factor: 2}   # time axis: training GFLOPs spent
     num_samples: 1
-    max_concurrent_trials: 2
+    max_concurrent_trials: 2        # the grid runs in the file's order, the first parameter varying fastest
 
 Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray Train V2's way of nesting Train in
 Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end and at every compute milestone

@@ -6,6 +6,7 @@ Every mistake in the file is a one-line ``ConfigError`` naming the key, found be
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,24 @@ def grid_corners(space: Space) -> list[dict[str, Any]]:
 
 
 def tune_param_space(space: Space, setup: dict[str, Any]) -> dict[str, Any]:
-    """Tune's ``param_space``: each parameter's domain under a flat key (``phases/0/image_size``: readable in
-    results.csv), and ``_setup``, what every trial shares (``trainable.trial_setup``)."""
-    return {**{k.replace(".", "/"): _tune_domain(v) for k, v in space.params.items()}, "_setup": setup}
+    """Tune's ``param_space``: each parameter's domain under a flat key, and ``_setup``, what every trial shares
+    (``trainable.trial_setup``).
+
+    The key is the parameter's place in the space file, then its path (``p01_phases/0/image_size``), because Tune
+    expands a grid in the sorted order of its keys, the first varying fastest: with the place first, the grid runs
+    in the file's order. Under ``max_concurrent_trials`` that order decides which trials run side by side and meet
+    first at an ASHA rung, so it must be the one the user wrote, not the alphabet's."""
+    return {**{f"p{i:02d}_{k.replace('.', '/')}": _tune_domain(v) for i, (k, v) in enumerate(space.params.items())},
+            "_setup": setup}
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's parameters from its Tune config: dotted config paths again, without ``_setup``."""
-    return {k.replace("/", "."): v for k, v in config.items() if k != "_setup"}
+    """A trial's parameters from its Tune config: dotted config paths again, without ``_setup`` (and without the
+    place prefix, which a sweep started before it existed does not have)."""
+    return {_PLACE.sub("", k).replace("/", "."): v for k, v in config.items() if k != "_setup"}
+
+
+_PLACE = re.compile(r"^p\d{2}_")
 
 
 def _tune_domain(spec: dict[str, Any]):
