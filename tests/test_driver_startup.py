@@ -147,3 +147,14 @@ def test_footers_use_threads_only_when_reads_wait_on_storage(tmp_path, monkeypat
     monkeypatch.setattr(shards, "_footer", fast)
     shards.footers(files)
     assert seen == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("workers, split", [((1, 1), []), ((2, 2), "all"), ((1, 2), "all")])
+def test_only_a_run_that_always_has_one_worker_reads_its_phases_unsplit(workers, split):
+    """streaming_split runs a coordinator actor per phase; a run that can never have a second worker reads its
+    stream itself. An elastic run that starts with one worker may get a second, so it is always split."""
+    from reclip_ray.train.launch import data_config
+
+    lo, hi = workers
+    cfg = load_config("tiny", [f"scaling.min_workers={lo}", f"scaling.max_workers={hi}"])
+    assert data_config(cfg)._datasets_to_split == split

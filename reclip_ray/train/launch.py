@@ -129,7 +129,19 @@ def build_trainer(prep: Prepared, attempt: Attempt, callbacks: list[Any] | None)
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,
+        dataset_config=data_config(cfg),
     )
+
+
+def data_config(cfg: Config) -> Any:
+    """Ray Train's DataConfig: each phase's stream is split over the workers (``streaming_split(equal=True)``, one
+    coordinator actor per phase), except in a run that can only ever have one worker, which reads its phase's
+    stream itself: the same rows in the same order, without a coordinator process per phase (~1.5 s of CPU and
+    a process start before the phase's first batch)."""
+    import ray.train
+
+    single = cfg.scaling.max_workers == 1
+    return ray.train.DataConfig(datasets_to_split=[] if single else "all")
 
 
 def fit(trainer: Any, display: Any) -> Any:
