@@ -123,7 +123,7 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     # first rung second with the higher loss: a coin toss). The last starts once two trials have ended, when both
     # good ones have recorded their loss at the first rung (a stopped trial's too), and is stopped there (smoke.yaml).
     space["params"] = {"optim.lr": space["params"]["optim.lr"], "data.eval": {"grid": [good, str(broken)]}}
-    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     db = tmp_path / "mlflow.db"
     summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=[
         f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
