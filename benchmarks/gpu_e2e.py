@@ -98,14 +98,31 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
 
 def phases(args: argparse.Namespace) -> int:
     from reclip_ray.config import load_config
-    from reclip_ray.plan import GPU_PEAKS
 
     cfg = load_config(args.config, args.set)
     run_id, status = _run_id(args.tracking_uri, args.experiment)
-    peak = args.peak_flops or GPU_PEAKS["h200"].tflops * 1e12  # dense bf16, NVIDIA's data sheet
+    peak, source = peak_flops(args.peak_flops)
     for row in phase_rows(args.tracking_uri, run_id, cfg, peak):
-        print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row}), flush=True)
+        print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row, "peak_tflops": peak / 1e12,
+                          "peak_of": source}), flush=True)
     return 0
+
+
+def peak_flops(given: float) -> tuple[float, str]:
+    """One GPU's dense bf16 FLOP/s for the MFU column, and whose it is: ``--peak-flops``, else the data sheet's
+    peak of the GPU torch sees (``plan.device_gpu_peak``), else the H200's, marked as assumed (the CPU dry run,
+    or a GPU the table lacks)."""
+    import torch
+
+    from reclip_ray.plan import GPU_PEAKS, device_gpu_peak
+
+    if given:
+        return given, "--peak-flops"
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    known = device_gpu_peak(name) if torch.cuda.is_available() else None
+    if known is None:
+        return GPU_PEAKS["h200"].tflops * 1e12, f"{GPU_PEAKS['h200'].name}, assumed ({name})"
+    return known.tflops * 1e12, f"{known.name} ({name})"
 
 
 def open_clip_check(args: argparse.Namespace) -> int:
@@ -170,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tracking-uri", required=True)
     s.add_argument("--experiment", required=True)
     s.add_argument("--label", required=True)
-    s.add_argument("--peak-flops", type=float, default=0.0, help="FLOP/s of one GPU (default: plan.GPU_PEAKS' H200)")
+    s.add_argument("--peak-flops", type=float, default=0.0,
+                   help="FLOP/s of one GPU (default: the data sheet's for the GPU torch sees)")
     s.add_argument("--config", required=True)
     s.add_argument("--set", action="append", default=[])
     s.set_defaults(func=phases)

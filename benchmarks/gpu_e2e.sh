@@ -32,7 +32,8 @@
 #   job 2: 24,576 samples = 48 steps of 512 (10.5 s at 2,332/s); two compiled graphs (GradCache's no-grad encode and
 #     the training forward; one compile took 59 s at 64 px on this machine) -> ~140 s with the start.
 # Per phase it prints samples/s, step time, data wait (median of the logging windows, the first dropped), MFU
-# (reclip_ray.flops per-sample training FLOPs x samples/s / 989e12, the H200's dense bf16 peak) and the worker's
+# (reclip_ray.flops per-sample training FLOPs x samples/s / the GPU's dense bf16 peak: 989e12 on an H100 SXM or H200,
+# plan.device_gpu_peak by the name torch reports, printed in each row as peak_of) and the worker's
 # peak GPU memory (worker_peak_gpu_mib, reset at each phase start). JSON lines on stdout; the final line starts
 # with {"gpu_e2e":. $OUT gets e2e.jsonl, e2e_table.json and e2e_logs.tar.gz (every step's log, Ray's run logs).
 #
@@ -55,7 +56,7 @@ WORK="${E2E_DIR:-${TMPDIR:-/tmp}/reclip_e2e$([[ $CPU == 1 ]] && echo _cpu)}"
 SITE="$WORK/site"
 LOGS="$WORK/logs"
 JSONL="$OUT/e2e.jsonl"
-PEAK_FLOPS="${PEAK_FLOPS:-0}"  # FLOP/s of one GPU; 0: plan.GPU_PEAKS["h200"] (989e12, dense bf16)
+PEAK_FLOPS="${PEAK_FLOPS:-0}"  # FLOP/s of one GPU; 0: the data sheet's for the GPU torch sees (gpu_e2e.peak_flops)
 mkdir -p "$OUT" "$LOGS"
 rm -rf "$SITE" "$WORK/runs" "$WORK/mlflow.db" "$WORK/mlartifacts" "$WORK/openclip"
 : >"$JSONL"

@@ -312,7 +312,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="preset name (tiny, small, vit-b-16, vit-l-16) or YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--gpus", type=int, default=None, help="price the run on N GPUs (wall time, decode cores)")
-    p.add_argument("--gpu", default=None, help="h100 (default), a100 or h200: dense bf16 peak")
+    p.add_argument("--gpu", default=None, help="h100 (default), h100-pcie, a100 or h200: dense bf16 peak")
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--decode-rates", default=None, metavar="FILE.jsonl", help="`reclip-ray bench data` output")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

@@ -40,6 +40,8 @@ GPU_PEAKS: dict[str, GpuPeak] = {
                     "NVIDIA H100 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense"),
     "a100": GpuPeak("NVIDIA A100 SXM", 312.0, "dense BF16 tensor core",
                     "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS BF16 dense, 624 with sparsity"),
+    "h100-pcie": GpuPeak("NVIDIA H100 PCIe", 756.0, "dense BF16 tensor core",
+                         "NVIDIA H100 Tensor Core GPU datasheet: 1,513 TFLOPS BF16 with sparsity, 756 dense"),
     "h200": GpuPeak("NVIDIA H200 SXM", 989.0, "dense BF16 tensor core",
                     "NVIDIA H200 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense "
                     "(H100's compute)"),
@@ -115,6 +117,23 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+
+
+def device_gpu_peak(device_name: str) -> GpuPeak | None:
+    """The peak of the GPU ``torch.cuda.get_device_name()`` names ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+    "NVIDIA A100-SXM4-80GB", ...), or None where the table has no row for it. An MFU against the wrong peak is a
+    wrong number, not a rough one: an H100 PCIe has 76 % of the SXM's, and the NVL boards (H100 NVL, H200 NVL)
+    have their own, so those are None rather than their SXM sibling's."""
+    name = device_name.lower()
+    if "nvl" in name:
+        return None
+    if "h200" in name:
+        return GPU_PEAKS["h200"]
+    if "h100" in name:
+        return GPU_PEAKS["h100-pcie" if "pcie" in name else "h100"]
+    if "a100" in name:  # SXM and PCIe boards share the A100's 312 dense BF16 TFLOPS
+        return GPU_PEAKS["a100"]
+    return None
 
 
 def gpu_peak(name: str) -> GpuPeak:
@@ -356,5 +375,5 @@ def _format_hardware(plan: Plan, hw: Hardware) -> list[str]:
     return lines
 
 
-__all__ = ["GPU_PEAKS", "DEFAULT_DECODE_RATES", "Plan", "PhaseCost", "Hardware", "make_plan", "plan_run",
+__all__ = ["GPU_PEAKS", "device_gpu_peak", "DEFAULT_DECODE_RATES", "Plan", "PhaseCost", "Hardware", "make_plan", "plan_run",
            "format_plan", "load_decode_rates", "decode_rate_at", "wall_seconds"]

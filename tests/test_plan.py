@@ -200,7 +200,7 @@ def test_plan_imports_neither_ray_nor_torch(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--gpus", "8", "--gpu", "v100"], "unknown --gpu 'v100'; known: a100, h100, h200"),
+    (["--gpus", "8", "--gpu", "v100"], "unknown --gpu 'v100'; known: a100, h100, h100-pcie, h200"),
     (["--gpu", "h100"], "add --gpus N"),
     (["--gpus", "0"], "--gpus must be >= 1"),
     (["--gpus", "8", "--mfu", "1.5"], "--mfu must be in (0, 1]"),
@@ -218,3 +218,17 @@ def test_tiny_plan_without_gpus_prints_a_hint(capsys):
     assert rc == 0
     assert "config tiny" in out and "add --gpus N" in out and "decode cores/GPU" not in out
     assert json.loads(json.dumps(make_plan(load_config("tiny")).to_dict()))["hardware"] is None
+
+
+@pytest.mark.parametrize("device, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA H100 NVL", None), ("NVIDIA H200 NVL", None), ("NVIDIA L4", None),
+])
+def test_the_peak_of_the_gpu_torch_names(device, peak):
+    """MFU on a lent GPU is taken against the peak of the board torch reports (benchmarks/gpu_e2e.py); a board the
+    table lacks (an NVL, an L4) is None, not its SXM sibling's number."""
+    from reclip_ray.plan import device_gpu_peak
+
+    found = device_gpu_peak(device)
+    assert (found.tflops if found else None) == peak
