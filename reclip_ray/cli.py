@@ -32,10 +32,11 @@ def _os_error(exc: OSError) -> ReclipError:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from reclip_ray.data.synth import make_synthetic
+    from reclip_ray.data.synth import IMAGE_SIZE, make_synthetic
 
     try:
         summary = make_synthetic(args.out, train=args.train, eval=args.eval, seed=args.seed, shard_rows=args.shard_rows,
+                                 image_size=args.image_size or IMAGE_SIZE, workers=args.workers or None,
                                  textured=args.textured)
         if args.shrink:
             from reclip_ray.storage import join
@@ -203,6 +204,10 @@ def _add_data_synth(data: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-rows", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=0, metavar="PX",
+                   help="side of every image, 32-256 (default 128); 256 to train a 224 px phase without upscaling")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing the images (default: one per core from 4,000 rows, else one)")
     p.add_argument("--shrink", default="", metavar="SIZES", help="also store shrunk copies of the train split, e.g. 40,80")
     p.add_argument("--textured", action="store_true",
                    help="textured backgrounds and their label set 'background': detail that 32 px cannot show")

@@ -226,6 +226,21 @@ def test_textured_dataset_has_the_background_label_set(tmp_path, capsys):
     assert "label_background" not in pq.read_schema(list_parquet_files(str(out / "train"))[0]).names
 
 
+def test_synth_cli_image_size_draws_at_that_size_and_out_of_range_is_one_line(tmp_path, capsys):
+    """A 224 px phase needs sources of at least 224 px: ``--image-size 256`` draws them (no upscaling), in the
+    JPEG bytes and the width/height columns alike."""
+    out = tmp_path / "ds"
+    assert cli_main(["data", "synth", "--out", str(out), "--train", "6", "--eval", "2", "--image-size", "256",
+                     "--workers", "1"]) == 0
+    table = pq.read_table(list_parquet_files(str(out / "train"))[0])
+    with Image.open(io.BytesIO(table.column("image")[0].as_py())) as im:
+        assert im.size == (256, 256)
+    assert set(table.column("width").to_pylist()) == set(table.column("height").to_pylist()) == {256}
+    capsys.readouterr()
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "bad"), "--train", "6", "--image-size", "512"]) == 2
+    assert "synthetic image_size must be between 32 and 256, got 512" in capsys.readouterr().err
+
+
 def test_inspect_reports_bad_rows(tmp_path, synth_dir):
     good = pq.read_table(list_parquet_files(str(synth_dir / "train"))[0]).slice(0, 20).to_pylist()
     good[3]["image"] = good[3]["image"][:300]
