@@ -134,6 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
             classes_path=args.classes,
             image_size=args.image_size,
             batch_size=args.batch_size,
+            caption_column=args.caption_column,
         )
     )
     return 0
@@ -285,6 +286,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default=None, help="JSON list of class names (or {classes, templates})")
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--caption-column", default=None,
+                   help="the eval set's caption column (default: the run's data.caption_column, else 'caption')")
     p.set_defaults(func=_eval)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_
                                                                       if k.startswith("label/")}
 
 
-def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth_dir, tmp_path):
+def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth_dir, tmp_path, capsys):
     """An eval set whose captions sit in a column named neither like the run's ``data.caption_column`` nor
     ``caption`` is scored as captionless (zero-shot only) unless ``caption_column`` names it; named, it scores
     exactly what the same set with canonical names scores. A named column the shards lack is a one-line error."""
@@ -144,6 +145,7 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
 
     import pyarrow.parquet as pq
 
+    from reclip_ray.cli import main
     from reclip_ray.data.shards import list_parquet_files
 
     src = synth_dir / "eval"
@@ -164,3 +166,10 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
     missing = r"--caption-column 'nope': no such column in .*\.parquet; columns are .*'alt_text'"
     with pytest.raises(ReclipError, match=missing):
         evaluate_checkpoint(str(export_dir), str(renamed), image_size=32, caption_column="nope")
+    # The same through `reclip-ray eval`, whose flag the error names.
+    args = ["eval", "--checkpoint", str(export_dir), "--data", str(renamed), "--image-size", "32"]
+    capsys.readouterr()
+    assert main([*args, "--caption-column", "alt_text"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == reference
+    assert main([*args, "--caption-column", "nope"]) == 2
+    assert re.search(missing, capsys.readouterr().err)
