@@ -5,7 +5,10 @@ for a run's first checkpoint (the kill-and-resume check) and the per-phase table
   python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S [--pid P]   exits 0 once a checkpoint folder
         exists, 1 after S seconds or once process P (the job) has exited
   python benchmarks/gpu_e2e.py phases --tracking-uri URI --experiment NAME --label L --peak-flops F
-        --config C [--set K=V ...]     one JSON line per phase: samples/s, step time, data wait, MFU, peak GPU memory
+        --config C [--set K=V ...] [--cpu-log F]   one JSON line per phase: samples/s, step time, data wait, MFU,
+        peak GPU memory, and with the cpu-sample log the cores Ray Data's tasks kept busy feeding the GPU
+  python benchmarks/gpu_e2e.py cpu-sample OUT_JSONL [--interval S]   until SIGTERM: each process's CPU time from
+        /proc, summed by what it works for (``cpu_group``), one JSON line per interval
 
 Steady state: the median over a phase's logging windows, its first window dropped (the worker group, the data
 pipeline's start and a compile fall in it), as ``reclip-ray bench e2e`` does.
@@ -66,6 +69,81 @@ def _run_id(uri: str, experiment: str) -> tuple[str, str]:
     return runs[0].info.run_id, runs[0].info.status
 
 
+def cpu_group(title: str) -> str:
+    """What a process's CPU time is spent on, by the title Ray gives a worker process (``setproctitle``, read back
+    from /proc/PID/cmdline): ``data`` for Ray Data's tasks (the fused read + decode ``MapBatches``) and the stream's
+    split coordinator, ``train`` for the Ray Train worker (its step, and its share of the feed: collating, the
+    shuffle window), ``other`` for the rest (the driver, Ray's own daemons, idle workers, this sampler)."""
+    if "MapBatches(" in title or "ReadItems" in title or "SplitCoordinator" in title:
+        return "data"
+    if "TrainWorker" in title:
+        return "train"
+    return "other"
+
+
+def _proc_cpu() -> dict[tuple[int, int], tuple[float, str]]:
+    """{(pid, start tick): (CPU seconds so far, title)} of every process readable in /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone between listdir and open
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the (comm), which may hold spaces
+        out[(int(pid), int(fields[19]))] = ((int(fields[11]) + int(fields[12])) / tick, title)
+    return out
+
+
+def cpu_deltas(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two ``_proc_cpu`` readings, by ``cpu_group`` of each process's title: the current
+    one, or the earlier one where the process is back to ``ray::IDLE`` (a data task that ended in between ran in
+    that time, not the idle worker). A process born in between counts from zero; one that died in between is lost
+    (its last interval only)."""
+    spent = {"data": 0.0, "train": 0.0, "other": 0.0}
+    for key, (cpu, title) in after.items():
+        was_cpu, was_title = before.get(key, (0.0, ""))
+        group = cpu_group(title)
+        spent[group if group != "other" else cpu_group(was_title)] += max(0.0, cpu - was_cpu)
+    return spent
+
+
+def cpu_sample(args: argparse.Namespace) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    last = _proc_cpu()
+    with open(args.out, "a") as f:
+        while True:
+            time.sleep(args.interval)
+            now = _proc_cpu()
+            f.write(json.dumps({"t": round(time.time(), 3), **{k: round(v, 3) for k, v in
+                                                               cpu_deltas(last, now).items()}}) + "\n")
+            f.flush()
+            last = now
+
+
+def data_cores(windows: list[tuple[float, float]], samples: list[dict[str, float]]) -> float | None:
+    """Mean cores Ray Data's tasks kept busy over the logging windows ``(start, end]`` (epoch seconds): the ``data``
+    CPU seconds the sampler saw in them over their total length. None without samples inside them."""
+    spent = [s["data"] for s in samples if any(a < s["t"] <= b for a, b in windows)]
+    length = sum(b - a for a, b in windows)
+    return round(sum(spent) / length, 2) if spent and length > 0 else None
+
+
+def steady_windows(timestamps: list[float]) -> list[tuple[float, float]]:
+    """A phase's logging windows as (start, end) from the consecutive logging times of its steps, dropping any
+    longer than 3x the median: a kill and a resume fall between two of a phase's windows (the e2e job's lowres)."""
+    spans = [(a, b) for a, b in zip(timestamps, timestamps[1:]) if b > a]
+    if not spans:
+        return []
+    typical = statistics.median(b - a for a, b in spans)
+    return [(a, b) for a, b in spans if b - a <= 3 * typical]
+
+
 def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[str, Any]]:
     """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB."""
     from reclip_ray import tracking
@@ -102,10 +180,33 @@ def phases(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run_id, status = _run_id(args.tracking_uri, args.experiment)
     peak, source = peak_flops(args.peak_flops)
-    for row in phase_rows(args.tracking_uri, run_id, cfg, peak):
+    cores = _data_cores_by_phase(args.tracking_uri, run_id, len(cfg.phases), args.cpu_log)
+    for index, row in enumerate(phase_rows(args.tracking_uri, run_id, cfg, peak)):
+        extra = {}
+        if args.cpu_log:  # cores per GPU: the data cores over the GPUs they fed (one worker per GPU)
+            busy = cores[index]
+            extra = {"data_cores": busy, "data_cores_per_1k_samples_s": round(busy / row["samples_per_s"] * 1e3, 3)
+                     if busy is not None and row.get("samples_per_s") else None}
         print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row, "peak_tflops": peak / 1e12,
-                          "peak_of": source}), flush=True)
+                          "peak_of": source, **extra}), flush=True)
     return 0
+
+
+def _data_cores_by_phase(uri: str, run_id: str, n_phases: int, cpu_log: str | None) -> list[float | None]:
+    """Per phase, the cores Ray Data's tasks kept busy over its steady logging windows (``data_cores``)."""
+    if not cpu_log:
+        return [None] * n_phases
+    from reclip_ray import tracking
+
+    with open(cpu_log) as f:
+        samples = [json.loads(line) for line in f if line.startswith("{")]
+    phase_of = {m.step: int(m.value) for m in tracking.client(uri).get_metric_history(run_id, "phase")}
+    logged: dict[int, list[float]] = {}
+    for m in sorted(tracking.client(uri).get_metric_history(run_id, "samples_per_s"), key=lambda m: m.timestamp):
+        if m.step in phase_of:
+            logged.setdefault(phase_of[m.step], []).append(m.timestamp / 1e3)
+    # The first window of each phase (its start) is dropped, as in phase_rows: windows run from the first logging time.
+    return [data_cores(steady_windows(logged.get(i, [])), samples) for i in range(n_phases)]
 
 
 def peak_flops(given: float) -> tuple[float, str]:
@@ -191,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="FLOP/s of one GPU (default: the data sheet's for the GPU torch sees)")
     s.add_argument("--config", required=True)
     s.add_argument("--set", action="append", default=[])
+    s.add_argument("--cpu-log", default=None, help="the cpu-sample log of the job's run: adds data_cores per phase")
     s.set_defaults(func=phases)
+    s = sub.add_parser("cpu-sample")
+    s.add_argument("out")
+    s.add_argument("--interval", type=float, default=0.25)
+    s.set_defaults(func=cpu_sample)
     o = sub.add_parser("open-clip-check")
     o.add_argument("open_clip_dir")
     o.add_argument("model_dir")

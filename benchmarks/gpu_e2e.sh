@@ -34,7 +34,10 @@
 # Per phase it prints samples/s, step time, data wait (median of the logging windows, the first dropped), MFU
 # (reclip_ray.flops per-sample training FLOPs x samples/s / the GPU's dense bf16 peak: 989e12 on an H100 SXM or H200,
 # plan.device_gpu_peak by the name torch reports, printed in each row as peak_of) and the worker's
-# peak GPU memory (worker_peak_gpu_mib, reset at each phase start). JSON lines on stdout; the final line starts
+# peak GPU memory (worker_peak_gpu_mib, reset at each phase start), and data_cores: the cores Ray Data's tasks kept
+# busy over the phase's steady windows (gpu_e2e.py cpu-sample reads every process's CPU time from /proc each 0.25 s
+# through both jobs and sums it by process title), i.e. the decode cores one GPU took at that samples/s on the
+# device's own cores (issue 26 item 2), with data_cores_per_1k_samples_s. JSON lines on stdout; the final line starts
 # with {"gpu_e2e":. $OUT gets e2e.jsonl, e2e_table.json and e2e_logs.tar.gz (every step's log, Ray's run logs).
 #
 # E2E_CPU=1: the dry run on a machine without a GPU (and here Python 3.11, so the cp312 wheels cannot install):
@@ -137,6 +140,11 @@ JOB1=(--config "$CONFIG"
       --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
       --set "scaling.cpus_per_worker=$CPUS" --set "run.storage_path=$WORK/runs" --set run.name=e2e-main
       --set "tracking.uri=$URI" --set tracking.experiment=e2e-main --set "fault.step_delay_s=$DELAY")
+# CPU time by what it feeds (Ray Data's tasks, the training worker, the rest), sampled from /proc through both jobs:
+# the phases' data_cores (cores Ray Data kept busy while the GPU trained at the phase's samples/s)
+CPU_LOG="$LOGS/cpu.jsonl"
+timeout -k 5 "$(T 560)" "$PY" benchmarks/gpu_e2e.py cpu-sample "$CPU_LOG" --interval 0.25 2>"$LOGS/cpu_sample.log" &
+sampler_pid=$!
 t0=$(date +%s%N)
 setsid timeout -k 5 "$(T 90)" "$PY" -m reclip_ray train "${JOB1[@]}" >"$LOGS/job1_attempt1.log" 2>&1 &
 job_pid=$!
@@ -166,7 +174,7 @@ resume_rc=$?
 
 # 4. job 1's numbers; reclip-ray eval of its model
 step job1_phases "$(T 15)" "$PY" benchmarks/gpu_e2e.py phases --tracking-uri "$URI" --experiment e2e-main --label job1 \
-    --peak-flops "$PEAK_FLOPS" "${JOB1[@]}"
+    --peak-flops "$PEAK_FLOPS" --cpu-log "$CPU_LOG" "${JOB1[@]}"
 step eval "$(T 30)" "$PY" -m reclip_ray eval --checkpoint "$RUN_DIR/model" --data "$WORK/data/eval"
 
 # 5. job 2 (the finetune phase with accumulation, compile, device decode); export + open_clip load meanwhile, on CPU
@@ -188,12 +196,13 @@ JOB2=(--config "$CONFIG"
 for kv in "${J2_EXTRA[@]}"; do JOB2+=(--set "$kv"); done
 step job2 "$(T 170)" "$PY" -m reclip_ray train "${JOB2[@]}" "${INIT[@]}" --json
 job2_rc=$?
+kill -TERM "$sampler_pid" 2>/dev/null
 wait $export_pid
 export_rc=$?
 grep -h '^{"e2e"' "$LOGS/export.log" >>"$JSONL" || tail -n 20 "$LOGS/export.log"
 say "{\"e2e\": \"step\", \"step\": \"export_open_clip\", \"rc\": $export_rc, \"timeout_s\": $(T 40), \"note\": \"in parallel with job2\"}"
 step job2_phases "$(T 15)" "$PY" benchmarks/gpu_e2e.py phases --tracking-uri "$URI" --experiment e2e-finetune \
-    --label job2 --peak-flops "$PEAK_FLOPS" "${JOB2[@]}"
+    --label job2 --peak-flops "$PEAK_FLOPS" --cpu-log "$CPU_LOG" "${JOB2[@]}"
 
 # the final table; the logs (Ray's own too) in one archive: $OUT brings back at most 8 files
 tar -czf "$OUT/e2e_logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d runs/*/ray.log runs/*/*.log 2>/dev/null) \

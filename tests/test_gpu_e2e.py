@@ -1,0 +1,69 @@
+"""benchmarks/gpu_e2e.py's CPU accounting: which cores Ray Data kept busy while the GPU trained a phase (issue 26,
+item 2: decode cores per GPU measured through the real pipeline on the device's own cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("gpu_e2e_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("title, group", [
+    ("ray::ReadItems->MapBatches(read_groups)->MapBatches(decode_batch)", "data"),
+    ("ray::MapBatches(read_groups)->MapBatches(decode_batch)", "data"),
+    ("ray::SplitCoordinator.get", "data"),
+    ("ray::RayTrainWorker.run_train_fn", "train"),
+    ("ray::IDLE", "other"),
+    ("/usr/bin/python3 -m reclip_ray train --config vit-b-16", "other"),
+])
+def test_cpu_groups_by_ray_process_title(e2e, title, group):
+    assert e2e.cpu_group(title) == group
+
+
+def test_a_busy_process_counts_for_its_group_from_proc(e2e):
+    """/proc read for real: a child that spins ~1 s under a data-task-like title shows up as ``data`` CPU, counted
+    from zero since it was born after the first reading."""
+    before = e2e._proc_cpu()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass",
+                              "MapBatches(fake)"])
+    try:
+        time.sleep(1.0)
+        after = e2e._proc_cpu()
+    finally:
+        child.wait(timeout=30)
+    spent = e2e.cpu_deltas(before, after)
+    assert spent["data"] >= 0.5, spent
+
+
+def test_a_data_task_that_ended_between_two_readings_still_counts_as_data(e2e):
+    task = "ray::MapBatches(read_groups)->MapBatches(decode_batch)"
+    before = {(1, 5): (10.0, task), (2, 5): (3.0, "ray::IDLE"), (3, 5): (1.0, "ray::RayTrainWorker.run_train_fn")}
+    after = {(1, 5): (10.4, "ray::IDLE"), (2, 5): (3.2, "ray::IDLE"), (3, 5): (1.9, "ray::RayTrainWorker"),
+             (4, 7): (0.3, task)}  # pid 4 was born in between
+    spent = e2e.cpu_deltas(before, after)
+    assert spent == pytest.approx({"data": 0.7, "train": 0.9, "other": 0.2})
+
+
+def test_a_resume_gap_is_not_a_window_and_cores_are_cpu_over_window_time(e2e):
+    logged = [100.0, 101.0, 102.0, 103.0, 160.0, 161.0, 162.0]  # a kill and a resume between 103 and 160
+    windows = e2e.steady_windows(logged)
+    assert windows == [(100.0, 101.0), (101.0, 102.0), (102.0, 103.0), (160.0, 161.0), (161.0, 162.0)]
+    samples = [{"t": 100.5, "data": 3.0}, {"t": 101.0, "data": 3.0}, {"t": 130.0, "data": 50.0},
+               {"t": 161.5, "data": 4.0}]
+    # 10 data CPU-seconds inside 5 s of windows; the sample in the gap is not counted.
+    assert e2e.data_cores(windows, samples) == 2.0
+    assert e2e.data_cores(windows, []) is None and e2e.steady_windows([5.0]) == []
