@@ -131,8 +131,7 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
     )
     if tune.Tuner.can_restore(tune_dir):
         print(f"[sweep] resuming {tune_dir}", flush=True)
-        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True,
-                                  param_space=param_space)
+        return restore_tuner(tune_dir, trainable, space, setup)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -142,6 +141,26 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
         ),
         run_config=run_config,
     )
+
+
+def restore_tuner(tune_dir: str, trainable: Any, space: Space, setup: dict[str, Any]) -> Any:
+    """The interrupted sweep's Tuner, its unfinished and errored trials to run again.
+
+    Tune refuses a ``param_space`` whose keys differ from the original's, and a sweep started before the grid kept
+    the file's order has its parameters under their bare paths (``tune_param_space``): that one is restored with
+    its own keys, so a sweep interrupted before an upgrade still resumes after it."""
+    from ray import tune
+
+    def restore(ordered: bool) -> Any:
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True,
+                                  param_space=tune_param_space(space, setup, ordered=ordered))
+
+    try:
+        return restore(ordered=True)
+    except ValueError as exc:  # "Invalid `param_space` input to `Tuner.restore()`": the keys differ
+        if "param_space" not in str(exc):
+            raise
+    return restore(ordered=False)
 
 
 def sweep_from_cli(space: str, config: str | None, overrides: list[str]) -> int:

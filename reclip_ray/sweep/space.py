@@ -149,16 +149,19 @@ def grid_corners(space: Space) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ in Tune's terms
 
 
-def tune_param_space(space: Space, setup: dict[str, Any]) -> dict[str, Any]:
+def tune_param_space(space: Space, setup: dict[str, Any], ordered: bool = True) -> dict[str, Any]:
     """Tune's ``param_space``: each parameter's domain under a flat key, and ``_setup``, what every trial shares
     (``trainable.trial_setup``).
 
     The key is the parameter's place in the space file, then its path (``p01_phases/0/image_size``), because Tune
     expands a grid in the sorted order of its keys, the first varying fastest: with the place first, the grid runs
     in the file's order. Under ``max_concurrent_trials`` that order decides which trials run side by side and meet
-    first at an ASHA rung, so it must be the one the user wrote, not the alphabet's."""
-    return {**{f"p{i:02d}_{k.replace('.', '/')}": _tune_domain(v) for i, (k, v) in enumerate(space.params.items())},
-            "_setup": setup}
+    first at an ASHA rung, so it must be the one the user wrote, not the alphabet's. ``ordered=False``: the bare
+    paths of sweeps started before (``run.restore_tuner``)."""
+    def key(i: int, path: str) -> str:
+        return (f"p{i:02d}_" if ordered else "") + path.replace(".", "/")
+
+    return {**{key(i, k): _tune_domain(v) for i, (k, v) in enumerate(space.params.items())}, "_setup": setup}
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
