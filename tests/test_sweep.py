@@ -110,6 +110,58 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         assert sorted((p["optim.lr"], p["data.eval"]) for p in params) == expected, (ordered, params)
 
 
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ray_session, tmp_path, synth_dir,
+                                                                            tokenizer_path, capsys):
+    """README: "Rerunning an interrupted sweep resumes it". A one-trial sweep whose trial dies at 512 of its ~1,024
+    samples (``fault.fail_at_samples``, no Ray Train retries) ends with that trial errored; the same command again
+    restores the Tune experiment, and the trial, under its own id and run folder, restarts from its checkpoint
+    (not from sample 0) and finishes: one MLflow parent, one child run, and no training step logged twice."""
+    import io
+
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray import storage
+    from reclip_ray.sweep import run_sweep
+
+    space = tmp_path / "resume.yaml"
+    space.write_text(
+        "name: resume\nbase: tiny\n"
+        "set: [model.vision.depth=1, model.text.depth=1, train.batch_size=64, train.log_every_steps=1,\n"
+        "      checkpoint.every_samples=256, scaling.min_workers=1, scaling.max_workers=1,\n"
+        "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false]\n"
+        "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1024}\n"
+        "scheduler: {name: fifo}\n")
+    db = tmp_path / "mlflow.db"
+    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false",
+                 f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
+                 "fault.fail_at_samples=512", "run.max_failures=0"]
+    first = run_sweep(str(space), overrides=overrides)
+    assert (first["trials"], first["errors"]) == (1, 1), first
+    capsys.readouterr()
+    again = run_sweep(str(space), overrides=overrides)
+    assert "[sweep] resuming" in capsys.readouterr().out
+    assert (again["trials"], again["errors"]) == (1, 0) and again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{again['sweep_dir']}/results.csv")))
+    assert row["status"] == "completed" and row["eval_rounds"] == "2", row  # both phases trained to their end
+    trial_dir = tmp_path / "runs" / "resume" / "trials" / f"resume-{row['trial_id']}"
+    assert (trial_dir / "model" / "model.safetensors").exists()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    parent = client.get_run(again["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.info.run_id for c in children] == [row["mlflow_run_id"]]
+    assert parent.info.status == children[0].info.status == "FINISHED"
+    samples = sorted((m.step, m.value) for m in client.get_metric_history(row["mlflow_run_id"], "samples"))
+    steps = [s for s, _ in samples]
+    assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1)), steps  # every step logged once
+    assert samples[-1][1] == float(row["samples"]) > 512
+    restarts = client.get_metric_history(row["mlflow_run_id"], "restarts")
+    assert restarts and max(m.value for m in restarts) >= 1  # the second attempt restored a checkpoint
+
+
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     import time
 

@@ -65,7 +65,8 @@ def _plot_compute(ax: Any, kept: list[dict[str, Any]], space: Space, best: dict[
     ax.set_ylabel(space.metric)
     ax.set_title("accuracy vs compute")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a sweep with no finished trial and no GFLOPs budget has nothing to name
+        ax.legend(fontsize=7, loc="lower right")
 
 
 def _plot_trials(bars: Any, kept: list[dict[str, Any]], space: Space, best: dict[str, Any] | None) -> None:

@@ -152,7 +152,7 @@ def restore_tuner(tune_dir: str, trainable: Any, space: Space, setup: dict[str, 
     from ray import tune
 
     def restore(ordered: bool) -> Any:
-        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True,
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=tune_param_space(space, setup, ordered=ordered))
 
     try:
