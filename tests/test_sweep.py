@@ -208,10 +208,9 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     space["params"] = {"optim.lr": space["params"]["optim.lr"], "data.eval": {"grid": [good, str(broken)]}}
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     db = tmp_path / "mlflow.db"
-    summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=[
-        f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
-        "data.synth_if_missing=false", f"run.storage_path={s3_prefix}/runs", f"tracking.uri=sqlite:///{db}",
-    ])
+    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
+                 "data.synth_if_missing=false", f"run.storage_path={s3_prefix}/runs", f"tracking.uri=sqlite:///{db}"]
+    summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=overrides)
     sweep_dir = summary["sweep_dir"]
     assert sweep_dir == f"{s3_prefix}/runs/smoke"
     rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv"))))
@@ -263,6 +262,21 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
     _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # The same command again restores the finished sweep from S3 and trains nothing: the same trials and results,
+    # the same MLflow runs, each trial's steps logged once.
+    def steps(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "samples"))
+
+    logged = {r["mlflow_run_id"]: steps(r["mlflow_run_id"]) for r in rows}
+    again = run_sweep(str(tmp_path / "smoke.yaml"), overrides=overrides)
+    assert again["mlflow_parent_run_id"] == summary["mlflow_parent_run_id"]
+    rerun_rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv"))))
+    assert sorted(rerun_rows, key=lambda r: r["trial_id"]) == sorted(rows, key=lambda r: r["trial_id"])
+    assert len(client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
+    assert {run_id: steps(run_id) for run_id in logged} == logged
+    assert all(s == sorted(set(s)) for s in logged.values())
 
 
 def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path):
