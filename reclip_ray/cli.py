@@ -57,7 +57,7 @@ def _shrink(data: str, sizes: str, **kwargs: Any) -> dict:
 def _data_shrink(args: argparse.Namespace) -> int:
     try:
         summary = _shrink(args.data, args.sizes, out=args.out, image_column=args.image_column, quality=args.quality,
-                          workers=args.workers or None, force=args.force)
+                          workers=args.workers or None, force=args.force, on_ray=args.ray)
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json(summary)
@@ -235,6 +235,9 @@ def _add_data_shrink(data: argparse._SubParsersAction) -> None:
     p.add_argument("--image-column", default="image")
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    p.add_argument("--ray", action="store_true",
+                   help="one Ray task per shard over the cluster $RAY_ADDRESS names (ray job submit sets it), "
+                        "instead of processes on this machine")
     p.add_argument("--force", action="store_true", help="remake copies that already exist")
     p.set_defaults(func=_data_shrink)
 

@@ -375,5 +375,5 @@ def _format_hardware(plan: Plan, hw: Hardware) -> list[str]:
     return lines
 
 
-__all__ = ["GPU_PEAKS", "device_gpu_peak", "DEFAULT_DECODE_RATES", "Plan", "PhaseCost", "Hardware", "make_plan", "plan_run",
-           "format_plan", "load_decode_rates", "decode_rate_at", "wall_seconds"]
+__all__ = ["GPU_PEAKS", "DEFAULT_DECODE_RATES", "Plan", "PhaseCost", "Hardware", "make_plan", "plan_run",
+           "format_plan", "load_decode_rates", "decode_rate_at", "wall_seconds", "device_gpu_peak"]

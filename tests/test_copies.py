@@ -120,6 +120,48 @@ def test_shrink_to_another_folder_leaves_the_source_alone(photos, tmp_path):
     assert json.loads((out / "dataset.json").read_text())["copies"]["sizes"] == [80]
 
 
+def test_a_shard_that_is_not_parquet_is_a_one_line_error_naming_it(photos, capsys):
+    from reclip_ray.cli import main
+
+    (photos / "shard-00009.parquet").write_bytes(b"a download that failed halfway")
+    assert main(["data", "shrink", str(photos), "--sizes", "40", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reclip-ray: error: ") and "shard-00009.parquet: not a readable Parquet file" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_shrink_on_ray_writes_what_the_process_pool_writes(ray_session, photos, tmp_path, capsys):
+    """`data shrink --ray`: one Ray task per shard on the session's cluster. The shards it writes hold the same
+    copies, byte for byte, as the process pool's from the same source, and it reports the same counts; a shard
+    that is not Parquet ends it with the same one-line error (raised in a Ray task, unwrapped), and no temp file
+    is left behind."""
+    import shutil
+
+    from reclip_ray.cli import main
+
+    pooled, on_ray = tmp_path / "pooled", tmp_path / "on_ray"
+    shutil.copytree(photos, pooled)
+    shutil.copytree(photos, on_ray)
+    expected = shrink_dataset(pooled, [40, 80], workers=1, log=None)
+    assert main(["data", "shrink", str(on_ray), "--sizes", "40,80", "--ray"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    keys = ("shards", "rows", "shards_skipped", "copies_made", "bad_images", "bytes_per_sample")
+    assert {k: summary[k] for k in keys} == {k: expected[k] for k in keys}
+    for a, b in zip(list_parquet_files(str(pooled)), list_parquet_files(str(on_ray)), strict=True):
+        assert Path(a).name == Path(b).name
+        for column in ("image_40", "image_80", "key"):
+            assert pq.read_table(a, columns=[column]).equals(pq.read_table(b, columns=[column])), (b, column)
+
+    (on_ray / "shard-00009.parquet").write_bytes(b"a download that failed halfway")
+    assert main(["data", "shrink", str(on_ray), "--sizes", "40,80", "--ray", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("reclip-ray: error: ") and "shard-00009.parquet: not a readable Parquet file" in err
+    assert not [f for f in os.listdir(on_ray) if "tmp" in f]  # tasks cancelled mid-write removed their temp files
+    shards = [f for f in list_parquet_files(str(on_ray)) if "00009" not in f]
+    assert [s.copies for s in read_footers(shards)] == [(40, 80)] * 3  # each shard whole: old or rewritten
+
+
 def test_stale_and_missing_copies_fall_back_to_the_full_image(photos):
     files = list_parquet_files(str(photos))
     shrink_dataset(photos, [40, 80], workers=1, log=None)

@@ -5,7 +5,8 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     name: smoke
     base: tiny                       # preset name or config path (relative to the space file)
     set: ["train.batch_size=64"]     # overrides for every trial
-    params:                          # dotted config paths (as --set), plus finetune_fraction
+    params:                          # dotted config paths (as --set), plus finetune_fraction; a grid runs
+                                     # in this order, the first parameter varying fastest
       phases.0.image_size: {grid: [32, 48]}
       finetune_fraction: {grid: [0.1, 0.25]}
       phases.1.lr: {loguniform: [1.0e-5, 1.0e-3]}
@@ -14,7 +15,7 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     budget: {gflops: 40}             # or {samples: 20000}: each trial's phase lengths are derived from it
     scheduler: {name: asha, grace_fraction: 0.25, reduction_factor: 2}   # time axis: training GFLOPs spent
     num_samples: 1
-    max_concurrent_trials: 2        # the grid runs in the file's order, the first parameter varying fastest
+    max_concurrent_trials: 2
 
 Each trial is a function trainable that builds and fits a ``TorchTrainer`` (Ray Train V2's way of nesting Train in
 Tune); ``TuneReportCallback`` forwards what rank 0 reports at every phase end and at every compute milestone
