@@ -140,7 +140,7 @@ def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ra
                  "fault.fail_at_samples=512", "run.max_failures=0"]
     first = run_sweep(str(space), overrides=overrides)
     assert (first["trials"], first["errors"]) == (1, 1), first
-    capsys.readouterr()
+    assert "1 trial(s) failed" in capsys.readouterr().out  # and how to resume them
     again = run_sweep(str(space), overrides=overrides)
     assert "[sweep] resuming" in capsys.readouterr().out
     assert (again["trials"], again["errors"]) == (1, 0) and again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]

@@ -52,6 +52,9 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
                                 storage_path=sweep.prep.cfg.run.storage_path, tracking_uri=sweep.prep.tracking_uri,
                                 parent=sweep.parent)
         status = "FINISHED"
+        if summary["errors"]:
+            print(f"[sweep] {summary['errors']} trial(s) failed (results.csv: status 'error' and why): run the same "
+                  "command again to resume them from their last checkpoints", flush=True)
         return summary
     except KeyboardInterrupt:
         status = "KILLED"
