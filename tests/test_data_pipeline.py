@@ -151,3 +151,30 @@ def test_decode_concurrency_comes_from_the_config_or_the_cluster(monkeypatch, cp
     assert decode_concurrency(load_config("tiny")) == default
     assert calls, "decode_concurrency did not ask the cluster"
     assert decode_concurrency(load_config("tiny", ["data.read_parallelism=3"])) == 3
+
+
+@pytest.mark.slow
+def test_the_missing_shard_count_never_holds_rank_0_longer_than_its_timeout(ray_session):
+    """Rank 0 asks the run's missing-shards actor for its count at every log window, while the other ranks wait at
+    the next collective: an actor that answers counts the files it was told, one that hangs (restarting after its
+    node died) or is dead gives None within the timeout instead of holding the step."""
+    import time
+
+    from reclip_ray.data.pipeline import get_or_create_missing_shards, missing_shard_count
+
+    actor = get_or_create_missing_shards("test-missing-count")
+    ray_session.get([actor.add.remote("a.parquet"), actor.add.remote("b.parquet"), actor.add.remote("a.parquet")])
+    assert missing_shard_count(actor) == 2
+
+    @ray_session.remote(num_cpus=0)
+    class Hung:
+        def missing(self):
+            time.sleep(60)
+
+    hung = Hung.remote()
+    t0 = time.monotonic()
+    assert missing_shard_count(hung, timeout_s=1.0) is None
+    assert time.monotonic() - t0 < 10
+    ray_session.kill(hung)
+    ray_session.kill(actor)
+    assert missing_shard_count(actor, timeout_s=5.0) is None

@@ -66,6 +66,16 @@ class _MissingShards:
 MissingShards = ray.remote(num_cpus=0, max_restarts=-1)(_MissingShards)
 
 
+def missing_shard_count(actor: Any, timeout_s: float = 10.0) -> int | None:
+    """How many shards the run skipped so far, for rank 0's log window; None when the actor does not answer in
+    ``timeout_s`` (restarting after its node died: it forgets its list then) or is gone, so a slow bookkeeping
+    actor never holds the training step, which every other rank waits on at the next collective."""
+    try:
+        return len(ray.get(actor.missing.remote(), timeout=timeout_s))
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None
+
+
 def get_or_create_missing_shards(name: str, namespace: str | None = None):
     """The named actor of a run that remembers skipped shards (created on first use)."""
     opts: dict[str, Any] = {"name": name, "get_if_exists": True}
