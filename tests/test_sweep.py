@@ -162,6 +162,17 @@ def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ra
     assert restarts and max(m.value for m in restarts) >= 1  # the second attempt restored a checkpoint
 
 
+def test_a_sweep_on_several_nodes_with_a_local_mlflow_file_is_warned():
+    """Trials are drivers that Tune places on any node, so a SQLite path there is another node's file."""
+    from reclip_ray.sweep.run import local_store_warning
+
+    warning = local_store_warning("sqlite:////home/me/mlflow.db", nodes=3)
+    assert "sqlite:////home/me/mlflow.db is a file on this machine, and this cluster has 3 nodes" in warning
+    assert "tracking.uri=http://" in warning
+    assert local_store_warning("sqlite:////home/me/mlflow.db", nodes=1) is None
+    assert local_store_warning("http://mlflow:5000", nodes=3) is None
+
+
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     import time
 

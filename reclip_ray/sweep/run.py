@@ -45,6 +45,9 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     status = "FAILED"
     try:
         init_ray(sweep.prep.cfg)
+        warning = local_store_warning(sweep.prep.tracking_uri, _alive_nodes())
+        if warning:
+            print(f"[sweep] WARNING: {warning}", flush=True)
         grid = _tuner(space, sweep, axis, n_phases).fit()
         rows = trial_rows(grid, space, n_phases)
         close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
@@ -61,6 +64,27 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         raise
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
+
+
+def local_store_warning(tracking_uri: str, nodes: int) -> str | None:
+    """Why a sweep's MLflow store may miss trials, or None. A training run's workers reach a local store through
+    the relay on the driver's node; a sweep's trials are drivers themselves, which Tune places on any node, where a
+    SQLite path is another node's file (unless it is on storage every node shares, which this cannot see): their
+    runs would land there, silently."""
+    from reclip_ray import tracking
+
+    if nodes <= 1 or not tracking.is_local_store(tracking_uri):
+        return None
+    return (f"tracking.uri {tracking_uri} is a file on this machine, and this cluster has {nodes} nodes: a trial "
+            "that Tune places on another node writes its MLflow run to that node's own copy of the path, unless the "
+            "path is on storage every node shares. Use an MLflow server (tracking.uri=http://HOST:5000) for a "
+            "sweep across nodes")
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
