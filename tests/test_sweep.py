@@ -82,14 +82,15 @@ def test_a_grid_runs_in_the_order_the_space_file_lists_it(tmp_path):
 @pytest.mark.slow
 @pytest.mark.sweep
 def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session, tmp_path):
-    """Tune refuses ``Tuner.restore(param_space=...)`` whose keys differ from the original's: a sweep started with
-    the bare-path keys of earlier versions, and one started with today's ordered keys, both resume through
-    ``restore_tuner``, their trials' parameters read back alike. A plain trainable stands in for the trials, and
+    """Tune refuses ``Tuner.restore(param_space=...)`` whose keys differ from the original's: a sweep started in
+    the format of earlier versions (bare-path keys, ``_setup`` a dict), and one started in today's (ordered keys,
+    ``_setup`` one JSON string, which a config key added since does not change), both resume through
+    ``restore_tuner``, their trials' parameters and setup read back alike. A plain trainable stands in for the trials, and
     each sweep has finished before it is restored: Tune checks the keys the same way either way."""
     from ray import tune
 
     from reclip_ray.sweep.run import restore_tuner
-    from reclip_ray.sweep.space import trial_params, tune_param_space
+    from reclip_ray.sweep.space import trial_params, trial_setup_of, tune_param_space
 
     space_file = tmp_path / "s.yaml"
     space_file.write_text("params:\n  optim.lr: {grid: [1.0e-3, 1.0e-9]}\n  data.eval: {grid: [good, broken]}\n"
@@ -100,14 +101,18 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         tune.report({"score": 1.0})
 
     expected = sorted((lr, ev) for lr in (1e-3, 1e-9) for ev in ("good", "broken"))
-    for ordered in (False, True):
-        root = tmp_path / ("ordered" if ordered else "legacy")
-        tune.Tuner(trainable, param_space=tune_param_space(space, {}, ordered=ordered),
+    setup = {"sweep": "s", "base_raw": {"data": {"train": "d"}}}
+    for legacy in (True, False):
+        root = tmp_path / ("legacy" if legacy else "today")
+        tune.Tuner(trainable, param_space=tune_param_space(space, setup, legacy=legacy),
                    run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0)).fit()
-        grid = restore_tuner(str(root / "tune"), trainable, space, {}).fit()
+        # A config key added since the sweep started changes nothing Tune compares (``_setup`` is one JSON leaf)
+        newer = {**setup, "base_raw": {"data": {"train": "d", "new_key": 1}}}
+        grid = restore_tuner(str(root / "tune"), trainable, space, setup if legacy else newer).fit()
         assert grid.num_errors == 0
         params = [trial_params(r.config) for r in grid]
-        assert sorted((p["optim.lr"], p["data.eval"]) for p in params) == expected, (ordered, params)
+        assert sorted((p["optim.lr"], p["data.eval"]) for p in params) == expected, (legacy, params)
+        assert all(trial_setup_of(r.config)["sweep"] == "s" for r in grid)
 
 
 @pytest.mark.slow

@@ -173,21 +173,21 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
 def restore_tuner(tune_dir: str, trainable: Any, space: Space, setup: dict[str, Any]) -> Any:
     """The interrupted sweep's Tuner, its unfinished and errored trials to run again.
 
-    Tune refuses a ``param_space`` whose keys differ from the original's, and a sweep started before the grid kept
-    the file's order has its parameters under their bare paths (``tune_param_space``): that one is restored with
-    its own keys, so a sweep interrupted before an upgrade still resumes after it."""
+    Tune refuses a ``param_space`` whose keys differ from the original's, and a sweep started before 2026-12-05
+    has its parameters under their bare paths and ``_setup`` as a dict (``tune_param_space``): that one is
+    restored in its own format, so a sweep interrupted before an upgrade still resumes after it."""
     from ray import tune
 
-    def restore(ordered: bool) -> Any:
+    def restore(legacy: bool) -> Any:
         return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=tune_param_space(space, setup, ordered=ordered))
+                                  param_space=tune_param_space(space, setup, legacy=legacy))
 
     try:
-        return restore(ordered=True)
+        return restore(legacy=False)
     except ValueError as exc:  # "Invalid `param_space` input to `Tuner.restore()`": the keys differ
         if "param_space" not in str(exc):
             raise
-    return restore(ordered=False)
+    return restore(legacy=True)
 
 
 def sweep_from_cli(space: str, config: str | None, overrides: list[str]) -> int:

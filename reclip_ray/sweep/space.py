@@ -5,6 +5,7 @@ Every mistake in the file is a one-line ``ConfigError`` naming the key, found be
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -149,25 +150,36 @@ def grid_corners(space: Space) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ in Tune's terms
 
 
-def tune_param_space(space: Space, setup: dict[str, Any], ordered: bool = True) -> dict[str, Any]:
+def tune_param_space(space: Space, setup: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
     """Tune's ``param_space``: each parameter's domain under a flat key, and ``_setup``, what every trial shares
     (``trainable.trial_setup``).
 
     The key is the parameter's place in the space file, then its path (``p01_phases/0/image_size``), because Tune
     expands a grid in the sorted order of its keys, the first varying fastest: with the place first, the grid runs
     in the file's order. Under ``max_concurrent_trials`` that order decides which trials run side by side and meet
-    first at an ASHA rung, so it must be the one the user wrote, not the alphabet's. ``ordered=False``: the bare
-    paths of sweeps started before (``run.restore_tuner``)."""
-    def key(i: int, path: str) -> str:
-        return (f"p{i:02d}_" if ordered else "") + path.replace(".", "/")
+    first at an ASHA rung, so it must be the one the user wrote, not the alphabet's.
 
-    return {**{key(i, k): _tune_domain(v) for i, (k, v) in enumerate(space.params.items())}, "_setup": setup}
+    ``_setup`` is one JSON string: ``Tuner.restore`` refuses a param_space whose flattened keys differ from the
+    original's, and as a nested dict every config key in ``base_raw`` was such a key, so a sweep started before a
+    new config key existed could not resume after it. ``legacy``: the format of sweeps started before 2026-12-05
+    (bare paths, ``_setup`` a dict), for ``run.restore_tuner``."""
+    def key(i: int, path: str) -> str:
+        return ("" if legacy else f"p{i:02d}_") + path.replace(".", "/")
+
+    return {**{key(i, k): _tune_domain(v) for i, (k, v) in enumerate(space.params.items())},
+            "_setup": setup if legacy else json.dumps(setup)}
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's parameters from its Tune config: dotted config paths again, without ``_setup`` (and without the
     place prefix, which a sweep started before it existed does not have)."""
     return {_PLACE.sub("", k).replace("/", "."): v for k, v in config.items() if k != "_setup"}
+
+
+def trial_setup_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What every trial shares, from a trial's Tune config (a JSON string; a dict in sweeps started before)."""
+    setup = config["_setup"]
+    return json.loads(setup) if isinstance(setup, str) else setup
 
 
 _PLACE = re.compile(r"^p\d{2}_")

@@ -13,7 +13,7 @@ from typing import Any
 from reclip_ray import storage
 from reclip_ray.config import from_dict
 from reclip_ray.sweep.asha import asha_metric, tune_result
-from reclip_ray.sweep.space import Space, trial_params
+from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
 from reclip_ray.sweep.trial_config import trial_raw
 
 
@@ -47,7 +47,7 @@ def _run_trial(config: dict[str, Any]) -> None:
 
     from reclip_ray.train.launch import run_training
 
-    setup = config["_setup"]
+    setup = trial_setup_of(config)
     raw = trial_raw(setup["base_raw"], trial_params(config), setup["budget"])
     trial_id = ray.tune.get_context().get_trial_id()
     raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
