@@ -86,6 +86,7 @@ def get_or_create_experiment(tracking_uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
 
 
+@relayed(write=False)  # a sweep trial's driver may run on any node: it reaches a local store through its relay
 def start_or_resume_run(
     tracking_uri: str,
     experiment: str,
@@ -182,6 +183,7 @@ def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
     return max(history, key=lambda m: (m.step, m.timestamp)).value
 
 
+@relayed(write=True)
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """FINISHED, FAILED or KILLED: a run must never be left RUNNING."""
     client(tracking_uri).set_terminated(run_id, status=status)

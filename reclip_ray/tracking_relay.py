@@ -159,13 +159,30 @@ class TrackingRelay:
         return {"node_id": ray.get_runtime_context().get_node_id(), "calls": self.calls}
 
 
-def start_relay(name: str, warm_up: Callable[[], Any] | None = None) -> Any:
-    """The run's relay actor, pinned to this (the driver's) node; an existing one of that name is reused. A new one
-    runs ``warm_up`` (e.g. opening the run's store) as it starts."""
+def start_relay(name: str, warm_up: Callable[[], Any] | None = None, node_id: str | None = None) -> Any:
+    """The run's relay actor, pinned to this (the driver's) node, or to ``node_id``; an existing one of that name
+    is reused. A new one runs ``warm_up`` (e.g. opening the run's store) as it starts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = ray.get_runtime_context().get_node_id()
+    node = node_id or ray.get_runtime_context().get_node_id()
     return ray.remote(TrackingRelay).options(
         name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(warm_up)
+
+
+def mark_home(name: str) -> Any:
+    """A named actor that marks this node as the store's home, for processes that are drivers themselves and may
+    run on any node (a sweep's trials): ``home_node(name)`` finds it, and their relays are pinned there. Keep the
+    handle: the actor lives as long as this process does."""
+    return start_relay(name)
+
+
+def home_node(name: str, timeout_s: float = 30.0) -> str | None:
+    """The node ``mark_home(name)`` marked, or None when there is no such actor (or it does not answer)."""
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(name).stats.remote(), timeout=timeout_s)["node_id"]
+    except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None

@@ -167,15 +167,50 @@ def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ra
     assert restarts and max(m.value for m in restarts) >= 1  # the second attempt restored a checkpoint
 
 
-def test_a_sweep_on_several_nodes_with_a_local_mlflow_file_is_warned():
-    """Trials are drivers that Tune places on any node, so a SQLite path there is another node's file."""
-    from reclip_ray.sweep.run import local_store_warning
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_trial_on_another_node_writes_its_mlflow_run_through_a_relay_on_the_sweep_drivers_node(ray_cluster,
+                                                                                                  tmp_path):
+    """A sweep's trials are drivers that Tune places on any node, where a SQLite path is that node's own file. A
+    trial's driver code, run in a task on an added node, gets its relay on the node ``mark_home`` marked (the sweep
+    driver's: this process's), and its MLflow run's start and end go through it into the driver's store."""
+    import ray
+    from mlflow.tracking import MlflowClient
 
-    warning = local_store_warning("sqlite:////home/me/mlflow.db", nodes=3)
-    assert "sqlite:////home/me/mlflow.db is a file on this machine, and this cluster has 3 nodes" in warning
-    assert "tracking.uri=http://" in warning
-    assert local_store_warning("sqlite:////home/me/mlflow.db", nodes=1) is None
-    assert local_store_warning("http://mlflow:5000", nodes=3) is None
+    from reclip_ray.config import load_config
+    from reclip_ray.sweep.trainable import sweep_home, trial_relay
+    from reclip_ray.tracking_relay import mark_home
+
+    db = tmp_path / "mlflow.db"
+    cfg = load_config("tiny", [f"tracking.uri=sqlite:///{db}", "run.name=xnode-trial", "tracking.experiment=xnode"])
+    home = mark_home(sweep_home("xnode"))
+    here = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=0, resources={"elsewhere": 1})
+    def trial_driver(cfg):
+        from reclip_ray import tracking
+        from reclip_ray.tracking_relay import use_relay
+
+        relay = trial_relay("xnode", cfg)
+        use_relay(relay)
+        try:
+            uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+            run_id = tracking.start_or_resume_run(uri, "xnode", cfg.run.name, None, cfg)
+            tracking.end_run(uri, run_id, "FINISHED")
+        finally:
+            use_relay(None)
+        return ray.get_runtime_context().get_node_id(), ray.get(relay.stats.remote()), run_id
+
+    node = ray_cluster.add_node(num_cpus=0, resources={"elsewhere": 1}, object_store_memory=100 * 1024**2)
+    try:
+        ran_on, relay, run_id = ray.get(trial_driver.remote(cfg), timeout=120)
+    finally:
+        ray_cluster.remove_node(node)
+        del home
+    assert ran_on != here and relay["node_id"] == here
+    assert relay["calls"] == 2  # the run's start (with its params) and its end
+    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == str(cfg.train.batch_size)
 
 
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:

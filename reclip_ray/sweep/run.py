@@ -16,7 +16,8 @@ from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
 from reclip_ray.sweep.progress import progress_callback
 from reclip_ray.sweep.results import close_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
-from reclip_ray.sweep.trainable import trial_setup, tune_trainable
+from reclip_ray.sweep.trainable import sweep_home, trial_setup, tune_trainable
+from reclip_ray.tracking_relay import mark_home
 from reclip_ray.sweep.trial_config import trial_raw
 
 
@@ -45,10 +46,10 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     status = "FAILED"
     try:
         init_ray(sweep.prep.cfg)
-        warning = local_store_warning(sweep.prep.tracking_uri, _alive_nodes())
-        if warning:
-            print(f"[sweep] WARNING: {warning}", flush=True)
+        # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
+        home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         grid = _tuner(space, sweep, axis, n_phases).fit()
+        del home
         rows = trial_rows(grid, space, n_phases)
         close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
         summary = write_outputs(rows, space, sweep.base_raw, sweep_dir=sweep.sweep_dir,
@@ -64,27 +65,6 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         raise
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
-
-
-def local_store_warning(tracking_uri: str, nodes: int) -> str | None:
-    """Why a sweep's MLflow store may miss trials, or None. A training run's workers reach a local store through
-    the relay on the driver's node; a sweep's trials are drivers themselves, which Tune places on any node, where a
-    SQLite path is another node's file (unless it is on storage every node shares, which this cannot see): their
-    runs would land there, silently."""
-    from reclip_ray import tracking
-
-    if nodes <= 1 or not tracking.is_local_store(tracking_uri):
-        return None
-    return (f"tracking.uri {tracking_uri} is a file on this machine, and this cluster has {nodes} nodes: a trial "
-            "that Tune places on another node writes its MLflow run to that node's own copy of the path, unless the "
-            "path is on storage every node shares. Use an MLflow server (tracking.uri=http://HOST:5000) for a "
-            "sweep across nodes")
-
-
-def _alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ its own process, so the two are kept together here.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from reclip_ray.config import from_dict
 from reclip_ray.sweep.asha import asha_metric, tune_result
 from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
 from reclip_ray.sweep.trial_config import trial_raw
+from reclip_ray.tracking_relay import home_node, start_relay, use_relay
 
 
 def trial_setup(space: Space, axis: dict[str, Any] | None, *, base_raw: dict[str, Any], sweep_dir: str,
@@ -55,10 +57,36 @@ def _run_trial(config: dict[str, Any]) -> None:
     raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
     raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
     cfg = from_dict(raw)
-    run_training(cfg, callbacks=[_tune_reports(setup.get("checked_metrics") or [])],
-                 parent_run_id=setup["parent_run_id"],
-                 tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
-                       "reclip.budget": json.dumps(setup["budget"])})
+    relay = trial_relay(setup["sweep"], cfg)
+    use_relay(relay)  # this process's own MLflow calls (the run's start and end) go there too
+    try:
+        run_training(cfg, callbacks=[_tune_reports(setup.get("checked_metrics") or [])],
+                     parent_run_id=setup["parent_run_id"],
+                     tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
+                           "reclip.budget": json.dumps(setup["budget"])}, relay=relay)
+    finally:
+        use_relay(None)  # Tune may run another trial in this process
+
+
+def sweep_home(sweep: str) -> str:
+    """The name of the actor that marks the sweep driver's node (``tracking_relay.mark_home``)."""
+    return f"reclip-sweep-home-{sweep}"
+
+
+def trial_relay(sweep: str, cfg: Any) -> Any:
+    """For a local MLflow store, the trial's relay, on the sweep driver's node (``sweep_home``), where the store is.
+
+    A training run's driver is where the store is, and its workers write through a relay beside it. A trial is a
+    driver too, but Tune places it on any node, where a SQLite path is that node's own file: the trial's run
+    would land there, unseen. So its relay, for its own calls and its workers', is pinned to the sweep driver's
+    node. None for a server store (everyone writes to it directly)."""
+    from reclip_ray import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    if not tracking.is_local_store(uri):
+        return None
+    return start_relay(f"reclip-tracking-{cfg.run.name}", warm_up=functools.partial(tracking.client, uri),
+                       node_id=home_node(sweep_home(sweep)))
 
 
 def _tune_reports(checked: list[str]):

@@ -30,18 +30,21 @@ def run_training(
     tags: dict[str, str] | None = None,
     console: bool = False,
     verbose: bool = False,
+    relay: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case.
 
     ``callbacks`` go to Ray Train's RunConfig (a sweep passes Tune's report callback); ``parent_run_id`` nests the
     MLflow run under a sweep's parent run. ``console`` (the CLI) draws the run's progress in this process and sends
-    Ray's own output to ``RUN_DIR/ray.log`` (unless ``verbose``).
+    Ray's own output to ``RUN_DIR/ray.log`` (unless ``verbose``). ``relay``: the tracking relay the workers
+    use, when the caller made it (a sweep trial, whose relay sits on the sweep driver's node); else one is started
+    here for a local store.
     """
     prep = prepare(cfg)
     state = read_run_state(prep.run_dir)
     if finished(prep, state):
         return dict(state["finished"])
-    attempt = Attempt(prep, open_mlflow_run(prep, state, tags, parent_run_id))
+    attempt = Attempt(prep, open_mlflow_run(prep, state, tags, parent_run_id), relay)
     try:
         init_ray(prep.cfg)
         display = attempt.show_progress(verbose) if console else None
@@ -162,10 +165,10 @@ class Attempt:
     """One launch of the run: its MLflow run and how it ends (FINISHED, FAILED, KILLED), the actors and the console
     it started, and what ``close`` owes the run in every case."""
 
-    def __init__(self, prep: Prepared, run_id: str) -> None:
+    def __init__(self, prep: Prepared, run_id: str, relay: Any = None) -> None:
         self.prep, self.run_id = prep, run_id
         self.status = "FAILED"  # until final_metrics (or a Ctrl-C) says otherwise
-        self.relay: Any = None  # the workers' MLflow relay (a local store only)
+        self.relay: Any = relay  # the workers' MLflow relay (a local store only): the caller's, or start_actors
         self.log_file: str | None = None  # Ray's output, when the console takes it off the screen
         self.board: Any = None  # the progress board the workers write to (the console only)
 
@@ -193,8 +196,8 @@ class Attempt:
         missing_actor = (get_or_create_missing_shards(f"reclip-missing-shards-{name}")
                          if self.prep.cfg.data.missing_shards == "skip" else None)
         uri = self.prep.tracking_uri
-        self.relay = (start_relay(f"reclip-tracking-{name}", warm_up=functools.partial(tracking.client, uri))
-                      if tracking.is_local_store(uri) else None)
+        if self.relay is None and tracking.is_local_store(uri):
+            self.relay = start_relay(f"reclip-tracking-{name}", warm_up=functools.partial(tracking.client, uri))
         return missing_actor, self.relay
 
     def final_metrics(self, result: Any) -> dict[str, Any]:
