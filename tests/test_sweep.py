@@ -310,6 +310,9 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
                                            "reclip.eval_error.finetune"}
     assert tags[stopped["mlflow_run_id"]] == {"reclip.eval_error.gflops_150"}
     assert not any(tags[r["mlflow_run_id"]] for r in on_good)
+    # Each trial's MLflow calls went through its relay on this (the sweep driver's) node
+    here = ray_session.get_runtime_context().get_node_id()
+    assert {c.data.tags.get("reclip.tracking_relay_node") for c in children} == {here}
     # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
     _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
