@@ -213,6 +213,16 @@ def test_a_trial_on_another_node_writes_its_mlflow_run_through_a_relay_on_the_sw
     assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == str(cfg.train.batch_size)
 
 
+def test_the_final_report_reaches_tune_without_done():
+    """Tune stops a trial at a result that says ``done``, before the trial has closed its run; it sees the trial
+    end when its function returns instead."""
+    from reclip_ray.sweep.asha import tune_result
+
+    final = {"done": 1, "eval_round": 2, "eval_rounds_planned": 2, "loss": 3.0, "gflops_total": 300.0}
+    assert tune_result(final, ["loss"]) == {k: v for k, v in final.items() if k != "done"}
+    assert "done" not in tune_result({**final, "eval_error": "evaluation failed"}, ["loss"])
+
+
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     import time
 
@@ -310,9 +320,13 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
                                            "reclip.eval_error.finetune"}
     assert tags[stopped["mlflow_run_id"]] == {"reclip.eval_error.gflops_150"}
     assert not any(tags[r["mlflow_run_id"]] for r in on_good)
-    # Each trial's MLflow calls went through its relay on this (the sweep driver's) node
+    # A finished trial closed its run itself (Tune did not stop it at its final report): its MLflow calls went
+    # through its relay on this (the sweep driver's) node, which the relay's tags say, and its run state records it
     here = ray_session.get_runtime_context().get_node_id()
-    assert {c.data.tags.get("reclip.tracking_relay_node") for c in children} == {here}
+    finished = {c.info.run_id: c for c in children if c.info.run_id in {r["mlflow_run_id"] for r in completed}}
+    assert {c.data.tags.get("reclip.tracking_relay_node") for c in finished.values()} == {here}
+    for r in completed:
+        assert "finished" in storage.read_json(f"{sweep_dir}/trials/smoke-{r['trial_id']}/reclip_run.json"), r
     # Stopped trials must not keep their worker groups' CPUs: the next Ray Train test would wait for them forever.
     _wait_for_placement_groups_removed(ray_session)
     assert {"results.csv", "pareto.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

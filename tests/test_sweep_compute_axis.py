@@ -283,7 +283,8 @@ def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_d
     unmeasured = [r for r in results if math.isnan(r[space.metric])]
     assert all(r["eval_error"] for r in unmeasured) and not any("eval_error" in r for r in measured)
     final = results[-1]
-    assert final["done"] == 1 and final["samples"] == cfg.train.samples  # it trained to its end
+    assert trial.reports[-1]["done"] == 1 and final["samples"] == cfg.train.samples  # it trained to its end
+    assert "done" not in final  # Tune would stop the trial there, before it has closed its run (tune_result)
     reason = {"fails": "evaluation after 'finetune' failed: RuntimeError: no readable rows in stub",
               "at_phase_end_false": "no evaluation: eval.at_phase_end is false",
               "no_eval_set": "no evaluation: data.eval is empty"}[case]

@@ -41,9 +41,14 @@ def tune_result(report: dict[str, Any], metrics: list[str]) -> dict[str, Any] | 
     evaluation failure never costs the training): ASHA records it at the rung without comparing it (its cutoff is a
     ``nanpercentile`` and ``NaN < cutoff`` is false), and the trial's row in results.csv says why it has no metric.
     A report that was evaluated but lacks the metric (a misspelt label set) still fails loudly.
+
+    The final report's ``done`` is dropped: Tune stops a trial the moment a result says ``done``, while the trial
+    still has its run to close (the run state's record that it finished, the MLflow run's end and relay tags,
+    ray.log to a remote run folder); Tune sees the trial end when its function returns.
     """
     if "eval_round" not in report and "compute_round" not in report:
         return None
+    report = {k: v for k, v in report.items() if k != "done"}
     if EVAL_ERROR not in report:
         return report
     return {**{m: float("nan") for m in metrics}, **report}
