@@ -35,18 +35,20 @@ def test_cpu_groups_by_ray_process_title(e2e, title, group):
 
 
 def test_a_busy_process_counts_for_its_group_from_proc(e2e):
-    """/proc read for real: a child that spins ~1 s under a data-task-like title shows up as ``data`` CPU, counted
-    from zero since it was born after the first reading."""
+    """/proc read for real: a child that spins under a data-task-like title shows up as ``data`` CPU, counted from
+    zero since it was born after the first reading (0.2 s of the 1 s it spun before the second: a loaded machine
+    gives it less than a core)."""
     before = e2e._proc_cpu()
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass",
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass",
                               "MapBatches(fake)"])
     try:
         time.sleep(1.0)
         after = e2e._proc_cpu()
     finally:
+        child.kill()
         child.wait(timeout=30)
     spent = e2e.cpu_deltas(before, after)
-    assert spent["data"] >= 0.5, spent
+    assert spent["data"] >= 0.2, spent
 
 
 def test_a_data_task_that_ended_between_two_readings_still_counts_as_data(e2e):
