@@ -174,7 +174,7 @@ def start_relay(name: str, warm_up: Callable[[], Any] | None = None, node_id: st
 def mark_home(name: str) -> Any:
     """A named actor that marks this node as the store's home, for processes that are drivers themselves and may
     run on any node (a sweep's trials): ``home_node(name)`` finds it, and their relays are pinned there. Keep the
-    handle: the actor lives as long as this process does."""
+    handle while they run: the actor goes with its last handle (or this process)."""
     return start_relay(name)
 
 

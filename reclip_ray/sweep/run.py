@@ -17,8 +17,8 @@ from reclip_ray.sweep.progress import progress_callback
 from reclip_ray.sweep.results import close_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
 from reclip_ray.sweep.trainable import sweep_home, trial_setup, tune_trainable
-from reclip_ray.tracking_relay import mark_home
 from reclip_ray.sweep.trial_config import trial_raw
+from reclip_ray.tracking_relay import mark_home
 
 
 @dataclass
@@ -49,7 +49,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         grid = _tuner(space, sweep, axis, n_phases).fit()
-        del home
+        del home  # the trials are done: the marker goes with its last handle
         rows = trial_rows(grid, space, n_phases)
         close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
         summary = write_outputs(rows, space, sweep.base_raw, sweep_dir=sweep.sweep_dir,
