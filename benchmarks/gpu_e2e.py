@@ -200,9 +200,10 @@ def _data_cores_by_phase(uri: str, run_id: str, n_phases: int, cpu_log: str | No
 
     with open(cpu_log) as f:
         samples = [json.loads(line) for line in f if line.startswith("{")]
-    phase_of = {m.step: int(m.value) for m in tracking.client(uri).get_metric_history(run_id, "phase")}
+    client = tracking.client(uri)
+    phase_of = {m.step: int(m.value) for m in client.get_metric_history(run_id, "phase")}
     logged: dict[int, list[float]] = {}
-    for m in sorted(tracking.client(uri).get_metric_history(run_id, "samples_per_s"), key=lambda m: m.timestamp):
+    for m in sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.timestamp):
         if m.step in phase_of:
             logged.setdefault(phase_of[m.step], []).append(m.timestamp / 1e3)
     # The first window of each phase (its start) is dropped, as in phase_rows: windows run from the first logging time.

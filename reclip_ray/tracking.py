@@ -11,13 +11,14 @@ workers on other nodes cannot reach: there the calls marked ``@relayed`` run in 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from reclip_ray.config import Config
-from reclip_ray.tracking_relay import ARTIFACT_TIMEOUT_S, active, read_files, relayed, through_relay
+from reclip_ray.tracking_relay import ARTIFACT_TIMEOUT_S, active, read_files, relayed, start_relay, through_relay
 
 # MLflow caps a param value at 6000 characters and a batch at 1000 metrics / 100 params.
 _MAX_PARAM_LEN = 6000
@@ -74,6 +75,13 @@ def client(tracking_uri: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def start_store_relay(run_name: str, tracking_uri: str, node_id: str | None = None) -> Any:
+    """The run's relay to a local store (``tracking_relay``), named for the run, opening the store as it starts;
+    on this node, or on ``node_id`` (a sweep trial's: the sweep driver's, where the store is)."""
+    return start_relay(f"reclip-tracking-{run_name}", warm_up=functools.partial(client, tracking_uri),
+                       node_id=node_id)
 
 
 def get_or_create_experiment(tracking_uri: str, name: str) -> str:

@@ -66,7 +66,10 @@ class _MissingShards:
 MissingShards = ray.remote(num_cpus=0, max_restarts=-1)(_MissingShards)
 
 
-def missing_shard_count(actor: Any, timeout_s: float = 10.0) -> int | None:
+MISSING_COUNT_TIMEOUT_S = 10.0  # rank 0's wait for the count in a log window (missing_shard_count)
+
+
+def missing_shard_count(actor: Any, timeout_s: float = MISSING_COUNT_TIMEOUT_S) -> int | None:
     """How many shards the run skipped so far, for rank 0's log window; None when the actor does not answer in
     ``timeout_s`` (restarting after its node died: it forgets its list then) or is gone, so a slow bookkeeping
     actor never holds the training step, which every other rank waits on at the next collective."""

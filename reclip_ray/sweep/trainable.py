@@ -7,7 +7,6 @@ its own process, so the two are kept together here.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -16,7 +15,7 @@ from reclip_ray.config import from_dict
 from reclip_ray.sweep.asha import asha_metric, tune_result
 from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
 from reclip_ray.sweep.trial_config import trial_raw
-from reclip_ray.tracking_relay import home_node, start_relay, use_relay
+from reclip_ray.tracking_relay import home_node, use_relay
 
 
 def trial_setup(space: Space, axis: dict[str, Any] | None, *, base_raw: dict[str, Any], sweep_dir: str,
@@ -85,8 +84,7 @@ def trial_relay(sweep: str, cfg: Any) -> Any:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if not tracking.is_local_store(uri):
         return None
-    return start_relay(f"reclip-tracking-{cfg.run.name}", warm_up=functools.partial(tracking.client, uri),
-                       node_id=home_node(sweep_home(sweep)))
+    return tracking.start_store_relay(cfg.run.name, uri, node_id=home_node(sweep_home(sweep)))
 
 
 def _tune_reports(checked: list[str]):

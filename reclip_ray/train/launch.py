@@ -8,7 +8,6 @@ or, when it already finished, returns its final metrics without training.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from typing import Any
 
@@ -190,14 +189,13 @@ class Attempt:
         and, for a local MLflow store, its tracking relay. Each actor is a Python process started with every
         attempt."""
         from reclip_ray.data.pipeline import get_or_create_missing_shards
-        from reclip_ray.tracking_relay import start_relay
 
         name = self.prep.run_name
         missing_actor = (get_or_create_missing_shards(f"reclip-missing-shards-{name}")
                          if self.prep.cfg.data.missing_shards == "skip" else None)
         uri = self.prep.tracking_uri
         if self.relay is None and tracking.is_local_store(uri):
-            self.relay = start_relay(f"reclip-tracking-{name}", warm_up=functools.partial(tracking.client, uri))
+            self.relay = tracking.start_store_relay(name, uri)
         return missing_actor, self.relay
 
     def final_metrics(self, result: Any) -> dict[str, Any]:

@@ -306,14 +306,14 @@ class Worker:
         metrics = {**window.metrics(plan, state, last, lr, sizes[self.rank], self.world),
                    "data_rows_seen": seen, "data_rows_bad": bad, "data_rows_absent": state.rows_absent}
         if self.missing_actor is not None:  # data.missing_shards=skip (with =fail, a missing shard ends the run)
-            from reclip_ray.data.pipeline import missing_shard_count
+            from reclip_ray.data.pipeline import MISSING_COUNT_TIMEOUT_S, missing_shard_count
 
             missing = missing_shard_count(self.missing_actor)
             if missing is not None:
                 metrics["data_shards_missing"] = missing
             else:
-                self.say("WARNING: the missing-shards actor did not answer in 10 s; data_shards_missing not logged "
-                         "this window")
+                self.say(f"WARNING: the missing-shards actor did not answer in {MISSING_COUNT_TIMEOUT_S:g} s; "
+                         "data_shards_missing not logged this window")
         if state.step > self.already_logged:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=state.step)
         if self.board is not None:  # the driver draws it
