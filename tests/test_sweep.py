@@ -223,6 +223,14 @@ def test_the_final_report_reaches_tune_without_done():
     assert "done" not in tune_result({**final, "eval_error": "evaluation failed"}, ["loss"])
 
 
+def test_a_trial_writes_to_an_mlflow_server_directly():
+    """README: a server URL is written by a trial directly, with no relay (so no Ray call is made here)."""
+    from reclip_ray.config import load_config
+    from reclip_ray.sweep.trainable import trial_relay
+
+    assert trial_relay("s", load_config("tiny", ["tracking.uri=http://mlflow.example:5000"])) is None
+
+
 def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     import time
 
