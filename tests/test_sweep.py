@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -115,47 +116,43 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         assert all(trial_setup_of(r.config)["sweep"] == "s" for r in grid)
 
 
-@pytest.mark.slow
-@pytest.mark.sweep
-def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ray_session, tmp_path, synth_dir,
-                                                                            tokenizer_path, capsys):
-    """README: "Rerunning an interrupted sweep resumes it". A one-trial sweep whose trial dies at 512 of its ~1,024
-    samples (``fault.fail_at_samples``, no Ray Train retries) ends with that trial errored; the same command again
-    restores the Tune experiment, and the trial, under its own id and run folder, restarts from its checkpoint
-    (not from sample 0) and finishes: one MLflow parent, one child run, and no training step logged twice."""
-    import io
-
-    from mlflow.tracking import MlflowClient
-
-    from reclip_ray import storage
-    from reclip_ray.sweep import run_sweep
-
+def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
+                     every_samples: int = 256) -> tuple[Path, Path, list[str]]:
+    """A sweep of one ~1,024-sample trial on the tiny model, with 1-step log windows: its space file, its MLflow
+    database and the overrides that point it at the suite's data."""
     space = tmp_path / "resume.yaml"
     space.write_text(
         "name: resume\nbase: tiny\n"
         "set: [model.vision.depth=1, model.text.depth=1, train.batch_size=64, train.log_every_steps=1,\n"
-        "      checkpoint.every_samples=256, scaling.min_workers=1, scaling.max_workers=1,\n"
+        f"      checkpoint.every_samples={every_samples}, scaling.min_workers=1, scaling.max_workers=1,\n"
         "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false]\n"
         "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1024}\n"
         "scheduler: {name: fifo}\n")
     db = tmp_path / "mlflow.db"
     overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
                  f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false",
-                 f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}",
-                 "fault.fail_at_samples=512", "run.max_failures=0"]
-    first = run_sweep(str(space), overrides=overrides)
-    assert (first["trials"], first["errors"]) == (1, 1), first
-    assert "1 trial(s) failed" in capsys.readouterr().out  # and how to resume them
-    again = run_sweep(str(space), overrides=overrides)
-    assert "[sweep] resuming" in capsys.readouterr().out
-    assert (again["trials"], again["errors"]) == (1, 0) and again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
-    (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{again['sweep_dir']}/results.csv")))
+                 f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}"]
+    return space, db, overrides
+
+
+def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str) -> None:
+    """The one-trial sweep, resumed after its trial stopped midway, finished that trial from a checkpoint: both
+    phases trained to their end, an exported model in the trial's one run folder, one MLflow child run, no
+    training step logged twice and a restart recorded; the parent and the child FINISHED."""
+    import io
+
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray import storage
+
+    (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv")))
     assert row["status"] == "completed" and row["eval_rounds"] == "2", row  # both phases trained to their end
-    trial_dir = tmp_path / "runs" / "resume" / "trials" / f"resume-{row['trial_id']}"
-    assert (trial_dir / "model" / "model.safetensors").exists()
+    trials = sorted((tmp_path / "runs" / "resume" / "trials").iterdir())
+    assert trials == [tmp_path / "runs" / "resume" / "trials" / f"resume-{row['trial_id']}"]  # the trial's own folder
+    assert (trials[0] / "model" / "model.safetensors").exists()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    parent = client.get_run(again["mlflow_parent_run_id"])
+    parent = client.get_run(parent_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert [c.info.run_id for c in children] == [row["mlflow_run_id"]]
     assert parent.info.status == children[0].info.status == "FINISHED"
@@ -165,6 +162,84 @@ def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ra
     assert samples[-1][1] == float(row["samples"]) > 512
     restarts = client.get_metric_history(row["mlflow_run_id"], "restarts")
     assert restarts and max(m.value for m in restarts) >= 1  # the second attempt restored a checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ray_session, tmp_path, synth_dir,
+                                                                            tokenizer_path, capsys):
+    """README: "Rerunning an interrupted sweep resumes it". A one-trial sweep whose trial dies at 512 of its ~1,024
+    samples (``fault.fail_at_samples``, no Ray Train retries) ends with that trial errored; the same command again
+    restores the Tune experiment, and the trial, under its own id and run folder, restarts from its checkpoint
+    (not from sample 0) and finishes: one MLflow parent, one child run, and no training step logged twice."""
+    from reclip_ray.sweep import run_sweep
+
+    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path)
+    overrides += ["fault.fail_at_samples=512", "run.max_failures=0"]
+    first = run_sweep(str(space), overrides=overrides)
+    assert (first["trials"], first["errors"]) == (1, 1), first
+    assert "1 trial(s) failed" in capsys.readouterr().out  # and how to resume them
+    again = run_sweep(str(space), overrides=overrides)
+    assert "[sweep] resuming" in capsys.readouterr().out
+    assert (again["trials"], again["errors"]) == (1, 0) and again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    _check_resumed_trial(tmp_path, db, again["sweep_dir"], again["mlflow_parent_run_id"])
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_sweep_stopped_by_ctrl_c_while_its_trial_trains_resumes_the_trial_when_rerun(ray_cluster, tmp_path,
+                                                                                       synth_dir, tokenizer_path):
+    """README: "Rerunning an interrupted sweep resumes it", for the interruption a user makes: `reclip-ray sweep`,
+    in its own process on this cluster, gets a SIGINT (Ctrl-C) once its trial has a checkpoint. Tune saves its
+    state, stops the trial and returns as if the sweep had ended; the command must not write results for a sweep
+    that has not ended: it says how to resume, exits 130, and its MLflow runs are KILLED. The same command again
+    resumes the trial under its own id from its checkpoint and finishes it. The steps are slowed (1.5 s each, while
+    a flag file exists) so the trial is still training when Tune stops it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path, every_samples=128)
+    slow = tmp_path / "slow-steps"
+    slow.touch()
+    command = [sys.executable, "-m", "reclip_ray", "sweep", "--space", str(space)]
+    command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}"]
+                for a in ("--set", o)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}  # join this session's Ray
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    trials = tmp_path / "runs" / "resume" / "trials"
+    try:
+        deadline = time.time() + 240
+        while not list(trials.glob("*/checkpoint_*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None and list(trials.glob("*/checkpoint_*")), log_path.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert rc == 130, text[-3000:]
+    assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in text, text[-3000:]
+    assert "reclip-ray: interrupted" in text
+    assert not (tmp_path / "runs" / "resume" / "results.csv").exists()  # no results for a sweep that has not ended
+    assert "row/s]" not in text  # no Ray Data progress bars from the trial's workers among the sweep's lines
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert sorted(runs) == ["resume", *(d.name for d in trials.iterdir())]  # the parent and the trial's run
+    assert {r.info.status for r in runs.values()} == {"KILLED"}, {n: r.info.status for n, r in runs.items()}
+
+    slow.unlink()
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    assert "[sweep] resuming" in again.stdout
+    _check_resumed_trial(tmp_path, db, str(tmp_path / "runs" / "resume"), runs["resume"].info.run_id)
 
 
 @pytest.mark.slow

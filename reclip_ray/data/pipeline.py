@@ -409,6 +409,9 @@ def phase_dataset(
     # the split hands out whole blocks, so small blocks keep the ranks' shares interleaved in stream order.
     row_bytes = (64 << 10) if on_device else 3 * image_size**2  # JPEG bytes (a generous mean) or pixels
     ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * (row_bytes + 9 * text_length + 64)))
+    # Ray Data's progress bars, drawn by every rank (or split coordinator) for every phase, are cursor codes in the
+    # job's log and break up the trainer's own lines, which already say samples/s and data wait
+    ds.context.enable_progress_bars = False
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json,

@@ -9,19 +9,45 @@ from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.sweep.space import trial_params
 
 
+# The trials the last sweep run in this process left unfinished, as its progress callback saw them at the
+# experiment's end. Tune returns normally from ``fit`` after a Ctrl-C (SIGINT) or SIGUSR1, with its state saved and
+# every running trial marked terminated, just as if it had finished: this list is how ``run_sweep`` tells the two
+# apart. Module state, looked up when the callback runs, because a resumed sweep runs the callback Tune pickled
+# with the experiment (a copy of the class, by value), not one this process built.
+UNFINISHED: list[str] = []
+
+
 def progress_callback(metric: str, n_phases: int):
     """A Tune callback printing each trial's end: done, stopped early or error, with its metric, compute and
-    parameters. Built here because Ray is imported only once a sweep runs."""
+    parameters; and recording which trials did not end (``UNFINISHED``). Built here because Ray is imported only
+    once a sweep runs."""
     from ray.tune import Callback
 
     class Progress(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        ended: set[str] | None = None  # trials finished before this run (a resumed sweep) or ended in it
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.ended is None:  # Tune's first step: what a resumed sweep had finished does not end again
+                self.ended = {t.trial_id for t in trials if t.is_finished()}
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # done, or stopped by the scheduler
             print(trial_line(trial.trial_id, trial.last_result or {}, trial.config, metric, n_phases, "done"),
                   flush=True)
+            self._end(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(trial_line(trial.trial_id, trial.last_result or {}, trial.config, metric, n_phases, "error"),
                   flush=True)
+            self._end(trial)
+
+        def on_experiment_end(self, trials, **info):
+            from reclip_ray.sweep import progress  # the module, not a pickled copy of its list
+
+            ended = self.ended if self.ended is not None else {t.trial_id for t in trials if t.is_finished()}
+            progress.UNFINISHED[:] = [t.trial_id for t in trials if t.trial_id not in ended]
+
+        def _end(self, trial):
+            self.ended = (self.ended or set()) | {trial.trial_id}
 
     return Progress()
 
