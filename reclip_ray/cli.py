@@ -159,7 +159,7 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from reclip_ray.sweep import sweep_from_cli
 
-    return sweep_from_cli(args.space, args.config, args.set)
+    return sweep_from_cli(args.space, args.config, args.set, verbose=args.verbose)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -308,6 +308,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", required=True)
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output and the trials' training logs here instead of in SWEEP_DIR/ray.log")
     p.set_defaults(func=_sweep)
 
 

@@ -167,6 +167,14 @@ def upload_ray_log(run_dir: str, log_file: str | None) -> None:
         storage.write_bytes(storage.join(run_dir, RAY_LOG), f.read())
 
 
+def copy_ray_log(run_dir: str, log_file: str | None) -> None:
+    """``upload_ray_log`` at the end of a run or a sweep: a failed copy is a warning, never the run's outcome."""
+    try:
+        upload_ray_log(run_dir, log_file)
+    except Exception as exc:  # noqa: BLE001 - a log copy must not mask the run's own outcome
+        print(f"[reclip] WARNING: could not copy {log_file} to {run_dir}: {exc}", file=sys.stderr, flush=True)
+
+
 def _open_ray_log(run_dir: str) -> str:
     """``ray_log_file``, its folder made; for a remote run folder, first seeded with the ray.log there (earlier
     attempts, maybe from another machine), so the copy at the end keeps them."""
@@ -184,10 +192,12 @@ def _open_ray_log(run_dir: str) -> str:
     return path
 
 
-def redirect_ray_output(run_dir: str) -> str | None:
+def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
     """Write Ray's output (the logs of its workers, actors, raylet and Ray Data, which the driver otherwise prints)
-    to ``RUN_DIR/ray.log`` (``ray_log_file``) instead of the console; errors and warnings are still shown. Returns
-    the file, or None when Ray's log dispatcher is not where this Ray version kept it (then Ray prints as usual)."""
+    to ``RUN_DIR/ray.log`` (``ray_log_file``) instead of the console; errors and warnings are still shown, and
+    with ``own_warnings`` also the workers' ``[reclip] WARNING`` lines (a sweep's trials have no progress board to
+    carry them). Returns the file, or None when Ray's log dispatcher is not where this Ray version kept it (then
+    Ray prints as usual)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # an internal API of Ray 2.x; without it Ray simply prints as usual
@@ -200,7 +210,7 @@ def redirect_ray_output(run_dir: str) -> str | None:
         shown = []
         for line in data.get("lines", []):
             log.write(f"({who}) {line}\n")
-            if _worth_showing(line, data):
+            if _worth_showing(line, data, own_warnings):
                 shown.append(line)
         for line in shown:
             print(f"({who}) {line}", file=sys.stderr, flush=True)
@@ -220,9 +230,11 @@ def redirect_ray_output(run_dir: str) -> str | None:
 _NOISE = ("PYTHON worker processes have been started",)  # the raylet's note on fractional-CPU tasks: expected here
 
 
-def _worth_showing(line: str, data: dict[str, Any]) -> bool:
-    """Errors and warnings reach the console; everything else only the log file."""
+def _worth_showing(line: str, data: dict[str, Any], own_warnings: bool = False) -> bool:
+    """Errors and warnings reach the console; everything else only the log file. Our own ``[reclip]`` lines reach
+    it through the progress board, unless ``own_warnings`` (then their warnings are shown here)."""
     if any(n in line for n in _NOISE):
         return False
-    return ("ERROR" in line or "Error" in line or "Traceback" in line or "WARNING" in line) and not line.startswith(
-        "[reclip] ")  # our own warnings reach the console through the progress board
+    if line.startswith("[reclip] "):
+        return own_warnings and "WARNING" in line
+    return "ERROR" in line or "Error" in line or "Traceback" in line or "WARNING" in line

@@ -60,6 +60,10 @@ def test_ray_lines_that_reach_the_console():
     assert not _worth_showing("Reporting training result 3: ...", {})
     assert not _worth_showing("WARNING: 8 PYTHON worker processes have been started on node", {})
     assert not _worth_showing("[reclip] WARNING: shown through the board", {})
+    # A sweep's trials have no board: their own warnings are shown from Ray's output, their step lines are not
+    assert _worth_showing("[reclip] WARNING: could not write eval.json", {}, own_warnings=True)
+    assert not _worth_showing("[reclip] lowres 32px step 9/17 samples 576/1023", {}, own_warnings=True)
+    assert _worth_showing("ERROR worker died", {}, own_warnings=True)
 
 
 def test_a_window_logs_the_phase_peak_gpu_memory_and_it_is_zero_on_cpu():

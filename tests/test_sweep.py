@@ -135,7 +135,7 @@ def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
     return space, db, overrides
 
 
-def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str) -> None:
+def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str, restarts: int = 1) -> None:
     """The one-trial sweep, resumed after its trial stopped midway, finished that trial from a checkpoint: both
     phases trained to their end, an exported model in the trial's one run folder, one MLflow child run, no
     training step logged twice and a restart recorded; the parent and the child FINISHED."""
@@ -160,8 +160,8 @@ def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: st
     steps = [s for s, _ in samples]
     assert steps == sorted(set(steps)) == list(range(1, len(steps) + 1)), steps  # every step logged once
     assert samples[-1][1] == float(row["samples"]) > 512
-    restarts = client.get_metric_history(row["mlflow_run_id"], "restarts")
-    assert restarts and max(m.value for m in restarts) >= 1  # the second attempt restored a checkpoint
+    logged = client.get_metric_history(row["mlflow_run_id"], "restarts")
+    assert logged and max(m.value for m in logged) == restarts  # each attempt after the first restored a checkpoint
 
 
 @pytest.mark.slow
@@ -187,14 +187,19 @@ def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ra
 
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_a_sweep_stopped_by_ctrl_c_while_its_trial_trains_resumes_the_trial_when_rerun(ray_cluster, tmp_path,
-                                                                                       synth_dir, tokenizer_path):
-    """README: "Rerunning an interrupted sweep resumes it", for the interruption a user makes: `reclip-ray sweep`,
-    in its own process on this cluster, gets a SIGINT (Ctrl-C) once its trial has a checkpoint. Tune saves its
-    state, stops the trial and returns as if the sweep had ended; the command must not write results for a sweep
-    that has not ended: it says how to resume, exits 130, and its MLflow runs are KILLED. The same command again
-    resumes the trial under its own id from its checkpoint and finishes it. The steps are slowed (1.5 s each, while
-    a flag file exists) so the trial is still training when Tune stops it."""
+def test_a_sweep_stopped_by_ctrl_c_or_ray_job_stop_while_its_trial_trains_resumes_the_trial_when_rerun(
+        ray_cluster, tmp_path, synth_dir, tokenizer_path):
+    """README: "Rerunning an interrupted sweep resumes it", for the two stops a user makes while a trial trains.
+    `reclip-ray sweep` runs in its own process on this cluster (RAY_ADDRESS):
+
+    1. A SIGINT (Ctrl-C) once its trial has a checkpoint. Tune saves its state, stops the trial and returns as if
+       the sweep had ended; the command must not write results for a sweep that has not ended.
+    2. The same command; a SIGTERM (what `ray job stop` sends the job's processes) once the resumed trial has
+       checkpointed again. Ray's driver exits on it from inside Tune's loop.
+
+    After each: exit status 130 with how to resume, no results.csv, the parent and the trial's MLflow runs KILLED.
+    3. The same command finishes the trial, resumed under its own id from its checkpoint. The steps are slowed
+       (1.5 s each, while a flag file exists) so the trial is still training when it is stopped."""
     import signal
     import subprocess
     import sys
@@ -209,37 +214,50 @@ def test_a_sweep_stopped_by_ctrl_c_while_its_trial_trains_resumes_the_trial_when
     command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}"]
                 for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}  # join this session's Ray
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
     trials = tmp_path / "runs" / "resume" / "trials"
-    try:
-        deadline = time.time() + 240
-        while not list(trials.glob("*/checkpoint_*")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert proc.poll() is None and list(trials.glob("*/checkpoint_*")), log_path.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text()
-    assert rc == 130, text[-3000:]
-    assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in text, text[-3000:]
-    assert "reclip-ray: interrupted" in text
-    assert not (tmp_path / "runs" / "resume" / "results.csv").exists()  # no results for a sweep that has not ended
-    assert "row/s]" not in text  # no Ray Data progress bars from the trial's workers among the sweep's lines
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    assert sorted(runs) == ["resume", *(d.name for d in trials.iterdir())]  # the parent and the trial's run
-    assert {r.info.status for r in runs.values()} == {"KILLED"}, {n: r.info.status for n, r in runs.items()}
+
+    def stopped(sig: int, log_name: str) -> str:
+        """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before."""
+        seen = set(trials.glob("*/checkpoint_*"))
+        log_path = tmp_path / log_name
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not set(trials.glob("*/checkpoint_*")) - seen and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            assert proc.poll() is None and set(trials.glob("*/checkpoint_*")) - seen, log_path.read_text()[-3000:]
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        text = log_path.read_text()
+        assert rc == 130 and "reclip-ray: interrupted" in text, (rc, text[-3000:])
+        assert not (tmp_path / "runs" / "resume" / "results.csv").exists()  # no results: the sweep has not ended
+        runs = {r.info.run_name: r.info.status for r in
+                client.search_runs([e.experiment_id for e in client.search_experiments()])}
+        assert runs == {"resume": "KILLED", **{d.name: "KILLED" for d in trials.iterdir()}}, runs  # one trial
+        return text
+
+    first = stopped(signal.SIGINT, "first.log")  # what Ctrl-C delivers to the foreground process
+    assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in first, first[-3000:]
+    # The console has the sweep's own lines; the trial's training log is in the sweep folder's ray.log, once per
+    # line and without Ray Data's progress bars (cursor codes that were redrawn around every line)
+    ray_log = (tmp_path / "runs" / "resume" / "ray.log").read_text()
+    assert "[reclip] lowres 32px step 2/17 " not in first, first[-3000:]
+    assert ray_log.count("[reclip] lowres 32px step 2/17 ") == 1 and "row/s]" not in ray_log, ray_log[-3000:]
+    second = stopped(signal.SIGTERM, "second.log")
+    assert "[sweep] resuming" in second
 
     slow.unlink()
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
     assert "[sweep] resuming" in again.stdout
-    _check_resumed_trial(tmp_path, db, str(tmp_path / "runs" / "resume"), runs["resume"].info.run_id)
+    parent = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'resume'")
+    _check_resumed_trial(tmp_path, db, str(tmp_path / "runs" / "resume"), parent[0].info.run_id, restarts=2)
 
 
 @pytest.mark.slow

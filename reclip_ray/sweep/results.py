@@ -87,6 +87,18 @@ def close_trial_runs(tracking_uri: str, parent: str, rows: list[dict[str, Any]])
             tracking.end_run(tracking_uri, run.info.run_id, status)
 
 
+def kill_running_trial_runs(tracking_uri: str, parent: str) -> None:
+    """A sweep stopped mid-way without Tune's graceful stop (``ray job stop`` sends SIGTERM, and Ray's driver exits
+    on it from inside Tune's loop): its trials' MLflow runs still RUNNING are KILLED. A rerun of the sweep resumes
+    them. A trial's own run that ended (FINISHED, FAILED) keeps its status."""
+    from reclip_ray import tracking
+
+    c = tracking.client(tracking_uri)
+    exp = c.get_run(parent).info.experiment_id
+    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+        tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
+
+
 def write_outputs(rows: list[dict[str, Any]], space: Space, base_raw: dict[str, Any], *, sweep_dir: str,
                   storage_path: str, tracking_uri: str, parent: str) -> dict[str, Any]:
     """results.csv, pareto.png and best.yaml: drawn in a local temp folder, logged to MLflow from there, and each

@@ -15,7 +15,7 @@ from reclip_ray.run_names import FULL
 from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
 from reclip_ray.sweep import progress
 from reclip_ray.sweep.progress import progress_callback
-from reclip_ray.sweep.results import close_trial_runs, trial_rows, write_outputs
+from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
 from reclip_ray.sweep.trainable import sweep_home, trial_setup, tune_trainable
 from reclip_ray.sweep.trial_config import trial_raw
@@ -33,9 +33,13 @@ class OpenSweep:
     parent: str  # the MLflow parent run's id
 
 
-def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep; writes results.csv, pareto.png and best.yaml in the sweep folder."""
+def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None,
+              quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) a sweep; writes results.csv, pareto.png and best.yaml in the sweep folder. ``quiet`` (the
+    CLI's default): Ray's output, the trials' training logs included, goes to the sweep folder's ray.log, and the
+    console shows the sweep's own lines, errors and warnings."""
     from reclip_ray import tracking
+    from reclip_ray.console import copy_ray_log, redirect_ray_output
     from reclip_ray.train.launch import init_ray
 
     space = load_space(space_path)
@@ -45,8 +49,15 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     sweep = open_sweep(space, space_path, base_cfg)
     n_phases = len(base_cfg.phases)
     status = "FAILED"
+    log_file = None
     try:
         init_ray(sweep.prep.cfg)
+        log_file = redirect_ray_output(sweep.sweep_dir, own_warnings=True) if quiet else None
+        if log_file:
+            copied = f", copied to {storage.join(sweep.sweep_dir, 'ray.log')} at the end" \
+                if storage.is_uri(sweep.sweep_dir) else ""
+            print(f"[sweep] Ray's own output and the trials' training logs: {log_file}{copied} (--verbose shows "
+                  "them here)", flush=True)
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         progress.UNFINISHED.clear()
@@ -69,8 +80,13 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except SystemExit:  # `ray job stop`: SIGTERM, on which Ray's driver exits, here from inside Tune's loop
+        status = "KILLED"
+        kill_running_trial_runs(sweep.prep.tracking_uri, sweep.parent)
+        raise KeyboardInterrupt from None  # to the user, a stop like Ctrl-C (the CLI says so and exits 130)
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
+        copy_ray_log(sweep.sweep_dir, log_file)
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -176,7 +192,7 @@ def restore_tuner(tune_dir: str, trainable: Any, space: Space, setup: dict[str, 
     return restore(legacy=True)
 
 
-def sweep_from_cli(space: str, config: str | None, overrides: list[str]) -> int:
-    summary = run_sweep(space, config, overrides)
+def sweep_from_cli(space: str, config: str | None, overrides: list[str], verbose: bool = False) -> int:
+    summary = run_sweep(space, config, overrides, quiet=not verbose)
     print(json.dumps(summary, indent=2, default=str))
     return 0

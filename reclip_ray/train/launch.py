@@ -8,6 +8,7 @@ or, when it already finished, returns its final metrics without training.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,8 @@ from reclip_ray.train.datasets import build_datasets
 from reclip_ray.train.handover import clear_fatal
 from reclip_ray.train.prepare import Prepared, prepare
 from reclip_ray.train.run_state import final_eval, read_run_state, record_finished, write_run_state
+
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # Ray Train V2's switch: its workers' print also goes to a logger
 
 
 def run_training(
@@ -118,6 +121,9 @@ def build_trainer(prep: Prepared, attempt: Attempt, callbacks: list[Any] | None)
         "board": attempt.board,
         "tracking_relay": relay,
     }
+    # Ray Train V2 patches the workers' print to log each line as well as print it: every line of the run's log
+    # (ray.log, a sweep's trials, --verbose) came twice. Train propagates this variable from here to its workers.
+    os.environ.setdefault(PRINT_PATCH, "0")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -243,12 +249,6 @@ class Attempt:
 
     def _upload_log(self) -> None:
         """A remote run folder gets the local ray.log at the end of each attempt (console.upload_ray_log)."""
-        run_dir, log_file = self.prep.run_dir, self.log_file
-        if log_file is None or not storage.is_uri(run_dir):
-            return
-        from reclip_ray.console import upload_ray_log
+        from reclip_ray.console import copy_ray_log
 
-        try:
-            upload_ray_log(run_dir, log_file)
-        except Exception as exc:  # noqa: BLE001 - a log copy must not mask the run's own outcome
-            print(f"[reclip] WARNING: could not copy {log_file} to {run_dir}: {exc}", file=sys.stderr, flush=True)
+        copy_ray_log(self.prep.run_dir, self.log_file)
