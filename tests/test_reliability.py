@@ -486,7 +486,8 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
 
     1. too many bad rows: a deterministic error, written to the run folder on S3, so Ray Train does not retry it;
     2. the same run, fixed data: Ctrl-C after a checkpoint (exit 130, MLflow KILLED, no worker left);
-    3. the same command: resumes from the S3 checkpoint into the same MLflow run and finishes, evaluating;
+    3. the same command: resumes from the S3 checkpoint into the same MLflow run and finishes, evaluating (the run
+       trains with ``train.loss: siglip``, the one Ray run of the suite that does);
     4. once more: "already finished" (from the run-state file on S3);
     5. ``reclip-ray eval --checkpoint s3://.../model``; 6. ``reclip-ray report`` of the S3 run folder.
     Then the bucket is listed: checkpoints, Ray Train's snapshot, model/, eval.json, the run-state file, the
@@ -497,6 +498,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     import ray
     from ray.util.state import list_actors
 
+    import reclip_ray
     from conftest import fresh_mlflow_db
     from reclip_ray import storage
     from reclip_ray.report import report_run
@@ -516,6 +518,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
         "train.batch_size=64", "train.log_every_steps=1", "phases.0.samples=0.75", "phases.1.samples=0.25",
         "checkpoint.every_samples=256", "scaling.min_workers=2", "scaling.max_workers=2",
         "scaling.cpus_per_worker=0.5", "scaling.use_gpu=false", "data.shuffle_buffer=128", "eval.at_phase_end=false",
+        "train.loss=siglip",
     ]
     cli = [sys.executable, "-m", "reclip_ray"]
     command = cli + ["train", "--json", "--config", "tiny"] + [a for o in overrides for a in ("--set", o)]
@@ -582,6 +585,11 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     restarts = client.get_metric_history(run_.info.run_id, "restarts")
     assert [m.step for m in restarts if m.value == 2] == [saved["step"]]  # resumed exactly at the S3 checkpoint
     assert sorted(_history(client, run_.info.run_id, "loss")) == list(range(1, 33))
+    # The run trains with the sigmoid loss (train.loss=siglip, texts exchanged between the 2 workers' ranks): its
+    # bias is trained, one point per step, and exported with the model (step 5)
+    bias = _history(client, run_.info.run_id, "logit_bias")
+    assert run_.data.params["train.loss"] == "siglip" and sorted(bias) == list(range(1, 33))
+    assert len(set(bias.values())) > 1
     assert out["run_dir"] == run_dir and out["report"] == f"{run_dir}/report.png"
     final = storage.read_json(f"{run_dir}/eval.json")  # the launcher's final metrics come from it
     logged = {k: run_.data.metrics[k] for k in final if k in run_.data.metrics}
@@ -605,7 +613,9 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     assert f"run 's3run' already finished (2048 samples); model at {run_dir}/model" in done, done[-3000:]
     assert len(client.search_runs([first.info.experiment_id])) == 1
 
-    # 5. The exported model, straight from S3.
+    # 5. The exported model, straight from S3: its sigmoid-loss bias is the trained one, and it evaluates.
+    exported, _ = reclip_ray.load_model(f"{run_dir}/model")
+    assert float(exported.logit_bias) == pytest.approx(bias[32], abs=1e-6)
     evaluated = in_process(["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
     result = json.loads(evaluated[evaluated.index("{"):])
     assert result["image_size"] == 64 and result["metrics"]["rows"] == 200
