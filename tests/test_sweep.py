@@ -316,6 +316,38 @@ def test_the_final_report_reaches_tune_without_done():
     assert "done" not in tune_result({**final, "eval_error": "evaluation failed"}, ["loss"])
 
 
+def test_the_progress_callback_tells_an_interrupted_sweep_from_a_finished_one(capsys):
+    """After a Ctrl-C Tune marks the running trials terminated and returns as if the sweep had ended; only the
+    trials the callback saw end (or found finished when a resumed sweep began) count as ended (``UNFINISHED``)."""
+    from reclip_ray.sweep.progress import UNFINISHED, progress_callback
+
+    class Trial:
+        def __init__(self, trial_id: str, status: str = "PENDING"):
+            self.trial_id, self.status, self.last_result, self.config = trial_id, status, {}, {}
+
+        def is_finished(self) -> bool:
+            return self.status in ("TERMINATED", "ERROR")
+
+    def run(trials: list, ending: list, steps: bool = True) -> list[str]:
+        callback = progress_callback("loss", 2)
+        if steps:
+            callback.on_step_begin(iteration=0, trials=trials)
+        for trial, how in ending:
+            trial.status = "ERROR" if how == "error" else "TERMINATED"
+            getattr(callback, f"on_trial_{how}")(iteration=1, trials=trials, trial=trial)
+        for trial in trials:  # what Tune's cleanup does to the trials still running at a Ctrl-C
+            trial.status = "TERMINATED" if trial.status == "RUNNING" else trial.status
+        callback.on_experiment_end(trials=trials)
+        return list(UNFINISHED)
+
+    a, b, c = Trial("a"), Trial("b", "RUNNING"), Trial("c")
+    assert run([a, b, c], [(a, "complete"), (c, "error")]) == ["b"]  # b was running at the Ctrl-C
+    assert run([a, b, c], [(b, "complete")]) == []  # resumed: a and c had ended before
+    assert run([Trial("d", "TERMINATED")], [], steps=False) == []  # a finished sweep rerun: Tune takes no step
+    assert run([Trial("e", "PENDING")], [], steps=False) == ["e"]  # stopped before Tune's first step
+    assert "[sweep] trial c error: " in capsys.readouterr().out
+
+
 def test_a_trial_writes_to_an_mlflow_server_directly():
     """README: a server URL is written by a trial directly, with no relay (so no Ray call is made here)."""
     from reclip_ray.config import load_config

@@ -41,10 +41,10 @@ def progress_callback(metric: str, n_phases: int):
             self._end(trial)
 
         def on_experiment_end(self, trials, **info):
-            from reclip_ray.sweep import progress  # the module, not a pickled copy of its list
+            from reclip_ray.sweep.progress import UNFINISHED as unfinished  # the module's, not a pickled copy
 
             ended = self.ended if self.ended is not None else {t.trial_id for t in trials if t.is_finished()}
-            progress.UNFINISHED[:] = [t.trial_id for t in trials if t.trial_id not in ended]
+            unfinished[:] = [t.trial_id for t in trials if t.trial_id not in ended]
 
         def _end(self, trial):
             self.ended = (self.ended or set()) | {trial.trial_id}

@@ -13,8 +13,7 @@ from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, l
 from reclip_ray.flops import run_flops
 from reclip_ray.run_names import FULL
 from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
-from reclip_ray.sweep import progress
-from reclip_ray.sweep.progress import progress_callback
+from reclip_ray.sweep.progress import UNFINISHED, progress_callback
 from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
 from reclip_ray.sweep.trainable import sweep_home, trial_setup, tune_trainable
@@ -60,13 +59,13 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
                   "them here)", flush=True)
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
-        progress.UNFINISHED.clear()
+        UNFINISHED.clear()
         grid = _tuner(space, sweep, axis, n_phases).fit()
         del home  # the trials are done: the marker goes with its last handle
         rows = trial_rows(grid, space, n_phases)
         close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
-        if progress.UNFINISHED:  # Tune returned after a Ctrl-C (SIGINT) or SIGUSR1, its state saved: no results yet
-            print(f"[sweep] interrupted with {len(progress.UNFINISHED)} trial(s) unfinished: run the same command "
+        if UNFINISHED:  # Tune returned after a Ctrl-C (SIGINT) or SIGUSR1, its state saved: no results yet
+            print(f"[sweep] interrupted with {len(UNFINISHED)} trial(s) unfinished: run the same command "
                   "again to resume them from their last checkpoints", flush=True)
             raise KeyboardInterrupt
         summary = write_outputs(rows, space, sweep.base_raw, sweep_dir=sweep.sweep_dir,
