@@ -115,3 +115,42 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cl
     assert runs[0].data.metrics["samples"] == 1024
     assert any(k.startswith("eval/64px/") for k in runs[0].data.metrics)
     assert runs[0].info.run_id in logs  # the end-of-run table names the MLflow run
+
+
+def test_ray_job_stop_ends_a_training_job_with_its_mlflow_run_killed_and_nothing_left(ray_cluster, tmp_path,
+                                                                                     synth_dir, tokenizer_path):
+    """`ray job stop` sends the job's processes SIGTERM (and SIGKILL 3 s later): the driver, on which Ray's SIGTERM
+    handler exits from inside ``fit``, ends the run's MLflow run as KILLED within that window, and the job's
+    actors and placement group are gone. The steps are slowed (1 s each) so the job is training when stopped."""
+    from mlflow.tracking import MlflowClient
+
+    address = f"http://{ray_cluster.head_node.webui_url}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    before = _alive()
+    sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "stopped",
+                         extra=["fault.step_delay_s=1", "checkpoint.every_samples=128"])
+    args = ["job", "submit", "--address", address, "--submission-id", "reclip-stop", "--no-wait", "--working-dir",
+            ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
+    for s in sets:
+        args += ["--set", s]
+    submitted = _ray(*args, env=env)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "stopped"
+    deadline = time.time() + 240
+    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert list(run_dir.glob("checkpoint_*")), _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
+    stopped = _ray("job", "stop", "--address", address, "reclip-stop", env=env)  # waits for the job to exit
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
+    assert "reclip-ray: interrupted" in logs, logs[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("it").experiment_id])
+    assert run.info.status == "KILLED", run.info.status
+    assert 0 < run.data.metrics["samples"] < 1024
+    deadline = time.time() + 30
+    while left := _alive() - before:
+        assert time.time() < deadline, f"left on the cluster: {sorted(left)}"
+        time.sleep(0.5)
