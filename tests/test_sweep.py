@@ -116,15 +116,14 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         assert all(trial_setup_of(r.config)["sweep"] == "s" for r in grid)
 
 
-def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
-                     every_samples: int = 256) -> tuple[Path, Path, list[str]]:
+def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path) -> tuple[Path, Path, list[str]]:
     """A sweep of one ~1,024-sample trial on the tiny model, with 1-step log windows: its space file, its MLflow
     database and the overrides that point it at the suite's data."""
     space = tmp_path / "resume.yaml"
     space.write_text(
         "name: resume\nbase: tiny\n"
         "set: [model.vision.depth=1, model.text.depth=1, train.batch_size=64, train.log_every_steps=1,\n"
-        f"      checkpoint.every_samples={every_samples}, scaling.min_workers=1, scaling.max_workers=1,\n"
+        "      checkpoint.every_samples=128, scaling.min_workers=1, scaling.max_workers=1,\n"
         "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false]\n"
         "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1024}\n"
         "scheduler: {name: fifo}\n")
@@ -135,7 +134,7 @@ def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
     return space, db, overrides
 
 
-def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str, restarts: int = 1) -> None:
+def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str, restarts: int) -> None:
     """The one-trial sweep, resumed after its trial stopped midway, finished that trial from a checkpoint: both
     phases trained to their end, an exported model in the trial's one run folder, one MLflow child run, no
     training step logged twice and a restart recorded; the parent and the child FINISHED."""
@@ -166,40 +165,23 @@ def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: st
 
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_a_sweep_whose_trial_failed_resumes_it_from_its_checkpoint_when_rerun(ray_session, tmp_path, synth_dir,
-                                                                            tokenizer_path, capsys):
-    """README: "Rerunning an interrupted sweep resumes it". A one-trial sweep whose trial dies at 512 of its ~1,024
-    samples (``fault.fail_at_samples``, no Ray Train retries) ends with that trial errored; the same command again
-    restores the Tune experiment, and the trial, under its own id and run folder, restarts from its checkpoint
-    (not from sample 0) and finishes: one MLflow parent, one child run, and no training step logged twice."""
-    from reclip_ray.sweep import run_sweep
-
-    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path)
-    overrides += ["fault.fail_at_samples=512", "run.max_failures=0"]
-    first = run_sweep(str(space), overrides=overrides)
-    assert (first["trials"], first["errors"]) == (1, 1), first
-    assert "1 trial(s) failed" in capsys.readouterr().out  # and how to resume them
-    again = run_sweep(str(space), overrides=overrides)
-    assert "[sweep] resuming" in capsys.readouterr().out
-    assert (again["trials"], again["errors"]) == (1, 0) and again["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
-    _check_resumed_trial(tmp_path, db, again["sweep_dir"], again["mlflow_parent_run_id"])
-
-
-@pytest.mark.slow
-@pytest.mark.sweep
-def test_a_sweep_stopped_by_ctrl_c_or_ray_job_stop_while_its_trial_trains_resumes_the_trial_when_rerun(
+def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the_trial_when_rerun(
         ray_cluster, tmp_path, synth_dir, tokenizer_path):
-    """README: "Rerunning an interrupted sweep resumes it", for the two stops a user makes while a trial trains.
-    `reclip-ray sweep` runs in its own process on this cluster (RAY_ADDRESS):
+    """README: "Rerunning an interrupted sweep resumes it", for the three ways a one-trial sweep stops midway.
+    `reclip-ray sweep` runs in its own process on this cluster (RAY_ADDRESS), the same command each time:
 
     1. A SIGINT (Ctrl-C) once its trial has a checkpoint. Tune saves its state, stops the trial and returns as if
        the sweep had ended; the command must not write results for a sweep that has not ended.
-    2. The same command; a SIGTERM (what `ray job stop` sends the job's processes) once the resumed trial has
-       checkpointed again. Ray's driver exits on it from inside Tune's loop.
-
-    After each: exit status 130 with how to resume, no results.csv, the parent and the trial's MLflow runs KILLED.
-    3. The same command finishes the trial, resumed under its own id from its checkpoint. The steps are slowed
-       (1.5 s each, while a flag file exists) so the trial is still training when it is stopped."""
+    2. A SIGTERM (what `ray job stop` sends the job's processes) once the resumed trial has checkpointed again.
+       Ray's driver exits on it from inside Tune's loop.
+       After 1 and 2: exit status 130 with how to resume, no results.csv, the parent and the trial's runs KILLED.
+    3. The trial dies at 896 of its 1,023 samples (``fault.fail_at_samples``, no Ray Train retries): the sweep
+       finishes with it errored (results.csv says why) and says how to resume it.
+    4. The trial, resumed under its own id and run folder from its checkpoint each time (never from sample 0),
+       finishes: one MLflow parent, one child run, no training step logged twice, 3 restarts.
+    The steps of runs 1 and 2 are slowed (1.5 s each, while a flag file exists) so the trial is still training when
+    it is stopped: after a SIGINT it trains on for ~10 s (~7 steps) while Tune stops it, short of the fault."""
+    import io
     import signal
     import subprocess
     import sys
@@ -207,15 +189,22 @@ def test_a_sweep_stopped_by_ctrl_c_or_ray_job_stop_while_its_trial_trains_resume
 
     from mlflow.tracking import MlflowClient
 
-    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path, every_samples=128)
+    from reclip_ray import storage
+
+    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path)
     slow = tmp_path / "slow-steps"
     slow.touch()
     command = [sys.executable, "-m", "reclip_ray", "sweep", "--space", str(space)]
-    command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}"]
-                for a in ("--set", o)]
+    command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}",
+                                        "fault.fail_at_samples=896", "run.max_failures=0"] for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}  # join this session's Ray
-    trials = tmp_path / "runs" / "resume" / "trials"
+    sweep_dir = tmp_path / "runs" / "resume"
+    trials = sweep_dir / "trials"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+    def statuses() -> dict[str, str]:
+        return {r.info.run_name: r.info.status for r in
+                client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
     def stopped(sig: int, log_name: str) -> str:
         """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before."""
@@ -236,28 +225,37 @@ def test_a_sweep_stopped_by_ctrl_c_or_ray_job_stop_while_its_trial_trains_resume
                 os.killpg(proc.pid, signal.SIGKILL)
         text = log_path.read_text()
         assert rc == 130 and "reclip-ray: interrupted" in text, (rc, text[-3000:])
-        assert not (tmp_path / "runs" / "resume" / "results.csv").exists()  # no results: the sweep has not ended
-        runs = {r.info.run_name: r.info.status for r in
-                client.search_runs([e.experiment_id for e in client.search_experiments()])}
-        assert runs == {"resume": "KILLED", **{d.name: "KILLED" for d in trials.iterdir()}}, runs  # one trial
+        assert not (sweep_dir / "results.csv").exists()  # no results: the sweep has not ended
+        assert statuses() == {"resume": "KILLED", **{d.name: "KILLED" for d in trials.iterdir()}}  # one trial
         return text
 
     first = stopped(signal.SIGINT, "first.log")  # what Ctrl-C delivers to the foreground process
     assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in first, first[-3000:]
     # The console has the sweep's own lines; the trial's training log is in the sweep folder's ray.log, once per
     # line and without Ray Data's progress bars (cursor codes that were redrawn around every line)
-    ray_log = (tmp_path / "runs" / "resume" / "ray.log").read_text()
+    ray_log = (sweep_dir / "ray.log").read_text()
     assert "[reclip] lowres 32px step 2/17 " not in first, first[-3000:]
     assert ray_log.count("[reclip] lowres 32px step 2/17 ") == 1 and "row/s]" not in ray_log, ray_log[-3000:]
     second = stopped(signal.SIGTERM, "second.log")
     assert "[sweep] resuming" in second
 
     slow.unlink()
+    failed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert failed.returncode == 0, (failed.stdout[-3000:], failed.stderr[-3000:])
+    assert "1 trial(s) failed (results.csv: status 'error' and why): run the same command again" in failed.stdout
+    (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv")))
+    assert row["status"] == "error" and "fault injected at 896 samples" in row["error"], row
+    # The trial reported nothing to Tune before it failed: its row and its run are matched by its trial id
+    (child,) = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id],
+                                  f"tags.reclip.trial_id = '{row['trial_id']}'")
+    assert row["mlflow_run_id"] == child.info.run_id and row["samples"] == "0", row
+    assert statuses() == {"resume": "FINISHED", f"resume-{row['trial_id']}": "FAILED"}
+
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
     assert "[sweep] resuming" in again.stdout
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'resume'")
-    _check_resumed_trial(tmp_path, db, str(tmp_path / "runs" / "resume"), parent[0].info.run_id, restarts=2)
+    _check_resumed_trial(tmp_path, db, str(sweep_dir), parent[0].info.run_id, restarts=3)
 
 
 @pytest.mark.slow

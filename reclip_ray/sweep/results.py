@@ -74,15 +74,22 @@ def close_trial_runs(tracking_uri: str, parent: str, rows: list[dict[str, Any]])
     Tune stops a trial by tearing down its actor, sometimes while the trial is still writing its final report or
     export (ASHA also stops a trial that reaches the last round): its own ``end_run`` then never runs, or records
     the teardown as FAILED.
+
+    A trial that reported nothing to Tune (it failed before its first phase end or rung) has no ``mlflow_run_id``
+    in its row: its run is found by its ``reclip.trial_id`` tag, and the row gets the id.
     """
     from reclip_ray import tracking
 
     wanted = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
-    by_run = {r["mlflow_run_id"]: wanted[r["status"]] for r in rows if r.get("mlflow_run_id")}
+    by_run = {r["mlflow_run_id"]: r for r in rows if r.get("mlflow_run_id")}
+    by_trial = {r["trial_id"]: r for r in rows if r.get("trial_id")}
     c = tracking.client(tracking_uri)
     exp = c.get_run(parent).info.experiment_id
     for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
-        status = by_run.get(run.info.run_id, "KILLED")
+        row = by_run.get(run.info.run_id) or by_trial.get(run.data.tags.get("reclip.trial_id", ""))
+        if row is not None and not row.get("mlflow_run_id"):
+            row["mlflow_run_id"] = run.info.run_id
+        status = wanted[row["status"]] if row is not None else "KILLED"
         if run.info.status != status and run.info.status in ("RUNNING", "FAILED", "KILLED"):
             tracking.end_run(tracking_uri, run.info.run_id, status)
 
