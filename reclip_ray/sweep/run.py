@@ -76,13 +76,12 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             print(f"[sweep] {summary['errors']} trial(s) failed (results.csv: status 'error' and why): run the same "
                   "command again to resume them from their last checkpoints", flush=True)
         return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except SystemExit:  # `ray job stop`: SIGTERM, on which Ray's driver exits, here from inside Tune's loop
+    except (KeyboardInterrupt, SystemExit):
+        # Tune's graceful stop on a Ctrl-C closed the trials' runs above. A second Ctrl-C (which skips it), or
+        # `ray job stop` (SIGTERM, on which Ray's driver exits from inside Tune's loop), leaves them RUNNING.
         status = "KILLED"
         kill_running_trial_runs(sweep.prep.tracking_uri, sweep.parent)
-        raise KeyboardInterrupt from None  # to the user, a stop like Ctrl-C (the CLI says so and exits 130)
+        raise KeyboardInterrupt from None  # to the user, a stop (the CLI says so and exits 130)
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
         copy_ray_log(sweep.sweep_dir, log_file)
