@@ -47,8 +47,16 @@ def _walk_for(root: str, name: str) -> list[str]:
     return [folder for folder, dirs, files in os.walk(root) if name in dirs or name in files]
 
 
-def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cluster, tmp_path, synth_dir,
-                                                                          tokenizer_path, s3_prefix):
+def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_job_resumes_to_success(
+        ray_cluster, tmp_path, synth_dir, tokenizer_path, s3_prefix):
+    """The README's cluster path, data and run folder on S3:
+
+    1. ``ray job submit --no-wait``; once a checkpoint is on S3, ``ray job stop``: the job's processes get SIGTERM
+       (SIGKILL 3 s later), Ray's handler exits the driver from inside ``fit``, the job's log ends with
+       ``reclip-ray: interrupted``, its MLflow run is KILLED within that window, and nothing of it is left;
+    2. the same job submitted again, as the README runs it, resumes at that checkpoint in the same MLflow run and
+       succeeds. The steps of job 1 are slowed (1 s each, while a flag file exists) so it is training when stopped.
+    """
     from mlflow.tracking import MlflowClient
 
     from reclip_ray import storage
@@ -70,16 +78,46 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cl
     env["RAY_AUTH_MODE"] = "token"  # the README: "set RAY_AUTH_MODE=token on the client that submits"
     before = _alive()
 
+    slow = tmp_path / "slow-steps"
+    slow.touch()
     sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
                          extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
-                                f"run.storage_path={runs}"])  # the later --set wins
-    # As the README runs it: the submit blocks, streams the job's logs and ends with the job. (Polling `ray job
-    # status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds on a 2-core machine.)
-    args = ["job", "submit", "--address", address, "--submission-id", "reclip-e2e", "--working-dir", ".",
-            "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
-    for s in sets:
-        args += ["--set", s]
-    submitted = _ray(*args, env=env, timeout=480)
+                                f"run.storage_path={runs}", "checkpoint.every_samples=256", "fault.step_delay_s=1",
+                                f"fault.step_delay_while={slow}"])  # the later --set wins
+    run_dir = f"{runs}/jobrun"
+
+    def submit(job_id: str, *wait: str) -> list[str]:
+        args = ["job", "submit", "--address", address, "--submission-id", job_id, *wait, "--working-dir", ".",
+                "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
+        return args + [a for s in sets for a in ("--set", s)]
+
+    # 1. Submitted, stopped once a checkpoint is on S3.
+    started = _ray(*submit("reclip-stop", "--no-wait"), env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    deadline = time.time() + 240
+    while not (kept := storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json", default={})
+               .get("checkpoint_results")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert kept, _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout[-3000:]
+    stopped = _ray("job", "stop", "--address", address, "reclip-stop", env=env)  # waits for the job to exit
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    stop_logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
+    assert "reclip-ray: interrupted" in stop_logs, stop_logs[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (killed,) = client.search_runs([client.get_experiment_by_name("it").experiment_id])
+    assert killed.info.status == "KILLED" and 0 < killed.data.metrics["samples"] < 1024, killed.info.status
+    deadline = time.time() + 30
+    while left := _alive() - before:
+        assert time.time() < deadline, f"left by the stopped job: {sorted(left)}"
+        time.sleep(0.5)
+    snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")
+    resume_from = storage.read_json(f"{run_dir}/{snapshot['latest_checkpoint_result']['checkpoint_dir_name']}"
+                                    "/meta.json")["step"]
+
+    # 2. The same job again, as the README runs it: the submit blocks, streams the job's logs and ends with the job.
+    # (Polling `ray job status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds.)
+    slow.unlink()
+    submitted = _ray(*submit("reclip-e2e"), env=env, timeout=480)
     logs = submitted.stdout
     assert submitted.returncode == 0, f"{submitted.stderr[-3000:]}\n{logs[-4000:]}"
     status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
@@ -100,7 +138,6 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cl
         assert time.time() < deadline, f"left on the cluster: {sorted(left)}"
         time.sleep(0.5)
 
-    run_dir = f"{runs}/jobrun"
     snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")  # Ray Train's own, on S3
     latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     state = storage.read_json(f"{run_dir}/{latest}/meta.json")
@@ -109,48 +146,11 @@ def test_ray_job_submit_runs_pretrain_to_success_with_data_and_runs_on_s3(ray_cl
     assert storage.read_json(f"{run_dir}/reclip_run.json")["finished"]["samples"] == 1024
     assert any(k.startswith("eval/64px/") for k in storage.read_json(f"{run_dir}/eval.json"))
     assert not (tmp_path / "runs").exists()
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("it").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == killed.info.run_id
+    restarts = client.get_metric_history(runs[0].info.run_id, "restarts")
+    assert [m.step for m in restarts if m.value == 1] == [resume_from]  # resumed at the stopped job's checkpoint
     assert runs[0].data.metrics["samples"] == 1024
     assert any(k.startswith("eval/64px/") for k in runs[0].data.metrics)
     assert runs[0].info.run_id in logs  # the end-of-run table names the MLflow run
 
-
-def test_ray_job_stop_ends_a_training_job_with_its_mlflow_run_killed_and_nothing_left(ray_cluster, tmp_path,
-                                                                                     synth_dir, tokenizer_path):
-    """`ray job stop` sends the job's processes SIGTERM (and SIGKILL 3 s later): the driver, on which Ray's SIGTERM
-    handler exits from inside ``fit``, ends the run's MLflow run as KILLED within that window, and the job's
-    actors and placement group are gone. The steps are slowed (1 s each) so the job is training when stopped."""
-    from mlflow.tracking import MlflowClient
-
-    address = f"http://{ray_cluster.head_node.webui_url}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "token"
-    before = _alive()
-    sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "stopped",
-                         extra=["fault.step_delay_s=1", "checkpoint.every_samples=128"])
-    args = ["job", "submit", "--address", address, "--submission-id", "reclip-stop", "--no-wait", "--working-dir",
-            ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
-    for s in sets:
-        args += ["--set", s]
-    submitted = _ray(*args, env=env)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "stopped"
-    deadline = time.time() + 240
-    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:
-        time.sleep(0.5)
-    assert list(run_dir.glob("checkpoint_*")), _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
-    stopped = _ray("job", "stop", "--address", address, "reclip-stop", env=env)  # waits for the job to exit
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
-    assert "reclip-ray: interrupted" in logs, logs[-3000:]
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("it").experiment_id])
-    assert run.info.status == "KILLED", run.info.status
-    assert 0 < run.data.metrics["samples"] < 1024
-    deadline = time.time() + 30
-    while left := _alive() - before:
-        assert time.time() < deadline, f"left on the cluster: {sorted(left)}"
-        time.sleep(0.5)
