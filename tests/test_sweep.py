@@ -117,7 +117,7 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
 
 
 def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path) -> tuple[Path, Path, list[str]]:
-    """A sweep of one ~1,024-sample trial on the tiny model, with 1-step log windows: its space file, its MLflow
+    """A sweep of one 1,280-sample trial on the tiny model, with 1-step log windows: its space file, its MLflow
     database and the overrides that point it at the suite's data."""
     space = tmp_path / "resume.yaml"
     space.write_text(
@@ -125,7 +125,7 @@ def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path) -> t
         "set: [model.vision.depth=1, model.text.depth=1, train.batch_size=64, train.log_every_steps=1,\n"
         "      checkpoint.every_samples=128, scaling.min_workers=1, scaling.max_workers=1,\n"
         "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false]\n"
-        "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1024}\n"
+        "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1280}\n"
         "scheduler: {name: fifo}\n")
     db = tmp_path / "mlflow.db"
     overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
@@ -175,12 +175,14 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     2. A SIGTERM (what `ray job stop` sends the job's processes) once the resumed trial has checkpointed again.
        Ray's driver exits on it from inside Tune's loop.
        After 1 and 2: exit status 130 with how to resume, no results.csv, the parent and the trial's runs KILLED.
-    3. The trial dies at 896 of its 1,023 samples (``fault.fail_at_samples``, no Ray Train retries): the sweep
-       finishes with it errored (results.csv says why) and says how to resume it.
+    3. The trial dies at 1,088 of its 1,280 samples, before its first phase ends and so before any report to Tune
+       (``fault.fail_at_samples``, no Ray Train retries): the sweep finishes with it errored (results.csv says
+       why) and says how to resume it.
     4. The trial, resumed under its own id and run folder from its checkpoint each time (never from sample 0),
        finishes: one MLflow parent, one child run, no training step logged twice, 3 restarts.
     The steps of runs 1 and 2 are slowed (1.5 s each, while a flag file exists) so the trial is still training when
-    it is stopped: after a SIGINT it trains on for ~10 s (~7 steps) while Tune stops it, short of the fault."""
+    it is stopped: after a SIGINT it trained on for ~10 s (6-7 steps, to 512-576 samples) while Tune stopped it,
+    8 steps short of the fault."""
     import io
     import signal
     import subprocess
@@ -196,7 +198,7 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     slow.touch()
     command = [sys.executable, "-m", "reclip_ray", "sweep", "--space", str(space)]
     command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}",
-                                        "fault.fail_at_samples=896", "run.max_failures=0"] for a in ("--set", o)]
+                                        "fault.fail_at_samples=1088", "run.max_failures=0"] for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}  # join this session's Ray
     sweep_dir = tmp_path / "runs" / "resume"
     trials = sweep_dir / "trials"
@@ -234,8 +236,8 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     # The console has the sweep's own lines; the trial's training log is in the sweep folder's ray.log, once per
     # line and without Ray Data's progress bars (cursor codes that were redrawn around every line)
     ray_log = (sweep_dir / "ray.log").read_text()
-    assert "[reclip] lowres 32px step 2/17 " not in first, first[-3000:]
-    assert ray_log.count("[reclip] lowres 32px step 2/17 ") == 1 and "row/s]" not in ray_log, ray_log[-3000:]
+    assert "[reclip] lowres 32px step 2/20 " not in first, first[-3000:]
+    assert ray_log.count("[reclip] lowres 32px step 2/20 ") == 1 and "row/s]" not in ray_log, ray_log[-3000:]
     second = stopped(signal.SIGTERM, "second.log")
     assert "[sweep] resuming" in second
 
@@ -244,7 +246,7 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     assert failed.returncode == 0, (failed.stdout[-3000:], failed.stderr[-3000:])
     assert "1 trial(s) failed (results.csv: status 'error' and why): run the same command again" in failed.stdout
     (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv")))
-    assert row["status"] == "error" and "fault injected at 896 samples" in row["error"], row
+    assert row["status"] == "error" and "fault injected at 1088 samples" in row["error"], row
     # The trial reported nothing to Tune before it failed: its row and its run are matched by its trial id
     (child,) = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id],
                                   f"tags.reclip.trial_id = '{row['trial_id']}'")
