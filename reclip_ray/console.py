@@ -167,6 +167,14 @@ def upload_ray_log(run_dir: str, log_file: str | None) -> None:
         storage.write_bytes(storage.join(run_dir, RAY_LOG), f.read())
 
 
+def ray_log_place(run_dir: str, log_file: str) -> str:
+    """Where ``redirect_ray_output`` writes, as the console says it: the file, and for a remote run folder where it
+    is copied at the end (``copy_ray_log``)."""
+    from reclip_ray import storage
+
+    return log_file + (f", copied to {storage.join(run_dir, RAY_LOG)} at the end" if storage.is_uri(run_dir) else "")
+
+
 def copy_ray_log(run_dir: str, log_file: str | None) -> None:
     """``upload_ray_log`` at the end of a run or a sweep: a failed copy is a warning, never the run's outcome."""
     try:

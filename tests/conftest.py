@@ -258,6 +258,16 @@ def in_order_run(ray_cluster, tmp_path_factory, synth_dir, tokenizer_path):
     return run
 
 
+def s3_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoints of a run folder on S3 that Ray Train registered and whose meta.json is there, oldest first
+    (as ``_checkpoints`` in test_reliability lists a local one's)."""
+    from reclip_ray import storage
+
+    snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"), default={})
+    names = [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
+    return sorted(n for n in names if storage.is_file(storage.join(run_dir, n, "meta.json")))
+
+
 def mlflow_run(db: Path, run_id: str | None = None):
     """(client, run) of the only run in experiment 'it' (or of ``run_id``)."""
     from mlflow.tracking import MlflowClient

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import overrides_for
+from conftest import overrides_for, s3_checkpoints
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +95,9 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     started = _ray(*submit("reclip-stop", "--no-wait"), env=env)
     assert started.returncode == 0, started.stderr[-3000:]
     deadline = time.time() + 240
-    while not (kept := storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json", default={})
-               .get("checkpoint_results")) and time.time() < deadline:
+    while not s3_checkpoints(run_dir) and time.time() < deadline:
         time.sleep(0.5)
-    assert kept, _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout[-3000:]
+    assert s3_checkpoints(run_dir), _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout[-3000:]
     stopped = _ray("job", "stop", "--address", address, "reclip-stop", env=env)  # waits for the job to exit
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     stop_logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
@@ -110,9 +109,7 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     while left := _alive() - before:
         assert time.time() < deadline, f"left by the stopped job: {sorted(left)}"
         time.sleep(0.5)
-    snapshot = storage.read_json(f"{run_dir}/checkpoint_manager_snapshot.json")
-    resume_from = storage.read_json(f"{run_dir}/{snapshot['latest_checkpoint_result']['checkpoint_dir_name']}"
-                                    "/meta.json")["step"]
+    resume_from = storage.read_json(f"{run_dir}/{s3_checkpoints(run_dir)[-1]}/meta.json")["step"]
 
     # 2. The same job again, as the README runs it: the submit blocks, streams the job's logs and ends with the job.
     # (Polling `ray job status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds.)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import mlflow_run
+from conftest import mlflow_run, s3_checkpoints
 from reclip_ray.schedule import Schedule
 from reclip_ray.train.checkpoint import load_checkpoint, read_state
 
@@ -471,15 +471,6 @@ def _s3_listing(prefix: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
-def _s3_checkpoints(run_dir: str) -> list[str]:
-    """As ``_checkpoints``, for a run folder on S3: the registered checkpoints whose meta.json is there."""
-    from reclip_ray import storage
-
-    snapshot = storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"), default={})
-    names = [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
-    return sorted(n for n in names if storage.is_file(storage.join(run_dir, n, "meta.json")))
-
-
 def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_resumes_and_finishes(
         ray_cluster, tmp_path, synth_dir, s3_prefix, monkeypatch):
     """One run folder on a real S3 API (moto on localhost), data on S3 too, driven by the CLI as a user would:
@@ -556,7 +547,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     proc = subprocess.Popen(command + ["--set", "fault.step_delay_s=0.3"], env=env, cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for("a checkpoint on S3", lambda: _s3_checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
+        _wait_for("a checkpoint on S3", lambda: s3_checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
         assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
         assert not storage.exists(f"{run_dir}/.fatal_error.json")  # a rerun tries again
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
@@ -569,7 +560,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     assert "reclip-ray: interrupted" in text and "training a 512-token" not in text  # the S3 tokenizer is reused
     client, run_ = mlflow_run(db)
     assert run_.info.run_id == first.info.run_id and run_.info.status == "KILLED"
-    kept = _s3_checkpoints(run_dir)[-1]
+    kept = s3_checkpoints(run_dir)[-1]
     saved = json.loads(storage.read_text(f"{run_dir}/{kept}/meta.json"))
     assert 0 < saved["samples"] < 2048
     _wait_for("the training workers to exit", lambda: not list_actors(
@@ -636,7 +627,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
             "ray.log", "model/config.yaml", "model/tokenizer.json", ".data_start/phase0.json",
             ".data_start/phase1.json"} <= set(listing), listing
     assert any(f.startswith("model/model.") for f in listing), listing
-    final_ckpt = [c for c in _s3_checkpoints(run_dir) if c.endswith("_p1e")]
+    final_ckpt = [c for c in s3_checkpoints(run_dir) if c.endswith("_p1e")]
     assert final_ckpt and f"{final_ckpt[-1]}/meta.json" in listing
     assert json.loads(storage.read_text(f"{run_dir}/{final_ckpt[-1]}/meta.json"))["samples"] == 2048
     # Path("s3://b/x") is the relative path s3:/b/x: it would land in the cwd of the process that made it: the

@@ -83,9 +83,7 @@ def close_trial_runs(tracking_uri: str, parent: str, rows: list[dict[str, Any]])
     wanted = {"completed": "FINISHED", "stopped_early": "KILLED", "error": "FAILED"}
     by_run = {r["mlflow_run_id"]: r for r in rows if r.get("mlflow_run_id")}
     by_trial = {r["trial_id"]: r for r in rows if r.get("trial_id")}
-    c = tracking.client(tracking_uri)
-    exp = c.get_run(parent).info.experiment_id
-    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
+    for run in _trial_runs(tracking_uri, parent):
         row = by_run.get(run.info.run_id) or by_trial.get(run.data.tags.get("reclip.trial_id", ""))
         if row is not None and not row.get("mlflow_run_id"):
             row["mlflow_run_id"] = run.info.run_id
@@ -100,10 +98,17 @@ def kill_running_trial_runs(tracking_uri: str, parent: str) -> None:
     them. A trial's own run that ended (FINISHED, FAILED) keeps its status."""
     from reclip_ray import tracking
 
-    c = tracking.client(tracking_uri)
-    exp = c.get_run(parent).info.experiment_id
-    for run in c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+    for run in _trial_runs(tracking_uri, parent, "attributes.status = 'RUNNING'"):
         tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
+
+
+def _trial_runs(tracking_uri: str, parent: str, where: str = "") -> list[Any]:
+    """The sweep's trial runs (children of its parent run), or those matching ``where``."""
+    from reclip_ray import tracking
+
+    c = tracking.client(tracking_uri)
+    query = f"tags.mlflow.parentRunId = '{parent}'" + (f" and {where}" if where else "")
+    return list(c.search_runs([c.get_run(parent).info.experiment_id], query))
 
 
 def write_outputs(rows: list[dict[str, Any]], space: Space, base_raw: dict[str, Any], *, sweep_dir: str,

@@ -38,7 +38,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     CLI's default): Ray's output, the trials' training logs included, goes to the sweep folder's ray.log, and the
     console shows the sweep's own lines, errors and warnings."""
     from reclip_ray import tracking
-    from reclip_ray.console import copy_ray_log, redirect_ray_output
+    from reclip_ray.console import copy_ray_log, ray_log_place, redirect_ray_output
     from reclip_ray.train.launch import init_ray
 
     space = load_space(space_path)
@@ -53,10 +53,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         init_ray(sweep.prep.cfg)
         log_file = redirect_ray_output(sweep.sweep_dir, own_warnings=True) if quiet else None
         if log_file:
-            copied = f", copied to {storage.join(sweep.sweep_dir, 'ray.log')} at the end" \
-                if storage.is_uri(sweep.sweep_dir) else ""
-            print(f"[sweep] Ray's own output and the trials' training logs: {log_file}{copied} (--verbose shows "
-                  "them here)", flush=True)
+            print(f"[sweep] Ray's own output and the trials' training logs: {ray_log_place(sweep.sweep_dir, log_file)}"
+                  " (--verbose shows them here)", flush=True)
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         UNFINISHED.clear()

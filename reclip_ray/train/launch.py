@@ -180,13 +180,13 @@ class Attempt:
     def show_progress(self, verbose: bool) -> Any:
         """The CLI's console: Ray's output to ``RUN_DIR/ray.log`` (unless ``verbose``), a board for the workers'
         progress and the display that draws it (returned)."""
-        from reclip_ray.console import ProgressDisplay, board_reader, get_board, redirect_ray_output
+        from reclip_ray.console import ProgressDisplay, board_reader, get_board, ray_log_place, redirect_ray_output
 
         run_dir = self.prep.run_dir
         self.log_file = None if verbose else redirect_ray_output(run_dir)
         if self.log_file:
-            copied = f", copied to {storage.join(run_dir, 'ray.log')} at the end" if storage.is_uri(run_dir) else ""
-            print(f"[reclip] Ray's own output: {self.log_file}{copied} (--verbose shows it here)", flush=True)
+            print(f"[reclip] Ray's own output: {ray_log_place(run_dir, self.log_file)} (--verbose shows it here)",
+                  flush=True)
         self.board = get_board(self.prep.run_name, create=True)
         return ProgressDisplay(board_reader(self.board))
 
@@ -231,7 +231,10 @@ class Attempt:
         folder. Bookkeeping failures are warnings: they must not mask the run's own outcome."""
         self._note_relay()
         tracking.end_run(self.prep.tracking_uri, self.run_id, self.status)
-        self._upload_log()
+        if self.log_file:  # the console's; a remote run folder gets this local ray.log
+            from reclip_ray.console import copy_ray_log
+
+            copy_ray_log(self.prep.run_dir, self.log_file)
 
     def _note_relay(self) -> None:
         """Record on the run where the workers' MLflow calls were written (the relay's node) and how many."""
@@ -246,9 +249,3 @@ class Attempt:
         except Exception as exc:  # noqa: BLE001 - bookkeeping about bookkeeping must not mask the run's outcome
             print(f"[reclip] WARNING: could not read the MLflow relay's statistics: {exc}", file=sys.stderr,
                   flush=True)
-
-    def _upload_log(self) -> None:
-        """A remote run folder gets the local ray.log at the end of each attempt (console.upload_ray_log)."""
-        from reclip_ray.console import copy_ray_log
-
-        copy_ray_log(self.prep.run_dir, self.log_file)
