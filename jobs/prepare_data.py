@@ -8,7 +8,7 @@
 
 import sys
 
-from reclip_ray.cli import main
+from reclip_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["data", *sys.argv[1:]]))
+    run(["data", *sys.argv[1:]])

@@ -6,7 +6,7 @@
 
 import sys
 
-from reclip_ray.cli import main
+from reclip_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

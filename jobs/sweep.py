@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from reclip_ray.cli import main
+from reclip_ray.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    run(["sweep", *sys.argv[1:]])

@@ -1,3 +1,3 @@
-from reclip_ray.cli import main
+from reclip_ray.cli import run
 
-raise SystemExit(main())
+run()

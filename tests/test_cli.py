@@ -20,8 +20,8 @@ DOCS = ("README.md", "BENCHMARKS.md", "RELIABILITY.md")
 
 
 def _job_subcommand(script: str) -> str:
-    """The subcommand a ``jobs/*.py`` wrapper hands its arguments to: ``main(["sweep", *sys.argv[1:]])``."""
-    (sub,) = re.findall(r'main\(\["(\w+)", \*sys\.argv\[1:\]\]\)', (ROOT / script).read_text())
+    """The subcommand a ``jobs/*.py`` wrapper hands its arguments to: ``run(["sweep", *sys.argv[1:]])``."""
+    (sub,) = re.findall(r'run\(\["(\w+)", \*sys\.argv\[1:\]\]\)', (ROOT / script).read_text())
     return sub
 
 
