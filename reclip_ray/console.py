@@ -225,13 +225,14 @@ def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("reclip_ray_log", to_file)
-    logger = logging.getLogger("ray")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    for h in logger.handlers:
-        if type(h) is logging.StreamHandler:
-            h.setLevel(logging.WARNING)
+    for name in ("ray", "ray.data"):  # Ray's logger, and Ray Data's, which has its own handlers and does not propagate
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        for h in logger.handlers:  # Ray's console handlers (its PlainRayHandler is a StreamHandler); not the files
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.WARNING)
     return str(path)
 
 

@@ -403,7 +403,8 @@ def _search_by_tag(uri: str, run_dir: str) -> str | None:
                                [os.path.abspath(run_dir), os.path.realpath(run_dir)])
     for cand in candidates:
         if "'" in cand:  # MLflow's filter grammar has no escape for quotes: filter in Python instead
-            runs = [r for r in c.search_runs(exp_ids, run_view_type=ViewType.ALL, order_by=["attributes.start_time DESC"])
+            runs = [r for r in tracking.search_all_runs(c, exp_ids, run_view_type=ViewType.ALL,
+                                                         order_by=["attributes.start_time DESC"])
                     if r.data.tags.get(RUN_DIR_TAG) == cand]
         else:
             runs = c.search_runs(exp_ids, filter_string=f"tags.`{RUN_DIR_TAG}` = '{cand}'",

@@ -77,6 +77,22 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow's largest page of search_runs (and its default): a sweep or experiment can hold more runs than one page.
+SEARCH_PAGE = 1000
+
+
+def search_all_runs(c, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list[Any]:
+    """Every run ``MlflowClient.search_runs`` matches, over all its pages (one call returns at most one page)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string, max_results=SEARCH_PAGE, page_token=token, **kwargs)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def start_store_relay(run_name: str, tracking_uri: str, node_id: str | None = None) -> Any:
     """The run's relay to a local store (``tracking_relay``), named for the run, opening the store as it starts;
     on this node, or on ``node_id`` (a sweep trial's: the sweep driver's, where the store is)."""

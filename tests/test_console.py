@@ -78,3 +78,29 @@ def test_a_window_logs_the_phase_peak_gpu_memory_and_it_is_zero_on_cpu():
     metrics = Window().metrics(plan, TrainState(), {"loss": 1.0, "logit_scale": 14.3}, 1e-3, 64, 1)
     assert metrics["worker_peak_gpu_mib"] == 0.0
     assert metrics["worker_peak_rss_mib"] > 0
+
+
+def test_with_ray_output_redirected_ray_info_lines_go_to_the_file_and_warnings_to_both(tmp_path):
+    """Ray's loggers print to the console through its own StreamHandler subclass (and Ray Data's logger through
+    another, without propagating): once ray.log is open their INFO lines (Tune's "Wrote the latest version of all
+    result files", Ray Data's "Starting execution") belong in the file only. In a subprocess: the redirect changes
+    the process's logging for good."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import logging
+        import ray, ray.data
+        from reclip_ray.console import redirect_ray_output
+        redirect_ray_output({str(tmp_path)!r})
+        logging.getLogger("ray.tune.tune").info("tune-info")
+        logging.getLogger("ray.data").info("data-info")
+        logging.getLogger("ray.train").warning("train-warning")
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert "train-warning" in console and "tune-info" not in console and "data-info" not in console, console
+    log = (tmp_path / "ray.log").read_text()
+    assert all(m in log for m in ("tune-info", "data-info", "train-warning")), log

@@ -161,3 +161,31 @@ def test_a_relay_opens_the_store_as_it_starts_and_a_failed_warm_up_only_warns(tm
     assert "the MLflow relay could not open the store ahead of time: disk full" in capsys.readouterr().err
     run_id = tracking.start_or_resume_run(uri, "exp", "r", None, load_config("tiny"))
     assert relay.call("id-1", tracking.latest_metric, (uri, run_id, "loss"), {}) is None and relay.calls == 1
+
+
+def test_a_sweep_with_more_trial_runs_than_a_search_page_closes_and_kills_them_all(tmp_path, monkeypatch):
+    """MLflow returns at most a page (1,000 runs) per ``search_runs``: a 1,500-trial random search would have left
+    a third of its trials' runs RUNNING. Here the page is 3 runs and the sweep has 7 trials, so the sweep's MLflow
+    calls must follow the pages."""
+    from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs
+
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 3)
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    c = tracking.client(uri)
+    exp = tracking.get_or_create_experiment(uri, "sweep")
+    parent = c.create_run(exp, run_name="sweep").info.run_id
+    trials = [c.create_run(exp, run_name=f"t{i}", tags={"mlflow.parentRunId": parent, "reclip.trial_id": f"t{i}"})
+              for i in range(7)]
+    c.create_run(exp, run_name="not-a-trial")  # another run in the experiment: left alone
+    rows = [{"trial_id": f"t{i}", "status": "completed", "mlflow_run_id": ""} for i in range(4)]
+    close_trial_runs(uri, parent, rows)  # 4 trials Tune saw end; 3 it never reported
+    assert [r["mlflow_run_id"] for r in rows] == [t.info.run_id for t in trials[:4]]
+    status = {t.info.run_name: c.get_run(t.info.run_id).info.status for t in trials}
+    assert status == {**{f"t{i}": "FINISHED" for i in range(4)}, **{f"t{i}": "KILLED" for i in range(4, 7)}}
+
+    again = [c.create_run(exp, run_name=f"r{i}", tags={"mlflow.parentRunId": parent}) for i in range(5)]
+    kill_running_trial_runs(uri, parent)
+    assert {c.get_run(r.info.run_id).info.status for r in again} == {"KILLED"}
+    assert {c.get_run(t.info.run_id).info.status for t in trials[:4]} == {"FINISHED"}  # ended runs keep theirs
+    (other,) = tracking.search_all_runs(c, [exp], "attributes.run_name = 'not-a-trial'")
+    assert other.info.status == "RUNNING"

@@ -108,7 +108,7 @@ def _trial_runs(tracking_uri: str, parent: str, where: str = "") -> list[Any]:
 
     c = tracking.client(tracking_uri)
     query = f"tags.mlflow.parentRunId = '{parent}'" + (f" and {where}" if where else "")
-    return list(c.search_runs([c.get_run(parent).info.experiment_id], query))
+    return tracking.search_all_runs(c, [c.get_run(parent).info.experiment_id], query)
 
 
 def write_outputs(rows: list[dict[str, Any]], space: Space, base_raw: dict[str, Any], *, sweep_dir: str,

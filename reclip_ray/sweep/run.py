@@ -3,7 +3,10 @@ its MLflow parent run), let Tune run the trials, write the results. Rerunning an
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         UNFINISHED.clear()
-        grid = _tuner(space, sweep, axis, n_phases).fit()
+        with _tune_console(quiet):
+            grid = _tuner(space, sweep, axis, n_phases).fit()
         del home  # the trials are done: the marker goes with its last handle
         rows = trial_rows(grid, space, n_phases)
         close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
@@ -83,6 +87,38 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
         copy_ray_log(sweep.sweep_dir, log_file)
+
+
+@contextlib.contextmanager
+def _tune_console(quiet: bool):
+    """What Tune prints while the sweep runs, less what misleads or repeats.
+
+    * Tune's advice on an interrupted sweep ("Resume experiment with: Tuner.restore(...)") is for its Python API;
+      the sweep says how to resume instead (run the same command), so the advice is dropped.
+    * Quiet: Tune's console output (``RAY_AIR_NEW_OUTPUT``, on by default) prints an experiment header, its results
+      path and a TensorBoard hint at any verbosity, ``verbose=0`` included; its legacy output at ``verbose=0``
+      prints nothing, and is used while Tune runs unless the user chose either."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    no_advice = _DropMessage("Experiment has been interrupted")
+    tune_log.addFilter(no_advice)
+    legacy = quiet and "RAY_AIR_NEW_OUTPUT" not in os.environ
+    if legacy:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(no_advice)
+        if legacy:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
