@@ -116,9 +116,10 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         assert all(trial_setup_of(r.config)["sweep"] == "s" for r in grid)
 
 
-def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path) -> tuple[Path, Path, list[str]]:
-    """A sweep of one 1,280-sample trial on the tiny model, with 1-step log windows: its space file, its MLflow
-    database and the overrides that point it at the suite's data."""
+def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
+                     storage_path: str) -> tuple[Path, Path, list[str]]:
+    """A sweep of one 1,280-sample trial on the tiny model, with 1-step log windows, its folder under
+    ``storage_path``: its space file, its MLflow database and the overrides that point it at the suite's data."""
     space = tmp_path / "resume.yaml"
     space.write_text(
         "name: resume\nbase: tiny\n"
@@ -130,11 +131,19 @@ def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path) -> t
     db = tmp_path / "mlflow.db"
     overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
                  f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false",
-                 f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}"]
+                 f"run.storage_path={storage_path}", f"tracking.uri=sqlite:///{db}"]
     return space, db, overrides
 
 
-def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: str, restarts: int) -> None:
+def _trial_folders(sweep_dir: str) -> list[str]:
+    """The names of a sweep's trial run folders (on S3, prefixes with files under them)."""
+    from reclip_ray import storage
+
+    trials = storage.join(sweep_dir, "trials")
+    return sorted({f[len(trials) + 1:].split("/")[0] for f in storage.list_files(trials)})
+
+
+def _check_resumed_trial(db: Path, sweep_dir: str, parent_id: str, restarts: int) -> None:
     """The one-trial sweep, resumed after its trial stopped midway, finished that trial from a checkpoint: both
     phases trained to their end, an exported model in the trial's one run folder, one MLflow child run, no
     training step logged twice and a restart recorded; the parent and the child FINISHED."""
@@ -146,9 +155,8 @@ def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: st
 
     (row,) = csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv")))
     assert row["status"] == "completed" and row["eval_rounds"] == "2", row  # both phases trained to their end
-    trials = sorted((tmp_path / "runs" / "resume" / "trials").iterdir())
-    assert trials == [tmp_path / "runs" / "resume" / "trials" / f"resume-{row['trial_id']}"]  # the trial's own folder
-    assert (trials[0] / "model" / "model.safetensors").exists()
+    assert _trial_folders(sweep_dir) == [f"resume-{row['trial_id']}"]  # the trial's own folder
+    assert storage.is_file(f"{sweep_dir}/trials/resume-{row['trial_id']}/model/model.safetensors")
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     parent = client.get_run(parent_id)
@@ -166,9 +174,10 @@ def _check_resumed_trial(tmp_path: Path, db: Path, sweep_dir: str, parent_id: st
 @pytest.mark.slow
 @pytest.mark.sweep
 def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the_trial_when_rerun(
-        ray_cluster, tmp_path, synth_dir, tokenizer_path):
+        ray_cluster, tmp_path, synth_dir, tokenizer_path, s3_prefix):
     """README: "Rerunning an interrupted sweep resumes it", for the three ways a one-trial sweep stops midway.
-    `reclip-ray sweep` runs in its own process on this cluster (RAY_ADDRESS), the same command each time:
+    `reclip-ray sweep` runs in its own process on this cluster (RAY_ADDRESS), the same command each time, with the
+    sweep folder (Tune's state, the trial's checkpoints, results.csv, ray.log) on S3:
 
     1. A SIGINT (Ctrl-C) once its trial has a checkpoint. Tune saves its state, stops the trial and returns as if
        the sweep had ended; the command must not write results for a sweep that has not ended.
@@ -191,17 +200,18 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
 
     from mlflow.tracking import MlflowClient
 
+    from conftest import s3_checkpoints
     from reclip_ray import storage
+    from reclip_ray.console import ray_log_file
 
-    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path)
+    space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path, f"{s3_prefix}/runs")
     slow = tmp_path / "slow-steps"
     slow.touch()
     command = [sys.executable, "-m", "reclip_ray", "sweep", "--space", str(space)]
     command += [a for o in overrides + ["fault.step_delay_s=1.5", f"fault.step_delay_while={slow}",
                                         "fault.fail_at_samples=1088", "run.max_failures=0"] for a in ("--set", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "OMP_NUM_THREADS": "1"}  # join this session's Ray
-    sweep_dir = tmp_path / "runs" / "resume"
-    trials = sweep_dir / "trials"
+    sweep_dir = f"{s3_prefix}/runs/resume"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
 
     def statuses() -> dict[str, str]:
@@ -210,16 +220,19 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
 
     def stopped(sig: int, log_name: str) -> str:
         """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before."""
-        seen = set(trials.glob("*/checkpoint_*"))
+        def checkpoints() -> set[str]:
+            return {f"{t}/{c}" for t in _trial_folders(sweep_dir) for c in s3_checkpoints(f"{sweep_dir}/trials/{t}")}
+
+        seen = checkpoints()
         log_path = tmp_path / log_name
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         try:
             deadline = time.time() + 240
-            while not set(trials.glob("*/checkpoint_*")) - seen and proc.poll() is None and time.time() < deadline:
+            while not checkpoints() - seen and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
-            assert proc.poll() is None and set(trials.glob("*/checkpoint_*")) - seen, log_path.read_text()[-3000:]
+            assert proc.poll() is None and checkpoints() - seen, log_path.read_text()[-3000:]
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)
         finally:
@@ -227,15 +240,15 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
                 os.killpg(proc.pid, signal.SIGKILL)
         text = log_path.read_text()
         assert rc == 130 and "reclip-ray: interrupted" in text, (rc, text[-3000:])
-        assert not (sweep_dir / "results.csv").exists()  # no results: the sweep has not ended
-        assert statuses() == {"resume": "KILLED", **{d.name: "KILLED" for d in trials.iterdir()}}  # one trial
+        assert not storage.exists(f"{sweep_dir}/results.csv")  # no results: the sweep has not ended
+        assert statuses() == {"resume": "KILLED", **{t: "KILLED" for t in _trial_folders(sweep_dir)}}  # one trial
         return text
 
     first = stopped(signal.SIGINT, "first.log")  # what Ctrl-C delivers to the foreground process
     assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in first, first[-3000:]
     # The console has the sweep's own lines; the trial's training log is in the sweep folder's ray.log, once per
-    # line and without Ray Data's progress bars (cursor codes that were redrawn around every line)
-    ray_log = (sweep_dir / "ray.log").read_text()
+    # line and without Ray Data's progress bars (cursor codes that were redrawn around every line); copied to S3
+    ray_log = storage.read_text(f"{sweep_dir}/ray.log")
     assert "[reclip] lowres 32px step 2/20 " not in first, first[-3000:]
     # Tune's header and its resume advice for its Python API are not shown, nor Ray's INFO lines once ray.log is open
     assert "Configuration for experiment" not in first and "tensorboard" not in first, first[-3000:]
@@ -258,11 +271,17 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     assert row["mlflow_run_id"] == child.info.run_id and row["samples"] == "0", row
     assert statuses() == {"resume": "FINISHED", f"resume-{row['trial_id']}": "FAILED"}
 
+    os.remove(ray_log_file(sweep_dir))  # the last run as if from another machine: no local copy of the log
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
     assert "[sweep] resuming" in again.stdout
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'resume'")
-    _check_resumed_trial(tmp_path, db, str(sweep_dir), parent[0].info.run_id, restarts=3)
+    _check_resumed_trial(db, sweep_dir, parent[0].info.run_id, restarts=3)
+    # Each run's ray.log copy to S3 kept the earlier runs' lines (the last run started its local log from the copy):
+    # the first run's step 2 (once) and the third's fault
+    ray_log = storage.read_text(f"{sweep_dir}/ray.log")
+    assert ray_log.count("[reclip] lowres 32px step 2/20 ") == 1 and "fault injected at 1088" in ray_log, ray_log[-3000:]
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("s3:*"))  # nothing written locally
 
 
 @pytest.mark.slow
