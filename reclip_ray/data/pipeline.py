@@ -394,7 +394,7 @@ def phase_dataset(
     items = stream.items(frontier, done, units)
     if not items:
         raise DataError("the phase's data stream is exhausted at its checkpointed position")
-    concurrency = concurrency or MAX_TASKS
+    concurrency = min(concurrency or MAX_TASKS, len(items))  # no more tasks than inputs (Ray Data warns otherwise)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         read_groups,
