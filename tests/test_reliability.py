@@ -606,7 +606,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
 
     # 5. The exported model, straight from S3: its sigmoid-loss bias is the trained one, and it evaluates.
     exported, _ = reclip_ray.load_model(f"{run_dir}/model")
-    assert float(exported.logit_bias) == pytest.approx(bias[32], abs=1e-6)
+    assert float(exported.logit_bias.detach()) == pytest.approx(bias[32], abs=1e-6)
     evaluated = in_process(["eval", "--checkpoint", f"{run_dir}/model", "--data", f"{data}/eval"])
     result = json.loads(evaluated[evaluated.index("{"):])
     assert result["image_size"] == 64 and result["metrics"]["rows"] == 200
