@@ -225,6 +225,11 @@ def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("reclip_ray_log", to_file)
+    # Ray's error channel (what the raylet and the GCS tell this job: a worker killed, out of memory, more worker
+    # processes than expected) prints through this module function, not the dispatcher: an error or a warning each
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: to_file({**data, "error_channel": True})
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("ray", "ray.data"):  # Ray's logger, and Ray Data's, which has its own handlers and does not propagate
@@ -240,10 +245,13 @@ _NOISE = ("PYTHON worker processes have been started",)  # the raylet's note on 
 
 
 def _worth_showing(line: str, data: dict[str, Any], own_warnings: bool = False) -> bool:
-    """Errors and warnings reach the console; everything else only the log file. Our own ``[reclip]`` lines reach
-    it through the progress board, unless ``own_warnings`` (then their warnings are shown here)."""
+    """Errors and warnings reach the console (every message of Ray's error channel is one); everything else only
+    the log file. Our own ``[reclip]`` lines reach it through the progress board, unless ``own_warnings`` (then
+    their warnings are shown here)."""
     if any(n in line for n in _NOISE):
         return False
+    if data.get("error_channel"):
+        return True
     if line.startswith("[reclip] "):
         return own_warnings and "WARNING" in line
     return "ERROR" in line or "Error" in line or "Traceback" in line or "WARNING" in line

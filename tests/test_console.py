@@ -80,7 +80,7 @@ def test_a_window_logs_the_phase_peak_gpu_memory_and_it_is_zero_on_cpu():
     assert metrics["worker_peak_rss_mib"] > 0
 
 
-def test_with_ray_output_redirected_ray_info_lines_go_to_the_file_and_warnings_to_both(tmp_path):
+def test_with_ray_output_redirected_ray_info_lines_go_to_the_file_and_warnings_and_errors_to_both(tmp_path):
     """Ray's loggers print to the console through its own StreamHandler subclass (and Ray Data's logger through
     another, without propagating): once ray.log is open their INFO lines (Tune's "Wrote the latest version of all
     result files", Ray Data's "Starting execution") belong in the file only. In a subprocess: the redirect changes
@@ -97,10 +97,19 @@ def test_with_ray_output_redirected_ray_info_lines_go_to_the_file_and_warnings_t
         logging.getLogger("ray.tune.tune").info("tune-info")
         logging.getLogger("ray.data").info("data-info")
         logging.getLogger("ray.train").warning("train-warning")
+        # What Ray's error-channel thread calls, with the raylet's messages to this job
+        import ray._private.worker as ray_worker
+        for message in ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4",
+                        "A worker died or was killed while executing a task by an unexpected system exit."):
+            ray_worker.print_to_stdstream({{"lines": [message], "pid": "raylet", "is_err": False}}, ignore_prefix=False)
         """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stdout + proc.stderr
     assert "train-warning" in console and "tune-info" not in console and "data-info" not in console, console
+    # The raylet's messages: a killed worker shown (though it says neither ERROR nor WARNING), the expected note on
+    # worker processes not; both in the file
+    assert "(raylet) A worker died" in console and "PYTHON worker processes" not in console, console
     log = (tmp_path / "ray.log").read_text()
-    assert all(m in log for m in ("tune-info", "data-info", "train-warning")), log
+    assert all(m in log for m in ("tune-info", "data-info", "train-warning", "PYTHON worker processes",
+                                  "A worker died")), log
