@@ -350,15 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def exit_process(code: int) -> NoReturn:
     """End the process as the interpreter's own exit would, minus freeing its objects one by one.
 
-    Once a command has loaded torch, Ray, MLflow, pandas and matplotlib (some 800,000 objects), Python's teardown
+    Once a command has loaded torch, Ray, MLflow, pandas and matplotlib (some 770,000 objects), Python's teardown
     kept the process alive seconds after its last line: a short `reclip-ray train` ended 2.5 s after its summary,
     0.8 s with this; `reclip-ray report` 0.65 s after its last line, 0.01 s with this (BENCHMARKS.md, "CLI exit").
-    The parts of that exit which
-    matter are done here, in the interpreter's order: non-daemon threads joined (``threading._shutdown``, which
-    first stops idle thread pools), then the ``atexit`` handlers (Ray's shutdown, MLflow's and logging's flushes,
-    weakref finalizers such as TemporaryDirectory's cleanup), then stdio flushed. What is skipped is returning
-    memory the OS takes back anyway, and the flush of a buffered file nobody closed: this package writes through
-    with-blocks and atomic renames, as its "loses nothing" rule requires regardless.
+    The parts of that exit which matter are done here, in the interpreter's order: non-daemon threads joined
+    (``threading._shutdown``, which first stops idle thread pools), then the ``atexit`` handlers (Ray's shutdown,
+    MLflow's and logging's flushes, weakref finalizers such as TemporaryDirectory's cleanup), then stdio flushed.
+    What is skipped is returning memory the OS takes back anyway, and the flush of a buffered file nobody closed:
+    this package writes through with-blocks and atomic renames, as its "loses nothing" rule requires regardless.
     """
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is None:  # an interpreter without the hook: its own exit, slow but complete
