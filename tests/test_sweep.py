@@ -218,11 +218,11 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
         return {r.info.run_name: r.info.status for r in
                 client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
+    def checkpoints() -> set[str]:
+        return {f"{t}/{c}" for t in _trial_folders(sweep_dir) for c in s3_checkpoints(f"{sweep_dir}/trials/{t}")}
+
     def stopped(sig: int, log_name: str) -> str:
         """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before."""
-        def checkpoints() -> set[str]:
-            return {f"{t}/{c}" for t in _trial_folders(sweep_dir) for c in s3_checkpoints(f"{sweep_dir}/trials/{t}")}
-
         seen = checkpoints()
         log_path = tmp_path / log_name
         with open(log_path, "w") as log:

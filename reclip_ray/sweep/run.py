@@ -99,7 +99,10 @@ def _tune_console(quiet: bool):
       path and a TensorBoard hint at any verbosity, ``verbose=0`` included; its legacy output at ``verbose=0``
       prints nothing, and is used while Tune runs unless the user chose either."""
     tune_log = logging.getLogger("ray.tune.tune")
-    no_advice = _DropMessage("Experiment has been interrupted")
+
+    def no_advice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Experiment has been interrupted")
+
     tune_log.addFilter(no_advice)
     legacy = quiet and "RAY_AIR_NEW_OUTPUT" not in os.environ
     if legacy:
@@ -110,15 +113,6 @@ def _tune_console(quiet: bool):
         tune_log.removeFilter(no_advice)
         if legacy:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
