@@ -200,17 +200,57 @@ def _open_ray_log(run_dir: str) -> str:
     return path
 
 
+MLFLOW_STORE_SETUP = "mlflow.store.db.utils"  # MLflow's logger for a SQLite store's tables: made or upgraded
+
+# Lines that say only what is expected here: kept in ray.log, off the console. The raylet's note on fractional-CPU
+# tasks; the token authentication a new local Ray turns on by default (its warning that authentication is off is
+# still shown).
+_NOISE = ("PYTHON worker processes have been started", "Token authentication is enabled for this Ray cluster")
+
+
+def redirect_library_logging(run_dir: str) -> str:
+    """Ray's and Ray Data's Python logging, and MLflow's store set-up, to ``ray_log_file``: INFO lines to the file
+    only, warnings and errors to both (less ``_NOISE``). Called before ``ray.init`` and before the run's first
+    MLflow call, it also takes their start-up lines ("Started a local Ray instance", "Creating initial MLflow
+    database tables"); a second call for the same file changes nothing. Returns the file."""
+    import mlflow  # noqa: F401 - MLflow sets up its console handler on import; the filter below goes on it
+
+    path = _open_ray_log(run_dir)
+    ray_logger = logging.getLogger("ray")
+    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in ray_logger.handlers):
+        return path
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Ray's logger, Ray Data's (it has its own handlers and does not propagate), MLflow's store set-up
+    for name in ("ray", "ray.data", MLFLOW_STORE_SETUP):
+        logging.getLogger(name).addHandler(handler)
+    for name in ("ray", "ray.data", "mlflow"):
+        for h in logging.getLogger(name).handlers:  # the console handlers (Ray's PlainRayHandler is a StreamHandler)
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                if name != "mlflow":
+                    h.setLevel(logging.WARNING)
+                h.addFilter(_console_worthy)
+    return path
+
+
+def _console_worthy(record: logging.LogRecord) -> bool:
+    if record.name == MLFLOW_STORE_SETUP and record.levelno < logging.WARNING:
+        return False
+    return not any(n in record.getMessage() for n in _NOISE)
+
+
 def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
     """Write Ray's output (the logs of its workers, actors, raylet and Ray Data, which the driver otherwise prints)
     to ``RUN_DIR/ray.log`` (``ray_log_file``) instead of the console; errors and warnings are still shown, and
     with ``own_warnings`` also the workers' ``[reclip] WARNING`` lines (a sweep's trials have no progress board to
-    carry them). Returns the file, or None when Ray's log dispatcher is not where this Ray version kept it (then
-    Ray prints as usual)."""
+    carry them). After ``ray.init``: its log dispatcher exists from then on. Includes ``redirect_library_logging``.
+    Returns the file, or None when Ray's log dispatcher is not where this Ray version kept it (then Ray prints as
+    usual)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # an internal API of Ray 2.x; without it Ray simply prints as usual
         return None
-    path = _open_ray_log(run_dir)
+    path = redirect_library_logging(run_dir)
     log = open(path, "a", buffering=1)
 
     def to_file(data: dict[str, Any]) -> None:
@@ -230,18 +270,7 @@ def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
     import ray._private.worker as ray_worker
 
     ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: to_file({**data, "error_channel": True})
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.data"):  # Ray's logger, and Ray Data's, which has its own handlers and does not propagate
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        for h in logger.handlers:  # Ray's console handlers (its PlainRayHandler is a StreamHandler); not the files
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.WARNING)
     return str(path)
-
-
-_NOISE = ("PYTHON worker processes have been started",)  # the raylet's note on fractional-CPU tasks: expected here
 
 
 def _worth_showing(line: str, data: dict[str, Any], own_warnings: bool = False) -> bool:

@@ -113,3 +113,38 @@ def test_with_ray_output_redirected_ray_info_lines_go_to_the_file_and_warnings_a
     log = (tmp_path / "ray.log").read_text()
     assert all(m in log for m in ("tune-info", "data-info", "train-warning", "PYTHON worker processes",
                                   "A worker died")), log
+
+
+def test_library_logging_redirected_before_start_up_keeps_ray_and_mlflow_start_up_lines_off_the_console(tmp_path):
+    """Called before ray.init and the run's first MLflow call (as ``reclip-ray train`` and ``sweep`` do), the
+    redirect takes their start-up lines: MLflow's creation of a new SQLite store's tables and Ray's note that the
+    local Ray it started has token authentication on (Ray's default) go to ray.log only; Ray's warning that
+    authentication is off still reaches the console. Real MLflow store, Ray's own warning functions; no Ray is
+    started (the session's cluster is the one Ray here)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from reclip_ray.console import redirect_library_logging
+        redirect_library_logging({str(tmp_path)!r})
+        redirect_library_logging({str(tmp_path)!r})  # a second call adds no second file handler
+        from mlflow.tracking import MlflowClient
+        MlflowClient("sqlite:///" + {str(tmp_path / "mlflow.db")!r}).search_experiments()
+        from ray._private.authentication import authentication_token_setup as auth
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+        import logging
+        logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    for line in ("Creating initial MLflow database tables", "Token authentication is enabled",
+                 "Started a local Ray instance"):
+        assert line not in console, console
+    assert "Token authentication is disabled" in console, console
+    log = (tmp_path / "ray.log").read_text()
+    for line in ("Creating initial MLflow database tables", "Token authentication is enabled",
+                 "Token authentication is disabled", "Started a local Ray instance."):
+        assert log.count(line) == 1, (line, log)

@@ -41,6 +41,10 @@ def test_train_with_no_arguments_makes_data_tokenizer_and_runs(ray_cluster, tmp_
     assert (run_dir / "tokenizer.json").is_file()  # trained at launch, kept in the run folder
     model_dir = run_dir / "model"
     assert {"config.yaml", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    # MLflow's and Ray's start-up lines (a new ./mlflow.db, joining the cluster) are in ray.log, not on the console
+    log = (run_dir / "ray.log").read_text()
+    for line in ("Creating initial MLflow database tables", "Connecting to existing Ray cluster"):
+        assert line in log and line not in proc.stdout + proc.stderr, line
 
     # The final JSON is the last thing on stdout (worker log lines may come before it).
     start = proc.stdout.rindex('{\n  "final"')

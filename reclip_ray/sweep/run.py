@@ -48,7 +48,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
     base_cfg = from_dict(base_raw)
     axis = check_trials(space, base_raw)
-    sweep = open_sweep(space, space_path, base_cfg)
+    sweep = open_sweep(space, space_path, base_cfg, quiet)
     n_phases = len(base_cfg.phases)
     status = "FAILED"
     log_file = None
@@ -136,9 +136,11 @@ def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
                               "eval.at_phase_end is false")
 
 
-def open_sweep(space: Space, space_path: str, base_cfg: Config) -> OpenSweep:
+def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False) -> OpenSweep:
     """Prepare the base config under the space's name (its run folder is the sweep folder), and start the sweep's
-    MLflow parent run, or resume the one ``sweep_state.json`` names."""
+    MLflow parent run, or resume the one ``sweep_state.json`` names. ``quiet``: Ray's and MLflow's logging go to
+    the sweep folder's ray.log from before their first lines (``redirect_library_logging``)."""
+    from reclip_ray.console import redirect_library_logging
     from reclip_ray.train.launch import prepare
 
     base_cfg.run.name = space.name
@@ -146,6 +148,8 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config) -> OpenSweep:
     sweep_dir = prep.run_dir
     if storage.local_path(sweep_dir):
         storage.makedirs(sweep_dir)
+    if quiet:
+        redirect_library_logging(sweep_dir)
     base_raw = prep.cfg.to_dict()
     base_raw["data"]["synth_if_missing"] = False
     experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"

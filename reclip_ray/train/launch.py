@@ -46,6 +46,10 @@ def run_training(
     state = read_run_state(prep.run_dir)
     if finished(prep, state):
         return dict(state["finished"])
+    if console and not verbose:  # before MLflow's first call and Ray's start, so their start-up lines go there too
+        from reclip_ray.console import redirect_library_logging
+
+        redirect_library_logging(prep.run_dir)
     attempt = Attempt(prep, open_mlflow_run(prep, state, tags, parent_run_id), relay)
     try:
         init_ray(prep.cfg)
