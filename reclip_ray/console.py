@@ -213,8 +213,9 @@ def redirect_library_logging(run_dir: str) -> str:
     only, warnings and errors to both (less ``_NOISE``). Called before ``ray.init`` and before the run's first
     MLflow call, it also takes their start-up lines ("Started a local Ray instance", "Creating initial MLflow
     database tables"); a second call for the same file changes nothing. Returns the file."""
-    import mlflow  # noqa: F401 - MLflow sets up its console handler on import; the filter below goes on it
+    import importlib
 
+    importlib.import_module("mlflow")  # MLflow sets up its console handler on import; the filter below goes on it
     path = _open_ray_log(run_dir)
     ray_logger = logging.getLogger("ray")
     if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in ray_logger.handlers):
