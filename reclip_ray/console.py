@@ -215,7 +215,9 @@ def redirect_library_logging(run_dir: str) -> str:
     database tables"); a second call for the same file changes nothing. Returns the file."""
     import importlib
 
-    importlib.import_module("mlflow")  # MLflow sets up its console handler on import; the filter below goes on it
+    # Each sets up its logger on its first import (Ray Data's drops the handlers it finds): first them, then ours
+    for module in ("mlflow", "ray.data"):
+        importlib.import_module(module)
     path = _open_ray_log(run_dir)
     ray_logger = logging.getLogger("ray")
     if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in ray_logger.handlers):

@@ -119,8 +119,9 @@ def test_library_logging_redirected_before_start_up_keeps_ray_and_mlflow_start_u
     """Called before ray.init and the run's first MLflow call (as ``reclip-ray train`` and ``sweep`` do), the
     redirect takes their start-up lines: MLflow's creation of a new SQLite store's tables and Ray's note that the
     local Ray it started has token authentication on (Ray's default) go to ray.log only; Ray's warning that
-    authentication is off still reaches the console. Real MLflow store, Ray's own warning functions; no Ray is
-    started (the session's cluster is the one Ray here)."""
+    authentication is off still reaches the console; Ray Data's logger, which its first import sets up afresh, stays
+    redirected. Real MLflow store, Ray's own warning functions; no Ray is started (the session's cluster is the one
+    Ray here)."""
     import subprocess
     import sys
     import textwrap
@@ -136,15 +137,17 @@ def test_library_logging_redirected_before_start_up_keeps_ray_and_mlflow_start_u
         auth._warn_token_auth_disabled()
         import logging
         logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
+        import ray.data  # configures Ray Data's logger on its first import, its old handlers dropped
+        logging.getLogger("ray.data").info("Registered dataset logger")
         """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stdout + proc.stderr
     for line in ("Creating initial MLflow database tables", "Token authentication is enabled",
-                 "Started a local Ray instance"):
+                 "Started a local Ray instance", "Registered dataset logger"):
         assert line not in console, console
     assert "Token authentication is disabled" in console, console
     log = (tmp_path / "ray.log").read_text()
     for line in ("Creating initial MLflow database tables", "Token authentication is enabled",
-                 "Token authentication is disabled", "Started a local Ray instance."):
+                 "Token authentication is disabled", "Started a local Ray instance.", "Registered dataset logger"):
         assert log.count(line) == 1, (line, log)
