@@ -236,10 +236,14 @@ def redirect_library_logging(run_dir: str) -> str:
     return path
 
 
+def _noise(text: str) -> bool:
+    return any(n in text for n in _NOISE)
+
+
 def _console_worthy(record: logging.LogRecord) -> bool:
     if record.name == MLFLOW_STORE_SETUP and record.levelno < logging.WARNING:
         return False
-    return not any(n in record.getMessage() for n in _NOISE)
+    return not _noise(record.getMessage())
 
 
 def redirect_ray_output(run_dir: str, own_warnings: bool = False) -> str | None:
@@ -280,7 +284,7 @@ def _worth_showing(line: str, data: dict[str, Any], own_warnings: bool = False) 
     """Errors and warnings reach the console (every message of Ray's error channel is one); everything else only
     the log file. Our own ``[reclip]`` lines reach it through the progress board, unless ``own_warnings`` (then
     their warnings are shown here)."""
-    if any(n in line for n in _NOISE):
+    if _noise(line):
         return False
     if data.get("error_channel"):
         return True

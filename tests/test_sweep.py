@@ -250,8 +250,9 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     # line and without Ray Data's progress bars (cursor codes that were redrawn around every line); copied to S3
     ray_log = storage.read_text(f"{sweep_dir}/ray.log")
     assert "[reclip] lowres 32px step 2/20 " not in first, first[-3000:]
-    # Tune's header and its resume advice for its Python API are not shown, nor any INFO line of Ray's or MLflow's,
-    # their start-up lines included (ray.log is open before the sweep's MLflow store is made and Ray is joined)
+    # Tune's header and its resume advice for its Python API are not shown, nor any INFO line of Ray's, its start-up
+    # lines included (ray.log is open before the sweep's first MLflow call and before Ray is joined; this test's
+    # store is a copy of one already made, so MLflow's table lines are the unit test's and the default job's)
     assert "Configuration for experiment" not in first and "tensorboard" not in first, first[-3000:]
     assert "Tuner.restore" not in first and "Tuner.restore" not in ray_log, first[-3000:]
     assert " INFO " not in first and "Wrote the latest version" in ray_log, first[-3000:]
