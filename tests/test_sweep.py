@@ -396,6 +396,32 @@ def _wait_for_placement_groups_removed(ray, timeout_s: float = 30.0) -> None:
     assert not live, f"placement groups left behind by the sweep: {live}"
 
 
+def _data_stats_actors() -> dict[str, tuple[str, str | None]]:
+    """Every Ray Data stats actor this cluster has had: actor id -> (state, placement group id or None)."""
+    from ray.util.state import list_actors
+
+    found = list_actors(filters=[("class_name", "=", "_StatsActor")], detail=True, limit=10_000)
+    return {a.actor_id: (a.state, a.placement_group_id or None) for a in found}
+
+
+def _kill_data_stats_actor(ray, timeout_s: float = 30.0) -> None:
+    """Kill the cluster's Ray Data stats actor, if any, and wait until its name is free, so that whatever runs
+    next decides where the next one lives."""
+    import time
+
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            actor = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+        except ValueError:
+            return
+        assert time.time() < deadline, "Ray Data's stats actor outlived ray.kill"
+        ray.kill(actor)
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 @pytest.mark.sweep
 def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s3(ray_session, tmp_path, synth_dir,
@@ -430,7 +456,14 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     db = tmp_path / "mlflow.db"
     overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={good}", f"data.tokenizer={tokenizer_path}",
                  "data.synth_if_missing=false", f"run.storage_path={s3_prefix}/runs", f"tracking.uri=sqlite:///{db}"]
+    _kill_data_stats_actor(ray_session)  # an earlier test's: the sweep must start its own where it lasts
+    stats_before = set(_data_stats_actors())
     summary = run_sweep(str(tmp_path / "smoke.yaml"), overrides=overrides)
+    # Ray Data's stats actor: one for the whole sweep, outside every trial's placement group. Made by a trial, it
+    # joined that trial's group and died with it, once per trial, and a dataset registered with a dead one failed
+    # its updates with an "Unhandled error ... KeyError" on the console.
+    made = {k: v for k, v in _data_stats_actors().items() if k not in stats_before}
+    assert list(made.values()) == [("ALIVE", None)], made
     sweep_dir = summary["sweep_dir"]
     assert sweep_dir == f"{s3_prefix}/runs/smoke"
     rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep_dir}/results.csv"))))

@@ -13,12 +13,19 @@ def init_ray(cfg: Config) -> None:
     """Connect to $RAY_ADDRESS (or an already initialised Ray); else start a local one sized for the workers.
 
     On a 2-core box, workers with a whole CPU each starve Ray Data, so a local Ray gets enough logical CPUs for
-    the workers *and* the data pipeline.
+    the workers *and* the data pipeline. Either way Ray Data's stats actor is then started from here (see
+    ``start_data_stats_actor``).
     """
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _connect(cfg)
+    start_data_stats_actor()
+
+
+def _connect(cfg: Config) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and Ray refuses a second
         # one from the driver. Workers set their torch threads from scaling.cpus_per_worker themselves.
@@ -30,6 +37,24 @@ def init_ray(cfg: Config) -> None:
     # it a worker group killed mid-run (a sweep trial stopped early) keeps its CPUs reserved forever.
     # address="local": a new Ray even when /tmp/ray/ray_current_cluster names another (`ray start`, a test cluster).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env)
+
+
+def start_data_stats_actor() -> None:
+    """Start Ray Data's stats actor from the driver, outside every placement group, unless it runs already.
+
+    Ray Data keeps one detached, named actor per cluster for its dataset metrics and creates it on first use, from
+    whichever process runs a dataset first. In a sweep that is a trial, and Tune places everything a trial creates
+    in the trial's placement group: the actor died with the first trial to end, the next dataset made a new one,
+    and a dataset registered with the dead one failed its updates ("Unhandled error ... _StatsActor
+    .update_execution_metrics ... KeyError: 'phase1_..._0'" on the console; Ray 2.60, one new actor per trial).
+    Ray Train starts its own such actors with ``scheduling_strategy="DEFAULT"`` for the same reason; Ray Data's
+    takes no strategy, so it is made here, where there is no placement group to capture it.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray that moved it: its metrics are not worth failing a run for
+        return
+    get_or_create_stats_actor()
 
 
 def use_gpu(cfg: Config) -> bool:
