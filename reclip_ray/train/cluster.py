@@ -46,7 +46,8 @@ def start_data_stats_actor() -> None:
     whichever process runs a dataset first. In a sweep that is a trial, and Tune places everything a trial creates
     in the trial's placement group: the actor died with the first trial to end, the next dataset made a new one,
     and a dataset registered with the dead one failed its updates ("Unhandled error ... _StatsActor
-    .update_execution_metrics ... KeyError: 'phase1_..._0'" on the console; Ray 2.60, one new actor per trial).
+    .update_execution_metrics ... KeyError: 'phase1_..._0'" on the console; Ray 2.60: two or three such deaths in
+    a sweep of four trials).
     Ray Train starts its own such actors with ``scheduling_strategy="DEFAULT"`` for the same reason; Ray Data's
     takes no strategy, so it is made here, where there is no placement group to capture it.
     """
