@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from reclip_ray.errors import ReclipError
 
-from reclip_ray.run_names import RUN_STATE_FILE
+from reclip_ray.run_names import EVAL_ERROR, RUN_STATE_FILE
 REPORT_PNG = "report.png"
 RUN_DIR_TAG = "reclip.run_dir"
 
@@ -125,7 +125,7 @@ def summary_table(
     size = f"{full_size}px" if prefix == f"eval/{full_size}px/" else "full resolution"
     lines = ["reclip-ray: run finished", ""]
     body = (_zero_shot_lines(metrics, prefix, size) + _retrieval_lines(metrics, prefix, size)) if prefix else []
-    lines += body or ["no evaluation (data.eval empty, eval.at_phase_end=false, or the evaluation failed)"]
+    lines += body or [_no_evaluation(metrics.get(EVAL_ERROR))]
     gflops = metrics.get("gflops_total")
     facts = [
         ["train compute", format_gflops(float(gflops)) if _is_number(gflops) else "-"],
@@ -138,6 +138,13 @@ def summary_table(
     width = max(len(k) for k, _ in facts)
     lines += [""] + [f"{k.ljust(width)}  {v}" for k, v in facts]
     return "\n".join(lines)
+
+
+def _no_evaluation(reason: str | None) -> str:
+    """The table's line for a final model without an evaluation: the run's reason where it gave one."""
+    if not reason:
+        return "no evaluation (data.eval empty, eval.at_phase_end=false, or the evaluation failed)"
+    return reason if reason.startswith("no evaluation") else f"no evaluation of the final model: {reason}"
 
 
 # ---------------------------------------------------------------------------------------------------- history

@@ -140,6 +140,13 @@ def test_summary_table_without_evaluation():
                                 mlflow_run_id="id9", tracking_uri="sqlite:////m.db", full_size=224)
     assert "no evaluation" in text and "top-1" not in text
     assert "2,500,000.0 GFLOPs (2.50 PFLOPs)" in text and "1h 02m 05s" in text and "runs/x/model" in text
+    # The run's reason, where it gave one (the final report's eval_error, eval.json's)
+    for reason, line in [("evaluation after 'finetune' failed: OSError: gone",
+                          "no evaluation of the final model: evaluation after 'finetune' failed: OSError: gone"),
+                         ("no evaluation: data.eval is empty", "no evaluation: data.eval is empty")]:
+        text = report.summary_table({"gflops_total": 2.5e6, "eval_error": reason}, wall_s=3, run_dir="runs/x",
+                                    mlflow_run_id="id9", tracking_uri="sqlite:////m.db", full_size=224)
+        assert line in text.splitlines(), text
 
 
 def test_cli_report_in_a_subprocess_without_ray(tmp_path):
@@ -172,3 +179,24 @@ def test_cli_train_json_flag_reaches_the_launcher(monkeypatch):
     assert cli.main(["train", "--config", "tiny", "--json"]) == 0
     assert cli.main(["train", "--set", "a=1"]) == 0
     assert calls == [("tiny", [], True), (None, ["a=1"], False)]
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_train_prints_why_the_final_model_has_no_evaluation(monkeypatch, capsys, as_json):
+    """A run whose final evaluation failed: the JSON's ``final`` is empty and ``eval_error`` says why; the table
+    gives the same reason."""
+    from reclip_ray import report as report_module
+    from reclip_ray.train import command
+
+    reason = "evaluation after 'finetune' failed: OSError: eval shard gone"
+    metrics = {"samples": 64, "gflops_total": 12.0, "loss": 3.1, "eval_error": reason, "run_dir": "/r/runs/x",
+               "mlflow_run_id": "abc"}
+    monkeypatch.setattr(command, "run_training", lambda cfg, **_: dict(metrics))
+    monkeypatch.setattr(report_module, "report_after_training", lambda *a: None)
+    assert command.train_from_cli("tiny", [], as_json=as_json) == 0
+    out = capsys.readouterr().out
+    if as_json:
+        printed = json.loads(out)
+        assert printed["final"] == {} and printed["eval_error"] == reason and printed["run_dir"] == "/r/runs/x"
+    else:
+        assert f"no evaluation of the final model: {reason}" in out.splitlines()

@@ -64,6 +64,8 @@ def test_run_state_round_trip_and_the_final_eval(run_dir):
     assert storage.is_file(storage.join(run_dir, RUN_STATE_FILE))
     storage.write_json(storage.join(run_dir, "eval.json"), {"eval/64px/shape/top1": 0.5})
     assert final_eval(run_dir) == {"eval/64px/shape/top1": 0.5}
+    storage.write_json(storage.join(run_dir, "eval.json"), {"eval_error": "no evaluation: data.eval is empty"})
+    assert final_eval(run_dir) == {"eval_error": "no evaluation: data.eval is empty"}  # why the model has none
     record_finished(run_dir, {"samples": 64, "checkpoint": None, "run_dir": run_dir, "history": [1, 2]})
     assert read_run_state(run_dir) == {"mlflow_run_id": "abc", "attempts": 1,  # the plain values, kept with the rest
                                        "finished": {"samples": 64, "checkpoint": None, "run_dir": run_dir}}

@@ -23,6 +23,7 @@ GFLOPs stops the wrong trial.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from collections import Counter
 from types import SimpleNamespace
@@ -35,6 +36,7 @@ from reclip_ray.config import apply_overrides, from_dict, load_raw
 from reclip_ray.flops import run_flops, train_flops_per_sample
 from reclip_ray.schedule import Schedule
 from reclip_ray.sweep import asha_axis, asha_metric, load_space, make_scheduler, trial_raw, tune_result
+from reclip_ray.train.run_state import final_eval
 
 BUDGET = 6000.0
 SPACE = f"""
@@ -114,8 +116,12 @@ class Trial:
     """
 
     def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
-                 fail: set = frozenset(), slope: float | None = None) -> None:
-        """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names."""
+                 fail: set = frozenset(), slope: float | None = None, run_dir: str | None = None,
+                 restore: str | None = None) -> None:
+        """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names. ``run_dir``: the run
+        folder, where the export is real (the model and eval.json; MLflow's copies are stand-ins) and each reported
+        checkpoint is kept (``checkpoints``); without it, a temporary folder and a stand-in export. ``restore``: a
+        checkpoint folder this attempt resumes from (a restart)."""
         import ray
         import ray.train
         import ray.train.torch
@@ -126,6 +132,7 @@ class Trial:
         from reclip_ray.train import worker
 
         self.name, self.reports, self.spent, self.asked, self.exported = name, [], [], [], 0
+        self.checkpoints: list[str] = []
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
         cfg.data.eval = eval_set
@@ -150,6 +157,8 @@ class Trial:
         def report(metrics, checkpoint=None, **_):
             self.reports.append(metrics)
             self.spent.append(trained())
+            if checkpoint is not None and run_dir is not None:  # Ray Train keeps what the worker reports
+                self.checkpoints.append(shutil.copytree(checkpoint.path, f"{run_dir}/kept/{len(self.checkpoints)}"))
 
         class Watched(worker.Worker):
             """The worker, unchanged; the stubbed evaluation reads its run state to name each evaluation."""
@@ -161,7 +170,8 @@ class Trial:
         monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
                                                                                 get_world_size=lambda: 1))
         monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+        monkeypatch.setattr(ray.train, "get_checkpoint",
+                            lambda: restore and ray.train.Checkpoint.from_directory(restore))
         monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
         monkeypatch.setattr(ray.train, "report", report)
         for call, result in {"log_metrics": None, "set_tags": None, "latest_metric": None,
@@ -170,16 +180,19 @@ class Trial:
         monkeypatch.setattr(worker, "open_feed", lambda cfg, plan, *a: _Feed(plan.index, served))
         monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the feed's position at checkpoints
         monkeypatch.setattr(worker, "train_step", lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0})
-        monkeypatch.setattr(worker, "export_run", lambda *a, **k: setattr(self, "exported", self.exported + 1))
+        if run_dir is None:
+            monkeypatch.setattr(worker, "export_run", lambda *a, **k: setattr(self, "exported", self.exported + 1))
+        for call in ("log_artifacts", "log_artifact"):
+            monkeypatch.setattr(tracking, call, lambda *a, **k: None)
         monkeypatch.setattr(eval_dataset, "evaluate_dataset", evaluate_dataset)
         monkeypatch.setattr(eval_set_module, "eval_columns", lambda *a: None)
         monkeypatch.setattr(worker, "Worker", Watched)
         threads = torch.get_num_threads()  # the worker sets its CPU threads (scaling.cpus_per_worker)
         try:
-            with tempfile.TemporaryDirectory(prefix="axis-run-") as run_dir:
+            with tempfile.TemporaryDirectory(prefix="axis-run-") as tmp:
                 worker.train_loop_per_worker({
                     "config": cfg.to_dict(), "config_yaml": cfg.to_yaml(), "tokenizer_json": _tokenizer_json(),
-                    "tracking_uri": "", "mlflow_run_id": "run", "run_dir": run_dir, "missing_actor": None,
+                    "tracking_uri": "", "mlflow_run_id": "run", "run_dir": run_dir or tmp, "missing_actor": None,
                     "board": None, "tracking_relay": None})
         finally:
             torch.set_num_threads(threads)
@@ -263,15 +276,16 @@ def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops_at_full_res
 
 @pytest.mark.parametrize("case", ["fails", "at_phase_end_false", "no_eval_set"])
 def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_does_not_run(space, monkeypatch,
-                                                                                             case):
+                                                                                             tmp_path, case):
     """Tune fails the whole sweep on a result without its metric (its strict metric check): a trial whose
-    evaluation failed or did not run reports the metric as NaN, with the reason, and trains on."""
+    evaluation failed or did not run reports the metric as NaN, with the reason, and trains on. Its eval.json (the
+    launcher's final metrics) gives the same reason, not the main phase's evaluation, which was of another model."""
     cfg = _configs(space)["reclip"]
     milestones = asha_axis(space, [BUDGET])["milestones"]
     if case == "at_phase_end_false":
         cfg.eval.at_phase_end = False
     trial = Trial("reclip", cfg, milestones, monkeypatch, eval_set="" if case == "no_eval_set" else "stub",
-                  fail={1500.0, "finetune"} if case == "fails" else set())
+                  fail={1500.0, "finetune"} if case == "fails" else set(), run_dir=str(tmp_path / "run"))
     checked = sorted({asha_metric(space), space.metric, "loss"})
     results = trial.to_tune(checked)
     assert len(results) == len(milestones) - 1 + len(cfg.phases) + 1  # rungs, phase ends, the final report
@@ -289,6 +303,8 @@ def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_d
               "at_phase_end_false": "no evaluation: eval.at_phase_end is false",
               "no_eval_set": "no evaluation: data.eval is empty"}[case]
     assert final["eval_error"] == reason and math.isnan(final[space.metric])
+    assert final_eval(str(tmp_path / "run")) == {"eval_error": reason}
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()  # the model is exported all the same
     if case == "fails":  # the other evaluations worked: the 3000 GFLOPs rung, the main phase's end
         assert [r.get("compute_milestone") for r in unmeasured] == [1500.0, None, None]
         assert unmeasured[0]["eval_error"].startswith("evaluation at 1,500 GFLOPs failed: RuntimeError")
@@ -299,6 +315,25 @@ def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_d
         assert not measured
     # Without ASHA, Tune checks the sweep's metric: the same reports carry it.
     assert all(space.metric in r for r in trial.to_tune([space.metric]))
+
+
+def test_an_attempt_restarted_after_the_last_phases_checkpoint_exports_why_its_model_has_no_evaluation(space,
+                                                                                                   monkeypatch,
+                                                                                                   tmp_path):
+    """The last phase's checkpoint is written before its evaluation: an attempt restarted from it (its worker died
+    in that evaluation or in the export) skips the phase's end. Its eval.json says so and how to evaluate the model,
+    instead of the checkpoint's evaluation, which is the main phase's, of another model."""
+    cfg = _configs(space)["reclip"]
+    run_dir = str(tmp_path / "run")
+    first = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir)
+    assert [at for at, _, _ in first.asked] == ["lowres", "lowres", "finetune"]  # main phase: 32 and 64 px
+    assert "eval/full/shape/top1" in final_eval(run_dir)
+    again = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir, restore=first.checkpoints[-1])
+    assert again.asked == [] and len(again.reports) == 1  # the final report only: nothing left to train
+    reason = again.reports[-1]["eval_error"]
+    assert reason.startswith("the final model was not evaluated in this attempt (it restarted after the last phase")
+    assert f"reclip-ray eval --checkpoint {run_dir}/model --data stub" in reason
+    assert final_eval(run_dir) == {"eval_error": reason}
 
 
 def test_a_trial_whose_rung_evaluation_failed_is_not_compared_there_and_does_not_shift_the_cutoff(space, monkeypatch):

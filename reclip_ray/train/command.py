@@ -30,8 +30,9 @@ def train_from_cli(config: str | None, overrides: list[str], as_json: bool = Fal
     if as_json:
         final = {k: v for k, v in metrics.items()
                  if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
-        print(json.dumps({"final": final, "run_dir": metrics["run_dir"], "mlflow_run_id": metrics["mlflow_run_id"],
-                          "report": png}, indent=2))
+        why = {"eval_error": metrics["eval_error"]} if metrics.get("eval_error") else {}  # the final model has none
+        print(json.dumps({"final": final, **why, "run_dir": metrics["run_dir"],
+                          "mlflow_run_id": metrics["mlflow_run_id"], "report": png}, indent=2))
         print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}",
               file=sys.stderr)
     else:

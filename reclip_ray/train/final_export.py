@@ -16,11 +16,13 @@ from reclip_ray.train.phase_eval import full_view_of
 
 
 def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str, tracking_uri: str, run_id: str,
-               state: TrainState) -> None:
+               state: TrainState, eval_error: str | None) -> None:
     """Write the inference model and eval.json next to the checkpoints and into MLflow.
 
     The model folder is replaced whole (storage.upload_dir: a rename locally; on an object store the old objects
     are removed and each file is one PUT). eval.json goes last: the launcher reads it as the run's final metrics.
+    It holds the last phase's evaluation of this model, or, where that failed or did not run (``eval_error``), why:
+    never ``state.eval`` then, which is the previous phase's model's evaluation (at full resolution too).
     """
     from reclip_ray.export import export_model
     from reclip_ray.schedule import Schedule
@@ -28,7 +30,8 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
     with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
         local = os.path.join(tmp, "model")
         export_model(model, tokenizer, cfg, local)
-        final_eval = {**state.eval, **full_view_of(cfg, Schedule.from_config(cfg), state.eval)}
+        final_eval = ({"eval_error": eval_error} if eval_error is not None
+                      else {**state.eval, **full_view_of(cfg, Schedule.from_config(cfg), state.eval)})
         eval_file = os.path.join(tmp, "eval.json")
         with open(eval_file, "w") as f:
             f.write(json.dumps(final_eval, indent=2, sort_keys=True))

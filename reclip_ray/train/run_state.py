@@ -25,8 +25,8 @@ def record_finished(run_dir: str, metrics: dict[str, Any]) -> None:
     write_run_state(run_dir, {**read_run_state(run_dir), "finished": done})
 
 
-def final_eval(run_dir: str) -> dict[str, float]:
+def final_eval(run_dir: str) -> dict[str, float | str]:
     """The last evaluation, as the workers exported it (Ray Train returns the last checkpoint's metrics, and the
-    phase-end checkpoint is written before its evaluation)."""
+    phase-end checkpoint is written before its evaluation), or ``eval_error``: why the final model has none."""
     final = storage.read_json(storage.join(run_dir, "eval.json"), default={})
-    return {k: float(v) for k, v in final.items()}
+    return {k: v if isinstance(v, str) else float(v) for k, v in final.items()}

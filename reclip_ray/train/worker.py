@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reclip_ray import tracking
+from reclip_ray import storage, tracking
 from reclip_ray.config import from_dict
 from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import use_relay
@@ -73,9 +73,12 @@ class Worker:
         self.fault_marker = fault_marker(self.run_dir)
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (images())
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
-        # Why the last phase end has no evaluation (None: it has one); end_phase sets it, final_report reads it.
-        self.eval_error: str | None = "the final model was not evaluated in this attempt (it restarted after the " \
-                                      "last phase's checkpoint)"
+        # Why the last phase end has no evaluation (None: it has one); end_phase sets it, final_report and export
+        # read it. An attempt that restarts after the last phase's checkpoint skips that phase's end, evaluation too.
+        self.eval_error: str | None = skip_reason(self.cfg, at_phase_end=True) or (
+            "the final model was not evaluated in this attempt (it restarted after the last phase's checkpoint; "
+            f"`reclip-ray eval --checkpoint {storage.join(self.run_dir, 'model')} --data {self.cfg.data.eval}` "
+            "evaluates it)")
         self.feed: Any = None  # the phase's PhaseFeed (run_phase)
 
     # ------------------------------------------------------------------------------------------ setting up
@@ -263,7 +266,8 @@ class Worker:
 
     def export(self) -> None:
         """Rank 0, after the last phase: the inference model and eval.json (``final_export``)."""
-        export_run(self.cfg, self.model, self.tokenizer, self.run_dir, self.tracking_uri, self.run_id, self.state)
+        export_run(self.cfg, self.model, self.tokenizer, self.run_dir, self.tracking_uri, self.run_id, self.state,
+                   self.eval_error)
 
     # ------------------------------------------------------------------------------------------ the steps' parts
     def _open_feed(self, plan: Any) -> Any:
