@@ -227,7 +227,9 @@ def arm_overrides(arm: Arm, args: argparse.Namespace) -> list[str]:
                 extra.append(f"train.samples={main + tail}")
         return [f"phases=[{low}, samples: {main}}}, {full}, samples: {tail}, lr: {args.finetune_lr}, "
                 f"warmup_samples: 0.1}}]"] + extra
-    return [f"phases=[{low}, samples: 1.0}}]", f"eval.full_image_size={args.full}"]
+    # scored as the other arms are: at the full image size and text length (captions cut at --low-text otherwise)
+    return [f"phases=[{low}, samples: 1.0}}]", f"eval.full_image_size={args.full}",
+            f"eval.full_text_length={args.full_text}"]
 
 
 def equal_gflops_counts(arm: Arm, args: argparse.Namespace) -> tuple[int, int]:

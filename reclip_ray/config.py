@@ -169,6 +169,7 @@ class EvalConfig:
     batch_size: int = 256
     at_phase_end: bool = True
     full_image_size: int = 0  # 0: the last phase's image_size
+    full_text_length: int = 0  # 0: the last phase's text_length
     at_gflops: list[float] = field(default_factory=list)  # also evaluate + report when training GFLOPs cross these
 
 
@@ -461,6 +462,13 @@ def model_config(raw_model: Any) -> ModelConfig:
     return _build(ModelConfig, _resolve_model(raw_model), "model")
 
 
+def full_text_length(cfg: Config) -> int:
+    """The text length the final model is evaluated and exported at: ``eval.full_text_length``, else the last
+    phase's. A sweep trial without its finetune keeps the finetune's, as it keeps its image size, so that every
+    trial of the sweep is scored on the same captions, none cut shorter."""
+    return cfg.eval.full_text_length or cfg.phases[-1].text_length
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Preset name or YAML path, plus ``--set`` overrides, validated."""
     return from_dict(apply_overrides(load_raw(name_or_path), overrides))
@@ -582,6 +590,9 @@ def _check_checkpoint(cfg: Config) -> None:
 def _check_eval(cfg: Config) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    if cfg.eval.full_text_length and not 2 <= cfg.eval.full_text_length <= cfg.model.text.context_length:
+        raise ConfigError(f"'eval.full_text_length' {cfg.eval.full_text_length} must be 0 (the last phase's) or in "
+                          f"[2, model.text.context_length={cfg.model.text.context_length}]")
     if any(not isinstance(g, (int, float)) or g <= 0 for g in cfg.eval.at_gflops):
         raise ConfigError(f"'eval.at_gflops' must be a list of positive GFLOPs, got {cfg.eval.at_gflops!r}")
 

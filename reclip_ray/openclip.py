@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reclip_ray.config import full_text_length
 from reclip_ray.errors import CheckpointError, ReclipError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -269,7 +270,7 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
         "pad_id": int(t.pad_id),
         "sot_id": int(getattr(tokenizer, "sot_id", -1)),
         "eot_id": int(t.eot_id),
-        "text_length": int(config.phases[-1].text_length) if config is not None else int(t.context_length),
+        "text_length": full_text_length(config) if config is not None else int(t.context_length),
         "image_size": size,
         "config": _config_dict(config, model),
     }

@@ -97,6 +97,31 @@ def test_cli_eval_prints_json(export_dir, synth_dir, capsys):
         assert 0.0 <= m[key] <= 1.0, key
 
 
+def test_a_sweep_trial_without_its_finetune_is_evaluated_on_the_full_runs_task(tokenizer_path, synth_dir, tmp_path):
+    """A trial with finetune_fraction 0 trains only its 32 px / 16-token phase; its export is scored as the full
+    run's: 64 px and the finetune's 32 tokens (4.6 % of the synthetic eval captions are longer than 16 tokens),
+    so the same weights score the same under either config."""
+    from reclip_ray.config import apply_overrides, from_dict, load_raw
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.export import export_model
+    from reclip_ray.model import build_model
+    from reclip_ray.sweep import trial_raw
+
+    tok = load_tokenizer(tokenizer_path)
+    full = from_dict(apply_overrides(load_raw("tiny"), []))
+    alone = from_dict(trial_raw(load_raw("tiny"), {"finetune_fraction": 0.0}, {"samples": 1000}))
+    assert [(p.image_size, p.text_length) for p in alone.phases] == [(32, 16)]
+    torch.manual_seed(0)
+    model = build_model(full.model, tok.vocab_size)
+    scored = {}
+    for name, cfg in (("full", full), ("alone", alone)):
+        out = evaluate_checkpoint(str(export_model(model, tok, cfg, tmp_path / name)), str(synth_dir / "eval"),
+                                  batch_size=100, device="cpu")
+        assert (out["image_size"], out["text_length"]) == (64, 32), name
+        scored[name] = out["metrics"]
+    assert scored["alone"] == pytest.approx(scored["full"], abs=1e-9)
+
+
 def test_eval_errors_and_retrieval_only(export_dir, synth_dir, tmp_path, capsys):
     from reclip_ray.cli import main
 

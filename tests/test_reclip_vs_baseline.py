@@ -82,6 +82,7 @@ def test_arm_configs_schedules_and_position_grid(bench):
     assert reclip.phase_samples() == [9500, 500]
     assert reclip.phases[1].lr == 2.5e-4
     assert [p.image_size for p in low.phases] == [32] and low.eval.full_image_size == 112
+    assert low.eval.full_text_length == 32 == base.phases[0].text_length  # scored on the baseline's task
     # the arm's grid wins over --set, which applies to the other arms
     assert reclip.model.vision.base_image_size == 32
     assert base.model.vision.base_image_size == low.model.vision.base_image_size == 112

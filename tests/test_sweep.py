@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_raw
+from reclip_ray.config import ConfigError, apply_overrides, from_dict, full_text_length, load_raw
 from reclip_ray.flops import run_flops, train_flops_per_sample
 from reclip_ray.sweep import load_space, pareto_front, trial_raw
 
@@ -28,7 +28,8 @@ def test_shipped_spaces_load_and_every_corner_fits_the_budget(name):
             worst = max(train_flops_per_sample(cfg.model, p.image_size, p.text_length) for p in cfg.phases) / 1e9
             assert budget - 2 * cfg.train.batch_size * worst <= spent <= budget + cfg.train.batch_size * worst
             assert len(cfg.phases) == (1 if f == 0.0 else 2)
-            assert cfg.eval.full_image_size in (0, 64)
+            # every trial is scored on one task: 64 px and 32 tokens, with or without its finetune
+            assert (cfg.eval.full_image_size or cfg.phases[-1].image_size, full_text_length(cfg)) == (64, 32)
 
 
 def test_equal_compute_gives_small_images_more_samples():

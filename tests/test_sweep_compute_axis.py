@@ -247,6 +247,8 @@ def test_asha_compares_a_reclip_and_a_baseline_trial_at_equal_gflops_at_full_res
     reclip = trials["reclip"]
     assert [a for a in reclip.asked if a[0] in axis["milestones"]] == [(1500.0, 64, 32), (3000.0, 64, 32)]
     assert [a for a in reclip.asked if a[0] == "lowres"] == [("lowres", 32, 16), ("lowres", 64, 32)]
+    # The baseline (no finetune; its one phase has 16 tokens) is scored on that task too: 64 px, 32 tokens
+    assert {(size, length) for _, size, length in trials["baseline"].asked} == {(64, 32)}
     metric = asha_metric(space)
     assert metric == space.metric == "eval/full/shape/top1"
     for t in trials.values():

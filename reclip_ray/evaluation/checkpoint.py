@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from reclip_ray.config import full_text_length
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
 from reclip_ray.evaluation.eval_set import eval_columns, read_classes
@@ -24,7 +25,7 @@ def evaluate_checkpoint(
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
-    text length is the last phase's. ``checkpoint`` may also be an open_clip folder: open_clip builds the model
+    text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an open_clip folder: open_clip builds the model
     and (for the CLIP tokenizer) tokenizes, so the numbers are open_clip's on the same images. The eval set is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
     canonical name when the eval shards lack it; ``caption_column`` names the caption column outright.
@@ -38,19 +39,19 @@ def evaluate_checkpoint(
         raise ReclipError(f"eval data not found: {data}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = _load(checkpoint, device, image_size)
-    last = cfg.phases[-1]
-    size = image_size or cfg.eval.full_image_size or last.image_size
+    size = image_size or cfg.eval.full_image_size or cfg.phases[-1].image_size
+    text_length = full_text_length(cfg)
     patch = cfg.model.vision.patch_size
     if size % patch:
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
     columns = _columns(data, cfg, caption_column)
     metrics = evaluate_dataset(
-        model, tokenizer, data, image_size=size, text_length=last.text_length,
+        model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,
     )
     return {"checkpoint": str(checkpoint), "data": str(data), "image_size": size,
-            "text_length": last.text_length, "metrics": metrics}
+            "text_length": text_length, "metrics": metrics}
 
 
 def _columns(data: str, cfg: Any, caption_column: str | None) -> Any:

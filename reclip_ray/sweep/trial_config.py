@@ -16,7 +16,7 @@ def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str
     """The full raw config of one trial: params applied, then the budget turned into absolute phase lengths.
 
     ``finetune_fraction`` f gives the last phase a share f and scales the others to 1 - f; f = 0 drops the finetune
-    (the low-resolution-only ablation) but still evaluates at the finetune's resolution.
+    (the low-resolution-only ablation) but still evaluates at the finetune's resolution and text length.
     """
     raw = copy.deepcopy(base_raw)
     for key, value in params.items():
@@ -24,7 +24,10 @@ def trial_raw(base_raw: dict[str, Any], params: dict[str, Any], budget: dict[str
             set_path(raw, key, value)
     fractions = _phase_shares(raw, params)
     if fractions[-1] == 0.0:
-        raw.setdefault("eval", {})["full_image_size"] = int(raw["phases"][-1]["image_size"])
+        full = raw.setdefault("eval", {})
+        full["full_image_size"] = int(raw["phases"][-1]["image_size"])
+        if "text_length" in raw["phases"][-1]:
+            full["full_text_length"] = int(raw["phases"][-1]["text_length"])
     keep = [(ph, fr) for ph, fr in zip(raw["phases"], fractions) if fr > 0.0]
     total = _total_samples(raw, keep, budget)
     counts = [int(math.floor(fr * total)) for _, fr in keep]

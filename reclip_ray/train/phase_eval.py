@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from reclip_ray.config import Config
+from reclip_ray.config import Config, full_text_length
 from reclip_ray.run_names import full_view
 
 
@@ -29,9 +29,11 @@ def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: An
     from reclip_ray.evaluation.dataset import evaluate_dataset
     from reclip_ray.evaluation.eval_set import eval_columns
 
-    full = schedule.phases[-1]
-    sizes = {plan.image_size: plan.text_length} if own else {}
-    sizes.setdefault(cfg.eval.full_image_size or full.image_size, full.text_length)
+    full_size = cfg.eval.full_image_size or schedule.phases[-1].image_size
+    # At the full image size the full text length wins: a phase at that size with shorter texts (a sweep trial
+    # without its finetune) is scored on the run's task, under the one name eval/<size>px.
+    sizes = {plan.image_size: plan.text_length} if own and plan.image_size != full_size else {}
+    sizes[full_size] = full_text_length(cfg)
     out: dict[str, float] = {}
     for image_size, text_length in sizes.items():
         metrics = evaluate_dataset(
