@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from reclip_ray.config import Config
-from reclip_ray.tracking_relay import ARTIFACT_TIMEOUT_S, active, read_files, relayed, start_relay, through_relay
+from reclip_ray.tracking_relay import (ARTIFACT_TIMEOUT_S, active, direct_write, read_files, relayed, start_relay,
+                                      through_relay)
 
 # MLflow caps a param value at 6000 characters and a batch at 1000 metrics / 100 params.
 _MAX_PARAM_LEN = 6000
@@ -180,7 +181,7 @@ def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifac
         payload = (log_artifacts, (tracking_uri, run_id, None, artifact_path), files, False, {})
         through_relay("log_artifacts", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
-    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    direct_write("log_artifacts", lambda: client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path))
 
 
 def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
@@ -188,7 +189,7 @@ def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifac
         payload = (log_artifact, (tracking_uri, run_id, None, artifact_path), read_files(Path(local_file)), True, {})
         through_relay("log_artifact", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)
         return
-    client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
+    direct_write("log_artifact", lambda: client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path))
 
 
 @relayed(write=False)

@@ -9,7 +9,9 @@ artifacts travel as bytes. About one call per log window, so the relay is never 
 (``http://...``) is written directly.
 
 A relay call waits at most ``RELAY_TIMEOUT_S`` and is tried ``RELAY_ATTEMPTS`` times; a write that still fails is a
-warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises).
+warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises). A
+worker that writes to a server directly (``use_relay(None, worker=True)``) has the same rule, with MLflow's own
+HTTP retries bounded (``bound_mlflow_requests``).
 Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
 taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
 row, which MLflow's SQL store keeps once.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -36,12 +39,49 @@ RELAY_BACKOFF_S = 2.0  # the wait before try k + 1 is k times this
 _RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
 
 _RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
+_WORKER = False  # a training worker (use_relay(..., worker=True)): a write that fails is a warning, not an error
+# A worker's HTTP requests to an MLflow server, unless the user set them: 3 tries of at most 30 s, about 96 s in all
+# when a server hangs. MLflow's defaults (8 tries of up to 120 s, backoff up to 120 s) would hold rank 0, and every
+# rank at its next collective, for about 20 minutes.
+WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
-def use_relay(relay: Any) -> None:
-    """In this process, send the ``@relayed`` calls to ``relay`` (a TrackingRelay actor handle); None: direct."""
-    global _RELAY
-    _RELAY = relay
+def use_relay(relay: Any, *, worker: bool = False) -> None:
+    """In this process, send the ``@relayed`` calls to ``relay`` (a TrackingRelay actor handle); None: direct.
+
+    ``worker``: a training worker. A write that fails there is a warning whichever way it went (a server URI is
+    written directly): MLflow down must not fail a training step, which restarts the whole worker group from its
+    last checkpoint, and again at each write for as long as the server stays down, until ``run.max_failures`` ends
+    the run. A driver's calls (the run's start and end) raise: without its MLflow run it cannot start or resume."""
+    global _RELAY, _WORKER
+    _RELAY, _WORKER = relay, worker
+    if worker and relay is None:
+        bound_mlflow_requests()
+
+
+def bound_mlflow_requests() -> None:
+    """``WORKER_HTTP_DEFAULTS`` in this process's environment, where the user has not set them (MLflow reads them at
+    each request)."""
+    for key, value in WORKER_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def direct_write(what: str, call: Callable[[], Any]) -> Any:
+    """A write this process makes to MLflow itself: in a training worker one that fails is a warning (``use_relay``),
+    elsewhere an error."""
+    if not _WORKER:
+        return call()
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - a server down, refusing, timing out: the run trains on without it
+        _warn(f"MLflow {what} failed", exc)
+        return None
+
+
+def _warn(message: str, error: BaseException) -> None:
+    lines = str(error).strip().splitlines() or [""]
+    print(f"[reclip] WARNING: {message} ({type(error).__name__}: {lines[-1][:300]}); training goes on without it",
+          file=sys.stderr, flush=True)
 
 
 def active() -> bool:
@@ -58,7 +98,7 @@ def relayed(write: bool) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             if _RELAY is None:
-                return fn(*args, **kwargs)
+                return direct_write(fn.__name__, lambda: fn(*args, **kwargs)) if write else fn(*args, **kwargs)
             return through_relay(fn.__name__, "call", (call, args, kwargs), write=write, timeout_s=RELAY_TIMEOUT_S)
 
         return call
@@ -78,12 +118,11 @@ def through_relay(what: str, method: str, payload: tuple, *, write: bool, timeou
             error = exc
             if attempt < RELAY_ATTEMPTS:
                 time.sleep(RELAY_BACKOFF_S * attempt)
-    lines = str(error).strip().splitlines() or [""]
-    message = (f"MLflow {what} through the tracking relay failed {RELAY_ATTEMPTS} times "
-               f"({type(error).__name__}: {lines[-1][:300]})")
+    message = f"MLflow {what} through the tracking relay failed {RELAY_ATTEMPTS} times"
     if not write:
-        raise RuntimeError(message) from error
-    print(f"[reclip] WARNING: {message}; training goes on without it", file=sys.stderr, flush=True)
+        lines = str(error).strip().splitlines() or [""]
+        raise RuntimeError(f"{message} ({type(error).__name__}: {lines[-1][:300]})") from error
+    _warn(message, error)
     return None
 
 

@@ -126,7 +126,7 @@ class Trial:
         import ray.train
         import ray.train.torch
 
-        from reclip_ray import tracking
+        from reclip_ray import tracking, tracking_relay
         from reclip_ray.evaluation import dataset as eval_dataset
         from reclip_ray.evaluation import eval_set as eval_set_module
         from reclip_ray.train import worker
@@ -187,6 +187,11 @@ class Trial:
         monkeypatch.setattr(eval_dataset, "evaluate_dataset", evaluate_dataset)
         monkeypatch.setattr(eval_set_module, "eval_columns", lambda *a: None)
         monkeypatch.setattr(worker, "Worker", Watched)
+        # The worker declares itself one to tracking_relay (use_relay): undone with the test, as its environment is
+        monkeypatch.setattr(tracking_relay, "_WORKER", False)
+        monkeypatch.setattr(tracking_relay, "_RELAY", None)
+        for key in tracking_relay.WORKER_HTTP_DEFAULTS:
+            monkeypatch.delenv(key, raising=False)
         threads = torch.get_num_threads()  # the worker sets its CPU threads (scaling.cpus_per_worker)
         try:
             with tempfile.TemporaryDirectory(prefix="axis-run-") as tmp:
@@ -196,6 +201,7 @@ class Trial:
                     "board": None, "tracking_relay": None})
         finally:
             torch.set_num_threads(threads)
+        self.worker_mode = tracking_relay._WORKER  # its failed MLflow writes would be warnings (tracking_relay)
 
     def to_tune(self, metrics: list[str]) -> list[dict]:
         """What the sweep's Tune callback forwards."""
@@ -307,6 +313,7 @@ def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_d
     assert final["eval_error"] == reason and math.isnan(final[space.metric])
     assert final_eval(str(tmp_path / "run")) == {"eval_error": reason}
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()  # the model is exported all the same
+    assert trial.worker_mode  # and an MLflow write that fails in a worker is a warning (test_tracking.py)
     if case == "fails":  # the other evaluations worked: the 3000 GFLOPs rung, the main phase's end
         assert [r.get("compute_milestone") for r in unmeasured] == [1500.0, None, None]
         assert unmeasured[0]["eval_error"].startswith("evaluation at 1,500 GFLOPs failed: RuntimeError")

@@ -189,3 +189,57 @@ def test_a_sweep_with_more_trial_runs_than_a_search_page_closes_and_kills_them_a
     assert {c.get_run(t.info.run_id).info.status for t in trials[:4]} == {"FINISHED"}  # ended runs keep theirs
     (other,) = tracking.search_all_runs(c, [exp], "attributes.run_name = 'not-a-trial'")
     assert other.info.status == "RUNNING"
+
+
+def test_a_workers_writes_to_an_mlflow_server_that_is_down_or_hangs_are_warnings_and_its_reads_errors(
+        monkeypatch, tmp_path, capsys):
+    """A server URI is written by the workers directly (no relay). A write that fails there is a warning and
+    training goes on, as through the relay: an error would fail the step and restart the whole worker group, at
+    every write while the server is down. MLflow's HTTP retries are bounded in a worker unless the user set them.
+    A read raises; so does a driver's write (the run's start and end)."""
+    import os
+    import socket
+    import time
+
+    for key in tracking_relay.WORKER_HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking_relay, "_WORKER", False)  # undone after the test, as use_relay below is
+    monkeypatch.setattr(tracking_relay, "_RELAY", None)
+    tracking_relay.use_relay(None, worker=True)  # as Worker._connect does without a relay
+    assert {k: os.environ[k] for k in tracking_relay.WORKER_HTTP_DEFAULTS} == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own settings win (and keep this quick)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    tracking_relay.bound_mlflow_requests()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+    hangs = socket.socket()  # accepts connections and never answers
+    hangs.bind(("127.0.0.1", 0))
+    hangs.listen(16)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there: connection refused
+    artifact = tmp_path / "eval.json"
+    artifact.write_text("{}")
+    run_id = "0" * 32
+    try:
+        for uri in (down, f"http://127.0.0.1:{hangs.getsockname()[1]}"):
+            t0 = time.monotonic()
+            assert tracking.log_metrics(uri, run_id, {"loss": 1.0}, step=1) is None
+            assert tracking.set_tags(uri, run_id, {"reclip.x": "y"}) is None
+            assert tracking.log_artifact(uri, run_id, artifact) is None
+            assert time.monotonic() - t0 < 20, uri
+            with pytest.raises(Exception):
+                tracking.latest_metric(uri, run_id, "loss")
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+        assert [w.split(" failed ")[0] for w in warnings] == [
+            "[reclip] WARNING: MLflow _log_metric_rows", "[reclip] WARNING: MLflow set_tags",
+            "[reclip] WARNING: MLflow log_artifact"] * 2, warnings
+        assert all(w.endswith("training goes on without it") for w in warnings)
+        tracking_relay.use_relay(None)  # a driver
+        with pytest.raises(Exception):
+            tracking.log_metrics(down, run_id, {"loss": 1.0}, step=1)
+    finally:
+        hangs.close()
+        tracking_relay.use_relay(None)

@@ -90,8 +90,9 @@ class Worker:
         from reclip_ray.data.tokenizer import CaptionTokenizer
 
         cfg = self.cfg
-        # A local MLflow store is a file on the driver's node: send the MLflow calls there (tracking_relay).
-        use_relay(loop_config.get("tracking_relay"))
+        # A local MLflow store is a file on the driver's node: send the MLflow calls there (tracking_relay). A write that
+        # fails, through the relay or to a server, is a warning here (use_relay).
+        use_relay(loop_config.get("tracking_relay"), worker=True)
         self.tokenizer = CaptionTokenizer.from_json(loop_config["tokenizer_json"])
         self.tracking_uri: str = loop_config["tracking_uri"]
         self.run_dir: str = loop_config["run_dir"]  # a local folder or a URI: never a Path (storage.py)
