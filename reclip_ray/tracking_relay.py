@@ -40,10 +40,11 @@ _RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
 
 _RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
 _WORKER = False  # a training worker (use_relay(..., worker=True)): a write that fails is a warning, not an error
-# A worker's HTTP requests to an MLflow server, unless the user set them: 3 tries of at most 30 s, about 96 s in all
-# when a server hangs. MLflow's defaults (8 tries of up to 120 s, backoff up to 120 s) would hold rank 0, and every
-# rank at its next collective, for about 20 minutes.
-WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# A worker's HTTP requests to an MLflow server, unless the user set them: 3 tries (MLflow's default is 8, with backoff
+# up to 120 s). Each waits up to MLflow's 120 s for a reply (the model artifact's upload needs it), so a server that
+# hangs holds rank 0, and every rank at its next collective, about 6 minutes per write, inside the default
+# train.collective_timeout_s (600 s); with MLflow's retries it was about 20 minutes, past it: the group restarted.
+WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 
 
 def use_relay(relay: Any, *, worker: bool = False) -> None:

@@ -206,8 +206,7 @@ def test_a_workers_writes_to_an_mlflow_server_that_is_down_or_hangs_are_warnings
     monkeypatch.setattr(tracking_relay, "_WORKER", False)  # undone after the test, as use_relay below is
     monkeypatch.setattr(tracking_relay, "_RELAY", None)
     tracking_relay.use_relay(None, worker=True)  # as Worker._connect does without a relay
-    assert {k: os.environ[k] for k in tracking_relay.WORKER_HTTP_DEFAULTS} == {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    assert {k: os.environ[k] for k in tracking_relay.WORKER_HTTP_DEFAULTS} == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own settings win (and keep this quick)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     tracking_relay.bound_mlflow_requests()
