@@ -25,8 +25,9 @@ def evaluate_checkpoint(
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
-    text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an open_clip folder: open_clip builds the model
-    and (for the CLIP tokenizer) tokenizes, so the numbers are open_clip's on the same images. The eval set is read
+    text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an
+    open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
+    open_clip's on the same images. The eval set is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
     canonical name when the eval shards lack it; ``caption_column`` names the caption column outright.
     """

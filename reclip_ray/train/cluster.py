@@ -47,9 +47,8 @@ def start_data_stats_actor() -> None:
     in the trial's placement group: the actor died with the first trial to end, the next dataset made a new one,
     and a dataset registered with the dead one failed its updates ("Unhandled error ... _StatsActor
     .update_execution_metrics ... KeyError: 'phase1_..._0'" on the console; Ray 2.60: two or three such deaths in
-    a sweep of four trials).
-    Ray Train starts its own such actors with ``scheduling_strategy="DEFAULT"`` for the same reason; Ray Data's
-    takes no strategy, so it is made here, where there is no placement group to capture it.
+    a sweep of four trials). Ray Train starts its own such actors with ``scheduling_strategy="DEFAULT"`` for the
+    same reason; Ray Data's takes no strategy, so it is made here, where there is no placement group to capture it.
     """
     try:
         from ray.data._internal.stats import get_or_create_stats_actor

@@ -8,6 +8,7 @@ import time
 
 from reclip_ray.config import load_config
 from reclip_ray.errors import ReclipError
+from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.train.launch import run_training
 from reclip_ray.train.ray_errors import root_message
 
@@ -30,7 +31,7 @@ def train_from_cli(config: str | None, overrides: list[str], as_json: bool = Fal
     if as_json:
         final = {k: v for k, v in metrics.items()
                  if k.startswith("eval/") and not k.startswith("eval/full/") and ("top1" in k or "r@1" in k)}
-        why = {"eval_error": metrics["eval_error"]} if metrics.get("eval_error") else {}  # the final model has none
+        why = {EVAL_ERROR: metrics[EVAL_ERROR]} if metrics.get(EVAL_ERROR) else {}  # why the final model has none
         print(json.dumps({"final": final, **why, "run_dir": metrics["run_dir"],
                           "mlflow_run_id": metrics["mlflow_run_id"], "report": png}, indent=2))
         print(f"[reclip] model: {metrics['run_dir']}/model   metrics: mlflow ui --backend-store-uri {uri}",

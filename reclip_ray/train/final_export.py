@@ -11,6 +11,7 @@ import torch
 
 from reclip_ray import storage, tracking
 from reclip_ray.config import Config
+from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.train.checkpoint import TrainState
 from reclip_ray.train.phase_eval import full_view_of
 
@@ -30,7 +31,7 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
     with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
         local = os.path.join(tmp, "model")
         export_model(model, tokenizer, cfg, local)
-        final_eval = ({"eval_error": eval_error} if eval_error is not None
+        final_eval = ({EVAL_ERROR: eval_error} if eval_error is not None
                       else {**state.eval, **full_view_of(cfg, Schedule.from_config(cfg), state.eval)})
         eval_file = os.path.join(tmp, "eval.json")
         with open(eval_file, "w") as f:
