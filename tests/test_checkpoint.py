@@ -29,7 +29,8 @@ def test_round_trip_restores_weights_optimizer_and_position(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    state = TrainState(samples=640, step=10, phase=1, phase_done=True, restarts=2, mlflow_run_id="abc", gflops=1.5)
+    state = TrainState(samples=640, step=10, phase=1, phase_done=True, restarts=2, mlflow_run_id="abc", gflops=1.5,
+                       loss=2.25)
     save_checkpoint(tmp_path, model, opt, state, "name: x\n")
 
     fresh = torch.nn.Linear(4, 3)

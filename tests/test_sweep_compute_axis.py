@@ -326,23 +326,35 @@ def test_every_report_tune_sees_carries_the_metric_when_an_evaluation_fails_or_d
     assert all(space.metric in r for r in trial.to_tune([space.metric]))
 
 
-def test_an_attempt_restarted_after_the_last_phases_checkpoint_exports_why_its_model_has_no_evaluation(space,
-                                                                                                   monkeypatch,
-                                                                                                   tmp_path):
-    """The last phase's checkpoint is written before its evaluation: an attempt restarted from it (its worker died
-    in that evaluation or in the export) skips the phase's end. Its eval.json says so and how to evaluate the model,
-    instead of the checkpoint's evaluation, which is the main phase's, of another model."""
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_attempt_restarted_at_the_runs_last_checkpoint_evaluates_the_final_model_again(space, monkeypatch,
+                                                                                            tmp_path, fails):
+    """The run's last checkpoint is written before the final evaluation: an attempt restarted from it (the one
+    before died in that evaluation or in the export) evaluates the final model again, so the export carries its
+    evaluation, or why it has none, never the checkpoint's (the main phase's model's). It reports the last step's
+    loss, which the checkpoint keeps (a sweep ranked by loss read NaN there)."""
+    from reclip_ray.train.checkpoint import read_state
+
     cfg = _configs(space)["reclip"]
     run_dir = str(tmp_path / "run")
     first = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir)
     assert [at for at, _, _ in first.asked] == ["lowres", "lowres", "finetune"]  # main phase: 32 and 64 px
-    assert "eval/full/shape/top1" in final_eval(run_dir)
-    again = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir, restore=first.checkpoints[-1])
-    assert again.asked == [] and len(again.reports) == 1  # the final report only: nothing left to train
-    reason = again.reports[-1]["eval_error"]
-    assert reason.startswith("the final model was not evaluated in this attempt (it restarted after the last phase")
-    assert f"reclip-ray eval --checkpoint {run_dir}/model --data stub" in reason
-    assert final_eval(run_dir) == {"eval_error": reason}
+    last = read_state(first.checkpoints[-1])
+    assert (last.phase, last.phase_done, last.samples) == (1, True, cfg.train.samples)  # the run's last checkpoint
+    assert "eval/64px/shape/top1" in last.eval  # the main phase's evaluation: the final one comes after
+    again = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir, restore=first.checkpoints[-1],
+                  fail={"finetune"} if fails else set())
+    assert again.asked == [("finetune", 64, 32)] and again.spent[-1] == 0  # evaluated again, nothing trained
+    final = again.reports[-1]
+    assert final["done"] == 1 and final["loss"] == first.reports[-1]["loss"] == 1.0
+    if fails:
+        reason = "evaluation after 'finetune' failed: RuntimeError: no readable rows in stub"
+        assert final["eval_error"] == reason and final_eval(run_dir) == {"eval_error": reason}
+    else:
+        assert "eval_error" not in final
+        exported = final_eval(run_dir)
+        assert exported["eval/full/shape/top1"] == final["eval/full/shape/top1"]  # this attempt's evaluation
+        assert {k for k in exported if k.startswith("eval/")} == {k for k in final if k.startswith("eval/")}
 
 
 def test_a_trial_whose_rung_evaluation_failed_is_not_compared_there_and_does_not_shift_the_cutoff(space, monkeypatch):

@@ -39,6 +39,7 @@ class TrainState:
     data: dict[str, Any] = field(default_factory=dict)  # feed.DataPosition of the phase in progress
     gflops: float = 0.0
     eval: dict[str, float] = field(default_factory=dict)
+    loss: float | None = None  # the last step's: what an attempt restarted at the run's last checkpoint reports
 
 
 def save_checkpoint(

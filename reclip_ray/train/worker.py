@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reclip_ray import storage, tracking
+from reclip_ray import tracking
 from reclip_ray.config import from_dict
 from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import use_relay
@@ -33,7 +33,9 @@ from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Restore, then run each phase not finished yet, then export. Every rank takes the same steps.
+    """Restore, then run each phase not finished yet, then export. Every rank takes the same steps. An attempt that
+    restored the run's last checkpoint, which is written before the final evaluation (the attempt before died in
+    that evaluation or in the export), evaluates the final model again: the export carries its evaluation.
 
     A data, config or checkpoint error is deterministic: retrying it would fail again at the same place after
     another restore. It is written to ``FATAL_FILE`` in the run folder, where the next worker-group start (the
@@ -42,10 +44,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         worker = Worker(loop_config)
         for plan in worker.schedule.phases:
-            if worker.finished(plan):
-                continue  # finished before the restart
-            worker.run_phase(plan)
-            worker.end_phase(plan)
+            if not worker.finished(plan):
+                worker.run_phase(plan)
+                worker.end_phase(plan)
+            elif plan is worker.schedule.phases[-1]:
+                worker.evaluate_end(plan)
         if worker.rank == 0:
             worker.export()
         worker.final_report()
@@ -69,16 +72,13 @@ class Worker:
         torch.manual_seed(self.cfg.train.seed + 1000 * self.state.restarts + self.rank)
         self.ddp_model = self._wrap_ddp()
         self._announce()
-        self.final_loss = float("nan")
+        self.final_loss = float("nan") if self.state.loss is None else self.state.loss  # the restored last step's
         self.fault_marker = fault_marker(self.run_dir)
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (images())
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
-        # Why the last phase end has no evaluation (None: it has one); end_phase sets it, final_report and export
-        # read it. An attempt that restarts after the last phase's checkpoint skips that phase's end, evaluation too.
-        self.eval_error: str | None = skip_reason(self.cfg, at_phase_end=True) or (
-            "the final model was not evaluated in this attempt (it restarted after the last phase's checkpoint; "
-            f"`reclip-ray eval --checkpoint {storage.join(self.run_dir, 'model')} --data {self.cfg.data.eval}` "
-            "evaluates it)")
+        # Why the last phase end has no evaluation (None: it has one); evaluate_end sets it, final_report and export
+        # read it.
+        self.eval_error: str | None = "the final model was not evaluated"
         self.feed: Any = None  # the phase's PhaseFeed (run_phase)
 
     # ------------------------------------------------------------------------------------------ setting up
@@ -235,7 +235,7 @@ class Worker:
         state.gflops += gflops_per_sample * sum(sizes)
         window.steps += 1
         window.samples += sum(sizes)
-        self.final_loss = last["loss"]
+        self.final_loss = state.loss = last["loss"]
         return sizes, batch, last, lr
 
     def end_phase(self, plan: Any) -> None:
@@ -252,6 +252,10 @@ class Worker:
                 "rank_steps_min": min(steps), "rank_steps_max": max(steps), "data_rows_seen": state.rows_seen,
                 "data_rows_bad": state.rows_bad, "data_rows_absent": state.rows_absent}, step=state.step)
         self.report({"loss": self.final_loss}, save=True)
+        self.evaluate_end(plan)
+
+    def evaluate_end(self, plan: Any) -> None:
+        """The phase-end evaluation of the model as the phase's end checkpoint holds it, and its report."""
         metrics, error = self._evaluate_phase_end(plan)
         self.eval_error = error
         # For Ray Tune (sweeps): the evaluation (or why there is none) and the phases finished so far.
