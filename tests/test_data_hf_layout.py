@@ -132,6 +132,25 @@ def test_inspect_reports_rows_absent_bad_and_class_labels(hf):
                                       "colour": {"classes": 4, "class_examples": hf.extra["colours"]}}
 
 
+def test_inspect_reads_a_class_only_eval_set_without_captions(tmp_path):
+    """An image + label export (no caption column, as CIFAR's or ImageNet's) is a zero-shot eval set: ``data
+    inspect`` checks its images and lists its label sets, and says it has no captions, where it used to stop at the
+    missing caption column. A set whose captions have another name still stops, naming the flag."""
+    from layouts import write_img2dataset
+
+    labels_only = write_hugging_face(tmp_path / "cifar", caption_column=None)
+    report = inspect_dataset(str(labels_only.path))
+    assert report["captions"].startswith("none: no 'caption' or other caption column in any shard")
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (
+        labels_only.rows, labels_only.absent, labels_only.bad)
+    assert report["bad_reasons"] == {"cannot open image": labels_only.bad}  # images only: no "empty caption"
+    assert set(report["class_labels"]) == {"label", "colour"}
+    assert "captions" not in inspect_dataset(str(write_hugging_face(tmp_path / "captioned").path))
+    txt = write_img2dataset(tmp_path / "txt", 6, seed=2, shards=1, caption_column="txt")
+    with pytest.raises(DataError, match=r"missing caption column 'caption'.*try --set data\.caption_column=txt"):
+        inspect_dataset(str(txt.path), image_column="jpg")
+
+
 def test_shrunk_copies_are_binary_columns_read_by_the_phase_and_datasets_still_loads_the_shard(hf, tmp_path):
     """Copies of a struct image column are plain binary columns made from its bytes; the struct and the
     ``huggingface`` metadata stay, so ``datasets`` loads the shrunk shard with its ClassLabels and images."""

@@ -11,8 +11,8 @@ import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
 from reclip_ray.data.local import read_shard
-from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, class_label_sets, count_rows, image_bytes,
-                                    parquet_schema, read_dataset_json)
+from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, class_label_sets, count_rows, has_captions,
+                                    image_bytes, parquet_schema, read_dataset_json)
 from reclip_ray.data.shards import list_parquet_files, read_footers
 
 MAX_EXAMPLES = 10
@@ -67,17 +67,21 @@ def inspect_dataset(path: str, image_column: str = "image", caption_column: str 
     """
     path = str(path)
     files = list_parquet_files(path)
-    check_schema(files, ColumnMap(image=image_column, caption=caption_column))
+    captions = has_captions(files, caption_column)
+    check_schema(files, ColumnMap(image=image_column, caption=caption_column), require_caption=captions)
     schema = parquet_schema(files[0])
     total_rows = count_rows(files)
     rows = _RowCheck(limit)
     for file in files:
         if rows.full():
             break
-        rows.check_file(file, image_column, caption_column)
+        rows.check_file(file, image_column, caption_column if captions else None)
     samples = rows.checked - rows.absent
     return {
         "path": path,
+        **({} if captions else {"captions": f"none: no {caption_column!r} or other caption column in any shard; an "
+                                            "eval set scored zero-shot on its label sets, not training data "
+                                            "(captions under another name? --caption-column NAME)"}),
         "rows": total_rows,
         "rows_absent": rows.absent,
         "rows_bad": rows.bad,
@@ -112,15 +116,16 @@ class _RowCheck:
     def full(self) -> bool:
         return bool(self.limit) and self.checked >= self.limit
 
-    def check_file(self, file: str, image_column: str, caption_column: str) -> None:
-        """Decode every row of one shard (until the limit) as the pipeline would, and count what fails."""
+    def check_file(self, file: str, image_column: str, caption_column: str | None) -> None:
+        """Decode every row of one shard (until the limit) as the pipeline would, and count what fails. Without a
+        caption column (a class-only eval set) only the images are checked."""
         names = parquet_schema(file).names
-        wanted = [image_column, caption_column] + [c for c in ("key", "status") if c in names and c not in
-                                                    (image_column, caption_column)]
+        own = [c for c in (image_column, caption_column) if c is not None]
+        wanted = own + [c for c in ("key", "status") if c in names and c not in own]
         table = read_shard(file, wanted)
         absent = absent_mask(table, image_column)
         images = image_bytes(table.column(image_column)).to_pylist()
-        captions = table.column(caption_column).to_pylist()
+        captions = table.column(caption_column).to_pylist() if caption_column else [""] * len(images)
         keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)
         for row, (data, caption, key) in enumerate(zip(images, captions, keys)):
             if self.full():
@@ -129,14 +134,14 @@ class _RowCheck:
             if absent[row]:
                 self.absent += 1
                 continue
-            reason = self._problem(data, caption)
+            reason = self._problem(data, caption, caption_column is not None)
             if reason is not None:
                 self.bad += 1
                 self.reasons[reason.split(":")[0]] += 1
                 if len(self.examples) < MAX_EXAMPLES:
                     self.examples.append({"file": os.path.basename(file), "row": row, "key": key, "reason": reason})
 
-    def _problem(self, data: bytes | None, caption: Any) -> str | None:
+    def _problem(self, data: bytes | None, caption: Any, captioned: bool = True) -> str | None:
         """Why the row would be skipped as bad (None: it is fine); a good image's size goes into the stats."""
         try:
             if data is None:
@@ -147,6 +152,6 @@ class _RowCheck:
             self.heights.append(h)
         except BadImage as exc:
             return str(exc)
-        if caption is None or not str(caption).strip():
+        if captioned and (caption is None or not str(caption).strip()):
             return "empty caption"
         return None

@@ -55,14 +55,16 @@ def count_rows(files: Iterable[str]) -> int:
     return sum(shard.rows for shard in read_footers(list(files)))
 
 
-def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool = False) -> None:
+def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool = False,
+                 require_caption: bool = True) -> None:
     """Fail before any work starts when a shard lacks a column, naming the file and the column.
 
     A missing image/caption column is most often a naming difference (img2dataset writes ``jpg``), or shards that
     hold only metadata because the images are in webdataset tars beside them; the message says which, with the
     exact flag or command to run, so the user does not have to read the column list and guess.
+    ``require_caption=False``: a class-only eval set (``has_captions``), checked for its images only.
     """
-    required = [("image", columns.image), ("caption", columns.caption)]
+    required = [("image", columns.image)] + ([("caption", columns.caption)] if require_caption else [])
     if require_label:
         required.append(("label", columns.label))
     files = list(files)
@@ -78,6 +80,8 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
             others = _binary_columns(schema)
             hint = f" (try --set data.image_column={others[0]})" if others else ""
             raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary{hint}")
+        if not require_caption:
+            continue
         caption_type = schema.field(columns.caption).type
         if not is_string(caption_type):
             raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
@@ -132,6 +136,12 @@ def _binary_columns(schema) -> list[str]:
     """Image-bytes columns, the usual image names first: the candidates for ``data.image_column``."""
     binary = [f.name for f in schema if is_image_type(f.type)]
     return sorted(binary, key=lambda n: (IMAGE_NAMES.index(n) if n in IMAGE_NAMES else len(IMAGE_NAMES)))
+
+
+def has_captions(files: Iterable[str], caption_column: str) -> bool:
+    """Whether any shard has ``caption_column`` or a caption-like string column (``_caption_columns``). A set with
+    neither is a class-only eval set (labels, no captions: zero-shot only), not one whose captions are misnamed."""
+    return any(caption_column in parquet_schema(f).names or _caption_columns(parquet_schema(f)) for f in files)
 
 
 def _caption_columns(schema) -> list[str]:
