@@ -462,6 +462,12 @@ def model_config(raw_model: Any) -> ModelConfig:
     return _build(ModelConfig, _resolve_model(raw_model), "model")
 
 
+def full_image_size(cfg: Config) -> int:
+    """The image size the final model is evaluated and exported at: ``eval.full_image_size``, else the last
+    phase's (a sweep trial without its finetune keeps the finetune's)."""
+    return cfg.eval.full_image_size or cfg.phases[-1].image_size
+
+
 def full_text_length(cfg: Config) -> int:
     """The text length the final model is evaluated and exported at: ``eval.full_text_length``, else the last
     phase's. A sweep trial without its finetune keeps the finetune's, as it keeps its image size, so that every

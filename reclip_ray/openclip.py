@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclip_ray.config import full_text_length
+from reclip_ray.config import full_image_size, full_text_length
 from reclip_ray.errors import CheckpointError, ReclipError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -242,7 +242,7 @@ def default_export_size(config: Any, model: nn.Module) -> int:
     """The resolution an export is made for: the run's full resolution (``eval.full_image_size``, else the last
     phase's size), which is also what ``reclip-ray eval`` uses; the base grid's size without a config."""
     if config is not None:
-        return int(config.eval.full_image_size or config.phases[-1].image_size)
+        return int(full_image_size(config))
     return int(getattr(model, "module", model).cfg.vision.base_image_size)
 
 

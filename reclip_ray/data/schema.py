@@ -141,7 +141,8 @@ def _binary_columns(schema) -> list[str]:
 def has_captions(files: Iterable[str], caption_column: str) -> bool:
     """Whether any shard has ``caption_column`` or a caption-like string column (``_caption_columns``). A set with
     neither is a class-only eval set (labels, no captions: zero-shot only), not one whose captions are misnamed."""
-    return any(caption_column in parquet_schema(f).names or _caption_columns(parquet_schema(f)) for f in files)
+    schemas = (parquet_schema(f) for f in files)
+    return any(caption_column in schema.names or _caption_columns(schema) for schema in schemas)
 
 
 def _caption_columns(schema) -> list[str]:

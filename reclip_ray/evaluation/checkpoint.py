@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from reclip_ray.config import full_text_length
+from reclip_ray.config import full_image_size, full_text_length
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
 from reclip_ray.evaluation.eval_set import eval_columns, read_classes
@@ -40,7 +40,7 @@ def evaluate_checkpoint(
         raise ReclipError(f"eval data not found: {data}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = _load(checkpoint, device, image_size)
-    size = image_size or cfg.eval.full_image_size or cfg.phases[-1].image_size
+    size = image_size or full_image_size(cfg)
     text_length = full_text_length(cfg)
     patch = cfg.model.vision.patch_size
     if size % patch:

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from reclip_ray.config import load_config
+from reclip_ray.config import full_image_size, load_config
 from reclip_ray.errors import ReclipError
 from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.train.launch import run_training
@@ -38,6 +38,6 @@ def train_from_cli(config: str | None, overrides: list[str], as_json: bool = Fal
               file=sys.stderr)
     else:
         print(summary_table(metrics, wall_s=wall_s, run_dir=metrics["run_dir"], mlflow_run_id=metrics["mlflow_run_id"],
-                            tracking_uri=uri, full_size=cfg.eval.full_image_size or cfg.phases[-1].image_size,
+                            tracking_uri=uri, full_size=full_image_size(cfg),
                             report_png=png), flush=True)
     return 0

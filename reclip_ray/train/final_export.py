@@ -11,9 +11,8 @@ import torch
 
 from reclip_ray import storage, tracking
 from reclip_ray.config import Config
-from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.train.checkpoint import TrainState
-from reclip_ray.train.phase_eval import full_view_of
+from reclip_ray.train.phase_eval import eval_report
 
 
 def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str, tracking_uri: str, run_id: str,
@@ -23,16 +22,15 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
     The model folder is replaced whole (storage.upload_dir: a rename locally; on an object store the old objects
     are removed and each file is one PUT). eval.json goes last: the launcher reads it as the run's final metrics.
     It holds the last phase's evaluation of this model, or, where that failed or did not run (``eval_error``), why:
-    never ``state.eval`` then, which is the previous phase's model's evaluation (at full resolution too).
+    never ``state.eval`` then, which is the previous phase's model's evaluation (at full resolution too). The same
+    as the final report's evaluation (``eval_report``).
     """
     from reclip_ray.export import export_model
-    from reclip_ray.schedule import Schedule
 
     with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
         local = os.path.join(tmp, "model")
         export_model(model, tokenizer, cfg, local)
-        final_eval = ({EVAL_ERROR: eval_error} if eval_error is not None
-                      else {**state.eval, **full_view_of(cfg, Schedule.from_config(cfg), state.eval)})
+        final_eval = eval_report(0, cfg, state.eval, eval_error)
         eval_file = os.path.join(tmp, "eval.json")
         with open(eval_file, "w") as f:
             f.write(json.dumps(final_eval, indent=2, sort_keys=True))

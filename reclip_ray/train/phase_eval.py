@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from reclip_ray.config import Config, full_text_length
-from reclip_ray.run_names import full_view
+from reclip_ray.config import Config, full_image_size, full_text_length
+from reclip_ray.run_names import EVAL_ERROR, full_view
 
 
 def skip_reason(cfg: Config, at_phase_end: bool) -> str | None:
@@ -21,15 +21,15 @@ def skip_reason(cfg: Config, at_phase_end: bool) -> str | None:
     return None
 
 
-def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, schedule: Any, device: torch.device,
-                    rank: int = 0, world: int = 1, own: bool = True) -> dict[str, float]:
+def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, device: torch.device,
+                   rank: int = 0, world: int = 1, own: bool = True) -> dict[str, float]:
     """Zero-shot + retrieval at full resolution and (``own``) at the phase's resolution, if different. With
     ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics."""
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.evaluation.dataset import evaluate_dataset
     from reclip_ray.evaluation.eval_set import eval_columns
 
-    full_size = cfg.eval.full_image_size or schedule.phases[-1].image_size
+    full_size = full_image_size(cfg)
     # At the full image size the full text length wins: a phase at that size with shorter texts (a sweep trial
     # without its finetune) is scored on the run's task, under the one name eval/<size>px.
     sizes = {plan.image_size: plan.text_length} if own and plan.image_size != full_size else {}
@@ -52,7 +52,7 @@ def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: An
     return out
 
 
-def eval_report(rank: int, cfg: Config, schedule: Any, metrics: dict[str, float], error: str | None) -> dict[str, Any]:
+def eval_report(rank: int, cfg: Config, metrics: dict[str, float], error: str | None) -> dict[str, Any]:
     """The evaluation part of a report that may reach Tune (a compute milestone, a phase end, the final report).
 
     The metrics, with the full-resolution ones again under ``eval/full/...`` (one name for a sweep's metric whatever
@@ -63,13 +63,13 @@ def eval_report(rank: int, cfg: Config, schedule: Any, metrics: dict[str, float]
     if rank != 0:
         return {}
     if error is not None:
-        return {"eval_error": error}
-    return {**metrics, **full_view_of(cfg, schedule, metrics)}
+        return {EVAL_ERROR: error}
+    return {**metrics, **full_view_of(cfg, metrics)}
 
 
-def full_view_of(cfg: Config, schedule: Any, eval_metrics: dict[str, float]) -> dict[str, float]:
-    """``run_names.full_view`` at this run's full resolution (``eval.full_image_size``, else the last phase's)."""
-    return full_view(cfg.eval.full_image_size or schedule.phases[-1].image_size, eval_metrics)
+def full_view_of(cfg: Config, eval_metrics: dict[str, float]) -> dict[str, float]:
+    """``run_names.full_view`` at this run's full resolution (``config.full_image_size``)."""
+    return full_view(full_image_size(cfg), eval_metrics)
 
 
 def eval_line(metrics: dict[str, float]) -> str:

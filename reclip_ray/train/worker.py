@@ -72,7 +72,6 @@ class Worker:
         torch.manual_seed(self.cfg.train.seed + 1000 * self.state.restarts + self.rank)
         self.ddp_model = self._wrap_ddp()
         self._announce()
-        self.final_loss = float("nan") if self.state.loss is None else self.state.loss  # the restored last step's
         self.fault_marker = fault_marker(self.run_dir)
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (images())
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
@@ -173,6 +172,11 @@ class Worker:
                     if self.restored_from else "starting fresh"))
 
     # ------------------------------------------------------------------------------------------ the loop
+    @property
+    def final_loss(self) -> float:
+        """The last step's loss, the restored checkpoint's before this attempt's first step (nan on a fresh start)."""
+        return float("nan") if self.state.loss is None else self.state.loss
+
     def finished(self, plan: Any) -> bool:
         """Whether the run finished ``plan`` before this start."""
         return self.state.phase > plan.index or (self.state.phase == plan.index and self.state.phase_done)
@@ -235,7 +239,7 @@ class Worker:
         state.gflops += gflops_per_sample * sum(sizes)
         window.steps += 1
         window.samples += sum(sizes)
-        self.final_loss = state.loss = last["loss"]
+        state.loss = last["loss"]
         return sizes, batch, last, lr
 
     def end_phase(self, plan: Any) -> None:
@@ -259,13 +263,13 @@ class Worker:
         metrics, error = self._evaluate_phase_end(plan)
         self.eval_error = error
         # For Ray Tune (sweeps): the evaluation (or why there is none) and the phases finished so far.
-        self.report({"loss": self.final_loss, **eval_report(self.rank, self.cfg, self.schedule, metrics, error),
+        self.report({"loss": self.final_loss, **eval_report(self.rank, self.cfg, metrics, error),
                      "eval_round": plan.index + 1, "eval_rounds_planned": len(self.schedule.phases)}, save=False)
 
     def final_report(self) -> None:
         """The run's last report: the final model's evaluation (the last phase end's), or why there is none."""
         n = len(self.schedule.phases)
-        evaluation = eval_report(self.rank, self.cfg, self.schedule, self.state.eval, self.eval_error)
+        evaluation = eval_report(self.rank, self.cfg, self.state.eval, self.eval_error)
         self.report({"done": 1, "loss": self.final_loss, **evaluation, "eval_round": n, "eval_rounds_planned": n},
                     save=False)
 
@@ -349,7 +353,7 @@ class Worker:
                                             tag=f"reclip.eval_error.gflops_{crossed[-1]:.0f}")
         if self.rank == 0 and metrics:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=self.state.step)
-        self.report({"loss": last["loss"], **eval_report(self.rank, self.cfg, self.schedule, metrics, error),
+        self.report({"loss": last["loss"], **eval_report(self.rank, self.cfg, metrics, error),
                      "compute_milestone": crossed[-1],
                      "compute_round": sorted(self.cfg.eval.at_gflops).index(crossed[-1]) + 1,
                      "eval_round": plan.index, "eval_rounds_planned": len(self.schedule.phases)}, save=False)
@@ -378,7 +382,7 @@ class Worker:
         """Every rank evaluates its share of the rows (evaluate.py): (metrics, None), or ({}, the error). A failed
         evaluation is a warning and a tag on rank 0: a broken eval set must not throw the phase's training away."""
         try:
-            return evaluate_phase(self.cfg, self.model, self.tokenizer, plan, self.schedule, self.device, self.rank,
+            return evaluate_phase(self.cfg, self.model, self.tokenizer, plan, self.device, self.rank,
                                   self.world, own=own), None
         except Exception as exc:  # noqa: BLE001 - every rank got the same error (evaluate_dataset raises it on all)
             error = f"{what} failed: {type(exc).__name__}: {exc}"
