@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from reclip_ray.config import Config
-from reclip_ray.tracking_relay import (ARTIFACT_TIMEOUT_S, active, direct_write, read_files, relayed, start_relay,
-                                      through_relay)
+from reclip_ray.tracking_relay import (ARTIFACT_TIMEOUT_S, FLUSH_AT_END_S, active, direct_write, flush_writes,
+                                      read_files, relayed, start_relay, through_relay)
 
 # MLflow caps a param value at 6000 characters and a batch at 1000 metrics / 100 params.
 _MAX_PARAM_LEN = 6000
@@ -176,6 +176,8 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Logged now, after this worker's queued writes (a model's bytes wait their own, longer time)."""
+    flush_writes(FLUSH_AT_END_S)
     if active():  # the files are on this node: send their bytes to the driver's node
         files = read_files(Path(local_dir))
         payload = (log_artifacts, (tracking_uri, run_id, None, artifact_path), files, False, {})
@@ -185,6 +187,7 @@ def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifac
 
 
 def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+    flush_writes(FLUSH_AT_END_S)
     if active():
         payload = (log_artifact, (tracking_uri, run_id, None, artifact_path), read_files(Path(local_file)), True, {})
         through_relay("log_artifact", "call_with_files", payload, write=True, timeout_s=ARTIFACT_TIMEOUT_S)

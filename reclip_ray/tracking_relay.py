@@ -12,6 +12,11 @@ A relay call waits at most ``RELAY_TIMEOUT_S`` and is tried ``RELAY_ATTEMPTS`` t
 warning in the worker's log, never a failed training step (a read, which decides what a restart logs, raises). A
 worker that writes to a server directly (``use_relay(None, worker=True)``) has the same rule, with MLflow's own
 HTTP retries bounded (``bound_mlflow_requests``).
+A training worker never waits for its writes either: they are made in the order asked, by one thread of its own
+(``_Writer``), so a slow or hung store costs rank 0's loop nothing, and with it every rank that would wait for rank 0
+at the next collective. The worker waits for them, for a bounded time, only where they must have landed: before it
+reports a checkpoint (a restart from it then logs no gap: it re-logs only the steps after the last one MLflow has),
+before a read, before an artifact and at the run's end (``flush_writes``).
 Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
 taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
 row, which MLflow's SQL store keeps once.
@@ -25,8 +30,10 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +52,13 @@ _WORKER = False  # a training worker (use_relay(..., worker=True)): a write that
 # hangs holds rank 0, and every rank at its next collective, about 6 minutes per write, inside the default
 # train.collective_timeout_s (600 s); with MLflow's retries it was about 20 minutes, past it: the group restarted.
 WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+# A worker's writes waiting for its writer thread: hours of log windows (one write each) while MLflow is down; past
+# this the newest are dropped, with a warning, rather than grow the worker's memory for as long as it stays down.
+MAX_PENDING_WRITES = 1_000
+FLUSH_BEFORE_REPORT_S = 30.0  # at a checkpoint: a store that is only slow catches up, a hung one costs 30 s
+FLUSH_BEFORE_READ_S = 30.0
+FLUSH_AT_END_S = 120.0  # the run's last writes (its final evaluation); the artifacts after them wait their own time
+_WRITER: "_Writer | None" = None  # a worker's write thread (use_relay(..., worker=True))
 
 
 def use_relay(relay: Any, *, worker: bool = False) -> None:
@@ -54,10 +68,68 @@ def use_relay(relay: Any, *, worker: bool = False) -> None:
     written directly): MLflow down must not fail a training step, which restarts the whole worker group from its
     last checkpoint, and again at each write for as long as the server stays down, until ``run.max_failures`` ends
     the run. A driver's calls (the run's start and end) raise: without its MLflow run it cannot start or resume."""
-    global _RELAY, _WORKER
+    global _RELAY, _WORKER, _WRITER
+    flush_writes(FLUSH_AT_END_S)  # the writes asked for so far go the way they were asked
     _RELAY, _WORKER = relay, worker
+    if worker and _WRITER is None:
+        _WRITER = _Writer(MAX_PENDING_WRITES)
     if worker and relay is None:
         bound_mlflow_requests()
+
+
+def flush_writes(timeout_s: float) -> bool:
+    """Wait, at most ``timeout_s``, until this worker's writes asked for so far are made (or failed, as warnings);
+    True when they are. Without a write thread (not a worker) there is nothing to wait for."""
+    return True if _WRITER is None else _WRITER.flush(timeout_s)
+
+
+def pending_writes() -> int:
+    """This worker's writes not made yet (0 outside a worker)."""
+    return 0 if _WRITER is None else _WRITER.pending
+
+
+class _Writer:
+    """One thread that makes a worker's MLflow writes in the order they were asked for (module docstring). Each
+    write is a call that already turns its own failure into a warning (``direct_write``, ``through_relay``); the
+    thread only keeps them in order and off the training loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0  # asked for and not yet made
+        self.dropped = 0
+        self._calls: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, what: str, call: Callable[[], Any]) -> None:
+        with self._changed:
+            if self.pending >= self.limit:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    print(f"[reclip] WARNING: MLflow is {self.pending} writes behind; {what} dropped "
+                          f"({self.dropped} so far); training goes on without them", file=sys.stderr, flush=True)
+                return
+            self.pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="reclip-mlflow-writes", daemon=True)
+                self._thread.start()
+        self._calls.put(call)
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - the calls warn themselves; anything else must not stop the thread
+                _warn("MLflow write", exc)
+            finally:
+                with self._changed:
+                    self.pending -= 1
+                    self._changed.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.pending == 0, timeout=timeout_s)
 
 
 def bound_mlflow_requests() -> None:
@@ -91,16 +163,27 @@ def active() -> bool:
 
 
 def relayed(write: bool) -> Callable[[Callable], Callable]:
-    """Run the function in the relay when this process has one (``use_relay``), through ``through_relay``.
+    """Run the function in the relay when this process has one (``use_relay``), through ``through_relay``; in a
+    training worker a write is queued for its write thread and returns None at once, and a read waits for the
+    writes asked before it.
 
     The function must be a module-level name (the relay receives the wrapped function by reference)."""
 
     def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def now(args: tuple, kwargs: dict) -> Any:
             if _RELAY is None:
                 return direct_write(fn.__name__, lambda: fn(*args, **kwargs)) if write else fn(*args, **kwargs)
             return through_relay(fn.__name__, "call", (call, args, kwargs), write=write, timeout_s=RELAY_TIMEOUT_S)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _WRITER is not None and _WORKER:
+                if write:  # the caller may change its dicts once this returns: the write takes copies
+                    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                    _WRITER.submit(fn.__name__, lambda: now(args, dict(kwargs)))
+                    return None
+                flush_writes(FLUSH_BEFORE_READ_S)
+            return now(args, kwargs)
 
         return call
 

@@ -190,6 +190,7 @@ class Trial:
         # The worker declares itself one to tracking_relay (use_relay): undone with the test, as its environment is
         monkeypatch.setattr(tracking_relay, "_WORKER", False)
         monkeypatch.setattr(tracking_relay, "_RELAY", None)
+        monkeypatch.setattr(tracking_relay, "_WRITER", None)  # and its write thread
         for key in tracking_relay.WORKER_HTTP_DEFAULTS:
             monkeypatch.delenv(key, raising=False)
         threads = torch.get_num_threads()  # the worker sets its CPU threads (scaling.cpus_per_worker)

@@ -205,6 +205,7 @@ def test_a_workers_writes_to_an_mlflow_server_that_is_down_or_hangs_are_warnings
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(tracking_relay, "_WORKER", False)  # undone after the test, as use_relay below is
     monkeypatch.setattr(tracking_relay, "_RELAY", None)
+    monkeypatch.setattr(tracking_relay, "_WRITER", None)
     tracking_relay.use_relay(None, worker=True)  # as Worker._connect does without a relay
     assert {k: os.environ[k] for k in tracking_relay.WORKER_HTTP_DEFAULTS} == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own settings win (and keep this quick)
@@ -227,8 +228,9 @@ def test_a_workers_writes_to_an_mlflow_server_that_is_down_or_hangs_are_warnings
             t0 = time.monotonic()
             assert tracking.log_metrics(uri, run_id, {"loss": 1.0}, step=1) is None
             assert tracking.set_tags(uri, run_id, {"reclip.x": "y"}) is None
-            assert tracking.log_artifact(uri, run_id, artifact) is None
-            assert time.monotonic() - t0 < 20, uri
+            assert time.monotonic() - t0 < 0.5, uri  # queued for the worker's write thread: no wait at all
+            assert tracking.log_artifact(uri, run_id, artifact) is None  # after those two, then itself
+            assert time.monotonic() - t0 < 20 and tracking_relay.pending_writes() == 0, uri
             with pytest.raises(Exception):
                 tracking.latest_metric(uri, run_id, "loss")
         warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
@@ -242,3 +244,71 @@ def test_a_workers_writes_to_an_mlflow_server_that_is_down_or_hangs_are_warnings
     finally:
         hangs.close()
         tracking_relay.use_relay(None)
+
+
+def test_a_workers_writes_never_wait_for_mlflow_and_land_in_order_before_its_reads_checkpoints_and_end(
+        monkeypatch, tmp_path, capsys):
+    """A worker's writes are queued for its own write thread (tracking_relay): while the relay hangs, rank 0's loop
+    goes on at once (a slow store held every rank at the next collective, about 6 minutes per write on a hung
+    server). They land in the order asked, before a read returns and before a checkpoint is reported (a restart
+    from it re-logs only the steps after the last one MLflow has: a write still queued then would be a gap); past
+    MAX_PENDING_WRITES the newest are dropped with a warning, not kept in memory while MLflow stays down."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from reclip_ray.train import worker as worker_module
+
+    uri, run_id, handle, _ = _relay_world(monkeypatch, tmp_path)
+    answer = threading.Event()  # the relay hangs until set: a call runs only then
+
+    class Hung:
+        def __getattr__(self, method):
+            return SimpleNamespace(remote=lambda *args: lambda: getattr(handle.relay, method)(*args))
+
+    def wait(ref, timeout_s):
+        assert answer.wait(timeout=10)
+        return ref()
+
+    monkeypatch.setattr(tracking_relay, "_wait", wait)
+    monkeypatch.setattr(tracking_relay, "_WORKER", False)
+    monkeypatch.setattr(tracking_relay, "_WRITER", None)
+    monkeypatch.setattr(tracking_relay, "MAX_PENDING_WRITES", 5)
+    try:
+        tracking_relay.use_relay(Hung(), worker=True)  # as Worker._connect does
+        t0 = time.monotonic()
+        for step in range(1, 8):
+            assert tracking.log_metrics(uri, run_id, {"loss": 10.0 - step}, step=step) is None
+        assert time.monotonic() - t0 < 0.5  # nothing waited for the relay
+        assert tracking_relay.pending_writes() == 5 and not tracking_relay.flush_writes(0.2)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+        assert warnings == ["[reclip] WARNING: MLflow is 5 writes behind; _log_metric_rows dropped (1 so far); "
+                            "training goes on without them"], warnings
+
+        # A checkpoint waits for the queue (a bounded wait; a hung store costs it FLUSH_BEFORE_REPORT_S and a
+        # warning), then reports: with the store back, every step asked before it is in MLflow by then.
+        monkeypatch.setattr(worker_module, "FLUSH_BEFORE_REPORT_S", 0.2)
+        reported: list[int] = []
+        monkeypatch.setattr(ray.train, "report", lambda metrics, **_: reported.append(
+            len(_points(uri, run_id, "loss"))))
+        said: list[str] = []
+        rank0 = SimpleNamespace(rank=0, state=SimpleNamespace(samples=8, step=7, phase=0, gflops=1.0,
+                                                              mlflow_run_id=run_id), world=1, say=said.append)
+        worker_module.Worker.report(rank0, {"loss": 3.0}, save=False)
+        assert said == ["WARNING: 5 MLflow write(s) still pending after 0.2 s at step 7 (MLflow slow or down); "
+                        "training goes on"] and reported == [0]
+        tracking.log_metrics(uri, run_id, {"loss": 0.5}, step=9)  # dropped: the queue is still full
+        threading.Timer(0.3, answer.set).start()
+        monkeypatch.setattr(worker_module, "FLUSH_BEFORE_REPORT_S", 30.0)
+        worker_module.Worker.report(rank0, {"loss": 3.0}, save=False)
+        assert reported == [0, 5] and len(said) == 1
+
+        tracking.log_metrics(uri, run_id, {"loss": 0.1}, step=10)
+        assert tracking.last_logged_step(uri, run_id) == 10  # a read sees the writes asked before it
+    finally:
+        answer.set()
+        tracking_relay.use_relay(None)  # a driver again: the rest of the queue goes first
+    assert _points(uri, run_id, "loss") == [(s, 10.0 - s) for s in range(1, 6)] + [(10, 0.1)]  # in order, once each
+    assert tracking_relay.pending_writes() == 0 and handle.relay.calls == 7  # 6 writes and the read

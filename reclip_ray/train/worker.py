@@ -19,7 +19,7 @@ import torch
 from reclip_ray import tracking
 from reclip_ray.config import from_dict
 from reclip_ray.errors import ReclipError
-from reclip_ray.tracking_relay import use_relay
+from reclip_ray.tracking_relay import FLUSH_AT_END_S, FLUSH_BEFORE_REPORT_S, flush_writes, pending_writes, use_relay
 from reclip_ray.train.batch_split import step_split
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
@@ -55,6 +55,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     except ReclipError as exc:
         write_fatal(loop_config["run_dir"], exc)
         raise
+    finally:  # rank 0's writes made so far (its last warnings, on an error), at most this long
+        flush_writes(FLUSH_AT_END_S)
 
 
 class Worker:
@@ -400,9 +402,15 @@ class Worker:
             self.board.event.remote(line)
 
     def report(self, metrics: dict[str, Any], save: bool) -> None:
-        """Barrier on every rank; rank 0 attaches the checkpoint. Same call count on every rank by construction."""
+        """Barrier on every rank; rank 0 attaches the checkpoint. Same call count on every rank by construction.
+
+        Rank 0's MLflow writes so far land first (a bounded wait, ``tracking_relay``): an attempt restarted from
+        this checkpoint re-logs only the steps after the last one MLflow has, so every step before it must be there."""
         import ray.train
 
+        if self.rank == 0 and not flush_writes(FLUSH_BEFORE_REPORT_S):
+            self.say(f"WARNING: {pending_writes()} MLflow write(s) still pending after {FLUSH_BEFORE_REPORT_S:g} s at "
+                     f"step {self.state.step} (MLflow slow or down); training goes on")
         state = self.state
         metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase,
                    "workers": self.world, "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
