@@ -57,7 +57,8 @@ WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 MAX_PENDING_WRITES = 1_000
 FLUSH_BEFORE_REPORT_S = 30.0  # at a checkpoint: a store that is only slow catches up, a hung one costs 30 s
 FLUSH_BEFORE_READ_S = 30.0
-FLUSH_AT_END_S = 120.0  # the run's last writes (its final evaluation); the artifacts after them wait their own time
+FLUSH_AT_END_S = 120.0  # before an artifact (the model, at the run's end), which then waits its own time
+FLUSH_ON_EXIT_S = 10.0  # a worker's loop ending, on an error too (after the final report the queue is empty)
 _WRITER: "_Writer | None" = None  # a worker's write thread (use_relay(..., worker=True))
 
 

@@ -19,7 +19,7 @@ import torch
 from reclip_ray import tracking
 from reclip_ray.config import from_dict
 from reclip_ray.errors import ReclipError
-from reclip_ray.tracking_relay import FLUSH_AT_END_S, FLUSH_BEFORE_REPORT_S, flush_writes, pending_writes, use_relay
+from reclip_ray.tracking_relay import FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_writes, pending_writes, use_relay
 from reclip_ray.train.batch_split import step_split
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
@@ -55,8 +55,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     except ReclipError as exc:
         write_fatal(loop_config["run_dir"], exc)
         raise
-    finally:  # rank 0's writes made so far (its last warnings, on an error), at most this long
-        flush_writes(FLUSH_AT_END_S)
+    finally:  # on an error, rank 0's last writes (its warnings, the error's tags) before Ray Train restarts the group
+        flush_writes(FLUSH_ON_EXIT_S)
 
 
 class Worker:
