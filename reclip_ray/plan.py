@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from reclip_ray.config import Config, load_config
+from reclip_ray.config import Config, full_image_size, full_text_length, load_config
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, phase_global_batch, phase_train_flops_per_sample,
                               train_flops_per_sample)
@@ -213,14 +213,15 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
 
 
 def full_resolution(cfg: Config) -> dict[str, Any]:
-    """The baseline RECLIP is measured against: every sample at the last phase's image size, text length, batch,
-    with every patch (plain CLIP: the saving of a schedule with patch dropout includes dropout's)."""
-    last = cfg.phases[-1]
-    per_sample = train_flops_per_sample(cfg.model, last.image_size, last.text_length, phase_global_batch(cfg, -1))
+    """The baseline RECLIP is measured against: every sample at the full image size and text length (the final
+    model's, ``config.full_image_size``: a sweep trial without its finetune keeps the finetune's), at the last
+    phase's batch, with every patch (plain CLIP: the saving of a schedule with patch dropout includes dropout's)."""
+    size, length = full_image_size(cfg), full_text_length(cfg)
+    per_sample = train_flops_per_sample(cfg.model, size, length, phase_global_batch(cfg, -1))
     return {
-        "image_size": last.image_size,
-        "image_tokens": image_tokens(cfg.model.vision, last.image_size),
-        "text_length": last.text_length,
+        "image_size": size,
+        "image_tokens": image_tokens(cfg.model.vision, size),
+        "text_length": length,
         "samples": cfg.train.samples,
         "train_gflops_per_sample": per_sample / 1e9,
         "train_gflops": per_sample * cfg.train.samples / 1e9,
@@ -230,7 +231,7 @@ def full_resolution(cfg: Config) -> dict[str, Any]:
 def image_tower_saving(cfg: Config) -> float:
     """Full-resolution image-tower FLOPs over the schedule's; the 3x training factor cancels in the ratio."""
     vision, embed = cfg.model.vision, cfg.model.embed_dim
-    full = image_forward_flops(vision, cfg.phases[-1].image_size, embed) * cfg.train.samples
+    full = image_forward_flops(vision, full_image_size(cfg), embed) * cfg.train.samples
     spent = sum(image_forward_flops(vision, ph.image_size, embed, ph.patch_dropout) * n
                 for ph, n in zip(cfg.phases, cfg.phase_samples()))
     return full / spent

@@ -90,6 +90,22 @@ def test_saving_is_full_over_total(preset):
     assert plan.saving_total > 1 and plan.saving_image_tower > 1
 
 
+def test_a_sweep_trial_without_its_finetune_is_planned_against_the_full_runs_baseline():
+    """A trial with finetune_fraction 0 trains only the 32 px / 16-token phase but is scored at the full run's 64 px
+    and 32 tokens (``eval.full_image_size`` / ``full_text_length``): its baseline is that full resolution, the same
+    as the full run's at the same samples, not its own phase (which gave a saving of exactly 1)."""
+    from reclip_ray.config import apply_overrides, from_dict, load_raw
+    from reclip_ray.sweep import trial_raw
+
+    alone = from_dict(trial_raw(load_raw("tiny"), {"finetune_fraction": 0.0}, {"samples": 1000}))
+    full = from_dict(apply_overrides(load_raw("tiny"), [f"train.samples={alone.train.samples}"]))
+    assert [p.image_size for p in alone.phases] == [32]
+    planned, reference = make_plan(alone), make_plan(full)
+    assert planned.full_resolution == reference.full_resolution
+    assert (planned.full_resolution["image_size"], planned.full_resolution["text_length"]) == (64, 32)
+    assert planned.saving_total > 3 and planned.saving_image_tower > 3  # every sample at 32 px / 16 tokens
+
+
 def test_wall_time_8_h100_at_mfu_04():
     plan = make_plan(load_config("vit-b-16"), gpus=8, gpu="h100", mfu=0.4)
     for p in plan.phases:
