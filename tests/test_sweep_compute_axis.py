@@ -22,6 +22,7 @@ GFLOPs stops the wrong trial.
 
 from __future__ import annotations
 
+import glob
 import math
 import shutil
 import tempfile
@@ -117,11 +118,12 @@ class Trial:
 
     def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
                  fail: set = frozenset(), slope: float | None = None, run_dir: str | None = None,
-                 restore: str | None = None) -> None:
+                 restore: str | None = None, in_mlflow: dict | None = None) -> None:
         """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names. ``run_dir``: the run
         folder, where the export is real (the model and eval.json; MLflow's copies are stand-ins) and each reported
         checkpoint is kept (``checkpoints``); without it, a temporary folder and a stand-in export. ``restore``: a
-        checkpoint folder this attempt resumes from (a restart)."""
+        checkpoint folder this attempt resumes from (a restart). ``in_mlflow``: what MLflow's ``latest_metric``
+        answers, by key (else None); the metrics the worker logs are kept in ``logged``, as (step, metrics)."""
         import ray
         import ray.train
         import ray.train.torch
@@ -133,6 +135,7 @@ class Trial:
 
         self.name, self.reports, self.spent, self.asked, self.exported = name, [], [], [], 0
         self.checkpoints: list[str] = []
+        self.logged: list[tuple[int, dict]] = []
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
         cfg.data.eval = eval_set
@@ -158,7 +161,8 @@ class Trial:
             self.reports.append(metrics)
             self.spent.append(trained())
             if checkpoint is not None and run_dir is not None:  # Ray Train keeps what the worker reports
-                self.checkpoints.append(shutil.copytree(checkpoint.path, f"{run_dir}/kept/{len(self.checkpoints)}"))
+                kept = f"{run_dir}/kept"  # shared with the run's later attempts
+                self.checkpoints.append(shutil.copytree(checkpoint.path, f"{kept}/{len(glob.glob(f'{kept}/*'))}"))
 
         class Watched(worker.Worker):
             """The worker, unchanged; the stubbed evaluation reads its run state to name each evaluation."""
@@ -174,9 +178,10 @@ class Trial:
                             lambda: restore and ray.train.Checkpoint.from_directory(restore))
         monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
         monkeypatch.setattr(ray.train, "report", report)
-        for call, result in {"log_metrics": None, "set_tags": None, "latest_metric": None,
-                             "last_logged_step": -1}.items():
+        for call, result in {"set_tags": None, "last_logged_step": -1}.items():
             monkeypatch.setattr(tracking, call, lambda *a, _result=result, **k: _result)
+        monkeypatch.setattr(tracking, "latest_metric", lambda uri, run, key: (in_mlflow or {}).get(key))
+        monkeypatch.setattr(tracking, "log_metrics", lambda uri, run, metrics, step: self.logged.append((step, metrics)))
         monkeypatch.setattr(worker, "open_feed", lambda cfg, plan, *a: _Feed(plan.index, served))
         monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the feed's position at checkpoints
         monkeypatch.setattr(worker, "train_step", lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0})
@@ -356,6 +361,34 @@ def test_an_attempt_restarted_at_the_runs_last_checkpoint_evaluates_the_final_mo
         exported = final_eval(run_dir)
         assert exported["eval/full/shape/top1"] == final["eval/full/shape/top1"]  # this attempt's evaluation
         assert {k for k in exported if k.startswith("eval/")} == {k for k in final if k.startswith("eval/")}
+
+
+@pytest.mark.parametrize("evaluated", [False, True])
+def test_an_attempt_restored_at_an_earlier_phases_end_evaluates_it_again_unless_mlflow_says_it_was(
+        space, monkeypatch, tmp_path, evaluated):
+    """A phase's end checkpoint is written before its evaluation. The attempt before died in that evaluation (its
+    eval/32px and eval/64px points, the phase's report to Tune and its console line lost), or after it, early in
+    the next phase: MLflow's ``phases_evaluated`` tells which. The restored attempt evaluates the phase again only in
+    the first case (in the second the points are in MLflow: a second evaluation would log them twice), then trains
+    the next phase."""
+    from reclip_ray.train.checkpoint import read_state
+    from reclip_ray.train.worker import PHASES_EVALUATED
+
+    cfg = _configs(space)["reclip"]
+    run_dir = str(tmp_path / "run")
+    first = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir)
+    marks = [(step, m[PHASES_EVALUATED]) for step, m in first.logged if PHASES_EVALUATED in m]
+    lowres_end = next(c for c in first.checkpoints if (read_state(c).phase, read_state(c).phase_done) == (0, True))
+    ends = [r for r in first.reports if "eval_round" in r and "compute_milestone" not in r][:2]
+    assert marks == [(ends[0]["step"], 1), (ends[1]["step"], 2)]  # each phase end, once its evaluation has ended
+
+    again = Trial("reclip", cfg, [], monkeypatch, run_dir=run_dir, restore=lowres_end,
+                  in_mlflow={PHASES_EVALUATED: 1.0} if evaluated else {})
+    lowres = [("lowres", 32, 16), ("lowres", 64, 32)]
+    assert again.asked == ([] if evaluated else lowres) + [("finetune", 64, 32)]
+    rounds = [r["eval_round"] for r in again.reports if "eval_round" in r]
+    assert rounds == ([2, 2] if evaluated else [1, 2, 2])  # the phase's report to Tune, then the finetune's and final
+    assert again.spent[-1] == pytest.approx(first.spent[-1] - first.spent[first.reports.index(ends[0])], rel=1e-9)
 
 
 def test_a_trial_whose_rung_evaluation_failed_is_not_compared_there_and_does_not_shift_the_cutoff(space, monkeypatch):

@@ -32,10 +32,14 @@ from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
 from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled, train_step
 
 
+PHASES_EVALUATED = "phases_evaluated"  # MLflow: the phases whose end evaluation has ended, logged at each phase end
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Restore, then run each phase not finished yet, then export. Every rank takes the same steps. An attempt that
-    restored the run's last checkpoint, which is written before the final evaluation (the attempt before died in
-    that evaluation or in the export), evaluates the final model again: the export carries its evaluation.
+    """Restore, then run each phase not finished yet, then export. Every rank takes the same steps. A phase's end
+    checkpoint is written before its evaluation, so an attempt restored from it evaluates the phase again where the
+    attempt before did not finish that evaluation (``evaluation_lost``); at the run's last checkpoint always: the
+    export carries this attempt's evaluation of the final model.
 
     A data, config or checkpoint error is deterministic: retrying it would fail again at the same place after
     another restore. It is written to ``FATAL_FILE`` in the run folder, where the next worker-group start (the
@@ -47,7 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not worker.finished(plan):
                 worker.run_phase(plan)
                 worker.end_phase(plan)
-            elif plan is worker.schedule.phases[-1]:
+            elif worker.evaluation_lost(plan):
                 worker.evaluate_end(plan)
         if worker.rank == 0:
             worker.export()
@@ -260,10 +264,28 @@ class Worker:
         self.report({"loss": self.final_loss}, save=True)
         self.evaluate_end(plan)
 
+    def evaluation_lost(self, plan: Any) -> bool:
+        """Whether this attempt, restored from ``plan``'s end checkpoint, must evaluate ``plan`` again: always for the
+        last phase (the export needs this attempt's evaluation); for an earlier one when MLflow's ``phases_evaluated``
+        (logged as each phase-end evaluation ends, however it ended) says the attempt before did not get that far.
+        Every rank follows rank 0's reading."""
+        if self.state.phase != plan.index:  # a later checkpoint: this phase end was behind the attempt before
+            return False
+        if plan is self.schedule.phases[-1]:
+            return True
+        lost = 0
+        if self.rank == 0:
+            done = tracking.latest_metric(self.tracking_uri, self.run_id, PHASES_EVALUATED)
+            lost = int(done is None or done < plan.index + 1)
+        return sum_over_ranks([lost], self.world, self.device)[0] > 0
+
     def evaluate_end(self, plan: Any) -> None:
         """The phase-end evaluation of the model as the phase's end checkpoint holds it, and its report."""
         metrics, error = self._evaluate_phase_end(plan)
         self.eval_error = error
+        if self.rank == 0:  # before the report, which waits for rank 0's writes: a restart reads it (evaluation_lost)
+            tracking.log_metrics(self.tracking_uri, self.run_id, {PHASES_EVALUATED: plan.index + 1},
+                                 step=self.state.step)
         # For Ray Tune (sweeps): the evaluation (or why there is none) and the phases finished so far.
         self.report({"loss": self.final_loss, **eval_report(self.rank, self.cfg, metrics, error),
                      "eval_round": plan.index + 1, "eval_rounds_planned": len(self.schedule.phases)}, save=False)
