@@ -48,9 +48,9 @@ _RELAY_REMEMBERS = 10_000  # call ids the relay keeps (hours of log windows)
 _RELAY: Any = None  # set in a worker process by use_relay(); None: call MLflow directly
 _WORKER = False  # a training worker (use_relay(..., worker=True)): a write that fails is a warning, not an error
 # A worker's HTTP requests to an MLflow server, unless the user set them: 3 tries (MLflow's default is 8, with backoff
-# up to 120 s). Each waits up to MLflow's 120 s for a reply (the model artifact's upload needs it), so a server that
-# hangs holds rank 0, and every rank at its next collective, about 6 minutes per write, inside the default
-# train.collective_timeout_s (600 s); with MLflow's retries it was about 20 minutes, past it: the group restarted.
+# up to 120 s). Each waits up to MLflow's 120 s for a reply (the model artifact's upload needs it), so a write to a
+# server that hangs takes about 6 minutes (by arithmetic), in the write thread: the writes queued behind it wait, the
+# training loop does not; with MLflow's own retries 3 writes to a server that was down took over 9 minutes (measured).
 WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 # A worker's writes waiting for its writer thread: hours of log windows (one write each) while MLflow is down; past
 # this the newest are dropped, with a warning, rather than grow the worker's memory for as long as it stays down.
