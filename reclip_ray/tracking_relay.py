@@ -15,8 +15,8 @@ HTTP retries bounded (``bound_mlflow_requests``).
 A training worker never waits for its writes either: they are made in the order asked, by one thread of its own
 (``_Writer``), so a slow or hung store costs rank 0's loop nothing, and with it every rank that would wait for rank 0
 at the next collective. The worker waits for them, for a bounded time, only where they must have landed: before it
-reports a checkpoint (a restart from it then logs no gap: it re-logs only the steps after the last one MLflow has),
-before a read, before an artifact and at the run's end (``flush_writes``).
+reports a checkpoint (a restart from it then logs no gap: it re-logs only the steps after the last one MLflow has;
+``flush_before_checkpoint``), before a read, before an artifact and at the run's end (``flush_writes``).
 Retries cannot write a point twice: every call carries an id that the relay runs once, and a metric's timestamp is
 taken by the caller, so even a call Ray re-runs on a restarted relay writes the same (key, value, timestamp, step)
 row, which MLflow's SQL store keeps once.
@@ -55,7 +55,9 @@ WORKER_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 # A worker's writes waiting for its writer thread: hours of log windows (one write each) while MLflow is down; past
 # this the newest are dropped, with a warning, rather than grow the worker's memory for as long as it stays down.
 MAX_PENDING_WRITES = 1_000
-FLUSH_BEFORE_REPORT_S = 30.0  # at a checkpoint: a store that is only slow catches up, a hung one costs 30 s
+# At a checkpoint: a store that is only slow catches up; a hung one costs 30 s once, not at every checkpoint while it
+# stays hung (flush_before_checkpoint).
+FLUSH_BEFORE_REPORT_S = 30.0
 FLUSH_BEFORE_READ_S = 30.0
 FLUSH_AT_END_S = 120.0  # before an artifact (the model, at the run's end), which then waits its own time
 FLUSH_ON_EXIT_S = 10.0  # a worker's loop ending, on an error too (after the final report the queue is empty)
@@ -84,6 +86,14 @@ def flush_writes(timeout_s: float) -> bool:
     return True if _WRITER is None else _WRITER.flush(timeout_s)
 
 
+def flush_before_checkpoint(timeout_s: float, at: str) -> str | None:
+    """Wait, at most ``timeout_s``, for this worker's writes before a checkpoint is reported (``at``: where, for the
+    warning); None when they are made, else a warning. A wait that timed out is not made again until MLflow has made
+    one of the queued writes: a server that hangs holds its write for minutes (``WORKER_HTTP_DEFAULTS``), and every
+    checkpoint would pay ``timeout_s`` for nothing."""
+    return None if _WRITER is None else _WRITER.flush_before_checkpoint(timeout_s, at)
+
+
 def pending_writes() -> int:
     """This worker's writes not made yet (0 outside a worker)."""
     return 0 if _WRITER is None else _WRITER.pending
@@ -97,7 +107,9 @@ class _Writer:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.pending = 0  # asked for and not yet made
+        self.made = 0  # made (or failed, as warnings) so far
         self.dropped = 0
+        self._stalled: tuple[int, str, float] | None = None  # (made, where, seconds): a checkpoint's wait timed out
         self._calls: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -126,11 +138,25 @@ class _Writer:
             finally:
                 with self._changed:
                     self.pending -= 1
+                    self.made += 1
                     self._changed.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self.pending == 0, timeout=timeout_s)
+
+    def flush_before_checkpoint(self, timeout_s: float, at: str) -> str | None:
+        with self._changed:
+            if self.pending and self._stalled is not None and self._stalled[0] == self.made:
+                _, since, waited = self._stalled
+                return (f"{self.pending} MLflow write(s) still pending {at}, none made since the {waited:g} s wait "
+                        f"{since}: not waiting again until MLflow answers (down or hung?); training goes on")
+            if self._changed.wait_for(lambda: self.pending == 0, timeout=timeout_s):
+                self._stalled = None
+                return None
+            self._stalled = (self.made, at, timeout_s)
+            return (f"{self.pending} MLflow write(s) still pending after {timeout_s:g} s {at} (MLflow slow or down); "
+                    "training goes on")
 
 
 def bound_mlflow_requests() -> None:

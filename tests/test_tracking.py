@@ -288,25 +288,35 @@ def test_a_workers_writes_never_wait_for_mlflow_and_land_in_order_before_its_rea
                             "training goes on without them"], warnings
 
         # A checkpoint waits for the queue (a bounded wait; a hung store costs it FLUSH_BEFORE_REPORT_S and a
-        # warning), then reports: with the store back, every step asked before it is in MLflow by then.
+        # warning), then reports. The next checkpoint does not wait again while MLflow has made none of the writes
+        # (a hung server holds one for minutes: every checkpoint would pay the wait for nothing); once it has, the
+        # checkpoints wait again, and every step asked before one is in MLflow when it is reported.
         monkeypatch.setattr(worker_module, "FLUSH_BEFORE_REPORT_S", 0.2)
         reported: list[int] = []
         monkeypatch.setattr(ray.train, "report", lambda metrics, **_: reported.append(
             len(_points(uri, run_id, "loss"))))
         said: list[str] = []
-        rank0 = SimpleNamespace(rank=0, state=SimpleNamespace(samples=8, step=7, phase=0, gflops=1.0,
-                                                              mlflow_run_id=run_id), world=1, say=said.append)
+        state = SimpleNamespace(samples=8, step=7, phase=0, gflops=1.0, mlflow_run_id=run_id)
+        rank0 = SimpleNamespace(rank=0, state=state, world=1, say=said.append)
         worker_module.Worker.report(rank0, {"loss": 3.0}, save=False)
         assert said == ["WARNING: 5 MLflow write(s) still pending after 0.2 s at step 7 (MLflow slow or down); "
                         "training goes on"] and reported == [0]
         tracking.log_metrics(uri, run_id, {"loss": 0.5}, step=9)  # dropped: the queue is still full
-        threading.Timer(0.3, answer.set).start()
         monkeypatch.setattr(worker_module, "FLUSH_BEFORE_REPORT_S", 30.0)
+        state.step = 9
+        t0 = time.monotonic()
         worker_module.Worker.report(rank0, {"loss": 3.0}, save=False)
-        assert reported == [0, 5] and len(said) == 1
-
+        assert time.monotonic() - t0 < 5 and reported == [0, 0]  # still hung: no second wait
+        assert said[1:] == ["WARNING: 5 MLflow write(s) still pending at step 9, none made since the 0.2 s wait at "
+                            "step 7: not waiting again until MLflow answers (down or hung?); training goes on"]
+        answer.set()
+        assert tracking_relay.flush_writes(10)
         tracking.log_metrics(uri, run_id, {"loss": 0.1}, step=10)
+        worker_module.Worker.report(rank0, {"loss": 3.0}, save=False)  # MLflow answers again: it waits
+        assert reported == [0, 0, 6] and len(said) == 2
+
         assert tracking.last_logged_step(uri, run_id) == 10  # a read sees the writes asked before it
+
     finally:
         answer.set()
         tracking_relay.use_relay(None)  # a driver again: the rest of the queue goes first

@@ -19,7 +19,8 @@ import torch
 from reclip_ray import tracking
 from reclip_ray.config import from_dict
 from reclip_ray.errors import ReclipError
-from reclip_ray.tracking_relay import FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_writes, pending_writes, use_relay
+from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
+                                      use_relay)
 from reclip_ray.train.batch_split import step_split
 from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
@@ -430,9 +431,8 @@ class Worker:
         this checkpoint re-logs only the steps after the last one MLflow has, so every step before it must be there."""
         import ray.train
 
-        if self.rank == 0 and not flush_writes(FLUSH_BEFORE_REPORT_S):
-            self.say(f"WARNING: {pending_writes()} MLflow write(s) still pending after {FLUSH_BEFORE_REPORT_S:g} s at "
-                     f"step {self.state.step} (MLflow slow or down); training goes on")
+        if self.rank == 0 and (late := flush_before_checkpoint(FLUSH_BEFORE_REPORT_S, f"at step {self.state.step}")):
+            self.say(f"WARNING: {late}")
         state = self.state
         metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase,
                    "workers": self.world, "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
