@@ -139,3 +139,25 @@ def milestones_crossed(milestones: Sequence[float], before: float, after: float)
     crosses one, so every trial is compared within one step of the same compute.
     """
     return [m for m in milestones if before < m <= after]
+
+
+# ---------------------------------------------------------------------------------------------------- parameters
+
+
+def _block_params(width: int, mlp_ratio: float) -> int:
+    """One pre-norm transformer block: qkv and output projections, the MLP (all with biases), two LayerNorms."""
+    hidden = int(width * mlp_ratio)
+    return (3 * width * width + 3 * width) + (width * width + width) + 2 * width * hidden + hidden + width + 4 * width
+
+
+def model_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """The model's parameter count, exactly as ``model.build_model`` builds it (tested against torch): what a
+    checkpoint's size follows from without building the model (``reclip-ray plan`` runs without torch)."""
+    v, t = model.vision, model.text
+    patches = (v.base_image_size // v.patch_size) ** 2
+    vision = (3 * v.patch_size ** 2 * v.width  # patch embedding (a conv; no bias under ln_pre, as timm and CLIP)
+              + v.width + (patches + 1) * v.width  # class token, position embeddings at base_image_size
+              + 2 * v.width + v.depth * _block_params(v.width, v.mlp_ratio) + 2 * v.width)  # ln_pre, blocks, norm
+    text = vocab_size * t.width + t.context_length * t.width + t.depth * _block_params(t.width, t.mlp_ratio) + 2 * t.width
+    heads = (v.width + t.width) * model.embed_dim + 1 + (model.init_logit_bias is not None)  # projections, scale, bias
+    return vision + text + heads

@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 from reclip_ray.config import Config, full_image_size, full_text_length, load_config
 from reclip_ray.errors import ReclipError
-from reclip_ray.flops import (image_forward_flops, image_tokens, phase_global_batch, phase_train_flops_per_sample,
-                              train_flops_per_sample)
+from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
+                              phase_train_flops_per_sample, train_flops_per_sample)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,13 @@ DEFAULT_GPU = "h100"
 FLOPS_CONVENTION = ("reclip_ray.flops: multiply-add = 2 FLOPs; matmuls, patch conv, attention, the global batch's "
                     "B x B logits; training = 3x forward")
 DEFAULT_MFU = 0.4
+# A checkpoint's bytes per parameter: fp32 weights and AdamW's two fp32 moments (``train.checkpoint.save_checkpoint``;
+# the RNG states and the pickle's framing add ~0.6% for the tiny preset, less for larger models).
+CHECKPOINT_BYTES_PER_PARAM = 12
+# Mid-phase checkpoints closer than this get a note: rank 0 writes and uploads each one inside ``ray.train.report``
+# while every other rank waits for it at the next step's collectives.
+CHECKPOINT_NOTE_S = 300.0
+CHECKPOINT_SUGGEST_S = 600.0  # the interval the note suggests an ``every_samples`` for
 
 
 @dataclass
@@ -78,6 +85,8 @@ class PhaseCost:
     decode_rate_per_core: Optional[float] = None
     decode_rate_px: Optional[int] = None
     decode_cores_per_gpu: Optional[float] = None
+    checkpoints: int = 0  # written in the phase: at checkpoint.every_samples, and its end's
+    checkpoint_every_s: Optional[float] = None  # with hardware, the mid-phase checkpoints' interval (None: none)
 
 
 @dataclass
@@ -107,6 +116,9 @@ class Plan:
     full_resolution: dict[str, Any]
     saving_total: float
     saving_image_tower: float
+    parameters: int = 0
+    checkpoint_bytes: int = 0  # one checkpoint's state.pt, about (CHECKPOINT_BYTES_PER_PARAM)
+    checkpoint_every_samples: int = 0  # 0: only at phase ends
     hardware: Optional[Hardware] = None
     wall_s: Optional[float] = None
     gpu_hours: Optional[float] = None
@@ -196,20 +208,36 @@ def decode_rate_at(rates: dict[int, float], size: int) -> tuple[float, int]:
 
 
 def phase_costs(cfg: Config) -> list[PhaseCost]:
-    """Per-phase training FLOPs from ``reclip_ray.flops`` (the same count ``run_flops`` and the trainer use)."""
+    """Per-phase training FLOPs from ``reclip_ray.flops`` (the same count ``run_flops`` and the trainer use), and
+    the checkpoints each phase writes."""
+    from reclip_ray.schedule import Schedule
+
     out = []
+    plans = Schedule.from_config(cfg).phases
     for i, (ph, samples) in enumerate(zip(cfg.phases, cfg.phase_samples())):
         per_sample = phase_train_flops_per_sample(cfg, i)
         out.append(PhaseCost(
             name=ph.name, samples=samples, image_size=ph.image_size,
             image_tokens=image_tokens(cfg.model.vision, ph.image_size, ph.patch_dropout), text_length=ph.text_length,
             train_gflops_per_sample=per_sample / 1e9, train_gflops=per_sample * samples / 1e9,
-            patch_dropout=ph.patch_dropout,
+            patch_dropout=ph.patch_dropout, checkpoints=phase_checkpoints(plans[i], cfg.checkpoint.every_samples),
         ))
     total = sum(p.train_gflops for p in out)
     for p in out:
         p.share = p.train_gflops / total
     return out
+
+
+def phase_checkpoints(plan: Any, every: int) -> int:
+    """Checkpoints the trainer writes in a phase (a ``schedule.PhasePlan``): one at each step that takes the sample
+    count past a multiple of ``every`` (``Worker.run_phase``; 0: none), unless that step ends the phase, plus the
+    phase end's. Every step but the last ends at ``start + k * batch``; a step crosses at most one multiple when
+    ``every >= batch``, and at least one otherwise."""
+    if not every:
+        return 1
+    last_mid = plan.start_sample + (plan.steps - 1) * plan.batch_size  # where the phase's last step starts
+    crossed = plan.steps - 1 if every < plan.batch_size else last_mid // every - plan.start_sample // every
+    return crossed + 1
 
 
 def full_resolution(cfg: Config) -> dict[str, Any]:
@@ -258,11 +286,33 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
         elif p.decode_rate_px < p.image_size:
             plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
                               f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
+        if plan.checkpoint_every_samples and p.checkpoints > 1:
+            p.checkpoint_every_s = plan.checkpoint_every_samples / (p.samples_per_s_per_gpu * hw.gpus)
+            if p.checkpoint_every_s < CHECKPOINT_NOTE_S:
+                suggest = _round2(p.samples_per_s_per_gpu * hw.gpus * CHECKPOINT_SUGGEST_S)
+                fix = (f"checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
+                       f"on {hw.gpus} GPUs" if suggest < p.samples else
+                       f"the phase is shorter than {_duration(CHECKPOINT_SUGGEST_S)}: checkpoint.every_samples=0 "
+                       "checkpoints at phase ends only")
+                plan.notes.append(
+                    f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
+                    f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
+                    f"ranks wait; {fix}")
     plan.wall_s = sum(p.wall_s for p in plan.phases)
     plan.gpu_hours = plan.wall_s * hw.gpus / 3600
     full = plan.full_resolution
     full["wall_s"] = wall_seconds(full["train_gflops"], hw.gpus, hw.peak_tflops, hw.mfu)
     full["gpu_hours"] = full["wall_s"] * hw.gpus / 3600
+
+
+def _round2(x: float) -> int:
+    """``x`` to two significant digits: a config value a person would write."""
+    digits = max(0, len(str(int(x))) - 2)
+    return int(round(x, -digits)) if digits else int(round(x))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _hardware(gpus: int, gpu: str, mfu: float, decode_rates: str | None) -> Hardware:
@@ -298,6 +348,13 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
         phases=phases, total_train_gflops=total, full_resolution=full,
         saving_total=full["train_gflops"] / total, saving_image_tower=image_tower_saving(cfg), notes=notes,
     )
+    # The vocabulary the model is built with: its tokenizer's; a tokenizer trained at launch has data.vocab_size
+    plan.parameters = model_parameters(cfg.model, cfg.model.text.vocab_size or cfg.data.vocab_size)
+    plan.checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * plan.parameters
+    plan.checkpoint_every_samples = cfg.checkpoint.every_samples
+    if cfg.data.tokenizer and not cfg.model.text.vocab_size:
+        notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
+                     f"{cfg.data.tokenizer}'s own vocabulary")
     if gpus is not None:
         plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)
         _price_phases(plan, plan.hardware)
@@ -328,7 +385,8 @@ def _duration(seconds: float) -> str:
 
 _FLOPS_HEAD = f"{'phase':<10} {'samples':>14} {'px':>5} {'img tokens':>10} {'text len':>8} " \
               f"{'GFLOP/sample':>12} {'phase GFLOP':>12} {'share':>6}"
-_HW_HEAD = f"{'phase':<10} {'wall':>9} {'samples/s/GPU':>14} {'decode img/s/core (px)':>23} {'decode cores/GPU':>16}"
+_HW_HEAD = (f"{'phase':<10} {'wall':>9} {'samples/s/GPU':>14} {'decode img/s/core (px)':>23} {'decode cores/GPU':>16} "
+            f"{'checkpoint every':>16}")
 
 
 def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_sample: float, gflops: float,
@@ -340,8 +398,9 @@ def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_s
 
 def _hw_row(p: PhaseCost) -> str:
     rate = f"{p.decode_rate_per_core:,.0f} ({p.decode_rate_px})"
+    every = "phase end" if p.checkpoint_every_s is None else _duration(p.checkpoint_every_s)
     return (f"{p.name:<10} {_duration(p.wall_s or 0):>9} {p.samples_per_s_per_gpu:>14,.0f} {rate:>23} "
-            f"{p.decode_cores_per_gpu:>16.1f}")
+            f"{p.decode_cores_per_gpu:>16.1f} {every:>16}")
 
 
 def format_plan(plan: Plan) -> str:
@@ -357,12 +416,22 @@ def format_plan(plan: Plan) -> str:
                             full["train_gflops_per_sample"], full["train_gflops"], None))
     lines += ["", f"RECLIP saving vs full resolution: {plan.saving_total:.2f}x total, "
                   f"{plan.saving_image_tower:.2f}x image tower"]
+    lines += [_checkpoint_line(plan)]
     if plan.hardware is not None:
         lines += _format_hardware(plan, plan.hardware)
     else:
         lines += ["", "add --gpus N [--gpu h100|a100|h200] [--mfu 0.4] for wall time and decode cores per GPU"]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _checkpoint_line(plan: Plan) -> str:
+    when = (f"every {plan.checkpoint_every_samples:,} samples and at each phase end"
+            if plan.checkpoint_every_samples else "at each phase end")
+    counts = ", ".join(f"{p.checkpoints} in {p.name}" for p in plan.phases)
+    total = sum(p.checkpoints for p in plan.phases) * plan.checkpoint_bytes
+    return (f"checkpoints: {_gb(plan.checkpoint_bytes)} each ({plan.parameters:,} parameters: fp32 weights and "
+            f"AdamW's two moments), {when}: {counts} ({_gb(total)} written)")
 
 
 def _format_hardware(plan: Plan, hw: Hardware) -> list[str]:

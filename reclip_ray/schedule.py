@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from reclip_ray.config import Config, OptimConfig, resolve_count
+
+if TYPE_CHECKING:  # the plan (``reclip-ray plan``, no torch) reads the schedule; only the optimizer needs torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW without weight decay on norms, biases, embeddings and logit_scale (CLIP / open_clip practice)."""
+    import torch
+
     model = getattr(model, "module", model)  # DDP-wrapped or not: the same parameter names
     return torch.optim.AdamW(
         param_groups(model, optim_cfg.weight_decay),

@@ -15,7 +15,8 @@ from reclip_ray.cli import main
 from reclip_ray.config import from_dict, load_config
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import phase_global_batch, run_flops, train_flops_per_sample
-from reclip_ray.plan import DEFAULT_DECODE_RATES, decode_rate_at, format_plan, load_decode_rates, make_plan
+from reclip_ray.plan import (DEFAULT_DECODE_RATES, _duration, decode_rate_at, format_plan, load_decode_rates, make_plan,
+                             phase_checkpoints)
 
 H100_PEAK = 989e12  # dense BF16, FLOP/s
 
@@ -178,8 +179,10 @@ def test_json_has_the_numbers_of_the_table(capsys):
         assert float(flops_row[6]) == pytest.approx(p["train_gflops"], rel=1e-4)
         assert float(flops_row[7].rstrip("%")) / 100 == pytest.approx(p["share"], abs=5e-4)
         assert float(hw_row[3].replace(",", "")) == pytest.approx(p["samples_per_s_per_gpu"], abs=0.5)
-        assert float(hw_row[-1]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
-        assert hw_row[-2] == f"({p['decode_rate_px']})"
+        assert float(hw_row[-3]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
+        assert hw_row[-4] == f"({p['decode_rate_px']})"
+        every = p["checkpoint_every_s"]  # the last column: "49 s", "6.6 min" or "phase end"
+        assert " ".join(hw_row[-2:]) == ("phase end" if every is None else _duration(every))
     total = next(line for line in lines if line.startswith("total ") and "e+" in line).split()
     assert float(total[2]) == pytest.approx(data["total_train_gflops"], rel=1e-4)
     saving = re.search(r"saving vs full resolution: ([\d.]+)x total, ([\d.]+)x image tower", table)
@@ -248,3 +251,98 @@ def test_the_peak_of_the_gpu_torch_names(device, peak):
 
     found = device_gpu_peak(device)
     assert (found.tflops if found else None) == peak
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", []), ("vit-b-16", []), ("tiny", ["train.loss=siglip", "model.vision.pool=avg", "model.vision.depth=3"])])
+def test_the_parameter_count_is_the_built_models(preset, overrides):
+    """The plan counts parameters without torch; the model torch builds from the same config has exactly as many
+    (timm's ViT with ln_pre has no patch-embedding bias; siglip adds the logit bias)."""
+    from reclip_ray.flops import model_parameters
+    from reclip_ray.model import build_model
+
+    cfg = load_config(preset, overrides)
+    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, eot_id=1, pad_id=0)
+    assert model_parameters(cfg.model, cfg.data.vocab_size) == sum(p.numel() for p in model.parameters())
+    assert make_plan(cfg).parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_a_checkpoints_bytes_are_what_the_trainer_writes(tmp_path):
+    """The plan's bytes per checkpoint against a real one: the tiny model's state.pt after an AdamW step (its two
+    moments exist only after a step), within 1%."""
+    import torch
+
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.checkpoint import STATE_FILE, TrainState, save_checkpoint
+
+    cfg = load_config("tiny")
+    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, eot_id=1, pad_id=0)
+    optimizer = build_optimizer(model, cfg.optim)
+    sum(p.float().pow(2).sum() for p in model.parameters()).backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, model, optimizer, TrainState(), "name: tiny\n")
+    written = (tmp_path / STATE_FILE).stat().st_size
+    assert make_plan(cfg).checkpoint_bytes == pytest.approx(written, rel=0.01), written
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["optimizer"]["state"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # tiny: every 16,000 samples, batch 128
+    ["checkpoint.every_samples=0"],
+    ["checkpoint.every_samples=100", "train.batch_size=128"],  # every step crosses one
+    ["checkpoint.every_samples=128"],  # a multiple at each step's end
+    ["checkpoint.every_samples=1000", "train.samples=10050"],  # the phases start off a multiple; a short last step
+    ["checkpoint.every_samples=1000", "train.samples=10010", "scaling.max_workers=16"],  # the remainder joins a step
+    ["checkpoint.every_samples=999999"],  # past the run
+])
+def test_the_checkpoints_per_phase_are_the_trainers(overrides):
+    """``phase_checkpoints`` against the trainer's own rule walked step by step: ``Worker.run_phase`` checkpoints
+    after a step that takes the count past a multiple of ``every_samples`` unless that step ends the phase
+    (``end_phase`` writes the phase end's), with each step's rows from ``PhasePlan.batch_at``."""
+    from reclip_ray.schedule import Schedule
+
+    cfg = load_config("tiny", overrides)
+    every = cfg.checkpoint.every_samples
+    plan = make_plan(cfg)
+    for phase, cost in zip(Schedule.from_config(cfg).phases, plan.phases):
+        walked, samples = 1, phase.start_sample  # the phase end's
+        while samples < phase.end_sample:
+            prev, samples = samples, samples + phase.batch_at(samples)
+            walked += bool(every and samples < phase.end_sample and samples // every > prev // every)
+        assert phase_checkpoints(phase, every) == cost.checkpoints == walked, (overrides, phase)
+
+
+def test_checkpoints_seconds_apart_get_a_note_with_an_interval_to_use(capsys):
+    """At 64 GPUs the old vit-b-16 preset (every 10M samples) checkpointed 1.8 GB every 4.9 s of its 64 px phase:
+    the plan says so and what to set; the preset's interval on its minimum 8 GPUs gets no note."""
+    cfg = load_config("vit-b-16", ["checkpoint.every_samples=10000000"])
+    plan = make_plan(cfg, gpus=64, gpu="h200")
+    lowres = plan.phases[0]
+    assert lowres.checkpoints == 38 and lowres.checkpoint_every_s == pytest.approx(
+        10_000_000 / (lowres.samples_per_s_per_gpu * 64))
+    assert plan.checkpoint_bytes == 12 * plan.parameters and 1.7e9 < plan.checkpoint_bytes < 1.9e9
+    (note,) = [n for n in plan.notes if n.startswith("phase 'lowres': a checkpoint every")]
+    assert "(38 in 3.1 min, 1.80 GB each)" in note and "phase is shorter than 10.0 min" in note, note
+    on_8 = make_plan(cfg, gpus=8, gpu="h200")  # its 64 px phase lasts 24.5 min: the note says what to set
+    (note,) = [n for n in on_8.notes if n.startswith("phase 'lowres': a checkpoint every")]
+    suggested = int(re.search(r"checkpoint.every_samples=(\d+) gives one about every 10.0 min on 8 GPUs", note)[1])
+    assert suggested / (on_8.phases[0].samples_per_s_per_gpu * 8) == pytest.approx(600, rel=0.05)
+    assert "a checkpoint every" not in " ".join(make_plan(load_config("vit-b-16"), gpus=8, gpu="h200").notes)
+    rc, out, _ = _run_cli(capsys, "plan", "--config", "vit-b-16")
+    assert rc == 0 and "checkpoints: 1.80 GB each (149,620,737 parameters" in out
+    assert "every 100,000,000 samples and at each phase end: 4 in lowres, 1 in finetune (8.98 GB written)" in out
+
+
+def test_the_readmes_plan_is_what_the_command_prints(capsys):
+    """README's example of `reclip-ray plan` is the command's output today, line for line."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = "$ reclip-ray plan --config vit-b-16 --gpus 64 --gpu h100\n"
+    shown = readme[readme.index(command) + len(command):].split("```")[0]
+    rc, out, _ = _run_cli(capsys, *command.split()[2:])
+    assert rc == 0 and shown == out, shown

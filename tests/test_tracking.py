@@ -47,6 +47,39 @@ def test_run_is_resumed_not_duplicated(tmp_path):
     assert len(c.search_runs([exp.experiment_id])) == 1
 
 
+def test_a_restarts_reads_take_the_runs_latest_points_not_a_metrics_history(tmp_path, monkeypatch):
+    """A restart reads the last step logged (``last_logged_step``) and a few latest values (``latest_metric``). They
+    come from the run's latest points (one row per key), not from the key's whole history, which a multi-day run makes
+    hundreds of thousands of points long (seconds to read, and past 60 s a read through the relay fails). Checked
+    against the history, with points logged out of step order, a step logged twice and a key never logged."""
+    import random
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    run_id = tracking.start_or_resume_run(uri, "exp", "r", None, load_config("tiny"))
+    rng, now = random.Random(0), int(time.time() * 1000)
+    points = {key: [Metric(key, rng.uniform(0, 5), now + rng.randrange(10_000), rng.randrange(1, 400))
+                    for _ in range(300)] for key in ("loss", "restarts")}
+    top = max(points["loss"], key=lambda m: m.step)
+    points["loss"].append(Metric("loss", 0.25, top.timestamp + 1, top.step))  # the same step again, logged later
+    tracking.client(uri).log_batch(run_id, metrics=[m for ms in points.values() for m in ms])
+
+    def reference(key):
+        history = tracking.client(uri).get_metric_history(run_id, key)
+        return max(history, key=lambda m: (m.step, m.timestamp), default=None)
+
+    expected = {key: reference(key) for key in ("loss", "restarts", "never")}
+    assert expected["loss"].value == 0.25 and expected["never"] is None
+    monkeypatch.setattr(MlflowClient, "get_metric_history", lambda *a, **k: pytest.fail("read a whole history"))
+    for key in ("loss", "restarts"):
+        assert tracking.last_logged_step(uri, run_id, key) == expected[key].step
+        assert tracking.latest_metric(uri, run_id, key) == expected[key].value
+    assert tracking.last_logged_step(uri, run_id, "never") == -1 and tracking.latest_metric(uri, run_id, "never") is None
+
+
 # ------------------------------------------------------------------------------------------------ relay retries
 
 
