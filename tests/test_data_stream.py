@@ -687,3 +687,26 @@ def test_position_json_is_compact_and_earlier_checkpoints_load():
                 {"done": [1, 2]}):
         with pytest.raises(CheckpointError, match="data position"):
             DataPosition.from_dict(bad)
+
+
+def test_a_groups_rounds_are_counted_without_listing_them(monkeypatch):
+    """The stream's build and ``items`` (at every worker-group start) ask every group for its unit count; listing
+    each round's rows to count them took 37 s per phase start at 140k shards of 9,200 rows (BENCHMARKS.md, "The
+    phase stream at 140,000 shards"). The count is the listing's length, for uneven shards and any chunk size, and
+    neither the build nor ``items`` (from a mid-stream frontier) lists a round."""
+    from reclip_ray.data import stream
+    from reclip_ray.data.shards import Shard
+
+    rng = np.random.default_rng(0)
+    shards = [Shard(f"s3://b/{i}.parquet", int(n), (int(n),)) for i, n in enumerate(rng.integers(0, 700, 300))]
+    listed = []
+    monkeypatch.setattr(stream, "rows_in_round", lambda *a: listed.append(a) or 0)
+    for chunk in (1, 7, 64, 1000):
+        phase = PhaseStream(shards, seed=1, passes=2, group_shards=16, chunk_rows=chunk)
+        frontier = phase.total_units // 2
+        assert phase.items(frontier=frontier) and not listed
+        monkeypatch.undo()
+        for g in phase.groups:
+            assert g.num_units == len(stream.unit_sizes(g.rows, chunk)), (chunk, g.rows)
+        assert phase.total_units == sum(len(stream.unit_sizes(g.rows, chunk)) for g in phase.groups)
+        monkeypatch.setattr(stream, "rows_in_round", lambda *a: listed.append(a) or 0)

@@ -49,7 +49,9 @@ class Group:
 
     @property
     def num_units(self) -> int:
-        return len(self.unit_sizes())
+        """The group's rounds: its longest shard's chunks. Counted, not listed: the stream's build and every
+        worker-group start ask it of every group (140k shards of 9,200 rows listed 1.3 M rounds per pass in 37 s)."""
+        return math.ceil(max(self.rows, default=0) / self.chunk_rows)
 
     def unit_sizes(self) -> list[int]:
         return unit_sizes(self.rows, self.chunk_rows)
