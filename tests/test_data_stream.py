@@ -262,7 +262,7 @@ def test_restart_from_merged_position_trains_every_row_exactly_once(tmp_path, sy
         return [int(q) for b in bl for q, ok in zip(b["_pos"], b["_ok"]) if ok == OK]
 
     trained_pos = [int(q) for b in before for q in b["_pos"]]
-    buffered = {int(q) for f in feeds for q in f._pool["_pos"][f._head:]}
+    buffered = {int(q) for f in feeds for q in f._pool["_pos"][f._order[f._head:]]}
     unconsumed = set(buffered)
     unpulled = [b for it in its for b in it]
     unconsumed |= set(good_pos(unpulled))
@@ -710,3 +710,54 @@ def test_a_groups_rounds_are_counted_without_listing_them(monkeypatch):
             assert g.num_units == len(stream.unit_sizes(g.rows, chunk)), (chunk, g.rows)
         assert phase.total_units == sum(len(stream.unit_sizes(g.rows, chunk)) for g in phase.groups)
         monkeypatch.setattr(stream, "rows_in_round", lambda *a: listed.append(a) or 0)
+
+
+def test_a_refill_holds_the_window_twice_at_most_and_serves_the_same_rows_in_the_same_order():
+    """A refill keeps the rows not served yet, adds the incoming ones and serves them in a fresh seeded order. It
+    used to build the merged window and then a permuted copy of it while the old window and the incoming blocks were
+    still held: 4x the window (3.1 GB per worker at 224 px). Now it holds at most the incoming rows and the new
+    window (2x), each batch is a copy of its rows (it keeps no window alive), and the rows come in the order the
+    window shuffle always served them (the reference below: merge, permute, serve in turn)."""
+    import tracemalloc
+
+    size, block_rows, buffer, batch = 32, 64, 1280, 96
+
+    def blocks():
+        for u in range(60):
+            pos = np.arange(u * block_rows, (u + 1) * block_rows)
+            yield {"image": np.broadcast_to((pos % 251).astype(np.uint8)[:, None, None, None],
+                                            (block_rows, size, size, 3)).copy(),
+                   "tokens": pos[:, None].repeat(8, 1), "_pos": pos, "_unit": np.full(block_rows, u),
+                   "_unit_rows": np.full(block_rows, block_rows), "_unit_absent": np.zeros(block_rows, np.int64),
+                   "_ok": np.full(block_rows, OK, np.int8), "_bad": np.full(block_rows, "", object)}
+
+    def reference():
+        rng, pool, head, it = np.random.default_rng([3, 7]), np.zeros(0, np.int64), 0, blocks()
+        while True:
+            while len(pool) - head < batch:
+                incoming = []
+                while sum(map(len, incoming)) < buffer and (b := next(it, None)) is not None:
+                    incoming.append(b["_pos"])
+                if not incoming:
+                    return
+                merged = np.concatenate([pool[head:], *incoming])
+                pool, head = merged[rng.permutation(len(merged))], 0
+            yield pool[head:head + batch]
+            head += batch
+
+    feed = PhaseFeed(blocks(), buffer_rows=buffer, seed=3)
+    window = buffer * size * size * 3
+    tracemalloc.start()
+    try:
+        served = []
+        while (out := feed.take(batch)) is not None:
+            served.append(out["_pos"])
+            assert (out["image"][:, 0, 0, 0] == out["_pos"] % 251).all() and (out["tokens"][:, 0] == out["_pos"]).all()
+            assert not np.shares_memory(out["image"], feed._pool["image"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = list(reference())
+    assert len(served) == len(expected) == 60 * block_rows // batch
+    assert all((a == b).all() for a, b in zip(served, expected))
+    assert peak < 2.5 * window, peak / window  # incoming + the new window (+ rows left, tokens, a batch, a block)

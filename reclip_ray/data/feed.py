@@ -33,7 +33,8 @@ last checkpoint (about its rows / ``data.decode_batch_size``), the positions a f
 (the earlier exchange, every position trained since the last checkpoint: 16 bytes each, 160 MB per 10M samples).
 
 Memory: the buffer holds ``buffer_rows + batch`` decoded images, ``buffer_rows x size^2 x 3`` bytes: 5,120 rows
-are 63 MB at 64 px and 770 MB at 224 px per worker (host memory).
+are 63 MB at 64 px and 770 MB at 224 px per worker (host memory); a refill holds the incoming rows and the new
+window at once, about 2x that (measured in ``test_data_stream.py``, the refill test).
 
 Plain numpy, no Ray: the unit tests drive it with hand-made blocks.
 """
@@ -174,7 +175,8 @@ class PhaseFeed:
         self._blocks = blocks
         self._buffer_rows = max(0, int(buffer_rows))
         self._rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7])
-        self._pool: dict[str, np.ndarray] = {}
+        self._pool: dict[str, np.ndarray] = {}  # the window's rows as they arrived
+        self._order = _ints()  # the order they are served in (a permutation of the pool)
         self._head = 0
         self._exhausted = False
         position = position or DataPosition()
@@ -219,7 +221,8 @@ class PhaseFeed:
         while self.available < n:
             if not self._refill():
                 return None
-        out = {k: v[self._head : self._head + n] for k, v in self._pool.items()}
+        rows = self._order[self._head : self._head + n]
+        out = {k: v[rows] for k, v in self._pool.items()}  # a copy of n rows: no batch holds the window alive
         self._head += n
         self._record(out["_pos"], out["_unit"])
         return out
@@ -240,10 +243,15 @@ class PhaseFeed:
                 rows += len(good["_pos"])
         if not incoming:
             return False
-        parts = ([{k: v[self._head :] for k, v in self._pool.items()}] if self.available else []) + incoming
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[-1]}
-        order = self._rng.permutation(len(merged["_pos"]))
-        self._pool = {k: v[order] for k, v in merged.items()}
+        # The rows not served yet, then the window's old rows are let go before the new window is built: at most
+        # the incoming rows and the new window are held at once (2x the buffer; permuting the merged window as well
+        # held 4x, 3.1 GB per worker at 224 px), and the window is copied once, not twice.
+        left = self._order[self._head :]
+        parts = ([{k: v[left] for k, v in self._pool.items()}] if len(left) else []) + incoming
+        self._pool, incoming = {}, []
+        self._pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[-1]}
+        del parts
+        self._order = self._rng.permutation(len(self._pool["_pos"]))
         self._head = 0
         return True
 
