@@ -89,6 +89,44 @@ def test_distributed_loss_matches_single_process(tmp_path, sizes):
             torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=f"{mode} {name}")
 
 
+def _collectives_worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from reclip_ray import loss as loss_module
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+
+    def recording(name):
+        real = getattr(dist, name)
+
+        def call(tensor, *args, **kwargs):
+            calls.append((name, tuple(tensor.shape)))
+            return real(tensor, *args, **kwargs)
+        return call
+
+    g = torch.Generator().manual_seed(rank)
+    img = torch.nn.functional.normalize(torch.randn(sizes[rank], 16, generator=g), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(sizes[rank], 16, generator=g), dim=-1).requires_grad_()
+    loss = contrastive_loss(img, txt, torch.tensor(2.0), local_loss=True, local_batch_sizes=sizes)
+    for name in ("all_reduce", "reduce_scatter_tensor", "all_gather"):
+        setattr(loss_module.dist, name, recording(name))
+    loss.backward()
+    if rank == 0:
+        torch.save(calls, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_gathers_backward_sends_each_rank_its_rows_only(tmp_path):
+    """The backward of the gather with gradients is one reduce-scatter per tower, each rank receiving its own
+    (padded) rows: no all-reduce of the whole B x D gradients, which moved twice the bytes (loss.py, cost at scale).
+    The gradients it gives are checked against one process in ``test_distributed_loss_matches_single_process``."""
+    sizes, out = [3, 5], str(tmp_path / "calls.pt")
+    mp.spawn(_collectives_worker, args=(2, sizes, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert torch.load(out) == [("reduce_scatter_tensor", (5, 16))] * 2
+
+
 def test_single_process_loss_matches_formula():
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
