@@ -65,6 +65,8 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 # while every other rank waits for it at the next step's collectives.
 CHECKPOINT_NOTE_S = 300.0
 CHECKPOINT_SUGGEST_S = 600.0  # the interval the note suggests an ``every_samples`` for
+# ... and checkpoints further apart than this get one too: a failure redoes everything since the last one.
+CHECKPOINT_GAP_NOTE_S = 1800.0
 
 
 @dataclass
@@ -274,7 +276,8 @@ def wall_seconds(train_gflops: float, gpus: int, peak_tflops: float, mfu: float)
 
 
 def _price_phases(plan: Plan, hw: Hardware) -> None:
-    """Fill each phase's wall time, the samples/s per GPU it implies, and the decode cores that rate needs."""
+    """Fill each phase's wall time, the samples/s per GPU it implies, the decode cores that rate needs, and how far
+    apart its checkpoints fall (a note when they are minutes apart or under a few)."""
     for p in plan.phases:
         p.wall_s = wall_seconds(p.train_gflops, hw.gpus, hw.peak_tflops, hw.mfu)
         p.samples_per_s_per_gpu = p.samples / p.wall_s / hw.gpus
@@ -286,18 +289,24 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
         elif p.decode_rate_px < p.image_size:
             plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
                               f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
+        suggest = _round2(p.samples_per_s_per_gpu * hw.gpus * CHECKPOINT_SUGGEST_S)
         if plan.checkpoint_every_samples and p.checkpoints > 1:
             p.checkpoint_every_s = plan.checkpoint_every_samples / (p.samples_per_s_per_gpu * hw.gpus)
-            if p.checkpoint_every_s < CHECKPOINT_NOTE_S:
-                suggest = _round2(p.samples_per_s_per_gpu * hw.gpus * CHECKPOINT_SUGGEST_S)
-                fix = (f"checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
-                       f"on {hw.gpus} GPUs" if suggest < p.samples else
-                       f"the phase is shorter than {_duration(CHECKPOINT_SUGGEST_S)}: checkpoint.every_samples=0 "
-                       "checkpoints at phase ends only")
-                plan.notes.append(
-                    f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
-                    f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
-                    f"ranks wait; {fix}")
+        gap = p.checkpoint_every_s or p.wall_s
+        if gap > CHECKPOINT_GAP_NOTE_S:
+            plan.notes.append(
+                f"phase '{p.name}': {_duration(gap)} between checkpoints on {hw.gpus} GPUs: a failure redoes up to "
+                f"that; checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
+                "here (it applies to every phase)")
+        if p.checkpoint_every_s is not None and p.checkpoint_every_s < CHECKPOINT_NOTE_S:
+            fix = (f"checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
+                   f"on {hw.gpus} GPUs" if suggest < p.samples else
+                   f"the phase is shorter than {_duration(CHECKPOINT_SUGGEST_S)}: checkpoint.every_samples=0 "
+                   "checkpoints at phase ends only")
+            plan.notes.append(
+                f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
+                f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
+                f"ranks wait; {fix}")
     plan.wall_s = sum(p.wall_s for p in plan.phases)
     plan.gpu_hours = plan.wall_s * hw.gpus / 3600
     full = plan.full_resolution

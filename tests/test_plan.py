@@ -346,3 +346,16 @@ def test_the_readmes_plan_is_what_the_command_prints(capsys):
     shown = readme[readme.index(command) + len(command):].split("```")[0]
     rc, out, _ = _run_cli(capsys, *command.split()[2:])
     assert rc == 0 and shown == out, shown
+
+
+def test_a_phase_that_runs_long_between_checkpoints_gets_a_note():
+    """vit-l-16 on its minimum 16 GPUs: the 224 px finetune (100M samples, under one 200M interval) runs 101.6 min
+    with only its end's checkpoint; the 64 px phase's 20.7 min apart gets no note, nor does either phase on 128."""
+    on_16 = make_plan(load_config("vit-l-16"), gpus=16, gpu="h200")
+    finetune = on_16.phases[1]
+    assert finetune.checkpoints == 1 and finetune.checkpoint_every_s is None and finetune.wall_s > 1800
+    (note,) = [n for n in on_16.notes if "between checkpoints" in n]
+    assert note.startswith(f"phase 'finetune': {_duration(finetune.wall_s)} between checkpoints on 16 GPUs")
+    suggested = int(re.search(r"checkpoint.every_samples=(\d+) gives one about every 10.0 min here", note)[1])
+    assert suggested / (finetune.samples_per_s_per_gpu * 16) == pytest.approx(600, rel=0.05)
+    assert not [n for n in make_plan(load_config("vit-l-16"), gpus=128, gpu="h200").notes if "between" in n]
