@@ -158,6 +158,7 @@ def model_parameters(model: ModelConfig, vocab_size: int) -> int:
     vision = (3 * v.patch_size ** 2 * v.width  # patch embedding (a conv; no bias under ln_pre, as timm and CLIP)
               + v.width + (patches + 1) * v.width  # class token, position embeddings at base_image_size
               + 2 * v.width + v.depth * _block_params(v.width, v.mlp_ratio) + 2 * v.width)  # ln_pre, blocks, norm
-    text = vocab_size * t.width + t.context_length * t.width + t.depth * _block_params(t.width, t.mlp_ratio) + 2 * t.width
+    text = (vocab_size * t.width + t.context_length * t.width  # token and position embeddings
+            + t.depth * _block_params(t.width, t.mlp_ratio) + 2 * t.width)  # blocks, ln_final
     heads = (v.width + t.width) * model.embed_dim + 1 + (model.init_logit_bias is not None)  # projections, scale, bias
     return vision + text + heads

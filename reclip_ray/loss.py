@@ -44,7 +44,8 @@ per step, loss only:
 * peak memory: sigmoid keeps the received text chunks for the backward (B x D = 64 MiB) and one b x b logits
   block per rank pair (b x B = 64 MiB), ~130 MiB. CLIP with local loss keeps the gathered images and texts
   (128 MiB), two b x B logits matrices plus their softmax (~256 MiB) and the reduce-scatters' (2 MiB; a padded
-  copy of the gradients, 128 MiB, when the local batches differ), ~0.4-0.5 GiB. Both are small next to the towers' activations; the sigmoid loss never builds anything B x B.
+  copy of the gradients, 128 MiB, when the local batches differ), ~0.4-0.5 GiB. Both are small next to the towers'
+  activations; the sigmoid loss never builds anything B x B.
 * latency: the ring is 32 sequential rounds of 1 MiB each way (not overlapped with the block's compute here).
 * FLOPs: one ``b x B x D`` product per rank, exactly the ``2 B D`` per sample that ``reclip_ray.flops`` counts for
   the logits (CLIP with local loss executes it twice, one per direction); the sigmoid and the sums are

@@ -77,7 +77,8 @@ def test_a_restarts_reads_take_the_runs_latest_points_not_a_metrics_history(tmp_
     for key in ("loss", "restarts"):
         assert tracking.last_logged_step(uri, run_id, key) == expected[key].step
         assert tracking.latest_metric(uri, run_id, key) == expected[key].value
-    assert tracking.last_logged_step(uri, run_id, "never") == -1 and tracking.latest_metric(uri, run_id, "never") is None
+    assert tracking.last_logged_step(uri, run_id, "never") == -1
+    assert tracking.latest_metric(uri, run_id, "never") is None
 
 
 # ------------------------------------------------------------------------------------------------ relay retries

@@ -243,14 +243,13 @@ class PhaseFeed:
                 rows += len(good["_pos"])
         if not incoming:
             return False
-        # The rows not served yet, then the window's old rows are let go before the new window is built: at most
-        # the incoming rows and the new window are held at once (2x the buffer; permuting the merged window as well
-        # held 4x, 3.1 GB per worker at 224 px), and the window is copied once, not twice.
+        # The rows not served yet, then the old window is let go before the new one is built: at most the incoming
+        # rows and the new window are held at once (2x the buffer; permuting the merged window as well held 4x,
+        # 3.1 GB per worker at 224 px), and the window is copied once, not twice.
         left = self._order[self._head :]
         parts = ([{k: v[left] for k, v in self._pool.items()}] if len(left) else []) + incoming
-        self._pool, incoming = {}, []
+        self._pool = {}
         self._pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[-1]}
-        del parts
         self._order = self._rng.permutation(len(self._pool["_pos"]))
         self._head = 0
         return True
