@@ -148,6 +148,9 @@ class ScalingSection:
 @dataclass
 class CheckpointSection:
     every_samples: int = 0  # 0: only at phase ends
+    # 0: off. Else also at the first log window this long after the attempt's start or its last checkpoint, by rank
+    # 0's clock: the same wall time between checkpoints on 8 GPUs or 64, at 64 px or 224 px.
+    every_minutes: float = 0.0
     num_to_keep: int = 2
 
 
@@ -589,6 +592,8 @@ def _check_checkpoint(cfg: Config) -> None:
     if cfg.checkpoint.every_samples < 0:
         raise ConfigError(f"'checkpoint.every_samples' must be >= 0 (0: only at phase ends), "
                           f"got {cfg.checkpoint.every_samples}")
+    if not cfg.checkpoint.every_minutes >= 0:  # also refuses nan
+        raise ConfigError(f"'checkpoint.every_minutes' must be >= 0 (0: off), got {cfg.checkpoint.every_minutes}")
     if cfg.checkpoint.num_to_keep < 1:
         raise ConfigError(f"'checkpoint.num_to_keep' must be >= 1, got {cfg.checkpoint.num_to_keep}")
 

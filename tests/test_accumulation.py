@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from reclip_ray.config import ConfigError, load_config
-from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, train_step
+from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, read_step, train_step
 
 GLOBAL = 16
 STEPS = 3
@@ -79,7 +79,7 @@ def _run(model, rows: slice = slice(None), **step_kwargs) -> dict:
     opt = build_optimizer(core, _cfg().optim)
     losses, norms, grads = [], [], {}
     for i, (images, tokens) in enumerate(_batches()):
-        out = train_step(model, opt, images[rows], tokens[rows], lr=LR, grad_clip=1.0, **step_kwargs)
+        out = read_step(train_step(model, opt, images[rows], tokens[rows], lr=LR, grad_clip=1.0, **step_kwargs))
         losses.append(out["loss"])
         norms.append(out["grad_norm"])
         if i == 0:

@@ -18,7 +18,7 @@ pytestmark = [
 def test_bf16_autocast_train_step_on_cuda():
     from reclip_ray.model import build_model
     from reclip_ray.schedule import build_optimizer
-    from reclip_ray.train.step import autocast_dtype_for, train_step
+    from reclip_ray.train.step import autocast_dtype_for, read_step, train_step
 
     cfg = load_config("tiny")
     assert autocast_dtype_for("auto", "cuda") == torch.bfloat16
@@ -30,7 +30,8 @@ def test_bf16_autocast_train_step_on_cuda():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         feats = model.encode_image(images.permute(0, 3, 1, 2).float() / 255.0, normalize=False)
     assert feats.dtype == torch.bfloat16  # the matmuls really ran in bf16
-    losses = [train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)["loss"] for _ in range(5)]
+    losses = [read_step(train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16))["loss"]
+              for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # the same batch five times: the loss must fall
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32

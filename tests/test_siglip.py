@@ -163,13 +163,14 @@ def test_the_trained_bias_is_logged_next_to_the_scale(loss):
     from reclip_ray.schedule import Schedule
     from reclip_ray.train.checkpoint import TrainState
     from reclip_ray.train.progress import Window, console_line
-    from reclip_ray.train.step import train_step
+    from reclip_ray.train.step import read_step, train_step
 
     cfg = load_config("tiny", [f"train.loss={loss}", "model.vision.depth=1", "model.text.depth=1"])
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=64)
     images, tokens = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.randint(3, 64, (4, 16))
-    out = train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), images, tokens, lr=0.5, grad_clip=0.0)
+    out = read_step(train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), images, tokens, lr=0.5,
+                               grad_clip=0.0))
     schedule = Schedule.from_config(cfg)
     state = TrainState(samples=4, step=1)
     metrics = Window().metrics(schedule.phases[0], state, out, 0.5, 4, 1)

@@ -118,12 +118,13 @@ class Trial:
 
     def __init__(self, name: str, cfg, milestones: list[float], monkeypatch, *, eval_set: str = "stub",
                  fail: set = frozenset(), slope: float | None = None, run_dir: str | None = None,
-                 restore: str | None = None, in_mlflow: dict | None = None) -> None:
+                 restore: str | None = None, in_mlflow: dict | None = None, step=None) -> None:
         """``fail``: the evaluations that raise, as compute-milestone GFLOPs or phase names. ``run_dir``: the run
         folder, where the export is real (the model and eval.json; MLflow's copies are stand-ins) and each reported
         checkpoint is kept (``checkpoints``); without it, a temporary folder and a stand-in export. ``restore``: a
         checkpoint folder this attempt resumes from (a restart). ``in_mlflow``: what MLflow's ``latest_metric``
-        answers, by key (else None); the metrics the worker logs are kept in ``logged``, as (step, metrics)."""
+        answers, by key (else None); the metrics the worker logs are kept in ``logged``, as (step, metrics).
+        ``step``: the optimisation step's stand-in (else one returning a loss and a logit scale of 1.0)."""
         import ray
         import ray.train
         import ray.train.torch
@@ -135,6 +136,7 @@ class Trial:
 
         self.name, self.reports, self.spent, self.asked, self.exported = name, [], [], [], 0
         self.checkpoints: list[str] = []
+        self.saved: list[int] = []  # the step of each report with a checkpoint
         self.logged: list[tuple[int, dict]] = []
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
@@ -160,6 +162,8 @@ class Trial:
         def report(metrics, checkpoint=None, **_):
             self.reports.append(metrics)
             self.spent.append(trained())
+            if checkpoint is not None:
+                self.saved.append(metrics["step"])
             if checkpoint is not None and run_dir is not None:  # Ray Train keeps what the worker reports
                 kept = f"{run_dir}/kept"  # shared with the run's later attempts
                 self.checkpoints.append(shutil.copytree(checkpoint.path, f"{kept}/{len(glob.glob(f'{kept}/*'))}"))
@@ -184,7 +188,7 @@ class Trial:
         monkeypatch.setattr(tracking, "log_metrics", lambda uri, run, metrics, step: self.logged.append((step, metrics)))
         monkeypatch.setattr(worker, "open_feed", lambda cfg, plan, *a: _Feed(plan.index, served))
         monkeypatch.setattr(worker, "settle_data", lambda *a: None)  # the feed's position at checkpoints
-        monkeypatch.setattr(worker, "train_step", lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0})
+        monkeypatch.setattr(worker, "train_step", step or (lambda *a, **k: {"loss": 1.0, "logit_scale": 1.0}))
         if run_dir is None:
             monkeypatch.setattr(worker, "export_run", lambda *a, **k: setattr(self, "exported", self.exported + 1))
         for call in ("log_artifacts", "log_artifact"):
@@ -444,3 +448,86 @@ def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
     assert [r["status"] for r in rows] == ["stopped_early", "stopped_early", "completed", "error"]
     assert [r["eval_error"] for r in rows] == ["", "", "evaluation after 'finetune' failed: X", ""]
     assert rows[3]["error"] == "ValueError: boom"  # the line that says what failed, not Ray's actor banner
+
+
+def test_the_step_loop_reads_a_steps_output_only_at_log_windows_checkpoints_and_compute_milestones(space,
+                                                                                                   monkeypatch):
+    """``train_step`` returns tensors: reading one on the host waits for the step's kernels, and the host could
+    have been taking the next batch meanwhile. The worker's loop reads them (``Worker.read``) only at the steps that
+    need a number: log windows (every ``train.log_every_steps`` and a phase's last step), periodic checkpoints and
+    compute milestones. Here the step's output records the step at which it is read; those steps must be exactly
+    the ones the schedule says, walked here from the samples, not every step."""
+    cfg = _configs(space)["reclip"]
+    cfg.train.log_every_steps, cfg.checkpoint.every_samples = 5, 3 * cfg.train.batch_size + 7
+    reads: list[int] = []
+
+    class Value:  # a 0-d tensor of the step's output, as the host reads it (float), at the step it was made
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def __float__(self) -> float:
+            reads.append(self.step)
+            return 1.0
+
+    made: list[int] = []
+
+    def step(*args, **kwargs):
+        made.append(len(made) + 1)
+        return {"loss": Value(made[-1]), "logit_scale": Value(made[-1]), "lr": kwargs["lr"]}
+
+    schedule, every = Schedule.from_config(cfg), cfg.checkpoint.every_samples
+    windows, checkpoints, gflops, samples, n = set(), set(), [0.0], 0, 0  # gflops[k]: trained after step k
+    for plan, per_sample in zip(schedule.phases, sample_gflops(cfg)):
+        while samples < plan.end_sample:
+            n, before = n + 1, samples
+            samples += plan.batch_at(samples)
+            gflops.append(gflops[-1] + per_sample * (samples - before))
+            if n % 5 == 0 or samples >= plan.end_sample:
+                windows.add(n)
+            if samples < plan.end_sample and samples // every > before // every:
+                checkpoints.add(n)
+    # A compute milestone crossed at a step that is neither a window nor a checkpoint, 40% into the run
+    at = next(k for k in range(int(0.4 * n), n) if k not in windows | checkpoints)
+    milestones = {at}
+    trial = Trial("reclip", cfg, [gflops[at] - 1e-6], monkeypatch, step=step)
+    assert len(made) == n > 2 * len(windows | checkpoints | milestones), (n, windows, checkpoints)
+    assert checkpoints - windows and milestones - windows - checkpoints  # each kind of read is seen on its own
+    assert sorted(set(reads)) == sorted(windows | checkpoints | milestones)
+    assert trial.reports[-1]["loss"] == 1.0
+
+
+@pytest.mark.parametrize("every_samples", [0, 4000])
+def test_checkpoint_every_minutes_checkpoints_at_the_first_log_window_that_long_after_the_last(space, monkeypatch,
+                                                                                              every_samples):
+    """``checkpoint.every_minutes``: a checkpoint at the first log window at least that long (rank 0's clock) after
+    the attempt's start or the end of its last checkpoint, whatever wrote that one (``every_samples``, a phase end).
+    The clock is a stand-in that each step moves on by 7 s; the expected steps are walked here from the schedule."""
+    from reclip_ray.train import checkpoint
+
+    cfg = _configs(space)["reclip"]
+    cfg.train.log_every_steps, cfg.checkpoint.every_samples, cfg.checkpoint.every_minutes = 5, every_samples, 1.0
+    now = [0.0]
+    monkeypatch.setattr(checkpoint, "monotonic", lambda: now[0])
+
+    def step(*args, **kwargs):
+        now[0] += 7.0
+        return {"loss": 1.0, "logit_scale": 1.0}
+
+    trial = Trial("reclip", cfg, [], monkeypatch, step=step)
+    expected, ends, samples, n, t0 = [], [], 0, 0, 0.0
+    for plan in Schedule.from_config(cfg).phases:
+        while samples < plan.end_sample:
+            n, before = n + 1, samples
+            samples += plan.batch_at(samples)
+            end = samples >= plan.end_sample
+            due = (n % 5 == 0 or end) and 7.0 * n - t0 >= 60.0
+            crossed = every_samples and samples // every_samples > before // every_samples
+            if crossed or due or end:
+                expected.append(n)
+                t0 = 7.0 * n
+        ends.append(n)
+    assert trial.saved == expected
+    mid = [k for k in expected if k not in ends]
+    assert len(mid) > 10
+    if not every_samples:  # by the clock alone: never sooner than a minute (9 steps) after the last one
+        assert all(b - a >= 60 / 7 for a, b in zip(expected, expected[1:]) if b in mid)

@@ -12,7 +12,7 @@ from reclip_ray.schedule import Schedule
 def test_train_step_bf16_autocast_and_clamp():
     from reclip_ray.model import build_model
     from reclip_ray.schedule import build_optimizer
-    from reclip_ray.train.step import autocast_dtype_for, train_step
+    from reclip_ray.train.step import autocast_dtype_for, read_step, train_step
 
     cfg = load_config("tiny")
     assert autocast_dtype_for("auto", "cpu") is None and autocast_dtype_for("auto", "cuda") == torch.bfloat16
@@ -24,12 +24,58 @@ def test_train_step_bf16_autocast_and_clamp():
     opt = build_optimizer(model, cfg.optim)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     tokens = torch.randint(3, 64, (4, 16))
-    out = train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)
+    out = read_step(train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16))
     assert set(out) == {"loss", "logit_scale", "grad_norm", "lr"} and out["lr"] == 1e-3
     assert out["logit_scale"] == pytest.approx(100.0) and model.logit_scale.item() <= 4.6052
     assert all(g["lr"] == 1e-3 for g in opt.param_groups)
     assert next(model.parameters()).dtype == torch.float32
 
+
+
+# Tensor methods that hand a value to the host: on a GPU each waits for every kernel queued before it.
+HOST_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
+              torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+@pytest.mark.parametrize("micro_batch, loss", [(0, "clip"), (3, "clip"), (0, "siglip")])
+def test_train_step_reads_nothing_back_to_the_host(micro_batch, loss):
+    """``train_step`` returns its numbers as 0-d tensors on the model's device and reads none of its own values
+    on the host: on a GPU that read would wait for the step's kernels, every step, instead of at a log window
+    (``read_step``, one transfer). Counted with a torch function mode over the whole step, on both of its paths
+    (plain, accumulated) and both losses. AdamW's own reads of its step counters are CPU tensors on every device
+    (not capturable): they are left out by their source file."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.step import read_step, train_step
+
+    reads: list[str] = []
+
+    class CountReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in HOST_READS:
+                caller = traceback.extract_stack()[-2]
+                if "/torch/optim/" not in caller.filename:
+                    reads.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config("tiny", [f"train.loss={loss}", "model.vision.depth=1", "model.text.depth=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=64)
+    opt = build_optimizer(model, cfg.optim)
+    images, tokens = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.randint(3, 64, (8, 16))
+    with CountReads():
+        out = train_step(model, opt, images, tokens, lr=1e-3, micro_batch=micro_batch)
+    assert reads == []
+    keys = {"loss", "logit_scale", "grad_norm"} | ({"logit_bias"} if loss == "siglip" else set())
+    assert all(isinstance(out[k], torch.Tensor) and out[k].shape == () for k in keys) and out["lr"] == 1e-3
+    with CountReads():
+        values = read_step(out)
+    assert len(reads) == 1 and reads[0].startswith("tolist")  # one transfer for all of them
+    assert values == {k: float(v) for k, v in out.items()} and all(type(v) is float for v in values.values())
 
 @pytest.mark.slow
 def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):

@@ -104,7 +104,7 @@ def _step_loss_reference(cfg, rows: list[tuple[str, int]]) -> float:
     from reclip_ray.model import build_model
     from reclip_ray.run_names import phase_seed
     from reclip_ray.schedule import build_optimizer
-    from reclip_ray.train.step import train_step
+    from reclip_ray.train.step import read_step, train_step
 
     passes = dict(rows)
     found = {}
@@ -118,7 +118,8 @@ def _step_loss_reference(cfg, rows: list[tuple[str, int]]) -> float:
     tokens = torch.as_tensor(tok.encode([found[k]["caption"] for k in keys], phase.text_length))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tokenizer=tok)
-    return train_step(model, build_optimizer(model, cfg.optim), torch.from_numpy(images), tokens, lr=0.0)["loss"]
+    return read_step(train_step(model, build_optimizer(model, cfg.optim), torch.from_numpy(images), tokens,
+                                lr=0.0))["loss"]
 
 
 def test_one_and_two_workers_follow_the_same_schedule(in_order_run):

@@ -109,18 +109,23 @@ def train_step(
     gather_with_grad: bool = True,
     local_batch_sizes: Sequence[int] | None = None,
     micro_batch: int = 0,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor | float]:
     """uint8 NHWC images + int64 tokens (this rank's share of the global batch) -> one AdamW step.
 
     ``micro_batch`` > 0 and smaller than the largest local batch (``local_batch_sizes``, else this rank's): exact
     gradient accumulation over micro-batches of at most that many rows (module docstring); 0 or at least every
     rank's batch: the plain single-pass step, bit for bit.
 
-    Returns floats: ``loss`` (the global-batch loss on every rank: with ``local_loss`` each rank's share is
-    averaged over ranks, one scalar all-reduce, so the logged loss means the same with or without it),
-    ``logit_scale`` (exp'd, as used in the logits), ``grad_norm`` (before clipping) and ``lr``; with the sigmoid
-    loss also ``logit_bias``. The loss is the model's: one with a ``logit_bias`` (``train.loss: siglip``) trains
-    the sigmoid loss, whose value is always each rank's share (as with ``local_loss``).
+    Returns detached 0-d tensors on the model's device: ``loss`` (the global-batch loss on every rank: with
+    ``local_loss`` each rank's share is averaged over ranks, one scalar all-reduce, so the logged loss means the
+    same with or without it), ``logit_scale`` (exp'd, as used in the logits), ``grad_norm`` (before clipping);
+    with the sigmoid loss also ``logit_bias``; and ``lr``, the float passed in. The loss is the model's: one with a
+    ``logit_bias`` (``train.loss: siglip``) trains the sigmoid loss, whose value is always each rank's share (as
+    with ``local_loss``).
+
+    Tensors, not floats: reading a GPU value on the host waits for every kernel queued before it, so a float per
+    step would stop the host from preparing the next batch and queueing its kernels while the GPU runs this step.
+    The caller reads them (``read_step``) only where it needs the numbers: a log window, a checkpoint.
     """
     core = getattr(model, "module", model)
     bias = getattr(core, "logit_bias", None)  # the sigmoid loss's (train.loss: siglip); None with the CLIP loss
@@ -149,12 +154,19 @@ def train_step(
     if hasattr(core, "clamp_logit_scale_"):
         core.clamp_logit_scale_()
     return {
-        "loss": _global_loss_value(loss, local_loss or bias is not None),
-        "logit_scale": float(logit_scale.detach()),
-        "grad_norm": float(grad_norm),
+        "loss": _global_loss(loss, local_loss or bias is not None),
+        "logit_scale": logit_scale.detach().float(),
+        "grad_norm": grad_norm.detach(),
         "lr": float(lr),
-        **({} if bias is None else {"logit_bias": float(bias.detach())}),
+        **({} if bias is None else {"logit_bias": bias.detach().float()}),
     }
+
+
+def read_step(out: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """``train_step``'s output as floats, read from the device in one transfer (one wait for the step's kernels)."""
+    tensors = {k: v.reshape(()).float() for k, v in out.items() if isinstance(v, torch.Tensor)}
+    values = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    return {k: values[k] if k in values else float(v) for k, v in out.items()}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
@@ -187,13 +199,14 @@ def _clip_gradients(core: nn.Module, grad_clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
-def _global_loss_value(loss: torch.Tensor, local_loss: bool) -> float:
-    """The global-batch loss: as is in full-gather mode; the mean of the ranks' shares with ``local_loss``."""
+def _global_loss(loss: torch.Tensor, local_loss: bool) -> torch.Tensor:
+    """The global-batch loss: as is in full-gather mode; the mean of the ranks' shares with ``local_loss`` (an
+    all-reduce the device queues like any other kernel: no host wait)."""
     if not local_loss or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(loss.detach())
+        return loss.detach()
     value = loss.detach().clone()
     dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
+    return value / dist.get_world_size()
 
 
 def _accumulate(

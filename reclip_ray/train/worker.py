@@ -22,7 +22,7 @@ from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
                                       use_relay)
 from reclip_ray.train.batch_split import step_split
-from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from reclip_ray.train.checkpoint import CheckpointClock, TrainState, load_checkpoint, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
 from reclip_ray.train.faults import RowLog, fault_marker, maybe_inject_fault, step_delay_s
 from reclip_ray.train.final_export import export_run
@@ -30,7 +30,7 @@ from reclip_ray.train.handover import check_data_start, write_fatal
 from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, skip_reason
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
-from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled, train_step
+from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled, read_step, train_step
 
 
 PHASES_EVALUATED = "phases_evaluated"  # MLflow: the phases whose end evaluation has ended, logged at each phase end
@@ -86,6 +86,7 @@ class Worker:
         # read it.
         self.eval_error: str | None = "the final model was not evaluated"
         self.feed: Any = None  # the phase's PhaseFeed (run_phase)
+        self.checkpoint_clock = CheckpointClock(self.cfg.checkpoint.every_minutes)  # restarted at every checkpoint
 
     # ------------------------------------------------------------------------------------------ setting up
     def _connect(self, loop_config: dict[str, Any]) -> None:
@@ -215,19 +216,21 @@ class Worker:
             maybe_inject_fault(cfg, state, prev, self.rank, self.fault_marker)
             if delay := step_delay_s(cfg):
                 time.sleep(delay)
+            checkpoint_due = False  # checkpoint.every_minutes: decided at log windows, on rank 0's clock
             if state.step % cfg.train.log_every_steps == 0 or state.samples >= plan.end_sample:
-                self.log_window(plan, window, last, lr, sizes)
+                checkpoint_due = self.log_window(plan, window, self.read(last), lr, sizes)
                 window = Window()
-            if every and state.samples < plan.end_sample and state.samples // every > prev // every:
+            crossed = every and state.samples // every > prev // every
+            if (crossed or checkpoint_due) and state.samples < plan.end_sample:  # a phase's end checkpoints anyway
                 settle_data(self.feed, state, self.world)
-                self.report({"loss": last["loss"]}, save=True)
+                self.report({"loss": self.read(last)["loss"]}, save=True)
             if cfg.eval.at_gflops:
                 self.compute_milestone(plan, last)
 
     def step(self, plan: Any, window: Window, gflops_per_sample: float) -> tuple[list[int], dict, dict, float]:
-        """One optimisation step of the phase; returns every rank's rows, this rank's batch, the step's output and
-        its learning rate. The last step of a phase may be short (or a full step plus a remainder): it trains
-        exactly what it counts."""
+        """One optimisation step of the phase; returns every rank's rows, this rank's batch, the step's output (on
+        the device: ``read`` it where the numbers are needed) and its learning rate. The last step of a phase may be
+        short (or a full step plus a remainder): it trains exactly what it counts."""
         state = self.state
         sizes = step_split(plan, state.samples, self.world)
         t0 = time.perf_counter()
@@ -246,8 +249,14 @@ class Worker:
         state.gflops += gflops_per_sample * sum(sizes)
         window.steps += 1
         window.samples += sum(sizes)
-        state.loss = last["loss"]
         return sizes, batch, last, lr
+
+    def read(self, last: dict[str, Any]) -> dict[str, float]:
+        """A step's output as floats, which waits for its kernels (so: at log windows, checkpoints and compute
+        milestones, not every step); the loss becomes the run position's (``final_loss``, the checkpoint's)."""
+        values = read_step(last)
+        self.state.loss = values["loss"]
+        return values
 
     def end_phase(self, plan: Any) -> None:
         """Checkpoint the finished phase first, then evaluate it: an evaluation error is logged, never costs the
@@ -330,17 +339,20 @@ class Worker:
                                      step=self.state.step)
         return images
 
-    def log_window(self, plan: Any, window: Window, last: dict[str, float], lr: float, sizes: list[int]) -> None:
-        """Check the bad-row budget on every rank (one small all-reduce), then rank 0 logs the window."""
+    def log_window(self, plan: Any, window: Window, last: dict[str, float], lr: float, sizes: list[int]) -> bool:
+        """Check the bad-row budget on every rank, then rank 0 logs the window. Returns whether a checkpoint is due
+        by rank 0's clock (``checkpoint.every_minutes``): the same answer on every rank, carried by the one small
+        all-reduce the bad-row count makes anyway."""
         state, feed = self.state, self.feed
         # Rows read so far, each once: settled at checkpoints (trained or dropped as bad), trained or dropped since, and
         # waiting in the feeds' buffers (``rank_data.settle_data``).
-        seen, bad = sum_over_ranks([feed.recorded + feed.available, feed.bad], self.world, self.device)
+        due = int(self.rank == 0 and self.checkpoint_clock.due())
+        seen, bad, due = sum_over_ranks([feed.recorded + feed.available, feed.bad, due], self.world, self.device)
         seen += state.rows_seen
         bad += state.rows_bad
         check_bad_rows(feed, self.world, seen, bad, self.cfg.data.max_bad_fraction)
         if self.rank != 0:
-            return
+            return due > 0
         metrics = {**window.metrics(plan, state, last, lr, sizes[self.rank], self.world),
                    "data_rows_seen": seen, "data_rows_bad": bad, "data_rows_absent": state.rows_absent}
         if self.missing_actor is not None:  # data.missing_shards=skip (with =fail, a missing shard ends the run)
@@ -356,10 +368,11 @@ class Worker:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=state.step)
         if self.board is not None:  # the driver draws it
             self.board.update.remote(board_update(metrics, plan, state, self.schedule))
-            return
-        print(console_line(metrics, plan, state, self.schedule), flush=True)
+        else:
+            print(console_line(metrics, plan, state, self.schedule), flush=True)
+        return due > 0
 
-    def compute_milestone(self, plan: Any, last: dict[str, float]) -> None:
+    def compute_milestone(self, plan: Any, last: dict[str, Any]) -> None:
         """Sweeps (``eval.at_gflops`` = ASHA's rungs): at the first step past a compute milestone, evaluate at full
         resolution (every rank, its share of the rows) and report, so that Tune's ASHA compares trials at equal
         training GFLOPs (``sweep.asha_axis``) and on one task, the sweep's final metric (``sweep.asha_metric``),
@@ -371,6 +384,7 @@ class Worker:
         if not crossed:
             return
         self.gflops_reported = self.state.gflops
+        loss = self.read(last)["loss"]
         metrics: dict[str, float] = {}
         error = skip_reason(self.cfg, at_phase_end=False)
         if error is None:
@@ -378,7 +392,7 @@ class Worker:
                                             tag=f"reclip.eval_error.gflops_{crossed[-1]:.0f}")
         if self.rank == 0 and metrics:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=self.state.step)
-        self.report({"loss": last["loss"], **eval_report(self.rank, self.cfg, metrics, error),
+        self.report({"loss": loss, **eval_report(self.rank, self.cfg, metrics, error),
                      "compute_milestone": crossed[-1],
                      "compute_round": sorted(self.cfg.eval.at_gflops).index(crossed[-1]) + 1,
                      "eval_round": plan.index, "eval_rounds_planned": len(self.schedule.phases)}, save=False)
@@ -444,3 +458,5 @@ class Worker:
                                  checkpoint_dir_name=name)
         else:
             ray.train.report(metrics, checkpoint=None)
+        if save:  # checkpoint.every_minutes counts from the end of the last checkpoint's save
+            self.checkpoint_clock.start()
