@@ -137,7 +137,7 @@ JOB1=(--config "$CONFIG"
       --set "train.samples=$((LOW_SAMPLES + FULL_SAMPLES))" --set "train.batch_size=$LOW_BATCH"
       --set train.precision=$([[ $GPU == true ]] && echo bf16 || echo fp32) --set "train.log_every_steps=$LOG_EVERY"
       --set optim.warmup_samples=0.05 --set "checkpoint.every_samples=$CKPT_EVERY" --set checkpoint.num_to_keep=2
-      --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
+      --set checkpoint.every_minutes=0 --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
       --set "scaling.cpus_per_worker=$CPUS" --set "run.storage_path=$WORK/runs" --set run.name=e2e-main
       --set "tracking.uri=$URI" --set tracking.experiment=e2e-main --set "fault.step_delay_s=$DELAY")
 # CPU time by what it feeds (Ray Data's tasks, the training worker, the rest), sampled from /proc through both jobs:

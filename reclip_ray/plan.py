@@ -64,7 +64,7 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 # Mid-phase checkpoints closer than this get a note: rank 0 writes and uploads each one inside ``ray.train.report``
 # while every other rank waits for it at the next step's collectives.
 CHECKPOINT_NOTE_S = 300.0
-CHECKPOINT_SUGGEST_S = 600.0  # the interval the note suggests an ``every_samples`` for
+CHECKPOINT_SUGGEST_S = 600.0  # the ``checkpoint.every_minutes`` the notes suggest
 # ... and checkpoints further apart than this get one too: a failure redoes everything since the last one.
 CHECKPOINT_GAP_NOTE_S = 1800.0
 
@@ -87,7 +87,7 @@ class PhaseCost:
     decode_rate_per_core: Optional[float] = None
     decode_rate_px: Optional[int] = None
     decode_cores_per_gpu: Optional[float] = None
-    checkpoints: int = 0  # written in the phase: at checkpoint.every_samples, and its end's
+    checkpoints: int = 0  # written in the phase: at checkpoint.every_samples (and every_minutes), and its end's
     checkpoint_every_s: Optional[float] = None  # with hardware, the mid-phase checkpoints' interval (None: none)
 
 
@@ -121,6 +121,7 @@ class Plan:
     parameters: int = 0
     checkpoint_bytes: int = 0  # one checkpoint's state.pt, about (CHECKPOINT_BYTES_PER_PARAM)
     checkpoint_every_samples: int = 0  # 0: only at phase ends
+    checkpoint_every_minutes: float = 0.0  # 0: off; its checkpoints are counted with --gpus only (a clock's)
     hardware: Optional[Hardware] = None
     wall_s: Optional[float] = None
     gpu_hours: Optional[float] = None
@@ -230,6 +231,35 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
     return out
 
 
+def run_checkpoints(cfg: Config, phase_wall_s: list[float] | None = None) -> list[int]:
+    """Checkpoints each phase writes, decided step by step as ``Worker.run_phase`` decides them: at each step that
+    takes the sample count past a multiple of ``checkpoint.every_samples``, at a log window ``every_minutes`` after
+    the last checkpoint, unless that step ends the phase, plus the phase end's. The clock's checkpoints need a
+    speed: each phase's wall time (``phase_wall_s``, the plan's with ``--gpus``), at which its samples go by
+    evenly; start-up, evaluation and the checkpoints' own writes are not on that clock. Without one, only the
+    samples' (``phase_checkpoints``, in closed form)."""
+    from reclip_ray.schedule import Schedule
+
+    plans = Schedule.from_config(cfg).phases
+    every, every_s = cfg.checkpoint.every_samples, 60.0 * cfg.checkpoint.every_minutes
+    if not every_s or phase_wall_s is None:
+        return [phase_checkpoints(plan, every) for plan in plans]
+    counts, step, now, last = [], 0, 0.0, 0.0
+    for plan, wall_s in zip(plans, phase_wall_s):
+        seconds_per_sample, samples, n = wall_s / (plan.end_sample - plan.start_sample), plan.start_sample, 0
+        while samples < plan.end_sample:
+            before, step = samples, step + 1
+            samples += plan.batch_at(samples)
+            now += (samples - before) * seconds_per_sample
+            end = samples >= plan.end_sample
+            due = (step % cfg.train.log_every_steps == 0 or end) and now - last >= every_s
+            if not end and (due or (every and samples // every > before // every)):
+                n, last = n + 1, now
+        counts.append(n + 1)
+        last = now  # the phase end's checkpoint
+    return counts
+
+
 def phase_checkpoints(plan: Any, every: int) -> int:
     """Checkpoints the trainer writes in a phase (a ``schedule.PhasePlan``): one at each step that takes the sample
     count past a multiple of ``every`` (``Worker.run_phase``; 0: none), unless that step ends the phase, plus the
@@ -276,8 +306,7 @@ def wall_seconds(train_gflops: float, gpus: int, peak_tflops: float, mfu: float)
 
 
 def _price_phases(plan: Plan, hw: Hardware) -> None:
-    """Fill each phase's wall time, the samples/s per GPU it implies, the decode cores that rate needs, and how far
-    apart its checkpoints fall (a note when they are minutes apart or under a few)."""
+    """Fill each phase's wall time, the samples/s per GPU it implies and the decode cores that rate needs."""
     for p in plan.phases:
         p.wall_s = wall_seconds(p.train_gflops, hw.gpus, hw.peak_tflops, hw.mfu)
         p.samples_per_s_per_gpu = p.samples / p.wall_s / hw.gpus
@@ -289,24 +318,6 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
         elif p.decode_rate_px < p.image_size:
             plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
                               f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
-        suggest = _round2(p.samples_per_s_per_gpu * hw.gpus * CHECKPOINT_SUGGEST_S)
-        if plan.checkpoint_every_samples and p.checkpoints > 1:
-            p.checkpoint_every_s = plan.checkpoint_every_samples / (p.samples_per_s_per_gpu * hw.gpus)
-        gap = p.checkpoint_every_s or p.wall_s
-        if gap > CHECKPOINT_GAP_NOTE_S:
-            plan.notes.append(
-                f"phase '{p.name}': {_duration(gap)} between checkpoints on {hw.gpus} GPUs: a failure redoes up to "
-                f"that; checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
-                "here (it applies to every phase)")
-        if p.checkpoint_every_s is not None and p.checkpoint_every_s < CHECKPOINT_NOTE_S:
-            fix = (f"checkpoint.every_samples={suggest} gives one about every {_duration(CHECKPOINT_SUGGEST_S)} "
-                   f"on {hw.gpus} GPUs" if suggest < p.samples else
-                   f"the phase is shorter than {_duration(CHECKPOINT_SUGGEST_S)}: checkpoint.every_samples=0 "
-                   "checkpoints at phase ends only")
-            plan.notes.append(
-                f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
-                f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
-                f"ranks wait; {fix}")
     plan.wall_s = sum(p.wall_s for p in plan.phases)
     plan.gpu_hours = plan.wall_s * hw.gpus / 3600
     full = plan.full_resolution
@@ -314,10 +325,26 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
     full["gpu_hours"] = full["wall_s"] * hw.gpus / 3600
 
 
-def _round2(x: float) -> int:
-    """``x`` to two significant digits: a config value a person would write."""
-    digits = max(0, len(str(int(x))) - 2)
-    return int(round(x, -digits)) if digits else int(round(x))
+def _price_checkpoints(plan: Plan, cfg: Config, hw: Hardware) -> None:
+    """At the priced speed: the checkpoints each phase writes (``every_minutes``' too), how far apart, and a note
+    where that is under 5 minutes (every rank waits while rank 0 writes one) or over 30 (a failure redoes that)."""
+    for p, count in zip(plan.phases, run_checkpoints(cfg, [p.wall_s for p in plan.phases])):
+        p.checkpoints = count
+        rate = p.samples_per_s_per_gpu * hw.gpus
+        intervals = [s for s in (plan.checkpoint_every_samples / rate, 60.0 * plan.checkpoint_every_minutes) if s]
+        p.checkpoint_every_s = min(intervals) if count > 1 else None
+        fix = " ".join(["checkpoint.every_samples=0"] * bool(plan.checkpoint_every_samples)
+                       + [f"checkpoint.every_minutes={CHECKPOINT_SUGGEST_S / 60:g}"])
+        fix += f" checkpoints about every {_duration(CHECKPOINT_SUGGEST_S)} on any number of GPUs"
+        gap = p.checkpoint_every_s or p.wall_s
+        if gap > CHECKPOINT_GAP_NOTE_S:
+            plan.notes.append(f"phase '{p.name}': {_duration(gap)} between checkpoints on {hw.gpus} GPUs: a failure "
+                              f"redoes up to that; {fix}")
+        if p.checkpoint_every_s is not None and p.checkpoint_every_s < CHECKPOINT_NOTE_S:
+            plan.notes.append(
+                f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
+                f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
+                f"ranks wait; {fix}")
 
 
 def _gb(n: int) -> str:
@@ -361,12 +388,14 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     plan.parameters = model_parameters(cfg.model, cfg.model.text.vocab_size or cfg.data.vocab_size)
     plan.checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * plan.parameters
     plan.checkpoint_every_samples = cfg.checkpoint.every_samples
+    plan.checkpoint_every_minutes = cfg.checkpoint.every_minutes
     if cfg.data.tokenizer and not cfg.model.text.vocab_size:
         notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
                      f"{cfg.data.tokenizer}'s own vocabulary")
     if gpus is not None:
         plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)
         _price_phases(plan, plan.hardware)
+        _price_checkpoints(plan, cfg, plan.hardware)
     return plan
 
 
@@ -435,12 +464,16 @@ def format_plan(plan: Plan) -> str:
 
 
 def _checkpoint_line(plan: Plan) -> str:
-    when = (f"every {plan.checkpoint_every_samples:,} samples and at each phase end"
-            if plan.checkpoint_every_samples else "at each phase end")
+    when = [f"every {plan.checkpoint_every_samples:,} samples"] * bool(plan.checkpoint_every_samples)
+    when += [f"every {plan.checkpoint_every_minutes:g} min"] * bool(plan.checkpoint_every_minutes)
     counts = ", ".join(f"{p.checkpoints} in {p.name}" for p in plan.phases)
     total = sum(p.checkpoints for p in plan.phases) * plan.checkpoint_bytes
+    written = f"{counts} ({_gb(total)} written)"
+    if plan.checkpoint_every_minutes:  # a clock's checkpoints: estimated at the priced speed, else not counted
+        written = (f"about {written} at the speed below" if plan.hardware else
+                   f"{counts}, plus the clock's (--gpus estimates them)")
     return (f"checkpoints: {_gb(plan.checkpoint_bytes)} each ({plan.parameters:,} parameters: fp32 weights and "
-            f"AdamW's two moments), {when}: {counts} ({_gb(total)} written)")
+            f"AdamW's two moments), {' and '.join(when + ['at each phase end'])}: {written}")
 
 
 def _format_hardware(plan: Plan, hw: Hardware) -> list[str]:

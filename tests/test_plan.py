@@ -316,9 +316,18 @@ def test_the_checkpoints_per_phase_are_the_trainers(overrides):
         assert phase_checkpoints(phase, every) == cost.checkpoints == walked, (overrides, phase)
 
 
+FIX = "checkpoint.every_minutes=10 checkpoints about every 10.0 min on any number of GPUs"
+
+
+def _fix(note: str) -> list[str]:
+    """The overrides a checkpoint note suggests."""
+    return re.search(r"; ((?:checkpoint\.\w+=\d+ )+)checkpoints about every", note)[1].split()
+
+
 def test_checkpoints_seconds_apart_get_a_note_with_an_interval_to_use(capsys):
-    """At 64 GPUs the old vit-b-16 preset (every 10M samples) checkpointed 1.8 GB every 4.9 s of its 64 px phase:
-    the plan says so and what to set; the preset's interval on its minimum 8 GPUs gets no note."""
+    """At 64 GPUs an earlier vit-b-16 preset (every 10M samples) checkpointed 1.8 GB every 4.9 s of its 64 px phase:
+    the plan says so and what to set, a clock's interval, which the note's own overrides then meet on 8 GPUs and 64
+    (no note). The preset (every 10 min) gets no note either."""
     cfg = load_config("vit-b-16", ["checkpoint.every_samples=10000000"])
     plan = make_plan(cfg, gpus=64, gpu="h200")
     lowres = plan.phases[0]
@@ -326,15 +335,40 @@ def test_checkpoints_seconds_apart_get_a_note_with_an_interval_to_use(capsys):
         10_000_000 / (lowres.samples_per_s_per_gpu * 64))
     assert plan.checkpoint_bytes == 12 * plan.parameters and 1.7e9 < plan.checkpoint_bytes < 1.9e9
     (note,) = [n for n in plan.notes if n.startswith("phase 'lowres': a checkpoint every")]
-    assert "(38 in 3.1 min, 1.80 GB each)" in note and "phase is shorter than 10.0 min" in note, note
-    on_8 = make_plan(cfg, gpus=8, gpu="h200")  # its 64 px phase lasts 24.5 min: the note says what to set
-    (note,) = [n for n in on_8.notes if n.startswith("phase 'lowres': a checkpoint every")]
-    suggested = int(re.search(r"checkpoint.every_samples=(\d+) gives one about every 10.0 min on 8 GPUs", note)[1])
-    assert suggested / (on_8.phases[0].samples_per_s_per_gpu * 8) == pytest.approx(600, rel=0.05)
-    assert "a checkpoint every" not in " ".join(make_plan(load_config("vit-b-16"), gpus=8, gpu="h200").notes)
+    assert "(38 in 3.1 min, 1.80 GB each)" in note and note.endswith(f"checkpoint.every_samples=0 {FIX}"), note
+    fixed = load_config("vit-b-16", ["checkpoint.every_samples=10000000", *_fix(note)])
+    for gpus in (8, 64):
+        on = make_plan(fixed, gpus=gpus, gpu="h200")
+        assert not [n for n in on.notes if "checkpoint" in n], (gpus, on.notes)
+        assert [p.checkpoint_every_s for p in on.phases if p.checkpoints > 1] == [600.0] * sum(
+            p.checkpoints > 1 for p in on.phases)
+    assert not [n for n in make_plan(load_config("vit-b-16"), gpus=8, gpu="h200").notes if "checkpoint" in n]
     rc, out, _ = _run_cli(capsys, "plan", "--config", "vit-b-16")
     assert rc == 0 and "checkpoints: 1.80 GB each (149,620,737 parameters" in out
-    assert "every 100,000,000 samples and at each phase end: 4 in lowres, 1 in finetune (8.98 GB written)" in out
+    assert ("every 10 min and at each phase end: 1 in lowres, 1 in finetune, plus the clock's (--gpus estimates "
+            "them)") in out
+
+
+@pytest.mark.parametrize("preset", ["vit-b-16", "vit-l-16"])
+@pytest.mark.parametrize("gpus", [8, 16, 64, 128])
+def test_a_clocks_checkpoints_are_one_per_interval_of_each_phases_wall_time(preset, gpus):
+    """The large presets checkpoint by the clock (every 10 min, no sample interval). The clock restarts at each
+    checkpoint, a phase end's too, and a checkpoint waits for the next log window (every 10 steps), so a phase of
+    ``w`` seconds whose log windows are ``d`` seconds apart writes between ``ceil(w / (600 + d))`` and
+    ``ceil(w / 600)``, its end's included: bounds from the plan's wall time alone, around ``run_checkpoints``'
+    step-by-step walk."""
+    import math
+
+    from reclip_ray.schedule import Schedule
+
+    cfg = load_config(preset)
+    assert (cfg.checkpoint.every_samples, cfg.checkpoint.every_minutes) == (0, 10)
+    plan = make_plan(cfg, gpus=gpus, gpu="h200")
+    for p, phase in zip(plan.phases, Schedule.from_config(cfg).phases):
+        window_s = cfg.train.log_every_steps * phase.batch_size / (p.samples_per_s_per_gpu * gpus)
+        assert math.ceil(p.wall_s / (600 + window_s)) <= p.checkpoints <= math.ceil(p.wall_s / 600), (p, window_s)
+        assert p.checkpoint_every_s == (600.0 if p.checkpoints > 1 else None)
+    assert [p.checkpoints for p in make_plan(cfg).phases] == [1, 1]  # no speed: the samples' only
 
 
 def test_the_readmes_plan_is_what_the_command_prints(capsys):
@@ -349,13 +383,17 @@ def test_the_readmes_plan_is_what_the_command_prints(capsys):
 
 
 def test_a_phase_that_runs_long_between_checkpoints_gets_a_note():
-    """vit-l-16 on its minimum 16 GPUs: the 224 px finetune (100M samples, under one 200M interval) runs 101.6 min
-    with only its end's checkpoint; the 64 px phase's 20.7 min apart gets no note, nor does either phase on 128."""
-    on_16 = make_plan(load_config("vit-l-16"), gpus=16, gpu="h200")
+    """vit-l-16 on its minimum 16 GPUs with an earlier preset's interval (200M samples): the 224 px finetune
+    (100M samples) runs 101.6 min with only its end's checkpoint. The note's overrides (every 10 min) give it 10
+    (each at the first log window 10 min after the last: 10 steps of ~2 s there);
+    the 64 px phase's 20.7 min apart gets no note, nor does either phase on 128."""
+    old = ["checkpoint.every_samples=200000000", "checkpoint.every_minutes=0"]
+    on_16 = make_plan(load_config("vit-l-16", old), gpus=16, gpu="h200")
     finetune = on_16.phases[1]
     assert finetune.checkpoints == 1 and finetune.checkpoint_every_s is None and finetune.wall_s > 1800
     (note,) = [n for n in on_16.notes if "between checkpoints" in n]
     assert note.startswith(f"phase 'finetune': {_duration(finetune.wall_s)} between checkpoints on 16 GPUs")
-    suggested = int(re.search(r"checkpoint.every_samples=(\d+) gives one about every 10.0 min here", note)[1])
-    assert suggested / (finetune.samples_per_s_per_gpu * 16) == pytest.approx(600, rel=0.05)
-    assert not [n for n in make_plan(load_config("vit-l-16"), gpus=128, gpu="h200").notes if "between" in n]
+    assert note.endswith(f"checkpoint.every_samples=0 {FIX}"), note
+    fixed = make_plan(load_config("vit-l-16", [*old, *_fix(note)]), gpus=16, gpu="h200")
+    assert fixed.phases[1].checkpoints == 10 and not [n for n in fixed.notes if "checkpoint" in n]
+    assert not [n for n in make_plan(load_config("vit-l-16", old), gpus=128, gpu="h200").notes if "between" in n]

@@ -501,33 +501,41 @@ def test_checkpoint_every_minutes_checkpoints_at_the_first_log_window_that_long_
                                                                                               every_samples):
     """``checkpoint.every_minutes``: a checkpoint at the first log window at least that long (rank 0's clock) after
     the attempt's start or the end of its last checkpoint, whatever wrote that one (``every_samples``, a phase end).
-    The clock is a stand-in that each step moves on by 7 s; the expected steps are walked here from the schedule."""
+    The clock is a stand-in that each step moves on by 7 s per full batch; the expected steps are walked here from
+    the schedule, and ``reclip-ray plan`` (``plan.run_checkpoints``, given each phase's wall time at that speed)
+    counts the same checkpoints per phase."""
+    from reclip_ray.plan import run_checkpoints
     from reclip_ray.train import checkpoint
 
     cfg = _configs(space)["reclip"]
     cfg.train.log_every_steps, cfg.checkpoint.every_samples, cfg.checkpoint.every_minutes = 5, every_samples, 1.0
+    per_sample = 7.0 / cfg.train.batch_size
     now = [0.0]
     monkeypatch.setattr(checkpoint, "monotonic", lambda: now[0])
 
-    def step(*args, **kwargs):
-        now[0] += 7.0
+    def step(model, optimizer, images, *args, **kwargs):
+        now[0] += per_sample * len(images)
         return {"loss": 1.0, "logit_scale": 1.0}
 
     trial = Trial("reclip", cfg, [], monkeypatch, step=step)
     expected, ends, samples, n, t0 = [], [], 0, 0, 0.0
-    for plan in Schedule.from_config(cfg).phases:
+    plans = Schedule.from_config(cfg).phases
+    for plan in plans:
         while samples < plan.end_sample:
             n, before = n + 1, samples
             samples += plan.batch_at(samples)
             end = samples >= plan.end_sample
-            due = (n % 5 == 0 or end) and 7.0 * n - t0 >= 60.0
+            due = (n % 5 == 0 or end) and per_sample * samples - t0 >= 60.0
             crossed = every_samples and samples // every_samples > before // every_samples
             if crossed or due or end:
                 expected.append(n)
-                t0 = 7.0 * n
+                t0 = per_sample * samples
         ends.append(n)
     assert trial.saved == expected
     mid = [k for k in expected if k not in ends]
     assert len(mid) > 10
     if not every_samples:  # by the clock alone: never sooner than a minute (9 steps) after the last one
         assert all(b - a >= 60 / 7 for a, b in zip(expected, expected[1:]) if b in mid)
+    walls = [per_sample * (plan.end_sample - plan.start_sample) for plan in plans]
+    per_phase = [sum(first < k <= last for k in expected) for first, last in zip([0] + ends, ends)]
+    assert run_checkpoints(cfg, walls) == per_phase
