@@ -329,9 +329,12 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
         pq.write_table(table.slice(start, n), out / f"part-{i}.parquet")
         start += n
     # Phase 0 also drops half its patches (FLIP): gflops_total must count the tokens that ran, at uneven steps.
+    # A checkpoint by the clock at every log window (every step: checkpoint.every_minutes of 6 ms), which rank 0
+    # decides and all 3 ranks must take at the same step, each settling its uneven share of the stream.
     cfg = make_cfg("uneven", workers=3, extra=["scaling.cpus_per_worker=0.4", "eval.at_phase_end=false",
                                                 "train.batch_size=50", "train.samples=668", "checkpoint.every_samples=0",
-                                                "fault.record_rows=true", "phases.0.patch_dropout=0.5"],
+                                                "checkpoint.every_minutes=0.0001", "fault.record_rows=true",
+                                                "phases.0.patch_dropout=0.5"],
                    train=out)
     from reclip_ray.train.launch import run_training
 
@@ -361,6 +364,10 @@ def test_uneven_shards_and_a_worker_count_that_does_not_divide_the_rows(ray_sess
             per_rank[(rec["phase"], int(path.name[4:path.name.index("-")]))] += len(rec["keys"])
     assert [[per_rank[(p, r)] for r in range(3)] for p in (0, 1)] == [[167, 167, 167], [56, 56, 55]]
     assert run.data.metrics["local_batch"] == 6  # rank 0's share of the last step: 17 = 6 + 6 + 5
+    # The two checkpoints kept (checkpoint.num_to_keep): the clock's at step 13 (651 samples) and the phase end's;
+    # without the clock's they would be the two phase ends' (501, 668).
+    kept = sorted(p.name for p in Path(metrics["run_dir"]).glob("checkpoint_s*"))
+    assert kept == ["checkpoint_s000000000651_p1", "checkpoint_s000000000668_p1e"], kept
 
     # gflops_total at every step = the rows trained so far x each phase's training FLOPs per sample, phase 0's with
     # 8 of its 16 patch tokens (+ the class token) at 32 px: a worker that ignored the dropout would count 17.
