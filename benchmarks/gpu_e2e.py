@@ -2,8 +2,8 @@
 for a run's first checkpoint (the kill-and-resume check) and the per-phase table read back from MLflow.
 
   python benchmarks/gpu_e2e.py data OUT --train N --eval M --size PX --shrink 80
-  python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S [--pid P]   exits 0 once a checkpoint folder
-        exists, 1 after S seconds or once process P (the job) has exited
+  python benchmarks/gpu_e2e.py wait-checkpoint RUN_DIR --timeout S [--pid P]   exits 0 once Ray Train has
+        registered a checkpoint, 1 after S seconds or once process P (the job) has exited
   python benchmarks/gpu_e2e.py phases --tracking-uri URI --experiment NAME --label L --peak-flops F
         --config C [--set K=V ...] [--cpu-log F]   one JSON line per phase: samples/s, step time, data wait, MFU,
         peak GPU memory, and with the cpu-sample log the cores Ray Data's tasks kept busy feeding the GPU
@@ -17,7 +17,6 @@ pipeline's start and a compile fall in it), as ``reclip-ray bench e2e`` does.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -43,11 +42,24 @@ def make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def registered_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoints Ray Train has registered (its snapshot in the run folder), whose meta.json is there. A
+    checkpoint_s<samples>_p<phase> folder alone may still be being copied: with ``checkpoint.upload: async`` (the
+    vit-b-16 preset) training goes on meanwhile, and a kill then resumes from the checkpoint before."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            snapshot = json.load(f)
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+    names = [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
+    return sorted(n for n in names if os.path.isfile(os.path.join(run_dir, n, "meta.json")))
+
+
 def wait_checkpoint(args: argparse.Namespace) -> int:
-    """Poll the run folder for a finished checkpoint (Ray Train moves it in whole: checkpoint_s<samples>_p<phase>)."""
+    """Poll the run folder for a checkpoint Ray Train has registered (``registered_checkpoints``)."""
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        found = sorted(glob.glob(os.path.join(args.run_dir, "checkpoint_s*")))
+        found = registered_checkpoints(args.run_dir)
         if found:
             print(json.dumps({"e2e": "checkpoint_seen", "checkpoint": os.path.basename(found[0])}), flush=True)
             return 0

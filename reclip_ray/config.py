@@ -152,6 +152,10 @@ class CheckpointSection:
     # 0's clock: the same wall time between checkpoints on 8 GPUs or 64, at 64 px or 224 px.
     every_minutes: float = 0.0
     num_to_keep: int = 2
+    # sync: every rank waits while rank 0's checkpoint is copied to run.storage_path (Ray Train's default). async:
+    # rank 0 writes it to a local temp folder, a thread copies it, training goes on; it counts as the run's latest
+    # once copied (a failure before that restarts from the one before).
+    upload: str = "sync"
 
 
 @dataclass
@@ -594,6 +598,8 @@ def _check_checkpoint(cfg: Config) -> None:
                           f"got {cfg.checkpoint.every_samples}")
     if not cfg.checkpoint.every_minutes >= 0:  # also refuses nan
         raise ConfigError(f"'checkpoint.every_minutes' must be >= 0 (0: off), got {cfg.checkpoint.every_minutes}")
+    if cfg.checkpoint.upload not in ("sync", "async"):
+        raise ConfigError(f"'checkpoint.upload' must be sync or async, got {cfg.checkpoint.upload!r}")
     if cfg.checkpoint.num_to_keep < 1:
         raise ConfigError(f"'checkpoint.num_to_keep' must be >= 1, got {cfg.checkpoint.num_to_keep}")
 

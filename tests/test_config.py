@@ -74,6 +74,7 @@ def test_fraction_versus_count():
         (["checkpoint.every_samples=-1"], "'checkpoint.every_samples' must be >= 0"),
         (["checkpoint.every_minutes=-0.5"], "'checkpoint.every_minutes' must be >= 0"),
         (["checkpoint.every_minutes=.nan"], "'checkpoint.every_minutes' must be >= 0"),
+        (["checkpoint.upload=later"], "'checkpoint.upload' must be sync or async"),
         # Configs Ray Train or the driver used to refuse only after the MLflow run existed:
         (["scaling.gpus_per_worker=0"], "'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU "
                                         "(scaling.use_gpu=auto); set scaling.use_gpu=false for CPU workers"),

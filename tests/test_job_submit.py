@@ -56,6 +56,11 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
        ``reclip-ray: interrupted``, its MLflow run is KILLED within that window, and nothing of it is left;
     2. the same job submitted again, as the README runs it, resumes at that checkpoint in the same MLflow run and
        succeeds. The steps of job 1 are slowed (1 s each, while a flag file exists) so it is training when stopped.
+
+    Its checkpoints are uploaded in Ray Train's thread (``checkpoint.upload=async``, the large presets' setting):
+    the stop may come while one is being copied (a folder on S3 that Ray Train never registered, which the resumed
+    job writes again), the job resumes at the last one Ray Train registered, and the run's last checkpoint is copied
+    before the job ends.
     """
     from mlflow.tracking import MlflowClient
 
@@ -82,8 +87,8 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     slow.touch()
     sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
                          extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
-                                f"run.storage_path={runs}", "checkpoint.every_samples=256", "fault.step_delay_s=1",
-                                f"fault.step_delay_while={slow}"])  # the later --set wins
+                                f"run.storage_path={runs}", "checkpoint.every_samples=256", "checkpoint.upload=async",
+                                "fault.step_delay_s=1", f"fault.step_delay_while={slow}"])  # the later --set wins
     run_dir = f"{runs}/jobrun"
 
     def submit(job_id: str, *wait: str) -> list[str]:
@@ -148,6 +153,9 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     restarts = client.get_metric_history(runs[0].info.run_id, "restarts")
     assert [m.step for m in restarts if m.value == 1] == [resume_from]  # resumed at the stopped job's checkpoint
     assert runs[0].data.metrics["samples"] == 1024
+    # Each checkpoint's cost to the step loop (rank 0's write and report; the copy to S3 ran in Ray Train's thread)
+    costs = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "checkpoint_s")}
+    assert state["step"] in costs and all(v > 0 for v in costs.values()), costs
     assert any(k.startswith("eval/64px/") for k in runs[0].data.metrics)
     assert runs[0].info.run_id in logs  # the end-of-run table names the MLflow run
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -137,6 +138,7 @@ class Trial:
         self.name, self.reports, self.spent, self.asked, self.exported = name, [], [], [], 0
         self.checkpoints: list[str] = []
         self.saved: list[int] = []  # the step of each report with a checkpoint
+        self.handed: list[tuple[str, list[str], dict]] = []  # each checkpoint's folder, its files then, report kwargs
         self.logged: list[tuple[int, dict]] = []
         slope = SLOPE[name] if slope is None else slope
         cfg.eval.at_gflops = list(milestones)
@@ -159,11 +161,12 @@ class Trial:
             factor = 1.0 if image_size >= full_size else OWN_RES_FACTOR
             return {"shape/top1": factor * slope * trained() / BUDGET}
 
-        def report(metrics, checkpoint=None, **_):
+        def report(metrics, checkpoint=None, **kwargs):
             self.reports.append(metrics)
             self.spent.append(trained())
             if checkpoint is not None:
                 self.saved.append(metrics["step"])
+                self.handed.append((checkpoint.path, sorted(os.listdir(checkpoint.path)), kwargs))
             if checkpoint is not None and run_dir is not None:  # Ray Train keeps what the worker reports
                 kept = f"{run_dir}/kept"  # shared with the run's later attempts
                 self.checkpoints.append(shutil.copytree(checkpoint.path, f"{kept}/{len(glob.glob(f'{kept}/*'))}"))
@@ -539,3 +542,33 @@ def test_checkpoint_every_minutes_checkpoints_at_the_first_log_window_that_long_
     walls = [per_sample * (plan.end_sample - plan.start_sample) for plan in plans]
     per_phase = [sum(first < k <= last for k in expected) for first, last in zip([0] + ends, ends)]
     assert run_checkpoints(cfg, walls) == per_phase
+
+
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_an_async_upload_hands_ray_train_a_whole_checkpoint_folder_that_ray_train_deletes(space, monkeypatch, upload):
+    """``checkpoint.upload``: ``sync`` reports each checkpoint from a temporary folder that is gone once ``report``
+    returns (Ray Train has copied it by then); ``async`` asks Ray Train to copy it in a thread
+    (``CheckpointUploadMode.ASYNC``) and to delete the folder after the copy, so the folder must outlive ``report``:
+    the worker leaves it (here ``report`` is a stand-in that copies nothing, so the folders are still there). Either
+    way the folder is whole when reported: ``meta.json`` (written last) beside the state and the config."""
+    import ray.train
+
+    cfg = _configs(space)["reclip"]
+    cfg.checkpoint.upload = upload
+    trial = Trial("reclip", cfg, [], monkeypatch)
+    assert len(trial.handed) == len(cfg.phases) >= 2  # the phase ends'
+    # MLflow's checkpoint_s: the seconds each checkpoint held the step loop, at its step
+    assert [step for step, m in trial.logged if "checkpoint_s" in m] == trial.saved
+    assert all(m["checkpoint_s"] > 0 for _, m in trial.logged if "checkpoint_s" in m)
+    try:
+        for path, files, kwargs in trial.handed:
+            assert files == ["config.yaml", "meta.json", "state.pt"], files
+            if upload == "sync":
+                assert not os.path.exists(path) and kwargs.get("checkpoint_upload_mode") is None, kwargs
+            else:
+                assert os.path.isdir(path) and sorted(os.listdir(path)) == files
+                assert kwargs["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+                assert kwargs["delete_local_checkpoint_after_upload"] is True
+    finally:
+        for path, _, _ in trial.handed:
+            shutil.rmtree(path, ignore_errors=True)

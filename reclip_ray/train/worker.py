@@ -10,6 +10,7 @@ of iterator exhaustion or of the worker count, so every rank takes the same numb
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -451,12 +452,37 @@ class Worker:
         metrics = {**metrics, "samples": state.samples, "step": state.step, "phase": state.phase,
                    "workers": self.world, "gflops_total": state.gflops, "mlflow_run_id": state.mlflow_run_id}
         if save and self.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="reclip-ckpt-") as tmp:
-                save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
-                name = f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}"
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=name)
+            t0 = time.perf_counter()
+            self._report_checkpoint(metrics)
+            # What the checkpoint cost the step loop: every other rank waits this long at its next collective
+            tracking.log_metrics(self.tracking_uri, self.run_id, {"checkpoint_s": time.perf_counter() - t0},
+                                 step=state.step)
         else:
             ray.train.report(metrics, checkpoint=None)
         if save:  # checkpoint.every_minutes counts from the end of the last checkpoint's save
             self.checkpoint_clock.start()
+
+    def _report_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Rank 0: write the checkpoint to a local temp folder and report it. ``checkpoint.upload: sync`` returns once
+        Ray Train has copied it to the run folder (every other rank waits at its next collective); ``async`` returns
+        at once and a Ray Train thread copies it, then deletes the folder, while training goes on (Ray Train
+        registers it, and reports after it, once the copy is done)."""
+        import ray.train
+
+        state = self.state
+        name = f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}"
+        if self.cfg.checkpoint.upload == "sync":
+            with tempfile.TemporaryDirectory(prefix="reclip-ckpt-") as tmp:
+                save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)
+            return
+        tmp = tempfile.mkdtemp(prefix="reclip-ckpt-")
+        try:
+            save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
