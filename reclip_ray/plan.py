@@ -61,8 +61,8 @@ DEFAULT_MFU = 0.4
 # A checkpoint's bytes per parameter: fp32 weights and AdamW's two fp32 moments (``train.checkpoint.save_checkpoint``;
 # the RNG states and the pickle's framing add ~0.6% for the tiny preset, less for larger models).
 CHECKPOINT_BYTES_PER_PARAM = 12
-# Mid-phase checkpoints closer than this get a note: rank 0 writes and uploads each one inside ``ray.train.report``
-# while every other rank waits for it at the next step's collectives.
+# Mid-phase checkpoints closer than this get a note: rank 0 writes (and, with checkpoint.upload sync, copies) each one
+# inside ``ray.train.report`` while every other rank waits for it at the next step's collectives.
 CHECKPOINT_NOTE_S = 300.0
 CHECKPOINT_SUGGEST_S = 600.0  # the ``checkpoint.every_minutes`` the notes suggest
 # ... and checkpoints further apart than this get one too: a failure redoes everything since the last one.
@@ -122,6 +122,7 @@ class Plan:
     checkpoint_bytes: int = 0  # one checkpoint's state.pt, about (CHECKPOINT_BYTES_PER_PARAM)
     checkpoint_every_samples: int = 0  # 0: only at phase ends
     checkpoint_every_minutes: float = 0.0  # 0: off; its checkpoints are counted with --gpus only (a clock's)
+    checkpoint_upload: str = "sync"  # sync: every rank waits for the copy to run.storage_path; async: a thread copies
     hardware: Optional[Hardware] = None
     wall_s: Optional[float] = None
     gpu_hours: Optional[float] = None
@@ -341,10 +342,11 @@ def _price_checkpoints(plan: Plan, cfg: Config, hw: Hardware) -> None:
             plan.notes.append(f"phase '{p.name}': {_duration(gap)} between checkpoints on {hw.gpus} GPUs: a failure "
                               f"redoes up to that; {fix}")
         if p.checkpoint_every_s is not None and p.checkpoint_every_s < CHECKPOINT_NOTE_S:
+            held = ("writes each to local disk while the other ranks wait (checkpoint.upload async: a thread copies "
+                    "it)" if plan.checkpoint_upload == "async" else "writes and copies each while the other ranks wait")
             plan.notes.append(
                 f"phase '{p.name}': a checkpoint every {_duration(p.checkpoint_every_s)} ({p.checkpoints} in "
-                f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 writes each while the other "
-                f"ranks wait; {fix}")
+                f"{_duration(p.wall_s)}, {_gb(plan.checkpoint_bytes)} each): rank 0 {held}; {fix}")
 
 
 def _gb(n: int) -> str:
@@ -389,6 +391,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     plan.checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * plan.parameters
     plan.checkpoint_every_samples = cfg.checkpoint.every_samples
     plan.checkpoint_every_minutes = cfg.checkpoint.every_minutes
+    plan.checkpoint_upload = cfg.checkpoint.upload
     if cfg.data.tokenizer and not cfg.model.text.vocab_size:
         notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
                      f"{cfg.data.tokenizer}'s own vocabulary")

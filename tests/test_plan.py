@@ -336,6 +336,12 @@ def test_checkpoints_seconds_apart_get_a_note_with_an_interval_to_use(capsys):
     assert plan.checkpoint_bytes == 12 * plan.parameters and 1.7e9 < plan.checkpoint_bytes < 1.9e9
     (note,) = [n for n in plan.notes if n.startswith("phase 'lowres': a checkpoint every")]
     assert "(38 in 3.1 min, 1.80 GB each)" in note and note.endswith(f"checkpoint.every_samples=0 {FIX}"), note
+    # What holds the other ranks: the preset's async upload leaves rank 0's write to local disk; sync adds the copy
+    assert "rank 0 writes each to local disk while the other ranks wait (checkpoint.upload async" in note, note
+    synced = make_plan(load_config("vit-b-16", ["checkpoint.every_samples=10000000", "checkpoint.upload=sync"]),
+                       gpus=64, gpu="h200")
+    assert "rank 0 writes and copies each while the other ranks wait" in synced.notes[0], synced.notes
+    assert (plan.to_dict()["checkpoint_upload"], synced.to_dict()["checkpoint_upload"]) == ("async", "sync")
     fixed = load_config("vit-b-16", ["checkpoint.every_samples=10000000", *_fix(note)])
     for gpus in (8, 64):
         on = make_plan(fixed, gpus=gpus, gpu="h200")
