@@ -11,8 +11,8 @@
 #      shrunk copies, 1,000 eval rows: ~20-30 s on 16 cores, counted inside the same 60 s);
 #   2. the set is complete and Ray/MLflow import from $SITE, not from elsewhere (25 s: gpu_wheels.py --check-env);
 #   3. job 1, vit-b-16, bf16, 1 GPU worker: lowres 64 px (16 tokens, batch 1,024) then finetune 224 px (32 tokens,
-#      batch 512), checkpoint every 81,920 samples (copied in Ray Train's thread: the preset's checkpoint.upload
-#      async). Started, killed (SIGKILL of its process group) once Ray Train has registered its first checkpoint
+#      batch 512), checkpoint every 81,920 samples (copied in Ray Train's thread: checkpoint.upload async, the
+#      preset's, set here too so that the CPU dry run takes the same path). Started, killed (SIGKILL of its process group) once Ray Train has registered its first checkpoint
 #      (90 s), then the SAME command rerun must FINISH from that checkpoint (130 s);
 #   4. job 1's per-phase table from MLflow (15 s); `reclip-ray eval` of its model (30 s);
 #   5. job 2, the finetune phase alone from job 1's model: train.micro_batch_size=128 of 512, train.compile=true,
@@ -138,7 +138,8 @@ JOB1=(--config "$CONFIG"
       --set "train.samples=$((LOW_SAMPLES + FULL_SAMPLES))" --set "train.batch_size=$LOW_BATCH"
       --set train.precision=$([[ $GPU == true ]] && echo bf16 || echo fp32) --set "train.log_every_steps=$LOG_EVERY"
       --set optim.warmup_samples=0.05 --set "checkpoint.every_samples=$CKPT_EVERY" --set checkpoint.num_to_keep=2
-      --set checkpoint.every_minutes=0 --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
+      --set checkpoint.every_minutes=0 --set checkpoint.upload=async
+      --set scaling.min_workers=1 --set scaling.max_workers=1 --set "scaling.use_gpu=$GPU"
       --set "scaling.cpus_per_worker=$CPUS" --set "run.storage_path=$WORK/runs" --set run.name=e2e-main
       --set "tracking.uri=$URI" --set tracking.experiment=e2e-main --set "fault.step_delay_s=$DELAY")
 # CPU time by what it feeds (Ray Data's tasks, the training worker, the rest), sampled from /proc through both jobs:
