@@ -471,18 +471,16 @@ class Worker:
 
         state = self.state
         name = f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}"
-        if self.cfg.checkpoint.upload == "sync":
-            with tempfile.TemporaryDirectory(prefix="reclip-ckpt-") as tmp:
-                save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=name)
-            return
+        upload = {} if self.cfg.checkpoint.upload == "sync" else {
+            "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
+            "delete_local_checkpoint_after_upload": True}
         tmp = tempfile.mkdtemp(prefix="reclip-ckpt-")
+        handed = False  # to Ray Train's copy thread, which deletes the folder once it has copied it
         try:
             save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                             **upload)
+            handed = bool(upload)
+        finally:
+            if not handed:  # sync: copied by now; or the write or the report failed
+                shutil.rmtree(tmp, ignore_errors=True)
