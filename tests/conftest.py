@@ -268,6 +268,31 @@ def s3_checkpoints(run_dir: str) -> list[str]:
     return sorted(n for n in names if storage.is_file(storage.join(run_dir, n, "meta.json")))
 
 
+_CHECKPOINT_WRITER = """
+import sys
+from reclip_ray.train.scratch import checkpoint_folder
+folder = checkpoint_folder()
+with open(folder + "/state.pt", "wb") as f:
+    f.write(b"x" * int(sys.argv[1]))
+print(folder, flush=True)
+if sys.argv[2] == "wait":
+    sys.stdin.read()  # alive until killed
+"""
+
+
+def checkpoint_writer(size: int, *, wait: bool) -> tuple[subprocess.Popen, str]:
+    """A process that writes a ``size``-byte checkpoint where rank 0 writes one (``scratch.checkpoint_folder``, under
+    this environment's $TMPDIR), prints its folder and, with ``wait``, stays alive until killed, else exits."""
+    proc = subprocess.Popen([sys.executable, "-c", _CHECKPOINT_WRITER, str(size), "wait" if wait else "exit"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    folder = proc.stdout.readline().strip()
+    assert folder, "the writer printed no folder"
+    if wait:
+        assert os.path.isfile(os.path.join(folder, "state.pt")), folder
+    return proc, folder
+
+
 def mlflow_run(db: Path, run_id: str | None = None):
     """(client, run) of the only run in experiment 'it' (or of ``run_id``)."""
     from mlflow.tracking import MlflowClient

@@ -9,6 +9,7 @@ placement group of the job outlives it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import overrides_for, s3_checkpoints
+from conftest import checkpoint_writer, overrides_for, s3_checkpoints
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     Its checkpoints are uploaded in Ray Train's thread (``checkpoint.upload=async``, the large presets' setting):
     the stop may come while one is being copied (a folder on S3 that Ray Train never registered, which the resumed
     job writes again), the job resumes at the last one Ray Train registered, and the run's last checkpoint is copied
-    before the job ends.
+    before the job ends. A checkpoint folder that a killed process left on the node (the stop can leave one: rank 0's,
+    while it was written or copied) is removed when the resumed job's workers start.
     """
     from mlflow.tracking import MlflowClient
 
@@ -115,6 +117,11 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
         assert time.time() < deadline, f"left by the stopped job: {sorted(left)}"
         time.sleep(0.5)
     resume_from = storage.read_json(f"{run_dir}/{s3_checkpoints(run_dir)[-1]}/meta.json")["step"]
+    # A checkpoint that a killed process left on this node, as the stop may have left one of the job's (rank 0's,
+    # written or being copied when the stop came): the resumed job's workers remove it when they start.
+    writer, orphan = checkpoint_writer(5_000_000, wait=True)
+    writer.kill()
+    writer.wait(timeout=30)
 
     # 2. The same job again, as the README runs it: the submit blocks, streams the job's logs and ends with the job.
     # (Polling `ray job status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds.)
@@ -124,6 +131,9 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     assert submitted.returncode == 0, f"{submitted.stderr[-3000:]}\n{logs[-4000:]}"
     status = _ray("job", "status", "--address", address, "reclip-e2e", env=env).stdout
     assert "succeeded" in status.lower(), f"{status}\n{logs[-4000:]}"
+    assert not os.path.exists(os.path.dirname(orphan)), orphan
+    removed = re.search(r"removed \d+ checkpoint folder\(s\) \(\d+\.\d\d GB\) that a process that died left", logs)
+    assert removed, logs[-4000:]
 
     # Path("s3://b/x") is the relative path s3:/b/x: it would land in the working dir of the process that made it,
     # all under the cluster's session dir: the driver's is the job's working dir as Ray unpacked it (found by its

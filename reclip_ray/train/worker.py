@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from reclip_ray.train.handover import check_data_start, write_fatal
 from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, skip_reason
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
+from reclip_ray.train.scratch import checkpoint_folder, remove_orphans
 from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled, read_step, train_step
 
 
@@ -72,6 +72,7 @@ class Worker:
         self.cfg = from_dict(loop_config["config"])
         self.config_yaml: str = loop_config["config_yaml"]
         self._connect(loop_config)
+        self._clear_scratch()
         # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(self.cfg.train.seed)
         self._build_model()
@@ -113,6 +114,14 @@ class Worker:
             torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker))))
         self.autocast = autocast_dtype_for(cfg.train.precision, self.device)
         self.local_loss = local_loss_enabled(cfg.train.local_loss, self.world)
+
+    def _clear_scratch(self) -> None:
+        """Checkpoint folders that a dead process left on this node (``scratch.py``): each is a whole checkpoint."""
+        removed = remove_orphans()
+        if removed:
+            gb = sum(size for _, size in removed) / 1e9
+            self.say(f"rank {self.rank}: removed {len(removed)} checkpoint folder(s) ({gb:.2f} GB) that a process "
+                     f"that died left in {os.path.dirname(removed[0][0])}")
 
     def _build_model(self) -> None:
         from reclip_ray.model import build_model
@@ -433,7 +442,8 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------ talking
     def say(self, text: str) -> None:
-        """A line for the person watching: through the driver's display, else printed (rank 0 only)."""
+        """A line for the person watching: through the driver's display, else printed (rank 0's, and a line only one
+        rank can give, such as the checkpoint folders it removed)."""
         line = f"[reclip] {text}"
         print(line, flush=True)  # the run's log
         if self.board is not None:
@@ -474,7 +484,7 @@ class Worker:
         upload = {} if self.cfg.checkpoint.upload == "sync" else {
             "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
             "delete_local_checkpoint_after_upload": True}
-        tmp = tempfile.mkdtemp(prefix="reclip-ckpt-")
+        tmp = checkpoint_folder()  # removed below, by Ray Train's copy thread, or after this process dies (scratch.py)
         handed = False  # to Ray Train's copy thread, which deletes the folder once it has copied it
         try:
             save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
