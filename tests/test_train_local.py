@@ -31,6 +31,15 @@ def test_train_step_bf16_autocast_and_clamp():
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_a_batch_bound_for_the_cpu_is_not_copied_to_pinned_memory():
+    """``pinned_for`` pins only for a GPU (tests/test_gpu.py checks that copy there): on CPU the batch is the very
+    tensor the feed made, no host copy."""
+    from reclip_ray.train.step import pinned_for
+
+    images, tokens = torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.ones(2, 5, dtype=torch.long)
+    out = pinned_for(torch.device("cpu"), images, tokens)
+    assert out[0] is images and out[1] is tokens
+
 
 # Tensor methods that hand a value to the host: on a GPU each waits for every kernel queued before it.
 HOST_READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,

@@ -169,6 +169,20 @@ def read_step(out: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {k: values[k] if k in values else float(v) for k, v in out.items()}
 
 
+def pinned_for(device: torch.device | str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host tensors bound for ``device`` in page-locked memory when it is a GPU (each unchanged otherwise).
+
+    ``train_step`` copies its batch with ``non_blocking=True``. From pageable memory CUDA stages the copy through
+    its own buffer, and a copy larger than that (a 224 px batch of 512 rows is 77 MB) waits on the host until the
+    GPU has run every kernel queued before it: the host could not queue the next step while the GPU runs this one,
+    which undoes ``train_step``'s reading nothing back. From pinned memory the copy is queued and the call returns.
+    ``pin_memory`` copies into PyTorch's cached pinned blocks (the host's copy, while the GPU runs the step before;
+    in the worker's data-wait time) and keeps each block until the copy from it is done."""
+    if torch.device(device).type != "cuda":
+        return tensors
+    return tuple(t if t.is_cuda else t.pin_memory() for t in tensors)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the towers' autocast context (a no-op context without a dtype)."""
     if dtype is None:

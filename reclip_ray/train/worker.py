@@ -31,7 +31,8 @@ from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, 
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
 from reclip_ray.train.scratch import checkpoint_folder, remove_orphans
-from reclip_ray.train.step import autocast_dtype_for, compile_model, local_loss_enabled, read_step, train_step
+from reclip_ray.train.step import (autocast_dtype_for, compile_model, local_loss_enabled, pinned_for, read_step,
+                                   train_step)
 
 
 PHASES_EVALUATED = "phases_evaluated"  # MLflow: the phases whose end evaluation has ended, logged at each phase end
@@ -88,6 +89,7 @@ class Worker:
         # read it.
         self.eval_error: str | None = "the final model was not evaluated"
         self.feed: Any = None  # the phase's PhaseFeed (run_phase)
+        self._read: tuple[Any, dict[str, float]] = (None, {})  # the last step output read, and its floats (read)
         self.checkpoint_clock = CheckpointClock(self.cfg.checkpoint.every_minutes)  # restarted at every checkpoint
 
     # ------------------------------------------------------------------------------------------ setting up
@@ -248,10 +250,11 @@ class Worker:
         if batch is None:
             raise RuntimeError(f"phase '{plan.name}': rank {self.rank} ran out of data at {state.samples} samples "
                                f"(phase ends at {plan.end_sample}); too many bad or absent rows?")
-        images = self.images(batch, plan.image_size)
+        tokens = torch.from_numpy(batch["tokens"])
+        images, tokens = pinned_for(self.device, self.images(batch, plan.image_size), tokens)
         window.data_s += time.perf_counter() - t0
         lr = self.schedule.lr_at(state.samples)
-        last = train_step(self.ddp_model, self.optimizer, images, torch.from_numpy(batch["tokens"]), lr=lr,
+        last = train_step(self.ddp_model, self.optimizer, images, tokens, lr=lr,
                           grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.autocast, local_batch_sizes=sizes,
                           local_loss=self.local_loss, micro_batch=self.cfg.train.micro_batch_size)
         state.samples += sum(sizes)
@@ -263,10 +266,12 @@ class Worker:
 
     def read(self, last: dict[str, Any]) -> dict[str, float]:
         """A step's output as floats, which waits for its kernels (so: at log windows, checkpoints and compute
-        milestones, not every step); the loss becomes the run position's (``final_loss``, the checkpoint's)."""
-        values = read_step(last)
-        self.state.loss = values["loss"]
-        return values
+        milestones, not every step; once per step where several fall on it); the loss becomes the run position's
+        (``final_loss``, the checkpoint's)."""
+        if self._read[0] is not last:
+            self._read = (last, read_step(last))
+            self.state.loss = self._read[1]["loss"]
+        return self._read[1]
 
     def end_phase(self, plan: Any) -> None:
         """Checkpoint the finished phase first, then evaluate it: an evaluation error is logged, never costs the
