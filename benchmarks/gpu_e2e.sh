@@ -8,7 +8,8 @@
 # device's 600 s per call; in parallel steps not counted twice):
 #   0. torch sees the GPU (20 s);
 #   1. install .whl/ into $SITE (60 s), in parallel with the synthetic data (20,000 train rows at 256 px + 80 px
-#      shrunk copies, 1,000 eval rows: ~20-30 s on 16 cores, counted inside the same 60 s);
+#      shrunk copies, 1,000 eval rows: ~20-30 s on 16 cores) and tests/test_gpu.py on the GPU (bf16 step, nccl,
+#      nvJPEG, the pinned batch copy: ~15 s), both counted inside the same 60 s;
 #   2. the set is complete and Ray/MLflow import from $SITE, not from elsewhere (25 s: gpu_wheels.py --check-env);
 #   3. job 1, vit-b-16, bf16, 1 GPU worker: lowres 64 px (16 tokens, batch 1,024) then finetune 224 px (32 tokens,
 #      batch 512), checkpoint every 81,920 samples (copied in Ray Train's thread: checkpoint.upload async, the
@@ -120,12 +121,23 @@ T() { echo $(($1 * SCALE)); }
 PYTHONPATH="$DATA_PATH" timeout -k 5 "$(T 60)" "$PY" benchmarks/gpu_e2e.py data "$WORK/data" $SYNTH \
     >"$LOGS/data.log" 2>&1 &
 data_pid=$!
+if [[ $GPU == true ]]; then  # the tests that need a GPU (tests/test_gpu.py), on the GPU while the CPUs install
+    PYTHONPATH="$DATA_PATH" timeout -k 5 60 "$PY" -m pytest -q -rs -s -m gpu tests/test_gpu.py -p no:cacheprovider \
+        >"$LOGS/gpu_tests.log" 2>&1 &
+    tests_pid=$!
+fi
 step install "$(T 60)" "${PIP[@]}" install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     "$WHEELS"/*.whl
 wait $data_pid
 data_rc=$?
 grep -h '^{"e2e"' "$LOGS/data.log" >>"$JSONL" || tail -n 20 "$LOGS/data.log"
 say "{\"e2e\": \"step\", \"step\": \"data\", \"rc\": $data_rc, \"timeout_s\": $(T 60), \"note\": \"in parallel with install\"}"
+if [[ $GPU == true ]]; then
+    wait $tests_pid
+    tests_rc=$?
+    tail -n 12 "$LOGS/gpu_tests.log" | cut -c1-400
+    say "{\"e2e\": \"step\", \"step\": \"gpu_tests\", \"rc\": $tests_rc, \"skipped\": $(grep -c SKIPPED "$LOGS/gpu_tests.log"), \"timeout_s\": 60, \"note\": \"in parallel with install\"}"
+fi
 
 # 2. the installed set is complete and is the one imported
 step check_env "$(T 25)" "$PY" benchmarks/gpu_wheels.py --check-env "$SITE"
@@ -223,11 +235,14 @@ no_dashboard = ray_starts - len(re.findall(r"Started a local Ray instance\. View
     + text.count("Failed to start the dashboard")
 steps = {r["step"]: r["rc"] for r in rows if r.get("e2e") == "step"}
 must = ["install", "data", "check_env", "job1_resume", "job1_phases", "eval", "job2", "export_open_clip", "job2_phases"]
+gpu_tests = next((r for r in rows if r.get("step") == "gpu_tests"), {})
+if sys.argv[3] != "1":  # on the GPU: its tests ran, none skipped
+    must.append("gpu_tests")
 attempt1 = next((r for r in rows if r.get("step") == "job1_attempt1"), {})
 resumed_at = int(resumed.group(1).replace(",", "")) if resumed else None
 table = {"gpu_e2e": {"cpu_dry_run": sys.argv[3] == "1", "ok": all(steps.get(s) == 0 for s in must)
                      and attempt1.get("killed_after_checkpoint") is True and bool(resumed_at)
-                     and ray_starts > 0 and no_dashboard == 0,
+                     and ray_starts > 0 and no_dashboard == 0 and gpu_tests.get("skipped", 0) == 0,
                      "steps": steps, "killed_after_checkpoint": attempt1.get("killed_after_checkpoint"),
                      "resumed_at_samples": resumed_at, "modules_missing_in_logs": missing,
                      "ray_starts": ray_starts, "ray_starts_without_dashboard": no_dashboard,
