@@ -49,7 +49,8 @@ class DataConfig:
     synth_train: int = 20000
     synth_eval: int = 1000
     read_parallelism: int = -1  # read+decode tasks in flight per phase; -1: max(4, the cluster's CPUs)
-    decode_batch_size: int = 64
+    decode_batch_size: int = 64  # the fewest rows per decode call and per block (pipeline.block_rows)
+    block_mb: float = 8.0  # decoded rows per block the phase's split hands out, in MB; 0: decode_batch_size rows
     shuffle: str = "files"  # files | none: permute the shards per pass, and the rows of each read unit
     shuffle_buffer: int = -1  # rows per worker in the window shuffle; -1: 10x the phase's local batch; 0: none
     group_shards: int = 16  # shards one read task interleaves (a batch mixes rows of this many shards)
@@ -626,6 +627,9 @@ def _check_data(cfg: Config) -> None:
     if d.shuffle_buffer < -1:
         raise ConfigError(f"'data.shuffle_buffer' must be -1 (10x the local batch), 0 (off) or a row count, "
                           f"got {d.shuffle_buffer}")
+    if d.decode_batch_size < 1 or d.block_mb < 0:
+        raise ConfigError(f"'data.decode_batch_size' must be >= 1 and 'data.block_mb' >= 0, got {d.decode_batch_size} "
+                          f"and {d.block_mb:g}")
     if d.group_shards < 1 or d.chunk_rows < 1:
         raise ConfigError(f"'data.group_shards' and 'data.chunk_rows' must be >= 1, got {d.group_shards} "
                           f"and {d.chunk_rows}")

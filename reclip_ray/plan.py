@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from reclip_ray.config import Config, full_image_size, full_text_length, load_co
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
                               phase_train_flops_per_sample, train_flops_per_sample)
+from reclip_ray.run_names import JPEG_ROW_BYTES, block_rows
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ DEFAULT_MFU = 0.4
 # A checkpoint's bytes per parameter: fp32 weights and AdamW's two fp32 moments (``train.checkpoint.save_checkpoint``;
 # the RNG states and the pickle's framing add ~0.6% for the tiny preset, less for larger models).
 CHECKPOINT_BYTES_PER_PARAM = 12
+# Blocks/s one phase's split coordinator (one actor: every block of the phase passes through it) is planned to
+# carry: half of the ~1,100/s its measured CPU per block allows (0.84-0.94 ms, benchmarks/split_blocks.py with the
+# blocks made beforehand, BENCHMARKS.md "Ray Data's split coordinator per block"), as the same actor also runs the
+# phase's stream executor. Above it a phase gets a note with the data.block_mb that brings it under.
+SPLIT_BLOCKS_PER_S = 550.0
 # Mid-phase checkpoints closer than this get a note: rank 0 writes (and, with checkpoint.upload sync, copies) each one
 # inside ``ray.train.report`` while every other rank waits for it at the next step's collectives.
 CHECKPOINT_NOTE_S = 300.0
@@ -89,6 +96,8 @@ class PhaseCost:
     decode_cores_per_gpu: Optional[float] = None
     checkpoints: int = 0  # written in the phase: at checkpoint.every_samples (and every_minutes), and its end's
     checkpoint_every_s: Optional[float] = None  # with hardware, the mid-phase checkpoints' interval (None: none)
+    block_rows: int = 0  # rows per block of the phase's stream (run_names.block_rows: data.block_mb)
+    split_blocks_per_s: Optional[float] = None  # with hardware, blocks/s through the phase's one split coordinator
 
 
 @dataclass
@@ -225,6 +234,7 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
             image_tokens=image_tokens(cfg.model.vision, ph.image_size, ph.patch_dropout), text_length=ph.text_length,
             train_gflops_per_sample=per_sample / 1e9, train_gflops=per_sample * samples / 1e9,
             patch_dropout=ph.patch_dropout, checkpoints=phase_checkpoints(plans[i], cfg.checkpoint.every_samples),
+            block_rows=block_rows(cfg, ph.image_size),
         ))
     total = sum(p.train_gflops for p in out)
     for p in out:
@@ -319,11 +329,37 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
         elif p.decode_rate_px < p.image_size:
             plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
                               f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
+        p.split_blocks_per_s = p.samples_per_s_per_gpu * hw.gpus / p.block_rows
     plan.wall_s = sum(p.wall_s for p in plan.phases)
     plan.gpu_hours = plan.wall_s * hw.gpus / 3600
     full = plan.full_resolution
     full["wall_s"] = wall_seconds(full["train_gflops"], hw.gpus, hw.peak_tflops, hw.mfu)
     full["gpu_hours"] = full["wall_s"] * hw.gpus / 3600
+
+
+def _price_split(plan: Plan, cfg: Config, hw: Hardware) -> None:
+    """A note for each phase whose blocks would pass through its split coordinator faster than it is planned to
+    carry (``SPLIT_BLOCKS_PER_S``), with one ``data.block_mb`` (and, past one read unit, ``data.chunk_rows``) that
+    brings every phase under: the keys are the run's, not a phase's. The split holds about a block per worker back
+    to keep the ranks' rows equal: that much of the object store, said too."""
+    d = cfg.data
+    over = [p for p in plan.phases if (p.split_blocks_per_s or 0) > SPLIT_BLOCKS_PER_S]
+    if not over:
+        return
+    row_bytes = {p.name: JPEG_ROW_BYTES if d.decode_device == "cuda" else 3 * p.image_size**2 for p in over}
+    rows = {p.name: math.ceil(p.samples_per_s_per_gpu * hw.gpus / SPLIT_BLOCKS_PER_S) for p in over}
+    block_mb = max(math.ceil(rows[p.name] * row_bytes[p.name] / (1 << 20)) for p in over)
+    fix = [f"data.block_mb={block_mb}"]
+    chunk_rows = max(math.ceil(n / d.group_shards) for n in rows.values())
+    if chunk_rows > d.chunk_rows:  # a block is at most one read unit
+        fix.append(f"data.chunk_rows={chunk_rows}")
+    for p in over:
+        size = min(block_mb * (1 << 20) // row_bytes[p.name], d.group_shards * max(chunk_rows, d.chunk_rows))
+        plan.notes.append(
+            f"phase '{p.name}': {p.split_blocks_per_s:,.0f} blocks/s (of {p.block_rows:,} rows) through the phase's "
+            f"one split coordinator, over the {SPLIT_BLOCKS_PER_S:,.0f}/s planned for it (half of what its CPU per "
+            f"block allows); {' '.join(fix)} make its blocks {size:,} rows (the split holds about one per worker "
+            f"back: {_gb(hw.gpus * size * row_bytes[p.name])} of object store)")
 
 
 def _price_checkpoints(plan: Plan, cfg: Config, hw: Hardware) -> None:
@@ -398,6 +434,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     if gpus is not None:
         plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)
         _price_phases(plan, plan.hardware)
+        _price_split(plan, cfg, plan.hardware)
         _price_checkpoints(plan, cfg, plan.hardware)
     return plan
 

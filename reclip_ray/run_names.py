@@ -33,6 +33,28 @@ def shuffle_buffer_rows(cfg: "Config", local_batch: int) -> int:
     return 10 * local_batch if cfg.data.shuffle_buffer == -1 else cfg.data.shuffle_buffer
 
 
+JPEG_ROW_BYTES = 64 << 10  # data.decode_device=cuda sends JPEG bytes, not pixels: a generous mean per row
+
+
+def block_rows(cfg: "Config", image_size: int) -> int:
+    """Rows per block of a phase's stream (``data.pipeline``: one decode batch): about ``data.block_mb`` MB of
+    decoded rows, at least ``data.decode_batch_size`` rows and at most one read unit (``group_shards x
+    chunk_rows`` rows); ``data.block_mb=0``: ``decode_batch_size`` rows.
+
+    Why bytes and not rows: every block passes through the phase's one split coordinator (``streaming_split``), an
+    actor that spends about 0.9 ms of CPU per block whatever it holds (``benchmarks/split_blocks.py``,
+    BENCHMARKS.md), so it serves about 1,100 blocks/s. At one row count for every phase, the 64 px phase sends
+    blocks ~9x as often as the 224 px phase (its samples/s are ~9x, by the FLOPs): 64-row blocks cap it at ~70k
+    samples/s for the whole cluster, a few GPUs' worth. A size in bytes, with samples/s about inversely
+    proportional to the pixels, keeps the blocks/s about the same in every phase, set by the full-resolution one. The cap at one unit keeps the rows in flight (which a restart reads again
+    and the data position tracks) within a unit per block where images are tiny."""
+    d = cfg.data
+    if d.block_mb <= 0:
+        return d.decode_batch_size
+    row_bytes = JPEG_ROW_BYTES if d.decode_device == "cuda" else 3 * image_size**2
+    return max(d.decode_batch_size, min(d.group_shards * d.chunk_rows, int(d.block_mb * (1 << 20) // row_bytes)))
+
+
 # ------------------------------------------------------------------------------------------ metrics a sweep reads
 TIME_ATTR = "gflops_total"  # the training GFLOPs spent, in every report of the worker
 FULL = "eval/full/"

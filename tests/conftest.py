@@ -230,8 +230,8 @@ def make_cfg(tmp_path, synth_dir, tokenizer_path):
 
 # No shuffle buffer, one read task and 32-row blocks: the stream arrives in the order of the shards, so two runs of
 # this data can be compared row for row (fault.record_rows writes the keys each rank trains at each step).
-IN_ORDER = ["data.shuffle_buffer=0", "data.read_parallelism=1", "data.decode_batch_size=32", "train.log_every_steps=1",
-            "fault.record_rows=true"]
+IN_ORDER = ["data.shuffle_buffer=0", "data.read_parallelism=1", "data.decode_batch_size=32", "data.block_mb=0",
+            "train.log_every_steps=1", "fault.record_rows=true"]
 
 
 @pytest.fixture(scope="session")

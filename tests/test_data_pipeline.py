@@ -124,6 +124,33 @@ def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer
         assert sum(reason.startswith(prefix) for reason in reasons) == 1, (prefix, reasons)
 
 
+@pytest.mark.slow
+def test_a_phases_blocks_hold_about_block_mb_of_rows_at_its_image_size(ray_session, make_cfg, tmp_path, tokenizer_path):
+    """``data.block_mb``: the blocks a phase's split hands out hold about ``run_names.block_rows`` rows, that many
+    MB of decoded images, so a 32 px phase sends fewer, larger blocks than a 96 px one (every block costs the split
+    coordinator the same CPU); never fewer rows than ``data.decode_batch_size``, never more than a read unit
+    (``group_shards x chunk_rows``). Ray Data cuts its output at ``target_max_block_size``, 1.1x a decode batch's
+    bytes, so a block holds the batch's rows or a few more (the median), never twice as many. Through the trainer's
+    own dataset factory and Ray Data, on 600 rows."""
+    from reclip_ray.data.shards import read_footers
+    from reclip_ray.run_names import block_rows
+    from reclip_ray.train.datasets import PhaseDatasetFactory
+
+    # (block_mb, image size, rows per block): 0.3 MiB / 3,072 bytes per 32 px row is 102 rows; at 96 px it would
+    # be 11, so decode_batch_size's 64; 8 MiB at 32 px is 2,730 rows, so one unit, 1,024; block_mb=0: 64.
+    cases = [(0.3, 32, 102), (0.3, 96, 64), (8.0, 32, 1024), (0.0, 32, 64)]
+    for block_mb, size, expected in cases:
+        cfg = make_cfg(f"blocks{block_mb}", extra=[f"data.block_mb={block_mb}", f"phases.0.image_size={size}"])
+        assert block_rows(cfg, size) == expected
+        shards = read_footers(list_parquet_files(cfg.data.train))
+        factory = PhaseDatasetFactory(cfg, 0, shards, passes=1, tokenizer_json=tokenizer_path.read_text(),
+                                      run_dir=str(tmp_path / f"run{block_mb}-{size}"), concurrency=2)
+        sizes = [len(b["_pos"]) for b in factory().iter_batches(batch_size=None, batch_format="numpy")]
+        assert sum(sizes) == 600 and max(sizes) < 2 * expected, (block_mb, size, sizes)
+        if expected < 300:  # several blocks
+            assert expected <= np.median(sizes) <= 1.25 * expected, (block_mb, size, sizes)
+
+
 # ------------------------------------------------------------------------------------------------ no Ray needed
 
 

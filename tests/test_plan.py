@@ -340,7 +340,8 @@ def test_checkpoints_seconds_apart_get_a_note_with_an_interval_to_use(capsys):
     assert "rank 0 writes each to local disk while the other ranks wait (checkpoint.upload async" in note, note
     synced = make_plan(load_config("vit-b-16", ["checkpoint.every_samples=10000000", "checkpoint.upload=sync"]),
                        gpus=64, gpu="h200")
-    assert "rank 0 writes and copies each while the other ranks wait" in synced.notes[0], synced.notes
+    (synced_note,) = [n for n in synced.notes if n.startswith("phase 'lowres': a checkpoint every")]
+    assert "rank 0 writes and copies each while the other ranks wait" in synced_note, synced.notes
     assert (plan.to_dict()["checkpoint_upload"], synced.to_dict()["checkpoint_upload"]) == ("async", "sync")
     fixed = load_config("vit-b-16", ["checkpoint.every_samples=10000000", *_fix(note)])
     for gpus in (8, 64):
@@ -403,3 +404,34 @@ def test_a_phase_that_runs_long_between_checkpoints_gets_a_note():
     fixed = make_plan(load_config("vit-l-16", [*old, *_fix(note)]), gpus=16, gpu="h200")
     assert fixed.phases[1].checkpoints == 10 and not [n for n in fixed.notes if "checkpoint" in n]
     assert not [n for n in make_plan(load_config("vit-l-16", old), gpus=128, gpu="h200").notes if "between" in n]
+
+
+def _split_fix(note: str) -> list[str]:
+    """The overrides a split note suggests."""
+    return re.search(r"allows\); ((?:data\.\w+=\d+ )+)make its blocks", note)[1].split()
+
+
+def test_a_phase_whose_blocks_would_outrun_its_split_coordinator_gets_a_note_whose_overrides_clear_it():
+    """Every block of a phase passes through one split coordinator, ~0.9 ms of CPU each (BENCHMARKS.md): the plan
+    prices each phase's blocks/s from its samples/s and ``run_names.block_rows`` (8 MiB of decoded rows: 682 at
+    64 px, 64 at 224 px, 128 JPEGs with device decode), notes those over ``SPLIT_BLOCKS_PER_S``, and the overrides
+    that one note gives (the run's keys, one value for all phases) clear every such note."""
+    from reclip_ray.plan import SPLIT_BLOCKS_PER_S
+
+    cfg = load_config("vit-b-16")
+    assert [p.block_rows for p in make_plan(cfg).phases] == [8 * 2**20 // (3 * 64 * 64), 64] == [682, 64]
+    assert make_plan(cfg).phases[0].split_blocks_per_s is None  # no speed without --gpus
+    assert [p.block_rows for p in make_plan(load_config("vit-b-16", ["data.decode_device=cuda"])).phases] == [128, 128]
+    assert not [n for n in make_plan(cfg, gpus=8, gpu="h100").notes if "split coordinator" in n]
+    for gpus in (64, 128):
+        plan = make_plan(cfg, gpus=gpus, gpu="h100")
+        for p in plan.phases:
+            assert p.split_blocks_per_s == pytest.approx(p.samples / p.wall_s / p.block_rows)
+            assert p.split_blocks_per_s > SPLIT_BLOCKS_PER_S
+        notes = [n for n in plan.notes if "split coordinator" in n]
+        assert [n.split("'")[1] for n in notes] == ["lowres", "finetune"], plan.notes
+        assert _split_fix(notes[0]) == _split_fix(notes[1])
+        fixed = make_plan(load_config("vit-b-16", _split_fix(notes[0])), gpus=gpus, gpu="h100")
+        assert not [n for n in fixed.notes if "split coordinator" in n], fixed.notes
+        assert all(p.split_blocks_per_s <= SPLIT_BLOCKS_PER_S for p in fixed.phases)
+        assert plan.to_dict()["phases"][0]["block_rows"] == 682

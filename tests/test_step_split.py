@@ -13,6 +13,7 @@ import math
 import pytest
 
 from reclip_ray.config import from_dict, load_config
+from reclip_ray.run_names import block_rows
 from reclip_ray.schedule import Schedule
 from reclip_ray.train.batch_split import split_batch, step_split
 from reclip_ray.train.datasets import phase_rows_needed
@@ -102,8 +103,8 @@ def test_exactly_the_rows_the_margin_counts_are_enough_for_every_rank_and_restar
     # The margin the driver uses covers it (its slack comes on top).
     cfg = from_dict({"model": "tiny", "phases": [{"name": "p", "image_size": 32, "text_length": 16, "samples": n}],
                      "train": {"samples": n, "batch_size": batch},
-                     "scaling": {"min_workers": 1, "max_workers": world}, "data": {"shuffle_buffer": 0}})
-    slack = world * 4 * cfg.data.decode_batch_size
+                     "scaling": {"min_workers": 1, "max_workers": world}, "data": {"shuffle_buffer": 0, "block_mb": 0}})
+    slack = world * 4 * block_rows(cfg, 32)
     assert phase_rows_needed(cfg, plan) == rows + slack
     # The old split (the first B % N ranks one more in every step): rank 0 needs steps x (1 - (B % N) / N) rows
     # more than n / N, far more than the equal share and the slack.

@@ -9,7 +9,7 @@ from typing import Any
 
 from reclip_ray.config import Config
 from reclip_ray.errors import DataError
-from reclip_ray.run_names import phase_dataset_name, phase_seed, shuffle_buffer_rows
+from reclip_ray.run_names import block_rows, phase_dataset_name, phase_seed, shuffle_buffer_rows
 from reclip_ray.train.handover import latest_checkpoint_state, raise_if_fatal, record_data_start
 
 
@@ -48,14 +48,14 @@ def phase_rows_needed(cfg: Config, plan: Any) -> int:
     ``batch_split.step_split`` rotates the rows that do not divide, so from any step on a rank trains at most
     ``ceil(samples / N)`` of the phase's remaining rows: ``N ceil(samples / N) + N - 1 <= samples + 2 (N - 1)`` rows
     are enough. A restart rebuilds the stream without the rows already trained (``feed.DataPosition``), so the
-    bound holds from every checkpoint on. The slack, one shuffle buffer and four decode batches per worker, absorbs
-    bad rows and unit markers falling unevenly on the ranks' shares (the bad-row budget, ``max_bad_fraction``,
-    is taken out of every pass by the caller).
+    bound holds from every checkpoint on. The slack, one shuffle buffer and four blocks per worker, absorbs bad
+    rows and unit markers falling unevenly on the ranks' shares (the bad-row budget, ``max_bad_fraction``, is
+    taken out of every pass by the caller).
     """
 
     workers = cfg.scaling.max_workers
     local = -(-plan.batch_size // cfg.scaling.min_workers)  # the largest share, which sizes the largest buffer
-    slack = workers * (shuffle_buffer_rows(cfg, local) + 4 * cfg.data.decode_batch_size)
+    slack = workers * (shuffle_buffer_rows(cfg, local) + 4 * block_rows(cfg, plan.image_size))
     return plan.samples + 2 * (workers - 1) + slack
 
 
@@ -95,7 +95,7 @@ class PhaseDatasetFactory:
             self.stream, ColumnMap.from_config(self.cfg.data), image_size=self.plan.image_size,
             text_length=self.plan.text_length, tokenizer_json=self.tokenizer_json, train=True,
             frontier=position.frontier, units=position.units, done=position.done,
-            decode_batch_size=self.cfg.data.decode_batch_size,
+            decode_batch_size=block_rows(self.cfg, self.plan.image_size),
             missing=self.cfg.data.missing_shards, missing_actor=self.missing_actor, concurrency=self.concurrency,
             on_device=self.cfg.data.decode_device == "cuda",
             keep_keys=self.cfg.fault.record_rows)
