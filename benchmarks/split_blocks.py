@@ -1,9 +1,10 @@
 """CPU time Ray Data's split coordinator spends per block, the bound on blocks/s that one phase's split can serve.
 
 Why: each phase's stream is split over the workers with ``streaming_split(equal=True)``, which runs one coordinator
-actor per phase; every block every worker takes passes through it. The trainer's blocks are
-``data.decode_batch_size`` rows (64). At the plan's 64 px rate on 64 H100s (31,650 samples/s per GPU at MFU 0.4)
-that is ~31,000 blocks/s through one actor. This measures what a block costs that actor, as CPU seconds of its
+actor per phase; every block every worker takes passes through it. The trainer's blocks were 64 rows at every
+size: at the plan's 64 px rate on 64 H100s (31,650 samples/s per GPU at MFU 0.4), ~31,000 blocks/s through one
+actor. What this measured (~0.9 ms per block, BENCHMARKS.md) is why they are now ``data.block_mb`` MB of decoded
+rows (``run_names.block_rows``) and why ``reclip-ray plan`` prices each phase's blocks/s. This measures what a block costs that actor, as CPU seconds of its
 process (``/proc/PID/stat``) over the blocks it handed out, so the bound does not depend on what else the machine
 runs: one core serves at most 1 / (CPU per block) blocks/s.
 
@@ -20,7 +21,10 @@ Prints one JSON line per block size: blocks and rows served, wall seconds, block
 machine, the coordinator's CPU seconds (and their share of the wall time) per block, with the blocks/s one core
 of it could serve at that cost. That bound holds only where its CPU goes to blocks: when the stream's producers
 are the bottleneck (as on 2 cores), the coordinator's loop polls while it waits, and its CPU per block is an
-upper bound, its blocks/s per core a lower one.
+upper bound, its blocks/s per core a lower one. ``--materialized`` makes every block before the split starts, so
+the producers cost nothing while timed and the coordinator's own cost per block is what is left::
+
+    python benchmarks/split_blocks.py --blocks 2000 --rows 64 16 --workers 4 --materialized
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ less than a batch before the next fill, so P is about the rows in flight over U,
 P = 479-717 and 88-135 KB for 64 ranks with 5,120-row buffers and 64 read tasks (``BENCHMARKS.md``, "Data
 position at cluster scale"); the earlier position, every done position beyond the frontier, grew to 7.9 million
 positions (213 MB) there. The exchange: the counts are three dicts per rank over the units it touched since the
-last checkpoint (about its rows / ``data.decode_batch_size``), the positions a few hundred per unit in flight;
+last checkpoint (about its rows / the rows per block, ``run_names.block_rows``), the positions a few hundred per unit in flight;
 2.7-8.3 MB gathered in all per checkpoint every 2M samples, 9.4 MB every 10M, and a merge of 0.02-0.13 s per rank
 (the earlier exchange, every position trained since the last checkpoint: 16 bytes each, 160 MB per 10M samples).
 
