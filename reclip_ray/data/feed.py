@@ -25,12 +25,14 @@ rows of a unit (its bitmap's bits); D_u, D_p: the digits of the largest unit and
 ``benchmarks/data_position.py``, ``position_bound``). With U = 1,024, D_u = 8, D_p = 11 that is 120 + 18 G + 221 P.
 Each unit in P has a row in flight (a rank's buffer or prefetch, Ray Data's queue), and a window is trained down to
 less than a batch before the next fill, so P is about the rows in flight over U, times 1.3 to 2: measured
-P = 479-717 and 88-135 KB for 64 ranks with 5,120-row buffers and 64 read tasks (``BENCHMARKS.md``, "Data
-position at cluster scale"); the earlier position, every done position beyond the frontier, grew to 7.9 million
-positions (213 MB) there. The exchange: the counts are three dicts per rank over the units it touched since the
-last checkpoint (about its rows / the rows per block, ``run_names.block_rows``), the positions a few hundred per unit in flight;
-2.7-8.3 MB gathered in all per checkpoint every 2M samples, 9.4 MB every 10M, and a merge of 0.02-0.13 s per rank
-(the earlier exchange, every position trained since the last checkpoint: 16 bytes each, 160 MB per 10M samples).
+P = 479-717 and 88-135 KB for 64 ranks with 5,120-row buffers, 64 read tasks and 64-row blocks; 644-1,181 and
+106-212 KB with ``data.block_mb``'s 682-row blocks at 64 px (``BENCHMARKS.md``, "Data position at cluster scale").
+The earlier position, every done position beyond the frontier, grew to 7.9 million positions (213 MB) there. The
+exchange: the counts are three dicts per rank over the units it touched since the last checkpoint (about its rows
+/ the rows per block, ``run_names.block_rows``), the positions a few hundred per unit in flight; 2.7-8.3 MB
+gathered in all per checkpoint every 2M samples (7.8-12.7 MB with 682-row blocks), 9.4 MB every 10M, and a merge
+of 0.02-0.13 s per rank (the earlier exchange, every position trained since the last checkpoint: 16 bytes each,
+160 MB per 10M samples).
 
 Memory: the buffer holds ``buffer_rows + batch`` decoded images, ``buffer_rows x size^2 x 3`` bytes: 5,120 rows
 are 63 MB at 64 px and 770 MB at 224 px per worker (host memory); a refill holds the incoming rows and the new
