@@ -121,6 +121,7 @@ class TrainConfig:
     micro_batch_size: int = 0  # rows per forward/backward on a worker (exact accumulation); 0: the whole local batch
     compile: bool = False  # torch.compile the model (off until measured faster: BENCHMARKS.md)
     grad_checkpointing: bool = False  # recompute both towers' blocks in backward (less memory, ~1.3x compute)
+    grad_reduce: str = "fp32"  # fp32 | bf16: the dtype DDP all-reduces gradients in (bf16: half the bytes; step.py)
 
 
 @dataclass
@@ -565,6 +566,8 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"'train.precision' must be auto, fp32 or bf16, got {t.precision!r}")
     if str(t.local_loss).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"'train.local_loss' must be auto, true or false, got {t.local_loss!r}")
+    if t.grad_reduce not in ("fp32", "bf16"):
+        raise ConfigError(f"'train.grad_reduce' must be fp32 or bf16, got {t.grad_reduce!r}")
     if t.micro_batch_size < 0:
         raise ConfigError(f"'train.micro_batch_size' must be a positive number of rows or 0 (no accumulation), "
                           f"got {t.micro_batch_size}")

@@ -97,6 +97,11 @@ class PhaseCost:
     checkpoints: int = 0  # written in the phase: at checkpoint.every_samples (and every_minutes), and its end's
     checkpoint_every_s: Optional[float] = None  # with hardware, the mid-phase checkpoints' interval (None: none)
     block_rows: int = 0  # rows per block of the phase's stream (run_names.block_rows: data.block_mb)
+    global_batch: int = 0
+    step_s: Optional[float] = None  # with hardware, one step's seconds at the priced speed
+    # with hardware, the all-reduce bus bandwidth (nccl-tests' busbw) at which DDP's gradient all-reduce takes one
+    # step: 2 (N - 1) / N x the gradients' bytes / step_s (0 on one GPU)
+    allreduce_busbw_gbs: Optional[float] = None
     split_blocks_per_s: Optional[float] = None  # with hardware, blocks/s through the phase's one split coordinator
 
 
@@ -132,6 +137,7 @@ class Plan:
     checkpoint_every_samples: int = 0  # 0: only at phase ends
     checkpoint_every_minutes: float = 0.0  # 0: off; its checkpoints are counted with --gpus only (a clock's)
     checkpoint_upload: str = "sync"  # sync: every rank waits for the copy to run.storage_path; async: a thread copies
+    grad_reduce: str = "fp32"  # the dtype DDP all-reduces gradients in (train.grad_reduce): 4 or 2 bytes each
     hardware: Optional[Hardware] = None
     wall_s: Optional[float] = None
     gpu_hours: Optional[float] = None
@@ -234,7 +240,7 @@ def phase_costs(cfg: Config) -> list[PhaseCost]:
             image_tokens=image_tokens(cfg.model.vision, ph.image_size, ph.patch_dropout), text_length=ph.text_length,
             train_gflops_per_sample=per_sample / 1e9, train_gflops=per_sample * samples / 1e9,
             patch_dropout=ph.patch_dropout, checkpoints=phase_checkpoints(plans[i], cfg.checkpoint.every_samples),
-            block_rows=block_rows(cfg, ph.image_size),
+            block_rows=block_rows(cfg, ph.image_size), global_batch=phase_global_batch(cfg, i),
         ))
     total = sum(p.train_gflops for p in out)
     for p in out:
@@ -330,6 +336,9 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
             plan.notes.append(f"phase '{p.name}': {p.image_size} px is above every measured decode size; used "
                               f"{p.decode_rate_px} px's rate (optimistic: too few cores)")
         p.split_blocks_per_s = p.samples_per_s_per_gpu * hw.gpus / p.block_rows
+        p.step_s = p.global_batch / (p.samples_per_s_per_gpu * hw.gpus)
+        grad_bytes = (2 if plan.grad_reduce == "bf16" else 4) * plan.parameters
+        p.allreduce_busbw_gbs = 2 * (hw.gpus - 1) / hw.gpus * grad_bytes / p.step_s / 1e9
     plan.wall_s = sum(p.wall_s for p in plan.phases)
     plan.gpu_hours = plan.wall_s * hw.gpus / 3600
     full = plan.full_resolution
@@ -428,6 +437,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     plan.checkpoint_every_samples = cfg.checkpoint.every_samples
     plan.checkpoint_every_minutes = cfg.checkpoint.every_minutes
     plan.checkpoint_upload = cfg.checkpoint.upload
+    plan.grad_reduce = cfg.train.grad_reduce
     if cfg.data.tokenizer and not cfg.model.text.vocab_size:
         notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
                      f"{cfg.data.tokenizer}'s own vocabulary")
@@ -464,7 +474,7 @@ def _duration(seconds: float) -> str:
 _FLOPS_HEAD = f"{'phase':<10} {'samples':>14} {'px':>5} {'img tokens':>10} {'text len':>8} " \
               f"{'GFLOP/sample':>12} {'phase GFLOP':>12} {'share':>6}"
 _HW_HEAD = (f"{'phase':<10} {'wall':>9} {'samples/s/GPU':>14} {'decode img/s/core (px)':>23} {'decode cores/GPU':>16} "
-            f"{'checkpoint every':>16}")
+            f"{'checkpoint every':>16} {'step':>8} {'all-reduce busbw':>16}")
 
 
 def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_sample: float, gflops: float,
@@ -477,8 +487,13 @@ def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_s
 def _hw_row(p: PhaseCost) -> str:
     rate = f"{p.decode_rate_per_core:,.0f} ({p.decode_rate_px})"
     every = "phase end" if p.checkpoint_every_s is None else _duration(p.checkpoint_every_s)
+    busbw = f"{p.allreduce_busbw_gbs:,.1f} GB/s" if p.allreduce_busbw_gbs else "-"
     return (f"{p.name:<10} {_duration(p.wall_s or 0):>9} {p.samples_per_s_per_gpu:>14,.0f} {rate:>23} "
-            f"{p.decode_cores_per_gpu:>16.1f} {every:>16}")
+            f"{p.decode_cores_per_gpu:>16.1f} {every:>16} {_step(p.step_s or 0):>8} {busbw:>16}")
+
+
+def _step(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else _duration(seconds)
 
 
 def format_plan(plan: Plan) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from reclip_ray.config import ConfigError, load_config
-from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, read_step, train_step
+from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, read_step, set_grad_reduce, train_step
 
 GLOBAL = 16
 STEPS = 3
@@ -154,18 +154,35 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
         start = sum(sizes[:rank])
         results[name] = _run(ddp, slice(start, start + sizes[rank]), micro_batch=micro, local_loss=local_loss,
                              gather_with_grad=True, local_batch_sizes=sizes)
+    for name, micro in BF16_CASES:  # train.grad_reduce=bf16, as the worker sets it after wrapping
+        ddp = set_grad_reduce(DDP(_model(), find_unused_parameters=False), "bf16")
+        results[name] = _run(ddp, slice(8 * rank, 8 * rank + 8), micro_batch=micro, local_loss=True,
+                             gather_with_grad=True, local_batch_sizes=[8, 8])
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
+BF16_CASES = [("bf16-reduce", 0), ("bf16-reduce-micro", GLOBAL // 4)]
+
+
 def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_path, reference, reference_siglip):
+    """Also ``train.grad_reduce=bf16`` (``step.set_grad_reduce``), plain and accumulated: the gradients DDP averages
+    are the fp32 reference's rounded to bf16 (~0.4 % relative per value: 8 bits of mantissa), not equal to them."""
     out = str(tmp_path / "out.pt")
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
     for name, *_, loss in RANK_CASES:
         _assert_same(results[name], reference_siglip if loss == "siglip" else reference, name)
+    for name, _ in BF16_CASES:
+        got = results[name]
+        assert got["loss"][0] == pytest.approx(reference["loss"][0], rel=RTOL), name  # the same first forward
+        errors = {n: float((g - reference["grads"][n]).norm() / reference["grads"][n].norm())
+                  for n, g in got["grads"].items()}
+        assert max(errors.values()) < 1e-2, (name, errors)
+        assert sorted(errors.values())[len(errors) // 2] > 1e-4, (name, errors)  # bf16's rounding, not fp32's
+        assert got["grad_norm"][0] == pytest.approx(reference["grad_norm"][0], rel=1e-2), name
 
 
 def test_local_loss_setting():
@@ -184,7 +201,8 @@ def test_config_keys_and_one_line_errors():
     for override, key in [("train.micro_batch_size=-1", "train.micro_batch_size"),
                           ("train.micro_batch_size=2.5", "train.micro_batch_size"),
                           ("train.local_loss=maybe", "train.local_loss"),
-                          ("train.compile=fast", "train.compile")]:
+                          ("train.compile=fast", "train.compile"),
+                          ("train.grad_reduce=fp16", "train.grad_reduce")]:
         with pytest.raises(ConfigError, match=key) as info:
             load_config("tiny", [override])
         assert "\n" not in str(info.value)
@@ -223,3 +241,28 @@ def test_compiled_step_matches_eager_and_compiles_once_per_resolution():
     new = [b - a for a, b in zip(graphs, graphs[1:])]
     #     64 px, 48 px, 64 again, 32 again, batch 8, batch 5, 12 tokens, batch 7 + 10 tokens
     assert new == [1, 1, 0, 0, 1, 0, 1, 0], list(zip(shapes, new))
+
+
+@pytest.mark.parametrize("dtype, hook", [("fp32", None), ("bf16", "bf16_compress_hook")])
+def test_the_worker_wraps_its_model_with_the_configured_gradient_all_reduce(tmp_path, monkeypatch, dtype, hook):
+    """``Worker._wrap_ddp`` (what every rank of a multi-worker run trains through) registers the
+    ``train.grad_reduce`` hook on the DDP model Ray Train's ``prepare_model`` returns: the worker's own method, with
+    ``prepare_model`` wrapping in DDP on a one-rank gloo group as it does on a cluster."""
+    from types import SimpleNamespace
+
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from reclip_ray.train.worker import Worker
+
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kwargs: DDP(model))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        stub = SimpleNamespace(world=2, model=torch.nn.Linear(3, 3),
+                               cfg=load_config("tiny", [f"train.grad_reduce={dtype}"]))
+        wrapped = Worker._wrap_ddp(stub)
+        assert isinstance(wrapped, DDP)
+        assert wrapped._get_ddp_logging_data().get("comm_hook") == hook
+    finally:
+        dist.destroy_process_group()

@@ -179,10 +179,12 @@ def test_json_has_the_numbers_of_the_table(capsys):
         assert float(flops_row[6]) == pytest.approx(p["train_gflops"], rel=1e-4)
         assert float(flops_row[7].rstrip("%")) / 100 == pytest.approx(p["share"], abs=5e-4)
         assert float(hw_row[3].replace(",", "")) == pytest.approx(p["samples_per_s_per_gpu"], abs=0.5)
-        assert float(hw_row[-3]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
-        assert hw_row[-4] == f"({p['decode_rate_px']})"
-        every = p["checkpoint_every_s"]  # the last column: "49 s", "6.6 min" or "phase end"
-        assert " ".join(hw_row[-2:]) == ("phase end" if every is None else _duration(every))
+        assert float(hw_row[-7]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
+        assert hw_row[-8] == f"({p['decode_rate_px']})"
+        every = p["checkpoint_every_s"]  # "49 s", "6.6 min" or "phase end"
+        assert " ".join(hw_row[-6:-4]) == ("phase end" if every is None else _duration(every))
+        assert hw_row[-3] == "ms" and float(hw_row[-4]) == pytest.approx(1000 * p["step_s"], abs=0.5)
+        assert hw_row[-1] == "GB/s" and float(hw_row[-2]) == pytest.approx(p["allreduce_busbw_gbs"], abs=0.05)
     total = next(line for line in lines if line.startswith("total ") and "e+" in line).split()
     assert float(total[2]) == pytest.approx(data["total_train_gflops"], rel=1e-4)
     saving = re.search(r"saving vs full resolution: ([\d.]+)x total, ([\d.]+)x image tower", table)
@@ -435,3 +437,26 @@ def test_a_phase_whose_blocks_would_outrun_its_split_coordinator_gets_a_note_who
         assert not [n for n in fixed.notes if "split coordinator" in n], fixed.notes
         assert all(p.split_blocks_per_s <= SPLIT_BLOCKS_PER_S for p in fixed.phases)
         assert plan.to_dict()["phases"][0]["block_rows"] == 682
+
+
+def test_the_all_reduce_bandwidth_a_phase_needs_is_the_gradients_bytes_over_its_step():
+    """Per phase, the bus bandwidth (nccl-tests' busbw) at which DDP's ring all-reduce of the gradients takes as long
+    as the step at the priced speed: 2 (N - 1) / N x 4 bytes x parameters / (global batch / (N x samples/s/GPU)),
+    half with ``train.grad_reduce=bf16``, none on one GPU; in the table and ``--json``."""
+    cfg = load_config("vit-b-16")
+    plan = make_plan(cfg, gpus=64, gpu="h100")
+    for i, p in enumerate(plan.phases):
+        step = phase_global_batch(cfg, i) / (64 * p.samples_per_s_per_gpu)
+        assert p.step_s == pytest.approx(step)
+        assert p.allreduce_busbw_gbs == pytest.approx(2 * 63 / 64 * 4 * plan.parameters / step / 1e9)
+    # vit-b-16's 64 px phase: 16 ms steps of 512 rows per H100 at MFU 0.4, 0.6 GB of fp32 gradients
+    assert plan.phases[0].step_s == pytest.approx(0.0162, abs=5e-4)
+    assert 70 < plan.phases[0].allreduce_busbw_gbs < 75
+    assert "16 ms        72.8 GB/s" in format_plan(plan)
+    half = make_plan(load_config("vit-b-16", ["train.grad_reduce=bf16"]), gpus=64, gpu="h100")
+    assert [p.allreduce_busbw_gbs for p in half.phases] == pytest.approx([p.allreduce_busbw_gbs / 2 for p in plan.phases])
+    assert half.to_dict()["grad_reduce"] == "bf16" and plan.to_dict()["phases"][0]["allreduce_busbw_gbs"] > 0
+    one = make_plan(cfg, gpus=1, gpu="h100")
+    assert [p.allreduce_busbw_gbs for p in one.phases] == [0.0, 0.0]
+    rows = [line for line in format_plan(one).splitlines() if line.startswith(("lowres ", "finetune "))]
+    assert len(rows) == 4 and all(line.endswith(" -") for line in rows[2:]), rows  # the hardware table's rows

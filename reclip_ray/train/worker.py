@@ -32,7 +32,7 @@ from reclip_ray.train.progress import Window, board_update, console_line, phase_
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
 from reclip_ray.train.scratch import checkpoint_folder, remove_orphans
 from reclip_ray.train.step import (autocast_dtype_for, compile_model, local_loss_enabled, pinned_for, read_step,
-                                   train_step)
+                                   set_grad_reduce, train_step)
 
 
 PHASES_EVALUATED = "phases_evaluated"  # MLflow: the phases whose end evaluation has ended, logged at each phase end
@@ -174,7 +174,8 @@ class Worker:
 
         if self.world == 1:
             return self.model
-        return ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        ddp = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        return set_grad_reduce(ddp, self.cfg.train.grad_reduce)
 
     def _announce(self) -> None:
         """Rank 0: what MLflow already has of this run (a restart logs no step twice), the restart count, the node."""
