@@ -8,10 +8,10 @@ attempt) cannot delete it: a whole checkpoint stays in the node's temp folder, 1
 vit-l-16 each time, and a run with many restarts fills the disk. (Before this module, this VM's /tmp held 21 such
 folders after a few days of tests.)
 
-So each process writes its checkpoints under its own folder, ``$TMPDIR/reclip-ray-scratch/<host>-<pid>-<random>``,
-and holds an exclusive ``flock`` on a lock file beside it for as long as it lives. The kernel releases the lock when
-the process dies, however it dies, so any later process can tell a dead writer's folder from a live one's by
-trying the lock: no pid check, which a reused pid or another container's pid namespace would fool. Every rank calls
+So each process writes its checkpoints under its own folder, ``$TMPDIR/reclip-ray-scratch-<uid>/<host>-<pid>-<rnd>``
+(a root per user: another user's would not let this one write there, nor remove what it left), and holds an
+exclusive ``flock`` on a lock file beside it for as long as it lives. The kernel releases the lock when the process
+dies, however it dies, so any later process can tell a dead writer's folder from a live one's by trying the lock: no pid check, which a reused pid or another container's pid namespace would fool. Every rank calls
 ``remove_orphans`` when it starts (a restarted rank 0 may land on another node; every node is swept when one of
 the run's workers starts there). It costs one directory listing and one lock attempt per folder.
 """
@@ -34,8 +34,8 @@ _held: dict[str, object] = {}  # this process's folder and the open lock file th
 
 
 def scratch_root() -> str:
-    """Where every process's folder lies: ``$TMPDIR/reclip-ray-scratch`` (``tempfile.gettempdir``)."""
-    return os.path.join(tempfile.gettempdir(), ROOT)
+    """Where this user's processes' folders lie: ``$TMPDIR/reclip-ray-scratch-<uid>`` (``tempfile.gettempdir``)."""
+    return os.path.join(tempfile.gettempdir(), f"{ROOT}-{os.getuid()}")
 
 
 def process_folder() -> str:
