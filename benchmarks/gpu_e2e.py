@@ -157,9 +157,12 @@ def steady_windows(timestamps: list[float]) -> list[tuple[float, float]]:
 
 
 def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[str, Any]]:
-    """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB."""
+    """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB, and
+    ``reclip_ray.memory``'s estimate of it (what ``reclip-ray plan`` prices), to check the one against the other."""
     from reclip_ray import tracking
-    from reclip_ray.flops import phase_global_batch, phase_train_flops_per_sample
+    from reclip_ray.config import local_loss_enabled
+    from reclip_ray.flops import model_parameters, phase_global_batch, phase_train_flops_per_sample
+    from reclip_ray.memory import step_gpu_bytes
 
     keys = ["samples_per_s", "phase", "data_wait_fraction", "worker_peak_gpu_mib", "local_batch", "workers"]
     hist = {k: dict(v) for k, v in tracking.metric_history(uri, run_id, keys).items()}
@@ -174,14 +177,21 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
         batch = phase_global_batch(cfg, index)
         flops = phase_train_flops_per_sample(cfg, index)
         gpu = [hist.get("worker_peak_gpu_mib", {}).get(s) for s in steps]
+        workers = max(1, int(hist["workers"][steps[-1]]))
+        estimate = step_gpu_bytes(
+            cfg.model, model_parameters(cfg.model, cfg.model.text.vocab_size or cfg.data.vocab_size),
+            phase.image_size, phase.text_length, rows=-(-batch // workers), global_batch=batch,
+            micro_batch=cfg.train.micro_batch_size, local_loss=local_loss_enabled(cfg.train.local_loss, workers),
+            patch_dropout=phase.patch_dropout)
         rows.append({
             "phase": phase.name, "image_size": phase.image_size, "text_length": phase.text_length,
             "global_batch": batch, "windows": len(steps), "samples_per_s": round(sps, 1),
             "step_s": round(batch / sps, 4), "data_wait": round(statistics.median(
                 hist["data_wait_fraction"][s] for s in steady), 4),
             "train_gflops_per_sample": round(flops / 1e9, 2),
-            "mfu": round(sps * flops / (peak_flops * max(1, int(hist["workers"][steps[-1]]))), 4),
+            "mfu": round(sps * flops / (peak_flops * workers), 4),
             "peak_gpu_mib": max((g for g in gpu if g is not None), default=None),
+            "estimate_gpu_mib": round(estimate / 2**20),
         })
     return rows
 

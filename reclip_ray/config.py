@@ -489,6 +489,20 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     return from_dict(apply_overrides(load_raw(name_or_path), overrides))
 
 
+def local_loss_enabled(setting: str | bool, world_size: int) -> bool:
+    """``train.local_loss``: ``auto`` is on with more than one worker (what open_clip users expect), else as set.
+
+    Local loss is exact with ``gather_with_grad=True`` (see ``reclip_ray.loss``) and needs ``world`` times less
+    logits memory per rank, so ``auto`` turns it on whenever there is more than one rank to split the rows over.
+    """
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return world_size > 1
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"train.local_loss must be auto, true or false, got {setting!r}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules, checked before anything expensive (Ray, data) starts.
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from reclip_ray.config import Config, full_image_size, full_text_length, load_config
+from reclip_ray.config import Config, full_image_size, full_text_length, load_config, local_loss_enabled
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
                               phase_train_flops_per_sample, train_flops_per_sample)
+from reclip_ray.memory import step_gpu_bytes
 from reclip_ray.run_names import JPEG_ROW_BYTES, block_rows
 
 
@@ -33,20 +34,22 @@ class GpuPeak:
     tflops: float
     precision: str
     source: str
+    memory_gb: float = 80.0  # the board's memory (GB, as data sheets give it): what a step must fit in
 
 
 # Dense (no structured sparsity) BF16 tensor-core peaks: training runs in bf16 autocast (train.precision=auto on a
 # GPU), and the datasheets' headline BF16 figures for Hopper assume 2:4 sparsity, which training does not use.
 GPU_PEAKS: dict[str, GpuPeak] = {
     "h100": GpuPeak("NVIDIA H100 SXM", 989.0, "dense BF16 tensor core",
-                    "NVIDIA H100 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense"),
+                    "NVIDIA H100 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense", 80.0),
     "a100": GpuPeak("NVIDIA A100 SXM", 312.0, "dense BF16 tensor core",
-                    "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS BF16 dense, 624 with sparsity"),
+                    "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS BF16 dense, 624 with sparsity (the 80 GB board)",
+                    80.0),
     "h100-pcie": GpuPeak("NVIDIA H100 PCIe", 756.0, "dense BF16 tensor core",
-                         "NVIDIA H100 Tensor Core GPU datasheet: 1,513 TFLOPS BF16 with sparsity, 756 dense"),
+                         "NVIDIA H100 Tensor Core GPU datasheet: 1,513 TFLOPS BF16 with sparsity, 756 dense", 80.0),
     "h200": GpuPeak("NVIDIA H200 SXM", 989.0, "dense BF16 tensor core",
                     "NVIDIA H200 Tensor Core GPU datasheet: 1,979 TFLOPS BF16 with sparsity, 989 dense "
-                    "(H100's compute)"),
+                    "(H100's compute)", 141.0),
 }
 
 # Images/s per core of the project's decode path (JPEG draft mode + one box resize), from BENCHMARKS.md, section
@@ -68,6 +71,9 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 # blocks made beforehand, BENCHMARKS.md "Ray Data's split coordinator per block"), as the same actor also runs the
 # phase's stream executor. Above it a phase gets a note with the data.block_mb that brings it under.
 SPLIT_BLOCKS_PER_S = 550.0
+# A phase whose step would take more of a GPU's memory than this share gets a note (reclip_ray.memory's estimate
+# leaves out the CUDA context, the allocator's slack and kernels' workspaces).
+MEMORY_NOTE_SHARE = 0.85
 # Mid-phase checkpoints closer than this get a note: rank 0 writes (and, with checkpoint.upload sync, copies) each one
 # inside ``ray.train.report`` while every other rank waits for it at the next step's collectives.
 CHECKPOINT_NOTE_S = 300.0
@@ -102,6 +108,7 @@ class PhaseCost:
     # with hardware, the all-reduce bus bandwidth (nccl-tests' busbw) at which DDP's gradient all-reduce takes one
     # step: 2 (N - 1) / N x the gradients' bytes / step_s (0 on one GPU)
     allreduce_busbw_gbs: Optional[float] = None
+    gpu_memory_gb: Optional[float] = None  # with hardware, one GPU's memory in a step (reclip_ray.memory, an estimate)
     split_blocks_per_s: Optional[float] = None  # with hardware, blocks/s through the phase's one split coordinator
 
 
@@ -115,6 +122,7 @@ class Hardware:
     peak_tflops: float
     precision: str
     source: str
+    memory_gb: float
     decode_rates_source: str
     decode_rates_per_core: dict[int, float]
 
@@ -346,6 +354,32 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
     full["gpu_hours"] = full["wall_s"] * hw.gpus / 3600
 
 
+def _price_memory(plan: Plan, cfg: Config, hw: Hardware) -> None:
+    """Each phase's GPU memory per worker in a step (``memory.step_gpu_bytes``), and a note with the
+    ``train.micro_batch_size`` that fits where it would take more than ``MEMORY_NOTE_SHARE`` of the board."""
+    micro, local = cfg.train.micro_batch_size, local_loss_enabled(cfg.train.local_loss, hw.gpus)
+    budget = MEMORY_NOTE_SHARE * hw.memory_gb * 1e9
+    for i, p in enumerate(plan.phases):
+        ph = cfg.phases[i]
+        rows = math.ceil(p.global_batch / hw.gpus)
+
+        def need(micro_batch: int) -> float:
+            return step_gpu_bytes(cfg.model, plan.parameters, p.image_size, p.text_length, rows=rows,
+                                  global_batch=p.global_batch, micro_batch=micro_batch, local_loss=local,
+                                  patch_dropout=ph.patch_dropout)
+
+        p.gpu_memory_gb = need(micro) / 1e9
+        if p.gpu_memory_gb * 1e9 <= budget:
+            continue
+        fits = next((m for m in range(rows - 1, 0, -1) if m % 8 == 0 and need(m) <= budget), None) if rows > 8 \
+            else None
+        what = (f"set train.micro_batch_size={fits} (exact accumulation: {_gb(need(fits))})" if fits else
+                "no micro-batch fits: more GPUs, train.grad_checkpointing, or a smaller model")
+        plan.notes.append(f"phase '{p.name}': ~{_gb(p.gpu_memory_gb * 1e9)} per GPU in a step ({rows:,} rows per "
+                          f"worker), over {MEMORY_NOTE_SHARE:.0%} of a {hw.memory_gb:g} GB {GPU_PEAKS[hw.gpu].name}; "
+                          f"{what}")
+
+
 def _price_split(plan: Plan, cfg: Config, hw: Hardware) -> None:
     """A note for each phase whose blocks would pass through its split coordinator faster than it is planned to
     carry (``SPLIT_BLOCKS_PER_S``), with one ``data.block_mb`` (and, past one read unit, ``data.chunk_rows``) that
@@ -408,7 +442,8 @@ def _hardware(gpus: int, gpu: str, mfu: float, decode_rates: str | None) -> Hard
     rates = load_decode_rates(decode_rates) if decode_rates else dict(DEFAULT_DECODE_RATES)
     source = f"{decode_rates} (reclip-ray bench data)" if decode_rates else DEFAULT_DECODE_SOURCE
     return Hardware(gpu=gpu.strip().lower(), gpus=gpus, mfu=mfu, peak_tflops=peak.tflops, precision=peak.precision,
-                    source=peak.source, decode_rates_source=source, decode_rates_per_core=rates)
+                    source=peak.source, memory_gb=peak.memory_gb, decode_rates_source=source,
+                    decode_rates_per_core=rates)
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -444,6 +479,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     if gpus is not None:
         plan.hardware = _hardware(gpus, gpu or DEFAULT_GPU, DEFAULT_MFU if mfu is None else mfu, decode_rates)
         _price_phases(plan, plan.hardware)
+        _price_memory(plan, cfg, plan.hardware)
         _price_split(plan, cfg, plan.hardware)
         _price_checkpoints(plan, cfg, plan.hardware)
     return plan
@@ -474,7 +510,7 @@ def _duration(seconds: float) -> str:
 _FLOPS_HEAD = f"{'phase':<10} {'samples':>14} {'px':>5} {'img tokens':>10} {'text len':>8} " \
               f"{'GFLOP/sample':>12} {'phase GFLOP':>12} {'share':>6}"
 _HW_HEAD = (f"{'phase':<10} {'wall':>9} {'samples/s/GPU':>14} {'decode img/s/core (px)':>23} {'decode cores/GPU':>16} "
-            f"{'checkpoint every':>16} {'step':>8} {'all-reduce busbw':>16}")
+            f"{'checkpoint every':>16} {'step':>8} {'all-reduce busbw':>16} {'GPU memory':>10}")
 
 
 def _flops_row(name: str, samples: int, size: int, tokens: int, text: int, per_sample: float, gflops: float,
@@ -489,7 +525,8 @@ def _hw_row(p: PhaseCost) -> str:
     every = "phase end" if p.checkpoint_every_s is None else _duration(p.checkpoint_every_s)
     busbw = f"{p.allreduce_busbw_gbs:,.1f} GB/s" if p.allreduce_busbw_gbs else "-"
     return (f"{p.name:<10} {_duration(p.wall_s or 0):>9} {p.samples_per_s_per_gpu:>14,.0f} {rate:>23} "
-            f"{p.decode_cores_per_gpu:>16.1f} {every:>16} {_step(p.step_s or 0):>8} {busbw:>16}")
+            f"{p.decode_cores_per_gpu:>16.1f} {every:>16} {_step(p.step_s or 0):>8} {busbw:>16} "
+            f"{p.gpu_memory_gb or 0:>7.1f} GB")
 
 
 def _step(seconds: float) -> str:

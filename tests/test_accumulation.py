@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from reclip_ray.config import ConfigError, load_config
-from reclip_ray.train.step import local_loss_enabled, micro_batch_slices, read_step, set_grad_reduce, train_step
+from reclip_ray.config import ConfigError, load_config, local_loss_enabled
+from reclip_ray.train.step import micro_batch_slices, read_step, set_grad_reduce, train_step
 
 GLOBAL = 16
 STEPS = 3

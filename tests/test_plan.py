@@ -179,12 +179,13 @@ def test_json_has_the_numbers_of_the_table(capsys):
         assert float(flops_row[6]) == pytest.approx(p["train_gflops"], rel=1e-4)
         assert float(flops_row[7].rstrip("%")) / 100 == pytest.approx(p["share"], abs=5e-4)
         assert float(hw_row[3].replace(",", "")) == pytest.approx(p["samples_per_s_per_gpu"], abs=0.5)
-        assert float(hw_row[-7]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
-        assert hw_row[-8] == f"({p['decode_rate_px']})"
+        assert float(hw_row[-9]) == pytest.approx(p["decode_cores_per_gpu"], abs=0.05)
+        assert hw_row[-10] == f"({p['decode_rate_px']})"
         every = p["checkpoint_every_s"]  # "49 s", "6.6 min" or "phase end"
-        assert " ".join(hw_row[-6:-4]) == ("phase end" if every is None else _duration(every))
-        assert hw_row[-3] == "ms" and float(hw_row[-4]) == pytest.approx(1000 * p["step_s"], abs=0.5)
-        assert hw_row[-1] == "GB/s" and float(hw_row[-2]) == pytest.approx(p["allreduce_busbw_gbs"], abs=0.05)
+        assert " ".join(hw_row[-8:-6]) == ("phase end" if every is None else _duration(every))
+        assert hw_row[-5] == "ms" and float(hw_row[-6]) == pytest.approx(1000 * p["step_s"], abs=0.5)
+        assert hw_row[-3] == "GB/s" and float(hw_row[-4]) == pytest.approx(p["allreduce_busbw_gbs"], abs=0.05)
+        assert hw_row[-1] == "GB" and float(hw_row[-2]) == pytest.approx(p["gpu_memory_gb"], abs=0.05)
     total = next(line for line in lines if line.startswith("total ") and "e+" in line).split()
     assert float(total[2]) == pytest.approx(data["total_train_gflops"], rel=1e-4)
     saving = re.search(r"saving vs full resolution: ([\d.]+)x total, ([\d.]+)x image tower", table)
@@ -459,4 +460,34 @@ def test_the_all_reduce_bandwidth_a_phase_needs_is_the_gradients_bytes_over_its_
     one = make_plan(cfg, gpus=1, gpu="h100")
     assert [p.allreduce_busbw_gbs for p in one.phases] == [0.0, 0.0]
     rows = [line for line in format_plan(one).splitlines() if line.startswith(("lowres ", "finetune "))]
-    assert len(rows) == 4 and all(line.endswith(" -") for line in rows[2:]), rows  # the hardware table's rows
+    assert len(rows) == 4 and all(re.search(r" - +[\d.]+ GB$", line) for line in rows[2:]), rows  # hardware rows
+
+
+def test_a_phase_that_would_not_fit_a_gpus_memory_gets_a_note_with_a_micro_batch_that_fits():
+    """Per phase, one GPU's memory in a step (``reclip_ray.memory``, within a few percent of an H200's measured
+    peaks: tests/test_memory.py): vit-b-16's 224 px phase fits 80 GB on 64 GPUs (512 rows each) but not on 8 (4,096
+    rows); the note's micro-batch, applied, fits (no note), and its GB figure is the plan's for it. A 141 GB H200
+    takes more rows than an 80 GB H100."""
+    from reclip_ray.flops import model_parameters
+    from reclip_ray.memory import step_gpu_bytes
+    from reclip_ray.plan import MEMORY_NOTE_SHARE
+
+    cfg = load_config("vit-b-16")
+    plan = make_plan(cfg, gpus=64, gpu="h100")
+    params = model_parameters(cfg.model, cfg.data.vocab_size)
+    for i, p in enumerate(plan.phases):
+        assert p.gpu_memory_gb * 1e9 == pytest.approx(step_gpu_bytes(
+            cfg.model, params, p.image_size, p.text_length, rows=phase_global_batch(cfg, i) // 64,
+            global_batch=phase_global_batch(cfg, i), local_loss=True))
+    assert 35 < plan.phases[1].gpu_memory_gb < 45 and not [n for n in plan.notes if "per GPU in a step" in n]
+    eight = make_plan(cfg, gpus=8, gpu="h100")
+    (note,) = [n for n in eight.notes if "per GPU in a step" in n]
+    assert note.startswith("phase 'finetune': ") and "(4,096 rows per worker)" in note, note
+    micro = int(re.search(r"train\.micro_batch_size=(\d+)", note)[1])
+    assert micro % 8 == 0
+    fixed = make_plan(load_config("vit-b-16", [f"train.micro_batch_size={micro}"]), gpus=8, gpu="h100")
+    assert not [n for n in fixed.notes if "per GPU in a step" in n], fixed.notes
+    assert fixed.phases[1].gpu_memory_gb <= MEMORY_NOTE_SHARE * 80
+    assert f"({fixed.phases[1].gpu_memory_gb:.2f} GB)" in note.replace("exact accumulation: ", "(")
+    bigger = make_plan(load_config("vit-b-16"), gpus=8, gpu="h200").notes
+    assert int(re.search(r"micro_batch_size=(\d+)", next(n for n in bigger if "per GPU" in n))[1]) > micro

@@ -51,20 +51,6 @@ def autocast_dtype_for(precision: str, device: torch.device | str) -> torch.dtyp
     return None
 
 
-def local_loss_enabled(setting: str | bool, world_size: int) -> bool:
-    """``train.local_loss``: ``auto`` is on with more than one worker (what open_clip users expect), else as set.
-
-    Local loss is exact with ``gather_with_grad=True`` (see ``reclip_ray.loss``) and needs ``world`` times less
-    logits memory per rank, so ``auto`` turns it on whenever there is more than one rank to split the rows over.
-    """
-    value = str(setting).strip().lower()
-    if value == "auto":
-        return world_size > 1
-    if value in ("true", "false"):
-        return value == "true"
-    raise ValueError(f"train.local_loss must be auto, true or false, got {setting!r}")
-
-
 def micro_batch_slices(n: int, micro_batch: int) -> list[slice]:
     """Consecutive row ranges of at most ``micro_batch`` rows covering ``n`` rows (one range when ``micro_batch``
     is 0 or at least ``n``)."""

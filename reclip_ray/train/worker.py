@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from reclip_ray import tracking
-from reclip_ray.config import from_dict
+from reclip_ray.config import from_dict, local_loss_enabled
 from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
                                       use_relay)
@@ -31,8 +31,8 @@ from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, 
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
 from reclip_ray.train.scratch import checkpoint_folder, remove_orphans
-from reclip_ray.train.step import (autocast_dtype_for, compile_model, local_loss_enabled, pinned_for, read_step,
-                                   set_grad_reduce, train_step)
+from reclip_ray.train.step import (autocast_dtype_for, compile_model, pinned_for, read_step, set_grad_reduce,
+                                   train_step)
 
 
 PHASES_EVALUATED = "phases_evaluated"  # MLflow: the phases whose end evaluation has ended, logged at each phase end
