@@ -160,7 +160,7 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
     """Per phase: steady samples/s, step time (global batch / samples/s), data-wait fraction, MFU, peak GPU MiB, and
     ``reclip_ray.memory``'s estimate of it (what ``reclip-ray plan`` prices), to check the one against the other."""
     from reclip_ray import tracking
-    from reclip_ray.config import local_loss_enabled
+    from reclip_ray.config import local_loss_enabled, phase_micro_batch
     from reclip_ray.flops import model_parameters, phase_global_batch, phase_train_flops_per_sample
     from reclip_ray.memory import step_gpu_bytes
 
@@ -181,8 +181,9 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
         estimate = step_gpu_bytes(
             cfg.model, model_parameters(cfg.model, cfg.model.text.vocab_size or cfg.data.vocab_size),
             phase.image_size, phase.text_length, rows=-(-batch // workers), global_batch=batch,
-            micro_batch=cfg.train.micro_batch_size, local_loss=local_loss_enabled(cfg.train.local_loss, workers),
-            patch_dropout=phase.patch_dropout)
+            micro_batch=phase_micro_batch(cfg, index), local_loss=local_loss_enabled(cfg.train.local_loss, workers),
+            patch_dropout=phase.patch_dropout,
+            grad_checkpointing=cfg.train.grad_checkpointing or cfg.model.grad_checkpointing)
         rows.append({
             "phase": phase.name, "image_size": phase.image_size, "text_length": phase.text_length,
             "global_batch": batch, "windows": len(steps), "samples_per_s": round(sps, 1),

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from reclip_ray.config import Config, full_image_size, full_text_length, load_config, local_loss_enabled
+from reclip_ray.config import (Config, full_image_size, full_text_length, load_config, local_loss_enabled,
+                               phase_micro_batch)
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
                               phase_train_flops_per_sample, train_flops_per_sample)
@@ -357,7 +358,8 @@ def _price_phases(plan: Plan, hw: Hardware) -> None:
 def _price_memory(plan: Plan, cfg: Config, hw: Hardware) -> None:
     """Each phase's GPU memory per worker in a step (``memory.step_gpu_bytes``), and a note with the
     ``train.micro_batch_size`` that fits where it would take more than ``MEMORY_NOTE_SHARE`` of the board."""
-    micro, local = cfg.train.micro_batch_size, local_loss_enabled(cfg.train.local_loss, hw.gpus)
+    local = local_loss_enabled(cfg.train.local_loss, hw.gpus)
+    checkpointing = cfg.train.grad_checkpointing or cfg.model.grad_checkpointing
     budget = MEMORY_NOTE_SHARE * hw.memory_gb * 1e9
     for i, p in enumerate(plan.phases):
         ph = cfg.phases[i]
@@ -366,14 +368,14 @@ def _price_memory(plan: Plan, cfg: Config, hw: Hardware) -> None:
         def need(micro_batch: int) -> float:
             return step_gpu_bytes(cfg.model, plan.parameters, p.image_size, p.text_length, rows=rows,
                                   global_batch=p.global_batch, micro_batch=micro_batch, local_loss=local,
-                                  patch_dropout=ph.patch_dropout)
+                                  patch_dropout=ph.patch_dropout, grad_checkpointing=checkpointing)
 
-        p.gpu_memory_gb = need(micro) / 1e9
+        p.gpu_memory_gb = need(phase_micro_batch(cfg, i)) / 1e9
         if p.gpu_memory_gb * 1e9 <= budget:
             continue
         fits = next((m for m in range(rows - 1, 0, -1) if m % 8 == 0 and need(m) <= budget), None) if rows > 8 \
             else None
-        what = (f"set train.micro_batch_size={fits} (exact accumulation: {_gb(need(fits))})" if fits else
+        what = (f"set phases.{i}.micro_batch_size={fits} (exact accumulation: {_gb(need(fits))})" if fits else
                 "no micro-batch fits: more GPUs, train.grad_checkpointing, or a smaller model")
         plan.notes.append(f"phase '{p.name}': ~{_gb(p.gpu_memory_gb * 1e9)} per GPU in a step ({rows:,} rows per "
                           f"worker), over {MEMORY_NOTE_SHARE:.0%} of a {hw.memory_gb:g} GB {GPU_PEAKS[hw.gpu].name}; "

@@ -46,8 +46,9 @@ def block_rows(cfg: "Config", image_size: int) -> int:
     BENCHMARKS.md), so it serves about 1,100 blocks/s. At one row count for every phase, the 64 px phase sends
     blocks ~9x as often as the 224 px phase (its samples/s are ~9x, by the FLOPs): 64-row blocks cap it at ~70k
     samples/s for the whole cluster, a few GPUs' worth. A size in bytes, with samples/s about inversely
-    proportional to the pixels, keeps the blocks/s about the same in every phase, set by the full-resolution one. The cap at one unit keeps the rows in flight (which a restart reads again
-    and the data position tracks) within a unit per block where images are tiny."""
+    proportional to the pixels, keeps the blocks/s about the same in every phase, set by the full-resolution one.
+    The cap at one unit keeps a read task's memory at one unit of raw bytes and the rows in flight (which a
+    restart reads again and the data position tracks) near a unit per block where images are tiny."""
     d = cfg.data
     if d.block_mb <= 0:
         return d.decode_batch_size

@@ -110,6 +110,7 @@ SECTION_CASES = [
     (["data.shuffle=rows"], "'data.shuffle' must be files or none, got 'rows'"),  # _check_data
     (["data.shuffle_buffer=-2"], "'data.shuffle_buffer' must be -1 (10x the local batch), 0 (off) or a row count"),
     (["data.group_shards=0"], "'data.group_shards' and 'data.chunk_rows' must be >= 1"),
+    (["phases.1.micro_batch_size=-2"], "'phases.1.micro_batch_size' (finetune) must be -1 (train.micro_batch_size), 0"),
     (["data.block_mb=-1"], "'data.decode_batch_size' must be >= 1 and 'data.block_mb' >= 0, got 64 and -1"),
     (["data.decode_batch_size=0"], "'data.decode_batch_size' must be >= 1 and 'data.block_mb' >= 0, got 0 and 8"),
     (["data.missing_shards=warn"], "'data.missing_shards' must be fail or skip, got 'warn'"),

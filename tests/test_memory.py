@@ -32,19 +32,23 @@ def _saved_bytes(model: torch.nn.Module, size: int, text_length: int, batch: int
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
-@pytest.mark.parametrize("preset, size, text_length, dropout", [
-    ("vit-b-16", 64, 16, 0.0), ("vit-b-16", 224, 32, 0.0), ("vit-b-16", 224, 32, 0.5), ("tiny", 32, 16, 0.0),
-    ("tiny", 64, 32, 0.0)])
-def test_the_estimate_is_what_the_towers_save_for_backward(preset, size, text_length, dropout):
+@pytest.mark.parametrize("preset, size, text_length, dropout, checkpointing", [
+    ("vit-b-16", 64, 16, 0.0, False), ("vit-b-16", 224, 32, 0.0, False), ("vit-b-16", 224, 32, 0.5, False),
+    ("tiny", 32, 16, 0.0, False), ("tiny", 64, 32, 0.0, False), ("vit-b-16", 64, 16, 0.0, True),
+    ("vit-b-16", 224, 32, 0.0, True)])
+def test_the_estimate_is_what_the_towers_save_for_backward(preset, size, text_length, dropout, checkpointing):
+    """Also with gradient checkpointing (timm's, per block): each block's input only."""
     from reclip_ray.model import build_model, set_patch_dropout
 
-    cfg = load_config(preset, ["model.vision.depth=2", "model.text.depth=2"])  # per block: the depth is a factor
-    torch.manual_seed(0)
-    model = build_model(cfg.model, vocab_size=256).train()
-    set_patch_dropout(model, dropout)
-    measured = (_saved_bytes(model, size, text_length, 8) - _saved_bytes(model, size, text_length, 4)) / 4
-    estimate = activation_bytes_per_sample(cfg.model, size, text_length, dropout)
-    assert estimate == pytest.approx(measured, rel=0.05), (measured, estimate)  # 1-2.3 % apart when written
+    for depth in (2, 4):  # the saved bytes grow by the same per block
+        cfg = load_config(preset, [f"model.vision.depth={depth}", f"model.text.depth={depth}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, vocab_size=256).train()
+        set_patch_dropout(model, dropout)
+        model.set_grad_checkpointing(checkpointing)
+        measured = (_saved_bytes(model, size, text_length, 8) - _saved_bytes(model, size, text_length, 4)) / 4
+        estimate = activation_bytes_per_sample(cfg.model, size, text_length, dropout, checkpointing)
+        assert estimate == pytest.approx(measured, rel=0.05), (depth, measured, estimate)  # 0-2.3 % when written
 
 
 def test_a_step_holds_the_states_one_passs_activations_and_the_logits():
@@ -61,6 +65,12 @@ def test_a_step_holds_the_states_one_passs_activations_and_the_logits():
     assert step_gpu_bytes(model, 150_000_000, 224, 32, micro_batch=512, **kw) == full  # no accumulation
     whole = step_gpu_bytes(model, 150_000_000, 224, 32, local_loss=False, **kw)
     assert whole - full == pytest.approx(6 * (32768 - 512) * 32768 * 4)
+    # Gradient checkpointing: each block's fp32 input (4 x width per token), and one vision block recomputed at a time
+    saved = activation_bytes_per_sample(model, 224, 32, grad_checkpointing=True)
+    assert saved == pytest.approx(12 * (197 * 768 + 32 * 512) * 4 + 30 * 224**2)
+    ckpt = step_gpu_bytes(model, 150_000_000, 224, 32, grad_checkpointing=True, **kw)
+    assert ckpt == pytest.approx(18 * 150e6 + 512 * (saved + 197 * 36 * 768) + 6 * 512 * 32768 * 4)
+    assert ckpt < full / 3
 
 
 def test_the_estimate_is_within_a_few_percent_of_the_peaks_an_h200_measured():

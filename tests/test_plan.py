@@ -465,14 +465,14 @@ def test_the_all_reduce_bandwidth_a_phase_needs_is_the_gradients_bytes_over_its_
 
 def test_a_phase_that_would_not_fit_a_gpus_memory_gets_a_note_with_a_micro_batch_that_fits():
     """Per phase, one GPU's memory in a step (``reclip_ray.memory``, within a few percent of an H200's measured
-    peaks: tests/test_memory.py): vit-b-16's 224 px phase fits 80 GB on 64 GPUs (512 rows each) but not on 8 (4,096
-    rows); the note's micro-batch, applied, fits (no note), and its GB figure is the plan's for it. A 141 GB H200
-    takes more rows than an 80 GB H100."""
+    peaks: tests/test_memory.py). vit-b-16's 224 px phase without its preset's micro-batch fits 80 GB on 64 GPUs
+    (512 rows each) but not on 8 (4,096 rows); the note names that phase's key, and its micro-batch, applied, fits
+    (no note; its GB figure is the plan's for it). A 141 GB H200 takes more rows than an 80 GB H100."""
     from reclip_ray.flops import model_parameters
     from reclip_ray.memory import step_gpu_bytes
     from reclip_ray.plan import MEMORY_NOTE_SHARE
 
-    cfg = load_config("vit-b-16")
+    cfg = load_config("vit-b-16", ["phases.1.micro_batch_size=0"])
     plan = make_plan(cfg, gpus=64, gpu="h100")
     params = model_parameters(cfg.model, cfg.data.vocab_size)
     for i, p in enumerate(plan.phases):
@@ -483,11 +483,28 @@ def test_a_phase_that_would_not_fit_a_gpus_memory_gets_a_note_with_a_micro_batch
     eight = make_plan(cfg, gpus=8, gpu="h100")
     (note,) = [n for n in eight.notes if "per GPU in a step" in n]
     assert note.startswith("phase 'finetune': ") and "(4,096 rows per worker)" in note, note
-    micro = int(re.search(r"train\.micro_batch_size=(\d+)", note)[1])
-    assert micro % 8 == 0
-    fixed = make_plan(load_config("vit-b-16", [f"train.micro_batch_size={micro}"]), gpus=8, gpu="h100")
+    fix = re.search(r"set (phases\.1\.micro_batch_size=(\d+))", note)
+    assert int(fix[2]) % 8 == 0
+    fixed = make_plan(load_config("vit-b-16", [fix[1]]), gpus=8, gpu="h100")
     assert not [n for n in fixed.notes if "per GPU in a step" in n], fixed.notes
     assert fixed.phases[1].gpu_memory_gb <= MEMORY_NOTE_SHARE * 80
-    assert f"({fixed.phases[1].gpu_memory_gb:.2f} GB)" in note.replace("exact accumulation: ", "(")
-    bigger = make_plan(load_config("vit-b-16"), gpus=8, gpu="h200").notes
-    assert int(re.search(r"micro_batch_size=(\d+)", next(n for n in bigger if "per GPU" in n))[1]) > micro
+    assert f"(exact accumulation: {fixed.phases[1].gpu_memory_gb:.2f} GB)" in note
+    assert fixed.phases[0].gpu_memory_gb == eight.phases[0].gpu_memory_gb  # the other phase's rows are its own
+    bigger = make_plan(cfg, gpus=8, gpu="h200").notes
+    assert int(re.search(r"micro_batch_size=(\d+)", next(n for n in bigger if "per GPU" in n))[1]) > int(fix[2])
+
+
+@pytest.mark.parametrize("preset", ["vit-b-16", "vit-l-16"])
+def test_the_gpu_presets_fit_an_80_gb_gpu_at_every_worker_count_of_their_scaling_range(preset):
+    """An elastic run may shrink to ``scaling.min_workers``, and each survivor's share of the global batch grows:
+    the presets' per-phase micro-batches keep every phase under the note's share of an 80 GB H100 from min to max
+    workers (vit-b-16's 224 px phase on 8 workers took ~309 GB before it had one)."""
+    from reclip_ray.plan import MEMORY_NOTE_SHARE
+
+    cfg = load_config(preset)
+    for gpus in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
+        plan = make_plan(cfg, gpus=gpus, gpu="h100")
+        assert max(p.gpu_memory_gb for p in plan.phases) <= MEMORY_NOTE_SHARE * 80, (gpus, plan.notes)
+    # ... and at max_workers no phase accumulates: the micro-batch costs nothing where the preset is meant to run
+    assert all(phase_global_batch(cfg, i) // cfg.scaling.max_workers <= (ph.micro_batch_size
+               if ph.micro_batch_size > 0 else 10**9) for i, ph in enumerate(cfg.phases))

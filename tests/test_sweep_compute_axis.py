@@ -453,6 +453,29 @@ def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
     assert rows[3]["error"] == "ValueError: boom"  # the line that says what failed, not Ray's actor banner
 
 
+def test_each_phase_steps_with_its_own_micro_batch(space, monkeypatch):
+    """``phases[i].micro_batch_size``: the worker's loop passes each phase's own to the step (-1: the phase takes
+    ``train.micro_batch_size``), so a 224 px phase can accumulate where the 64 px one trains its share whole."""
+    cfg = _configs(space)["reclip"]
+    cfg.train.micro_batch_size = 96
+    cfg.phases[-1].micro_batch_size = 40
+    seen: list[int] = []
+
+    def step(model, optimizer, images, tokens, **kwargs):
+        seen.append(kwargs["micro_batch"])
+        return {"loss": torch.tensor(1.0), "logit_scale": torch.tensor(1.0), "lr": kwargs["lr"]}
+
+    Trial("reclip", cfg, [], monkeypatch, step=step)
+    steps = []  # each phase's steps, walked from the schedule
+    for plan in Schedule.from_config(cfg).phases:
+        samples, n = plan.start_sample, 0
+        while samples < plan.end_sample:
+            samples, n = samples + plan.batch_at(samples), n + 1
+        steps.append(n)
+    assert len(steps) > 1 and cfg.phases[0].micro_batch_size == -1
+    assert seen == [96] * sum(steps[:-1]) + [40] * steps[-1]
+
+
 def test_the_step_loop_reads_a_steps_output_only_at_log_windows_checkpoints_and_compute_milestones(space,
                                                                                                    monkeypatch):
     """``train_step`` returns tensors: reading one on the host waits for the step's kernels, and the host could

@@ -136,6 +136,7 @@ class _LocalRun:
 
     def train_batch(self, plan: Any, batch: dict[str, np.ndarray], n: int) -> None:
         """One step on the batch's first ``n`` rows, recorded in the history (and logged every few steps)."""
+        from reclip_ray.config import phase_micro_batch
         from reclip_ray.train.step import read_step, train_step
 
         lr = self.schedule.lr_at(self.samples)
@@ -143,7 +144,7 @@ class _LocalRun:
             self.model, self.optimizer,
             torch.from_numpy(batch["image"][:n]), torch.from_numpy(batch["tokens"][:n]),
             lr=lr, grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.autocast,
-            micro_batch=self.cfg.train.micro_batch_size,  # one process: local_loss has nothing to split
+            micro_batch=phase_micro_batch(self.cfg, plan.index),  # one process: local_loss has nothing to split
         ))  # read every step: the history keeps each step's loss
         self.samples += n
         self.step += 1

@@ -67,7 +67,7 @@ def phase_banner(plan: Any, state: TrainState, world: int, micro_batch: int, gfl
 
 
 def micro_note(micro: int, local: int) -> str:
-    """Say when a worker accumulates: its share of the global batch is over ``train.micro_batch_size``."""
+    """Say when a worker accumulates: its share of the global batch is over its phase's micro-batch."""
     return f" in {-(-local // micro)} micro-batches of <= {micro}" if 0 < micro < local else ""
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from reclip_ray import tracking
-from reclip_ray.config import from_dict, local_loss_enabled
+from reclip_ray.config import from_dict, local_loss_enabled, phase_micro_batch
 from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
                                       use_relay)
@@ -89,6 +89,7 @@ class Worker:
         # read it.
         self.eval_error: str | None = "the final model was not evaluated"
         self.feed: Any = None  # the phase's PhaseFeed (run_phase)
+        self.micro_batch = 0  # the phase's rows per forward/backward (run_phase: config.phase_micro_batch)
         self._read: tuple[Any, dict[str, float]] = (None, {})  # the last step output read, and its floats (read)
         self.checkpoint_clock = CheckpointClock(self.cfg.checkpoint.every_minutes)  # restarted at every checkpoint
 
@@ -216,8 +217,9 @@ class Worker:
         if self.device.type == "cuda":  # worker_peak_gpu_mib is per phase: 64 px and 224 px differ several-fold
             torch.cuda.reset_peak_memory_stats(self.device)
         self.feed = self._open_feed(plan)
+        self.micro_batch = phase_micro_batch(cfg, plan.index)
         if self.rank == 0:
-            self.say(phase_banner(plan, state, self.world, cfg.train.micro_batch_size, gflops_per_sample))
+            self.say(phase_banner(plan, state, self.world, self.micro_batch, gflops_per_sample))
         rows_log = RowLog(self.run_dir, self.rank, state.restarts, self.world) if cfg.fault.record_rows else None
         window = Window()
         every = cfg.checkpoint.every_samples
@@ -257,7 +259,7 @@ class Worker:
         lr = self.schedule.lr_at(state.samples)
         last = train_step(self.ddp_model, self.optimizer, images, tokens, lr=lr,
                           grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.autocast, local_batch_sizes=sizes,
-                          local_loss=self.local_loss, micro_batch=self.cfg.train.micro_batch_size)
+                          local_loss=self.local_loss, micro_batch=self.micro_batch)
         state.samples += sum(sizes)
         state.step += 1
         state.gflops += gflops_per_sample * sum(sizes)
