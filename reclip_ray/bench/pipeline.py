@@ -52,7 +52,7 @@ def _dataset(shards: list, column: str, image_size: int, rows: int, tokenizer_js
     """``rows`` rows through phase_dataset with one read+decode task (one core), reading ``column`` of every shard.
     In 64-row blocks (``decode_batch_size``), not the trainer's ``data.block_mb`` ones: ``_stream_rate`` times from
     the first block on, which with blocks of hundreds of rows would leave out most of a run's rows (tried: 64 px
-    read 4x faster than its bare decode). The decode's rate per core does not depend on the block's size."""
+    read 4x faster than its bare decode). The block size moves the rate only through per-block overheads."""
     from reclip_ray.data.pipeline import phase_dataset
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.data.stream import PhaseStream
