@@ -24,7 +24,7 @@ from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
                               phase_train_flops_per_sample, train_flops_per_sample)
 from reclip_ray.memory import step_gpu_bytes
-from reclip_ray.run_names import JPEG_ROW_BYTES, block_rows
+from reclip_ray.run_names import block_rows, row_bytes
 
 
 @dataclass(frozen=True)
@@ -373,8 +373,7 @@ def _price_memory(plan: Plan, cfg: Config, hw: Hardware) -> None:
         p.gpu_memory_gb = need(phase_micro_batch(cfg, i)) / 1e9
         if p.gpu_memory_gb * 1e9 <= budget:
             continue
-        fits = next((m for m in range(rows - 1, 0, -1) if m % 8 == 0 and need(m) <= budget), None) if rows > 8 \
-            else None
+        fits = next((m for m in range((rows - 1) // 8 * 8, 0, -8) if need(m) <= budget), None)  # under the share
         what = (f"set phases.{i}.micro_batch_size={fits} (exact accumulation: {_gb(need(fits))})" if fits else
                 "no micro-batch fits: more GPUs, train.grad_checkpointing, or a smaller model")
         plan.notes.append(f"phase '{p.name}': ~{_gb(p.gpu_memory_gb * 1e9)} per GPU in a step ({rows:,} rows per "
@@ -391,20 +390,19 @@ def _price_split(plan: Plan, cfg: Config, hw: Hardware) -> None:
     over = [p for p in plan.phases if (p.split_blocks_per_s or 0) > SPLIT_BLOCKS_PER_S]
     if not over:
         return
-    row_bytes = {p.name: JPEG_ROW_BYTES if d.decode_device == "cuda" else 3 * p.image_size**2 for p in over}
+    on_device = d.decode_device == "cuda"
     rows = {p.name: math.ceil(p.samples_per_s_per_gpu * hw.gpus / SPLIT_BLOCKS_PER_S) for p in over}
-    block_mb = max(math.ceil(rows[p.name] * row_bytes[p.name] / (1 << 20)) for p in over)
-    fix = [f"data.block_mb={block_mb}"]
-    chunk_rows = max(math.ceil(n / d.group_shards) for n in rows.values())
-    if chunk_rows > d.chunk_rows:  # a block is at most one read unit
-        fix.append(f"data.chunk_rows={chunk_rows}")
+    block_mb = max(math.ceil(rows[p.name] * row_bytes(p.image_size, on_device) / (1 << 20)) for p in over)
+    chunk_rows = max(d.chunk_rows, *(math.ceil(n / d.group_shards) for n in rows.values()))  # a block <= a unit
+    fix = [f"data.block_mb={block_mb}"] + [f"data.chunk_rows={chunk_rows}"] * (chunk_rows > d.chunk_rows)
+    fixed = dataclasses.replace(cfg, data=dataclasses.replace(d, block_mb=block_mb, chunk_rows=chunk_rows))
     for p in over:
-        size = min(block_mb * (1 << 20) // row_bytes[p.name], d.group_shards * max(chunk_rows, d.chunk_rows))
+        size = block_rows(fixed, p.image_size)
         plan.notes.append(
             f"phase '{p.name}': {p.split_blocks_per_s:,.0f} blocks/s (of {p.block_rows:,} rows) through the phase's "
             f"one split coordinator, over the {SPLIT_BLOCKS_PER_S:,.0f}/s planned for it (half of what its CPU per "
             f"block allows); {' '.join(fix)} make its blocks {size:,} rows (the split holds about one per worker "
-            f"back: {_gb(hw.gpus * size * row_bytes[p.name])} of object store)")
+            f"back: {_gb(hw.gpus * size * row_bytes(p.image_size, on_device))} of object store)")
 
 
 def _price_checkpoints(plan: Plan, cfg: Config, hw: Hardware) -> None:

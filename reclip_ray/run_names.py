@@ -36,6 +36,12 @@ def shuffle_buffer_rows(cfg: "Config", local_batch: int) -> int:
 JPEG_ROW_BYTES = 64 << 10  # data.decode_device=cuda sends JPEG bytes, not pixels: a generous mean per row
 
 
+def row_bytes(image_size: int, on_device: bool = False) -> int:
+    """Bytes of one row's image in a phase's stream: decoded uint8 pixels, or (``data.decode_device=cuda``) the
+    JPEG the worker decodes."""
+    return JPEG_ROW_BYTES if on_device else 3 * image_size**2
+
+
 def block_rows(cfg: "Config", image_size: int) -> int:
     """Rows per block of a phase's stream (``data.pipeline``: one decode batch): about ``data.block_mb`` MB of
     decoded rows, at least ``data.decode_batch_size`` rows and at most one read unit (``group_shards x
@@ -52,8 +58,8 @@ def block_rows(cfg: "Config", image_size: int) -> int:
     d = cfg.data
     if d.block_mb <= 0:
         return d.decode_batch_size
-    row_bytes = JPEG_ROW_BYTES if d.decode_device == "cuda" else 3 * image_size**2
-    return max(d.decode_batch_size, min(d.group_shards * d.chunk_rows, int(d.block_mb * (1 << 20) // row_bytes)))
+    per_row = row_bytes(image_size, d.decode_device == "cuda")
+    return max(d.decode_batch_size, min(d.group_shards * d.chunk_rows, int(d.block_mb * (1 << 20) // per_row)))
 
 
 # ------------------------------------------------------------------------------------------ metrics a sweep reads

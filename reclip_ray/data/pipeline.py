@@ -40,7 +40,7 @@ from reclip_ray.data.stream import (BAD, MARKER, OK, PhaseStream, rows_in_round,
                                    unit_sizes)
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from reclip_ray.errors import DataError
-from reclip_ray.run_names import JPEG_ROW_BYTES
+from reclip_ray.run_names import row_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -406,11 +406,11 @@ def phase_dataset(
         num_cpus=num_cpus,
         compute=ray.data.TaskPoolStrategy(size=concurrency),  # the same as the decode's, so Ray Data fuses the two
     )
-    # One decode batch is one block (``run_names.block_rows`` sizes it): Ray Data would coalesce the decoded batches into
-    # blocks of up to 128 MB (a whole group, thousands of rows), and the split hands out whole blocks, so bounded
-    # blocks keep the ranks' shares interleaved in stream order.
-    row_bytes = JPEG_ROW_BYTES if on_device else 3 * image_size**2  # JPEG bytes or pixels
-    ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * (row_bytes + 9 * text_length + 64)))
+    # One decode batch is one block (``run_names.block_rows`` sizes it): Ray Data would coalesce the decoded batches
+    # into blocks of up to 128 MB (a whole group, thousands of rows), and the split hands out whole blocks, so
+    # bounded blocks keep the ranks' shares interleaved in stream order.
+    per_row = row_bytes(image_size, on_device) + 9 * text_length + 64  # the image, the tokens, the bookkeeping
+    ds.context.target_max_block_size = max(1 << 16, int(1.1 * decode_batch_size * per_row))
     # Ray Data's progress bars, drawn by every rank (or split coordinator) for every phase, are cursor codes in the
     # job's log and break up the trainer's own lines, which already say samples/s and data wait
     ds.context.enable_progress_bars = False

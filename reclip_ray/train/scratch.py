@@ -11,7 +11,8 @@ folders after a few days of tests.)
 So each process writes its checkpoints under its own folder, ``$TMPDIR/reclip-ray-scratch-<uid>/<host>-<pid>-<rnd>``
 (a root per user: another user's would not let this one write there, nor remove what it left), and holds an
 exclusive ``flock`` on a lock file beside it for as long as it lives. The kernel releases the lock when the process
-dies, however it dies, so any later process can tell a dead writer's folder from a live one's by trying the lock: no pid check, which a reused pid or another container's pid namespace would fool. Every rank calls
+dies, however it dies, so any later process can tell a dead writer's folder from a live one's by trying the lock:
+no pid check, which a reused pid or another container's pid namespace would fool. Every rank calls
 ``remove_orphans`` when it starts (a restarted rank 0 may land on another node; every node is swept when one of
 the run's workers starts there). It costs one directory listing and one lock attempt per folder.
 """
