@@ -13,8 +13,9 @@
 #   2. the set is complete and Ray/MLflow import from $SITE, not from elsewhere (25 s: gpu_wheels.py --check-env);
 #   3. job 1, vit-b-16, bf16, 1 GPU worker: lowres 64 px (16 tokens, batch 1,024) then finetune 224 px (32 tokens,
 #      batch 512), checkpoint every 81,920 samples (copied in Ray Train's thread: checkpoint.upload async, the
-#      preset's, set here too so that the CPU dry run takes the same path). Started, killed (SIGKILL of its process group) once Ray Train has registered its first checkpoint
-#      (90 s), then the SAME command rerun must FINISH from that checkpoint (130 s);
+#      preset's, set here too so that the CPU dry run takes the same path). Started, killed (SIGKILL of its process
+#      group) once Ray Train has registered its first checkpoint (90 s), then the SAME command rerun must FINISH from
+#      that checkpoint (130 s);
 #   4. job 1's per-phase table from MLflow (15 s); `reclip-ray eval` of its model (30 s);
 #   5. job 2, the finetune phase alone from job 1's model: train.micro_batch_size=128 of 512, train.compile=true,
 #      data.decode_device=cuda (170 s); meanwhile `reclip-ray export --format open_clip` and a check of the folder

@@ -4,9 +4,9 @@ Why: each phase's stream is split over the workers with ``streaming_split(equal=
 actor per phase; every block every worker takes passes through it. The trainer's blocks were 64 rows at every
 size: at the plan's 64 px rate on 64 H100s (31,650 samples/s per GPU at MFU 0.4), ~31,000 blocks/s through one
 actor. What this measured (~0.9 ms per block, BENCHMARKS.md) is why they are now ``data.block_mb`` MB of decoded
-rows (``run_names.block_rows``) and why ``reclip-ray plan`` prices each phase's blocks/s. This measures what a block costs that actor, as CPU seconds of its
-process (``/proc/PID/stat``) over the blocks it handed out, so the bound does not depend on what else the machine
-runs: one core serves at most 1 / (CPU per block) blocks/s.
+rows (``run_names.block_rows``) and why ``reclip-ray plan`` prices each phase's blocks/s. This measures what a
+block costs that actor, as CPU seconds of its process (``/proc/PID/stat``) over the blocks it handed out, so the
+bound does not depend on what else the machine runs: one core serves at most 1 / (CPU per block) blocks/s.
 
 The stream is made as the trainer's is: few tasks (``--blocks-per-task`` blocks each, as a unit of a shard gives
 ~140 blocks of 64 rows), each emitting blocks of ``--rows`` rows of ``--px`` px uint8 images (zeros: no decode),
