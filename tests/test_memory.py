@@ -91,4 +91,4 @@ def test_the_estimate_is_within_a_few_percent_of_the_peaks_an_h200_measured():
         model = load_config("tiny", [f"model={r['model']}"]).model  # as bench model builds it
         estimate = step_gpu_bytes(model, model_parameters(model, 49408), r["image_size"], r["text_length"],
                                   rows=r["batch"], global_batch=r["batch"], local_loss=False)  # one GPU
-        assert 0.95 < estimate / (r["peak_mem_gib"] * 2**30) <= 1.0, (r, estimate / 2**30)
+        assert 0.97 <= estimate / (r["peak_mem_gib"] * 2**30) <= 1.0, (r, estimate / 2**30)  # README: within 3 %

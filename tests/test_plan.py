@@ -483,6 +483,7 @@ def test_a_phase_that_would_not_fit_a_gpus_memory_gets_a_note_with_a_micro_batch
     eight = make_plan(cfg, gpus=8, gpu="h100")
     (note,) = [n for n in eight.notes if "per GPU in a step" in n]
     assert note.startswith("phase 'finetune': ") and "(4,096 rows per worker)" in note, note
+    assert 300 < eight.phases[1].gpu_memory_gb < 320  # README: "would need 309 GB on 8"
     fix = re.search(r"set (phases\.1\.micro_batch_size=(\d+))", note)
     assert int(fix[2]) % 8 == 0
     fixed = make_plan(load_config("vit-b-16", [fix[1]]), gpus=8, gpu="h100")
