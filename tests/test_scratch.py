@@ -1,12 +1,17 @@
 """Checkpoint folders a dead process leaves on a node are removed by the next worker that starts there; a live
 process's are never touched (``reclip_ray/train/scratch.py``). Real processes: a SIGKILL, a clean exit, one still
-running, each in its own interpreter, as Ray's worker processes are."""
+running, each in its own interpreter, as Ray's worker processes are; and the local copy of a checkpoint on S3 that
+the ranks of a node restore from."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +65,77 @@ def test_a_clean_exit_removes_its_own_folder_and_a_half_made_lock_file_is_swept(
     open(half, "w").close()
     assert scratch.remove_orphans() == []  # no folder removed...
     assert not os.path.exists(half)  # ...but the file is gone
+
+
+_READER = """
+import hashlib, os, signal, sys
+from reclip_ray import storage
+from reclip_ray.train.scratch import downloaded
+fs, inner = storage.filesystem(sys.argv[1])
+with downloaded(inner, fs) as folder:
+    st = os.stat(folder + "/state.pt")
+    print(folder, st.st_mtime_ns, flush=True)
+    sys.stdin.readline()  # reading, until the test says go on
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(folder + "/state.pt", "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    print(digest, os.stat(folder + "/state.pt").st_mtime_ns, flush=True)
+"""
+
+
+class Reader:
+    """A rank restoring from a checkpoint on S3 in its own process (``scratch.downloaded``), which holds the local
+    copy open until ``go_on``."""
+
+    def __init__(self, uri: str, mode: str = "read"):
+        self.proc = subprocess.Popen([sys.executable, "-c", _READER, uri, mode], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        first = self.proc.stdout.readline().split()
+        assert len(first) == 2, f"the reader printed {first}"
+        self.folder, self.mtime_ns = first[0], int(first[1])
+
+    def go_on(self) -> tuple[str, int]:
+        """Let it read the copy and leave; (sha256 of state.pt as it read it, its mtime then)."""
+        out, _ = self.proc.communicate("\n", timeout=60)
+        assert self.proc.returncode == 0, out
+        digest, mtime = out.split()
+        return digest, int(mtime)
+
+
+def test_the_ranks_of_a_node_share_one_copy_of_a_remote_checkpoint_and_a_late_one_never_rewrites_it(
+        tmpdir_env, s3_prefix):
+    """The CI failure this guards against: with Ray's ``Checkpoint.as_directory`` a rank that arrives once an earlier
+    one has downloaded the checkpoint downloads it again into the same folder, over the ``state.pt`` the earlier rank
+    is reading (ray-project/ray#48726), and the resume fails with "PytorchStreamReader failed reading file"."""
+    from reclip_ray import storage
+
+    source = tmpdir_env / "ckpt"
+    source.mkdir()
+    payload = os.urandom(3 << 20)
+    (source / "state.pt").write_bytes(payload)
+    (source / "meta.json").write_text("{}")
+    uri = f"{s3_prefix}/checkpoint_000001"
+    storage.upload_dir(str(source), uri)
+    expected = hashlib.sha256(payload).hexdigest()
+
+    first = Reader(uri)  # downloads, then reads...
+    assert os.path.dirname(first.folder) == scratch.scratch_root()
+    late = Reader(uri)  # ...while a late rank arrives: it must read the same copy, not download it again
+    assert late.folder == first.folder and late.mtime_ns == first.mtime_ns
+    assert late.go_on() == (expected, first.mtime_ns)
+    assert os.path.isfile(os.path.join(first.folder, "state.pt"))  # the first rank still reads it
+    assert first.go_on() == (expected, first.mtime_ns)
+    # The last reader removed the copy and its lock file.
+    assert [n for n in os.listdir(scratch.scratch_root()) if n.startswith("restore-")] == []
+
+    # A rank killed while it holds the copy leaves it; the next worker to start on the node removes it.
+    killed = Reader(uri, "die")
+    killed.proc.communicate("\n", timeout=60)
+    assert killed.proc.returncode == -signal.SIGKILL
+    assert os.path.isfile(os.path.join(killed.folder, "state.pt"))
+    removed = dict(scratch.remove_orphans())
+    assert removed.pop(killed.folder) == len(payload) + 2
+    assert list(removed.values()) == [0]  # its own process folder, empty: the copy was renamed out of it
+    assert [n for n in os.listdir(scratch.scratch_root()) if n.startswith("restore-")] == []

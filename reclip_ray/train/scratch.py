@@ -15,21 +15,32 @@ dies, however it dies, so any later process can tell a dead writer's folder from
 no pid check, which a reused pid or another container's pid namespace would fool. Every rank calls
 ``remove_orphans`` when it starts (a restarted rank 0 may land on another node; every node is swept when one of
 the run's workers starts there). It costs one directory listing and one lock attempt per folder.
+
+The same root holds the local copy of a checkpoint that a restart resumes from (``downloaded``): one copy per node,
+shared by the node's ranks, not Ray's ``Checkpoint.as_directory``, whose copy a late rank downloads again over the
+files an earlier rank is reading (ray-project/ray#48726: CI saw ``state.pt`` fail to load that way).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import socket
 import tempfile
 import uuid
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 ROOT = "reclip-ray-scratch"
 _LOCK = ".lock"
 _NEW = ".new"
+_RESTORE = "restore-"
 
 _held: dict[str, object] = {}  # this process's folder and the open lock file that holds its flock
 
@@ -64,8 +75,9 @@ def checkpoint_folder() -> str:
 
 
 def remove_orphans() -> list[tuple[str, int]]:
-    """Remove every process folder whose lock is free (its process died), with what it holds, and its lock file.
-    Returns (folder, bytes) for each folder removed."""
+    """Remove every process folder whose lock is free (its process died), and every restore copy whose lock is free
+    (no rank reads it: its last reader died), with what it holds and its lock file. Returns (folder, bytes) for
+    each folder removed."""
     root = scratch_root()
     try:
         names = os.listdir(root)
@@ -82,8 +94,9 @@ def remove_orphans() -> list[tuple[str, int]]:
 
 
 def _remove_if_dead(lock_path: str, folder: str | None, removed: list[tuple[str, int]]) -> None:
-    """If the lock at ``lock_path`` can be taken, its process is dead: remove its folder, then the lock file (in
-    that order, so a folder never outlives its lock file)."""
+    """If the lock at ``lock_path`` can be taken, no process uses its folder (a process folder's owner died; no rank
+    is reading or downloading a restore copy): remove the folder, then the lock file (in that order, so a folder
+    never outlives its lock file)."""
     try:
         lock = open(lock_path, "r+")  # noqa: SIM115
     except OSError:
@@ -93,6 +106,8 @@ def _remove_if_dead(lock_path: str, folder: str | None, removed: list[tuple[str,
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held: its process is alive
             return
+        if not _current(lock, lock_path):
+            return  # removed and made again since we opened it: the folder is the new holder's
         if folder is not None and os.path.isdir(folder):
             removed.append((folder, _bytes(folder)))
             shutil.rmtree(folder, ignore_errors=True)
@@ -100,6 +115,66 @@ def _remove_if_dead(lock_path: str, folder: str | None, removed: list[tuple[str,
             os.unlink(lock_path)
         except FileNotFoundError:
             pass
+
+
+def _current(lock, lock_path: str) -> bool:
+    """Whether the open lock file is still the one at ``lock_path``: a lock file is unlinked while locked when its
+    folder is removed, and a process that opened it before then holds a lock on a file nobody else will open."""
+    try:
+        return os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def downloaded(path: str, filesystem: pyarrow.fs.FileSystem) -> Iterator[str]:
+    """The checkpoint folder at ``path`` on ``filesystem`` as a local folder, for as long as the context lasts.
+
+    A local checkpoint is read where it is. A remote one is copied once per node: the ranks of a node share
+    ``<scratch root>/restore-<hash of path>``. Every reader holds a shared lock on the file beside it, under which
+    nobody copies or removes. A rank that finds no copy takes the lock exclusively, copies the checkpoint into its
+    own process folder (swept like a checkpoint if it dies) and renames it into place, so the folder exists only
+    whole. On leaving,
+    a rank drops its lock and tries the exclusive lock again without waiting: only the last reader gets it, and
+    removes the copy. A rank that arrives after that copies it again, which costs bytes, never a torn file.
+    Cost: one checkpoint's bytes per node and restart (1.8 GB for vit-b-16), not one per GPU.
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield path
+        return
+    root = scratch_root()
+    os.makedirs(root, exist_ok=True)
+    key = hashlib.sha256(f"{filesystem.type_name}://{path}".encode()).hexdigest()[:24]
+    folder = os.path.join(root, _RESTORE + key)
+    lock_path = folder + _LOCK
+    while True:
+        lock = open(lock_path, "a")  # noqa: SIM115 - closed below
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if _current(lock, lock_path) and os.path.isdir(folder):
+            break  # a whole copy, which nobody removes while we hold this
+        # Conversions are not atomic (flock(2)): another rank may copy or remove in between, hence the checks.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _current(lock, lock_path) and not os.path.isdir(folder):
+            copy = tempfile.mkdtemp(prefix="restore-", dir=process_folder())
+            try:
+                pafs.copy_files(path, copy, source_filesystem=filesystem,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.rename(copy, folder)
+            except BaseException:
+                shutil.rmtree(copy, ignore_errors=True)
+                lock.close()
+                raise
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if _current(lock, lock_path) and os.path.isdir(folder):
+            break
+        lock.close()
+    try:
+        yield folder
+    finally:
+        lock.close()
+        _remove_if_dead(lock_path, folder, [])
 
 
 def _bytes(folder: str) -> int:

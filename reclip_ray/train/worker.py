@@ -30,7 +30,7 @@ from reclip_ray.train.handover import check_data_start, write_fatal
 from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, skip_reason
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
-from reclip_ray.train.scratch import checkpoint_folder, remove_orphans
+from reclip_ray.train.scratch import checkpoint_folder, downloaded, remove_orphans
 from reclip_ray.train.step import (autocast_dtype_for, compile_model, pinned_for, read_step, set_grad_reduce,
                                    train_step)
 
@@ -148,7 +148,7 @@ class Worker:
         self.restored_from = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
         self.run_id = mlflow_run_id
         if checkpoint is not None:
-            with checkpoint.as_directory() as ckpt_dir:
+            with downloaded(checkpoint.path, checkpoint.filesystem) as ckpt_dir:  # not as_directory: scratch.py
                 self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device)
             self.state.mlflow_run_id = mlflow_run_id
         elif self.cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
