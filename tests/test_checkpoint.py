@@ -57,3 +57,19 @@ def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         load_checkpoint(tmp_path, _model())
     assert not marker.exists()
+
+
+def test_a_truncated_state_file_is_named_where_the_checkpoint_lives_not_in_its_local_copy(tmp_path):
+    """A restart reads a local copy of a checkpoint on object storage (``scratch.downloaded``), removed before the
+    user reads the error: the error names the checkpoint in the run folder."""
+    save_checkpoint(tmp_path, _model(), torch.optim.SGD(_model().parameters(), lr=0.1), TrainState(), "")
+    data = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(data[: len(data) // 2])
+    where = "s3://bucket/runs/r/checkpoint_2026-12-06_07-00-00.000000"
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path, _model(), source=where + "/")
+    assert str(caught.value).startswith(f"{where}/{STATE_FILE}: refused to load (RuntimeError: ")
+    assert str(tmp_path) not in str(caught.value)
+    (tmp_path / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"^{where}: no {META_FILE}; the checkpoint is incomplete"):
+        load_checkpoint(tmp_path, _model(), source=where)

@@ -81,10 +81,10 @@ def save_checkpoint(
     return directory
 
 
-def read_state(directory: str | Path) -> TrainState:
+def read_state(directory: str | Path, source: str | None = None) -> TrainState:
     meta = Path(directory) / META_FILE
     if not meta.is_file():
-        raise CheckpointError(f"{directory}: no {META_FILE}; the checkpoint is incomplete (interrupted save?)")
+        raise CheckpointError(f"{source or directory}: no {META_FILE}; the checkpoint is incomplete (interrupted save?)")
     raw = json.loads(meta.read_text())
     known = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in raw.items() if k in known})
@@ -95,16 +95,20 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     map_location: str | torch.device = "cpu",
+    source: str | None = None,
 ) -> TrainState:
-    """Restore model (and optimizer, RNG) in place and return the run position."""
+    """Restore model (and optimizer, RNG) in place and return the run position. ``source`` is where the checkpoint
+    lives when ``directory`` is a local copy of it (a URI): errors name it, since the copy is gone by the time the
+    user reads them."""
     directory = Path(directory)
-    state = read_state(directory)
+    shown = source.rstrip("/") if source else str(directory)
+    state = read_state(directory, shown)
     try:
         payload = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{directory}: missing {STATE_FILE}") from None
+        raise CheckpointError(f"{shown}: missing {STATE_FILE}") from None
     except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem
-        raise CheckpointError(f"{directory / STATE_FILE}: refused to load ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{shown}/{STATE_FILE}: refused to load ({type(exc).__name__}: {exc})") from None
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from reclip_ray import tracking
+from reclip_ray import storage, tracking
 from reclip_ray.config import from_dict, local_loss_enabled, phase_micro_batch
 from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
@@ -149,7 +149,8 @@ class Worker:
         self.run_id = mlflow_run_id
         if checkpoint is not None:
             with downloaded(checkpoint.path, checkpoint.filesystem) as ckpt_dir:  # not as_directory: scratch.py
-                self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device)
+                self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device,
+                                             source=storage.join(self.run_dir, self.restored_from))
             self.state.mlflow_run_id = mlflow_run_id
         elif self.cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
             from reclip_ray.init_weights import init_from
