@@ -31,17 +31,31 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 S3_BUCKET = "reclip-test"
 S3_REQUESTS: list[tuple[str, str]] = []  # (method, path?query) of every request the S3 server answered
+# Writes the S3 server refuses (the ``s3_faults`` fixture): each a [path substring, requests left to refuse, refused]
+S3_FAULTS: list[list] = []
+_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+           b'<Message>Access Denied (planted by the test)</Message><RequestId>planted</RequestId></Error>')
 
 
 def _log_requests(server) -> None:
     """Record each request the moto server answers in ``S3_REQUESTS`` (the ``s3_requests`` fixture reads it), so
-    tests can count what a code path costs on a real object store: PUTs per shard, LISTs per dataset."""
+    tests can count what a code path costs on a real object store: PUTs per shard, LISTs per dataset; and refuse
+    the writes ``S3_FAULTS`` names, with S3's 403 AccessDenied (not retried by the AWS SDK: the write fails at once,
+    as it does when a token expires or a bucket policy changes mid-run)."""
     wsgi = server._server
     app = wsgi.app
 
     def logged(environ, start_response):
         query = environ.get("QUERY_STRING", "")
-        S3_REQUESTS.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "") + (f"?{query}" if query else "")))
+        path = environ.get("PATH_INFO", "")
+        S3_REQUESTS.append((environ["REQUEST_METHOD"], path + (f"?{query}" if query else "")))
+        fault = next((f for f in S3_FAULTS if f[1] > 0 and f[0] in path), None)
+        if fault is not None and environ["REQUEST_METHOD"] in ("PUT", "POST"):
+            fault[1] -= 1
+            fault[2].append(path)
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # the answer comes after the body
+            start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(_DENIED)))])
+            return [_DENIED]
         return app(environ, start_response)
 
     wsgi.app = logged
@@ -81,6 +95,19 @@ def s3_prefix(s3_server, request) -> str:
     import uuid
 
     return f"s3://{S3_BUCKET}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    """``refuse(contains, times=1)``: the next ``times`` writes (PUT or POST: a multipart upload starts with one) to a
+    key whose path contains ``contains`` are refused (403); returns the list of paths refused so far."""
+    def refuse(contains: str, times: int = 1) -> list[str]:
+        refused: list[str] = []
+        S3_FAULTS.append([contains, times, refused])
+        return refused
+
+    yield refuse
+    S3_FAULTS.clear()
 
 
 @pytest.fixture

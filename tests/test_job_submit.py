@@ -49,7 +49,7 @@ def _walk_for(root: str, name: str) -> list[str]:
 
 
 def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_job_resumes_to_success(
-        ray_cluster, tmp_path, synth_dir, tokenizer_path, s3_prefix):
+        ray_cluster, tmp_path, synth_dir, tokenizer_path, s3_prefix, s3_faults):
     """The README's cluster path, data and run folder on S3:
 
     1. ``ray job submit --no-wait``; once a checkpoint is on S3, ``ray job stop``: the job's processes get SIGTERM
@@ -57,6 +57,8 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
        ``reclip-ray: interrupted``, its MLflow run is KILLED within that window, and nothing of it is left;
     2. the same job submitted again, as the README runs it, resumes at that checkpoint in the same MLflow run and
        succeeds. The steps of job 1 are slowed (1 s each, while a flag file exists) so it is training when stopped.
+       S3 refuses the copy of job 2's first checkpoint (403): the attempt ends, and Ray Train starts it again at the
+       checkpoint before, the stopped job's, which it restores a second time.
 
     Its checkpoints are uploaded in Ray Train's thread (``checkpoint.upload=async``, the large presets' setting):
     the stop may come while one is being copied (a folder on S3 that Ray Train never registered, which the resumed
@@ -123,6 +125,9 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     writer.kill()
     writer.wait(timeout=30)
 
+    # S3 refuses the first write of the resumed job's first checkpoint: Ray Train's copy thread fails, mid-copy.
+    refused = s3_faults("/jobrun/checkpoint_s", times=1)
+
     # 2. The same job again, as the README runs it: the submit blocks, streams the job's logs and ends with the job.
     # (Polling `ray job status` instead costs a Ray-importing CLI process, ~2 s of CPU, every few seconds.)
     slow.unlink()
@@ -162,6 +167,10 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == killed.info.run_id
     restarts = client.get_metric_history(runs[0].info.run_id, "restarts")
     assert [m.step for m in restarts if m.value == 1] == [resume_from]  # resumed at the stopped job's checkpoint
+    # The refused copy ended that attempt; the next one resumed at the same checkpoint, the last Ray Train registered
+    assert len(refused) == 1, refused
+    assert [m.step for m in restarts if m.value == 2] == [resume_from], [(m.step, m.value) for m in restarts]
+    assert f"(step {resume_from}, restart 2)" in logs, logs[-4000:]
     assert runs[0].data.metrics["samples"] == 1024
     # Each checkpoint's cost to the step loop (rank 0's write and report; the copy to S3 ran in Ray Train's thread)
     costs = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "checkpoint_s")}
