@@ -139,3 +139,41 @@ def test_the_ranks_of_a_node_share_one_copy_of_a_remote_checkpoint_and_a_late_on
     assert removed.pop(killed.folder) == len(payload) + 2
     assert list(removed.values()) == [0]  # its own process folder, empty: the copy was renamed out of it
     assert [n for n in os.listdir(scratch.scratch_root()) if n.startswith("restore-")] == []
+
+
+_RANK = """
+import hashlib, os, random, sys, time
+from reclip_ray import storage
+from reclip_ray.train.scratch import downloaded
+random.seed(int(sys.argv[2]))
+fs, inner = storage.filesystem(sys.argv[1])
+for _ in range(3):  # a rank restores at each attempt; here three attempts in a row, each at its own moment
+    time.sleep(random.uniform(0, 0.2))
+    with downloaded(inner, fs) as folder:
+        with open(folder + "/state.pt", "rb") as f:
+            first = hashlib.sha256(f.read()).hexdigest()
+        time.sleep(random.uniform(0, 0.2))  # loading into the model
+        with open(folder + "/state.pt", "rb") as f:
+            print(first, hashlib.sha256(f.read()).hexdigest(), flush=True)
+"""
+
+
+def test_eight_ranks_restoring_at_random_moments_each_read_the_whole_checkpoint_and_leave_nothing(tmpdir_env, s3_prefix):
+    """A node's eight ranks, each entering and leaving the copy three times at random moments: every read sees the
+    checkpoint whole and unchanged while the rank holds it, and once all have left, no copy or lock file is left."""
+    from reclip_ray import storage
+
+    source = tmpdir_env / "ckpt"
+    source.mkdir()
+    payload = os.urandom(1 << 20)
+    (source / "state.pt").write_bytes(payload)
+    uri = f"{s3_prefix}/checkpoint_000002"
+    storage.upload_dir(str(source), uri)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, uri, str(seed)], stdout=subprocess.PIPE, text=True, env=env)
+             for seed in range(8)]
+    outputs = [r.communicate(timeout=120)[0] for r in ranks]
+    assert [r.returncode for r in ranks] == [0] * 8
+    expected = hashlib.sha256(payload).hexdigest()
+    assert [line.split() for out in outputs for line in out.splitlines()] == [[expected, expected]] * 24
+    assert [n for n in os.listdir(scratch.scratch_root()) if n.startswith("restore-")] == []
