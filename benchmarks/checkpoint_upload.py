@@ -31,8 +31,9 @@ from pathlib import Path
 BUCKET = "bench-checkpoints"
 
 
-def start_s3() -> str:
-    """A moto S3 server on localhost with one bucket; the AWS variables point this process and the job at it."""
+def start_s3():
+    """A moto S3 server on localhost with one bucket; the AWS variables point this process and the job at it.
+    Returns (endpoint URL, the server)."""
     import logging
 
     import boto3
@@ -47,7 +48,7 @@ def start_s3() -> str:
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"})
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    return endpoint
+    return endpoint, server
 
 
 def run_job(mode: str, index: int, args: argparse.Namespace, work: Path) -> dict:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", default=str(Path(__file__).resolve().parents[1]), help="the checkout to run")
     args = parser.parse_args(argv)
     args.data = str(Path(args.data).resolve())
-    endpoint = start_s3()
+    endpoint, _ = start_s3()
     print(json.dumps({"bench": "checkpoint_upload", "s3": endpoint, "code": args.code, "sets": args.set}), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:

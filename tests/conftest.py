@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 S3_BUCKET = "reclip-test"
 S3_REQUESTS: list[tuple[str, str]] = []  # (method, path?query) of every request the S3 server answered
+# Ranged GETs the S3 server answered: (path, first byte, last byte, GETs in flight when it arrived, itself included)
+S3_RANGES: list[tuple[str, int, int, int]] = []
+S3_RANGE_LATENCY_S = [0.0]  # added to each ranged GET while a test sets it: an object store's first-byte latency
+_IN_FLIGHT = [0]
+_RANGES_LOCK = threading.Lock()
 # Writes the S3 server refuses (the ``s3_faults`` fixture): each a [path substring, requests left to refuse, refused]
 S3_FAULTS: list[list] = []
 _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
@@ -56,7 +64,18 @@ def _log_requests(server) -> None:
             environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # the answer comes after the body
             start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(_DENIED)))])
             return [_DENIED]
-        return app(environ, start_response)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", environ.get("HTTP_RANGE", ""))
+        if ranged is None:
+            return app(environ, start_response)
+        with _RANGES_LOCK:
+            _IN_FLIGHT[0] += 1
+            S3_RANGES.append((path, int(ranged[1]), int(ranged[2]), _IN_FLIGHT[0]))
+        try:
+            time.sleep(S3_RANGE_LATENCY_S[0])
+            return list(app(environ, start_response))  # the body made now: in flight until it is
+        finally:
+            with _RANGES_LOCK:
+                _IN_FLIGHT[0] -= 1
 
     wsgi.app = logged
 

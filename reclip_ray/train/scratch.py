@@ -141,6 +141,8 @@ def downloaded(path: str, filesystem: pyarrow.fs.FileSystem) -> Iterator[str]:
     """
     import pyarrow.fs as pafs
 
+    from reclip_ray import storage
+
     if isinstance(filesystem, pafs.LocalFileSystem):
         yield path
         return
@@ -159,8 +161,7 @@ def downloaded(path: str, filesystem: pyarrow.fs.FileSystem) -> Iterator[str]:
         if _current(lock, lock_path) and not os.path.isdir(folder):
             copy = tempfile.mkdtemp(prefix="restore-", dir=process_folder())
             try:
-                pafs.copy_files(path, copy, source_filesystem=filesystem,
-                                destination_filesystem=pafs.LocalFileSystem())
+                storage.copy_to_local(filesystem, path, copy)
                 os.rename(copy, folder)
             except BaseException:
                 shutil.rmtree(copy, ignore_errors=True)
