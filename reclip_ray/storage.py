@@ -256,13 +256,20 @@ def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: in
     for info in infos:
         if info.type == pafs.FileType.Directory:
             os.makedirs(os.path.join(local_dir, posixpath.relpath(info.path, path)), exist_ok=True)
+    per_round = 4 * threads  # files open at once: a dataset folder may hold thousands
+    for first in range(0, len(files), per_round):
+        _copy_files_in_parts(fs, path, files[first:first + per_round], local_dir, part_bytes, threads)
+
+
+def _copy_files_in_parts(fs: pafs.FileSystem, root: str, files: list[pafs.FileInfo], local_dir: str,
+                         part_bytes: int, threads: int) -> None:
     parts: list[tuple[Any, int, int, int, str]] = []  # (source, destination fd, offset, bytes, path)
     opened: list[Any] = []
     try:
         for info in files:
             src = fs.open_input_file(info.path)
             opened.append(src)
-            fd = os.open(os.path.join(local_dir, posixpath.relpath(info.path, path)),
+            fd = os.open(os.path.join(local_dir, posixpath.relpath(info.path, root)),
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             opened.append(fd)
             parts += [(src, fd, offset, min(part_bytes, info.size - offset), info.path)
@@ -293,7 +300,6 @@ def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: in
     closing the generator early cancels what has not started. For reading many files from an object store, where
     each read mostly waits (``data ingest``'s remote images, the tokenizer's caption columns)."""
     from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=max(1, threads))
     pending: deque = deque()

@@ -97,6 +97,10 @@ def test_a_folder_is_downloaded_in_ranged_reads_of_one_part_each_every_byte_once
     want = {name: [(o, min(o + part, size) - 1) for o in range(0, size, part)] for name, size in sizes.items() if size}
     assert {name: sorted(r) for name, r in got.items()} == want
     assert max(in_flight for *_, in_flight in S3_RANGES) > 1  # the GETs overlap
+    # One thread: 4 files open at a time, so the 6 come in two rounds
+    storage.copy_to_local(fs, inner, str(tmp_path / "again"), part_bytes=part, threads=1)
+    for name, data in payloads.items():
+        assert (tmp_path / "again" / name).read_bytes() == data, name
 
 
 def test_an_unknown_scheme_is_one_line_naming_the_path():
