@@ -134,10 +134,10 @@ def downloaded(path: str, filesystem: pyarrow.fs.FileSystem) -> Iterator[str]:
     ``<scratch root>/restore-<hash of path>``. Every reader holds a shared lock on the file beside it, under which
     nobody copies or removes. A rank that finds no copy takes the lock exclusively, copies the checkpoint into its
     own process folder (swept like a checkpoint if it dies) and renames it into place, so the folder exists only
-    whole. On leaving,
-    a rank drops its lock and tries the exclusive lock again without waiting: only the last reader gets it, and
-    removes the copy. A rank that arrives after that copies it again, which costs bytes, never a torn file.
-    Cost: one checkpoint's bytes per node and restart (1.8 GB for vit-b-16), not one per GPU.
+    whole. On leaving, a rank drops its lock and tries the exclusive lock again without waiting: only the last
+    reader gets it, and removes the copy. A rank that arrives after that copies it again, which costs bytes, never
+    a torn file. Cost: one checkpoint's bytes per node and restart (1.8 GB for vit-b-16), not one per GPU, read in
+    parallel ranged GETs (``storage.copy_to_local``).
     """
     import pyarrow.fs as pafs
 
