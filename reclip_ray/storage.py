@@ -119,11 +119,14 @@ def makedirs(path: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    """The file's bytes; FileNotFoundError if it is not there."""
+    """The file's bytes; FileNotFoundError if it is not there.
+
+    One GET up to ``PART_BYTES``, parallel ranged GETs above (``read_all``): pyarrow's ``open_input_stream().read()``
+    reads an object as 256 KB GETs one after another, 2,400 round trips for a 600 MB vit-b-16 export."""
     fs, inner = filesystem(path)
     try:
-        with fs.open_input_stream(inner, compression=None) as f:  # pyarrow would gunzip a *.gz by its name
-            return f.read()
+        with fs.open_input_file(inner) as f:  # random access; never decompressed (a stream would gunzip a *.gz)
+            return read_all(f)
     except FileNotFoundError:
         raise
     except OSError as exc:  # pyarrow's S3 reports a missing key as OSError on some versions
@@ -238,6 +241,29 @@ def download_dir(source: str, local_dir: str) -> str:
 
 PART_BYTES = 16 << 20  # one ranged GET
 COPY_THREADS = 16  # GETs in flight: 256 MB of buffers at most
+
+
+def read_all(src: Any, part_bytes: int | None = None, threads: int = COPY_THREADS) -> bytes:
+    """All of an open random-access file (a ``pyarrow.NativeFile``): one read up to ``part_bytes`` (default ``PART_BYTES``), else ``threads``
+    ranged reads of ``part_bytes`` at once."""
+    part_bytes = part_bytes or PART_BYTES
+    size = src.size()
+    if size <= part_bytes:
+        return src.read_at(size, 0)
+    out = bytearray(size)
+    view = memoryview(out)
+
+    def read_part(offset: int) -> None:
+        n = min(part_bytes, size - offset)
+        data = src.read_at(n, offset)
+        if len(data) != n:
+            raise OSError(f"{len(data)} bytes at offset {offset} of a {size}-byte file, expected {n}")
+        view[offset:offset + n] = data
+
+    offsets = range(0, size, part_bytes)
+    with ThreadPoolExecutor(max_workers=min(threads, len(offsets))) as pool:
+        list(pool.map(read_part, offsets))
+    return bytes(out)
 
 
 def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: int = PART_BYTES,

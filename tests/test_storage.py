@@ -103,6 +103,30 @@ def test_a_folder_is_downloaded_in_ranged_reads_of_one_part_each_every_byte_once
         assert (tmp_path / "again" / name).read_bytes() == data, name
 
 
+def test_read_bytes_reads_a_small_file_in_one_get_and_a_large_one_in_parallel_parts(s3_prefix, monkeypatch):
+    """``read_bytes`` (single-file exports and ``init_from`` files, every JSON): pyarrow's stream read would take
+    256 KB GETs one after another."""
+    from conftest import S3_RANGE_LATENCY_S, S3_RANGES
+
+    part = 256 << 10
+    monkeypatch.setattr(storage, "PART_BYTES", part)
+    big, small = os.urandom(5 * part + 7), b'{"a": 1}'
+    storage.write_bytes(f"{s3_prefix}/big.bin", big)
+    storage.write_bytes(f"{s3_prefix}/small.json", small)
+    S3_RANGES.clear()
+    S3_RANGE_LATENCY_S[0] = 0.05
+    try:
+        assert storage.read_bytes(f"{s3_prefix}/big.bin") == big
+    finally:
+        S3_RANGE_LATENCY_S[0] = 0.0
+    assert sorted((first, last) for _, first, last, _ in S3_RANGES) == [
+        (o, min(o + part, len(big)) - 1) for o in range(0, len(big), part)]
+    assert max(in_flight for *_, in_flight in S3_RANGES) > 1
+    S3_RANGES.clear()
+    assert storage.read_json(f"{s3_prefix}/small.json") == {"a": 1}
+    assert [(first, last) for _, first, last, _ in S3_RANGES] == [(0, len(small) - 1)]
+
+
 def test_an_unknown_scheme_is_one_line_naming_the_path():
     from reclip_ray.errors import DataError
 
