@@ -126,7 +126,7 @@ def read_bytes(path: str) -> bytes:
     fs, inner = filesystem(path)
     try:
         with fs.open_input_file(inner) as f:  # random access; never decompressed (a stream would gunzip a *.gz)
-            return read_all(f)
+            return read_all(f, path)
     except FileNotFoundError:
         raise
     except OSError as exc:  # pyarrow's S3 reports a missing key as OSError on some versions
@@ -243,22 +243,27 @@ PART_BYTES = 16 << 20  # one ranged GET
 COPY_THREADS = 16  # GETs in flight: 256 MB of buffers at most
 
 
-def read_all(src: Any, part_bytes: int | None = None, threads: int = COPY_THREADS) -> bytes:
-    """All of an open random-access file (a ``pyarrow.NativeFile``): one read up to ``part_bytes`` (default ``PART_BYTES``), else ``threads``
-    ranged reads of ``part_bytes`` at once."""
+def _read_exact(src: Any, size: int, offset: int, name: str) -> bytes:
+    """``size`` bytes at ``offset`` of an open random-access file (one ranged GET on an object store)."""
+    data = src.read_at(size, offset)
+    if len(data) != size:
+        raise OSError(f"{name}: {len(data)} bytes at offset {offset}, expected {size}")
+    return data
+
+
+def read_all(src: Any, name: str, part_bytes: int | None = None, threads: int = COPY_THREADS) -> bytes:
+    """All of the open random-access file ``name`` (a ``pyarrow.NativeFile``): one read up to ``part_bytes``
+    (default ``PART_BYTES``), else ``threads`` ranged reads of ``part_bytes`` at once."""
     part_bytes = part_bytes or PART_BYTES
     size = src.size()
     if size <= part_bytes:
-        return src.read_at(size, 0)
+        return _read_exact(src, size, 0, name)
     out = bytearray(size)
     view = memoryview(out)
 
     def read_part(offset: int) -> None:
         n = min(part_bytes, size - offset)
-        data = src.read_at(n, offset)
-        if len(data) != n:
-            raise OSError(f"{len(data)} bytes at offset {offset} of a {size}-byte file, expected {n}")
-        view[offset:offset + n] = data
+        view[offset:offset + n] = _read_exact(src, n, offset, name)
 
     offsets = range(0, size, part_bytes)
     with ThreadPoolExecutor(max_workers=min(threads, len(offsets))) as pool:
@@ -303,9 +308,7 @@ def _copy_files_in_parts(fs: pafs.FileSystem, root: str, files: list[pafs.FileIn
 
         def copy_part(part: tuple[Any, int, int, int, str]) -> None:
             src, fd, offset, size, name = part
-            view = memoryview(src.read_at(size, offset))
-            if len(view) != size:
-                raise OSError(f"{name}: {len(view)} bytes at offset {offset}, expected {size}")
+            view = memoryview(_read_exact(src, size, offset, name))
             while view:
                 written = os.pwrite(fd, view, offset)
                 view, offset = view[written:], offset + written

@@ -62,7 +62,8 @@ def _log_requests(server) -> None:
             fault[1] -= 1
             fault[2].append(path)
             environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # the answer comes after the body
-            start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(_DENIED)))])
+            start_response("403 Forbidden", [("Content-Type", "application/xml"),
+                                              ("Content-Length", str(len(_DENIED)))])
             return [_DENIED]
         ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", environ.get("HTTP_RANGE", ""))
         if ranged is None:

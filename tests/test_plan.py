@@ -455,7 +455,8 @@ def test_the_all_reduce_bandwidth_a_phase_needs_is_the_gradients_bytes_over_its_
     assert 70 < plan.phases[0].allreduce_busbw_gbs < 75
     assert "16 ms        72.8 GB/s" in format_plan(plan)
     half = make_plan(load_config("vit-b-16", ["train.grad_reduce=bf16"]), gpus=64, gpu="h100")
-    assert [p.allreduce_busbw_gbs for p in half.phases] == pytest.approx([p.allreduce_busbw_gbs / 2 for p in plan.phases])
+    assert [p.allreduce_busbw_gbs for p in half.phases] == pytest.approx(
+        [p.allreduce_busbw_gbs / 2 for p in plan.phases])
     assert half.to_dict()["grad_reduce"] == "bf16" and plan.to_dict()["phases"][0]["allreduce_busbw_gbs"] > 0
     one = make_plan(cfg, gpus=1, gpu="h100")
     assert [p.allreduce_busbw_gbs for p in one.phases] == [0.0, 0.0]

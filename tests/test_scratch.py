@@ -158,7 +158,8 @@ for _ in range(3):  # a rank restores at each attempt; here three attempts in a 
 """
 
 
-def test_eight_ranks_restoring_at_random_moments_each_read_the_whole_checkpoint_and_leave_nothing(tmpdir_env, s3_prefix):
+def test_eight_ranks_restoring_at_random_moments_each_read_the_whole_checkpoint_and_leave_nothing(
+        tmpdir_env, s3_prefix):
     """A node's eight ranks, each entering and leaving the copy three times at random moments: every read sees the
     checkpoint whole and unchanged while the rank holds it, and once all have left, no copy or lock file is left."""
     from reclip_ray import storage

@@ -84,7 +84,8 @@ def save_checkpoint(
 def read_state(directory: str | Path, source: str | None = None) -> TrainState:
     meta = Path(directory) / META_FILE
     if not meta.is_file():
-        raise CheckpointError(f"{source or directory}: no {META_FILE}; the checkpoint is incomplete (interrupted save?)")
+        raise CheckpointError(f"{source or directory}: no {META_FILE}; the checkpoint is incomplete "
+                              "(interrupted save?)")
     raw = json.loads(meta.read_text())
     known = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in raw.items() if k in known})
