@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from reclip_ray import storage
+from reclip_ray import atomic_dir, storage
 
 
 def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path | str:
-    """Fill a sibling temp folder with ``write(tmp)`` and rename it to ``out_dir`` (replacing an old one), so a
-    crash never leaves a folder that looks like an export but holds half of one. Returns the folder: a ``Path``
-    when local, the URI string when remote.
+    """Fill a sibling temp folder with ``write(tmp)`` and swap it into place at ``out_dir`` (replacing an old one:
+    ``atomic_dir.replace_dir``), so a crash never leaves a folder that looks like an export but holds half of one.
+    Returns the folder: a ``Path`` when local, the URI string when remote.
 
     On an object store there is no rename: the folder is filled locally, then the old objects are deleted and the
     new ones uploaded one by one (``storage.upload_dir``), each whole. A crash during the upload can leave a folder
@@ -32,20 +31,7 @@ def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None
             storage.upload_dir(local_tmp, str(out_dir))
         return str(out_dir).rstrip("/")
     out = Path(storage.local_path(str(out_dir)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_dir.replace_dir(str(out), lambda staging: write(Path(staging)))
     return out
 
 

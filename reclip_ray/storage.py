@@ -19,12 +19,14 @@ import functools
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
+from reclip_ray import atomic_dir
 from reclip_ray.errors import DataError
 
 
@@ -210,20 +212,13 @@ def delete_dir(path: str) -> None:
 def upload_dir(local_dir: str, target: str) -> None:
     """Copy a local folder to ``target`` (local or URI), replacing what was there.
 
-    Locally the copy is staged beside the target and renamed into place, so a reader never sees half a folder. An
-    object store has no rename: the files are written one by one, each whole, after the old ones are removed.
+    Locally the copy is staged beside the target and swapped into place (``atomic_dir.replace_dir``), so a reader
+    never sees half a folder. An object store has no rename: the files are written one by one, each whole, after
+    the old ones are removed.
     """
-    import shutil
-
     local_target = local_path(target)
     if local_target is not None:
-        staging = f"{local_target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(local_dir, staging)
-        old = f"{local_target}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if os.path.exists(local_target):
-            os.replace(local_target, old)
-        os.replace(staging, local_target)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic_dir.replace_dir(local_target, lambda staging: shutil.copytree(local_dir, staging, dirs_exist_ok=True))
         return
     delete_dir(target)
     fs, inner = filesystem(target)

@@ -67,6 +67,51 @@ def test_a_clean_exit_removes_its_own_folder_and_a_half_made_lock_file_is_swept(
     assert not os.path.exists(half)  # ...but the file is gone
 
 
+_EXPORTER = """
+import sys, time
+import torch
+from reclip_ray import tracking
+from reclip_ray.config import load_config
+from reclip_ray.data.tokenizer import load_tokenizer
+from reclip_ray.model import build_model
+from reclip_ray.train.checkpoint import TrainState
+from reclip_ray.train.final_export import export_run
+def stuck(uri, run_id, local, *args):  # the model is written; MLflow's upload of it takes its time
+    print(local, flush=True)
+    time.sleep(600)
+tracking.log_artifacts = stuck
+cfg = load_config("tiny")
+tok = load_tokenizer(sys.argv[1])
+export_run(cfg, build_model(cfg.model, vocab_size=tok.vocab_size), tok, sys.argv[2], "sqlite:///unused.db", "r",
+           TrainState(), None)
+"""
+
+
+def test_a_rank_killed_while_it_exports_leaves_the_model_where_the_next_worker_removes_it(tmpdir_env,
+                                                                                          tokenizer_path):
+    """The run's export is written locally first (then logged to MLflow and copied to the run folder); rank 0
+    killed there leaves a whole model (~600 MB for vit-b-16) in the node's temp folder unless it lies in the
+    process's scratch folder."""
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORTER, str(tokenizer_path), str(tmpdir_env / "run")],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        model_dir = proc.stdout.readline().strip()
+        assert os.path.isfile(os.path.join(model_dir, "model.safetensors")), model_dir
+        size = sum(f.stat().st_size for f in Path(model_dir).parent.rglob("*") if f.is_file())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert os.path.isdir(model_dir)
+
+    removed = scratch.remove_orphans()
+
+    assert len(removed) == 1 and model_dir.startswith(removed[0][0] + os.sep)
+    assert removed[0][1] >= size > 1_000_000
+    assert not os.path.exists(model_dir)
+    assert [n for n in os.listdir(tmpdir_env) if n.startswith("reclip")] == [os.path.basename(scratch.scratch_root())]
+
+
 _READER = """
 import hashlib, os, signal, sys
 from reclip_ray import storage

@@ -11,6 +11,7 @@ import torch
 
 from reclip_ray import storage, tracking
 from reclip_ray.config import Config
+from reclip_ray.train import scratch
 from reclip_ray.train.checkpoint import TrainState
 from reclip_ray.train.phase_eval import eval_report
 
@@ -27,7 +28,8 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
     """
     from reclip_ray.export import export_model
 
-    with tempfile.TemporaryDirectory(prefix="reclip-export-") as tmp:
+    # In this process's scratch folder: if the process dies here, the next worker on the node removes the ~600 MB
+    with tempfile.TemporaryDirectory(prefix="export-", dir=scratch.process_folder()) as tmp:
         local = os.path.join(tmp, "model")
         export_model(model, tokenizer, cfg, local)
         final_eval = eval_report(0, cfg, state.eval, eval_error)

@@ -16,6 +16,9 @@ no pid check, which a reused pid or another container's pid namespace would fool
 ``remove_orphans`` when it starts (a restarted rank 0 may land on another node; every node is swept when one of
 the run's workers starts there). It costs one directory listing and one lock attempt per folder.
 
+The run's final export (``final_export``) is written under the process folder too, before MLflow and the run folder
+get it: a rank killed there leaves a whole model (~600 MB for vit-b-16) for the sweep, not in $TMPDIR for good.
+
 The same root holds the local copy of a checkpoint that a restart resumes from (``downloaded``): one copy per node,
 shared by the node's ranks, not Ray's ``Checkpoint.as_directory``, whose copy a late rank downloads again over the
 files an earlier rank is reading (ray-project/ray#48726: CI saw ``state.pt`` fail to load that way).
