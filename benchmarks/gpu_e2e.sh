@@ -43,7 +43,8 @@
 # device's own cores (issue 26 item 2), with data_cores_per_1k_samples_s. JSON lines on stdout; the final line starts
 # with {"gpu_e2e":. $OUT gets e2e.jsonl, e2e_table.json and e2e_logs.tar.gz (every step's log, Ray's run logs).
 #
-# E2E_CPU=1: the dry run on a machine without a GPU (and here Python 3.11, so the cp312 wheels cannot install):
+# E2E_CPU=1: the dry run on a machine without a GPU (by default with this machine's Python, 3.11 here, where the cp312
+# wheels cannot install):
 # the same steps, at tiny sizes (tiny preset, 32 -> 64 px, 512 + 128 samples, 1 CPU worker, use_gpu=false; job 2
 # without compile and device decode, which need CUDA), with the lock's SAME pinned versions built for this
 # interpreter (`gpu_wheels.py --cpu-set`: the pure-Python wheels copied from .whl/, the platform ones downloaded,
@@ -52,7 +53,10 @@
 # and links to the packages the device provides (`gpu_wheels.py --device-sim`: torch, numpy, pyarrow, ... and what
 # they need). So a wheel missing from the lock fails the dry run here, as it would fail there, and the Ray/MLflow
 # installed on this machine cannot stand in for the carried ones (step 2 checks ray.__file__ is in the target).
-# What it cannot prove: the cp312 builds themselves, CUDA/nccl/bf16, compile and nvJPEG; only the device can.
+# With PYTHON set to a Python 3.12 environment that holds the device's packages at its versions (torch 2.11, timm
+# 1.0.29, numpy 2.5.2, ...: `python benchmarks/gpu_wheels.py --device-venv DIR --python python3.12`, ~4 GB), the
+# dry run installs and runs the carried cp312 wheels themselves (every file of .whl/), on the device's torch.
+# What it cannot prove: CUDA/nccl/bf16, compile and nvJPEG on a GPU; only the device can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"

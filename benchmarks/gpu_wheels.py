@@ -22,6 +22,9 @@ the size budget holds).
   python benchmarks/gpu_wheels.py --device-sim DIR   the CPU dry run: links to this interpreter's copies of the
         provided packages (and what they need), so that a run with ``python -S`` + PYTHONPATH sees only those and
         the target folder, as the device would
+  python benchmarks/gpu_wheels.py --device-venv DIR [--python python3.12]   a Python 3.12 environment with the
+        device's packages at its versions (torch 2.11, ...): PYTHON=DIR/bin/python makes the CPU dry run install and
+        run the carried cp312 wheels themselves on the device's torch
 
 Why MLflow needs more than ``mlflow-skinny``: the job's default store is SQLite (``tracking.resolve_tracking_uri``),
 which MLflow opens through SQLAlchemy and migrates with Alembic; open_clip_torch is carried for the export check
@@ -405,7 +408,7 @@ def cpu_set(dest: Path) -> int:
     have = {p.name for p in dest.glob("*.whl")}
     fetch = []
     for w in lock["wheels"]:
-        if _runs_here(w["file"]) and w["name"] != "ray":
+        if _runs_here(w["file"]):  # on Python 3.12 (--device-venv): every carried file itself, Ray slimmed as carried
             if w["file"] not in have:
                 shutil.copy2(WHEELS / w["file"], dest / w["file"])
         elif not any(parse_wheel_filename(f)[:2] == (w["name"], Version(w["version"])) for f in have):
@@ -451,6 +454,28 @@ def device_sim(dest: Path) -> int:
     return 0
 
 
+# What --device-venv pins beyond DEVICE: versions read on the H200 (BENCHMARKS.md, "GPU readiness").
+DEVICE_SEEN = {"timm": "1.0.29"}
+
+
+def device_venv(dest: Path, python: str) -> int:
+    """A virtual environment of ``python`` (3.12, as on the device) with the packages the device provides, at the
+    versions read there (torch 2.11, torchvision 0.26, timm 1.0.29, numpy 2.5.2, ...; the rest at their newest).
+    With it as PYTHON, the dry run (``E2E_CPU=1``) installs and runs the carried cp312 wheels themselves, on the
+    device's torch, where this machine's interpreter needs a set rebuilt for its own version. The torch wheel is
+    the CUDA build (the index has no other for Linux): ~4 GB with its nvidia packages, which run on CPU."""
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if version != PYTHON:
+        raise SystemExit(f"--python {python} is Python {version}; the device runs {PYTHON}")
+    subprocess.run([python, "-m", "venv", str(dest)], check=True)
+    pins = {**DEVICE, **DEVICE_SEEN}
+    reqs = [f"{name}=={v}" if v else name for name, v in pins.items()] + ["packaging"]  # packaging: this script
+    subprocess.run([str(dest / "bin" / "python"), "-m", "pip", "install", "--quiet", *reqs], check=True)
+    print(json.dumps({"device_venv": str(dest), "python": version, "pinned": {n: v for n, v in pins.items() if v}}))
+    return 0
+
+
 def fetch(out: Path = WHEELS) -> int:
     """.whl/ from the lock's URLs (no resolution: seconds, not minutes), Ray slimmed again, then --verify."""
     lock = json.loads(LOCK.read_text())
@@ -479,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check-env", metavar="SITE")
     g.add_argument("--cpu-set", metavar="DIR")
     g.add_argument("--device-sim", metavar="DIR")
+    g.add_argument("--device-venv", metavar="DIR")
+    p.add_argument("--python", default=f"python{PYTHON}", help="--device-venv: a Python 3.12 interpreter")
     args = p.parse_args(argv)
     if args.verify:
         return verify()
@@ -490,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         return cpu_set(Path(args.cpu_set))
     if args.device_sim:
         return device_sim(Path(args.device_sim))
+    if args.device_venv:
+        return device_venv(Path(args.device_venv), args.python)
     write_lock()
     return verify()
 

@@ -617,6 +617,12 @@ def _check_scaling(cfg: Config) -> None:
         # Ray Train refuses GPU workers without a GPU, but only once the MLflow run exists (auto: on a GPU cluster).
         raise ConfigError(f"'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU (scaling.use_gpu="
                           f"{use_gpu}); set scaling.use_gpu=false for CPU workers")
+    if 0 < s.gpus_per_worker < 1 and use_gpu != "false" and s.max_workers > 1:
+        # Ray would place two ranks on one GPU, and NCCL refuses a communicator with two ranks on one device
+        # ("Duplicate GPU detected"), at the first collective: after the MLflow run and the data are set up.
+        raise ConfigError(f"'scaling.gpus_per_worker' = {s.gpus_per_worker:g} lets ranks share a GPU, which NCCL "
+                          f"refuses (scaling.use_gpu={use_gpu}, max_workers={s.max_workers}); use whole GPUs, or one "
+                          "worker")
     extra = s.resources_per_worker
     if not isinstance(extra, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in extra.values()):
         raise ConfigError(f"'scaling.resources_per_worker' must map resource names to amounts, got {extra!r}")

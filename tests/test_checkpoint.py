@@ -73,3 +73,23 @@ def test_a_truncated_state_file_is_named_where_the_checkpoint_lives_not_in_its_l
     (tmp_path / META_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"^{where}: no {META_FILE}; the checkpoint is incomplete"):
         load_checkpoint(tmp_path, _model(), source=where)
+
+
+@pytest.mark.filterwarnings("ignore:for (weight|bias). copying from a non-meta parameter")  # meta: no data to copy
+def test_a_restore_leaves_adamws_step_counters_on_the_host_whatever_the_models_device(tmp_path):
+    """On a GPU, AdamW (not fused, not capturable) reads every step counter back to the host twice a step; counters
+    restored onto the GPU would make each of those a wait for the GPU. The model here lives on the meta device, a
+    stand-in for a GPU that CPU-only CI has: the moments follow the parameters there, the counters stay on the CPU."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, TrainState(step=1), "name: x\n")
+
+    elsewhere = torch.nn.Linear(4, 3, device="meta")
+    elsewhere_opt = torch.optim.AdamW(elsewhere.parameters(), lr=1e-2)
+    load_checkpoint(tmp_path, elsewhere, elsewhere_opt)
+    for p in elsewhere.parameters():
+        state = elsewhere_opt.state[p]
+        assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+        assert state["step"].device.type == "cpu" and state["step"].item() == 1

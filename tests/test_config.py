@@ -79,6 +79,8 @@ def test_fraction_versus_count():
         (["scaling.gpus_per_worker=0"], "'scaling.gpus_per_worker' = 0 leaves GPU workers without a GPU "
                                         "(scaling.use_gpu=auto); set scaling.use_gpu=false for CPU workers"),
         (["scaling.gpus_per_worker=0", "scaling.use_gpu=true"], "(scaling.use_gpu=true)"),
+        (["scaling.gpus_per_worker=0.5"], "'scaling.gpus_per_worker' = 0.5 lets ranks share a GPU, which NCCL "
+                                          "refuses (scaling.use_gpu=auto, max_workers=2)"),
         (["data.max_bad_fraction=0.99"], "'data.max_bad_fraction' must be in [0, 0.5], got 0.99"),
         (["train.samples=650", "phases.0.samples=649", "phases.1.samples=1"],
          "'phases.1.samples' (finetune) gives the phase 1 samples, fewer than scaling.max_workers=2"),
@@ -133,6 +135,11 @@ def test_accepted_edge_values():
     """The edges of the rules above are accepted: CPU workers reserving no GPU, half the rows bad, a phase of
     exactly max_workers samples (one step, a row each)."""
     assert load_config("tiny", ["scaling.gpus_per_worker=0", "scaling.use_gpu=false"]).scaling.gpus_per_worker == 0
+    # A share of a GPU is fine for one worker (a sweep's trials side by side on one GPU) and for CPU workers.
+    assert load_config("tiny", ["scaling.gpus_per_worker=0.5", "scaling.min_workers=1",
+                                "scaling.max_workers=1"]).scaling.gpus_per_worker == 0.5
+    cpu = load_config("tiny", ["scaling.gpus_per_worker=0.25", "scaling.use_gpu=false"])
+    assert cpu.scaling.gpus_per_worker == 0.25
     assert load_config("tiny", ["data.max_bad_fraction=0.5"]).data.max_bad_fraction == 0.5
     assert load_config("tiny", ["train.samples=650", "phases.0.samples=648", "phases.1.samples=2"]).phase_samples() == [
         648, 2]

@@ -132,3 +132,39 @@ def test_crop_batches_are_bounded_and_cover_every_image(monkeypatch):
     monkeypatch.setattr(device_decode, "PAD_ELEMENTS", 1 << 26)
     whole, _ = decode_on_device(images, boxes, 32, "cpu")
     assert torch.equal(small, whole)
+
+
+def test_out_of_memory_on_the_device_is_raised_not_decoded_by_pil(monkeypatch):
+    """A decoder failure that is the device's, not the image's, must not turn every batch into a PIL decode in the
+    training process: out of memory is raised."""
+    import torchvision.io
+
+    from reclip_ray.data.device_decode import decode_jpegs
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_jpegs([_photo(np.random.default_rng(0), 64, 48)], torch.device("cpu"))
+
+
+def test_the_worker_says_once_when_the_device_decoder_refuses_images_and_counts_them(monkeypatch):
+    """Rows the device decoder refused are decoded by PIL in the training process: fine for a few, a crawl for
+    every batch. The worker says so at the first, and counts them for ``data_rows_decode_fallback``."""
+    import types
+
+    from reclip_ray.data import device_decode
+    from reclip_ray.train.worker import Worker
+
+    stats = iter([{"fallback": 3, "failed": 0}, {"fallback": 0, "failed": 0}, {"fallback": 2, "failed": 0}])
+    monkeypatch.setattr(device_decode, "decode_on_device",
+                        lambda jpegs, boxes, size, device: (torch.zeros((len(jpegs), size, size, 3)), next(stats)))
+    said: list[str] = []
+    worker = types.SimpleNamespace(device=torch.device("cpu"), rank=1, decode_failed=0, decode_fallback=0,
+                                   say=said.append)
+    batch = {"jpeg": np.asarray([b"x"] * 4, dtype=object), "box": np.zeros((4, 4), np.float32)}
+    for _ in range(3):
+        Worker.images(worker, batch, 8)
+    assert worker.decode_fallback == 5 and worker.decode_failed == 0
+    assert len(said) == 1 and "refused 3 of 4 image(s) on rank 1" in said[0] and "data.decode_device=cpu" in said[0]

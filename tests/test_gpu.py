@@ -125,3 +125,63 @@ def test_a_pinned_batch_is_copied_to_the_gpu_without_waiting_for_its_queued_kern
     print(f"77 MB batch to the GPU behind ~1 s of queued kernels: the call returned after {times['pinned']:.4f} s "
           f"pinned, {times['pageable']:.4f} s pageable")
     assert times["pinned"] < 0.05, times
+
+
+def test_device_decode_never_writes_memory_that_queued_kernels_still_read():
+    """torchvision's nvJPEG decode writes its outputs from its own stream without waiting for the caller's: a block
+    that the caching allocator hands it can still be read by kernels queued on the caller's stream (a block freed on
+    a stream is reused at once for that stream), and is overwritten under them (pytorch/vision#9606: 134 of 200
+    iterations corrupted on an H100). ``decode_jpegs`` waits for the stream first. Here: tensors of exactly the
+    decoded images' size, read by reductions queued behind ~50 ms of GPU sleep, freed before the decode."""
+    import numpy as np
+
+    from reclip_ray.data.device_decode import decode_jpegs
+    from tests.layouts import photo
+
+    rng = np.random.default_rng(0)
+    jpegs = [photo(rng, 256, 256) for _ in range(8)]  # baseline JPEGs: nvJPEG's hardware path where the GPU has one
+    decode_jpegs(jpegs, torch.device("cuda"))  # warm-up: nvJPEG's handles and buffers
+    torch.cuda.synchronize()
+    wrong = 0
+    for _ in range(20):
+        held = [torch.full((3, 256, 256), 7, dtype=torch.uint8, device="cuda") for _ in jpegs]
+        torch.cuda._sleep(100_000_000)
+        sums = [t.sum(dtype=torch.int64) for t in held]  # queued behind the sleep
+        del held  # freed while the sums that read them are still queued
+        decode_jpegs(jpegs, torch.device("cuda"))
+        wrong += sum(int(s) != 7 * 3 * 256 * 256 for s in sums)
+    assert wrong == 0, f"{wrong} of {20 * len(jpegs)} reductions read memory the decoder had overwritten"
+
+
+def test_a_train_step_waits_for_the_gpu_nowhere_fresh_or_resumed(tmp_path):
+    """Under ``torch.cuda.set_sync_debug_mode("error")`` any call that makes the host wait for the GPU raises: a
+    blocking copy of host values (the normalisation constants, once built per step), a ``.item()``, or AdamW's
+    step counters restored onto the GPU (each read back twice a step). The host must queue step after step."""
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+    from reclip_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from reclip_ray.train.step import train_step
+
+    cfg = load_config("tiny")
+    images = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8, device="cuda")
+    tokens = torch.randint(3, 256, (32, 32), device="cuda")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(cfg.model, vocab_size=256).cuda()
+        return model, build_optimizer(model, cfg.optim)
+
+    model, opt = fresh()
+    train_step(model, opt, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)  # state and constants made
+    torch.cuda.synchronize()
+    save_checkpoint(tmp_path, model, opt, TrainState(step=1), "name: x\n")
+    resumed, resumed_opt = fresh()
+    load_checkpoint(tmp_path, resumed, resumed_opt)
+    for m, o in ((model, opt), (resumed, resumed_opt)):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                train_step(m, o, images, tokens, lr=1e-3, autocast_dtype=torch.bfloat16)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

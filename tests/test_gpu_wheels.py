@@ -117,3 +117,20 @@ def test_slimming_drops_every_ray_drop_prefix_and_its_record_lines_and_keeps_the
     first = wheel.read_bytes()
     gw.slim_ray(wheel)  # idempotent and byte-for-byte reproducible (the lock's sha256 can be re-made)
     assert wheel.read_bytes() == first
+
+
+def test_the_device_venv_pins_the_devices_versions_and_refuses_another_python(gw, tmp_path, monkeypatch):
+    """``--device-venv`` builds the interpreter of the truest CPU dry run: Python 3.12 with the device's torch 2.11
+    etc. Another Python is refused before anything is made; on 3.12 every version read on the device is pinned."""
+    if f"{sys.version_info.major}.{sys.version_info.minor}" != gw.PYTHON:
+        with pytest.raises(SystemExit, match=f"the device runs {gw.PYTHON}"):
+            gw.device_venv(tmp_path / "venv", sys.executable)
+        assert not (tmp_path / "venv").exists()
+    calls = []
+    monkeypatch.setattr(gw.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                        type("Done", (), {"stdout": f"{gw.PYTHON}\n"})())
+    assert gw.device_venv(tmp_path / "venv", "python3.12") == 0
+    install = calls[-1]
+    assert install[:4] == [str(tmp_path / "venv" / "bin" / "python"), "-m", "pip", "install"]
+    assert {"torch==2.11.0", "torchvision==0.26.0", "numpy==2.5.2", "timm==1.0.29"} <= set(install)
+    assert {r.split("==")[0] for r in install[5:]} >= set(gw.DEVICE)  # every provided package, pinned or not

@@ -49,8 +49,16 @@ def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[tor
     from torchvision.io import ImageReadMode, decode_jpeg
 
     raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    if device.type == "cuda":
+        # nvJPEG writes the outputs from its own stream without waiting for ours, into blocks the caching allocator
+        # hands out as soon as they are freed on ours: kernels still queued there (the step before) may read them
+        # and would read the decoder's pixels instead (pytorch/vision#9606, not merged: 134 of 200 iterations
+        # corrupted on an H100). So the host waits for our stream first; the GPU decode gives up the host's lead.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)), 0
+    except torch.OutOfMemoryError:
+        raise  # not the images' fault: a per-image retry and PIL would hide it behind a crawling step
     except RuntimeError:
         pass
     out: list[torch.Tensor | None] = []
@@ -58,6 +66,8 @@ def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[tor
     for data, tensor in zip(jpegs, raw):
         try:
             out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             fallback += 1
             img = _pil_decode(bytes(data))
@@ -97,15 +107,26 @@ def _crop_resize(images: list[torch.Tensor], boxes: np.ndarray, size: int) -> to
     device = images[0].device
     out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=device)
     all_rois = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
-    for group in _chunks([tuple(img.shape[-2:]) for img in images]):
+    groups = _chunks([tuple(img.shape[-2:]) for img in images])
+    # Every group's rois (batch index, box) and output rows in one queued copy: a copy from pageable host memory,
+    # or an index given as a list, waits on the host for the kernels queued before it.
+    order = torch.tensor([i for group in groups for i in group])
+    rois = torch.cat([torch.cat([torch.arange(len(g), dtype=torch.float32) for g in groups])[:, None],
+                      all_rois[order]], dim=1)
+    if device.type == "cuda":
+        rois, order = rois.pin_memory(), order.pin_memory()
+    rois, order = rois.to(device, non_blocking=True), order.to(device, non_blocking=True)
+    start = 0
+    for group in groups:
         h = max(images[i].shape[-2] for i in group)
         w = max(images[i].shape[-1] for i in group)
         batch = torch.zeros((len(group), 3, h, w), dtype=torch.float32, device=device)
         for j, i in enumerate(group):
             batch[j, :, : images[i].shape[-2], : images[i].shape[-1]] = images[i]
-        rois = torch.cat([torch.arange(len(group), dtype=torch.float32)[:, None], all_rois[group]], dim=1)
-        out[group] = roi_align(batch, rois.to(device), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                               aligned=True)
+        end = start + len(group)
+        out.index_copy_(0, order[start:end], roi_align(batch, rois[start:end], output_size=size, spatial_scale=1.0,
+                                                       sampling_ratio=-1, aligned=True))
+        start = end
     return out
 
 
@@ -119,7 +140,8 @@ def decode_on_device(jpegs: Sequence[bytes], boxes: np.ndarray, size: int,
     blank = torch.zeros((3, 1, 1), dtype=torch.uint8, device=device)
     out = _crop_resize([blank if img is None else img for img in images], boxes, size) if images else \
         torch.zeros((0, 3, size, size), device=device)
-    out[failed] = 0
+    if failed:
+        out[failed] = 0
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), \
         {"fallback": fallback, "failed": len(failed)}
 

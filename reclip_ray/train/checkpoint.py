@@ -95,17 +95,21 @@ def load_checkpoint(
     directory: str | Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    map_location: str | torch.device = "cpu",
     source: str | None = None,
 ) -> TrainState:
     """Restore model (and optimizer, RNG) in place and return the run position. ``source`` is where the checkpoint
     lives when ``directory`` is a local copy of it (a URI): errors name it, since the copy is gone by the time the
-    user reads them."""
+    user reads them.
+
+    Read to host memory, whatever the model's device: ``load_state_dict`` copies the weights and the optimizer's
+    moments to their parameters' device, but leaves AdamW's step counters where they were loaded. Loaded onto a
+    GPU, they stay there, and AdamW (neither fused nor capturable) reads each one back to the host twice a step:
+    two waits for the GPU per parameter tensor, every step of a resumed run."""
     directory = Path(directory)
     shown = source.rstrip("/") if source else str(directory)
     state = read_state(directory, shown)
     try:
-        payload = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
+        payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{shown}: missing {STATE_FILE}") from None
     except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem

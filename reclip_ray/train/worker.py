@@ -84,6 +84,7 @@ class Worker:
         self._announce()
         self.fault_marker = fault_marker(self.run_dir)
         self.decode_failed = 0  # data.decode_device=cuda: rows that trained as black images (images())
+        self.decode_fallback = 0  # data.decode_device=cuda: rows the device refused, decoded by PIL here (images())
         self.gflops_reported = self.state.gflops  # compute milestones (eval.at_gflops) up to here are behind us
         # Why the last phase end has no evaluation (None: it has one); evaluate_end sets it, final_report and export
         # read it.
@@ -149,7 +150,7 @@ class Worker:
         self.run_id = mlflow_run_id
         if checkpoint is not None:
             with downloaded(checkpoint.path, checkpoint.filesystem) as ckpt_dir:  # not as_directory: scratch.py
-                self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer, map_location=self.device,
+                self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer,
                                              source=storage.join(self.run_dir, self.restored_from))
             self.state.mlflow_run_id = mlflow_run_id
         elif self.cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
@@ -349,6 +350,12 @@ class Worker:
         from reclip_ray.data.device_decode import decode_on_device
 
         images, stats = decode_on_device(batch["jpeg"], batch["box"], size, self.device)
+        if stats["fallback"]:  # JPEGs the device decoder refused, decoded by PIL in this process: slow if many
+            if not self.decode_fallback:
+                self.say(f"WARNING: the device's JPEG decoder refused {stats['fallback']} of {len(images)} image(s) "
+                         f"on rank {self.rank}; they were decoded by PIL in the training process instead (counted "
+                         "in data_rows_decode_fallback: if it grows with every batch, set data.decode_device=cpu)")
+            self.decode_fallback += stats["fallback"]
         if stats["failed"]:  # rare: a JPEG neither nvJPEG nor PIL could decode trained as a black image
             self.decode_failed += stats["failed"]
             self.say(f"WARNING: {stats['failed']} image(s) failed to decode on rank {self.rank} and trained as black "
@@ -374,6 +381,8 @@ class Worker:
             return due > 0
         metrics = {**window.metrics(plan, state, last, lr, sizes[self.rank], self.world),
                    "data_rows_seen": seen, "data_rows_bad": bad, "data_rows_absent": state.rows_absent}
+        if self.decode_fallback:  # rank 0's
+            metrics["data_rows_decode_fallback"] = self.decode_fallback
         if self.missing_actor is not None:  # data.missing_shards=skip (with =fail, a missing shard ends the run)
             from reclip_ray.data.pipeline import MISSING_COUNT_TIMEOUT_S, missing_shard_count
 
