@@ -142,6 +142,31 @@ def test_micro_batch_at_least_the_local_batch_is_the_plain_step_bit_for_bit(refe
     assert all(torch.equal(p, reference["params"][n]) for n, p in got["params"].items())
 
 
+def _compiled_under_ddp(rank: int) -> dict:
+    """``train.compile`` with micro-batches under DDP: the training graph must be compiled inside DDP's forward, where
+    dynamo splits it at the gradient buckets (DDPOptimizer) so that each bucket's all-reduce overlaps the rest of
+    the backward. Counted by wrapping DDPOptimizer.compile_fn; ``aot_eager`` (no code generation) keeps it quick."""
+    import torch._dynamo
+    import torch._dynamo.backends.distributed as ddp_backend
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from reclip_ray.train.step import compile_model
+
+    torch._dynamo.reset()
+    split = []
+    compile_fn = ddp_backend.DDPOptimizer.compile_fn
+    ddp_backend.DDPOptimizer.compile_fn = lambda self, gm, inputs: split.append(1) or compile_fn(self, gm, inputs)
+    try:
+        # Buckets of 1 MB: several for this model (DDP's 25 MB would hold it whole, and leave nothing to split).
+        ddp = DDP(compile_model(_model(), backend="aot_eager"), find_unused_parameters=False, bucket_cap_mb=1)
+        result = _run(ddp, slice(8 * rank, 8 * rank + 8), micro_batch=GLOBAL // 4, local_loss=True,
+                      gather_with_grad=True, local_batch_sizes=[8, 8])
+    finally:
+        ddp_backend.DDPOptimizer.compile_fn = compile_fn
+        torch._dynamo.reset()
+    return {**result, "ddp_optimizer_graphs": len(split)}
+
+
 def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -158,6 +183,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
         ddp = set_grad_reduce(DDP(_model(), find_unused_parameters=False), "bf16")
         results[name] = _run(ddp, slice(8 * rank, 8 * rank + 8), micro_batch=micro, local_loss=True,
                              gather_with_grad=True, local_batch_sizes=[8, 8])
+    results["ddp-micro-compiled"] = _compiled_under_ddp(rank)
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -175,6 +201,9 @@ def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_p
     results = torch.load(out, weights_only=False)
     for name, *_, loss in RANK_CASES:
         _assert_same(results[name], reference_siglip if loss == "siglip" else reference, name)
+    compiled = results["ddp-micro-compiled"]
+    _assert_same(compiled, reference, "ddp-micro-compiled")
+    assert compiled["ddp_optimizer_graphs"] >= 1  # the training graph was compiled inside DDP's forward
     for name, _ in BF16_CASES:
         got = results[name]
         assert got["loss"][0] == pytest.approx(reference["loss"][0], rel=RTOL), name  # the same first forward
@@ -183,6 +212,20 @@ def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_p
         assert max(errors.values()) < 1e-2, (name, errors)
         assert sorted(errors.values())[len(errors) // 2] > 1e-4, (name, errors)  # bf16's rounding, not fp32's
         assert got["grad_norm"][0] == pytest.approx(reference["grad_norm"][0], rel=1e-2), name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit-b-16", "vit-l-16"])
+def test_the_clip_has_no_buffers_so_ddps_forward_makes_no_collective(preset):
+    """Gradient accumulation runs its micro-batches through DDP's forward, and ranks may run different numbers of
+    them (``train/step.py``). DDP's forward broadcasts the module's buffers when it has any: a collective, which
+    ranks running different numbers of forwards would deadlock on. The CLIP has none (built on the meta device:
+    shapes only)."""
+    from reclip_ray.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(load_config(preset).model, vocab_size=1000)
+    assert sum(p.numel() for p in model.parameters()) > 1e6
+    assert [name for name, _ in model.named_buffers()] == []
 
 
 def test_local_loss_setting():

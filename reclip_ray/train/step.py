@@ -20,10 +20,14 @@ feature-cache method (GradCache, Gao et al. 2021; open_clip's ``accum_freq`` is 
    through the last micro-batch's surrogate, so its gradient is counted exactly once.
 
 Unlike open_clip (which recomputes the whole loss for every micro-batch) the logits are built once per step. Under
-DDP the micro-batches before the last run on the unwrapped module (DDP's hooks are idle when its forward did not
-prepare a reduction: what ``no_sync()`` does, without a buffer broadcast per micro-batch, so ranks may even run
-different numbers of micro-batches), and the last runs through DDP, whose backward all-reduces the accumulated
-gradients: averaged over ranks exactly once. Step 3 assumes the re-encoded features equal the cached ones: the only
+DDP step 3's micro-batches before the last run through DDP in ``no_sync()``, and the last one's backward all-reduces
+the accumulated gradients: averaged over ranks exactly once. Through DDP, not on the unwrapped module: with
+``train.compile`` the training graph is compiled at its first call, and only a graph first compiled inside DDP's
+forward is split at its gradient buckets (dynamo's DDPOptimizer), which lets each bucket's all-reduce start while
+the rest of the backward runs; compiled outside it, the graph would be reused unsplit by the last micro-batch, and
+every all-reduce would wait for the whole backward. DDP's forward makes no collective here (it broadcasts buffers,
+and the CLIP has none: tests/test_accumulation.py), so ranks may run different numbers of micro-batches. Step 1 needs no DDP: it
+encodes without autograd. Step 3 assumes the re-encoded features equal the cached ones: the only
 randomness of the CLIP here is patch dropout, so each micro-batch's RNG state is saved before step 1 encodes it and
 restored before step 3 re-encodes it (the same patches are dropped in both passes; no dropout, drop-path or batch
 norm otherwise).
@@ -260,18 +264,21 @@ def _accumulate(
     loss.backward()
     image_grad, text_grad, scale_grad = image_cache.grad, text_cache.grad, scale_leaf.grad
 
-    # 3. Re-encode with autograd; the last micro-batch goes through DDP (one all-reduce) and carries logit_scale.
+    # 3. Re-encode with autograd, every micro-batch through DDP; only the last one's backward all-reduces (the others
+    # run in no_sync), and it carries logit_scale.
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     for k, sl in enumerate(slices):
         last = k == len(slices) - 1
         _set_rng_state(images.device, rng[k])
-        with amp():
-            img, txt, scale = (model if last else core)(normalize_images(images[sl]), tokens[sl])
-        surrogate = (img.float() * image_grad[sl]).sum() + (txt.float() * text_grad[sl]).sum()
-        if last:
-            surrogate = surrogate + scale.float() * scale_grad
-            if bias is not None:
-                surrogate = surrogate + bias.float() * bias_leaf.grad
-        surrogate.backward()
+        with contextlib.nullcontext() if last else no_sync():
+            with amp():
+                img, txt, scale = model(normalize_images(images[sl]), tokens[sl])
+            surrogate = (img.float() * image_grad[sl]).sum() + (txt.float() * text_grad[sl]).sum()
+            if last:
+                surrogate = surrogate + scale.float() * scale_grad
+                if bias is not None:
+                    surrogate = surrogate + bias.float() * bias_leaf.grad
+            surrogate.backward()
     return loss, scale_leaf
 
 
