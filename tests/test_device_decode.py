@@ -151,7 +151,7 @@ def test_out_of_memory_on_the_device_is_raised_not_decoded_by_pil(monkeypatch):
 
 def test_the_worker_says_once_when_the_device_decoder_refuses_images_and_counts_them(monkeypatch):
     """Rows the device decoder refused are decoded by PIL in the training process: fine for a few, a crawl for
-    every batch. The worker says so at the first, and counts them for ``data_rows_decode_fallback``."""
+    every batch. The worker says so at the first, counts them, and rank 0 logs ``data_rows_decode_fallback``."""
     import types
 
     from reclip_ray.data import device_decode
@@ -168,3 +168,21 @@ def test_the_worker_says_once_when_the_device_decoder_refuses_images_and_counts_
         Worker.images(worker, batch, 8)
     assert worker.decode_fallback == 5 and worker.decode_failed == 0
     assert len(said) == 1 and "refused 3 of 4 image(s) on rank 1" in said[0] and "data.decode_device=cpu" in said[0]
+
+    # Rank 0 logs its count with each log window.
+    from reclip_ray import tracking
+    from reclip_ray.train import worker as worker_module
+    from reclip_ray.train.checkpoint import TrainState
+
+    logged = []
+    monkeypatch.setattr(tracking, "log_metrics", lambda uri, run_id, metrics, step: logged.append(metrics))
+    monkeypatch.setattr(worker_module, "board_update", lambda *args: None)
+    worker.__dict__.update(
+        rank=0, world=1, state=TrainState(step=3), cfg=load_config("tiny"), missing_actor=None, already_logged=0,
+        tracking_uri="unused", run_id="r", schedule=None, board=types.SimpleNamespace(update=types.SimpleNamespace(
+            remote=lambda update: None)),
+        feed=types.SimpleNamespace(recorded=12, available=0, bad=0),
+        checkpoint_clock=types.SimpleNamespace(due=lambda: False))
+    window = types.SimpleNamespace(metrics=lambda *args: {"loss": 1.0})
+    Worker.log_window(worker, None, window, {}, 1e-3, [12])
+    assert logged and logged[-1]["data_rows_decode_fallback"] == 5 and logged[-1]["data_rows_seen"] == 12
