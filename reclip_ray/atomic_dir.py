@@ -25,7 +25,7 @@ import fcntl
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from typing import Callable, Iterator
 
 _AT_FDCWD = -100
@@ -78,13 +78,21 @@ def _two_renames(staging: str, target: str) -> None:
 def _locked_staging(parent: str, name: str) -> Iterator[str]:
     """A new staging folder for ``parent/name``, exclusively locked until the block ends, then removed. It is made
     and locked under a name the sweep does not match (``.NAME.new-<rnd>``) and only then renamed to
-    ``.NAME.tmp-<rnd>``, so another writer's sweep never finds it unlocked."""
-    new = tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent)
+    ``.NAME.tmp-<rnd>``, so another writer's sweep never finds it unlocked. Made with ``os.mkdir``, not
+    ``mkdtemp``: the folder becomes the export, which should have the umask's mode like the files in it, not 0700."""
+    while True:
+        rnd = uuid.uuid4().hex[:12]
+        new = os.path.join(parent, f".{name}.new-{rnd}")
+        try:
+            os.mkdir(new)
+            break
+        except FileExistsError:
+            continue
     fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with contextlib.suppress(OSError):  # no flock on this filesystem: other writers' sweeps cannot lock it either
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        staging = os.path.join(parent, f".{name}.tmp-" + os.path.basename(new).rsplit("-", 1)[1])
+        staging = os.path.join(parent, f".{name}.tmp-{rnd}")
         os.rename(new, staging)
         try:
             yield staging

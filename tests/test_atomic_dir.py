@@ -81,6 +81,17 @@ def test_a_reader_never_finds_the_folder_missing_or_half_written_while_it_is_rep
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "stop"]  # no staging or old folder left
 
 
+def test_the_new_folder_has_the_umasks_mode_like_any_folder_the_user_makes(tmp_path):
+    """An export read by the user's group (a shared run folder) must not come out 0700, as a temp folder does."""
+    for umask in (0o022, 0o002):
+        old = os.umask(umask)
+        try:
+            atomic_dir.replace_dir(str(tmp_path / "model"), _write_version(umask))
+        finally:
+            os.umask(old)
+        assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_the_fallback_without_renameat2_replaces_the_folder_too(tmp_path, monkeypatch):
     """Where the exchange is refused (not Linux, or a filesystem without it) the two renames still replace the
     folder whole and leave nothing beside it."""
