@@ -186,3 +186,28 @@ def test_the_worker_says_once_when_the_device_decoder_refuses_images_and_counts_
     window = types.SimpleNamespace(metrics=lambda *args: {"loss": 1.0})
     Worker.log_window(worker, None, window, {}, 1e-3, [12])
     assert logged and logged[-1]["data_rows_decode_fallback"] == 5 and logged[-1]["data_rows_seen"] == 12
+
+
+def test_the_device_decode_waits_for_the_training_stream_before_nvjpeg_writes(monkeypatch):
+    """torchvision's nvJPEG decode writes from its own stream into blocks that kernels still queued on ours may read
+    (pytorch/vision#9606): ``decode_jpegs`` waits for our stream before every decode on a GPU. Here, without a GPU,
+    the stream and the decoder are stand-ins that record the order of the calls; ``tests/test_gpu.py`` runs the race
+    itself on a GPU."""
+    import torchvision.io
+
+    from reclip_ray.data.device_decode import decode_jpegs
+
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("wait")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, mode, device: calls.append("decode") or
+                        [torch.zeros((3, 2, 2), dtype=torch.uint8) for _ in data])
+    images, fallback = decode_jpegs([b"\xff\xd8 one", b"\xff\xd8 two"], torch.device("cuda"))
+    assert calls == ["wait", "decode"] and len(images) == 2 and fallback == 0
+    calls.clear()
+    decode_jpegs([b"\xff\xd8 one"], torch.device("cpu"))  # the CPU decoder has no stream to wait for
+    assert calls == ["decode"]
