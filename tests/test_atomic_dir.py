@@ -111,7 +111,8 @@ def test_exchange_swaps_two_folders_in_one_rename(tmp_path):
     (a / "x").write_text("in a")
     (b / "y").write_text("in b")
     if not atomic_dir.exchange(str(a), str(b)):
-        pytest.fail("renameat2(RENAME_EXCHANGE) refused on this Linux filesystem: replace_dir falls back to two renames")
+        pytest.fail("renameat2(RENAME_EXCHANGE) refused on this Linux filesystem: replace_dir falls back to two "
+                    "renames")
     assert os.listdir(a) == ["y"] and os.listdir(b) == ["x"]
     assert atomic_dir.exchange(str(a), str(tmp_path / "absent")) is False
 

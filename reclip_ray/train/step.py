@@ -26,8 +26,8 @@ the accumulated gradients: averaged over ranks exactly once. Through DDP, not on
 forward is split at its gradient buckets (dynamo's DDPOptimizer), which lets each bucket's all-reduce start while
 the rest of the backward runs; compiled outside it, the graph would be reused unsplit by the last micro-batch, and
 every all-reduce would wait for the whole backward. DDP's forward makes no collective here (it broadcasts buffers,
-and the CLIP has none: tests/test_accumulation.py), so ranks may run different numbers of micro-batches. Step 1 needs no DDP: it
-encodes without autograd. Step 3 assumes the re-encoded features equal the cached ones: the only
+and the CLIP has none: tests/test_accumulation.py), so ranks may run different numbers of micro-batches. Step 1
+needs no DDP: it encodes without autograd. Step 3 assumes the re-encoded features equal the cached ones: the only
 randomness of the CLIP here is patch dropout, so each micro-batch's RNG state is saved before step 1 encodes it and
 restored before step 3 re-encodes it (the same patches are dropped in both passes; no dropout, drop-path or batch
 norm otherwise).
