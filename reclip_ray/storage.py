@@ -19,7 +19,9 @@ import functools
 import json
 import os
 import posixpath
+import random
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
@@ -120,21 +122,58 @@ def makedirs(path: str) -> None:
     fs.create_dir(inner, recursive=True)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, may_change: bool = True) -> bytes:
     """The file's bytes; FileNotFoundError if it is not there.
 
     One GET up to ``PART_BYTES``, parallel ranged GETs above (``read_all``): pyarrow's ``open_input_stream().read()``
-    reads an object as 256 KB GETs one after another, 2,400 round trips for a 600 MB vit-b-16 export."""
+    reads an object as 256 KB GETs one after another, 2,400 round trips for a 600 MB vit-b-16 export.
+
+    On an object store a file that ``may_change`` is checked against being replaced while it is read
+    (``_read_object``: one HEAD more). Pass False for files nothing rewrites, where a HEAD per file adds up: the
+    images of a dataset being converted."""
     fs, inner = filesystem(path)
     try:
+        if local_path(path) is None and may_change:
+            return _read_object(fs, inner, path)
         with fs.open_input_file(inner) as f:  # random access; never decompressed (a stream would gunzip a *.gz)
-            return read_all(f, path)
+            return read_all(f, path)  # locally an open file keeps its inode: a writer's os.replace cannot tear it
     except FileNotFoundError:
         raise
     except OSError as exc:  # pyarrow's S3 reports a missing key as OSError on some versions
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:
             raise FileNotFoundError(path) from exc
         raise
+
+
+REPLACED_WAIT_S = 60.0  # how long a read goes on retrying an object that is replaced every time it is read
+
+
+def _read_object(fs: pafs.FileSystem, inner: str, path: str) -> bytes:
+    """The whole object, from one version of it: the read is repeated while the object is replaced under it.
+
+    pyarrow reads an object as a HEAD for its size, then ranged GETs of that many bytes of whatever version the
+    store holds by then. An object another process replaced between the two (Ray Train rewrites
+    ``checkpoint_manager_snapshot.json`` at each checkpoint; a live run rewrites its metrics) came back torn: a
+    longer new version cut at the old size, or a shorter one padded to the old size with uninitialised memory,
+    which pyarrow returns without an error (both seen on the moto server, in 40 % of the reads of an object
+    rewritten in a loop). So the size is read again after the GETs, and the read repeated until it held.
+
+    What this cannot see: an object replaced twice between the two HEADs, the second time back to the first size.
+    A replacement of the same size is harmless to a single GET (it reads that version whole), which is what every
+    file under ``PART_BYTES`` is."""
+    deadline, wait = time.monotonic() + REPLACED_WAIT_S, 0.01
+    while True:
+        with fs.open_input_file(inner) as f:
+            data = read_all(f, path)
+        after = fs.get_file_info(inner)
+        if after.type == pafs.FileType.File and after.size == len(data):
+            return data
+        if after.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        if time.monotonic() > deadline:
+            raise OSError(f"{path}: replaced while being read, again and again for {REPLACED_WAIT_S:.0f} s")
+        time.sleep(wait * (0.5 + random.random()))  # jittered, so a reader does not fall into step with a writer
+        wait = min(wait * 2, 1.0)
 
 
 def read_text(path: str) -> str:

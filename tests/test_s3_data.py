@@ -170,10 +170,10 @@ def test_an_interrupted_ingest_leaves_only_whole_shards(tmp_path, monkeypatch, o
     if failure == "unreadable image":
         read_bytes = storage.read_bytes
 
-        def flaky(path: str) -> bytes:
+        def flaky(path: str, **kwargs) -> bytes:
             if path.endswith("/3.jpg"):
                 raise PermissionError(13, "Permission denied", path)
-            return read_bytes(path)
+            return read_bytes(path, **kwargs)
 
         monkeypatch.setattr(storage, "read_bytes", flaky)
         match = "captions.csv row 4: cannot read .*3.jpg"

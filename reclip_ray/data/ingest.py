@@ -226,7 +226,7 @@ def _folder_row(item: tuple[int, dict[str, Any]], *, images: str, captions: str,
     key = str(record.get("key") or f"{os.path.splitext(os.path.basename(rel))[0]}-{i:08d}")
     path = storage.join(images, rel)
     try:
-        data = storage.read_bytes(path)
+        data = storage.read_bytes(path, may_change=False)  # an image to convert: one HEAD less per file
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found: {path}") from None
     except OSError as exc:
