@@ -499,6 +499,8 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     import reclip_ray
     from conftest import fresh_mlflow_db
     from reclip_ray import storage
+    from reclip_ray.cli import main
+    from reclip_ray.lease import LEASE_FILE
     from reclip_ray.report import report_run
 
     data = f"{s3_prefix}/data"
@@ -557,6 +559,17 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
         _wait_for("a checkpoint on S3", lambda: s3_checkpoints(run_dir) or proc.poll() is not None, timeout_s=240)
         assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
         assert not storage.exists(f"{run_dir}/.fatal_error.json")  # a rerun tries again
+        # The same command again while this launch trains (a user rerunning "to resume", the first still alive):
+        # refused in one line, before MLflow or Ray (no attempt counted: the run state says 3 at the end); this launch
+        # trains on.
+        # It starts no Ray, so main() runs it in this process.
+        refused = io.StringIO()
+        with contextlib.redirect_stderr(refused):
+            assert main(command[3:]) == 2
+        assert re.fullmatch(rf"reclip-ray: error: {re.escape(run_dir)} is in use by another launch \(pid {proc.pid} "
+                            r"on [^,]+, started \d+ s ago, heard from \d+ s ago\): stop it first .*\n",
+                            refused.getvalue()), refused.getvalue()
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         rc = proc.wait(timeout=120)
     finally:
@@ -570,6 +583,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     kept = s3_checkpoints(run_dir)[-1]
     saved = json.loads(storage.read_text(f"{run_dir}/{kept}/meta.json"))
     assert 0 < saved["samples"] < 2048
+    assert not storage.exists(f"{run_dir}/{LEASE_FILE}")  # the Ctrl-C'd launch released the run folder
     _wait_for("the training workers to exit", lambda: not list_actors(
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), timeout_s=60)
 
@@ -589,6 +603,7 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     assert run_.data.params["train.loss"] == "siglip" and sorted(bias) == list(range(1, 33))
     assert len(set(bias.values())) > 1
     assert out["run_dir"] == run_dir and out["report"] == f"{run_dir}/report.png"
+    assert not storage.exists(f"{run_dir}/{LEASE_FILE}")
     final = storage.read_json(f"{run_dir}/eval.json")  # the launcher's final metrics come from it
     logged = {k: run_.data.metrics[k] for k in final if k in run_.data.metrics}
     assert any(k.startswith("eval/64px/") for k in logged) and final == pytest.approx({**final, **logged})
@@ -597,7 +612,6 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     # 4. Once more: the run-state file on S3 says it is done; no new MLflow run, no training. Steps 4 and 5 start
     # no Ray, so they run the CLI's main() with the same arguments in this process, in the CLI's cwd: the three
     # `python -m reclip_ray` processes above cover the entry point, and each more would cost ~4 s of imports.
-    from reclip_ray.cli import main
 
     def in_process(args: list[str]) -> str:
         """What `reclip-ray ARGS` prints, run by main() here (capsys would also take the [reliability] lines)."""

@@ -193,6 +193,7 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     The steps of runs 1 and 2 are slowed (1.5 s each, while a flag file exists) so the trial is still training when
     it is stopped: after a SIGINT it trained on for ~10 s (6-7 steps, to 512-576 samples) while Tune stopped it,
     8 steps short of the fault."""
+    import contextlib
     import io
     import signal
     import subprocess
@@ -203,7 +204,9 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
 
     from conftest import s3_checkpoints
     from reclip_ray import storage
+    from reclip_ray.cli import main
     from reclip_ray.console import ray_log_file
+    from reclip_ray.lease import LEASE_FILE
 
     space, db, overrides = _one_trial_sweep(tmp_path, synth_dir, tokenizer_path, f"{s3_prefix}/runs")
     slow = tmp_path / "slow-steps"
@@ -222,8 +225,9 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     def checkpoints() -> set[str]:
         return {f"{t}/{c}" for t in _trial_folders(sweep_dir) for c in s3_checkpoints(f"{sweep_dir}/trials/{t}")}
 
-    def stopped(sig: int, log_name: str) -> str:
-        """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before."""
+    def stopped(sig: int, log_name: str, rerun: bool = False) -> str:
+        """The sweep's output, stopped by ``sig`` once its trial has written a checkpoint it had not before;
+        ``rerun``: first, the same command again (in this process: it is refused before Ray), which must refuse."""
         seen = checkpoints()
         log_path = tmp_path / log_name
         with open(log_path, "w") as log:
@@ -234,6 +238,13 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
             while not checkpoints() - seen and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
             assert proc.poll() is None and checkpoints() - seen, log_path.read_text()[-3000:]
+            if rerun:  # a user rerunning the sweep while it runs: one line, and the sweep goes on
+                refused = io.StringIO()
+                with contextlib.redirect_stderr(refused):
+                    assert main(command[3:]) == 2
+                assert refused.getvalue().startswith(
+                    f"reclip-ray: error: {sweep_dir} is in use by another launch (pid {proc.pid} on "), refused.getvalue()
+                assert proc.poll() is None
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)
         finally:
@@ -242,10 +253,11 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
         text = log_path.read_text()
         assert rc == 130 and "reclip-ray: interrupted" in text, (rc, text[-3000:])
         assert not storage.exists(f"{sweep_dir}/results.csv")  # no results: the sweep has not ended
+        assert not storage.exists(f"{sweep_dir}/{LEASE_FILE}")  # the stopped sweep released its folder
         assert statuses() == {"resume": "KILLED", **{t: "KILLED" for t in _trial_folders(sweep_dir)}}  # one trial
         return text
 
-    first = stopped(signal.SIGINT, "first.log")  # what Ctrl-C delivers to the foreground process
+    first = stopped(signal.SIGINT, "first.log", rerun=True)  # what Ctrl-C delivers to the foreground process
     assert "[sweep] interrupted with 1 trial(s) unfinished: run the same command again" in first, first[-3000:]
     # The console has the sweep's own lines; the trial's training log is in the sweep folder's ray.log, once per
     # line and without Ray Data's progress bars (cursor codes that were redrawn around every line); copied to S3

@@ -14,6 +14,7 @@ from typing import Any
 from reclip_ray import storage
 from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, load_raw
 from reclip_ray.flops import run_flops
+from reclip_ray.lease import Lease
 from reclip_ray.run_names import FULL
 from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
 from reclip_ray.sweep.progress import UNFINISHED, progress_callback
@@ -33,6 +34,7 @@ class OpenSweep:
     base_raw: dict[str, Any]  # the prepared base config, every trial's starting point
     experiment: str
     parent: str  # the MLflow parent run's id
+    lease: Lease  # the sweep folder's launch lease: released when the sweep ends
 
 
 def run_sweep(space_path: str, config: str | None = None, overrides: list[str] | None = None,
@@ -87,6 +89,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     finally:
         tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
         copy_ray_log(sweep.sweep_dir, log_file)
+        sweep.lease.release()
 
 
 @contextlib.contextmanager
@@ -146,15 +149,21 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
     base_cfg.run.name = space.name
     prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
     sweep_dir = prep.run_dir
-    if storage.local_path(sweep_dir):
-        storage.makedirs(sweep_dir)
-    if quiet:
-        redirect_library_logging(sweep_dir)
-    base_raw = prep.cfg.to_dict()
-    base_raw["data"]["synth_if_missing"] = False
-    experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
-    parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment)
-    return OpenSweep(prep=prep, sweep_dir=sweep_dir, base_raw=base_raw, experiment=experiment, parent=parent)
+    lease = Lease(sweep_dir).take()  # or one line: the same sweep is running (reclip_ray.lease)
+    try:
+        if storage.local_path(sweep_dir):
+            storage.makedirs(sweep_dir)
+        if quiet:
+            redirect_library_logging(sweep_dir)
+        base_raw = prep.cfg.to_dict()
+        base_raw["data"]["synth_if_missing"] = False
+        experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
+        parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment)
+    except BaseException:
+        lease.release()
+        raise
+    return OpenSweep(prep=prep, sweep_dir=sweep_dir, base_raw=base_raw, experiment=experiment, parent=parent,
+                     lease=lease)
 
 
 def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str) -> str:

@@ -62,7 +62,7 @@ def _run_trial(config: dict[str, Any]) -> None:
         run_training(cfg, callbacks=[_tune_reports(setup.get("checked_metrics") or [])],
                      parent_run_id=setup["parent_run_id"],
                      tags={"reclip.sweep": setup["sweep"], "reclip.trial_id": trial_id,
-                           "reclip.budget": json.dumps(setup["budget"])}, relay=relay)
+                           "reclip.budget": json.dumps(setup["budget"])}, relay=relay, exclusive=False)
     finally:
         use_relay(None)  # Tune may run another trial in this process
 

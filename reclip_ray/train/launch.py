@@ -15,6 +15,7 @@ from typing import Any
 from reclip_ray import storage, tracking
 from reclip_ray.config import Config
 from reclip_ray.errors import ReclipError
+from reclip_ray.lease import Lease
 from reclip_ray.train.cluster import check_decode_device, init_ray, scaling_config, use_gpu
 from reclip_ray.train.datasets import build_datasets
 from reclip_ray.train.handover import clear_fatal
@@ -33,6 +34,7 @@ def run_training(
     console: bool = False,
     verbose: bool = False,
     relay: Any = None,
+    exclusive: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the job described by ``cfg``; returns the final metrics. Ends the MLflow run in every case.
 
@@ -40,28 +42,31 @@ def run_training(
     MLflow run under a sweep's parent run. ``console`` (the CLI) draws the run's progress in this process and sends
     Ray's own output to ``RUN_DIR/ray.log`` (unless ``verbose``). ``relay``: the tracking relay the workers
     use, when the caller made it (a sweep trial, whose relay sits on the sweep driver's node); else one is started
-    here for a local store.
+    here for a local store. ``exclusive``: hold the run folder's launch lease (``reclip_ray.lease``), so a second
+    launch of a run that is still training refuses; a sweep's trial does not (the sweep holds its folder, and Tune
+    runs one attempt of a trial at a time).
     """
     prep = prepare(cfg)
     state = read_run_state(prep.run_dir)
     if finished(prep, state):
         return dict(state["finished"])
-    if console and not verbose:  # before MLflow's first call and Ray's start, so their start-up lines go there too
-        from reclip_ray.console import redirect_library_logging
+    with Lease(prep.run_dir) if exclusive else contextlib.nullcontext():  # or one line: another launch trains it
+        if console and not verbose:  # before MLflow's first call and Ray's start, so their start-up lines go there
+            from reclip_ray.console import redirect_library_logging
 
-        redirect_library_logging(prep.run_dir)
-    attempt = Attempt(prep, open_mlflow_run(prep, state, tags, parent_run_id), relay)
-    try:
-        init_ray(prep.cfg)
-        display = attempt.show_progress(verbose) if console else None
-        trainer = build_trainer(prep, attempt, callbacks)
-        result = fit(trainer, display)
-        return attempt.final_metrics(result)
-    except KeyboardInterrupt:
-        attempt.status = "KILLED"
-        raise
-    finally:
-        attempt.close()
+            redirect_library_logging(prep.run_dir)
+        attempt = Attempt(prep, open_mlflow_run(prep, state, tags, parent_run_id), relay)
+        try:
+            init_ray(prep.cfg)
+            display = attempt.show_progress(verbose) if console else None
+            trainer = build_trainer(prep, attempt, callbacks)
+            result = fit(trainer, display)
+            return attempt.final_metrics(result)
+        except KeyboardInterrupt:
+            attempt.status = "KILLED"
+            raise
+        finally:
+            attempt.close()
 
 
 def finished(prep: Prepared, state: dict[str, Any]) -> bool:
