@@ -6,15 +6,16 @@ training on the cluster, and a user who reruns the command "to resume" started a
 the same folder. The two rewrite one checkpoint snapshot and delete each other's checkpoints, a restart may restore
 the other's, and both drivers log into one MLflow run (its id is read from the run folder). Nothing failed loudly.
 
-So the launch writes ``RUN_DIR/.launch.json`` (who: host, pid, the Ray job; when: a heartbeat every
-``HEARTBEAT_S``), and a launch that finds another's lease refuses with one line that says how to stop that one. A
-lease whose holder is gone does not hold: on the same host its process is checked (pid and start time, so a
-reused pid is not mistaken for it); from another host, the lease expires ``EXPIRES_S`` after its last heartbeat.
-Released when the launch ends, whatever its outcome; a SIGKILLed launch leaves it to expire (at once on its host).
+So the launch writes ``RUN_DIR/.launch.json`` (who: machine, pid, the Ray job; a heartbeat every ``HEARTBEAT_S``),
+and a launch that finds another's lease refuses with one line that says how to stop that one. A lease whose holder
+is gone does not hold, so a killed launch never blocks the next: on the same machine (host name, boot and pid
+namespace) its process is looked up, by pid and start time so that a reused pid is not mistaken for it; from
+another machine, or where the start time cannot be read, its heartbeat is watched for up to ``WATCH_S`` and the
+holder counts as alive only if it beats (no clocks compared). Released when the launch ends, whatever its outcome.
 
 What it is not: a lock against two launches made in the same second (a read then a write, no conditional PUT:
-pyarrow has none); the case it is for is a launch made while another has been training for a while. Heartbeat ages
-compare two hosts' clocks. Cost: one small object, rewritten every ``HEARTBEAT_S`` (a GET, a HEAD and a PUT).
+pyarrow has none); the case it is for is a launch made while another has been training for a while. Cost: one
+small object, checked and rewritten every ``HEARTBEAT_S`` (on S3 a HEAD, a GET, a HEAD and a PUT).
 """
 
 from __future__ import annotations
@@ -33,13 +34,35 @@ from reclip_ray.errors import ReclipError
 
 LEASE_FILE = ".launch.json"
 HEARTBEAT_S = 30.0
-EXPIRES_S = 120.0  # four missed heartbeats
+WATCH_S = 1.5 * HEARTBEAT_S  # how long a launch watches a lease it cannot judge by its process for a heartbeat
+
+_HELD: set[str] = set()  # ids of the leases this process holds now (a launch still running in it is alive)
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def machine() -> str:
+    """Which machine and pid namespace this process runs in: two containers may share a host name (a pod's,
+    ``docker --hostname``) but not a boot id and a pid namespace, and a pid means something only within one."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{_read_first_line('/proc/sys/kernel/random/boot_id')}/{namespace}"
 
 
 def process_start(pid: int) -> str | None:
     """When process ``pid`` started, as an opaque token (Linux: its start time in clock ticks since boot, from
-    /proc), so a pid reused by a later process is told apart; "" where that cannot be read (no /proc); None if
-    there is no such process, or only its zombie."""
+    /proc), so a pid reused by a later process is told apart; "" where that cannot be read (no /proc, or hidden);
+    None if there is no such process, or only its zombie."""
+    if pid <= 0:
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,6 +77,44 @@ def process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]  # fields 3 (state) and 22 (starttime) of proc(5)
 
 
+def alive_here(holder: dict[str, Any]) -> bool | None:
+    """Whether the launch that wrote ``holder`` is alive, judged by its process; None where that cannot be told
+    (another machine, or no start time to compare), and the heartbeat must."""
+    if holder.get("id") in _HELD:
+        return True  # a launch still running in this process (a thread, a notebook cell)
+    if holder.get("machine") != machine():
+        return None
+    try:
+        pid = int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False  # not a lease a launch wrote
+    if pid == os.getpid():
+        return False  # this process's own, left by an earlier launch in it that did not release it
+    started = process_start(pid)
+    if started is None:
+        return False
+    if not started or not holder.get("started"):
+        return None
+    return started == holder["started"]  # else the pid was reused by another process
+
+
+def refusal(folder: str, holder: dict[str, Any], now: float | None = None) -> str:
+    """The one line a launch that finds ``holder``'s lease on ``folder`` says."""
+    now = time.time() if now is None else now
+
+    def ago(key: str) -> str:
+        try:
+            return f"{now - float(holder[key]):.0f} s ago"
+        except (KeyError, TypeError, ValueError):
+            return "at an unknown time"
+
+    job, pid, host = holder.get("ray_job"), holder.get("pid"), str(holder.get("machine", "?")).split("/")[0]
+    stop = f"`ray job stop {job}`" if job else f"Ctrl-C it, or kill {pid} on {host}"
+    return (f"{folder} is in use by another launch (pid {pid} on {host}{f', Ray job {job}' if job else ''}, started "
+            f"{ago('since')}, heard from {ago('heartbeat')}): stop it first ({stop}), then run this command again "
+            f"to resume; if it is gone and this persists, delete {storage.join(folder, LEASE_FILE)}")
+
+
 def _ray_job() -> str | None:
     """The Ray job submission id when this driver runs as a `ray job submit` entrypoint (Ray's job supervisor
     hands it to the driver in its job config), for the refusal's `ray job stop ID`."""
@@ -63,52 +124,25 @@ def _ray_job() -> str | None:
         return None
 
 
-def holds(holder: dict[str, Any] | None, now: float | None = None) -> bool:
-    """Whether ``holder`` (a lease file's contents) still holds the folder against this process."""
-    if not holder:
-        return False
-    now = time.time() if now is None else now
-    if holder.get("host") == socket.gethostname():
-        pid = int(holder.get("pid", -1))
-        if pid == os.getpid():
-            return False  # this process's own, left by an earlier launch in it (a test, a notebook)
-        started = process_start(pid)
-        if started is None:
-            return False
-        return not started or not holder.get("started") or started == holder["started"]  # else a reused pid
-    return now - float(holder.get("heartbeat", 0)) < EXPIRES_S
-
-
-def refusal(folder: str, holder: dict[str, Any], now: float | None = None) -> str:
-    """The one line a launch that finds ``holder``'s lease on ``folder`` says."""
-    now = time.time() if now is None else now
-    job = holder.get("ray_job")
-    stop = f"`ray job stop {job}`" if job else f"Ctrl-C it, or kill {holder.get('pid')} on {holder.get('host')}"
-    return (f"{folder} is in use by another launch (pid {holder.get('pid')} on {holder.get('host')}"
-            f"{f', Ray job {job}' if job else ''}, started {now - float(holder.get('since', now)):.0f} s ago, heard "
-            f"from {now - float(holder.get('heartbeat', now)):.0f} s ago): stop it first ({stop}), then run this "
-            f"command again to resume. If it is gone, its lease ({storage.join(folder, LEASE_FILE)}) expires "
-            f"{EXPIRES_S:.0f} s after it was last heard from")
-
-
 class Lease:
     """This launch's lease on ``folder``: ``take`` (or refuse), a heartbeat thread, ``release``."""
 
     def __init__(self, folder: str) -> None:
         self.folder, self.path = folder, storage.join(folder, LEASE_FILE)
         now = time.time()
-        self.record = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": process_start(os.getpid()), "ray_job": _ray_job(), "since": now,
-                       "heartbeat": now}
+        self.record = {"id": uuid.uuid4().hex, "machine": machine(), "pid": os.getpid(),
+                       "started": process_start(os.getpid()), "ray_job": _ray_job(), "since": now, "heartbeat": now}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a heartbeat's write and the release's delete never cross
         self._thread: threading.Thread | None = None
 
     def take(self) -> Lease:
-        """Write this launch's lease, unless another launch holds the folder (ReclipError, one line)."""
+        """Write this launch's lease, unless another live launch holds the folder (ReclipError, one line)."""
         holder = self._read()
-        if holds(holder):
-            raise ReclipError(refusal(self.folder, holder))
+        if holder is not None and self._alive(holder):
+            raise ReclipError(refusal(self.folder, self._read() or holder))
         storage.write_json(self.path, self.record)
+        _HELD.add(self.record["id"])
         self._thread = threading.Thread(target=self._beat, name="reclip-launch-lease", daemon=True)
         self._thread.start()
         return self
@@ -117,12 +151,12 @@ class Lease:
         """Stop the heartbeat and remove the lease if it is still this launch's. Never raises: it runs as the
         launch ends, and must not mask the launch's own outcome."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        _HELD.discard(self.record["id"])
         try:
-            if (self._read() or {}).get("id") == self.record["id"]:
-                storage.delete_file(self.path)
-        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            with self._lock:
+                if (self._read() or {}).get("id") == self.record["id"]:
+                    storage.delete_file(self.path)
+        except Exception as exc:  # noqa: BLE001 - the next launch judges it gone by its process or heartbeat
             print(f"[reclip] WARNING: could not remove the launch lease {self.path}: {exc}", file=sys.stderr,
                   flush=True)
 
@@ -131,6 +165,23 @@ class Lease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+    def _alive(self, holder: dict[str, Any]) -> bool:
+        verdict = alive_here(holder)
+        if verdict is not None:
+            return verdict
+        print(f"[reclip] {self.path}: another launch's lease (pid {holder.get('pid')} on "
+              f"{str(holder.get('machine', '?')).split('/')[0]}); watching up to {WATCH_S:.0f} s for its heartbeat",
+              flush=True)
+        deadline = time.monotonic() + WATCH_S
+        while time.monotonic() < deadline:
+            time.sleep(min(2.0, WATCH_S / 10))
+            now = self._read()
+            if now is None:
+                return False  # released
+            if now.get("id") != holder.get("id") or now.get("heartbeat") != holder.get("heartbeat"):
+                return True  # it beats, or another launch has just taken it
+        return False
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -144,13 +195,16 @@ class Lease:
         (it judged this one gone: the two now train one folder, which only the user can settle)."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                holder = self._read()
-                if (holder or {}).get("id") != self.record["id"]:
-                    print(f"[reclip] WARNING: another launch took over {self.path} "
-                          f"(pid {(holder or {}).get('pid')} on {(holder or {}).get('host')}); this one trains on "
-                          "beside it: stop one of them", file=sys.stderr, flush=True)
-                    return
-                self.record["heartbeat"] = time.time()
-                storage.write_json(self.path, self.record)
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    holder = self._read()
+                    if (holder or {}).get("id") != self.record["id"]:
+                        print(f"[reclip] WARNING: another launch took over {self.path} (pid "
+                              f"{(holder or {}).get('pid')}); this one trains on beside it: stop one of them",
+                              file=sys.stderr, flush=True)
+                        return
+                    self.record["heartbeat"] = time.time()
+                    storage.write_json(self.path, self.record)
             except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat tries again
                 print(f"[reclip] WARNING: launch lease heartbeat failed: {exc}", file=sys.stderr, flush=True)

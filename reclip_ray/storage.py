@@ -160,16 +160,28 @@ def _read_object(fs: pafs.FileSystem, inner: str, path: str) -> bytes:
 
     What this cannot see: an object replaced twice between the two HEADs, the second time back to the first size.
     A replacement of the same size is harmless to a single GET (it reads that version whole), which is what every
-    file under ``PART_BYTES`` is."""
+    file under ``PART_BYTES`` is. A read that fails (a ranged GET past the end of a shorter new version) is
+    judged the same way: repeated if the object changed, raised if it held still."""
     deadline, wait = time.monotonic() + REPLACED_WAIT_S, 0.01
     while True:
-        with fs.open_input_file(inner) as f:
-            data = read_all(f, path)
+        size, failure = None, None
+        try:
+            with fs.open_input_file(inner) as f:
+                size = f.size()
+                data = read_all(f, path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            failure = exc
         after = fs.get_file_info(inner)
-        if after.type == pafs.FileType.File and after.size == len(data):
-            return data
         if after.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(path)
+            raise FileNotFoundError(path) from failure
+        if failure is not None and (size is None or after.size == size):
+            raise failure  # its own failure: the open failed, or the object held still
+        if after.type != pafs.FileType.File:
+            raise OSError(f"{path}: not a file")
+        if failure is None and after.size == len(data):
+            return data
         if time.monotonic() > deadline:
             raise OSError(f"{path}: replaced while being read, again and again for {REPLACED_WAIT_S:.0f} s")
         time.sleep(wait * (0.5 + random.random()))  # jittered, so a reader does not fall into step with a writer

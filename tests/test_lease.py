@@ -1,19 +1,22 @@
 """reclip_ray.lease: a second launch of a run (or sweep) that another launch still trains refuses in one line; a
 lease whose holder is gone does not hold. Local folders and a real S3 API (moto), the same calls. The CLI's own
-refusal, while a run trains on S3, is in ``test_reliability.py::test_on_s3_a_fatal_error_is_not_retried...``."""
+refusal, while a run trains on S3, is in ``test_reliability.py::test_on_s3_a_fatal_error_is_not_retried...``, a
+sweep's in ``test_sweep.py::test_a_sweep_stopped_by_ctrl_c...``."""
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
 from reclip_ray import lease, storage
 from reclip_ray.errors import ReclipError
+
+ELSEWHERE = "another-host.example/0c1d/4026531836"  # another machine's host name, boot id and pid namespace
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -23,53 +26,87 @@ def folder(request, tmp_path):
     return request.getfixturevalue("s3_prefix") + "/run"
 
 
-def _record(pid: int, host: str | None = None, started: str | None = None, heard_s_ago: float = 1.0,
-            job: str | None = None) -> dict:
+def _record(pid: int, where: str | None = None, started: str | None = None, job: str | None = None) -> dict:
     now = time.time()
-    return {"id": "other", "host": host or socket.gethostname(), "pid": pid,
+    return {"id": "other", "machine": where or lease.machine(), "pid": pid,
             "started": lease.process_start(pid) if started is None else started, "ray_job": job,
-            "since": now - 600, "heartbeat": now - heard_s_ago}
+            "since": now - 600, "heartbeat": now - 1}
 
 
 def test_a_launch_refuses_while_another_live_one_holds_the_folder_and_takes_it_once_that_one_is_gone(folder):
-    other = subprocess.Popen(["sleep", "120"])  # the other launch's driver, on this host
+    other = subprocess.Popen(["sleep", "120"])  # the other launch's driver, on this machine
+    path = storage.join(folder, lease.LEASE_FILE)
     try:
-        storage.write_json(storage.join(folder, lease.LEASE_FILE), _record(other.pid, job="raysubmit_abc"))
+        storage.write_json(path, _record(other.pid, job="raysubmit_abc"))
         with pytest.raises(ReclipError) as refused:
             lease.Lease(folder).take()
         line = str(refused.value)
         assert "\n" not in line and line.startswith(f"{folder} is in use by another launch (pid {other.pid} on "
                                                     f"{socket.gethostname()}, Ray job raysubmit_abc, started 600 s ago")
-        assert "stop it first (`ray job stop raysubmit_abc`), then run this command again to resume" in line, line
-        assert storage.read_json(storage.join(folder, lease.LEASE_FILE))["id"] == "other"  # untouched
+        assert line.endswith("stop it first (`ray job stop raysubmit_abc`), then run this command again to resume; "
+                             f"if it is gone and this persists, delete {path}"), line
+        assert storage.read_json(path)["id"] == "other"  # untouched
     finally:
         other.kill()
         other.wait()
-    # Its process gone (a SIGKILLed driver leaves its lease): taken at once, without waiting for it to expire
+    # Its process gone (a SIGKILLed driver leaves its lease): taken at once, without waiting for a heartbeat
+    t0 = time.monotonic()
     with lease.Lease(folder) as mine:
+        assert time.monotonic() - t0 < lease.WATCH_S / 2
         assert storage.read_json(mine.path) == mine.record
     assert not storage.exists(mine.path)  # released
 
 
-def test_who_holds_a_lease_the_same_host_by_process_another_by_heartbeat():
-    assert not lease.holds(None)
-    assert not lease.holds(_record(os.getpid()))  # this process's own, left by an earlier launch in it
+def test_on_this_machine_a_lease_holds_while_its_process_lives_elsewhere_its_heartbeat_decides():
+    assert not lease.alive_here(_record(os.getpid()))  # this process's own, left by a launch that did not release
     parent = os.getppid()  # alive, not this process
-    assert lease.holds(_record(parent))
-    assert not lease.holds(_record(parent, started="1"))  # a reused pid: another start time
+    assert lease.alive_here(_record(parent)) is True
+    assert lease.alive_here(_record(parent, started="1")) is False  # a reused pid: another start time
+    assert lease.alive_here(_record(parent, started="")) is None  # no start time to compare: the heartbeat decides
+    assert lease.alive_here(_record(parent, where=ELSEWHERE)) is None  # another machine (or container)
+    assert lease.alive_here({**_record(parent), "pid": None}) is False  # not a lease a launch wrote
+    assert lease.alive_here(_record(0)) is False
     ended = subprocess.Popen(["true"])  # exited, not yet reaped: a zombie is no launch
     deadline = time.time() + 20
     while lease.process_start(ended.pid) is not None and time.time() < deadline:
         time.sleep(0.02)
     assert lease.process_start(ended.pid) is None and ended.poll() == 0
-    far = "another-host.example"
-    assert lease.holds(_record(1, host=far, heard_s_ago=10))
-    assert not lease.holds(_record(1, host=far, heard_s_ago=lease.EXPIRES_S + 1))
-    # without a Ray job: how to stop it names the process
-    line = lease.refusal("s3://b/runs/r", _record(1, host=far, heard_s_ago=10))
-    assert re.search(r"heard from 10 s ago\): stop it first \(Ctrl-C it, or kill 1 on another-host\.example\)",
-                     line), line
-    assert line.endswith(f"its lease (s3://b/runs/r/{lease.LEASE_FILE}) expires 120 s after it was last heard from")
+
+
+def test_a_launch_still_running_in_this_process_holds_the_folder(tmp_path):
+    first = lease.Lease(str(tmp_path / "run")).take()
+    try:
+        with pytest.raises(ReclipError, match="is in use by another launch"):
+            lease.Lease(str(tmp_path / "run")).take()
+    finally:
+        first.release()
+    with lease.Lease(str(tmp_path / "run")):
+        pass
+
+
+def test_a_lease_from_another_machine_holds_only_if_its_heartbeat_beats(folder, monkeypatch):
+    monkeypatch.setattr(lease, "WATCH_S", 1.0)
+    path = storage.join(folder, lease.LEASE_FILE)
+    storage.write_json(path, _record(1, where=ELSEWHERE))  # its launch died: no beat
+    t0 = time.monotonic()
+    with lease.Lease(folder):
+        assert time.monotonic() - t0 >= 1.0  # watched for WATCH_S first
+    beating, stop = _record(1, where=ELSEWHERE), threading.Event()
+    storage.write_json(path, beating)
+
+    def beat() -> None:
+        while not stop.wait(0.1):
+            beating["heartbeat"] += 1
+            storage.write_json(path, beating)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(ReclipError, match=r"\(pid 1 on another-host\.example, started 600 s ago, heard from"):
+            lease.Lease(folder).take()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_the_heartbeat_keeps_the_lease_fresh_and_stops_when_another_launch_took_it_over(folder, monkeypatch,
@@ -82,10 +119,13 @@ def test_the_heartbeat_keeps_the_lease_fresh_and_stops_when_another_launch_took_
         while storage.read_json(mine.path)["heartbeat"] == first and time.time() < deadline:
             time.sleep(0.05)
         assert storage.read_json(mine.path)["heartbeat"] > first
-        # Another launch judged this one gone and took the folder: this one's heartbeat stops writing, says so
-        storage.write_json(mine.path, _record(1, host="another-host.example"))
+        # Another launch judged this one gone and took the folder: this one's heartbeat stops writing, says so.
+        # (A beat that read the file just before the other's write puts its own back, as two launches could without
+        # a conditional PUT: the other's next write, as its heartbeat would, takes it again.)
         deadline = time.time() + 20
         while mine._thread.is_alive() and time.time() < deadline:
+            if storage.read_json(mine.path)["id"] != "other":
+                storage.write_json(mine.path, _record(1, where=ELSEWHERE))
             time.sleep(0.05)
         assert not mine._thread.is_alive()
     finally:

@@ -242,8 +242,9 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
                 refused = io.StringIO()
                 with contextlib.redirect_stderr(refused):
                     assert main(command[3:]) == 2
-                assert refused.getvalue().startswith(
-                    f"reclip-ray: error: {sweep_dir} is in use by another launch (pid {proc.pid} on "), refused.getvalue()
+                said = refused.getvalue()
+                assert said.startswith(f"reclip-ray: error: {sweep_dir} is in use by another launch (pid {proc.pid} "
+                                       "on "), said
                 assert proc.poll() is None
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)

@@ -87,9 +87,11 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         kill_running_trial_runs(sweep.prep.tracking_uri, sweep.parent)
         raise KeyboardInterrupt from None  # to the user, a stop (the CLI says so and exits 130)
     finally:
-        tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
-        copy_ray_log(sweep.sweep_dir, log_file)
-        sweep.lease.release()
+        try:
+            tracking.end_run(sweep.prep.tracking_uri, sweep.parent, status)
+            copy_ray_log(sweep.sweep_dir, log_file)
+        finally:
+            sweep.lease.release()
 
 
 @contextlib.contextmanager

@@ -47,10 +47,10 @@ def run_training(
     runs one attempt of a trial at a time).
     """
     prep = prepare(cfg)
-    state = read_run_state(prep.run_dir)
-    if finished(prep, state):
-        return dict(state["finished"])
     with Lease(prep.run_dir) if exclusive else contextlib.nullcontext():  # or one line: another launch trains it
+        state = read_run_state(prep.run_dir)  # read under the lease: the launch before may have just finished it
+        if finished(prep, state):
+            return dict(state["finished"])
         if console and not verbose:  # before MLflow's first call and Ray's start, so their start-up lines go there
             from reclip_ray.console import redirect_library_logging
 
