@@ -184,20 +184,45 @@ def copy_ray_log(run_dir: str, log_file: str | None) -> None:
 
 
 def _open_ray_log(run_dir: str) -> str:
-    """``ray_log_file``, its folder made; for a remote run folder, first seeded with the ray.log there (earlier
-    attempts, maybe from another machine), so the copy at the end keeps them."""
+    """``ray_log_file``, its folder made; for a remote run folder, first brought up to date with the ray.log there
+    (``merged_log``), so the copy at the end keeps every launch's lines: earlier ones on other machines, and one on
+    this machine killed before its copy."""
     from reclip_ray import storage
 
     path = ray_log_file(run_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if storage.is_uri(run_dir) and not os.path.exists(path):
+    if storage.is_uri(run_dir):
         try:
-            earlier = storage.read_bytes(storage.join(run_dir, RAY_LOG))
+            remote = storage.read_bytes(storage.join(run_dir, RAY_LOG))
         except FileNotFoundError:
             return path
-        with open(path, "wb") as f:
-            f.write(earlier)
+        local = b""
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                local = f.read()
+        merged = merged_log(local, remote)
+        if merged != local:
+            with open(path, "wb") as f:
+                f.write(merged)
     return path
+
+
+def merged_log(local: bytes, remote: bytes) -> bytes:
+    """The run folder's ray.log (``remote``) and this machine's copy (``local``) as one log, losing neither.
+
+    Every launch appends to its machine's copy and uploads it whole at its end. This machine's copy was stale when a
+    launch on another machine had run since (a copy of it would drop that launch's lines), and ahead of the folder
+    when a launch here was killed before its upload; both, when both happened. Whichever extends the other wins;
+    two that diverged keep the folder's, then this machine's lines after their common start."""
+    if local.startswith(remote):
+        return local
+    if remote.startswith(local):
+        return remote
+    common = len(os.path.commonprefix([local, remote]))
+    common = local.rfind(b"\n", 0, common) + 1  # from a whole line
+    return (remote + (b"" if remote.endswith(b"\n") else b"\n")
+            + b"[reclip] lines of a launch on this machine that did not reach the run folder's ray.log:\n"
+            + local[common:])
 
 
 MLFLOW_STORE_SETUP = "mlflow.store.db.utils"  # MLflow's logger for a SQLite store's tables: made or upgraded

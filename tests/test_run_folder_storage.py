@@ -140,4 +140,21 @@ def test_ray_log_of_a_remote_run_folder_is_kept_locally_and_copied_there(s3_pref
         f.write("attempt 2\n")
     upload_ray_log(run_dir, local)
     assert storage.read_text(storage.join(run_dir, "ray.log")) == "attempt 1\nattempt 2\n"
+    # Attempt 3 on another machine appends to the folder's log; attempt 4, here again, must not upload this
+    # machine's stale copy over it
+    storage.write_text(storage.join(run_dir, "ray.log"), "attempt 1\nattempt 2\nattempt 3\n")
+    _open_ray_log(run_dir)
+    with open(local, "a") as f:
+        f.write("attempt 4, killed before its upload\n")
+    # Attempt 5 on another machine (from the folder's log), then attempt 6 here: both kept
+    storage.write_text(storage.join(run_dir, "ray.log"), "attempt 1\nattempt 2\nattempt 3\nattempt 5\n")
+    _open_ray_log(run_dir)
+    with open(local) as f:
+        assert f.read() == ("attempt 1\nattempt 2\nattempt 3\nattempt 5\n[reclip] lines of a launch on this "
+                            "machine that did not reach the run folder's ray.log:\nattempt 4, killed before its "
+                            "upload\n")
+    storage.write_text(storage.join(run_dir, "ray.log"), "attempt 1\n")  # shorter: this copy is ahead, kept
+    _open_ray_log(run_dir)
+    with open(local) as f:
+        assert f.read().startswith("attempt 1\nattempt 2\nattempt 3\nattempt 5\n")
     os.unlink(local)
