@@ -108,11 +108,15 @@ def refusal(folder: str, holder: dict[str, Any], now: float | None = None) -> st
         except (KeyError, TypeError, ValueError):
             return "at an unknown time"
 
-    job, pid, host = holder.get("ray_job"), holder.get("pid"), str(holder.get("machine", "?")).split("/")[0]
+    job, pid, host = holder.get("ray_job"), holder.get("pid"), _host(holder)
     stop = f"`ray job stop {job}`" if job else f"Ctrl-C it, or kill {pid} on {host}"
     return (f"{folder} is in use by another launch (pid {pid} on {host}{f', Ray job {job}' if job else ''}, started "
             f"{ago('since')}, heard from {ago('heartbeat')}): stop it first ({stop}), then run this command again "
             f"to resume; if it is gone and this persists, delete {storage.join(folder, LEASE_FILE)}")
+
+
+def _host(holder: dict[str, Any]) -> str:
+    return str(holder.get("machine", "?")).split("/")[0]
 
 
 def _ray_job() -> str | None:
@@ -139,8 +143,9 @@ class Lease:
     def take(self) -> Lease:
         """Write this launch's lease, unless another live launch holds the folder (ReclipError, one line)."""
         holder = self._read()
-        if holder is not None and self._alive(holder):
-            raise ReclipError(refusal(self.folder, self._read() or holder))
+        live = self._live_holder(holder) if holder is not None else None
+        if live is not None:
+            raise ReclipError(refusal(self.folder, live))
         storage.write_json(self.path, self.record)
         _HELD.add(self.record["id"])
         self._thread = threading.Thread(target=self._beat, name="reclip-launch-lease", daemon=True)
@@ -166,22 +171,23 @@ class Lease:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
-    def _alive(self, holder: dict[str, Any]) -> bool:
+    def _live_holder(self, holder: dict[str, Any]) -> dict[str, Any] | None:
+        """The lease of a live launch that holds the folder (``holder``, or what replaced it while watched); None
+        if its holder is gone."""
         verdict = alive_here(holder)
         if verdict is not None:
-            return verdict
-        print(f"[reclip] {self.path}: another launch's lease (pid {holder.get('pid')} on "
-              f"{str(holder.get('machine', '?')).split('/')[0]}); watching up to {WATCH_S:.0f} s for its heartbeat",
-              flush=True)
+            return holder if verdict else None
+        print(f"[reclip] {self.path}: another launch's lease (pid {holder.get('pid')} on {_host(holder)}); "
+              f"watching up to {WATCH_S:.0f} s for its heartbeat", flush=True)
         deadline = time.monotonic() + WATCH_S
         while time.monotonic() < deadline:
             time.sleep(min(2.0, WATCH_S / 10))
             now = self._read()
             if now is None:
-                return False  # released
+                return None  # released
             if now.get("id") != holder.get("id") or now.get("heartbeat") != holder.get("heartbeat"):
-                return True  # it beats, or another launch has just taken it
-        return False
+                return now  # it beats, or another launch has just taken it
+        return None
 
     def _read(self) -> dict[str, Any] | None:
         try:

@@ -132,9 +132,9 @@ def read_bytes(path: str, may_change: bool = True) -> bytes:
     (``_read_object``: one HEAD more). Pass False for files nothing rewrites, where a HEAD per file adds up: the
     images of a dataset being converted."""
     fs, inner = filesystem(path)
+    if local_path(path) is None and may_change:
+        return _read_object(fs, inner, path)  # its own HEAD after the GETs tells a missing object
     try:
-        if local_path(path) is None and may_change:
-            return _read_object(fs, inner, path)
         with fs.open_input_file(inner) as f:  # random access; never decompressed (a stream would gunzip a *.gz)
             return read_all(f, path)  # locally an open file keeps its inode: a writer's os.replace cannot tear it
     except FileNotFoundError:

@@ -176,8 +176,8 @@ def test_an_object_replaced_while_it_is_read_is_read_again_never_returned_torn(s
 
 
 class _Store:
-    """A stand-in object store: ``versions`` of one object, the next one served after each HEAD that follows a
-    read; a read of ``fail`` raises as a ranged GET past the end of a shorter new version does."""
+    """A stand-in object store: ``versions`` of one object, in turn, the next one served after each HEAD that
+    follows a read; a read of ``fail`` raises as a ranged GET past the end of a shorter new version does."""
 
     def __init__(self, versions: list[bytes], fail: set[int] = frozenset()) -> None:
         self.versions, self.fail, self.reads, self.now = versions, fail, 0, 0
@@ -198,7 +198,7 @@ class _Store:
     def get_file_info(self, inner):
         import pyarrow.fs as pafs
 
-        self.now = min(self.now + 1, len(self.versions) - 1)  # replaced while it was read
+        self.now = (self.now + 1) % len(self.versions)  # replaced while it was read
         return pafs.FileInfo(inner, type=pafs.FileType.File, size=len(self.versions[self.now]))
 
 
@@ -218,17 +218,8 @@ def test_a_read_that_fails_because_the_object_shrank_is_read_again_one_that_held
 def test_an_object_replaced_at_every_read_is_one_line_after_the_wait_naming_it(monkeypatch):
     """A store whose object never holds still long enough to be read whole: an error naming the path, not a torn
     read and not a wait without end."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    class Restless:  # the GET's version is always 3 bytes, the HEAD after it always sees 4
-        def open_input_file(self, inner):
-            return pa.BufferReader(b"abc")
-
-        def get_file_info(self, inner):
-            return pafs.FileInfo(inner, type=pafs.FileType.File, size=4)
-
-    monkeypatch.setattr(storage, "filesystem", lambda path: (Restless(), "bkt/k"))
+    store = _Store([b"abc", b"abcd"])  # the HEAD after each read sees the other version
+    monkeypatch.setattr(storage, "filesystem", lambda path: (store, "bkt/k"))
     monkeypatch.setattr(storage, "REPLACED_WAIT_S", 0.1)
     with pytest.raises(OSError, match=r"^s3://bkt/k: replaced while being read, again and again for 0 s$"):
         storage.read_bytes("s3://bkt/k")
