@@ -15,6 +15,7 @@ call, so filesystems are cached per scheme and bucket for the life of the proces
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -260,20 +261,41 @@ def delete_dir(path: str) -> None:
     fs.delete_dir(inner)
 
 
-def upload_dir(local_dir: str, target: str) -> None:
+def upload_dir(local_dir: str, target: str, keep: Collection[str] = ()) -> None:
     """Copy a local folder to ``target`` (local or URI), replacing what was there.
 
     Locally the copy is staged beside the target and swapped into place (``atomic_dir.replace_dir``), so a reader
-    never sees half a folder. An object store has no rename: the files are written one by one, each whole, after
-    the old ones are removed.
+    never sees half a folder. An object store has no rename: the files are written one by one over the old ones,
+    each whole, then the old files the new folder lacks are removed (and the folders they leave empty), except those
+    named in ``keep`` (paths relative to ``target``). A reader during the upload finds a mix of old and new files
+    (and not yet the files only the new folder has); ``folders.upload_folder`` adds the manifest that lets a reader
+    tell.
     """
     local_target = local_path(target)
     if local_target is not None:
         atomic_dir.replace_dir(local_target, lambda staging: shutil.copytree(local_dir, staging, dirs_exist_ok=True))
         return
-    delete_dir(target)
     fs, inner = filesystem(target)
     pafs.copy_files(local_dir, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    new = {os.path.relpath(os.path.join(folder, f), local_dir).replace(os.sep, "/")
+           for folder, _, names in os.walk(local_dir) for f in names} | set(keep)
+    new_dirs = {posixpath.dirname(name) for name in new}
+    new_dirs |= {d for name in new_dirs for d in _ancestors(name)}
+    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        relative = posixpath.relpath(info.path, inner)
+        if info.type == pafs.FileType.File and relative not in new:
+            delete_file(join(target, relative))
+    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):  # folders left empty (S3 keeps a marker)
+        relative = posixpath.relpath(info.path, inner)
+        if info.type == pafs.FileType.Directory and relative not in new_dirs:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_dir(info.path)
+
+
+def _ancestors(folder: str) -> list[str]:
+    """``a/b/c`` -> [``a``, ``a/b``]."""
+    parts = folder.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def download_dir(source: str, local_dir: str) -> str:
@@ -318,7 +340,7 @@ def read_all(src: Any, name: str, part_bytes: int | None = None, threads: int = 
 
 
 def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: int = PART_BYTES,
-                  threads: int = COPY_THREADS) -> None:
+                  threads: int = COPY_THREADS, only: Collection[str] | None = None) -> None:
     """Copy the folder ``path`` on ``fs`` into ``local_dir``, each file in ``part_bytes`` ranged reads, ``threads``
     of them at once across all files.
 
@@ -329,10 +351,14 @@ def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: in
     """
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = [i for i in infos if i.type == pafs.FileType.File]
+    folders = [posixpath.relpath(i.path, path) for i in infos if i.type == pafs.FileType.Directory]
+    if only is not None:  # some of the files (paths relative to ``path``); those not there are not copied
+        wanted = set(only)
+        files = [i for i in files if posixpath.relpath(i.path, path) in wanted]
+        folders = sorted({posixpath.dirname(posixpath.relpath(i.path, path)) for i in files} - {""})
     os.makedirs(local_dir, exist_ok=True)
-    for info in infos:
-        if info.type == pafs.FileType.Directory:
-            os.makedirs(os.path.join(local_dir, posixpath.relpath(info.path, path)), exist_ok=True)
+    for folder in folders:
+        os.makedirs(os.path.join(local_dir, folder), exist_ok=True)
     per_round = 4 * threads  # files open at once: a dataset folder may hold thousands
     for first in range(0, len(files), per_round):
         _copy_files_in_parts(fs, path, files[first:first + per_round], local_dir, part_bytes, threads)

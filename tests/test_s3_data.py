@@ -278,7 +278,7 @@ def test_eval_export_and_init_from_read_models_on_s3(tmp_path, s3_prefix, synth_
     model, tok, cfg, local_model = tiny_export
     remote_model = storage.join(s3_prefix, "model")
     assert export_model(model, tok, cfg, remote_model) == remote_model
-    assert _names(remote_model) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert _names(remote_model) == [".reclip-folder.json", "config.yaml", "model.safetensors", "tokenizer.json"]
     loaded, _ = load_model(remote_model)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from reclip_ray import storage, tracking
+from reclip_ray.folders import upload_folder
 from reclip_ray.config import Config
 from reclip_ray.train import scratch
 from reclip_ray.train.checkpoint import TrainState
@@ -20,8 +21,8 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
                state: TrainState, eval_error: str | None) -> None:
     """Write the inference model and eval.json next to the checkpoints and into MLflow.
 
-    The model folder is replaced whole (storage.upload_dir: a rename locally; on an object store the old objects
-    are removed and each file is one PUT). eval.json goes last: the launcher reads it as the run's final metrics.
+    The model folder is replaced whole (``folders.upload_folder``: a swap locally; on an object store a manifest
+    that readers check the files against). eval.json goes last: the launcher reads it as the run's final metrics.
     It holds the last phase's evaluation of this model, or, where that failed or did not run (``eval_error``), why:
     never ``state.eval`` then, which is the previous phase's model's evaluation (at full resolution too). The same
     as the final report's evaluation (``eval_report``).
@@ -38,6 +39,6 @@ def export_run(cfg: Config, model: torch.nn.Module, tokenizer: Any, run_dir: str
             f.write(json.dumps(final_eval, indent=2, sort_keys=True))
         tracking.log_artifacts(tracking_uri, run_id, local, "model")
         tracking.log_artifact(tracking_uri, run_id, eval_file)
-        storage.upload_dir(local, storage.join(run_dir, "model"))
+        upload_folder(local, storage.join(run_dir, "model"))
         storage.write_json(storage.join(run_dir, "eval.json"), final_eval)
     print(f"[reclip] exported model to {storage.join(run_dir, 'model')}", flush=True)  # the run's log
