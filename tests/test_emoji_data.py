@@ -404,6 +404,7 @@ def test_experiment_trains_an_arm_on_the_fixture_and_reports_every_split(ray_ses
         "--workers", "1", "--use-gpu", "false", "--vocab-size", "300", "--out", str(tmp_path / "out"),
         "--tracking-uri", f"sqlite:///{db}", "--name", "emoji", "--set", "model.vision.depth=2",
         "--set", "model.text.depth=2", "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=64",
+        "--set", "data.block_mb=0",
     ]) == 0
     saved = json.loads((tmp_path / "results" / "emoji.json").read_text())
     assert saved["eval_splits"] == splits and saved["label_sets"] == ["category", "subcategory"]

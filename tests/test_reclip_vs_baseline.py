@@ -479,7 +479,8 @@ def test_experiment_runs_then_resumes(ray_session, bench, tmp_path, synth_dir, t
             "--low", "32", "--full", "64", "--workers", "1", "--use-gpu", "false", "--data", str(synth_dir),
             "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{db}", "--name", "slow",
             "--set", f"data.tokenizer={tokenizer_path}", "--set", "model.vision.depth=2", "--set", "model.text.depth=2",
-            "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=128"]
+            "--set", "scaling.cpus_per_worker=0.5", "--set", "data.shuffle_buffer=128",
+            "--set", "data.block_mb=0"]
     assert bench.main(argv) == 0
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("reclip_vs_baseline")

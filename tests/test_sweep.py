@@ -126,7 +126,7 @@ def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
         "name: resume\nbase: tiny\n"
         "set: [model.vision.depth=1, model.text.depth=1, train.batch_size=64, train.log_every_steps=1,\n"
         "      checkpoint.every_samples=128, scaling.min_workers=1, scaling.max_workers=1,\n"
-        "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false]\n"
+        "      scaling.cpus_per_worker=0.5, eval.at_phase_end=false, data.block_mb=0]\n"
         "params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nmode: min\nbudget: {samples: 1280}\n"
         "scheduler: {name: fifo}\n")
     db = tmp_path / "mlflow.db"
