@@ -202,12 +202,14 @@ def test_a_remote_folder_without_a_manifest_is_read_as_it_is(tmp_path, s3_prefix
     assert _files(folders.download_folder(target, str(tmp_path / "back"))) == _files(v1)
 
 
+NOT_PLAIN = "a file name that is not a plain relative path"
+
+
 @pytest.mark.parametrize("manifest, says", [
     (b"{not json", "not a folder manifest"),
     (json.dumps({"files": ["weights.bin"]}).encode(), "not a folder manifest"),
-    (json.dumps({"files": {"../../victim.txt": {"bytes": 1, "sha256": "0"}}}).encode(), "a file name that is not a plain relative path"),
-    (json.dumps({"files": {"/tmp/victim.txt": {"bytes": 1, "sha256": "0"}}}).encode(), "a file name that is not a plain relative path"),
-    (json.dumps({"files": {"./weights.bin": {"bytes": 1, "sha256": "0"}}}).encode(), "a file name that is not a plain relative path"),
+    *[(json.dumps({"files": {name: {"bytes": 1, "sha256": "0"}}}).encode(), NOT_PLAIN)
+      for name in ("../../victim.txt", "/tmp/victim.txt", "./weights.bin")],
 ])
 def test_a_manifest_that_is_not_one_is_refused_in_one_line(tmp_path, target, manifest, says):
     """Its names are paths the reader writes and removes in its local copy: none may leave it."""
