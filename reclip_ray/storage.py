@@ -281,11 +281,12 @@ def upload_dir(local_dir: str, target: str, keep: Collection[str] = ()) -> None:
            for folder, _, names in os.walk(local_dir) for f in names} | set(keep)
     new_dirs = {posixpath.dirname(name) for name in new}
     new_dirs |= {d for name in new_dirs for d in _ancestors(name)}
-    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+    old = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    for info in old:
         relative = posixpath.relpath(info.path, inner)
         if info.type == pafs.FileType.File and relative not in new:
             delete_file(join(target, relative))
-    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):  # folders left empty (S3 keeps a marker)
+    for info in old:  # after the files: deleting a folder's last file leaves a marker of it (pyarrow keeps parents)
         relative = posixpath.relpath(info.path, inner)
         if info.type == pafs.FileType.Directory and relative not in new_dirs:
             with contextlib.suppress(FileNotFoundError):

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from reclip_ray import storage, tracking
-from reclip_ray.folders import upload_folder
 from reclip_ray.config import Config
+from reclip_ray.folders import upload_folder
 from reclip_ray.train import scratch
 from reclip_ray.train.checkpoint import TrainState
 from reclip_ray.train.phase_eval import eval_report
