@@ -91,6 +91,43 @@ def test_two_resolutions_from_the_same_shards(ray_session, synth_dir, tokenizer_
 
 
 @pytest.mark.slow
+def test_a_shard_gone_mid_run_reaches_the_reader_as_our_data_error(ray_session, synth_dir, tokenizer_path, tmp_path):
+    """The error is raised in a Ray Data task; a Ray Train worker reads through the phase's split coordinator and
+    must get it as a ``DataError`` (under Ray's own wrapper), not as Ray Data's ``UserCodeException``: only ours is
+    recorded as deterministic (``handover.write_fatal``), so that the run ends at once instead of after
+    ``run.max_failures`` restarts that fail at the same shard. (The reader is a generator, whose errors Ray Data
+    does not wrap; ``raise_original_map_exception`` in ``phase_dataset`` keeps a plain function's the same.)"""
+    import shutil
+
+    from reclip_ray.errors import ReclipError
+
+    for f in list_parquet_files(str(synth_dir / "train"))[:2]:
+        shutil.copy(f, tmp_path)
+    stream = PhaseStream(read_footers(list_parquet_files(str(tmp_path))), seed=0, passes=1, group_shards=1,
+                         shuffle=False)
+    gone = stream.groups[1].files[0]
+    ds = phase_dataset(stream, ColumnMap(), image_size=32, text_length=8, tokenizer_json=tokenizer_path.read_text())
+    (split,) = ds.streaming_split(1, equal=True)
+    (tmp_path / gone.rsplit("/", 1)[-1]).unlink()
+    with pytest.raises(ReclipError) as info:
+        for _ in split.iter_batches(batch_size=None):
+            pass
+    assert isinstance(info.value, DataError) and f"shard {gone} disappeared during the run" in str(info.value)
+
+    # The decode is a plain function: a tokenizer file gone after the driver's check fails there
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(tokenizer_path.read_text())
+    stream = PhaseStream(read_footers(list_parquet_files(str(tmp_path))), seed=0, passes=1, shuffle=False)
+    (split,) = phase_dataset(stream, ColumnMap(), image_size=32, text_length=8,
+                             tokenizer_json=str(tokenizer)).streaming_split(1, equal=True)
+    tokenizer.unlink()
+    with pytest.raises(ReclipError) as info:
+        for _ in split.iter_batches(batch_size=None):
+            pass
+    assert isinstance(info.value, DataError) and f"tokenizer file not found: {tokenizer}" in str(info.value)
+
+
+@pytest.mark.slow
 def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer_path, tmp_path):
     rows = pq.read_table(list_parquet_files(str(synth_dir / "train"))[0]).slice(0, 40).to_pylist()
     rows[3]["image"] = rows[3]["image"][:200]  # truncated JPEG

@@ -436,9 +436,10 @@ def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_s
         (data / f.name).write_bytes(f.read_bytes())
     victim = sorted(data.glob("*.parquet"))[1]
     kept = victim.read_bytes()
-    cfg = make_cfg("gone", train=data, extra=["run.max_failures=0", "eval.at_phase_end=false",
-                                               "checkpoint.every_samples=256", "train.samples=2048",
-                                               "fault.step_delay_s=0.1"])
+    # run.max_failures stays at its default (2): a missing shard is deterministic and must end the run at once
+    cfg = make_cfg("gone", train=data, extra=["eval.at_phase_end=false", "checkpoint.every_samples=256",
+                                               "train.samples=2048", "fault.step_delay_s=0.1"])
+    assert cfg.run.max_failures == 2
     run_dir = Path(cfg.run.storage_path) / "gone"
     job = _Background(cfg)
     _wait_for("a checkpoint", lambda: _checkpoints(run_dir), timeout_s=240)
@@ -449,6 +450,9 @@ def test_a_deleted_shard_fails_clearly_and_the_run_resumes_once_it_is_back(ray_s
     assert message.startswith(f"shard {victim} disappeared during the run"), message
     client, run = mlflow_run(tmp_path / "mlflow.db")
     assert run.info.status == "FAILED"
+    # One worker group: the worker recorded the error as ours, and the restart Ray Train began found it
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0]
+    assert json.loads((run_dir / ".fatal_error.json").read_text()) == {"type": "DataError", "message": message}
     last = _checkpoints(run_dir)[-1]
     saved = read_state(last)
     assert 0 < saved.samples < 2048

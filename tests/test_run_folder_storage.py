@@ -42,6 +42,27 @@ def test_a_fatal_error_written_by_a_worker_ends_the_next_start(run_dir):
     raise_if_fatal(run_dir)
 
 
+def test_a_data_error_raised_in_a_ray_data_task_is_recorded_as_ours_in_one_line(run_dir):
+    """A shard gone mid-run is found inside a Ray Data task; the worker gets it as Ray raises it there, with
+    ``raise_original_map_exception`` (``pipeline.phase_dataset``): a ``RayTaskError(DataError)`` whose text is the
+    remote traceback. The worker's ``except ReclipError`` must catch it, and the file keep our one line."""
+    from ray.exceptions import RayTaskError
+
+    from reclip_ray.run_names import FATAL_FILE
+    from reclip_ray.train.handover import raise_if_fatal, write_fatal
+
+    message = "shard s3://b/train/shard-00001.parquet disappeared during the run (data.missing_shards=fail; ...)"
+    traceback = ("Traceback (most recent call last):\n  File \"pipeline.py\", line 125, in _open\n"
+                 f"reclip_ray.errors.DataError: {message}")
+    wrapped = RayTaskError("SplitCoordinator.get", traceback, DataError(message)).as_instanceof_cause()
+    assert isinstance(wrapped, ReclipError) and str(wrapped) != message
+    write_fatal(run_dir, wrapped)
+    assert storage.read_json(storage.join(run_dir, FATAL_FILE)) == {"type": "DataError", "message": message}
+    with pytest.raises(DataError) as info:
+        raise_if_fatal(run_dir)
+    assert str(info.value) == message
+
+
 def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir):
     from reclip_ray.run_names import CHECKPOINT_SNAPSHOT
     from reclip_ray.train.handover import latest_checkpoint_state

@@ -414,6 +414,12 @@ def phase_dataset(
     # Ray Data's progress bars, drawn by every rank (or split coordinator) for every phase, are cursor codes in the
     # job's log and break up the trainer's own lines, which already say samples/s and data wait
     ds.context.enable_progress_bars = False
+    # Our errors in a task (a shard gone with missing_shards=fail, one replaced mid-run) reach the worker as
+    # themselves, which it records as deterministic: the run ends at once, not after run.max_failures restarts
+    # that fail at the same shard. Ray Data wraps what a map function raises in its UserCodeException, which keeps
+    # ours only as text; it leaves a generator's errors alone, so read_groups' arrive either way, decode_batch's
+    # (and a non-generator reader's) only with this
+    ds.context.raise_original_map_exception = True
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json,

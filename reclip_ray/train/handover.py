@@ -12,8 +12,9 @@ import json
 from typing import Any
 
 from reclip_ray import storage
-from reclip_ray.errors import DataError
+from reclip_ray.errors import DataError, ReclipError
 from reclip_ray.run_names import CHECKPOINT_SNAPSHOT, DATA_START_DIR, FATAL_FILE
+from reclip_ray.train.ray_errors import root_message
 
 
 def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
@@ -41,10 +42,15 @@ def raise_if_fatal(run_dir: str) -> None:
 
 def write_fatal(run_dir: str, exc: BaseException) -> None:
     """Every rank that hit it writes the same small file (3 requests on S3: pyarrow uploads in parts); the last
-    one wins. A failed write is printed, never raised: it must not hide the error it was recording."""
+    one wins. A failed write is printed, never raised: it must not hide the error it was recording.
+
+    ``exc`` may be our error as Ray raised it in the worker (a ``RayTaskError(DataError)`` from a data task, whose
+    text is the remote traceback): the file keeps our class's name and the one line it says."""
     path = storage.join(run_dir, FATAL_FILE)
+    ours = (c for c in type(exc).__mro__ if issubclass(c, ReclipError) and c.__module__.startswith("reclip_ray."))
+    kind = next(ours, type(exc)).__name__  # Ray's wrapper class derives from ours: "RayTaskError(DataError)"
     try:
-        storage.write_json(path, {"type": type(exc).__name__, "message": str(exc)})
+        storage.write_json(path, {"type": kind, "message": root_message(exc)})
     except Exception as write_error:  # noqa: BLE001 - then Ray Train retries the run, as without the file
         print(f"[reclip] WARNING: could not write {path}: {write_error}", flush=True)
 
