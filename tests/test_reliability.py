@@ -170,6 +170,7 @@ def test_a_worker_exception_then_a_sigkill_each_restart_from_the_last_checkpoint
         read_state(c).samples > 704 for c in _checkpoints(run_dir)), timeout_s=300, job=job)
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert len(workers) == 2, workers
+    newest = max(read_state(c).step for c in _checkpoints(run_dir))  # the restart resumes this one or a later one
     killed_at = time.time()
     os.kill(workers[-1].pid, signal.SIGKILL)
     crawl.unlink()  # both faults are in: the restarted group trains the rest at full speed
@@ -183,6 +184,10 @@ def test_a_worker_exception_then_a_sigkill_each_restart_from_the_last_checkpoint
     assert run.data.metrics["restarts"] == 2
     restarts = client.get_metric_history(run.info.run_id, "restarts")
     assert sorted(m.value for m in restarts) == [0, 1, 2]
+    # Each restart resumed the last checkpoint: 512 samples (step 8) before the fault at 704, and before the
+    # SIGKILL the newest one seen then or one written after it (every 4 steps)
+    at = {int(m.value): m.step for m in restarts}
+    assert at[1] == 8 and at[2] >= newest and at[2] % 4 == 0, (at, newest)
     assert len(client.get_metric_history(run.info.run_id, "init_from_applied")) == 1  # not again on the restarts
     assert run.data.tags["reclip.init_from"].startswith("init_from")
     _check_history(cfg, client, run, total_steps=32)
@@ -238,6 +243,7 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
         # Ray Train may start with one worker if it sees the second node late; it then scales up to two.
         _wait_for("2 workers training and a checkpoint", lambda: 2 in workers_by_step().values()
                   and _checkpoints(run_dir), timeout_s=300, job=job, state=cluster_view)
+        newest = max(read_state(c).step for c in _checkpoints(run_dir))  # the scale-down resumes this or a later one
         removed_at = time.time()
         ray_cluster.remove_node(nodes.pop())  # takes one worker (and its node) away
         _refresh_node_view(ray_cluster)
@@ -276,6 +282,12 @@ def test_elastic_resize_when_a_node_leaves_and_comes_back(ray_cluster, make_cfg,
     # Every resize is a new worker group that resumed from a checkpoint; Ray Train may start a group that it resizes
     # again before it trains a step (counted, but no `workers` point is logged for it).
     assert len(runs) - 1 <= run.data.metrics["restarts"] <= len(runs)
+    # ... each from the last checkpoint (every 10 steps): the first one after the removal (a scale-up before it
+    # is possible, see above) resumed the newest seen before the removal, or one written after it
+    resumed = sorted((m.timestamp, m.step) for m in client.get_metric_history(run.info.run_id, "restarts")
+                     if m.value >= 1)
+    after = [step for t, step in resumed if t / 1000 > removed_at]
+    assert after and after[0] >= newest and all(s % 10 == 0 for _, s in resumed), (resumed, removed_at, newest)
     # The data is re-split: one worker reads the whole global batch, two read half each.
     assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 1} == {64}
     assert {h["local_batch"][s] for s in h["local_batch"] if h["workers"][s] == 2} == {32}
