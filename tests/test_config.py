@@ -236,6 +236,21 @@ def test_yaml_file_round_trip(tmp_path):
     assert yaml.safe_load(path.read_text())["phases"][0]["image_size"] == 48
 
 
+def test_a_config_or_an_override_never_runs_code_from_yaml_tags(tmp_path):
+    """RELIABILITY (safety): configs and ``--set`` values are read with ``yaml.safe_load``; a Python tag is refused
+    (a file) or stays a string (an override), and nothing runs."""
+    marker = tmp_path / "ran"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: evil\ntrain:\n  seed: {tag}\n")
+    with pytest.raises(ConfigError, match=r"evil\.yaml: invalid YAML at line 3"):
+        load_config(str(path))
+    with pytest.raises(ConfigError):  # a string where the seed must be an integer
+        load_config("tiny", [f"train.seed={tag}"])
+    cfg = load_config("tiny", [f"run.name={tag}"])
+    assert cfg.run.name == tag and not marker.exists()
+
+
 def test_unknown_config_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="unknown config 'nope'"):
         load_config("nope")

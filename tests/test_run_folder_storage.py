@@ -105,6 +105,64 @@ def test_the_fault_marker_makes_an_injected_fault_fire_once(run_dir):
     assert storage.read_json(marker)["at"] == 128
 
 
+def test_the_fault_environment_variable_injects_a_fault_in_a_run_configured_without_one(run_dir, monkeypatch):
+    """RELIABILITY: ``RECLIP_FAIL_AT_SAMPLES`` for chaos runs (set in a job's environment, no config change)."""
+    from reclip_ray.config import load_config
+    from reclip_ray.run_names import FAULT_ENV
+    from reclip_ray.train.checkpoint import TrainState
+    from reclip_ray.train.faults import fault_marker, maybe_inject_fault
+
+    cfg = load_config("tiny")
+    assert cfg.fault.fail_at_samples == 0
+    maybe_inject_fault(cfg, TrainState(samples=192), 128, 0, fault_marker(run_dir))  # none configured: nothing
+    monkeypatch.setenv(FAULT_ENV, "192")
+    maybe_inject_fault(cfg, TrainState(samples=192), 128, 1, fault_marker(run_dir))  # another rank: nothing
+    with pytest.raises(RuntimeError, match=r"fault injected at 192 samples on rank 0 \(fault.fail_at_samples=192\)"):
+        maybe_inject_fault(cfg, TrainState(samples=192), 128, 0, fault_marker(run_dir))
+
+
+@pytest.mark.parametrize("error, fatal", [("DataError", True), ("ConfigError", True), ("CheckpointError", True),
+                                          ("RuntimeError", False)])
+def test_the_worker_records_our_errors_as_deterministic_and_leaves_others_to_ray_trains_retries(
+        run_dir, monkeypatch, error, fatal):
+    """RELIABILITY: a data, config or checkpoint error in a worker ends the run at the next start instead of being
+    retried; any other error (a lost node, a CUDA fault, an injected fault) is retried as Ray Train does."""
+    from reclip_ray import config, errors
+    from reclip_ray.run_names import FATAL_FILE
+    from reclip_ray.train import worker
+    from reclip_ray.train.handover import raise_if_fatal
+
+    kind = getattr(errors, error, None) or getattr(config, error, None) or RuntimeError
+    assert kind.__name__ == error
+
+    def failing_worker(loop_config):
+        raise kind(f"{error} in rank 1's loop")
+
+    monkeypatch.setattr(worker, "Worker", failing_worker)
+    with pytest.raises(kind):
+        worker.train_loop_per_worker({"run_dir": run_dir})
+    assert storage.exists(storage.join(run_dir, FATAL_FILE)) == fatal
+    if fatal:
+        with pytest.raises(DataError, match=f"^{error} in rank 1's loop$"):
+            raise_if_fatal(run_dir)
+
+
+def test_a_worker_that_restored_another_checkpoint_than_its_stream_fails_loudly(run_dir):
+    """RELIABILITY: the stream is rebuilt (by the dataset factory) from one checkpoint and the worker restores
+    another: rows would be trained twice or skipped, so the worker raises instead."""
+    from reclip_ray.data.feed import DataPosition
+    from reclip_ray.train.handover import check_data_start, record_data_start
+
+    assert check_data_start(run_dir, 0, "checkpoint_a") == {}  # nothing recorded (a run of an older version)
+    record_data_start(run_dir, 0, "checkpoint_a", DataPosition(phase=0), sources={"s.parquet": "image"})
+    assert check_data_start(run_dir, 0, "checkpoint_a") == {"s.parquet": "image"}
+    with pytest.raises(RuntimeError, match="rebuilt from checkpoint 'checkpoint_a' but this worker restored "
+                                           "'checkpoint_b'"):
+        check_data_start(run_dir, 0, "checkpoint_b")
+    with pytest.raises(RuntimeError, match="rebuilt from checkpoint 'checkpoint_a' but this worker restored 'none'"):
+        check_data_start(run_dir, 0, "")
+
+
 def test_row_log_lines_accumulate(run_dir):
     import numpy as np
 
