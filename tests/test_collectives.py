@@ -15,9 +15,10 @@ def _steps_worker(rank: int, world: int, steps: list[int], init_file: str, out: 
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    result = {"gather": gather({"rank": rank}, world), "sum": sum_over_ranks([rank + 1, 10], world, torch.device("cpu"))}
+    cpu = torch.device("cpu")
+    result = {"gather": gather({"rank": rank}, world), "sum": sum_over_ranks([rank + 1, 10], world, cpu)}
     try:
-        result["steps"] = steps_on_every_rank(steps[rank], world, torch.device("cpu"))
+        result["steps"] = steps_on_every_rank(steps[rank], world, cpu)
     except RuntimeError as exc:
         result["error"] = str(exc)
     with open(f"{out}.{rank}", "w") as f:

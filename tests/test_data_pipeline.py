@@ -127,6 +127,21 @@ def test_a_shard_gone_mid_run_reaches_the_reader_as_our_data_error(ray_session, 
     assert isinstance(info.value, DataError) and f"tokenizer file not found: {tokenizer}" in str(info.value)
 
 
+def test_a_shard_gone_with_missing_shards_skip_is_a_warning_naming_it_and_is_counted(tmp_path, capsys):
+    """RELIABILITY: with ``data.missing_shards=skip`` a shard deleted mid-run is a warning naming it, its rows are
+    not read, and the run's count of missing shards hears of it; with ``fail`` (the default) it is our one line."""
+    from reclip_ray.data.pipeline import _ShardChunks
+
+    gone = str(tmp_path / "shard-00003.parquet")
+    heard: list[str] = []
+    chunks = _ShardChunks(gone, [8], 4, 0, ColumnMap(), "skip", heard.append)
+    assert list(chunks._batches) == [] and heard == [gone]
+    assert capsys.readouterr().out == f"[reclip] WARNING: shard {gone} is gone; skipped (data.missing_shards=skip)\n"
+    with pytest.raises(DataError, match=rf"^shard {gone} disappeared during the run \(data.missing_shards=fail; "):
+        _ShardChunks(gone, [8], 4, 0, ColumnMap(), "fail", heard.append)
+    assert heard == [gone]
+
+
 @pytest.mark.slow
 def test_bad_rows_flagged_with_renamed_columns(ray_session, synth_dir, tokenizer_path, tmp_path):
     rows = pq.read_table(list_parquet_files(str(synth_dir / "train"))[0]).slice(0, 40).to_pylist()
