@@ -140,3 +140,30 @@ def test_a_lease_file_that_is_not_json_does_not_hold_the_folder(tmp_path):
     path.write_text("not json")
     with lease.Lease(str(tmp_path / "run")) as mine:
         assert storage.read_json(mine.path)["id"] == mine.record["id"]
+
+
+def test_a_refused_launch_ran_its_checks_first_and_touched_neither_mlflow_nor_ray(make_cfg, tmp_path, monkeypatch):
+    """RELIABILITY: the second launch refuses after its checks of data and config (a mistake in the command is
+    said first, whatever holds the folder) and before MLflow or Ray: no run opened, no attempt counted."""
+    from reclip_ray.errors import DataError
+    from reclip_ray.train import launch
+    from reclip_ray.train.run_state import read_run_state
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("a refused launch must not reach MLflow or Ray")
+
+    monkeypatch.setattr(launch, "open_mlflow_run", not_reached)
+    monkeypatch.setattr(launch, "init_ray", not_reached)
+    cfg = make_cfg("held")
+    run_dir = str(tmp_path / "runs" / "held")
+    other = subprocess.Popen(["sleep", "120"])  # the launch that trains the run, on this machine
+    try:
+        storage.write_json(storage.join(run_dir, lease.LEASE_FILE), _record(other.pid))
+        with pytest.raises(DataError, match=f"^data.train not found: {tmp_path / 'no-such-data'}$"):
+            launch.run_training(make_cfg("held", train=tmp_path / "no-such-data"))
+        with pytest.raises(ReclipError, match=f"^{run_dir} is in use by another launch \\(pid {other.pid} "):
+            launch.run_training(cfg)
+    finally:
+        other.kill()
+        other.wait()
+    assert read_run_state(run_dir) == {}  # no attempt counted
