@@ -110,7 +110,7 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     stopped = _ray("job", "stop", "--address", address, "reclip-stop", env=env)  # waits for the job to exit
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     stop_logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
-    assert "reclip-ray: interrupted" in stop_logs, stop_logs[-3000:]
+    assert stop_logs.strip().splitlines()[-1] == "reclip-ray: interrupted", stop_logs[-3000:]  # the log's last line
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (killed,) = client.search_runs([client.get_experiment_by_name("it").experiment_id])
     assert killed.info.status == "KILLED" and 0 < killed.data.metrics["samples"] < 1024, killed.info.status

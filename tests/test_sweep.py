@@ -201,6 +201,7 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
     import time
 
     from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
 
     from conftest import s3_checkpoints
     from reclip_ray import storage
@@ -256,6 +257,11 @@ def test_a_sweep_stopped_by_ctrl_c_ray_job_stop_or_its_trial_failing_resumes_the
         assert not storage.exists(f"{sweep_dir}/results.csv")  # no results: the sweep has not ended
         assert not storage.exists(f"{sweep_dir}/{LEASE_FILE}")  # the stopped sweep released its folder
         assert statuses() == {"resume": "KILLED", **{t: "KILLED" for t in _trial_folders(sweep_dir)}}  # one trial
+        # Tune stopped the trial: its Ray Train workers are gone, not left training beside the next launch
+        deadline = time.time() + 60
+        while list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+            assert time.time() < deadline, "the stopped sweep's trial left its training workers alive"
+            time.sleep(0.5)
         return text
 
     first = stopped(signal.SIGINT, "first.log", rerun=True)  # what Ctrl-C delivers to the foreground process
