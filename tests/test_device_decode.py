@@ -211,3 +211,33 @@ def test_the_device_decode_waits_for_the_training_stream_before_nvjpeg_writes(mo
     calls.clear()
     decode_jpegs([b"\xff\xd8 one"], torch.device("cpu"))  # the CPU decoder has no stream to wait for
     assert calls == ["decode"]
+
+
+def test_a_jpeg_neither_decoder_reads_trains_black_and_the_worker_counts_and_says_it(monkeypatch):
+    """README: a row that neither nvJPEG nor PIL decodes "trains as a black image and is counted
+    (``data_rows_decode_failed``, with a warning)"; the rows beside it are unharmed."""
+    from reclip_ray.train import worker
+    from reclip_ray.train.checkpoint import TrainState
+
+    rng = np.random.default_rng(3)
+    good = _photo(rng, 120, 100)
+    unreadable = b"\xff\xd8\xff\xe0" + bytes(200)  # a JPEG's first bytes, then nothing a decoder can use
+    box = np.asarray([[0.0, 0.0, 100.0, 100.0]] * 3, dtype=np.float32)
+    pixels, stats = decode_on_device([good, unreadable, good], box, 32, "cpu")
+    assert stats == {"fallback": 0, "failed": 1}
+    assert pixels[1].sum() == 0 and pixels[0].float().std() > 0 and torch.equal(pixels[0], pixels[2])
+
+    rank0 = object.__new__(worker.Worker)  # just what images() reads: rank 0 of a CPU run at step 7
+    rank0.device, rank0.rank, rank0.decode_failed, rank0.decode_fallback = torch.device("cpu"), 0, 0, 0
+    rank0.tracking_uri, rank0.run_id, rank0.state = "sqlite:///unused.db", "run", TrainState(step=7)
+    said: list[str] = []
+    logged: list[tuple[int, dict]] = []
+    monkeypatch.setattr(rank0, "say", said.append, raising=False)
+    monkeypatch.setattr(worker.tracking, "log_metrics", lambda uri, run, metrics, step: logged.append((step, metrics)))
+    for _ in range(2):
+        images = rank0.images({"jpeg": [good, unreadable, good], "box": box}, 32)
+        assert torch.equal(images, pixels)
+    assert rank0.decode_failed == 2 and logged == [(7, {"data_rows_decode_failed": 1}),
+                                                   (7, {"data_rows_decode_failed": 2})]
+    assert said == [f"WARNING: 1 image(s) failed to decode on rank 0 and trained as black images ({n} so far)"
+                    for n in (1, 2)]

@@ -44,7 +44,7 @@ def _pil_decode(data: bytes) -> torch.Tensor | None:
 
 
 def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[torch.Tensor | None], int]:
-    """CHW uint8 images (None where nothing could decode) and how many rows needed the CPU fallback. Decode only:
+    """CHW uint8 images (None where nothing could decode) and how many rows the CPU fallback decoded. Decode only:
     ``decode_on_device`` adds the crop and resize (``bench data --device`` times the two apart)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -69,8 +69,8 @@ def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> tuple[list[tor
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
-            fallback += 1
             img = _pil_decode(bytes(data))
+            fallback += img is not None  # one PIL cannot read either is a failed row, counted apart
             out.append(img.to(device) if img is not None else None)
     return out, fallback
 
