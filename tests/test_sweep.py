@@ -561,10 +561,15 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     assert all(s == sorted(set(s)) for s in logged.values())
 
 
-def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path):
+def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path, monkeypatch):
     """Every trial would end with a NaN metric: a one-line error before Ray starts."""
     from reclip_ray.sweep import run_sweep
+    from reclip_ray.train import launch
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the sweep's config error must come before Ray starts")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
     space = tmp_path / "s.yaml"
     space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/shape/top1\nbudget: {gflops: 300}\n")
     with pytest.raises(ConfigError, match="metric eval/full/shape/top1 needs an eval set, but data.eval is empty"):
