@@ -137,6 +137,7 @@ def download_folder(source: str, local_dir: str) -> str:
                 if exc.errno is not None:  # this machine's (a full disk): waiting will not mend it
                     raise
                 read_error = exc  # the store's: a file shrank or vanished between the listing and its GETs
+            now = time.monotonic()  # the wait before a copy again counts from this copy's end, not its start
             for name in stale:
                 full = os.path.join(local_dir, name)
                 have[name] = _stamp(full) if os.path.isfile(full) else {}

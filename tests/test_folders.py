@@ -159,6 +159,9 @@ def test_a_folder_left_half_written_is_named_in_one_line_after_one_copy(tmp_path
     folders.upload_folder(_version(tmp_path / "v1", "a"), target)
     storage.write_bytes(storage.join(target, "sub", "config.txt"), b"version c")  # the size the manifest says
     monkeypatch.setattr(folders, "WHOLE_WAIT_S", 0.5)
+    # Copied again only after RECOPY_S, counted from the copy's end: here longer than the whole wait, whatever the
+    # load on the machine (with 1 s counted from the copy's start, a copy slowed past 0.5 s was made twice)
+    monkeypatch.setattr(folders, "RECOPY_S", (5.0, 30.0))
     copied = _spy_copies(monkeypatch)
     with pytest.raises(CheckpointError, match=rf"^{target}/sub/config.txt does not match the folder's manifest"):
         folders.download_folder(target, str(tmp_path / "back"))
