@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import torch
@@ -14,7 +15,9 @@ def _steps_worker(rank: int, world: int, steps: list[int], init_file: str, out: 
     from reclip_ray.train.collectives import gather, steps_on_every_rank, sum_over_ranks
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # bounded: a rank left alone in a collective fails the test in a minute instead of gloo's 30
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     cpu = torch.device("cpu")
     result = {"gather": gather({"rank": rank}, world), "sum": sum_over_ranks([rank + 1, 10], world, cpu)}
     try:
@@ -34,8 +37,8 @@ def _run(tmp_path, steps: list[int]) -> list[dict]:
 
 
 def test_ranks_that_disagree_on_the_step_count_fail_loudly_on_every_rank(tmp_path):
-    """RELIABILITY: every rank takes the same steps (DDP's and the loss's collectives pair up only then); a rank
-    that took one step more would hang the others, so the phase end's check raises on every rank instead."""
+    """RELIABILITY: every rank takes the same steps (DDP's and the loss's collectives pair up only then); the phase
+    end's check raises on every rank when their counts differ, instead of the run going on with ranks out of step."""
     agree = _run(tmp_path, [12, 12])
     assert [r["steps"] for r in agree] == [[12, 12], [12, 12]] and not any("error" in r for r in agree)
     assert [r["gather"] for r in agree] == [[{"rank": 0}, {"rank": 1}]] * 2

@@ -150,6 +150,19 @@ def test_a_slow_live_writer_is_waited_for_as_long_as_it_makes_progress(tmp_path,
     assert _files(back) == _files(v2)
 
 
+def test_the_wait_before_copying_an_unchanged_file_again_counts_from_the_copys_end(tmp_path, target, monkeypatch):
+    """A copy slower than ``RECOPY_S`` (a 600 MB file over a slow link) is not made again at the very next look:
+    the file has not changed, and the wait counts from when the copy ended, not from when it began."""
+    folders.upload_folder(_version(tmp_path / "v1", "a"), target)
+    storage.write_bytes(storage.join(target, "sub", "config.txt"), b"version c")  # the size the manifest says
+    monkeypatch.setattr(folders, "WHOLE_WAIT_S", 0.3)
+    assert folders.RECOPY_S[0] == 1.0
+    copied = _spy_copies(monkeypatch, then=lambda: time.sleep(1.2))  # each copy takes longer than RECOPY_S
+    with pytest.raises(CheckpointError, match="does not match the folder's manifest"):
+        folders.download_folder(target, str(tmp_path / "back"))
+    assert copied == [["sub/config.txt", "weights.bin"]]
+
+
 def test_a_folder_left_half_written_is_named_in_one_line_after_one_copy(tmp_path, target, monkeypatch, capsys):
     """A writer that died between its manifest and its last file leaves a file that is not the manifest's (here
     the same size, other bytes). The reader copies it once (it does not change), waits ``WHOLE_WAIT_S`` without a

@@ -6,6 +6,7 @@ sweep's in ``test_sweep.py::test_a_sweep_stopped_by_ctrl_c...``."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -159,9 +160,9 @@ def test_a_refused_launch_ran_its_checks_first_and_touched_neither_mlflow_nor_ra
     other = subprocess.Popen(["sleep", "120"])  # the launch that trains the run, on this machine
     try:
         storage.write_json(storage.join(run_dir, lease.LEASE_FILE), _record(other.pid))
-        with pytest.raises(DataError, match=f"^data.train not found: {tmp_path / 'no-such-data'}$"):
+        with pytest.raises(DataError, match=f"^data.train not found: {re.escape(str(tmp_path / 'no-such-data'))}$"):
             launch.run_training(make_cfg("held", train=tmp_path / "no-such-data"))
-        with pytest.raises(ReclipError, match=f"^{run_dir} is in use by another launch \\(pid {other.pid} "):
+        with pytest.raises(ReclipError, match=f"^{re.escape(run_dir)} is in use by another launch \\(pid {other.pid} "):
             launch.run_training(cfg)
     finally:
         other.kill()

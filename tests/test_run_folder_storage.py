@@ -62,6 +62,17 @@ def test_a_data_error_raised_in_a_ray_data_task_is_recorded_as_ours_in_one_line(
         raise_if_fatal(run_dir)
     assert str(info.value) == message
 
+    # Ours raised in the worker from another error: our message, whole (not the cause's, nor its last line)
+    try:
+        try:
+            raise OSError("connection reset")
+        except OSError as exc:
+            raise DataError("cannot open s3://b/x: connection reset\n(the second line of a long message)") from exc
+    except DataError as exc:
+        write_fatal(run_dir, exc)
+    assert storage.read_json(storage.join(run_dir, FATAL_FILE)) == {
+        "type": "DataError", "message": "cannot open s3://b/x: connection reset\n(the second line of a long message)"}
+
 
 def test_latest_checkpoint_state_reads_ray_trains_snapshot_and_the_meta(run_dir):
     from reclip_ray.run_names import CHECKPOINT_SNAPSHOT
@@ -114,6 +125,7 @@ def test_the_fault_environment_variable_injects_a_fault_in_a_run_configured_with
 
     cfg = load_config("tiny")
     assert cfg.fault.fail_at_samples == 0
+    monkeypatch.delenv(FAULT_ENV, raising=False)
     maybe_inject_fault(cfg, TrainState(samples=192), 128, 0, fault_marker(run_dir))  # none configured: nothing
     monkeypatch.setenv(FAULT_ENV, "192")
     maybe_inject_fault(cfg, TrainState(samples=192), 128, 1, fault_marker(run_dir))  # another rank: nothing

@@ -45,12 +45,19 @@ def write_fatal(run_dir: str, exc: BaseException) -> None:
     one wins. A failed write is printed, never raised: it must not hide the error it was recording.
 
     ``exc`` may be our error as Ray raised it in the worker (a ``RayTaskError(DataError)`` from a data task, whose
-    text is the remote traceback): the file keeps our class's name and the one line it says."""
+    text is the remote traceback): the file keeps our class's name and our message, as for one raised here."""
+    from ray.exceptions import RayTaskError
+
     path = storage.join(run_dir, FATAL_FILE)
-    ours = (c for c in type(exc).__mro__ if issubclass(c, ReclipError) and c.__module__.startswith("reclip_ray."))
-    kind = next(ours, type(exc)).__name__  # Ray's wrapper class derives from ours: "RayTaskError(DataError)"
+    inner = exc
+    while isinstance(inner, RayTaskError) and isinstance(inner.cause, BaseException):
+        inner = inner.cause  # Ray's wrapper class derives from ours: "RayTaskError(DataError)"
+    if isinstance(inner, ReclipError):
+        kind, message = type(inner).__name__, str(inner)
+    else:
+        kind, message = type(exc).__name__, root_message(exc)
     try:
-        storage.write_json(path, {"type": kind, "message": root_message(exc)})
+        storage.write_json(path, {"type": kind, "message": message})
     except Exception as write_error:  # noqa: BLE001 - then Ray Train retries the run, as without the file
         print(f"[reclip] WARNING: could not write {path}: {write_error}", flush=True)
 
