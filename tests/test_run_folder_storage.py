@@ -54,7 +54,11 @@ def test_a_data_error_raised_in_a_ray_data_task_is_recorded_as_ours_in_one_line(
     message = "shard s3://b/train/shard-00001.parquet disappeared during the run (data.missing_shards=fail; ...)"
     traceback = ("Traceback (most recent call last):\n  File \"pipeline.py\", line 125, in _open\n"
                  f"reclip_ray.errors.DataError: {message}")
-    wrapped = RayTaskError("SplitCoordinator.get", traceback, DataError(message)).as_instanceof_cause()
+    raised = DataError(message)
+    # Ray Data appends its retry advice to the error's own message (ray.data._internal.util, Ray 2.60)
+    raised.args = (f"{message}\nFailed to read a block after 1/10 attempts (total backoff 0.0s).\nTo change retry "
+                   "attempts, backoff, or which errors are retried, configure `ray.data.DataContext.get_current()`",)
+    wrapped = RayTaskError("SplitCoordinator.get", traceback, raised).as_instanceof_cause()
     assert isinstance(wrapped, ReclipError) and str(wrapped) != message
     write_fatal(run_dir, wrapped)
     assert storage.read_json(storage.join(run_dir, FATAL_FILE)) == {"type": "DataError", "message": message}

@@ -9,6 +9,7 @@ the next start (``raise_if_fatal``) instead of being retried.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from reclip_ray import storage
@@ -40,6 +41,9 @@ def raise_if_fatal(run_dir: str) -> None:
         raise DataError(fatal["message"])
 
 
+RAY_DATA_ADVICE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total backoff")  # Ray 2.60's suffix
+
+
 def write_fatal(run_dir: str, exc: BaseException) -> None:
     """Every rank that hit it writes the same small file (3 requests on S3: pyarrow uploads in parts); the last
     one wins. A failed write is printed, never raised: it must not hide the error it was recording.
@@ -52,8 +56,8 @@ def write_fatal(run_dir: str, exc: BaseException) -> None:
     inner = exc
     while isinstance(inner, RayTaskError) and isinstance(inner.cause, BaseException):
         inner = inner.cause  # Ray's wrapper class derives from ours: "RayTaskError(DataError)"
-    if isinstance(inner, ReclipError):
-        kind, message = type(inner).__name__, str(inner)
+    if isinstance(inner, ReclipError):  # Ray Data appends its retry advice to the message of a task's error
+        kind, message = type(inner).__name__, RAY_DATA_ADVICE.split(str(inner), maxsplit=1)[0]
     else:
         kind, message = type(exc).__name__, root_message(exc)
     try:
