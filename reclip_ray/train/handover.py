@@ -15,7 +15,6 @@ from typing import Any
 from reclip_ray import storage
 from reclip_ray.errors import DataError, ReclipError
 from reclip_ray.run_names import CHECKPOINT_SNAPSHOT, DATA_START_DIR, FATAL_FILE
-from reclip_ray.train.ray_errors import root_message
 
 
 def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
@@ -58,8 +57,8 @@ def write_fatal(run_dir: str, exc: BaseException) -> None:
         inner = inner.cause  # Ray's wrapper class derives from ours: "RayTaskError(DataError)"
     if isinstance(inner, ReclipError):  # Ray Data appends its retry advice to the message of a task's error
         kind, message = type(inner).__name__, RAY_DATA_ADVICE.split(str(inner), maxsplit=1)[0]
-    else:
-        kind, message = type(exc).__name__, root_message(exc)
+    else:  # not ours (the worker records only ours): as it is
+        kind, message = type(exc).__name__, str(exc)
     try:
         storage.write_json(path, {"type": kind, "message": message})
     except Exception as write_error:  # noqa: BLE001 - then Ray Train retries the run, as without the file
