@@ -1,9 +1,11 @@
-"""The worker loop's own collectives (``train/collectives.py``) on a real gloo group of 2 processes, without Ray."""
+"""The worker loop's own collectives (``train/collectives.py``, the log window's all-reduce) on a real gloo group of 2
+processes, without Ray."""
 
 from __future__ import annotations
 
 import datetime
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
@@ -45,3 +47,46 @@ def test_ranks_that_disagree_on_the_step_count_fail_loudly_on_every_rank(tmp_pat
     assert [r["sum"] for r in agree] == [[3, 20]] * 2
     disagree = _run(tmp_path, [12, 13])
     assert [r.get("error") for r in disagree] == ["ranks disagree on the step count at a phase end: [12, 13]"] * 2
+
+
+def _clock_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """``Worker.log_window`` on each rank, its clock due or not per case; records what each rank decided."""
+    import time
+
+    import torch.distributed as dist
+
+    import reclip_ray.train.worker as worker_module
+    from reclip_ray.train.checkpoint import CheckpointClock, TrainState
+    from reclip_ray.train.worker import Worker
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    worker_module.console_line = lambda *args: "window"  # rank 0's line: not what this test is about
+    w = Worker.__new__(Worker)  # only what log_window reads
+    w.rank, w.world, w.device = rank, world, torch.device("cpu")
+    w.cfg = SimpleNamespace(data=SimpleNamespace(max_bad_fraction=0.1))
+    w.state, w.schedule = TrainState(step=3), None
+    w.feed = SimpleNamespace(recorded=10, available=0, bad=0, example=None)
+    w.decode_fallback, w.missing_actor, w.already_logged, w.board = 0, None, 10, None
+    window = SimpleNamespace(metrics=lambda *args: {})
+    decided = []
+    for due_on in ([0], [1], [0, 1], []):  # the ranks whose own clock says a checkpoint is due
+        w.checkpoint_clock = CheckpointClock(1.0)
+        if rank in due_on:
+            w.checkpoint_clock.t0 = time.monotonic() - 61.0
+        decided.append(w.log_window(None, window, {}, 0.0, [32] * world))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(decided, f)
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_by_time_follows_rank_0s_clock_on_every_rank(tmp_path):
+    """RELIABILITY: ``checkpoint.every_minutes`` is decided at a log window by rank 0's clock, and its answer rides on
+    the window's all-reduce, so every rank checkpoints at the same step (a rank that checkpointed alone would wait
+    in Ray Train's report for the others forever). Rank 1's clock, ahead or behind, decides nothing."""
+    out = str(tmp_path / "clock")
+    mp.spawn(_clock_worker, args=(2, str(tmp_path / "init-clock"), out), nprocs=2, join=True)
+    decided = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    # cases: only rank 0 due, only rank 1 due, both, neither
+    assert decided == [[True, False, True, False]] * 2, decided

@@ -139,7 +139,7 @@ def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
     """
     from reclip_ray.schedule import Schedule
 
-    histories, first_rows = {}, {}
+    histories, first_rows, relay_calls = {}, {}, {}
     for workers in (1, 2):
         tmp_path, cfg, result = in_order_run(workers)
         client, runs = _mlflow_runs(tmp_path / "mlflow.db")
@@ -150,6 +150,8 @@ def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
             for key in ("lr", "samples", "image_size", "loss")
         }
         first_rows[workers] = _rows_of_step(Path(result["run_dir"]), 1)
+        relay_calls[workers] = (int(run.data.tags["reclip.tracking_relay_calls"]),
+                                len(client.get_metric_history(run.info.run_id, "checkpoint_s")))
         assert len(first_rows[workers]) == 64 == len(set(first_rows[workers]))
 
         # The logged LR of every step is the schedule's LR at the samples seen before that step.
@@ -168,6 +170,13 @@ def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
 
     for key in ("lr", "samples", "image_size"):
         assert histories[1][key] == histories[2][key], key
+    # README: the workers' MLflow calls reach the relay "about one call per log window", whatever the worker count:
+    # the 16 windows (one step each), one per checkpoint (its save time), and a fixed few per attempt (its restart
+    # point, rank 0's node), per phase (its data source, its evaluation) and at the end (the model's artifacts).
+    # Not one per metric, per rank or per step between windows.
+    (calls, checkpoints), phases = relay_calls[2], len(cfg.phases)
+    assert relay_calls[1] == relay_calls[2], relay_calls
+    assert 16 + checkpoints <= calls <= 16 + checkpoints + 6 * phases + 6, relay_calls
     for workers in (1, 2):
         _, cfg, _ = in_order_run(workers)
         logged = dict(histories[workers]["loss"])[1]
