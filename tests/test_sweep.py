@@ -87,8 +87,9 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
     """Tune refuses ``Tuner.restore(param_space=...)`` whose keys differ from the original's: a sweep started in
     the format of earlier versions (bare-path keys, ``_setup`` a dict), and one started in today's (ordered keys,
     ``_setup`` one JSON string, which a config key added since does not change), both resume through
-    ``restore_tuner``, their trials' parameters and setup read back alike. A plain trainable stands in for the trials, and
-    each sweep has finished before it is restored: Tune checks the keys the same way either way."""
+    ``restore_tuner``, their trials' parameters and setup read back alike. A plain trainable stands in for the trials.
+    In each first run one trial fails (README: "a finished one is not trained again"): the restored sweep runs that
+    trial again and none of the three that finished."""
     from ray import tune
 
     from reclip_ray.sweep.run import restore_tuner
@@ -99,22 +100,37 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
                           "metric: score\nmode: max\nbudget: {gflops: 300}\n")
     space = load_space(space_file)
 
+    runs, fail = tmp_path / "runs", tmp_path / "fail"
+    runs.mkdir()
+
     def trainable(config):
+        params = trial_params(config)
+        name = f"{trial_setup_of(config)['sweep']}-{params['optim.lr']}-{params['data.eval']}"
+        with open(runs / name, "a") as f:  # one line per time the trial is trained
+            f.write("ran\n")
+        if fail.exists() and params == {"optim.lr": 1e-9, "data.eval": "broken"}:
+            raise RuntimeError("the trial fails in the sweep's first run")
         tune.report({"score": 1.0})
 
     expected = sorted((lr, ev) for lr in (1e-3, 1e-9) for ev in ("good", "broken"))
-    setup = {"sweep": "s", "base_raw": {"data": {"train": "d"}}}
     for legacy in (True, False):
         root = tmp_path / ("legacy" if legacy else "today")
-        tune.Tuner(trainable, param_space=tune_param_space(space, setup, legacy=legacy),
-                   run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0)).fit()
+        setup = {"sweep": root.name, "base_raw": {"data": {"train": "d"}}}
+        fail.touch()
+        first = tune.Tuner(trainable, param_space=tune_param_space(space, setup, legacy=legacy),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0)).fit()
+        assert first.num_errors == 1
+        fail.unlink()
         # A config key added since the sweep started changes nothing Tune compares (``_setup`` is one JSON leaf)
         newer = {**setup, "base_raw": {"data": {"train": "d", "new_key": 1}}}
         grid = restore_tuner(str(root / "tune"), trainable, space, setup if legacy else newer).fit()
         assert grid.num_errors == 0
         params = [trial_params(r.config) for r in grid]
         assert sorted((p["optim.lr"], p["data.eval"]) for p in params) == expected, (legacy, params)
-        assert all(trial_setup_of(r.config)["sweep"] == "s" for r in grid)
+        assert all(trial_setup_of(r.config)["sweep"] == root.name for r in grid)
+        trained = {p.name: len(p.read_text().splitlines()) for p in runs.glob(f"{root.name}-*")}
+        assert trained == {f"{root.name}-{lr}-{ev}": 2 if (lr, ev) == (1e-9, "broken") else 1
+                           for lr, ev in expected}, trained
 
 
 def _one_trial_sweep(tmp_path: Path, synth_dir: Path, tokenizer_path: Path,
