@@ -5,6 +5,7 @@ the ranks of a node restore from."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -223,3 +224,52 @@ def test_eight_ranks_restoring_at_random_moments_each_read_the_whole_checkpoint_
     expected = hashlib.sha256(payload).hexdigest()
     assert [line.split() for out in outputs for line in out.splitlines()] == [[expected, expected]] * 24
     assert [n for n in os.listdir(scratch.scratch_root()) if n.startswith("restore-")] == []
+
+
+def test_the_worker_restores_a_checkpoint_on_s3_through_the_nodes_shared_copy_not_ray_as_directory(
+        tmpdir_env, s3_prefix, monkeypatch):
+    """RELIABILITY: a worker restarting from a checkpoint on object storage reads it through ``scratch.downloaded``
+    (one copy per node, never rewritten under a reader), not Ray's ``Checkpoint.as_directory`` (the tests above show
+    why); the copy is gone once the state is loaded. ``Worker._restore`` on its own, with Ray Train's checkpoint."""
+    import ray.train
+    import torch
+
+    from reclip_ray import storage
+    from reclip_ray.train import worker as worker_module
+    from reclip_ray.train.checkpoint import TrainState, save_checkpoint
+    from reclip_ray.train.worker import Worker
+
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(4, 3)
+    save_checkpoint(tmpdir_env / "ckpt", saved, torch.optim.AdamW(saved.parameters()),
+                    TrainState(samples=256, step=4, phase=0), "train: {}\n")
+    uri = f"{s3_prefix}/run/checkpoint_000004"
+    storage.upload_dir(str(tmpdir_env / "ckpt"), uri)
+    fs, inner = storage.filesystem(uri)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("Ray's as_directory / to_directory: a late rank downloads over an earlier one's read")
+
+    monkeypatch.setattr(ray.train.Checkpoint, "as_directory", refused)
+    monkeypatch.setattr(ray.train.Checkpoint, "to_directory", refused)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(inner, filesystem=fs))
+    copies = []
+    real = worker_module.downloaded
+
+    @contextlib.contextmanager
+    def spy(path, filesystem):
+        with real(path, filesystem) as folder:
+            copies.append(folder)
+            yield folder
+
+    monkeypatch.setattr(worker_module, "downloaded", spy)
+    worker = Worker.__new__(Worker)  # what _restore reads
+    worker.model = torch.nn.Linear(4, 3)
+    worker.optimizer = torch.optim.AdamW(worker.model.parameters())
+    worker.run_dir = f"{s3_prefix}/run"
+    worker._restore("the-run")
+    assert (worker.state.samples, worker.state.step, worker.state.mlflow_run_id) == (256, 4, "the-run")
+    assert worker.restored_from == "checkpoint_000004"
+    assert all(torch.equal(a, b) for a, b in zip(worker.model.state_dict().values(), saved.state_dict().values()))
+    (folder,) = copies
+    assert os.path.dirname(folder) == scratch.scratch_root() and not os.path.exists(folder)
