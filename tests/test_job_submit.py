@@ -83,7 +83,10 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=10).close()
     assert refused.value.code == 401
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    # Ray's CLI on a client without the README's setting is refused, and says what is missing
+    bare = _ray("job", "list", "--address", address, env=env)
+    assert bare.returncode != 0 and "Missing authentication token" in bare.stderr, bare.stderr[-3000:]
     env["RAY_AUTH_MODE"] = "token"  # the README: "set RAY_AUTH_MODE=token on the client that submits"
     before = _alive()
 
