@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -110,7 +112,14 @@ def test_train_local_learns_zero_shot(tmp_path, tokenizer_path):
         "model.text.depth=1", "optim.lr=1.0e-3", "optim.warmup_samples=0.1", "optim.schedule=global",
         "train.log_every_steps=100",
     ])
-    model, history = train_local(cfg, tokenizer=tok, log=None)
+    # The suite's OMP_NUM_THREADS=1 is for the processes it starts; this training runs here alone (measured on 2
+    # cores: 70.7 s on one thread, 50.6 s on both; the same metrics to the 3 decimals quoted below).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        model, history = train_local(cfg, tokenizer=tok, log=None)
+    finally:
+        torch.set_num_threads(threads)
     schedule = Schedule.from_config(cfg)
     assert len(history) == schedule.total_steps == steps
     assert [h["lr"] for h in history[:3]] == [schedule.lr_at(i * batch) for i in range(3)]
