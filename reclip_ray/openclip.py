@@ -274,7 +274,7 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
         "image_size": size,
         "config": _config_dict(config, model),
     }
-    from reclip_ray.model import CLIP_MEAN, CLIP_STD
+    from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
 
     doc = {
         "model_cfg": open_clip_model_cfg(model, size),

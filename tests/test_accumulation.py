@@ -128,7 +128,7 @@ def test_one_worker_micro_batches_equal_the_global_batch(reference):
 
     model = _model()
     images, tokens = _batches()[0]
-    from reclip_ray.model import normalize_images
+    from reclip_ray.pixels import normalize_images
 
     with torch.no_grad():
         img, txt, scale = model(normalize_images(images), tokens)

@@ -158,3 +158,17 @@ def test_only_a_run_that_always_has_one_worker_reads_its_phases_unsplit(workers,
     lo, hi = workers
     cfg = load_config("tiny", [f"scaling.min_workers={lo}", f"scaling.max_workers={hi}"])
     assert data_config(cfg)._datasets_to_split == split
+
+
+def test_a_drivers_imports_leave_timm_to_the_workers():
+    """A launch's driver (``reclip-ray train``, a sweep, a sweep's trial) imports the workers' loop, which Ray Train
+    pickles by reference, but never builds a model: timm, and the torchvision it imports, stay out of it (measured
+    on 2 cores: importing what a driver imports took 8.3 s with them, 5.3 s without)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, reclip_ray.cli, reclip_ray.train.launch, reclip_ray.sweep.run, ray.train.torch\n"
+            "from reclip_ray.train.worker import train_loop_per_worker\n"
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

@@ -26,7 +26,7 @@ from reclip_ray.data.schema import ColumnMap
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
 from reclip_ray.evaluation.eval_set import check_eval_set, eval_columns
-from reclip_ray.model import CLIP_MEAN, CLIP_STD
+from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
 
 N_IMAGES = 8
 CAPTIONS_PER_IMAGE = 5

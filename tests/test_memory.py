@@ -14,7 +14,7 @@ from reclip_ray.memory import activation_bytes_per_sample, step_gpu_bytes
 
 def _saved_bytes(model: torch.nn.Module, size: int, text_length: int, batch: int) -> int:
     """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
-    from reclip_ray.model import normalize_images
+    from reclip_ray.pixels import normalize_images
 
     storages: dict[int, int] = {}
 

@@ -9,7 +9,8 @@ import torch
 
 from reclip_ray.config import load_config
 from reclip_ray.loss import contrastive_loss
-from reclip_ray.model import CLIP_MEAN, CLIP_STD, build_model, normalize_images
+from reclip_ray.model import build_model
+from reclip_ray.pixels import CLIP_MEAN, CLIP_STD, normalize_images
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from reclip_ray.config import ConfigError, apply_overrides, from_dict, load_conf
 from reclip_ray.flops import (image_forward_flops, image_tokens, kept_patches, phase_train_flops_per_sample, run_flops,
                               train_flops_per_sample)
 from reclip_ray.loss import contrastive_loss
-from reclip_ray.model import build_model, normalize_images, set_patch_dropout
+from reclip_ray.model import build_model, set_patch_dropout
+from reclip_ray.pixels import normalize_images
 
 
 def _model(preset: str = "tiny", **overrides):

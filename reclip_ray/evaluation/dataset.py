@@ -95,7 +95,7 @@ def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: G
     ``gather.agree``), and return the bad-row counts; the model is in eval mode meanwhile. ``read``: the
     arguments of ``iter_local_batches`` that say which rows and how to decode them."""
     from reclip_ray.data.local import BadRowCount, iter_local_batches
-    from reclip_ray.model import normalize_images
+    from reclip_ray.pixels import normalize_images
 
     def encode_image(images: np.ndarray) -> torch.Tensor:
         return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from reclip_ray.loss import contrastive_loss
-from reclip_ray.model import normalize_images
+from reclip_ray.pixels import normalize_images
 
 
 def autocast_dtype_for(precision: str, device: torch.device | str) -> torch.dtype | None:
