@@ -163,7 +163,8 @@ def test_only_a_run_that_always_has_one_worker_reads_its_phases_unsplit(workers,
 def test_a_drivers_imports_leave_timm_to_the_workers():
     """A launch's driver (``reclip-ray train``, a sweep, a sweep's trial) imports the workers' loop, which Ray Train
     pickles by reference, but never builds a model: timm, and the torchvision it imports, stay out of it (measured
-    on 2 cores: importing what a driver imports took 8.3 s with them, 5.3 s without)."""
+    on 2 cores, BENCHMARKS.md "A small run's start-up": importing what a driver imports took 8.2 s with them, 5.6 s
+    without, medians of 3)."""
     import subprocess
     import sys
 
