@@ -11,31 +11,46 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _steps_worker(rank: int, world: int, steps: list[int], init_file: str, out: str) -> None:
+def _join(rank: int, world: int, init_file: str) -> None:
     import torch.distributed as dist
-
-    from reclip_ray.train.collectives import gather, steps_on_every_rank, sum_over_ranks
 
     torch.set_num_threads(1)
     # bounded: a rank left alone in a collective fails the test in a minute instead of gloo's 30
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def _leave(rank: int, out: str, result) -> None:
+    """Write this rank's result for the test to read, and leave the group."""
+    import torch.distributed as dist
+
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path, name: str, rank_main, world: int, *args) -> list:
+    """Run ``rank_main(rank, world, init_file, out, *args)`` in ``world`` processes; every rank's result."""
+    out = str(tmp_path / f"out-{name}")
+    mp.spawn(rank_main, args=(world, str(tmp_path / f"init-{name}"), out, *args), nprocs=world, join=True)
+    return [json.loads(open(f"{out}.{r}").read()) for r in range(world)]
+
+
+def _steps_worker(rank: int, world: int, init_file: str, out: str, steps: list[int]) -> None:
+    from reclip_ray.train.collectives import gather, steps_on_every_rank, sum_over_ranks
+
+    _join(rank, world, init_file)
     cpu = torch.device("cpu")
     result = {"gather": gather({"rank": rank}, world), "sum": sum_over_ranks([rank + 1, 10], world, cpu)}
     try:
         result["steps"] = steps_on_every_rank(steps[rank], world, cpu)
     except RuntimeError as exc:
         result["error"] = str(exc)
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    _leave(rank, out, result)
 
 
 def _run(tmp_path, steps: list[int]) -> list[dict]:
-    name = "-".join(map(str, steps))
-    out = str(tmp_path / f"out-{name}")
-    mp.spawn(_steps_worker, args=(len(steps), steps, str(tmp_path / f"init-{name}"), out), nprocs=len(steps), join=True)
-    return [json.loads(open(f"{out}.{r}").read()) for r in range(len(steps))]
+    return _spawn(tmp_path, "-".join(map(str, steps)), _steps_worker, len(steps), steps)
 
 
 def test_ranks_that_disagree_on_the_step_count_fail_loudly_on_every_rank(tmp_path):
@@ -53,15 +68,11 @@ def _clock_worker(rank: int, world: int, init_file: str, out: str) -> None:
     """``Worker.log_window`` on each rank, its clock due or not per case; records what each rank decided."""
     import time
 
-    import torch.distributed as dist
-
     import reclip_ray.train.worker as worker_module
     from reclip_ray.train.checkpoint import CheckpointClock, TrainState
     from reclip_ray.train.worker import Worker
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    _join(rank, world, init_file)
     worker_module.console_line = lambda *args: "window"  # rank 0's line: not what this test is about
     w = Worker.__new__(Worker)  # only what log_window reads
     w.rank, w.world, w.device = rank, world, torch.device("cpu")
@@ -76,17 +87,13 @@ def _clock_worker(rank: int, world: int, init_file: str, out: str) -> None:
         if rank in due_on:
             w.checkpoint_clock.t0 = time.monotonic() - 61.0
         decided.append(w.log_window(None, window, {}, 0.0, [32] * world))
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(decided, f)
-    dist.destroy_process_group()
+    _leave(rank, out, decided)
 
 
 def test_a_checkpoint_by_time_follows_rank_0s_clock_on_every_rank(tmp_path):
     """RELIABILITY: ``checkpoint.every_minutes`` is decided at a log window by rank 0's clock, and its answer rides on
     the window's all-reduce, so every rank checkpoints at the same step (a rank that checkpointed alone would wait
     in Ray Train's report for the others forever). Rank 1's clock, ahead or behind, decides nothing."""
-    out = str(tmp_path / "clock")
-    mp.spawn(_clock_worker, args=(2, str(tmp_path / "init-clock"), out), nprocs=2, join=True)
-    decided = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    decided = _spawn(tmp_path, "clock", _clock_worker, 2)
     # cases: only rank 0 due, only rank 1 due, both, neither
     assert decided == [[True, False, True, False]] * 2, decided
