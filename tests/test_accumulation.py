@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from gloo_ranks import join, leave, spawn
 from reclip_ray.config import ConfigError, load_config, local_loss_enabled
 from reclip_ray.train.step import micro_batch_slices, read_step, set_grad_reduce, train_step
 
@@ -168,11 +168,9 @@ def _compiled_under_ddp(rank: int) -> dict:
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join(rank, world, init_file)
     results = {}
     for name, sizes, micro, local_loss, loss in RANK_CASES:
         ddp = DDP(_model(loss), find_unused_parameters=False)  # as the trainer wraps it (ray.train.torch.prepare_model)
@@ -186,8 +184,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     results["ddp-micro-compiled"] = _compiled_under_ddp(rank)
     if rank == 0:
         torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 BF16_CASES = [("bf16-reduce", 0), ("bf16-reduce-micro", GLOBAL // 4)]
@@ -197,7 +194,7 @@ def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_p
     """Also ``train.grad_reduce=bf16`` (``step.set_grad_reduce``), plain and accumulated: the gradients DDP averages
     are the fp32 reference's rounded to bf16 (~0.4 % relative per value: 8 bits of mantissa), not equal to them."""
     out = str(tmp_path / "out.pt")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    spawn(_rank_worker, 2, 2, str(tmp_path / "init"), out)
     results = torch.load(out, weights_only=False)
     for name, *_, loss in RANK_CASES:
         _assert_same(results[name], reference_siglip if loss == "siglip" else reference, name)

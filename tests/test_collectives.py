@@ -3,43 +3,32 @@ processes, without Ray."""
 
 from __future__ import annotations
 
-import datetime
 import json
 from types import SimpleNamespace
 
 import torch
-import torch.multiprocessing as mp
 
-
-def _join(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    # bounded: a rank left alone in a collective fails the test in a minute instead of gloo's 30
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+from gloo_ranks import join, leave, spawn
 
 
 def _leave(rank: int, out: str, result) -> None:
     """Write this rank's result for the test to read, and leave the group."""
-    import torch.distributed as dist
-
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    leave()
 
 
 def _spawn(tmp_path, name: str, rank_main, world: int, *args) -> list:
     """Run ``rank_main(rank, world, init_file, out, *args)`` in ``world`` processes; every rank's result."""
     out = str(tmp_path / f"out-{name}")
-    mp.spawn(rank_main, args=(world, str(tmp_path / f"init-{name}"), out, *args), nprocs=world, join=True)
+    spawn(rank_main, world, world, str(tmp_path / f"init-{name}"), out, *args)
     return [json.loads(open(f"{out}.{r}").read()) for r in range(world)]
 
 
 def _steps_worker(rank: int, world: int, init_file: str, out: str, steps: list[int]) -> None:
     from reclip_ray.train.collectives import gather, steps_on_every_rank, sum_over_ranks
 
-    _join(rank, world, init_file)
+    join(rank, world, init_file)
     cpu = torch.device("cpu")
     result = {"gather": gather({"rank": rank}, world), "sum": sum_over_ranks([rank + 1, 10], world, cpu)}
     try:
@@ -72,7 +61,7 @@ def _clock_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from reclip_ray.train.checkpoint import CheckpointClock, TrainState
     from reclip_ray.train.worker import Worker
 
-    _join(rank, world, init_file)
+    join(rank, world, init_file)
     worker_module.console_line = lambda *args: "window"  # rank 0's line: not what this test is about
     w = Worker.__new__(Worker)  # only what log_window reads
     w.rank, w.world, w.device = rank, world, torch.device("cpu")

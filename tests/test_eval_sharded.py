@@ -14,7 +14,6 @@ the prompts one rank encodes.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from gloo_ranks import join, leave, spawn
 from reclip_ray.data.schema import ColumnMap
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
@@ -116,32 +116,23 @@ def run_job(job: dict, rank: int = 0, world_size: int = 1, log: dict[str, list] 
 
 def _rank_main(rank: int, init_file: str, jobs_file: str, out_dir: str) -> None:
     """One rank: join the gloo group, run every job, write the results (and a direct check of gather_rows)."""
-    import torch.distributed as dist
-
     from reclip_ray.evaluation.gather import gather_rows
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        jobs = json.loads(Path(jobs_file).read_text())
-        results, seconds, encoded = {}, {}, {}
-        for name, job in jobs.items():
-            start = time.monotonic()
-            encoded[name] = {}
-            results[name] = run_job(job, rank, WORLD, log=encoded[name])
-            seconds[name] = time.monotonic() - start
-        results["_seconds"], results["_encoded"] = seconds, encoded
-        # uneven rows, and a rank without any: rank 0 sends 3 rows, rank 1 none
-        mine = torch.arange(6, dtype=torch.float32).view(3, 2) if rank == 0 else None
-        gathered = gather_rows(mine, WORLD, "cpu")
-        results["_gather_rows"] = [t.tolist() for t in gathered]
-    finally:
-        dist.destroy_process_group()
+    join(rank, WORLD, init_file, timeout_s=120)
+    jobs = json.loads(Path(jobs_file).read_text())
+    results, seconds, encoded = {}, {}, {}
+    for name, job in jobs.items():
+        start = time.monotonic()
+        encoded[name] = {}
+        results[name] = run_job(job, rank, WORLD, log=encoded[name])
+        seconds[name] = time.monotonic() - start
+    results["_seconds"], results["_encoded"] = seconds, encoded
+    # uneven rows, and a rank without any: rank 0 sends 3 rows, rank 1 none
+    mine = torch.arange(6, dtype=torch.float32).view(3, 2) if rank == 0 else None
+    gathered = gather_rows(mine, WORLD, "cpu")
+    results["_gather_rows"] = [t.tolist() for t in gathered]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    # The results are written: skip the interpreter's shutdown, where gloo's threads can abort the process (SIGABRT,
-    # "terminate called without an active exception"; pytorch/pytorch#179291). A full suite saw a rank end so once.
-    os._exit(0)
+    leave()
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -204,8 +195,6 @@ def jobs(tmp_path_factory, synth_dir, tokenizer_path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def sharded_results(jobs) -> list[dict]:
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory(prefix="reclip-sharded-") as tmp:
         jobs_file = Path(tmp, "jobs.json")
         jobs_file.write_text(json.dumps(jobs))
@@ -213,7 +202,7 @@ def sharded_results(jobs) -> list[dict]:
         env = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
-            mp.spawn(_rank_main, args=(str(init_file), str(jobs_file), tmp), nprocs=WORLD, join=True)
+            spawn(_rank_main, WORLD, str(init_file), str(jobs_file), tmp)
         finally:
             if env is None:
                 os.environ.pop("OMP_NUM_THREADS", None)

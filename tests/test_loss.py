@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from gloo_ranks import join, leave, spawn
 from reclip_ray.loss import contrastive_loss
 
 MODES = [  # (local_loss, gather_with_grad)
@@ -41,8 +41,7 @@ def _worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) -
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join(rank, world, init_file)
     model, images, tokens = _model_and_batch(sum(sizes))
     ddp = DDP(model)
     start = sum(sizes[:rank])
@@ -61,14 +60,13 @@ def _worker(rank: int, world: int, sizes: list[int], init_file: str, out: str) -
         results[(local_loss, with_grad)] = (value.item() / world, _grads(model))
     if rank == 0:
         torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.parametrize("sizes", [[4, 4], [3, 2, 4]], ids=["2ranks", "3ranks-unequal"])
 def test_distributed_loss_matches_single_process(tmp_path, sizes):
     out = str(tmp_path / "out.pt")
-    mp.spawn(_worker, args=(len(sizes), sizes, str(tmp_path / "init"), out), nprocs=len(sizes), join=True)
+    spawn(_worker, len(sizes), len(sizes), sizes, str(tmp_path / "init"), out)
     results = torch.load(out, weights_only=False)
 
     model, images, tokens = _model_and_batch(sum(sizes))
@@ -94,7 +92,7 @@ def _collectives_worker(rank: int, world: int, sizes: list[int], init_file: str,
 
     from reclip_ray import loss as loss_module
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join(rank, world, init_file)
     calls = []
 
     def recording(name):
@@ -114,8 +112,7 @@ def _collectives_worker(rank: int, world: int, sizes: list[int], init_file: str,
     loss.backward()
     if rank == 0:
         torch.save(calls, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def test_the_gathers_backward_sends_each_rank_its_rows_only(tmp_path):
@@ -123,7 +120,7 @@ def test_the_gathers_backward_sends_each_rank_its_rows_only(tmp_path):
     (padded) rows: no all-reduce of the whole B x D gradients, which moved twice the bytes (loss.py, cost at scale).
     The gradients it gives are checked against one process in ``test_distributed_loss_matches_single_process``."""
     sizes, out = [3, 5], str(tmp_path / "calls.pt")
-    mp.spawn(_collectives_worker, args=(2, sizes, str(tmp_path / "init"), out), nprocs=2, join=True)
+    spawn(_collectives_worker, 2, 2, sizes, str(tmp_path / "init"), out)
     assert torch.load(out) == [("reduce_scatter_tensor", (5, 16))] * 2
 
 

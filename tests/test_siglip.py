@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
+from gloo_ranks import join, leave, spawn
 from reclip_ray.config import ConfigError, load_config
 from reclip_ray.loss import contrastive_loss, sigmoid_loss
 
@@ -63,11 +63,9 @@ def test_one_rank_matches_open_clip():
 
 
 def _rank_worker(rank: int, sizes: list[int], init_file: str, out: str) -> None:
-    import torch.distributed as dist
 
-    torch.set_num_threads(1)
     world = len(sizes)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join(rank, world, init_file)
     img, txt, scale, bias = _features(sum(sizes))
     start = sum(sizes[:rank])
     local = (img[start : start + sizes[rank]], txt[start : start + sizes[rank]], scale, bias)
@@ -78,8 +76,7 @@ def _rank_worker(rank: int, sizes: list[int], init_file: str, out: str) -> None:
     if len(set(sizes)) == 1:  # open_clip divides by the local batch: the same share only when batches are equal
         result["open_clip"] = _loss_and_grads(SigLipLoss(rank=rank, world_size=world, dist_impl="bidir"), *local)
     torch.save(result, f"{out}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.parametrize("sizes", [[5, 5], [3, 3, 3, 3], [4, 2, 3]], ids=["2ranks", "4ranks", "3ranks-unequal"])
@@ -87,7 +84,7 @@ def test_ranks_match_open_clip_and_the_global_batch(tmp_path, sizes):
     """2 ranks: one one-way round; 4 ranks: a two-way round then a one-way one; 3 unequal ranks: two-way, padded
     sizes (checked against the global batch only: open_clip assumes equal local batches)."""
     out = str(tmp_path / "out")
-    mp.spawn(_rank_worker, args=(sizes, str(tmp_path / "init"), out), nprocs=len(sizes), join=True)
+    spawn(_rank_worker, len(sizes), sizes, str(tmp_path / "init"), out)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(len(sizes))]
     world, worst = len(sizes), 0.0
     for r, res in enumerate(ranks):
