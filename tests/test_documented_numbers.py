@@ -56,3 +56,17 @@ def test_ray_trains_retries():
 
     (retries,) = {load_config(name).run.max_failures for name in CONFIG_PRESETS}  # one default, in every preset
     _said("RELIABILITY.md", f"up to `run.max_failures`, default {retries})")
+
+
+def test_the_node_view_that_sizes_an_elastic_restart():
+    """Ray's numbers, not ours: the elastic test shortens both (it asks the coordinator to refresh and lowers the
+    start timeout), so a Ray upgrade that changed them would otherwise leave RELIABILITY's worst cases wrong."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+    from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+                                                  WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+
+    tick = _AutoscalingCoordinatorActor.TICK_INTERVAL_S
+    _said("RELIABILITY.md", f"which re-reads the node list every {_s(tick)}")
+    _said("RELIABILITY.md", f"a node that joins is used at the next refresh (up to {_s(tick)})")
+    timeout = _s(DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+    _said("RELIABILITY.md", f"it waits `{WORKER_GROUP_START_TIMEOUT_S_ENV_VAR}` ({timeout} by default)")
