@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from collections import Counter
@@ -198,16 +197,7 @@ def sharded_results(jobs) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="reclip-sharded-") as tmp:
         jobs_file = Path(tmp, "jobs.json")
         jobs_file.write_text(json.dumps(jobs))
-        init_file = Path(tmp, "init")
-        env = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"
-        try:
-            spawn(_rank_main, WORLD, str(init_file), str(jobs_file), tmp)
-        finally:
-            if env is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env
+        spawn(_rank_main, WORLD, str(Path(tmp, "init")), str(jobs_file), tmp)  # each rank on one thread (join)
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
