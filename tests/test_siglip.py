@@ -63,7 +63,6 @@ def test_one_rank_matches_open_clip():
 
 
 def _rank_worker(rank: int, sizes: list[int], init_file: str, out: str) -> None:
-
     world = len(sizes)
     join(rank, world, init_file)
     img, txt, scale, bias = _features(sum(sizes))
