@@ -533,6 +533,11 @@ def test_smoke_sweep_end_to_end_through_failing_evaluations_with_its_folder_on_s
     fs, inner = storage.filesystem(sweep_dir)
     listed = [i.path[len(inner) + 1:] for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))]
     assert any(p.startswith("tune/experiment_state") for p in listed), listed  # Tune's own state, on S3
+    # Tune's per-trial logs (what `Tuner.restore(...).get_results()` reads), one of each per trial, and no TensorBoard
+    # event files: the sweep turns Tune's TensorBoard logger off (it loaded torch into the driver for them)
+    for name in ("result.json", "progress.csv"):
+        assert sum(p.startswith("tune/") and p.endswith(f"/{name}") for p in listed) == 4, (name, listed)
+    assert not any("tfevents" in p for p in listed), listed
     completed = [r for r in rows if r["status"] == "completed"]
     for r in completed:  # each finished trial's run folder: Ray Train's snapshot, the model, the run-state file
         trial = f"trials/smoke-{r['trial_id']}"

@@ -63,7 +63,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         # A local store is on this node: each trial, wherever Tune places it, writes through a relay pinned here.
         home = mark_home(sweep_home(space.name)) if tracking.is_local_store(sweep.prep.tracking_uri) else None
         UNFINISHED.clear()
-        with _tune_console(quiet):
+        with _tune_console(quiet), _tune_loggers_without_tensorboard():
             grid = _tuner(space, sweep, axis, n_phases).fit()
         del home  # the trials are done: the marker goes with its last handle
         rows = trial_rows(grid, space, n_phases)
@@ -118,6 +118,27 @@ def _tune_console(quiet: bool):
         tune_log.removeFilter(no_advice)
         if legacy:
             del os.environ["RAY_AIR_NEW_OUTPUT"]
+
+
+@contextlib.contextmanager
+def _tune_loggers_without_tensorboard():
+    """Tune's per-trial logs (result.json, progress.csv: what ``Tuner.restore(...).get_results()`` reads), but not
+    its TensorBoard event files.
+
+    Tune adds a CSV, a JSON and a TensorBoard logger to every run unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is
+    set; the sweep's ``RunConfig`` names the first two itself (``_tuner``). The TensorBoard logger imports
+    tensorboardX, and with it torch, into a driver that otherwise never loads torch (its trials do), for event files
+    that repeat what MLflow has. Without it a one-trial sweep's driver used 8.0-8.8 CPU seconds instead of
+    10.4-11.6, and 369 MB at its peak instead of 850 (``benchmarks/sweep_driver.py``, BENCHMARKS.md)."""
+    before = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -186,6 +207,7 @@ def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experi
 def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases: int):
     """Tune's Tuner for the sweep: restored from the sweep folder when an earlier run of it was interrupted."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     setup = trial_setup(space, axis, base_raw=sweep.base_raw, sweep_dir=sweep.sweep_dir,
                         experiment=sweep.experiment, parent_run_id=sweep.parent)
@@ -197,7 +219,10 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
     trainable = tune_trainable(space)
     tune_dir = storage.join(sweep.sweep_dir, "tune")
     run_config = tune.RunConfig(
-        name="tune", storage_path=sweep.sweep_dir, callbacks=[progress_callback(space.metric, n_phases)], verbose=0,
+        name="tune", storage_path=sweep.sweep_dir, verbose=0,
+        # Tune's own per-trial logs, named here because its defaults, TensorBoard's included, are off while the
+        # sweep runs (_tune_loggers_without_tensorboard)
+        callbacks=[progress_callback(space.metric, n_phases), CSVLoggerCallback(), JsonLoggerCallback()],
     )
     if tune.Tuner.can_restore(tune_dir):
         print(f"[sweep] resuming {tune_dir}", flush=True)
