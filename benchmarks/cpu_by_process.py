@@ -99,7 +99,8 @@ def main() -> int:
         count[name] += 1
     total = sum(cpu.values())
     own = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"wall {wall:.1f} s, exit {proc.returncode}; CPU seen {total:.1f} s ({total / max(wall, 1e-9):.2f} cores busy); "
+    busy = total / max(wall, 1e-9)
+    print(f"wall {wall:.1f} s, exit {proc.returncode}; CPU seen {total:.1f} s ({busy:.2f} cores busy); "
           f"this sampler's own: {own.ru_utime + own.ru_stime:.1f} s")
     for name, seconds in cpu.most_common(args.top):
         print(f"{seconds:9.1f} s {100 * seconds / max(total, 1e-9):5.1f} % {count[name]:5d} proc  {name}")

@@ -110,18 +110,14 @@ def _tune_console(quiet: bool):
 
     tune_log.addFilter(no_advice)
     legacy = quiet and "RAY_AIR_NEW_OUTPUT" not in os.environ
-    if legacy:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
-        yield
+        with _environ("RAY_AIR_NEW_OUTPUT", "0" if legacy else None):
+            yield
     finally:
         tune_log.removeFilter(no_advice)
-        if legacy:
-            del os.environ["RAY_AIR_NEW_OUTPUT"]
 
 
-@contextlib.contextmanager
-def _tune_loggers_without_tensorboard():
+def _tune_loggers_without_tensorboard() -> contextlib.AbstractContextManager:
     """Tune's per-trial logs (result.json, progress.csv: what ``Tuner.restore(...).get_results()`` reads), but not
     its TensorBoard event files.
 
@@ -130,15 +126,24 @@ def _tune_loggers_without_tensorboard():
     tensorboardX, and with it torch, into a driver that otherwise never loads torch (its trials do), for event files
     that repeat what MLflow has. Without it a one-trial sweep's driver used 8.0-8.8 CPU seconds instead of
     10.4-11.6, and 369 MB at its peak instead of 850 (``benchmarks/sweep_driver.py``, BENCHMARKS.md)."""
-    before = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return _environ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None):
+    """``name`` set to ``value`` in this process's environment while the block runs (Tune reads these switches
+    there, inside ``fit``), then put back as it was; ``value`` None leaves it alone."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
+        if value is not None:
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
 
 
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
