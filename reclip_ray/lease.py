@@ -13,9 +13,13 @@ namespace) its process is looked up, by pid and start time so that a reused pid 
 another machine, or where the start time cannot be read, its heartbeat is watched for up to ``WATCH_S`` and the
 holder counts as alive only if it beats (no clocks compared). Released when the launch ends, whatever its outcome.
 
-What it is not: a lock against two launches made in the same second (a read then a write, no conditional PUT:
-pyarrow has none); the case it is for is a launch made while another has been training for a while. Cost: one
-small object, checked and rewritten every ``HEARTBEAT_S`` (on S3 a HEAD, a GET, a HEAD and a PUT).
+Two launches made in the same second both find the folder free and both write (a read then a write: pyarrow has
+no conditional PUT, so neither write can fail). So a launch that wrote its lease waits ``SETTLE_S`` (or twice its
+own write's time, if longer) and reads it back: the last write stands, on S3 as on a local disk, and only the
+launch whose lease is still there goes on; the other refuses, in the same line as any refusal. Both go on only if
+one of them took longer than that wait between reading the folder free and its write landing (a store stalled for
+a second in that instant): not a lock, but the same second is covered. Cost: ``SETTLE_S`` once per launch, and
+one small object checked and rewritten every ``HEARTBEAT_S`` (on S3 a HEAD, a GET, a HEAD and a PUT).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from reclip_ray.errors import ReclipError
 LEASE_FILE = ".launch.json"
 HEARTBEAT_S = 30.0
 WATCH_S = 1.5 * HEARTBEAT_S  # how long a launch watches a lease it cannot judge by its process for a heartbeat
+SETTLE_S = 1.0  # how long a launch waits after writing its lease before reading it back (the module docstring)
 
 _HELD: set[str] = set()  # ids of the leases this process holds now (a launch still running in it is alive)
 
@@ -141,13 +146,21 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def take(self) -> Lease:
-        """Write this launch's lease, unless another live launch holds the folder (ReclipError, one line)."""
+        """Write this launch's lease, unless another live launch holds the folder or wrote its own in the same
+        moment (ReclipError, one line: see the module docstring)."""
         holder = self._read()
         live = self._live_holder(holder) if holder is not None else None
         if live is not None:
             raise ReclipError(refusal(self.folder, live))
+        t0 = time.monotonic()
         storage.write_json(self.path, self.record)
-        _HELD.add(self.record["id"])
+        _HELD.add(self.record["id"])  # a launch in this process that reads it now finds it held
+        time.sleep(max(SETTLE_S, 2 * (time.monotonic() - t0)))
+        landed = self._read()
+        if (landed or {}).get("id") != self.record["id"]:  # another launch wrote after this one: it goes on
+            _HELD.discard(self.record["id"])
+            raise ReclipError(refusal(self.folder, landed) if landed else
+                              f"{self.path} was removed while this launch took it: run this command again")
         self._thread = threading.Thread(target=self._beat, name="reclip-launch-lease", daemon=True)
         self._thread.start()
         return self
