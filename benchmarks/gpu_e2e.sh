@@ -148,8 +148,11 @@ fi
 step check_env "$(T 25)" "$PY" benchmarks/gpu_wheels.py --check-env "$SITE"
 
 # 3. job 1: start, kill after the first checkpoint, rerun the same command
+# The config's 8 MB blocks (64-row read chunks), not vit-b-16's: the preset sizes its blocks for 64 workers sharing
+# one split coordinator; on one worker they would only make each phase's first block come later.
 JOB1=(--config "$CONFIG"
       --set "data.train=$WORK/data/train" --set "data.eval=$WORK/data/eval" --set data.synth_if_missing=false
+      --set data.block_mb=8 --set data.chunk_rows=64
       --set "phases.0.image_size=$LOW" --set "phases.0.samples=$LOW_SAMPLES" --set "phases.0.batch_size=$LOW_BATCH"
       --set "phases.1.image_size=$FULL" --set "phases.1.samples=$FULL_SAMPLES" --set "phases.1.batch_size=$FULL_BATCH"
       --set "train.samples=$((LOW_SAMPLES + FULL_SAMPLES))" --set "train.batch_size=$LOW_BATCH"
@@ -205,6 +208,7 @@ INIT=()
 [[ -f "$RUN_DIR/model/config.yaml" ]] && INIT=(--set "model.init_from=$RUN_DIR/model")
 JOB2=(--config "$CONFIG"
       --set "data.train=$WORK/data/train" --set "data.eval=$WORK/data/eval" --set data.synth_if_missing=false
+      --set data.block_mb=8 --set data.chunk_rows=64
       --set "phases=[{name: finetune, image_size: $FULL, text_length: 32, samples: 1.0, lr: 2.0e-4, warmup_samples: 0.1}]"
       --set "train.samples=$FT_SAMPLES" --set "train.batch_size=$FT_BATCH" --set "train.micro_batch_size=$MICRO"
       --set train.precision=$([[ $GPU == true ]] && echo bf16 || echo fp32) --set "train.log_every_steps=$LOG_EVERY"

@@ -421,10 +421,12 @@ def test_a_phase_whose_blocks_would_outrun_its_split_coordinator_gets_a_note_who
     that one note gives (the run's keys, one value for all phases) clear every such note."""
     from reclip_ray.plan import SPLIT_BLOCKS_PER_S
 
-    cfg = load_config("vit-b-16")
+    default = ["data.block_mb=8", "data.chunk_rows=64"]  # the config's defaults (the preset sets its own)
+    cfg = load_config("vit-b-16", default)
     assert [p.block_rows for p in make_plan(cfg).phases] == [8 * 2**20 // (3 * 64 * 64), 64] == [682, 64]
     assert make_plan(cfg).phases[0].split_blocks_per_s is None  # no speed without --gpus
-    assert [p.block_rows for p in make_plan(load_config("vit-b-16", ["data.decode_device=cuda"])).phases] == [128, 128]
+    assert [p.block_rows for p in make_plan(load_config("vit-b-16", default + ["data.decode_device=cuda"])).phases] \
+        == [128, 128]
     assert not [n for n in make_plan(cfg, gpus=8, gpu="h100").notes if "split coordinator" in n]
     for gpus in (64, 128):
         plan = make_plan(cfg, gpus=gpus, gpu="h100")
@@ -434,10 +436,28 @@ def test_a_phase_whose_blocks_would_outrun_its_split_coordinator_gets_a_note_who
         notes = [n for n in plan.notes if "split coordinator" in n]
         assert [n.split("'")[1] for n in notes] == ["lowres", "finetune"], plan.notes
         assert _split_fix(notes[0]) == _split_fix(notes[1])
-        fixed = make_plan(load_config("vit-b-16", _split_fix(notes[0])), gpus=gpus, gpu="h100")
+        fixed = make_plan(load_config("vit-b-16", default + _split_fix(notes[0])), gpus=gpus, gpu="h100")
         assert not [n for n in fixed.notes if "split coordinator" in n], fixed.notes
         assert all(p.split_blocks_per_s <= SPLIT_BLOCKS_PER_S for p in fixed.phases)
         assert plan.to_dict()["phases"][0]["block_rows"] == 682
+
+
+@pytest.mark.parametrize("preset", ["vit-b-16", "vit-l-16"])
+def test_the_gpu_presets_blocks_stay_under_what_one_split_coordinator_serves_across_their_scaling_range(preset):
+    """The presets' ``data.block_mb`` / ``data.chunk_rows`` are what the plan's note gives at their
+    ``scaling.max_workers``: with the config's defaults (8 MB, 64) vit-b-16 on 64 H100s would send ~3,000 blocks/s
+    through each phase's one coordinator, about 2.7x what one serves (BENCHMARKS.md)."""
+    from reclip_ray.plan import SPLIT_BLOCKS_PER_S
+
+    cfg = load_config(preset)
+    for gpus in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
+        for gpu in ("h100", "h200"):
+            plan = make_plan(cfg, gpus=gpus, gpu=gpu)
+            assert all(p.split_blocks_per_s <= SPLIT_BLOCKS_PER_S for p in plan.phases), (gpus, gpu, plan.notes)
+    top = make_plan(load_config(preset, ["data.block_mb=8", "data.chunk_rows=64"]), gpus=cfg.scaling.max_workers)
+    notes = [n for n in top.notes if "split coordinator" in n]
+    assert notes and _split_fix(notes[0]) == [f"data.block_mb={cfg.data.block_mb:g}",
+                                              f"data.chunk_rows={cfg.data.chunk_rows}"], notes
 
 
 def test_the_all_reduce_bandwidth_a_phase_needs_is_the_gradients_bytes_over_its_step():
