@@ -6,7 +6,7 @@ another to agree on a name, and the report can read a run folder without importi
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reclip_ray.config import Config
@@ -27,6 +27,14 @@ def phase_dataset_name(index: int) -> str:
 def phase_seed(cfg: "Config", phase_index: int) -> int:
     """The seed of a phase's stream (shard order, row order, crops): the same in every attempt of the run."""
     return cfg.train.seed * 1_000_003 + phase_index * 101
+
+
+def stream_layout(cfg: "Config") -> dict[str, Any]:
+    """The config keys that number a phase stream's units and positions (``data.stream``), with their values. A
+    checkpoint's data position means something only in a stream laid out by the same values: it stores them, and a
+    restart from it refuses other ones (``train.datasets``) instead of skipping or repeating rows."""
+    return {"train.seed": cfg.train.seed, "data.group_shards": cfg.data.group_shards,
+            "data.chunk_rows": cfg.data.chunk_rows, "data.shuffle": cfg.data.shuffle}
 
 
 def shuffle_buffer_rows(cfg: "Config", local_batch: int) -> int:

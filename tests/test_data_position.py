@@ -81,3 +81,48 @@ def test_a_restarted_or_resized_run_trains_the_rows_an_uninterrupted_run_trains(
     assert run.info.status == "FINISHED"
     restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarts")]
     assert max(restarts) == 2  # the rerun and the in-fit restart
+
+
+def test_a_relaunch_that_changed_how_the_stream_is_numbered_refuses_before_mlflow_or_ray(make_cfg, tmp_path,
+                                                                                        monkeypatch):
+    """A checkpoint's data position counts units and rows of a stream laid out by ``train.seed``,
+    ``data.group_shards``, ``data.chunk_rows`` and ``data.shuffle``, stored beside it (``run_names.stream_layout``;
+    the S3 reliability test reads it from a real checkpoint). A relaunch with another value refuses in one line that
+    names it, before MLflow or Ray; the same values, a checkpoint at a phase end (the next phase starts afresh) and
+    one from before the layout was stored go on."""
+    from reclip_ray.errors import DataError
+    from reclip_ray.run_names import CHECKPOINT_SNAPSHOT, stream_layout
+    from reclip_ray.train import launch
+    from reclip_ray.train.run_state import read_run_state
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(launch, "open_mlflow_run", reached)
+    monkeypatch.setattr(launch, "init_ray", reached)
+    run_dir = tmp_path / "runs" / "layout"
+    (run_dir / "checkpoint_1").mkdir(parents=True)
+    (run_dir / CHECKPOINT_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}))
+    position = {"phase": 0, "frontier": 2, "units": "4-5", "partial": [], "layout": stream_layout(make_cfg("layout"))}
+
+    def relaunch(meta: dict, *changes: str) -> None:
+        (run_dir / "checkpoint_1" / "meta.json").write_text(json.dumps(meta))
+        launch.run_training(make_cfg("layout", extra=changes))
+
+    with pytest.raises(Reached):
+        relaunch({"phase": 0, "data": position})
+    with pytest.raises(DataError) as refused:
+        relaunch({"phase": 0, "data": position}, "data.chunk_rows=32", "train.seed=7", "data.group_shards=16")
+    assert str(refused.value) == (
+        "checkpoint checkpoint_1's data position was made with train.seed=0 data.chunk_rows=64, this launch has "
+        "train.seed=7 data.chunk_rows=32: resuming would skip or repeat rows; rerun with --set train.seed=0 "
+        "--set data.chunk_rows=64 (or a new run.name)")
+    assert read_run_state(str(run_dir)) == {}  # no attempt counted
+    with pytest.raises(Reached):
+        relaunch({"phase": 0, "phase_done": True, "data": position}, "data.chunk_rows=32")
+    with pytest.raises(Reached):
+        relaunch({"phase": 0, "data": {k: v for k, v in position.items() if k != "layout"}}, "data.chunk_rows=32")

@@ -526,7 +526,9 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     from reclip_ray import storage
     from reclip_ray.cli import main
     from reclip_ray.lease import LEASE_FILE
+    from reclip_ray.config import load_config
     from reclip_ray.report import report_run
+    from reclip_ray.run_names import stream_layout
 
     data = f"{s3_prefix}/data"
     storage.upload_dir(str(synth_dir / "train"), f"{data}/train")
@@ -608,6 +610,8 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     kept = s3_checkpoints(run_dir)[-1]
     saved = json.loads(storage.read_text(f"{run_dir}/{kept}/meta.json"))
     assert 0 < saved["samples"] < 2048
+    # Its data position (mid-phase 0) is stored with the values that number it, which step 3's resume checks
+    assert saved["data"]["layout"] == stream_layout(load_config("tiny", overrides)), saved["data"]
     assert not storage.exists(f"{run_dir}/{LEASE_FILE}")  # the Ctrl-C'd launch released the run folder
     _wait_for("the training workers to exit", lambda: not list_actors(
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]), timeout_s=60)

@@ -3,7 +3,8 @@
 Ray Train restores the latest checkpoint it registered (``latest_checkpoint_state`` reads which); the dataset factory
 records which checkpoint each phase's stream was rebuilt from (``record_data_start``), and the workers check they
 restored the same one (``check_data_start``); a deterministic error of the workers (``write_fatal``) ends the run at
-the next start (``raise_if_fatal``) instead of being retried.
+the next start (``raise_if_fatal``) instead of being retried; a relaunch that changed how the stream is numbered
+refuses to resume its position (``check_stream_layout``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,24 @@ def latest_checkpoint_state(run_dir: str) -> tuple[str, dict[str, Any]]:
     if not latest:
         return "", {}
     return latest, json.loads(storage.read_text(storage.join(run_dir, latest, META_FILE)))
+
+
+def check_stream_layout(run_dir: str, now: dict[str, Any]) -> None:
+    """Refuse a relaunch whose stream is numbered otherwise than the data position it would resume.
+
+    A checkpoint's data position counts the units and rows of a stream laid out by a few config values, stored
+    beside it (``run_names.stream_layout``); restored under other ones it would skip or repeat rows. A relaunch that
+    changed one (``now``: this launch's) refuses in one line that names it, before MLflow or Ray. A checkpoint at a
+    phase end (the next phase starts afresh) or from before the layout was stored is not checked.
+    """
+    checkpoint, meta = latest_checkpoint_state(run_dir)
+    saved = (meta.get("data") or {}).get("layout") if not meta.get("phase_done") else None
+    changed = [key for key in now if saved and key in saved and saved[key] != now[key]]
+    if changed:
+        raise DataError(f"checkpoint {checkpoint}'s data position was made with "
+                        f"{' '.join(f'{key}={saved[key]}' for key in changed)}, this launch has "
+                        f"{' '.join(f'{key}={now[key]}' for key in changed)}: resuming would skip or repeat rows; "
+                        f"rerun with {' '.join(f'--set {key}={saved[key]}' for key in changed)} (or a new run.name)")
 
 
 def raise_if_fatal(run_dir: str) -> None:

@@ -16,9 +16,10 @@ from reclip_ray import storage, tracking
 from reclip_ray.config import Config
 from reclip_ray.errors import ReclipError
 from reclip_ray.lease import Lease
+from reclip_ray.run_names import stream_layout
 from reclip_ray.train.cluster import check_decode_device, init_ray, scaling_config, use_gpu
 from reclip_ray.train.datasets import build_datasets
-from reclip_ray.train.handover import clear_fatal
+from reclip_ray.train.handover import check_stream_layout, clear_fatal
 from reclip_ray.train.prepare import Prepared, prepare
 from reclip_ray.train.run_state import final_eval, read_run_state, record_finished, write_run_state
 
@@ -51,6 +52,7 @@ def run_training(
         state = read_run_state(prep.run_dir)  # read under the lease: the launch before may have just finished it
         if finished(prep, state):
             return dict(state["finished"])
+        check_stream_layout(prep.run_dir, stream_layout(prep.cfg))  # or one line: it would resume another stream
         if console and not verbose:  # before MLflow's first call and Ray's start, so their start-up lines go there
             from reclip_ray.console import redirect_library_logging
 

@@ -27,21 +27,22 @@ def open_feed(cfg: Config, plan: Any, state: TrainState, rank: int, local_batch:
                      seed=phase_seed(cfg, plan.index) * 31 + 1000 * state.restarts + rank, position=position)
 
 
-def settle_data(feed: Any, state: TrainState, world: int) -> None:
+def settle_data(feed: Any, state: TrainState, world: int, layout: dict[str, Any]) -> None:
     """Agree on the data position (all ranks) and fold the settled row counts into the run state. Two all-gathers:
     each rank's counts per unit (which units are done), then its positions in the units that are not (a few per
     unit with rows in flight, however many rows were trained since the last checkpoint).
 
     ``rows_seen`` counts each row read once, across restarts: a checkpoint settles the rows trained or dropped as
     bad (``PhaseFeed.merge``), never those still in a buffer, which a restart from it reads again; those count
-    when trained, or at the phase end (``Worker.end_phase``) if they never are.
+    when trained, or at the phase end (``Worker.end_phase``) if they never are. ``layout``: the config values the
+    position is numbered by (``run_names.stream_layout``), stored beside it for a restart to check.
     """
     settled = feed.merge(gather(feed.report(), world))
     feed.agree(gather(feed.pending(), world))
     state.rows_seen += settled["seen"]
     state.rows_bad += settled["bad"]
     state.rows_absent += settled["absent"]
-    state.data = feed.position().to_dict()
+    state.data = {**feed.position().to_dict(), "layout": layout}
 
 
 def check_bad_rows(feed: Any, world: int, seen: int, bad: int, max_bad_fraction: float) -> None:

@@ -19,6 +19,7 @@ import torch
 from reclip_ray import storage, tracking
 from reclip_ray.config import from_dict, local_loss_enabled, phase_micro_batch
 from reclip_ray.errors import ReclipError
+from reclip_ray.run_names import stream_layout
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
                                       use_relay)
 from reclip_ray.train.batch_split import step_split
@@ -239,7 +240,7 @@ class Worker:
                 window = Window()
             crossed = every and state.samples // every > prev // every
             if (crossed or checkpoint_due) and state.samples < plan.end_sample:  # a phase's end checkpoints anyway
-                settle_data(self.feed, state, self.world)
+                settle_data(self.feed, state, self.world, stream_layout(self.cfg))
                 self.report({"loss": self.read(last)["loss"]}, save=True)
             if cfg.eval.at_gflops:
                 self.compute_milestone(plan, last)
@@ -282,7 +283,7 @@ class Worker:
         """Checkpoint the finished phase first, then evaluate it: an evaluation error is logged, never costs the
         phase's training."""
         state = self.state
-        settle_data(self.feed, state, self.world)
+        settle_data(self.feed, state, self.world, stream_layout(self.cfg))
         state.rows_absent += self.feed.absent_in_flight()  # units the phase never finished: their absent rows count now
         state.rows_seen += sum_over_ranks([self.feed.available], self.world, self.device)[0]  # read, never to be again
         state.phase_done, state.data = True, {}
