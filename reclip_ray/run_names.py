@@ -32,7 +32,7 @@ def phase_seed(cfg: "Config", phase_index: int) -> int:
 def stream_layout(cfg: "Config") -> dict[str, Any]:
     """The config keys that number a phase stream's units and positions (``data.stream``), with their values. A
     checkpoint's data position means something only in a stream laid out by the same values: it stores them, and a
-    restart from it refuses other ones (``train.datasets``) instead of skipping or repeating rows."""
+    relaunch refuses other ones (``train.handover.check_stream_layout``) instead of skipping or repeating rows."""
     return {"train.seed": cfg.train.seed, "data.group_shards": cfg.data.group_shards,
             "data.chunk_rows": cfg.data.chunk_rows, "data.shuffle": cfg.data.shuffle}
 

@@ -525,8 +525,8 @@ def test_on_s3_a_fatal_error_is_not_retried_ctrl_c_stops_and_the_same_command_re
     from conftest import fresh_mlflow_db
     from reclip_ray import storage
     from reclip_ray.cli import main
-    from reclip_ray.lease import LEASE_FILE
     from reclip_ray.config import load_config
+    from reclip_ray.lease import LEASE_FILE
     from reclip_ray.report import report_run
     from reclip_ray.run_names import stream_layout
 
