@@ -33,7 +33,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir: str | os.PathLike, *,
                  format: str = "reclip", image_size: int | None = None) -> Path | str:
-    """Write model + config + tokenizer to ``out_dir`` (replaced if it exists); returns the path (a ``Path`` for a
+    """Write model + config + tokenizer to ``out_dir`` (replacing an earlier export there, and refusing a folder
+    that holds anything else: ``folders.check_replaceable``); returns the path (a ``Path`` for a
     local folder, the URI string for a remote one: ``s3://bucket/models/x``).
 
     Everything is written into a sibling temp folder that is renamed into place at the end, so a crash never
@@ -61,7 +62,7 @@ def export_model(model: torch.nn.Module, tokenizer: Any, config: Config, out_dir
         (tmp / CONFIG).write_text(cfg.to_yaml())
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
 
-    return write_folder_atomic(out_dir, write)
+    return write_folder_atomic(out_dir, write, replaces=(WEIGHTS, LEGACY_WEIGHTS, CONFIG, TOKENIZER))
 
 
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import pyarrow.fs as pafs
 
@@ -39,13 +39,16 @@ MANIFEST = ".reclip-folder.json"
 WHOLE_WAIT_S = 120.0  # how long a reader waits, while nothing changes, for a remote folder to match its manifest
 
 
-def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path | str:
+def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None],
+                        replaces: Collection[str] = ()) -> Path | str:
     """Fill a sibling temp folder with ``write(tmp)`` and swap it into place at ``out_dir`` (replacing an old one:
     ``atomic_dir.replace_dir``), so a crash never leaves a folder that looks like an export but holds half of one.
     Returns the folder: a ``Path`` when local, the URI string when remote.
 
-    On an object store there is no rename: the folder is filled locally, then uploaded with its manifest
-    (``upload_folder``)."""
+    An existing ``out_dir`` is replaced only when it holds nothing but the files named in ``replaces`` (what an
+    earlier folder of this kind holds: ``check_replaceable``). On an object store there is no rename: the folder is
+    filled locally, then uploaded with its manifest (``upload_folder``)."""
+    check_replaceable(str(out_dir), replaces)
     if storage.is_uri(str(out_dir)):
         with tempfile.TemporaryDirectory(prefix="reclip-export-") as local_tmp:
             write(Path(local_tmp))
@@ -54,6 +57,26 @@ def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None
     out = Path(storage.local_path(str(out_dir)))
     atomic_dir.replace_dir(str(out), lambda staging: write(Path(staging)))
     return out
+
+
+def check_replaceable(out_dir: str, replaces: Collection[str]) -> None:
+    """Refuse to replace a folder that holds anything but an earlier folder of the same kind.
+
+    The swap deletes the old folder whole: ``reclip-ray export RUN/model --out .`` (or ``--out RUN``) would
+    otherwise take the working directory (or the run's checkpoints) with it. Absent and empty folders are fine.
+    One LIST of the folder's top level (on an object store, one request)."""
+    fs, inner = storage.filesystem(out_dir)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.NotFound:
+        return
+    if kind == pafs.FileType.File:
+        raise CheckpointError(f"{out_dir} is a file, not a folder: choose another output folder")
+    names = {posixpath.basename(i.path.rstrip("/")) for i in fs.get_file_info(pafs.FileSelector(inner))}
+    foreign = sorted(names - set(replaces) - {MANIFEST})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CheckpointError(f"{out_dir} holds {shown}, which an export would delete: it replaces only an empty "
+                              f"folder or an earlier export; choose another output folder")
 
 
 @contextlib.contextmanager

@@ -250,7 +250,7 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
                      image_size: int | None = None) -> Path | str:
     """Write an open_clip ``local-dir:`` folder: ``open_clip_config.json``, ``open_clip_model.safetensors``,
     ``tokenizer.json`` and a README; returns its path (a URI stays a string: ``folders.write_folder_atomic``).
-    Replaced atomically if it exists.
+    Replaced atomically if it holds an earlier open_clip export; a folder holding anything else is refused.
 
     ``open_clip.create_model_and_transforms("local-dir:OUT")`` then builds the same model, fixed at
     ``image_size`` (default: the run's full resolution). With the CLIP tokenizer (``data.tokenizer: clip``)
@@ -291,7 +291,7 @@ def export_open_clip(model: nn.Module, tokenizer: Any, config: Any, out_dir: str
         (tmp / TOKENIZER).write_text(tokenizer.to_json())
         (tmp / README).write_text(_readme(name(str(out_dir)), meta, t.context_length))
 
-    return write_folder_atomic(out_dir, write)
+    return write_folder_atomic(out_dir, write, replaces=(OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, TOKENIZER, README))
 
 
 def _config_dict(config: Any, model: nn.Module) -> dict[str, Any] | None:

@@ -48,6 +48,36 @@ def test_export_replaces_existing(exported):
     assert load_model(out)[0].logit_scale.item() == pytest.approx(1.234)
 
 
+def test_an_export_replaces_only_an_empty_folder_or_an_earlier_export(exported, tmp_path, monkeypatch, capsys):
+    """``reclip-ray export RUN/model --out .`` once deleted the working directory whole (the swap replaces the
+    folder): a folder holding anything but an earlier export of the same format is refused and left as it was."""
+    from reclip_ray.cli import main
+
+    model, tok, cfg, out = exported
+    work = tmp_path / "work"
+    (work / "checkpoint_000001").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    with pytest.raises(CheckpointError, match=r"holds checkpoint_000001, notes.txt, which an export would delete"):
+        export_model(model, tok, cfg, ".", format="open_clip")
+    assert main(["export", str(out), "--out", str(work)]) == 2
+    assert "which an export would delete" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint_000001", "notes.txt"]
+    assert (work / "notes.txt").read_text() == "keep me"
+    # The model folder itself is not an open_clip export; a file is not a folder.
+    with pytest.raises(CheckpointError, match="holds config.yaml, model.safetensors, which an export would delete"):
+        export_model(model, tok, cfg, out, format="open_clip")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        export_model(model, tok, cfg, tmp_path / "a_file", format="open_clip")
+    # An empty folder, and an earlier export of the same format, are replaced.
+    (tmp_path / "empty").mkdir()
+    oc = export_model(model, tok, cfg, tmp_path / "empty", format="open_clip")
+    assert main(["export", str(out), "--out", str(oc)]) == 0
+    assert sorted(p.name for p in oc.iterdir()) == ["README.md", "open_clip_config.json",
+                                                    "open_clip_model.safetensors", "tokenizer.json"]
+
+
 def test_model_pt_state_dict_loads(exported):
     model, _, _, out = exported
     # Perturb every parameter (logit_scale included) with seeded noise first: a loader that ignored model.pt and

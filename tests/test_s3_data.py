@@ -21,7 +21,7 @@ from PIL import Image
 
 from reclip_ray import storage
 from reclip_ray.cli import main
-from reclip_ray.errors import ReclipError
+from reclip_ray.errors import CheckpointError, ReclipError
 
 
 def _jpeg(i: int) -> bytes:
@@ -294,6 +294,9 @@ def test_eval_export_and_init_from_read_models_on_s3(tmp_path, s3_prefix, synth_
     summary = _run(capsys, "export", remote_model, "--out", oc, "--image-size", "32")
     assert summary["out"] == oc and "open_clip" not in summary  # `local-dir:` names a local folder only
     assert "open_clip_config.json" in _names(oc)
+    with pytest.raises(CheckpointError, match="holds config.yaml, model.safetensors, which an export would delete"):
+        export_model(model, tok, cfg, remote_model, format="open_clip")  # not over the model it came from
+    assert _names(remote_model) == [".reclip-folder.json", "config.yaml", "model.safetensors", "tokenizer.json"]
     assert _run(capsys, "eval", "--checkpoint", oc, "--data", remote_eval, *args)["metrics"]["rows"] == 200
 
     assert check_init_from(remote_model) == remote_model
