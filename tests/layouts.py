@@ -406,9 +406,9 @@ def write_messy(out: str | Path, n_rows: int = 16, seed: int = 0) -> Layout:
 def write_hugging_face(out: str | Path, n_rows: int = 14, *, shards: int = 2, seed: int = 0,
                        image_column: str = "image", caption_column: str | None = "caption",
                        null: tuple[int, ...] = (3,), path_only: tuple[int, ...] = (8,),
-                       corrupt: tuple[int, ...] = (5,)) -> Layout:
+                       corrupt: tuple[int, ...] = (5,), split: str = "train") -> Layout:
     """Parquet written by the ``datasets`` library itself, as a Hub export: ``Dataset.shard`` + ``to_parquet`` into
-    ``data/train-0000S-of-0000N.parquet``.
+    ``data/SPLIT-0000S-of-0000N.parquet`` (every split of a Hub dataset in that one folder).
 
     ``datasets`` stores an ``Image()`` feature as ``struct<bytes: binary, path: string>`` and a ``ClassLabel`` as
     int64, the class names living only in the footer's ``huggingface`` metadata; there is no key column, so keys are
@@ -451,7 +451,7 @@ def write_hugging_face(out: str | Path, n_rows: int = 14, *, shards: int = 2, se
     files, keys, start = [], [], 0
     for s in range(shards):
         part = ds.shard(num_shards=shards, index=s, contiguous=True)
-        path = out / "data" / f"train-{s:05d}-of-{shards:05d}.parquet"
+        path = out / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet"
         part.to_parquet(str(path))
         files.append(str(path))
         keys += [(i, f"{path.name}#{i - start}") for i in range(start, start + part.num_rows)]

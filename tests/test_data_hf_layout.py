@@ -192,3 +192,33 @@ def test_shrunk_copies_are_binary_columns_read_by_the_phase_and_datasets_still_l
     assert sorted(images) == sorted(hf.valid_keys)
     for key, image in images.items():  # the copy's pixels, not the full image's: close, not equal
         assert np.abs(image.astype(float) - expected_pixels(hf, key, 32).astype(float)).mean() < 8.0, key
+
+
+def test_a_hub_folder_with_several_splits_is_refused_and_a_pattern_names_one(tmp_path):
+    """``push_to_hub`` puts every split in one ``data/`` folder: pointing ``data.train`` (or ``eval --data``) at
+    it would have trained on the test split, silently. The folder is refused in one line naming a pattern, and
+    the pattern lists that split only, through the launch's checks (``prepare``: schema, eval set, tokenizer)."""
+    from reclip_ray.config import load_config
+    from reclip_ray.train.prepare import prepare
+
+    train = write_hugging_face(tmp_path / "hub", n_rows=12, shards=2, null=(), path_only=(), corrupt=())
+    test = write_hugging_face(tmp_path / "hub", n_rows=6, shards=1, null=(), path_only=(), corrupt=(), split="test",
+                              seed=1)
+    data = tmp_path / "hub" / "data"
+    with pytest.raises(DataError) as refused:
+        list_parquet_files(str(data))
+    assert str(refused.value) == (f"{data} holds the splits train, test of a Hugging Face export side by side: "
+                                  f"using them all would mix them; name one, e.g. {data}/train-*.parquet")
+    assert list_parquet_files(f"{data}/train-*.parquet") == train.files
+    assert list_parquet_files(f"{data}/test-0000?-of-*.parquet") == test.files
+    assert len(list_parquet_files(f"{data}/*.parquet")) == 3  # a pattern is the user's choice: no refusal
+    with pytest.raises(DataError, match=r"no Parquet files match .*/validation-\*\.parquet$"):
+        list_parquet_files(f"{data}/validation-*.parquet")
+    assert inspect_dataset(f"{data}/test-*.parquet")["rows"] == 6
+
+    cfg = load_config("tiny", [
+        f"data.train={data}/train-*.parquet", f"data.eval={data}/test-*.parquet", "data.tokenizer=",
+        "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    prep = prepare(cfg)
+    assert (prep.cfg.data.train, prep.cfg.data.eval) == (f"{data}/train-*.parquet", f"{data}/test-*.parquet")

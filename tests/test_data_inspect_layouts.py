@@ -143,3 +143,51 @@ def test_labelled_folder_dataset_is_canonical(tmp_path):
     assert dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist())) == layout.extra["labels"]
     report = inspect_dataset(str(layout.path))
     assert (report["rows"], report["rows_absent"], report["rows_bad"], report["shards"]) == (9, 0, 0, 3)
+
+
+def test_column_types_other_writers_use_pass_the_check_and_decode_as_binary_and_string(tmp_path):
+    """Polars writes ``binary_view`` / ``string_view`` (its Binary and String), pandas a ``Categorical`` caption as
+    ``dictionary<string>``: the pipeline always read them (it casts), but the launch's schema check refused them.
+    Each shard decodes to the pixels and tokens of the same rows stored as plain binary / string."""
+    from PIL import Image
+
+    from reclip_ray.data.pipeline import decode_batch, read_groups
+    from reclip_ray.data.shards import read_footers
+    from reclip_ray.data.stream import PhaseStream
+    from reclip_ray.data.tokenizer import train_tokenizer
+
+    def jpeg(colour: str) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, "JPEG")
+        return buf.getvalue()
+
+    images, captions = [jpeg(c) for c in ("red", "green", "blue")], ["a red box", "a green box", "a red box"]
+    root = tmp_path / "writers"
+    root.mkdir()
+    tables = {
+        "plain": pa.table({"image": pa.array(images, pa.binary()), "caption": pa.array(captions, pa.string())}),
+        "views": pa.table({"image": pa.array(images, pa.binary_view()),
+                           "caption": pa.array(captions, pa.string_view())}),
+        "categorical": pa.table({"image": pa.array(images, pa.large_binary()),
+                                 "caption": pa.array(captions).dictionary_encode()}),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, root / f"{name}.parquet")
+    files = list_parquet_files(str(root))
+    assert str(pq.read_schema(root / "views.parquet").field("image").type) == "binary_view"
+    assert pa.types.is_dictionary(pq.read_schema(root / "categorical.parquet").field("caption").type)
+    check_schema(files, ColumnMap())
+    tok = train_tokenizer(str(root), 300)
+    decoded = {}
+    for shard in read_footers(files):
+        item = PhaseStream([shard], seed=0, passes=1, group_shards=1, shuffle=False).items()[0]
+        (table,) = read_groups(pa.Table.from_pylist([item]), columns=ColumnMap(), chunk_rows=8, seed=0)
+        batch = {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+        decoded[os.path.basename(shard.path)[:-len(".parquet")]] = decode_batch(
+            batch, image_size=16, text_length=8, tokenizer_json=tok.to_json(), train=False, seed=0)
+    for name in ("views", "categorical"):
+        assert decoded[name]["_ok"].tolist() == [1, 1, 1], name
+        assert np.array_equal(decoded[name]["image"], decoded["plain"]["image"]), name
+        assert np.array_equal(decoded[name]["tokens"], decoded["plain"]["tokens"]), name

@@ -99,3 +99,35 @@ def test_a_missing_or_unreadable_path_or_shard_is_a_one_line_error(tmp_path, mon
     with pytest.raises(DataError) as err:
         footers([gone])
     assert str(err.value) == f"{gone}: cannot read (AWS Error ACCESS_DENIED)"
+
+
+def test_listing_skips_what_other_writers_leave_below_the_folder(tmp_path):
+    """Spark's ``_temporary/`` attempts, a Delta table's ``_delta_log/`` checkpoints and Jupyter's
+    ``.ipynb_checkpoints/`` copies hold ``.parquet`` files that are not shards; ``pyarrow.dataset`` skips any path
+    component starting with ``_`` or ``.``, and so does the listing (the folder itself may be named so)."""
+    table = pa.table({"image": [_jpeg(8, 1)], "caption": ["x"]})
+    root = tmp_path / "_export"
+    for rel in ("part-00000-abc.snappy.parquet", "year=2024/part-00001.parquet",
+                "_temporary/0/task_1/part-00001.parquet", "_delta_log/00000000000000000010.checkpoint.parquet",
+                ".ipynb_checkpoints/part-00000-checkpoint.parquet", "_SUCCESS", "part-00002.parquet.crc"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(table, root / rel)
+        else:
+            (root / rel).write_text("")
+    assert list_parquet_files(str(root)) == [str(root / "part-00000-abc.snappy.parquet"),
+                                             str(root / "year=2024/part-00001.parquet")]
+
+
+def test_a_listed_uri_keeps_its_host(tmp_path, monkeypatch):
+    """``abfs://container@account.dfs.core.windows.net/data`` (and ``hdfs://namenode:8020/...``): the shards'
+    URIs keep the part before the path, which pyarrow's inner paths leave out; rebuilt as scheme + inner path they
+    named another container or cluster (``abfs://container/data/...``)."""
+    import pyarrow.fs as pafs
+
+    local = tmp_path / "account" / "data"
+    local.mkdir(parents=True)
+    pq.write_table(pa.table({"image": [_jpeg(8, 1)], "caption": ["x"]}), local / "a.parquet")
+    uri = "abfs://container@acct.dfs.core.windows.net/data"
+    monkeypatch.setattr(storage, "filesystem", lambda path: (pafs.LocalFileSystem(), str(local)))
+    assert list_parquet_files(uri) == [f"{uri}/a.parquet"]

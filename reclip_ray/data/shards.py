@@ -16,6 +16,7 @@ read; a listing records each file's (size, mtime), so a cache lookup needs no re
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -38,11 +39,15 @@ HF_IMAGE_FIELD = "bytes"  # Hugging Face ``datasets`` stores an Image feature as
 
 
 def is_binary(type_: pa.DataType) -> bool:
-    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+    """Any Arrow binary layout: Polars writes ``binary_view`` (its ``Binary``), Spark and pandas ``binary``."""
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_binary_view(type_)
 
 
 def is_string(type_: pa.DataType) -> bool:
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    """Any Arrow string layout, and strings behind a dictionary (a pandas ``Categorical`` column)."""
+    if pa.types.is_dictionary(type_):
+        return is_string(type_.value_type)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
 
 
 def is_image_type(type_: pa.DataType) -> bool:
@@ -112,34 +117,79 @@ def _file_info(fs: pafs.FileSystem, inner: str, unreadable: Callable[[Exception]
     return info
 
 
-def list_parquet_files(path: str | os.PathLike) -> list[str]:
-    """Sorted Parquet files under a folder (any nesting), a single file, or a URI.
+GLOB_CHARS = "*?["
+# A Hugging Face Hub export's shard names: SPLIT-00000-of-00004.parquet (older exports add -HASH before .parquet).
+HF_SPLIT_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]{8,})?\.parquet$")
 
-    URIs come back as URIs (scheme kept) so Ray Data / pyarrow can open them again without the caller keeping the
-    filesystem object around. Hidden files and ``*.tmp`` leftovers of an interrupted writer are ignored. Each
-    file's (size, mtime) is noted for the footer cache, so a later ``footers`` call needs no stat.
+
+def split_pattern(path: str) -> tuple[str, str]:
+    """(folder, pattern): ``hub/data/train-*.parquet`` -> (``hub/data``, ``train-*.parquet``); a path without
+    wildcards -> (path, "")."""
+    parts = str(path).split("/")
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), len(parts))
+    return "/".join(parts[:first]), "/".join(parts[first:])
+
+
+def _matches(relative: str, pattern: str) -> bool:
+    """Shell-style, one folder level per pattern component (``*`` does not cross a ``/``)."""
+    names, wanted = relative.split("/"), pattern.split("/")
+    return len(names) == len(wanted) and all(fnmatch.fnmatchcase(n, w) for n, w in zip(names, wanted))
+
+
+def list_parquet_files(path: str | os.PathLike) -> list[str]:
+    """Sorted Parquet files under a folder (any nesting), a single file, a URI, or a wildcard pattern
+    (``hub/data/train-*.parquet``, ``s3://b/laion/part-*/*.parquet``: ``*``, ``?`` and ``[...]`` match within one
+    folder level).
+
+    URIs come back as URIs (scheme and host kept) so Ray Data / pyarrow can open them again without the caller
+    keeping the filesystem object around. Skipped, as ``pyarrow.dataset`` skips them: files and folders whose
+    names start with ``.`` or ``_`` below the folder (a Spark job's ``_temporary/``, a Delta table's
+    ``_delta_log/``, ``.ipynb_checkpoints/``), and ``*.tmp`` leftovers of an interrupted writer. A folder that
+    holds several splits of a Hugging Face export side by side (``train-00000-of-00002.parquet`` beside
+    ``test-00000-of-00001.parquet``) is refused: name one split with a pattern. Each file's (size, mtime) is noted
+    for the footer cache, so a later ``footers`` call needs no stat.
     """
     path = str(path)
-    fs, inner = storage.filesystem(path)
+    root, pattern = split_pattern(path)
+    root = root or "."  # a pattern relative to the working directory: "*.parquet"
+    fs, inner = storage.filesystem(root)
     info = _file_info(fs, inner, lambda exc: f"cannot read {path}: {exc}",
                       f"no Parquet files under {path} (path does not exist)")
     if info.type == pafs.FileType.File:
-        infos = [info] if inner.endswith(".parquet") else []
+        found = [(path, info)] if inner.endswith(".parquet") and not pattern else []
     else:
-        infos = sorted(
-            (i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-             if i.type == pafs.FileType.File
-             and i.path.endswith(".parquet")
-             and not os.path.basename(i.path).startswith((".", "_"))),
-            key=lambda i: i.path,
-        )
-    if not infos:
-        raise DataError(f"no Parquet files under {path}")
-    prefix = f"{path.split('://', 1)[0]}://" if storage.is_uri(path) else ""
-    files = [prefix + i.path for i in infos]
-    for f, i in zip(files, infos):  # the footer cache's key: a cached footer is reused while these are unchanged
+        found = []
+        for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+            relative = i.path[len(inner.rstrip("/")) + 1:]
+            if (i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                    and not any(part.startswith((".", "_")) for part in relative.split("/"))
+                    and (not pattern or _matches(relative, pattern))):
+                found.append((storage.join(root, relative) if storage.is_uri(root) else i.path, i))
+        found.sort()
+        if not pattern:
+            _refuse_mixed_splits(path, [f for f, _ in found])
+    if not found:
+        raise DataError(f"no Parquet files under {path}" if not pattern else f"no Parquet files match {path}")
+    for f, i in found:  # the footer cache's key: a cached footer is reused while these are unchanged
         note_listing(f, i.size, i.mtime_ns)
-    return files
+    return [f for f, _ in found]
+
+
+def _refuse_mixed_splits(path: str, files: list[str]) -> None:
+    """One line when a folder holds shards of several Hugging Face splits: training on it would train on the
+    test split too, and evaluating on it would score the training rows."""
+    splits: dict[str, set[str]] = {}
+    for f in files:
+        folder, _, name = f.rpartition("/")
+        match = HF_SPLIT_SHARD.match(name)
+        if match:
+            splits.setdefault(folder, set()).add(match["split"])
+    for folder, names in splits.items():
+        if len(names) > 1:
+            ordered = sorted(names, key=lambda n: (n != "train", n))
+            raise DataError(f"{folder} holds the splits {', '.join(ordered)} of a Hugging Face export side by "
+                            f"side: using them all would mix them; name one, e.g. "
+                            f"{folder}/{ordered[0]}-*.parquet")
 
 
 # ------------------------------------------------------------------------------------------------ footers

@@ -33,7 +33,7 @@ def prepare(cfg: Config) -> Prepared:
     """Resolve paths, make the synthetic data if asked, check shards and schema, get a tokenizer. No Ray yet."""
     from reclip_ray import tracking
     from reclip_ray.data.schema import ColumnMap, check_schema
-    from reclip_ray.data.shards import list_parquet_files
+    from reclip_ray.data.shards import list_parquet_files, split_pattern
 
     data = cfg.data
     data.train = absolute(data.train)
@@ -47,7 +47,7 @@ def prepare(cfg: Config) -> Prepared:
 
         cfg.model.init_from = check_init_from(cfg.model.init_from)
 
-    if not storage.is_uri(data.train) and not os.path.exists(data.train):
+    if not storage.is_uri(data.train) and not os.path.exists(split_pattern(data.train)[0]):
         if not data.synth_if_missing:
             raise DataError(f"data.train not found: {data.train}")
         _make_synthetic(cfg)
@@ -55,7 +55,7 @@ def prepare(cfg: Config) -> Prepared:
     columns = ColumnMap.from_config(data)
     check_schema(list_parquet_files(data.train), columns)
     if data.eval:
-        if not storage.is_uri(data.eval) and not os.path.exists(data.eval):
+        if not storage.is_uri(data.eval) and not os.path.exists(split_pattern(data.eval)[0]):
             raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
         from reclip_ray.evaluation.eval_set import check_eval_set, eval_columns
 
