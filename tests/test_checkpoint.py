@@ -93,3 +93,62 @@ def test_a_restore_leaves_adamws_step_counters_on_the_host_whatever_the_models_d
         state = elsewhere_opt.state[p]
         assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
         assert state["step"].device.type == "cpu" and state["step"].item() == 1
+
+
+def _built(overrides: list[str]):
+    """The worker's model and optimizer for the tiny preset with ``overrides`` (``Worker._build_model``)."""
+    from reclip_ray.config import load_config
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import build_optimizer
+
+    cfg = load_config("tiny", overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=64)
+    return cfg, model, build_optimizer(model, cfg.optim)
+
+
+def _one_step(model, optimizer) -> None:
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 64, (2, 16))
+    image, text = model.encode_image(images), model.encode_text(tokens)
+    (image.sum() + text.sum()).backward()
+    optimizer.step()
+
+
+def test_a_relaunch_with_other_optimizer_settings_trains_with_them_and_keeps_the_moments(tmp_path):
+    """``Optimizer.load_state_dict`` puts the saved group settings back: a relaunch with another
+    ``optim.weight_decay``, ``betas`` or ``eps`` trained on with the first launch's (while its config.yaml, and
+    every later checkpoint's, said otherwise). The restore keeps the saved moments and this launch's settings."""
+    cfg, model, opt = _built(["optim.weight_decay=0.1", "optim.betas=[0.9,0.98]", "optim.eps=1e-6"])
+    _one_step(model, opt)
+    save_checkpoint(tmp_path, model, opt, TrainState(step=1), cfg.to_yaml())
+
+    cfg2, model2, opt2 = _built(["optim.weight_decay=0.0", "optim.betas=[0.9,0.95]", "optim.eps=1e-8"])
+    load_checkpoint(tmp_path, model2, opt2, config=cfg2)
+    settings = {(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in opt2.param_groups}
+    assert settings == {(0.0, (0.9, 0.95), 1e-8)}
+    saved, restored = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert sorted(saved) == sorted(restored)
+    for index, moments in saved.items():
+        assert torch.equal(restored[index]["exp_avg_sq"], moments["exp_avg_sq"]), index
+
+
+@pytest.mark.parametrize("change, line", [
+    (["model.text.context_length=77"], "model.text.context_length=32, this launch has model.text.context_length=77"),
+    (["train.loss=siglip"], "train.loss=clip, this launch has train.loss=siglip"),
+])
+def test_a_checkpoint_that_does_not_fit_the_model_names_the_changed_keys(tmp_path, change, line):
+    """A relaunch with another model shape (a longer text context for the finetune, as CLIPA does) or loss (SigLIP
+    adds a bias) failed with torch's "Error(s) in loading state_dict for CLIP" as a plain RuntimeError: not a
+    ReclipError, so Ray Train restarted the group ``run.max_failures`` times, reloading the checkpoint each time."""
+    cfg, model, opt = _built(["model.text.context_length=32"])
+    save_checkpoint(tmp_path, model, opt, TrainState(step=1), cfg.to_yaml())
+    cfg2, model2, opt2 = _built(["model.text.context_length=32", *change])
+    where = "s3://bucket/runs/r/checkpoint_000001"
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path, model2, opt2, source=where, config=cfg2)
+    rerun = change[0].split("=")[0] + "=" + line.split("=")[1].split(",")[0]
+    assert str(caught.value) == (f"{where} was made with {line}: its weights do not fit; rerun with --set {rerun} "
+                                 f"(or a new run.name)")
+    with pytest.raises(CheckpointError, match=rf"^{where}: the checkpoint does not fit this launch's model \("
+                                              r"RuntimeError: Error\(s\) in loading state_dict"):
+        load_checkpoint(tmp_path, model2, opt2, source=where)  # no config to compare: torch's first line

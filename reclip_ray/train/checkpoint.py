@@ -96,10 +96,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     source: str | None = None,
+    config: Any = None,
 ) -> TrainState:
     """Restore model (and optimizer, RNG) in place and return the run position. ``source`` is where the checkpoint
     lives when ``directory`` is a local copy of it (a URI): errors name it, since the copy is gone by the time the
-    user reads them.
+    user reads them. ``config``, this launch's: a checkpoint whose tensors do not fit its model is a
+    ``CheckpointError`` that names the model keys that changed (deterministic: the run is not retried).
 
     Read to host memory, whatever the model's device: ``load_state_dict`` copies the weights and the optimizer's
     moments to their parameters' device, but leaves AdamW's step counters where they were loaded. Loaded onto a
@@ -114,9 +116,12 @@ def load_checkpoint(
         raise CheckpointError(f"{shown}: missing {STATE_FILE}") from None
     except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem
         raise CheckpointError(f"{shown}/{STATE_FILE}: refused to load ({type(exc).__name__}: {exc})") from None
-    model.load_state_dict(payload["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+    try:
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            load_optimizer(optimizer, payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups that differ
+        raise CheckpointError(_mismatch_message(directory, shown, exc, config)) from None
     rng = payload.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())
@@ -124,6 +129,61 @@ def load_checkpoint(
         torch.cuda.set_rng_state(rng["cuda"].cpu())
     return state
 
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved moments and step counts, under this launch's hyperparameters.
+
+    ``Optimizer.load_state_dict`` also puts back every saved group setting: a relaunch with another
+    ``optim.weight_decay``, ``betas`` or ``eps`` would train on with the first launch's values while its config (and
+    every later checkpoint's ``config.yaml``) said otherwise. The LR is set at every step anyway; the others are
+    taken from the optimizer this launch built, as the config says."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
+
+
+def _mismatch_message(directory: Path, shown: str, exc: Exception, config: Any) -> str:
+    """One line for a checkpoint whose tensors do not fit this launch's model: the model keys that differ from the
+    checkpoint's ``config.yaml`` (and ``train.loss``: SigLIP adds a bias) with the ``--set`` to rerun with, else
+    the first line of torch's error."""
+    changed = []
+    if config is not None:
+        try:
+            import yaml
+
+            from reclip_ray.config import from_dict
+
+            saved = from_dict(yaml.safe_load((directory / CONFIG_FILE).read_text()))
+            changed = _model_keys_changed(saved, config)
+        except Exception:  # noqa: BLE001 - no readable config.yaml: torch's own words below
+            changed = []
+    if not changed:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{shown}: the checkpoint does not fit this launch's model ({type(exc).__name__}: {first})"
+    was = ", ".join(f"{key}={old}" for key, old, _ in changed)
+    now = ", ".join(f"{key}={new}" for key, _, new in changed)
+    rerun = " ".join(f"--set {key}={old}" for key, old, _ in changed)
+    return (f"{shown} was made with {was}, this launch has {now}: its weights do not fit; rerun with {rerun} "
+            f"(or a new run.name)")
+
+
+def _model_keys_changed(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this launch's) for the keys that shape the weights: the model's sizes (not its
+    name, its start values or where it starts from) and ``train.loss``."""
+    skip = ("name", "init_from", "grad_checkpointing", "init_logit_scale", "init_logit_bias")
+
+    def flat(cfg: Any) -> dict[str, Any]:
+        out = {"train.loss": cfg.train.loss}
+        for key, value in dataclasses.asdict(cfg.model).items():
+            if isinstance(value, dict):
+                out.update({f"model.{key}.{k}": v for k, v in value.items()})
+            elif key not in skip:
+                out[f"model.{key}"] = value
+        return out
+
+    old, new = flat(saved), flat(now)
+    return [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")

@@ -152,7 +152,7 @@ class Worker:
         if checkpoint is not None:
             with downloaded(checkpoint.path, checkpoint.filesystem) as ckpt_dir:  # not as_directory: scratch.py
                 self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer,
-                                             source=storage.join(self.run_dir, self.restored_from))
+                                             source=storage.join(self.run_dir, self.restored_from), config=self.cfg)
             self.state.mlflow_run_id = mlflow_run_id
         elif self.cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
             from reclip_ray.init_weights import init_from
