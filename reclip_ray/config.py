@@ -103,7 +103,7 @@ class PhaseConfig:
     text_length: int = 32
     samples: float = 1.0  # float <= 1: fraction of train.samples (the last one takes rounding); int: a count
     batch_size: int = 0  # 0: train.batch_size
-    lr: float = 0.0  # 0: optim.lr (per-phase schedule only)
+    lr: float = 0.0  # 0: optim.lr (per-phase schedule only: refused under global)
     warmup_samples: float = -1.0  # -1: optim.warmup_samples (per-phase schedule only); 1 = one sample, 1.0 = the phase
     patch_dropout: float = 0.0  # fraction of image patch tokens dropped per training sample (FLIP); never at eval
     micro_batch_size: int = -1  # this phase's train.micro_batch_size (rows per forward/backward); -1: train's
@@ -331,15 +331,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"'{where}' must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        number = _number(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or int(number) != number:
             raise ConfigError(f"'{where}' must be an integer, got {value!r}")
-        return int(value)
+        return int(number)
     if tp is float:
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r}")
         return value  # keep int vs float: phase samples use the distinction
@@ -350,6 +348,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"'{where}' must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _number(value: Any) -> Any:
+    """A string that Python reads as a number, as that float; anything else as it is. PyYAML reads ``1e-3``, ``1e6``
+    and ``4.0e8`` (no dot, or no sign in the exponent) as strings, which a YAML file and ``--set`` both hand over."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _resolve_model(raw: Any) -> dict[str, Any]:
@@ -522,11 +531,11 @@ def validate(cfg: Config) -> None:
     a float > 1 must be whole (``1e6``). Phase sizes must add up to train.samples (see ``_check_phase_total``).
 
     One check per section, in this order: the run's size first (every later check counts samples or batches),
-    then the phases, and the sections that only look at their own keys. A new key gets its line in its section's
-    check; the scaling check comes before the batch and data checks, which read ``scaling.use_gpu`` and
-    ``max_workers`` as valid.
+    then the model (the phases' and the eval's image sizes are multiples of its patch size), the phases, and the
+    sections that only look at their own keys. A new key gets its line in its section's check; the scaling check
+    comes before the batch and data checks, which read ``scaling.use_gpu`` and ``max_workers`` as valid.
     """
-    for check in (_check_run_size, _check_phases, _check_model, _check_optim, _check_train, _check_scaling,
+    for check in (_check_run_size, _check_model, _check_phases, _check_optim, _check_train, _check_scaling,
                   _check_batches, _check_checkpoint, _check_eval, _check_data, _check_fault):
         check(cfg)
 
@@ -574,9 +583,23 @@ def _check_phase(cfg: Config, i: int, ph: PhaseConfig) -> None:
     if ph.warmup_samples != -1:
         hint = "; -1: optim.warmup_samples"
         _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
+    _check_phase_schedule(cfg, i, ph)
+
+
+def _check_phase_schedule(cfg: Config, i: int, ph: PhaseConfig) -> None:
+    """A phase's own ``lr`` / ``warmup_samples`` only exist in the per-phase schedule; the global one reads
+    ``optim.lr`` and ``optim.warmup_samples`` alone, so a finetune LR written under it would be trained without."""
+    if cfg.optim.schedule != "global":
+        return
+    for key, value, default in (("lr", ph.lr, 0.0), ("warmup_samples", ph.warmup_samples, -1.0)):
+        if value != default:
+            raise ConfigError(f"'phases.{i}.{key}' ({ph.name}) = {value!r} applies only to a per-phase schedule, and "
+                              f"optim.schedule is global (one warmup and cosine over the run): set optim.schedule: "
+                              f"per_phase, or remove phases.{i}.{key}")
 
 
 def _check_model(cfg: Config) -> None:
+    _check_model_sizes(cfg)
     patch = cfg.model.vision.patch_size
     base = cfg.model.vision.base_image_size
     if base <= 0 or base % patch:
@@ -585,6 +608,24 @@ def _check_model(cfg: Config) -> None:
     if cfg.model.vision.pool not in ("cls", "avg"):
         raise ConfigError(f"'model.vision.pool' must be cls or avg, got {cfg.model.vision.pool!r}")
     _check_heads(cfg)
+
+
+def _check_model_sizes(cfg: Config) -> None:
+    """Every size of the model positive (the heads: ``_check_heads``): the later checks divide by the patch size,
+    and a zero width or depth would fail inside every worker at build (or train a tower with no blocks)."""
+    m = cfg.model
+    sizes = [("embed_dim", m.embed_dim)]
+    for tower in ("vision", "text"):
+        t = getattr(m, tower)
+        sizes += [(f"{tower}.width", t.width), (f"{tower}.depth", t.depth)]
+    sizes += [("vision.patch_size", m.vision.patch_size), ("text.context_length", m.text.context_length)]
+    for key, value in sizes:
+        if value < 1:
+            raise ConfigError(f"'model.{key}' must be positive, got {value}")
+    for tower in ("vision", "text"):
+        ratio = getattr(m, tower).mlp_ratio
+        if not ratio > 0:  # also refuses nan
+            raise ConfigError(f"'model.{tower}.mlp_ratio' must be positive, got {ratio}")
 
 
 def _check_train(cfg: Config) -> None:
@@ -645,6 +686,10 @@ def _check_checkpoint(cfg: Config) -> None:
 def _check_eval(cfg: Config) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
+    size, patch = cfg.eval.full_image_size, cfg.model.vision.patch_size
+    if size < 0 or size % patch:  # the launch's eval-set check refused 60 too, but only once a run was started
+        raise ConfigError(f"'eval.full_image_size' {size} must be 0 (the last phase's image_size) or a positive "
+                          f"multiple of the patch size {patch}")
     if cfg.eval.full_text_length and not 2 <= cfg.eval.full_text_length <= cfg.model.text.context_length:
         raise ConfigError(f"'eval.full_text_length' {cfg.eval.full_text_length} must be 0 (the last phase's) or in "
                           f"[2, model.text.context_length={cfg.model.text.context_length}]")

@@ -466,14 +466,13 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
         phases=phases, total_train_gflops=total, full_resolution=full,
         saving_total=full["train_gflops"] / total, saving_image_tower=image_tower_saving(cfg), notes=notes,
     )
-    # The vocabulary the model is built with: its tokenizer's; a tokenizer trained at launch has data.vocab_size
-    plan.parameters = model_parameters(cfg.model, cfg.model.text.vocab_size or cfg.data.vocab_size)
+    plan.parameters = model_parameters(cfg.model, vocab_size(cfg))
     plan.checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * plan.parameters
     plan.checkpoint_every_samples = cfg.checkpoint.every_samples
     plan.checkpoint_every_minutes = cfg.checkpoint.every_minutes
     plan.checkpoint_upload = cfg.checkpoint.upload
     plan.grad_reduce = cfg.train.grad_reduce
-    if cfg.data.tokenizer and not cfg.model.text.vocab_size:
+    if cfg.data.tokenizer and not cfg.model.text.vocab_size and not uses_clip_bpe(cfg):
         notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
                      f"{cfg.data.tokenizer}'s own vocabulary")
     if gpus is not None:
@@ -483,6 +482,26 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
         _price_split(plan, cfg, plan.hardware)
         _price_checkpoints(plan, cfg, plan.hardware)
     return plan
+
+
+def uses_clip_bpe(cfg: Config) -> bool:
+    """Whether the launch trains with OpenAI's CLIP BPE: ``prepare.ensure_tokenizer``'s rule (``data.tokenizer:
+    clip``, unless a file named ``clip`` is in the working directory, which is then the tokenizer)."""
+    from reclip_ray.data.clip_bpe import CLIP_NAME
+
+    return cfg.data.tokenizer == CLIP_NAME and not Path(CLIP_NAME).exists()
+
+
+def vocab_size(cfg: Config) -> int:
+    """The vocabulary the model is built with, which is its tokenizer's (``build_model(..., tokenizer=)``): CLIP's
+    49,408 tokens for the CLIP BPE (``clip_bpe.CLIP_VOCAB_SIZE``, which its conversion checks), else
+    ``model.text.vocab_size`` when set, else ``data.vocab_size`` (a tokenizer trained at launch has that size; a
+    tokenizer file's own is not read here: the plan notes it)."""
+    from reclip_ray.data.clip_bpe import CLIP_VOCAB_SIZE
+
+    if uses_clip_bpe(cfg):
+        return CLIP_VOCAB_SIZE
+    return cfg.model.text.vocab_size or cfg.data.vocab_size
 
 
 def plan_run(config: str | None, overrides: list[str] | None = None, **hardware: Any) -> Plan:

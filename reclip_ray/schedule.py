@@ -7,7 +7,8 @@ LR rules (``optim.schedule``):
 
 * ``global``: linear warmup over ``optim.warmup_samples`` (a fraction of the run when a float <= 1; an integer
   is a count, so ``1`` is one sample and ``1.0`` the whole run), then one
-  cosine from ``optim.lr`` down to ``min_lr_ratio * optim.lr`` at the end of the last phase.
+  cosine from ``optim.lr`` down to ``min_lr_ratio * optim.lr`` at the end of the last phase. A phase's own
+  ``lr`` / ``warmup_samples`` have no place in it, so the config refuses them (``config._check_phase_schedule``).
 * ``per_phase``: every phase restarts: its own warmup (``phase.warmup_samples``; -1 means
   ``optim.warmup_samples``; a float <= 1 is a fraction of *that phase*), its own peak (``phase.lr``; 0 means
   ``optim.lr``) and a cosine to ``min_lr_ratio * peak`` at the phase end. RECLIP's short full-resolution finetune

@@ -84,6 +84,23 @@ def test_fraction_versus_count():
         (["data.max_bad_fraction=0.99"], "'data.max_bad_fraction' must be in [0, 0.5], got 0.99"),
         (["train.samples=650", "phases.0.samples=649", "phases.1.samples=1"],
          "'phases.1.samples' (finetune) gives the phase 1 samples, fewer than scaling.max_workers=2"),
+        # Model sizes the phase and eval checks divide by, or that would fail in every worker at build:
+        (["model.vision.patch_size=0"], "'model.vision.patch_size' must be positive, got 0"),
+        (["model.vision.patch_size=-8"], "'model.vision.patch_size' must be positive, got -8"),
+        (["model.embed_dim=0"], "'model.embed_dim' must be positive, got 0"),
+        (["model.vision.width=0"], "'model.vision.width' must be positive, got 0"),
+        (["model.text.depth=0"], "'model.text.depth' must be positive, got 0"),
+        (["model.text.context_length=0"], "'model.text.context_length' must be positive, got 0"),
+        (["model.vision.mlp_ratio=0"], "'model.vision.mlp_ratio' must be positive, got 0"),
+        # What the launch's eval-set check refused only once a run started (and -64 not at all):
+        (["eval.full_image_size=60"], "'eval.full_image_size' 60 must be 0 (the last phase's image_size) or a "
+                                      "positive multiple of the patch size 8"),
+        (["eval.full_image_size=-64"], "'eval.full_image_size' -64 must be 0"),
+        # Counts must be whole, however they are written:
+        (["train.samples=1.5"], "'train.samples' must be an integer, got 1.5"),
+        (["train.samples=1.5e0"], "'train.samples' must be an integer, got '1.5e0'"),
+        (["train.samples=.inf"], "'train.samples' must be an integer, got inf"),
+        (["train.seed=nan"], "'train.seed' must be an integer, got 'nan'"),
     ],
 )
 def test_bad_configs_fail_with_a_message_naming_the_problem(overrides, fragment):
@@ -274,6 +291,20 @@ def test_cli_prints_one_line_error_without_traceback():
 
 def test_exponent_without_dot_is_a_number():
     assert load_config("tiny", ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("text, count", [("1e6", 1_000_000), ("4.0e8", 400_000_000), ("1.0E+6", 1_000_000),
+                                         ("2000.0", 2000)])
+def test_an_integer_key_takes_a_whole_count_written_in_floating_point(tmp_path, text, count):
+    """PyYAML reads ``1e6`` and ``4.0e8`` as strings (and ``1.0E+6`` as a float): a count written so is the count,
+    from ``--set`` and from a file alike; ``1.5`` is still refused (the table above)."""
+    over = ["phases.0.samples=0.9", "phases.1.samples=0.1"]
+    cfg = load_config("tiny", [f"train.samples={text}", f"checkpoint.every_samples={text}", *over])
+    assert (cfg.train.samples, cfg.checkpoint.every_samples) == (count, count)
+    assert type(cfg.train.samples) is int and sum(cfg.phase_samples()) == count
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: tiny\ntrain: {{samples: {text}, batch_size: 64}}\n")
+    assert load_config(str(path)).train.samples == count
 
 
 @pytest.mark.parametrize(

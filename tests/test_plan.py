@@ -530,3 +530,22 @@ def test_the_gpu_presets_fit_an_80_gb_gpu_at_every_worker_count_of_their_scaling
     # ... and at max_workers no phase accumulates: the micro-batch costs nothing where the preset is meant to run
     assert all(phase_global_batch(cfg, i) // cfg.scaling.max_workers <= (ph.micro_batch_size
                if ph.micro_batch_size > 0 else 10**9) for i, ph in enumerate(cfg.phases))
+
+
+def test_the_clip_tokenizer_is_priced_with_the_vocabulary_training_builds(tmp_path, monkeypatch):
+    """``data.tokenizer: clip``: the plan counts the text embedding with CLIP's 49,408 tokens, not data.vocab_size,
+    and so has exactly the parameters of the model the launch builds from the tokenizer it resolves."""
+    pytest.importorskip("open_clip")
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+    from reclip_ray.train.prepare import ensure_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the conversion's cache, not the user's
+    monkeypatch.chdir(tmp_path)  # no file named `clip` here
+    cfg = load_config("tiny", ["data.tokenizer=clip"])
+    tok = load_tokenizer(ensure_tokenizer(cfg, str(tmp_path / "run")))
+    built = sum(p.numel() for p in build_model(cfg.model, tokenizer=tok).parameters())
+    plan = make_plan(cfg)
+    assert tok.vocab_size == 49408 != cfg.data.vocab_size
+    assert plan.parameters == built
+    assert not any("data.vocab_size" in note for note in plan.notes)

@@ -6,15 +6,16 @@ import math
 
 import pytest
 
-from reclip_ray.config import from_dict
+from reclip_ray.config import ConfigError, from_dict
 from reclip_ray.schedule import Schedule, build_optimizer
 
 
 def _cfg(schedule="global", phases=None, **optim):
+    """The finetune has its own peak and warmup in the per-phase schedule; the global one refuses them."""
+    own = {"lr": 2e-4, "warmup_samples": 0.1} if schedule == "per_phase" else {}
     phases = phases or [
         {"name": "low", "image_size": 32, "text_length": 16, "samples": 0.8},
-        {"name": "full", "image_size": 64, "text_length": 32, "samples": 0.2, "lr": 2e-4, "warmup_samples": 0.1,
-         "batch_size": 30},
+        {"name": "full", "image_size": 64, "text_length": 32, "samples": 0.2, "batch_size": 30, **own},
     ]
     return from_dict({
         "model": "tiny",
@@ -40,8 +41,7 @@ def test_fraction_and_absolute_counts_agree():
     frac = Schedule.from_config(_cfg())
     count = Schedule.from_config(_cfg(phases=[
         {"name": "low", "image_size": 32, "text_length": 16, "samples": 800},
-        {"name": "full", "image_size": 64, "text_length": 32, "samples": 200, "lr": 2e-4, "warmup_samples": 0.1,
-         "batch_size": 30},
+        {"name": "full", "image_size": 64, "text_length": 32, "samples": 200, "batch_size": 30},
     ]))
     assert [(p.start_sample, p.end_sample) for p in frac.phases] == [(p.start_sample, p.end_sample) for p in count.phases]
     for x in (0, 50, 400, 850, 999):
@@ -68,6 +68,24 @@ def test_global_warmup_then_cosine():
     assert s.lr_at(325) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 0.25)))
     assert s.lr_at(1000) == pytest.approx(floor)
     assert s.lr_at(800) < s.lr_at(700)  # no restart at the phase boundary in global mode
+
+
+@pytest.mark.parametrize("key, value, planned", [("lr", 2e-4, ("peak_lr", 2e-4)),
+                                                 ("warmup_samples", 0.1, ("warmup_samples", 20)),
+                                                 ("warmup_samples", 0, ("warmup_samples", 0))])
+def test_global_schedule_refuses_a_phase_lr_or_warmup_it_would_ignore(key, value, planned):
+    """The global schedule reads optim.lr and optim.warmup_samples only: a phase's own would be trained without."""
+    phases = [{"name": "low", "image_size": 32, "text_length": 16, "samples": 0.8},
+              {"name": "full", "image_size": 64, "text_length": 32, "samples": 0.2, key: value}]
+    with pytest.raises(ConfigError) as err:
+        _cfg("global", phases=phases)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"'phases.1.{key}' (full) = {value!r}")
+    assert "set optim.schedule: per_phase" in message
+    full = Schedule.from_config(_cfg("per_phase", phases=phases)).phases[1]  # the per-phase schedule takes them
+    assert getattr(full, planned[0]) == planned[1]
+    defaults = [dict(p, lr=0.0, warmup_samples=-1) for p in phases]  # the defaults: nothing to ignore
+    assert Schedule.from_config(_cfg("global", phases=defaults)).phases[1].peak_lr == 1e-3
 
 
 def test_global_warmup_fraction_of_run():
