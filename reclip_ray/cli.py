@@ -100,10 +100,12 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from reclip_ray.data.inspect import inspect_dataset
+    from reclip_ray.data.schema import OPTION_FLAG, column_flag
 
     try:
-        report = inspect_dataset(args.path, image_column=args.image_column, caption_column=args.caption_column,
-                                 limit=args.limit)
+        with column_flag(OPTION_FLAG):  # a missing column's hint names --image-column, not train's --set
+            report = inspect_dataset(args.path, image_column=args.image_column, caption_column=args.caption_column,
+                                     limit=args.limit)
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json(report)
@@ -126,19 +128,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """``--image-size`` (and ``--batch-size``) as one line here, not as an exception from deep in a decode, a
+    position-embedding resample or a ``range``; a size that is not a multiple of the patch size is refused where
+    the model is known (``evaluate_checkpoint``, ``openclip.grid_pos_embed``)."""
+    if args.image_size < 0:
+        raise ReclipError(f"--image-size must be 0 (the model's full resolution) or a size in pixels, "
+                          f"got {args.image_size}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ReclipError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from reclip_ray.data.schema import OPTION_FLAG, column_flag
     from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
 
-    _print_json(
-        evaluate_checkpoint(
-            args.checkpoint,
-            args.data,
-            classes_path=args.classes,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            caption_column=args.caption_column,
-        )
-    )
+    _check_sizes(args)
+    with column_flag(OPTION_FLAG):  # a missing column's hint names --image-column, not train's --set
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, classes_path=args.classes,
+                                      image_size=args.image_size, batch_size=args.batch_size,
+                                      caption_column=args.caption_column, image_column=args.image_column)
+    _print_json(metrics)
     return 0
 
 
@@ -148,6 +158,7 @@ def _export(args: argparse.Namespace) -> int:
     from reclip_ray.export import export_model, load_export
     from reclip_ray.openclip import OPEN_CLIP_CONFIG
 
+    _check_sizes(args)
     model, tokenizer, cfg = load_export(args.model_dir)
     out = str(export_model(model, tokenizer, cfg, args.out, format=args.format, image_size=args.image_size or None))
     meta = storage.read_json(storage.join(out, OPEN_CLIP_CONFIG))["reclip_ray"]
@@ -291,6 +302,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default=None, help="JSON list of class names (or {classes, templates})")
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-column", default=None,
+                   help="the eval set's image column (default: the run's data.image_column, else 'image')")
     p.add_argument("--caption-column", default=None,
                    help="the eval set's caption column (default: the run's data.caption_column, else 'caption')")
     p.set_defaults(func=_eval)

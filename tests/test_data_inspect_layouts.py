@@ -71,12 +71,34 @@ def test_missing_columns_suggest_the_set_flags(tmp_path, i2d):
     check_schema(i2d.files, ColumnMap(image="jpg"))  # img2dataset's own caption column is the default name
 
 
-def test_missing_column_without_candidates_keeps_the_plain_hint(tmp_path):
+def test_missing_column_without_candidates_names_the_flag_to_name_it(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     pq.write_table(pa.table({"key": ["a"], "caption": ["x"], "url": ["http://x"]}), tmp_path / "d" / "p.parquet")
     with pytest.raises(DataError, match=r"p\.parquet: missing image column 'image'; columns are \['caption', 'key', "
-                                        r"'url'\] \(set data\.image_column\)$"):
+                                        r"'url'\] \(name it with --set data\.image_column=COLUMN\)$"):
         check_schema(list_parquet_files(str(tmp_path / "d")), ColumnMap())
+    assert main(["data", "inspect", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(name it with --image-column COLUMN)")
+
+
+def test_data_inspect_hints_name_its_own_options_which_then_work(i2d, tmp_path, capsys):
+    """`data inspect` has --image-column / --caption-column, not train's --set: its hints name those, and the
+    command given the hinted flags inspects the set."""
+    from reclip_ray.cli import build_parser
+
+    txt = write_img2dataset(tmp_path / "txt", 6, seed=2, shards=1, caption_column="txt")
+    both = ["--image-column", "jpg", "--caption-column", "txt"]
+    for layout, rows, hinted in ((i2d, 50, ["--image-column", "jpg"]), (txt, 6, both)):
+        argv = ["data", "inspect", str(layout.path)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--set" not in err
+        flags = re.findall(r"try (--[\w-]+) (\S+?)[;)]", err)
+        assert [x for pair in flags for x in pair] == hinted, err
+        build_parser().parse_args(argv + hinted)  # flags the same command's parser takes
+        assert _inspect_cli(capsys, *argv[2:], *hinted)["rows"] == rows
+    assert main(["data", "inspect", str(i2d.path), "--image-column", "url"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("has type string, expected binary (try --image-column jpg)")
 
 
 def test_webdataset_sibling_error_names_a_command_that_works(tmp_path, capsys):
@@ -191,3 +213,23 @@ def test_column_types_other_writers_use_pass_the_check_and_decode_as_binary_and_
         assert decoded[name]["_ok"].tolist() == [1, 1, 1], name
         assert np.array_equal(decoded[name]["image"], decoded["plain"]["image"]), name
         assert np.array_equal(decoded[name]["tokens"], decoded["plain"]["tokens"]), name
+
+
+def test_null_typed_columns_of_empty_or_all_none_shards_count_as_absent_rows(tmp_path):
+    """pandas (and Dask/Spark partitions through it) writes a column with no value, in an empty shard or an
+    all-None one, with Arrow's ``null`` type; one such shard stopped the launch ("has type null, expected binary").
+    Its rows are absent samples (no image), counted from the footer as the pipeline finds them."""
+    from reclip_ray.data.shards import clear_footer_cache, read_footers
+
+    root = tmp_path / "partitions"
+    root.mkdir()
+    pq.write_table(pa.table({"image": pa.nulls(0), "caption": pa.nulls(0)}), root / "part-0.parquet")
+    pq.write_table(pa.table({"image": pa.nulls(3), "caption": ["a", "b", "c"]}), root / "part-1.parquet")
+    pq.write_table(pa.table({"image": [b"\xff\xd8 not really"], "caption": pa.nulls(1)}), root / "part-2.parquet")
+    files = list_parquet_files(str(root))
+    assert str(pq.read_schema(files[1]).field("image").type) == "null"
+    check_schema(files, ColumnMap())
+    clear_footer_cache()
+    assert [(s.rows, s.absent) for s in read_footers(files)] == [(0, 0), (3, 3), (1, 0)]
+    report = inspect_dataset(str(root))
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (4, 3, 1)

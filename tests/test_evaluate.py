@@ -160,6 +160,13 @@ def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_
     given = evaluate_checkpoint(str(export_dir), str(hf.path), classes_path=str(classes), image_size=32)["metrics"]
     assert {k: v for k, v in m.items() if k.startswith("label/")} == {k: v for k, v in given.items()
                                                                       if k.startswith("label/")}
+    # A Hub folder with a second split beside it: the folder is refused, a pattern scores the split it names.
+    write_hugging_face(tmp_path / "hf", n_rows=5, shards=1, split="test", seed=4)
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(hf.path), "--image-size", "32"]) == 2
+    assert "holds the splits train, test of a Hugging Face export" in capsys.readouterr().err
+    pattern = str(hf.path / "data" / "train-*.parquet")
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", pattern, "--image-size", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == m
 
 
 def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth_dir, tmp_path, capsys):
@@ -198,3 +205,89 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
     assert json.loads(capsys.readouterr().out)["metrics"] == reference
     assert main([*args, "--caption-column", "nope"]) == 2
     assert re.search(missing, capsys.readouterr().err)
+
+
+def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
+    """A template names the class as ``{}`` (open_clip) or ``{c}`` (CLIP_benchmark): both are filled, nothing is
+    appended (``"a photo of a {c}."`` was scored as ``"a photo of a {c}. circle"``)."""
+    from reclip_ray.evaluation.metrics import zero_shot_classifier
+
+    seen: list[str] = []
+
+    class Tok:
+        def encode(self, texts, length):
+            seen.extend(texts)
+            return np.zeros((len(texts), length), np.int64)
+
+    class Model(torch.nn.Module):
+        def encode_text(self, tokens, normalize=False):
+            return torch.ones(tokens.shape[0], 4)
+
+    templates = ["a photo of a {c}.", "a {} shape.", "{c}, a {c}"]
+    zero_shot_classifier(Model(), Tok(), ["circle", "star"], templates, text_length=8)
+    assert seen == ["a photo of a circle.", "a circle shape.", "circle, a circle",
+                    "a photo of a star.", "a star shape.", "star, a star"]
+
+
+def test_a_template_that_cannot_take_the_class_name_is_a_one_line_error(tmp_path):
+    """A template with neither ``{}`` nor ``{c}`` would score every class with the same prompt; README documents no
+    such template, so it is refused (in a --classes file or dataset.json), as is one with another field."""
+    from reclip_ray.evaluation.eval_set import check_templates, label_sets, read_classes
+
+    for bad, fragment in (("a photo of a", "has no {} or {c} for the class name"),
+                          ("a {0} and {1}", "takes the class name only as {} or {c} (IndexError"),
+                          ("a {cls}", "takes the class name only as {} or {c} (KeyError: 'cls')"),
+                          ("a {c} }", "takes the class name only as {} or {c} (ValueError")):
+        with pytest.raises(ReclipError, match=re.escape(fragment)):
+            check_templates([bad], "where")
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": ["circle"], "templates": ["a photo of a"]}))
+    with pytest.raises(ReclipError, match=r"classes\.json: zero-shot template 'a photo of a' has no"):
+        read_classes(str(path), {})
+    meta = {"classes": ["circle"], "templates": ["a photo of a {}", "itap"]}
+    with pytest.raises(ReclipError, match=r"^dataset\.json \(label set 'label'\): zero-shot template 'itap' has no"):
+        label_sets(meta, ["image", "label"], "label", None)
+
+
+def test_eval_column_hints_name_its_own_options_which_then_work(export_dir, tmp_path, capsys):
+    """`reclip-ray eval` has --image-column and --caption-column, not --set: on img2dataset shards (images in
+    `jpg`) the missing-column line names --image-column, and the same command given it scores the set."""
+    from layouts import write_img2dataset
+    from reclip_ray.cli import build_parser, main
+
+    i2d = write_img2dataset(tmp_path / "i2d", 12, failed_fraction=0.25, seed=1, shards=1)
+    argv = ["eval", "--checkpoint", str(export_dir), "--data", str(i2d.path), "--image-size", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing image column 'image'" in err and "--set" not in err
+    hinted = list(re.search(r"\(try (--[\w-]+) (\S+)\)$", err).groups())
+    assert hinted == ["--image-column", "jpg"]
+    build_parser().parse_args(argv + hinted)  # a flag the same command's parser takes
+    assert main(argv + hinted) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert (m["rows"], m["absent_rows"], m["captions"]) == (9, 3, 9)
+    assert main(argv + ["--image-column", "url"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("has type string, expected binary (try --image-column jpg)")
+    assert main(argv + ["--image-column", "nope"]) == 2
+    assert "--image-column 'nope': no such column in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--image-size", "-8"], "--image-size must be 0 (the model's full resolution) or a size in pixels, got -8"),
+    (["--image-size", "12"], "--image-size 12 is not a multiple of the model's patch size 8"),
+])
+def test_eval_and_export_refuse_bad_sizes_in_one_line(export_dir, synth_dir, tmp_path, capsys, flags, message):
+    from reclip_ray.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(synth_dir / "eval"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"reclip-ray: error: {message}\n"
+    if flags[0] == "--image-size":
+        out = tmp_path / "oc"
+        assert main(["export", str(export_dir), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("reclip-ray: error: ") and flags[1] in err
+        assert not out.exists()

@@ -18,7 +18,7 @@ import numpy as np
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.schema import (ColumnMap, absent_mask, check_images_embedded, check_schema, image_bytes,
-                                    parquet_schema)
+                                    missing_column_message, parquet_schema, wrong_image_type_message)
 from reclip_ray.data.shards import footers, is_image_type, is_string, list_parquet_files
 from reclip_ray.data.stream import rows_to_skip
 from reclip_ray.data.tokenizer import CaptionTokenizer
@@ -111,12 +111,11 @@ def check_columns(files: Sequence[str], columns: ColumnMap, *, require_caption: 
     footers(files)  # in parallel, once: parquet_schema below (and the caller's later reads) hit the cache
     for file in files:
         schema = parquet_schema(file)
-        if columns.image not in schema.names:
-            raise DataError(f"{file}: missing image column {columns.image!r}; columns are {sorted(schema.names)} "
-                            "(set data.image_column)")
+        if columns.image not in schema.names:  # the hint names the command's flag (``schema.column_flag``)
+            raise DataError(missing_column_message(file, schema, [("image", columns.image)]))
         image_type = schema.field(columns.image).type
         if not (is_image_type(image_type) or pa.types.is_null(image_type)):
-            raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary")
+            raise DataError(wrong_image_type_message(file, schema, columns.image))
         if columns.caption in schema.names:
             caption_type = schema.field(columns.caption).type
             if not (is_string(caption_type) or pa.types.is_null(caption_type)):

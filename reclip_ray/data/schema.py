@@ -6,8 +6,12 @@ read the same. The files themselves and their footers are ``shards``'.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import pyarrow as pa
 
 from reclip_ray import storage
 from reclip_ray.data.shards import (HF_IMAGE_FIELD, footers, hf_image_bytes_type, is_image_type, is_string,
@@ -18,6 +22,30 @@ if TYPE_CHECKING:
     import numpy as np
 
 CANONICAL = ("key", "image", "caption", "label")
+# How a column hint names the flag that sets a column: the config key, for the commands that take --set (train,
+# sweep), or the command's own option (data inspect, eval). The command chooses (``column_flag``), since the checks
+# that print the hint sit several calls below it.
+CONFIG_FLAG = "--set data.{role}_column={name}"
+OPTION_FLAG = "--{role}-column {name}"
+_COLUMN_FLAG: ContextVar[str] = ContextVar("column_flag", default=CONFIG_FLAG)
+
+
+@contextmanager
+def column_flag(template: str) -> Iterator[None]:
+    """Within the block, column hints name the flag as ``template`` (``CONFIG_FLAG`` or ``OPTION_FLAG``) does."""
+    token = _COLUMN_FLAG.set(template)
+    try:
+        yield
+    finally:
+        _COLUMN_FLAG.reset(token)
+
+
+def column_hint(role: str, candidates: Sequence[str]) -> str:
+    """The flag to try for the first candidate column of ``role`` (image, caption), or how to name one."""
+    flag = _COLUMN_FLAG.get()
+    if candidates:
+        return f"try {flag.format(role=role, name=candidates[0])}"
+    return f"name it with {flag.format(role=role, name='COLUMN')}"
 
 
 @dataclass
@@ -74,16 +102,16 @@ def check_schema(files: Iterable[str], columns: ColumnMap, require_label: bool =
         names = set(schema.names)
         missing = [(role, name) for role, name in required if name not in names]
         if missing:
-            raise DataError(_missing_column_message(file, schema, missing))
+            raise DataError(missing_column_message(file, schema, missing))
+        # A null-typed column is what pandas writes for an empty shard or an all-None column: rows absent (no
+        # image) or bad (no caption), counted as such, never a reason to stop the launch.
         image_type = schema.field(columns.image).type
-        if not is_image_type(image_type):
-            others = _binary_columns(schema)
-            hint = f" (try --set data.image_column={others[0]})" if others else ""
-            raise DataError(f"{file}: image column {columns.image!r} has type {image_type}, expected binary{hint}")
+        if not (is_image_type(image_type) or pa.types.is_null(image_type)):
+            raise DataError(wrong_image_type_message(file, schema, columns.image))
         if not require_caption:
             continue
         caption_type = schema.field(columns.caption).type
-        if not is_string(caption_type):
+        if not (is_string(caption_type) or pa.types.is_null(caption_type)):
             raise DataError(f"{file}: caption column {columns.caption!r} has type {caption_type}, expected string")
     check_images_embedded(files, columns.image)
 
@@ -151,8 +179,16 @@ def _caption_columns(schema) -> list[str]:
     return [n for n in CAPTION_NAMES if n in present]
 
 
-def _missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -> str:
-    """One line for the missing ``(role, name)`` columns: the webdataset command, the --set flags, or the columns."""
+def wrong_image_type_message(file: str, schema, column: str) -> str:
+    """One line for an image column that holds no image bytes, with the flag of a column that does."""
+    others = _binary_columns(schema)
+    hint = f" ({column_hint('image', others)})" if others else ""
+    return f"{file}: image column {column!r} has type {schema.field(column).type}, expected binary{hint}"
+
+
+def missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -> str:
+    """One line for the missing ``(role, name)`` columns: the webdataset command, the flags (``column_hint``) that
+    name the shard's likely columns, or the flag to name one."""
     roles = [role for role, _ in missing]
     if "image" in roles and not _binary_columns(schema):
         pattern = _webdataset_pattern(file, schema)
@@ -161,10 +197,8 @@ def _missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -
                     f"this metadata-only shard (img2dataset --output_format webdataset); convert them with "
                     f"reclip-ray data ingest --webdataset '{pattern}' --out DIR")
     finders = {"image": _binary_columns, "caption": _caption_columns}
-    hints = []
-    for role, name in missing:
-        found = [n for n in finders.get(role, lambda _: [])(schema) if n != name]
-        hints.append(f"try --set data.{role}_column={found[0]}" if found else f"set data.{role}_column")
+    hints = [column_hint(role, [n for n in finders.get(role, lambda _: [])(schema) if n != name])
+             for role, name in missing]
     role, name = missing[0]
     return f"{file}: missing {role} column {name!r}; columns are {sorted(schema.names)} ({'; '.join(hints)})"
 

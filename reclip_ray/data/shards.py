@@ -337,6 +337,9 @@ def _footer(file: str) -> Footer:
             stats = rg.column(c).statistics
             if stats is not None and stats.has_null_count:
                 nulls[c] += stats.null_count
+    for c, name in binary_leaves.items():
+        if pa.types.is_null(schema.field(name).type):  # no statistics: every row is null
+            nulls[c] = meta.num_rows
     ours = tuple(sorted((k, v) for k, v in kv.items() if k.startswith(b"reclip.")))
     return Footer(file, meta.num_rows, tuple(groups), schema,
                   tuple((binary_leaves[c], n) for c, n in nulls.items() if n), ours,
@@ -375,7 +378,8 @@ def _schema_of(meta: Any) -> tuple[Any, dict[int, str]]:
             return arrow, leaves
     arrow = meta.schema.to_arrow_schema().remove_metadata()
     images = {f.name for f in arrow if is_image_type(f.type)}
-    binary = {f.name for f in arrow if is_binary(f.type)}
+    # A column of nulls only (pandas writes an all-None or empty image column so) counts its rows absent, as nulls.
+    binary = {f.name for f in arrow if is_binary(f.type) or pa.types.is_null(f.type)}
     leaf_of = {name: name for name in binary} | {f"{name}.{HF_IMAGE_FIELD}": name for name in images - binary}
     leaves = {c: leaf_of[meta.schema.column(c).path] for c in range(meta.num_columns)
               if meta.schema.column(c).path in leaf_of}

@@ -21,6 +21,7 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     device: str | None = None,
     caption_column: str | None = None,
+    image_column: str | None = None,
 ) -> dict[str, Any]:
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
@@ -29,14 +30,16 @@ def evaluate_checkpoint(
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
     open_clip's on the same images. The eval set is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
-    canonical name when the eval shards lack it; ``caption_column`` names the caption column outright.
+    canonical name when the eval shards lack it; ``caption_column`` and ``image_column`` name those columns
+    outright.
     """
     from reclip_ray import storage
     from reclip_ray.data.schema import read_dataset_json
+    from reclip_ray.data.shards import split_pattern
 
     if not storage.exists(checkpoint):
         raise ReclipError(f"checkpoint not found: {checkpoint}")
-    if not storage.exists(data):
+    if not storage.exists(split_pattern(data)[0]):  # a pattern (hub/data/test-*.parquet): its folder
         raise ReclipError(f"eval data not found: {data}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = _load(checkpoint, device, image_size)
@@ -46,7 +49,7 @@ def evaluate_checkpoint(
     if size % patch:
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
-    columns = _columns(data, cfg, caption_column)
+    columns = _columns(data, cfg, caption=caption_column, image=image_column)
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,
@@ -55,23 +58,26 @@ def evaluate_checkpoint(
             "text_length": text_length, "metrics": metrics}
 
 
-def _columns(data: str, cfg: Any, caption_column: str | None) -> Any:
-    """The eval set's columns (``eval_set.eval_columns``), with ``caption_column`` when given: a set whose captions
-    are in neither the run's caption column nor ``caption`` would otherwise be scored as captionless, with no
-    retrieval. A named column the shards lack is an error, not a silent zero-shot-only evaluation."""
+def _columns(data: str, cfg: Any, **named: str | None) -> Any:
+    """The eval set's columns (``eval_set.eval_columns``), with the ones ``named`` (``caption=``, ``image=``) when
+    given: a set whose captions are in neither the run's caption column nor ``caption`` would otherwise be scored as
+    captionless, with no retrieval, and one whose images are in neither could not be read. A named column the
+    shards lack is an error naming the flag, not a silent zero-shot-only evaluation."""
     import dataclasses
 
     from reclip_ray.data.schema import ColumnMap, parquet_schema
     from reclip_ray.data.shards import list_parquet_files
 
     columns = eval_columns(data, ColumnMap.from_config(cfg.data))
-    if not caption_column:
+    named = {role: column for role, column in named.items() if column}
+    if not named:
         return columns
     file = list_parquet_files(data)[0]
     names = parquet_schema(file).names
-    if caption_column not in names:
-        raise ReclipError(f"--caption-column {caption_column!r}: no such column in {file}; columns are {sorted(names)}")
-    return dataclasses.replace(columns, caption=caption_column)
+    for role, column in named.items():
+        if column not in names:
+            raise ReclipError(f"--{role}-column {column!r}: no such column in {file}; columns are {sorted(names)}")
+    return dataclasses.replace(columns, **named)
 
 
 def _load(checkpoint: str, device: str, image_size: int) -> tuple[torch.nn.Module, Any, Any]:

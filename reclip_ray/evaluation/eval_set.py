@@ -17,6 +17,25 @@ from reclip_ray.errors import ReclipError
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
+def class_prompt(template: str, classname: str) -> str:
+    """A zero-shot prompt: ``classname`` put in the template's ``{}`` (open_clip's spelling) or ``{c}``
+    (CLIP_benchmark's); ``check_templates`` has refused a template with neither, or with another field."""
+    return template.format(classname, c=classname)
+
+
+def check_templates(templates: Sequence[str], where: str) -> None:
+    """Fail in one line on a template that cannot take the class name: none of ``{}`` / ``{c}`` (every class would
+    get the same prompt, and score the same), or a field or brace that ``str.format`` refuses (``{1}``, ``{cls}``)."""
+    for template in templates:
+        try:
+            filled = {class_prompt(template, name) for name in ("A", "B")}
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ReclipError(f"{where}: zero-shot template {template!r} takes the class name only as {{}} or {{c}} "
+                              f"({type(exc).__name__}: {exc})") from None
+        if len(filled) == 1:
+            raise ReclipError(f"{where}: zero-shot template {template!r} has no {{}} or {{c}} for the class name")
+
+
 def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
                class_labels: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
@@ -28,6 +47,15 @@ def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_over
     literally named ``label`` that is not the label column is left out: ``label`` stands for the label column."""
     if classes_override is not None:
         return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
+    sets = _label_sets(meta, names, label_column, class_labels)
+    for name, spec in sets.items():
+        check_templates(spec["templates"], f"dataset.json (label set {name!r})")  # every set's come from there
+    return sets
+
+
+def _label_sets(meta: dict, names: Sequence[str], label_column: str,
+                class_labels: dict[str, list[str]] | None) -> dict[str, dict]:
+    """``label_sets`` without a classes file: dataset.json's sets, else the ClassLabel columns."""
     sets: dict[str, dict] = {}
     if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
         for column, classes in (class_labels or {}).items():
@@ -147,5 +175,6 @@ def read_classes(path: str, meta: dict) -> dict:
         raw = {"classes": raw, "templates": meta.get("templates") or list(DEFAULT_TEMPLATES)}
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list) or not raw["classes"]:
         raise ReclipError(f"{p}: expected a JSON list of class names or {{\"classes\": [...], \"templates\": [...]}}")
-    templates = raw.get("templates") or meta.get("templates") or list(DEFAULT_TEMPLATES)
-    return {"classes": [str(c) for c in raw["classes"]], "templates": [str(t) for t in templates]}
+    templates = [str(t) for t in raw.get("templates") or meta.get("templates") or DEFAULT_TEMPLATES]
+    check_templates(templates, p if raw.get("templates") else f"{p} (templates from dataset.json)")
+    return {"classes": [str(c) for c in raw["classes"]], "templates": templates}

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES
+from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, class_prompt
 from reclip_ray.evaluation.gather import agree, block, gather_rows, run_steps
 
 CHUNK = 1024
@@ -35,7 +35,8 @@ def zero_shot_classifier(
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.Tensor:
-    """[C, D] class embeddings: each class's normalised template embeddings averaged, then re-normalised.
+    """[C, D] class embeddings: each class's normalised template embeddings averaged, then re-normalised. A
+    template takes the class name in ``{}`` or ``{c}`` (``eval_set.class_prompt``).
 
     With ``world_size`` > 1 (every rank calls it) each rank encodes a contiguous block of the same batches that one
     rank would encode, and the features are gathered: ImageNet's 1000 classes x 80 templates are 80k captions,
@@ -43,7 +44,7 @@ def zero_shot_classifier(
     """
     model = getattr(model, "module", model)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
-    texts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
+    texts = [class_prompt(t, c) for c in classnames for t in templates]
     starts = list(range(0, len(texts), batch_size))
     lo, hi = block(len(starts), rank, world_size)
 
