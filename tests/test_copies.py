@@ -120,6 +120,28 @@ def test_shrink_to_another_folder_leaves_the_source_alone(photos, tmp_path):
     assert json.loads((out / "dataset.json").read_text())["copies"]["sizes"] == [80]
 
 
+def test_shrink_one_file_to_another_folder_writes_it_there_by_name(photos, tmp_path):
+    """`data shrink FILE.parquet --out DIR`: the file's path relative to itself is empty, which made the
+    destination the folder itself ("Is a directory"); it is DIR/<the file's name>."""
+    src = photos / "shard-00001.parquet"
+    original = src.read_bytes()
+    out = tmp_path / "one"
+    summary = shrink_dataset(src, [40], out=out, workers=1, log=None)
+    assert summary["shards"] == 1 and summary["copies_made"] == 12
+    assert sorted(os.listdir(out)) == ["shard-00001.parquet"] and src.read_bytes() == original
+    assert [s.copies for s in read_footers([str(out / "shard-00001.parquet")])] == [(40,)]
+
+
+def test_shrink_a_pattern_writes_the_files_it_names_beside_the_dataset_json(photos, tmp_path):
+    """A pattern (a Hub split, ``data/train-*.parquet``) names some files of a folder: those are shrunk, to their
+    paths under the folder, and the folder's dataset.json travels with them (and records the copies)."""
+    out = tmp_path / "some"
+    summary = shrink_dataset(f"{photos}/shard-0000[02].parquet", [40], out=out, workers=1, log=None)
+    assert summary["shards"] == 2 and summary["copies_made"] == 24
+    assert sorted(os.listdir(out)) == ["dataset.json", "shard-00000.parquet", "shard-00002.parquet"]
+    assert json.loads((out / "dataset.json").read_text())["copies"]["sizes"] == [40]
+
+
 def test_a_shard_that_is_not_parquet_is_a_one_line_error_naming_it(photos, capsys):
     from reclip_ray.cli import main
 

@@ -174,3 +174,108 @@ def test_plan_crop_applies_the_decompression_bomb_limit(jpeg, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 512 * 384 - 1)
     with pytest.raises(BadImage, match="decompression bomb"):
         images.plan_crop(jpeg, train=False)
+
+
+def _transparent(width: int, height: int, mode: str, seed: int = 0) -> bytes:
+    """A detailed image with alpha from 0 to 255 (hard and soft edges) as a PNG of ``mode`` (RGBA, LA or P with a
+    transparent palette entry)."""
+    rgb = _photo((width, height), seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    alpha = np.clip((np.sin(xx / 37) + np.cos(yy / 23)) * 64 + 128, 0, 255).astype(np.uint8)
+    alpha[: height // 5] = 0
+    alpha[height // 2:height // 2 + 40] = np.random.default_rng(seed).integers(0, 256, (40, width))
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    if mode != "P":
+        return _encode(rgba.convert(mode), "PNG")
+    p = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=255)
+    index = np.asarray(p).copy()
+    index[alpha < 100] = 255
+    out = Image.fromarray(index, "P")
+    out.putpalette(p.getpalette())
+    return _encode(out, "PNG", transparency=255)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_transparent_image_is_reduced_before_it_is_flattened_with_the_same_crop(mode):
+    """The crop of a large image with alpha is the crop of the image composited onto white at full size (the
+    reference here), up to rounding: it is reduced premultiplied first (images._rgb_reduced). Same crop box for
+    the same generator, drawn before anything is decoded."""
+    import random
+
+    data = _transparent(1200, 1000, mode)
+    for size, train in ((32, True), (64, True), (64, False), (96, False)):
+        rng = random.Random(3)
+        out = decode_image(data, size, train=train, rng=rng)
+        ref_rng = random.Random(3)
+        full = Image.open(io.BytesIO(data))
+        box = images._crop_box(*full.size, train=train, rng=ref_rng)
+        assert rng.random() == ref_rng.random()  # the row's generator drew exactly the crop box
+        assert images._rgb_reduced(full, box, size)[1] >= 2  # the reduced path is what is tested
+        ref = np.asarray(images.to_rgb(full).resize((size, size), images.RESAMPLE, box=box)).astype(np.int16)
+        diff = np.abs(out.astype(np.int16) - ref)
+        assert diff.max() <= 8 and diff.mean() < 0.8, (mode, size, train, diff.max(), diff.mean())
+
+
+def test_a_large_transparent_png_decodes_without_full_size_composites(tmp_path):
+    """A 4000 x 4000 RGBA PNG (64 MB decoded) took 2.7-5x its decoded size at peak to become a 64 px crop: the
+    composite onto white, its background and conversions were all full size. Now only the decoded image is (1.2x).
+    Measured as the peak RSS of a fresh process: PIL allocates outside Python's allocator (tracemalloc sees none)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import ImageDraw
+
+    side = 4000
+    img = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for i in range(12):
+        draw.ellipse((i * 250, i * 200, i * 250 + 900, i * 200 + 700), fill=(200, 20 * i, 50, 100 + 12 * i))
+    path = tmp_path / "big.png"
+    img.save(path, "PNG", compress_level=1)
+    del img, draw
+    script = (
+        "import random, resource, sys\n"
+        "from reclip_ray.data.images import decode_image\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = decode_image(data, 64, train=True, rng=random.Random(0))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, int(out.mean()))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
+                          timeout=60, check=True)
+    peak, mean = (int(v) for v in done.stdout.split())
+    decoded = side * side * 4
+    assert peak < 1.4 * decoded, f"peak {peak / 1e6:.0f} MB for a {decoded / 1e6:.0f} MB decoded image"
+    assert 128 < mean < 255  # mostly white background, some colour
+
+
+def test_multi_picture_jpeg_is_draft_decoded_like_a_jpeg(monkeypatch):
+    """Phone cameras write MPO (a JPEG with more pictures after it); PIL opens it as format "MPO", which skipped
+    the scaled decode. Frame 0 is decoded, at the JPEG's reduced scale, to the JPEG's pixels."""
+    from PIL import JpegImagePlugin
+
+    first = Image.fromarray(_photo())
+    second = Image.fromarray(255 - _photo(seed=1))
+    mpo = _encode(first, "MPO", save_all=True, append_images=[second], quality=90)
+    jpeg = _encode(first, "JPEG", quality=90)
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+
+    drafted = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        drafted.append((self.format, result is not None))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    for size, train in ((64, False), (48, True)):
+        drafted.clear()
+        out = decode_image(mpo, size, train=train, rng=np.random.default_rng(5))
+        assert drafted == [("MPO", True)]
+        assert np.array_equal(out, decode_image(jpeg, size, train=train, rng=np.random.default_rng(5)))
+    assert np.abs(decode_image(mpo, 64, train=False).astype(np.int16) - reference_decode(mpo, 64)).mean() < 2.0
+    copy = Image.open(io.BytesIO(images.make_copy(mpo, 40)))
+    assert drafted[-1] == ("MPO", True) and copy.format == "JPEG" and min(copy.size) == 40

@@ -132,6 +132,44 @@ def test_folder_errors_name_file_row_and_column(tmp_path, image_folder):
         ingest_folder(folder, tmp_path / "absent.csv", tmp_path / "o4")
 
 
+def test_folder_captions_with_a_byte_order_mark_or_not_utf8(tmp_path, image_folder, monkeypatch):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (it used to become part of the first column's name, and a
+    JSON error); a Latin-1 export is a one-line error naming the line and byte, not a UnicodeDecodeError."""
+    folder, records = image_folder
+    bom = b"\xef\xbb\xbf"
+    rows = "".join(f"{r['file']},caf\u00e9 {i}\r\n" for i, r in enumerate(records))
+    (tmp_path / "bom.csv").write_bytes(bom + ("file,caption\r\n" + rows).encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(bom + "".join(
+        json.dumps({"file": r["file"], "caption": f"caf\u00e9 {i}"}) + "\n" for i, r in enumerate(records)).encode())
+    for name in ("bom.csv", "bom.jsonl"):
+        assert ingest_folder(folder, tmp_path / name, tmp_path / name.replace(".", "_"))["rows"] == 7
+        captions = [r["caption"] for r in _read_all(tmp_path / name.replace(".", "_"))]
+        assert captions == [f"caf\u00e9 {i}" for i in range(7)], name
+
+    # The bad byte far past the text reader's first 8 KB chunk: still the right line and offset.
+    good = "".join(f"{records[0]['file']},caption {i}\n" for i in range(1000)).encode()
+    latin1 = b"file,caption\n" + good + "img0.jpg,caf\u00e9 au lait\n".encode("latin-1")
+    (tmp_path / "latin1.csv").write_bytes(latin1)
+    at = latin1.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin1\.csv line 1002 \(byte {at}, 0xe9\): not UTF-8 text") as err:
+        ingest_folder(folder, tmp_path / "latin1.csv", tmp_path / "o1")
+    assert "\n" not in str(err.value)
+    jsonl = bom + b'{"file": "img0.jpg", "caption": "ok"}\n{"file": "img0.jpg", "caption": "\xe9"}\n'
+    (tmp_path / "latin1.jsonl").write_bytes(jsonl)
+    with pytest.raises(DataError, match=rf"latin1\.jsonl line 2 \(byte {jsonl.index(0xe9)}, 0xe9\): not UTF-8 text"):
+        ingest_folder(folder, tmp_path / "latin1.jsonl", tmp_path / "o2")
+
+    # A remote captions file is read whole and decoded the same way.
+    from reclip_ray import storage
+    from reclip_ray.data import ingest
+
+    monkeypatch.setattr(storage, "local_path", lambda path: None)
+    monkeypatch.setattr(storage, "read_bytes", lambda path, may_change=True: open(path, "rb").read())
+    assert [r for _, r in ingest._read_caption_rows(str(tmp_path / "bom.csv"))][0]["file"] == records[0]["file"]
+    with pytest.raises(DataError, match=rf"latin1\.csv line 1002 \(byte {at}, 0xe9\)"):
+        list(ingest._read_caption_rows(str(tmp_path / "latin1.csv")))
+
+
 def _write_tar(path, samples):
     with tarfile.open(path, "w") as tar:
         for name, data in samples:

@@ -44,7 +44,7 @@ from reclip_ray import storage
 from reclip_ray.data.images import BadImage, make_copy, min_source_side
 from reclip_ray.data.schema import image_bytes, read_dataset_json
 from reclip_ray.data.shards import (COPIES_KEY, WRITE_BATCH_ROWS, copy_column, footer_copies, list_parquet_files,
-                                    row_group_rows, write_file_atomic)
+                                    row_group_rows, split_pattern, write_file_atomic)
 from reclip_ray.errors import DataError
 
 DEFAULT_QUALITY = 90
@@ -242,12 +242,12 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     """
     src = storage.normalize(str(data))
     files = list_parquet_files(src)
+    src = split_pattern(src)[0]  # a pattern (DIR/train-*.parquet) shrinks the files it names; DIR is the dataset's
     sizes = parse_sizes(sizes)
     dst_root = storage.normalize(str(out)) if out else src
     if out:
         _copy_small_files(src, dst_root)
-    jobs = [(f, sizes, image_column, storage.join(dst_root, _relative(f, src)) if out else None, quality, force)
-            for f in files]
+    jobs = [(f, sizes, image_column, _destination(f, src, dst_root) if out else None, quality, force) for f in files]
     t0 = time.perf_counter()
     remote = storage.is_uri(src) or storage.is_uri(dst_root)
     if on_ray:
@@ -271,6 +271,12 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
 
 def _relative(file: str, root: str) -> str:
     return file[len(root):].lstrip("/")
+
+
+def _destination(file: str, src: str, dst_root: str) -> str:
+    """Where ``--out`` writes a shard: at its path under the source folder, or for a source that is one file,
+    ``dst_root/<its name>`` (its path relative to itself is empty, which named the folder ``dst_root`` itself)."""
+    return storage.join(dst_root, _relative(file, src) or storage.name(file))
 
 
 def _copy_small_files(src: str, dst_root: str) -> None:

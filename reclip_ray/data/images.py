@@ -10,7 +10,8 @@ and right; eval = resize the shorter side, centre crop. Both are done by one ``I
 crop never materialises an intermediate image.
 
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
-onto white, which is how a browser or a caption writer saw them. 16-bit and integer images are scaled to 8 bits
+onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
+that the composite is not made at full size: ``_rgb_reduced``). 16-bit and integer images are scaled to 8 bits
 (not clipped), CMYK goes through PIL's conversion.
 
 Bad input: undecodable, truncated or too-large (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit, which we
@@ -99,6 +100,40 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# An image with alpha is first reduced (box filter, premultiplied) by the largest integer that leaves its crop at
+# least this many times the output size: Pillow's ``reducing_gap``, "indistinguishable" from one resample from 3.0.
+REDUCING_GAP = 3.0
+STRIP_PIXELS = 1 << 20  # source pixels converted per strip while reducing: ~8 MB of RGBA and its premultiplied copy
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    """Whether ``to_rgb`` composites this image onto white."""
+    return img.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[Image.Image, int]:
+    """``to_rgb(img)``, reduced k times when it has alpha and the crop ``box`` spans >= 2 * REDUCING_GAP * size px;
+    returns it and k (1: not reduced). A source coordinate x is x / k in the result, as after ``_draft``.
+
+    Why: compositing onto white at full size made four more full-size images (a 9000 x 9000 RGBA PNG of 1.6 MB
+    took 1.5 GB to become a 64 px crop, 320 MB this way). Here strips of the image are reduced one at a time, so
+    only the decoded image is full size. Reducing premultiplied colour (``Image.reduce`` does), then compositing
+    onto white, is compositing then reducing, up to rounding: both are linear in (premultiplied colour, alpha).
+    Only alpha images: an RGB image is resized with no full-size copy already."""
+    k = int(min(box[2] - box[0], box[3] - box[1]) // (REDUCING_GAP * size))
+    if k < 2 or not _has_alpha(img):
+        return to_rgb(img), 1
+    w, h = img.size
+    out = Image.new("RGB", (-(-w // k), -(-h // k)))
+    rows = k * max(1, STRIP_PIXELS // (w * k))  # a multiple of k: strips are whole rows of k x k blocks
+    for top in range(0, h, rows):
+        strip = img.crop((0, top, w, min(h, top + rows)))
+        if strip.mode not in ("RGBA", "LA"):  # P, PA, RGBa, La: Image.reduce premultiplies RGBA and LA itself
+            strip = strip.convert("RGBA")
+        out.paste(to_rgb(strip.reduce(k)), (0, top // k))
+    return out, k
+
+
 def _crop_box(width: int, height: int, *, train: bool, rng: Any = None) -> tuple[float, float, float, float]:
     """Crop rectangle (left, top, right, bottom) in source pixels. ``rng``: anything with ``uniform(a, b)`` (a
     ``random.Random`` or a numpy Generator)."""
@@ -131,7 +166,7 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) 
     [d i, d (i + 1)): the reduced image is ceil(W/d) wide, its last column partly the encoder's edge padding, and a
     source coordinate x is x / d in it (PIL's ``draft`` returns that box, (0, 0, W/d, H/d)), not x ceil(W/d) / W.
     """
-    if img.format != "JPEG":
+    if img.format not in ("JPEG", "MPO"):  # MPO: a phone camera's multi-picture JPEG, frame 0 a plain JPEG
         return 1
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
     k = min(crop_w, crop_h) / size  # how much we may shrink and still have `size` px across the crop
@@ -154,9 +189,11 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-        img = to_rgb(img)
         if scale != 1:  # the crop in the reduced image: source coordinates / d (_draft)
             box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
+        img, k = _rgb_reduced(img, box, size)
+        if k != 1:  # likewise after reducing an image with alpha
+            box = (box[0] / k, box[1] / k, box[2] / k, box[3] / k)
         out = img.resize((size, size), RESAMPLE, box=box)
     except BadImage:
         raise
@@ -264,7 +301,8 @@ def make_copy(data: bytes, short_side: int, quality: int = 90) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-        img = to_rgb(img)
+        img, k = _rgb_reduced(img, (0.0, 0.0, w / d, h / d), short_side)
+        d *= k  # a draft and a reduction compose: source x is x / (d k) in the result
         scale = short_side / min(w, h)
         size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
         # the whole source in the reduced image, without its padded edge: (0, 0, w/d, h/d) (_draft)

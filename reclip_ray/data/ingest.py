@@ -14,6 +14,7 @@ one LIST per folder up front, then one ranged GET per 8 MB streamed. A shard is 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -22,7 +23,7 @@ import json
 import os
 import re
 import tarfile
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow as pa
 
@@ -129,37 +130,76 @@ def _image_row(key: str, data: bytes, caption: str, label: int | None,
 # -------------------------------------------------------------------------------------------------- folder
 
 
-def _read_caption_rows(captions: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row number, record) from CSV (header row) or JSONL, local or a URI; row numbers are 1-based data rows."""
-    suffix = os.path.splitext(storage.name(captions))[1].lower()
+def _not_utf8(captions: str, raw: IO[bytes]) -> DataError:
+    """The one-line error for a captions file that is not UTF-8 (Latin-1, Windows-1252, UTF-16 exports), naming
+    the first bad line and its byte offset.
+
+    Why a second pass over the bytes: the text reader decodes ahead in 8 KB chunks, so its error knows neither the
+    line nor the offset in the file. A newline is the one byte 0x0a in UTF-8 and in the 8-bit codepages, so the raw
+    lines are the lines an editor shows."""
+    offset = 0
+    with raw:
+        for line_no, line in enumerate(raw, start=1):
+            bom = len(codecs.BOM_UTF8) if line_no == 1 and line.startswith(codecs.BOM_UTF8) else 0
+            try:
+                line[bom:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                at = bom + exc.start
+                return DataError(f"{captions} line {line_no} (byte {offset + at}, 0x{line[at]:02x}): not UTF-8 text; "
+                                 f"save it as UTF-8")
+            offset += len(line)
+    return DataError(f"{captions}: not UTF-8 text; save it as UTF-8")
+
+
+def _open_captions(captions: str) -> IO[str]:
+    """The captions file as text, decoded as ``utf-8-sig``: Excel's "CSV UTF-8" (and Notepad) start the file with a
+    byte-order mark, which plain ``utf-8`` keeps as part of the first column's name or the first JSON line."""
+    local = storage.local_path(captions)
     try:
-        local = storage.local_path(captions)
+        if local:
+            return open(local, newline="", encoding="utf-8-sig")
         # A remote captions file is read whole: a million captions are ~100 MB, and one GET is the cheapest read.
-        f = open(local, newline="", encoding="utf-8") if local else io.StringIO(storage.read_text(captions), newline="")
+        data = storage.read_bytes(captions)
     except FileNotFoundError:
         raise DataError(f"captions file not found: {captions}") from None
-    with f:
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise DataError(f"{captions} row {i}: not valid JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{captions} row {i}: expected a JSON object, got {type(record).__name__}")
-                yield i, record
-        elif suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            fields = reader.fieldnames or []
-            for column in ("file", "caption"):
-                if column not in fields:
-                    raise DataError(f"{captions}: missing column {column!r} (columns: {fields})")
-            for i, record in enumerate(reader, start=1):
-                yield i, record
-        else:
-            raise DataError(f"{captions}: captions file must be .csv, .tsv or .jsonl")
+    try:
+        return io.StringIO(data.decode("utf-8-sig"), newline="")
+    except UnicodeDecodeError:
+        raise _not_utf8(captions, io.BytesIO(data)) from None
+
+
+def _read_caption_rows(captions: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) from CSV (header row) or JSONL, local or a URI; row numbers are 1-based data rows."""
+    with _open_captions(captions) as f:
+        try:
+            yield from _parse_caption_rows(captions, f)
+        except UnicodeDecodeError:  # only a local file is decoded as it is read (a remote one was decoded whole)
+            raise _not_utf8(captions, open(storage.local_path(captions) or captions, "rb")) from None
+
+
+def _parse_caption_rows(captions: str, f: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    suffix = os.path.splitext(storage.name(captions))[1].lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{captions} row {i}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{captions} row {i}: expected a JSON object, got {type(record).__name__}")
+            yield i, record
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        fields = reader.fieldnames or []
+        for column in ("file", "caption"):
+            if column not in fields:
+                raise DataError(f"{captions}: missing column {column!r} (columns: {fields})")
+        for i, record in enumerate(reader, start=1):
+            yield i, record
+    else:
+        raise DataError(f"{captions}: captions file must be .csv, .tsv or .jsonl")
 
 
 def _parse_label(value: Any, where: str) -> int | None:
