@@ -313,7 +313,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="rewrite an exported model for open_clip (a `local-dir:` folder)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory (the run's model/ folder)")
     p.add_argument("--format", choices=["open_clip"], default="open_clip")
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="folder to write (an earlier export there is replaced; any other "
+                                                "content is refused)")
     p.add_argument("--image-size", type=int, default=0, help="0: the model's full resolution")
     p.set_defaults(func=_export)
 
