@@ -455,13 +455,17 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
             node = node[part]
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a raw mapping into a ``Config`` and check the cross-field rules."""
+def from_dict(raw: dict[str, Any], saved: bool = False) -> Config:
+    """Validate a raw mapping into a ``Config`` and check the cross-field rules.
+
+    ``saved``: the config a run wrote beside its model or checkpoint (``export``, ``openclip``): the rules added
+    since it was written must not make a model unloadable, so the ones that only stop a launch from wasting its
+    time (``validate``'s ``LAUNCH_CHECKS``) are skipped."""
     raw = copy.deepcopy(raw)
     raw["model"] = _resolve_model(raw.get("model"))
     _apply_loss_defaults(raw)
     cfg = _build(Config, raw, "")
-    validate(cfg)
+    validate(cfg, launch=not saved)
     return cfg
 
 
@@ -522,7 +526,7 @@ def phase_micro_batch(cfg: Config, index: int) -> int:
     return cfg.train.micro_batch_size if own < 0 else own
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, launch: bool = True) -> None:
     """Cross-field rules, checked before anything expensive (Ray, data) starts.
 
     A mistake that would fail the same way in every worker (and be retried ``run.max_failures`` times) is caught
@@ -538,6 +542,9 @@ def validate(cfg: Config) -> None:
     for check in (_check_run_size, _check_model, _check_phases, _check_optim, _check_train, _check_scaling,
                   _check_batches, _check_checkpoint, _check_eval, _check_data, _check_fault):
         check(cfg)
+    if launch:
+        for check in LAUNCH_CHECKS:
+            check(cfg)
 
 
 def _check_run_size(cfg: Config) -> None:
@@ -583,19 +590,33 @@ def _check_phase(cfg: Config, i: int, ph: PhaseConfig) -> None:
     if ph.warmup_samples != -1:
         hint = "; -1: optim.warmup_samples"
         _check_amount(ph.warmup_samples, f"phases.{i}.warmup_samples", "the phase", hint=hint)
-    _check_phase_schedule(cfg, i, ph)
 
 
-def _check_phase_schedule(cfg: Config, i: int, ph: PhaseConfig) -> None:
+def _check_phase_schedule(cfg: Config) -> None:
     """A phase's own ``lr`` / ``warmup_samples`` only exist in the per-phase schedule; the global one reads
     ``optim.lr`` and ``optim.warmup_samples`` alone, so a finetune LR written under it would be trained without."""
     if cfg.optim.schedule != "global":
         return
-    for key, value, default in (("lr", ph.lr, 0.0), ("warmup_samples", ph.warmup_samples, -1.0)):
-        if value != default:
-            raise ConfigError(f"'phases.{i}.{key}' ({ph.name}) = {value!r} applies only to a per-phase schedule, and "
-                              f"optim.schedule is global (one warmup and cosine over the run): set optim.schedule: "
-                              f"per_phase, or remove phases.{i}.{key}")
+    for i, ph in enumerate(cfg.phases):
+        for key, value, default in (("lr", ph.lr, "0"), ("warmup_samples", ph.warmup_samples, "-1")):
+            if value != float(default):
+                raise ConfigError(
+                    f"'phases.{i}.{key}' ({ph.name}) = {value!r} applies only to a per-phase schedule, and "
+                    f"optim.schedule is global (one warmup and cosine over the run): set optim.schedule=per_phase, "
+                    f"or phases.{i}.{key}={default} (the run's)")
+
+
+def _check_eval_size(cfg: Config) -> None:
+    """The launch's eval-set check refused a full size off the patch grid too, but only once a run had started."""
+    size, patch = cfg.eval.full_image_size, cfg.model.vision.patch_size
+    if size < 0 or size % patch:
+        raise ConfigError(f"'eval.full_image_size' {size} must be 0 (the last phase's image_size) or a positive "
+                          f"multiple of the patch size {patch}")
+
+
+# Rules that stop a launch (or a plan) before it wastes its time, skipped for a config a run saved
+# (``from_dict(saved=True)``): a model exported before a rule existed must stay loadable.
+LAUNCH_CHECKS = (_check_phase_schedule, _check_eval_size)
 
 
 def _check_model(cfg: Config) -> None:
@@ -686,10 +707,6 @@ def _check_checkpoint(cfg: Config) -> None:
 def _check_eval(cfg: Config) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"'eval.batch_size' must be >= 1, got {cfg.eval.batch_size}")
-    size, patch = cfg.eval.full_image_size, cfg.model.vision.patch_size
-    if size < 0 or size % patch:  # the launch's eval-set check refused 60 too, but only once a run was started
-        raise ConfigError(f"'eval.full_image_size' {size} must be 0 (the last phase's image_size) or a positive "
-                          f"multiple of the patch size {patch}")
     if cfg.eval.full_text_length and not 2 <= cfg.eval.full_text_length <= cfg.model.text.context_length:
         raise ConfigError(f"'eval.full_text_length' {cfg.eval.full_text_length} must be 0 (the last phase's) or in "
                           f"[2, model.text.context_length={cfg.model.text.context_length}]")

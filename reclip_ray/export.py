@@ -84,7 +84,7 @@ def _load_export_dir(root: Path, shown: str, device: str | torch.device):
         if not (root / name).is_file():
             raise CheckpointError(f"{shown}: missing {name} (not an exported reclip-ray model)")
     try:
-        cfg = from_dict(yaml.safe_load((root / CONFIG).read_text()) or {})
+        cfg = from_dict(yaml.safe_load((root / CONFIG).read_text()) or {}, saved=True)
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{storage.join(shown, CONFIG)}: {str(exc).splitlines()[0]}") from None
     tokenizer = _matching_tokenizer(root, cfg)

@@ -433,7 +433,7 @@ def _load_open_clip_dir(root: Path, device: str | torch.device, image_size: int)
                     "samples": 1.0}],
     }
     try:
-        cfg = from_dict(raw)
+        cfg = from_dict(raw, saved=True)
     except ConfigError as exc:
         raise CheckpointError(f"{root / OPEN_CLIP_CONFIG}: {str(exc).splitlines()[0]}") from None
     cfg.eval.full_image_size = size

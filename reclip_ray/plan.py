@@ -487,9 +487,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
 def uses_clip_bpe(cfg: Config) -> bool:
     """Whether the launch trains with OpenAI's CLIP BPE: ``prepare.ensure_tokenizer``'s rule (``data.tokenizer:
     clip``, unless a file named ``clip`` is in the working directory, which is then the tokenizer)."""
-    from reclip_ray.data.clip_bpe import CLIP_NAME
+    from reclip_ray.data.clip_bpe import selects_clip_bpe
 
-    return cfg.data.tokenizer == CLIP_NAME and not Path(CLIP_NAME).exists()
+    return selects_clip_bpe(cfg.data.tokenizer)
 
 
 def vocab_size(cfg: Config) -> int:

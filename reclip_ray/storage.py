@@ -190,7 +190,8 @@ def _read_object(fs: pafs.FileSystem, inner: str, path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
+    """UTF-8, with or without the byte-order mark Windows editors put first (json.loads refuses one)."""
+    return read_bytes(path).decode("utf-8-sig")
 
 
 def read_json(path: str, default: Any = None) -> Any:

@@ -152,3 +152,21 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_changed_keys(tmp_pat
     with pytest.raises(CheckpointError, match=rf"^{where}: the checkpoint does not fit this launch's model \("
                                               r"RuntimeError: Error\(s\) in loading state_dict"):
         load_checkpoint(tmp_path, model2, opt2, source=where)  # no config to compare: torch's first line
+
+
+def test_only_tensors_that_do_not_fit_are_a_checkpoint_error(tmp_path, monkeypatch):
+    """A CUDA error or an out-of-memory while restoring is a RuntimeError too, but not the checkpoint's fault: it
+    stays what it is, so that Ray Train retries it; optimizer groups that differ are the checkpoint's."""
+    cfg, model, opt = _built([])
+    save_checkpoint(tmp_path, model, opt, TrainState(step=1), cfg.to_yaml())
+    other = torch.optim.AdamW(model.parameters())  # one group where the run's optimizer has two
+    with pytest.raises(CheckpointError, match=r"does not fit this launch's model \(ValueError: loaded state dict "
+                                              r"has a different number of parameter groups\)"):
+        load_checkpoint(tmp_path, model, other, config=cfg)
+
+    def cuda_fault(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model, "load_state_dict", cuda_fault)
+    with pytest.raises(torch.OutOfMemoryError):
+        load_checkpoint(tmp_path, model, opt, config=cfg)

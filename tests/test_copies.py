@@ -135,6 +135,9 @@ def test_shrink_one_file_to_another_folder_writes_it_there_by_name(photos, tmp_p
 def test_shrink_a_pattern_writes_the_files_it_names_beside_the_dataset_json(photos, tmp_path):
     """A pattern (a Hub split, ``data/train-*.parquet``) names some files of a folder: those are shrunk, to their
     paths under the folder, and the folder's dataset.json travels with them (and records the copies)."""
+    (photos / "_delta_log").mkdir()
+    (photos / "_delta_log" / "00000.json").write_text("{}")  # not the dataset's: the listing skips it too
+    (photos / "_SUCCESS").write_text("")
     out = tmp_path / "some"
     summary = shrink_dataset(f"{photos}/shard-0000[02].parquet", [40], out=out, workers=1, log=None)
     assert summary["shards"] == 2 and summary["copies_made"] == 24

@@ -208,7 +208,8 @@ def test_a_hub_folder_with_several_splits_is_refused_and_a_pattern_names_one(tmp
     with pytest.raises(DataError) as refused:
         list_parquet_files(str(data))
     assert str(refused.value) == (f"{data} holds the splits train, test of a Hugging Face export side by side: "
-                                  f"using them all would mix them; name one, e.g. {data}/train-*.parquet")
+                                  f"using them all would mix them; name one, e.g. {data}/train-*.parquet (or all "
+                                  f"of them: {data}/*.parquet)")
     assert list_parquet_files(f"{data}/train-*.parquet") == train.files
     assert list_parquet_files(f"{data}/test-0000?-of-*.parquet") == test.files
     assert len(list_parquet_files(f"{data}/*.parquet")) == 3  # a pattern is the user's choice: no refusal

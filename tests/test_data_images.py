@@ -216,6 +216,19 @@ def test_a_transparent_image_is_reduced_before_it_is_flattened_with_the_same_cro
         assert diff.max() <= 8 and diff.mean() < 0.8, (mode, size, train, diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("mode", ["La", "RGBa", "PA"])
+def test_premultiplied_and_palette_alpha_modes_are_reduced_like_the_rest(mode):
+    """PIL decodes a TIFF with associated alpha as La / RGBa (premultiplied), which ``Image.convert`` cannot take
+    to RGBA directly: the reduction failed on them ("conversion from La to L not supported") where ``to_rgb``, at
+    small sizes, handled them."""
+    rgba = Image.open(io.BytesIO(_transparent(640, 480, "RGBA")))
+    img = rgba.convert(mode)
+    reduced, k = images._rgb_reduced(img, (0.0, 0.0, 640.0, 480.0), 32)
+    assert k == 5 and reduced.mode == "RGB"  # 480 px // (3 x 32)
+    ref = np.asarray(images.to_rgb(img).reduce(k)).astype(np.int16)
+    assert np.abs(np.asarray(reduced).astype(np.int16) - ref).max() <= 3
+
+
 def test_a_large_transparent_png_decodes_without_full_size_composites(tmp_path):
     """A 4000 x 4000 RGBA PNG (64 MB decoded) took 2.7-5x its decoded size at peak to become a 64 px crop: the
     composite onto white, its background and conversions were all full size. Now only the decoded image is (1.2x).

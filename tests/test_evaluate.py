@@ -208,8 +208,8 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
 
 
 def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
-    """A template names the class as ``{}`` (open_clip) or ``{c}`` (CLIP_benchmark): both are filled, nothing is
-    appended (``"a photo of a {c}."`` was scored as ``"a photo of a {c}. circle"``)."""
+    """A template names the class as ``{}`` (open_clip) or ``{c}`` (CLIP_benchmark): both are filled
+    (``"a photo of a {c}."`` was scored as ``"a photo of a {c}. circle"``); one with neither gets it appended."""
     from reclip_ray.evaluation.metrics import zero_shot_classifier
 
     seen: list[str] = []
@@ -223,29 +223,29 @@ def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
         def encode_text(self, tokens, normalize=False):
             return torch.ones(tokens.shape[0], 4)
 
-    templates = ["a photo of a {c}.", "a {} shape.", "{c}, a {c}"]
+    templates = ["a photo of a {c}.", "a {} shape.", "{c}, a {c}", "a drawing of a"]
     zero_shot_classifier(Model(), Tok(), ["circle", "star"], templates, text_length=8)
-    assert seen == ["a photo of a circle.", "a circle shape.", "circle, a circle",
-                    "a photo of a star.", "a star shape.", "star, a star"]
+    assert seen == ["a photo of a circle.", "a circle shape.", "circle, a circle", "a drawing of a circle",
+                    "a photo of a star.", "a star shape.", "star, a star", "a drawing of a star"]
 
 
 def test_a_template_that_cannot_take_the_class_name_is_a_one_line_error(tmp_path):
-    """A template with neither ``{}`` nor ``{c}`` would score every class with the same prompt; README documents no
-    such template, so it is refused (in a --classes file or dataset.json), as is one with another field."""
+    """A template with another field (``{1}``, ``{cls}``) or a lone brace would fail in the middle of an
+    evaluation: it is refused at once, from a --classes file or dataset.json."""
     from reclip_ray.evaluation.eval_set import check_templates, label_sets, read_classes
 
-    for bad, fragment in (("a photo of a", "has no {} or {c} for the class name"),
-                          ("a {0} and {1}", "takes the class name only as {} or {c} (IndexError"),
+    for bad, fragment in (("a {0} and {1}", "takes the class name only as {} or {c} (IndexError"),
                           ("a {cls}", "takes the class name only as {} or {c} (KeyError: 'cls')"),
                           ("a {c} }", "takes the class name only as {} or {c} (ValueError")):
         with pytest.raises(ReclipError, match=re.escape(fragment)):
             check_templates([bad], "where")
+    check_templates(["a photo of a", "a {}", "a {c}"], "where")
     path = tmp_path / "classes.json"
-    path.write_text(json.dumps({"classes": ["circle"], "templates": ["a photo of a"]}))
-    with pytest.raises(ReclipError, match=r"classes\.json: zero-shot template 'a photo of a' has no"):
+    path.write_text(json.dumps({"classes": ["circle"], "templates": ["a {cls}"]}))
+    with pytest.raises(ReclipError, match=r"classes\.json: zero-shot template 'a \{cls\}' takes"):
         read_classes(str(path), {})
-    meta = {"classes": ["circle"], "templates": ["a photo of a {}", "itap"]}
-    with pytest.raises(ReclipError, match=r"^dataset\.json \(label set 'label'\): zero-shot template 'itap' has no"):
+    meta = {"classes": ["circle"], "templates": ["a photo of a {}", "a {1}"]}
+    with pytest.raises(ReclipError, match=r"^dataset\.json \(label set 'label'\): zero-shot template 'a \{1\}'"):
         label_sets(meta, ["image", "label"], "label", None)
 
 

@@ -78,6 +78,17 @@ def test_an_export_replaces_only_an_empty_folder_or_an_earlier_export(exported, 
                                                     "open_clip_model.safetensors", "tokenizer.json"]
 
 
+def test_an_export_saved_before_a_launch_rule_still_loads(exported):
+    """The launch refuses a phase ``lr`` under ``optim.schedule: global`` (it was ignored); a model exported by a
+    run made before that rule, whose config.yaml has both, loads as before (``from_dict(saved=True)``)."""
+    model, tok, cfg, out = exported
+    text = (out / "config.yaml").read_text()
+    assert "schedule: per_phase" in text and "lr: 0.00025" in text  # the tiny preset's finetune LR
+    (out / "config.yaml").write_text(text.replace("schedule: per_phase", "schedule: global"))
+    loaded, _ = load_model(out)
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
 def test_model_pt_state_dict_loads(exported):
     model, _, _, out = exported
     # Perturb every parameter (logit_scale included) with seeded noise first: a loader that ignored model.pt and

@@ -91,6 +91,8 @@ def test_ingest_inspect_shrink_tokenizer_on_s3(tmp_path, s3_prefix, s3_requests,
 
     report = _run(capsys, "data", "inspect", ds)
     assert (report["rows"], report["shards"], report["rows_bad"], report["dataset_json"]["rows"]) == (7, 3, 0, 7)
+    some = _run(capsys, "data", "inspect", storage.join(ds, "shard-0000[02].parquet"))  # a pattern on S3
+    assert (some["rows"], some["shards"], some["dataset_json"]["rows"]) == (4, 2, 7)
 
     other = storage.join(s3_prefix, "small")
     moved = _run(capsys, "data", "shrink", ds, "--sizes", "16", "--out", other, "--workers", "1")

@@ -81,7 +81,17 @@ def test_global_schedule_refuses_a_phase_lr_or_warmup_it_would_ignore(key, value
         _cfg("global", phases=phases)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"'phases.1.{key}' (full) = {value!r}")
-    assert "set optim.schedule: per_phase" in message
+    default = {"lr": "0", "warmup_samples": "-1"}[key]
+    assert message.endswith(f"set optim.schedule=per_phase, or phases.1.{key}={default} (the run's)")
+    # Both ways out are --set overrides that load (a preset sets both keys: "remove" is not one a --set can do).
+    raw = {"model": "tiny", "phases": phases, "train": {"samples": 1000, "batch_size": 64},
+           "optim": {"lr": 1e-3, "warmup_samples": 100, "schedule": "global"}}
+    from reclip_ray.config import apply_overrides
+
+    from_dict(apply_overrides(raw, [f"phases.1.{key}={default}"]))
+    from_dict(apply_overrides(raw, ["optim.schedule=per_phase"]))
+    # A config a run saved under the older rule (beside its model or checkpoint) still loads: no model unloadable.
+    assert from_dict(raw, saved=True).phases[1].name == "full"
     full = Schedule.from_config(_cfg("per_phase", phases=phases)).phases[1]  # the per-phase schedule takes them
     assert getattr(full, planned[0]) == planned[1]
     defaults = [dict(p, lr=0.0, warmup_samples=-1) for p in phases]  # the defaults: nothing to ignore

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +64,8 @@ def test_read_dataset_json_from_the_folder_or_a_file_in_it(dataset, tmp_path):
     (tmp_path / "bare" / "dataset.json").write_text('{"rows": 6,')
     with pytest.raises(DataError, match=r"bare/dataset.json: not valid JSON"):
         read_dataset_json(str(tmp_path / "bare"))
+    (tmp_path / "bare" / "dataset.json").write_text(json.dumps(meta), encoding="utf-8-sig")  # Notepad's BOM
+    assert read_dataset_json(str(tmp_path / "bare")) == meta
 
 
 def test_write_json_is_whole_and_ordered_as_asked(tmp_path):
@@ -131,3 +134,21 @@ def test_a_listed_uri_keeps_its_host(tmp_path, monkeypatch):
     uri = "abfs://container@acct.dfs.core.windows.net/data"
     monkeypatch.setattr(storage, "filesystem", lambda path: (pafs.LocalFileSystem(), str(local)))
     assert list_parquet_files(uri) == [f"{uri}/a.parquet"]
+
+
+def test_a_pattern_matches_one_folder_level_each_and_a_path_that_exists_is_never_a_pattern(tmp_path):
+    """``*`` within a level (``**`` is refused, not read as one level); a folder literally named ``run[1]`` is
+    listed as itself; a pattern walks only the folders its levels match."""
+    table = pa.table({"image": [_jpeg(8, 1)], "caption": ["x"]})
+    for rel in ("a/part-0.parquet", "a/deep/part-1.parquet", "b/part-2.parquet", "c/other.parquet",
+                "run[1]/part-3.parquet", "_skip/part-4.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / rel)
+    assert list_parquet_files(f"{tmp_path}/*/part-*.parquet") == [  # not a/deep (a level down), not _skip
+        str(tmp_path / "a/part-0.parquet"), str(tmp_path / "b/part-2.parquet"), str(tmp_path / "run[1]/part-3.parquet")]
+    assert list_parquet_files(f"{tmp_path}/run[1]") == [str(tmp_path / "run[1]/part-3.parquet")]
+    assert list_parquet_files(f"{tmp_path}/a/*/*.parquet") == [str(tmp_path / "a/deep/part-1.parquet")]
+    with pytest.raises(DataError, match=r"'\*\*' is not a pattern here"):
+        list_parquet_files(f"{tmp_path}/**/*.parquet")
+    relative = os.path.relpath(tmp_path / "b" / "part-2.parquet")
+    assert list_parquet_files(relative) == [os.path.abspath(relative)]  # a file comes back absolute, as a folder's

@@ -284,9 +284,10 @@ def _copy_small_files(src: str, dst_root: str) -> None:
     if storage.local_path(dst_root):  # an object store has no folders to make
         os.makedirs(dst_root, exist_ok=True)
     for extra in storage.list_files(src):
-        name = storage.name(extra)
-        if not name.endswith(".parquet") and not name.startswith(".") and ".tmp" not in name:
-            storage.write_bytes(storage.join(dst_root, _relative(extra, src)), storage.read_bytes(extra))
+        relative = _relative(extra, src)
+        hidden = any(part.startswith((".", "_")) for part in relative.split("/"))  # as the listing skips them
+        if not relative.endswith(".parquet") and not hidden and ".tmp" not in relative:
+            storage.write_bytes(storage.join(dst_root, relative), storage.read_bytes(extra))
 
 
 def _run_shrink_jobs(jobs: list[tuple], workers: int, remote: bool,

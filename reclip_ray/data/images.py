@@ -128,7 +128,9 @@ def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float], size:
     rows = k * max(1, STRIP_PIXELS // (w * k))  # a multiple of k: strips are whole rows of k x k blocks
     for top in range(0, h, rows):
         strip = img.crop((0, top, w, min(h, top + rows)))
-        if strip.mode not in ("RGBA", "LA"):  # P, PA, RGBa, La: Image.reduce premultiplies RGBA and LA itself
+        if strip.mode in ("RGBa", "La"):  # premultiplied already (a TIFF's associated alpha): unpremultiply first
+            strip = strip.convert(strip.mode.replace("a", "A"))
+        if strip.mode not in ("RGBA", "LA"):  # P, PA: Image.reduce premultiplies RGBA and LA itself
             strip = strip.convert("RGBA")
         out.paste(to_rgb(strip.reduce(k)), (0, top // k))
     return out, k

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -38,16 +38,21 @@ from reclip_ray.errors import DataError
 HF_IMAGE_FIELD = "bytes"  # Hugging Face ``datasets`` stores an Image feature as struct<bytes: binary, path: string>
 
 
+# The view layouts came with pyarrow 16; an older pyarrow reads no file that holds them.
+_is_binary_view = getattr(pa.types, "is_binary_view", lambda type_: False)
+_is_string_view = getattr(pa.types, "is_string_view", lambda type_: False)
+
+
 def is_binary(type_: pa.DataType) -> bool:
     """Any Arrow binary layout: Polars writes ``binary_view`` (its ``Binary``), Spark and pandas ``binary``."""
-    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_binary_view(type_)
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or _is_binary_view(type_)
 
 
 def is_string(type_: pa.DataType) -> bool:
     """Any Arrow string layout, and strings behind a dictionary (a pandas ``Categorical`` column)."""
     if pa.types.is_dictionary(type_):
         return is_string(type_.value_type)
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or _is_string_view(type_)
 
 
 def is_image_type(type_: pa.DataType) -> bool:
@@ -130,44 +135,49 @@ def split_pattern(path: str) -> tuple[str, str]:
     return "/".join(parts[:first]), "/".join(parts[first:])
 
 
-def _matches(relative: str, pattern: str) -> bool:
-    """Shell-style, one folder level per pattern component (``*`` does not cross a ``/``)."""
-    names, wanted = relative.split("/"), pattern.split("/")
-    return len(names) == len(wanted) and all(fnmatch.fnmatchcase(n, w) for n, w in zip(names, wanted))
-
-
 def list_parquet_files(path: str | os.PathLike) -> list[str]:
     """Sorted Parquet files under a folder (any nesting), a single file, a URI, or a wildcard pattern
     (``hub/data/train-*.parquet``, ``s3://b/laion/part-*/*.parquet``: ``*``, ``?`` and ``[...]`` match within one
-    folder level).
+    folder level; a path that exists as written is never read as a pattern, whatever its characters).
 
     URIs come back as URIs (scheme and host kept) so Ray Data / pyarrow can open them again without the caller
     keeping the filesystem object around. Skipped, as ``pyarrow.dataset`` skips them: files and folders whose
     names start with ``.`` or ``_`` below the folder (a Spark job's ``_temporary/``, a Delta table's
     ``_delta_log/``, ``.ipynb_checkpoints/``), and ``*.tmp`` leftovers of an interrupted writer. A folder that
     holds several splits of a Hugging Face export side by side (``train-00000-of-00002.parquet`` beside
-    ``test-00000-of-00001.parquet``) is refused: name one split with a pattern. Each file's (size, mtime) is noted
-    for the footer cache, so a later ``footers`` call needs no stat.
+    ``test-00000-of-00001.parquet``) is refused: a pattern names one split (or all of them). Each file's (size,
+    mtime) is noted for the footer cache, so a later ``footers`` call needs no stat.
+
+    Cost: one recursive LIST of a folder (on S3 1,000 keys a request); a pattern lists only the folders its
+    levels match, one LIST each, so ``s3://bucket/*.parquet`` does not list the whole bucket.
     """
     path = str(path)
     root, pattern = split_pattern(path)
+    if pattern and storage.exists(path):  # a folder literally named run[1] or a?b
+        root, pattern = path, ""
+    if "**" in pattern:
+        raise DataError(f"{path}: '**' is not a pattern here; '*' matches one folder level (a folder is listed "
+                        f"with all its subfolders: name the folder)")
     root = root or "."  # a pattern relative to the working directory: "*.parquet"
     fs, inner = storage.filesystem(root)
     info = _file_info(fs, inner, lambda exc: f"cannot read {path}: {exc}",
                       f"no Parquet files under {path} (path does not exist)")
     if info.type == pafs.FileType.File:
-        found = [(path, info)] if inner.endswith(".parquet") and not pattern else []
+        found = [(path if storage.is_uri(root) else info.path, info)] if inner.endswith(".parquet") and not pattern \
+            else []
     else:
+        top = inner.rstrip("/")
+        listed = (_glob(fs, top, pattern.split("/")) if pattern
+                  else fs.get_file_info(pafs.FileSelector(top, recursive=True)))
         found = []
-        for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-            relative = i.path[len(inner.rstrip("/")) + 1:]
+        for i in listed:
+            relative = i.path[len(top) + 1:]
             if (i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                    and not any(part.startswith((".", "_")) for part in relative.split("/"))
-                    and (not pattern or _matches(relative, pattern))):
+                    and not any(part.startswith((".", "_")) for part in relative.split("/"))):
                 found.append((storage.join(root, relative) if storage.is_uri(root) else i.path, i))
         found.sort()
         if not pattern:
-            _refuse_mixed_splits(path, [f for f, _ in found])
+            _refuse_mixed_splits([f for f, _ in found])
     if not found:
         raise DataError(f"no Parquet files under {path}" if not pattern else f"no Parquet files match {path}")
     for f, i in found:  # the footer cache's key: a cached footer is reused while these are unchanged
@@ -175,7 +185,21 @@ def list_parquet_files(path: str | os.PathLike) -> list[str]:
     return [f for f, _ in found]
 
 
-def _refuse_mixed_splits(path: str, files: list[str]) -> None:
+def _glob(fs: pafs.FileSystem, folder: str, levels: list[str]) -> Iterator[pafs.FileInfo]:
+    """The entries under ``folder`` whose path below it matches ``levels`` one folder level each (shell-style),
+    listing only the folders that match on the way down."""
+    head, rest = levels[0], levels[1:]
+    for entry in fs.get_file_info(pafs.FileSelector(folder)):
+        name = entry.path.rstrip("/").rsplit("/", 1)[-1]
+        if not fnmatch.fnmatchcase(name, head):
+            continue
+        if not rest:
+            yield entry
+        elif entry.type == pafs.FileType.Directory:
+            yield from _glob(fs, entry.path.rstrip("/"), rest)
+
+
+def _refuse_mixed_splits(files: list[str]) -> None:
     """One line when a folder holds shards of several Hugging Face splits: training on it would train on the
     test split too, and evaluating on it would score the training rows."""
     splits: dict[str, set[str]] = {}
@@ -188,8 +212,8 @@ def _refuse_mixed_splits(path: str, files: list[str]) -> None:
         if len(names) > 1:
             ordered = sorted(names, key=lambda n: (n != "train", n))
             raise DataError(f"{folder} holds the splits {', '.join(ordered)} of a Hugging Face export side by "
-                            f"side: using them all would mix them; name one, e.g. "
-                            f"{folder}/{ordered[0]}-*.parquet")
+                            f"side: using them all would mix them; name one, e.g. {folder}/{ordered[0]}-*.parquet "
+                            f"(or all of them: {folder}/*.parquet)")
 
 
 # ------------------------------------------------------------------------------------------------ footers

@@ -122,10 +122,10 @@ def load_tokenizer(path: str | os.PathLike, *, pad: str | int | None = None, sot
     ``"clip"`` (when no such file exists) is OpenAI's CLIP BPE, converted from open_clip's vocabulary on first use.
     ``path`` may be a URI (``s3://bucket/tokenizer.json``): one GET.
     """
-    from reclip_ray.data.clip_bpe import CLIP_NAME, clip_tokenizer_file
+    from reclip_ray.data.clip_bpe import clip_tokenizer_file, selects_clip_bpe
 
     path = str(path)
-    if path == CLIP_NAME and not os.path.exists(path):
+    if selects_clip_bpe(path):
         path = str(clip_tokenizer_file())
     try:
         if not path.endswith(".json") and storage.exists(storage.join(path, "tokenizer.json")):

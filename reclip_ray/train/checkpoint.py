@@ -120,7 +120,9 @@ def load_checkpoint(
         model.load_state_dict(payload["model"])
         if optimizer is not None:
             load_optimizer(optimizer, payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups that differ
+    except (RuntimeError, ValueError) as exc:
+        if not _does_not_fit(exc):  # a CUDA error or an out-of-memory is not the checkpoint's: Ray Train retries
+            raise
         raise CheckpointError(_mismatch_message(directory, shown, exc, config)) from None
     rng = payload.get("rng", {})
     if "torch" in rng:
@@ -143,6 +145,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
         group.update(settings)
 
 
+def _does_not_fit(exc: Exception) -> bool:
+    """torch's words for tensors or parameter groups that do not match the model or optimizer being loaded."""
+    text = str(exc)
+    if isinstance(exc, ValueError):  # Optimizer.load_state_dict: other groups, or other parameter counts in them
+        return "parameter group" in text
+    return text.startswith("Error(s) in loading state_dict")
+
+
 def _mismatch_message(directory: Path, shown: str, exc: Exception, config: Any) -> str:
     """One line for a checkpoint whose tensors do not fit this launch's model: the model keys that differ from the
     checkpoint's ``config.yaml`` (and ``train.loss``: SigLIP adds a bias) with the ``--set`` to rerun with, else
@@ -154,7 +164,7 @@ def _mismatch_message(directory: Path, shown: str, exc: Exception, config: Any) 
 
             from reclip_ray.config import from_dict
 
-            saved = from_dict(yaml.safe_load((directory / CONFIG_FILE).read_text()))
+            saved = from_dict(yaml.safe_load((directory / CONFIG_FILE).read_text()), saved=True)
             changed = _model_keys_changed(saved, config)
         except Exception:  # noqa: BLE001 - no readable config.yaml: torch's own words below
             changed = []
@@ -171,7 +181,7 @@ def _mismatch_message(directory: Path, shown: str, exc: Exception, config: Any) 
 def _model_keys_changed(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this launch's) for the keys that shape the weights: the model's sizes (not its
     name, its start values or where it starts from) and ``train.loss``."""
-    skip = ("name", "init_from", "grad_checkpointing", "init_logit_scale", "init_logit_bias")
+    skip = ("name", "init_from", "grad_checkpointing", "init_logit_scale", "init_logit_bias", "max_logit_scale")
 
     def flat(cfg: Any) -> dict[str, Any]:
         out = {"train.loss": cfg.train.loss}
@@ -184,6 +194,7 @@ def _model_keys_changed(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
 
     old, new = flat(saved), flat(now)
     return [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
+
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")

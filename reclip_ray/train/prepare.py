@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from reclip_ray import storage
 from reclip_ray.config import Config, absolute
@@ -92,11 +91,10 @@ def _make_synthetic(cfg: Config) -> None:
 def ensure_tokenizer(cfg: Config, run_dir: str) -> str:
     """The config's tokenizer (a file or a URI), else one trained on data.train and kept in the run folder (reused
     on resume; the run folder may be a URI too)."""
+    from reclip_ray.data.clip_bpe import clip_tokenizer_file, selects_clip_bpe
     from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
-    if cfg.data.tokenizer == "clip" and not Path("clip").exists():
-        from reclip_ray.data.clip_bpe import clip_tokenizer_file  # OpenAI's BPE, converted once from open_clip's
-
+    if selects_clip_bpe(cfg.data.tokenizer):  # OpenAI's BPE, converted once from open_clip's vocabulary
         path = str(clip_tokenizer_file())
         load_tokenizer(path)  # fail now (e.g. no ftfy)
         return path
