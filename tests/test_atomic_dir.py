@@ -126,7 +126,7 @@ def test_a_failed_write_leaves_the_old_folder_and_no_staging(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        write_folder_atomic(target, lambda p: fail(str(p)))
+        write_folder_atomic(target, lambda p: fail(str(p)), replaces=("a", "b"))  # an earlier folder of its kind
     assert (target / "a").read_text().split(",")[0] == "1"
     assert os.listdir(tmp_path) == ["model"]
 

@@ -264,6 +264,7 @@ def test_the_worker_restores_a_checkpoint_on_s3_through_the_nodes_shared_copy_no
 
     monkeypatch.setattr(worker_module, "downloaded", spy)
     worker = Worker.__new__(Worker)  # what _restore reads
+    worker.cfg = None  # this launch's config: none to name changed model keys against (not needed here)
     worker.model = torch.nn.Linear(4, 3)
     worker.optimizer = torch.optim.AdamW(worker.model.parameters())
     worker.run_dir = f"{s3_prefix}/run"
