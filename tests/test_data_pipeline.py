@@ -203,6 +203,33 @@ def test_a_phases_blocks_hold_about_block_mb_of_rows_at_its_image_size(ray_sessi
             assert expected <= np.median(sizes) <= 1.25 * expected, (block_mb, size, sizes)
 
 
+def test_a_restart_after_a_phase_does_not_rebuild_its_stream(ray_session, make_cfg, tmp_path, tokenizer_path,
+                                                             monkeypatch):
+    """Ray Train calls every phase's factory at each worker-group start; a phase the restored checkpoint has
+    finished is never read (``Worker.finished``), and rebuilding its stream cost ~1.4 ms of the controller per read
+    item (12.5 s for one pass over 140k shards: BENCHMARKS.md). It gets a one-row placeholder; the phase the run is
+    in, and the phases after it, get their streams."""
+    from reclip_ray.data.shards import read_footers
+    from reclip_ray.data.stream import PhaseStream
+    from reclip_ray.train import datasets
+
+    cfg = make_cfg("finished")
+    shards = read_footers(list_parquet_files(cfg.data.train))
+    factories = [datasets.PhaseDatasetFactory(cfg, i, shards, passes=1, tokenizer_json=tokenizer_path.read_text(),
+                                              run_dir=str(tmp_path / "run"), concurrency=2) for i in (0, 1)]
+    built = []
+    items = PhaseStream.items
+    monkeypatch.setattr(PhaseStream, "items", lambda self, *a, **k: built.append(self) or items(self, *a, **k))
+    for phase, phase_done, rebuilt in ((0, False, [0, 1]), (0, True, [1]), (1, False, [1]), (1, True, [])):
+        state = {"phase": phase, "phase_done": phase_done, "samples": 64}
+        monkeypatch.setattr(datasets, "latest_checkpoint_state", lambda run_dir, s=state: ("checkpoint_x", s))
+        built.clear()
+        made = [f() for f in factories]  # lazy: nothing is read or decoded here
+        assert [f.stream for f in factories if f.stream in built] == [factories[i].stream for i in rebuilt], state
+        for i in sorted({0, 1} - set(rebuilt)):
+            assert made[i].take_all() == [{"finished_phase": i}], state
+
+
 # ------------------------------------------------------------------------------------------------ no Ray needed
 
 

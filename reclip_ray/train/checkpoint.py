@@ -62,6 +62,11 @@ class TrainState:
     loss: float | None = None  # the last step's: what an attempt restarted at the run's last checkpoint reports
 
 
+def phase_finished(index: int, phase: int, phase_done: bool) -> bool:
+    """Whether a run at ``phase`` (its end checkpoint written when ``phase_done``) has trained phase ``index``."""
+    return phase > index or (phase == index and bool(phase_done))
+
+
 def save_checkpoint(
     directory: str | Path,
     model: torch.nn.Module,

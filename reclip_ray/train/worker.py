@@ -23,7 +23,7 @@ from reclip_ray.run_names import stream_layout
 from reclip_ray.tracking_relay import (FLUSH_BEFORE_REPORT_S, FLUSH_ON_EXIT_S, flush_before_checkpoint, flush_writes,
                                       use_relay)
 from reclip_ray.train.batch_split import step_split
-from reclip_ray.train.checkpoint import CheckpointClock, TrainState, load_checkpoint, save_checkpoint
+from reclip_ray.train.checkpoint import CheckpointClock, TrainState, load_checkpoint, phase_finished, save_checkpoint
 from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
 from reclip_ray.train.faults import RowLog, fault_marker, maybe_inject_fault, step_delay_s
 from reclip_ray.train.final_export import export_run
@@ -204,7 +204,7 @@ class Worker:
 
     def finished(self, plan: Any) -> bool:
         """Whether the run finished ``plan`` before this start."""
-        return self.state.phase > plan.index or (self.state.phase == plan.index and self.state.phase_done)
+        return phase_finished(plan.index, self.state.phase, self.state.phase_done)
 
     def run_phase(self, plan: Any) -> None:
         """Train ``plan`` from the current sample count to its end: the step loop, logging and periodic checkpoints."""
