@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from reclip_ray.config import (Config, full_image_size, full_text_length, load_config, local_loss_enabled,
                                phase_micro_batch)
+from reclip_ray.data.clip_bpe import CLIP_VOCAB_SIZE, selects_clip_bpe
 from reclip_ray.errors import ReclipError
 from reclip_ray.flops import (image_forward_flops, image_tokens, model_parameters, phase_global_batch,
                               phase_train_flops_per_sample, train_flops_per_sample)
@@ -472,7 +473,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     plan.checkpoint_every_minutes = cfg.checkpoint.every_minutes
     plan.checkpoint_upload = cfg.checkpoint.upload
     plan.grad_reduce = cfg.train.grad_reduce
-    if cfg.data.tokenizer and not cfg.model.text.vocab_size and not uses_clip_bpe(cfg):
+    if cfg.data.tokenizer and not cfg.model.text.vocab_size and not selects_clip_bpe(cfg.data.tokenizer):
         notes.append(f"parameters counted with data.vocab_size {cfg.data.vocab_size:,}; the model takes "
                      f"{cfg.data.tokenizer}'s own vocabulary")
     if gpus is not None:
@@ -484,22 +485,12 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu: str | None = None, mfu:
     return plan
 
 
-def uses_clip_bpe(cfg: Config) -> bool:
-    """Whether the launch trains with OpenAI's CLIP BPE: ``prepare.ensure_tokenizer``'s rule (``data.tokenizer:
-    clip``, unless a file named ``clip`` is in the working directory, which is then the tokenizer)."""
-    from reclip_ray.data.clip_bpe import selects_clip_bpe
-
-    return selects_clip_bpe(cfg.data.tokenizer)
-
-
 def vocab_size(cfg: Config) -> int:
     """The vocabulary the model is built with, which is its tokenizer's (``build_model(..., tokenizer=)``): CLIP's
     49,408 tokens for the CLIP BPE (``clip_bpe.CLIP_VOCAB_SIZE``, which its conversion checks), else
     ``model.text.vocab_size`` when set, else ``data.vocab_size`` (a tokenizer trained at launch has that size; a
     tokenizer file's own is not read here: the plan notes it)."""
-    from reclip_ray.data.clip_bpe import CLIP_VOCAB_SIZE
-
-    if uses_clip_bpe(cfg):
+    if selects_clip_bpe(cfg.data.tokenizer):
         return CLIP_VOCAB_SIZE
     return cfg.model.text.vocab_size or cfg.data.vocab_size
 

@@ -37,17 +37,17 @@ CLIP_NAME = "clip"  # the value of data.tokenizer that selects this tokenizer
 CLIP_VOCAB_SIZE = 49408
 CLIP_SOT, CLIP_EOT = "<start_of_text>", "<end_of_text>"
 CLIP_SOT_ID, CLIP_EOT_ID, CLIP_PAD_ID = 49406, 49407, 0
+# Same alternatives as CLIP's pattern, minus the special tokens (tokenizers splits those out before this runs).
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_CACHE_NAME = "clip_bpe_49408.tokenizer.json"
+INSTALL_HINT = "pip install 'reclip-ray[openclip]' (or: pip install open_clip_torch)"
 
 
 def selects_clip_bpe(tokenizer: str) -> bool:
     """Whether ``data.tokenizer`` names this tokenizer: ``clip``, unless a file of that name is in the working
     directory (which is then the tokenizer, as any other path)."""
     return tokenizer == CLIP_NAME and not os.path.exists(tokenizer)
-# Same alternatives as CLIP's pattern, minus the special tokens (tokenizers splits those out before this runs).
-CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-_CACHE_NAME = "clip_bpe_49408.tokenizer.json"
-INSTALL_HINT = "pip install 'reclip-ray[openclip]' (or: pip install open_clip_torch)"
 
 
 def open_clip_bpe_path() -> Path:

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, make_copy, min_source_side
 from reclip_ray.data.schema import image_bytes, read_dataset_json
-from reclip_ray.data.shards import (COPIES_KEY, WRITE_BATCH_ROWS, copy_column, footer_copies, list_parquet_files,
-                                    row_group_rows, split_pattern, write_file_atomic)
+from reclip_ray.data.shards import (COPIES_KEY, WRITE_BATCH_ROWS, copy_column, footer_copies, is_hidden,
+                                    list_parquet_files, row_group_rows, split_pattern, write_file_atomic)
 from reclip_ray.errors import DataError
 
 DEFAULT_QUALITY = 90
@@ -285,8 +285,7 @@ def _copy_small_files(src: str, dst_root: str) -> None:
         os.makedirs(dst_root, exist_ok=True)
     for extra in storage.list_files(src):
         relative = _relative(extra, src)
-        hidden = any(part.startswith((".", "_")) for part in relative.split("/"))  # as the listing skips them
-        if not relative.endswith(".parquet") and not hidden and ".tmp" not in relative:
+        if not relative.endswith(".parquet") and not is_hidden(relative) and ".tmp" not in relative:
             storage.write_bytes(storage.join(dst_root, relative), storage.read_bytes(extra))
 
 

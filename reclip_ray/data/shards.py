@@ -127,6 +127,12 @@ GLOB_CHARS = "*?["
 HF_SPLIT_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]{8,})?\.parquet$")
 
 
+def is_hidden(relative: str) -> bool:
+    """A path below a dataset's folder that is not the dataset's, as ``pyarrow.dataset`` reads it: one of its names
+    starts with ``.`` or ``_`` (Spark's ``_temporary/``, Delta's ``_delta_log/``, ``.ipynb_checkpoints/``)."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
 def split_pattern(path: str) -> tuple[str, str]:
     """(folder, pattern): ``hub/data/train-*.parquet`` -> (``hub/data``, ``train-*.parquet``); a path without
     wildcards -> (path, "")."""
@@ -172,8 +178,7 @@ def list_parquet_files(path: str | os.PathLike) -> list[str]:
         found = []
         for i in listed:
             relative = i.path[len(top) + 1:]
-            if (i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                    and not any(part.startswith((".", "_")) for part in relative.split("/"))):
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not is_hidden(relative):
                 found.append((storage.join(root, relative) if storage.is_uri(root) else i.path, i))
         found.sort()
         if not pattern:

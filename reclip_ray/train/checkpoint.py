@@ -186,16 +186,14 @@ def _mismatch_message(directory: Path, shown: str, exc: Exception, config: Any) 
 def _model_keys_changed(saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this launch's) for the keys that shape the weights: the model's sizes (not its
     name, its start values or where it starts from) and ``train.loss``."""
-    skip = ("name", "init_from", "grad_checkpointing", "init_logit_scale", "init_logit_bias", "max_logit_scale")
+    from reclip_ray.tracking import flatten
+
+    skip = {f"model.{key}" for key in ("name", "init_from", "grad_checkpointing", "init_logit_scale",
+                                         "init_logit_bias", "max_logit_scale")}
 
     def flat(cfg: Any) -> dict[str, Any]:
-        out = {"train.loss": cfg.train.loss}
-        for key, value in dataclasses.asdict(cfg.model).items():
-            if isinstance(value, dict):
-                out.update({f"model.{key}.{k}": v for k, v in value.items()})
-            elif key not in skip:
-                out[f"model.{key}"] = value
-        return out
+        model = {k: v for k, v in flatten(dataclasses.asdict(cfg.model), "model.").items() if k not in skip}
+        return {"train.loss": cfg.train.loss, **model}
 
     old, new = flat(saved), flat(now)
     return [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]

@@ -90,7 +90,7 @@ class PhaseDatasetFactory:
         checkpoint, state = latest_checkpoint_state(self.run_dir)
         if phase_finished(self.phase, state.get("phase", 0), state.get("phase_done", False)):
             # The workers resume after this phase and never read it (Worker.finished): its stream is not rebuilt.
-            # Rebuilding it cost this controller ~1.4 ms per read item (from_items puts each one), 12.5 s for one
+            # Rebuilding it cost this controller ~1.5 ms per read item (from_items puts each one), 12.9 s for one
             # pass over 140k shards, at every restart of the phases after it (BENCHMARKS.md, "A finished phase").
             import ray
 
