@@ -165,6 +165,7 @@ def test_a_worker_exception_then_a_sigkill_each_restart_from_the_last_checkpoint
     cfg = make_cfg("faults", workers=2, extra=["fault.fail_at_samples=704", "fault.fail_rank=1", "train.samples=2048",
                                                 "checkpoint.every_samples=256", "eval.at_phase_end=false",
                                                 "fault.step_delay_s=0.2", f"fault.step_delay_while={crawl}",
+                                                "fault.record_rows=true",
                                                 f"model.init_from={tmp_path / 'start_weights'}"])
     run_dir = Path(cfg.run.storage_path) / "faults"
     job = _Background(cfg)
@@ -190,6 +191,11 @@ def test_a_worker_exception_then_a_sigkill_each_restart_from_the_last_checkpoint
     assert run.data.metrics["restarts"] == 2
     restarts = client.get_metric_history(run.info.run_id, "restarts")
     assert sorted(m.value for m in restarts) == [0, 1, 2]
+    # Each rank seeds its patch dropout and feed shuffle with the count rank 0 took (its row log is named by it): a
+    # rank seeded from its checkpoint's count would draw the failed attempt's masks and row order again.
+    starts = {tuple(int(n) for n in re.match(r"rank(\d+)-start(\d+)-", p.name).groups())
+              for p in (run_dir / "rows").glob("*.jsonl")}
+    assert starts == {(rank, start) for rank in (0, 1) for start in (0, 1, 2)}, sorted(starts)
     # Each restart resumed a checkpoint: before the fault at step 11 the one at step 8 (or 4, had Ray Train not yet
     # registered 8's report when the worker died), and after the SIGKILL the newest registered when it came, or one
     # registered after it

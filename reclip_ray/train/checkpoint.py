@@ -76,10 +76,10 @@ def save_checkpoint(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+    # No RNG state: each start seeds every rank from train.seed, the restart count and the rank (Worker), so an attempt
+    # after a failure draws other patch-dropout masks than the one that failed; rank 0's state, the only one a
+    # checkpoint could hold, would be the wrong state for every other rank.
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     _atomic_torch_save(payload, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(config_yaml)
     _atomic_write_text(directory / META_FILE, json.dumps(dataclasses.asdict(state), indent=2))
@@ -103,7 +103,7 @@ def load_checkpoint(
     source: str | None = None,
     config: Any = None,
 ) -> TrainState:
-    """Restore model (and optimizer, RNG) in place and return the run position. ``source`` is where the checkpoint
+    """Restore model (and optimizer) in place and return the run position. ``source`` is where the checkpoint
     lives when ``directory`` is a local copy of it (a URI): errors name it, since the copy is gone by the time the
     user reads them. ``config``, this launch's: a checkpoint whose tensors do not fit its model is a
     ``CheckpointError`` that names the model keys that changed (deterministic: the run is not retried).
@@ -129,12 +129,7 @@ def load_checkpoint(
         if not _does_not_fit(exc):  # a CUDA error or an out-of-memory is not the checkpoint's: Ray Train retries
             raise
         raise CheckpointError(_mismatch_message(directory, shown, exc, config)) from None
-    rng = payload.get("rng", {})
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
-    return state
+    return state  # a checkpoint from before 2026-12 also holds rank 0's RNG state ("rng"): not used (save_checkpoint)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

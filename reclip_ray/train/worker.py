@@ -166,12 +166,17 @@ class Worker:
 
     def _count_restart(self) -> None:
         """Every start of a worker group after the first is a restart, with or without a checkpoint to resume from
-        (MLflow remembers the count, so a restart before the first checkpoint still shows)."""
-        if self.rank != 0:
-            return
-        previous = tracking.latest_metric(self.tracking_uri, self.run_id, "restarts")
-        self.state.restarts = max(self.state.restarts, -1 if previous is None else int(previous)) + (
-            0 if previous is None and not self.restored_from else 1)
+        (MLflow remembers the count, so a restart before the first checkpoint still shows).
+
+        Rank 0 counts (one MLflow read, not 64) and every rank takes its count: the count seeds each rank's patch
+        dropout and feed shuffle, and a rank seeded from the checkpoint's count would repeat the masks and row order
+        of the attempt that failed, again at each restart from that checkpoint. One all-reduce per start."""
+        counted = 0
+        if self.rank == 0:
+            previous = tracking.latest_metric(self.tracking_uri, self.run_id, "restarts")
+            counted = max(self.state.restarts, -1 if previous is None else int(previous)) + (
+                0 if previous is None and not self.restored_from else 1)
+        self.state.restarts = sum_over_ranks([counted], self.world, self.device)[0]
 
     def _wrap_ddp(self) -> torch.nn.Module:
         import ray.train.torch
