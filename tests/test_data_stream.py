@@ -761,3 +761,30 @@ def test_a_refill_holds_the_window_twice_at_most_and_serves_the_same_rows_in_the
     assert len(served) == len(expected) == 60 * block_rows // batch
     assert all((a == b).all() for a, b in zip(served, expected))
     assert peak < 2.5 * window, peak / window  # incoming + the new window (+ rows left, tokens, a batch, a block)
+
+
+def test_closing_a_feed_mid_stream_closes_the_ray_data_iterator(tmp_path, synth_rows, tokenizer_path):
+    """A phase ends at its sample count, mid-stream. ``PhaseFeed.close`` (the worker's phase end) must reach the batch
+    iterator: Ray Data's ``finally`` there is what tells the phase's split coordinator that this rank stopped reading,
+    so that it stops the phase's executor and drops its buffered blocks."""
+    files = write_shards(tmp_path, [20, 20], synth_rows, "c", row_group_size=5)
+    blocks = decoded_blocks(PhaseStream(read_footers(files), seed=3, passes=1, group_shards=1, chunk_rows=5),
+                            tokenizer_path)
+    pulled, closed = [], []
+
+    def batches():  # a generator, as ``iter(DataIterator.iter_batches(...))`` is
+        try:
+            for block in blocks:
+                pulled.append(1)
+                yield block
+        finally:
+            closed.append(len(pulled))
+
+    feed = PhaseFeed(batches(), buffer_rows=8, seed=1)
+    assert len(feed.take(4)["_pos"]) == 4
+    assert not closed and len(pulled) < len(blocks)  # mid-stream, as a phase end is
+    feed.close()
+    assert closed == [len(pulled)]
+    assert feed.take(100) is None  # nothing is read after the close
+    feed.close()  # a second close (an evaluation retried after the phase end) is harmless
+    assert closed == [len(pulled)]

@@ -352,6 +352,17 @@ class PhaseFeed:
         return DataPosition(self.phase, self.frontier, self._whole.copy(), self._done_pos.copy(),
                             self._done_unit.copy())
 
+    def close(self) -> None:
+        """Stop reading. A phase ends at its sample count, mid-stream: closing Ray Data's batch iterator tells the
+        phase's split coordinator that this rank is done, and once every rank has, the coordinator stops the phase's
+        executor and drops the blocks it buffered for the ranks (Ray 2.60, ``notify_split_finished``). Left open, they
+        hold object-store memory through the phase's evaluation and beyond, until garbage collection closes it."""
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+        self._blocks = iter(())
+        self._exhausted = True
+
     def absent_in_flight(self) -> int:
         """Absent rows of units seen but not yet done (counted once the phase ends)."""
         return sum(self._g_absent.values()) + sum(v for u, v in self._absent.items() if u not in self._g_absent)

@@ -291,6 +291,7 @@ class Worker:
         settle_data(self.feed, state, self.world, stream_layout(self.cfg))
         state.rows_absent += self.feed.absent_in_flight()  # units the phase never finished: their absent rows count now
         state.rows_seen += sum_over_ranks([self.feed.available], self.world, self.device)[0]  # read, never to be again
+        self.feed.close()
         state.phase_done, state.data = True, {}
         steps = steps_on_every_rank(state.step, self.world, self.device)
         if self.rank == 0:
