@@ -241,3 +241,46 @@ def test_a_jpeg_neither_decoder_reads_trains_black_and_the_worker_counts_and_say
                                                    (7, {"data_rows_decode_failed": 2})]
     assert said == [f"WARNING: 1 image(s) failed to decode on rank 0 and trained as black images ({n} so far)"
                     for n in (1, 2)]
+
+
+def test_the_wait_for_the_step_queued_before_is_not_data_time(monkeypatch):
+    """With ``data.decode_device=cuda`` the decode first waits for the GPU to finish the step queued before (above):
+    the step's time, not the data's. ``Worker.step`` waits before its data clock counts the decode, so the window's
+    ``data_wait_fraction`` does not read ~1 whenever the GPU decodes. Stand-ins: a stream whose first wait is the
+    queued step's 0.3 s (then the GPU is idle), and a decode that waits for it as ``decode_jpegs`` does."""
+    import time
+    import types
+
+    from reclip_ray.data import device_decode
+    from reclip_ray.train import worker as worker_module
+    from reclip_ray.train.checkpoint import TrainState
+    from reclip_ray.train.progress import Window
+
+    queued = [0.3]
+
+    class Stream:
+        def synchronize(self):
+            time.sleep(queued.pop() if queued else 0.0)
+
+    def decode(jpegs, boxes, size, device):
+        torch.cuda.current_stream(device).synchronize()
+        return torch.zeros((len(jpegs), size, size, 3), dtype=torch.uint8), {"fallback": 0, "failed": 0}
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(device_decode, "decode_on_device", decode)
+    monkeypatch.setattr(worker_module, "pinned_for", lambda device, *tensors: tensors)
+    monkeypatch.setattr(worker_module, "train_step", lambda *args, **kwargs: {"loss": torch.tensor(1.0)})
+    w = object.__new__(worker_module.Worker)  # just what step() reads: rank 0 of 1 on a GPU
+    w.device, w.rank, w.world, w.decode_failed, w.decode_fallback = torch.device("cuda"), 0, 1, 0, 0
+    w.cfg, w.state, w.ddp_model, w.optimizer = load_config("tiny"), TrainState(), None, None
+    w.autocast, w.local_loss, w.micro_batch = None, False, 0
+    w.schedule = types.SimpleNamespace(lr_at=lambda samples: 1e-3)
+    w.feed = types.SimpleNamespace(take=lambda n: {"jpeg": np.asarray([b"x"] * n, dtype=object),
+                                                   "box": np.zeros((n, 4), np.float32),
+                                                   "tokens": np.zeros((n, 8), np.int64)})
+    plan = types.SimpleNamespace(name="p", start_sample=0, end_sample=8, batch_size=4, batch_at=lambda s: 4,
+                                 image_size=8)
+    window = Window()
+    w.step(plan, window, 1.0)
+    assert not queued and window.steps == 1  # the queued step was waited for
+    assert window.data_s < 0.25, window.data_s

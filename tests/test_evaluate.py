@@ -291,3 +291,36 @@ def test_eval_and_export_refuse_bad_sizes_in_one_line(export_dir, synth_dir, tmp
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith("reclip-ray: error: ") and flags[1] in err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])
+def test_a_training_runs_evaluation_encodes_at_its_training_precision(tokenizer_path, synth_dir, precision, expected):
+    """``phase_eval.evaluate_phase`` (phase ends, compute milestones) runs both towers under ``train.precision``'s
+    autocast, as the steps do (bf16 on a GPU: ``auto`` is fp32 on this CPU): every encode sees it, and bf16 scores
+    the set as fp32 does, within a few rows."""
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import Schedule
+    from reclip_ray.train.phase_eval import evaluate_phase
+
+    cfg = load_config("tiny", [f"data.eval={synth_dir / 'eval'}", f"train.precision={precision}",
+                               "eval.batch_size=100"])
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer=tok)
+    seen: list = []
+    for name in ("encode_image", "encode_text"):
+        def spy(*args, _encode=getattr(model, name), **kwargs):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return _encode(*args, **kwargs)
+        setattr(model, name, spy)
+    plan = Schedule.from_config(cfg).phases[-1]
+    got = evaluate_phase(cfg, model, tok, plan, torch.device("cpu"))
+    assert seen and set(seen) == {expected}, seen
+    if expected is not None:
+        cfg.train.precision = "fp32"
+        fp32 = evaluate_phase(cfg, model, tok, plan, torch.device("cpu"))
+        assert got.keys() == fp32.keys()
+        for key, value in fp32.items():
+            assert got[key] == pytest.approx(value, abs=0.05), key

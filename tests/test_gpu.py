@@ -185,3 +185,62 @@ def test_a_train_step_waits_for_the_gpu_nowhere_fresh_or_resumed(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_micro_batches_replay_the_cuda_generator_so_patch_dropout_drops_the_same_patches():
+    """Gradient accumulation on the GPU: each micro-batch's CUDA generator state (``step._rng_state``, the branch no
+    CPU test runs) is saved before its no-grad encode and restored before its re-encode, so patch dropout drops the
+    same patches twice and the gradients are those of the loss on the cached features: the reference is built by
+    hand, as ``tests/test_patch_dropout.py`` does on the CPU (without the replay 48 of its tensors differ there)."""
+    import copy
+
+    from reclip_ray.loss import contrastive_loss
+    from reclip_ray.model import build_model
+    from reclip_ray.pixels import normalize_images
+    from reclip_ray.train.step import train_step
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny").model, vocab_size=64).cuda()
+    model.set_patch_dropout(0.5)
+    ref = copy.deepcopy(model).train()
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, device="cuda")
+    tokens = torch.randint(3, 64, (8, 16), device="cuda")
+    torch.manual_seed(1)
+    out = [ref(normalize_images(images[s]), tokens[s]) for s in (slice(0, 4), slice(4, 8))]
+    contrastive_loss(torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), out[-1][2]).backward()
+    torch.manual_seed(1)
+    train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, tokens, lr=0.0, grad_clip=0.0,
+               micro_batch=4)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_an_evaluation_at_bf16_encodes_under_cuda_autocast_and_returns_fp32():
+    """A training run's evaluations encode at ``train.precision`` (``phase_eval``): on a GPU under bf16 autocast
+    (``metrics.towers_autocast`` with the device given as a string, as ``reclip-ray eval`` gives it); the class
+    embeddings leave it as fp32, close to fp32's."""
+    import numpy as np
+
+    from reclip_ray.evaluation.metrics import zero_shot_classifier
+    from reclip_ray.model import build_model
+
+    class Tok:
+        def encode(self, texts, length):
+            return np.stack([np.random.default_rng(sum(map(ord, t))).integers(3, 256, length) for t in texts])
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny").model, vocab_size=256).cuda().eval()
+    seen = []
+    encode = model.encode_text
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+        return encode(*args, **kwargs)
+
+    model.encode_text = spy
+    got = {dtype: zero_shot_classifier(model, Tok(), ["circle", "star", "square"], ["a {}.", "a photo of a {}."],
+                                       text_length=16, device="cuda", autocast_dtype=dtype)
+           for dtype in (None, torch.bfloat16)}
+    assert seen == [None, torch.bfloat16]
+    assert got[torch.bfloat16].dtype == torch.float32 and got[torch.bfloat16].is_cuda
+    assert torch.nn.functional.cosine_similarity(got[torch.bfloat16], got[None]).min() > 0.99

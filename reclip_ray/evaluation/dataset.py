@@ -21,7 +21,7 @@ from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, label_sets
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
-from reclip_ray.evaluation.metrics import retrieval_metrics, zero_shot_classifier, zero_shot_metrics
+from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
 
 
 @torch.no_grad()
@@ -38,6 +38,7 @@ def evaluate_dataset(
     classes: dict | None = None,
     rank: int = 0,
     world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Flat metrics dict: ``rows`` (usable rows), ``images`` (unique images), ``captions``, ``absent_rows``,
     ``bad_rows``, ``<label set>/top1|top5|mean_per_class_recall|chance_top1`` for every label set, and, when the
@@ -52,6 +53,9 @@ def evaluate_dataset(
     gathered, put back in row order and grouped exactly as one rank would (``grouping.assemble``); the metrics are
     computed once, on rank 0, and broadcast: every rank returns the dict single-rank evaluation returns. An error on
     any rank is raised on every rank, so the ranks' collectives stay paired.
+
+    ``autocast_dtype``: the towers run under that autocast (``metrics.towers_autocast``; a training run's
+    evaluations pass ``train.precision``'s), else in fp32.
     """
     from reclip_ray.data.schema import ColumnMap
 
@@ -62,7 +66,7 @@ def evaluate_dataset(
     label_cols = sorted({spec["column"] for spec in sets.values()})
     read = functools.partial(_encode_rows, core, device, path=str(data_path), image_size=image_size,
                              text_length=text_length, tokenizer=tokenizer, batch_size=batch_size, columns=columns,
-                             extra_columns=label_cols)
+                             extra_columns=label_cols, autocast_dtype=autocast_dtype)
     if world_size == 1:
         got = _read_all(read, label_cols)
     else:
@@ -70,7 +74,8 @@ def evaluate_dataset(
     _check_gathered(data_path, sets, got)
     classifiers = {name: zero_shot_classifier(core, tokenizer, spec["classes"], spec.get("templates") or
                                               DEFAULT_TEMPLATES, text_length=text_length, device=device,
-                                              batch_size=batch_size, rank=rank, world_size=world_size).cpu()
+                                              batch_size=batch_size, rank=rank, world_size=world_size,
+                                              autocast_dtype=autocast_dtype).cpu()
                    for name, spec in sets.items()}
     if world_size == 1:
         return _scores(sets, got, classifiers)
@@ -90,7 +95,8 @@ def _find_label_sets(data_path: str, columns: Any, classes: dict | None) -> tupl
 
 
 def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: Grouped | Slice,
-                 row_range: tuple[int, int] | None, **read: Any) -> Iterator[None]:
+                 row_range: tuple[int, int] | None, autocast_dtype: torch.dtype | None = None,
+                 **read: Any) -> Iterator[None]:
     """Decode and encode the rows (all, or ``row_range``) into ``collector``, one batch per step (see
     ``gather.agree``), and return the bad-row counts; the model is in eval mode meanwhile. ``read``: the
     arguments of ``iter_local_batches`` that say which rows and how to decode them."""
@@ -98,10 +104,12 @@ def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: G
     from reclip_ray.pixels import normalize_images
 
     def encode_image(images: np.ndarray) -> torch.Tensor:
-        return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()
+        with towers_autocast(device, autocast_dtype):
+            return core.encode_image(normalize_images(torch.from_numpy(images).to(device))).float().cpu()
 
     def encode_text(tokens: np.ndarray) -> torch.Tensor:
-        return core.encode_text(torch.from_numpy(tokens).to(device)).float().cpu()
+        with towers_autocast(device, autocast_dtype):
+            return core.encode_text(torch.from_numpy(tokens).to(device)).float().cpu()
 
     counts = BadRowCount()
     was_training = core.training

@@ -12,6 +12,7 @@ caption (a hit if any of its captions ranks high enough); images with no caption
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -20,6 +21,15 @@ from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, class_prompt
 from reclip_ray.evaluation.gather import agree, block, gather_rows, run_steps
 
 CHUNK = 1024
+
+
+def towers_autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The towers' autocast in an evaluation: ``dtype`` on ``device`` (a training run passes its ``train.precision``,
+    bf16 on a GPU: the model as it trained, on tensor cores, where fp32 matmuls run several times slower); None: fp32.
+    The features leave it as fp32, so the metrics are computed alike either way."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -34,13 +44,14 @@ def zero_shot_classifier(
     batch_size: int = 256,
     rank: int = 0,
     world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """[C, D] class embeddings: each class's normalised template embeddings averaged, then re-normalised. A
     template takes the class name in ``{}`` or ``{c}`` (``eval_set.class_prompt``).
 
     With ``world_size`` > 1 (every rank calls it) each rank encodes a contiguous block of the same batches that one
     rank would encode, and the features are gathered: ImageNet's 1000 classes x 80 templates are 80k captions,
-    and a batch encodes to the same numbers whichever rank runs it.
+    and a batch encodes to the same numbers whichever rank runs it. ``autocast_dtype``: see ``towers_autocast``.
     """
     model = getattr(model, "module", model)
     templates = list(templates) or list(DEFAULT_TEMPLATES)
@@ -52,7 +63,8 @@ def zero_shot_classifier(
         feats = []
         for i in starts[lo:hi]:
             tokens = torch.from_numpy(tokenizer.encode(texts[i : i + batch_size], text_length)).to(device)
-            feats.append(model.encode_text(tokens, normalize=True).float())
+            with towers_autocast(device, autocast_dtype):
+                feats.append(model.encode_text(tokens, normalize=True).float())
             yield
         return feats
 

@@ -24,10 +24,12 @@ def skip_reason(cfg: Config, at_phase_end: bool) -> str | None:
 def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: Any, device: torch.device,
                    rank: int = 0, world: int = 1, own: bool = True) -> dict[str, float]:
     """Zero-shot + retrieval at full resolution and (``own``) at the phase's resolution, if different. With
-    ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics."""
+    ``world`` > 1 every rank calls it and encodes its share of the rows; all return the same metrics. The towers run
+    at the training precision (``train.precision``: bf16 autocast on a GPU by default), as in the steps."""
     from reclip_ray.data.schema import ColumnMap
     from reclip_ray.evaluation.dataset import evaluate_dataset
     from reclip_ray.evaluation.eval_set import eval_columns
+    from reclip_ray.train.step import autocast_dtype_for
 
     full_size = full_image_size(cfg)
     # At the full image size the full text length wins: a phase at that size with shorter texts (a sweep trial
@@ -47,6 +49,7 @@ def evaluate_phase(cfg: Config, model: torch.nn.Module, tokenizer: Any, plan: An
             device=device,
             rank=rank,
             world_size=world,
+            autocast_dtype=autocast_dtype_for(cfg.train.precision, device),
         )
         out.update({f"eval/{image_size}px/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return out
