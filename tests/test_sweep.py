@@ -56,6 +56,20 @@ def test_bad_spaces_give_one_line_errors(tmp_path):
         load_space(tmp_path / "nope.yaml")
 
 
+def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):
+    """128 combinations: the first 64 all hold the first parameter's first two values; its last one (30 px, no
+    multiple of the patch size) must still fail at launch, not in every trial that draws it."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params:\n  phases.0.image_size: {grid: [32, 48, 64, 30]}\n"
+                     "  optim.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]}\n"
+                     "  finetune_fraction: {grid: [0.1, 0.2, 0.3, 0.4]}\n  optim.weight_decay: {grid: [0.1, 0.2]}\n"
+                     "metric: loss\nmode: min\nbudget: {gflops: 3000}\n")
+    with pytest.raises(ConfigError, match="image_size 30 is not a positive multiple of the patch size 8"):
+        check_trials(load_space(space), load_raw("tiny"))
+
+
 def test_pareto_front():
     pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (4.0, 0.6), (2.5, 0.5)]
     assert pareto_front(pts, "max") == [0, 1, 3]

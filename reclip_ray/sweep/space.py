@@ -5,7 +5,9 @@ Every mistake in the file is a one-line ``ConfigError`` naming the key, found be
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -137,14 +139,25 @@ def _check_scheduler(p: Path, given: dict[str, Any]) -> dict[str, Any]:
     return scheduler
 
 
+CORNERS = 64  # combinations checked before Ray starts (~5 ms each, tiny preset); past them, one set per value
+
+
 def grid_corners(space: Space) -> list[dict[str, Any]]:
-    """A few concrete parameter sets covering each domain's extremes (for the up-front config check)."""
-    combos: list[dict[str, Any]] = [{}]
-    for key, dom in space.params.items():
-        kind, value = next(iter(dom.items()))
-        options = list(value) if kind in ("grid", "choice") else [value[0], value[1]]
-        combos = [{**c, key: o} for c in combos for o in options][:64]
-    return combos
+    """Concrete parameter sets covering each domain's extremes (for the up-front config check): the first
+    ``CORNERS`` combinations, then, where there are more, every value of every parameter at least once (the i-th
+    set takes each parameter's i-th value, wrapping). The first combinations alone all hold the first parameter's
+    first values once there are more than ``CORNERS`` of them, and its other values would fail every trial late."""
+    options = {key: _corner_values(dom) for key, dom in space.params.items()}
+    combos = [dict(zip(options, values)) for values in itertools.islice(itertools.product(*options.values()), CORNERS)]
+    if len(combos) == math.prod(len(o) for o in options.values()):
+        return combos
+    longest = max(len(o) for o in options.values())
+    return combos + [{key: o[i % len(o)] for key, o in options.items()} for i in range(longest)]
+
+
+def _corner_values(dom: dict[str, Any]) -> list[Any]:
+    kind, value = next(iter(dom.items()))
+    return list(value) if kind in ("grid", "choice") else [value[0], value[1]]
 
 
 # ------------------------------------------------------------------------------------------ in Tune's terms
