@@ -52,6 +52,9 @@ def test_bad_spaces_give_one_line_errors(tmp_path):
     bad.write_text("params: {x: {grid: [1]}}\nbudgett: {gflops: 1}\n")
     with pytest.raises(ConfigError, match="unknown key.*budgett"):
         load_space(bad)
+    bad.write_text("params: {data.eval: {uniform: [a, b]}}\n")
+    with pytest.raises(ConfigError, match="params.data.eval.uniform must be \\[low, high\\], two numbers"):
+        load_space(bad)
     with pytest.raises(ConfigError, match="search space not found"):
         load_space(tmp_path / "nope.yaml")
 
@@ -68,6 +71,21 @@ def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):
                      "metric: loss\nmode: min\nbudget: {gflops: 3000}\n")
     with pytest.raises(ConfigError, match="image_size 30 is not a positive multiple of the patch size 8"):
         check_trials(load_space(space), load_raw("tiny"))
+
+
+def test_ranges_are_checked_as_tune_draws_them(tmp_path):
+    """``uniform`` draws floats: on an integer key every trial would be refused, so the launch refuses it.
+    ``randint`` never draws its high end (Tune's is exclusive), so a high end one past the valid range is fine."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {phases.0.image_size: {uniform: [32, 64]}}\nmetric: loss\nmode: min\n"
+                     "budget: {gflops: 3000}\n")
+    with pytest.raises(ConfigError, match=r'sweep trial \{"phases.0.image_size": 48.5\}: .* must be an integer'):
+        check_trials(load_space(space), load_raw("tiny"))
+    space.write_text("params: {phases.0.text_length: {randint: [8, 33]}}\nmetric: loss\nmode: min\n"
+                     "budget: {gflops: 3000}\n")  # tiny's context length is 32: Tune draws 8 ... 32
+    check_trials(load_space(space), load_raw("tiny"))
 
 
 def test_pareto_front():

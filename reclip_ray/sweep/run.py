@@ -149,10 +149,19 @@ def _environ(name: str, value: str | None):
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
     """Every trial's config (and its budget), checked before Ray starts: a bad grid value is a one-line error now.
     Returns ASHA's compute axis (``asha.asha_axis``) from the trials' total GFLOPs; None without ASHA."""
-    corners = [from_dict(trial_raw(base_raw, combo, space.budget)) for combo in grid_corners(space)]
+    corners = [_trial_config(base_raw, combo, space) for combo in grid_corners(space)]
     check_trials_evaluate(space, corners)
     totals = [run_flops(cfg)["total_train_gflops"] for cfg in corners]
     return asha_axis(space, totals) if space.scheduler["name"] == "asha" else None
+
+
+def _trial_config(base_raw: dict[str, Any], params: dict[str, Any], space: Space) -> Config:
+    """One trial's checked config; its error names the trial's parameters (a value Tune may draw, not one the
+    space file shows: ``uniform: [32, 64]`` draws 48.5)."""
+    try:
+        return from_dict(trial_raw(base_raw, params, space.budget))
+    except ConfigError as exc:
+        raise ConfigError(f"sweep trial {json.dumps(params)}: {exc}") from None
 
 
 def check_trials_evaluate(space: Space, configs: list[Config]) -> None:

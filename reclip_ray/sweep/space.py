@@ -98,9 +98,18 @@ def _check_params(p: Path, params: Any) -> dict[str, dict[str, Any]]:
         kind, value = next(iter(dom.items()))
         if kind in ("grid", "choice") and (not isinstance(value, list) or not value):
             raise ConfigError(f"{p}: params.{key}.{kind} must be a non-empty list")
-        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2):
-            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high]")
+        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2
+                                                             or not all(_is_number(v) for v in value)):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high], two numbers")
     return params
+
+
+def _is_number(value: Any) -> bool:
+    """A number, or one as PyYAML hands ``1e-3`` over (a string)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_budget(p: Path, budget: Any) -> dict[str, Any]:
@@ -156,8 +165,19 @@ def grid_corners(space: Space) -> list[dict[str, Any]]:
 
 
 def _corner_values(dom: dict[str, Any]) -> list[Any]:
+    """The values of a domain to check: a list's all; a range's ends as Tune draws them. ``randint`` never draws
+    its high end (Tune's is exclusive); ``uniform`` and ``loguniform`` draw floats, so a point inside that is no
+    integer is checked too: on an integer key (``phases.0.image_size``) every trial's config would be refused."""
     kind, value = next(iter(dom.items()))
-    return list(value) if kind in ("grid", "choice") else [value[0], value[1]]
+    if kind in ("grid", "choice"):
+        return list(value)
+    if kind == "randint":
+        low, high = int(float(value[0])), int(float(value[1]))
+        return [low, max(low, high - 1)]
+    low, high = float(value[0]), float(value[1])
+    inside = math.sqrt(low * high) if kind == "loguniform" and low > 0 < high else (low + high) / 2
+    inside += 0.5 if inside.is_integer() and inside + 0.5 < high else 0.0
+    return [low, high, inside]
 
 
 # ------------------------------------------------------------------------------------------ in Tune's terms
@@ -207,5 +227,5 @@ def _tune_domain(spec: dict[str, Any]):
         "choice": lambda: tune.choice(list(value)),
         "uniform": lambda: tune.uniform(float(value[0]), float(value[1])),
         "loguniform": lambda: tune.loguniform(float(value[0]), float(value[1])),
-        "randint": lambda: tune.randint(int(value[0]), int(value[1])),
+        "randint": lambda: tune.randint(int(float(value[0])), int(float(value[1]))),
     }[kind]()
