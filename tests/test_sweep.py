@@ -88,6 +88,20 @@ def test_ranges_are_checked_as_tune_draws_them(tmp_path):
     check_trials(load_space(space), load_raw("tiny"))
 
 
+@pytest.mark.parametrize("metric", ["los", "lr", "eval/full/shape/top-1", "eval/full/rows"])
+def test_a_metric_no_report_carries_is_refused_before_ray_starts(tmp_path, metric):
+    """Tune would fail the whole sweep at the first trial's first rung or phase end (its strict metric check)."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nmode: min\nbudget: {{gflops: 300}}\n")
+    with pytest.raises(ConfigError, match=f"metric '{metric}' is in no trial's report to Tune: use loss, eval/full/"):
+        check_trials(load_space(space), load_raw("tiny"))
+    for fine in ("loss", "eval/full/colour/top5", "eval/full/text_to_image_r@10"):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {fine}\nbudget: {{gflops: 300}}\n")
+        check_trials(load_space(space), load_raw("tiny"))
+
+
 def test_pareto_front():
     pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (4.0, 0.6), (2.5, 0.5)]
     assert pareto_front(pts, "max") == [0, 1, 3]

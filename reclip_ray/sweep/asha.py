@@ -7,11 +7,27 @@ at equal GFLOPs spent instead, each trial evaluating when it crosses a rung (``e
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from reclip_ray.config import ConfigError
 from reclip_ray.run_names import EVAL_ERROR, TIME_ATTR
 from reclip_ray.sweep.space import Space
+
+
+# What a trial's reports to Tune carry that a sweep can rank by: the training loss, and the evaluation at full
+# resolution (``evaluation/dataset.py``: each label set's top-1 and top-5; retrieval R@1, 5 and 10 both ways).
+TUNE_METRIC = re.compile(r"^(loss|eval/full/(.+/top[15]|(image_to_text|text_to_image)_r@(1|5|10)))$")
+
+
+def check_metric_names(space: Space) -> None:
+    """A metric no report carries (``los``, ``lr``, ``eval/full/shape/top-1``) passes every other check, and Tune
+    fails the whole sweep at the first trial's first rung or phase end: one line before Ray starts instead. (A
+    label set the eval set lacks is still found there: which sets a trial's eval set has is the data's.)"""
+    for where, metric in (("metric", space.metric), ("scheduler.metric", space.scheduler.get("metric"))):
+        if metric is not None and not TUNE_METRIC.match(str(metric)):
+            raise ConfigError(f"{where} {metric!r} is in no trial's report to Tune: use loss, eval/full/<label set>/"
+                              "top1 (or top5), or eval/full/image_to_text_r@1 (r@5, r@10; or text_to_image_r@...)")
 
 
 def asha_metric(space: Space) -> str:

@@ -16,7 +16,7 @@ from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, l
 from reclip_ray.flops import run_flops
 from reclip_ray.lease import Lease
 from reclip_ray.run_names import FULL
-from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
+from reclip_ray.sweep.asha import asha_axis, asha_metric, check_metric_names, make_scheduler
 from reclip_ray.sweep.progress import UNFINISHED, progress_callback
 from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
@@ -149,6 +149,7 @@ def _environ(name: str, value: str | None):
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
     """Every trial's config (and its budget), checked before Ray starts: a bad grid value is a one-line error now.
     Returns ASHA's compute axis (``asha.asha_axis``) from the trials' total GFLOPs; None without ASHA."""
+    check_metric_names(space)
     corners = [_trial_config(base_raw, combo, space) for combo in grid_corners(space)]
     check_trials_evaluate(space, corners)
     totals = [run_flops(cfg)["total_train_gflops"] for cfg in corners]
