@@ -48,6 +48,16 @@ def asha_metric(space: Space) -> str:
     return str(space.scheduler.get("metric") or space.metric)
 
 
+def asha_mode(space: Space) -> str:
+    """Which way ASHA's metric is better: the sweep's ``mode`` for the sweep's own metric; for another
+    ``scheduler.metric``, that metric's: ``loss`` falls, every evaluation metric (top-k, R@k) rises. The sweep's mode
+    (max, for an accuracy) on a ``loss`` kept the trials with the highest loss at each rung and stopped the best."""
+    metric = asha_metric(space)
+    if metric == space.metric:
+        return space.mode
+    return "min" if metric == "loss" else "max"
+
+
 def tune_result(report: dict[str, Any], metrics: list[str]) -> dict[str, Any] | None:
     """What of a trial's Ray Train report reaches Tune: None for a mid-phase checkpoint report (no evaluation,
     no round); a phase end, compute milestone or final report as it is, except that a report whose evaluation
@@ -98,12 +108,12 @@ def asha_axis(space: Space, trial_gflops: list[float]) -> dict[str, Any]:
 
 
 def make_scheduler(space: Space, axis: dict[str, Any] | None):
-    """The Tune scheduler of a space: ASHA on ``asha_axis`` comparing ``asha_metric``, or FIFO."""
+    """The Tune scheduler of a space: ASHA on ``asha_axis`` comparing ``asha_metric`` (``asha_mode``), or FIFO."""
     from ray import tune
 
     if space.scheduler["name"] != "asha" or axis is None:
         return tune.schedulers.FIFOScheduler()
     return tune.schedulers.ASHAScheduler(
-        time_attr=TIME_ATTR, metric=asha_metric(space), mode=space.mode, max_t=axis["max_t"],
+        time_attr=TIME_ATTR, metric=asha_metric(space), mode=asha_mode(space), max_t=axis["max_t"],
         grace_period=axis["grace"], reduction_factor=axis["reduction_factor"], stop_last_trials=False,
     )
