@@ -18,6 +18,17 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == "http://mlflow:5000"
 
 
+def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):
+    """MLflow reads ``databricks`` and ``file:/x`` as stores; taken for bare paths they became SQLite files named
+    ``./databricks`` and ``./file:/x`` where every run landed unseen. Databricks is a server (no relay)."""
+    monkeypatch.chdir(tmp_path)
+    for uri, local in (("databricks", False), ("databricks-uc", False), (f"file:{tmp_path}/mlruns", True),
+                       (f"file://{tmp_path}/mlruns", True)):
+        assert (tracking.resolve_tracking_uri(uri), tracking.is_local_store(uri)) == (uri, local)
+    assert tracking.resolve_tracking_uri("runs/mlflow.db") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracking.is_local_store("runs/mlflow.db")
+
+
 def test_flatten_uses_override_paths():
     flat = tracking.flatten(load_config("tiny").to_dict())
     assert flat["phases.1.image_size"] == 64
