@@ -178,10 +178,12 @@ def _log_metric_rows(tracking_uri: str, run_id: str, rows: list[tuple[str, float
 
 @relayed(write=True)
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Keys as metric names are kept (``_metric_key``): some hold a phase's name (``reclip.eval_error.PHASE``), and
+    MLflow refuses the whole batch for one character it does not take (``lowres (32 px)``)."""
     from mlflow.entities import RunTag
 
     c = client(tracking_uri)
-    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.log_batch(run_id, tags=[RunTag(_metric_key(k), str(v)) for k, v in tags.items()])
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
