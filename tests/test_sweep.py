@@ -645,6 +645,44 @@ def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path, mo
         run_sweep(str(space), overrides=["eval.at_phase_end=false"])
 
 
+def test_a_rerun_with_an_edited_space_is_refused_where_tune_would_resume_the_old_sweep(tmp_path):
+    """``Tuner.restore`` resumes a sweep as it started: an edited space would get the old trials as its results,
+    and a changed domain failed on MLflow's "Changing param values is not allowed" (a traceback). One line before
+    Ray starts; where Tune has no state (no trial ran), the edited sweep starts afresh in a parent run of its own."""
+    from types import SimpleNamespace
+
+    from reclip_ray.config import load_config
+    from reclip_ray.sweep.run import _parent_run, sweep_definition
+
+    sweep_dir, space = tmp_path / "s", tmp_path / "s.yaml"
+    prep = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cfg=load_config("tiny"))
+
+    def open_parent(grid: str, overrides: list[str]) -> str:
+        space.write_text(f"params: {{phases.0.image_size: {{grid: {grid}}}}}\nmetric: loss\nmode: min\n"
+                         "budget: {gflops: 300}\n")
+        loaded = load_space(space)
+        return _parent_run(loaded, space.read_text(), prep, str(sweep_dir), "sweep-s",
+                           sweep_definition(loaded, None, overrides))
+
+    parent = open_parent("[32, 48]", ["train.batch_size=64"])
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(b"")  # Tune's state: the sweep got to Tune
+    assert open_parent("[32, 48]", ["train.batch_size=64"]) == parent  # the same sweep: resumed
+    with pytest.raises(ConfigError, match=r"the sweep there started with another params, and a rerun resumes it"):
+        open_parent("[32, 48, 64]", ["train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"started with another set \(or --set\), and"):
+        open_parent("[32, 48]", ["train.batch_size=128"])
+    (sweep_dir / "tune" / "tuner.pkl").unlink()
+    assert open_parent("[32, 48, 64]", []) != parent
+    # A base YAML counts by its text: `ray job submit` unpacks the working folder at a new path each time.
+    copies = [tmp_path / "a" / "base.yaml", tmp_path / "b" / "base.yaml"]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_text("name: tiny\n")
+    assert sweep_definition(load_space(space), str(copies[0]), []) == sweep_definition(load_space(space),
+                                                                                       str(copies[1]), [])
+
+
 def test_the_sweep_metric_view_is_named_in_the_sweep_module():
     from reclip_ray.run_names import FULL, full_view
 

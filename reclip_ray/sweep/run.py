@@ -4,6 +4,7 @@ its MLflow parent run), let Tune run the trials, write the results. Rerunning an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -50,7 +51,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
     base_cfg = from_dict(base_raw)
     axis = check_trials(space, base_raw)
-    sweep = open_sweep(space, space_path, base_cfg, quiet)
+    sweep = open_sweep(space, space_path, base_cfg, quiet,
+                       definition=sweep_definition(space, config, list(overrides or [])))
     n_phases = len(base_cfg.phases)
     status = "FAILED"
     log_file = None
@@ -177,10 +179,12 @@ def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
                               "eval.at_phase_end is false")
 
 
-def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False) -> OpenSweep:
+def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False,
+               definition: dict[str, Any] | None = None) -> OpenSweep:
     """Prepare the base config under the space's name (its run folder is the sweep folder), and start the sweep's
-    MLflow parent run, or resume the one ``sweep_state.json`` names. ``quiet``: Ray's and MLflow's logging go to
-    the sweep folder's ray.log from before their first lines (``redirect_library_logging``)."""
+    MLflow parent run, or resume the one ``sweep_state.json`` names, if it started with the same ``definition``
+    (``sweep_definition``). ``quiet``: Ray's and MLflow's logging go to the sweep folder's ray.log from before their
+    first lines (``redirect_library_logging``)."""
     from reclip_ray.console import redirect_library_logging
     from reclip_ray.train.launch import prepare
 
@@ -196,7 +200,7 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
         base_raw = prep.cfg.to_dict()
         base_raw["data"]["synth_if_missing"] = False
         experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
-        parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment)
+        parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment, definition)
     except BaseException:
         lease.release()
         raise
@@ -204,16 +208,50 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
                      lease=lease)
 
 
-def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str) -> str:
+def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """What decides a sweep's trials and how Tune runs them: the space as read, its base replaced by ``--config``
+    and ``--set`` after its own ``set``, as plain data (``sweep_state.json`` keeps it). A base YAML file counts by
+    its text: its absolute path differs between two ``ray job submit``s of one sweep (a new working folder each)."""
+    base = config or space.base
+    if base.endswith((".yaml", ".yml")) and os.path.isfile(base):
+        with open(base) as f:
+            base = f.read()
+    return json.loads(json.dumps({**dataclasses.asdict(space), "base": base, "overrides": space.overrides + overrides}))
+
+
+def _continues_sweep(state: dict[str, Any], definition: dict[str, Any] | None, sweep_dir: str) -> bool:
+    """Whether this run continues the sweep in the folder: it started with ``definition``. Where it did not and
+    Tune has its state there, a refusal: a rerun resumes a sweep as it started (``Tuner.restore`` keeps its trials'
+    configs, its scheduler and its limits), so a space edited since would report the old trials as its own, or, for
+    a changed domain, fail on MLflow's refusal to change the parent run's params. One line before Ray starts
+    instead. Without Tune's state no trial of it ran: False, and the caller starts afresh."""
+    from ray import tune
+
+    before = state.get("definition")
+    if before is None or definition is None or before == definition:  # a sweep started before this check: as is
+        return True
+    if not tune.Tuner.can_restore(storage.join(sweep_dir, "tune")):
+        return False
+    changed = ["set (or --set)" if k == "overrides" else "base (or --config)" if k == "base" else k
+               for k in definition if before.get(k) != definition[k]]
+    raise ConfigError(f"{sweep_dir}: the sweep there started with another {', '.join(changed)}, and a rerun resumes "
+                      "it as it started: rerun it as it was to resume it, or give this one another name")
+
+
+def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str,
+                definition: dict[str, Any] | None = None) -> str:
     from reclip_ray import tracking
 
     state_path = storage.join(sweep_dir, "sweep_state.json")
     state = storage.read_json(state_path, default={})
+    if not _continues_sweep(state, definition, sweep_dir):
+        state = {}  # it never got to Tune: this sweep starts afresh, in a parent run of its own
     parent = tracking.start_or_resume_run(
         prep.tracking_uri, experiment, space.name, state.get("parent_run_id"), prep.cfg,
         tags={"reclip.sweep": space.name, "reclip.space": space_text[:5000]},
     )
-    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment})
+    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment,
+                                    "definition": state.get("definition") or definition})
     tracking.log_params(prep.tracking_uri, parent, {f"space.{k}": json.dumps(v) for k, v in space.params.items()}
                         | {"space.budget": json.dumps(space.budget), "space.metric": space.metric})
     return parent
