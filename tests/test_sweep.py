@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from pathlib import Path
@@ -94,7 +95,8 @@ def test_a_metric_no_report_carries_is_refused_before_ray_starts(tmp_path, metri
     from reclip_ray.sweep.run import check_trials
 
     space = tmp_path / "s.yaml"
-    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nmode: min\nbudget: {{gflops: 300}}\n")
+    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nmode: min\n"
+                     "budget: {gflops: 300}\n")
     with pytest.raises(ConfigError, match=f"metric '{metric}' is in no trial's report to Tune: use loss, eval/full/"):
         check_trials(load_space(space), load_raw("tiny"))
     for fine in ("loss", "eval/full/colour/top5", "eval/full/text_to_image_r@10"):
@@ -643,6 +645,34 @@ def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path, mo
         run_sweep(str(space), overrides=["data.eval="])
     with pytest.raises(ConfigError, match="eval.at_phase_end is false"):
         run_sweep(str(space), overrides=["eval.at_phase_end=false"])
+
+
+def test_a_metric_of_a_label_set_the_eval_set_lacks_is_refused_before_ray_starts(tmp_path, monkeypatch, synth_dir,
+                                                                                 tokenizer_path):
+    """``color`` for the synthetic set's ``colour``: no report would carry it, and Tune would fail the whole sweep
+    at the first trial's first rung."""
+    from reclip_ray.sweep import run_sweep
+    from reclip_ray.train import launch
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the sweep's config error must come before Ray starts")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/color/top1\nbudget: {gflops: 300}\n")
+    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.raises(ConfigError, match=r"metric eval/full/color/top1: the eval set .* has no label set 'color'; "
+                                          r"its label sets: .*colour"):
+        run_sweep(str(space), overrides=overrides)
+    from reclip_ray.sweep.run import check_metrics_in_eval_set
+
+    eval_set = {"label_sets": {"colour": 10}, "has_captions": False}
+    for metric, error in (("eval/full/colour/top5", None), ("eval/full/image_to_text_r@1", "has no captions")):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nbudget: {{gflops: 300}}\n")
+        with pytest.raises(ConfigError, match=error) if error else contextlib.nullcontext():
+            check_metrics_in_eval_set(load_space(space), eval_set, "eval")
 
 
 def test_a_rerun_with_an_edited_space_is_refused_where_tune_would_resume_the_old_sweep(tmp_path):

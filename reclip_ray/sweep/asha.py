@@ -23,7 +23,7 @@ TUNE_METRIC = re.compile(r"^(loss|eval/full/(.+/top[15]|(image_to_text|text_to_i
 def check_metric_names(space: Space) -> None:
     """A metric no report carries (``los``, ``lr``, ``eval/full/shape/top-1``) passes every other check, and Tune
     fails the whole sweep at the first trial's first rung or phase end: one line before Ray starts instead. (A
-    label set the eval set lacks is still found there: which sets a trial's eval set has is the data's.)"""
+    label set the eval set lacks: ``run.check_metrics_in_eval_set``, once the eval set is read.)"""
     for where, metric in (("metric", space.metric), ("scheduler.metric", space.scheduler.get("metric"))):
         if metric is not None and not TUNE_METRIC.match(str(metric)):
             raise ConfigError(f"{where} {metric!r} is in no trial's report to Tune: use loss, eval/full/<label set>/"

@@ -179,6 +179,24 @@ def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
                               "eval.at_phase_end is false")
 
 
+def check_metrics_in_eval_set(space: Space, eval_set: dict[str, Any] | None, path: str) -> None:
+    """An ``eval/full/...`` metric names a label set of the eval set (or its retrieval): one it lacks (``color``
+    for ``colour``) reaches no report, and Tune fails the whole sweep at the first trial's first rung or phase end.
+    Checked against the eval set ``prepare`` read (``eval_set``: ``check_eval_set``'s summary), unless the space
+    varies ``data.*``: a trial may then read another set, or other columns."""
+    if eval_set is None or any(key.startswith("data.") for key in space.params):
+        return
+    compared = {space.metric} | ({asha_metric(space)} if space.scheduler["name"] == "asha" else set())
+    for metric in sorted(m for m in compared if m.startswith(FULL)):
+        what = metric[len(FULL):]
+        if what.startswith(("image_to_text_r@", "text_to_image_r@")):
+            if not eval_set["has_captions"]:
+                raise ConfigError(f"metric {metric}: the eval set {path} has no captions to retrieve")
+        elif what.rsplit("/", 1)[0] not in eval_set["label_sets"]:
+            raise ConfigError(f"metric {metric}: the eval set {path} has no label set {what.rsplit('/', 1)[0]!r}; "
+                              f"its label sets: {', '.join(eval_set['label_sets']) or 'none'}")
+
+
 def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False,
                definition: dict[str, Any] | None = None) -> OpenSweep:
     """Prepare the base config under the space's name (its run folder is the sweep folder), and start the sweep's
@@ -190,6 +208,7 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
 
     base_cfg.run.name = space.name
     prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
+    check_metrics_in_eval_set(space, prep.eval_set, prep.cfg.data.eval)
     sweep_dir = prep.run_dir
     lease = Lease(sweep_dir).take()  # or one line: the same sweep is running (reclip_ray.lease)
     try:
