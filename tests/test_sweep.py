@@ -104,6 +104,19 @@ def test_a_metric_no_report_carries_is_refused_before_ray_starts(tmp_path, metri
         check_trials(load_space(space), load_raw("tiny"))
 
 
+def test_a_loss_without_a_mode_is_minimised(tmp_path):
+    """The default ``mode: max`` on ``metric: loss`` ranked the trial that learned nothing best (best.yaml)."""
+    from reclip_ray.sweep import best_row
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3, 1.0e-9]}}\nmetric: loss\nbudget: {gflops: 300}\n")
+    rows = [{"status": "completed", "loss": 2.1, "param:optim.lr": 1e-3},
+            {"status": "completed", "loss": 6.9, "param:optim.lr": 1e-9}]
+    assert best_row(rows, load_space(space))["param:optim.lr"] == 1e-3
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nbudget: {gflops: 300}\n")  # eval/full/shape/top1
+    assert load_space(space).mode == "max"
+
+
 def test_pareto_front():
     pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (4.0, 0.6), (2.5, 0.5)]
     assert pareto_front(pts, "max") == [0, 1, 3]

@@ -55,7 +55,8 @@ def load_space(path: str | os.PathLike) -> Space:
     budget = _check_budget(p, raw.get("budget") or {})
     _check_metric(p, "metric", raw.get("metric"))
     _check_metric(p, "scheduler.metric", (raw.get("scheduler") or {}).get("metric"))
-    mode = raw.get("mode", "max")
+    # Unset, the metric's own direction: the default max on a loss made the worst trial the best (and best.yaml)
+    mode = raw.get("mode", "min" if str(raw.get("metric")) == "loss" else "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
     scheduler = _check_scheduler(p, raw.get("scheduler") or {})
