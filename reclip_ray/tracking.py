@@ -25,11 +25,16 @@ from reclip_ray.tracking_relay import (ARTIFACT_TIMEOUT_S, FLUSH_AT_END_S, activ
 _MAX_PARAM_LEN = 6000
 
 
+# Tracking URIs without "://" that are no path: MLflow's names for Databricks' (and Unity Catalog's) servers.
+NAMED_STORES = ("databricks", "databricks-uc", "uc")
+
+
 def resolve_tracking_uri(uri: str = "") -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory.
 
     Absolute because Ray workers run in other directories: a relative ``sqlite:///mlflow.db`` would silently
-    create a second, empty database next to each worker.
+    create a second, empty database next to each worker. A bare path is an SQLite file; ``file:/x`` (a file store)
+    and ``databricks`` are URIs, as MLflow reads them, though neither has "://".
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
@@ -37,15 +42,19 @@ def resolve_tracking_uri(uri: str = "") -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri[len("sqlite:///") :]
         return f"sqlite:///{Path(rel).resolve()}"
-    if "://" not in uri:  # a bare path to a database file
+    if _bare_path(uri):  # a bare path to a database file
         return f"sqlite:///{Path(uri).resolve()}"
     return uri
+
+
+def _bare_path(uri: str) -> bool:
+    return "://" not in uri and not uri.startswith("file:") and uri not in NAMED_STORES
 
 
 def is_local_store(tracking_uri: str) -> bool:
     """A store that is a file on one machine (SQLite, a file: URI, a bare path), not a server every node reaches: the
     workers then write through the relay (``tracking_relay``)."""
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    return tracking_uri.startswith(("sqlite:", "file:")) or _bare_path(tracking_uri)
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
@@ -169,10 +178,12 @@ def _log_metric_rows(tracking_uri: str, run_id: str, rows: list[tuple[str, float
 
 @relayed(write=True)
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Keys as metric names are kept (``_metric_key``): some hold a phase's name (``reclip.eval_error.PHASE``), and
+    MLflow refuses the whole batch for one character it does not take (``lowres (32 px)``)."""
     from mlflow.entities import RunTag
 
     c = client(tracking_uri)
-    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.log_batch(run_id, tags=[RunTag(_metric_key(k), str(v)) for k, v in tags.items()])
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:

@@ -117,6 +117,22 @@ def test_missing_run_is_a_one_line_error(tmp_path, monkeypatch):
     assert not (other / "mlflow.db").exists()  # no empty database left behind
 
 
+def test_a_tracking_server_that_does_not_answer_is_not_a_run_not_found(tmp_path, monkeypatch):
+    """``reclip-ray report`` of a run logged to a server that is down said the run was "not found" there."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / report.RUN_STATE_FILE).write_text(json.dumps({"mlflow_run_id": "0" * 32,
+                                                             "tracking_uri": f"http://127.0.0.1:{port}"}))
+    with pytest.raises(ReclipError, match=f"MLflow at http://127.0.0.1:{port} did not answer for run 0{{32}}: "):
+        report.report_run(str(run_dir))
+
+
 def test_summary_table(tmp_path):
     text = report.summary_table(_final_metrics(), wall_s=83.4, run_dir="/r/runs/fake", mlflow_run_id="abc123",
                                 tracking_uri="sqlite:////r/mlflow.db", full_size=64, report_png="/r/runs/fake/report.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from pathlib import Path
@@ -52,8 +53,68 @@ def test_bad_spaces_give_one_line_errors(tmp_path):
     bad.write_text("params: {x: {grid: [1]}}\nbudgett: {gflops: 1}\n")
     with pytest.raises(ConfigError, match="unknown key.*budgett"):
         load_space(bad)
+    bad.write_text("params: {data.eval: {uniform: [a, b]}}\n")
+    with pytest.raises(ConfigError, match="params.data.eval.uniform must be \\[low, high\\], two numbers"):
+        load_space(bad)
     with pytest.raises(ConfigError, match="search space not found"):
         load_space(tmp_path / "nope.yaml")
+
+
+def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):
+    """128 combinations: the first 64 all hold the first parameter's first two values; its last one (30 px, no
+    multiple of the patch size) must still fail at launch, not in every trial that draws it."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params:\n  phases.0.image_size: {grid: [32, 48, 64, 30]}\n"
+                     "  optim.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]}\n"
+                     "  finetune_fraction: {grid: [0.1, 0.2, 0.3, 0.4]}\n  optim.weight_decay: {grid: [0.1, 0.2]}\n"
+                     "metric: loss\nmode: min\nbudget: {gflops: 3000}\n")
+    with pytest.raises(ConfigError, match="image_size 30 is not a positive multiple of the patch size 8"):
+        check_trials(load_space(space), load_raw("tiny"))
+
+
+def test_ranges_are_checked_as_tune_draws_them(tmp_path):
+    """``uniform`` draws floats: on an integer key every trial would be refused, so the launch refuses it.
+    ``randint`` never draws its high end (Tune's is exclusive), so a high end one past the valid range is fine."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {phases.0.image_size: {uniform: [32, 64]}}\nmetric: loss\nmode: min\n"
+                     "budget: {gflops: 3000}\n")
+    with pytest.raises(ConfigError, match=r'sweep trial \{"phases.0.image_size": 48.5\}: .* must be an integer'):
+        check_trials(load_space(space), load_raw("tiny"))
+    space.write_text("params: {phases.0.text_length: {randint: [8, 33]}}\nmetric: loss\nmode: min\n"
+                     "budget: {gflops: 3000}\n")  # tiny's context length is 32: Tune draws 8 ... 32
+    check_trials(load_space(space), load_raw("tiny"))
+
+
+@pytest.mark.parametrize("metric", ["los", "lr", "eval/full/shape/top-1", "eval/full/rows"])
+def test_a_metric_no_report_carries_is_refused_before_ray_starts(tmp_path, metric):
+    """Tune would fail the whole sweep at the first trial's first rung or phase end (its strict metric check)."""
+    from reclip_ray.sweep.run import check_trials
+
+    space = tmp_path / "s.yaml"
+    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nmode: min\n"
+                     "budget: {gflops: 300}\n")
+    with pytest.raises(ConfigError, match=f"metric '{metric}' is in no trial's report to Tune: use loss, eval/full/"):
+        check_trials(load_space(space), load_raw("tiny"))
+    for fine in ("loss", "eval/full/colour/top5", "eval/full/text_to_image_r@10"):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {fine}\nbudget: {{gflops: 300}}\n")
+        check_trials(load_space(space), load_raw("tiny"))
+
+
+def test_a_loss_without_a_mode_is_minimised(tmp_path):
+    """The default ``mode: max`` on ``metric: loss`` ranked the trial that learned nothing best (best.yaml)."""
+    from reclip_ray.sweep import best_row
+
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3, 1.0e-9]}}\nmetric: loss\nbudget: {gflops: 300}\n")
+    rows = [{"status": "completed", "loss": 2.1, "param:optim.lr": 1e-3},
+            {"status": "completed", "loss": 6.9, "param:optim.lr": 1e-9}]
+    assert best_row(rows, load_space(space))["param:optim.lr"] == 1e-3
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nbudget: {gflops: 300}\n")  # eval/full/shape/top1
+    assert load_space(space).mode == "max"
 
 
 def test_pareto_front():
@@ -597,6 +658,72 @@ def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path, mo
         run_sweep(str(space), overrides=["data.eval="])
     with pytest.raises(ConfigError, match="eval.at_phase_end is false"):
         run_sweep(str(space), overrides=["eval.at_phase_end=false"])
+
+
+def test_a_metric_of_a_label_set_the_eval_set_lacks_is_refused_before_ray_starts(tmp_path, monkeypatch, synth_dir,
+                                                                                 tokenizer_path):
+    """``color`` for the synthetic set's ``colour``: no report would carry it, and Tune would fail the whole sweep
+    at the first trial's first rung."""
+    from reclip_ray.sweep import run_sweep
+    from reclip_ray.train import launch
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the sweep's config error must come before Ray starts")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/color/top1\nbudget: {gflops: 300}\n")
+    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.raises(ConfigError, match=r"metric eval/full/color/top1: the eval set .* has no label set 'color'; "
+                                          r"its label sets: .*colour"):
+        run_sweep(str(space), overrides=overrides)
+    from reclip_ray.sweep.run import check_metrics_in_eval_set
+
+    eval_set = {"label_sets": {"colour": 10}, "has_captions": False}
+    for metric, error in (("eval/full/colour/top5", None), ("eval/full/image_to_text_r@1", "has no captions")):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {metric}\nbudget: {{gflops: 300}}\n")
+        with pytest.raises(ConfigError, match=error) if error else contextlib.nullcontext():
+            check_metrics_in_eval_set(load_space(space), eval_set, "eval")
+
+
+def test_a_rerun_with_an_edited_space_is_refused_where_tune_would_resume_the_old_sweep(tmp_path):
+    """``Tuner.restore`` resumes a sweep as it started: an edited space would get the old trials as its results,
+    and a changed domain failed on MLflow's "Changing param values is not allowed" (a traceback). One line before
+    Ray starts; where Tune has no state (no trial ran), the edited sweep starts afresh in a parent run of its own."""
+    from types import SimpleNamespace
+
+    from reclip_ray.config import load_config
+    from reclip_ray.sweep.run import _parent_run, sweep_definition
+
+    sweep_dir, space = tmp_path / "s", tmp_path / "s.yaml"
+    prep = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cfg=load_config("tiny"))
+
+    def open_parent(grid: str, overrides: list[str]) -> str:
+        space.write_text(f"params: {{phases.0.image_size: {{grid: {grid}}}}}\nmetric: loss\nmode: min\n"
+                         "budget: {gflops: 300}\n")
+        loaded = load_space(space)
+        return _parent_run(loaded, space.read_text(), prep, str(sweep_dir), "sweep-s",
+                           sweep_definition(loaded, None, overrides))
+
+    parent = open_parent("[32, 48]", ["train.batch_size=64"])
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(b"")  # Tune's state: the sweep got to Tune
+    assert open_parent("[32, 48]", ["train.batch_size=64"]) == parent  # the same sweep: resumed
+    with pytest.raises(ConfigError, match=r"the sweep there started with another params, and a rerun resumes it"):
+        open_parent("[32, 48, 64]", ["train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"started with another set \(or --set\), and"):
+        open_parent("[32, 48]", ["train.batch_size=128"])
+    (sweep_dir / "tune" / "tuner.pkl").unlink()
+    assert open_parent("[32, 48, 64]", []) != parent
+    # A base YAML counts by its text: `ray job submit` unpacks the working folder at a new path each time.
+    copies = [tmp_path / "a" / "base.yaml", tmp_path / "b" / "base.yaml"]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_text("name: tiny\n")
+    assert sweep_definition(load_space(space), str(copies[0]), []) == sweep_definition(load_space(space),
+                                                                                       str(copies[1]), [])
 
 
 def test_the_sweep_metric_view_is_named_in_the_sweep_module():

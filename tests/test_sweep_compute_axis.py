@@ -435,6 +435,24 @@ def test_scheduler_keys_are_checked(tmp_path):
     assert asha_axis(space, [BUDGET])["milestones"] == [600.0, 1200.0, 2400.0, 4800.0]
 
 
+def test_asha_on_the_loss_of_a_sweep_ranked_by_accuracy_stops_the_trial_with_the_higher_loss(tmp_path):
+    """``scheduler.metric: loss`` under ``mode: max`` (the sweep's accuracy): ASHA compares the loss as a loss."""
+    from ray.tune.schedulers import TrialScheduler
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SPACE.replace("grace_fraction: 0.25", "grace_fraction: 0.25, metric: loss"))
+    scheduler = make_scheduler(space := load_space(path), asha_axis(space, [BUDGET]))
+    learns, stuck = SimpleNamespace(trial_id="learns"), SimpleNamespace(trial_id="stuck")
+    for trial in (stuck, learns):
+        scheduler.on_trial_add(None, trial)
+    rung = {"gflops_total": 1510.0}
+    assert scheduler.on_trial_result(None, stuck, {**rung, "loss": 5.5}) == TrialScheduler.CONTINUE  # the first
+    assert scheduler.on_trial_result(None, learns, {**rung, "loss": 2.0}) == TrialScheduler.CONTINUE
+    another = SimpleNamespace(trial_id="stuck too")
+    scheduler.on_trial_add(None, another)
+    assert scheduler.on_trial_result(None, another, {**rung, "loss": 5.4}) == TrialScheduler.STOP
+
+
 def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
     """ASHA can now stop a trial mid-phase, before its first phase end (eval_round 0 = phases finished)."""
     from reclip_ray.sweep import trial_rows

@@ -18,6 +18,28 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == "http://mlflow:5000"
 
 
+def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):
+    """MLflow reads ``databricks`` and ``file:/x`` as stores; taken for bare paths they became SQLite files named
+    ``./databricks`` and ``./file:/x`` where every run landed unseen. Databricks is a server (no relay)."""
+    monkeypatch.chdir(tmp_path)
+    for uri, local in (("databricks", False), ("databricks-uc", False), (f"file:{tmp_path}/mlruns", True),
+                       (f"file://{tmp_path}/mlruns", True)):
+        assert (tracking.resolve_tracking_uri(uri), tracking.is_local_store(uri)) == (uri, local)
+    assert tracking.resolve_tracking_uri("runs/mlflow.db") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracking.is_local_store("runs/mlflow.db")
+
+
+def test_a_tag_named_after_a_phase_lands_whatever_the_phases_name(tmp_path):
+    """``reclip.eval_error.PHASE`` (README) and ``reclip.data_source.PHASE``: MLflow refused a key with '(' and the
+    tag was lost (in a worker, as a warning); its characters are kept as a metric name's are."""
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    cfg = load_config("tiny", ["phases.0.name=lowres (32 px)"])
+    run_id = tracking.start_or_resume_run(uri, "exp", "r", None, cfg)
+    tracking.set_tags(uri, run_id, {f"reclip.eval_error.{cfg.phases[0].name}": "evaluation failed: X"})
+    tags = tracking.client(uri).get_run(run_id).data.tags
+    assert tags["reclip.eval_error.lowres _32 px_"] == "evaluation failed: X"
+
+
 def test_flatten_uses_override_paths():
     flat = tracking.flatten(load_config("tiny").to_dict())
     assert flat["phases.1.image_size"] == 64

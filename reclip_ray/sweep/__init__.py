@@ -11,7 +11,7 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
       finetune_fraction: {grid: [0.1, 0.25]}
       phases.1.lr: {loguniform: [1.0e-5, 1.0e-3]}
     metric: eval/full/shape/top1     # eval/full/... = evaluated at the run's full resolution
-    mode: max
+    mode: max                        # default: min for loss, max for an evaluation
     budget: {gflops: 40}             # or {samples: 20000}: each trial's phase lengths are derived from it
     scheduler: {name: asha, grace_fraction: 0.25, reduction_factor: 2}   # time axis: training GFLOPs spent
     num_samples: 1

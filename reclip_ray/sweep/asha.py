@@ -7,11 +7,27 @@ at equal GFLOPs spent instead, each trial evaluating when it crosses a rung (``e
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from reclip_ray.config import ConfigError
 from reclip_ray.run_names import EVAL_ERROR, TIME_ATTR
 from reclip_ray.sweep.space import Space
+
+
+# What a trial's reports to Tune carry that a sweep can rank by: the training loss, and the evaluation at full
+# resolution (``evaluation/dataset.py``: each label set's top-1 and top-5; retrieval R@1, 5 and 10 both ways).
+TUNE_METRIC = re.compile(r"^(loss|eval/full/(.+/top[15]|(image_to_text|text_to_image)_r@(1|5|10)))$")
+
+
+def check_metric_names(space: Space) -> None:
+    """A metric no report carries (``los``, ``lr``, ``eval/full/shape/top-1``) passes every other check, and Tune
+    fails the whole sweep at the first trial's first rung or phase end: one line before Ray starts instead. (A
+    label set the eval set lacks: ``run.check_metrics_in_eval_set``, once the eval set is read.)"""
+    for where, metric in (("metric", space.metric), ("scheduler.metric", space.scheduler.get("metric"))):
+        if metric is not None and not TUNE_METRIC.match(str(metric)):
+            raise ConfigError(f"{where} {metric!r} is in no trial's report to Tune: use loss, eval/full/<label set>/"
+                              "top1 (or top5), or eval/full/image_to_text_r@1 (r@5, r@10; or text_to_image_r@...)")
 
 
 def asha_metric(space: Space) -> str:
@@ -30,6 +46,16 @@ def asha_metric(space: Space) -> str:
     The training loss is one resolution per trial too, and also depends on text length and batch size.
     """
     return str(space.scheduler.get("metric") or space.metric)
+
+
+def asha_mode(space: Space) -> str:
+    """Which way ASHA's metric is better: the sweep's ``mode`` for the sweep's own metric; for another
+    ``scheduler.metric``, that metric's: ``loss`` falls, every evaluation metric (top-k, R@k) rises. The sweep's mode
+    (max, for an accuracy) on a ``loss`` kept the trials with the highest loss at each rung and stopped the best."""
+    metric = asha_metric(space)
+    if metric == space.metric:
+        return space.mode
+    return "min" if metric == "loss" else "max"
 
 
 def tune_result(report: dict[str, Any], metrics: list[str]) -> dict[str, Any] | None:
@@ -82,12 +108,12 @@ def asha_axis(space: Space, trial_gflops: list[float]) -> dict[str, Any]:
 
 
 def make_scheduler(space: Space, axis: dict[str, Any] | None):
-    """The Tune scheduler of a space: ASHA on ``asha_axis`` comparing ``asha_metric``, or FIFO."""
+    """The Tune scheduler of a space: ASHA on ``asha_axis`` comparing ``asha_metric`` (``asha_mode``), or FIFO."""
     from ray import tune
 
     if space.scheduler["name"] != "asha" or axis is None:
         return tune.schedulers.FIFOScheduler()
     return tune.schedulers.ASHAScheduler(
-        time_attr=TIME_ATTR, metric=asha_metric(space), mode=space.mode, max_t=axis["max_t"],
+        time_attr=TIME_ATTR, metric=asha_metric(space), mode=asha_mode(space), max_t=axis["max_t"],
         grace_period=axis["grace"], reduction_factor=axis["reduction_factor"], stop_last_trials=False,
     )

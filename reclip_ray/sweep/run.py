@@ -4,6 +4,7 @@ its MLflow parent run), let Tune run the trials, write the results. Rerunning an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, l
 from reclip_ray.flops import run_flops
 from reclip_ray.lease import Lease
 from reclip_ray.run_names import FULL
-from reclip_ray.sweep.asha import asha_axis, asha_metric, make_scheduler
+from reclip_ray.sweep.asha import asha_axis, asha_metric, check_metric_names, make_scheduler
 from reclip_ray.sweep.progress import UNFINISHED, progress_callback
 from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
@@ -50,7 +51,8 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
     base_raw = apply_overrides(load_raw(config or space.base), space.overrides + list(overrides or []))
     base_cfg = from_dict(base_raw)
     axis = check_trials(space, base_raw)
-    sweep = open_sweep(space, space_path, base_cfg, quiet)
+    sweep = open_sweep(space, space_path, base_cfg, quiet,
+                       definition=sweep_definition(space, config, list(overrides or [])))
     n_phases = len(base_cfg.phases)
     status = "FAILED"
     log_file = None
@@ -149,10 +151,20 @@ def _environ(name: str, value: str | None):
 def check_trials(space: Space, base_raw: dict[str, Any]) -> dict[str, Any] | None:
     """Every trial's config (and its budget), checked before Ray starts: a bad grid value is a one-line error now.
     Returns ASHA's compute axis (``asha.asha_axis``) from the trials' total GFLOPs; None without ASHA."""
-    corners = [from_dict(trial_raw(base_raw, combo, space.budget)) for combo in grid_corners(space)]
+    check_metric_names(space)
+    corners = [_trial_config(base_raw, combo, space) for combo in grid_corners(space)]
     check_trials_evaluate(space, corners)
     totals = [run_flops(cfg)["total_train_gflops"] for cfg in corners]
     return asha_axis(space, totals) if space.scheduler["name"] == "asha" else None
+
+
+def _trial_config(base_raw: dict[str, Any], params: dict[str, Any], space: Space) -> Config:
+    """One trial's checked config; its error names the trial's parameters (a value Tune may draw, not one the
+    space file shows: ``uniform: [32, 64]`` draws 48.5)."""
+    try:
+        return from_dict(trial_raw(base_raw, params, space.budget))
+    except ConfigError as exc:
+        raise ConfigError(f"sweep trial {json.dumps(params)}: {exc}") from None
 
 
 def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
@@ -167,15 +179,36 @@ def check_trials_evaluate(space: Space, configs: list[Config]) -> None:
                               "eval.at_phase_end is false")
 
 
-def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False) -> OpenSweep:
+def check_metrics_in_eval_set(space: Space, eval_set: dict[str, Any] | None, path: str) -> None:
+    """An ``eval/full/...`` metric names a label set of the eval set (or its retrieval): one it lacks (``color``
+    for ``colour``) reaches no report, and Tune fails the whole sweep at the first trial's first rung or phase end.
+    Checked against the eval set ``prepare`` read (``eval_set``: ``check_eval_set``'s summary), unless the space
+    varies ``data.*``: a trial may then read another set, or other columns."""
+    if eval_set is None or any(key.startswith("data.") for key in space.params):
+        return
+    compared = {space.metric} | ({asha_metric(space)} if space.scheduler["name"] == "asha" else set())
+    for metric in sorted(m for m in compared if m.startswith(FULL)):
+        what = metric[len(FULL):]
+        if what.startswith(("image_to_text_r@", "text_to_image_r@")):
+            if not eval_set["has_captions"]:
+                raise ConfigError(f"metric {metric}: the eval set {path} has no captions to retrieve")
+        elif what.rsplit("/", 1)[0] not in eval_set["label_sets"]:
+            raise ConfigError(f"metric {metric}: the eval set {path} has no label set {what.rsplit('/', 1)[0]!r}; "
+                              f"its label sets: {', '.join(eval_set['label_sets']) or 'none'}")
+
+
+def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = False,
+               definition: dict[str, Any] | None = None) -> OpenSweep:
     """Prepare the base config under the space's name (its run folder is the sweep folder), and start the sweep's
-    MLflow parent run, or resume the one ``sweep_state.json`` names. ``quiet``: Ray's and MLflow's logging go to
-    the sweep folder's ray.log from before their first lines (``redirect_library_logging``)."""
+    MLflow parent run, or resume the one ``sweep_state.json`` names, if it started with the same ``definition``
+    (``sweep_definition``). ``quiet``: Ray's and MLflow's logging go to the sweep folder's ray.log from before their
+    first lines (``redirect_library_logging``)."""
     from reclip_ray.console import redirect_library_logging
     from reclip_ray.train.launch import prepare
 
     base_cfg.run.name = space.name
     prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
+    check_metrics_in_eval_set(space, prep.eval_set, prep.cfg.data.eval)
     sweep_dir = prep.run_dir
     lease = Lease(sweep_dir).take()  # or one line: the same sweep is running (reclip_ray.lease)
     try:
@@ -186,7 +219,7 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
         base_raw = prep.cfg.to_dict()
         base_raw["data"]["synth_if_missing"] = False
         experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
-        parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment)
+        parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment, definition)
     except BaseException:
         lease.release()
         raise
@@ -194,16 +227,50 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
                      lease=lease)
 
 
-def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str) -> str:
+def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """What decides a sweep's trials and how Tune runs them: the space as read, its base replaced by ``--config``
+    and ``--set`` after its own ``set``, as plain data (``sweep_state.json`` keeps it). A base YAML file counts by
+    its text: its absolute path differs between two ``ray job submit``s of one sweep (a new working folder each)."""
+    base = config or space.base
+    if base.endswith((".yaml", ".yml")) and os.path.isfile(base):
+        with open(base) as f:
+            base = f.read()
+    return json.loads(json.dumps({**dataclasses.asdict(space), "base": base, "overrides": space.overrides + overrides}))
+
+
+def _continues_sweep(state: dict[str, Any], definition: dict[str, Any] | None, sweep_dir: str) -> bool:
+    """Whether this run continues the sweep in the folder: it started with ``definition``. Where it did not and
+    Tune has its state there, a refusal: a rerun resumes a sweep as it started (``Tuner.restore`` keeps its trials'
+    configs, its scheduler and its limits), so a space edited since would report the old trials as its own, or, for
+    a changed domain, fail on MLflow's refusal to change the parent run's params. One line before Ray starts
+    instead. Without Tune's state no trial of it ran: False, and the caller starts afresh."""
+    from ray import tune
+
+    before = state.get("definition")
+    if before is None or definition is None or before == definition:  # a sweep started before this check: as is
+        return True
+    if not tune.Tuner.can_restore(storage.join(sweep_dir, "tune")):
+        return False
+    changed = ["set (or --set)" if k == "overrides" else "base (or --config)" if k == "base" else k
+               for k in definition if before.get(k) != definition[k]]
+    raise ConfigError(f"{sweep_dir}: the sweep there started with another {', '.join(changed)}, and a rerun resumes "
+                      "it as it started: rerun it as it was to resume it, or give this one another name")
+
+
+def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str,
+                definition: dict[str, Any] | None = None) -> str:
     from reclip_ray import tracking
 
     state_path = storage.join(sweep_dir, "sweep_state.json")
     state = storage.read_json(state_path, default={})
+    if not _continues_sweep(state, definition, sweep_dir):
+        state = {}  # it never got to Tune: this sweep starts afresh, in a parent run of its own
     parent = tracking.start_or_resume_run(
         prep.tracking_uri, experiment, space.name, state.get("parent_run_id"), prep.cfg,
         tags={"reclip.sweep": space.name, "reclip.space": space_text[:5000]},
     )
-    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment})
+    storage.write_json(state_path, {"parent_run_id": parent, "experiment": experiment,
+                                    "definition": state.get("definition") or definition})
     tracking.log_params(prep.tracking_uri, parent, {f"space.{k}": json.dumps(v) for k, v in space.params.items()}
                         | {"space.budget": json.dumps(space.budget), "space.metric": space.metric})
     return parent

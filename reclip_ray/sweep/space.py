@@ -5,7 +5,9 @@ Every mistake in the file is a one-line ``ConfigError`` naming the key, found be
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,7 +55,8 @@ def load_space(path: str | os.PathLike) -> Space:
     budget = _check_budget(p, raw.get("budget") or {})
     _check_metric(p, "metric", raw.get("metric"))
     _check_metric(p, "scheduler.metric", (raw.get("scheduler") or {}).get("metric"))
-    mode = raw.get("mode", "max")
+    # Unset, the metric's own direction: the default max on a loss made the worst trial the best (and best.yaml)
+    mode = raw.get("mode", "min" if str(raw.get("metric")) == "loss" else "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
     scheduler = _check_scheduler(p, raw.get("scheduler") or {})
@@ -96,9 +99,18 @@ def _check_params(p: Path, params: Any) -> dict[str, dict[str, Any]]:
         kind, value = next(iter(dom.items()))
         if kind in ("grid", "choice") and (not isinstance(value, list) or not value):
             raise ConfigError(f"{p}: params.{key}.{kind} must be a non-empty list")
-        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2):
-            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high]")
+        if kind in ("uniform", "loguniform", "randint") and (not isinstance(value, list) or len(value) != 2
+                                                             or not all(_is_number(v) for v in value)):
+            raise ConfigError(f"{p}: params.{key}.{kind} must be [low, high], two numbers")
     return params
+
+
+def _is_number(value: Any) -> bool:
+    """A number, or one as PyYAML hands ``1e-3`` over (a string)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_budget(p: Path, budget: Any) -> dict[str, Any]:
@@ -137,14 +149,36 @@ def _check_scheduler(p: Path, given: dict[str, Any]) -> dict[str, Any]:
     return scheduler
 
 
+CORNERS = 64  # combinations checked before Ray starts (~5 ms each, tiny preset); past them, one set per value
+
+
 def grid_corners(space: Space) -> list[dict[str, Any]]:
-    """A few concrete parameter sets covering each domain's extremes (for the up-front config check)."""
-    combos: list[dict[str, Any]] = [{}]
-    for key, dom in space.params.items():
-        kind, value = next(iter(dom.items()))
-        options = list(value) if kind in ("grid", "choice") else [value[0], value[1]]
-        combos = [{**c, key: o} for c in combos for o in options][:64]
-    return combos
+    """Concrete parameter sets covering each domain's extremes (for the up-front config check): the first
+    ``CORNERS`` combinations, then, where there are more, every value of every parameter at least once (the i-th
+    set takes each parameter's i-th value, wrapping). The first combinations alone all hold the first parameter's
+    first values once there are more than ``CORNERS`` of them, and its other values would fail every trial late."""
+    options = {key: _corner_values(dom) for key, dom in space.params.items()}
+    combos = [dict(zip(options, values)) for values in itertools.islice(itertools.product(*options.values()), CORNERS)]
+    if len(combos) == math.prod(len(o) for o in options.values()):
+        return combos
+    longest = max(len(o) for o in options.values())
+    return combos + [{key: o[i % len(o)] for key, o in options.items()} for i in range(longest)]
+
+
+def _corner_values(dom: dict[str, Any]) -> list[Any]:
+    """The values of a domain to check: a list's all; a range's ends as Tune draws them. ``randint`` never draws
+    its high end (Tune's is exclusive); ``uniform`` and ``loguniform`` draw floats, so a point inside that is no
+    integer is checked too: on an integer key (``phases.0.image_size``) every trial's config would be refused."""
+    kind, value = next(iter(dom.items()))
+    if kind in ("grid", "choice"):
+        return list(value)
+    if kind == "randint":
+        low, high = int(float(value[0])), int(float(value[1]))
+        return [low, max(low, high - 1)]
+    low, high = float(value[0]), float(value[1])
+    inside = math.sqrt(low * high) if kind == "loguniform" and low > 0 < high else (low + high) / 2
+    inside += 0.5 if inside.is_integer() and inside + 0.5 < high else 0.0
+    return [low, high, inside]
 
 
 # ------------------------------------------------------------------------------------------ in Tune's terms
@@ -194,5 +228,5 @@ def _tune_domain(spec: dict[str, Any]):
         "choice": lambda: tune.choice(list(value)),
         "uniform": lambda: tune.uniform(float(value[0]), float(value[1])),
         "loguniform": lambda: tune.loguniform(float(value[0]), float(value[1])),
-        "randint": lambda: tune.randint(int(value[0]), int(value[1])),
+        "randint": lambda: tune.randint(int(float(value[0])), int(float(value[1]))),
     }[kind]()

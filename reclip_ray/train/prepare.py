@@ -26,6 +26,7 @@ class Prepared:
     tokenizer_path: str
     tracking_uri: str
     experiment: str
+    eval_set: dict | None = None  # check_eval_set's summary of data.eval (its label sets, whether it has captions)
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -53,6 +54,7 @@ def prepare(cfg: Config) -> Prepared:
 
     columns = ColumnMap.from_config(data)
     check_schema(list_parquet_files(data.train), columns)
+    summary = None
     if data.eval:
         if not storage.is_uri(data.eval) and not os.path.exists(split_pattern(data.eval)[0]):
             raise DataError(f"data.eval not found: {data.eval} (set data.eval='' to train without evaluation)")
@@ -67,7 +69,8 @@ def prepare(cfg: Config) -> Prepared:
     tokenizer_path = ensure_tokenizer(cfg, run_dir)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     cfg.tracking.uri = tracking_uri
-    return Prepared(cfg, run_name, run_dir, tokenizer_path, tracking_uri, cfg.tracking.experiment or cfg.name)
+    return Prepared(cfg, run_name, run_dir, tokenizer_path, tracking_uri, cfg.tracking.experiment or cfg.name,
+                    summary)
 
 
 def _make_synthetic(cfg: Config) -> None:
