@@ -147,6 +147,35 @@ def test_absent_mask_table_batches_and_numpy(i2d):
     assert absent_mask(t.slice(0, 0)).tolist() == [] and absent_mask({}).tolist() == []
 
 
+def test_a_status_column_of_the_users_own_hides_no_row(tmp_path):
+    """Only img2dataset's failures ("failed_to_...") make a row absent, one row at a time: a dataset with its own
+    ``status`` ("published", "draft", None) kept every row as a sample before it lost them all (the old rule: any
+    string other than "success"), or only some, depending on which rows shared a batch."""
+    from layouts import photo
+
+    status = ["published", "draft", None, "published", "failed_to_resize", "success", "published"]
+    images = [photo(np.random.default_rng(i), 24, 20, "PNG") for i in range(len(status))]
+    images[3] = None  # a null image is absent whatever its status says
+    expected = [False, False, False, True, True, False, False]
+    table = pa.table({"image": pa.array(images, pa.binary()), "caption": [f"c{i}" for i in range(len(status))],
+                      "status": pa.array(status, pa.string())})
+    assert absent_mask(table).tolist() == expected
+    assert absent_mask(table.to_batches(max_chunksize=2)[1]).tolist() == expected[2:4]
+    assert absent_mask(table.set_column(2, "status", table.column("status").dictionary_encode())).tolist() == expected
+    numpy_batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    assert absent_mask(numpy_batch).tolist() == expected
+    assert absent_mask(table.to_pandas()).tolist() == expected
+    # the same row is absent or not whichever rows share its batch: a batch of one row each agrees with the whole
+    assert [bool(absent_mask({c: v[i:i + 1] for c, v in numpy_batch.items()})[0]) for i in range(7)] == expected
+    not_strings = {"image": numpy_batch["image"][:3], "status": np.array([None, None, 3], dtype=object)}
+    assert absent_mask(not_strings).tolist() == [False, False, False]
+
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    report = inspect_dataset(str(tmp_path))
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (7, 2, 0)
+    assert report["checked_rows"] == 7 and report["image_size"]["width"]["min"] == 24  # five samples decoded
+
+
 def test_messy_export_inspects_with_absent_and_bad_apart(tmp_path):
     layout = write_messy(tmp_path / "messy", n_rows=16, seed=6)
     report = inspect_dataset(str(layout.path))

@@ -234,14 +234,27 @@ def _brace_range(stems: list[str]) -> str:
     return "{00000..NNNNN}"
 
 
-def absent_mask(batch: Any, image_column: str = "image", status_column: str = "status") -> np.ndarray:
+# img2dataset's ``status`` column: "success", or "failed_to_download" / "failed_to_resize" (that row then has no
+# image). Only its failures mark a row absent: a user's own ``status`` column ("published", "draft", 3) hides nothing.
+STATUS_COLUMN = "status"
+FAILED_STATUS_PREFIX = "failed_to_"
+
+
+def failed_status(value: Any) -> bool:
+    """Whether one ``status`` cell is an img2dataset failure. Decided per cell, never per batch or column, so a row
+    is absent or not whatever rows share its batch and however the reader batched them."""
+    return isinstance(value, str) and value.startswith(FAILED_STATUS_PREFIX)
+
+
+def absent_mask(batch: Any, image_column: str = "image", status_column: str = STATUS_COLUMN) -> np.ndarray:
     """Boolean mask of the rows that are absent samples: null image cell (for a Hugging Face Image struct: a null
-    struct or a null ``bytes``), or a ``status`` other than "success".
+    struct or a null ``bytes``), or an img2dataset failure in ``status`` (``failed_status``: "failed_to_...").
 
     img2dataset keeps failed downloads as rows with a null image and ``status="failed_to_download"``. Those are not
     samples that went wrong, they are samples that never existed: they must not count towards
-    ``data.max_bad_fraction`` (a 30% download failure rate is normal and would otherwise stop every run). Only a
-    string ``status`` column is read, so an unrelated numeric ``status`` column does not hide rows.
+    ``data.max_bad_fraction`` (a 30% download failure rate is normal and would otherwise stop every run). Any other
+    ``status`` value (img2dataset's "success", or a user's own column: "published", 3, None) leaves the row to its
+    image, so a dataset that happens to have a ``status`` column of its own loses no rows.
 
     ``batch`` is a ``pyarrow.Table``/``RecordBatch`` or a mapping of column name to array (Ray's numpy batch format;
     a pandas DataFrame works too).
@@ -257,7 +270,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
             absent |= image_bytes(batch.column(image_column)).is_null().to_numpy(zero_copy_only=False)
         if status_column in names and is_string(batch.schema.field(status_column).type):
             status = batch.column(status_column).to_pylist()
-            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+            absent |= np.fromiter((failed_status(s) for s in status), dtype=bool, count=n)
         return absent
     images = batch[image_column] if image_column in batch else None
     first = next(iter(batch), None)  # a column name, for a dict and a DataFrame alike
@@ -266,9 +279,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
     if images is not None:
         absent |= np.fromiter((_is_null(v) for v in images), dtype=bool, count=n)
     if status_column in batch:
-        status = list(batch[status_column])
-        if any(isinstance(s, str) for s in status):
-            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+        absent |= np.fromiter((failed_status(s) for s in batch[status_column]), dtype=bool, count=n)
     return absent
 
 
