@@ -101,6 +101,24 @@ def test_data_inspect_hints_name_its_own_options_which_then_work(i2d, tmp_path, 
     assert capsys.readouterr().err.rstrip().endswith("has type string, expected binary (try --image-column jpg)")
 
 
+def test_data_tokenizer_hint_names_its_own_caption_flag_which_then_works(tmp_path, capsys):
+    """`data tokenizer` reads the captions on the tokenizers library's threads, where a ``column_flag`` block of the
+    command would be unset: its hint names --caption-column because the command passes the flag, and the command
+    given that flag trains. Train's callers, passing none, keep train's --set hint."""
+    from reclip_ray.data.tokenizer import train_tokenizer
+
+    txt = write_img2dataset(tmp_path / "txt", 6, seed=2, shards=1, caption_column="txt")
+    argv = ["data", "tokenizer", "--data", str(txt.path), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set" not in err, err
+    assert re.search(r"00000\.parquet: missing caption column 'caption'; .*\(try --caption-column txt\)$", err), err
+    assert main(argv + ["--caption-column", "txt"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
+    with pytest.raises(DataError, match=r"\(try --set data\.caption_column=txt\)$"):
+        train_tokenizer(txt.path, vocab_size=300)
+
+
 def test_webdataset_sibling_error_names_a_command_that_works(tmp_path, capsys):
     layout = write_webdataset_sibling(tmp_path / "wds", n_rows=14, shards=2, seed=4)
     for columns in (ColumnMap(), ColumnMap(image="jpg", caption="txt")):

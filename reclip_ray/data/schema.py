@@ -40,9 +40,16 @@ def column_flag(template: str) -> Iterator[None]:
         _COLUMN_FLAG.reset(token)
 
 
-def column_hint(role: str, candidates: Sequence[str]) -> str:
-    """The flag to try for the first candidate column of ``role`` (image, caption), or how to name one."""
-    flag = _COLUMN_FLAG.get()
+def current_column_flag() -> str:
+    """The template column hints use in this thread (``column_flag``). Code that checks columns on other threads
+    (a thread does not inherit the block's ContextVar) reads it here first and passes it along explicitly."""
+    return _COLUMN_FLAG.get()
+
+
+def column_hint(role: str, candidates: Sequence[str], flag: str | None = None) -> str:
+    """The flag to try for the first candidate column of ``role`` (image, caption), or how to name one; ``flag`` (a
+    template as ``column_flag`` takes) overrides the block's, for checks that run on another thread."""
+    flag = flag or _COLUMN_FLAG.get()
     if candidates:
         return f"try {flag.format(role=role, name=candidates[0])}"
     return f"name it with {flag.format(role=role, name='COLUMN')}"
@@ -186,9 +193,9 @@ def wrong_image_type_message(file: str, schema, column: str) -> str:
     return f"{file}: image column {column!r} has type {schema.field(column).type}, expected binary{hint}"
 
 
-def missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -> str:
-    """One line for the missing ``(role, name)`` columns: the webdataset command, the flags (``column_hint``) that
-    name the shard's likely columns, or the flag to name one."""
+def missing_column_message(file: str, schema, missing: list[tuple[str, str]], flag: str | None = None) -> str:
+    """One line for the missing ``(role, name)`` columns: the webdataset command, the flags (``column_hint``, in
+    ``flag``'s form when given) that name the shard's likely columns, or the flag to name one."""
     roles = [role for role, _ in missing]
     if "image" in roles and not _binary_columns(schema):
         pattern = _webdataset_pattern(file, schema)
@@ -197,7 +204,7 @@ def missing_column_message(file: str, schema, missing: list[tuple[str, str]]) ->
                     f"this metadata-only shard (img2dataset --output_format webdataset); convert them with "
                     f"reclip-ray data ingest --webdataset '{pattern}' --out DIR")
     finders = {"image": _binary_columns, "caption": _caption_columns}
-    hints = [column_hint(role, [n for n in finders.get(role, lambda _: [])(schema) if n != name])
+    hints = [column_hint(role, [n for n in finders.get(role, lambda _: [])(schema) if n != name], flag)
              for role, name in missing]
     role, name = missing[0]
     return f"{file}: missing {role} column {name!r}; columns are {sorted(schema.names)} ({'; '.join(hints)})"

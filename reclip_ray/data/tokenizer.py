@@ -8,12 +8,14 @@ The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from reclip_ray import storage
+from reclip_ray.data.schema import current_column_flag, missing_column_message
 from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 
@@ -205,7 +207,7 @@ CAPTION_READ_THREADS = 8  # caption columns read in parallel (object storage ans
 
 
 def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batch_rows: int = 16384, *,
-                  limit: int = 0, threads: int = CAPTION_READ_THREADS) -> Iterator[str]:
+                  limit: int = 0, threads: int = CAPTION_READ_THREADS, flag: str | None = None) -> Iterator[str]:
     """The non-empty captions of the shards under ``data`` in file order, read column-only (no image bytes
     touched), at most ``limit`` of them (0: all).
 
@@ -213,12 +215,16 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
     bounded sample stops reading soon after the bound: files not started yet are never opened. On a local disk
     the reads are CPU-bound and more threads than cores only contend for the GIL (20,000 small shards: 8.4 s with
     one thread, 5.9 s with two, 8.0 s with eight on 2 cores), so there ``threads`` is capped at the core count.
+    A shard without ``caption_column`` is a DataError whose hint names ``flag`` (``schema.column_flag``'s template;
+    None: the one in force where the reading starts, since the files are read on other threads).
     """
+    flag = flag or current_column_flag()
     files = list_parquet_files(str(data))
     if not storage.is_uri(str(data)):
         threads = min(threads, os.cpu_count() or 1)
     taken = 0
-    for captions in storage.ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+    read = functools.partial(_file_captions, caption_column=caption_column, batch_rows=batch_rows, flag=flag)
+    for captions in storage.ordered_prefetch(read, files, threads):
         for caption in captions:
             yield caption
             taken += 1
@@ -226,7 +232,7 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
                 return
 
 
-def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]:
+def _file_captions(file: str, caption_column: str, batch_rows: int, flag: str) -> list[str]:
     """One file's non-empty captions, normalised."""
     import pyarrow.parquet as pq
 
@@ -234,7 +240,7 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
     with fs.open_input_file(inner) as f:
         pf = pq.ParquetFile(f)
         if caption_column not in pf.schema_arrow.names:
-            raise DataError(f"{file}: missing caption column {caption_column!r}")
+            raise DataError(missing_column_message(file, pf.schema_arrow, [("caption", caption_column)], flag))
         if pf.metadata.num_rows <= batch_rows:  # one read of the column chunk: the common case, and the cheapest
             return [_normalize(c) for c in pf.read(columns=[caption_column], use_threads=False).column(0).to_pylist()
                     if c]
@@ -249,12 +255,16 @@ def train_tokenizer(
     out: str | os.PathLike | None = None,
     caption_column: str = "caption",
     max_captions: int = 0,
+    flag: str | None = None,
 ) -> CaptionTokenizer:
     """Byte-level BPE on the dataset's captions; ids 0/1/2 are <pad>/<start_of_text>/<end_of_text>.
 
     ``max_captions`` > 0 trains on the first that many captions in file order (a launch passes
     ``data.tokenizer_sample_captions``): BPE merges settle long before a billion captions, and reading every
     caption of a web-scale set would keep the driver busy for hours before the first step.
+    ``flag``: how a missing caption column's hint names the flag (``schema.OPTION_FLAG`` for ``reclip-ray data
+    tokenizer``); the tokenizers library reads the captions on its own thread, where ``schema.column_flag`` is unset,
+    so it is taken here, on the caller's thread, when not given.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -270,7 +280,8 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_captions(data, caption_column, limit=max_captions), trainer=trainer)
+    captions = iter_captions(data, caption_column, limit=max_captions, flag=flag or current_column_flag())
+    tok.train_from_iterator(captions, trainer=trainer)
     result = CaptionTokenizer(tok, source=str(data))
     if out is not None:
         result.save(out)
