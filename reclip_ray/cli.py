@@ -87,11 +87,12 @@ def _data_ingest(args: argparse.Namespace) -> int:
 
 
 def _data_tokenizer(args: argparse.Namespace) -> int:
+    from reclip_ray.data.schema import OPTION_FLAG
     from reclip_ray.data.tokenizer import train_tokenizer
 
-    try:
+    try:  # the flag is passed, not set in a column_flag block: the captions are read on other threads
         tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out=args.out, caption_column=args.caption_column,
-                              max_captions=max(0, args.max_captions))
+                              max_captions=max(0, args.max_captions), flag=OPTION_FLAG)
     except OSError as exc:
         raise _os_error(exc) from None
     _print_json({"out": args.out, "vocab_size": tok.vocab_size})

@@ -229,14 +229,35 @@ def test_premultiplied_and_palette_alpha_modes_are_reduced_like_the_rest(mode):
     assert np.abs(np.asarray(reduced).astype(np.int16) - ref).max() <= 3
 
 
-def test_a_large_transparent_png_decodes_without_full_size_composites(tmp_path):
-    """A 4000 x 4000 RGBA PNG (64 MB decoded) took 2.7-5x its decoded size at peak to become a 64 px crop: the
-    composite onto white, its background and conversions were all full size. Now only the decoded image is (1.2x).
-    Measured as the peak RSS of a fresh process: PIL allocates outside Python's allocator (tracemalloc sees none)."""
+def _decode_peak(path, size: int = 64) -> tuple[int, np.ndarray]:
+    """(growth of the peak RSS while ``decode_image`` turns the file into a ``size`` px crop, the crop), measured in
+    a fresh process: PIL allocates outside Python's allocator (tracemalloc sees none). From /proc's VmHWM, the
+    high-water mark of the process's own memory: ``ru_maxrss`` starts a child at its parent's peak (pytest's,
+    hundreds of MB), which hid any growth below it."""
     import os
     import subprocess
     import sys
 
+    script = (
+        "import random, sys\n"
+        "from reclip_ray.data.images import decode_image\n"
+        "def hwm():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = hwm()\n"
+        "out = decode_image(data, int(sys.argv[2]), train=True, rng=random.Random(0))\n"
+        "sys.stdout.buffer.write((hwm() - before).to_bytes(8, 'little') + out.tobytes())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(size)], capture_output=True, env=env,
+                          timeout=60, check=True)
+    return int.from_bytes(done.stdout[:8], "little"), np.frombuffer(done.stdout[8:], np.uint8).reshape(size, size, 3)
+
+
+def test_a_large_transparent_png_decodes_without_full_size_composites(tmp_path):
+    """A 4000 x 4000 RGBA PNG (64 MB decoded) took 2.7-5x its decoded size at peak to become a 64 px crop: the
+    composite onto white, its background and conversions were all full size. Now only the decoded image is (1.2x).
+    Measured as the peak RSS of a fresh process (``_decode_peak``)."""
     from PIL import ImageDraw
 
     side = 4000
@@ -247,18 +268,8 @@ def test_a_large_transparent_png_decodes_without_full_size_composites(tmp_path):
     path = tmp_path / "big.png"
     img.save(path, "PNG", compress_level=1)
     del img, draw
-    script = (
-        "import random, resource, sys\n"
-        "from reclip_ray.data.images import decode_image\n"
-        "data = open(sys.argv[1], 'rb').read()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "out = decode_image(data, 64, train=True, rng=random.Random(0))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, int(out.mean()))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
-                          timeout=60, check=True)
-    peak, mean = (int(v) for v in done.stdout.split())
+    peak, out = _decode_peak(path)
+    mean = int(out.mean())
     decoded = side * side * 4
     assert peak < 1.4 * decoded, f"peak {peak / 1e6:.0f} MB for a {decoded / 1e6:.0f} MB decoded image"
     assert 128 < mean < 255  # mostly white background, some colour
@@ -292,3 +303,73 @@ def test_multi_picture_jpeg_is_draft_decoded_like_a_jpeg(monkeypatch):
     assert np.abs(decode_image(mpo, 64, train=False).astype(np.int16) - reference_decode(mpo, 64)).mean() < 2.0
     copy = Image.open(io.BytesIO(images.make_copy(mpo, 40)))
     assert drafted[-1] == ("MPO", True) and copy.format == "JPEG" and min(copy.size) == 40
+
+
+def _old_eight_bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """The float formula ``to_rgb`` scaled wide pixels with before it worked in strips (the reference)."""
+    if mode.startswith("I;16") or arr.dtype == np.uint16 or arr.max() > 255:
+        arr = np.clip(arr.astype(np.float32), 0, 65535) * (255.0 / 65535.0)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def test_wide_pixels_become_the_same_8_bits_a_strip_at_a_time(monkeypatch):
+    """Every 16-bit value, 32-bit integers and floats above and within 0-255 give the float formula's pixels
+    exactly, in strips of a few rows (so strips that hold no value above 255 are scaled as the whole image is)."""
+    monkeypatch.setattr(images, "STRIP_PIXELS", 256 * 3)
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    low_first = np.concatenate([np.full((100, 256), 7, np.int32), every.astype(np.int32) * 2 - 900])
+    cases = [every, low_first, every.astype(np.int32) % 256 - 20,
+             every.astype(np.float32) * 1.37 - 50, (every.astype(np.float32) % 256) * 0.999]
+    for arr in cases:
+        img = Image.fromarray(arr)
+        out = images.to_rgb(img)
+        assert out.mode == "RGB" and out.size == img.size
+        expected = _old_eight_bit(np.asarray(img), img.mode)
+        assert np.array_equal(np.asarray(out)[..., 0], expected), (img.mode, arr.dtype)
+        assert np.array_equal(np.asarray(out)[..., 1], expected)
+
+
+def _grey16(width: int, height: int, seed: int = 0) -> bytes:
+    """A 16-bit grey PNG (PIL mode I;16) with edges, gradients and noise across the full 16-bit range."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    arr = 5000 + 50000 * xx + 8000 * np.sin(yy * 30) + rng.normal(0, 600, (height, width)).astype(np.float32)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        arr[y:y + height // 4, x:x + width // 5] = rng.integers(0, 65536)
+    return _encode(Image.fromarray(np.clip(arr, 0, 65535).astype(np.uint16)), "PNG", compress_level=1)
+
+
+def test_a_large_16_bit_image_is_reduced_in_8_bits_with_the_same_crop():
+    """A 16-bit image that is much larger than its crop is reduced strip by strip (images._rgb_reduced) like one
+    with alpha: its crop is the full-size 8-bit image's crop (the reference) up to rounding, from the same crop box
+    drawn before anything is decoded."""
+    import random
+
+    data = _grey16(1200, 1000)
+    full = Image.open(io.BytesIO(data))
+    assert full.mode == "I;16"
+    for size, train in ((32, True), (64, True), (64, False), (96, False)):
+        rng, ref_rng = random.Random(3), random.Random(3)
+        out = decode_image(data, size, train=train, rng=rng)
+        box = images._crop_box(*full.size, train=train, rng=ref_rng)
+        assert rng.random() == ref_rng.random()  # the row's generator drew exactly the crop box
+        assert images._rgb_reduced(full, box, size)[1] >= 2  # the reduced path is what is tested
+        ref = np.asarray(images.to_rgb(full).resize((size, size), images.RESAMPLE, box=box)).astype(np.int16)
+        diff = np.abs(out.astype(np.int16) - ref)
+        assert diff.max() <= 8 and diff.mean() < 0.8, (size, train, diff.max(), diff.mean())
+        assert (out[..., 0] == out[..., 2]).all()  # grey stays grey
+
+
+def test_a_large_16_bit_png_decodes_without_full_size_copies(tmp_path):
+    """A 4000 x 4000 16-bit grey PNG (32 MB decoded) took 7x its decoded size at peak to become a 64 px crop: a
+    full-size uint16 copy, three float32 ones and the 8-bit grey and RGB images. Now only the decoded image is full
+    size (about 1.6x with the decoder's buffers). Peak RSS of a fresh process (``_decode_peak``)."""
+    side = 4000
+    path = tmp_path / "big16.png"
+    path.write_bytes(_grey16(side, side, seed=1))
+    peak, out = _decode_peak(path)
+    spread = int(out.std())
+    decoded = side * side * 2
+    assert peak < 2.5 * decoded, f"peak {peak / 1e6:.0f} MB for a {decoded / 1e6:.0f} MB decoded image"
+    assert spread > 10  # the picture, not a flat or clipped one

@@ -101,6 +101,24 @@ def test_data_inspect_hints_name_its_own_options_which_then_work(i2d, tmp_path, 
     assert capsys.readouterr().err.rstrip().endswith("has type string, expected binary (try --image-column jpg)")
 
 
+def test_data_tokenizer_hint_names_its_own_caption_flag_which_then_works(tmp_path, capsys):
+    """`data tokenizer` reads the captions on the tokenizers library's threads, where a ``column_flag`` block of the
+    command would be unset: its hint names --caption-column because the command passes the flag, and the command
+    given that flag trains. Train's callers, passing none, keep train's --set hint."""
+    from reclip_ray.data.tokenizer import train_tokenizer
+
+    txt = write_img2dataset(tmp_path / "txt", 6, seed=2, shards=1, caption_column="txt")
+    argv = ["data", "tokenizer", "--data", str(txt.path), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set" not in err, err
+    assert re.search(r"00000\.parquet: missing caption column 'caption'; .*\(try --caption-column txt\)$", err), err
+    assert main(argv + ["--caption-column", "txt"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
+    with pytest.raises(DataError, match=r"\(try --set data\.caption_column=txt\)$"):
+        train_tokenizer(txt.path, vocab_size=300)
+
+
 def test_webdataset_sibling_error_names_a_command_that_works(tmp_path, capsys):
     layout = write_webdataset_sibling(tmp_path / "wds", n_rows=14, shards=2, seed=4)
     for columns in (ColumnMap(), ColumnMap(image="jpg", caption="txt")):
@@ -145,6 +163,35 @@ def test_absent_mask_table_batches_and_numpy(i2d):
     assert absent_mask(t.set_column(1, "status", pa.array([0, 1, 2]))).tolist() == [False, False, True]
     assert absent_mask({"image": np.array([b"x", b"y"], dtype=object), "status": np.array([3, 4])}).tolist() == [False, False]
     assert absent_mask(t.slice(0, 0)).tolist() == [] and absent_mask({}).tolist() == []
+
+
+def test_a_status_column_of_the_users_own_hides_no_row(tmp_path):
+    """Only img2dataset's failures ("failed_to_...") make a row absent, one row at a time: a dataset with its own
+    ``status`` ("published", "draft", None) kept every row as a sample before it lost them all (the old rule: any
+    string other than "success"), or only some, depending on which rows shared a batch."""
+    from layouts import photo
+
+    status = ["published", "draft", None, "published", "failed_to_resize", "success", "published"]
+    images = [photo(np.random.default_rng(i), 24, 20, "PNG") for i in range(len(status))]
+    images[3] = None  # a null image is absent whatever its status says
+    expected = [False, False, False, True, True, False, False]
+    table = pa.table({"image": pa.array(images, pa.binary()), "caption": [f"c{i}" for i in range(len(status))],
+                      "status": pa.array(status, pa.string())})
+    assert absent_mask(table).tolist() == expected
+    assert absent_mask(table.to_batches(max_chunksize=2)[1]).tolist() == expected[2:4]
+    assert absent_mask(table.set_column(2, "status", table.column("status").dictionary_encode())).tolist() == expected
+    numpy_batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    assert absent_mask(numpy_batch).tolist() == expected
+    assert absent_mask(table.to_pandas()).tolist() == expected
+    # the same row is absent or not whichever rows share its batch: a batch of one row each agrees with the whole
+    assert [bool(absent_mask({c: v[i:i + 1] for c, v in numpy_batch.items()})[0]) for i in range(7)] == expected
+    not_strings = {"image": numpy_batch["image"][:3], "status": np.array([None, None, 3], dtype=object)}
+    assert absent_mask(not_strings).tolist() == [False, False, False]
+
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    report = inspect_dataset(str(tmp_path))
+    assert (report["rows"], report["rows_absent"], report["rows_bad"]) == (7, 2, 0)
+    assert report["checked_rows"] == 7 and report["image_size"]["width"]["min"] == 24  # five samples decoded
 
 
 def test_messy_export_inspects_with_absent_and_bad_apart(tmp_path):

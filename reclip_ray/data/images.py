@@ -12,7 +12,7 @@ crop never materialises an intermediate image.
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
 onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
 that the composite is not made at full size: ``_rgb_reduced``). 16-bit and integer images are scaled to 8 bits
-(not clipped), CMYK goes through PIL's conversion.
+(not clipped; a strip at a time, and a large one reduced the same way first), CMYK goes through PIL's conversion.
 
 Bad input: undecodable, truncated or too-large (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit, which we
 keep) images raise :class:`BadImage` with a short reason, so callers can skip and count them.
@@ -88,16 +88,51 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        arr = np.asarray(img)
-        if arr.ndim == 3:  # e.g. 16-bit RGB read as integer channels
-            arr = arr[..., :3]
-        if mode.startswith("I;16") or arr.dtype == np.uint16 or (arr.size and arr.max() > 255):
-            arr = np.clip(arr.astype(np.float32), 0, 65535) * (255.0 / 65535.0)
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        return img.convert("RGB")
+    if _is_wide(img):
+        return _eight_bit(img, _spans_16_bits(img)).convert("RGB")
     return img.convert("RGB")
+
+
+def _is_wide(img: Image.Image) -> bool:
+    """Integer or float pixels (16-bit PNG grey, 32-bit TIFF): ``to_rgb`` scales them to 8 bits itself."""
+    return img.mode.startswith("I") or img.mode == "F"
+
+
+def _spans_16_bits(img: Image.Image) -> bool:
+    """Whether a wide image's values are scaled from 0-65535 (16-bit modes, or any value above 255) rather than
+    kept as 0-255. Decided once for the whole image, never per strip, from PIL's extrema (no copy)."""
+    if img.mode.startswith("I;16"):
+        return True
+    extrema = img.getextrema()
+    highest = max(e[1] for e in extrema) if isinstance(extrema[0], tuple) else extrema[1]
+    return highest > 255
+
+
+def _eight_bit(img: Image.Image, wide: bool) -> Image.Image:
+    """A wide image as 8-bit ("L", or "RGB" for integer channels): 0-65535 scaled (``wide``) or 0-255 kept, rounded.
+
+    A strip of rows at a time, in integers: round(v * 255 / 65535) is (v + 128) // 257 exactly, as 65535 = 255 *
+    257 and v / 257 is never within 1/514 of a half, where float32 was exact too, so the pixels are the float
+    formula's. Why: the float copies of a whole image were 2x its 16-bit size each, three of them (an 8000 x 8000
+    grey PNG, 122 MB decoded, took 857 MB more at peak to become a 64 px crop; 139 MB now, reduced as well)."""
+    w, h = img.size
+    rows = max(1, STRIP_PIXELS // w)
+    out = None
+    for top in range(0, h, rows):
+        arr = np.asarray(img.crop((0, top, w, min(h, top + rows))))
+        if arr.ndim == 3:  # integer channels (no PIL mode reads so today): the first three
+            arr = arr[..., :3]
+        if arr.dtype.kind == "f":
+            arr = np.clip(arr, 0, 65535) * np.float32(255.0 / 65535.0) if wide else arr
+            part = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        elif wide:
+            part = ((np.clip(arr, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        else:
+            part = np.clip(arr, 0, 255).astype(np.uint8)
+        if out is None:
+            out = np.empty((h, *part.shape[1:]), np.uint8)
+        out[top:top + part.shape[0]] = part
+    return Image.fromarray(out)
 
 
 # An image with alpha is first reduced (box filter, premultiplied) by the largest integer that leaves its crop at
@@ -112,22 +147,30 @@ def _has_alpha(img: Image.Image) -> bool:
 
 
 def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[Image.Image, int]:
-    """``to_rgb(img)``, reduced k times when it has alpha and the crop ``box`` spans >= 2 * REDUCING_GAP * size px;
-    returns it and k (1: not reduced). A source coordinate x is x / k in the result, as after ``_draft``.
+    """``to_rgb(img)``, reduced k times when it has alpha or wide pixels (``_is_wide``) and the crop ``box`` spans
+    >= 2 * REDUCING_GAP * size px; returns it and k (1: not reduced). A source coordinate x is x / k in the result,
+    as after ``_draft``.
 
     Why: compositing onto white at full size made four more full-size images (a 9000 x 9000 RGBA PNG of 1.6 MB
     took 1.5 GB to become a 64 px crop, 320 MB this way). Here strips of the image are reduced one at a time, so
     only the decoded image is full size. Reducing premultiplied colour (``Image.reduce`` does), then compositing
     onto white, is compositing then reducing, up to rounding: both are linear in (premultiplied colour, alpha).
-    Only alpha images: an RGB image is resized with no full-size copy already."""
+    A wide image's strips are made 8-bit (``_eight_bit``, scaled as the whole image is) and then reduced, so its
+    8-bit grey and RGB copies are not full size either. An RGB or grey image is resized with no full-size copy
+    already."""
     k = int(min(box[2] - box[0], box[3] - box[1]) // (REDUCING_GAP * size))
-    if k < 2 or not _has_alpha(img):
+    wide = _is_wide(img)
+    if k < 2 or not (wide or _has_alpha(img)):
         return to_rgb(img), 1
     w, h = img.size
     out = Image.new("RGB", (-(-w // k), -(-h // k)))
     rows = k * max(1, STRIP_PIXELS // (w * k))  # a multiple of k: strips are whole rows of k x k blocks
+    sixteen = wide and _spans_16_bits(img)
     for top in range(0, h, rows):
         strip = img.crop((0, top, w, min(h, top + rows)))
+        if wide:
+            out.paste(_eight_bit(strip, sixteen).reduce(k).convert("RGB"), (0, top // k))
+            continue
         if strip.mode in ("RGBa", "La"):  # premultiplied already (a TIFF's associated alpha): unpremultiply first
             strip = strip.convert(strip.mode.replace("a", "A"))
         if strip.mode not in ("RGBA", "LA"):  # P, PA: Image.reduce premultiplies RGBA and LA itself

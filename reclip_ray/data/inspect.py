@@ -11,8 +11,8 @@ import numpy as np
 
 from reclip_ray.data.images import BadImage, decode_image, image_size
 from reclip_ray.data.local import read_shard
-from reclip_ray.data.schema import (ColumnMap, absent_mask, check_schema, class_label_sets, count_rows, has_captions,
-                                    image_bytes, parquet_schema, read_dataset_json)
+from reclip_ray.data.schema import (STATUS_COLUMN, ColumnMap, absent_mask, check_schema, class_label_sets, count_rows,
+                                    has_captions, image_bytes, parquet_schema, read_dataset_json)
 from reclip_ray.data.shards import list_parquet_files, read_footers
 
 MAX_EXAMPLES = 10
@@ -58,7 +58,7 @@ def _summarise_meta(meta: dict) -> dict[str, Any]:
 def inspect_dataset(path: str, image_column: str = "image", caption_column: str = "caption", limit: int = 0) -> dict:
     """Rows, shards, columns, absent and bad rows (fully decoded, like the pipeline would) and image size stats.
 
-    Absent rows (null image, or a ``status`` other than "success": img2dataset's failed downloads) are counted in
+    Absent rows (null image, or an img2dataset failure "failed_to_..." in ``status``) are counted in
     ``rows_absent`` and never as bad: they are not samples, and ``bad_fraction`` is a share of the samples, the
     same share ``data.max_bad_fraction`` limits. ``rows_bad`` (also ``bad_rows``) counts only present rows whose
     image does not decode or whose caption is empty. With ``limit`` both count among the rows checked.
@@ -121,9 +121,9 @@ class _RowCheck:
         caption column (a class-only eval set) only the images are checked."""
         names = parquet_schema(file).names
         own = [c for c in (image_column, caption_column) if c is not None]
-        wanted = own + [c for c in ("key", "status") if c in names and c not in own]
+        wanted = own + [c for c in ("key", STATUS_COLUMN) if c in names and c not in own]
         table = read_shard(file, wanted)
-        absent = absent_mask(table, image_column)
+        absent = absent_mask(table, image_column, STATUS_COLUMN)
         images = image_bytes(table.column(image_column)).to_pylist()
         captions = table.column(caption_column).to_pylist() if caption_column else [""] * len(images)
         keys = table.column("key").to_pylist() if "key" in names else [None] * len(images)

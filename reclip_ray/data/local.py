@@ -17,8 +17,8 @@ import numpy as np
 
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, decode_image
-from reclip_ray.data.schema import (ColumnMap, absent_mask, check_images_embedded, check_schema, image_bytes,
-                                    missing_column_message, parquet_schema, wrong_image_type_message)
+from reclip_ray.data.schema import (STATUS_COLUMN, ColumnMap, absent_mask, check_images_embedded, check_schema,
+                                    image_bytes, missing_column_message, parquet_schema, wrong_image_type_message)
 from reclip_ray.data.shards import footers, is_image_type, is_string, list_parquet_files
 from reclip_ray.data.stream import rows_to_skip
 from reclip_ray.data.tokenizer import CaptionTokenizer
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 MAX_EXAMPLES = 10
-STATUS_COLUMN = "status"  # img2dataset: "success", or why the download failed (that row then has no image)
 IMAGE_ID_COLUMN = "image_id"  # COCO/Flickr-style eval sets: the rows that share an image share this id
 
 
@@ -37,8 +36,9 @@ class BadRowCount:
     """Rows seen and rows skipped, with a few examples ({file, row, key, reason}) for the error message.
 
     ``absent`` counts rows that carry no image at all (img2dataset keeps failed downloads as rows with a null image
-    and ``status`` != "success"). They are samples that were never there, not broken data, so they are counted
-    apart and left out of ``seen`` and of the bad-row fraction: a crawl that lost 30% of its URLs is not 30% bad.
+    and a ``status`` of "failed_to_download" or "failed_to_resize"). They are samples that were never there, not
+    broken data, so they are counted apart and left out of ``seen`` and of the bad-row fraction: a crawl that lost
+    30% of its URLs is not 30% bad.
     """
 
     seen: int = 0

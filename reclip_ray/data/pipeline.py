@@ -13,7 +13,7 @@ device, where it is free compared to a 4x bigger transfer), the tokens, and the 
 name and type, is never read.
 
 Three kinds of rows that are not trained:
-* *absent* rows (a null image, or an img2dataset ``status`` other than ``success``: failed downloads) are not
+* *absent* rows (a null image, or an img2dataset ``status`` of ``failed_to_...``: failed downloads) are not
   samples. They are dropped before decoding and counted per unit (``_unit_absent``), never as bad rows;
 * *bad* rows (undecodable image, empty caption) travel on as ``_ok = 0`` with a blank image and the reason in
   ``_bad``, so the worker counts them, applies ``data.max_bad_fraction`` and marks their position as done;
@@ -35,7 +35,7 @@ import ray
 from reclip_ray import storage
 from reclip_ray.data.images import BadImage, decode_image
 from reclip_ray.data.local import row_rng
-from reclip_ray.data.schema import ColumnMap, absent_mask, image_bytes
+from reclip_ray.data.schema import STATUS_COLUMN, ColumnMap, absent_mask, image_bytes
 from reclip_ray.data.stream import (BAD, MARKER, OK, PhaseStream, rows_in_round, rows_to_skip, unit_permutation,
                                    unit_sizes)
 from reclip_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
@@ -132,7 +132,7 @@ class _ShardChunks:
         # row group of 10k web images (img2dataset's layout) would put ~300 MB per shard in memory.
         pf = pq.ParquetFile(fh, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
         names = pf.schema_arrow.names
-        wanted = [c for c in (columns.image, columns.caption, columns.key, "status") if c in names]
+        wanted = [c for c in (columns.image, columns.caption, columns.key, STATUS_COLUMN) if c in names]
         batches = pf.iter_batches(batch_size=self.chunk, row_groups=groups, columns=list(dict.fromkeys(wanted)),
                                   use_threads=False)
         if drop:
@@ -253,7 +253,7 @@ def _read_round(readers: list[_ShardChunks], rows: Sequence[int], k: int, chunk_
         got = reader.next() if expected else None
         if got is not None:
             parts.append(_canonical(got[0], reader.columns, reader.file, got[1]).append_column(
-                "_absent", pa.array(absent_mask(got[0], reader.columns.image))))
+                "_absent", pa.array(absent_mask(got[0], reader.columns.image, STATUS_COLUMN))))
             if got[0].num_rows != expected:
                 raise DataError(f"{reader.file}: {got[0].num_rows} rows at row {got[1]}, the footer says "
                                 f"{expected} (the shard changed during the run?)")

@@ -40,9 +40,16 @@ def column_flag(template: str) -> Iterator[None]:
         _COLUMN_FLAG.reset(token)
 
 
-def column_hint(role: str, candidates: Sequence[str]) -> str:
-    """The flag to try for the first candidate column of ``role`` (image, caption), or how to name one."""
-    flag = _COLUMN_FLAG.get()
+def current_column_flag() -> str:
+    """The template column hints use in this thread (``column_flag``). Code that checks columns on other threads
+    (a thread does not inherit the block's ContextVar) reads it here first and passes it along explicitly."""
+    return _COLUMN_FLAG.get()
+
+
+def column_hint(role: str, candidates: Sequence[str], flag: str | None = None) -> str:
+    """The flag to try for the first candidate column of ``role`` (image, caption), or how to name one; ``flag`` (a
+    template as ``column_flag`` takes) overrides the block's, for checks that run on another thread."""
+    flag = flag or _COLUMN_FLAG.get()
     if candidates:
         return f"try {flag.format(role=role, name=candidates[0])}"
     return f"name it with {flag.format(role=role, name='COLUMN')}"
@@ -186,9 +193,9 @@ def wrong_image_type_message(file: str, schema, column: str) -> str:
     return f"{file}: image column {column!r} has type {schema.field(column).type}, expected binary{hint}"
 
 
-def missing_column_message(file: str, schema, missing: list[tuple[str, str]]) -> str:
-    """One line for the missing ``(role, name)`` columns: the webdataset command, the flags (``column_hint``) that
-    name the shard's likely columns, or the flag to name one."""
+def missing_column_message(file: str, schema, missing: list[tuple[str, str]], flag: str | None = None) -> str:
+    """One line for the missing ``(role, name)`` columns: the webdataset command, the flags (``column_hint``, in
+    ``flag``'s form when given) that name the shard's likely columns, or the flag to name one."""
     roles = [role for role, _ in missing]
     if "image" in roles and not _binary_columns(schema):
         pattern = _webdataset_pattern(file, schema)
@@ -197,7 +204,7 @@ def missing_column_message(file: str, schema, missing: list[tuple[str, str]]) ->
                     f"this metadata-only shard (img2dataset --output_format webdataset); convert them with "
                     f"reclip-ray data ingest --webdataset '{pattern}' --out DIR")
     finders = {"image": _binary_columns, "caption": _caption_columns}
-    hints = [column_hint(role, [n for n in finders.get(role, lambda _: [])(schema) if n != name])
+    hints = [column_hint(role, [n for n in finders.get(role, lambda _: [])(schema) if n != name], flag)
              for role, name in missing]
     role, name = missing[0]
     return f"{file}: missing {role} column {name!r}; columns are {sorted(schema.names)} ({'; '.join(hints)})"
@@ -234,14 +241,27 @@ def _brace_range(stems: list[str]) -> str:
     return "{00000..NNNNN}"
 
 
-def absent_mask(batch: Any, image_column: str = "image", status_column: str = "status") -> np.ndarray:
+# img2dataset's ``status`` column: "success", or "failed_to_download" / "failed_to_resize" (that row then has no
+# image). Only its failures mark a row absent: a user's own ``status`` column ("published", "draft", 3) hides nothing.
+STATUS_COLUMN = "status"
+FAILED_STATUS_PREFIX = "failed_to_"
+
+
+def failed_status(value: Any) -> bool:
+    """Whether one ``status`` cell is an img2dataset failure. Decided per cell, never per batch or column, so a row
+    is absent or not whatever rows share its batch and however the reader batched them."""
+    return isinstance(value, str) and value.startswith(FAILED_STATUS_PREFIX)
+
+
+def absent_mask(batch: Any, image_column: str = "image", status_column: str = STATUS_COLUMN) -> np.ndarray:
     """Boolean mask of the rows that are absent samples: null image cell (for a Hugging Face Image struct: a null
-    struct or a null ``bytes``), or a ``status`` other than "success".
+    struct or a null ``bytes``), or an img2dataset failure in ``status`` (``failed_status``: "failed_to_...").
 
     img2dataset keeps failed downloads as rows with a null image and ``status="failed_to_download"``. Those are not
     samples that went wrong, they are samples that never existed: they must not count towards
-    ``data.max_bad_fraction`` (a 30% download failure rate is normal and would otherwise stop every run). Only a
-    string ``status`` column is read, so an unrelated numeric ``status`` column does not hide rows.
+    ``data.max_bad_fraction`` (a 30% download failure rate is normal and would otherwise stop every run). Any other
+    ``status`` value (img2dataset's "success", or a user's own column: "published", 3, None) leaves the row to its
+    image, so a dataset that happens to have a ``status`` column of its own loses no rows.
 
     ``batch`` is a ``pyarrow.Table``/``RecordBatch`` or a mapping of column name to array (Ray's numpy batch format;
     a pandas DataFrame works too).
@@ -257,7 +277,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
             absent |= image_bytes(batch.column(image_column)).is_null().to_numpy(zero_copy_only=False)
         if status_column in names and is_string(batch.schema.field(status_column).type):
             status = batch.column(status_column).to_pylist()
-            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+            absent |= np.fromiter((failed_status(s) for s in status), dtype=bool, count=n)
         return absent
     images = batch[image_column] if image_column in batch else None
     first = next(iter(batch), None)  # a column name, for a dict and a DataFrame alike
@@ -266,9 +286,7 @@ def absent_mask(batch: Any, image_column: str = "image", status_column: str = "s
     if images is not None:
         absent |= np.fromiter((_is_null(v) for v in images), dtype=bool, count=n)
     if status_column in batch:
-        status = list(batch[status_column])
-        if any(isinstance(s, str) for s in status):
-            absent |= np.fromiter((s != "success" for s in status), dtype=bool, count=n)
+        absent |= np.fromiter((failed_status(s) for s in batch[status_column]), dtype=bool, count=n)
     return absent
 
 

@@ -8,12 +8,14 @@ The model takes ``eot_id`` / ``pad_id`` from here (``build_model(cfg, tokenizer=
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from reclip_ray import storage
+from reclip_ray.data.schema import current_column_flag, missing_column_message
 from reclip_ray.data.shards import list_parquet_files
 from reclip_ray.errors import DataError
 
@@ -23,8 +25,61 @@ SOT_NAMES = (SOT, "<|startoftext|>", "<|start_of_text|>", "[CLS]", "<s>", "<bos>
 EOT_NAMES = (EOT, "<|endoftext|>", "<|end_of_text|>", "[SEP]", "</s>", "<eos>", "[EOS]")
 
 
-def _normalize(text: str) -> str:
-    return " ".join(str(text).split()).lower()
+def _normalize(text: str, words: int | None = None) -> str:
+    """Whitespace collapsed to single spaces, lower case; with ``words``, only the first that many words
+    (``split``'s ``maxsplit`` stops scanning there, so a megabyte caption costs what its first words cost)."""
+    return " ".join(str(text).split(None, -1 if words is None else words)[:words]).lower()
+
+
+# The tokenizers whose first n tokens provably lie in the first n words of a normalised caption (``_cut_safe``):
+# GPT-2's byte-level pre-tokenizer (ours, ``train_tokenizer``) and CLIP's (``clip_bpe``), both of whose pieces never
+# cross a space, behind normalizers that act within a word. Their JSON, as ``__getstate__`` gives it.
+_WORD_NORMALIZERS = ({"type": "NFC"}, {"type": "Lowercase"}, {"type": "Strip", "strip_left": True, "strip_right": True},
+                     {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "})
+
+
+def _cut_safe(tokenizer) -> bool:
+    """Whether ``encode`` may hand the tokenizer only the first ``n`` words of a caption when it keeps ``n`` tokens.
+
+    Why it cannot change those tokens: the pieces the pre-tokenizer makes never span the space between two words
+    (GPT-2's regex attaches at most a leading space to a piece; CLIP's drops whitespace), a cut at a space leaves the
+    earlier pieces as they were (neither regex looks past a word, but for GPT-2's ``\s+(?!\S)`` on whitespace; the
+    normalizers act per character or, NFC, are stable at a space; added tokens hold no space), BPE works within a
+    piece, and every piece gives at least one token (all 256 byte symbols are in the vocabulary, with the end-of-word
+    suffix too), so each word gives one or more. Anything else (a user's tokenizer.json whose tokens may span
+    spaces: no pre-tokenizer, Metaspace, WordPiece...) is not known to keep words and gets the whole caption.
+
+    Not cut, as nothing provably can be: a caption without spaces (one 1 MB word still takes ~0.7 s), and CLIP's
+    cleaning (ftfy decides per line whether a line is mojibake), ~0.3 s for a 1 MB line that is not plain ASCII.
+    """
+    import json
+
+    from tokenizers import models, pre_tokenizers
+
+    from reclip_ray.data.clip_bpe import CLIP_PATTERN
+
+    model = tokenizer.model
+    if not isinstance(model, models.BPE) or model.dropout or model.continuing_subword_prefix:
+        return False
+    try:  # a component written in Python has no JSON: not known, so not cut
+        norms = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer is not None else {}
+        pre = json.loads(tokenizer.pre_tokenizer.__getstate__()) if tokenizer.pre_tokenizer is not None else {}
+    except Exception:
+        return False
+    parts = norms.get("normalizers", []) if norms.get("type", "Sequence") == "Sequence" else [norms]
+    if any(part not in _WORD_NORMALIZERS for part in parts):
+        return False
+    steps = [(s.get("type"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
+    gpt2 = steps == [("ByteLevel", True)]
+    clip = steps == [("Split", None), ("ByteLevel", False)] and pre["pretokenizers"][0] == {
+        "type": "Split", "pattern": {"Regex": CLIP_PATTERN}, "behavior": "Removed", "invert": True}
+    if not (gpt2 or clip):
+        return False
+    suffix = model.end_of_word_suffix or ""
+    if any(tokenizer.token_to_id(c) is None or tokenizer.token_to_id(c + suffix) is None
+           for c in pre_tokenizers.ByteLevel.alphabet()):
+        return False
+    return not any(ch.isspace() for t in tokenizer.get_added_tokens_decoder().values() for ch in t.content)
 
 
 class CaptionTokenizer:
@@ -47,6 +102,7 @@ class CaptionTokenizer:
         self.sot_id = self._find("start", sot, SOT_NAMES)
         self.eot_id = self._find("end", eot, EOT_NAMES)
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        self._cut = _cut_safe(tokenizer)
 
     def _find(self, role: str, name: str | int | None, candidates: Sequence[str]) -> int:
         """The id of a special token: given as an id (an exported model pins the ids it was trained with), by
@@ -67,6 +123,8 @@ class CaptionTokenizer:
         )
 
     def encode(self, texts: Sequence[str], length: int) -> np.ndarray:
+        """[sot, the first ``length - 2`` tokens, eot, pad...] per text. A tokenizer known to keep words
+        (``_cut_safe``) sees only as many words as tokens are kept: a 1 MB caption took 0.4-0.9 s whole, 3 ms cut."""
         if length < 2:
             raise DataError(f"text length must be >= 2 (start and end tokens), got {length}")
         out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
@@ -74,8 +132,9 @@ class CaptionTokenizer:
             return out
         if self._clean is not None:
             texts = [self._clean(str(t)) for t in texts]
-        encodings = self._tok.encode_batch([_normalize(t) for t in texts], add_special_tokens=False)
         body = length - 2
+        words = body if self._cut else None
+        encodings = self._tok.encode_batch([_normalize(t, words) for t in texts], add_special_tokens=False)
         for i, enc in enumerate(encodings):
             ids = enc.ids[:body]
             out[i, 0] = self.sot_id
@@ -148,7 +207,7 @@ CAPTION_READ_THREADS = 8  # caption columns read in parallel (object storage ans
 
 
 def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batch_rows: int = 16384, *,
-                  limit: int = 0, threads: int = CAPTION_READ_THREADS) -> Iterator[str]:
+                  limit: int = 0, threads: int = CAPTION_READ_THREADS, flag: str | None = None) -> Iterator[str]:
     """The non-empty captions of the shards under ``data`` in file order, read column-only (no image bytes
     touched), at most ``limit`` of them (0: all).
 
@@ -156,12 +215,16 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
     bounded sample stops reading soon after the bound: files not started yet are never opened. On a local disk
     the reads are CPU-bound and more threads than cores only contend for the GIL (20,000 small shards: 8.4 s with
     one thread, 5.9 s with two, 8.0 s with eight on 2 cores), so there ``threads`` is capped at the core count.
+    A shard without ``caption_column`` is a DataError whose hint names ``flag`` (``schema.column_flag``'s template;
+    None: the one in force where the reading starts, since the files are read on other threads).
     """
+    flag = flag or current_column_flag()
     files = list_parquet_files(str(data))
     if not storage.is_uri(str(data)):
         threads = min(threads, os.cpu_count() or 1)
     taken = 0
-    for captions in storage.ordered_prefetch(lambda f: _file_captions(f, caption_column, batch_rows), files, threads):
+    read = functools.partial(_file_captions, caption_column=caption_column, batch_rows=batch_rows, flag=flag)
+    for captions in storage.ordered_prefetch(read, files, threads):
         for caption in captions:
             yield caption
             taken += 1
@@ -169,7 +232,7 @@ def iter_captions(data: str | os.PathLike, caption_column: str = "caption", batc
                 return
 
 
-def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]:
+def _file_captions(file: str, caption_column: str, batch_rows: int, flag: str) -> list[str]:
     """One file's non-empty captions, normalised."""
     import pyarrow.parquet as pq
 
@@ -177,7 +240,7 @@ def _file_captions(file: str, caption_column: str, batch_rows: int) -> list[str]
     with fs.open_input_file(inner) as f:
         pf = pq.ParquetFile(f)
         if caption_column not in pf.schema_arrow.names:
-            raise DataError(f"{file}: missing caption column {caption_column!r}")
+            raise DataError(missing_column_message(file, pf.schema_arrow, [("caption", caption_column)], flag))
         if pf.metadata.num_rows <= batch_rows:  # one read of the column chunk: the common case, and the cheapest
             return [_normalize(c) for c in pf.read(columns=[caption_column], use_threads=False).column(0).to_pylist()
                     if c]
@@ -192,12 +255,16 @@ def train_tokenizer(
     out: str | os.PathLike | None = None,
     caption_column: str = "caption",
     max_captions: int = 0,
+    flag: str | None = None,
 ) -> CaptionTokenizer:
     """Byte-level BPE on the dataset's captions; ids 0/1/2 are <pad>/<start_of_text>/<end_of_text>.
 
     ``max_captions`` > 0 trains on the first that many captions in file order (a launch passes
     ``data.tokenizer_sample_captions``): BPE merges settle long before a billion captions, and reading every
     caption of a web-scale set would keep the driver busy for hours before the first step.
+    ``flag``: how a missing caption column's hint names the flag (``schema.OPTION_FLAG`` for ``reclip-ray data
+    tokenizer``); the tokenizers library reads the captions on its own thread, where ``schema.column_flag`` is unset,
+    so it is taken here, on the caller's thread, when not given.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -213,7 +280,8 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_captions(data, caption_column, limit=max_captions), trainer=trainer)
+    captions = iter_captions(data, caption_column, limit=max_captions, flag=flag or current_column_flag())
+    tok.train_from_iterator(captions, trainer=trainer)
     result = CaptionTokenizer(tok, source=str(data))
     if out is not None:
         result.save(out)
