@@ -105,6 +105,9 @@ class _Feed:
     def absent_in_flight(self) -> int:
         return 0
 
+    def close(self) -> None:  # the phase end's (PhaseFeed.close): nothing to stop here
+        pass
+
 
 class Trial:
     """One trial: the worker's loop run by its entry point (rank 0 of one), and everything it reported.
