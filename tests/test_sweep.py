@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,25 @@ def test_bad_spaces_give_one_line_errors(tmp_path):
         load_space(bad)
     with pytest.raises(ConfigError, match="search space not found"):
         load_space(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "/abs/sweep", "a\\b", "a%2Fb", "a#b", "x" * 169])
+def test_a_space_name_that_is_no_single_folder_name_is_refused(tmp_path, name):
+    """The space's name is the sweep folder's (its run.name: ``run.storage_path/<name>``) and its trials' prefix:
+    ``..`` or ``/abs`` put the sweep outside the storage path, ``a/b`` below it. Its trials' names
+    (``<name>-<trial id>``) must be valid run names too, so a space's name has at most 168 bytes."""
+    space = tmp_path / "s.yaml"
+    space.write_text(f"name: '{name}'\nparams: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(space))}: name '.*' is no folder name for run.storage_path"):
+        load_space(space)
+
+
+def test_a_space_without_a_name_takes_its_files_stem_which_must_be_a_folder_name_too(tmp_path):
+    for stem, error in (("a?b", True), ("x" * 168, False)):
+        space = tmp_path / f"{stem}.yaml"
+        space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\n")
+        with pytest.raises(ConfigError, match=r"name 'a\?b' is no folder name") if error else contextlib.nullcontext():
+            assert load_space(space).name == stem
 
 
 def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from reclip_ray.config import ConfigError
+from reclip_ray.config import TRIAL_SUFFIX_BYTES, ConfigError, check_run_name
 from reclip_ray.run_names import FULL
 
 FINETUNE_FRACTION = "finetune_fraction"  # a parameter that is no config key: the last phase's share of the budget
@@ -60,8 +60,10 @@ def load_space(path: str | os.PathLike) -> Space:
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
     scheduler = _check_scheduler(p, raw.get("scheduler") or {})
+    name = str(raw.get("name") or p.stem)
+    check_run_name(name, f"{p}: name", TRIAL_SUFFIX_BYTES)  # the sweep folder's name, and its trials' prefix
     return Space(
-        name=str(raw.get("name") or p.stem),
+        name=name,
         base=base,
         overrides=[str(s) for s in raw.get("set") or []],
         params=params,
