@@ -80,6 +80,19 @@ def test_a_space_without_a_name_takes_its_files_stem_which_must_be_a_folder_name
             assert load_space(space).name == stem
 
 
+@pytest.mark.parametrize("value", ["-1", "0", "2.5", "two", "true", ".inf"])
+def test_num_samples_must_be_a_whole_number_of_grid_runs(tmp_path, value):
+    """Tune repeats the grid ``num_samples`` times: -1 repeated it forever, 0 ran an empty sweep, 2.5 ran it twice."""
+    space = tmp_path / "s.yaml"
+    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\nnum_samples: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(space))}: num_samples must be a whole number >= 1 \(how "
+                                          r"many times the grid runs\), got "):
+        load_space(space)
+    for fine, runs in (("1", 1), ("3", 3), ("2.0", 2)):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\nnum_samples: {fine}\n")
+        assert load_space(space).num_samples == runs
+
+
 def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):
     """128 combinations: the first 64 all hold the first parameter's first two values; its last one (30 px, no
     multiple of the patch size) must still fail at launch, not in every trial that draws it."""

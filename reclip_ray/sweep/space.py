@@ -71,7 +71,7 @@ def load_space(path: str | os.PathLike) -> Space:
         mode=mode,
         budget={k: float(v) for k, v in budget.items()},
         scheduler=scheduler,
-        num_samples=int(raw.get("num_samples", 1)),
+        num_samples=_check_num_samples(p, raw.get("num_samples", 1)),
         max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
         resources_per_trial_cpu=float(raw.get("resources_per_trial_cpu", 0.1)),
     )
@@ -113,6 +113,15 @@ def _is_number(value: Any) -> bool:
         return not isinstance(value, bool) and math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def _check_num_samples(p: Path, value: Any) -> int:
+    """Tune's ``num_samples``: how many times the grid runs (each time with new draws of the other domains). Tune
+    takes -1 as forever and 0 as no trial, and ``int`` made 2.5 two."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
+        raise ConfigError(f"{p}: num_samples must be a whole number >= 1 (how many times the grid runs), got {value!r}")
+    return int(value)
 
 
 def _check_budget(p: Path, budget: Any) -> dict[str, Any]:
