@@ -150,6 +150,21 @@ def test_a_loss_without_a_mode_is_minimised(tmp_path):
     assert load_space(space).mode == "max"
 
 
+def test_a_loss_to_maximise_is_refused(tmp_path):
+    """``mode: max`` on ``metric: loss`` made the trial that learned nothing the best (results, best.yaml). Only the
+    sweep's own metric ``loss``: ASHA's ``scheduler.metric`` takes its direction from its name, not from ``mode``."""
+    space = tmp_path / "s.yaml"
+    head = "params: {optim.lr: {grid: [1.0e-3]}}\nbudget: {gflops: 300}\n"
+    space.write_text(head + "metric: loss\nmode: max\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(space))}: mode max with metric loss ranks the trial that "
+                                          r"learned least best: use mode: min \(the default for loss\)$"):
+        load_space(space)
+    for fine, mode in (("metric: loss\nmode: min\n", "min"), ("metric: eval/full/shape/top1\nmode: max\n", "max"),
+                       ("mode: max\nscheduler: {metric: loss}\n", "max")):
+        space.write_text(head + fine)
+        assert load_space(space).mode == mode
+
+
 def test_pareto_front():
     pts = [(1.0, 0.2), (2.0, 0.5), (3.0, 0.4), (4.0, 0.6), (2.5, 0.5)]
     assert pareto_front(pts, "max") == [0, 1, 3]

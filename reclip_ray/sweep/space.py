@@ -59,6 +59,9 @@ def load_space(path: str | os.PathLike) -> Space:
     mode = raw.get("mode", "min" if str(raw.get("metric")) == "loss" else "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
+    if mode == "max" and str(raw.get("metric")) == "loss":  # the trial that learned nothing would rank best
+        raise ConfigError(f"{p}: mode max with metric loss ranks the trial that learned least best: use mode: min "
+                          "(the default for loss)")
     scheduler = _check_scheduler(p, raw.get("scheduler") or {})
     name = str(raw.get("name") or p.stem)
     check_run_name(name, f"{p}: name", TRIAL_SUFFIX_BYTES)  # the sweep folder's name, and its trials' prefix
