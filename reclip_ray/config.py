@@ -614,9 +614,36 @@ def _check_eval_size(cfg: Config) -> None:
                           f"multiple of the patch size {patch}")
 
 
+# A run's name is one folder of run.storage_path (storage.join) and its MLflow run's name. '/' and '\\' would make
+# it a path (below or, with '..', outside the storage path); a URI's reader (pyarrow) decodes '%2F' to '/' and cuts
+# at '?' or '#' (a run 'a?b' would share run 'a''s folder). Bytes: a folder name holds 255; a sweep adds its trials'
+# '-<trial id>' to its name (MLflow keeps 250 characters of a run name).
+RUN_NAME_CHARS = "/\\%?#"
+MAX_RUN_NAME_BYTES = 200
+TRIAL_SUFFIX_BYTES = 32  # a sweep's trial run names: '<sweep>-<Tune's trial id>', '<sweep>-best'
+
+
+def check_run_name(name: str, where: str, suffix_bytes: int = 0) -> None:
+    """``name`` as a run's (or a sweep's) folder name under run.storage_path; ``where`` names its key or file, and
+    ``suffix_bytes`` is the room runs named after it need (a sweep's trials)."""
+    most = MAX_RUN_NAME_BYTES - suffix_bytes
+    if name in ("", ".", "..") or any(ch in RUN_NAME_CHARS or not ch.isprintable() for ch in name) \
+            or len(name.encode()) > most:
+        raise ConfigError(f"{where} {name!r} is no folder name for run.storage_path: use 1-{most} bytes, not '.' or "
+                          f"'..', without {' '.join(RUN_NAME_CHARS)} or control characters")
+
+
+def _check_run_name(cfg: Config) -> None:
+    """The run folder's name: ``run.name``, else the config's ``name`` (``train.prepare``)."""
+    if cfg.run.name:
+        check_run_name(cfg.run.name, "'run.name'")
+    else:
+        check_run_name(cfg.name, "'name' (the run's name: run.name is empty)")
+
+
 # Rules that stop a launch (or a plan) before it wastes its time, skipped for a config a run saved
 # (``from_dict(saved=True)``): a model exported before a rule existed must stay loadable.
-LAUNCH_CHECKS = (_check_phase_schedule, _check_eval_size)
+LAUNCH_CHECKS = (_check_phase_schedule, _check_eval_size, _check_run_name)
 
 
 def _check_model(cfg: Config) -> None:

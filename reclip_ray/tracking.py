@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from reclip_ray.config import Config
+from reclip_ray.errors import ReclipError
 from reclip_ray.tracking_relay import (ARTIFACT_TIMEOUT_S, FLUSH_AT_END_S, active, direct_write, flush_writes,
                                       read_files, relayed, start_relay, through_relay)
 
@@ -130,17 +131,14 @@ def start_or_resume_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Reopen ``run_id`` if it exists (a restart), else create a run with the flattened config as params."""
+    """Reopen ``run_id`` if this store has it (a restart), else create a run with the flattened config as params."""
     c = client(tracking_uri)
-    if run_id:
-        try:
-            run = c.get_run(run_id)
-            c.update_run(run_id, status="RUNNING")
-            restarts = int(run.data.tags.get("reclip.restarts", "0")) + 1
-            c.set_tag(run_id, "reclip.restarts", str(restarts))
-            return run_id
-        except Exception:  # deleted or from another store: start fresh rather than fail the job
-            pass
+    run = _run_to_resume(c, tracking_uri, run_id) if run_id else None
+    if run is not None:
+        c.update_run(run_id, status="RUNNING")
+        restarts = int(run.data.tags.get("reclip.restarts", "0")) + 1
+        c.set_tag(run_id, "reclip.restarts", str(restarts))
+        return run_id
     exp_id = get_or_create_experiment(tracking_uri, experiment)
     all_tags = {"mlflow.runName": run_name, "reclip.restarts": "0", **(tags or {})}
     if parent_run_id:
@@ -148,6 +146,28 @@ def start_or_resume_run(
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
     log_params(tracking_uri, run.info.run_id, flatten(cfg.to_dict()))
     return run.info.run_id
+
+
+def _run_to_resume(c: Any, tracking_uri: str, run_id: str) -> Any:
+    """``run_id``'s run, or None where a new run is right: the store has no such run (the run folder's run is in
+    another store; SQLite, file and server stores all say RESOURCE_DOES_NOT_EXIST) or it was deleted (a resumed run
+    would log into a run no one sees). Any other error (a server that does not answer, a locked database) is one:
+    a new run then split one run's history into two."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        error: Exception = exc
+    except Exception as exc:  # noqa: BLE001 - the store's own errors (a connection, a file), named below
+        error = exc
+    else:
+        return None if run.info.lifecycle_stage == "deleted" else run
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    raise ReclipError(f"MLflow at {tracking_uri} could not read run {run_id}, which this run continues (no new run "
+                      f"started: rerun once it can): {lines[0][:300]}") from error
 
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from reclip_ray.config import CONFIG_PRESETS, ConfigError, load_config, resolve_count
+from reclip_ray.config import (CONFIG_PRESETS, ConfigError, apply_overrides, from_dict, load_config, load_raw,
+                               resolve_count)
 
 
 @pytest.mark.parametrize("name", CONFIG_PRESETS)
@@ -148,6 +149,37 @@ def test_each_section_check_of_validate_runs(overrides, fragment):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("overrides, where", [
+    (["run.name=.."], "'run.name' '..'"),
+    (["run.name=a/b"], "'run.name' 'a/b'"),
+    (["run.name=/abs/run"], "'run.name' '/abs/run'"),
+    (["run.name=a\\b"], "'run.name' 'a\\\\b'"),
+    (["run.name=a%2Fb"], "'run.name' 'a%2Fb'"),
+    (["run.name=a?b"], "'run.name' 'a?b'"),
+    (["run.name=a\tb"], "'run.name' 'a\\tb'"),
+    (["run.name=" + "x" * 201], "'run.name' 'xxx"),
+    (["name=", "run.name="], "'name' (the run's name: run.name is empty) ''"),
+    (["name=../up"], "'name' (the run's name: run.name is empty) '../up'"),
+])
+def test_a_run_name_that_is_no_single_folder_name_is_refused(overrides, where):
+    """The run folder is ``storage.join(run.storage_path, name)``: ``..`` or ``/abs`` put it outside the storage
+    path, ``a/b`` below it, an empty name made it the storage path itself; a URI's reader decodes ``%2F`` to ``/``
+    and cuts at ``?`` (run ``a?b`` shared run ``a``'s folder). Refused at load, naming the key; a saved config that
+    holds one still loads (an exported model stays loadable)."""
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides)
+    assert str(info.value).startswith(f"{where}") and "is no folder name for run.storage_path" in str(info.value)
+    assert "\n" not in str(info.value)
+    from_dict(apply_overrides(load_raw("tiny"), overrides), saved=True)
+
+
+def test_a_run_name_of_one_folder_is_accepted():
+    """Spaces, non-ASCII letters, dots and a sweep trial's ``<sweep>-<trial id>`` are one folder name."""
+    for name in ("my run", "résumé-2", "a.b..c", "smoke-5f2a1_00000", "x" * 200):
+        assert load_config("tiny", [f"run.name={name}"]).run.name == name
+    assert load_config("tiny", ["name=from the file", "run.name="]).name == "from the file"
+
+
 def test_accepted_edge_values():
     """The edges of the rules above are accepted: CPU workers reserving no GPU, half the rows bad, a phase of
     exactly max_workers samples (one step, a row each)."""
@@ -264,8 +296,8 @@ def test_a_config_or_an_override_never_runs_code_from_yaml_tags(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError):  # a string where the seed must be an integer
         load_config("tiny", [f"train.seed={tag}"])
-    cfg = load_config("tiny", [f"run.name={tag}"])
-    assert cfg.run.name == tag and not marker.exists()
+    cfg = load_config("tiny", [f"tracking.experiment={tag}"])  # a key that takes any string ('/': no run.name)
+    assert cfg.tracking.experiment == tag and not marker.exists()
 
 
 def test_unknown_config_and_missing_file(tmp_path):

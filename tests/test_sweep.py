@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,38 @@ def test_bad_spaces_give_one_line_errors(tmp_path):
         load_space(bad)
     with pytest.raises(ConfigError, match="search space not found"):
         load_space(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "/abs/sweep", "a\\b", "a%2Fb", "a#b", "x" * 169])
+def test_a_space_name_that_is_no_single_folder_name_is_refused(tmp_path, name):
+    """The space's name is the sweep folder's (its run.name: ``run.storage_path/<name>``) and its trials' prefix:
+    ``..`` or ``/abs`` put the sweep outside the storage path, ``a/b`` below it. Its trials' names
+    (``<name>-<trial id>``) must be valid run names too, so a space's name has at most 168 bytes."""
+    space = tmp_path / "s.yaml"
+    space.write_text(f"name: '{name}'\nparams: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(space))}: name '.*' is no folder name for run.storage_path"):
+        load_space(space)
+
+
+def test_a_space_without_a_name_takes_its_files_stem_which_must_be_a_folder_name_too(tmp_path):
+    for stem, error in (("a?b", True), ("x" * 168, False)):
+        space = tmp_path / f"{stem}.yaml"
+        space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\n")
+        with pytest.raises(ConfigError, match=r"name 'a\?b' is no folder name") if error else contextlib.nullcontext():
+            assert load_space(space).name == stem
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "2.5", "two", "true", ".inf"])
+def test_num_samples_must_be_a_whole_number_of_grid_runs(tmp_path, value):
+    """Tune repeats the grid ``num_samples`` times: -1 repeated it forever, 0 ran an empty sweep, 2.5 ran it twice."""
+    space = tmp_path / "s.yaml"
+    space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\nnum_samples: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(space))}: num_samples must be a whole number >= 1 \(how "
+                                          r"many times the grid runs\), got "):
+        load_space(space)
+    for fine, runs in (("1", 1), ("3", 3), ("2.0", 2)):
+        space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\nnum_samples: {fine}\n")
+        assert load_space(space).num_samples == runs
 
 
 def test_every_value_of_a_large_grid_is_checked_before_ray_starts(tmp_path):
@@ -115,6 +148,21 @@ def test_a_loss_without_a_mode_is_minimised(tmp_path):
     assert best_row(rows, load_space(space))["param:optim.lr"] == 1e-3
     space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nbudget: {gflops: 300}\n")  # eval/full/shape/top1
     assert load_space(space).mode == "max"
+
+
+def test_a_loss_to_maximise_is_refused(tmp_path):
+    """``mode: max`` on ``metric: loss`` made the trial that learned nothing the best (results, best.yaml). Only the
+    sweep's own metric ``loss``: ASHA's ``scheduler.metric`` takes its direction from its name, not from ``mode``."""
+    space = tmp_path / "s.yaml"
+    head = "params: {optim.lr: {grid: [1.0e-3]}}\nbudget: {gflops: 300}\n"
+    space.write_text(head + "metric: loss\nmode: max\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(space))}: mode max with metric loss ranks the trial that "
+                                          r"learned least best: use mode: min \(the default for loss\)$"):
+        load_space(space)
+    for fine, mode in (("metric: loss\nmode: min\n", "min"), ("metric: eval/full/shape/top1\nmode: max\n", "max"),
+                       ("mode: max\nscheduler: {metric: loss}\n", "max")):
+        space.write_text(head + fine)
+        assert load_space(space).mode == mode
 
 
 def test_pareto_front():

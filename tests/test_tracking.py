@@ -69,6 +69,44 @@ def test_run_is_resumed_not_duplicated(tmp_path):
     assert len(c.search_runs([exp.experiment_id])) == 1
 
 
+def test_a_new_run_starts_only_where_the_store_has_no_such_run_or_it_was_deleted(tmp_path, monkeypatch):
+    """A restart reopens the MLflow run its run folder names. A new run is right where the store never had it (the
+    folder's run is in another store) or it was deleted (the restart would log into a run no one sees); any other
+    error, a server that answered 503 or not at all, started a new run too and split one run's history into two.
+    That is an error now, naming the store and the run, and a rerun once the store answers resumes the run."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import RestException
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray.errors import ReclipError
+
+    uri = f"sqlite:///{fresh_mlflow_db(tmp_path / 'mlflow.db')}"
+    cfg = load_config("tiny")
+    c = tracking.client(uri)
+    run_id = tracking.start_or_resume_run(uri, "exp", "r", "0" * 32, cfg)  # SQLite: RESOURCE_DOES_NOT_EXIST
+    assert run_id != "0" * 32
+    deleted = tracking.start_or_resume_run(uri, "exp", "gone", None, cfg)
+    c.delete_run(deleted)
+    assert tracking.start_or_resume_run(uri, "exp", "gone", deleted, cfg) not in (deleted, run_id)
+    exp = c.get_experiment_by_name("exp").experiment_id
+    runs = {r.info.run_id for r in c.search_runs([exp], run_view_type=ViewType.ALL)}
+    assert len(runs) == 3
+    for error in (RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "overloaded"}),
+                  ConnectionError("Connection refused")):
+        def unreachable(self, run_id, error=error):
+            raise error
+
+        with monkeypatch.context() as m:
+            m.setattr(MlflowClient, "get_run", unreachable)
+            with pytest.raises(ReclipError) as info:
+                tracking.start_or_resume_run(uri, "exp", "r", run_id, cfg)
+        assert str(info.value) == (f"MLflow at {uri} could not read run {run_id}, which this run continues (no new "
+                                   f"run started: rerun once it can): {error}")
+    assert {r.info.run_id for r in c.search_runs([exp], run_view_type=ViewType.ALL)} == runs
+    assert tracking.start_or_resume_run(uri, "exp", "r", run_id, cfg) == run_id
+    assert c.get_run(run_id).data.tags["reclip.restarts"] == "1"
+
+
 def test_a_restarts_reads_take_the_runs_latest_points_not_a_metrics_history(tmp_path, monkeypatch):
     """A restart reads the last step logged (``last_logged_step``) and a few latest values (``latest_metric``). They
     come from the run's latest points (one row per key), not from the key's whole history, which a multi-day run makes

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from reclip_ray.config import ConfigError
+from reclip_ray.config import TRIAL_SUFFIX_BYTES, ConfigError, check_run_name
 from reclip_ray.run_names import FULL
 
 FINETUNE_FRACTION = "finetune_fraction"  # a parameter that is no config key: the last phase's share of the budget
@@ -59,9 +59,14 @@ def load_space(path: str | os.PathLike) -> Space:
     mode = raw.get("mode", "min" if str(raw.get("metric")) == "loss" else "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max or min, got {mode!r}")
+    if mode == "max" and str(raw.get("metric")) == "loss":  # the trial that learned nothing would rank best
+        raise ConfigError(f"{p}: mode max with metric loss ranks the trial that learned least best: use mode: min "
+                          "(the default for loss)")
     scheduler = _check_scheduler(p, raw.get("scheduler") or {})
+    name = str(raw.get("name") or p.stem)
+    check_run_name(name, f"{p}: name", TRIAL_SUFFIX_BYTES)  # the sweep folder's name, and its trials' prefix
     return Space(
-        name=str(raw.get("name") or p.stem),
+        name=name,
         base=base,
         overrides=[str(s) for s in raw.get("set") or []],
         params=params,
@@ -69,7 +74,7 @@ def load_space(path: str | os.PathLike) -> Space:
         mode=mode,
         budget={k: float(v) for k, v in budget.items()},
         scheduler=scheduler,
-        num_samples=int(raw.get("num_samples", 1)),
+        num_samples=_check_num_samples(p, raw.get("num_samples", 1)),
         max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
         resources_per_trial_cpu=float(raw.get("resources_per_trial_cpu", 0.1)),
     )
@@ -111,6 +116,15 @@ def _is_number(value: Any) -> bool:
         return not isinstance(value, bool) and math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def _check_num_samples(p: Path, value: Any) -> int:
+    """Tune's ``num_samples``: how many times the grid runs (each time with new draws of the other domains). Tune
+    takes -1 as forever and 0 as no trial, and ``int`` made 2.5 two."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
+        raise ConfigError(f"{p}: num_samples must be a whole number >= 1 (how many times the grid runs), got {value!r}")
+    return int(value)
 
 
 def _check_budget(p: Path, budget: Any) -> dict[str, Any]:
