@@ -477,6 +477,15 @@ def test_hugging_face_label_errors_name_the_metadata(tmp_path):
     with pytest.raises(ReclipError, match=r"label -1 in column 'label' is outside the 3 classes of label set 'label' "
                                           r"in the 'huggingface' metadata \(-1 is how datasets marks a missing"):
         check_eval_set(unlabelled, ColumnMap(), [32], 16)
+    # reclip-ray eval (no pre-Ray check) says the same, not "classes file does not match" with no classes file
+    with pytest.raises(ReclipError, match=r"test_split: label -1 in column 'label' is outside the 3 classes of label "
+                                          r"set 'label' in the 'huggingface' metadata \(-1 is how datasets marks a "
+                                          r"missing label: an unlabelled split\?\)$"):
+        evaluate(perfect_model(), unlabelled)
+    with pytest.raises(ReclipError, match=r"label 2 in column 'label' is outside the 2 classes of label set 'label' "
+                                          r"in the classes file \(classes file does not match the dataset\?\)$"):
+        evaluate_dataset(perfect_model(), StubTokenizer(), write_hf_set(tmp_path / "hf"), image_size=32,
+                         text_length=8, classes={"classes": ["class0", "class1"], "templates": ["a {}"]})
     mixed = write_hf_set(tmp_path / "mixed", shards=1)
     write_hf_set(tmp_path / "other", names=["class0", "class1", "class9"], shards=1)
     (tmp_path / "other" / "train-00000.parquet").rename(tmp_path / "mixed" / "train-00001.parquet")

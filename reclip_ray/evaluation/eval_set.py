@@ -168,10 +168,17 @@ def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any
         y = np.asarray(y, dtype=np.int64)
     bad = y[(y < 0) | (y >= n_classes)]
     if bad.size:
-        raise DataError(f"{file}: label {int(bad[0])} in column {column!r} is outside the {n_classes} classes of "
-                        f"label set {set_name!r} in {spec['source']}"
-                        + (" (-1 is how datasets marks a missing label: an unlabelled split?)"
-                           if int(bad[0]) == -1 and "huggingface" in spec["source"] else ""))
+        raise DataError(outside_classes(file, int(bad[0]), column, set_name, spec))
+
+
+def outside_classes(where: str, label: int, column: str, set_name: str, spec: dict) -> str:
+    """The one-line error for a label outside its set's classes, with the hint its source suggests (``reclip-ray
+    eval`` blamed a classes file for an unlabelled Hugging Face split it had been given no classes file for)."""
+    hint = " (classes file does not match the dataset?)" if spec["source"] == "the classes file" else ""
+    if label == -1 and "huggingface" in spec["source"]:
+        hint = " (-1 is how datasets marks a missing label: an unlabelled split?)"
+    return (f"{where}: label {label} in column {column!r} is outside the {len(spec['classes'])} classes of label set "
+            f"{set_name!r} in {spec['source']}{hint}")
 
 
 def eval_columns(data: str, configured: Any) -> Any:
