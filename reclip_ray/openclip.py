@@ -345,11 +345,20 @@ def _import_open_clip() -> Any:
     return open_clip
 
 
+def _per_channel(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
+    """An open_clip mean or std (3 values, 1, or unset) as 3 floats."""
+    return default if value is None else tuple(np.broadcast_to(np.asarray(value, dtype=np.float64), 3).tolist())
+
+
 class OpenClipModel(nn.Module):
     """An open_clip model behind reclip-ray's ``encode_image`` / ``encode_text`` (what ``evaluate`` calls).
 
     open_clip's ``encode_text`` adds all ``context_length`` position embeddings, so shorter token rows are padded
     to the context here; with its causal mask that does not change the end token's feature.
+
+    Images arrive normalised with CLIP's mean and std (``pixels.normalize_images``); a model whose folder says
+    other ones (``preprocess_cfg``: 0.5 and 0.5 for SigLIP and many timm towers) gets them re-normalised to its own,
+    as open_clip's transform would have, instead of inputs shifted by up to 0.9 of its std.
     """
 
     def __init__(self, model: nn.Module, pad_id: int = 0) -> None:
@@ -357,8 +366,21 @@ class OpenClipModel(nn.Module):
         self.model = model
         self.pad_id = int(pad_id)
         self.context_length = int(model.context_length)
+        from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
+
+        visual = getattr(model, "visual", model)
+        mean, std = (_per_channel(getattr(visual, name, None), clip)
+                     for name, clip in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)))
+        self.renormalize = mean != CLIP_MEAN or std != CLIP_STD
+        if self.renormalize:  # x_theirs = (x * clip_std + clip_mean - mean) / std
+            mean, std, clip_mean, clip_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+                                              for v in (mean, std, CLIP_MEAN, CLIP_STD))
+            self.register_buffer("pixel_scale", clip_std / std, persistent=False)
+            self.register_buffer("pixel_shift", (clip_mean - mean) / std, persistent=False)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if self.renormalize:
+            images = images * self.pixel_scale.to(images.dtype) + self.pixel_shift.to(images.dtype)
         return self.model.encode_image(images, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -225,6 +225,37 @@ def test_coco_layout_noisy_model_matches_brute_force(coco_dir):
     assert m["label/top1"] == pytest.approx(reference_top1(model, [labels_of(i) for i in range(N_IMAGES)]))
 
 
+@pytest.mark.parametrize("kind", ["name", "fraction", "nan"])
+def test_a_label_that_is_not_a_class_index_is_a_one_line_error(tmp_path, kind):
+    """Class names as labels stopped evaluation with int()'s ValueError, and 2.5 was scored as class 2; both, and
+    NaN, are refused in one line by the pre-Ray check and by the evaluation itself (file, column, key)."""
+    value = {"name": lambda y: CLASSES[y], "fraction": lambda y: y + 0.5, "nan": lambda y: float("nan")}[kind]
+    rows = coco_rows()
+    for r in rows:
+        r["label"] = value(r["label"])
+    path = write_set(tmp_path / "d", rows, meta=COCO_META)
+    shown = {"name": "'class", "fraction": "", "nan": "nan"}[kind]
+    with pytest.raises(ReclipError, match=rf"part-0000\d\.parquet: label {shown}\S* in column 'label' at key=\d-\d "
+                                          r"is not a class index \(an integer into the label set's classes\)$"):
+        evaluate(perfect_model(), path)
+    with pytest.raises(ReclipError, match=rf"label {shown}\S* in column 'label' \(label set 'label'\) is not a class "
+                                          r"index") as info:
+        check_eval_set(path, ColumnMap(), [32], 16)
+    if kind == "name":
+        assert re.search(r"\('class(\d)' is a class name: write its index, \1\)$", str(info.value))
+
+
+def test_labels_that_hold_an_index_are_read_as_it(tmp_path):
+    """Digits in a string column and whole floats (a pandas column with a gap) are the indices they hold."""
+    model = noisy_model()
+    want = evaluate(model, write_set(tmp_path / "int", coco_rows(), meta=COCO_META))
+    for name, cast in (("str", str), ("float", float)):
+        rows = [{**r, "label": cast(r["label"])} for r in coco_rows()]
+        path = write_set(tmp_path / name, rows, meta=COCO_META)
+        assert evaluate(model, path) == want
+        assert check_eval_set(path, ColumnMap(), [32], 16)["label_sets"] == {"label": 3}
+
+
 def test_rows_of_one_image_must_agree_on_the_label(tmp_path):
     rows = coco_rows(with_image_id=False)
     rows[3]["label"] = (rows[3]["label"] + 1) % len(CLASSES)
@@ -446,6 +477,15 @@ def test_hugging_face_label_errors_name_the_metadata(tmp_path):
     with pytest.raises(ReclipError, match=r"label -1 in column 'label' is outside the 3 classes of label set 'label' "
                                           r"in the 'huggingface' metadata \(-1 is how datasets marks a missing"):
         check_eval_set(unlabelled, ColumnMap(), [32], 16)
+    # reclip-ray eval (no pre-Ray check) says the same, not "classes file does not match" with no classes file
+    with pytest.raises(ReclipError, match=r"test_split: label -1 in column 'label' is outside the 3 classes of label "
+                                          r"set 'label' in the 'huggingface' metadata \(-1 is how datasets marks a "
+                                          r"missing label: an unlabelled split\?\)$"):
+        evaluate(perfect_model(), unlabelled)
+    with pytest.raises(ReclipError, match=r"label 2 in column 'label' is outside the 2 classes of label set 'label' "
+                                          r"in the classes file \(classes file does not match the dataset\?\)$"):
+        evaluate_dataset(perfect_model(), StubTokenizer(), write_hf_set(tmp_path / "hf"), image_size=32,
+                         text_length=8, classes={"classes": ["class0", "class1"], "templates": ["a {}"]})
     mixed = write_hf_set(tmp_path / "mixed", shards=1)
     write_hf_set(tmp_path / "other", names=["class0", "class1", "class9"], shards=1)
     (tmp_path / "other" / "train-00000.parquet").rename(tmp_path / "mixed" / "train-00001.parquet")

@@ -183,6 +183,9 @@ def jobs(tmp_path_factory, synth_dir, tokenizer_path) -> dict[str, dict]:
     rows[-1]["label"] = None
     out["null_label"] = {"path": write_set(root / "null", rows, shards=1, meta=COCO_META, schema=schema),
                          "model": "noisy"}
+    # class names where class indices belong: the same one-line error as one rank's, naming the same row
+    rows = [{**r, "label": ["class0", "class1", "class2"][r["label"]]} for r in coco_rows(True)]
+    out["class_name_labels"] = {"path": write_set(root / "names", rows, meta=COCO_META), "model": "noisy"}
     # rank 1 fails at its first caption batch while rank 0 has 20 slow ones (batch 1): 10 s before its next collective
     out["fault_on_rank1"] = {"path": coco, "model": "faulty", "batch_size": 1}
     # the real tiny CLIP on 101 rows of the synthetic eval set (3 label sets, captions), 3 shards
@@ -205,7 +208,7 @@ def sharded_results(jobs) -> list[dict]:
 
 
 EXACT = ["coco_image_id_noisy", "coco_image_id_swapped", "coco_bytes_noisy", "coco_odd_rows", "img2dataset",
-         "one_row", "labels_disagree", "null_label"]
+         "one_row", "labels_disagree", "null_label", "class_name_labels"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -282,6 +285,7 @@ def test_the_jobs_cover_what_they_claim(jobs):
     assert run_job(jobs["one_row"])["images"] == 1
     assert "disagree on 'label'" in run_job(jobs["labels_disagree"])["error"]
     assert "null label" in run_job(jobs["null_label"])["error"]
+    assert "is not a class index" in run_job(jobs["class_name_labels"])["error"]
 
 
 def test_tiny_clip_two_ranks_match_one_rank(jobs, sharded_results):

@@ -72,6 +72,23 @@ def test_chunked_metrics_match_brute_force():
     assert zero_shot_metrics(img, labels, cls, chunk=4)["top1"] == pytest.approx((pred == labels).float().mean().item())
 
 
+def test_nan_features_are_misses_not_hits():
+    """A diverged model (NaN features) scores like a collapsed one, not 1.0 everywhere; one NaN image among good
+    ones costs exactly its own hits."""
+    nan = torch.full((4, 4), float("nan"))
+    assert zero_shot_metrics(nan, torch.tensor([0, 1, 2, 0]), E[:3])["top1"] == 0.0
+    assert zero_shot_metrics(E, torch.arange(4), nan)["top1"] == 0.0
+    m = retrieval_metrics(nan, nan, ks=(1, 3))
+    assert (m["image_to_text_r@1"], m["text_to_image_r@1"]) == (0.0, 0.0)
+    assert (m["image_to_text_r@3"], m["text_to_image_r@3"]) == (0.0, 0.0)
+    images = E.clone()
+    images[2] = float("nan")
+    assert zero_shot_metrics(images, torch.arange(4), E)["top1"] == pytest.approx(3 / 4)
+    m = retrieval_metrics(images, E, ks=(1,))
+    # image 2 misses both ways; caption 2 scores NaN against image 2 only, so the other captions still hit
+    assert (m["image_to_text_r@1"], m["text_to_image_r@1"]) == (pytest.approx(3 / 4), pytest.approx(3 / 4))
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tokenizer_path):
     from reclip_ray.config import load_config

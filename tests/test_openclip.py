@@ -447,3 +447,31 @@ def test_eval_open_clip_export_equals_reclip_model(tmp_path, synth_dir, tokenize
     assert any("r@1" in k for k in a["metrics"])
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_eval_of_an_open_clip_folder_normalises_with_its_own_mean_and_std(tmp_path, clip_tok):
+    """A folder whose ``preprocess_cfg`` says mean = std = 0.5 (SigLIP, many timm towers) was fed pixels normalised
+    with CLIP's constants; ``reclip-ray eval`` now gives its image tower what open_clip's own transform does."""
+    from reclip_ray.export import export_model
+    from reclip_ray.openclip import OPEN_CLIP_CONFIG, load_open_clip_export
+    from reclip_ray.pixels import normalize_images
+
+    model, cfg = make_model("tiny", clip_tok, seed=3)
+    perturb(model, 4, scale=0.3)
+    folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
+    doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+    del doc["reclip_ray"]  # as open_clip's own folders are
+    doc["preprocess_cfg"].update(mean=[0.5] * 3, std=[0.5] * 3)
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
+    ours, _, loaded = load_open_clip_export(folder)
+    size = loaded.eval.full_image_size
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8))
+    reference, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    normalise = preprocess.transforms[-1]
+    assert (list(normalise.mean), list(normalise.std)) == ([0.5] * 3, [0.5] * 3)
+    with torch.no_grad():
+        got = ours.encode_image(normalize_images(pixels))
+        want = reference.eval().encode_image(normalise(pixels.permute(0, 3, 1, 2).float() / 255), normalize=True)
+        as_before = reference.encode_image(normalize_images(pixels), normalize=True)
+    assert (got - want).abs().max() < TOL
+    assert (as_before - want).abs().max() > 100 * TOL  # what it was fed before: the check has teeth

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, label_sets
+from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, label_sets, outside_classes
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
 from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
@@ -160,13 +160,9 @@ def _check_gathered(data_path: str, sets: dict[str, dict], got: Gathered) -> Non
                           "'classes'/'label_sets', --classes, or ClassLabel columns of Hugging Face datasets)")
     for name, spec in sets.items():
         y = torch.tensor(got.labels[spec["column"]], dtype=torch.long)
-        n_cls = len(spec["classes"])
-        bad = y[(y < 0) | (y >= n_cls)]
+        bad = y[(y < 0) | (y >= len(spec["classes"]))]
         if bad.numel():
-            raise ReclipError(
-                f"{data_path}: label {int(bad[0])} in column {spec['column']!r} is outside the {n_cls} classes "
-                f"of label set {name!r} (classes file does not match the dataset?)"
-            )
+            raise ReclipError(outside_classes(str(data_path), int(bad[0]), spec["column"], name, spec))
 
 
 def _scores(sets: dict[str, dict], got: Gathered, classifiers: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -8,6 +8,7 @@ names, the prompt templates, and where the names came from (named in errors). Ze
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -126,20 +127,58 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
             "has_captions": has_captions}
 
 
+def class_index(value: Any) -> int | None:
+    """A label cell as a class index: an int, or a float or string that holds one exactly; None for anything
+    else (a class name, 2.5, NaN), which ``int`` would raise on deep in an evaluation or truncate to a wrong class."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def not_an_index(value: Any, file: str, where: str, classes: Sequence[str] = ()) -> str:
+    """The one-line error for a label that ``class_index`` refuses; ``where``: its column and key or label set."""
+    value = value.item() if isinstance(value, np.generic) else value
+    hint = (f" ({value!r} is a class name: write its index, {list(classes).index(value)})"
+            if isinstance(value, str) and value in classes else "")
+    return f"{file}: label {value!r} {where} is not a class index (an integer into the label set's classes){hint}"
+
+
 def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any) -> None:
-    """Raise naming the file, column and label set when a label is null or outside ``range(n_classes)``."""
+    """Raise naming the file, column and label set when a label is null, not a class index or outside
+    ``range(n_classes)``."""
+    import pyarrow as pa
+
     from reclip_ray.errors import DataError
 
     n_classes = len(spec["classes"])
     if values.null_count:
         raise DataError(f"{file}: null label in column {column!r} (label set {set_name!r})")
-    y = np.asarray(values.to_numpy(), dtype=np.int64)
+    if pa.types.is_integer(values.type):
+        y = np.asarray(values.to_numpy(), dtype=np.int64)
+    else:
+        cells = values.to_pylist()
+        y = [class_index(v) for v in cells]
+        if None in y:
+            raise DataError(not_an_index(cells[y.index(None)], file, f"in column {column!r} (label set {set_name!r})",
+                                         spec["classes"]))
+        y = np.asarray(y, dtype=np.int64)
     bad = y[(y < 0) | (y >= n_classes)]
     if bad.size:
-        raise DataError(f"{file}: label {int(bad[0])} in column {column!r} is outside the {n_classes} classes of "
-                        f"label set {set_name!r} in {spec['source']}"
-                        + (" (-1 is how datasets marks a missing label: an unlabelled split?)"
-                           if int(bad[0]) == -1 and "huggingface" in spec["source"] else ""))
+        raise DataError(outside_classes(file, int(bad[0]), column, set_name, spec))
+
+
+def outside_classes(where: str, label: int, column: str, set_name: str, spec: dict) -> str:
+    """The one-line error for a label outside its set's classes, with the hint its source suggests (``reclip-ray
+    eval`` blamed a classes file for an unlabelled Hugging Face split it had been given no classes file for)."""
+    hint = " (classes file does not match the dataset?)" if spec["source"] == "the classes file" else ""
+    if label == -1 and "huggingface" in spec["source"]:
+        hint = " (-1 is how datasets marks a missing label: an unlabelled split?)"
+    return (f"{where}: label {label} in column {column!r} is outside the {len(spec['classes'])} classes of label set "
+            f"{set_name!r} in {spec['source']}{hint}")
 
 
 def eval_columns(data: str, configured: Any) -> Any:

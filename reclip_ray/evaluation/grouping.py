@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from reclip_ray.errors import ReclipError
+from reclip_ray.evaluation.eval_set import class_index, not_an_index
 from reclip_ray.evaluation.gather import gather_rows
 
 Encode = Callable[[np.ndarray], torch.Tensor]
@@ -52,10 +53,14 @@ def _cat(features: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _label_value(value: Any, column: str, file: str, key: Any) -> int:
-    """A label cell as an int; a null label is a data mistake named by file and key, not a numpy TypeError."""
+    """A label cell as a class index; a null one, or one that is no index (a class name, 2.5), is a data mistake
+    named by file and key, not a ValueError from ``int`` or a label silently truncated to another class."""
     if value is None:
         raise ReclipError(f"{file}: null label in column {column!r} at key={key}")
-    return int(value)
+    y = class_index(value)
+    if y is None:
+        raise ReclipError(not_an_index(value, file, f"in column {column!r} at key={key}"))
+    return y
 
 
 def _disagree(file: str, ident: str, column: str, first: int, other: int, key: Any) -> str:

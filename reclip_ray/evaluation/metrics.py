@@ -6,8 +6,10 @@ in row chunks, so memory stays at ``chunk x N`` instead of ``N x N``.
 Ranking rule, used by every metric here: the rank of the correct answer is the number of *wrong* candidates that
 score greater than **or equal to** it, and a top-k hit means rank < k. Ties count against the model, which makes
 the metrics independent of the order of candidates and gives a collapsed model (all scores equal) zero, not chance
-or full credit. For image -> text with several captions per image, an image's score is that of its best
-caption (a hit if any of its captions ranks high enough); images with no caption are left out of that direction.
+or full credit. A NaN score (a diverged model's features) counts as lower than any real one, so a NaN correct
+answer is a miss: compared as it is, NaN loses every ``>=``, and a model whose features were all NaN scored 1.0
+everywhere. For image -> text with several captions per image, an image's score is that of its best caption (a
+hit if any of its captions ranks high enough); images with no caption are left out of that direction.
 """
 
 from __future__ import annotations
@@ -77,8 +79,14 @@ def zero_shot_classifier(
     return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
 
 
+def _nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """NaN scores as -inf, below every real score and tied with each other (see the module's ranking rule)."""
+    return scores.masked_fill(scores.isnan(), -torch.inf)
+
+
 def _rank_of(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """Number of candidates other than the correct one scoring >= it (ties count against the model)."""
+    scores = _nan_last(scores)
     target = scores.gather(1, correct[:, None])
     return (scores >= target).sum(dim=1) - 1
 
@@ -132,7 +140,7 @@ def retrieval_metrics(
 
     image_ranks = []
     for i in range(0, n_img, chunk):
-        sims = img[i : i + chunk] @ txt.T  # [c, n_txt]
+        sims = _nan_last(img[i : i + chunk] @ txt.T)  # [c, n_txt]
         ids = torch.arange(i, min(i + chunk, n_img), device=sims.device)
         mine = t2i[None, :] == ids[:, None]
         best = torch.where(mine, sims, torch.full_like(sims, -torch.inf)).amax(dim=1)
