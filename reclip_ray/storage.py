@@ -75,11 +75,14 @@ def name(path: str) -> str:
     return posixpath.basename(str(path).rstrip("/"))
 
 
+SINGLE_PUT_BYTES = 10 << 20  # pyarrow's S3 part size: with delayed open, an object under it is one PutObject
+
+
 @functools.lru_cache(maxsize=64)
-def _remote_filesystem(scheme: str, authority: str) -> pafs.FileSystem:
+def _remote_filesystem(scheme: str, authority: str, delayed_open: bool = True) -> pafs.FileSystem:
     # S3: with delayed open an object under the part size (10 MB) is one PutObject at close; without it pyarrow
     # makes every object a multipart upload (create, part, complete: 3 requests). Measured on the moto server.
-    options = "?allow_delayed_open=true" if scheme == "s3" else ""
+    options = "?allow_delayed_open=true" if scheme == "s3" and delayed_open else ""
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}/{options}")
     return fs
 
@@ -206,7 +209,12 @@ def write_bytes(path: str, data: bytes | memoryview) -> None:
     """Write the whole file atomically: readers see the old file or the new one, never a part."""
     fs, inner = filesystem(path)
     local = local_path(path)
-    if local is None:  # an object store: one PUT, visible whole when it completes
+    if local is None:  # an object store: one PUT (or one multipart upload), visible whole when it completes
+        if str(path).startswith("s3://") and memoryview(data).nbytes >= SINGLE_PUT_BYTES:
+            # Opened at once: with delayed open, a refused CreateMultipartUpload (at the first part) made close()
+            # PUT what the stream held, nothing, over the old object (seen on the moto server). Opened at once, a
+            # refusal is raised by the open, and a failed part or completion publishes nothing either.
+            fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)
         with fs.open_output_stream(inner, compression=None) as f:
             f.write(data)
         return

@@ -230,3 +230,20 @@ def test_an_unknown_scheme_is_one_line_naming_the_path():
 
     with pytest.raises(DataError, match="cannot open nosuch://x/y"):
         storage.filesystem("nosuch://x/y")
+
+
+def test_a_large_write_refused_at_its_start_leaves_the_old_object_not_an_empty_one(s3_prefix, s3_faults, s3_requests):
+    """An object of ``SINGLE_PUT_BYTES`` or more is a multipart upload. Opened with delayed open, a refused
+    CreateMultipartUpload made close() PUT what the stream held, nothing: the old object became an empty one (a
+    ray.log holding every launch's lines, a data shard). A small object is still one PUT."""
+    path = f"{s3_prefix}/ray.log"
+    storage.write_bytes(path, b"old")
+    refused = s3_faults("/ray.log", times=1)
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.write_bytes(path, b"x" * storage.SINGLE_PUT_BYTES)
+    assert refused and storage.read_bytes(path) == b"old"
+    storage.write_bytes(path, b"x" * storage.SINGLE_PUT_BYTES)  # and without the refusal it is written whole
+    assert storage.read_bytes(path) == b"x" * storage.SINGLE_PUT_BYTES
+    s3_requests.clear()
+    storage.write_bytes(path, b"small")
+    assert [method for method, p in s3_requests if p.endswith("/ray.log")] == ["PUT"]
