@@ -371,19 +371,55 @@ def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: in
         os.makedirs(os.path.join(local_dir, folder), exist_ok=True)
     per_round = 4 * threads  # files open at once: a dataset folder may hold thousands
     for first in range(0, len(files), per_round):
-        _copy_files_in_parts(fs, path, files[first:first + per_round], local_dir, part_bytes, threads)
+        _copy_files_in_parts(fs, [(i, os.path.join(local_dir, posixpath.relpath(i.path, path)))
+                                  for i in files[first:first + per_round]], part_bytes, threads)
 
 
-def _copy_files_in_parts(fs: pafs.FileSystem, root: str, files: list[pafs.FileInfo], local_dir: str,
-                         part_bytes: int, threads: int) -> None:
+def download_file(source: str, local_file: str) -> str:
+    """Copy one file (local or URI) to ``local_file`` in parallel ranged reads written straight to disk; returns
+    ``local_file``. ``read_bytes`` would hold it in memory twice (its buffer and the bytes made of it): 3.4 GB for
+    the 1.7 GB ViT-L checkpoint a ``model.init_from`` names, in every worker at once.
+
+    An object replaced while it is copied is copied again, as ``_read_object`` reads one again: its size and time
+    are looked up before and after (a HEAD each)."""
+    fs, inner = filesystem(source)
+    deadline, wait = time.monotonic() + REPLACED_WAIT_S, 0.01
+    while True:
+        before, failure = fs.get_file_info(inner), None
+        if before.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(source)
+        if before.type != pafs.FileType.File:
+            raise OSError(f"{source}: not a file")
+        try:
+            _copy_files_in_parts(fs, [(before, local_file)], PART_BYTES, COPY_THREADS)
+        except OSError as exc:
+            if exc.errno is not None:  # this machine's (a full disk): copying again will not mend it
+                raise
+            failure = exc  # the store's: a ranged GET past the end of a shorter new version
+        after = fs.get_file_info(inner)
+        if after.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(source) from failure
+        held = (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+        if held and failure is not None:
+            raise failure
+        if held:
+            return local_file
+        if time.monotonic() > deadline:
+            raise OSError(f"{source}: replaced while being read, again and again for {REPLACED_WAIT_S:.0f} s")
+        time.sleep(wait * (0.5 + random.random()))
+        wait = min(wait * 2, 1.0)
+
+
+def _copy_files_in_parts(fs: pafs.FileSystem, files: list[tuple[pafs.FileInfo, str]], part_bytes: int,
+                         threads: int) -> None:
+    """Each (file on ``fs``, local path) copied in ranged reads of ``part_bytes``, ``threads`` at once."""
     parts: list[tuple[Any, int, int, int, str]] = []  # (source, destination fd, offset, bytes, path)
     opened: list[Any] = []
     try:
-        for info in files:
+        for info, destination in files:
             src = fs.open_input_file(info.path)
             opened.append(src)
-            fd = os.open(os.path.join(local_dir, posixpath.relpath(info.path, root)),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             opened.append(fd)
             parts += [(src, fd, offset, min(part_bytes, info.size - offset), info.path)
                       for offset in range(0, info.size, part_bytes)]

@@ -247,3 +247,37 @@ def test_a_large_write_refused_at_its_start_leaves_the_old_object_not_an_empty_o
     s3_requests.clear()
     storage.write_bytes(path, b"small")
     assert [method for method, p in s3_requests if p.endswith("/ray.log")] == ["PUT"]
+
+
+def test_a_file_replaced_while_it_is_downloaded_is_copied_again_never_kept_torn(s3_prefix, tmp_path, monkeypatch):
+    """``download_file`` (``local_copy`` of a file) copies in parallel ranged GETs, each of whatever version is there
+    by then: a file replaced meanwhile is copied again, as ``read_bytes`` reads one again. Versions of other sizes,
+    rewritten in a loop while the file is copied over and over."""
+    part = 64 << 10
+    monkeypatch.setattr(storage, "PART_BYTES", part)
+    versions = [bytes([i]) * (part * (2 + i % 3) + 7 * i) for i in range(30)]
+    path, local = f"{s3_prefix}/weights.bin", str(tmp_path / "weights.bin")
+    storage.write_bytes(path, versions[0])
+    done = threading.Event()
+
+    def write_all() -> None:
+        try:
+            for data in versions[1:]:
+                storage.write_bytes(path, data)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    copies, torn = 0, []
+    while not done.is_set():
+        with open(storage.download_file(path, local), "rb") as f:
+            data = f.read()
+        copies += 1
+        if data not in versions:
+            torn.append((len(data), sorted(set(data))))
+    writer.join()
+    assert copies >= 1 and torn == [], (copies, torn[:3])
+    assert open(storage.download_file(path, local), "rb").read() == versions[-1]
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(f"{s3_prefix}/absent.bin", local)
