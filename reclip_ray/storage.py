@@ -23,6 +23,7 @@ import posixpath
 import random
 import shutil
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Collection, Iterable, Iterator
@@ -61,6 +62,27 @@ def join(base: str, *parts: str) -> str:
         return os.path.join(base, *parts)
     scheme, rest = base.split("://", 1)
     return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
+
+
+_URI_AS_WRITTEN = "/:@!$&'()*+,;=-._~"  # RFC 3986's path characters besides letters and digits: pyarrow keeps them
+
+
+def pyarrow_uri(path: str) -> str:
+    """``path`` as a URI that ``pyarrow.fs.FileSystem.from_uri`` (Ray Train's and Tune's ``storage_path``) reads as
+    the same place this module does. Here an S3 or GCS key is the text after the bucket, as written; pyarrow parses
+    a URI: it refuses a space, decodes ``%20`` and cuts at ``?`` or ``#``, so ``run.storage_path=s3://b/my%20runs``
+    put Ray Train's checkpoints under ``my runs/`` and the rest of the run folder under ``my%20runs/``, and
+    ``s3://b/my runs`` failed in Ray Train after the launch had trained a tokenizer there. So such a key is
+    percent-encoded; other schemes are parsed here by pyarrow already (``filesystem``), and local paths (also
+    ``file://`` ones) are given as plain absolute paths, which pyarrow takes as written."""
+    local = local_path(path)
+    if local is not None:
+        return local
+    scheme, rest = str(path).split("://", 1)
+    if scheme not in ("s3", "gs", "gcs"):
+        return str(path)
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/")
 
 
 def parent(path: str) -> str:

@@ -281,3 +281,45 @@ def test_a_file_replaced_while_it_is_downloaded_is_copied_again_never_kept_torn(
     assert open(storage.download_file(path, local), "rb").read() == versions[-1]
     with pytest.raises(FileNotFoundError):
         storage.download_file(f"{s3_prefix}/absent.bin", local)
+
+
+@pytest.mark.parametrize("key", ["my runs", "my%20runs", "a+b/c?d#e", "ü/x", "runs/", ""])
+def test_a_storage_path_given_to_ray_names_the_place_this_module_writes(s3_prefix, tmp_path, key):
+    """Ray Train and Tune open ``storage_path`` with ``pyarrow.fs.FileSystem.from_uri``, which parses a URI: given
+    ``s3://b/my%20runs`` as written, Ray Train wrote checkpoints under ``my runs/`` and the launcher the rest of the
+    run folder (reclip_run.json, model/, the tokenizer) under ``my%20runs/``; given ``s3://b/my runs``, Ray Train
+    refused it after the launch had begun. ``pyarrow_uri`` is what they are given (and a local or ``file://`` path
+    as a plain one)."""
+    import pyarrow.fs as pafs
+
+    bucket = s3_prefix.split("/")[2]
+    for base in (f"s3://{bucket}/{key}", str(tmp_path / key), f"file://{tmp_path / key}"):
+        storage.write_json(storage.join(base, "run", "reclip_run.json"), {"at": base})
+        fs, inner = pafs.FileSystem.from_uri(storage.pyarrow_uri(base))
+        with fs.open_input_file(f"{inner.rstrip('/')}/run/reclip_run.json") as f:
+            assert json.loads(f.read()) == {"at": base}, (base, storage.pyarrow_uri(base))
+    assert storage.pyarrow_uri("gs://b/a b%") == "gs://b/a%20b%25"
+    assert storage.pyarrow_uri("s3://b/runs/") == "s3://b/runs" and storage.pyarrow_uri("s3://b") == "s3://b"
+
+
+def test_every_storage_path_ray_parses_goes_through_pyarrow_uri():
+    """Where the package hands a run or sweep folder to Ray (``RunConfig(storage_path=...)``, ``Tuner.restore``,
+    ``Tuner.can_restore``), it passes ``storage.pyarrow_uri(...)``: the check above is worth nothing for a call
+    that gives Ray the path as written."""
+    import ast
+    from pathlib import Path
+
+    package = Path(storage.__file__).parent
+    calls, bad = 0, []
+    for file in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            given = [k.value for k in node.keywords if k.arg == "storage_path" and func == "RunConfig"]
+            given += node.args[:1] if func in ("restore", "can_restore") and "Tuner" in ast.unparse(node.func) else []
+            for value in given:
+                calls += 1
+                if not (isinstance(value, ast.Call) and ast.unparse(value.func) == "storage.pyarrow_uri"):
+                    bad.append(f"{file.relative_to(package)}:{node.lineno}: {ast.unparse(value)}")
+    assert calls >= 5 and bad == []
