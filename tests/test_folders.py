@@ -269,3 +269,41 @@ def test_a_remote_file_is_copied_to_disk_in_parts_not_held_whole_in_memory(tmp_p
     grew, name, digest = done.stdout.split()
     assert (name, digest) == ("w.safetensors", want)
     assert int(grew) < size // 2, f"peak RSS grew {int(grew) >> 20} MB copying a {size >> 20} MB file"
+
+
+def test_a_copy_that_a_killed_process_left_is_removed_by_the_next_sweep(tmp_path, s3_prefix):
+    """A worker killed while it downloads (or loads) its ``model.init_from`` copy, or an eval killed for memory,
+    cannot remove its temp folder: in $TMPDIR itself it stayed for good (1.7 GB for a ViT-L checkpoint each time).
+    It is made in the process's scratch folder, which the next training worker on the node removes
+    (``scratch.remove_orphans``)."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import S3_RANGE_LATENCY_S
+
+    storage.write_bytes(f"{s3_prefix}/w.safetensors", os.urandom(1 << 20))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = f"from reclip_ray.init_weights import read_state; read_state({s3_prefix + '/w.safetensors'!r})"
+    S3_RANGE_LATENCY_S[0] = 30.0  # the GET waits: the process is killed while it holds the copy's folder
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not glob.glob(f"{tmp}/**/reclip-download-*", recursive=True) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        S3_RANGE_LATENCY_S[0] = 0.0
+        if proc.poll() is None:
+            proc.kill()
+    assert glob.glob(f"{tmp}/**/reclip-download-*", recursive=True)
+    sweep = "from reclip_ray.train import scratch; print(len(scratch.remove_orphans()))"
+    done = subprocess.run([sys.executable, "-c", sweep], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
+    assert glob.glob(f"{tmp}/**/reclip-download-*", recursive=True) == []
