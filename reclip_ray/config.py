@@ -885,7 +885,11 @@ def _check_loss(cfg: Config) -> None:
 
 def absolute(path: str, base: str | os.PathLike | None = None) -> str:
     """Make a local path absolute (Ray workers run in other directories; ``~`` is the user's home, which no shell
-    expands inside ``--set key=~/x``); URIs (``s3://b/x``, ``file:///x``) pass through exactly as given."""
+    expands inside ``--set key=~/x``); a ``file://`` URI becomes the plain path it names (the launch looks at local
+    paths with ``os.path``, to which ``file:///d/train`` is missing: a preset with ``data.synth_if_missing`` wrote
+    synthetic shards over the dataset there); other URIs (``s3://b/x``) pass through exactly as given."""
+    if path.startswith("file://"):
+        path = path[len("file://"):] or "/"
     if "://" in path or not path:
         return path
     return str((Path(base) if base else Path.cwd()).joinpath(os.path.expanduser(path)).resolve())

@@ -50,7 +50,7 @@ def write_folder_atomic(out_dir: str | os.PathLike, write: Callable[[Path], None
     filled locally, then uploaded with its manifest (``upload_folder``)."""
     check_replaceable(str(out_dir), replaces)
     if storage.is_uri(str(out_dir)):
-        with tempfile.TemporaryDirectory(prefix="reclip-export-") as local_tmp:
+        with _scratch_dir("reclip-export-") as local_tmp:
             write(Path(local_tmp))
             upload_folder(local_tmp, str(out_dir))
         return str(out_dir).rstrip("/")
@@ -82,23 +82,31 @@ def check_replaceable(out_dir: str, replaces: Collection[str]) -> None:
 @contextlib.contextmanager
 def local_copy(path: str | os.PathLike) -> Iterator[str]:
     """A local path holding ``path``'s contents: the path itself when local, else a temp copy of the remote file
-    or folder (deleted on exit). Cost: one LIST (or HEAD) plus one GET per file; a vit-b-16 export is ~600 MB. A
-    folder with a manifest (``download_folder``): one GET, one HEAD and one LIST more."""
+    or folder (deleted on exit). Cost: one LIST (or HEAD) plus one GET per file part; a vit-b-16 export is ~600 MB.
+    A file: two HEADs more (``storage.download_file``). A folder with a manifest (``download_folder``): one GET, one
+    HEAD and one LIST more."""
     path = str(path)
     local = storage.local_path(path)
     if local is not None:
         yield local
         return
-    with tempfile.TemporaryDirectory(prefix="reclip-download-") as tmp:
-        if storage.is_file(path):
-            target = os.path.join(tmp, storage.name(path))
-            with open(target, "wb") as f:
-                f.write(storage.read_bytes(path))
-            yield target
+    with _scratch_dir("reclip-download-") as tmp:
+        if storage.is_file(path):  # to disk in parts, never whole in memory (a 1.7 GB init_from checkpoint)
+            yield storage.download_file(path, os.path.join(tmp, storage.name(path)))
         elif storage.exists(path):
             yield download_folder(path, os.path.join(tmp, storage.name(path) or "model"))
         else:
             raise FileNotFoundError(path)
+
+
+def _scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temp folder in this process's scratch folder (``train.scratch``), not in $TMPDIR itself: a process killed
+    while it holds a copy (a worker stopped during its ``init_from`` download, an eval killed for memory) cannot
+    remove it, and in $TMPDIR the ~600 MB of an export (1.7 GB of a ViT-L checkpoint) stayed for good; there, the
+    next training worker on the node removes it."""
+    from reclip_ray.train import scratch
+
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=scratch.process_folder())
 
 
 def upload_folder(local_dir: str, target: str) -> None:

@@ -23,6 +23,7 @@ import posixpath
 import random
 import shutil
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Collection, Iterable, Iterator
@@ -63,6 +64,27 @@ def join(base: str, *parts: str) -> str:
     return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
 
 
+_URI_AS_WRITTEN = "/:@!$&'()*+,;=-._~"  # RFC 3986's path characters besides letters and digits: pyarrow keeps them
+
+
+def pyarrow_uri(path: str) -> str:
+    """``path`` as a URI that ``pyarrow.fs.FileSystem.from_uri`` (Ray Train's and Tune's ``storage_path``) reads as
+    the same place this module does. Here an S3 or GCS key is the text after the bucket, as written; pyarrow parses
+    a URI: it refuses a space, decodes ``%20`` and cuts at ``?`` or ``#``, so ``run.storage_path=s3://b/my%20runs``
+    put Ray Train's checkpoints under ``my runs/`` and the rest of the run folder under ``my%20runs/``, and
+    ``s3://b/my runs`` failed in Ray Train after the launch had trained a tokenizer there. So such a key is
+    percent-encoded; other schemes are parsed here by pyarrow already (``filesystem``), and local paths (also
+    ``file://`` ones) are given as plain absolute paths, which pyarrow takes as written."""
+    local = local_path(path)
+    if local is not None:
+        return local
+    scheme, rest = str(path).split("://", 1)
+    if scheme not in ("s3", "gs", "gcs"):
+        return str(path)
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/")
+
+
 def parent(path: str) -> str:
     path = str(path).rstrip("/")
     if not is_uri(path):
@@ -75,11 +97,14 @@ def name(path: str) -> str:
     return posixpath.basename(str(path).rstrip("/"))
 
 
+SINGLE_PUT_BYTES = 10 << 20  # pyarrow's S3 part size: with delayed open, an object under it is one PutObject
+
+
 @functools.lru_cache(maxsize=64)
-def _remote_filesystem(scheme: str, authority: str) -> pafs.FileSystem:
+def _remote_filesystem(scheme: str, authority: str, delayed_open: bool = True) -> pafs.FileSystem:
     # S3: with delayed open an object under the part size (10 MB) is one PutObject at close; without it pyarrow
     # makes every object a multipart upload (create, part, complete: 3 requests). Measured on the moto server.
-    options = "?allow_delayed_open=true" if scheme == "s3" else ""
+    options = "?allow_delayed_open=true" if scheme == "s3" and delayed_open else ""
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}/{options}")
     return fs
 
@@ -206,7 +231,12 @@ def write_bytes(path: str, data: bytes | memoryview) -> None:
     """Write the whole file atomically: readers see the old file or the new one, never a part."""
     fs, inner = filesystem(path)
     local = local_path(path)
-    if local is None:  # an object store: one PUT, visible whole when it completes
+    if local is None:  # an object store: one PUT (or one multipart upload), visible whole when it completes
+        if str(path).startswith("s3://") and memoryview(data).nbytes >= SINGLE_PUT_BYTES:
+            # Opened at once: with delayed open, a refused CreateMultipartUpload (at the first part) made close()
+            # PUT what the stream held, nothing, over the old object (seen on the moto server). Opened at once, a
+            # refusal is raised by the open, and a failed part or completion publishes nothing either.
+            fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)
         with fs.open_output_stream(inner, compression=None) as f:
             f.write(data)
         return
@@ -363,19 +393,55 @@ def copy_to_local(fs: pafs.FileSystem, path: str, local_dir: str, part_bytes: in
         os.makedirs(os.path.join(local_dir, folder), exist_ok=True)
     per_round = 4 * threads  # files open at once: a dataset folder may hold thousands
     for first in range(0, len(files), per_round):
-        _copy_files_in_parts(fs, path, files[first:first + per_round], local_dir, part_bytes, threads)
+        _copy_files_in_parts(fs, [(i, os.path.join(local_dir, posixpath.relpath(i.path, path)))
+                                  for i in files[first:first + per_round]], part_bytes, threads)
 
 
-def _copy_files_in_parts(fs: pafs.FileSystem, root: str, files: list[pafs.FileInfo], local_dir: str,
-                         part_bytes: int, threads: int) -> None:
+def download_file(source: str, local_file: str) -> str:
+    """Copy one file (local or URI) to ``local_file`` in parallel ranged reads written straight to disk; returns
+    ``local_file``. ``read_bytes`` would hold it in memory twice (its buffer and the bytes made of it): 3.4 GB for
+    the 1.7 GB ViT-L checkpoint a ``model.init_from`` names, in every worker at once.
+
+    An object replaced while it is copied is copied again, as ``_read_object`` reads one again: its size and time
+    are looked up before and after (a HEAD each)."""
+    fs, inner = filesystem(source)
+    deadline, wait = time.monotonic() + REPLACED_WAIT_S, 0.01
+    while True:
+        before, failure = fs.get_file_info(inner), None
+        if before.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(source)
+        if before.type != pafs.FileType.File:
+            raise OSError(f"{source}: not a file")
+        try:
+            _copy_files_in_parts(fs, [(before, local_file)], PART_BYTES, COPY_THREADS)
+        except OSError as exc:
+            if exc.errno is not None:  # this machine's (a full disk): copying again will not mend it
+                raise
+            failure = exc  # the store's: a ranged GET past the end of a shorter new version
+        after = fs.get_file_info(inner)
+        if after.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(source) from failure
+        held = (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+        if held and failure is not None:
+            raise failure
+        if held:
+            return local_file
+        if time.monotonic() > deadline:
+            raise OSError(f"{source}: replaced while being read, again and again for {REPLACED_WAIT_S:.0f} s")
+        time.sleep(wait * (0.5 + random.random()))
+        wait = min(wait * 2, 1.0)
+
+
+def _copy_files_in_parts(fs: pafs.FileSystem, files: list[tuple[pafs.FileInfo, str]], part_bytes: int,
+                         threads: int) -> None:
+    """Each (file on ``fs``, local path) copied in ranged reads of ``part_bytes``, ``threads`` at once."""
     parts: list[tuple[Any, int, int, int, str]] = []  # (source, destination fd, offset, bytes, path)
     opened: list[Any] = []
     try:
-        for info in files:
+        for info, destination in files:
             src = fs.open_input_file(info.path)
             opened.append(src)
-            fd = os.open(os.path.join(local_dir, posixpath.relpath(info.path, root)),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             opened.append(fd)
             parts += [(src, fd, offset, min(part_bytes, info.size - offset), info.path)
                       for offset in range(0, info.size, part_bytes)]

@@ -173,3 +173,28 @@ def test_a_drivers_imports_leave_timm_to_the_workers():
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
+def test_file_uris_name_the_local_data_and_a_preset_that_makes_data_never_writes_over_it(tmp_path):
+    """``data.train=file:///DATA/train`` is the local folder (README: any URI pyarrow opens). The launch looked at it
+    with ``os.path.exists``, to which ``file:///...`` is missing: with the tiny preset's ``data.synth_if_missing``
+    it wrote synthetic shapes into ``DATA/`` (deleting shards named like its own), then refused ``data.eval``."""
+    import os
+
+    from reclip_ray.train.prepare import prepare
+
+    train = write_shards(tmp_path / "data" / "train", 2, 4)
+    evals = write_shards(tmp_path / "data" / "eval", 1, 5)
+    stamps = {p: os.stat(p).st_mtime_ns for p in train + evals}
+    cfg = load_config("tiny", [
+        f"data.train=file://{tmp_path / 'data' / 'train'}", f"data.eval=file://{tmp_path / 'data' / 'eval'}",
+        "data.tokenizer=", "data.tokenizer_sample_captions=7", f"run.storage_path=file://{tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.min_workers=1", "scaling.max_workers=1",
+    ])
+    assert cfg.data.synth_if_missing  # the preset's: what made the launch write into the dataset's folder
+    prep = prepare(cfg)
+    assert (prep.cfg.data.train, prep.run_dir) == (str(tmp_path / "data" / "train"), str(tmp_path / "runs" / "tiny"))
+    files = sorted(str(p) for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert files == sorted(train + evals) and {p: os.stat(p).st_mtime_ns for p in files} == stamps
+    cfg.data.tokenizer = f"file://{prep.tokenizer_path}"
+    assert prepare(cfg).tokenizer_path == prep.tokenizer_path

@@ -234,3 +234,76 @@ def test_a_manifest_that_is_not_one_is_refused_in_one_line(tmp_path, target, man
     with pytest.raises(CheckpointError, match=rf"\.reclip-folder\.json: {says}") as raised:
         folders.download_folder(target, str(tmp_path / "deep" / "back"))
     assert "\n" not in str(raised.value)
+
+
+def test_a_remote_file_is_copied_to_disk_in_parts_not_held_whole_in_memory(tmp_path, s3_prefix):
+    """``model.init_from: s3://.../open_clip_model.safetensors`` (1.7 GB for a ViT-L) is read through ``local_copy``,
+    in every worker at once. It was read whole into memory and then written: twice the file at peak (read_bytes'
+    buffer and the bytes made of it). Now its parts go to disk as they come: ``COPY_THREADS`` parts at most. Peak
+    RSS growth of a fresh process (VmHWM: the S3 server's memory is this process's, not the child's)."""
+    import subprocess
+    import sys
+
+    size = 64 << 20
+    data = os.urandom(1 << 20) * (size >> 20)
+    storage.write_bytes(f"{s3_prefix}/w.safetensors", data)
+    want = hashlib.sha256(data).hexdigest()
+    del data
+    script = (
+        "import hashlib, os, sys\n"
+        "from reclip_ray import folders, storage\n"
+        "storage.PART_BYTES, storage.COPY_THREADS = 4 << 20, 4  # 16 MB in flight at most\n"
+        "def hwm():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
+        "storage.read_json(sys.argv[1] + '/absent.json')  # the S3 client made before the baseline\n"
+        "before = hwm()\n"
+        "with folders.local_copy(sys.argv[1] + '/w.safetensors') as local:\n"
+        "    grew = hwm() - before\n"
+        "    digest = hashlib.sha256(open(local, 'rb').read()).hexdigest()\n"
+        "print(grew, os.path.basename(local), digest)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script, s3_prefix], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grew, name, digest = done.stdout.split()
+    assert (name, digest) == ("w.safetensors", want)
+    assert int(grew) < size // 2, f"peak RSS grew {int(grew) >> 20} MB copying a {size >> 20} MB file"
+
+
+def test_a_copy_that_a_killed_process_left_is_removed_by_the_next_sweep(tmp_path, s3_prefix):
+    """A worker killed while it downloads (or loads) its ``model.init_from`` copy, or an eval killed for memory,
+    cannot remove its temp folder: in $TMPDIR itself it stayed for good (1.7 GB for a ViT-L checkpoint each time).
+    It is made in the process's scratch folder, which the next training worker on the node removes
+    (``scratch.remove_orphans``)."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import S3_RANGE_LATENCY_S
+
+    storage.write_bytes(f"{s3_prefix}/w.safetensors", os.urandom(1 << 20))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = f"from reclip_ray.init_weights import read_state; read_state({s3_prefix + '/w.safetensors'!r})"
+    S3_RANGE_LATENCY_S[0] = 30.0  # the GET waits: the process is killed while it holds the copy's folder
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not glob.glob(f"{tmp}/**/reclip-download-*", recursive=True) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        S3_RANGE_LATENCY_S[0] = 0.0
+        if proc.poll() is None:
+            proc.kill()
+    assert glob.glob(f"{tmp}/**/reclip-download-*", recursive=True)
+    sweep = "from reclip_ray.train import scratch; print(len(scratch.remove_orphans()))"
+    done = subprocess.run([sys.executable, "-c", sweep], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
+    assert glob.glob(f"{tmp}/**/reclip-download-*", recursive=True) == []

@@ -230,3 +230,96 @@ def test_an_unknown_scheme_is_one_line_naming_the_path():
 
     with pytest.raises(DataError, match="cannot open nosuch://x/y"):
         storage.filesystem("nosuch://x/y")
+
+
+def test_a_large_write_refused_at_its_start_leaves_the_old_object_not_an_empty_one(s3_prefix, s3_faults, s3_requests):
+    """An object of ``SINGLE_PUT_BYTES`` or more is a multipart upload. Opened with delayed open, a refused
+    CreateMultipartUpload made close() PUT what the stream held, nothing: the old object became an empty one (a
+    ray.log holding every launch's lines, a data shard). A small object is still one PUT."""
+    path = f"{s3_prefix}/ray.log"
+    storage.write_bytes(path, b"old")
+    refused = s3_faults("/ray.log", times=1)
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.write_bytes(path, b"x" * storage.SINGLE_PUT_BYTES)
+    assert refused and storage.read_bytes(path) == b"old"
+    storage.write_bytes(path, b"x" * storage.SINGLE_PUT_BYTES)  # and without the refusal it is written whole
+    assert storage.read_bytes(path) == b"x" * storage.SINGLE_PUT_BYTES
+    s3_requests.clear()
+    storage.write_bytes(path, b"small")
+    assert [method for method, p in s3_requests if p.endswith("/ray.log")] == ["PUT"]
+
+
+def test_a_file_replaced_while_it_is_downloaded_is_copied_again_never_kept_torn(s3_prefix, tmp_path, monkeypatch):
+    """``download_file`` (``local_copy`` of a file) copies in parallel ranged GETs, each of whatever version is there
+    by then: a file replaced meanwhile is copied again, as ``read_bytes`` reads one again. Versions of other sizes,
+    rewritten in a loop while the file is copied over and over."""
+    part = 64 << 10
+    monkeypatch.setattr(storage, "PART_BYTES", part)
+    versions = [bytes([i]) * (part * (2 + i % 3) + 7 * i) for i in range(30)]
+    path, local = f"{s3_prefix}/weights.bin", str(tmp_path / "weights.bin")
+    storage.write_bytes(path, versions[0])
+    done = threading.Event()
+
+    def write_all() -> None:
+        try:
+            for data in versions[1:]:
+                storage.write_bytes(path, data)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    copies, torn = 0, []
+    while not done.is_set():
+        with open(storage.download_file(path, local), "rb") as f:
+            data = f.read()
+        copies += 1
+        if data not in versions:
+            torn.append((len(data), sorted(set(data))))
+    writer.join()
+    assert copies >= 1 and torn == [], (copies, torn[:3])
+    assert open(storage.download_file(path, local), "rb").read() == versions[-1]
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(f"{s3_prefix}/absent.bin", local)
+
+
+@pytest.mark.parametrize("key", ["my runs", "my%20runs", "a+b/c?d#e", "ü/x", "runs/", ""])
+def test_a_storage_path_given_to_ray_names_the_place_this_module_writes(s3_prefix, tmp_path, key):
+    """Ray Train and Tune open ``storage_path`` with ``pyarrow.fs.FileSystem.from_uri``, which parses a URI: given
+    ``s3://b/my%20runs`` as written, Ray Train wrote checkpoints under ``my runs/`` and the launcher the rest of the
+    run folder (reclip_run.json, model/, the tokenizer) under ``my%20runs/``; given ``s3://b/my runs``, Ray Train
+    refused it after the launch had begun. ``pyarrow_uri`` is what they are given (and a local or ``file://`` path
+    as a plain one)."""
+    import pyarrow.fs as pafs
+
+    bucket = s3_prefix.split("/")[2]
+    for base in (f"s3://{bucket}/{key}", str(tmp_path / key), f"file://{tmp_path / key}"):
+        storage.write_json(storage.join(base, "run", "reclip_run.json"), {"at": base})
+        fs, inner = pafs.FileSystem.from_uri(storage.pyarrow_uri(base))
+        with fs.open_input_file(f"{inner.rstrip('/')}/run/reclip_run.json") as f:
+            assert json.loads(f.read()) == {"at": base}, (base, storage.pyarrow_uri(base))
+    assert storage.pyarrow_uri("gs://b/a b%") == "gs://b/a%20b%25"
+    assert storage.pyarrow_uri("s3://b/runs/") == "s3://b/runs" and storage.pyarrow_uri("s3://b") == "s3://b"
+
+
+def test_every_storage_path_ray_parses_goes_through_pyarrow_uri():
+    """Where the package hands a run or sweep folder to Ray (``RunConfig(storage_path=...)``, ``Tuner.restore``,
+    ``Tuner.can_restore``), it passes ``storage.pyarrow_uri(...)``: the check above is worth nothing for a call
+    that gives Ray the path as written."""
+    import ast
+    from pathlib import Path
+
+    package = Path(storage.__file__).parent
+    calls, bad = 0, []
+    for file in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            given = [k.value for k in node.keywords if k.arg == "storage_path" and func == "RunConfig"]
+            given += node.args[:1] if func in ("restore", "can_restore") and "Tuner" in ast.unparse(node.func) else []
+            for value in given:
+                calls += 1
+                if not (isinstance(value, ast.Call) and ast.unparse(value.func) == "storage.pyarrow_uri"):
+                    bad.append(f"{file.relative_to(package)}:{node.lineno}: {ast.unparse(value)}")
+    assert calls >= 5 and bad == []

@@ -181,3 +181,22 @@ def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
         _, cfg, _ = in_order_run(workers)
         logged = dict(histories[workers]["loss"])[1]
         assert logged == pytest.approx(_step_loss_reference(cfg, first_rows[workers]), rel=1e-5), workers
+
+
+def test_a_run_folder_on_s3_whose_prefix_has_a_space_and_a_percent_is_one_folder(ray_session, s3_prefix, make_cfg):
+    """Ray Train opens ``run.storage_path`` with pyarrow's URI parser, which refuses a space and decodes ``%20``: it
+    is given ``storage.pyarrow_uri(...)``, so its checkpoints land beside model/ and reclip_run.json, under the
+    prefix as written. (Not run by the session that wrote it: it needs Ray.)"""
+    from conftest import s3_checkpoints
+    from reclip_ray import storage
+    from reclip_ray.train.launch import run_training
+
+    runs = f"{s3_prefix}/my runs%20x"
+    metrics = run_training(make_cfg("spaced", extra=[f"run.storage_path={runs}", "train.samples=256",
+                                                     "checkpoint.every_samples=128", "eval.at_phase_end=false"]))
+    run_dir = storage.join(runs, "spaced")
+    assert metrics["samples"] == 256
+    assert s3_checkpoints(run_dir), storage.list_files(s3_prefix)
+    assert storage.is_file(storage.join(run_dir, "model", "model.safetensors"))
+    assert storage.read_json(storage.join(run_dir, "reclip_run.json"))
+    assert not storage.exists(f"{s3_prefix}/my runs x"), storage.list_files(s3_prefix)

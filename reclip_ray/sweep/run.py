@@ -249,7 +249,7 @@ def _continues_sweep(state: dict[str, Any], definition: dict[str, Any] | None, s
     before = state.get("definition")
     if before is None or definition is None or before == definition:  # a sweep started before this check: as is
         return True
-    if not tune.Tuner.can_restore(storage.join(sweep_dir, "tune")):
+    if not tune.Tuner.can_restore(storage.pyarrow_uri(storage.join(sweep_dir, "tune"))):
         return False
     changed = ["set (or --set)" if k == "overrides" else "base (or --config)" if k == "base" else k
                for k in definition if before.get(k) != definition[k]]
@@ -291,12 +291,12 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
     trainable = tune_trainable(space)
     tune_dir = storage.join(sweep.sweep_dir, "tune")
     run_config = tune.RunConfig(
-        name="tune", storage_path=sweep.sweep_dir, verbose=0,
+        name="tune", storage_path=storage.pyarrow_uri(sweep.sweep_dir), verbose=0,  # Tune parses it as a URI
         # Tune's own per-trial logs, named here because its defaults, TensorBoard's included, are off while the
         # sweep runs (_tune_loggers_without_tensorboard)
         callbacks=[progress_callback(space.metric, n_phases), CSVLoggerCallback(), JsonLoggerCallback()],
     )
-    if tune.Tuner.can_restore(tune_dir):
+    if tune.Tuner.can_restore(storage.pyarrow_uri(tune_dir)):
         print(f"[sweep] resuming {tune_dir}", flush=True)
         return restore_tuner(tune_dir, trainable, space, setup)
     return tune.Tuner(
@@ -319,7 +319,7 @@ def restore_tuner(tune_dir: str, trainable: Any, space: Space, setup: dict[str, 
     from ray import tune
 
     def restore(legacy: bool) -> Any:
-        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(storage.pyarrow_uri(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=tune_param_space(space, setup, legacy=legacy))
 
     try:

@@ -142,7 +142,7 @@ def build_trainer(prep: Prepared, attempt: Attempt, callbacks: list[Any] | None)
         scaling_config=scaling_config(cfg, gpu),
         run_config=ray.train.RunConfig(
             name=prep.run_name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage.pyarrow_uri(cfg.run.storage_path),  # Ray parses it: same folder as prep.run_dir
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=list(callbacks or []),
