@@ -31,20 +31,23 @@ NAMED_STORES = ("databricks", "databricks-uc", "uc")
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory.
+    """Config value, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working directory (in a
+    ``ray job submit``'s temporary copy of it: in ``job_dir.output_base``, where a relative one is taken from too).
 
     Absolute because Ray workers run in other directories: a relative ``sqlite:///mlflow.db`` would silently
     create a second, empty database next to each worker. A bare path is an SQLite file; ``file:/x`` (a file store)
     and ``databricks`` are URIs, as MLflow reads them, though neither has "://".
     """
+    from reclip_ray.job_dir import output_base
+
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        return f"sqlite:///{output_base() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri[len("sqlite:///") :]
-        return f"sqlite:///{Path(rel).resolve()}"
+        return f"sqlite:///{(output_base() / rel).resolve()}"
     if _bare_path(uri):  # a bare path to a database file
-        return f"sqlite:///{Path(uri).resolve()}"
+        return f"sqlite:///{(output_base() / os.path.expanduser(uri)).resolve()}"
     return uri
 
 

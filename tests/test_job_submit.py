@@ -92,15 +92,23 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
 
     slow = tmp_path / "slow-steps"
     slow.touch()
+    # The default MLflow store, as the README leaves it: not in the job's working directory, Ray's temporary copy of
+    # --working-dir, but in $RECLIP_RAY_HOME (job_dir.py), set in the runtime env (the default, ~/reclip-ray, is
+    # this machine's own home)
+    home = tmp_path / "reclip-home"
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text((REPO / "jobs" / "runtime_env.yaml").read_text().replace(
+        "env_vars:\n", f"env_vars:\n  RECLIP_RAY_HOME: {home}\n", 1))
     sets = overrides_for(tmp_path, synth_dir, tokenizer_path, "jobrun", workers=2,
                          extra=["eval.at_phase_end=true", f"data.train={data}/train", f"data.eval={data}/eval",
                                 f"run.storage_path={runs}", "checkpoint.every_samples=256", "checkpoint.upload=async",
-                                "fault.step_delay_s=1", f"fault.step_delay_while={slow}"])  # the later --set wins
+                                "fault.step_delay_s=1", f"fault.step_delay_while={slow}",
+                                "tracking.uri="])  # the later --set wins
     run_dir = f"{runs}/jobrun"
 
     def submit(job_id: str, *wait: str) -> list[str]:
         args = ["job", "submit", "--address", address, "--submission-id", job_id, *wait, "--working-dir", ".",
-                "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/pretrain.py", "--config", "tiny"]
+                "--runtime-env", str(runtime_env), "--", "python", "jobs/pretrain.py", "--config", "tiny"]
         return args + [a for s in sets for a in ("--set", s)]
 
     # 1. Submitted, stopped once a checkpoint is on S3.
@@ -114,7 +122,7 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     stop_logs = _ray("job", "logs", "--address", address, "reclip-stop", env=env).stdout
     assert stop_logs.strip().splitlines()[-1] == "reclip-ray: interrupted", stop_logs[-3000:]  # the log's last line
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     (killed,) = client.search_runs([client.get_experiment_by_name("it").experiment_id])
     assert killed.info.status == "KILLED" and 0 < killed.data.metrics["samples"] < 1024, killed.info.status
     deadline = time.time() + 30
@@ -151,6 +159,8 @@ def test_ray_job_submit_runs_pretrain_on_s3_ray_job_stop_kills_it_and_the_same_j
     assert _walk_for(os.path.join(session, "artifacts"), "jobrun"), session
     made = _walk_for(session, "s3:")
     assert not made, made
+    assert not _walk_for(session, "mlflow.db")  # the job's MLflow store is $RECLIP_RAY_HOME's
+    assert f"relative outputs (run folder, MLflow store) go to {home}" in logs, logs[-4000:]
 
     # The job's supervisor, Ray Train's controller and workers, the tracking relay and their placement group are gone.
     deadline = time.time() + 30

@@ -18,6 +18,35 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri() == "http://mlflow:5000"
 
 
+def test_in_a_ray_jobs_temporary_working_dir_outputs_go_to_reclip_ray_home(tmp_path, monkeypatch):
+    """``ray job submit --working-dir`` runs the entrypoint in Ray's copy of the folder, named by a hash of its files:
+    the default MLflow store and run folder made there were lost at the next edit of the code (a new, empty store),
+    or when Ray cleared its cache. Outputs go to $RECLIP_RAY_HOME there; inputs still resolve in the copy."""
+    import json
+
+    from reclip_ray.config import absolute
+    from reclip_ray.job_dir import output_base, output_note
+
+    pkg = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    pkg.mkdir(parents=True)
+    monkeypatch.chdir(pkg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RECLIP_RAY_HOME", str(tmp_path / "home"))
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {"job_submission_id": "raysubmit"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    home = tmp_path / "home"
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{home / 'mlflow.db'}" and home.is_dir()
+    assert tracking.resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{home / 'sub' / 'x.db'}"
+    assert absolute("reclip_runs", output_base()) == str(home / "reclip_runs")
+    assert absolute("reclip_data/train") == str(pkg / "reclip_data" / "train")  # submitted with the job
+    assert str(home) in output_note()
+    # A job without --working-dir, or no job: the working directory, as before
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{pkg / 'mlflow.db'}" and output_note() is None
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert output_base() == pkg
+
+
 def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):
     """MLflow reads ``databricks`` and ``file:/x`` as stores; taken for bare paths they became SQLite files named
     ``./databricks`` and ``./file:/x`` where every run landed unseen. Databricks is a server (no relay)."""

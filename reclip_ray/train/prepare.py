@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from reclip_ray import storage
 from reclip_ray.config import Config, absolute
 from reclip_ray.errors import DataError, ReclipError
+from reclip_ray.job_dir import output_base, output_note
 from reclip_ray.train.handover import latest_checkpoint_state
 
 
@@ -38,7 +39,10 @@ def prepare(cfg: Config) -> Prepared:
     data = cfg.data
     data.train = absolute(data.train)
     data.eval = absolute(data.eval) if data.eval else ""
-    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.run.storage_path = absolute(cfg.run.storage_path, output_base())  # not a ray job's temporary copy
+    note = output_note()
+    if note:
+        print(f"[reclip] {note}", flush=True)
     run_name = cfg.run.name or cfg.name
     cfg.run.name = run_name
     run_dir = storage.join(storage.normalize(cfg.run.storage_path), run_name)  # a local folder or a URI
