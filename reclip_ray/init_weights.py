@@ -53,7 +53,7 @@ def read_state(path: str | os.PathLike, *, pool: str = "cls") -> tuple[dict[str,
     """(state dict in reclip-ray names, source kind) from any accepted source; shapes are the checkpoint's.
 
     ``pool`` is the target model's image pooling: it decides which timm norm open_clip's ``ln_post`` becomes.
-    A URI (file or folder) is downloaded to a temp folder first: every worker of a run fetches it once.
+    A URI (file or folder) is downloaded to a temp folder first (a run's rank 0 alone reads it: train/worker.py).
     """
     from reclip_ray.folders import local_copy
 
