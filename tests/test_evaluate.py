@@ -224,6 +224,56 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
     assert re.search(missing, capsys.readouterr().err)
 
 
+def test_label_column_names_the_column_dataset_json_classes_are_for(export_dir, synth_dir, tokenizer_path, tmp_path,
+                                                                   capsys):
+    """An eval set whose labels sit in ``cls`` (CLIP_benchmark's name) while dataset.json's classes are for the label
+    column: `reclip-ray eval` and the launch's check scored no zero-shot and said nothing. Each now stops in one line
+    naming its own way to name the column (--label-column, --set data.label_column), and given it, scores the set
+    as the same set with a ``label`` column."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from reclip_ray.cli import main
+    from reclip_ray.config import load_config
+    from reclip_ray.data.shards import list_parquet_files
+    from reclip_ray.errors import DataError
+    from reclip_ray.train.prepare import prepare
+
+    src = synth_dir / "eval"
+    renamed = tmp_path / "eval"
+    renamed.mkdir()
+    for path in list_parquet_files(str(src)):
+        table = pq.read_table(path)
+        pq.write_table(table.rename_columns(["cls" if n == "label" else n for n in table.column_names]),
+                       renamed / path.rsplit("/", 1)[-1])
+    shutil.copy(src / "dataset.json", renamed / "dataset.json")
+    reference = evaluate_checkpoint(str(export_dir), str(src), image_size=32)["metrics"]
+    assert "shape/top1" in reference
+
+    argv = ["eval", "--checkpoint", str(export_dir), "--data", str(renamed), "--image-size", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set" not in err
+    assert re.search(r"/eval/dataset\.json: label set 'shape' is for the label column 'label', which \S+\.parquet "
+                     r"lacks; columns are \[.*'cls'.*\] \(try --label-column cls\)$", err), err
+    assert main([*argv, "--label-column", "cls"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == reference
+    assert main([*argv, "--label-column", "nope"]) == 2
+    assert "--label-column 'nope': no such column in" in capsys.readouterr().err
+
+    def launch(*extra: str):
+        return prepare(load_config("tiny", [
+            f"data.train={synth_dir / 'train'}", f"data.eval={renamed}", f"data.tokenizer={tokenizer_path}",
+            "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]))
+
+    with pytest.raises(DataError, match=r"\(try --set data\.label_column=cls\)$"):
+        launch()
+    assert launch("data.label_column=cls").eval_set["label_sets"]["shape"] == 10
+
+
 def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
     """A template names the class as ``{}`` (open_clip) or ``{c}`` (CLIP_benchmark): both are filled
     (``"a photo of a {c}."`` was scored as ``"a photo of a {c}. circle"``); one with neither gets it appended."""

@@ -22,6 +22,7 @@ def evaluate_checkpoint(
     device: str | None = None,
     caption_column: str | None = None,
     image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
@@ -30,8 +31,9 @@ def evaluate_checkpoint(
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
     open_clip's on the same images. The eval set is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
-    canonical name when the eval shards lack it; ``caption_column`` and ``image_column`` name those columns
-    outright.
+    canonical name when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name
+    those columns outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
+    names it in training: CLIP_benchmark's webdataset sets keep it in ``cls``).
     """
     from reclip_ray import storage
     from reclip_ray.data.schema import read_dataset_json
@@ -49,7 +51,7 @@ def evaluate_checkpoint(
     if size % patch:
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
-    columns = _columns(data, cfg, caption=caption_column, image=image_column)
+    columns = _columns(data, cfg, caption=caption_column, image=image_column, label=label_column)
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,
@@ -59,10 +61,11 @@ def evaluate_checkpoint(
 
 
 def _columns(data: str, cfg: Any, **named: str | None) -> Any:
-    """The eval set's columns (``eval_set.eval_columns``), with the ones ``named`` (``caption=``, ``image=``) when
-    given: a set whose captions are in neither the run's caption column nor ``caption`` would otherwise be scored as
-    captionless, with no retrieval, and one whose images are in neither could not be read. A named column the
-    shards lack is an error naming the flag, not a silent zero-shot-only evaluation."""
+    """The eval set's columns (``eval_set.eval_columns``), with the ones ``named`` (``caption=``, ``image=``,
+    ``label=``) when given: a set whose captions are in neither the run's caption column nor ``caption`` would
+    otherwise be scored as captionless, with no retrieval, one whose images are in neither could not be read, and
+    one whose labels are in neither would fail (its dataset.json classes name a column it lacks). A named column
+    the shards lack is an error naming the flag, not a silent zero-shot-only evaluation."""
     import dataclasses
 
     from reclip_ray.data.schema import ColumnMap, parquet_schema

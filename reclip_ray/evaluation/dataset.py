@@ -84,14 +84,15 @@ def evaluate_dataset(
 
 def _find_label_sets(data_path: str, columns: Any, classes: dict | None) -> tuple[list[str], dict[str, dict]]:
     """(the eval set's Parquet files, its label sets); ``--classes`` on a set without the label column fails."""
-    from reclip_ray.data.schema import class_label_sets, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import class_label_sets, dataset_json_path, parquet_schema, read_dataset_json
     from reclip_ray.data.shards import list_parquet_files
 
     files = list_parquet_files(str(data_path))
     names = parquet_schema(files[0]).names
     if classes is not None and columns.label not in names:
         raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
-    return files, label_sets(read_dataset_json(data_path), names, columns.label, classes, class_label_sets(files))
+    return files, label_sets(read_dataset_json(data_path), names, columns.label, classes, class_label_sets(files),
+                             meta_path=dataset_json_path(data_path), file=files[0])
 
 
 def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: Grouped | Slice,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reclip_ray.errors import ReclipError
+from reclip_ray.errors import DataError, ReclipError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -39,24 +39,29 @@ def check_templates(templates: Sequence[str], where: str) -> None:
 
 
 def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
-               class_labels: dict[str, list[str]] | None = None) -> dict[str, dict]:
+               class_labels: dict[str, list[str]] | None = None, *, meta_path: str = "dataset.json",
+               file: str = "the shard") -> dict[str, dict]:
     """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
     dataset.json's ``label_sets`` or ``classes``, the ClassLabel columns of a Hugging Face ``datasets`` export
     (``class_labels``, ``schema.class_label_sets``).
 
     A ClassLabel column is named as dataset.json would name it: the label column (``data.label_column``) is the set
     ``label``; any other is a set named after its column (CIFAR-100's ``fine_label`` and ``coarse_label``). A column
-    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column."""
+    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column.
+
+    Classes in dataset.json (``meta_path``) whose column ``file`` (a shard, whose columns are ``names``) lacks are a
+    one-line error: dropped, a set whose labels are in ``cls`` (CLIP_benchmark's name) scored no zero-shot at all,
+    and said nothing."""
     if classes_override is not None:
         return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
-    sets = _label_sets(meta, names, label_column, class_labels)
+    sets = _label_sets(meta, names, label_column, class_labels, meta_path, file)
     for name, spec in sets.items():
         check_templates(spec["templates"], f"dataset.json (label set {name!r})")  # every set's come from there
     return sets
 
 
-def _label_sets(meta: dict, names: Sequence[str], label_column: str,
-                class_labels: dict[str, list[str]] | None) -> dict[str, dict]:
+def _label_sets(meta: dict, names: Sequence[str], label_column: str, class_labels: dict[str, list[str]] | None,
+                meta_path: str, file: str) -> dict[str, dict]:
     """``label_sets`` without a classes file: dataset.json's sets, else the ClassLabel columns."""
     sets: dict[str, dict] = {}
     if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
@@ -70,14 +75,40 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str,
     if isinstance(meta.get("label_sets"), dict):
         for name, spec in meta["label_sets"].items():
             column = spec.get("column", "label")
-            source = label_column if column == "label" else column
-            if source in names and spec.get("classes"):
-                sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
-                              "source": "dataset.json"}
-    elif meta.get("classes") and label_column in names:
+            if not spec.get("classes"):
+                continue
+            if (label_column if column == "label" else column) not in names:
+                raise DataError(_missing_label_column(meta_path, f"label set {name!r} is", column, label_column,
+                                                      names, file))
+            sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
+                          "source": "dataset.json"}
+    elif meta.get("classes"):
+        if label_column not in names:
+            raise DataError(_missing_label_column(meta_path, "its 'classes' are", "label", label_column, names, file))
         sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
                          "source": "dataset.json"}
     return sets
+
+
+# Column names other tools give the class index, most likely first: the candidates a missing label column suggests
+# (CLIP_benchmark's webdataset ``cls``, torchvision's and timm's ``target``, Hugging Face's ``label``/``labels``).
+LABEL_NAMES = ("label", "cls", "labels", "target", "class", "class_id", "class_idx", "category", "category_id", "y")
+
+
+def _missing_label_column(meta_path: str, what: str, column: str, label_column: str, names: Sequence[str],
+                          file: str) -> str:
+    """One line for dataset.json classes (``what``: whose, and "is"/"are") on a ``column`` the shard lacks: the label
+    column (``column`` 'label') is named by a flag or config key, which the hint gives; another by the set's own
+    ``column`` in dataset.json."""
+    from reclip_ray.data.schema import column_hint
+
+    if column == "label":
+        hint = column_hint("label", [n for n in LABEL_NAMES if n in names and n != label_column])
+        where = f"the label column {label_column!r}"
+    else:
+        hint = "add the column, or correct the set's 'column'"
+        where = f"column {column!r}"
+    return f"{meta_path}: {what} for {where}, which {file} lacks; columns are {sorted(names)} ({hint})"
 
 
 def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: int) -> dict[str, Any]:
@@ -85,14 +116,14 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
 
     Fails (one-line ReclipError / DataError) on: an eval image size that is not a multiple of the patch size, a
     shard without an image column (captions are optional: classification-only sets), no rows at all, a null
-    label or one outside the classes of a label set in dataset.json, and a set with neither captions nor labels.
-    Reads Parquet footers, the label columns and at most the caption column, never the images. Returns
-    ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
+    label or one outside the classes of a label set in dataset.json, classes in dataset.json for a column the shards
+    lack, and a set with neither captions nor labels. Reads Parquet footers, the label columns and at most the
+    caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
     """
     from reclip_ray.data.local import check_columns, read_shard
-    from reclip_ray.data.schema import ColumnMap, class_label_sets, count_rows, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import (ColumnMap, class_label_sets, count_rows, dataset_json_path, parquet_schema,
+                                        read_dataset_json)
     from reclip_ray.data.shards import list_parquet_files
-    from reclip_ray.errors import DataError
 
     columns = columns or ColumnMap()
     for size in image_sizes:
@@ -105,7 +136,7 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
         raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
 
     sets = label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None,
-                      class_label_sets(files))
+                      class_label_sets(files), meta_path=dataset_json_path(path), file=files[0])
     source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
     has_captions = False
     for file in files:
@@ -151,8 +182,6 @@ def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any
     """Raise naming the file, column and label set when a label is null, not a class index or outside
     ``range(n_classes)``."""
     import pyarrow as pa
-
-    from reclip_ray.errors import DataError
 
     n_classes = len(spec["classes"])
     if values.null_count:
