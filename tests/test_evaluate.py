@@ -161,6 +161,42 @@ def test_eval_errors_and_retrieval_only(export_dir, synth_dir, tmp_path, capsys)
     assert m["rows"] == 600 and "image_to_text_r@1" in m and not any("top1" in k for k in m)
 
 
+def test_eval_checks_the_labels_before_it_encodes_an_image(export_dir, synth_dir, tmp_path, monkeypatch):
+    """`reclip-ray eval` found a label outside its set only after decoding and encoding every image of the set; it
+    now runs the launch's labels-only check (``eval_set.check_label_values``) first: the line names the shard, and no
+    image is decoded. Likewise for a --classes file that does not cover the labels."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import reclip_ray.data.local as local
+    from reclip_ray.errors import DataError
+
+    bad = tmp_path / "eval"
+    shutil.copytree(synth_dir / "eval", bad)
+    shard = bad / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    labels = table.column("label").to_pylist()
+    labels[150] = 99
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())),
+                   shard)
+    decoded: list[int] = []
+    decode = local.decode_image
+    monkeypatch.setattr(local, "decode_image", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    with pytest.raises(DataError, match=r"/eval/shard-00000\.parquet: label 99 in column 'label' is outside the 10 "
+                                        r"classes of label set 'shape' in dataset\.json$"):
+        evaluate_checkpoint(str(export_dir), str(bad), image_size=32)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["circle", "square"]))
+    with pytest.raises(DataError, match=r"shard-00000\.parquet: label \d in column 'label' is outside the 2 classes of "
+                                        r"label set 'label' in the classes file \(classes file does not match"):
+        evaluate_checkpoint(str(export_dir), str(synth_dir / "eval"), classes_path=str(classes), image_size=32)
+    assert decoded == []
+    evaluate_checkpoint(str(export_dir), str(synth_dir / "eval"), image_size=32)
+    assert len(decoded) == 200  # the spy sees the decodes that do happen
+
+
 def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_dir, tmp_path, capsys):
     """`reclip-ray eval` on Parquet written by `datasets`: struct images, the ClassLabel names as label sets, the
     same numbers as the names given by --classes."""

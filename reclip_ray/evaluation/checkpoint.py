@@ -10,7 +10,7 @@ import torch
 from reclip_ray.config import full_image_size, full_text_length
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
-from reclip_ray.evaluation.eval_set import eval_columns, read_classes
+from reclip_ray.evaluation.eval_set import check_label_values, eval_columns, find_label_sets, read_classes
 
 
 def evaluate_checkpoint(
@@ -37,7 +37,7 @@ def evaluate_checkpoint(
     """
     from reclip_ray import storage
     from reclip_ray.data.schema import read_dataset_json
-    from reclip_ray.data.shards import split_pattern
+    from reclip_ray.data.shards import list_parquet_files, split_pattern
 
     if not storage.exists(checkpoint):
         raise ReclipError(f"checkpoint not found: {checkpoint}")
@@ -52,6 +52,8 @@ def evaluate_checkpoint(
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
     columns = _columns(data, cfg, caption=caption_column, image=image_column, label=label_column)
+    files = list_parquet_files(data)
+    check_label_values(files, find_label_sets(data, files, columns, classes), columns.label)  # before any encoding
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, label_sets, outside_classes
+from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, find_label_sets, outside_classes
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
 from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
@@ -83,16 +83,11 @@ def evaluate_dataset(
 
 
 def _find_label_sets(data_path: str, columns: Any, classes: dict | None) -> tuple[list[str], dict[str, dict]]:
-    """(the eval set's Parquet files, its label sets); ``--classes`` on a set without the label column fails."""
-    from reclip_ray.data.schema import class_label_sets, dataset_json_path, parquet_schema, read_dataset_json
+    """(the eval set's Parquet files, its label sets: ``eval_set.find_label_sets``)."""
     from reclip_ray.data.shards import list_parquet_files
 
     files = list_parquet_files(str(data_path))
-    names = parquet_schema(files[0]).names
-    if classes is not None and columns.label not in names:
-        raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
-    return files, label_sets(read_dataset_json(data_path), names, columns.label, classes, class_label_sets(files),
-                             meta_path=dataset_json_path(data_path), file=files[0])
+    return files, find_label_sets(str(data_path), files, columns, classes)
 
 
 def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: Grouped | Slice,

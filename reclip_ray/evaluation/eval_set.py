@@ -121,8 +121,7 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
     """
     from reclip_ray.data.local import check_columns, read_shard
-    from reclip_ray.data.schema import (ColumnMap, class_label_sets, count_rows, dataset_json_path, parquet_schema,
-                                        read_dataset_json)
+    from reclip_ray.data.schema import ColumnMap, count_rows, parquet_schema
     from reclip_ray.data.shards import list_parquet_files
 
     columns = columns or ColumnMap()
@@ -135,27 +134,54 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     if rows == 0:
         raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
 
-    sets = label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None,
-                      class_label_sets(files), meta_path=dataset_json_path(path), file=files[0])
-    source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    sets = find_label_sets(path, files, columns, None)
+    check_label_values(files, sets, columns.label)
     has_captions = False
     for file in files:
-        names = parquet_schema(file).names
-        for column in sorted(set(source.values())):
-            if column not in names:
-                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
-        if sets:
-            table = read_shard(file, sorted(set(source.values())))
-            for name, spec in sets.items():
-                _check_labels(file, source[name], name, spec, table.column(source[name]))
-        if not has_captions and columns.caption in names:
+        if columns.caption in parquet_schema(file).names:
             captions = read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
-            has_captions = any(c is not None and str(c).strip() for c in captions)
+            if any(c is not None and str(c).strip() for c in captions):
+                has_captions = True
+                break
     if not sets and not has_captions:
         raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
                         "'label_sets', or ClassLabel columns of Hugging Face datasets)")
     return {"rows": rows, "files": len(files), "label_sets": {n: len(s["classes"]) for n, s in sets.items()},
             "has_captions": has_captions}
+
+
+def find_label_sets(data: str, files: Sequence[str], columns: Any, classes: dict | None) -> dict[str, dict]:
+    """The label sets of the eval set ``data`` (its Parquet ``files``): ``label_sets`` of its first shard's columns,
+    its dataset.json and its ClassLabel metadata, or the one set of ``classes`` (a --classes file's), which needs
+    the label column. What every evaluation and check of an eval set scores."""
+    from reclip_ray.data.schema import class_label_sets, dataset_json_path, parquet_schema, read_dataset_json
+
+    names = parquet_schema(files[0]).names
+    if classes is not None and columns.label not in names:
+        raise ReclipError(f"{data}: --classes given but the dataset has no label column {columns.label!r}")
+    return label_sets(read_dataset_json(data), names, columns.label, classes, class_label_sets(files),
+                      meta_path=dataset_json_path(data), file=files[0])
+
+
+def check_label_values(files: Sequence[str], sets: dict[str, dict], label_column: str) -> None:
+    """Every shard has each set's column, and its every label is a class index of the set (``_check_labels``).
+    Reads the label columns only, so a bad label fails in seconds: the launch's check runs it, and ``reclip-ray
+    eval`` before it encodes any image (it found one only after encoding the whole set)."""
+    from reclip_ray.data.local import read_shard
+    from reclip_ray.data.schema import parquet_schema
+
+    source = {name: label_column if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    wanted = sorted(set(source.values()))
+    if not wanted:
+        return
+    for file in files:
+        names = parquet_schema(file).names
+        for column in wanted:
+            if column not in names:
+                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
+        table = read_shard(file, wanted)
+        for name, spec in sets.items():
+            _check_labels(file, source[name], name, spec, table.column(source[name]))
 
 
 def class_index(value: Any) -> int | None:
