@@ -419,6 +419,22 @@ def test_classes_for_a_label_column_the_shards_lack_are_an_error_until_it_is_nam
         check_eval_set(other, ColumnMap(), [32], 16)
 
 
+def test_a_class_named_twice_is_warned_about_once_and_still_ties(tmp_path, capsys):
+    """Two classes with one name (open_clip's ImageNet list: 'missile', 'sunglasses') give one prompt: they tie, a tie
+    counts against the model, so their images never score top-1. The rule stays; one line says so, once per eval
+    set however often it is evaluated (a run evaluates at every phase end and size) or checked."""
+    path = write_set(tmp_path / "twins", coco_rows(), meta={"classes": ["class0", "class1", "class1"]})
+    capsys.readouterr()
+    for _ in range(2):
+        assert evaluate(perfect_model(), path)["label/top1"] == 3 / N_IMAGES  # only class 0's images (0, 3, 6) hit
+    check_eval_set(path, ColumnMap(), [32], 16)
+    err = capsys.readouterr().err
+    assert err == (f"[reclip] WARNING: {path}: label set 'label' names 'class1' (classes 1, 2) more than once; their "
+                   "prompts tie and a tie counts against the model, so their images are never top-1 hits\n")
+    evaluate(perfect_model(), write_set(tmp_path / "once", coco_rows(), meta=COCO_META))
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_columns_fall_back_to_canonical_names(coco_dir, tmp_path):
     """img2dataset-named training columns, canonical eval set: the eval set is read by its own names."""
     picked = eval_columns(coco_dir, ColumnMap(image="jpg", caption="txt"))

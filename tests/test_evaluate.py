@@ -396,6 +396,45 @@ def test_eval_and_export_refuse_bad_sizes_in_one_line(export_dir, synth_dir, tmp
         assert not out.exists()
 
 
+def test_a_runs_evaluation_and_eval_warn_once_of_a_class_named_twice(export_dir, tokenizer_path, synth_dir, tmp_path,
+                                                                      capsys):
+    """A phase's evaluation (at its own size and the full one) and `reclip-ray eval` each say once, on stderr (eval's
+    stdout stays JSON), which classes of a label set share a name; a set without twins says nothing."""
+    import shutil
+
+    from reclip_ray.cli import main
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import Schedule
+    from reclip_ray.train.phase_eval import evaluate_phase
+
+    data = tmp_path / "eval"
+    shutil.copytree(synth_dir / "eval", data)
+    meta = json.loads((data / "dataset.json").read_text())
+    shapes = meta["label_sets"]["shape"]["classes"]
+    shapes[2] = shapes[1]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    line = (f"[reclip] WARNING: {data}: label set 'shape' names '{shapes[1]}' (classes 1, 2) more than once; their "
+            "prompts tie and a tie counts against the model, so their images are never top-1 hits\n")
+    cfg = load_config("tiny", [f"data.eval={data}", "eval.batch_size=100"])
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    plan = Schedule.from_config(cfg).phases[0]
+    capsys.readouterr()
+    got = evaluate_phase(cfg, build_model(cfg.model, tokenizer=tok), tok, plan, torch.device("cpu"))
+    assert {"eval/32px/shape/top1", "eval/64px/shape/top1"} <= set(got)
+    assert capsys.readouterr().err == line
+    from reclip_ray.evaluation import eval_set
+
+    eval_set._WARNED.clear()  # `reclip-ray eval` is a process of its own
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(data), "--image-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert err == line and "shape/top1" in json.loads(out)["metrics"]
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(synth_dir / "eval"), "--image-size", "32"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])
 def test_a_training_runs_evaluation_encodes_at_its_training_precision(tokenizer_path, synth_dir, precision, expected):
     """``phase_eval.evaluate_phase`` (phase ends, compute milestones) runs both towers under ``train.precision``'s

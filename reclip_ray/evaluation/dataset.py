@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, find_label_sets, outside_classes
+from reclip_ray.evaluation.eval_set import (DEFAULT_TEMPLATES, find_label_sets, outside_classes,
+                                             warn_duplicate_classes)
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
 from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
@@ -45,7 +46,8 @@ def evaluate_dataset(
     set has captions, ``image_to_text_r@k`` / ``text_to_image_r@k`` over unique images (see ``grouping.py``).
 
     ``classes`` ({"classes": [...], "templates": [...]}) replaces dataset.json's label sets with one set on the
-    label column (the CLI's ``--classes``).
+    label column (the CLI's ``--classes``). A set that names a class twice is a warning on rank 0, once per eval set
+    (``eval_set.warn_duplicate_classes``): this is where ``reclip-ray eval`` and a run's evaluations meet.
 
     ``world_size`` > 1: every rank of the initialised default ``torch.distributed`` group calls this with the same
     arguments (and its own ``rank``), so that no GPU idles while one rank evaluates. Each rank decodes and encodes
@@ -63,6 +65,8 @@ def evaluate_dataset(
     core = getattr(model, "module", model)
     find = functools.partial(_find_label_sets, data_path, columns, classes)
     files, sets = find() if world_size == 1 else agree(one_step(find), world_size, device)
+    if rank == 0:
+        warn_duplicate_classes(str(data_path), sets)
     label_cols = sorted({spec["column"] for spec in sets.values()})
     read = functools.partial(_encode_rows, core, device, path=str(data_path), image_size=image_size,
                              text_length=text_length, tokenizer=tokenizer, batch_size=batch_size, columns=columns,

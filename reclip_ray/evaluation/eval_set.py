@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -118,7 +119,8 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     shard without an image column (captions are optional: classification-only sets), no rows at all, a null
     label or one outside the classes of a label set in dataset.json, classes in dataset.json for a column the shards
     lack, and a set with neither captions nor labels. Reads Parquet footers, the label columns and at most the
-    caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
+    caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``;
+    a class named twice is a warning (``warn_duplicate_classes``), shown before training starts.
     """
     from reclip_ray.data.local import check_columns, read_shard
     from reclip_ray.data.schema import ColumnMap, count_rows, parquet_schema
@@ -136,6 +138,7 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
 
     sets = find_label_sets(path, files, columns, None)
     check_label_values(files, sets, columns.label)
+    warn_duplicate_classes(path, sets)
     has_captions = False
     for file in files:
         if columns.caption in parquet_schema(file).names:
@@ -182,6 +185,28 @@ def check_label_values(files: Sequence[str], sets: dict[str, dict], label_column
         table = read_shard(file, wanted)
         for name, spec in sets.items():
             _check_labels(file, source[name], name, spec, table.column(source[name]))
+
+
+_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()  # (eval set, label set, names): warned in this process
+
+
+def warn_duplicate_classes(data: str, sets: dict[str, dict]) -> None:
+    """One line on stderr per label set that names a class twice, once per eval set in a process (a training run
+    evaluates at every phase end and size). Both names give one prompt, so they tie on every image, and a tie
+    counts against the model (``metrics``): their images are never top-1 hits. The rule stays (open_clip's ImageNet
+    list has 'missile' and 'sunglasses' twice, and CLIP_benchmark scores it as it is); the user learns why."""
+    for name, spec in sets.items():
+        where: dict[str, list[int]] = {}
+        for i, c in enumerate(spec["classes"]):
+            where.setdefault(str(c), []).append(i)
+        twins = {c: ids for c, ids in where.items() if len(ids) > 1}
+        key = (str(data), name, tuple(twins))
+        if not twins or key in _WARNED:
+            continue
+        _WARNED.add(key)
+        listed = ", ".join(f"{c!r} (classes {', '.join(map(str, ids))})" for c, ids in twins.items())
+        print(f"[reclip] WARNING: {data}: label set {name!r} names {listed} more than once; their prompts tie and a "
+              f"tie counts against the model, so their images are never top-1 hits", file=sys.stderr, flush=True)
 
 
 def class_index(value: Any) -> int | None:
