@@ -12,7 +12,7 @@ metrics run on rank 0 only, in ``chunk x N`` memory.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from reclip_ray.evaluation.eval_set import (DEFAULT_TEMPLATES, find_label_sets, 
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
 from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
+
+if TYPE_CHECKING:
+    from reclip_ray.data.images import EvalResize
 
 
 @torch.no_grad()
@@ -40,6 +43,7 @@ def evaluate_dataset(
     rank: int = 0,
     world_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    resize: EvalResize | None = None,
 ) -> dict[str, float]:
     """Flat metrics dict: ``rows`` (usable rows), ``images`` (unique images), ``captions``, ``absent_rows``,
     ``bad_rows``, ``<label set>/top1|top5|mean_per_class_recall|chance_top1`` for every label set, and, when the
@@ -58,7 +62,11 @@ def evaluate_dataset(
 
     ``autocast_dtype``: the towers run under that autocast (``metrics.towers_autocast``; a training run's
     evaluations pass ``train.precision``'s), else in fp32.
+
+    ``resize`` (``images.EvalResize``): how each image is made square; None: the shorter side resized and
+    centre-cropped, bicubic (reclip-ray's models; an open_clip folder's ``preprocess_cfg`` may say otherwise).
     """
+    from reclip_ray.data.images import EVAL_RESIZE
     from reclip_ray.data.schema import ColumnMap
 
     columns = columns or ColumnMap()
@@ -70,7 +78,7 @@ def evaluate_dataset(
     label_cols = sorted({spec["column"] for spec in sets.values()})
     read = functools.partial(_encode_rows, core, device, path=str(data_path), image_size=image_size,
                              text_length=text_length, tokenizer=tokenizer, batch_size=batch_size, columns=columns,
-                             extra_columns=label_cols, autocast_dtype=autocast_dtype)
+                             extra_columns=label_cols, autocast_dtype=autocast_dtype, resize=resize or EVAL_RESIZE)
     if world_size == 1:
         got = _read_all(read, label_cols)
     else:
