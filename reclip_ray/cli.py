@@ -148,7 +148,8 @@ def _eval(args: argparse.Namespace) -> int:
     with column_flag(OPTION_FLAG):  # a missing column's hint names --image-column, not train's --set
         metrics = evaluate_checkpoint(args.checkpoint, args.data, classes_path=args.classes,
                                       image_size=args.image_size, batch_size=args.batch_size,
-                                      caption_column=args.caption_column, image_column=args.image_column)
+                                      caption_column=args.caption_column, image_column=args.image_column,
+                                      label_column=args.label_column)
     _print_json(metrics)
     return 0
 
@@ -307,6 +308,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="the eval set's image column (default: the run's data.image_column, else 'image')")
     p.add_argument("--caption-column", default=None,
                    help="the eval set's caption column (default: the run's data.caption_column, else 'caption')")
+    p.add_argument("--label-column", default=None,
+                   help="the column dataset.json's classes are for (default: the run's data.label_column, else "
+                        "'label'; CLIP_benchmark's sets: cls)")
     p.set_defaults(func=_eval)
 
 

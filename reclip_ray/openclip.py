@@ -30,7 +30,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from torch import nn
 
 from reclip_ray.config import full_image_size, full_text_length
 from reclip_ray.errors import CheckpointError, ReclipError
+
+if TYPE_CHECKING:
+    from reclip_ray.data.images import EvalResize
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -350,6 +353,26 @@ def _per_channel(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
     return default if value is None else tuple(np.broadcast_to(np.asarray(value, dtype=np.float64), 3).tolist())
 
 
+def eval_resize(preprocess_cfg: dict[str, Any], where: str) -> EvalResize:
+    """An open_clip model's eval resize (``images.EvalResize``) from its ``preprocess_cfg``, read as open_clip's
+    ``image_transform`` reads it: ``resize_mode`` shortest (unset: shortest) or squash, ``interpolation`` bicubic
+    (unset, or 'random', a training setting that open_clip also reads as bicubic here) or bilinear. 'longest' (the
+    longer side resized, the rest padded with ``fill_color``) is refused in one line naming ``where``: the eval
+    decode crops or squashes, it does not pad, and scoring such a model on crops would be scoring another model."""
+    from reclip_ray.data.images import INTERPOLATIONS, RESIZE_MODES, EvalResize
+
+    mode = preprocess_cfg.get("resize_mode") or "shortest"
+    interpolation = preprocess_cfg.get("interpolation") or "bicubic"
+    interpolation = "bicubic" if interpolation == "random" else interpolation
+    if mode not in RESIZE_MODES:
+        raise CheckpointError(f"{where}: preprocess_cfg resize_mode {mode!r} is not supported by reclip-ray eval, "
+                              f"which resizes {' or '.join(map(repr, RESIZE_MODES))} (not the longer side, padded)")
+    if interpolation not in INTERPOLATIONS:
+        raise CheckpointError(f"{where}: preprocess_cfg interpolation {interpolation!r} is not supported by "
+                              f"reclip-ray eval, which resizes {' or '.join(map(repr, INTERPOLATIONS))}")
+    return EvalResize(mode, interpolation)
+
+
 class OpenClipModel(nn.Module):
     """An open_clip model behind reclip-ray's ``encode_image`` / ``encode_text`` (what ``evaluate`` calls).
 
@@ -358,12 +381,17 @@ class OpenClipModel(nn.Module):
 
     Images arrive normalised with CLIP's mean and std (``pixels.normalize_images``); a model whose folder says
     other ones (``preprocess_cfg``: 0.5 and 0.5 for SigLIP and many timm towers) gets them re-normalised to its own,
-    as open_clip's transform would have, instead of inputs shifted by up to 0.9 of its std.
+    as open_clip's transform would have, instead of inputs shifted by up to 0.9 of its std. ``eval_resize`` says
+    how its images are to be made square (``eval_resize``: the folder's resize mode and interpolation), which the
+    evaluator decodes with; the default is reclip-ray's own.
     """
 
-    def __init__(self, model: nn.Module, pad_id: int = 0) -> None:
+    def __init__(self, model: nn.Module, pad_id: int = 0, resize: EvalResize | None = None) -> None:
         super().__init__()
+        from reclip_ray.data.images import EVAL_RESIZE
+
         self.model = model
+        self.eval_resize = resize or EVAL_RESIZE
         self.pad_id = int(pad_id)
         self.context_length = int(model.context_length)
         from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
@@ -459,4 +487,7 @@ def _load_open_clip_dir(root: Path, device: str | torch.device, image_size: int)
     except ConfigError as exc:
         raise CheckpointError(f"{root / OPEN_CLIP_CONFIG}: {str(exc).splitlines()[0]}") from None
     cfg.eval.full_image_size = size
-    return OpenClipModel(model, pad_id=int(text.get("pad_id", 0))).to(device).eval(), tokenizer, cfg
+    # what open_clip's transform reads: the folder's preprocess_cfg merged with its defaults (open_clip >= 2.23)
+    preprocess = getattr(getattr(model, "visual", model), "preprocess_cfg", None) or doc.get("preprocess_cfg") or {}
+    resize = eval_resize(preprocess, str(root / OPEN_CLIP_CONFIG))
+    return OpenClipModel(model, pad_id=int(text.get("pad_id", 0)), resize=resize).to(device).eval(), tokenizer, cfg

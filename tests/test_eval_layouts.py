@@ -390,6 +390,51 @@ def test_check_eval_set_summary_and_errors(tmp_path, coco_dir):
         check_eval_set(str(tmp_path / "nothing"), ColumnMap(), [32], 16)
 
 
+def test_classes_for_a_label_column_the_shards_lack_are_an_error_until_it_is_named(tmp_path):
+    """dataset.json's classes on a set whose labels sit in ``cls`` (CLIP_benchmark's webdataset name): the pre-Ray
+    check and the evaluation both dropped zero-shot without a word. Now one line names dataset.json, the column, the
+    shard's columns and the key that names it; named, the set scores what it scores with its labels in ``label``."""
+    rows = [{("cls" if k == "label" else k): v for k, v in r.items()} for r in coco_rows()]
+    path = write_set(tmp_path / "cls", rows, meta=COCO_META)
+    message = (r"/cls/dataset\.json: its 'classes' are for the label column 'label', which \S+/cls/part-00000\.parquet "
+               r"lacks; columns are \['caption', 'cls', 'image', 'image_id', 'key'\] "
+               r"\(try --set data\.label_column=cls\)$")
+    with pytest.raises(ReclipError, match=message):
+        check_eval_set(path, ColumnMap(), [32], 16)
+    with pytest.raises(ReclipError, match=message):
+        evaluate(noisy_model(), path)
+    model = noisy_model()
+    want = evaluate(model, write_set(tmp_path / "label", coco_rows(), meta=COCO_META))
+    named = eval_columns(path, ColumnMap(label="cls"))  # as training and `reclip-ray eval` pick the columns
+    assert named.label == "cls"
+    assert evaluate_dataset(model, StubTokenizer(), path, image_size=32, text_length=8, batch_size=7,
+                            columns=named) == want
+    assert check_eval_set(path, named, [32], 16)["label_sets"] == {"label": 3}
+    # a label_sets set on a column of its own that the shards lack: dataset.json names it, so it is fixed there
+    meta = {"label_sets": {"label": {"classes": CLASSES}, "pattern": {"column": "label_pattern", "classes": ["a"]}}}
+    other = write_set(tmp_path / "other", coco_rows(), meta=meta)
+    with pytest.raises(ReclipError, match=r"/other/dataset\.json: label set 'pattern' is for column 'label_pattern', "
+                                          r"which \S+ lacks; columns are \[.*\] \(add the column, or correct the set's "
+                                          r"'column'\)$"):
+        check_eval_set(other, ColumnMap(), [32], 16)
+
+
+def test_a_class_named_twice_is_warned_about_once_and_still_ties(tmp_path, capsys):
+    """Two classes with one name (open_clip's ImageNet list: 'missile', 'sunglasses') give one prompt: they tie, a tie
+    counts against the model, so their images never score top-1. The rule stays; one line says so, once per eval
+    set however often it is evaluated (a run evaluates at every phase end and size) or checked."""
+    path = write_set(tmp_path / "twins", coco_rows(), meta={"classes": ["class0", "class1", "class1"]})
+    capsys.readouterr()
+    for _ in range(2):
+        assert evaluate(perfect_model(), path)["label/top1"] == 3 / N_IMAGES  # only class 0's images (0, 3, 6) hit
+    check_eval_set(path, ColumnMap(), [32], 16)
+    err = capsys.readouterr().err
+    assert err == (f"[reclip] WARNING: {path}: label set 'label' names 'class1' (classes 1, 2) more than once; their "
+                   "prompts tie and a tie counts against the model, so their images are never top-1 hits\n")
+    evaluate(perfect_model(), write_set(tmp_path / "once", coco_rows(), meta=COCO_META))
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_columns_fall_back_to_canonical_names(coco_dir, tmp_path):
     """img2dataset-named training columns, canonical eval set: the eval set is read by its own names."""
     picked = eval_columns(coco_dir, ColumnMap(image="jpg", caption="txt"))

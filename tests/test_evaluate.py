@@ -161,6 +161,42 @@ def test_eval_errors_and_retrieval_only(export_dir, synth_dir, tmp_path, capsys)
     assert m["rows"] == 600 and "image_to_text_r@1" in m and not any("top1" in k for k in m)
 
 
+def test_eval_checks_the_labels_before_it_encodes_an_image(export_dir, synth_dir, tmp_path, monkeypatch):
+    """`reclip-ray eval` found a label outside its set only after decoding and encoding every image of the set; it
+    now runs the launch's labels-only check (``eval_set.check_label_values``) first: the line names the shard, and no
+    image is decoded. Likewise for a --classes file that does not cover the labels."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import reclip_ray.data.local as local
+    from reclip_ray.errors import DataError
+
+    bad = tmp_path / "eval"
+    shutil.copytree(synth_dir / "eval", bad)
+    shard = bad / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    labels = table.column("label").to_pylist()
+    labels[150] = 99
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())),
+                   shard)
+    decoded: list[int] = []
+    decode = local.decode_image
+    monkeypatch.setattr(local, "decode_image", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    with pytest.raises(DataError, match=r"/eval/shard-00000\.parquet: label 99 in column 'label' is outside the 10 "
+                                        r"classes of label set 'shape' in dataset\.json$"):
+        evaluate_checkpoint(str(export_dir), str(bad), image_size=32)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["circle", "square"]))
+    with pytest.raises(DataError, match=r"shard-00000\.parquet: label \d in column 'label' is outside the 2 classes of "
+                                        r"label set 'label' in the classes file \(classes file does not match"):
+        evaluate_checkpoint(str(export_dir), str(synth_dir / "eval"), classes_path=str(classes), image_size=32)
+    assert decoded == []
+    evaluate_checkpoint(str(export_dir), str(synth_dir / "eval"), image_size=32)
+    assert len(decoded) == 200  # the spy sees the decodes that do happen
+
+
 def test_cli_eval_scores_a_hugging_face_export_with_its_classlabel_names(export_dir, tmp_path, capsys):
     """`reclip-ray eval` on Parquet written by `datasets`: struct images, the ClassLabel names as label sets, the
     same numbers as the names given by --classes."""
@@ -222,6 +258,56 @@ def test_caption_column_names_captions_the_run_config_does_not(export_dir, synth
     assert json.loads(capsys.readouterr().out)["metrics"] == reference
     assert main([*args, "--caption-column", "nope"]) == 2
     assert re.search(missing, capsys.readouterr().err)
+
+
+def test_label_column_names_the_column_dataset_json_classes_are_for(export_dir, synth_dir, tokenizer_path, tmp_path,
+                                                                   capsys):
+    """An eval set whose labels sit in ``cls`` (CLIP_benchmark's name) while dataset.json's classes are for the label
+    column: `reclip-ray eval` and the launch's check scored no zero-shot and said nothing. Each now stops in one line
+    naming its own way to name the column (--label-column, --set data.label_column), and given it, scores the set
+    as the same set with a ``label`` column."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from reclip_ray.cli import main
+    from reclip_ray.config import load_config
+    from reclip_ray.data.shards import list_parquet_files
+    from reclip_ray.errors import DataError
+    from reclip_ray.train.prepare import prepare
+
+    src = synth_dir / "eval"
+    renamed = tmp_path / "eval"
+    renamed.mkdir()
+    for path in list_parquet_files(str(src)):
+        table = pq.read_table(path)
+        pq.write_table(table.rename_columns(["cls" if n == "label" else n for n in table.column_names]),
+                       renamed / path.rsplit("/", 1)[-1])
+    shutil.copy(src / "dataset.json", renamed / "dataset.json")
+    reference = evaluate_checkpoint(str(export_dir), str(src), image_size=32)["metrics"]
+    assert "shape/top1" in reference
+
+    argv = ["eval", "--checkpoint", str(export_dir), "--data", str(renamed), "--image-size", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set" not in err
+    assert re.search(r"/eval/dataset\.json: label set 'shape' is for the label column 'label', which \S+\.parquet "
+                     r"lacks; columns are \[.*'cls'.*\] \(try --label-column cls\)$", err), err
+    assert main([*argv, "--label-column", "cls"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == reference
+    assert main([*argv, "--label-column", "nope"]) == 2
+    assert "--label-column 'nope': no such column in" in capsys.readouterr().err
+
+    def launch(*extra: str):
+        return prepare(load_config("tiny", [
+            f"data.train={synth_dir / 'train'}", f"data.eval={renamed}", f"data.tokenizer={tokenizer_path}",
+            "data.synth_if_missing=false", f"run.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]))
+
+    with pytest.raises(DataError, match=r"\(try --set data\.label_column=cls\)$"):
+        launch()
+    assert launch("data.label_column=cls").eval_set["label_sets"]["shape"] == 10
 
 
 def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
@@ -308,6 +394,45 @@ def test_eval_and_export_refuse_bad_sizes_in_one_line(export_dir, synth_dir, tmp
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith("reclip-ray: error: ") and flags[1] in err
         assert not out.exists()
+
+
+def test_a_runs_evaluation_and_eval_warn_once_of_a_class_named_twice(export_dir, tokenizer_path, synth_dir, tmp_path,
+                                                                      capsys):
+    """A phase's evaluation (at its own size and the full one) and `reclip-ray eval` each say once, on stderr (eval's
+    stdout stays JSON), which classes of a label set share a name; a set without twins says nothing."""
+    import shutil
+
+    from reclip_ray.cli import main
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.model import build_model
+    from reclip_ray.schedule import Schedule
+    from reclip_ray.train.phase_eval import evaluate_phase
+
+    data = tmp_path / "eval"
+    shutil.copytree(synth_dir / "eval", data)
+    meta = json.loads((data / "dataset.json").read_text())
+    shapes = meta["label_sets"]["shape"]["classes"]
+    shapes[2] = shapes[1]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    line = (f"[reclip] WARNING: {data}: label set 'shape' names '{shapes[1]}' (classes 1, 2) more than once; their "
+            "prompts tie and a tie counts against the model, so their images are never top-1 hits\n")
+    cfg = load_config("tiny", [f"data.eval={data}", "eval.batch_size=100"])
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    plan = Schedule.from_config(cfg).phases[0]
+    capsys.readouterr()
+    got = evaluate_phase(cfg, build_model(cfg.model, tokenizer=tok), tok, plan, torch.device("cpu"))
+    assert {"eval/32px/shape/top1", "eval/64px/shape/top1"} <= set(got)
+    assert capsys.readouterr().err == line
+    from reclip_ray.evaluation import eval_set
+
+    eval_set._WARNED.clear()  # `reclip-ray eval` is a process of its own
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(data), "--image-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert err == line and "shape/top1" in json.loads(out)["metrics"]
+    assert main(["eval", "--checkpoint", str(export_dir), "--data", str(synth_dir / "eval"), "--image-size", "32"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])

@@ -475,3 +475,100 @@ def test_eval_of_an_open_clip_folder_normalises_with_its_own_mean_and_std(tmp_pa
         as_before = reference.encode_image(normalize_images(pixels), normalize=True)
     assert (got - want).abs().max() < TOL
     assert (as_before - want).abs().max() > 100 * TOL  # what it was fed before: the check has teeth
+
+
+def noise_pngs(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
+    """PNGs of random pixels (interpolations differ on them; no JPEG draft decode in the way) of the given sizes."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for w, h in sizes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+# Sizes whose shorter side scales to 64 px exactly and whose crop offsets are whole pixels, so that the eval decode
+# (one box resize) and torchvision's Resize + CenterCrop (open_clip's 'shortest') make the same pixels.
+EVAL_SIZES = [(96, 120), (120, 96), (128, 160), (160, 128), (96, 96), (192, 240)]
+
+
+@pytest.mark.parametrize("mode, interpolation", [("squash", "bilinear"), ("squash", "bicubic"),
+                                                 ("shortest", "bilinear"), ("shortest", "bicubic")])
+def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path, clip_tok, monkeypatch, mode,
+                                                                         interpolation):
+    """A folder whose ``preprocess_cfg`` says ``resize_mode: squash`` or ``interpolation: bilinear`` was evaluated on
+    bicubic centre crops all the same. `reclip-ray eval` now gives its image tower the pixels open_clip's own
+    transform makes of each image (torchvision's Resize / CenterCrop on PIL images, then ToTensor)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from torchvision.transforms import Compose, InterpolationMode, Resize
+
+    from reclip_ray.data.images import decode_image
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
+    from reclip_ray.export import export_model
+    from reclip_ray.openclip import OPEN_CLIP_CONFIG, OpenClipModel
+    from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
+
+    model, cfg = make_model("tiny", clip_tok, seed=6)
+    folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
+    doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+    del doc["reclip_ray"]  # as open_clip's own folders are
+    doc["preprocess_cfg"].update(resize_mode=mode, interpolation=interpolation)
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
+    images = noise_pngs(EVAL_SIZES)
+    data = tmp_path / "eval"
+    data.mkdir()
+    pq.write_table(pa.table({"key": [str(i) for i in range(len(images))], "image": images,
+                             "caption": [f"photo {i}" for i in range(len(images))]}), data / "part-0.parquet")
+
+    seen: list[torch.Tensor] = []
+    encode = OpenClipModel.encode_image
+    monkeypatch.setattr(OpenClipModel, "encode_image",
+                        lambda self, x, normalize=True: seen.append(x.clone()) or encode(self, x, normalize))
+    out = evaluate_checkpoint(str(folder), str(data), batch_size=64, device="cpu")
+    assert out["image_size"] == 64 and out["metrics"]["images"] == len(images)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    got = torch.cat(seen) * std + mean  # the pixels in [0, 1], before normalisation
+
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    resize = preprocess.transforms[0]
+    assert isinstance(resize, Resize) and resize.interpolation == InterpolationMode[interpolation.upper()]
+    assert resize.size == ((64, 64) if mode == "squash" else 64)  # the folder's settings reached open_clip
+    to_pixels = Compose(preprocess.transforms[:-1])  # all but Normalize: resize (+ crop), RGB, ToTensor
+    want = torch.stack([to_pixels(Image.open(io.BytesIO(b))) for b in images])
+    assert (got - want).abs().max() < 1e-5
+    before = torch.stack([torch.tensor(decode_image(b, 64, train=False)).permute(2, 0, 1) / 255 for b in images])
+    if (mode, interpolation) != ("shortest", "bicubic"):  # what the folder was fed before: the check has teeth
+        assert (before - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("resize_mode", "longest", "preprocess_cfg resize_mode 'longest' is not supported by reclip-ray eval, which "
+                               "resizes 'shortest' or 'squash' (not the longer side, padded)"),
+    ("interpolation", "nearest", "preprocess_cfg interpolation 'nearest' is not supported by reclip-ray eval, which "
+                                 "resizes 'bicubic' or 'bilinear'"),
+])
+def test_eval_refuses_a_resize_it_cannot_make_in_one_line(tmp_path, clip_tok, synth_dir, capsys, field, value,
+                                                           message):
+    """open_clip's 'longest' resizes the longer side and pads; the eval decode does not pad: one line, not a model
+    scored on other pixels than its own transform's."""
+    from reclip_ray.cli import main
+    from reclip_ray.export import export_model
+    from reclip_ray.openclip import OPEN_CLIP_CONFIG
+
+    model, cfg = make_model("tiny", clip_tok, seed=7)
+    folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
+    doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+    doc["preprocess_cfg"][field] = value
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder), "--data", str(synth_dir / "eval")]) == 2
+    assert capsys.readouterr().err == f"reclip-ray: error: {folder / OPEN_CLIP_CONFIG}: {message}\n"

@@ -6,8 +6,9 @@ training fast on the CPU side; we pick the largest reduction that still leaves a
 crop, so quality matches a full decode followed by a resize.
 
 Crop policy: train = random resized crop (area 0.9-1.0, aspect 3/4-4/3) and no flips, because captions name left
-and right; eval = resize the shorter side, centre crop. Both are done by one ``Image.resize(box=...)`` call, so the
-crop never materialises an intermediate image.
+and right; eval = resize the shorter side, centre crop (or, for an open_clip model that asks for it, the whole image
+squashed to the square: ``EvalResize``). Each is done by one ``Image.resize(box=...)`` call, so the crop never
+materialises an intermediate image.
 
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
 onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
@@ -23,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,24 @@ from PIL import Image, UnidentifiedImageError
 CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 RESAMPLE = Image.Resampling.BICUBIC
+# What an eval resize may be (``EvalResize``), named as open_clip's preprocess_cfg names them.
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESIZE_MODES = ("shortest", "squash")
+
+
+@dataclass(frozen=True)
+class EvalResize:
+    """How ``decode_image`` makes an eval image square: ``shortest`` resizes the shorter side and centre-crops
+    (CLIP's transform; reclip-ray's own models are scored so), ``squash`` resizes the whole image, aspect ratio lost;
+    with bicubic or bilinear interpolation. An open_clip folder's ``preprocess_cfg`` picks them
+    (``openclip.eval_resize``): a model trained on squashed images, scored on centre crops, loses what the crop
+    cuts off and sees other shapes."""
+
+    mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+
+EVAL_RESIZE = EvalResize()
 
 _BAD_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
                Image.DecompressionBombError, Image.DecompressionBombWarning)
@@ -224,11 +244,17 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) 
     return 1 if drafted is None else round(w / drafted[1][2])
 
 
-def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.ndarray:
-    """Decode, crop and resize to a (size, size, 3) uint8 RGB array. Raises BadImage for unusable input."""
+def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
+                 resize: EvalResize = EVAL_RESIZE) -> np.ndarray:
+    """Decode, crop and resize to a (size, size, 3) uint8 RGB array. Raises BadImage for unusable input. ``resize``:
+    how an eval image (``train`` False) is made square; the train crop is always bicubic."""
     img = _open(data)
     src_w, src_h = img.size
-    box = _crop_box(src_w, src_h, train=train, rng=rng)
+    if train or resize.mode != "squash":
+        box = _crop_box(src_w, src_h, train=train, rng=rng)
+    else:  # the whole image, resized to the square
+        box = (0.0, 0.0, float(src_w), float(src_h))
+    resample = RESAMPLE if train else INTERPOLATIONS[resize.interpolation]
     try:
         scale = _draft(img, box, size)
         with warnings.catch_warnings():
@@ -239,7 +265,7 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None) -> np.
         img, k = _rgb_reduced(img, box, size)
         if k != 1:  # likewise after reducing an image with alpha
             box = (box[0] / k, box[1] / k, box[2] / k, box[3] / k)
-        out = img.resize((size, size), RESAMPLE, box=box)
+        out = img.resize((size, size), resample, box=box)
     except BadImage:
         raise
     except _BAD_ERRORS as exc:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from reclip_ray import storage
-from reclip_ray.data.images import BadImage, decode_image
+from reclip_ray.data.images import EVAL_RESIZE, BadImage, EvalResize, decode_image
 from reclip_ray.data.schema import (STATUS_COLUMN, ColumnMap, absent_mask, check_images_embedded, check_schema,
                                     image_bytes, missing_column_message, parquet_schema, wrong_image_type_message)
 from reclip_ray.data.shards import footers, is_image_type, is_string, list_parquet_files
@@ -180,6 +180,7 @@ def iter_local_batches(
     require_caption: bool = True,
     group_images: bool = False,
     row_range: tuple[int, int] | None = None,
+    resize: EvalResize = EVAL_RESIZE,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decoded batches in file order (train: files and rows shuffled per epoch). Bad rows skipped and counted;
     rows without an image (failed downloads) skipped before decoding and counted in ``bad_rows.absent``.
@@ -194,6 +195,8 @@ def iter_local_batches(
     - ``row_range=(lo, hi)``: only the rows whose index in the files' concatenation (listing order, every row
       counted, absent ones too) is in [lo, hi); only the row groups holding them are read. How evaluation splits
       a set over ranks (``evaluate.evaluate_dataset``); keys and bad-row examples keep their rows' file positions.
+    - ``resize``: how an image is made square when ``train`` is False (``images.EvalResize``: an open_clip
+      folder's resize mode and interpolation).
     """
     files = list_parquet_files(str(path))
     check_columns(files, columns, require_caption=require_caption)
@@ -201,7 +204,7 @@ def iter_local_batches(
     spans = _file_spans(files, row_range)
     reader = _RowReader(columns, image_size=image_size, train=train, seed=seed, extra=list(extra_columns),
                         bad_rows=bad_rows if bad_rows is not None else BadRowCount(),
-                        require_caption=require_caption, group_images=group_images)
+                        require_caption=require_caption, group_images=group_images, resize=resize)
     batch = _PendingBatch(image_size, text_length, tokenizer, reader.extra, reader.flags)
     for epoch in range(epochs):
         order = list(range(len(files)))
@@ -247,8 +250,10 @@ class _RowReader:
     """One file's rows, decoded, as the batch takes them: absent rows skipped, bad rows counted in ``bad_rows``."""
 
     def __init__(self, columns: ColumnMap, *, image_size: int, train: bool, seed: int, extra: list[str],
-                 bad_rows: BadRowCount, require_caption: bool, group_images: bool) -> None:
+                 bad_rows: BadRowCount, require_caption: bool, group_images: bool,
+                 resize: EvalResize = EVAL_RESIZE) -> None:
         self.columns, self.image_size, self.train, self.seed = columns, image_size, train, seed
+        self.resize = resize
         self.extra, self.bad_rows = extra, bad_rows
         self.require_caption, self.group_images = require_caption, group_images
         self.user_names = {"label": columns.label, "key": columns.key}
@@ -303,7 +308,7 @@ class _RowReader:
         try:
             if self.require_caption and not has_caption:
                 raise BadImage("empty caption")
-            arr = decode_image(image, self.image_size, train=self.train,
+            arr = decode_image(image, self.image_size, train=self.train, resize=self.resize,
                                rng=row_rng(self.seed, key, epoch) if self.train else None) if new else self.placeholder
         except BadImage as exc:
             self.bad_rows.add(0, 1, [{"file": file, "row": row, "key": key, "reason": str(exc)}])

@@ -297,11 +297,16 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def dataset_json_path(path: str | os.PathLike) -> str:
+    """Where ``read_dataset_json`` looks: ``dataset.json`` in the folder ``path`` names, or beside the file (or
+    pattern) it names; errors about what it says name this file."""
+    path = str(path)
+    return storage.join(path if storage.is_dir(path) else storage.parent(path), "dataset.json")
+
+
 def read_dataset_json(path: str | os.PathLike) -> dict:
     """``dataset.json`` beside the shards ({} when absent). ``path`` may be the folder or a file inside it."""
-    path = str(path)
-    folder = path if storage.is_dir(path) else storage.parent(path)
-    meta = storage.join(folder, "dataset.json")
+    meta = dataset_json_path(path)
     try:
         found = storage.read_json(meta, default={})
     except (ValueError, UnicodeDecodeError) as exc:

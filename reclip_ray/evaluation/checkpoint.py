@@ -10,7 +10,7 @@ import torch
 from reclip_ray.config import full_image_size, full_text_length
 from reclip_ray.errors import ReclipError
 from reclip_ray.evaluation.dataset import evaluate_dataset
-from reclip_ray.evaluation.eval_set import eval_columns, read_classes
+from reclip_ray.evaluation.eval_set import check_label_values, eval_columns, find_label_sets, read_classes
 
 
 def evaluate_checkpoint(
@@ -22,20 +22,23 @@ def evaluate_checkpoint(
     device: str | None = None,
     caption_column: str | None = None,
     image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
     """The CLI's ``reclip-ray eval``: load an exported model, evaluate ``data``, return a JSON-able dict.
 
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
     text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
-    open_clip's on the same images. The eval set is read
+    open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed or centre-cropped; bicubic or
+    bilinear: ``openclip.eval_resize``). The eval set is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
-    canonical name when the eval shards lack it; ``caption_column`` and ``image_column`` name those columns
-    outright.
+    canonical name when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name
+    those columns outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
+    names it in training: CLIP_benchmark's webdataset sets keep it in ``cls``).
     """
     from reclip_ray import storage
     from reclip_ray.data.schema import read_dataset_json
-    from reclip_ray.data.shards import split_pattern
+    from reclip_ray.data.shards import list_parquet_files, split_pattern
 
     if not storage.exists(checkpoint):
         raise ReclipError(f"checkpoint not found: {checkpoint}")
@@ -49,20 +52,24 @@ def evaluate_checkpoint(
     if size % patch:
         raise ReclipError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
-    columns = _columns(data, cfg, caption=caption_column, image=image_column)
+    columns = _columns(data, cfg, caption=caption_column, image=image_column, label=label_column)
+    files = list_parquet_files(data)
+    check_label_values(files, find_label_sets(data, files, columns, classes), columns.label)  # before any encoding
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,
+        resize=getattr(model, "eval_resize", None),  # an open_clip folder's resize mode and interpolation
     )
     return {"checkpoint": str(checkpoint), "data": str(data), "image_size": size,
             "text_length": text_length, "metrics": metrics}
 
 
 def _columns(data: str, cfg: Any, **named: str | None) -> Any:
-    """The eval set's columns (``eval_set.eval_columns``), with the ones ``named`` (``caption=``, ``image=``) when
-    given: a set whose captions are in neither the run's caption column nor ``caption`` would otherwise be scored as
-    captionless, with no retrieval, and one whose images are in neither could not be read. A named column the
-    shards lack is an error naming the flag, not a silent zero-shot-only evaluation."""
+    """The eval set's columns (``eval_set.eval_columns``), with the ones ``named`` (``caption=``, ``image=``,
+    ``label=``) when given: a set whose captions are in neither the run's caption column nor ``caption`` would
+    otherwise be scored as captionless, with no retrieval, one whose images are in neither could not be read, and
+    one whose labels are in neither would fail (its dataset.json classes name a column it lacks). A named column
+    the shards lack is an error naming the flag, not a silent zero-shot-only evaluation."""
     import dataclasses
 
     from reclip_ray.data.schema import ColumnMap, parquet_schema

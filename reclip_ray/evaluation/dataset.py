@@ -12,16 +12,20 @@ metrics run on rank 0 only, in ``chunk x N`` memory.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from reclip_ray.errors import ReclipError
-from reclip_ray.evaluation.eval_set import DEFAULT_TEMPLATES, label_sets, outside_classes
+from reclip_ray.evaluation.eval_set import (DEFAULT_TEMPLATES, find_label_sets, outside_classes,
+                                             warn_duplicate_classes)
 from reclip_ray.evaluation.gather import agree, block, from_rank0, one_step, run_steps
 from reclip_ray.evaluation.grouping import Gathered, Grouped, Slice, gather_slices
 from reclip_ray.evaluation.metrics import retrieval_metrics, towers_autocast, zero_shot_classifier, zero_shot_metrics
+
+if TYPE_CHECKING:
+    from reclip_ray.data.images import EvalResize
 
 
 @torch.no_grad()
@@ -39,13 +43,15 @@ def evaluate_dataset(
     rank: int = 0,
     world_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    resize: EvalResize | None = None,
 ) -> dict[str, float]:
     """Flat metrics dict: ``rows`` (usable rows), ``images`` (unique images), ``captions``, ``absent_rows``,
     ``bad_rows``, ``<label set>/top1|top5|mean_per_class_recall|chance_top1`` for every label set, and, when the
     set has captions, ``image_to_text_r@k`` / ``text_to_image_r@k`` over unique images (see ``grouping.py``).
 
     ``classes`` ({"classes": [...], "templates": [...]}) replaces dataset.json's label sets with one set on the
-    label column (the CLI's ``--classes``).
+    label column (the CLI's ``--classes``). A set that names a class twice is a warning on rank 0, once per eval set
+    (``eval_set.warn_duplicate_classes``): this is where ``reclip-ray eval`` and a run's evaluations meet.
 
     ``world_size`` > 1: every rank of the initialised default ``torch.distributed`` group calls this with the same
     arguments (and its own ``rank``), so that no GPU idles while one rank evaluates. Each rank decodes and encodes
@@ -56,17 +62,23 @@ def evaluate_dataset(
 
     ``autocast_dtype``: the towers run under that autocast (``metrics.towers_autocast``; a training run's
     evaluations pass ``train.precision``'s), else in fp32.
+
+    ``resize`` (``images.EvalResize``): how each image is made square; None: the shorter side resized and
+    centre-cropped, bicubic (reclip-ray's models; an open_clip folder's ``preprocess_cfg`` may say otherwise).
     """
+    from reclip_ray.data.images import EVAL_RESIZE
     from reclip_ray.data.schema import ColumnMap
 
     columns = columns or ColumnMap()
     core = getattr(model, "module", model)
     find = functools.partial(_find_label_sets, data_path, columns, classes)
     files, sets = find() if world_size == 1 else agree(one_step(find), world_size, device)
+    if rank == 0:
+        warn_duplicate_classes(str(data_path), sets)
     label_cols = sorted({spec["column"] for spec in sets.values()})
     read = functools.partial(_encode_rows, core, device, path=str(data_path), image_size=image_size,
                              text_length=text_length, tokenizer=tokenizer, batch_size=batch_size, columns=columns,
-                             extra_columns=label_cols, autocast_dtype=autocast_dtype)
+                             extra_columns=label_cols, autocast_dtype=autocast_dtype, resize=resize or EVAL_RESIZE)
     if world_size == 1:
         got = _read_all(read, label_cols)
     else:
@@ -83,15 +95,11 @@ def evaluate_dataset(
 
 
 def _find_label_sets(data_path: str, columns: Any, classes: dict | None) -> tuple[list[str], dict[str, dict]]:
-    """(the eval set's Parquet files, its label sets); ``--classes`` on a set without the label column fails."""
-    from reclip_ray.data.schema import class_label_sets, parquet_schema, read_dataset_json
+    """(the eval set's Parquet files, its label sets: ``eval_set.find_label_sets``)."""
     from reclip_ray.data.shards import list_parquet_files
 
     files = list_parquet_files(str(data_path))
-    names = parquet_schema(files[0]).names
-    if classes is not None and columns.label not in names:
-        raise ReclipError(f"{data_path}: --classes given but the dataset has no label column {columns.label!r}")
-    return files, label_sets(read_dataset_json(data_path), names, columns.label, classes, class_label_sets(files))
+    return files, find_label_sets(str(data_path), files, columns, classes)
 
 
 def _encode_rows(core: torch.nn.Module, device: str | torch.device, collector: Grouped | Slice,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-from reclip_ray.errors import ReclipError
+from reclip_ray.errors import DataError, ReclipError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -39,24 +40,29 @@ def check_templates(templates: Sequence[str], where: str) -> None:
 
 
 def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
-               class_labels: dict[str, list[str]] | None = None) -> dict[str, dict]:
+               class_labels: dict[str, list[str]] | None = None, *, meta_path: str = "dataset.json",
+               file: str = "the shard") -> dict[str, dict]:
     """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
     dataset.json's ``label_sets`` or ``classes``, the ClassLabel columns of a Hugging Face ``datasets`` export
     (``class_labels``, ``schema.class_label_sets``).
 
     A ClassLabel column is named as dataset.json would name it: the label column (``data.label_column``) is the set
     ``label``; any other is a set named after its column (CIFAR-100's ``fine_label`` and ``coarse_label``). A column
-    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column."""
+    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column.
+
+    Classes in dataset.json (``meta_path``) whose column ``file`` (a shard, whose columns are ``names``) lacks are a
+    one-line error: dropped, a set whose labels are in ``cls`` (CLIP_benchmark's name) scored no zero-shot at all,
+    and said nothing."""
     if classes_override is not None:
         return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
-    sets = _label_sets(meta, names, label_column, class_labels)
+    sets = _label_sets(meta, names, label_column, class_labels, meta_path, file)
     for name, spec in sets.items():
         check_templates(spec["templates"], f"dataset.json (label set {name!r})")  # every set's come from there
     return sets
 
 
-def _label_sets(meta: dict, names: Sequence[str], label_column: str,
-                class_labels: dict[str, list[str]] | None) -> dict[str, dict]:
+def _label_sets(meta: dict, names: Sequence[str], label_column: str, class_labels: dict[str, list[str]] | None,
+                meta_path: str, file: str) -> dict[str, dict]:
     """``label_sets`` without a classes file: dataset.json's sets, else the ClassLabel columns."""
     sets: dict[str, dict] = {}
     if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
@@ -70,14 +76,40 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str,
     if isinstance(meta.get("label_sets"), dict):
         for name, spec in meta["label_sets"].items():
             column = spec.get("column", "label")
-            source = label_column if column == "label" else column
-            if source in names and spec.get("classes"):
-                sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
-                              "source": "dataset.json"}
-    elif meta.get("classes") and label_column in names:
+            if not spec.get("classes"):
+                continue
+            if (label_column if column == "label" else column) not in names:
+                raise DataError(_missing_label_column(meta_path, f"label set {name!r} is", column, label_column,
+                                                      names, file))
+            sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
+                          "source": "dataset.json"}
+    elif meta.get("classes"):
+        if label_column not in names:
+            raise DataError(_missing_label_column(meta_path, "its 'classes' are", "label", label_column, names, file))
         sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
                          "source": "dataset.json"}
     return sets
+
+
+# Column names other tools give the class index, most likely first: the candidates a missing label column suggests
+# (CLIP_benchmark's webdataset ``cls``, torchvision's and timm's ``target``, Hugging Face's ``label``/``labels``).
+LABEL_NAMES = ("label", "cls", "labels", "target", "class", "class_id", "class_idx", "category", "category_id", "y")
+
+
+def _missing_label_column(meta_path: str, what: str, column: str, label_column: str, names: Sequence[str],
+                          file: str) -> str:
+    """One line for dataset.json classes (``what``: whose, and "is"/"are") on a ``column`` the shard lacks: the label
+    column (``column`` 'label') is named by a flag or config key, which the hint gives; another by the set's own
+    ``column`` in dataset.json."""
+    from reclip_ray.data.schema import column_hint
+
+    if column == "label":
+        hint = column_hint("label", [n for n in LABEL_NAMES if n in names and n != label_column])
+        where = f"the label column {label_column!r}"
+    else:
+        hint = "add the column, or correct the set's 'column'"
+        where = f"column {column!r}"
+    return f"{meta_path}: {what} for {where}, which {file} lacks; columns are {sorted(names)} ({hint})"
 
 
 def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: int) -> dict[str, Any]:
@@ -85,14 +117,14 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
 
     Fails (one-line ReclipError / DataError) on: an eval image size that is not a multiple of the patch size, a
     shard without an image column (captions are optional: classification-only sets), no rows at all, a null
-    label or one outside the classes of a label set in dataset.json, and a set with neither captions nor labels.
-    Reads Parquet footers, the label columns and at most the caption column, never the images. Returns
-    ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``.
+    label or one outside the classes of a label set in dataset.json, classes in dataset.json for a column the shards
+    lack, and a set with neither captions nor labels. Reads Parquet footers, the label columns and at most the
+    caption column, never the images. Returns ``{"rows", "files", "label_sets": {name: classes}, "has_captions"}``;
+    a class named twice is a warning (``warn_duplicate_classes``), shown before training starts.
     """
     from reclip_ray.data.local import check_columns, read_shard
-    from reclip_ray.data.schema import ColumnMap, class_label_sets, count_rows, parquet_schema, read_dataset_json
+    from reclip_ray.data.schema import ColumnMap, count_rows, parquet_schema
     from reclip_ray.data.shards import list_parquet_files
-    from reclip_ray.errors import DataError
 
     columns = columns or ColumnMap()
     for size in image_sizes:
@@ -104,27 +136,77 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
     if rows == 0:
         raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
 
-    sets = label_sets(read_dataset_json(path), parquet_schema(files[0]).names, columns.label, None,
-                      class_label_sets(files))
-    source = {name: columns.label if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    sets = find_label_sets(path, files, columns, None)
+    check_label_values(files, sets, columns.label)
+    warn_duplicate_classes(path, sets)
     has_captions = False
     for file in files:
-        names = parquet_schema(file).names
-        for column in sorted(set(source.values())):
-            if column not in names:
-                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
-        if sets:
-            table = read_shard(file, sorted(set(source.values())))
-            for name, spec in sets.items():
-                _check_labels(file, source[name], name, spec, table.column(source[name]))
-        if not has_captions and columns.caption in names:
+        if columns.caption in parquet_schema(file).names:
             captions = read_shard(file, [columns.caption]).column(columns.caption).to_pylist()
-            has_captions = any(c is not None and str(c).strip() for c in captions)
+            if any(c is not None and str(c).strip() for c in captions):
+                has_captions = True
+                break
     if not sets and not has_captions:
         raise DataError(f"{path}: nothing to evaluate: no captions and no label set (dataset.json 'classes' or "
                         "'label_sets', or ClassLabel columns of Hugging Face datasets)")
     return {"rows": rows, "files": len(files), "label_sets": {n: len(s["classes"]) for n, s in sets.items()},
             "has_captions": has_captions}
+
+
+def find_label_sets(data: str, files: Sequence[str], columns: Any, classes: dict | None) -> dict[str, dict]:
+    """The label sets of the eval set ``data`` (its Parquet ``files``): ``label_sets`` of its first shard's columns,
+    its dataset.json and its ClassLabel metadata, or the one set of ``classes`` (a --classes file's), which needs
+    the label column. What every evaluation and check of an eval set scores."""
+    from reclip_ray.data.schema import class_label_sets, dataset_json_path, parquet_schema, read_dataset_json
+
+    names = parquet_schema(files[0]).names
+    if classes is not None and columns.label not in names:
+        raise ReclipError(f"{data}: --classes given but the dataset has no label column {columns.label!r}")
+    return label_sets(read_dataset_json(data), names, columns.label, classes, class_label_sets(files),
+                      meta_path=dataset_json_path(data), file=files[0])
+
+
+def check_label_values(files: Sequence[str], sets: dict[str, dict], label_column: str) -> None:
+    """Every shard has each set's column, and its every label is a class index of the set (``_check_labels``).
+    Reads the label columns only, so a bad label fails in seconds: the launch's check runs it, and ``reclip-ray
+    eval`` before it encodes any image (it found one only after encoding the whole set)."""
+    from reclip_ray.data.local import read_shard
+    from reclip_ray.data.schema import parquet_schema
+
+    source = {name: label_column if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    wanted = sorted(set(source.values()))
+    if not wanted:
+        return
+    for file in files:
+        names = parquet_schema(file).names
+        for column in wanted:
+            if column not in names:
+                raise DataError(f"{file}: missing label column {column!r}; columns are {sorted(names)}")
+        table = read_shard(file, wanted)
+        for name, spec in sets.items():
+            _check_labels(file, source[name], name, spec, table.column(source[name]))
+
+
+_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()  # (eval set, label set, names): warned in this process
+
+
+def warn_duplicate_classes(data: str, sets: dict[str, dict]) -> None:
+    """One line on stderr per label set that names a class twice, once per eval set in a process (a training run
+    evaluates at every phase end and size). Both names give one prompt, so they tie on every image, and a tie
+    counts against the model (``metrics``): their images are never top-1 hits. The rule stays (open_clip's ImageNet
+    list has 'missile' and 'sunglasses' twice, and CLIP_benchmark scores it as it is); the user learns why."""
+    for name, spec in sets.items():
+        where: dict[str, list[int]] = {}
+        for i, c in enumerate(spec["classes"]):
+            where.setdefault(str(c), []).append(i)
+        twins = {c: ids for c, ids in where.items() if len(ids) > 1}
+        key = (str(data), name, tuple(twins))
+        if not twins or key in _WARNED:
+            continue
+        _WARNED.add(key)
+        listed = ", ".join(f"{c!r} (classes {', '.join(map(str, ids))})" for c, ids in twins.items())
+        print(f"[reclip] WARNING: {data}: label set {name!r} names {listed} more than once; their prompts tie and a "
+              f"tie counts against the model, so their images are never top-1 hits", file=sys.stderr, flush=True)
 
 
 def class_index(value: Any) -> int | None:
@@ -151,8 +233,6 @@ def _check_labels(file: str, column: str, set_name: str, spec: dict, values: Any
     """Raise naming the file, column and label set when a label is null, not a class index or outside
     ``range(n_classes)``."""
     import pyarrow as pa
-
-    from reclip_ray.errors import DataError
 
     n_classes = len(spec["classes"])
     if values.null_count:
