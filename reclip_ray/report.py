@@ -387,21 +387,9 @@ def _check_store(uri: str) -> None:
 def _run_exists(uri: str, run_id: str) -> bool:
     """Whether the store has the run. A store that does not answer (a server down) is an error that says so: read
     as "not found", the run would seem lost."""
-    from mlflow.exceptions import MlflowException
-
     from reclip_ray import tracking
 
-    try:
-        tracking.client(uri).get_run(run_id)
-        return True
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        error: Exception = exc
-    except Exception as exc:  # noqa: BLE001 - the store's own errors (a connection, a file), named below
-        error = exc
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    raise ReclipError(f"MLflow at {uri} did not answer for run {run_id}: {lines[0][:300]}")
+    return tracking.find_run(uri, run_id, f"did not answer for run {run_id}") is not None
 
 
 def _search_by_tag(uri: str, run_dir: str) -> str | None:

@@ -136,7 +136,7 @@ def start_or_resume_run(
 ) -> str:
     """Reopen ``run_id`` if this store has it (a restart), else create a run with the flattened config as params."""
     c = client(tracking_uri)
-    run = _run_to_resume(c, tracking_uri, run_id) if run_id else None
+    run = _run_to_resume(tracking_uri, run_id) if run_id else None
     if run is not None:
         c.update_run(run_id, status="RUNNING")
         restarts = int(run.data.tags.get("reclip.restarts", "0")) + 1
@@ -151,26 +151,32 @@ def start_or_resume_run(
     return run.info.run_id
 
 
-def _run_to_resume(c: Any, tracking_uri: str, run_id: str) -> Any:
-    """``run_id``'s run, or None where a new run is right: the store has no such run (the run folder's run is in
-    another store; SQLite, file and server stores all say RESOURCE_DOES_NOT_EXIST) or it was deleted (a resumed run
-    would log into a run no one sees). Any other error (a server that does not answer, a locked database) is one:
-    a new run then split one run's history into two."""
+def find_run(tracking_uri: str, run_id: str, doing: str) -> Any:
+    """``run_id``'s run, or None where the store has no such run (SQLite, file and server stores all say
+    RESOURCE_DOES_NOT_EXIST). Any other error (a server that does not answer, a locked database) is a one-line
+    ``ReclipError``, "MLflow at URI ``doing``: its first line": read as "no such run", a run would seem lost, or a
+    restart would start a second run and split the run's history in two."""
     from mlflow.exceptions import MlflowException
 
     try:
-        run = c.get_run(run_id)
+        return client(tracking_uri).get_run(run_id)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         error: Exception = exc
     except Exception as exc:  # noqa: BLE001 - the store's own errors (a connection, a file), named below
         error = exc
-    else:
-        return None if run.info.lifecycle_stage == "deleted" else run
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    raise ReclipError(f"MLflow at {tracking_uri} could not read run {run_id}, which this run continues (no new run "
-                      f"started: rerun once it can): {lines[0][:300]}") from error
+    raise ReclipError(f"MLflow at {tracking_uri} {doing}: {lines[0][:300]}") from error
+
+
+def _run_to_resume(tracking_uri: str, run_id: str) -> Any:
+    """``run_id``'s run, or None where a new run is right: the store has no such run (the run folder's run is in
+    another store) or it was deleted (a resumed run would log into a run no one sees). Any other error is one
+    (``find_run``)."""
+    run = find_run(tracking_uri, run_id, f"could not read run {run_id}, which this run continues (no new run "
+                                         "started: rerun once it can)")
+    return None if run is None or run.info.lifecycle_stage == "deleted" else run
 
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:

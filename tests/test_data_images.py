@@ -234,23 +234,17 @@ def _decode_peak(path, size: int = 64) -> tuple[int, np.ndarray]:
     a fresh process: PIL allocates outside Python's allocator (tracemalloc sees none). From /proc's VmHWM, the
     high-water mark of the process's own memory: ``ru_maxrss`` starts a child at its parent's peak (pytest's,
     hundreds of MB), which hid any growth below it."""
-    import os
-    import subprocess
-    import sys
+    from child import run_python
 
     script = (
         "import random, sys\n"
         "from reclip_ray.data.images import decode_image\n"
-        "def hwm():\n"
-        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "before = hwm()\n"
         "out = decode_image(data, int(sys.argv[2]), train=True, rng=random.Random(0))\n"
         "sys.stdout.buffer.write((hwm() - before).to_bytes(8, 'little') + out.tobytes())\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", script, str(path), str(size)], capture_output=True, env=env,
-                          timeout=60, check=True)
+    done = run_python(script, str(path), str(size), timeout=60)
+    done.check_returncode()
     return int.from_bytes(done.stdout[:8], "little"), np.frombuffer(done.stdout[8:], np.uint8).reshape(size, size, 3)
 
 

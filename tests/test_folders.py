@@ -241,8 +241,7 @@ def test_a_remote_file_is_copied_to_disk_in_parts_not_held_whole_in_memory(tmp_p
     in every worker at once. It was read whole into memory and then written: twice the file at peak (read_bytes'
     buffer and the bytes made of it). Now its parts go to disk as they come: ``COPY_THREADS`` parts at most. Peak
     RSS growth of a fresh process (VmHWM: the S3 server's memory is this process's, not the child's)."""
-    import subprocess
-    import sys
+    from child import run_python
 
     size = 64 << 20
     data = os.urandom(1 << 20) * (size >> 20)
@@ -253,18 +252,13 @@ def test_a_remote_file_is_copied_to_disk_in_parts_not_held_whole_in_memory(tmp_p
         "import hashlib, os, sys\n"
         "from reclip_ray import folders, storage\n"
         "storage.PART_BYTES, storage.COPY_THREADS = 4 << 20, 4  # 16 MB in flight at most\n"
-        "def hwm():\n"
-        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
         "storage.read_json(sys.argv[1] + '/absent.json')  # the S3 client made before the baseline\n"
         "before = hwm()\n"
         "with folders.local_copy(sys.argv[1] + '/w.safetensors') as local:\n"
         "    grew = hwm() - before\n"
         "    digest = hashlib.sha256(open(local, 'rb').read()).hexdigest()\n"
         "print(grew, os.path.basename(local), digest)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", script, s3_prefix], capture_output=True, text=True, env=env,
-                          timeout=120)
+    done = run_python(script, s3_prefix, timeout=120, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     grew, name, digest = done.stdout.split()
     assert (name, digest) == ("w.safetensors", want)

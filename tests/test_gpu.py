@@ -192,27 +192,9 @@ def test_micro_batches_replay_the_cuda_generator_so_patch_dropout_drops_the_same
     CPU test runs) is saved before its no-grad encode and restored before its re-encode, so patch dropout drops the
     same patches twice and the gradients are those of the loss on the cached features: the reference is built by
     hand, as ``tests/test_patch_dropout.py`` does on the CPU (without the replay 48 of its tensors differ there)."""
-    import copy
+    from test_patch_dropout import check_micro_batch_replay
 
-    from reclip_ray.loss import contrastive_loss
-    from reclip_ray.model import build_model
-    from reclip_ray.pixels import normalize_images
-    from reclip_ray.train.step import train_step
-
-    torch.manual_seed(0)
-    model = build_model(load_config("tiny").model, vocab_size=64).cuda()
-    model.set_patch_dropout(0.5)
-    ref = copy.deepcopy(model).train()
-    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, device="cuda")
-    tokens = torch.randint(3, 64, (8, 16), device="cuda")
-    torch.manual_seed(1)
-    out = [ref(normalize_images(images[s]), tokens[s]) for s in (slice(0, 4), slice(4, 8))]
-    contrastive_loss(torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), out[-1][2]).backward()
-    torch.manual_seed(1)
-    train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, tokens, lr=0.0, grad_clip=0.0,
-               micro_batch=4)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+    check_micro_batch_replay("cuda", rows=4, rtol=1e-3, atol=1e-4)
 
 
 def test_an_evaluation_at_bf16_encodes_under_cuda_autocast_and_returns_fp32():

@@ -68,7 +68,8 @@ def test_a_space_name_that_is_no_single_folder_name_is_refused(tmp_path, name):
     (``<name>-<trial id>``) must be valid run names too, so a space's name has at most 168 bytes."""
     space = tmp_path / "s.yaml"
     space.write_text(f"name: '{name}'\nparams: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: loss\n")
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(space))}: name '.*' is no folder name for run.storage_path"):
+    refused = f"^{re.escape(str(space))}: name '.*' is no folder name for run.storage_path"
+    with pytest.raises(ConfigError, match=refused):
         load_space(space)
 
 
