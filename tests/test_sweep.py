@@ -133,7 +133,8 @@ def test_a_metric_no_report_carries_is_refused_before_ray_starts(tmp_path, metri
                      "budget: {gflops: 300}\n")
     with pytest.raises(ConfigError, match=f"metric '{metric}' is in no trial's report to Tune: use loss, eval/full/"):
         check_trials(load_space(space), load_raw("tiny"))
-    for fine in ("loss", "eval/full/colour/top5", "eval/full/text_to_image_r@10"):
+    for fine in ("loss", "eval/full/colour/top5", "eval/full/text_to_image_r@10",
+                 "eval/full/shape/mean_per_class_recall"):  # every label set's report carries it (metrics.py)
         space.write_text(f"params: {{optim.lr: {{grid: [1.0e-3]}}}}\nmetric: {fine}\nbudget: {{gflops: 300}}\n")
         check_trials(load_space(space), load_raw("tiny"))
 

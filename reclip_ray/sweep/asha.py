@@ -16,8 +16,10 @@ from reclip_ray.sweep.space import Space
 
 
 # What a trial's reports to Tune carry that a sweep can rank by: the training loss, and the evaluation at full
-# resolution (``evaluation/dataset.py``: each label set's top-1 and top-5; retrieval R@1, 5 and 10 both ways).
-TUNE_METRIC = re.compile(r"^(loss|eval/full/(.+/top[15]|(image_to_text|text_to_image)_r@(1|5|10)))$")
+# resolution (``evaluation/dataset.py``: each label set's top-1, top-5 and mean per-class recall; retrieval R@1, 5
+# and 10 both ways).
+TUNE_METRIC = re.compile(r"^(loss|eval/full/(.+/(top[15]|mean_per_class_recall)"
+                         r"|(image_to_text|text_to_image)_r@(1|5|10)))$")
 
 
 def check_metric_names(space: Space) -> None:
@@ -27,7 +29,8 @@ def check_metric_names(space: Space) -> None:
     for where, metric in (("metric", space.metric), ("scheduler.metric", space.scheduler.get("metric"))):
         if metric is not None and not TUNE_METRIC.match(str(metric)):
             raise ConfigError(f"{where} {metric!r} is in no trial's report to Tune: use loss, eval/full/<label set>/"
-                              "top1 (or top5), or eval/full/image_to_text_r@1 (r@5, r@10; or text_to_image_r@...)")
+                              "top1 (top5, mean_per_class_recall), or eval/full/image_to_text_r@1 (r@5, r@10; or "
+                              "text_to_image_r@...)")
 
 
 def asha_metric(space: Space) -> str:
