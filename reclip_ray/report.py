@@ -389,7 +389,7 @@ def _run_exists(uri: str, run_id: str) -> bool:
     as "not found", the run would seem lost."""
     from reclip_ray import tracking
 
-    return tracking.find_run(uri, run_id, f"did not answer for run {run_id}") is not None
+    return tracking.find_run(uri, run_id, f"could not read run {run_id}") is not None
 
 
 def _search_by_tag(uri: str, run_dir: str) -> str | None:

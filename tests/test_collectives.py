@@ -90,11 +90,12 @@ def test_a_checkpoint_by_time_follows_rank_0s_clock_on_every_rank(tmp_path):
 
 def _init_from_worker(rank: int, world: int, init_file: str, out: str, cfg_yaml: str, tokenizer: str, weights: str,
                       init_sync: bool) -> None:
-    """As ``Worker`` starts: the same seed on every rank, ``model.init_from`` read by rank 0 alone, then the DDP
-    wrap; records a checksum of every rank's parameters and buffers, and of the weights file's."""
+    """As ``Worker`` starts: the same seed on every rank, ``init_from_rank0`` (``Worker._restore``'s call), then the
+    DDP wrap; records how often this rank read the weights, and checksums of its parameters and buffers and of the
+    weights file's."""
+    from reclip_ray import init_weights
     from reclip_ray.config import from_dict
     from reclip_ray.data.tokenizer import load_tokenizer
-    from reclip_ray.init_weights import init_from, read_state
     from reclip_ray.model import build_model
 
     import yaml
@@ -103,19 +104,21 @@ def _init_from_worker(rank: int, world: int, init_file: str, out: str, cfg_yaml:
     cfg = from_dict(yaml.safe_load(cfg_yaml))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tokenizer=load_tokenizer(tokenizer))
-    if rank == 0:
-        init_from(model, weights)
+    reads, read_state = [], init_weights.read_state
+    init_weights.read_state = lambda *a, **k: reads.append(1) or read_state(*a, **k)
+    init_weights.init_from_rank0(model, weights, rank)
     ddp = torch.nn.parallel.DistributedDataParallel(model, init_sync=init_sync)
-    state = ddp.module.state_dict()
     source, _ = read_state(weights, pool=cfg.model.vision.pool)
-    _leave(rank, out, {"model": {k: float(v.double().sum()) for k, v in state.items()},
+    state = ddp.module.state_dict()
+    _leave(rank, out, {"reads": len(reads), "model": {k: float(v.double().sum()) for k, v in state.items()},
                        "weights": {k: float(v.double().sum()) for k, v in source.items()}})
 
 
 def test_init_from_read_by_rank_0_alone_reaches_every_rank_through_the_ddp_wrap(tmp_path, tokenizer_path):
-    """``Worker._restore`` reads ``model.init_from`` on rank 0 only (a vit-l-16 file is 1.7 GB: read once, not once
-    per GPU) and leaves the other ranks to DDP's wrap, which broadcasts rank 0's parameters and buffers. Here every
-    rank ends with the file's weights; without the broadcast (``init_sync=False``) rank 1 keeps its own."""
+    """``Worker._restore`` reads ``model.init_from`` on rank 0 only (``init_from_rank0``: a vit-l-16 file is 1.7 GB,
+    read once, not once per GPU) and leaves the other ranks to DDP's wrap, which broadcasts rank 0's parameters and
+    buffers. Here every rank ends with the file's weights, read once; without the broadcast (``init_sync=False``)
+    rank 1 keeps its own."""
     from reclip_ray.config import load_config
     from reclip_ray.data.tokenizer import load_tokenizer
     from reclip_ray.export import export_model
@@ -127,6 +130,7 @@ def test_init_from_read_by_rank_0_alone_reaches_every_rank_through_the_ddp_wrap(
     export_model(build_model(cfg.model, tokenizer=tok), tok, cfg, tmp_path / "weights")
     args = (cfg.to_yaml(), str(tokenizer_path), str(tmp_path / "weights"))
     synced = _spawn(tmp_path, "init-from", _init_from_worker, 2, *args, True)
+    assert [rank["reads"] for rank in synced] == [1, 0]
     for rank in synced:
         assert rank["model"] == synced[0]["model"]
         assert all(rank["model"][k] == v for k, v in rank["weights"].items()), "a rank trains without the weights"

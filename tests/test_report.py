@@ -129,7 +129,7 @@ def test_a_tracking_server_that_does_not_answer_is_not_a_run_not_found(tmp_path,
     run_dir.mkdir()
     (run_dir / report.RUN_STATE_FILE).write_text(json.dumps({"mlflow_run_id": "0" * 32,
                                                              "tracking_uri": f"http://127.0.0.1:{port}"}))
-    with pytest.raises(ReclipError, match=f"MLflow at http://127.0.0.1:{port} did not answer for run 0{{32}}: "):
+    with pytest.raises(ReclipError, match=f"MLflow at http://127.0.0.1:{port} could not read run 0{{32}}: "):
         report.report_run(str(run_dir))
 
 

@@ -154,12 +154,12 @@ class Worker:
                 self.state = load_checkpoint(ckpt_dir, self.model, self.optimizer,
                                              source=storage.join(self.run_dir, self.restored_from), config=self.cfg)
             self.state.mlflow_run_id = mlflow_run_id
-        elif self.cfg.model.init_from and self.rank == 0:  # only a fresh start: a resumed run's checkpoint wins
-            # Rank 0 alone reads the weights: DDP's wrap (_wrap_ddp) broadcasts rank 0's parameters and buffers to the
-            # others, so a 64-GPU run reads a 1.7 GB vit-l-16 file once, not 64 times (tests/test_collectives.py).
-            from reclip_ray.init_weights import init_from
+        elif self.cfg.model.init_from:  # only a fresh start: a resumed run's checkpoint wins
+            from reclip_ray.init_weights import init_from_rank0
 
-            line = init_from(self.model, self.cfg.model.init_from)
+            line = init_from_rank0(self.model, self.cfg.model.init_from, self.rank)  # the others: DDP's broadcast
+            if line is None:
+                return
             self.say(line)
             # One point per application: a resumed run must add none (tests/test_reliability.py checks).
             tracking.log_metrics(self.tracking_uri, self.run_id, {"init_from_applied": 1}, step=0)
