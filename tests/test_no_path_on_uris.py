@@ -45,7 +45,6 @@ LOCAL_ONLY = {
     ("sweep/space.py", "load_space", "path"): "a search-space YAML file, read by the driver like a config file",
     ("sweep/run.py", "open_sweep", "space_path"): "the search-space YAML file (as above)",
     ("report.py", "_check_store", "uri[len('sqlite:///'):]"): "an SQLite file: a local database by nature",
-    ("tracking.py", "resolve_tracking_uri", "uri"): "a bare path to an SQLite file (local by nature)",
     ("tracking.py", "default_artifact_root", "tracking_uri[len('sqlite:///'):]"): "beside the SQLite file",
     ("train/checkpoint.py", "save_checkpoint", "directory"): "a local temp folder: Ray Train uploads it",
     ("train/checkpoint.py", "read_state", "directory"): "Checkpoint.as_directory(): Ray Train's local copy",
