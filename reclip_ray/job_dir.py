@@ -21,14 +21,20 @@ HOME_ENV = "RECLIP_RAY_HOME"
 DEFAULT_HOME = "~/reclip-ray"
 
 
-def temporary_working_dir() -> str | None:
-    """The working directory when it is the copy Ray made of a job's ``--working-dir`` (Ray's job supervisor hands
-    the job's runtime environment to its driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``), else None."""
+def ray_job_config() -> dict:
+    """What Ray's job supervisor hands a ``ray job submit`` entrypoint (its driver) in ``RAY_JOB_CONFIG_JSON_ENV_VAR``:
+    the job's ``runtime_env`` and ``metadata``; {} outside a job."""
     try:
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     except ValueError:
-        return None
-    runtime_env = job.get("runtime_env") if isinstance(job, dict) else None
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+def temporary_working_dir() -> str | None:
+    """The working directory when it is the copy Ray made of a job's ``--working-dir`` (``ray_job_config``'s
+    runtime environment names one), else None."""
+    runtime_env = ray_job_config().get("runtime_env")
     if not isinstance(runtime_env, dict) or not runtime_env.get("working_dir"):
         return None
     return os.getcwd()

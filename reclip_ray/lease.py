@@ -24,7 +24,6 @@ one small object checked and rewritten every ``HEARTBEAT_S`` (on S3 a HEAD, a GE
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -127,10 +126,10 @@ def _host(holder: dict[str, Any]) -> str:
 def _ray_job() -> str | None:
     """The Ray job submission id when this driver runs as a `ray job submit` entrypoint (Ray's job supervisor
     hands it to the driver in its job config), for the refusal's `ray job stop ID`."""
-    try:
-        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))["metadata"]["job_submission_id"]
-    except (KeyError, TypeError, ValueError):
-        return None
+    from reclip_ray.job_dir import ray_job_config
+
+    metadata = ray_job_config().get("metadata")
+    return metadata.get("job_submission_id") if isinstance(metadata, dict) else None
 
 
 class Lease:

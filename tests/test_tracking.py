@@ -24,6 +24,7 @@ def test_in_a_ray_jobs_temporary_working_dir_outputs_go_to_reclip_ray_home(tmp_p
     or when Ray cleared its cache. Outputs go to $RECLIP_RAY_HOME there; inputs still resolve in the copy."""
     import json
 
+    from reclip_ray import lease
     from reclip_ray.config import absolute
     from reclip_ray.job_dir import output_base, output_note
 
@@ -40,11 +41,12 @@ def test_in_a_ray_jobs_temporary_working_dir_outputs_go_to_reclip_ray_home(tmp_p
     assert absolute("reclip_runs", output_base()) == str(home / "reclip_runs")
     assert absolute("reclip_data/train") == str(pkg / "reclip_data" / "train")  # submitted with the job
     assert str(home) in output_note()
+    assert lease._ray_job() == "raysubmit"  # the lease's refusal names the job from the same config (ray_job_config)
     # A job without --working-dir, or no job: the working directory, as before
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
     assert tracking.resolve_tracking_uri() == f"sqlite:///{pkg / 'mlflow.db'}" and output_note() is None
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert output_base() == pkg
+    assert output_base() == pkg and lease._ray_job() is None
 
 
 def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str, class_label
             column = spec.get("column", "label")
             if not spec.get("classes"):
                 continue
-            if (label_column if column == "label" else column) not in names:
+            if source_column(column, label_column) not in names:
                 raise DataError(_missing_label_column(meta_path, f"label set {name!r} is", column, label_column,
                                                       names, file))
             sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
@@ -89,6 +89,12 @@ def _label_sets(meta: dict, names: Sequence[str], label_column: str, class_label
         sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
                          "source": "dataset.json"}
     return sets
+
+
+def source_column(column: str, label_column: str) -> str:
+    """The shard column a label set's ``column`` reads: ``label`` stands for the label column (``data.label_column``,
+    ``--label-column``), any other name for itself."""
+    return label_column if column == "label" else column
 
 
 # Column names other tools give the class index, most likely first: the candidates a missing label column suggests
@@ -173,7 +179,7 @@ def check_label_values(files: Sequence[str], sets: dict[str, dict], label_column
     from reclip_ray.data.local import read_shard
     from reclip_ray.data.schema import parquet_schema
 
-    source = {name: label_column if spec["column"] == "label" else spec["column"] for name, spec in sets.items()}
+    source = {name: source_column(spec["column"], label_column) for name, spec in sets.items()}
     wanted = sorted(set(source.values()))
     if not wanted:
         return
