@@ -142,10 +142,12 @@ def test_micro_batch_at_least_the_local_batch_is_the_plain_step_bit_for_bit(refe
     assert all(torch.equal(p, reference["params"][n]) for n, p in got["params"].items())
 
 
-def _compiled_under_ddp(rank: int) -> dict:
+def _compiled_under_ddp(rank: int, grad_checkpointing: bool = False) -> dict:
     """``train.compile`` with micro-batches under DDP: the training graph must be compiled inside DDP's forward, where
     dynamo splits it at the gradient buckets (DDPOptimizer) so that each bucket's all-reduce overlaps the rest of
-    the backward. Counted by wrapping DDPOptimizer.compile_fn; ``aot_eager`` (no code generation) keeps it quick."""
+    the backward. Counted by wrapping DDPOptimizer.compile_fn; ``aot_eager`` (no code generation) keeps it quick.
+    With ``grad_checkpointing`` the blocks are recomputed in the backward (the worker's order: checkpointing, then
+    compile, then the DDP wrap), which must change no number."""
     import torch._dynamo
     import torch._dynamo.backends.distributed as ddp_backend
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -153,18 +155,22 @@ def _compiled_under_ddp(rank: int) -> dict:
     from reclip_ray.train.step import compile_model
 
     torch._dynamo.reset()
-    split = []
+    split = []  # the code of each graph DDPOptimizer compiled
     compile_fn = ddp_backend.DDPOptimizer.compile_fn
-    ddp_backend.DDPOptimizer.compile_fn = lambda self, gm, inputs: split.append(1) or compile_fn(self, gm, inputs)
+    ddp_backend.DDPOptimizer.compile_fn = lambda self, gm, inputs: split.append(gm.code) or compile_fn(self, gm, inputs)
     try:
         # Buckets of 1 MB: several for this model (DDP's 25 MB would hold it whole, and leave nothing to split).
-        ddp = DDP(compile_model(_model(), backend="aot_eager"), find_unused_parameters=False, bucket_cap_mb=1)
+        model = _model()
+        model.set_grad_checkpointing(grad_checkpointing)
+        ddp = DDP(compile_model(model, backend="aot_eager"), find_unused_parameters=False, bucket_cap_mb=1)
         result = _run(ddp, slice(8 * rank, 8 * rank + 8), micro_batch=GLOBAL // 4, local_loss=True,
                       gather_with_grad=True, local_batch_sizes=[8, 8])
     finally:
         ddp_backend.DDPOptimizer.compile_fn = compile_fn
         torch._dynamo.reset()
-    return {**result, "ddp_optimizer_graphs": len(split)}
+    # dynamo traces a checkpointed block as one higher-order op: counted, so the case really recomputes in backward
+    return {**result, "ddp_optimizer_graphs": len(split),
+            "checkpointed_ops": sum(code.count("tag_activation_checkpoint") for code in split)}
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -182,6 +188,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
         results[name] = _run(ddp, slice(8 * rank, 8 * rank + 8), micro_batch=micro, local_loss=True,
                              gather_with_grad=True, local_batch_sizes=[8, 8])
     results["ddp-micro-compiled"] = _compiled_under_ddp(rank)
+    results["ddp-micro-compiled-checkpointed"] = _compiled_under_ddp(rank, grad_checkpointing=True)
     if rank == 0:
         torch.save(results, out)
     leave()
@@ -198,9 +205,11 @@ def test_two_workers_with_and_without_micro_batches_equal_the_global_batch(tmp_p
     results = torch.load(out, weights_only=False)
     for name, *_, loss in RANK_CASES:
         _assert_same(results[name], reference_siglip if loss == "siglip" else reference, name)
-    compiled = results["ddp-micro-compiled"]
-    _assert_same(compiled, reference, "ddp-micro-compiled")
-    assert compiled["ddp_optimizer_graphs"] >= 1  # the training graph was compiled inside DDP's forward
+    for name in ("ddp-micro-compiled", "ddp-micro-compiled-checkpointed"):
+        _assert_same(results[name], reference, name)
+        assert results[name]["ddp_optimizer_graphs"] >= 1, name  # the training graph was compiled in DDP's forward
+    assert results["ddp-micro-compiled"]["checkpointed_ops"] == 0
+    assert results["ddp-micro-compiled-checkpointed"]["checkpointed_ops"] >= 2  # a block of each tower
     for name, _ in BF16_CASES:
         got = results[name]
         assert got["loss"][0] == pytest.approx(reference["loss"][0], rel=RTOL), name  # the same first forward
