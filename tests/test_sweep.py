@@ -239,6 +239,9 @@ def test_an_interrupted_sweep_resumes_whichever_keys_it_started_with(ray_session
         params = [trial_params(r.config) for r in grid]
         assert sorted((p["optim.lr"], p["data.eval"]) for p in params) == expected, (legacy, params)
         assert all(trial_setup_of(r.config)["sweep"] == root.name for r in grid)
+        # Every trial, the one run again included, keeps the setup the sweep started with (README: a preset
+        # changed by an upgrade does not reach a resumed sweep), not the one given to restore_tuner
+        assert all(trial_setup_of(r.config)["base_raw"] == setup["base_raw"] for r in grid)
         trained = {p.name: len(p.read_text().splitlines()) for p in runs.glob(f"{root.name}-*")}
         assert trained == {f"{root.name}-{lr}-{ev}": 2 if (lr, ev) == (1e-9, "broken") else 1
                            for lr, ev in expected}, trained
@@ -767,13 +770,127 @@ def test_a_rerun_with_an_edited_space_is_refused_where_tune_would_resume_the_old
         open_parent("[32, 48]", ["train.batch_size=128"])
     (sweep_dir / "tune" / "tuner.pkl").unlink()
     assert open_parent("[32, 48, 64]", []) != parent
-    # A base YAML counts by its text: `ray job submit` unpacks the working folder at a new path each time.
+    # A base YAML counts by what it holds: `ray job submit` unpacks the working folder at a new path each time.
     copies = [tmp_path / "a" / "base.yaml", tmp_path / "b" / "base.yaml"]
     for copy in copies:
         copy.parent.mkdir()
         copy.write_text("name: tiny\n")
     assert sweep_definition(load_space(space), str(copies[0]), []) == sweep_definition(load_space(space),
                                                                                        str(copies[1]), [])
+
+
+def test_a_sweep_counts_its_base_file_by_what_it_holds_and_a_preset_by_its_name(tmp_path, monkeypatch):
+    """The definition a rerun compares holds the base file's settings: an edit of a file without a YAML suffix
+    (recorded by its path, its edits unseen) is seen, a comment is not one, and two copies at two paths are one sweep.
+    A preset counts by name: an upgrade that changes it does not refuse the sweep, whose trials Tune resumes with the
+    config they started with. A record of the form written before (a YAML base as its text) still resumes."""
+    import yaml
+
+    import reclip_ray.sweep.run as run
+    from reclip_ray.sweep.run import _continues_sweep, sweep_definition
+
+    space_file, sweep_dir = tmp_path / "s.yaml", tmp_path / "s"
+    space_file.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nbudget: {gflops: 300}\n")
+    space = load_space(space_file)
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(b"")  # Tune's state: a rerun would resume the sweep
+
+    def rerun(before: dict, config: str | None) -> bool:
+        return _continues_sweep({"definition": before}, sweep_definition(space, config, []), str(sweep_dir), space)
+
+    plain = tmp_path / "base"  # a config file load_raw reads whatever its suffix
+    plain.write_text("name: mine\ntrain: {seed: 1}\n")
+    started = sweep_definition(space, str(plain), [])
+    plain.write_text("name: mine\ntrain: {seed: 1}  # a comment is no edit\n")
+    assert rerun(started, str(plain))
+    plain.write_text("name: mine\ntrain: {seed: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(sweep_dir))}: the sweep there started with another "
+                                          r"base \(or --config\), and a rerun resumes it as it started"):
+        rerun(started, str(plain))
+    assert started["base"] == {"name": "mine", "train": {"seed": 1}}
+
+    # A preset by its name: an upgrade of reclip-ray that changes it is no edit of the sweep
+    started = sweep_definition(space, "tiny", [])
+    monkeypatch.setattr(run, "load_raw", lambda name: {"name": "tiny", "train": {"seed": 99}})
+    assert sweep_definition(space, "tiny", []) == started and rerun(started, "tiny")
+    monkeypatch.undo()
+
+    # Records written before: a YAML base as its text (the name a file without one takes is its stem, not in it)
+    base = tmp_path / "a" / "base.yaml"
+    base.parent.mkdir()
+    base.write_text("train: {seed: 1}\n")
+    old_form = {**sweep_definition(space, str(base), []), "base": base.read_text()}
+    assert sweep_definition(space, str(base), [])["base"] == {"train": {"seed": 1}, "name": "base"}
+    assert rerun(old_form, str(base))
+    assert rerun({**old_form, "base": "tiny"}, "tiny")  # a preset's old record is its name, as now
+    assert rerun({**old_form, "base": str(plain)}, str(plain))  # another suffix's: its path, content unknown
+    base.write_text(yaml.safe_dump({"train": {"seed": 2}}))
+    with pytest.raises(ConfigError, match=r"started with another base \(or --config\)"):
+        rerun(old_form, str(base))
+    with pytest.raises(ConfigError, match=r"started with another base \(or --config\)"):
+        rerun({**old_form, "base": "tiny"}, str(base))  # a preset then, a file now
+
+
+def test_a_sweep_whose_saved_asha_ranks_the_loss_highest_first_is_refused_and_a_fifo_one_resumes(tmp_path):
+    """A sweep started before ``mode`` defaulted to ``min`` for ``metric: loss`` recorded ``mode: max`` (or nothing,
+    before the record existed), and Tune saved its ASHA with mode max in ``tune/tuner.pkl``: ``Tuner.restore`` resumes
+    it with that scheduler, which keeps the trials with the highest loss, while the results rank by min. Refused in
+    one line naming the folder. Under FIFO Tune never acted on the mode: that sweep resumes, ranked by min. The
+    state here is Tune's own, written by a ``Tuner`` the sweep's way (making one starts no Ray)."""
+    import dataclasses
+
+    from ray import tune
+
+    from reclip_ray.sweep.asha import make_scheduler
+    from reclip_ray.sweep.run import _continues_sweep, sweep_definition
+    from reclip_ray.sweep.space import tune_param_space
+
+    axis = {"max_t": 300.0, "grace": 75.0, "reduction_factor": 2.0}
+
+    def saved_sweep(name: str, space, scheduler, metric=None, mode=None) -> Path:
+        """A sweep folder with Tune's state as a Tuner made with ``scheduler`` saves it."""
+        tune.Tuner(lambda config: None, param_space=tune_param_space(space, {}),
+                   tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler),
+                   run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path / name)))
+        return tmp_path / name
+
+    def rerun(sweep_dir: Path, state: dict, space) -> bool:
+        return _continues_sweep(state, sweep_definition(space, None, []), str(sweep_dir), space)
+
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nbudget: {gflops: 300}\n")
+    space = load_space(space_file)  # mode min: the default for loss now
+    before = dataclasses.replace(space, mode="max")  # what the same file gave before
+    refused = (rf"^{re.escape(str(tmp_path / 'old'))}: the sweep there has Tune's ASHA keep the trials with the "
+               r"highest loss at each rung \(mode max: it started before a loss was minimised by default\), and a "
+               r"rerun resumes it with that scheduler, where this space's uses mode min: give this sweep another "
+               r"name \(the space's name:\) to run it afresh$")
+    old = saved_sweep("old", space, make_scheduler(before, axis))
+    with pytest.raises(ConfigError, match=refused):
+        rerun(old, {}, space)  # started before sweep_state.json held a definition
+    with pytest.raises(ConfigError, match=refused):
+        rerun(old, {"definition": sweep_definition(before, None, [])}, space)  # its definition says mode max
+    now = saved_sweep("now", space, make_scheduler(space, axis))
+    assert rerun(now, {"definition": sweep_definition(space, None, [])}, space)
+
+    fifo = dataclasses.replace(space, scheduler={**space.scheduler, "name": "fifo"})
+    old_fifo = saved_sweep("old_fifo", fifo, make_scheduler(fifo, None), "loss", "max")
+    assert rerun(old_fifo, {"definition": sweep_definition(dataclasses.replace(fifo, mode="max"), None, [])}, fifo)
+    assert rerun(old_fifo, {}, fifo)
+
+    # A scheduler.metric loss under an evaluation metric was ranked by the sweep's mode (max) before 7a709bb
+    space_file.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/shape/top1\n"
+                          "scheduler: {metric: loss}\nbudget: {gflops: 300}\n")
+    evaluated = load_space(space_file)
+    legacy = saved_sweep("legacy", evaluated, tune.schedulers.ASHAScheduler(
+        time_attr="gflops_total", metric="loss", mode="max", max_t=300.0, grace_period=75.0))
+    with pytest.raises(ConfigError, match=r"keep the trials with the highest loss at each rung"):
+        rerun(legacy, {}, evaluated)
+    # A mode edited since on a sweep that records one is an edit, named as one
+    flipped = dataclasses.replace(evaluated, mode="min", scheduler={**evaluated.scheduler, "metric": None})
+    edited = saved_sweep("edited", evaluated, make_scheduler(dataclasses.replace(flipped, mode="max"), axis))
+    with pytest.raises(ConfigError, match=r"started with another mode, and a rerun resumes it as it started"):
+        rerun(edited, {"definition": sweep_definition(dataclasses.replace(flipped, mode="max"), None, [])}, flipped)
 
 
 def test_the_sweep_metric_view_is_named_in_the_sweep_module():

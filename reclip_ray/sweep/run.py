@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from reclip_ray import storage
-from reclip_ray.config import Config, ConfigError, apply_overrides, from_dict, load_raw
+from reclip_ray.config import CONFIG_PRESETS, Config, ConfigError, apply_overrides, from_dict, load_raw
 from reclip_ray.flops import run_flops
 from reclip_ray.lease import Lease
 from reclip_ray.run_names import FULL
-from reclip_ray.sweep.asha import asha_axis, asha_metric, check_metric_names, make_scheduler
+from reclip_ray.sweep.asha import asha_axis, asha_metric, asha_mode, check_metric_names, make_scheduler
 from reclip_ray.sweep.progress import UNFINISHED, progress_callback
 from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
@@ -229,32 +231,101 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
 
 def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> dict[str, Any]:
     """What decides a sweep's trials and how Tune runs them: the space as read, its base replaced by ``--config``
-    and ``--set`` after its own ``set``, as plain data (``sweep_state.json`` keeps it). A base YAML file counts by
-    its text: its absolute path differs between two ``ray job submit``s of one sweep (a new working folder each)."""
+    and ``--set`` after its own ``set``, as plain data (``sweep_state.json`` keeps it).
+
+    A base file counts by the mapping read from it (``load_raw``: the one file a config is, no other; a comment or
+    its absolute path, which differs between two ``ray job submit``s of one sweep, each in a new working folder, does
+    not count). A preset (``base: tiny``, ``model: vit-b-16``) counts by its name, not by what the installed
+    reclip-ray holds for it: an upgrade that changes a preset is no edit of the sweep, and does not reach it. Tune
+    resumes every trial, the ones not yet started too, with the base config saved at the sweep's start (each trial's
+    ``_setup``; ``tune.run`` does not read a restored sweep's ``param_space`` again), so the sweep goes on as it
+    started; refusing would only strand it. A user's edit of the base file does not reach the trials either, but was
+    meant to: that is refused (``_continues_sweep``). Earlier versions recorded a YAML base by its text
+    (``_changed_keys`` reads that form too)."""
     base = config or space.base
-    if base.endswith((".yaml", ".yml")) and os.path.isfile(base):
-        with open(base) as f:
-            base = f.read()
-    return json.loads(json.dumps({**dataclasses.asdict(space), "base": base, "overrides": space.overrides + overrides}))
+    raw: Any = base if base in CONFIG_PRESETS else load_raw(base)
+    return json.loads(json.dumps({**dataclasses.asdict(space), "base": raw, "overrides": space.overrides + overrides}))
 
 
-def _continues_sweep(state: dict[str, Any], definition: dict[str, Any] | None, sweep_dir: str) -> bool:
+def _changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys in which the definition a sweep started with (``sweep_state.json``) differs from ``now``.
+
+    Read in the forms earlier versions wrote: a YAML base as its text, compared by the mapping
+    it parses to (the name a file without one takes from its stem, which the text lacks, aside); a base file of
+    another suffix as its path, whose content the record never held (as before, not compared). And a ``mode: max``
+    with ``metric: loss`` (the default for loss before 2026-12-07, refused since) reads as the ``min`` that space
+    gives now: only ASHA acted on it, and ``_check_saved_asha`` refuses a sweep whose ASHA did."""
+    before = dict(before)
+    old_base = before.get("base")
+    if isinstance(old_base, str) and isinstance(now.get("base"), dict):
+        parsed = yaml.safe_load(old_base) if old_base not in CONFIG_PRESETS else old_base
+        if isinstance(parsed, dict):
+            before["base"] = {**parsed, **({} if "name" in parsed else {"name": now["base"].get("name")})}
+        elif old_base not in CONFIG_PRESETS:
+            before["base"] = now["base"]
+    if before.get("metric") == "loss" and before.get("mode") == "max":
+        before["mode"] = "min"
+    return [k for k in now if json.dumps(before.get(k), sort_keys=True) != json.dumps(now[k], sort_keys=True)]
+
+
+def _saved_asha(tune_dir: str) -> tuple[str, str] | None:
+    """The metric and mode of the ASHA scheduler Tune saved with a sweep (``tuner.pkl``, written when the sweep's
+    Tuner was made, and what ``Tuner.restore`` resumes the sweep with: its scheduler is not made again); None for
+    another scheduler, or a state this cannot read (``Tuner.restore`` then says why)."""
+    import ray.cloudpickle as pickle
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    try:
+        state = pickle.loads(storage.read_bytes(storage.join(tune_dir, "tuner.pkl")))
+        scheduler = state["_tune_config"].scheduler
+    except Exception:  # noqa: BLE001 - anything: the sweep resumes as it would have, and Tune reports it
+        return None
+    if not isinstance(scheduler, AsyncHyperBandScheduler) or getattr(scheduler, "_mode", None) not in ("max", "min"):
+        return None
+    return str(scheduler.metric), scheduler._mode
+
+
+def _check_saved_asha(space: Space, tune_dir: str) -> None:
+    """A sweep whose saved ASHA ranks its metric the other way than this space's would is refused: a sweep started
+    before ``mode`` defaulted to ``min`` for ``metric: loss`` (2026-12-07), or before a ``scheduler.metric: loss``
+    was minimised (7a709bb), has ASHA keep the trials with the highest loss at each rung. ``Tuner.restore`` resumes
+    it with that scheduler, and the trials it stopped for learning most stay stopped, while the results would rank
+    by the space's mode: no resume makes that one sweep, so one line before Ray starts says to run it afresh."""
+    saved = _saved_asha(tune_dir) if space.scheduler["name"] == "asha" else None
+    if saved is None or saved[0] != asha_metric(space) or saved[1] == asha_mode(space):
+        return
+    most = "highest" if saved[1] == "max" else "lowest"
+    raise ConfigError(f"{storage.parent(tune_dir)}: the sweep there has Tune's ASHA keep the trials with the {most} "
+                      f"{saved[0]} at each rung (mode {saved[1]}: it started before a loss was minimised by default), "
+                      f"and a rerun resumes it with that scheduler, where this space's uses mode {asha_mode(space)}: "
+                      "give this sweep another name (the space's name:) to run it afresh")
+
+
+def _continues_sweep(state: dict[str, Any], definition: dict[str, Any] | None, sweep_dir: str,
+                     space: Space) -> bool:
     """Whether this run continues the sweep in the folder: it started with ``definition``. Where it did not and
     Tune has its state there, a refusal: a rerun resumes a sweep as it started (``Tuner.restore`` keeps its trials'
     configs, its scheduler and its limits), so a space edited since would report the old trials as its own, or, for
     a changed domain, fail on MLflow's refusal to change the parent run's params. One line before Ray starts
-    instead. Without Tune's state no trial of it ran: False, and the caller starts afresh."""
+    instead. Without Tune's state no trial of it ran: False, and the caller starts afresh. With Tune's state, a
+    scheduler saved ranking the other way than ``space``'s is refused too (``_check_saved_asha``), whatever the
+    record says (a sweep started before the record existed has none)."""
     from ray import tune
 
+    tune_dir = storage.join(sweep_dir, "tune")
+    restorable = tune.Tuner.can_restore(storage.pyarrow_uri(tune_dir))
     before = state.get("definition")
-    if before is None or definition is None or before == definition:  # a sweep started before this check: as is
-        return True
-    if not tune.Tuner.can_restore(storage.pyarrow_uri(storage.join(sweep_dir, "tune"))):
+    changed = _changed_keys(before, definition) if before is not None and definition is not None else []
+    if changed and not restorable:
         return False
-    changed = ["set (or --set)" if k == "overrides" else "base (or --config)" if k == "base" else k
-               for k in definition if before.get(k) != definition[k]]
-    raise ConfigError(f"{sweep_dir}: the sweep there started with another {', '.join(changed)}, and a rerun resumes "
-                      "it as it started: rerun it as it was to resume it, or give this one another name")
+    if changed:
+        changed = ["set (or --set)" if k == "overrides" else "base (or --config)" if k == "base" else k
+                   for k in changed]
+        raise ConfigError(f"{sweep_dir}: the sweep there started with another {', '.join(changed)}, and a rerun "
+                          "resumes it as it started: rerun it as it was to resume it, or give this one another name")
+    if restorable:  # the same sweep, or one started before this check: as is, unless Tune would resume it otherwise
+        _check_saved_asha(space, tune_dir)
+    return True
 
 
 def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experiment: str,
@@ -263,7 +334,7 @@ def _parent_run(space: Space, space_text: str, prep: Any, sweep_dir: str, experi
 
     state_path = storage.join(sweep_dir, "sweep_state.json")
     state = storage.read_json(state_path, default={})
-    if not _continues_sweep(state, definition, sweep_dir):
+    if not _continues_sweep(state, definition, sweep_dir, space):
         state = {}  # it never got to Tune: this sweep starts afresh, in a parent run of its own
     parent = tracking.start_or_resume_run(
         prep.tracking_uri, experiment, space.name, state.get("parent_run_id"), prep.cfg,
