@@ -29,8 +29,9 @@ def evaluate_checkpoint(
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
     text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
-    open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed or centre-cropped; bicubic or
-    bilinear: ``openclip.eval_resize``). The eval set is read
+    open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed, centre-cropped or fitted by
+    the longer side and padded with its ``fill_color``; bicubic or bilinear: ``openclip.eval_resize``). The eval set
+    is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
     canonical name when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name
     those columns outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
