@@ -510,6 +510,20 @@ def test_hugging_face_classlabels_are_the_label_sets(tmp_path):
     assert m["label/top1"] == pytest.approx(reference_top1_of(shifted, labels, 3))
 
 
+def test_hugging_face_classlabels_with_another_label_column_read_that_column(tmp_path):
+    """``data.label_column=coarse`` on a ``datasets`` export: the set ``label`` is the ``coarse`` column, in the check
+    and in the scores alike (``ColumnMap.source``, one rule for both), and the column literally named ``label``,
+    which ``label`` no longer stands for, is no set at all."""
+    path = write_hf_set(tmp_path / "hf")
+    columns = ColumnMap(label="coarse")
+    assert check_eval_set(path, columns, [32], 16)["label_sets"] == {"label": 2}
+    model = noisy_model(2)
+    m = evaluate_dataset(model, StubTokenizer(), path, image_size=32, text_length=8, columns=columns)
+    assert [k for k in m if k.endswith("/top1")] == ["label/top1"] and m["label/chance_top1"] == 0.5
+    assert m["label/top1"] == pytest.approx(reference_top1_of(model, [i % 2 for i in range(N_IMAGES)], 2))
+    assert m["label/top1"] == evaluate(model, path)["coarse/top1"]
+
+
 def test_hugging_face_image_text_set_gets_retrieval_too(tmp_path):
     path = write_hf_set(tmp_path / "hf", caption="text")
     m = evaluate_dataset(perfect_model(), StubTokenizer(), path, image_size=32, text_length=8,

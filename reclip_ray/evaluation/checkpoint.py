@@ -55,7 +55,7 @@ def evaluate_checkpoint(
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
     columns = _columns(data, cfg, caption=caption_column, image=image_column, label=label_column)
     files = list_parquet_files(data)
-    check_label_values(files, find_label_sets(data, files, columns, classes), columns.label)  # before any encoding
+    check_label_values(files, find_label_sets(data, files, columns, classes), columns)  # before any encoding
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,
