@@ -83,13 +83,13 @@ def _label_sets(meta: dict, names: Sequence[str], columns: ColumnMap, class_labe
             if not spec.get("classes"):
                 continue
             if columns.source(column) not in names:
-                raise DataError(_missing_label_column(meta_path, f"label set {name!r} is", column, columns.label,
+                raise DataError(_missing_label_column(meta_path, f"label set {name!r}", column, columns.label,
                                                       names, file))
             sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
                           "source": "dataset.json"}
     elif meta.get("classes"):
         if columns.source("label") not in names:
-            raise DataError(_missing_label_column(meta_path, "its 'classes' are", "label", columns.label, names, file))
+            raise DataError(_missing_label_column(meta_path, "'classes'", "label", columns.label, names, file))
         sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
                          "source": "dataset.json"}
     return sets
@@ -100,15 +100,21 @@ def _label_sets(meta: dict, names: Sequence[str], columns: ColumnMap, class_labe
 LABEL_NAMES = ("label", "cls", "labels", "target", "class", "class_id", "class_idx", "category", "category_id", "y")
 
 
-def _missing_label_column(meta_path: str, what: str, column: str, label_column: str, names: Sequence[str],
+def _missing_label_column(meta_path: str, entry: str, column: str, label_column: str, names: Sequence[str],
                           file: str) -> str:
-    """One line for dataset.json classes (``what``: whose, and "is"/"are") on a ``column`` the shard lacks: the label
-    column (``column`` 'label') is named by a flag or config key, which the hint gives; another by the set's own
-    ``column`` in dataset.json."""
+    """One line for dataset.json classes (``entry``: "'classes'" or "label set 'NAME'") on a ``column`` the shard
+    lacks: the label column (``column`` 'label') is named by a flag or config key, which the hint gives; another by
+    the set's own ``column`` in dataset.json. With no column to suggest, the set may have no labels at all (a
+    captions-only set whose dataset.json kept the classes of the set it was copied from, which ran retrieval and
+    said nothing before): the hint then also says to delete the entry."""
     from reclip_ray.data.schema import column_hint
 
+    what = "its 'classes' are" if entry == "'classes'" else f"{entry} is"
     if column == "label":
-        hint = column_hint("label", [n for n in LABEL_NAMES if n in names and n != label_column])
+        candidates = [n for n in LABEL_NAMES if n in names and n != label_column]
+        hint = column_hint("label", candidates)
+        if not candidates:
+            hint += f", or, for a set without labels, delete {entry} from dataset.json"
         where = f"the label column {label_column!r}"
     else:
         hint = "add the column, or correct the set's 'column'"
