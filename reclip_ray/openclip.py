@@ -386,7 +386,8 @@ def _fill_color(value: Any, where: str) -> tuple[int, int, int]:
     if len(channels) != 3 or not whole:
         raise CheckpointError(f"{where}: preprocess_cfg fill_color {value!r} is not a colour reclip-ray eval pads "
                               "with (an integer 0-255, or a list of 3)")
-    return tuple(int(c) for c in channels)
+    red, green, blue = (int(c) for c in channels)
+    return red, green, blue
 
 
 class OpenClipModel(nn.Module):
