@@ -355,10 +355,11 @@ def _per_channel(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
 
 def eval_resize(preprocess_cfg: dict[str, Any], where: str) -> EvalResize:
     """An open_clip model's eval resize (``images.EvalResize``) from its ``preprocess_cfg``, read as open_clip's
-    ``image_transform`` reads it: ``resize_mode`` shortest (unset: shortest) or squash, ``interpolation`` bicubic
-    (unset, or 'random', a training setting that open_clip also reads as bicubic here) or bilinear. 'longest' (the
-    longer side resized, the rest padded with ``fill_color``) is refused in one line naming ``where``: the eval
-    decode crops or squashes, it does not pad, and scoring such a model on crops would be scoring another model."""
+    ``image_transform`` reads it: ``resize_mode`` shortest (unset: shortest), squash or longest (the longer side
+    resized, the rest centre-padded with ``fill_color``: an integer 0-255, unset 0, or three of them),
+    ``interpolation`` bicubic (unset, or 'random', a training setting that open_clip also reads as bicubic here) or
+    bilinear. Anything else is refused in one line naming ``where``: scoring a model on other pixels than its own
+    transform's would be scoring another model."""
     from reclip_ray.data.images import INTERPOLATIONS, RESIZE_MODES, EvalResize
 
     mode = preprocess_cfg.get("resize_mode") or "shortest"
@@ -366,11 +367,27 @@ def eval_resize(preprocess_cfg: dict[str, Any], where: str) -> EvalResize:
     interpolation = "bicubic" if interpolation == "random" else interpolation
     if mode not in RESIZE_MODES:
         raise CheckpointError(f"{where}: preprocess_cfg resize_mode {mode!r} is not supported by reclip-ray eval, "
-                              f"which resizes {' or '.join(map(repr, RESIZE_MODES))} (not the longer side, padded)")
+                              f"which resizes {', '.join(map(repr, RESIZE_MODES))}")
     if interpolation not in INTERPOLATIONS:
         raise CheckpointError(f"{where}: preprocess_cfg interpolation {interpolation!r} is not supported by "
                               f"reclip-ray eval, which resizes {' or '.join(map(repr, INTERPOLATIONS))}")
-    return EvalResize(mode, interpolation)
+    if mode != "longest":  # open_clip pads only there; another mode's fill_color is not read
+        return EvalResize(mode, interpolation)
+    return EvalResize(mode, interpolation, _fill_color(preprocess_cfg.get("fill_color"), where))
+
+
+def _fill_color(value: Any, where: str) -> tuple[int, int, int]:
+    """open_clip's ``fill_color`` (what torchvision's ``pad`` takes: one integer for every channel, or one per
+    channel; unset: 0) as an RGB triple; anything else a one-line error rather than a guess at a colour."""
+    value = 0 if value is None else value
+    channels = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    whole = all(isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer() and 0 <= c <= 255
+                for c in channels)
+    if len(channels) != 3 or not whole:
+        raise CheckpointError(f"{where}: preprocess_cfg fill_color {value!r} is not a colour reclip-ray eval pads "
+                              "with (an integer 0-255, or a list of 3)")
+    red, green, blue = (int(c) for c in channels)
+    return red, green, blue
 
 
 class OpenClipModel(nn.Module):

@@ -7,17 +7,24 @@ filesystem: everything else keeps paths as strings, joins them with ``join`` and
 here. Local paths (and ``file://`` URIs) are made absolute; URIs keep their scheme.
 
 Writes are atomic where the storage allows it: locally a temporary file in the same folder and ``os.replace``; on
-an object store a single PUT (an object becomes visible whole, when the upload completes, or not at all).
+an object store a single PUT (an object becomes visible whole, when the upload completes, or not at all). On S3 an
+object of ``SINGLE_PUT_BYTES`` or more is a multipart upload, and one that fails is aborted (``_abort_uploads``):
+S3 keeps the parts of an upload nobody completes or aborts, and bills them, until a lifecycle rule removes them.
 
-Cost at scale: ``pyarrow.fs.FileSystem.from_uri`` builds an S3 client (and may ask the bucket for its region) each
-call, so filesystems are cached per scheme and bucket for the life of the process.
+Cost at scale: ``pyarrow.fs.FileSystem.from_uri`` builds a client each call (on S3 it may ask the bucket for its
+region; on HDFS it connects), so a filesystem is built once per process for each scheme and authority (bucket,
+namenode) and kept: a run's thousands of reads and writes share it. It keeps the credentials it found then; those
+that expire (an instance role, a web identity) are renewed by the client itself, as before, but a change of the
+environment later in the process (another ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) is not seen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
+import logging
 import os
 import posixpath
 import random
@@ -98,30 +105,38 @@ def name(path: str) -> str:
 
 
 SINGLE_PUT_BYTES = 10 << 20  # pyarrow's S3 part size: with delayed open, an object under it is one PutObject
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=64)
-def _remote_filesystem(scheme: str, authority: str, delayed_open: bool = True) -> pafs.FileSystem:
+def _remote_filesystem(scheme: str, authority: str, query: str = "",
+                       delayed_open: bool = True) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, its path of ``scheme://authority/``), built once per process: ``from_uri`` makes a client each
+    call (an HDFS connection, an S3 region lookup). ``query`` holds the URI's options (``hdfs://nn/x?user=u``)."""
     # S3: with delayed open an object under the part size (10 MB) is one PutObject at close; without it pyarrow
     # makes every object a multipart upload (create, part, complete: 3 requests). Measured on the moto server.
-    options = "?allow_delayed_open=true" if scheme == "s3" and delayed_open else ""
-    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}/{options}")
-    return fs
+    if scheme == "s3" and delayed_open:
+        query = "allow_delayed_open=true"
+    return pafs.FileSystem.from_uri(f"{scheme}://{authority}/" + (f"?{query}" if query else ""))
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it). One line of error for an unknown scheme or missing credentials."""
+    """(pyarrow filesystem, path inside it). One line of error for an unknown scheme or missing credentials.
+
+    S3 and GCS keys are the text after the bucket as written (``pyarrow_uri``). Other schemes' paths are what
+    ``from_uri`` makes of the URI (percent-decoded, without query or fragment), joined here to the root's path
+    (``/`` on HDFS, the container on Azure) so that the filesystem itself is not built again for each path."""
     path = str(path)
     local = local_path(path)
     if local is not None:
         return pafs.LocalFileSystem(), local
     scheme, rest = path.split("://", 1)
-    authority = rest.split("/", 1)[0]
     try:
-        fs = _remote_filesystem(scheme, authority)
         if scheme in ("s3", "gs", "gcs"):
-            return fs, rest.rstrip("/")  # pyarrow's S3/GCS paths are bucket/key
-        return fs, pafs.FileSystem.from_uri(path)[1]
+            return _remote_filesystem(scheme, rest.split("/", 1)[0])[0], rest.rstrip("/")  # bucket/key
+        parts = urllib.parse.urlsplit(path)
+        fs, root = _remote_filesystem(scheme, parts.netloc, parts.query)
+        return fs, posixpath.join(root, urllib.parse.unquote(parts.path).lstrip("/"))
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes or missing credentials
         raise DataError(f"cannot open {path}: {exc}") from exc
 
@@ -232,13 +247,7 @@ def write_bytes(path: str, data: bytes | memoryview) -> None:
     fs, inner = filesystem(path)
     local = local_path(path)
     if local is None:  # an object store: one PUT (or one multipart upload), visible whole when it completes
-        if str(path).startswith("s3://") and memoryview(data).nbytes >= SINGLE_PUT_BYTES:
-            # Opened at once: with delayed open, a refused CreateMultipartUpload (at the first part) made close()
-            # PUT what the stream held, nothing, over the old object (seen on the moto server). Opened at once, a
-            # refusal is raised by the open, and a failed part or completion publishes nothing either.
-            fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)
-        with fs.open_output_stream(inner, compression=None) as f:
-            f.write(data)
+        _put_object(fs, str(path), inner, data)
         return
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -249,6 +258,78 @@ def write_bytes(path: str, data: bytes | memoryview) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _put_object(fs: pafs.FileSystem, path: str, inner: str, data: Any) -> None:
+    """``data`` (bytes-like or a ``pyarrow.Buffer``) as the object ``inner`` of the remote ``fs``: whole, or
+    nothing new and no upload left open.
+
+    Written in one ``write`` call, then closed: pyarrow's output stream closes (never aborts) in its destructor,
+    which completes the upload with what it holds, so an exception between two writes (a Ctrl-C) would publish part
+    of the object. An object of ``SINGLE_PUT_BYTES`` or more on S3 is opened at once, not with delayed open: with
+    it, a refused CreateMultipartUpload (at the first part) made close() PUT what the stream held (nothing, or its
+    first 10 MB part) over the old object (seen on the moto server); opened at once, the open raises the refusal
+    before anything began. A part or completion that fails publishes nothing, but leaves the upload open (pyarrow
+    binds no ``Abort`` in Python): it is aborted here (``_abort_uploads``)."""
+    multipart = path.startswith("s3://") and memoryview(data).nbytes >= SINGLE_PUT_BYTES
+    if multipart:
+        fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)[0]
+    before = _open_uploads(inner) if multipart else None
+    stream = fs.open_output_stream(inner, compression=None)
+    try:
+        stream.write(data)
+        stream.close()
+    except BaseException:
+        if multipart:
+            _abort_uploads(path, inner, before)
+        raise
+
+
+def _open_uploads(inner: str) -> set[str] | None:
+    """The ids of the multipart uploads in progress for S3 object ``inner`` (bucket/key): one LIST (boto3), made
+    before each multipart write so that the upload a failure leaves is told from another writer's. None where they
+    cannot be listed (no boto3; a role without s3:ListBucketMultipartUploads)."""
+    if importlib.util.find_spec("boto3") is None:
+        return None
+    bucket, key = inner.split("/", 1)
+    try:
+        pages = _s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key)
+        return {u["UploadId"] for page in pages for u in page.get("Uploads", []) if u["Key"] == key}
+    except Exception as exc:  # botocore's errors, a network error: the write goes on; only an abort would need it
+        log.debug("%s: cannot list multipart uploads: %s", inner, exc)
+        return None
+
+
+def _abort_uploads(path: str, inner: str, before: set[str] | None) -> None:
+    """Abort the multipart uploads of S3 object ``inner`` that were not in progress before the failed write
+    (``before``): its own. pyarrow can neither abort an upload from Python nor say its id, so they are listed and
+    aborted through boto3 (one LIST, one DELETE each). A writer of the same key that began meanwhile has its upload
+    aborted too, and fails rather than racing this one. Where that cannot be done (no boto3; S3 refuses: an expired
+    token refuses the abort as it refused the part) the upload stays, with a warning naming it: a bucket lifecycle
+    rule (AbortIncompleteMultipartUpload) removes such uploads. Never raises: the write's error is the one raised."""
+    now = _open_uploads(inner) if before is not None else None
+    if now is None:
+        log.warning("%s: the failed multipart upload is left open on the bucket (it takes boto3 and the "
+                    "s3:ListBucketMultipartUploads permission to abort it; a lifecycle rule with "
+                    "AbortIncompleteMultipartUpload removes it)", path)
+        return
+    bucket, key = inner.split("/", 1)
+    for upload_id in sorted(now - before):
+        try:
+            _s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # botocore's errors, a network error: the write's own error is the one raised
+            log.warning("%s: the failed multipart upload %s could not be aborted (%s); a bucket lifecycle rule "
+                        "(AbortIncompleteMultipartUpload) removes it", path, upload_id,
+                        (str(exc) or repr(exc)).splitlines()[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_client() -> Any:
+    """boto3's S3 client, built once: it reads the same environment as pyarrow's (``AWS_ENDPOINT_URL``, the
+    credential chain), and is safe to share between threads."""
+    import boto3
+
+    return boto3.client("s3")
 
 
 def write_text(path: str, text: str) -> None:
@@ -300,19 +381,25 @@ def upload_dir(local_dir: str, target: str, keep: Collection[str] = ()) -> None:
     each whole, then the old files the new folder lacks are removed (and the folders they leave empty), except those
     named in ``keep`` (paths relative to ``target``). A reader during the upload finds a mix of old and new files
     (and not yet the files only the new folder has); ``folders.upload_folder`` adds the manifest that lets a reader
-    tell.
+    tell. A file whose upload fails raises, and leaves its old object (or none), never a part of the new one
+    (``_upload_files``). Cost: one PUT per file under 10 MB, 3 requests and one more per 10 MB above (plus one LIST
+    of the key's open uploads with boto3); one LIST of the folder, one DELETE per old file it no longer has.
     """
     local_target = local_path(target)
     if local_target is not None:
         atomic_dir.replace_dir(local_target, lambda staging: shutil.copytree(local_dir, staging, dirs_exist_ok=True))
         return
     fs, inner = filesystem(target)
-    pafs.copy_files(local_dir, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    new = {os.path.relpath(os.path.join(folder, f), local_dir).replace(os.sep, "/")
-           for folder, _, names in os.walk(local_dir) for f in names} | set(keep)
+    files = sorted(os.path.relpath(os.path.join(folder, f), local_dir).replace(os.sep, "/")
+                   for folder, _, names in os.walk(local_dir) for f in names)
+    if not str(target).startswith(("s3://", "gs://", "gcs://")):  # a filesystem with folders (HDFS): made first
+        for folder in sorted({posixpath.dirname(name) for name in files}):
+            fs.create_dir(posixpath.join(inner, folder).rstrip("/"), recursive=True)
+    _upload_files(fs, local_dir, target, inner, files)
+    new = set(files) | set(keep)
     new_dirs = {posixpath.dirname(name) for name in new}
     new_dirs |= {d for name in new_dirs for d in _ancestors(name)}
-    old = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    old = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
     for info in old:
         relative = posixpath.relpath(info.path, inner)
         if info.type == pafs.FileType.File and relative not in new:
@@ -322,6 +409,34 @@ def upload_dir(local_dir: str, target: str, keep: Collection[str] = ()) -> None:
         if info.type == pafs.FileType.Directory and relative not in new_dirs:
             with contextlib.suppress(FileNotFoundError):
                 fs.delete_dir(info.path)
+
+
+UPLOAD_THREADS = 8  # files uploaded at once: a small file is one PUT, mostly waiting (a big one's parts go in parallel)
+
+
+def _upload_files(fs: pafs.FileSystem, local_dir: str, target: str, inner: str, files: list[str]) -> None:
+    """Each of ``files`` (relative to ``local_dir``) to ``inner/file`` on ``fs``, whole or not at all
+    (``_put_object``), ``UPLOAD_THREADS`` at once. The first failure stops the files not yet begun and is raised
+    once those begun are done (each of them whole, or nothing new).
+
+    Why not ``pyarrow.fs.copy_files``: it copies a file as a stream of 1 MB writes and never closes the stream, its
+    destructor does, so with pyarrow 25 a refused part was only an "Error ignored when destroying file" on stderr:
+    the upload returned, the old object stayed, the upload stayed open; and, with delayed open, a refused
+    CreateMultipartUpload of a file over 10 MB left its first 10 MB part as the object (both seen on the moto
+    server). Here a file is memory-mapped and written in one call, then closed, and no folder markers are made
+    (copy_files PUT one per folder level, some twice)."""
+    import pyarrow as pa
+
+    def upload(name: str) -> None:
+        with pa.memory_map(os.path.join(local_dir, name)) as source:  # pages read as the parts go out
+            _put_object(fs, join(target, name), posixpath.join(inner, name), source.read_buffer())
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_THREADS, len(files))))
+    try:
+        for future in [pool.submit(upload, name) for name in files]:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ancestors(folder: str) -> list[str]:

@@ -39,7 +39,8 @@ S3_RANGES: list[tuple[str, int, int, int]] = []
 S3_RANGE_LATENCY_S = [0.0]  # added to each ranged GET while a test sets it: an object store's first-byte latency
 _IN_FLIGHT = [0]
 _RANGES_LOCK = threading.Lock()
-# Writes the S3 server refuses (the ``s3_faults`` fixture): each a [path substring, requests left to refuse, refused]
+# Writes the S3 server refuses (the ``s3_faults`` fixture): each a [path substring, requests left to refuse, refused,
+# query substring]
 S3_FAULTS: list[list] = []
 _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
            b'<Message>Access Denied (planted by the test)</Message><RequestId>planted</RequestId></Error>')
@@ -57,7 +58,7 @@ def _log_requests(server) -> None:
         query = environ.get("QUERY_STRING", "")
         path = environ.get("PATH_INFO", "")
         S3_REQUESTS.append((environ["REQUEST_METHOD"], path + (f"?{query}" if query else "")))
-        fault = next((f for f in S3_FAULTS if f[1] > 0 and f[0] in path), None)
+        fault = next((f for f in S3_FAULTS if f[1] > 0 and f[0] in path and f[3] in query), None)
         if fault is not None and environ["REQUEST_METHOD"] in ("PUT", "POST"):
             fault[1] -= 1
             fault[2].append(path)
@@ -119,11 +120,12 @@ def s3_prefix(s3_server, request) -> str:
 
 @pytest.fixture
 def s3_faults(s3_server):
-    """``refuse(contains, times=1)``: the next ``times`` writes (PUT or POST: a multipart upload starts with one) to a
-    key whose path contains ``contains`` are refused (403); returns the list of paths refused so far."""
-    def refuse(contains: str, times: int = 1) -> list[str]:
+    """``refuse(contains, times=1, query="")``: the next ``times`` writes (PUT or POST: a multipart upload starts with
+    one) to a key whose path contains ``contains`` and whose query string contains ``query`` are refused (403); returns
+    the list of paths refused so far. ``query="partNumber=2"`` refuses a multipart upload's second part."""
+    def refuse(contains: str, times: int = 1, query: str = "") -> list[str]:
         refused: list[str] = []
-        S3_FAULTS.append([contains, times, refused])
+        S3_FAULTS.append([contains, times, refused, query])
         return refused
 
     yield refuse

@@ -419,6 +419,35 @@ def test_classes_for_a_label_column_the_shards_lack_are_an_error_until_it_is_nam
         check_eval_set(other, ColumnMap(), [32], 16)
 
 
+@pytest.mark.parametrize("meta, entry", [(COCO_META, "'classes'"),
+                                         ({"label_sets": {"shape": {"classes": CLASSES}}}, "label set 'shape'")])
+def test_a_captions_only_set_with_leftover_classes_says_to_delete_them(tmp_path, meta, entry):
+    """A captions-only set (no label column) whose dataset.json still names classes, copied from a labelled set: it
+    ran retrieval and dropped the classes without a word; since dataset.json classes for a column the shards lack
+    are an error, it fails. With no column to suggest, the one line says both ways out: name the label column, or
+    delete the entry; deleted, the set scores the retrieval it scored before."""
+    from reclip_ray.data.schema import OPTION_FLAG, column_flag
+
+    rows = [{k: v for k, v in r.items() if k != "label"} for r in coco_rows()]
+    path = write_set(tmp_path / "caps", rows, meta=meta)
+    what = "its 'classes' are" if entry == "'classes'" else f"{entry} is"
+    line = (rf"/caps/dataset\.json: {what} for the label column 'label', which \S+/caps/part-00000\.parquet lacks; "
+            rf"columns are \['caption', 'image', 'image_id', 'key'\] \(name it with FLAG, or, for a set without "
+            rf"labels, delete {entry} from dataset\.json\)$")
+    config_line = line.replace("FLAG", r"--set data\.label_column=COLUMN")
+    with pytest.raises(ReclipError, match=config_line):
+        check_eval_set(path, ColumnMap(), [32], 16)
+    with pytest.raises(ReclipError, match=config_line):
+        evaluate(noisy_model(), path)
+    with column_flag(OPTION_FLAG), pytest.raises(ReclipError, match=line.replace("FLAG", "--label-column COLUMN")):
+        evaluate(noisy_model(), path)  # as `reclip-ray eval` names the flag
+    (tmp_path / "caps" / "dataset.json").write_text(json.dumps({"templates": meta.get("templates", [])}))
+    m = evaluate(noisy_model(), path)
+    assert m == evaluate(noisy_model(), write_set(tmp_path / "bare", rows))
+    assert "image_to_text_r@1" in m and not any(k.endswith("/top1") for k in m)
+    assert check_eval_set(path, ColumnMap(), [32], 16)["label_sets"] == {}
+
+
 def test_a_class_named_twice_is_warned_about_once_and_still_ties(tmp_path, capsys):
     """Two classes with one name (open_clip's ImageNet list: 'missile', 'sunglasses') give one prompt: they tie, a tie
     counts against the model, so their images never score top-1. The rule stays; one line says so, once per eval
@@ -508,6 +537,20 @@ def test_hugging_face_classlabels_are_the_label_sets(tmp_path):
     assert not any(k.startswith("coarse/") for k in m)
     shifted = StubModel(model.image_vecs, model.caption_vecs, model.class_vecs[[1, 2, 0]])
     assert m["label/top1"] == pytest.approx(reference_top1_of(shifted, labels, 3))
+
+
+def test_hugging_face_classlabels_with_another_label_column_read_that_column(tmp_path):
+    """``data.label_column=coarse`` on a ``datasets`` export: the set ``label`` is the ``coarse`` column, in the check
+    and in the scores alike (``ColumnMap.source``, one rule for both), and the column literally named ``label``,
+    which ``label`` no longer stands for, is no set at all."""
+    path = write_hf_set(tmp_path / "hf")
+    columns = ColumnMap(label="coarse")
+    assert check_eval_set(path, columns, [32], 16)["label_sets"] == {"label": 2}
+    model = noisy_model(2)
+    m = evaluate_dataset(model, StubTokenizer(), path, image_size=32, text_length=8, columns=columns)
+    assert [k for k in m if k.endswith("/top1")] == ["label/top1"] and m["label/chance_top1"] == 0.5
+    assert m["label/top1"] == pytest.approx(reference_top1_of(model, [i % 2 for i in range(N_IMAGES)], 2))
+    assert m["label/top1"] == evaluate(model, path)["coarse/top1"]
 
 
 def test_hugging_face_image_text_set_gets_retrieval_too(tmp_path):

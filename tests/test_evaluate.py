@@ -335,6 +335,7 @@ def test_zero_shot_templates_take_the_class_in_braces_or_as_c():
 def test_a_template_that_cannot_take_the_class_name_is_a_one_line_error(tmp_path):
     """A template with another field (``{1}``, ``{cls}``) or a lone brace would fail in the middle of an
     evaluation: it is refused at once, from a --classes file or dataset.json."""
+    from reclip_ray.data.schema import ColumnMap
     from reclip_ray.evaluation.eval_set import check_templates, label_sets, read_classes
 
     for bad, fragment in (("a {0} and {1}", "takes the class name only as {} or {c} (IndexError"),
@@ -349,7 +350,7 @@ def test_a_template_that_cannot_take_the_class_name_is_a_one_line_error(tmp_path
         read_classes(str(path), {})
     meta = {"classes": ["circle"], "templates": ["a photo of a {}", "a {1}"]}
     with pytest.raises(ReclipError, match=r"^dataset\.json \(label set 'label'\): zero-shot template 'a \{1\}'"):
-        label_sets(meta, ["image", "label"], "label", None)
+        label_sets(meta, ["image", "label"], ColumnMap(), None)
 
 
 def test_eval_column_hints_name_its_own_options_which_then_work(export_dir, tmp_path, capsys):

@@ -493,22 +493,26 @@ def noise_pngs(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
 
 
 # Sizes whose shorter side scales to 64 px exactly and whose crop offsets are whole pixels, so that the eval decode
-# (one box resize) and torchvision's Resize + CenterCrop (open_clip's 'shortest') make the same pixels.
+# (one box resize) and torchvision's Resize + CenterCrop (open_clip's 'shortest') make the same pixels; 'squash' and
+# 'longest' match on any size (LONGEST_SIZES below).
 EVAL_SIZES = [(96, 120), (120, 96), (128, 160), (160, 128), (96, 96), (192, 240)]
 
 
 @pytest.mark.parametrize("mode, interpolation", [("squash", "bilinear"), ("squash", "bicubic"),
-                                                 ("shortest", "bilinear"), ("shortest", "bicubic")])
+                                                 ("shortest", "bilinear"), ("shortest", "bicubic"),
+                                                 ("longest", "bilinear"), ("longest", "bicubic")])
 def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path, clip_tok, monkeypatch, mode,
                                                                          interpolation):
     """A folder whose ``preprocess_cfg`` says ``resize_mode: squash`` or ``interpolation: bilinear`` was evaluated on
     bicubic centre crops all the same. `reclip-ray eval` now gives its image tower the pixels open_clip's own
-    transform makes of each image (torchvision's Resize / CenterCrop on PIL images, then ToTensor)."""
+    transform makes of each image (torchvision's Resize / CenterCrop on PIL images, then ToTensor); ``longest``
+    (refused before) with the folder's ``fill_color`` in its margins."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
+    from open_clip.transform import ResizeKeepRatio
     from torchvision.transforms import Compose, InterpolationMode, Resize
 
     from reclip_ray.data.images import decode_image
@@ -521,7 +525,7 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
     folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
     doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
     del doc["reclip_ray"]  # as open_clip's own folders are
-    doc["preprocess_cfg"].update(resize_mode=mode, interpolation=interpolation)
+    doc["preprocess_cfg"].update(resize_mode=mode, interpolation=interpolation, fill_color=200)
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
     images = noise_pngs(EVAL_SIZES)
     data = tmp_path / "eval"
@@ -540,8 +544,11 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
 
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     resize = preprocess.transforms[0]
-    assert isinstance(resize, Resize) and resize.interpolation == InterpolationMode[interpolation.upper()]
-    assert resize.size == ((64, 64) if mode == "squash" else 64)  # the folder's settings reached open_clip
+    assert resize.interpolation == InterpolationMode[interpolation.upper()]  # the folder's settings reached open_clip
+    if mode == "longest":
+        assert isinstance(resize, ResizeKeepRatio) and resize.longest == 1 and preprocess.transforms[1].fill == 200
+    else:
+        assert isinstance(resize, Resize) and resize.size == ((64, 64) if mode == "squash" else 64)
     to_pixels = Compose(preprocess.transforms[:-1])  # all but Normalize: resize (+ crop), RGB, ToTensor
     want = torch.stack([to_pixels(Image.open(io.BytesIO(b))) for b in images])
     assert (got - want).abs().max() < 1e-5
@@ -551,15 +558,19 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("resize_mode", "longest", "preprocess_cfg resize_mode 'longest' is not supported by reclip-ray eval, which "
-                               "resizes 'shortest' or 'squash' (not the longer side, padded)"),
+    ("resize_mode", "crop", "preprocess_cfg resize_mode 'crop' is not supported by reclip-ray eval, which resizes "
+                            "'shortest', 'squash', 'longest'"),
     ("interpolation", "nearest", "preprocess_cfg interpolation 'nearest' is not supported by reclip-ray eval, which "
                                  "resizes 'bicubic' or 'bilinear'"),
+    ("fill_color", 300, "preprocess_cfg fill_color 300 is not a colour reclip-ray eval pads with (an integer 0-255, "
+                        "or a list of 3)"),
+    ("fill_color", [0, 0], "preprocess_cfg fill_color [0, 0] is not a colour reclip-ray eval pads with (an integer "
+                           "0-255, or a list of 3)"),
 ])
 def test_eval_refuses_a_resize_it_cannot_make_in_one_line(tmp_path, clip_tok, synth_dir, capsys, field, value,
                                                            message):
-    """open_clip's 'longest' resizes the longer side and pads; the eval decode does not pad: one line, not a model
-    scored on other pixels than its own transform's."""
+    """A resize mode, interpolation or padding colour the eval decode cannot make: one line, not a model scored on
+    other pixels than its own transform's."""
     from reclip_ray.cli import main
     from reclip_ray.export import export_model
     from reclip_ray.openclip import OPEN_CLIP_CONFIG
@@ -568,7 +579,79 @@ def test_eval_refuses_a_resize_it_cannot_make_in_one_line(tmp_path, clip_tok, sy
     folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
     doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
     doc["preprocess_cfg"][field] = value
+    if field == "fill_color":  # read where open_clip pads, and only there
+        doc["preprocess_cfg"]["resize_mode"] = "longest"
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(folder), "--data", str(synth_dir / "eval")]) == 2
     assert capsys.readouterr().err == f"reclip-ray: error: {folder / OPEN_CLIP_CONFIG}: {message}\n"
+
+
+# Wide, tall, square, smaller than 64 px on both sides, smaller on one, and margins of an odd width (open_clip puts
+# the odd pixel after the image): (64, 31) pads 33 rows, (150, 61) resizes to 64 x 26, a 61 px wide one to 26 x 64.
+LONGEST_SIZES = [(160, 96), (96, 160), (128, 128), (40, 24), (24, 50), (150, 61), (61, 150), (64, 31), (200, 3)]
+
+
+@pytest.mark.parametrize("interpolation, fill", [("bicubic", 0), ("bilinear", 255), ("bicubic", [255, 128, 7])])
+def test_longest_resize_makes_open_clips_pixels(interpolation, fill):
+    """``resize_mode: longest`` was refused. Now the eval decode resizes the longer side to the square's, keeps the
+    aspect and centre-pads with ``fill_color``: on PNGs, exactly (0 of 255 apart) the pixels of open_clip's own
+    transform (``ResizeKeepRatio(longest=1)``, ``CenterCropOrPad(fill=fill_color)``, torchvision on PIL images)."""
+    import io
+
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio, image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data.images import decode_image
+    from reclip_ray.openclip import eval_resize
+
+    preprocess = image_transform(64, is_train=False, resize_mode="longest", interpolation=interpolation,
+                                 fill_color=fill)
+    assert isinstance(preprocess.transforms[0], ResizeKeepRatio) and isinstance(preprocess.transforms[1],
+                                                                                CenterCropOrPad)
+    to_pixels = Compose(preprocess.transforms[:-1])  # all but Normalize
+    resize = eval_resize({"resize_mode": "longest", "interpolation": interpolation, "fill_color": fill}, "cfg")
+    rgb = tuple(fill) if isinstance(fill, list) else (fill,) * 3
+    assert resize.fill == rgb
+    for (w, h), data in zip(LONGEST_SIZES, noise_pngs(LONGEST_SIZES, seed=3)):
+        got = decode_image(data, 64, train=False, resize=resize)
+        want = (to_pixels(Image.open(io.BytesIO(data))) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert got.shape == want.shape == (64, 64, 3)
+        assert np.abs(got.astype(np.int16) - want).max() == 0, (w, h)
+        if w != h:  # the margin is there, in the folder's colour: the check is not of two crops
+            assert (got[0, 0] == rgb).all() and (got[-1, -1] == rgb).all(), (w, h)
+
+
+def test_longest_resize_of_a_large_jpeg_is_draft_decoded_near_open_clips_pixels(monkeypatch):
+    """A JPEG far larger than the square is draft-decoded (DCT scaling) by what the resize shrinks it by: the longer
+    side's shrink, 1024 / 64 = 16 for a 1024 x 384 photo, so 1/8 in the decoder (the shorter side against the whole
+    square, 384 / 64 = 6, would decode 1/4 of it, 4x the pixels). Its pixels stay within 2 of 255 on average of
+    open_clip's transform on the full decode, the bound the shortest-side draft is held to (test_data_images)."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data import images
+    from reclip_ray.openclip import eval_resize
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:384, 0:1024] / 1024
+    photo = np.clip(np.stack([xx * 255, yy * 600, (1 - xx) * 200], -1) + rng.normal(0, 4, (384, 1024, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(photo.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    out = images.fit_longest(1024, 384, 64)
+    assert out == (64, 24)
+    drafts: list[int] = []
+    draft = images._draft
+    monkeypatch.setattr(images, "_draft", lambda *a: drafts.append(draft(*a)) or drafts[-1])
+    resize = eval_resize({"resize_mode": "longest", "fill_color": 128}, "cfg")
+    got = images.decode_image(data, 64, train=False, resize=resize).astype(np.int16)
+    assert drafts == [8]
+    to_pixels = Compose(image_transform(64, is_train=False, resize_mode="longest", fill_color=128).transforms[:-1])
+    want = (to_pixels(Image.open(io.BytesIO(data))) * 255).round().to(torch.int16).permute(1, 2, 0).numpy()
+    assert (got[:20] == 128).all() and (got[44:] == 128).all()  # 20 rows of margin above, 20 below
+    assert np.abs(got - want).mean() < 2.0

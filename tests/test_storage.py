@@ -323,3 +323,132 @@ def test_every_storage_path_ray_parses_goes_through_pyarrow_uri():
                 if not (isinstance(value, ast.Call) and ast.unparse(value.func) == "storage.pyarrow_uri"):
                     bad.append(f"{file.relative_to(package)}:{node.lineno}: {ast.unparse(value)}")
     assert calls >= 5 and bad == []
+
+
+def _open_uploads(s3_path: str) -> list[str]:
+    """The multipart uploads the S3 server holds open for the object ``s3_path`` (boto3, as an operator would)."""
+    import boto3
+
+    bucket, key = s3_path[len("s3://"):].split("/", 1)
+    listing = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=key)
+    return [u["UploadId"] for u in listing.get("Uploads", []) if u["Key"] == key]
+
+
+def test_a_large_write_refused_part_way_aborts_its_upload_and_keeps_the_old_object(s3_prefix, s3_faults, s3_requests):
+    """S3 keeps (and bills) the parts of a multipart upload nobody completes or aborts; pyarrow leaves a failed one
+    open (it binds no Abort in Python), so ``write_bytes`` aborts it: after a refused second part the server lists
+    no upload of the key, the old object is intact, and another writer's upload of the key, begun before, is left
+    alone. Without the abort the failed upload is listed."""
+    import boto3
+
+    path = f"{s3_prefix}/model.safetensors"
+    storage.write_bytes(path, b"old")
+    bucket, key = path[len("s3://"):].split("/", 1)
+    other = boto3.client("s3").create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    refused = s3_faults("/model.safetensors", times=1, query="partNumber=2")
+    with pytest.raises(OSError, match="ACCESS_DENIED during UploadPart"):
+        storage.write_bytes(path, os.urandom(3 * storage.SINGLE_PUT_BYTES))
+    requests = [(m, "?uploads&" in p, "uploadId=" in p) for m, p in s3_requests if key in p or "?uploads&" in p]
+    assert refused, "the planted refusal was not reached"
+    assert _open_uploads(path) == [other]
+    assert storage.read_bytes(path) == b"old"
+    # What it costs: one LIST of the key's uploads before a multipart write; on failure one more and a DELETE
+    assert requests.count(("GET", True, False)) == 2 and requests.count(("DELETE", False, True)) == 1, requests
+
+
+def test_a_folder_upload_whose_file_is_refused_raises_and_leaves_no_part_of_it_nor_an_open_upload(
+        s3_prefix, s3_faults, tmp_path):
+    """``upload_dir`` went through ``pyarrow.fs.copy_files``, which leaves the closing of each file to a destructor:
+    a refused part was an ignored error on stderr (the upload returned, the old file stayed, its upload stayed
+    open), and a refused CreateMultipartUpload left the first 10 MB of the file as the object, a file the manifest
+    (``folders``) later caught as not matching. Now a refused file raises, the old object (or none, for a new
+    file) stays whole, no upload is left open, and the other files go up whole."""
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"old weights")
+    target = f"{s3_prefix}/model"
+    storage.upload_dir(str(src), target)
+    big = os.urandom(3 * storage.SINGLE_PUT_BYTES)
+    (src / "weights.bin").write_bytes(big)
+    (src / "new.bin").write_bytes(big)
+    (src / "config.json").write_text("{}")
+    for query in ("uploads", "partNumber=2"):  # CreateMultipartUpload refused; the second part refused
+        refused = [s3_faults("/weights.bin", times=1, query=query), s3_faults("/new.bin", times=1, query=query)]
+        with pytest.raises(OSError, match="ACCESS_DENIED"):
+            storage.upload_dir(str(src), target)
+        assert all(refused), (query, refused)  # both files began (3 files, 3 threads), both were refused
+        assert storage.read_bytes(f"{target}/weights.bin") == b"old weights", query
+        assert not storage.exists(f"{target}/new.bin"), query
+        assert storage.read_bytes(f"{target}/config.json") == b"{}"
+        assert _open_uploads(f"{target}/weights.bin") == [] and _open_uploads(f"{target}/new.bin") == [], query
+    storage.upload_dir(str(src), target)  # and without a refusal every file goes up whole
+    assert storage.read_bytes(f"{target}/weights.bin") == big and storage.read_bytes(f"{target}/new.bin") == big
+
+
+def test_a_remote_filesystem_is_built_once_per_process_for_its_scheme_and_authority(monkeypatch, tmp_path):
+    """``pyarrow.fs.FileSystem.from_uri`` builds a client each call (an HDFS connection, an S3 region lookup).
+    ``filesystem`` built one more for every path of a scheme other than S3 and GCS, only to learn the path inside
+    it: a checkpoint of N files on HDFS was N connections. Counted here with pyarrow's own mock:// filesystem (a
+    real pyarrow filesystem that from_uri builds, empty each time): a run folder's writes, reads, listings, an
+    upload and a download build it once, and the paths are still the ones from_uri gives."""
+    import pyarrow.fs as pafs
+
+    real = pafs.FileSystem
+    built: list[str] = []
+
+    class Counting(real):
+        @staticmethod
+        def from_uri(uri):
+            built.append(uri)
+            return real.from_uri(uri)
+
+    monkeypatch.setattr(pafs, "FileSystem", Counting)
+    storage._remote_filesystem.cache_clear()
+    try:
+        run = "mock://store/runs/my%20run"
+        for step in range(3):
+            storage.makedirs(storage.join(run, f"checkpoint_{step}"))
+            storage.write_json(storage.join(run, f"checkpoint_{step}", "meta.json"), {"step": step})
+        assert [storage.read_json(storage.join(run, f"checkpoint_{s}", "meta.json")) for s in range(3)] == [
+            {"step": 0}, {"step": 1}, {"step": 2}]
+        assert storage.is_dir(run) and storage.is_file(storage.join(run, "checkpoint_0", "meta.json"))
+        src = tmp_path / "model"
+        (src / "sub").mkdir(parents=True)
+        (src / "a.txt").write_text("a")
+        (src / "sub" / "b.txt").write_text("b")
+        storage.upload_dir(str(src), storage.join(run, "model"))
+        assert storage.list_files(storage.join(run, "model")) == [f"{run}/model/a.txt", f"{run}/model/sub/b.txt"]
+        back = storage.download_dir(storage.join(run, "model"), str(tmp_path / "back"))
+        assert open(os.path.join(back, "sub", "b.txt")).read() == "b"
+        storage.delete_file(storage.join(run, "checkpoint_0", "meta.json"))
+        assert not storage.exists(storage.join(run, "checkpoint_0", "meta.json"))
+        assert built == ["mock://store/"], built
+        storage.exists("mock://other/x")  # another authority: a filesystem of its own
+        assert built == ["mock://store/", "mock://other/"]
+    finally:
+        storage._remote_filesystem.cache_clear()
+    for uri in ("mock://store/runs/my%20run/a", "mock://store/a?b=1#c", "mock://store", "mock://store/",
+                "abfs://box@acct.dfs.core.windows.net/runs/my%20run", "abfs://box@acct.dfs.core.windows.net"):
+        assert storage.filesystem(uri)[1] == real.from_uri(uri)[1], uri
+    storage._remote_filesystem.cache_clear()
+
+
+def test_without_boto3_a_failed_upload_is_left_open_with_a_warning_naming_it(s3_prefix, s3_faults, monkeypatch,
+                                                                              caplog):
+    """pyarrow cannot abort an upload from Python, so the abort takes boto3; without it the write still fails whole
+    (the old object stays) and the upload it leaves is named in a warning, with the lifecycle rule that removes it."""
+    import sys
+
+    path = f"{s3_prefix}/shard.parquet"
+    storage.write_bytes(path, b"old")
+    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 fails, find_spec finds none
+    s3_faults("/shard.parquet", times=1, query="partNumber=2")
+    with caplog.at_level("WARNING", logger="reclip_ray.storage"), pytest.raises(OSError, match="ACCESS_DENIED"):
+        storage.write_bytes(path, os.urandom(2 * storage.SINGLE_PUT_BYTES))
+    assert storage.read_bytes(path) == b"old"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: the failed multipart upload is left open on the bucket (it takes boto3 and the "
+        "s3:ListBucketMultipartUploads permission to abort it; a lifecycle rule with AbortIncompleteMultipartUpload "
+        "removes it)"]
+    monkeypatch.delitem(sys.modules, "boto3")
+    assert len(_open_uploads(path)) == 1

@@ -7,8 +7,8 @@ crop, so quality matches a full decode followed by a resize.
 
 Crop policy: train = random resized crop (area 0.9-1.0, aspect 3/4-4/3) and no flips, because captions name left
 and right; eval = resize the shorter side, centre crop (or, for an open_clip model that asks for it, the whole image
-squashed to the square: ``EvalResize``). Each is done by one ``Image.resize(box=...)`` call, so the crop never
-materialises an intermediate image.
+squashed to the square, or fitted into it by its longer side and padded: ``EvalResize``). Each is done by one
+``Image.resize(box=...)`` call, so the crop never materialises an intermediate image.
 
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
 onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
@@ -36,19 +36,21 @@ CROP_RATIO = (3 / 4, 4 / 3)
 RESAMPLE = Image.Resampling.BICUBIC
 # What an eval resize may be (``EvalResize``), named as open_clip's preprocess_cfg names them.
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-RESIZE_MODES = ("shortest", "squash")
+RESIZE_MODES = ("shortest", "squash", "longest")
 
 
 @dataclass(frozen=True)
 class EvalResize:
     """How ``decode_image`` makes an eval image square: ``shortest`` resizes the shorter side and centre-crops
-    (CLIP's transform; reclip-ray's own models are scored so), ``squash`` resizes the whole image, aspect ratio lost;
+    (CLIP's transform; reclip-ray's own models are scored so), ``squash`` resizes the whole image, aspect ratio lost,
+    ``longest`` resizes the longer side to the square's (aspect kept) and centre-pads the rest with ``fill`` (RGB);
     with bicubic or bilinear interpolation. An open_clip folder's ``preprocess_cfg`` picks them
-    (``openclip.eval_resize``): a model trained on squashed images, scored on centre crops, loses what the crop
-    cuts off and sees other shapes."""
+    (``openclip.eval_resize``): a model trained on squashed or padded images, scored on centre crops, loses what the
+    crop cuts off and sees other shapes."""
 
     mode: str = "shortest"
     interpolation: str = "bicubic"
+    fill: tuple[int, int, int] = (0, 0, 0)
 
 
 EVAL_RESIZE = EvalResize()
@@ -166,10 +168,11 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
-def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[Image.Image, int]:
+def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float],
+                 size: int | tuple[int, int]) -> tuple[Image.Image, int]:
     """``to_rgb(img)``, reduced k times when it has alpha or wide pixels (``_is_wide``) and the crop ``box`` spans
-    >= 2 * REDUCING_GAP * size px; returns it and k (1: not reduced). A source coordinate x is x / k in the result,
-    as after ``_draft``.
+    >= 2 * REDUCING_GAP * size px (``size``: the output's side, or its (width, height), axis by axis); returns it and
+    k (1: not reduced). A source coordinate x is x / k in the result, as after ``_draft``.
 
     Why: compositing onto white at full size made four more full-size images (a 9000 x 9000 RGBA PNG of 1.6 MB
     took 1.5 GB to become a 64 px crop, 320 MB this way). Here strips of the image are reduced one at a time, so
@@ -178,7 +181,8 @@ def _rgb_reduced(img: Image.Image, box: tuple[float, float, float, float], size:
     A wide image's strips are made 8-bit (``_eight_bit``, scaled as the whole image is) and then reduced, so its
     8-bit grey and RGB copies are not full size either. An RGB or grey image is resized with no full-size copy
     already."""
-    k = int(min(box[2] - box[0], box[3] - box[1]) // (REDUCING_GAP * size))
+    out_w, out_h = _out_size(size)
+    k = int(min((box[2] - box[0]) // (REDUCING_GAP * out_w), (box[3] - box[1]) // (REDUCING_GAP * out_h)))
     wide = _is_wide(img)
     if k < 2 or not (wide or _has_alpha(img)):
         return to_rgb(img), 1
@@ -223,9 +227,22 @@ def _crop_box(width: int, height: int, *, train: bool, rng: Any = None) -> tuple
     return (0.0, 0.0, float(width), float(height))
 
 
-def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> int:
-    """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px; returns the reduction d
-    applied (1, 2, 4 or 8).
+def _out_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An output size as (width, height): a square's side, or the pair itself (``longest``'s unpadded resize)."""
+    return (size, size) if isinstance(size, int) else size
+
+
+def fit_longest(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) of an image resized so its longer side is ``size``, aspect kept: open_clip's
+    ``ResizeKeepRatio(longest=1)``, rounded as it rounds (Python's ``round``), so the padded image is its pixels; at
+    least 1 px, where open_clip would fail on an image 100 times wider than tall."""
+    ratio = max(height / size, width / size)
+    return max(1, round(width / ratio)), max(1, round(height / ratio))
+
+
+def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int | tuple[int, int]) -> int:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px (``size``: the output's side,
+    or its (width, height)); returns the reduction d applied (1, 2, 4 or 8).
 
     The decoder shrinks each 8 x 8 block to (8/d) x (8/d) pixels, so reduced pixel i covers source pixels
     [d i, d (i + 1)): the reduced image is ceil(W/d) wide, its last column partly the encoder's edge padding, and a
@@ -233,8 +250,8 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) 
     """
     if img.format not in ("JPEG", "MPO"):  # MPO: a phone camera's multi-picture JPEG, frame 0 a plain JPEG
         return 1
-    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    k = min(crop_w, crop_h) / size  # how much we may shrink and still have `size` px across the crop
+    out_w, out_h = _out_size(size)
+    k = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)  # how much we may shrink and still cover `size`
     if k < 2:
         return 1
     w, h = img.size
@@ -250,22 +267,29 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
     how an eval image (``train`` False) is made square; the train crop is always bicubic."""
     img = _open(data)
     src_w, src_h = img.size
-    if train or resize.mode != "squash":
+    out_size = (size, size)
+    if train or resize.mode == "shortest":
         box = _crop_box(src_w, src_h, train=train, rng=rng)
-    else:  # the whole image, resized to the square
+    else:  # the whole image, resized to the square (squash) or into it, to be padded (longest)
         box = (0.0, 0.0, float(src_w), float(src_h))
+        if resize.mode == "longest":
+            out_size = fit_longest(src_w, src_h, size)
     resample = RESAMPLE if train else INTERPOLATIONS[resize.interpolation]
     try:
-        scale = _draft(img, box, size)
+        scale = _draft(img, box, out_size)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
         if scale != 1:  # the crop in the reduced image: source coordinates / d (_draft)
             box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
-        img, k = _rgb_reduced(img, box, size)
+        img, k = _rgb_reduced(img, box, out_size)
         if k != 1:  # likewise after reducing an image with alpha
             box = (box[0] / k, box[1] / k, box[2] / k, box[3] / k)
-        out = img.resize((size, size), resample, box=box)
+        out = img.resize(out_size, resample, box=box)
+        if out_size != (size, size):  # centred, the odd pixel of padding after the image (open_clip's CenterCropOrPad)
+            padded = Image.new("RGB", (size, size), resize.fill)
+            padded.paste(out, ((size - out_size[0]) // 2, (size - out_size[1]) // 2))
+            out = padded
     except BadImage:
         raise
     except _BAD_ERRORS as exc:

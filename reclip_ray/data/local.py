@@ -223,10 +223,9 @@ def iter_local_batches(
 
 
 def _check_extra_columns(files: Sequence[str], columns: ColumnMap, extra: Sequence[str]) -> None:
-    """Every shard has the source column of each ``extra_columns`` name (``label``/``key`` as mapped)."""
-    user_names = {"label": columns.label, "key": columns.key}
+    """Every shard has the source column of each ``extra_columns`` name (``ColumnMap.source``)."""
     for name in extra:
-        source = user_names.get(name, name)
+        source = columns.source(name)
         for file in files:
             if source not in parquet_schema(file).names:
                 raise DataError(f"{file}: missing column {source!r} (asked for {name!r})")
@@ -256,7 +255,6 @@ class _RowReader:
         self.resize = resize
         self.extra, self.bad_rows = extra, bad_rows
         self.require_caption, self.group_images = require_caption, group_images
-        self.user_names = {"label": columns.label, "key": columns.key}
         self.flags = ([] if require_caption else ["has_caption"]) + (
             ["image_id", "image_new", "file"] if group_images else [])
         self.decoded: set[str] = set()  # group_images: identities already decoded successfully
@@ -277,7 +275,7 @@ class _RowReader:
         absent = absent_mask(table, columns.image, STATUS_COLUMN)
         keys = (table.column(columns.key).to_pylist() if columns.key in parquet_schema(file).names
                 else [f"{os.path.basename(file)}#{first + i}" for i in range(n_rows)])
-        extras = {c: table.column(self.user_names.get(c, c)).to_pylist() for c in self.extra}
+        extras = {c: table.column(columns.source(c)).to_pylist() for c in self.extra}
         order = np.arange(n_rows)
         if self.train:
             rng.shuffle(order)
@@ -296,7 +294,7 @@ class _RowReader:
         names = parquet_schema(file).names
         optional = [self.columns.key, STATUS_COLUMN] + ([IMAGE_ID_COLUMN] if self.group_images else [])
         wanted = [self.columns.image] + [n for n in [self.columns.caption, *optional] if n in names]
-        wanted += [self.user_names.get(c, c) for c in self.extra if self.user_names.get(c, c) not in wanted]
+        wanted += [c for c in map(self.columns.source, self.extra) if c not in wanted]
         return read_shard(file, wanted) if stop is None else _read_rows(file, wanted, first, stop)
 
     def _decode(self, file: str, row: int, key: Any, image: Any, caption: Any, image_id: Any,

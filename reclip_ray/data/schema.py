@@ -73,6 +73,13 @@ class ColumnMap:
             key=getattr(data_cfg, "key_column", "key"),
         )
 
+    def source(self, name: str) -> str:
+        """The shard column a name the readers ask for reads: ``label`` is the label column (``data.label_column``,
+        ``--label-column``), ``key`` the key column, any other name itself (a label set's own column, dataset.json's
+        ``label_sets``' ``column``). One rule for the checks and the reader, so that a check never passes on one
+        column while the evaluation reads another."""
+        return {"label": self.label, "key": self.key}.get(name, name)
+
     def renames(self) -> dict[str, str]:
         """{user name: canonical name} for the columns whose names differ."""
         pairs = {self.image: "image", self.caption: "caption", self.label: "label", self.key: "key"}

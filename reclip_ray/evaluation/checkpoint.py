@@ -29,8 +29,9 @@ def evaluate_checkpoint(
     ``image_size`` 0 means the model's full resolution (``eval.full_image_size`` or the last phase's size); the
     text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
-    open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed or centre-cropped; bicubic or
-    bilinear: ``openclip.eval_resize``). The eval set is read
+    open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed, centre-cropped or fitted by
+    the longer side and padded with its ``fill_color``; bicubic or bilinear: ``openclip.eval_resize``). The eval set
+    is read
     with the training run's column names (``data.*_column`` in the export's config), each falling back to the
     canonical name when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name
     those columns outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
@@ -54,7 +55,7 @@ def evaluate_checkpoint(
     classes = read_classes(classes_path, read_dataset_json(data)) if classes_path else None
     columns = _columns(data, cfg, caption=caption_column, image=image_column, label=label_column)
     files = list_parquet_files(data)
-    check_label_values(files, find_label_sets(data, files, columns, classes), columns.label)  # before any encoding
+    check_label_values(files, find_label_sets(data, files, columns, classes), columns)  # before any encoding
     metrics = evaluate_dataset(
         model, tokenizer, data, image_size=size, text_length=text_length,
         batch_size=batch_size, columns=columns, device=device, classes=classes,

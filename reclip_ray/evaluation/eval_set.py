@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from reclip_ray.errors import DataError, ReclipError
+
+if TYPE_CHECKING:
+    from reclip_ray.data.schema import ColumnMap
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -39,62 +42,57 @@ def check_templates(templates: Sequence[str], where: str) -> None:
                               f"({type(exc).__name__}: {exc})") from None
 
 
-def label_sets(meta: dict, names: Sequence[str], label_column: str, classes_override: dict | None,
+def label_sets(meta: dict, names: Sequence[str], columns: ColumnMap, classes_override: dict | None,
                class_labels: dict[str, list[str]] | None = None, *, meta_path: str = "dataset.json",
                file: str = "the shard") -> dict[str, dict]:
     """{set name: {column, classes, templates, source}} from, first found: a --classes file (the main label),
     dataset.json's ``label_sets`` or ``classes``, the ClassLabel columns of a Hugging Face ``datasets`` export
     (``class_labels``, ``schema.class_label_sets``).
 
-    A ClassLabel column is named as dataset.json would name it: the label column (``data.label_column``) is the set
-    ``label``; any other is a set named after its column (CIFAR-100's ``fine_label`` and ``coarse_label``). A column
-    literally named ``label`` that is not the label column is left out: ``label`` stands for the label column.
+    A set's ``column`` is the shard column ``columns.source`` maps it to (``schema.ColumnMap``: ``label`` stands for
+    the label column, ``data.label_column``), in every check here and in the reader. A ClassLabel column is named
+    as dataset.json would name it: the label column is the set ``label``; any other is a set named after its column
+    (CIFAR-100's ``fine_label`` and ``coarse_label``). A column whose name would read another column (one literally
+    named ``label`` that is not the label column) is left out.
 
     Classes in dataset.json (``meta_path``) whose column ``file`` (a shard, whose columns are ``names``) lacks are a
     one-line error: dropped, a set whose labels are in ``cls`` (CLIP_benchmark's name) scored no zero-shot at all,
     and said nothing."""
     if classes_override is not None:
         return {"label": {"column": "label", **classes_override, "source": "the classes file"}}
-    sets = _label_sets(meta, names, label_column, class_labels, meta_path, file)
+    sets = _label_sets(meta, names, columns, class_labels, meta_path, file)
     for name, spec in sets.items():
         check_templates(spec["templates"], f"dataset.json (label set {name!r})")  # every set's come from there
     return sets
 
 
-def _label_sets(meta: dict, names: Sequence[str], label_column: str, class_labels: dict[str, list[str]] | None,
+def _label_sets(meta: dict, names: Sequence[str], columns: ColumnMap, class_labels: dict[str, list[str]] | None,
                 meta_path: str, file: str) -> dict[str, dict]:
     """``label_sets`` without a classes file: dataset.json's sets, else the ClassLabel columns."""
     sets: dict[str, dict] = {}
     if not isinstance(meta.get("label_sets"), dict) and not meta.get("classes"):
         for column, classes in (class_labels or {}).items():
-            main = column == label_column
-            if column in names and (main or column != "label"):
-                sets["label" if main else column] = {"column": "label" if main else column, "classes": classes,
-                                                     "templates": meta.get("templates", []),
-                                                     "source": "the 'huggingface' metadata"}
+            name = "label" if column == columns.label else column
+            if column in names and columns.source(name) == column:
+                sets[name] = {"column": name, "classes": classes, "templates": meta.get("templates", []),
+                              "source": "the 'huggingface' metadata"}
         return dict(sorted(sets.items(), key=lambda kv: kv[0] != "label"))
     if isinstance(meta.get("label_sets"), dict):
         for name, spec in meta["label_sets"].items():
             column = spec.get("column", "label")
             if not spec.get("classes"):
                 continue
-            if source_column(column, label_column) not in names:
-                raise DataError(_missing_label_column(meta_path, f"label set {name!r} is", column, label_column,
+            if columns.source(column) not in names:
+                raise DataError(_missing_label_column(meta_path, f"label set {name!r}", column, columns.label,
                                                       names, file))
             sets[name] = {"column": column, "classes": spec["classes"], "templates": spec.get("templates", []),
                           "source": "dataset.json"}
     elif meta.get("classes"):
-        if label_column not in names:
-            raise DataError(_missing_label_column(meta_path, "its 'classes' are", "label", label_column, names, file))
+        if columns.source("label") not in names:
+            raise DataError(_missing_label_column(meta_path, "'classes'", "label", columns.label, names, file))
         sets["label"] = {"column": "label", "classes": meta["classes"], "templates": meta.get("templates", []),
                          "source": "dataset.json"}
     return sets
-
-
-def source_column(column: str, label_column: str) -> str:
-    """The shard column a label set's ``column`` reads: ``label`` stands for the label column (``data.label_column``,
-    ``--label-column``), any other name for itself."""
-    return label_column if column == "label" else column
 
 
 # Column names other tools give the class index, most likely first: the candidates a missing label column suggests
@@ -102,15 +100,21 @@ def source_column(column: str, label_column: str) -> str:
 LABEL_NAMES = ("label", "cls", "labels", "target", "class", "class_id", "class_idx", "category", "category_id", "y")
 
 
-def _missing_label_column(meta_path: str, what: str, column: str, label_column: str, names: Sequence[str],
+def _missing_label_column(meta_path: str, entry: str, column: str, label_column: str, names: Sequence[str],
                           file: str) -> str:
-    """One line for dataset.json classes (``what``: whose, and "is"/"are") on a ``column`` the shard lacks: the label
-    column (``column`` 'label') is named by a flag or config key, which the hint gives; another by the set's own
-    ``column`` in dataset.json."""
+    """One line for dataset.json classes (``entry``: "'classes'" or "label set 'NAME'") on a ``column`` the shard
+    lacks: the label column (``column`` 'label') is named by a flag or config key, which the hint gives; another by
+    the set's own ``column`` in dataset.json. With no column to suggest, the set may have no labels at all (a
+    captions-only set whose dataset.json kept the classes of the set it was copied from, which ran retrieval and
+    said nothing before): the hint then also says to delete the entry."""
     from reclip_ray.data.schema import column_hint
 
+    what = "its 'classes' are" if entry == "'classes'" else f"{entry} is"
     if column == "label":
-        hint = column_hint("label", [n for n in LABEL_NAMES if n in names and n != label_column])
+        candidates = [n for n in LABEL_NAMES if n in names and n != label_column]
+        hint = column_hint("label", candidates)
+        if not candidates:
+            hint += f", or, for a set without labels, delete {entry} from dataset.json"
         where = f"the label column {label_column!r}"
     else:
         hint = "add the column, or correct the set's 'column'"
@@ -143,7 +147,7 @@ def check_eval_set(path: str, columns: Any, image_sizes: list[int], patch_size: 
         raise DataError(f"{path}: no rows to evaluate in its {len(files)} Parquet file(s)")
 
     sets = find_label_sets(path, files, columns, None)
-    check_label_values(files, sets, columns.label)
+    check_label_values(files, sets, columns)
     warn_duplicate_classes(path, sets)
     has_captions = False
     for file in files:
@@ -166,20 +170,20 @@ def find_label_sets(data: str, files: Sequence[str], columns: Any, classes: dict
     from reclip_ray.data.schema import class_label_sets, dataset_json_path, parquet_schema, read_dataset_json
 
     names = parquet_schema(files[0]).names
-    if classes is not None and columns.label not in names:
+    if classes is not None and columns.source("label") not in names:
         raise ReclipError(f"{data}: --classes given but the dataset has no label column {columns.label!r}")
-    return label_sets(read_dataset_json(data), names, columns.label, classes, class_label_sets(files),
+    return label_sets(read_dataset_json(data), names, columns, classes, class_label_sets(files),
                       meta_path=dataset_json_path(data), file=files[0])
 
 
-def check_label_values(files: Sequence[str], sets: dict[str, dict], label_column: str) -> None:
+def check_label_values(files: Sequence[str], sets: dict[str, dict], columns: ColumnMap) -> None:
     """Every shard has each set's column, and its every label is a class index of the set (``_check_labels``).
     Reads the label columns only, so a bad label fails in seconds: the launch's check runs it, and ``reclip-ray
     eval`` before it encodes any image (it found one only after encoding the whole set)."""
     from reclip_ray.data.local import read_shard
     from reclip_ray.data.schema import parquet_schema
 
-    source = {name: source_column(spec["column"], label_column) for name, spec in sets.items()}
+    source = {name: columns.source(spec["column"]) for name, spec in sets.items()}
     wanted = sorted(set(source.values()))
     if not wanted:
         return
