@@ -8,7 +8,8 @@ the folder is named by a hash of the submitted files, so the same command resubm
 empty MLflow store (the resumed run's history starts again in another run), and Ray deletes such folders when its
 cache of them fills or its session ends. There, outputs go to ``$RECLIP_RAY_HOME``, by default ``~/reclip-ray``
 on the node the job's driver runs on (the head node, unless the job was given other resources). Inputs (``data.*``
-given relative) still resolve against the working directory: the files were submitted with it.
+given relative) still resolve against the working directory: the files were submitted with it. A sweep resumed by
+another submit resolves them in that submit's copy (``sweep.trial_config.keep_relative_inputs``).
 """
 
 from __future__ import annotations

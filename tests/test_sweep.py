@@ -900,3 +900,182 @@ def test_the_sweep_metric_view_is_named_in_the_sweep_module():
                "loss": 4.0}
     assert full_view(64, metrics) == {FULL + "shape/top1": 0.3, FULL + "image_to_text_r@1": 0.1}
     assert full_view(112, metrics) == {}
+
+
+def _moved_sweep(tmp_path: Path, monkeypatch, tokenizer_path: Path, between=None) -> dict:
+    """A sweep launched the way ``ray job submit --working-dir . -- python jobs/sweep.py --space tune_spaces/s.yaml``
+    launches it, twice: each submit runs in Ray's copy of the working dir, named by a hash of its files
+    (``_ray_pkg_<hash>``: an edit between the submits makes another), and the space names its data and tokenizer
+    relative to it; the outputs go to ``$RECLIP_RAY_HOME``. The first launch opens the sweep (``open_sweep``) and
+    builds the config Tune saves for a trial (``_setup`` and the trial's parameters); then Tune's state is there and
+    Ray's cache deletes the first copy, and ``between`` runs (an upgrade). Returns the space, the two launches'
+    ``OpenSweep``s (cwd left in the second's copy) and that saved trial config. The caller releases the second's
+    lease."""
+    import json
+    import shutil
+
+    from reclip_ray.config import apply_overrides, from_dict, load_raw
+    from reclip_ray.data.synth import make_synthetic
+    from reclip_ray.sweep.run import open_sweep, sweep_definition
+    from reclip_ray.sweep.space import tune_param_space
+    from reclip_ray.sweep.trainable import trial_setup
+
+    first, second, home = tmp_path / "_ray_pkg_aaaa", tmp_path / "_ray_pkg_bbbb", tmp_path / "home"
+    make_synthetic(first / "data", train=64, eval=32, seed=0, shard_rows=32)
+    shutil.copy(tokenizer_path, first / "tok.json")
+    (first / "tune_spaces").mkdir()
+    (first / "tune_spaces" / "s.yaml").write_text(
+        "name: moved\nbase: tiny\n"
+        "set: [data.train=data/train, data.eval=data/eval, data.tokenizer=tok.json, data.synth_if_missing=false]\n"
+        "params:\n  optim.lr: {grid: [1.0e-3, 1.0e-4]}\n  data.eval: {grid: [data/eval]}\n"
+        "metric: loss\nmode: min\nbudget: {samples: 1280}\nscheduler: {name: fifo}\n")
+    shutil.copytree(first, second)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "."}}))
+    monkeypatch.setenv("RECLIP_RAY_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def launch():  # run_sweep's steps up to Tune
+        space = load_space("tune_spaces/s.yaml")
+        base = from_dict(apply_overrides(load_raw(space.base), space.overrides))
+        return space, open_sweep(space, "tune_spaces/s.yaml", base, definition=sweep_definition(space, None, []))
+
+    monkeypatch.chdir(first)
+    space, opened = launch()
+    setup = trial_setup(space, None, base_raw=opened.base_raw, sweep_dir=opened.sweep_dir,
+                        experiment=opened.experiment, parent_run_id=opened.parent)
+    saved = {"p00_optim/lr": 1e-3, "p01_data/eval": "data/eval", "_setup": json.dumps(setup)}
+    assert set(saved) == set(tune_param_space(space, setup))  # the keys Tune saves a trial's config under
+    opened.lease.release()
+    (Path(opened.sweep_dir) / "tune").mkdir()
+    (Path(opened.sweep_dir) / "tune" / "tuner.pkl").write_bytes(b"")  # Tune's state: a rerun resumes the sweep
+    monkeypatch.chdir(second)
+    shutil.rmtree(first)  # Ray's cache of working dirs dropped the first copy
+    if between is not None:
+        between()
+    _, resumed = launch()
+    return {"space": space, "first": opened, "second": resumed, "saved": saved, "home": home}
+
+
+def test_a_sweep_resumed_by_another_ray_job_submit_reads_its_relative_inputs_from_that_submits_copy(
+        tmp_path, monkeypatch, tokenizer_path):
+    """Tune resumes a trial with the config it saved at the sweep's start. That config held the data, eval set and
+    tokenizer as absolute paths into the first submit's copy of the working dir, which the next submit (a new hash
+    after any edit) does not run in and Ray may have deleted: the resumed trial failed on "data.train not found".
+    Inputs given relative stay relative in the saved config and resolve in the current launch's folder; outputs stay
+    in $RECLIP_RAY_HOME where the trial's checkpoints and MLflow run are; the two submits are one sweep."""
+    from reclip_ray.config import from_dict
+    from reclip_ray.sweep import trainable
+    from reclip_ray.sweep.trainable import trial_run_raw, tune_trainable
+    from reclip_ray.train.prepare import prepare
+
+    moved = _moved_sweep(tmp_path, monkeypatch, tokenizer_path)
+    first, second, saved, home = moved["first"], moved["second"], moved["saved"], moved["home"]
+    try:
+        # The second submit is the same sweep (its base and overrides are the same; only the folder moved)
+        assert (second.sweep_dir, second.parent) == (first.sweep_dir, first.parent)
+        before = trial_run_raw(saved, "t1", first.launch_dir)  # the trial as the first submit ran it
+        copy = Path(first.launch_dir)
+        assert [before["data"][k] for k in ("train", "eval", "tokenizer")] == \
+            [str(copy / "data" / "train"), str(copy / "data" / "eval"), str(copy / "tok.json")]
+        resumed = trial_run_raw(saved, "t1", second.launch_dir)
+        here = Path(second.launch_dir)
+        assert [resumed["data"][k] for k in ("train", "eval", "tokenizer")] == \
+            [str(here / "data" / "train"), str(here / "data" / "eval"), str(here / "tok.json")], resumed["data"]
+        # Outputs as the sweep started: its folder and MLflow store, under $RECLIP_RAY_HOME, not in either copy
+        assert resumed["run"] == before["run"] and resumed["tracking"] == before["tracking"]
+        assert resumed["run"]["storage_path"] == str(home.resolve() / "reclip_runs" / "moved" / "trials")
+        assert resumed["tracking"]["uri"] == f"sqlite:///{home.resolve() / 'mlflow.db'}"
+        # The trial's own launch (run_training's prepare) runs in Tune's trial folder: it finds every input
+        trial_dir = tmp_path / "trial_dir"
+        trial_dir.mkdir()
+        monkeypatch.chdir(trial_dir)
+        assert prepare(from_dict(resumed)).tokenizer_path == str(here / "tok.json")
+        # The launch's folder reaches the trial beside its config, which Tune keeps (with_parameters)
+        seen = []
+
+        def _run_trial(config: dict, launch_dir: str) -> None:  # the trial, its name (which Tune checks) kept
+            seen.append((config, launch_dir))
+
+        monkeypatch.setattr(trainable, "_run_trial", _run_trial)
+        fn = tune_trainable(moved["space"], second.launch_dir)
+        fn(saved)
+        assert seen == [(saved, second.launch_dir)] and fn.__name__ == "_run_trial"
+    finally:
+        second.lease.release()
+
+
+def test_best_yaml_is_the_best_trials_own_config_not_the_resumed_sweeps_base(tmp_path, monkeypatch, tokenizer_path):
+    """best.yaml was built from the base config of the launch that wrote it. A rerun's base may differ where the
+    sweep's definition allows (a preset an upgrade changed: the sweep counts a preset by its name), while Tune
+    resumed its trials with the base they started with: best.yaml named a model the best trial never trained. It is
+    the best trial's own config; input paths given relative stay relative, so ``reclip-ray train --config best.yaml``
+    reads them where it runs, as the sweep's trials did."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from reclip_ray import config as config_module
+    from reclip_ray.config import from_dict, load_config
+    from reclip_ray.sweep import run
+    from reclip_ray.sweep.run import finish_sweep
+    from reclip_ray.sweep.trainable import trial_run_raw
+    from reclip_ray.train.prepare import prepare
+
+    # An upgrade between the two submits made the tiny preset wider
+    wider = {**config_module.MODEL_PRESETS["tiny"], "embed_dim": 96}
+    moved = _moved_sweep(tmp_path, monkeypatch, tokenizer_path,
+                         between=lambda: monkeypatch.setitem(config_module.MODEL_PRESETS, "tiny", wider))
+    first, second, saved, space = moved["first"], moved["second"], moved["saved"], moved["space"]
+    try:
+        assert second.parent == first.parent and second.base_raw["model"]["embed_dim"] == 96  # the same sweep
+        worse = {**saved, "p00_optim/lr": 1e-4}
+
+        def result(trial_id: str, config: dict, loss: float) -> SimpleNamespace:
+            return SimpleNamespace(config=config, error=None, metrics={
+                "trial_id": trial_id, "loss": loss, "eval_round": 2, "eval_rounds_planned": 2,
+                "gflops_total": 10.0, "samples": 1280})
+
+        monkeypatch.setattr(run, "UNFINISHED", [])  # as run_sweep clears it before Tune runs (no trial unfinished)
+        summary = finish_sweep([result("t2", worse, 2.0), result("t1", saved, 1.0)], space, second, n_phases=2)
+        assert summary["best"]["params"] == {"optim.lr": 1e-3, "data.eval": "data/eval"}
+        best_raw = yaml.safe_load((Path(second.sweep_dir) / "best.yaml").read_text())
+        assert best_raw["model"]["embed_dim"] == 128, best_raw["model"]  # what the trial trained, not the preset now
+        assert [best_raw["data"][k] for k in ("train", "eval", "tokenizer")] == ["data/train", "data/eval", "tok.json"]
+        assert best_raw["run"]["name"] == "moved-best"
+        assert best_raw["run"]["storage_path"] == str(moved["home"].resolve() / "reclip_runs")
+        # `reclip-ray train --config best.yaml` in the second copy trains what the best trial trained there
+        best = prepare(load_config(str(Path(second.sweep_dir) / "best.yaml"))).cfg
+        trial = from_dict(trial_run_raw(saved, "t1", second.launch_dir))
+        for section in ("model", "phases", "train", "optim", "data", "scaling", "checkpoint"):
+            assert getattr(best, section) == getattr(trial, section), section
+    finally:
+        second.lease.release()
+
+
+def test_only_inputs_given_relative_follow_the_launchs_folder(tmp_path):
+    """What a sweep keeps relative for its trials (``keep_relative_inputs``) and how a trial resolves it
+    (``resolve_inputs``): absolute paths, ``~``, URIs, an empty eval set, a tokenizer trained at launch (an output,
+    in the sweep folder) and ``data.tokenizer: clip`` (a name, unless the launch's folder has a file of that name)
+    are used as given; outputs are not inputs."""
+    from reclip_ray.config import absolute
+    from reclip_ray.sweep.trial_config import keep_relative_inputs, resolve_inputs
+
+    given = {"data": {"train": "s3://bucket/train", "eval": "", "tokenizer": "clip"},
+             "model": {"init_from": "~/weights/model.pt"}, "run": {"storage_path": "runs"}}
+    prepared = {"data": {"train": "s3://bucket/train", "eval": "", "tokenizer": "clip"},
+                "model": {"init_from": absolute("~/weights/model.pt")}, "run": {"storage_path": "/home/u/runs"}}
+    assert keep_relative_inputs(prepared, given) == prepared
+    assert resolve_inputs(prepared, str(tmp_path)) == prepared
+    given = {"data": {"train": "data/train", "eval": "/abs/eval", "tokenizer": ""}, "model": {"init_from": "w.pt"}}
+    prepared = {"data": {"train": absolute("data/train"), "eval": "/abs/eval", "tokenizer": "/sweep/tokenizer.json"},
+                "model": {"init_from": absolute("w.pt")}}
+    kept = keep_relative_inputs(prepared, given)
+    assert kept == {"data": {"train": "data/train", "eval": "/abs/eval", "tokenizer": "/sweep/tokenizer.json"},
+                    "model": {"init_from": "w.pt"}}
+    assert resolve_inputs(kept, str(tmp_path)) == {
+        "data": {"train": str(tmp_path / "data" / "train"), "eval": "/abs/eval", "tokenizer": "/sweep/tokenizer.json"},
+        "model": {"init_from": str(tmp_path / "w.pt")}}
+    assert resolve_inputs({"model": "tiny", "data": {"tokenizer": "clip"}}, str(tmp_path)) == \
+        {"model": "tiny", "data": {"tokenizer": "clip"}}  # a preset's name, OpenAI's tokenizer
+    (tmp_path / "clip").write_text("{}")
+    assert resolve_inputs({"data": {"tokenizer": "clip"}}, str(tmp_path))["data"]["tokenizer"] == str(tmp_path / "clip")

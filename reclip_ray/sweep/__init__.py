@@ -27,7 +27,8 @@ compute for a RECLIP schedule and a full-resolution baseline; and at one resolut
 The modules, in the order a sweep uses them:
 
 - ``space``: the YAML file read and checked (``load_space``), its domains in Tune's terms.
-- ``trial_config``: one trial's config, its budget turned into phase lengths (``trial_raw``).
+- ``trial_config``: one trial's config, its budget turned into phase lengths (``trial_raw``), its relative inputs
+  resolved in the folder of the launch that runs it (``resolve_inputs``).
 - ``asha``: the compute axis, the metric ASHA compares, the scheduler, what of a report reaches Tune.
 - ``trainable``: what every trial shares (``trial_setup``) and the trial itself (``tune_trainable``).
 - ``progress``: one printed line per finished trial.

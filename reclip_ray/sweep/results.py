@@ -13,7 +13,7 @@ from reclip_ray import storage
 from reclip_ray.config import from_dict
 from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.sweep.plot import plot_sweep
-from reclip_ray.sweep.space import Space, trial_params
+from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
 from reclip_ray.sweep.trial_config import trial_raw
 
 OUTPUTS = ("results.csv", "pareto.png", "best.yaml")
@@ -50,6 +50,12 @@ def trial_rows(grid: Any, space: Space, n_phases: int) -> list[dict[str, Any]]:
             EVAL_ERROR: str(m.get(EVAL_ERROR) or "")[:200],  # why the metric is NaN (a failed/absent evaluation)
         })
     return rows
+
+
+def trial_configs(grid: Any) -> dict[str, dict[str, Any]]:
+    """Each trial's Tune config (its parameters and the ``_setup`` it ran with, which Tune saved at the sweep's
+    start), by the trial id its rows carry; best.yaml is made from the best trial's."""
+    return {str((result.metrics or {}).get("trial_id", "")): dict(result.config or {}) for result in grid}
 
 
 def _last_line(error: BaseException) -> str:
@@ -111,10 +117,11 @@ def _trial_runs(tracking_uri: str, parent: str, where: str = "") -> list[Any]:
     return tracking.search_all_runs(c, [c.get_run(parent).info.experiment_id], query)
 
 
-def write_outputs(rows: list[dict[str, Any]], space: Space, base_raw: dict[str, Any], *, sweep_dir: str,
+def write_outputs(rows: list[dict[str, Any]], space: Space, configs: dict[str, dict[str, Any]], *, sweep_dir: str,
                   storage_path: str, tracking_uri: str, parent: str) -> dict[str, Any]:
-    """results.csv, pareto.png and best.yaml: drawn in a local temp folder, logged to MLflow from there, and each
-    written whole into the sweep folder (one PUT each on an object store). Returns the sweep's summary."""
+    """results.csv, pareto.png and best.yaml (from the best trial's own config in ``configs``: ``trial_configs``):
+    drawn in a local temp folder, logged to MLflow from there, and each written whole into the sweep folder (one
+    PUT each on an object store). Returns the sweep's summary."""
     import tempfile
 
     from reclip_ray import tracking
@@ -127,7 +134,8 @@ def write_outputs(rows: list[dict[str, Any]], space: Space, base_raw: dict[str, 
         _write_csv(rows, os.path.join(tmp, "results.csv"))
         plot_sweep(rows, space, best, os.path.join(tmp, "pareto.png"))
         if best is not None:
-            out["best"] = _write_best(best, space, base_raw, storage_path, os.path.join(tmp, "best.yaml"))
+            out["best"] = _write_best(best, space, configs[best["trial_id"]], storage_path,
+                                      os.path.join(tmp, "best.yaml"))
             tracking.log_metrics(tracking_uri, parent, {f"best/{space.metric}": float(best[space.metric]),
                                                         "best/gflops": float(best["gflops_spent"])}, step=0)
         for name in OUTPUTS:
@@ -151,11 +159,17 @@ def _write_csv(rows: list[dict[str, Any]], local: str) -> None:
             w.writerow(r)
 
 
-def _write_best(best: dict[str, Any], space: Space, base_raw: dict[str, Any], storage_path: str,
+def _write_best(best: dict[str, Any], space: Space, config: dict[str, Any], storage_path: str,
                 local: str) -> dict[str, Any]:
-    """best.yaml: the best trial's full config, which ``reclip-ray train --config best.yaml`` reruns."""
-    params = {k[6:]: v for k, v in best.items() if k.startswith("param:")}
-    raw = trial_raw(base_raw, params, space.budget)
+    """best.yaml: the best trial's full config, which ``reclip-ray train --config best.yaml`` reruns.
+
+    Made from the trial's own Tune ``config``: its parameters, and the base config and budget the sweep started
+    with, which Tune resumed it with (a rerun's base may differ where the sweep's definition does not: a preset an
+    upgrade changed). Inputs the base named relative stay relative, for the launch that reruns it to resolve as
+    the sweep's launches did (``trial_config.keep_relative_inputs``); the run goes to ``storage_path`` as
+    ``<sweep>-best``."""
+    setup, params = trial_setup_of(config), trial_params(config)
+    raw = trial_raw(setup["base_raw"], params, setup["budget"])
     raw["run"]["name"] = f"{space.name}-best"
     raw["run"]["storage_path"] = storage_path  # a string: a Path would mangle s3://
     cfg = from_dict(raw)

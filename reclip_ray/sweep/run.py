@@ -21,10 +21,11 @@ from reclip_ray.lease import Lease
 from reclip_ray.run_names import FULL
 from reclip_ray.sweep.asha import asha_axis, asha_metric, asha_mode, check_metric_names, make_scheduler
 from reclip_ray.sweep.progress import UNFINISHED, progress_callback
-from reclip_ray.sweep.results import close_trial_runs, kill_running_trial_runs, trial_rows, write_outputs
+from reclip_ray.sweep.results import (close_trial_runs, kill_running_trial_runs, trial_configs, trial_rows,
+                                      write_outputs)
 from reclip_ray.sweep.space import Space, grid_corners, load_space, tune_param_space
 from reclip_ray.sweep.trainable import sweep_home, trial_setup, tune_trainable
-from reclip_ray.sweep.trial_config import trial_raw
+from reclip_ray.sweep.trial_config import keep_relative_inputs, trial_raw
 from reclip_ray.tracking_relay import mark_home
 
 
@@ -34,7 +35,8 @@ class OpenSweep:
 
     prep: Any  # train.launch.Prepared of the base config: data, tokenizer, tracking URI, absolute paths
     sweep_dir: str  # a local folder or a URI (storage.py): Tune, the trials and the outputs all go there
-    base_raw: dict[str, Any]  # the prepared base config, every trial's starting point
+    base_raw: dict[str, Any]  # the prepared base config, inputs given relative kept so: every trial's starting point
+    launch_dir: str  # this launch's working directory, which relative inputs name places in
     experiment: str
     parent: str  # the MLflow parent run's id
     lease: Lease  # the sweep folder's launch lease: released when the sweep ends
@@ -70,15 +72,7 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
         with _tune_console(quiet), _tune_loggers_without_tensorboard():
             grid = _tuner(space, sweep, axis, n_phases).fit()
         del home  # the trials are done: the marker goes with its last handle
-        rows = trial_rows(grid, space, n_phases)
-        close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
-        if UNFINISHED:  # Tune returned after a Ctrl-C (SIGINT) or SIGUSR1, its state saved: no results yet
-            print(f"[sweep] interrupted with {len(UNFINISHED)} trial(s) unfinished: run the same command "
-                  "again to resume them from their last checkpoints", flush=True)
-            raise KeyboardInterrupt
-        summary = write_outputs(rows, space, sweep.base_raw, sweep_dir=sweep.sweep_dir,
-                                storage_path=sweep.prep.cfg.run.storage_path, tracking_uri=sweep.prep.tracking_uri,
-                                parent=sweep.parent)
+        summary = finish_sweep(grid, space, sweep, n_phases)
         status = "FINISHED"
         if summary["errors"]:
             print(f"[sweep] {summary['errors']} trial(s) failed (results.csv: status 'error' and why): run the same "
@@ -96,6 +90,21 @@ def run_sweep(space_path: str, config: str | None = None, overrides: list[str] |
             copy_ray_log(sweep.sweep_dir, log_file)
         finally:
             sweep.lease.release()
+
+
+def finish_sweep(grid: Any, space: Space, sweep: OpenSweep, n_phases: int) -> dict[str, Any]:
+    """Once Tune returns: the trials' rows, their MLflow runs closed as Tune saw them, and the outputs (best.yaml
+    from the best trial's own config, as Tune kept it: ``results.trial_configs``). A sweep Tune returned from with
+    trials unfinished (a Ctrl-C, SIGUSR1: its state saved) writes no outputs and stops (KeyboardInterrupt)."""
+    rows = trial_rows(grid, space, n_phases)
+    close_trial_runs(sweep.prep.tracking_uri, sweep.parent, rows)
+    if UNFINISHED:
+        print(f"[sweep] interrupted with {len(UNFINISHED)} trial(s) unfinished: run the same command "
+              "again to resume them from their last checkpoints", flush=True)
+        raise KeyboardInterrupt
+    return write_outputs(rows, space, trial_configs(grid), sweep_dir=sweep.sweep_dir,
+                         storage_path=sweep.prep.cfg.run.storage_path, tracking_uri=sweep.prep.tracking_uri,
+                         parent=sweep.parent)
 
 
 @contextlib.contextmanager
@@ -209,6 +218,7 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
     from reclip_ray.train.launch import prepare
 
     base_cfg.run.name = space.name
+    given, launch_dir = base_cfg.to_dict(), os.getcwd()
     prep = prepare(base_cfg)  # data (synthetic if missing), tokenizer, tracking URI, absolute paths
     check_metrics_in_eval_set(space, prep.eval_set, prep.cfg.data.eval)
     sweep_dir = prep.run_dir
@@ -218,15 +228,15 @@ def open_sweep(space: Space, space_path: str, base_cfg: Config, quiet: bool = Fa
             storage.makedirs(sweep_dir)
         if quiet:
             redirect_library_logging(sweep_dir)
-        base_raw = prep.cfg.to_dict()
+        base_raw = keep_relative_inputs(prep.cfg.to_dict(), given)  # a rerun's trials resolve them in its folder
         base_raw["data"]["synth_if_missing"] = False
         experiment = prep.cfg.tracking.experiment or f"sweep-{space.name}"
         parent = _parent_run(space, Path(space_path).read_text(), prep, sweep_dir, experiment, definition)
     except BaseException:
         lease.release()
         raise
-    return OpenSweep(prep=prep, sweep_dir=sweep_dir, base_raw=base_raw, experiment=experiment, parent=parent,
-                     lease=lease)
+    return OpenSweep(prep=prep, sweep_dir=sweep_dir, base_raw=base_raw, launch_dir=launch_dir,
+                     experiment=experiment, parent=parent, lease=lease)
 
 
 def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -239,7 +249,8 @@ def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> 
     reclip-ray holds for it: an upgrade that changes a preset is no edit of the sweep, and does not reach it. Tune
     resumes every trial, the ones not yet started too, with the base config saved at the sweep's start (each trial's
     ``_setup``; ``tune.run`` does not read a restored sweep's ``param_space`` again), so the sweep goes on as it
-    started; refusing would only strand it. A user's edit of the base file does not reach the trials either, but was
+    started; refusing would only strand it. Its input paths given relative are kept so there, and each launch's
+    trials resolve them in that launch's folder (``trial_config.keep_relative_inputs``). A user's edit of the base file does not reach the trials either, but was
     meant to: that is refused (``_continues_sweep``). Earlier versions recorded a YAML base by its text
     (``_changed_keys`` reads that form too)."""
     base = config or space.base
@@ -359,7 +370,7 @@ def _tuner(space: Space, sweep: OpenSweep, axis: dict[str, Any] | None, n_phases
     if axis:
         print(f"[sweep] ASHA on training GFLOPs: compares {asha_metric(space)} at "
               f"{', '.join(f'{m:,.0f}' for m in axis['milestones'])} GFLOPs", flush=True)
-    trainable = tune_trainable(space)
+    trainable = tune_trainable(space, sweep.launch_dir)
     tune_dir = storage.join(sweep.sweep_dir, "tune")
     run_config = tune.RunConfig(
         name="tune", storage_path=storage.pyarrow_uri(sweep.sweep_dir), verbose=0,  # Tune parses it as a URI

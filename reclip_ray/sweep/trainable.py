@@ -14,7 +14,7 @@ from reclip_ray import storage
 from reclip_ray.config import from_dict
 from reclip_ray.sweep.asha import asha_metric, tune_result
 from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
-from reclip_ray.sweep.trial_config import trial_raw
+from reclip_ray.sweep.trial_config import resolve_inputs, trial_raw
 from reclip_ray.tracking_relay import home_node, use_relay
 
 
@@ -34,28 +34,43 @@ def trial_setup(space: Space, axis: dict[str, Any] | None, *, base_raw: dict[str
     }
 
 
-def tune_trainable(space: Space) -> Any:
+def tune_trainable(space: Space, launch_dir: str) -> Any:
     """The trial as Tune runs it, with its CPU share. Its name, ``_run_trial``, is part of every sweep's saved
-    state: ``Tuner.restore`` refuses a trainable of another name, so an interrupted sweep resumes only under it."""
+    state: ``Tuner.restore`` refuses a trainable of another name, so an interrupted sweep resumes only under it
+    (``tune.with_parameters`` keeps it).
+
+    ``launch_dir`` is the working directory of this launch of the sweep, which relative inputs name places in
+    (``trial_run_raw``). It goes through ``with_parameters``, not the trials' config: Tune saves that at the sweep's
+    start and resumes every trial with it, while a rerun passes its trainable again."""
     from ray import tune
 
-    return tune.with_resources(_run_trial, {"cpu": space.resources_per_trial_cpu})
+    return tune.with_resources(tune.with_parameters(_run_trial, launch_dir=launch_dir),
+                               {"cpu": space.resources_per_trial_cpu})
 
 
-def _run_trial(config: dict[str, Any]) -> None:
+def trial_run_raw(config: dict[str, Any], trial_id: str, launch_dir: str) -> dict[str, Any]:
+    """The raw config trial ``trial_id`` trains: the base config + its parameters, under the budget (its Tune
+    ``config``: both as the sweep started), its relative inputs resolved against ``launch_dir``, the working
+    directory of the launch running it (``trial_config.resolve_inputs``: a resumed sweep's may be another
+    ``ray job submit``'s copy of the files), its outputs in the sweep's folder and MLflow experiment."""
+    setup = trial_setup_of(config)
+    raw = resolve_inputs(trial_raw(setup["base_raw"], trial_params(config), setup["budget"]), launch_dir)
+    raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
+    raw["run"]["storage_path"] = setup["trials_dir"]
+    raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
+    raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
+    return raw
+
+
+def _run_trial(config: dict[str, Any], launch_dir: str) -> None:
     """One trial: the base config + this trial's parameters, under the budget, trained by Ray Train."""
     import ray.tune
 
     from reclip_ray.train.launch import run_training
 
     setup = trial_setup_of(config)
-    raw = trial_raw(setup["base_raw"], trial_params(config), setup["budget"])
     trial_id = ray.tune.get_context().get_trial_id()
-    raw["run"]["name"] = f"{setup['sweep']}-{trial_id}"
-    raw["run"]["storage_path"] = setup["trials_dir"]
-    raw.setdefault("tracking", {})["experiment"] = setup["experiment"]
-    raw.setdefault("eval", {})["at_gflops"] = list(setup.get("milestones") or [])  # report at ASHA's rungs
-    cfg = from_dict(raw)
+    cfg = from_dict(trial_run_raw(config, trial_id, launch_dir))
     relay = trial_relay(setup["sweep"], cfg)
     use_relay(relay)  # this process's own MLflow calls (the run's start and end) go there too
     try:
