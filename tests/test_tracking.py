@@ -49,6 +49,42 @@ def test_in_a_ray_jobs_temporary_working_dir_outputs_go_to_reclip_ray_home(tmp_p
     assert output_base() == pkg and lease._ray_job() is None
 
 
+def test_a_ray_jobs_launch_puts_its_run_folder_and_store_in_home_reclip_ray_and_says_so(tmp_path, monkeypatch, capsys,
+                                                                                       synth_dir, tokenizer_path):
+    """README (On a cluster) and jobs/runtime_env.yaml: a job's relative outputs, the default ``mlflow.db`` and the
+    default ``run.storage_path`` among them, go to ``$RECLIP_RAY_HOME``, by default ``~/reclip-ray``; the job's log
+    says so, and relative data paths still name the submitted files. The test above checks the helpers; this one
+    the launch's own ``prepare``, with the tiny preset's defaults (``reclip_runs``, no tracking URI)."""
+    import json
+    import shutil
+
+    from reclip_ray.config import load_config
+    from reclip_ray.train.prepare import prepare
+
+    pkg = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    for split in ("train", "eval"):
+        shutil.copytree(synth_dir / split, pkg / "reclip_data" / split)  # submitted with the job
+    monkeypatch.chdir(pkg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RECLIP_RAY_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    cfg = load_config("tiny", [f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false"])
+    assert (cfg.run.storage_path, cfg.tracking.uri) == ("reclip_runs", "")  # the defaults this is about
+    capsys.readouterr()
+    prep = prepare(cfg)
+    home = tmp_path / "user" / "reclip-ray"
+    assert prep.run_dir == str(home / "reclip_runs" / "tiny")
+    assert prep.tracking_uri == f"sqlite:///{home / 'mlflow.db'}"
+    assert prep.cfg.data.train == str(pkg / "reclip_data" / "train")
+    assert prep.cfg.data.eval == str(pkg / "reclip_data" / "eval")
+    assert not (pkg / "reclip_runs").exists() and not (pkg / "mlflow.db").exists()
+    note = [line for line in capsys.readouterr().out.splitlines() if "temporary copy of --working-dir" in line]
+    assert note == [f"[reclip] this job's working directory {pkg} is Ray's temporary copy of --working-dir: relative "
+                    f"outputs (run folder, MLflow store) go to {home} ($RECLIP_RAY_HOME, default ~/reclip-ray)"]
+
+
 def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):
     """MLflow reads ``databricks`` and ``file:/x`` as stores; taken for bare paths they became SQLite files named
     ``./databricks`` and ``./file:/x`` where every run landed unseen. Databricks is a server (no relay)."""
