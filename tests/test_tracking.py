@@ -174,6 +174,47 @@ def test_a_new_run_starts_only_where_the_store_has_no_such_run_or_it_was_deleted
     assert c.get_run(run_id).data.tags["reclip.restarts"] == "1"
 
 
+def test_a_relaunch_whose_mlflow_run_the_store_cannot_read_stops_in_one_line_before_ray(make_cfg, monkeypatch):
+    """RELIABILITY: the MLflow server errors when a relaunch reopens the run: the launch exits with one line naming
+    the store and the run, before Ray starts, and no second MLflow run is made (the test above calls
+    ``start_or_resume_run`` itself, with one-line errors; a server's error page is many lines). No attempt is
+    counted, and the launch once the store answers resumes the same run."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray.errors import ReclipError
+    from reclip_ray.train import launch
+    from reclip_ray.train.run_state import read_run_state, write_run_state
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the launch must stop before Ray starts")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
+    cfg = make_cfg("relaunch")
+    prep = launch.prepare(cfg)
+    run_id = tracking.start_or_resume_run(prep.tracking_uri, prep.experiment, prep.run_name, None, prep.cfg)
+    write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": 1})
+    page = "503 Service Unavailable\n<html>\n<body>upstream connect error</body>\n</html>"
+
+    def unavailable(self, run_id):
+        raise MlflowException(page, error_code="TEMPORARILY_UNAVAILABLE")
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "get_run", unavailable)
+        with pytest.raises(ReclipError) as info:
+            launch.run_training(make_cfg("relaunch"))
+    assert str(info.value) == (f"MLflow at {prep.tracking_uri} could not read run {run_id}, which this run "
+                               "continues (no new run started: rerun once it can): 503 Service Unavailable")
+    c = tracking.client(prep.tracking_uri)
+    runs = c.search_runs([c.get_experiment_by_name(prep.experiment).experiment_id], run_view_type=ViewType.ALL)
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert read_run_state(prep.run_dir)["attempts"] == 1
+    with pytest.raises(AssertionError, match="before Ray starts"):  # the store answers: the run reopens, then Ray
+        launch.run_training(make_cfg("relaunch"))
+    assert read_run_state(prep.run_dir) == {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": 2}
+
+
 def test_a_restarts_reads_take_the_runs_latest_points_not_a_metrics_history(tmp_path, monkeypatch):
     """A restart reads the last step logged (``last_logged_step``) and a few latest values (``latest_metric``). They
     come from the run's latest points (one row per key), not from the key's whole history, which a multi-day run makes
