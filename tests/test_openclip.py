@@ -557,6 +557,35 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
         assert (before - want).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_pixels_are_open_clips_squashed_at_any_size_but_not_always_cropped(interpolation):
+    """README (Evaluate like CLIP_benchmark): the test above picks sizes where the two resizes line up. At any other
+    size ``squash`` still gives open_clip's pixels exactly; ``shortest`` does not (the README says so): torchvision
+    rounds the resized long side down and the crop's offset to whole pixels, the eval decode crops the exact
+    centre."""
+    import io
+
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, ToTensor
+
+    from reclip_ray.data.images import EvalResize, decode_image
+
+    def pixels(data: bytes, mode: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        to = (size, size) if mode == "squash" else size
+        resize = Resize(to, interpolation=InterpolationMode[interpolation.upper()])
+        want = (Compose([resize, CenterCrop(size), ToTensor()])(Image.open(io.BytesIO(data))) * 255).round()
+        got = torch.from_numpy(decode_image(data, size, train=False, resize=EvalResize(mode, interpolation)).copy())
+        return got.permute(2, 0, 1).double(), want.double()
+
+    noise = noise_pngs([(100, 137), (333, 250), (65, 200), (37, 41), (641, 480)])
+    for data in noise:
+        for size in (64, 224):
+            got, want = pixels(data, "squash", size)
+            assert torch.equal(got, want)
+    got, want = pixels(noise[0], "shortest", 64)  # 100 x 137: the long side resized to 87.68 px, rounded to 87
+    assert (got - want).abs().max() > 50
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("resize_mode", "crop", "preprocess_cfg resize_mode 'crop' is not supported by reclip-ray eval, which resizes "
                             "'shortest', 'squash', 'longest'"),
