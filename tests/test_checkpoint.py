@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reclip_ray.errors import CheckpointError
-from reclip_ray.train.checkpoint import META_FILE, STATE_FILE, TrainState, load_checkpoint, save_checkpoint
+from reclip_ray.train.checkpoint import (CONFIG_FILE, META_FILE, STATE_FILE, TrainState, load_checkpoint,
+                                         save_checkpoint)
 
 
 class _Evil:
@@ -29,14 +30,21 @@ def test_round_trip_restores_weights_optimizer_and_position(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
+    # README (Outputs): a checkpoint holds the schedule and data position, the restart count, the MLflow run id and
+    # the config, besides the model and optimizer
+    from reclip_ray.data.feed import DataPosition
+
+    position = DataPosition(phase=1, frontier=40, units=[44, 45, 50], done=[3, 9], done_units=[41, 41])
+    data = position.to_dict()
     state = TrainState(samples=640, step=10, phase=1, phase_done=True, restarts=2, mlflow_run_id="abc", gflops=1.5,
-                       loss=2.25)
+                       loss=2.25, rows_seen=700, rows_bad=3, rows_absent=5, data=data)
     save_checkpoint(tmp_path, model, opt, state, "name: x\n")
+    assert (tmp_path / CONFIG_FILE).read_text() == "name: x\n"
 
     fresh = torch.nn.Linear(4, 3)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     got = load_checkpoint(tmp_path, fresh, fresh_opt)
-    assert got == state
+    assert got == state and DataPosition.from_dict(got.data) == position
     torch.testing.assert_close(fresh.weight, model.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files

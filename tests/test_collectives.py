@@ -114,6 +114,41 @@ def _init_from_worker(rank: int, world: int, init_file: str, out: str, cfg_yaml:
                        "weights": {k: float(v.double().sum()) for k, v in source.items()}})
 
 
+def test_a_workers_fresh_start_reads_init_from_on_rank_0_alone(tmp_path, tokenizer_path, monkeypatch):
+    """README: "rank 0 alone reads it". The test below runs ``init_from_rank0`` itself; this one ``Worker._restore``
+    (no checkpoint from Ray Train: a fresh start), so a worker that read the weights on every rank fails here."""
+    import ray.train
+
+    from reclip_ray import init_weights
+    from reclip_ray.config import load_config
+    from reclip_ray.data.tokenizer import load_tokenizer
+    from reclip_ray.export import export_model
+    from reclip_ray.model import build_model
+    from reclip_ray.train import worker
+
+    cfg = load_config("tiny", [f"data.tokenizer={tokenizer_path}"])
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(123)
+    export_model(build_model(cfg.model, tokenizer=tok), tok, cfg, tmp_path / "weights")
+    cfg.model.init_from = str(tmp_path / "weights")
+    reads, read_state = [], init_weights.read_state
+    monkeypatch.setattr(init_weights, "read_state", lambda *a, **k: reads.append(1) or read_state(*a, **k))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    logged = []
+    monkeypatch.setattr(worker.tracking, "log_metrics", lambda *a, **k: logged.append(a[2]))
+    monkeypatch.setattr(worker.tracking, "set_tags", lambda *a, **k: None)
+    said = {}
+    for rank in (1, 0):
+        w = object.__new__(worker.Worker)  # the fields _restore reads, as Worker.__init__ sets them
+        w.cfg, w.rank, w.run_dir, w.tracking_uri = cfg, rank, str(tmp_path / "run"), "unused"
+        w.model = build_model(cfg.model, tokenizer=tok)
+        w.optimizer = torch.optim.SGD(w.model.parameters(), lr=0.1)
+        w.say = lambda text, rank=rank: said.setdefault(rank, []).append(text)
+        w._restore("run-id")
+        assert len(reads) == (0 if rank else 1), f"rank {rank}: {len(reads)} reads of model.init_from"
+    assert list(said) == [0] and logged == [{"init_from_applied": 1}]
+
+
 def test_init_from_read_by_rank_0_alone_reaches_every_rank_through_the_ddp_wrap(tmp_path, tokenizer_path):
     """``Worker._restore`` reads ``model.init_from`` on rank 0 only (``init_from_rank0``: a vit-l-16 file is 1.7 GB,
     read once, not once per GPU) and leaves the other ranks to DDP's wrap, which broadcasts rank 0's parameters and

@@ -70,3 +70,15 @@ def test_the_node_view_that_sizes_an_elastic_restart():
     _said("RELIABILITY.md", f"a node that joins is used at the next refresh (up to {_s(tick)})")
     timeout = _s(DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
     _said("RELIABILITY.md", f"it waits `{WORKER_GROUP_START_TIMEOUT_S_ENV_VAR}` ({timeout} by default)")
+
+
+def test_where_a_ray_jobs_outputs_go():
+    """``$RECLIP_RAY_HOME``'s default, which README, RELIABILITY, jobs/runtime_env.yaml and the README's ``mlflow ui``
+    line spell out; the launch's test (test_tracking.py) checks that the launch uses it."""
+    from reclip_ray.job_dir import DEFAULT_HOME, HOME_ENV
+
+    for doc in ("README.md", "RELIABILITY.md"):
+        _said(doc, f"`${HOME_ENV}` (default `{DEFAULT_HOME}`)")
+    _said("README.md", f"sqlite:///{DEFAULT_HOME.replace('~', '$HOME')}/mlflow.db")
+    runtime_env = (ROOT / "jobs" / "runtime_env.yaml").read_text()
+    assert f"Default {DEFAULT_HOME}." in runtime_env and f"# {HOME_ENV}:" in runtime_env

@@ -32,6 +32,18 @@ def test_zero_shot_known_answers_and_ties():
     assert zero_shot_metrics(torch.ones(3, 4), torch.tensor([0, 1, 2]), classifier)["top1"] == 0.0
 
 
+def test_a_tie_at_the_fifth_place_is_a_top5_miss():
+    """README: a tie counts against the model in every metric, top-5 too: the correct class tied with the fifth
+    best wrong one ranks sixth. The test above checks top-5 only with 3 classes (every rank a hit)."""
+    classifier = torch.eye(7)[:6]  # 6 classes
+    # scores: classes 1-4 at 1.0, class 0 (correct) and 5 at 0.5: four wrong ones above, one tied
+    image = torch.tensor([[0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0]])
+    assert zero_shot_metrics(image, torch.tensor([0]), classifier)["top5"] == 0.0
+    ahead = image.clone()
+    ahead[0, 0] = 0.6  # the fifth place alone: a hit
+    assert zero_shot_metrics(ahead, torch.tensor([0]), classifier)["top5"] == 1.0
+
+
 def test_retrieval_several_captions_and_ties():
     images = torch.stack([E[0], E[1], E[2]])
     # captions 0,1 -> image 0; caption 2 -> image 1; caption 3 -> image 2 (but looks like image 1);

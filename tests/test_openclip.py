@@ -492,10 +492,12 @@ def noise_pngs(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
     return out
 
 
-# Sizes whose shorter side scales to 64 px exactly and whose crop offsets are whole pixels, so that the eval decode
-# (one box resize) and torchvision's Resize + CenterCrop (open_clip's 'shortest') make the same pixels; 'squash' and
-# 'longest' match on any size (LONGEST_SIZES below).
-EVAL_SIZES = [(96, 120), (120, 96), (128, 160), (160, 128), (96, 96), (192, 240)]
+# Sizes whose shorter side scales to 64 px exactly with crop offsets of whole pixels, and sizes where open_clip's
+# 'shortest' rounds the resized long side down (100 x 137: 87.68 px, 87) or its crop offset to whole pixels (65 x 200:
+# 196.9 px, 196, a margin of 132, an offset of 66; 641 x 480: 85.47, 85, 10.5, 10), where the exact centre square of
+# reclip-ray's own eval crop is fed other pixels.
+EVAL_SIZES = [(96, 120), (120, 96), (128, 160), (160, 128), (96, 96), (192, 240), (100, 137), (137, 100), (65, 200),
+              (641, 480)]
 
 
 @pytest.mark.parametrize("mode, interpolation", [("squash", "bilinear"), ("squash", "bicubic"),
@@ -553,8 +555,139 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
     want = torch.stack([to_pixels(Image.open(io.BytesIO(b))) for b in images])
     assert (got - want).abs().max() < 1e-5
     before = torch.stack([torch.tensor(decode_image(b, 64, train=False)).permute(2, 0, 1) / 255 for b in images])
-    if (mode, interpolation) != ("shortest", "bicubic"):  # what the folder was fed before: the check has teeth
-        assert (before - want).abs().max() > 0.1
+    assert (before - want).abs().max() > 0.1  # what the folder was fed before (shortest: the exact centre): teeth
+
+
+# Odd, wide, tall, tiny, square, near-square and much larger than the square; with 64, 224 and odd output sizes
+# they cover both roundings (the long side down, a crop offset of a half to the even pixel) and enlarging: 2 x 150
+# to 224 x 16800 px, just under the bound on what is made whole (WHOLE_RESIZE_PIXELS, the test after next).
+ANY_SIZES = [(100, 137), (137, 100), (333, 250), (65, 200), (37, 41), (641, 480), (1, 1), (3, 7), (7, 3), (2, 150),
+             (150, 2), (64, 64), (224, 224), (225, 223), (500, 375), (999, 1001), (1, 50), (127, 64), (64, 127)]
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_pixels_are_open_clips_squashed_or_cropped_at_any_size(interpolation):
+    """README (Evaluate like CLIP_benchmark): the test above picks some sizes; here ``squash`` and ``shortest`` give
+    open_clip's pixels at any size, 0 of 255 apart. ``shortest`` did not: torchvision rounds the resized long side
+    down and the crop's offsets to whole pixels, and the eval decode cropped the exact centre square (0.475 of the
+    range apart on a 100 x 137 PNG). reclip-ray's own models keep that exact-centre crop (their numbers were
+    measured with it): the default ``EvalResize`` still crops so."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data.images import _crop_box, decode_image
+    from reclip_ray.openclip import eval_resize
+
+    def pixels(data: bytes, mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        transform = image_transform(size, is_train=False, resize_mode=mode, interpolation=interpolation)
+        want = (Compose(transform.transforms[:-1])(Image.open(io.BytesIO(data))) * 255).round()  # all but Normalize
+        resize = eval_resize({"resize_mode": mode, "interpolation": interpolation}, "cfg")
+        got = decode_image(data, size, train=False, resize=resize)
+        return got.astype(np.int16), want.to(torch.int16).permute(1, 2, 0).numpy()
+
+    for (w, h), data in zip(ANY_SIZES, noise_pngs(ANY_SIZES, seed=5)):
+        for size in (64, 224, 33):
+            for mode in ("squash", "shortest"):
+                got, want = pixels(data, mode, size)
+                assert got.shape == want.shape == (size, size, 3)
+                assert np.abs(got - want).max() == 0, (w, h, size, mode)
+    data = noise_pngs([(100, 137)])[0]  # the long side resized to 87.68 px, rounded to 87
+    _, want = pixels(data, "shortest", 64)
+    own = decode_image(data, 64, train=False)  # reclip-ray's own eval crop: the exact centre square, one box resize
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    centre = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC, box=_crop_box(100, 137, train=False)))
+    assert np.array_equal(own, centre) and np.abs(own.astype(np.int16) - want).max() > 50
+
+
+def test_shortest_resize_of_a_large_jpeg_or_png_with_alpha_is_reduced_near_open_clips_pixels(monkeypatch):
+    """A large JPEG is still draft-decoded (DCT scaling) and a large image with alpha still reduced before its
+    composite (``_rgb_reduced``) when cropped as open_clip crops: the crop's shorter side against the square, 768 / 64
+    = 12, so 1/8 in the decoder for a 1024 x 768 photo, and 1500 / (3 * 64) = 7 for a 2000 x 1500 RGBA PNG. Its
+    pixels are then within 1 of 255 on average of open_clip's transform on the full image (measured: 0.40 and 0.13),
+    where the exact-centre crop was 5.9 apart."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data import images
+    from reclip_ray.openclip import eval_resize
+
+    rng = np.random.default_rng(0)
+
+    def photo(w: int, h: int) -> np.ndarray:
+        yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+        smooth = np.stack([xx * 255, yy * 600 % 255, (1 - xx) * 200], -1) + 40 * np.sin(xx * 40)[..., None]
+        return np.clip(smooth + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+
+    def encode(arr: np.ndarray, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    jpeg = encode(photo(1024, 768), "JPEG", quality=90)
+    rgba = encode(np.dstack([photo(2000, 1500), np.full((1500, 2000), 255, np.uint8)]), "PNG")  # opaque: open_clip
+    drafts: list[int] = []  # drops alpha, reclip-ray composites it onto white: the same pixels where it is 255
+    reductions: list[int] = []
+    draft, reduce = images._draft, images._rgb_reduced
+    monkeypatch.setattr(images, "_draft", lambda *a: drafts.append(draft(*a)) or drafts[-1])
+    monkeypatch.setattr(images, "_rgb_reduced", lambda *a: reductions.append(reduce(*a)[1]) or reduce(*a))
+    to_pixels = Compose(image_transform(64, is_train=False, resize_mode="shortest").transforms[:-1])
+    resize = eval_resize({"resize_mode": "shortest"}, "cfg")
+    for data, reduced in ((jpeg, [8, 1]), (rgba, [1, 7])):
+        drafts.clear(), reductions.clear()
+        got = images.decode_image(data, 64, train=False, resize=resize).astype(np.int16)
+        assert [*drafts, *reductions] == reduced
+        want = (to_pixels(Image.open(io.BytesIO(data))) * 255).round().to(torch.int16).permute(1, 2, 0).numpy()
+        centre = images.decode_image(data, 64, train=False).astype(np.int16)
+        assert np.abs(got - want).mean() < 1.0 < 5.0 < np.abs(centre - want).mean()
+
+
+def test_shortest_resize_bounds_the_image_it_makes_before_cropping(monkeypatch):
+    """open_clip resizes the whole image, then crops: size x size * aspect px, which for a small, very long image
+    is far more than the image (a 4 x 550 PNG at 224 px: 224 x 30800 px; 1 x 89M px: 224 x 20G). The eval decode
+    makes it whole only while it is no larger than the decoded image or ``WHOLE_RESIZE_PIXELS``; past that it
+    resizes the crop alone, and the pixels are close to open_clip's, not equal (README; measured here)."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data import images
+    from reclip_ray.openclip import eval_resize
+
+    made: list[int] = []
+    resize_image = Image.Image.resize
+
+    def recorded(self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object) -> Image.Image:
+        made.append(size[0] * size[1])
+        return resize_image(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    resize = eval_resize({"resize_mode": "shortest"}, "cfg")
+    for w, h in ((4, 550), (550, 4)):
+        data = noise_pngs([(w, h)], seed=2)[0]
+        made.clear()
+        got = images.decode_image(data, 224, train=False, resize=resize).astype(np.int16)
+        assert max(made) <= images.WHOLE_RESIZE_PIXELS, made
+        want = Compose(image_transform(224, is_train=False, resize_mode="shortest").transforms[:-1])(
+            Image.open(io.BytesIO(data)))
+        diff = np.abs(got - (want * 255).round().to(torch.int16).permute(1, 2, 0).numpy())
+        assert diff.mean() < 1.0, (w, h, diff.mean())
+    # Shrunk, it is made whole past WHOLE_RESIZE_PIXELS (smaller than the image held): 230 x 20000 to 224 x 19478
+    rows = (np.arange(20000) % 251).astype(np.uint8)[:, None, None]
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(rows, (20000, 230, 3)).copy()).save(buf, "PNG")
+    made.clear()
+    got = images.decode_image(buf.getvalue(), 224, train=False, resize=resize)
+    assert made == [224 * 19478] and made[0] > images.WHOLE_RESIZE_PIXELS
+    want = Compose(image_transform(224, is_train=False, resize_mode="shortest").transforms[:-1])(Image.open(buf))
+    assert np.array_equal(got, (want * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 @pytest.mark.parametrize("field, value, message", [

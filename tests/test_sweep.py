@@ -777,6 +777,42 @@ def test_a_rerun_with_an_edited_space_is_refused_where_tune_would_resume_the_old
         copy.write_text("name: tiny\n")
     assert sweep_definition(load_space(space), str(copies[0]), []) == sweep_definition(load_space(space),
                                                                                        str(copies[1]), [])
+    # README: a rerun whose --config differs is refused as one whose space or --set does (the base was 'tiny')
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(b"")
+    loaded = load_space(space)
+    with pytest.raises(ConfigError, match=r"started with another base \(or --config\), and a rerun resumes") as info:
+        _parent_run(loaded, space.read_text(), prep, str(sweep_dir), "sweep-s",
+                    sweep_definition(loaded, str(copies[0]), []))
+    assert "\n" not in str(info.value)
+
+
+def test_a_rerun_with_another_set_stops_before_ray_starts(tmp_path, monkeypatch, synth_dir, tokenizer_path):
+    """README: the refusal above comes "before Ray starts": through ``run_sweep``, as the CLI and jobs/sweep.py call
+    it, the first run gets to Ray (Tune's state then in the sweep folder) and the edited rerun does not."""
+    from reclip_ray.sweep import run_sweep
+    from reclip_ray.train import launch
+
+    class RayReached(Exception):
+        pass
+
+    def ray(*args, **kwargs):
+        raise RayReached
+
+    monkeypatch.setattr(launch, "init_ray", ray)
+    space = tmp_path / "s.yaml"
+    space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nbudget: {gflops: 300}\n")
+    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.raises(RayReached):
+        run_sweep(str(space), overrides=overrides)
+    (tmp_path / "s" / "tune").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "s" / "tune" / "tuner.pkl").write_bytes(b"")  # Tune's state: the sweep got to Tune
+    with pytest.raises(ConfigError, match=r"s: the sweep there started with another set \(or --set\), and a rerun "
+                                          r"resumes it as it started"):
+        run_sweep(str(space), overrides=[*overrides, "train.seed=1"])
+    with pytest.raises(RayReached):
+        run_sweep(str(space), overrides=overrides)  # as it was: resumed
 
 
 def test_a_sweep_counts_its_base_file_by_what_it_holds_and_a_preset_by_its_name(tmp_path, monkeypatch):

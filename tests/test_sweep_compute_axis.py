@@ -456,6 +456,27 @@ def test_asha_on_the_loss_of_a_sweep_ranked_by_accuracy_stops_the_trial_with_the
     assert scheduler.on_trial_result(None, another, {**rung, "loss": 5.4}) == TrialScheduler.STOP
 
 
+def test_asha_on_an_accuracy_of_a_sweep_ranked_by_loss_stops_the_trial_with_the_lower_accuracy(tmp_path):
+    """README: ``scheduler.metric`` is compared in its own direction whatever the sweep's ``mode``; the test above
+    checks a loss under ``mode: max``, this one the other way round: an accuracy under ``metric: loss, mode: min``."""
+    from ray.tune.schedulers import TrialScheduler
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SPACE.replace("metric: eval/full/shape/top1\nmode: max", "metric: loss\nmode: min")
+                    .replace("grace_fraction: 0.25", "grace_fraction: 0.25, metric: eval/full/shape/top1"))
+    scheduler = make_scheduler(space := load_space(path), asha_axis(space, [BUDGET]))
+    assert (space.metric, space.mode, asha_metric(space)) == ("loss", "min", "eval/full/shape/top1")
+    learns, stuck = SimpleNamespace(trial_id="learns"), SimpleNamespace(trial_id="stuck")
+    for trial in (stuck, learns):
+        scheduler.on_trial_add(None, trial)
+    rung = {"gflops_total": 1510.0}
+    assert scheduler.on_trial_result(None, stuck, {**rung, "eval/full/shape/top1": 0.1}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, learns, {**rung, "eval/full/shape/top1": 0.6}) == TrialScheduler.CONTINUE
+    another = SimpleNamespace(trial_id="stuck too")
+    scheduler.on_trial_add(None, another)
+    assert scheduler.on_trial_result(None, another, {**rung, "eval/full/shape/top1": 0.15}) == TrialScheduler.STOP
+
+
 def test_a_trial_stopped_at_a_compute_milestone_is_stopped_early(space):
     """ASHA can now stop a trial mid-phase, before its first phase end (eval_round 0 = phases finished)."""
     from reclip_ray.sweep import trial_rows

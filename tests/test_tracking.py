@@ -49,6 +49,42 @@ def test_in_a_ray_jobs_temporary_working_dir_outputs_go_to_reclip_ray_home(tmp_p
     assert output_base() == pkg and lease._ray_job() is None
 
 
+def test_a_ray_jobs_launch_puts_its_run_folder_and_store_in_home_reclip_ray_and_says_so(tmp_path, monkeypatch, capsys,
+                                                                                       synth_dir, tokenizer_path):
+    """README (On a cluster) and jobs/runtime_env.yaml: a job's relative outputs, the default ``mlflow.db`` and the
+    default ``run.storage_path`` among them, go to ``$RECLIP_RAY_HOME``, by default ``~/reclip-ray``; the job's log
+    says so, and relative data paths still name the submitted files. The test above checks the helpers; this one
+    the launch's own ``prepare``, with the tiny preset's defaults (``reclip_runs``, no tracking URI)."""
+    import json
+    import shutil
+
+    from reclip_ray.config import load_config
+    from reclip_ray.train.prepare import prepare
+
+    pkg = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    for split in ("train", "eval"):
+        shutil.copytree(synth_dir / split, pkg / "reclip_data" / split)  # submitted with the job
+    monkeypatch.chdir(pkg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RECLIP_RAY_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    cfg = load_config("tiny", [f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false"])
+    assert (cfg.run.storage_path, cfg.tracking.uri) == ("reclip_runs", "")  # the defaults this is about
+    capsys.readouterr()
+    prep = prepare(cfg)
+    home = tmp_path / "user" / "reclip-ray"
+    assert prep.run_dir == str(home / "reclip_runs" / "tiny")
+    assert prep.tracking_uri == f"sqlite:///{home / 'mlflow.db'}"
+    assert prep.cfg.data.train == str(pkg / "reclip_data" / "train")
+    assert prep.cfg.data.eval == str(pkg / "reclip_data" / "eval")
+    assert not (pkg / "reclip_runs").exists() and not (pkg / "mlflow.db").exists()
+    note = [line for line in capsys.readouterr().out.splitlines() if "temporary copy of --working-dir" in line]
+    assert note == [f"[reclip] this job's working directory {pkg} is Ray's temporary copy of --working-dir: relative "
+                    f"outputs (run folder, MLflow store) go to {home} ($RECLIP_RAY_HOME, default ~/reclip-ray)"]
+
+
 def test_uris_without_a_double_slash_are_uris_not_sqlite_files(tmp_path, monkeypatch):
     """MLflow reads ``databricks`` and ``file:/x`` as stores; taken for bare paths they became SQLite files named
     ``./databricks`` and ``./file:/x`` where every run landed unseen. Databricks is a server (no relay)."""
@@ -136,6 +172,47 @@ def test_a_new_run_starts_only_where_the_store_has_no_such_run_or_it_was_deleted
     assert {r.info.run_id for r in c.search_runs([exp], run_view_type=ViewType.ALL)} == runs
     assert tracking.start_or_resume_run(uri, "exp", "r", run_id, cfg) == run_id
     assert c.get_run(run_id).data.tags["reclip.restarts"] == "1"
+
+
+def test_a_relaunch_whose_mlflow_run_the_store_cannot_read_stops_in_one_line_before_ray(make_cfg, monkeypatch):
+    """RELIABILITY: the MLflow server errors when a relaunch reopens the run: the launch exits with one line naming
+    the store and the run, before Ray starts, and no second MLflow run is made (the test above calls
+    ``start_or_resume_run`` itself, with one-line errors; a server's error page is many lines). No attempt is
+    counted, and the launch once the store answers resumes the same run."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from reclip_ray.errors import ReclipError
+    from reclip_ray.train import launch
+    from reclip_ray.train.run_state import read_run_state, write_run_state
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the launch must stop before Ray starts")
+
+    monkeypatch.setattr(launch, "init_ray", no_ray)
+    cfg = make_cfg("relaunch")
+    prep = launch.prepare(cfg)
+    run_id = tracking.start_or_resume_run(prep.tracking_uri, prep.experiment, prep.run_name, None, prep.cfg)
+    write_run_state(prep.run_dir, {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": 1})
+    page = "503 Service Unavailable\n<html>\n<body>upstream connect error</body>\n</html>"
+
+    def unavailable(self, run_id):
+        raise MlflowException(page, error_code="TEMPORARILY_UNAVAILABLE")
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "get_run", unavailable)
+        with pytest.raises(ReclipError) as info:
+            launch.run_training(make_cfg("relaunch"))
+    assert str(info.value) == (f"MLflow at {prep.tracking_uri} could not read run {run_id}, which this run "
+                               "continues (no new run started: rerun once it can): 503 Service Unavailable")
+    c = tracking.client(prep.tracking_uri)
+    runs = c.search_runs([c.get_experiment_by_name(prep.experiment).experiment_id], run_view_type=ViewType.ALL)
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert read_run_state(prep.run_dir)["attempts"] == 1
+    with pytest.raises(AssertionError, match="before Ray starts"):  # the store answers: the run reopens, then Ray
+        launch.run_training(make_cfg("relaunch"))
+    assert read_run_state(prep.run_dir) == {"mlflow_run_id": run_id, "tracking_uri": prep.tracking_uri, "attempts": 2}
 
 
 def test_a_restarts_reads_take_the_runs_latest_points_not_a_metrics_history(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ crop, so quality matches a full decode followed by a resize.
 Crop policy: train = random resized crop (area 0.9-1.0, aspect 3/4-4/3) and no flips, because captions name left
 and right; eval = resize the shorter side, centre crop (or, for an open_clip model that asks for it, the whole image
 squashed to the square, or fitted into it by its longer side and padded: ``EvalResize``). Each is done by one
-``Image.resize(box=...)`` call, so the crop never materialises an intermediate image.
+``Image.resize(box=...)`` call, so the crop never materialises an intermediate image; but an open_clip model's
+shortest-side crop, made as torchvision makes it (``EvalResize.torchvision_crop``), so that it gets its own pixels.
 
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
 onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
@@ -46,11 +47,18 @@ class EvalResize:
     ``longest`` resizes the longer side to the square's (aspect kept) and centre-pads the rest with ``fill`` (RGB);
     with bicubic or bilinear interpolation. An open_clip folder's ``preprocess_cfg`` picks them
     (``openclip.eval_resize``): a model trained on squashed or padded images, scored on centre crops, loses what the
-    crop cuts off and sees other shapes."""
+    crop cuts off and sees other shapes.
+
+    ``torchvision_crop`` (``shortest`` only; what ``openclip.eval_resize`` sets): crop as open_clip does, with
+    torchvision's ``Resize(size)`` and ``CenterCrop(size)`` on the PIL image (``shortest_resize``: the long side
+    rounded down, the crop at whole pixels), not the exact centre square. Without it an open_clip folder was fed
+    pixels up to 0.475 of the range away from its own transform's (a 100 x 137 PNG at 64 px). reclip-ray's own
+    models keep the exact centre, which their published numbers were measured with."""
 
     mode: str = "shortest"
     interpolation: str = "bicubic"
     fill: tuple[int, int, int] = (0, 0, 0)
+    torchvision_crop: bool = False
 
 
 EVAL_RESIZE = EvalResize()
@@ -240,6 +248,26 @@ def fit_longest(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width / ratio)), max(1, round(height / ratio))
 
 
+# A ``torchvision_crop`` resize makes the whole resized image before cropping, as torchvision does: size x size *
+# aspect px. When it shrinks the image that is smaller than the decoded image already held; when it enlarges a small
+# one (shorter side < size) it is made whole only up to this many px (4M, 12 MB of RGB: an aspect of 83 at 224 px,
+# 1024 at 64 px). Past both, the crop alone is resized (one box resize, no intermediate image), and its pixels are
+# close to open_clip's, not equal (README, "Use it with open_clip"). Unbounded, a 1 px wide, 89M px tall image would
+# become 224 x 20G px at 224.
+WHOLE_RESIZE_PIXELS = 1 << 22
+
+
+def shortest_resize(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(width, height, left, top): the image torchvision's ``Resize(size)`` makes of a PIL image (open_clip's
+    ``shortest``: the shorter side ``size``, the longer ``int(size * long / short)``, rounded down) and where its
+    ``CenterCrop(size)`` starts (``int(round(margin / 2))``: whole pixels, Python's round, a half to the even one).
+    The resized image is never smaller than ``size``, so CenterCrop never pads here."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)  # torchvision's expression, evaluated in the same order
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    return new_w, new_h, int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+
+
 def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int | tuple[int, int]) -> int:
     """Ask the JPEG decoder for the smallest DCT scale that keeps the crop >= size px (``size``: the output's side,
     or its (width, height)); returns the reduction d applied (1, 2, 4 or 8).
@@ -268,7 +296,13 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
     img = _open(data)
     src_w, src_h = img.size
     out_size = (size, size)
-    if train or resize.mode == "shortest":
+    whole = None  # (width, height, left, top): resized whole, then cropped (``EvalResize.torchvision_crop``)
+    if not train and resize.mode == "shortest" and resize.torchvision_crop:
+        whole = shortest_resize(src_w, src_h, size)
+        new_w, new_h, left, top = whole
+        sx, sy = src_w / new_w, src_h / new_h  # the crop in source pixels: what _draft and _rgb_reduced keep >= size
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    elif train or resize.mode == "shortest":
         box = _crop_box(src_w, src_h, train=train, rng=rng)
     else:  # the whole image, resized to the square (squash) or into it, to be padded (longest)
         box = (0.0, 0.0, float(src_w), float(src_h))
@@ -285,7 +319,14 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
         img, k = _rgb_reduced(img, box, out_size)
         if k != 1:  # likewise after reducing an image with alpha
             box = (box[0] / k, box[1] / k, box[2] / k, box[3] / k)
-        out = img.resize(out_size, resample, box=box)
+        if whole is not None and whole[0] * whole[1] <= max(WHOLE_RESIZE_PIXELS, img.width * img.height):
+            # torchvision's two calls, so the pixels are its own (one box resize of the crop is not: Pillow may run
+            new_w, new_h, left, top = whole  # its two passes the other way round, 24 of 255 apart measured)
+            reduced = scale * k
+            source = None if reduced == 1 else (0.0, 0.0, src_w / reduced, src_h / reduced)
+            out = img.resize((new_w, new_h), resample, box=source).crop((left, top, left + size, top + size))
+        else:
+            out = img.resize(out_size, resample, box=box)
         if out_size != (size, size):  # centred, the odd pixel of padding after the image (open_clip's CenterCropOrPad)
             padded = Image.new("RGB", (size, size), resize.fill)
             padded.paste(out, ((size - out_size[0]) // 2, (size - out_size[1]) // 2))
