@@ -260,29 +260,82 @@ def write_bytes(path: str, data: bytes | memoryview) -> None:
             os.unlink(tmp)
 
 
-def _put_object(fs: pafs.FileSystem, path: str, inner: str, data: Any) -> None:
+PARTS_IN_FLIGHT = 8  # parts of one object queued at once: pyarrow's I/O threads send 8; its queue has no bound
+
+
+def _put_object(fs: pafs.FileSystem, path: str, inner: str, data: Any,
+                sent: Callable[[int, int], None] | None = None) -> None:
     """``data`` (bytes-like or a ``pyarrow.Buffer``) as the object ``inner`` of the remote ``fs``: whole, or
     nothing new and no upload left open.
 
-    Written in one ``write`` call, then closed: pyarrow's output stream closes (never aborts) in its destructor,
-    which completes the upload with what it holds, so an exception between two writes (a Ctrl-C) would publish part
-    of the object. An object of ``SINGLE_PUT_BYTES`` or more on S3 is opened at once, not with delayed open: with
-    it, a refused CreateMultipartUpload (at the first part) made close() PUT what the stream held (nothing, or its
-    first 10 MB part) over the old object (seen on the moto server); opened at once, the open raises the refusal
-    before anything began. A part or completion that fails publishes nothing, but leaves the upload open (pyarrow
-    binds no ``Abort`` in Python): it is aborted here (``_abort_uploads``)."""
-    multipart = path.startswith("s3://") and memoryview(data).nbytes >= SINGLE_PUT_BYTES
-    if multipart:
-        fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)[0]
-    before = _open_uploads(inner) if multipart else None
-    stream = fs.open_output_stream(inner, compression=None)
-    try:
-        stream.write(data)
-        stream.close()
-    except BaseException:
+    Memory: pyarrow's S3 stream copies each 10 MB part of a ``write`` into a buffer of its own and queues it for its
+    I/O threads, with no bound; one ``write`` of a whole buffer held a second copy of it (a 400 MB object added
+    400 MB to the peak, ``benchmarks/s3_write_memory.py``). So a large object is written a part at a time and the
+    stream flushed (which waits for the parts queued) every ``PARTS_IN_FLIGHT`` parts: 80 MB of copies at most.
+    ``sent(start, end)`` is called after each part's bytes were copied (``_upload_files`` drops its mapped pages); it
+    must not raise (its error would be taken for pyarrow's).
+
+    Whole or nothing: pyarrow's output stream closes (never aborts) in its destructor, which completes the upload
+    with what it holds. A failure of pyarrow's own (a refused part or completion) publishes nothing but leaves the
+    upload open (pyarrow binds no ``Abort`` in Python): it is aborted here (``_abort_uploads``). An exception between
+    two writes (a Ctrl-C) leaves a sound stream that would publish the parts so far: the upload is aborted, and where
+    that cannot be done, the rest is written so that the object is the new one whole. An object of
+    ``SINGLE_PUT_BYTES`` or more on S3 is opened at once, not with delayed open: with it, a refused
+    CreateMultipartUpload (at the first part) made close() PUT what the stream held (nothing, or its first 10 MB
+    part) over the old object (seen on the moto server); opened at once, the open raises the refusal before anything
+    began. A smaller object is one write and one PUT at close."""
+    with memoryview(data).cast("B") as view:  # released however this ends: a mapped file cannot close while held
+        multipart = path.startswith("s3://") and view.nbytes >= SINGLE_PUT_BYTES
         if multipart:
-            _abort_uploads(path, inner, before)
-        raise
+            fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)[0]
+        before = _open_uploads(inner) if multipart else None
+        stream = fs.open_output_stream(inner, compression=None)
+        try:
+            _write_rest(stream, view, sent)
+        except Exception:  # pyarrow's (a refused part): the upload failed, and its destructor cannot complete it
+            if multipart:
+                _abort_uploads(path, inner, before)
+            raise
+        except BaseException:  # between two writes (KeyboardInterrupt, SystemExit): the stream itself is sound
+            if multipart and not stream.closed:
+                _stop_sound_upload(stream, view, path, inner, before)
+            raise
+
+
+def _stop_sound_upload(stream: Any, view: memoryview, path: str, inner: str, before: set[str] | None) -> None:
+    """An upload interrupted between two writes would be completed by the stream's destructor with the parts so
+    far, a torn object: it is aborted, or where it cannot be (no boto3, S3 refuses), finished whole."""
+    if before is not None and _abort_uploads(path, inner, before, warn=False):
+        with contextlib.suppress(Exception):
+            stream.close()  # fails now (no such upload), not in the destructor
+        return
+    try:
+        _write_rest(stream, view)
+    except Exception:
+        _abort_uploads(path, inner, before)  # its warning says what is left open
+
+
+def _write_rest(stream: Any, view: memoryview, sent: Callable[[int, int], None] | None = None) -> None:
+    """The bytes of ``view`` from the stream's position on, a part at a time (``_parts``), flushed every
+    ``PARTS_IN_FLIGHT`` parts; then closed."""
+    done = stream.tell()
+    for i, (start, end) in enumerate(_parts(view.nbytes - done), 1):
+        stream.write(view[done + start:done + end])
+        if sent is not None:
+            sent(done + start, done + end)
+        if i % PARTS_IN_FLIGHT == 0:
+            stream.flush()  # waits for the parts queued: their copies are freed
+    stream.close()
+
+
+def _parts(size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each write of an object of ``size`` bytes: one write below ``SINGLE_PUT_BYTES`` (one PUT),
+    else one per part."""
+    if size < SINGLE_PUT_BYTES:
+        yield 0, size
+        return
+    for start in range(0, size, SINGLE_PUT_BYTES):
+        yield start, min(start + SINGLE_PUT_BYTES, size)
 
 
 def _open_uploads(inner: str) -> set[str] | None:
@@ -300,27 +353,34 @@ def _open_uploads(inner: str) -> set[str] | None:
         return None
 
 
-def _abort_uploads(path: str, inner: str, before: set[str] | None) -> None:
+def _abort_uploads(path: str, inner: str, before: set[str] | None, warn: bool = True) -> bool:
     """Abort the multipart uploads of S3 object ``inner`` that were not in progress before the failed write
     (``before``): its own. pyarrow can neither abort an upload from Python nor say its id, so they are listed and
     aborted through boto3 (one LIST, one DELETE each). A writer of the same key that began meanwhile has its upload
     aborted too, and fails rather than racing this one. Where that cannot be done (no boto3; S3 refuses: an expired
     token refuses the abort as it refused the part) the upload stays, with a warning naming it: a bucket lifecycle
-    rule (AbortIncompleteMultipartUpload) removes such uploads. Never raises: the write's error is the one raised."""
+    rule (AbortIncompleteMultipartUpload) removes such uploads. Never raises: the write's error is the one raised.
+    Returns whether every upload it found is aborted (False where they cannot be listed); ``warn=False``: says nothing
+    of what it could not abort (the caller finishes that upload instead)."""
     now = _open_uploads(inner) if before is not None else None
     if now is None:
-        log.warning("%s: the failed multipart upload is left open on the bucket (it takes boto3 and the "
-                    "s3:ListBucketMultipartUploads permission to abort it; a lifecycle rule with "
-                    "AbortIncompleteMultipartUpload removes it)", path)
-        return
+        if warn:
+            log.warning("%s: the failed multipart upload is left open on the bucket (it takes boto3 and the "
+                        "s3:ListBucketMultipartUploads permission to abort it; a lifecycle rule with "
+                        "AbortIncompleteMultipartUpload removes it)", path)
+        return False
     bucket, key = inner.split("/", 1)
+    aborted = True
     for upload_id in sorted(now - before):
         try:
             _s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # botocore's errors, a network error: the write's own error is the one raised
-            log.warning("%s: the failed multipart upload %s could not be aborted (%s); a bucket lifecycle rule "
-                        "(AbortIncompleteMultipartUpload) removes it", path, upload_id,
-                        (str(exc) or repr(exc)).splitlines()[0])
+            aborted = False
+            if warn:
+                log.warning("%s: the failed multipart upload %s could not be aborted (%s); a bucket lifecycle rule "
+                            "(AbortIncompleteMultipartUpload) removes it", path, upload_id,
+                            (str(exc) or repr(exc)).splitlines()[0])
+    return aborted
 
 
 @functools.lru_cache(maxsize=1)
@@ -423,13 +483,28 @@ def _upload_files(fs: pafs.FileSystem, local_dir: str, target: str, inner: str, 
     destructor does, so with pyarrow 25 a refused part was only an "Error ignored when destroying file" on stderr:
     the upload returned, the old object stayed, the upload stayed open; and, with delayed open, a refused
     CreateMultipartUpload of a file over 10 MB left its first 10 MB part as the object (both seen on the moto
-    server). Here a file is memory-mapped and written in one call, then closed, and no folder markers are made
-    (copy_files PUT one per folder level, some twice)."""
-    import pyarrow as pa
+    server). Here a file is written by ``_put_object`` and closed, and no folder markers are made (copy_files PUT
+    one per folder level, some twice).
+
+    Memory: a large file is mapped, and the pages of each part are dropped from this process once pyarrow copied
+    them (``madvise``; the page cache keeps them): a mapped file counts in resident memory as it is read, and a 400 MB
+    one added its 400 MB to the peak. With ``_put_object``'s bound, a file adds ~100 MB at most, whatever its size
+    (``UPLOAD_THREADS`` of them at once)."""
+    import mmap
 
     def upload(name: str) -> None:
-        with pa.memory_map(os.path.join(local_dir, name)) as source:  # pages read as the parts go out
-            _put_object(fs, join(target, name), posixpath.join(inner, name), source.read_buffer())
+        local = os.path.join(local_dir, name)
+        if os.path.getsize(local) < SINGLE_PUT_BYTES:  # one PUT; mmap refuses an empty file
+            with open(local, "rb") as f:
+                data = f.read()
+            _put_object(fs, join(target, name), posixpath.join(inner, name), data)
+            return
+        with open(local, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            def drop(start: int, end: int) -> None:
+                with contextlib.suppress(AttributeError, OSError, ValueError):  # no madvise: pages stay until unmapped
+                    mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+            _put_object(fs, join(target, name), posixpath.join(inner, name), mapped, sent=drop)
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_THREADS, len(files))))
     try:
