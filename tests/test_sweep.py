@@ -713,6 +713,13 @@ def test_a_sweep_ranked_by_an_evaluation_needs_trials_that_evaluate(tmp_path, mo
         run_sweep(str(space), overrides=["eval.at_phase_end=false"])
 
 
+def _local_overrides(tmp_path, synth_dir, tokenizer_path) -> list[str]:
+    """A sweep on the synthetic set with its run folder and MLflow store in ``tmp_path``."""
+    return [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}", f"data.tokenizer={tokenizer_path}",
+            "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
 def test_a_metric_of_a_label_set_the_eval_set_lacks_is_refused_before_ray_starts(tmp_path, monkeypatch, synth_dir,
                                                                                  tokenizer_path):
     """``color`` for the synthetic set's ``colour``: no report would carry it, and Tune would fail the whole sweep
@@ -726,9 +733,7 @@ def test_a_metric_of_a_label_set_the_eval_set_lacks_is_refused_before_ray_starts
     monkeypatch.setattr(launch, "init_ray", no_ray)
     space = tmp_path / "s.yaml"
     space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: eval/full/color/top1\nbudget: {gflops: 300}\n")
-    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
-                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = _local_overrides(tmp_path, synth_dir, tokenizer_path)
     with pytest.raises(ConfigError, match=r"metric eval/full/color/top1: the eval set .* has no label set 'color'; "
                                           r"its label sets: .*colour"):
         run_sweep(str(space), overrides=overrides)
@@ -801,9 +806,7 @@ def test_a_rerun_with_another_set_stops_before_ray_starts(tmp_path, monkeypatch,
     monkeypatch.setattr(launch, "init_ray", ray)
     space = tmp_path / "s.yaml"
     space.write_text("params: {optim.lr: {grid: [1.0e-3]}}\nmetric: loss\nbudget: {gflops: 300}\n")
-    overrides = [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
-                 f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false", f"run.storage_path={tmp_path}",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = _local_overrides(tmp_path, synth_dir, tokenizer_path)
     with pytest.raises(RayReached):
         run_sweep(str(space), overrides=overrides)
     (tmp_path / "s" / "tune").mkdir(parents=True, exist_ok=True)
