@@ -250,9 +250,9 @@ def sweep_definition(space: Space, config: str | None, overrides: list[str]) -> 
     resumes every trial, the ones not yet started too, with the base config saved at the sweep's start (each trial's
     ``_setup``; ``tune.run`` does not read a restored sweep's ``param_space`` again), so the sweep goes on as it
     started; refusing would only strand it. Its input paths given relative are kept so there, and each launch's
-    trials resolve them in that launch's folder (``trial_config.keep_relative_inputs``). A user's edit of the base file does not reach the trials either, but was
-    meant to: that is refused (``_continues_sweep``). Earlier versions recorded a YAML base by its text
-    (``_changed_keys`` reads that form too)."""
+    trials resolve them in that launch's folder (``trial_config.keep_relative_inputs``). A user's edit of the base
+    file does not reach the trials either, but was meant to: that is refused (``_continues_sweep``). Earlier
+    versions recorded a YAML base by its text (``_changed_keys`` reads that form too)."""
     base = config or space.base
     raw: Any = base if base in CONFIG_PRESETS else load_raw(base)
     return json.loads(json.dumps({**dataclasses.asdict(space), "base": raw, "overrides": space.overrides + overrides}))
