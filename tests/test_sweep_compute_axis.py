@@ -181,8 +181,8 @@ class Trial:
                 trial.worker = self
                 super().__init__(loop_config)
 
-        monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
-                                                                                get_world_size=lambda: 1))
+        monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(  # no storage: a local run folder
+            get_world_rank=lambda: 0, get_world_size=lambda: 1, get_storage=lambda: None))
         monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
         monkeypatch.setattr(ray.train, "get_checkpoint",
                             lambda: restore and ray.train.Checkpoint.from_directory(restore))

@@ -28,6 +28,7 @@ from reclip_ray.train.collectives import steps_on_every_rank, sum_over_ranks
 from reclip_ray.train.faults import RowLog, fault_marker, maybe_inject_fault, step_delay_s
 from reclip_ray.train.final_export import export_run
 from reclip_ray.train.handover import check_data_start, write_fatal
+from reclip_ray.train.persist import checkpoint_uploader
 from reclip_ray.train.phase_eval import eval_line, eval_report, evaluate_phase, skip_reason
 from reclip_ray.train.progress import Window, board_update, console_line, phase_banner
 from reclip_ray.train.rank_data import check_bad_rows, open_feed, settle_data
@@ -114,6 +115,7 @@ class Worker:
         self.board = loop_config.get("board")  # the driver's progress display (None: print, as in a sweep trial)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.upload_fn = checkpoint_uploader(self.run_dir, ctx.get_storage())  # None: Ray Train's copy (a local folder)
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(round(cfg.scaling.cpus_per_worker))))
@@ -508,21 +510,24 @@ class Worker:
         """Rank 0: write the checkpoint to a local temp folder and report it. ``checkpoint.upload: sync`` returns once
         Ray Train has copied it to the run folder (every other rank waits at its next collective); ``async`` returns
         at once and a Ray Train thread copies it, then deletes the folder, while training goes on (Ray Train
-        registers it, and reports after it, once the copy is done)."""
+        registers it, and reports after it, once the copy is done). To object storage the copy is ours
+        (``persist.checkpoint_uploader``): each file whole, or the report fails and the checkpoint is not registered."""
         import ray.train
 
         state = self.state
         name = f"checkpoint_s{state.samples:012d}_p{state.phase}{'e' if state.phase_done else ''}"
-        upload = {} if self.cfg.checkpoint.upload == "sync" else {
-            "checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
-            "delete_local_checkpoint_after_upload": True}
+        in_thread = self.cfg.checkpoint.upload != "sync"
+        upload = {"checkpoint_upload_fn": self.upload_fn} if self.upload_fn is not None else {}
+        if in_thread:
+            upload.update(checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                          delete_local_checkpoint_after_upload=True)
         tmp = checkpoint_folder()  # removed below, by Ray Train's copy thread, or after this process dies (scratch.py)
         handed = False  # to Ray Train's copy thread, which deletes the folder once it has copied it
         try:
             save_checkpoint(tmp, self.model, self.optimizer, state, self.config_yaml)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              **upload)
-            handed = bool(upload)
+            handed = in_thread
         finally:
             if not handed:  # sync: copied by now; or the write or the report failed
                 shutil.rmtree(tmp, ignore_errors=True)
