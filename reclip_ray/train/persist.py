@@ -6,8 +6,8 @@ was only "Error ignored when destroying file" on stderr, the copy returned, the 
 multipart upload stayed open (seen on the moto server, ``tests/test_persist.py``). Ray Train then registered a
 checkpoint without ``state.pt``; the next start got it from ``ray.train.get_checkpoint()`` and failed to load it,
 a ``CheckpointError``, which the run takes as deterministic: it could not resume until someone deleted that folder.
-The copy also held a second copy of each file in memory: ~300 MB more for a 300 MB ``state.pt`` (BENCHMARKS.md,
-"Memory of a large write to S3"), 3.6 GB of vit-l-16's model and AdamW state on rank 0.
+The copy also held a copy of each file in memory: a 300 MB ``state.pt`` added 385 MB to rank 0's peak, this
+upload 89 MB (BENCHMARKS.md, "Memory of a large write to S3"); for vit-l-16 the copy is gigabytes.
 
 So for a run folder on object storage the report passes ``checkpoint_upload_fn``: ``storage.upload_dir`` writes
 each file whole or raises (a failed multipart upload is aborted) with ~80 MB per file in flight, and the function
