@@ -238,8 +238,8 @@ def test_a_phase_dataset_is_built_without_an_object_per_read_item_and_runs_one_t
 def test_a_restart_after_a_phase_does_not_rebuild_its_stream(ray_session, make_cfg, tmp_path, tokenizer_path,
                                                              monkeypatch):
     """Ray Train calls every phase's factory at each worker-group start; a phase the restored checkpoint has
-    finished is never read (``Worker.finished``), and rebuilding its stream cost the controller its read items
-    (0.4 s for one pass over 140k shards: BENCHMARKS.md; 12.5 s more while they were put with ``from_items``). It
+    finished is never read (``Worker.finished``), and rebuilding its stream costs the controller its read items and
+    their dataset (0.8 s for one pass over 140k shards, 13-16 s while ``from_items`` put them: BENCHMARKS.md). It
     gets a one-row placeholder; the phase the run is in, and the phases after it, get their streams."""
     from reclip_ray.data.shards import read_footers
     from reclip_ray.data.stream import PhaseStream

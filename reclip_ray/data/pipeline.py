@@ -3,9 +3,9 @@
 One read task streams one group of shards (``stream.Group``): it opens each shard once, takes ``chunk_rows`` rows
 from each per round, permutes the round's rows with the unit's seeded RNG and yields them, so memory per task is
 one unit of raw bytes (``group_shards * chunk_rows`` rows, e.g. 16 x 64 rows of ~30 KB JPEGs = 30 MB) whatever the
-shard size. Reading and decoding are plain functions that Ray Data fuses into one task; the tasks ask for a
-fraction of a CPU (so on a 2-core box they fit next to the training workers), and the tokenizer is built once per
-Ray worker process.
+shard size. Reading and decoding are plain functions run by one map (``read_and_decode``) that Ray Data fuses with
+the group's read task (``ItemsDatasource``): one task per group. The tasks ask for a fraction of a CPU (so on a
+2-core box they fit next to the training workers), and the tokenizer is built once per Ray worker process.
 
 Only the columns a phase needs travel to the workers: the decoded image (uint8 NHWC; normalised on the training
 device, where it is free compared to a 4x bigger transfer), the tokens, and the row's stream bookkeeping
@@ -375,8 +375,8 @@ class ItemsDatasource(ray.data.Datasource):
 
     Why not ``ray.data.from_items``: it builds and ``ray.put`` s one block per item when the dataset is made, ~1.5 ms
     of Ray Train's controller per item for every phase at every worker-group start (BENCHMARKS.md, "A phase's
-    dataset at each restart"). Making this one only lists the read tasks; Ray Data puts each (under a kilobyte)
-    when the phase's execution starts, in the split coordinator of the phase being read."""
+    dataset at each restart"). Making this one only lists the read tasks; Ray Data puts each (~1.4 KB) when the
+    phase's execution starts, in the split coordinator of the phase being read (~0.8 ms an item there)."""
 
     def __init__(self, items: list[dict]) -> None:
         self.items = items
