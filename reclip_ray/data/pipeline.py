@@ -376,7 +376,7 @@ class ItemsDatasource(ray.data.Datasource):
     Why not ``ray.data.from_items``: it builds and ``ray.put`` s one block per item when the dataset is made, ~1.5 ms
     of Ray Train's controller per item for every phase at every worker-group start (BENCHMARKS.md, "A phase's
     dataset at each restart"). Making this one only lists the read tasks; Ray Data puts each (~1.4 KB) when the
-    phase's execution starts, in the split coordinator of the phase being read (~0.8 ms an item there)."""
+    phase's execution starts, in the split coordinator of the phase being read (~0.7 ms an item there)."""
 
     def __init__(self, items: list[dict]) -> None:
         self.items = items
