@@ -203,12 +203,44 @@ def test_a_phases_blocks_hold_about_block_mb_of_rows_at_its_image_size(ray_sessi
             assert expected <= np.median(sizes) <= 1.25 * expected, (block_mb, size, sizes)
 
 
+@pytest.mark.slow
+def test_a_phase_dataset_is_built_without_an_object_per_read_item_and_runs_one_task_per_item(
+        ray_session, synth_dir, tokenizer_path):
+    """Ray Train's controller builds every phase's dataset at every worker-group start. ``ray.data.from_items`` put
+    one block per read item there (~1.5 ms each: minutes a phase for 32 passes over 140k shards, BENCHMARKS.md);
+    building it now creates no object at any item count (the driver's reference table holds none more). Run, the
+    read of an item and its decode are one task per item (``ReadItems->MapBatches(read_and_decode)``), not one
+    task per decode batch's worth of items, which a batch-size map after the items gave."""
+    import re
+
+    import ray
+
+    from reclip_ray.data.shards import Shard
+
+    def objects() -> int:
+        return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+    shards = [Shard(f"/nonexistent/{i:04d}.parquet", 8, (8,)) for i in range(300)]  # made up: built, never read
+    stream = PhaseStream(shards, seed=0, passes=1, group_shards=1)
+    before = objects()
+    ds = phase_dataset(stream, ColumnMap(), image_size=32, text_length=8, tokenizer_json=str(tokenizer_path))
+    assert len(stream.items()) == 300 and objects() - before < 10, objects() - before
+    del ds
+
+    train = PhaseStream(read_footers(list_parquet_files(str(synth_dir / "train"))), seed=0, passes=1, group_shards=1)
+    ds = phase_dataset(train, ColumnMap(), image_size=32, text_length=8, tokenizer_json=str(tokenizer_path),
+                       concurrency=2)
+    assert sorted(_collect(ds)["_pos"].tolist()) == list(range(train.total_rows))
+    tasks = re.search(r"ReadItems->MapBatches\(read_and_decode\): (\d+) tasks executed", ds.stats())
+    assert tasks and int(tasks.group(1)) == len(train.items()) == 3, ds.stats()
+
+
 def test_a_restart_after_a_phase_does_not_rebuild_its_stream(ray_session, make_cfg, tmp_path, tokenizer_path,
                                                              monkeypatch):
     """Ray Train calls every phase's factory at each worker-group start; a phase the restored checkpoint has
-    finished is never read (``Worker.finished``), and rebuilding its stream cost ~1.4 ms of the controller per read
-    item (12.5 s for one pass over 140k shards: BENCHMARKS.md). It gets a one-row placeholder; the phase the run is
-    in, and the phases after it, get their streams."""
+    finished is never read (``Worker.finished``), and rebuilding its stream costs the controller its read items and
+    their dataset (0.8 s for one pass over 140k shards, 13-16 s while ``from_items`` put them: BENCHMARKS.md). It
+    gets a one-row placeholder; the phase the run is in, and the phases after it, get their streams."""
     from reclip_ray.data.shards import read_footers
     from reclip_ray.data.stream import PhaseStream
     from reclip_ray.train import datasets

@@ -23,7 +23,7 @@ def e2e():
 
 
 @pytest.mark.parametrize("title, group", [
-    ("ray::ReadItems->MapBatches(read_groups)->MapBatches(decode_batch)", "data"),
+    ("ray::ReadItems->MapBatches(read_and_decode)", "data"),
     ("ray::MapBatches(read_groups)->MapBatches(decode_batch)", "data"),
     ("ray::SplitCoordinator.get", "data"),
     ("ray::RayTrainWorker.run_train_fn", "train"),

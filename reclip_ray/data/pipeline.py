@@ -3,9 +3,9 @@
 One read task streams one group of shards (``stream.Group``): it opens each shard once, takes ``chunk_rows`` rows
 from each per round, permutes the round's rows with the unit's seeded RNG and yields them, so memory per task is
 one unit of raw bytes (``group_shards * chunk_rows`` rows, e.g. 16 x 64 rows of ~30 KB JPEGs = 30 MB) whatever the
-shard size. Reading and decoding are plain functions that Ray Data fuses into one task; the tasks ask for a
-fraction of a CPU (so on a 2-core box they fit next to the training workers), and the tokenizer is built once per
-Ray worker process.
+shard size. Reading and decoding are plain functions run by one map (``read_and_decode``) that Ray Data fuses with
+the group's read task (``ItemsDatasource``): one task per group. The tasks ask for a fraction of a CPU (so on a
+2-core box they fit next to the training workers), and the tokenizer is built once per Ray worker process.
 
 Only the columns a phase needs travel to the workers: the decoded image (uint8 NHWC; normalised on the training
 device, where it is free compared to a 4x bigger transfer), the tokens, and the row's stream bookkeeping
@@ -369,6 +369,65 @@ def _tokenizer_from(tokenizer_json: str) -> CaptionTokenizer:
     return load_tokenizer(tokenizer_json)
 
 
+class ItemsDatasource(ray.data.Datasource):
+    """A phase's read items as a Ray Data source: one read task per item, holding only its item, which it yields as a
+    one-row table (to ``read_and_decode``, fused into the same task).
+
+    Why not ``ray.data.from_items``: it builds and ``ray.put`` s one block per item when the dataset is made, ~1.5 ms
+    of Ray Train's controller per item for every phase at every worker-group start (BENCHMARKS.md, "A phase's
+    dataset at each restart"). Making this one only lists the read tasks; Ray Data puts each (~1.4 KB) when the
+    phase's execution starts, in the split coordinator of the phase being read (~0.7 ms an item there)."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def estimate_inmemory_data_size(self) -> None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list["ray.data.ReadTask"]:
+        from ray.data.block import BlockMetadata
+
+        meta = BlockMetadata(num_rows=1, size_bytes=None, input_files=None, exec_stats=None)
+        return [ray.data.ReadTask(functools.partial(_item_table, item), meta, per_task_row_limit=per_task_row_limit)
+                for item in self.items]
+
+
+def _item_table(item: dict) -> list["pa.Table"]:
+    import pyarrow as pa
+
+    return [pa.Table.from_pylist([item])]
+
+
+def read_and_decode(items: "pa.Table", *, read: dict, decode: dict, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """map_batches generator: a read item in, its rows out decoded ``batch_rows`` at a time (``read_groups``'
+    units, batched across units, each batch through ``decode_batch``).
+
+    One function, not ``map_batches(read_groups)`` then ``map_batches(decode_batch, batch_size=...)``: Ray Data
+    fuses a read only into a map that takes its blocks whole, and a map that asks for a batch size bundles that
+    many input rows, read items here, into one task."""
+    for batch in _rebatch(read_groups(items, **read), batch_rows):
+        yield decode_batch({name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names},
+                           **decode)
+
+
+def _rebatch(tables: Iterator["pa.Table"], rows: int) -> Iterator["pa.Table"]:
+    """The rows of ``tables``, in order, in tables of ``rows`` rows (the last one fewer)."""
+    import pyarrow as pa
+
+    held: list["pa.Table"] = []
+    count = 0
+    for table in tables:
+        held.append(table)
+        count += table.num_rows
+        while count >= rows:
+            joined = pa.concat_tables(held)
+            yield joined.slice(0, rows)
+            held, count = [joined.slice(rows)], count - rows
+    if count:
+        yield pa.concat_tables(held)
+
+
 def phase_dataset(
     stream: PhaseStream,
     columns: ColumnMap,
@@ -396,16 +455,10 @@ def phase_dataset(
     if not items:
         raise DataError("the phase's data stream is exhausted at its checkpointed position")
     concurrency = min(concurrency or MAX_TASKS, len(items))  # no more tasks than inputs (Ray Data warns otherwise)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        read_groups,
-        fn_kwargs={"columns": columns, "chunk_rows": stream.chunk_rows, "seed": stream.seed, "missing": missing,
-                   "missing_actor": missing_actor},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=concurrency),  # the same as the decode's, so Ray Data fuses the two
-    )
+    # One task per read item: as many read tasks as items whatever the cluster's size (Ray Data splits or merges
+    # them otherwise), fused with the map (same strategy and CPUs), which takes each item whole
+    ds = ray.data.read_datasource(ItemsDatasource(items), override_num_blocks=len(items), num_cpus=num_cpus,
+                                  compute=ray.data.TaskPoolStrategy(size=concurrency))
     # One decode batch is one block (``run_names.block_rows`` sizes it): Ray Data would coalesce the decoded batches
     # into blocks of up to 128 MB (a whole group, thousands of rows), and the split hands out whole blocks, so
     # bounded blocks keep the ranks' shares interleaved in stream order.
@@ -417,15 +470,13 @@ def phase_dataset(
     # Our errors in a task (a shard gone with missing_shards=fail, one replaced mid-run) reach the worker as
     # themselves, which it records as deterministic: the run ends at once, not after run.max_failures restarts
     # that fail at the same shard. Ray Data wraps what a map function raises in its UserCodeException, which keeps
-    # ours only as text; it leaves a generator's errors alone, so read_groups' arrive either way, decode_batch's
-    # (and a non-generator reader's) only with this
+    # ours only as text; it leaves a generator's errors alone (read_and_decode is one), and with this a plain
+    # function's too
     ds.context.raise_original_map_exception = True
-    return ds.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json,
-                   "train": train, "seed": stream.seed, "keep_keys": keep_keys, "on_device": on_device},
-        batch_size=decode_batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=concurrency),
-    )
+    read = {"columns": columns, "chunk_rows": stream.chunk_rows, "seed": stream.seed, "missing": missing,
+            "missing_actor": missing_actor}
+    decode = {"image_size": image_size, "text_length": text_length, "tokenizer_json": tokenizer_json, "train": train,
+              "seed": stream.seed, "keep_keys": keep_keys, "on_device": on_device}
+    return ds.map_batches(read_and_decode, fn_kwargs={"read": read, "decode": decode, "batch_rows": decode_batch_size},
+                          batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                          compute=ray.data.TaskPoolStrategy(size=concurrency))
