@@ -57,9 +57,17 @@ def local_path(path: str) -> str | None:
 
 
 def normalize(path: str) -> str:
-    """Local paths absolute, URIs as given (without a trailing slash)."""
+    """Local paths absolute, URIs without a trailing slash or empty folder names: pyarrow's URI parser, which Ray
+    Train and Tune open a storage path with, reads ``s3://b//runs`` as ``s3://b/runs``, where this module's key
+    would be ``/runs`` under the bucket, so checkpoints and the rest of a run folder would part (as ``os.path``
+    reads ``a//b`` locally)."""
     local = local_path(path)
-    return local if local is not None else str(path).rstrip("/")
+    if local is not None:
+        return local
+    scheme, rest = str(path).split("://", 1)
+    authority, _, key = rest.partition("/")
+    key = "/".join(part for part in key.split("/") if part)
+    return f"{scheme}://{authority}/{key}".rstrip("/")
 
 
 def join(base: str, *parts: str) -> str:

@@ -115,6 +115,23 @@ def test_a_local_run_folder_keeps_ray_trains_copy_and_a_folder_ray_reads_otherwi
         checkpoint_uploader(storage.join(doubled, "run"), _ray_storage(doubled, "run"))
 
 
+def test_a_storage_path_with_an_empty_folder_name_is_the_folder_ray_train_reads(s3_prefix, synth_dir, tokenizer_path,
+                                                                                  tmp_path):
+    """The launch spells ``run.storage_path`` as Ray Train's URI parser reads it (``storage.normalize``): a user's
+    ``s3://b//runs/`` trains, its checkpoints where the run looks for them, instead of the refusal above."""
+    from reclip_ray.config import load_config
+    from reclip_ray.train.prepare import prepare
+
+    bucket, key = s3_prefix[len("s3://"):].split("/", 1)
+    cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                               f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false",
+                               f"run.storage_path=s3://{bucket}//{key}//runs/", "run.name=run",
+                               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    prep = prepare(cfg)
+    assert prep.run_dir == f"{s3_prefix}/runs/run" and prep.cfg.run.storage_path == f"{s3_prefix}/runs"
+    assert checkpoint_uploader(prep.run_dir, _ray_storage(prep.cfg.run.storage_path, "run")) is not None
+
+
 class _Report:
     """``ray.train.report`` as Ray Train 2.60 runs a checkpoint with a ``checkpoint_upload_fn``: the function gets
     the reported checkpoint and its name (in the report with ``sync``; in its copy thread with ``async``, where a

@@ -39,8 +39,9 @@ def checkpoint_uploader(run_dir: str, ray_storage: Any) -> Callable[[Any, str], 
 
     Our run folder must be Ray Train's experiment folder (``launch.build_trainer`` gives Ray ``storage.pyarrow_uri``
     of the same storage path and the run's name): checked here, once, so that a storage path the two read otherwise
-    (``s3://b//runs``: pyarrow's path drops the empty segment) is one line at the first start, not checkpoints
-    written where ``latest_checkpoint_state`` never looks."""
+    is one line at the first start, not checkpoints written where ``latest_checkpoint_state`` never looks. (The one
+    known, ``s3://b//runs``, whose empty segment pyarrow's path drops, the launch spells as pyarrow reads it:
+    ``storage.normalize``.)"""
     if storage.local_path(run_dir) is not None:
         return None
     ours, theirs = storage.filesystem(run_dir)[1], ray_storage.experiment_fs_path

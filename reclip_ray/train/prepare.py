@@ -39,7 +39,8 @@ def prepare(cfg: Config) -> Prepared:
     data = cfg.data
     data.train = absolute(data.train)
     data.eval = absolute(data.eval) if data.eval else ""
-    cfg.run.storage_path = absolute(cfg.run.storage_path, output_base())  # not a ray job's temporary copy
+    # not a ray job's temporary copy; one spelling for this module and Ray's URI parser (storage.normalize)
+    cfg.run.storage_path = storage.normalize(absolute(cfg.run.storage_path, output_base()))
     note = output_note()
     if note:
         print(f"[reclip] {note}", flush=True)
