@@ -29,6 +29,7 @@ import os
 import posixpath
 import random
 import shutil
+import threading
 import time
 import urllib.parse
 import uuid
@@ -305,22 +306,25 @@ def _put_object(fs: pafs.FileSystem, path: str, inner: str, data: Any,
                 _abort_uploads(path, inner, before)
             raise
         except BaseException:  # between two writes (KeyboardInterrupt, SystemExit): the stream itself is sound
-            if multipart and not stream.closed:
-                _stop_sound_upload(stream, view, path, inner, before)
+            if not stream.closed:
+                _stop_sound_upload(stream, view, path, inner, before, multipart)
             raise
 
 
-def _stop_sound_upload(stream: Any, view: memoryview, path: str, inner: str, before: set[str] | None) -> None:
+def _stop_sound_upload(stream: Any, view: memoryview, path: str, inner: str, before: set[str] | None,
+                       multipart: bool) -> None:
     """An upload interrupted between two writes would be completed by the stream's destructor with the parts so
-    far, a torn object: it is aborted, or where it cannot be (no boto3, S3 refuses), finished whole."""
-    if before is not None and _abort_uploads(path, inner, before, warn=False):
+    far, a torn object: an S3 multipart upload is aborted, or where it cannot be (no boto3, S3 refuses), finished
+    whole; so is any other store's (GCS, Azure: their streams too complete when destroyed, and cannot be aborted)."""
+    if multipart and before is not None and _abort_uploads(path, inner, before, warn=False):
         with contextlib.suppress(Exception):
             stream.close()  # fails now (no such upload), not in the destructor
         return
     try:
         _write_rest(stream, view)
     except Exception:
-        _abort_uploads(path, inner, before)  # its warning says what is left open
+        if multipart:
+            _abort_uploads(path, inner, before)  # its warning says what is left open
 
 
 def _write_rest(stream: Any, view: memoryview, sent: Callable[[int, int], None] | None = None) -> None:
@@ -391,13 +395,22 @@ def _abort_uploads(path: str, inner: str, before: set[str] | None, warn: bool = 
     return aborted
 
 
-@functools.lru_cache(maxsize=1)
+_S3_CLIENT: list[Any] = []  # boto3's S3 client, once built
+_S3_CLIENT_LOCK = threading.Lock()
+
+
 def _s3_client() -> Any:
     """boto3's S3 client, built once: it reads the same environment as pyarrow's (``AWS_ENDPOINT_URL``, the
-    credential chain), and is safe to share between threads."""
-    import boto3
+    credential chain), and is safe to share between threads. Building it is not: ``upload_dir``'s threads each ask
+    for it at their first large file, and boto3's sessions may fail when several build clients at once (a KeyError
+    in its loaders), which ``_open_uploads`` would take for "cannot list" and leave a failed upload open. So it is
+    built under a lock, from a session of its own."""
+    with _S3_CLIENT_LOCK:
+        if not _S3_CLIENT:
+            import boto3
 
-    return boto3.client("s3")
+            _S3_CLIENT.append(boto3.session.Session().client("s3"))
+        return _S3_CLIENT[0]
 
 
 def write_text(path: str, text: str) -> None:

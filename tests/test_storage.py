@@ -535,3 +535,105 @@ def test_a_part_refused_after_a_flush_aborts_the_upload_and_keeps_the_old_object
     with pytest.raises(OSError, match="ACCESS_DENIED during UploadPart"):
         storage.write_bytes(path, os.urandom(4 * storage.SINGLE_PUT_BYTES))
     assert refused and storage.read_bytes(path) == b"old" and _open_uploads(path) == []
+
+
+class _DestructorCompletesStream:
+    """An output stream as Arrow's GCS and Azure ones behave: written bytes are held, ``close`` publishes them, and
+    so does the destructor of a stream never closed (``io::internal::CloseFromDestructor``); no abort."""
+
+    def __init__(self, published: dict, key: str) -> None:
+        self.published, self.key, self.held, self.closed = published, key, bytearray(), False
+
+    def write(self, data) -> None:
+        self.held += bytes(data)
+
+    def tell(self) -> int:
+        return len(self.held)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.published[self.key], self.closed = bytes(self.held), True
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def test_a_large_write_to_gcs_interrupted_between_two_parts_is_finished_whole_not_published_torn(monkeypatch):
+    """A large object is written a part at a time on every store, and GCS's (and Azure's) pyarrow stream completes
+    the upload with what it holds when destroyed, and cannot be aborted: a Ctrl-C between two parts published the
+    parts so far as the object (the interrupt branch acted on S3 multipart uploads only). It is finished instead,
+    as an S3 upload that cannot be aborted is, and the KeyboardInterrupt still raised."""
+    published: dict[str, bytes] = {"b/w.bin": b"old"}
+    streams: list[_DestructorCompletesStream] = []
+
+    class Store:
+        def open_output_stream(self, inner, compression=None):
+            streams.append(_DestructorCompletesStream(published, inner))
+            return streams[-1]
+
+    monkeypatch.setattr(storage, "filesystem", lambda path: (Store(), "b/w.bin"))
+    real_parts = storage._parts
+
+    interrupted: list[int] = []
+
+    def parts(size):
+        for i, part in enumerate(real_parts(size)):
+            if i == 2 and not interrupted:
+                interrupted.append(i)
+                raise KeyboardInterrupt
+            yield part
+
+    monkeypatch.setattr(storage, "_parts", parts)
+    new = os.urandom(5 * storage.SINGLE_PUT_BYTES)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes("gs://b/w.bin", new)
+    assert interrupted
+    assert streams[0].closed, "the stream was left for its destructor to publish the parts so far"
+    assert published["b/w.bin"] == new
+
+
+def test_the_boto3_client_is_built_once_when_several_threads_ask_for_it_at_once(monkeypatch):
+    """``upload_dir``'s threads each ask for the S3 client at their first large file; a lazily cached builder let
+    each of them build one from boto3's shared default session at the same time, which boto3 does not support (its
+    loaders fail with a KeyError now and then): the listing then failed quietly and a failed upload stayed open."""
+    import sys
+    import types
+
+    built: list[int] = []
+    release = threading.Event()
+
+    class Session:
+        def client(self, name):
+            built.append(1)
+            release.wait(timeout=2)  # held while the other threads arrive, so that they overlap with this build
+            return object()
+
+    fake = types.ModuleType("boto3")
+    fake.session = types.SimpleNamespace(Session=Session)
+    fake.client = lambda name: Session().client(name)
+    monkeypatch.setitem(sys.modules, "boto3", fake)
+    monkeypatch.setattr(storage, "_S3_CLIENT", [], raising=False)
+    if hasattr(storage._s3_client, "cache_clear"):
+        storage._s3_client.cache_clear()
+    start = threading.Barrier(8)
+    clients: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        clients.append(storage._s3_client())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    while len(built) < 1:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)  # the other seven have asked by now
+    release.set()
+    for t in threads:
+        t.join()
+    if hasattr(storage._s3_client, "cache_clear"):
+        storage._s3_client.cache_clear()
+    assert len(built) == 1 and len(clients) == 8 and len({id(c) for c in clients}) == 1
