@@ -1087,6 +1087,12 @@ def test_best_yaml_is_the_best_trials_own_config_not_the_resumed_sweeps_base(tmp
         trial = from_dict(trial_run_raw(saved, "t1", second.launch_dir))
         for section in ("model", "phases", "train", "optim", "data", "scaling", "checkpoint"):
             assert getattr(best, section) == getattr(trial, section), section
+        # Launched from a shell (no job's temporary copy), best.yaml names its inputs absolute: it runs from anywhere
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+        finish_sweep([result("t1", saved, 1.0)], space, second, n_phases=2)
+        best_raw = yaml.safe_load((Path(second.sweep_dir) / "best.yaml").read_text())
+        assert [best_raw["data"][k] for k in ("train", "eval", "tokenizer")] == [
+            str(Path.cwd() / name) for name in ("data/train", "data/eval", "tok.json")]
     finally:
         second.lease.release()
 

@@ -10,11 +10,12 @@ import os
 from typing import Any
 
 from reclip_ray import storage
+from reclip_ray.job_dir import temporary_working_dir
 from reclip_ray.config import from_dict
 from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.sweep.plot import plot_sweep
 from reclip_ray.sweep.space import Space, trial_params, trial_setup_of
-from reclip_ray.sweep.trial_config import trial_raw
+from reclip_ray.sweep.trial_config import resolve_inputs, trial_raw
 
 OUTPUTS = ("results.csv", "pareto.png", "best.yaml")
 
@@ -165,11 +166,15 @@ def _write_best(best: dict[str, Any], space: Space, config: dict[str, Any], stor
 
     Made from the trial's own Tune ``config``: its parameters, and the base config and budget the sweep started
     with, which Tune resumed it with (a rerun's base may differ where the sweep's definition does not: a preset an
-    upgrade changed). Inputs the base named relative stay relative, for the launch that reruns it to resolve as
-    the sweep's launches did (``trial_config.keep_relative_inputs``); the run goes to ``storage_path`` as
-    ``<sweep>-best``."""
+    upgrade changed). Inputs the base named relative are resolved against this launch's folder, as its trials
+    resolved them, so that best.yaml runs from any folder; except in a Ray job's temporary copy of its working dir
+    (``job_dir.temporary_working_dir``), a folder the next submit does not have: there they stay relative, for the
+    launch that reruns it to resolve as the sweep's launches did (``trial_config.keep_relative_inputs``). The run
+    goes to ``storage_path`` as ``<sweep>-best``."""
     setup, params = trial_setup_of(config), trial_params(config)
     raw = trial_raw(setup["base_raw"], params, setup["budget"])
+    if temporary_working_dir() is None:
+        raw = resolve_inputs(raw, os.getcwd())
     raw["run"]["name"] = f"{space.name}-best"
     raw["run"]["storage_path"] = storage_path  # a string: a Path would mangle s3://
     cfg = from_dict(raw)
