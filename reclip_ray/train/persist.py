@@ -47,7 +47,8 @@ def checkpoint_uploader(run_dir: str, ray_storage: Any) -> Callable[[Any, str], 
     ours, theirs = storage.filesystem(run_dir)[1], ray_storage.experiment_fs_path
     if ours != theirs:
         raise CheckpointError(f"run folder {run_dir} is {ours!r} on its filesystem, Ray Train's experiment folder "
-                              f"is {theirs!r}: checkpoints would not be where the run looks for them")
+                              f"is {theirs!r}: checkpoints would not be where the run looks for them; spell "
+                              "run.storage_path so that both read it alike (no '//', '?' or '#' in it)")
 
     def upload(checkpoint: Any, name: str) -> Any:
         """``checkpoint`` (a local folder, ``Checkpoint.from_directory``) to ``run_dir/name``, each file whole;
