@@ -495,16 +495,9 @@ def test_a_large_write_holds_a_bounded_number_of_parts_not_a_copy_of_the_object(
         storage.delete_dir(target)
 
 
-@pytest.mark.parametrize("abortable", [True, False])
-def test_a_large_write_interrupted_between_two_parts_publishes_nothing_or_the_whole_object(
-        s3_prefix, monkeypatch, abortable):
-    """A large object is written a part at a time, and pyarrow's stream completes its upload, with what it holds,
-    when it is destroyed: a KeyboardInterrupt between two parts would publish the parts written so far. The upload is
-    aborted instead (the old object stays, no upload is left open); where it cannot be aborted, it is finished, so
-    the object is the new one whole. Interrupted here after the second of five parts, flushed after each."""
-    path = f"{s3_prefix}/weights.bin"
-    storage.write_bytes(path, b"old")
-    new = os.urandom(5 * storage.SINGLE_PUT_BYTES)
+def _interrupt_at_the_third_part(monkeypatch) -> list:
+    """A KeyboardInterrupt (a Ctrl-C) in a large write, once, before its third part is written; the list returned
+    holds that part once it was reached."""
     real_parts, interrupted = storage._parts, []
 
     def parts(size):
@@ -515,6 +508,20 @@ def test_a_large_write_interrupted_between_two_parts_publishes_nothing_or_the_wh
             yield part
 
     monkeypatch.setattr(storage, "_parts", parts)
+    return interrupted
+
+
+@pytest.mark.parametrize("abortable", [True, False])
+def test_a_large_write_interrupted_between_two_parts_publishes_nothing_or_the_whole_object(
+        s3_prefix, monkeypatch, abortable):
+    """A large object is written a part at a time, and pyarrow's stream completes its upload, with what it holds,
+    when it is destroyed: a KeyboardInterrupt between two parts would publish the parts written so far. The upload is
+    aborted instead (the old object stays, no upload is left open); where it cannot be aborted, it is finished, so
+    the object is the new one whole. Interrupted here after the second of five parts, flushed after each."""
+    path = f"{s3_prefix}/weights.bin"
+    storage.write_bytes(path, b"old")
+    new = os.urandom(5 * storage.SINGLE_PUT_BYTES)
+    interrupted = _interrupt_at_the_third_part(monkeypatch)
     monkeypatch.setattr(storage, "PARTS_IN_FLIGHT", 1)
     if not abortable:
         monkeypatch.setattr(storage, "_abort_uploads", lambda *args, **kwargs: False)
@@ -575,18 +582,7 @@ def test_a_large_write_to_gcs_interrupted_between_two_parts_is_finished_whole_no
             return streams[-1]
 
     monkeypatch.setattr(storage, "filesystem", lambda path: (Store(), "b/w.bin"))
-    real_parts = storage._parts
-
-    interrupted: list[int] = []
-
-    def parts(size):
-        for i, part in enumerate(real_parts(size)):
-            if i == 2 and not interrupted:
-                interrupted.append(i)
-                raise KeyboardInterrupt
-            yield part
-
-    monkeypatch.setattr(storage, "_parts", parts)
+    interrupted = _interrupt_at_the_third_part(monkeypatch)
     new = os.urandom(5 * storage.SINGLE_PUT_BYTES)
     with pytest.raises(KeyboardInterrupt):
         storage.write_bytes("gs://b/w.bin", new)
