@@ -80,6 +80,7 @@ def join(base: str, *parts: str) -> str:
     return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
 
 
+OBJECT_STORES = ("s3", "gs", "gcs")  # schemes whose paths are bucket/key as written, and which have no folders
 _URI_AS_WRITTEN = "/:@!$&'()*+,;=-._~"  # RFC 3986's path characters besides letters and digits: pyarrow keeps them
 
 
@@ -95,7 +96,7 @@ def pyarrow_uri(path: str) -> str:
     if local is not None:
         return local
     scheme, rest = str(path).split("://", 1)
-    if scheme not in ("s3", "gs", "gcs"):
+    if scheme not in OBJECT_STORES:
         return str(path)
     bucket, _, key = rest.partition("/")
     return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/")
@@ -141,7 +142,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), local
     scheme, rest = path.split("://", 1)
     try:
-        if scheme in ("s3", "gs", "gcs"):
+        if scheme in OBJECT_STORES:
             return _remote_filesystem(scheme, rest.split("/", 1)[0])[0], rest.rstrip("/")  # bucket/key
         parts = urllib.parse.urlsplit(path)
         fs, root = _remote_filesystem(scheme, parts.netloc, parts.query)
@@ -473,7 +474,7 @@ def upload_dir(local_dir: str, target: str, keep: Collection[str] = ()) -> None:
     fs, inner = filesystem(target)
     files = sorted(os.path.relpath(os.path.join(folder, f), local_dir).replace(os.sep, "/")
                    for folder, _, names in os.walk(local_dir) for f in names)
-    if not str(target).startswith(("s3://", "gs://", "gcs://")):  # a filesystem with folders (HDFS): made first
+    if str(target).split("://", 1)[0] not in OBJECT_STORES:  # a filesystem with folders (HDFS): made first
         for folder in sorted({posixpath.dirname(name) for name in files}):
             fs.create_dir(posixpath.join(inner, folder).rstrip("/"), recursive=True)
     _upload_files(fs, local_dir, target, inner, files)

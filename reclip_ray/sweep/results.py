@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 from reclip_ray import storage
-from reclip_ray.job_dir import temporary_working_dir
 from reclip_ray.config import from_dict
+from reclip_ray.job_dir import temporary_working_dir
 from reclip_ray.run_names import EVAL_ERROR
 from reclip_ray.sweep.plot import plot_sweep
 from reclip_ray.sweep.space import Space, trial_params, trial_setup_of

@@ -46,7 +46,7 @@ def prepare(cfg: Config) -> Prepared:
         print(f"[reclip] {note}", flush=True)
     run_name = cfg.run.name or cfg.name
     cfg.run.name = run_name
-    run_dir = storage.join(storage.normalize(cfg.run.storage_path), run_name)  # a local folder or a URI
+    run_dir = storage.join(cfg.run.storage_path, run_name)  # a local folder or a URI
     if cfg.model.init_from and not latest_checkpoint_state(run_dir)[0]:
         from reclip_ray.init_weights import check_init_from  # a resumed run ignores it: the checkpoint wins
 
