@@ -17,6 +17,7 @@ pipeline's start and a compile fall in it), as ``reclip-ray bench e2e`` does.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -146,6 +147,21 @@ def data_cores(windows: list[tuple[float, float]], samples: list[dict[str, float
     return round(sum(spent) / length, 2) if spent and length > 0 else None
 
 
+def phase_data_cpu(logged: dict[int, list[float]], samples: list[dict[str, float]]) -> dict[int, float]:
+    """Data CPU-seconds per phase over the whole run: each sampler reading goes to the phase of the first logging
+    time at or after it (the data a task reads is trained on later, never earlier). Unlike ``data_cores``, this does
+    not depend on when the reads happen: a phase whose rows fit in the read-ahead (the feed's shuffle window and Ray
+    Data's prefetch) is read before its steady windows, where ``data_cores`` sees none (the CPU dry run's phases).
+    Readings after the last logging time are left out."""
+    marks = sorted((t, phase) for phase, times in logged.items() for t in times)
+    spent: dict[int, float] = {phase: 0.0 for phase in logged}
+    for s in samples:
+        at = bisect.bisect_left(marks, (s["t"], -1))
+        if at < len(marks):
+            spent[marks[at][1]] += s["data"]
+    return spent
+
+
 def steady_windows(timestamps: list[float]) -> list[tuple[float, float]]:
     """A phase's logging windows as (start, end) from the consecutive logging times of its steps, dropping any
     longer than 3x the median: a kill and a resume fall between two of a phase's windows (the e2e job's lowres)."""
@@ -198,27 +214,36 @@ def phase_rows(uri: str, run_id: str, cfg: Any, peak_flops: float) -> list[dict[
 
 
 def phases(args: argparse.Namespace) -> int:
-    from reclip_ray.config import load_config
+    from reclip_ray.config import load_config, split_samples
 
     cfg = load_config(args.config, args.set)
     run_id, status = _run_id(args.tracking_uri, args.experiment)
     peak, source = peak_flops(args.peak_flops)
     cores = _data_cores_by_phase(args.tracking_uri, run_id, len(cfg.phases), args.cpu_log)
+    trained = split_samples([p.samples for p in cfg.phases], cfg.train.samples)
     for index, row in enumerate(phase_rows(args.tracking_uri, run_id, cfg, peak)):
         extra = {}
         if args.cpu_log:  # cores per GPU: the data cores over the GPUs they fed (one worker per GPU)
-            busy = cores[index]
-            extra = {"data_cores": busy, "data_cores_per_1k_samples_s": round(busy / row["samples_per_s"] * 1e3, 3)
-                     if busy is not None and row.get("samples_per_s") else None}
+            busy, spent = cores[index]
+            sps = row.get("samples_per_s")
+            # The whole-run measure: CPU-seconds per sample at the steady rate. Its samples are the phase's own;
+            # rows trained twice around a kill (job 1's lowres) make it a little high.
+            per_sample = spent / trained[index] if spent is not None and trained[index] else None
+            extra = {"data_cores": busy, "data_cores_per_1k_samples_s": round(busy / sps * 1e3, 3)
+                     if busy is not None and sps else None,
+                     "data_cpu_s": None if spent is None else round(spent, 1),
+                     "data_cores_from_cpu_s": round(per_sample * sps, 2) if per_sample is not None and sps else None}
         print(json.dumps({"e2e": "phase", "job": args.label, "status": status, **row, "peak_tflops": peak / 1e12,
                           "peak_of": source, **extra}), flush=True)
     return 0
 
 
-def _data_cores_by_phase(uri: str, run_id: str, n_phases: int, cpu_log: str | None) -> list[float | None]:
-    """Per phase, the cores Ray Data's tasks kept busy over its steady logging windows (``data_cores``)."""
+def _data_cores_by_phase(uri: str, run_id: str, n_phases: int,
+                         cpu_log: str | None) -> list[tuple[float | None, float | None]]:
+    """Per phase, (the cores Ray Data's tasks kept busy over its steady logging windows, ``data_cores``; the data
+    CPU-seconds spent for it over the whole run, ``phase_data_cpu``)."""
     if not cpu_log:
-        return [None] * n_phases
+        return [(None, None)] * n_phases
     from reclip_ray import tracking
 
     with open(cpu_log) as f:
@@ -230,7 +255,8 @@ def _data_cores_by_phase(uri: str, run_id: str, n_phases: int, cpu_log: str | No
         if m.step in phase_of:
             logged.setdefault(phase_of[m.step], []).append(m.timestamp / 1e3)
     # The first window of each phase (its start) is dropped, as in phase_rows: windows run from the first logging time.
-    return [data_cores(steady_windows(logged.get(i, [])), samples) for i in range(n_phases)]
+    whole = phase_data_cpu(logged, samples)
+    return [(data_cores(steady_windows(logged.get(i, [])), samples), whole.get(i)) for i in range(n_phases)]
 
 
 def peak_flops(given: float) -> tuple[float, str]:

@@ -40,7 +40,10 @@
 # peak GPU memory (worker_peak_gpu_mib, reset at each phase start), and data_cores: the cores Ray Data's tasks kept
 # busy over the phase's steady windows (gpu_e2e.py cpu-sample reads every process's CPU time from /proc each 0.25 s
 # through both jobs and sums it by process title), i.e. the decode cores one GPU took at that samples/s on the
-# device's own cores (issue 26 item 2), with data_cores_per_1k_samples_s. JSON lines on stdout; the final line starts
+# device's own cores (issue 26 item 2), with data_cores_per_1k_samples_s; and data_cpu_s, the data CPU-seconds
+# spent for the phase over the whole run wherever they fell, with data_cores_from_cpu_s, what they come to per second
+# at the steady samples/s (a phase that fits in the read-ahead is read before its steady windows: data_cores 0.0
+# in the CPU dry run's lowres). JSON lines on stdout; the final line starts
 # with {"gpu_e2e":. $OUT gets e2e.jsonl, e2e_table.json and e2e_logs.tar.gz (every step's log, Ray's run logs).
 #
 # E2E_CPU=1: the dry run on a machine without a GPU (by default with this machine's Python, 3.11 here, where the cp312

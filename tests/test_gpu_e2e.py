@@ -69,3 +69,15 @@ def test_a_resume_gap_is_not_a_window_and_cores_are_cpu_over_window_time(e2e):
     # 10 data CPU-seconds inside 5 s of windows; the sample in the gap is not counted.
     assert e2e.data_cores(windows, samples) == 2.0
     assert e2e.data_cores(windows, []) is None and e2e.steady_windows([5.0]) == []
+
+
+def test_data_read_ahead_of_the_steady_windows_still_counts_for_its_phase(e2e):
+    """A phase that fits in the read-ahead is read before its steady windows (the CPU dry run's lowres: all 7.8 data
+    CPU-seconds before its second logging), so ``data_cores`` reads 0 there; ``phase_data_cpu`` gives each reading to
+    the phase of the next logging time: what the phase's reads cost, wherever they fell."""
+    logged = {0: [10.0, 12.0, 14.0], 1: [30.0, 32.0]}
+    samples = [{"t": 5.0, "data": 4.0}, {"t": 9.0, "data": 3.0},  # phase 0 read ahead, before its first logging
+               {"t": 13.0, "data": 0.0}, {"t": 20.0, "data": 2.0},  # phase 1's reads, after phase 0's last logging
+               {"t": 31.0, "data": 0.5}, {"t": 40.0, "data": 9.0}]  # the last one after every logging: left out
+    assert e2e.data_cores(e2e.steady_windows(logged[0]), samples) == 0.0
+    assert e2e.phase_data_cpu(logged, samples) == {0: 7.0, 1: 2.5}
