@@ -6,16 +6,24 @@ folder named ``s3:`` on whichever node ran it. This module is the one place that
 filesystem: everything else keeps paths as strings, joins them with ``join`` and reads/writes through the helpers
 here. Local paths (and ``file://`` URIs) are made absolute; URIs keep their scheme.
 
+A URI's query is its filesystem's options, on every scheme, as ``pyarrow.fs.FileSystem.from_uri`` (and so Ray Train
+and Tune) reads them: ``s3://bucket/runs?endpoint_override=http://minio:9000&scheme=http`` is the key ``runs`` on
+that endpoint, ``hdfs://nn/x?user=u`` the path ``/x`` as user ``u``. ``join``, ``parent``, ``name`` and
+``normalize`` work on the path and keep the query at the end (``split_query``), so every file of a run folder
+carries its store's options to whichever node opens it. A path in a URI therefore cannot hold ``?``, nor ``#``
+(a fragment, which names nothing on a filesystem): either is one line of ``DataError`` naming the path.
+
 Writes are atomic where the storage allows it: locally a temporary file in the same folder and ``os.replace``; on
 an object store a single PUT (an object becomes visible whole, when the upload completes, or not at all). On S3 an
 object of ``SINGLE_PUT_BYTES`` or more is a multipart upload, and one that fails is aborted (``_abort_uploads``):
 S3 keeps the parts of an upload nobody completes or aborts, and bills them, until a lifecycle rule removes them.
 
 Cost at scale: ``pyarrow.fs.FileSystem.from_uri`` builds a client each call (on S3 it may ask the bucket for its
-region; on HDFS it connects), so a filesystem is built once per process for each scheme and authority (bucket,
-namenode) and kept: a run's thousands of reads and writes share it. It keeps the credentials it found then; those
-that expire (an instance role, a web identity) are renewed by the client itself, as before, but a change of the
-environment later in the process (another ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) is not seen.
+region; on HDFS it connects), so a filesystem is built once per process for each scheme, authority (bucket,
+namenode) and query, and kept: a run's thousands of reads and writes share it. It keeps the credentials it found
+then; those that expire (an instance role, a web identity) are renewed by the client itself, as before, but a change
+of the environment later in the process (another ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) is not seen: an endpoint
+given in the URI is, and travels with every path to every node.
 """
 
 from __future__ import annotations
@@ -57,27 +65,65 @@ def local_path(path: str) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def split_query(path: str) -> tuple[str, str]:
+    """(the URI without its query, the query): ``s3://b/x?region=r`` -> (``s3://b/x``, ``region=r``); a local path
+    (also ``file://``) -> (path, ""). The one place that reads a URI's options: a ``#`` (a fragment, which
+    pyarrow drops and no filesystem reads) is refused in one line, so ``s3://b/x#1`` fails where it is given, not
+    as a key that this module and Ray Train would read differently."""
+    path = str(path)
+    if not is_uri(path):
+        return path, ""
+    if "#" in path:
+        raise DataError(f"{path}: '#' starts a URI fragment, which names nothing on a filesystem; a path in a URI "
+                        "cannot hold '#' (nor '?', which starts the filesystem's options)")
+    base, _, query = path.partition("?")
+    return base, query
+
+
+def _with_query(base: str, query: str) -> str:
+    return f"{base}?{query}" if query else base
+
+
+def _plain_part(base: str, part: str) -> str:
+    """``part`` of a path joined onto the URI ``base``: refused in one line where it would read as options."""
+    if "?" in part or "#" in part:
+        raise DataError(f"{base}: cannot name {part!r} under it: in a URI '?' starts the filesystem's options and "
+                        "'#' a fragment")
+    return part
+
+
 def normalize(path: str) -> str:
     """Local paths absolute, URIs without a trailing slash or empty folder names: pyarrow's URI parser, which Ray
     Train and Tune open a storage path with, reads ``s3://b//runs`` as ``s3://b/runs``, where this module's key
     would be ``/runs`` under the bucket, so checkpoints and the rest of a run folder would part (as ``os.path``
-    reads ``a//b`` locally)."""
+    reads ``a//b`` locally). The query stays as written (an empty one is dropped)."""
     local = local_path(path)
     if local is not None:
         return local
-    scheme, rest = str(path).split("://", 1)
+    base, query = split_query(path)
+    scheme, rest = base.split("://", 1)
     authority, _, key = rest.partition("/")
     key = "/".join(part for part in key.split("/") if part)
-    return f"{scheme}://{authority}/{key}".rstrip("/")
+    return _with_query(f"{scheme}://{authority}/{key}".rstrip("/"), query)
 
 
 def join(base: str, *parts: str) -> str:
-    """``base/part/...`` for a local path or a URI alike (``os.path.join`` would do for the former only)."""
+    """``base/part/...`` for a local path or a URI alike (``os.path.join`` would do for the former only); a URI's
+    query stays at the end: ``join("hdfs://nn/x?user=u", "run")`` is ``hdfs://nn/x/run?user=u``."""
     base = str(base)
     if not is_uri(base):
         return os.path.join(base, *parts)
+    base, query = split_query(base)
     scheme, rest = base.split("://", 1)
-    return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
+    return _with_query(f"{scheme}://{posixpath.join(rest.rstrip('/'), *(_plain_part(base, p) for p in parts))}",
+                       query)
+
+
+def relative(path: str, root: str) -> str:
+    """``path``'s place below ``root`` (``a/b.parquet``; "" for ``root`` itself), queries aside: the two are spelt
+    alike, ``path`` being ``root`` joined with more (a listing of it)."""
+    path, root = split_query(str(path))[0], split_query(str(root))[0]
+    return path[len(root):].lstrip("/")
 
 
 OBJECT_STORES = ("s3", "gs", "gcs")  # schemes whose paths are bucket/key as written, and which have no folders
@@ -87,31 +133,34 @@ _URI_AS_WRITTEN = "/:@!$&'()*+,;=-._~"  # RFC 3986's path characters besides let
 def pyarrow_uri(path: str) -> str:
     """``path`` as a URI that ``pyarrow.fs.FileSystem.from_uri`` (Ray Train's and Tune's ``storage_path``) reads as
     the same place this module does. Here an S3 or GCS key is the text after the bucket, as written; pyarrow parses
-    a URI: it refuses a space, decodes ``%20`` and cuts at ``?`` or ``#``, so ``run.storage_path=s3://b/my%20runs``
-    put Ray Train's checkpoints under ``my runs/`` and the rest of the run folder under ``my%20runs/``, and
-    ``s3://b/my runs`` failed in Ray Train after the launch had trained a tokenizer there. So such a key is
-    percent-encoded; other schemes are parsed here by pyarrow already (``filesystem``), and local paths (also
-    ``file://`` ones) are given as plain absolute paths, which pyarrow takes as written."""
+    a URI: it refuses a space and decodes ``%20``, so ``run.storage_path=s3://b/my%20runs`` put Ray Train's
+    checkpoints under ``my runs/`` and the rest of the run folder under ``my%20runs/``, and ``s3://b/my runs``
+    failed in Ray Train after the launch had trained a tokenizer there. So such a key is percent-encoded, and the
+    query (the store's options, ``split_query``) passed on as written, so Ray Train opens the same store; other
+    schemes are parsed here by pyarrow already (``filesystem``), and local paths (also ``file://`` ones) are given
+    as plain absolute paths, which pyarrow takes as written."""
     local = local_path(path)
     if local is not None:
         return local
-    scheme, rest = str(path).split("://", 1)
+    base, query = split_query(path)
+    scheme, rest = base.split("://", 1)
     if scheme not in OBJECT_STORES:
-        return str(path)
+        return _with_query(base, query)
     bucket, _, key = rest.partition("/")
-    return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/")
+    return _with_query(f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/"), query)
 
 
 def parent(path: str) -> str:
-    path = str(path).rstrip("/")
+    path = str(path)
     if not is_uri(path):
-        return os.path.dirname(path)
-    scheme, rest = path.split("://", 1)
-    return f"{scheme}://{posixpath.dirname(rest)}"
+        return os.path.dirname(path.rstrip("/"))
+    base, query = split_query(path)
+    scheme, rest = base.rstrip("/").split("://", 1)
+    return _with_query(f"{scheme}://{posixpath.dirname(rest)}", query)
 
 
 def name(path: str) -> str:
-    return posixpath.basename(str(path).rstrip("/"))
+    return posixpath.basename(split_query(str(path))[0].rstrip("/"))
 
 
 SINGLE_PUT_BYTES = 10 << 20  # pyarrow's S3 part size: with delayed open, an object under it is one PutObject
@@ -121,34 +170,52 @@ log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=64)
 def _remote_filesystem(scheme: str, authority: str, query: str = "",
                        delayed_open: bool = True) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, its path of ``scheme://authority/``), built once per process: ``from_uri`` makes a client each
-    call (an HDFS connection, an S3 region lookup). ``query`` holds the URI's options (``hdfs://nn/x?user=u``)."""
+    """(filesystem, its path of ``scheme://authority/``), built once per process for each authority and options:
+    ``from_uri`` makes a client each call (an HDFS connection, an S3 region lookup). ``query`` holds the URI's
+    options (``hdfs://nn/x?user=u``, ``s3://b/x?endpoint_override=...``)."""
     # S3: with delayed open an object under the part size (10 MB) is one PutObject at close; without it pyarrow
     # makes every object a multipart upload (create, part, complete: 3 requests). Measured on the moto server.
-    if scheme == "s3" and delayed_open:
-        query = "allow_delayed_open=true"
+    # The user's own allow_delayed_open wins; a large object's filesystem (``_put_object``) never delays.
+    if scheme == "s3":
+        query = _with_option(query, "allow_delayed_open", "true" if delayed_open else "false",
+                             override=not delayed_open)
     return pafs.FileSystem.from_uri(f"{scheme}://{authority}/" + (f"?{query}" if query else ""))
 
 
+def _with_option(query: str, key: str, value: str, override: bool) -> str:
+    """``query`` with ``key=value`` added where it does not set ``key`` (``override``: in place of its own)."""
+    items = [item for item in query.split("&") if item]
+    named = [item for item in items if urllib.parse.unquote(item.split("=", 1)[0]) == key]
+    if named and not override:
+        return query
+    return "&".join([item for item in items if item not in named] + [f"{key}={value}"])
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it). One line of error for an unknown scheme or missing credentials.
+    """(pyarrow filesystem, path inside it). One line of error for an unknown scheme, options pyarrow refuses, or
+    missing credentials.
 
     S3 and GCS keys are the text after the bucket as written (``pyarrow_uri``). Other schemes' paths are what
-    ``from_uri`` makes of the URI (percent-decoded, without query or fragment), joined here to the root's path
-    (``/`` on HDFS, the container on Azure) so that the filesystem itself is not built again for each path."""
+    ``from_uri`` makes of the URI (percent-decoded), joined here to the root's path (``/`` on HDFS, the container
+    on Azure) so that the filesystem itself is not built again for each path. The query is the filesystem's
+    options on every scheme (``split_query``)."""
     path = str(path)
     local = local_path(path)
     if local is not None:
         return pafs.LocalFileSystem(), local
-    scheme, rest = path.split("://", 1)
+    base, query = split_query(path)
+    scheme, rest = base.split("://", 1)
     try:
         if scheme in OBJECT_STORES:
-            return _remote_filesystem(scheme, rest.split("/", 1)[0])[0], rest.rstrip("/")  # bucket/key
-        parts = urllib.parse.urlsplit(path)
-        fs, root = _remote_filesystem(scheme, parts.netloc, parts.query)
+            return _remote_filesystem(scheme, rest.split("/", 1)[0], query)[0], rest.rstrip("/")  # bucket/key
+        parts = urllib.parse.urlsplit(base)
+        fs, root = _remote_filesystem(scheme, parts.netloc, query)
         return fs, posixpath.join(root, urllib.parse.unquote(parts.path).lstrip("/"))
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes or missing credentials
-        raise DataError(f"cannot open {path}: {exc}") from exc
+        hint = (" (the text after '?' is the filesystem's options, as pyarrow.fs.FileSystem.from_uri reads them; "
+                "a path in a URI cannot hold '?', and a pattern's one-character wildcard there is [...])"
+                if query and "query parameter" in str(exc) else "")
+        raise DataError(f"cannot open {path}: {str(exc).strip()}{hint}") from exc
 
 
 def exists(path: str) -> bool:
@@ -297,8 +364,8 @@ def _put_object(fs: pafs.FileSystem, path: str, inner: str, data: Any,
     with memoryview(data).cast("B") as view:  # released however this ends: a mapped file cannot close while held
         multipart = path.startswith("s3://") and view.nbytes >= SINGLE_PUT_BYTES
         if multipart:
-            fs = _remote_filesystem("s3", inner.split("/", 1)[0], delayed_open=False)[0]
-        before = _open_uploads(inner) if multipart else None
+            fs = _remote_filesystem("s3", inner.split("/", 1)[0], split_query(path)[1], delayed_open=False)[0]
+        before = _open_uploads(path, inner) if multipart else None
         stream = fs.open_output_stream(inner, compression=None)
         try:
             _write_rest(stream, view, sent)
@@ -351,15 +418,17 @@ def _parts(size: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + SINGLE_PUT_BYTES, size)
 
 
-def _open_uploads(inner: str) -> set[str] | None:
-    """The ids of the multipart uploads in progress for S3 object ``inner`` (bucket/key): one LIST (boto3), made
+def _open_uploads(path: str, inner: str) -> set[str] | None:
+    """The ids of the multipart uploads in progress for S3 object ``inner`` (bucket/key) of the URI ``path`` (whose
+    options name its endpoint, ``_s3_client``): one LIST (boto3), made
     before each multipart write so that the upload a failure leaves is told from another writer's. None where they
     cannot be listed (no boto3; a role without s3:ListBucketMultipartUploads)."""
     if importlib.util.find_spec("boto3") is None:
         return None
     bucket, key = inner.split("/", 1)
     try:
-        pages = _s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key)
+        client = _s3_client(split_query(path)[1])
+        pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key)
         return {u["UploadId"] for page in pages for u in page.get("Uploads", []) if u["Key"] == key}
     except Exception as exc:  # botocore's errors, a network error: the write goes on; only an abort would need it
         log.debug("%s: cannot list multipart uploads: %s", inner, exc)
@@ -375,7 +444,7 @@ def _abort_uploads(path: str, inner: str, before: set[str] | None, warn: bool = 
     rule (AbortIncompleteMultipartUpload) removes such uploads. Never raises: the write's error is the one raised.
     Returns whether every upload it found is aborted (False where they cannot be listed); ``warn=False``: says nothing
     of what it could not abort (the caller finishes that upload instead)."""
-    now = _open_uploads(inner) if before is not None else None
+    now = _open_uploads(path, inner) if before is not None else None
     if now is None:
         if warn:
             log.warning("%s: the failed multipart upload is left open on the bucket (it takes boto3 and the "
@@ -386,7 +455,7 @@ def _abort_uploads(path: str, inner: str, before: set[str] | None, warn: bool = 
     aborted = True
     for upload_id in sorted(now - before):
         try:
-            _s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            _s3_client(split_query(path)[1]).abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # botocore's errors, a network error: the write's own error is the one raised
             aborted = False
             if warn:
@@ -396,22 +465,44 @@ def _abort_uploads(path: str, inner: str, before: set[str] | None, warn: bool = 
     return aborted
 
 
-_S3_CLIENT: list[Any] = []  # boto3's S3 client, once built
+_S3_CLIENTS: dict[tuple, Any] = {}  # boto3's S3 clients, once built, by the options they were built with
 _S3_CLIENT_LOCK = threading.Lock()
 
 
-def _s3_client() -> Any:
-    """boto3's S3 client, built once: it reads the same environment as pyarrow's (``AWS_ENDPOINT_URL``, the
-    credential chain), and is safe to share between threads. Building it is not: ``upload_dir``'s threads each ask
-    for it at their first large file, and boto3's sessions may fail when several build clients at once (a KeyError
-    in its loaders), which ``_open_uploads`` would take for "cannot list" and leave a failed upload open. So it is
-    built under a lock, from a session of its own."""
+def _s3_client(query: str = "") -> Any:
+    """boto3's S3 client for an S3 URI's options (``query``), built once for each: it reads the same environment as
+    pyarrow's (``AWS_ENDPOINT_URL``, the credential chain), and where the URI names the store
+    (``endpoint_override``, ``scheme``, ``region``, ``tls_ca_file_path``), the same store pyarrow wrote to: an
+    upload left open on a MinIO named only in the URI is aborted there, not looked for at AWS. A client is safe to
+    share between threads. Building it is not: ``upload_dir``'s threads each ask for it at their first large file,
+    and boto3's sessions may fail when several build clients at once (a KeyError in its loaders), which
+    ``_open_uploads`` would take for "cannot list" and leave a failed upload open. So it is built under a lock,
+    from a session of its own."""
+    options = _boto3_options(query)
+    key = tuple(sorted(options.items()))
     with _S3_CLIENT_LOCK:
-        if not _S3_CLIENT:
+        if key not in _S3_CLIENTS:
             import boto3
 
-            _S3_CLIENT.append(boto3.session.Session().client("s3"))
-        return _S3_CLIENT[0]
+            _S3_CLIENTS[key] = boto3.session.Session().client("s3", **options)
+        return _S3_CLIENTS[key]
+
+
+def _boto3_options(query: str) -> dict[str, Any]:
+    """boto3's ``client("s3", ...)`` arguments for the pyarrow S3 options in ``query`` that say where the store
+    is; {} when it names none (boto3 then reads the environment, as pyarrow did)."""
+    given = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    scheme, options = given.get("scheme") or "https", {}
+    endpoint = given.get("endpoint_override")
+    if endpoint:  # pyarrow's endpoint is host:port, its scheme apart (or a whole URL, which it takes as it is)
+        options["endpoint_url"] = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+    elif scheme == "http":
+        options["use_ssl"] = False
+    if given.get("region"):
+        options["region_name"] = given["region"]
+    if given.get("tls_ca_file_path"):
+        options["verify"] = given["tls_ca_file_path"]
+    return options
 
 
 def write_text(path: str, text: str) -> None:

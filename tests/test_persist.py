@@ -132,6 +132,58 @@ def test_a_storage_path_with_an_empty_folder_name_is_the_folder_ray_train_reads(
     assert checkpoint_uploader(prep.run_dir, _ray_storage(prep.cfg.run.storage_path, "run")) is not None
 
 
+def test_a_storage_path_whose_endpoint_is_in_its_query_is_where_ray_train_and_the_upload_write(
+        s3_server, s3_prefix, tmp_path, monkeypatch):
+    """MinIO/R2 users give the endpoint in the URI (``?endpoint_override=HOST:PORT&scheme=http``). Ray Train opens
+    ``pyarrow_uri`` of it (its validation marker goes up at once) and our upload writes the checkpoint: both at that
+    endpoint, with ``AWS_ENDPOINT_URL`` unset, under ``prefix/runs/run/``. ``pyarrow_uri`` encoded the ``?``: both
+    wrote under a key named ``runs?endpoint_override=...`` at AWS's default endpoint."""
+    import boto3
+    import ray.train
+
+    at_server = boto3.client("s3", endpoint_url=s3_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setattr(storage, "_S3_CLIENTS", {})
+    storage._remote_filesystem.cache_clear()
+    try:
+        runs = f"{s3_prefix}/runs?endpoint_override={s3_server.split('://')[1]}&scheme=http"
+        run_dir = storage.join(runs, "run")
+        ray_storage = _ray_storage(runs, "run")
+        upload = checkpoint_uploader(run_dir, ray_storage)
+        assert upload is not None  # our run folder is Ray Train's experiment folder
+        local = tmp_path / "ckpt"
+        _checkpoint(local)
+        done = upload(ray.train.Checkpoint.from_directory(str(local)), NAME)
+        bucket, key = s3_prefix[len("s3://"):].split("/", 1)
+        keys = sorted(o["Key"] for o in at_server.list_objects_v2(Bucket=bucket, Prefix=f"{key}/")["Contents"])
+        assert [k for k in keys if k.endswith((".validate_storage_marker", STATE_FILE))] == [
+            f"{key}/runs/run/.validate_storage_marker", f"{key}/runs/run/{NAME}/{STATE_FILE}"], keys
+        with done.filesystem.open_input_file(f"{done.path}/{STATE_FILE}") as f:  # Ray Train reads what went up
+            assert f.read() == (local / STATE_FILE).read_bytes()
+    finally:
+        storage._remote_filesystem.cache_clear()
+
+
+@pytest.mark.parametrize("storage_path, message", [
+    ("s3://b/runs?endpont_override=http://minio:9000", "Unexpected query parameter in S3 URI: 'endpont_override'"),
+    ("s3://b/runs#v2", "'#' starts a URI fragment")])
+def test_a_storage_path_with_options_pyarrow_refuses_fails_at_prepare_in_one_line(storage_path, message, synth_dir,
+                                                                                   tokenizer_path, tmp_path):
+    """A mistyped option (or a fragment) in ``run.storage_path`` is one line naming it before anything starts (with
+    ``data.tokenizer`` given, prepare opened nothing under the storage path: Ray Train refused it later)."""
+    from reclip_ray.config import load_config
+    from reclip_ray.errors import DataError
+    from reclip_ray.train.prepare import prepare
+
+    cfg = load_config("tiny", [f"data.train={synth_dir / 'train'}", f"data.eval={synth_dir / 'eval'}",
+                               f"data.tokenizer={tokenizer_path}", "data.synth_if_missing=false",
+                               f"run.storage_path={storage_path}", "run.name=run",
+                               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(DataError, match=message) as info:
+        prepare(cfg)
+    assert storage_path in str(info.value) and "\n" not in str(info.value)
+
+
 class _Report:
     """``ray.train.report`` as Ray Train 2.60 runs a checkpoint with a ``checkpoint_upload_fn``: the function gets
     the reported checkpoint and its name (in the report with ``sync``; in its copy thread with ``async``, where a

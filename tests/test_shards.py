@@ -19,7 +19,7 @@ from PIL import Image
 from reclip_ray import storage
 from reclip_ray.data.copies import shrink_dataset
 from reclip_ray.data.schema import read_dataset_json
-from reclip_ray.data.shards import COPIES_KEY, list_parquet_files, read_footers, write_parquet_atomic
+from reclip_ray.data.shards import COPIES_KEY, list_parquet_files, read_footers, split_pattern, write_parquet_atomic
 from reclip_ray.errors import DataError
 
 
@@ -152,3 +152,31 @@ def test_a_pattern_matches_one_folder_level_each_and_a_path_that_exists_is_never
         list_parquet_files(f"{tmp_path}/**/*.parquet")
     relative = os.path.relpath(tmp_path / "b" / "part-2.parquet")
     assert list_parquet_files(relative) == [os.path.abspath(relative)]  # a file comes back absolute, as a folder's
+
+
+def test_a_dataset_uri_with_its_stores_options_lists_its_shards_with_them(s3_server, s3_prefix, monkeypatch):
+    """``s3://b/data/*/part-*.parquet?endpoint_override=...`` (a MinIO named only in the URI): the pattern is the
+    path's, and every shard listed keeps the options (a Ray Data task opens it as it is, on any node).
+    ``split_pattern`` cut the query at its first '/' into the pattern, and the splits of a Hugging Face export side
+    by side were told apart by the text after the query's last '/', so never refused."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage._remote_filesystem.cache_clear()
+    try:
+        options = f"endpoint_override={s3_server.split('://')[1]}&scheme=http"
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"image": [_jpeg(8, 1)], "caption": ["x"]}), buffer)
+        for rel in ("data/a/part-0.parquet", "data/b/part-1.parquet", "data/b/other.parquet",
+                    "hf/train-00000-of-00001.parquet", "hf/test-00000-of-00001.parquet"):
+            storage.write_bytes(f"{s3_prefix}/{rel}?{options}", buffer.getvalue())
+        pattern = f"{s3_prefix}/data/*/part-*.parquet?{options}"
+        assert split_pattern(pattern) == (f"{s3_prefix}/data?{options}", "*/part-*.parquet")
+        assert list_parquet_files(pattern) == [f"{s3_prefix}/data/{rel}?{options}"
+                                               for rel in ("a/part-0.parquet", "b/part-1.parquet")]
+        assert list_parquet_files(f"{s3_prefix}/data?{options}") == [
+            f"{s3_prefix}/data/{rel}?{options}" for rel in ("a/part-0.parquet", "b/other.parquet", "b/part-1.parquet")]
+        with pytest.raises(DataError) as refused:
+            list_parquet_files(f"{s3_prefix}/hf?{options}")
+        assert str(refused.value).startswith(f"{s3_prefix}/hf?{options} holds the splits train, test")
+        assert f"e.g. {s3_prefix}/hf/train-*.parquet?{options} " in str(refused.value)
+    finally:
+        storage._remote_filesystem.cache_clear()

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from reclip_ray import storage
+from reclip_ray.errors import DataError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -32,6 +33,150 @@ def test_join_keeps_the_scheme_where_pathlib_loses_it():
     assert storage.normalize("relative/dir") == os.path.abspath("relative/dir")
     # Ray Train's URI parser drops empty folder names: so does the run folder's spelling (train.prepare)
     assert storage.normalize("s3://b//runs//x/") == "s3://b/runs/x" and storage.normalize("gs://b/") == "gs://b"
+
+
+MINIO = "?endpoint_override=http://minio:9000&scheme=http"
+
+
+def test_a_uris_query_is_its_stores_options_and_paths_are_made_before_it():
+    """``s3://b/runs?endpoint_override=...`` (MinIO, R2, Ceph) is the key ``runs`` on that endpoint, as pyarrow and
+    Ray Train read it. ``join`` appended after the query (``hdfs://nn/x?user=u/run``: the user ``u/run``), and
+    ``pyarrow_uri`` encoded the ``?``, so Ray Train wrote under a key named ``runs?endpoint_override=...`` at AWS."""
+    import pyarrow.fs as pafs
+
+    assert storage.join(f"s3://b/runs{MINIO}", "run", "meta.json") == f"s3://b/runs/run/meta.json{MINIO}"
+    assert storage.join(f"s3://b/runs/{MINIO}", "run") == f"s3://b/runs/run{MINIO}"
+    assert storage.join("hdfs://nn:8020/x?user=u", "run") == "hdfs://nn:8020/x/run?user=u"
+    assert storage.parent(f"s3://b/runs/run{MINIO}") == f"s3://b/runs{MINIO}"
+    assert storage.parent("hdfs://nn/x/run/?user=u") == "hdfs://nn/x?user=u"
+    assert storage.name(f"s3://b/runs/run/{MINIO}") == "run" and storage.name("hdfs://nn/x?user=u") == "x"
+    assert storage.normalize(f"s3://b//runs//{MINIO}") == f"s3://b/runs{MINIO}"
+    assert storage.normalize("hdfs://nn//x/?user=u") == "hdfs://nn/x?user=u" and storage.normalize("s3://b/x?") == (
+        "s3://b/x")
+    assert storage.relative(f"s3://b/d/x/y.parquet{MINIO}", f"s3://b/d{MINIO}") == "x/y.parquet"
+    assert storage.pyarrow_uri(f"s3://b/my runs{MINIO}") == f"s3://b/my%20runs{MINIO}"  # the query as written
+    assert storage.pyarrow_uri("hdfs://nn/x?user=u") == "hdfs://nn/x?user=u"
+    for path in (f"s3://b/my runs/run{MINIO}", f"gs://b/runs/run{MINIO}"):  # the key pyarrow (Ray Train) reads
+        fs, inner = pafs.FileSystem.from_uri(storage.pyarrow_uri(path))
+        assert inner == path.split("://")[1].split("?")[0], path
+        assert fs.__reduce__()[1][0]["endpoint_override"] == "http://minio:9000", path
+    # a local path is no URI: '?' and '#' are file names there
+    assert storage.join("/tmp/a?b", "c#d") == "/tmp/a?b/c#d" and storage.name("/tmp/a?b") == "a?b"
+
+
+@pytest.mark.parametrize("path", ["s3://b/runs#1", f"s3://b/runs{MINIO}#top", "hdfs://nn/x#y"])
+def test_a_fragment_in_a_uri_is_one_line_naming_it(path):
+    """pyarrow drops a ``#fragment`` (and Ray Train with it) while a key here kept it: refused where it is given."""
+    for call in (storage.normalize, storage.filesystem, storage.pyarrow_uri, lambda p: storage.join(p, "x")):
+        with pytest.raises(DataError, match="'#' starts a URI fragment") as info:
+            call(path)
+        assert str(info.value).startswith(path) and "\n" not in str(info.value)
+    with pytest.raises(DataError, match="cannot name 'a\\?b' under it"):
+        storage.join("s3://b/runs", "a?b")  # a part that would read as options
+
+
+def test_options_pyarrow_refuses_are_one_line_naming_the_path_and_the_rule():
+    """pyarrow refuses options it does not know (``Unexpected query parameter in S3 URI``): a mistyped option, or
+    a key spelt with '?' (a glob's one-character wildcard) in a URI."""
+    for path in ("s3://b/runs?endpoint=http://minio:9000", "s3://b/shard-0?.parquet"):
+        with pytest.raises(DataError, match="Unexpected query parameter") as info:
+            storage.filesystem(path)
+        message = str(info.value)
+        assert message.startswith(f"cannot open {path}: ") and "the text after '?' is the filesystem's options" in (
+            message) and "\n" not in message
+
+
+def test_an_s3_filesystem_adds_delayed_open_to_the_users_options_and_keeps_theirs(monkeypatch):
+    """The filesystem of a URI with options is built with them, once per (scheme, authority, query), with
+    ``allow_delayed_open=true`` added (one PUT per small object) unless the user set it; a large object's
+    filesystem never delays (``_put_object``: a refused CreateMultipartUpload must raise at the open)."""
+    import pyarrow.fs as pafs
+
+    real = pafs.FileSystem
+    built: list[str] = []
+
+    class Counting(real):
+        @staticmethod
+        def from_uri(uri):
+            built.append(uri)
+            return real.from_uri(uri)
+
+    monkeypatch.setattr(pafs, "FileSystem", Counting)
+    storage._remote_filesystem.cache_clear()
+    try:
+        fs, inner = storage.filesystem(f"s3://b/runs/run{MINIO}")
+        storage.filesystem(f"s3://b/other{MINIO}")
+        assert inner == "b/runs/run" and built == [f"s3://b/{MINIO}&allow_delayed_open=true"], built
+        options = fs.__reduce__()[1][0]
+        assert (options["endpoint_override"], options["scheme"], options["allow_delayed_open"]) == (
+            "http://minio:9000", "http", True)
+        own = storage.filesystem("s3://b/x?region=eu-west-1&allow_delayed_open=false")[0].__reduce__()[1][0]
+        assert (own["region"], own["allow_delayed_open"]) == ("eu-west-1", False)
+        large = storage._remote_filesystem("s3", "b", "allow_delayed_open=true&region=r", delayed_open=False)[0]
+        assert large.__reduce__()[1][0]["allow_delayed_open"] is False
+        storage.filesystem("mock://store/x?user=u")
+        assert built[-1] == "mock://store/?user=u"
+    finally:
+        storage._remote_filesystem.cache_clear()
+    assert storage._boto3_options("endpoint_override=minio:9000&scheme=http&region=eu") == {
+        "endpoint_url": "http://minio:9000", "region_name": "eu"}
+    assert storage._boto3_options("endpoint_override=https://r2.example:443") == {
+        "endpoint_url": "https://r2.example:443"}
+    assert storage._boto3_options("") == {}  # boto3 reads AWS_ENDPOINT_URL itself, as pyarrow does
+
+
+@pytest.mark.parametrize("env_endpoint", ["absent", "elsewhere"])
+def test_an_endpoint_given_only_in_the_uri_is_where_every_read_write_and_abort_goes(
+        s3_server, s3_prefix, s3_faults, s3_requests, tmp_path, monkeypatch, env_endpoint):
+    """With ``AWS_ENDPOINT_URL`` unset (or naming another store) a run folder under
+    ``s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http`` is written, listed, read and deleted at that
+    endpoint, under ``prefix/run/`` (listed here with boto3 at the server); a small object is still one PUT
+    (delayed open kept beside the user's options), and a large upload refused part-way is aborted there by boto3
+    (a client for the URI's endpoint), not looked for at AWS."""
+    import boto3
+
+    at_server = boto3.client("s3", endpoint_url=s3_server)
+    bucket, key = s3_prefix[len("s3://"):].split("/", 1)
+    if env_endpoint == "absent":
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(storage, "_S3_CLIENTS", {})
+    storage._remote_filesystem.cache_clear()
+    try:
+        options = f"endpoint_override={s3_server.split('://')[1]}&scheme=http"
+        run = storage.join(storage.normalize(f"{s3_prefix}/?{options}"), "run")
+        assert run == f"{s3_prefix}/run?{options}"
+        s3_requests.clear()
+        storage.write_json(storage.join(run, "reclip_run.json"), {"run": 1})
+        assert [m for m, p in s3_requests] == ["PUT"], s3_requests  # one PutObject: delayed open kept
+        model = tmp_path / "model"
+        (model / "sub").mkdir(parents=True)
+        (model / "config.yaml").write_text("a: 1\n")
+        (model / "sub" / "weights.bin").write_bytes(b"w" * (storage.SINGLE_PUT_BYTES + 1))  # a multipart upload
+        storage.upload_dir(str(model), storage.join(run, "model"))
+        assert storage.list_files(run) == [storage.join(run, name) for name in (
+            "model/config.yaml", "model/sub/weights.bin", "reclip_run.json")]
+        assert storage.read_json(storage.join(run, "reclip_run.json")) == {"run": 1}
+        assert storage.read_bytes(storage.join(run, "model", "config.yaml")) == b"a: 1\n"
+        listed = at_server.list_objects_v2(Bucket=bucket)["Contents"]
+        assert sorted(o["Key"] for o in listed if o["Key"].startswith(key)) == [
+            f"{key}/run/{name}" for name in ("model/config.yaml", "model/sub/weights.bin", "reclip_run.json")]
+        assert not [o["Key"] for o in listed if "?" in o["Key"] or "endpoint_override" in o["Key"]]
+        big = storage.join(run, "big.bin")
+        refused = s3_faults(f"{key}/run/big.bin", times=1, query="partNumber=2")
+        with pytest.raises(OSError, match="ACCESS_DENIED during UploadPart"):
+            storage.write_bytes(big, os.urandom(3 * storage.SINGLE_PUT_BYTES))
+        assert refused, "the planted refusal was not reached"
+        uploads = at_server.list_multipart_uploads(Bucket=bucket, Prefix=f"{key}/run/").get("Uploads", [])
+        assert uploads == [], "the refused upload was left open at the URI's endpoint"
+        storage.delete_file(storage.join(run, "reclip_run.json"))
+        storage.delete_dir(storage.join(run, "model"))
+        assert not storage.exists(storage.join(run, "reclip_run.json")) and storage.list_files(run) == []
+        left = at_server.list_objects_v2(Bucket=bucket, Prefix=f"{key}/").get("Contents", [])
+        assert [(o["Key"], o["Size"]) for o in left] == [(f"{key}/run/", 0)]  # pyarrow's marker of the emptied folder
+    finally:
+        storage._remote_filesystem.cache_clear()
 
 
 def test_read_write_delete_round_trip(root, tmp_path):
@@ -285,7 +430,7 @@ def test_a_file_replaced_while_it_is_downloaded_is_copied_again_never_kept_torn(
         storage.download_file(f"{s3_prefix}/absent.bin", local)
 
 
-@pytest.mark.parametrize("key", ["my runs", "my%20runs", "a+b/c?d#e", "ü/x", "runs/", ""])
+@pytest.mark.parametrize("key", ["my runs", "my%20runs", "a+b/c;d=e", "ü/x", "runs/", ""])
 def test_a_storage_path_given_to_ray_names_the_place_this_module_writes(s3_prefix, tmp_path, key):
     """Ray Train and Tune open ``storage_path`` with ``pyarrow.fs.FileSystem.from_uri``, which parses a URI: given
     ``s3://b/my%20runs`` as written, Ray Train wrote checkpoints under ``my runs/`` and the launcher the rest of the
@@ -429,7 +574,7 @@ def test_a_remote_filesystem_is_built_once_per_process_for_its_scheme_and_author
         assert built == ["mock://store/", "mock://other/"]
     finally:
         storage._remote_filesystem.cache_clear()
-    for uri in ("mock://store/runs/my%20run/a", "mock://store/a?b=1#c", "mock://store", "mock://store/",
+    for uri in ("mock://store/runs/my%20run/a", "mock://store/a?b=1", "mock://store", "mock://store/",
                 "abfs://box@acct.dfs.core.windows.net/runs/my%20run", "abfs://box@acct.dfs.core.windows.net"):
         assert storage.filesystem(uri)[1] == real.from_uri(uri)[1], uri
     storage._remote_filesystem.cache_clear()
@@ -611,7 +756,7 @@ def test_the_boto3_client_is_built_once_when_several_threads_ask_for_it_at_once(
     fake.session = types.SimpleNamespace(Session=Session)
     fake.client = lambda name: Session().client(name)
     monkeypatch.setitem(sys.modules, "boto3", fake)
-    monkeypatch.setattr(storage, "_S3_CLIENT", [], raising=False)
+    monkeypatch.setattr(storage, "_S3_CLIENTS", {}, raising=False)
     if hasattr(storage._s3_client, "cache_clear"):
         storage._s3_client.cache_clear()
     start = threading.Barrier(8)

@@ -202,6 +202,50 @@ def test_a_run_folder_on_s3_whose_prefix_has_a_space_and_a_percent_is_one_folder
     assert not storage.exists(f"{s3_prefix}/my runs x"), storage.list_files(s3_prefix)
 
 
+def test_a_run_folder_on_an_s3_store_named_only_in_its_uri_lands_there(ray_session, s3_prefix, make_cfg,
+                                                                       monkeypatch):
+    """MinIO/R2 users name the endpoint in ``run.storage_path`` (``?endpoint_override=HOST:PORT&scheme=http``).
+    The session's Ray processes got ``AWS_ENDPOINT_URL`` (the session's moto server, A) at ``ray.init``, which a test
+    cannot take back from them; so the URI names a second server, B, and the driver's own ``AWS_ENDPOINT_URL`` is
+    removed. The checkpoints, the model and reclip_run.json are at B under ``prefix/runs/NAME/`` and nothing is at
+    A: the driver, Ray Train's controller and the workers all followed the URI over their environment. With the
+    query encoded into the key (the old ``pyarrow_uri``) Ray Train wrote under ``runs?endpoint_override=...``.
+    (Not run by the session that wrote it: it needs Ray.)"""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from conftest import S3_BUCKET, s3_checkpoints
+    from reclip_ray import storage
+    from reclip_ray.train.launch import run_training
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        at_b = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+        at_b.create_bucket(Bucket=S3_BUCKET)
+        at_a = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        monkeypatch.setattr(storage, "_S3_CLIENTS", {})
+        storage._remote_filesystem.cache_clear()
+        runs = f"{s3_prefix}/runs?endpoint_override={host}:{port}&scheme=http"
+        metrics = run_training(make_cfg("minio", extra=[f"run.storage_path={runs}", "train.samples=256",
+                                                        "checkpoint.every_samples=128", "eval.at_phase_end=false"]))
+        run_dir = storage.join(runs, "minio")
+        assert metrics["samples"] == 256 and s3_checkpoints(run_dir), storage.list_files(runs)
+        key = s3_prefix.split("/", 3)[3]
+        at_server_b = [o["Key"] for o in at_b.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"{key}/")["Contents"]]
+        assert f"{key}/runs/minio/model/model.safetensors" in at_server_b, at_server_b
+        assert f"{key}/runs/minio/reclip_run.json" in at_server_b, at_server_b
+        assert [k for k in at_server_b if not k.startswith(f"{key}/runs/minio/")] == [], at_server_b
+        assert at_a.list_objects_v2(Bucket=S3_BUCKET, Prefix=key)["KeyCount"] == 0
+    finally:
+        storage._remote_filesystem.cache_clear()
+        server.stop()
+
+
 def test_a_checkpoint_whose_upload_to_s3_fails_part_way_is_not_registered_and_the_run_resumes_a_whole_one(
         ray_session, s3_prefix, s3_faults, make_cfg, tmp_path):
     """S3 refuses the second part of the first checkpoint's ``state.pt``; a fault after it restarts the attempt.

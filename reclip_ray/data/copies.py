@@ -270,7 +270,7 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
 
 
 def _relative(file: str, root: str) -> str:
-    return file[len(root):].lstrip("/")
+    return storage.relative(file, root)
 
 
 def _destination(file: str, src: str, dst_root: str) -> str:

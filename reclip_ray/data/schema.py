@@ -226,7 +226,7 @@ def _webdataset_pattern(file: str, schema) -> str | None:
     """
     import pyarrow.fs as pafs
 
-    folder = file.rsplit("/", 1)[0] if "/" in file else "."
+    folder = storage.parent(file) if "/" in file else "."
     fs, inner = storage.filesystem(file)
     try:
         infos = fs.get_file_info(pafs.FileSelector(os.path.dirname(inner), recursive=False))
@@ -238,7 +238,7 @@ def _webdataset_pattern(file: str, schema) -> str | None:
     if not tars and not looks_meta:
         return None
     stems = tars or sorted(os.path.basename(i.path)[: -len(".parquet")] for i in infos if i.path.endswith(".parquet"))
-    return f"{folder}/{_brace_range(stems)}.tar"
+    return storage.join(folder, f"{_brace_range(stems)}.tar")
 
 
 def _brace_range(stems: list[str]) -> str:

@@ -135,16 +135,20 @@ def is_hidden(relative: str) -> bool:
 
 def split_pattern(path: str) -> tuple[str, str]:
     """(folder, pattern): ``hub/data/train-*.parquet`` -> (``hub/data``, ``train-*.parquet``); a path without
-    wildcards -> (path, "")."""
-    parts = str(path).split("/")
+    wildcards -> (path, ""). A URI's query (its store's options, ``storage.split_query``) stays with the folder: in
+    a URI ``?`` is no wildcard, ``[...]`` matches one character instead."""
+    base, query = storage.split_query(str(path))
+    parts = base.split("/")
     first = next((i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), len(parts))
-    return "/".join(parts[:first]), "/".join(parts[first:])
+    folder = "/".join(parts[:first])
+    return (f"{folder}?{query}" if query else folder), "/".join(parts[first:])
 
 
 def list_parquet_files(path: str | os.PathLike) -> list[str]:
     """Sorted Parquet files under a folder (any nesting), a single file, a URI, or a wildcard pattern
     (``hub/data/train-*.parquet``, ``s3://b/laion/part-*/*.parquet``: ``*``, ``?`` and ``[...]`` match within one
-    folder level; a path that exists as written is never read as a pattern, whatever its characters).
+    folder level, but in a URI ``?`` starts the store's options; a path that exists as written is never read as a
+    pattern, whatever its characters).
 
     URIs come back as URIs (scheme and host kept) so Ray Data / pyarrow can open them again without the caller
     keeping the filesystem object around. Skipped, as ``pyarrow.dataset`` skips them: files and folders whose
@@ -209,7 +213,7 @@ def _refuse_mixed_splits(files: list[str]) -> None:
     test split too, and evaluating on it would score the training rows."""
     splits: dict[str, set[str]] = {}
     for f in files:
-        folder, _, name = f.rpartition("/")
+        folder, name = storage.parent(f), storage.name(f)  # a URI's query stays with the folder
         match = HF_SPLIT_SHARD.match(name)
         if match:
             splits.setdefault(folder, set()).add(match["split"])
@@ -217,8 +221,9 @@ def _refuse_mixed_splits(files: list[str]) -> None:
         if len(names) > 1:
             ordered = sorted(names, key=lambda n: (n != "train", n))
             raise DataError(f"{folder} holds the splits {', '.join(ordered)} of a Hugging Face export side by "
-                            f"side: using them all would mix them; name one, e.g. {folder}/{ordered[0]}-*.parquet "
-                            f"(or all of them: {folder}/*.parquet)")
+                            f"side: using them all would mix them; name one, e.g. "
+                            f"{storage.join(folder, ordered[0] + '-*.parquet')} "
+                            f"(or all of them: {storage.join(folder, '*.parquet')})")
 
 
 # ------------------------------------------------------------------------------------------------ footers

@@ -48,7 +48,7 @@ def checkpoint_uploader(run_dir: str, ray_storage: Any) -> Callable[[Any, str], 
     if ours != theirs:
         raise CheckpointError(f"run folder {run_dir} is {ours!r} on its filesystem, Ray Train's experiment folder "
                               f"is {theirs!r}: checkpoints would not be where the run looks for them; spell "
-                              "run.storage_path so that both read it alike (no '//', '?' or '#' in it)")
+                              "run.storage_path so that both read it alike (no '//' in it)")
 
     def upload(checkpoint: Any, name: str) -> Any:
         """``checkpoint`` (a local folder, ``Checkpoint.from_directory``) to ``run_dir/name``, each file whole;

@@ -41,6 +41,8 @@ def prepare(cfg: Config) -> Prepared:
     data.eval = absolute(data.eval) if data.eval else ""
     # not a ray job's temporary copy; one spelling for this module and Ray's URI parser (storage.normalize)
     cfg.run.storage_path = storage.normalize(absolute(cfg.run.storage_path, output_base()))
+    if storage.split_query(cfg.run.storage_path)[1]:  # its store's options: one line here if refused, not in Ray
+        storage.filesystem(cfg.run.storage_path)
     note = output_note()
     if note:
         print(f"[reclip] {note}", flush=True)
