@@ -563,7 +563,8 @@ HIDDEN = (200, 30, 60)  # the colour under fully transparent pixels: neither whi
 
 def transparent_images(w: int, h: int, seed: int = 0) -> dict[str, bytes]:
     """An RGBA PNG whose top third is fully transparent over ``HIDDEN`` (the rest noise, alpha 0-255), the same as
-    LA, a P PNG whose transparent index (255) is ``HIDDEN`` in the palette, and an RGB JPEG as the control."""
+    LA, a P PNG whose transparent index (255) is ``HIDDEN`` in the palette, the same P PNG without transparency, a
+    16-bit grey PNG (``I;16``), and an RGB JPEG as the control."""
     import io
 
     from PIL import Image
@@ -583,7 +584,9 @@ def transparent_images(w: int, h: int, seed: int = 0) -> dict[str, bytes]:
         img.save(buf, fmt, **kw)
         return buf.getvalue()
 
+    grey16 = Image.fromarray(rng.integers(0, 1024, (h, w)).astype(np.uint16))  # a quarter of values <= 255
     return {"RGBA": encode(rgba), "LA": encode(rgba.convert("LA")), "P": encode(palette, transparency=255),
+            "P opaque": encode(palette), "I;16": encode(grey16),
             "JPEG": encode(Image.fromarray(rgb), "JPEG", quality=90)}
 
 
@@ -594,8 +597,9 @@ def test_eval_of_an_open_clip_folder_converts_transparent_images_as_open_clip_do
     image in its own mode (PIL premultiplies RGBA and LA, resizes P nearest) and then converts it with
     ``convert("RGB")``, dropping alpha: its fully transparent pixels are black once resized and their hidden colour
     where the image is already the size. An open_clip folder's eval now gets exactly its ``preprocess``'s pixels for
-    RGBA, LA and P-with-transparency PNGs (``longest``: padded in the image's own mode, a palette index in P); the
-    same eval set scored with reclip-ray's own export is still composited onto white."""
+    RGBA, LA and P-with-transparency PNGs (``longest``: padded in the image's own mode, a palette index in P), and
+    for a palette PNG (resized nearest) and a 16-bit one (clipped at 255, not scaled); the same eval set scored with
+    reclip-ray's own export is still composited onto white."""
     import io
 
     import pyarrow as pa
@@ -647,7 +651,9 @@ def test_eval_of_an_open_clip_folder_converts_transparent_images_as_open_clip_do
     for i, ((w, h), name, data) in enumerate(cases):
         want = to_pixels(Image.open(io.BytesIO(data)))
         assert (got[i] - want).abs().max() < 1e-5, (name, w, h, mode, float((got[i] - want).abs().max() * 255))
-        if name == "JPEG":
+        if name == "I;16":  # clipped at 255, as PIL's convert("RGB") does, where the own eval scales 16 bits
+            assert want.max() == 1.0 and own[i].max() < 0.1, (w, h)  # values up to 1023: 255 here, 4 there
+        if name not in ("RGBA", "LA", "P"):
             continue
         row = (64 - round(64 * h / w)) // 2 if mode == "longest" and w > h else 0  # below the margin, if any
         top = (want[:, row, 31] * 255).round().int().tolist()  # the image's first row: transparent in the source
