@@ -874,6 +874,40 @@ def test_longest_resize_makes_open_clips_pixels(interpolation, fill):
             assert (got[0, 0] == rgb).all() and (got[-1, -1] == rgb).all(), (w, h)
 
 
+def test_images_open_clip_cannot_preprocess_get_the_nearest_pixels():
+    """Two inputs open_clip's transform raises on: a premultiplied grey image (La, a TIFF's associated alpha:
+    "conversion from La to L not supported") is unpremultiplied, then converted; a ``longest`` fill_color that is a
+    colour, on an image without three bands (torchvision: "number of elements in 'fill' does not match"), pads the
+    converted image in that colour. Neither is dropped as a bad image."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data.images import decode_image, open_clip_rgb
+    from reclip_ray.openclip import eval_resize
+
+    rng = np.random.default_rng(4)
+    la = Image.fromarray(rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), "LA").convert("La")
+    with pytest.raises(ValueError, match="conversion from La to L not supported"):
+        la.convert("RGB")
+    assert np.array_equal(np.asarray(open_clip_rgb(la)), np.asarray(la.convert("LA").convert("RGB")))
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 128), dtype=np.uint8), "L").save(buf, "PNG")
+    with pytest.raises(ValueError, match="number of elements in 'fill'"):
+        Compose(image_transform(64, is_train=False, resize_mode="longest", fill_color=[255, 128, 7]).transforms[:-1])(
+            Image.open(io.BytesIO(buf.getvalue())))
+    got = decode_image(buf.getvalue(), 64, train=False,
+                       resize=eval_resize({"resize_mode": "longest", "fill_color": [255, 128, 7]}, "cfg"))
+    grey = Compose(image_transform(64, is_train=False, resize_mode="longest").transforms[:-1])(
+        Image.open(io.BytesIO(buf.getvalue())))  # 64 x 20 of image between 22 rows of margin above and below
+    grey = (grey * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (got[:22] == (255, 128, 7)).all() and (got[42:] == (255, 128, 7)).all()
+    assert np.array_equal(got[22:42], grey[22:42])
+
+
 def test_longest_resize_of_a_large_jpeg_is_draft_decoded_near_open_clips_pixels(monkeypatch):
     """A JPEG far larger than the square is draft-decoded (DCT scaling) by what the resize shrinks it by: the longer
     side's shrink, 1024 / 64 = 16 for a 1024 x 384 photo, so 1/8 in the decoder (the shorter side against the whole
