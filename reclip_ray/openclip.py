@@ -358,7 +358,8 @@ def eval_resize(preprocess_cfg: dict[str, Any], where: str) -> EvalResize:
     ``image_transform`` reads it: ``resize_mode`` shortest (unset: shortest), squash or longest (the longer side
     resized, the rest centre-padded with ``fill_color``: an integer 0-255, unset 0, or three of them),
     ``interpolation`` bicubic (unset, or 'random', a training setting that open_clip also reads as bicubic here) or
-    bilinear; ``shortest`` crops as torchvision does (``EvalResize.torchvision_crop``). Anything else is refused in
+    bilinear; every mode makes open_clip's pixels (``EvalResize.open_clip``: ``shortest`` cropped as torchvision
+    crops, transparent images not composited but converted as open_clip converts them). Anything else is refused in
     one line naming ``where``: scoring a model on other pixels than its own transform's would be scoring another
     model."""
     from reclip_ray.data.images import INTERPOLATIONS, RESIZE_MODES, EvalResize
@@ -372,11 +373,9 @@ def eval_resize(preprocess_cfg: dict[str, Any], where: str) -> EvalResize:
     if interpolation not in INTERPOLATIONS:
         raise CheckpointError(f"{where}: preprocess_cfg interpolation {interpolation!r} is not supported by "
                               f"reclip-ray eval, which resizes {' or '.join(map(repr, INTERPOLATIONS))}")
-    if mode == "shortest":  # cropped where torchvision's Resize + CenterCrop crop, as open_clip does
-        return EvalResize(mode, interpolation, torchvision_crop=True)
     if mode != "longest":  # open_clip pads only there; another mode's fill_color is not read
-        return EvalResize(mode, interpolation)
-    return EvalResize(mode, interpolation, _fill_color(preprocess_cfg.get("fill_color"), where))
+        return EvalResize(mode, interpolation, open_clip=True)
+    return EvalResize(mode, interpolation, _fill_color(preprocess_cfg.get("fill_color"), where), open_clip=True)
 
 
 def _fill_color(value: Any, where: str) -> tuple[int, int, int]:

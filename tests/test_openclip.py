@@ -558,6 +558,117 @@ def test_eval_of_an_open_clip_folder_resizes_as_its_preprocess_cfg_says(tmp_path
     assert (before - want).abs().max() > 0.1  # what the folder was fed before (shortest: the exact centre): teeth
 
 
+HIDDEN = (200, 30, 60)  # the colour under fully transparent pixels: neither white nor black
+
+
+def transparent_images(w: int, h: int, seed: int = 0) -> dict[str, bytes]:
+    """An RGBA PNG whose top third is fully transparent over ``HIDDEN`` (the rest noise, alpha 0-255), the same as
+    LA, a P PNG whose transparent index (255) is ``HIDDEN`` in the palette, the same P PNG without transparency, a
+    16-bit grey PNG (``I;16``), and an RGB JPEG as the control."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    rgb[: h // 3], alpha[: h // 3] = HIDDEN, 0
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    index = rng.integers(0, 255, (h, w), dtype=np.uint8)
+    index[: h // 3] = 255
+    palette = Image.fromarray(index, "P")
+    palette.putpalette([*rng.integers(0, 256, 255 * 3).tolist(), *HIDDEN])
+
+    def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    grey16 = Image.fromarray(rng.integers(0, 1024, (h, w)).astype(np.uint16))  # a quarter of values <= 255
+    return {"RGBA": encode(rgba), "LA": encode(rgba.convert("LA")), "P": encode(palette, transparency=255),
+            "P opaque": encode(palette), "I;16": encode(grey16),
+            "JPEG": encode(Image.fromarray(rgb), "JPEG", quality=90)}
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest"])
+def test_eval_of_an_open_clip_folder_converts_transparent_images_as_open_clip_does(tmp_path, clip_tok, monkeypatch,
+                                                                                  mode):
+    """Transparent images were composited onto white for every model, where open_clip's ``preprocess`` resizes the
+    image in its own mode (PIL premultiplies RGBA and LA, resizes P nearest) and then converts it with
+    ``convert("RGB")``, dropping alpha: its fully transparent pixels are black once resized and their hidden colour
+    where the image is already the size. An open_clip folder's eval now gets exactly its ``preprocess``'s pixels for
+    RGBA, LA and P-with-transparency PNGs (``longest``: padded in the image's own mode, a palette index in P), and
+    for a palette PNG (resized nearest) and a 16-bit one (clipped at 255, not scaled); the same eval set scored with
+    reclip-ray's own export is still composited onto white."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from reclip_ray.evaluation.checkpoint import evaluate_checkpoint
+    from reclip_ray.export import export_model
+    from reclip_ray.model import CLIP
+    from reclip_ray.openclip import OPEN_CLIP_CONFIG, OpenClipModel
+    from reclip_ray.pixels import CLIP_MEAN, CLIP_STD
+    from torchvision.transforms import Compose
+
+    model, cfg = make_model("tiny", clip_tok, seed=8)
+    folder = Path(export_model(model, clip_tok, cfg, tmp_path / "oc", format="open_clip"))
+    doc = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+    doc["preprocess_cfg"].update(resize_mode=mode, fill_color=200)
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(doc))
+    ours = export_model(model, clip_tok, cfg, tmp_path / "model")
+    sizes = [(100, 137), (64, 64), (150, 61)]  # resized (shrunk), already the size, shrunk and (longest) padded
+    cases = [(size, name, data) for size in sizes for name, data in transparent_images(*size).items()
+             if name != "JPEG" or mode == "shortest" or max(size) < 128]  # a JPEG >= 2x the square is draft-decoded:
+    # close to open_clip's pixels, not equal (test_longest_resize_of_a_large_jpeg_is_draft_decoded_near_open_clips...)
+    images = [data for _, _, data in cases]
+    data_dir = tmp_path / "eval"
+    data_dir.mkdir()
+    pq.write_table(pa.table({"key": [str(i) for i in range(len(images))], "image": images,
+                             "caption": [f"photo {i}" for i in range(len(images))]}), data_dir / "part-0.parquet")
+
+    seen: list[torch.Tensor] = []
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    for cls in (OpenClipModel, CLIP):
+        encode = cls.encode_image
+
+        def recorded(self, x, normalize=True, encode=encode):
+            seen.append(x.clone())
+            return encode(self, x, normalize)
+
+        monkeypatch.setattr(cls, "encode_image", recorded)
+    out = evaluate_checkpoint(str(folder), str(data_dir), batch_size=64, device="cpu")
+    assert out["image_size"] == 64 and out["metrics"]["images"] == len(images)
+    got = torch.cat(seen) * std + mean  # the pixels in [0, 1], before normalisation
+    seen.clear()
+    evaluate_checkpoint(str(ours), str(data_dir), batch_size=64, device="cpu")
+    own = torch.cat(seen) * std + mean
+
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    to_pixels = Compose(preprocess.transforms[:-1])  # all but Normalize: resize, crop or pad, RGB, ToTensor
+    for i, ((w, h), name, data) in enumerate(cases):
+        want = to_pixels(Image.open(io.BytesIO(data)))
+        assert (got[i] - want).abs().max() < 1e-5, (name, w, h, mode, float((got[i] - want).abs().max() * 255))
+        if name == "I;16":  # clipped at 255, as PIL's convert("RGB") does, where the own eval scales 16 bits
+            assert want.max() == 1.0 and own[i].max() < 0.1, (w, h)  # values up to 1023: 255 here, 4 there
+        if name not in ("RGBA", "LA", "P"):
+            continue
+        row = (64 - round(64 * h / w)) // 2 if mode == "longest" and w > h else 0  # below the margin, if any
+        top = (want[:, row, 31] * 255).round().int().tolist()  # the image's first row: transparent in the source
+        hidden = Image.new("RGB", (1, 1), HIDDEN).convert("L" if name == "LA" else "RGB").convert("RGB")  # LA: grey
+        hidden = list(hidden.getpixel((0, 0)))
+        # open_clip: black where resized (premultiplied), the hidden colour where not, or resized nearest (P)
+        assert top == (hidden if (w, h) == (64, 64) or name == "P" else [0, 0, 0]), (name, w, h, top)
+        white = (own[i][:, 0, 31] * 255).round().int().tolist()
+        assert white == [255, 255, 255], (name, w, h, white)  # reclip-ray's own models: composited onto white
+        if mode == "longest" and w > h:  # the margin: fill_color 200 in every band, in P the palette's entry 200
+            margin = (want[:, 0, 31] * 255).round().int().tolist()
+            palette = Image.open(io.BytesIO(data)).getpalette() or []
+            assert margin == (palette[600:603] if name == "P" else [200] * 3), (name, margin)
+
+
 # Odd, wide, tall, tiny, square, near-square and much larger than the square; with 64, 224 and odd output sizes
 # they cover both roundings (the long side down, a crop offset of a half to the even pixel) and enlarging: 2 x 150
 # to 224 x 16800 px, just under the bound on what is made whole (WHOLE_RESIZE_PIXELS, the test after next).
@@ -602,12 +713,14 @@ def test_eval_pixels_are_open_clips_squashed_or_cropped_at_any_size(interpolatio
     assert np.array_equal(own, centre) and np.abs(own.astype(np.int16) - want).max() > 50
 
 
-def test_shortest_resize_of_a_large_jpeg_or_png_with_alpha_is_reduced_near_open_clips_pixels(monkeypatch):
-    """A large JPEG is still draft-decoded (DCT scaling) and a large image with alpha still reduced before its
-    composite (``_rgb_reduced``) when cropped as open_clip crops: the crop's shorter side against the square, 768 / 64
-    = 12, so 1/8 in the decoder for a 1024 x 768 photo, and 1500 / (3 * 64) = 7 for a 2000 x 1500 RGBA PNG. Its
-    pixels are then within 1 of 255 on average of open_clip's transform on the full image (measured: 0.40 and 0.13),
-    where the exact-centre crop was 5.9 apart."""
+def test_shortest_resize_drafts_a_large_jpeg_and_resizes_a_large_png_with_alpha_as_open_clip_does(monkeypatch):
+    """A large JPEG is still draft-decoded (DCT scaling) when cropped as open_clip crops: the crop's shorter side
+    against the square, 768 / 64 = 12, so 1/8 in the decoder for a 1024 x 768 photo, and its pixels are within 1 of
+    255 on average of open_clip's transform on the full image (measured: 0.40), where the exact-centre crop was 5.9
+    apart. A large image with alpha is no longer reduced before it is resized (``_rgb_reduced``: 1500 / (3 * 64) = 7
+    for a 2000 x 1500 RGBA PNG, 0.13 apart on an opaque one): open_clip resizes it whole in its own mode, and a
+    reduction first rounds twice, so it is resized whole here too, and its pixels are open_clip's, 0 apart, its
+    transparent rows black as open_clip makes them."""
     import io
 
     from open_clip.transform import image_transform
@@ -630,21 +743,26 @@ def test_shortest_resize_of_a_large_jpeg_or_png_with_alpha_is_reduced_near_open_
         return buf.getvalue()
 
     jpeg = encode(photo(1024, 768), "JPEG", quality=90)
-    rgba = encode(np.dstack([photo(2000, 1500), np.full((1500, 2000), 255, np.uint8)]), "PNG")  # opaque: open_clip
-    drafts: list[int] = []  # drops alpha, reclip-ray composites it onto white: the same pixels where it is 255
+    rgb, alpha = photo(2000, 1500), rng.integers(0, 256, (1500, 2000), dtype=np.uint8)
+    rgb[:500], alpha[:500] = HIDDEN, 0
+    rgba = encode(np.dstack([rgb, alpha]), "PNG")
+    drafts: list[int] = []
     reductions: list[int] = []
     draft, reduce = images._draft, images._rgb_reduced
     monkeypatch.setattr(images, "_draft", lambda *a: drafts.append(draft(*a)) or drafts[-1])
     monkeypatch.setattr(images, "_rgb_reduced", lambda *a: reductions.append(reduce(*a)[1]) or reduce(*a))
     to_pixels = Compose(image_transform(64, is_train=False, resize_mode="shortest").transforms[:-1])
     resize = eval_resize({"resize_mode": "shortest"}, "cfg")
-    for data, reduced in ((jpeg, [8, 1]), (rgba, [1, 7])):
+    for data, drafted, bound in ((jpeg, [8], 1.0), (rgba, [1], 0.0)):
         drafts.clear(), reductions.clear()
         got = images.decode_image(data, 64, train=False, resize=resize).astype(np.int16)
-        assert [*drafts, *reductions] == reduced
+        assert (drafts, reductions) == (drafted, [])
         want = (to_pixels(Image.open(io.BytesIO(data))) * 255).round().to(torch.int16).permute(1, 2, 0).numpy()
         centre = images.decode_image(data, 64, train=False).astype(np.int16)
-        assert np.abs(got - want).mean() < 1.0 < 5.0 < np.abs(centre - want).mean()
+        assert np.abs(got - want).max() <= 255 * bound and np.abs(got - want).mean() <= bound
+        assert np.abs(centre - want).mean() > 5.0
+    assert (got[0] == 0).all()  # the transparent rows: black, where reclip-ray's own eval composites them white
+    assert [*reductions] == [7] and (centre[0] == 255).all()
 
 
 def test_shortest_resize_bounds_the_image_it_makes_before_cropping(monkeypatch):
@@ -754,6 +872,40 @@ def test_longest_resize_makes_open_clips_pixels(interpolation, fill):
         assert np.abs(got.astype(np.int16) - want).max() == 0, (w, h)
         if w != h:  # the margin is there, in the folder's colour: the check is not of two crops
             assert (got[0, 0] == rgb).all() and (got[-1, -1] == rgb).all(), (w, h)
+
+
+def test_images_open_clip_cannot_preprocess_get_the_nearest_pixels():
+    """Two inputs open_clip's transform raises on: a premultiplied grey image (La, a TIFF's associated alpha:
+    "conversion from La to L not supported") is unpremultiplied, then converted; a ``longest`` fill_color that is a
+    colour, on an image without three bands (torchvision: "number of elements in 'fill' does not match"), pads the
+    converted image in that colour. Neither is dropped as a bad image."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from reclip_ray.data.images import decode_image, open_clip_rgb
+    from reclip_ray.openclip import eval_resize
+
+    rng = np.random.default_rng(4)
+    la = Image.fromarray(rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), "LA").convert("La")
+    with pytest.raises(ValueError, match="conversion from La to L not supported"):
+        la.convert("RGB")
+    assert np.array_equal(np.asarray(open_clip_rgb(la)), np.asarray(la.convert("LA").convert("RGB")))
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 128), dtype=np.uint8), "L").save(buf, "PNG")
+    with pytest.raises(ValueError, match="number of elements in 'fill'"):
+        Compose(image_transform(64, is_train=False, resize_mode="longest", fill_color=[255, 128, 7]).transforms[:-1])(
+            Image.open(io.BytesIO(buf.getvalue())))
+    got = decode_image(buf.getvalue(), 64, train=False,
+                       resize=eval_resize({"resize_mode": "longest", "fill_color": [255, 128, 7]}, "cfg"))
+    grey = Compose(image_transform(64, is_train=False, resize_mode="longest").transforms[:-1])(
+        Image.open(io.BytesIO(buf.getvalue())))  # 64 x 20 of image between 22 rows of margin above and below
+    grey = (grey * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (got[:22] == (255, 128, 7)).all() and (got[42:] == (255, 128, 7)).all()
+    assert np.array_equal(got[22:42], grey[22:42])
 
 
 def test_longest_resize_of_a_large_jpeg_is_draft_decoded_near_open_clips_pixels(monkeypatch):

@@ -9,12 +9,17 @@ Crop policy: train = random resized crop (area 0.9-1.0, aspect 3/4-4/3) and no f
 and right; eval = resize the shorter side, centre crop (or, for an open_clip model that asks for it, the whole image
 squashed to the square, or fitted into it by its longer side and padded: ``EvalResize``). Each is done by one
 ``Image.resize(box=...)`` call, so the crop never materialises an intermediate image; but an open_clip model's
-shortest-side crop, made as torchvision makes it (``EvalResize.torchvision_crop``), so that it gets its own pixels.
+shortest-side crop, made as torchvision makes it (``EvalResize.open_clip``), so that it gets its own pixels.
 
 Colour policy: everything ends as 8-bit RGB. Transparent images (LA, RGBA, P with transparency) are composited
 onto white, which is how a browser or a caption writer saw them (a large one after a premultiplied reduction, so
 that the composite is not made at full size: ``_rgb_reduced``). 16-bit and integer images are scaled to 8 bits
 (not clipped; a strip at a time, and a large one reduced the same way first), CMYK goes through PIL's conversion.
+That is training's policy and reclip-ray's own models' eval. An open_clip folder's eval (``EvalResize.open_clip``)
+takes open_clip's instead, so that it is scored on its own ``preprocess``'s pixels: the image is resized, cropped
+and padded in the mode it decoded to (PIL's own resize per mode: premultiplied for RGBA and LA, nearest for P and
+1), then PIL's ``convert("RGB")`` (``open_clip_rgb``): alpha dropped, not composited, 16-bit clipped to 255, not
+scaled.
 
 Bad input: undecodable, truncated or too-large (PIL's ``Image.MAX_IMAGE_PIXELS`` decompression-bomb limit, which we
 keep) images raise :class:`BadImage` with a short reason, so callers can skip and count them.
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Random resized crop ranges. Narrow on purpose: a synthetic object "on the left" must stay on the left.
 CROP_SCALE = (0.9, 1.0)
@@ -49,16 +54,20 @@ class EvalResize:
     (``openclip.eval_resize``): a model trained on squashed or padded images, scored on centre crops, loses what the
     crop cuts off and sees other shapes.
 
-    ``torchvision_crop`` (``shortest`` only; what ``openclip.eval_resize`` sets): crop as open_clip does, with
-    torchvision's ``Resize(size)`` and ``CenterCrop(size)`` on the PIL image (``shortest_resize``: the long side
-    rounded down, the crop at whole pixels), not the exact centre square. Without it an open_clip folder was fed
-    pixels up to 0.475 of the range away from its own transform's (a 100 x 137 PNG at 64 px). reclip-ray's own
-    models keep the exact centre, which their published numbers were measured with."""
+    ``open_clip`` (what ``openclip.eval_resize`` sets): make the pixels open_clip's ``preprocess`` makes. For
+    ``shortest`` that is torchvision's ``Resize(size)`` and ``CenterCrop(size)`` on the PIL image
+    (``shortest_resize``: the long side rounded down, the crop at whole pixels), not the exact centre square:
+    without it an open_clip folder was fed pixels up to 0.475 of the range away from its own transform's (a 100 x
+    137 PNG at 64 px). For every mode it is open_clip's colour handling: resized (and padded) in the image's own
+    mode, then ``convert("RGB")`` (``open_clip_rgb``): an RGBA PNG's fully transparent pixels are black once resized
+    (PIL resizes premultiplied) and keep their hidden colour where the image is already the size, where the composite
+    gave white, 255 of 255 apart. reclip-ray's own models keep the exact centre and the composite, which their
+    published numbers were measured with."""
 
     mode: str = "shortest"
     interpolation: str = "bicubic"
     fill: tuple[int, int, int] = (0, 0, 0)
-    torchvision_crop: bool = False
+    open_clip: bool = False
 
 
 EVAL_RESIZE = EvalResize()
@@ -121,6 +130,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if _is_wide(img):
         return _eight_bit(img, _spans_16_bits(img)).convert("RGB")
     return img.convert("RGB")
+
+
+def open_clip_rgb(img: Image.Image) -> Image.Image:
+    """open_clip's last PIL step (``MaybeConvertMode``, ``_convert_to_rgb`` before it): ``img.convert("RGB")``, after
+    its resize and crop. Alpha is dropped, not composited; P maps its palette, its transparency ignored; 16-bit and
+    integer values are clipped to 0-255, not scaled. La (a TIFF's premultiplied grey), which that conversion refuses
+    ("conversion from La to L not supported", so open_clip cannot preprocess it), is unpremultiplied to LA first."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "La":
+        img = img.convert("LA")
+    with warnings.catch_warnings():  # open_clip warns too, once per image: nothing for the eval's user to act on
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        return img.convert("RGB")
+
+
+def _open_clip_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """open_clip's ``CenterCropOrPad`` of a ``longest`` resize, in the image's own mode as torchvision pads a PIL
+    image (``ImageOps.expand`` with its ``fill_color``, every band of it for an integer: a palette index in P), so
+    that ``open_clip_rgb`` then gives its pixels. The odd pixel of margin goes after the image. A colour that is not
+    one grey on an image without three bands is refused by torchvision ("number of elements in 'fill' does not
+    match"); it is padded here after the conversion instead, in that colour."""
+    bands = len(img.getbands())
+    left, top = (size - img.width) // 2, (size - img.height) // 2
+    border = (left, top, size - img.width - left, size - img.height - top)
+    if bands != 3 and len(set(fill)) != 1:
+        rgb = open_clip_rgb(img)
+        return ImageOps.expand(rgb, border=border, fill=fill)
+    colour: Any = fill if bands == 3 else fill[0] if bands == 1 else (fill[0],) * bands
+    if img.mode == "F":
+        colour = float(colour)
+    out = ImageOps.expand(img, border=border, fill=colour)
+    if img.mode == "P":  # as torchvision does
+        out.putpalette(img.getpalette())
+    return out
 
 
 def _is_wide(img: Image.Image) -> bool:
@@ -248,12 +292,12 @@ def fit_longest(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width / ratio)), max(1, round(height / ratio))
 
 
-# A ``torchvision_crop`` resize makes the whole resized image before cropping, as torchvision does: size x size *
-# aspect px. When it shrinks the image that is smaller than the decoded image already held; when it enlarges a small
-# one (shorter side < size) it is made whole only up to this many px (4M, 12 MB of RGB: an aspect of 83 at 224 px,
-# 1024 at 64 px). Past both, the crop alone is resized (one box resize, no intermediate image), and its pixels are
-# close to open_clip's, not equal (README, "Use it with open_clip"). Unbounded, a 1 px wide, 89M px tall image would
-# become 224 x 20G px at 224.
+# An ``EvalResize.open_clip`` shortest resize makes the whole resized image before cropping, as torchvision does:
+# size x size * aspect px. When it shrinks the image that is smaller than the decoded image already held; when it
+# enlarges a small one (shorter side < size) it is made whole only up to this many px (4M, 12 MB of RGB: an aspect of
+# 83 at 224 px, 1024 at 64 px). Past both, the crop alone is resized (one box resize, no intermediate image), and its
+# pixels are close to open_clip's, not equal (README, "Use it with open_clip"). Unbounded, a 1 px wide, 89M px tall
+# image would become 224 x 20G px at 224.
 WHOLE_RESIZE_PIXELS = 1 << 22
 
 
@@ -296,8 +340,9 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
     img = _open(data)
     src_w, src_h = img.size
     out_size = (size, size)
-    whole = None  # (width, height, left, top): resized whole, then cropped (``EvalResize.torchvision_crop``)
-    if not train and resize.mode == "shortest" and resize.torchvision_crop:
+    as_open_clip = not train and resize.open_clip  # its colour handling too: the mode kept until open_clip_rgb
+    whole = None  # (width, height, left, top): resized whole, then cropped (``EvalResize.open_clip``)
+    if as_open_clip and resize.mode == "shortest":
         whole = shortest_resize(src_w, src_h, size)
         new_w, new_h, left, top = whole
         sx, sy = src_w / new_w, src_h / new_h  # the crop in source pixels: what _draft and _rgb_reduced keep >= size
@@ -316,7 +361,9 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
             img.load()
         if scale != 1:  # the crop in the reduced image: source coordinates / d (_draft)
             box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
-        img, k = _rgb_reduced(img, box, out_size)
+        # open_clip resizes the decoded image in its own mode: a reduction first would not be its pixels (P and 1
+        # are resized nearest, an RGBA reduced then resized is rounded twice), so it is not made there
+        img, k = (img, 1) if as_open_clip else _rgb_reduced(img, box, out_size)
         if k != 1:  # likewise after reducing an image with alpha
             box = (box[0] / k, box[1] / k, box[2] / k, box[3] / k)
         if whole is not None and whole[0] * whole[1] <= max(WHOLE_RESIZE_PIXELS, img.width * img.height):
@@ -327,10 +374,14 @@ def decode_image(data: bytes, size: int, *, train: bool, rng: Any = None,
             out = img.resize((new_w, new_h), resample, box=source).crop((left, top, left + size, top + size))
         else:
             out = img.resize(out_size, resample, box=box)
-        if out_size != (size, size):  # centred, the odd pixel of padding after the image (open_clip's CenterCropOrPad)
+        if out_size != (size, size) and as_open_clip:  # padded in its own mode, as open_clip pads
+            out = _open_clip_pad(out, size, resize.fill)
+        elif out_size != (size, size):  # centred, the odd pixel of padding after the image (CenterCropOrPad's)
             padded = Image.new("RGB", (size, size), resize.fill)
             padded.paste(out, ((size - out_size[0]) // 2, (size - out_size[1]) // 2))
             out = padded
+        if as_open_clip:
+            out = open_clip_rgb(out)
     except BadImage:
         raise
     except _BAD_ERRORS as exc:

@@ -196,7 +196,7 @@ def iter_local_batches(
       counted, absent ones too) is in [lo, hi); only the row groups holding them are read. How evaluation splits
       a set over ranks (``evaluate.evaluate_dataset``); keys and bad-row examples keep their rows' file positions.
     - ``resize``: how an image is made square when ``train`` is False (``images.EvalResize``: an open_clip
-      folder's resize mode and interpolation).
+      folder's resize mode and interpolation, and open_clip's colour conversion).
     """
     files = list_parquet_files(str(path))
     check_columns(files, columns, require_caption=require_caption)

@@ -30,11 +30,11 @@ def evaluate_checkpoint(
     text length is the run's full one (``eval.full_text_length`` or the last phase's). ``checkpoint`` may also be an
     open_clip folder: open_clip builds the model and (for the CLIP tokenizer) tokenizes, so the numbers are
     open_clip's on the same images, decoded as its ``preprocess_cfg`` says (squashed, centre-cropped or fitted by
-    the longer side and padded with its ``fill_color``; bicubic or bilinear: ``openclip.eval_resize``). The eval set
-    is read
-    with the training run's column names (``data.*_column`` in the export's config), each falling back to the
-    canonical name when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name
-    those columns outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
+    the longer side and padded with its ``fill_color``; bicubic or bilinear; transparent images converted as
+    open_clip converts them, not composited onto white: ``openclip.eval_resize``). The eval set is read with the
+    training run's column names (``data.*_column`` in the export's config), each falling back to the canonical name
+    when the eval shards lack it; ``caption_column``, ``image_column`` and ``label_column`` name those columns
+    outright (``label_column``: the column dataset.json's ``classes`` are for, as ``data.label_column``
     names it in training: CLIP_benchmark's webdataset sets keep it in ``cls``).
     """
     from reclip_ray import storage
