@@ -137,15 +137,19 @@ def pyarrow_uri(path: str) -> str:
     checkpoints under ``my runs/`` and the rest of the run folder under ``my%20runs/``, and ``s3://b/my runs``
     failed in Ray Train after the launch had trained a tokenizer there. So such a key is percent-encoded, and the
     query (the store's options, ``split_query``) passed on as written, so Ray Train opens the same store; other
-    schemes are parsed here by pyarrow already (``filesystem``), and local paths (also ``file://`` ones) are given
-    as plain absolute paths, which pyarrow takes as written."""
+    schemes' paths are read here as pyarrow reads them (percent-decoded, ``filesystem``), so they are given
+    decoded and encoded again: ``hdfs://nn/my runs``, which pyarrow refuses, is ``hdfs://nn/my%20runs``, the same
+    folder here and there. Local paths (also ``file://`` ones) are given as plain absolute paths, which pyarrow
+    takes as written."""
     local = local_path(path)
     if local is not None:
         return local
     base, query = split_query(path)
     scheme, rest = base.split("://", 1)
     if scheme not in OBJECT_STORES:
-        return _with_query(base, query)
+        parts = urllib.parse.urlsplit(base)
+        path_part = urllib.parse.quote(urllib.parse.unquote(parts.path), safe=_URI_AS_WRITTEN)
+        return _with_query(f"{scheme}://{parts.netloc}{path_part}", query)
     bucket, _, key = rest.partition("/")
     return _with_query(f"{scheme}://{bucket}/{urllib.parse.quote(key, safe=_URI_AS_WRITTEN)}".rstrip("/"), query)
 

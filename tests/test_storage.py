@@ -449,6 +449,16 @@ def test_a_storage_path_given_to_ray_names_the_place_this_module_writes(s3_prefi
     assert storage.pyarrow_uri("s3://b/runs/") == "s3://b/runs" and storage.pyarrow_uri("s3://b") == "s3://b"
 
 
+@pytest.mark.parametrize("path", ["mock://nn/my runs", "mock://nn/my%20runs", "mock://nn/a%25b c/ü", "mock://nn/x?"])
+def test_a_path_on_another_scheme_reaches_ray_as_the_folder_this_module_reads(path):
+    """On schemes other than S3/GCS (HDFS, Azure) this module reads a path as pyarrow parses a URI (``%20`` is a
+    space), but pyarrow refuses a raw space, so ``hdfs://nn/my runs`` passed the launch here and failed in Ray
+    Train. ``mock://`` is pyarrow's in-memory filesystem, parsed as those are."""
+    import pyarrow.fs as pafs
+
+    assert pafs.FileSystem.from_uri(storage.pyarrow_uri(path))[1] == storage.filesystem(path)[1]
+
+
 def test_every_storage_path_ray_parses_goes_through_pyarrow_uri():
     """Where the package hands a run or sweep folder to Ray (``RunConfig(storage_path=...)``, ``Tuner.restore``,
     ``Tuner.can_restore``), it passes ``storage.pyarrow_uri(...)``: the check above is worth nothing for a call
