@@ -206,26 +206,36 @@ def test_a_run_folder_on_an_s3_store_named_only_in_its_uri_lands_there(ray_sessi
                                                                        monkeypatch):
     """MinIO/R2 users name the endpoint in ``run.storage_path`` (``?endpoint_override=HOST:PORT&scheme=http``).
     The session's Ray processes got ``AWS_ENDPOINT_URL`` (the session's moto server, A) at ``ray.init``, which a test
-    cannot take back from them; so the URI names a second server, B, and the driver's own ``AWS_ENDPOINT_URL`` is
-    removed. The checkpoints, the model and reclip_run.json are at B under ``prefix/runs/NAME/`` and nothing is at
+    cannot take back from them; so the URI names a second server, B, in a process of its own (moto's servers in one
+    process share one store), and the driver's own ``AWS_ENDPOINT_URL`` is removed. The checkpoints, the model and reclip_run.json are at B under ``prefix/runs/NAME/`` and nothing is at
     A: the driver, Ray Train's controller and the workers all followed the URI over their environment. With the
     query encoded into the key (the old ``pyarrow_uri``) Ray Train wrote under ``runs?endpoint_override=...``.
     (Not run by the session that wrote it: it needs Ray.)"""
     import os
+    import socket
+    import subprocess
+    import sys
+    import time
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from conftest import S3_BUCKET, s3_checkpoints
     from reclip_ray import storage
     from reclip_ray.train.launch import run_training
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        host, port = free.getsockname()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        host, port = server.get_host_and_port()
         at_b = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
-        at_b.create_bucket(Bucket=S3_BUCKET)
+        for _ in range(100):  # until it listens
+            try:
+                at_b.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
         at_a = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
         monkeypatch.delenv("AWS_ENDPOINT_URL")
         monkeypatch.setattr(storage, "_S3_CLIENTS", {})
@@ -239,11 +249,14 @@ def test_a_run_folder_on_an_s3_store_named_only_in_its_uri_lands_there(ray_sessi
         at_server_b = [o["Key"] for o in at_b.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"{key}/")["Contents"]]
         assert f"{key}/runs/minio/model/model.safetensors" in at_server_b, at_server_b
         assert f"{key}/runs/minio/reclip_run.json" in at_server_b, at_server_b
-        assert [k for k in at_server_b if not k.startswith(f"{key}/runs/minio/")] == [], at_server_b
-        assert at_a.list_objects_v2(Bucket=S3_BUCKET, Prefix=key)["KeyCount"] == 0
+        # besides the run folder only the folder markers pyarrow's create_dir leaves (``prefix/``, ``prefix/runs/``)
+        assert [k for k in at_server_b if not k.startswith(f"{key}/runs/minio/")] == [f"{key}/", f"{key}/runs/"]
+        at_server_a = [o["Key"] for o in at_a.list_objects_v2(Bucket=S3_BUCKET, Prefix=key).get("Contents", [])]
+        assert at_server_a == [], at_server_a
     finally:
         storage._remote_filesystem.cache_clear()
-        server.stop()
+        server.kill()
+        server.wait(timeout=30)
 
 
 def test_a_checkpoint_whose_upload_to_s3_fails_part_way_is_not_registered_and_the_run_resumes_a_whole_one(
