@@ -77,6 +77,13 @@ def split_query(path: str) -> tuple[str, str]:
         raise DataError(f"{path}: '#' starts a URI fragment, which names nothing on a filesystem; a path in a URI "
                         "cannot hold '#' (nor '?', which starts the filesystem's options)")
     base, _, query = path.partition("?")
+    scheme, _, rest = base.partition("://")
+    authority = rest.split("/", 1)[0]
+    if scheme in OBJECT_STORES and "@" in authority:  # no bucket name holds '@'
+        shown = f"{scheme}://***@{authority.rsplit('@', 1)[1]}/{rest.partition('/')[2]}"
+        raise DataError(f"{shown}: credentials in a URI would be written wherever the path is (logs, MLflow, the run "
+                        "folder's records); give them as the store's environment (AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, a profile, a role), and the bucket alone in the URI")
     return base, query
 
 

@@ -788,3 +788,13 @@ def test_the_boto3_client_is_built_once_when_several_threads_ask_for_it_at_once(
     if hasattr(storage._s3_client, "cache_clear"):
         storage._s3_client.cache_clear()
     assert len(built) == 1 and len(clients) == 8 and len({id(c) for c in clients}) == 1
+
+
+@pytest.mark.parametrize("path", ["s3://AKIA:secret@bucket/runs", "gs://user:secret@bucket/x?region=r"])
+def test_credentials_in_an_object_store_uri_are_refused_without_echoing_them(path):
+    """pyarrow reads ``s3://KEY:SECRET@bucket`` as credentials, this module read ``KEY:SECRET@bucket`` as the bucket;
+    and a path is printed, logged and recorded everywhere. One line that names the bucket and not the secret."""
+    for call in (storage.normalize, storage.filesystem, storage.pyarrow_uri, lambda p: storage.join(p, "x")):
+        with pytest.raises(DataError, match=r"://\*\*\*@bucket/.*credentials in a URI") as raised:
+            call(path)
+        assert "secret" not in str(raised.value)
