@@ -186,7 +186,7 @@ def test_one_and_two_workers_follow_the_same_schedule(in_order_run):
 def test_a_run_folder_on_s3_whose_prefix_has_a_space_and_a_percent_is_one_folder(ray_session, s3_prefix, make_cfg):
     """Ray Train opens ``run.storage_path`` with pyarrow's URI parser, which refuses a space and decodes ``%20``: it
     is given ``storage.pyarrow_uri(...)``, so its checkpoints land beside model/ and reclip_run.json, under the
-    prefix as written. (Not run by the session that wrote it: it needs Ray.)"""
+    prefix as written."""
     from conftest import s3_checkpoints
     from reclip_ray import storage
     from reclip_ray.train.launch import run_training
@@ -207,10 +207,10 @@ def test_a_run_folder_on_an_s3_store_named_only_in_its_uri_lands_there(ray_sessi
     """MinIO/R2 users name the endpoint in ``run.storage_path`` (``?endpoint_override=HOST:PORT&scheme=http``).
     The session's Ray processes got ``AWS_ENDPOINT_URL`` (the session's moto server, A) at ``ray.init``, which a test
     cannot take back from them; so the URI names a second server, B, in a process of its own (moto's servers in one
-    process share one store), and the driver's own ``AWS_ENDPOINT_URL`` is removed. The checkpoints, the model and reclip_run.json are at B under ``prefix/runs/NAME/`` and nothing is at
-    A: the driver, Ray Train's controller and the workers all followed the URI over their environment. With the
-    query encoded into the key (the old ``pyarrow_uri``) Ray Train wrote under ``runs?endpoint_override=...``.
-    (Not run by the session that wrote it: it needs Ray.)"""
+    process share one store), and the driver's own ``AWS_ENDPOINT_URL`` is removed. The checkpoints, the model and
+    reclip_run.json are at B under ``prefix/runs/NAME/`` and nothing is at A: the driver, Ray Train's controller and
+    the workers all followed the URI over their environment. With the query encoded into the key (the old
+    ``pyarrow_uri``) Ray Train's folder was ``runs?endpoint_override=...`` (persist's folder check refuses it)."""
     import os
     import socket
     import subprocess
