@@ -226,8 +226,10 @@ def phases(args: argparse.Namespace) -> int:
         if args.cpu_log:  # cores per GPU: the data cores over the GPUs they fed (one worker per GPU)
             busy, spent = cores[index]
             sps = row.get("samples_per_s")
-            # The whole-run measure: CPU-seconds per sample at the steady rate. Its samples are the phase's own;
-            # rows trained twice around a kill (job 1's lowres) make it a little high.
+            # The whole-run measure: CPU-seconds per sample at the steady rate. Its samples are the phase's own, so
+            # rows read twice around a kill (job 1's lowres: the killed attempt's read-ahead, then the resume's
+            # reads from its checkpoint) make it high by their share: up to 1.5x in the CPU dry run, where the
+            # killed attempt had read the whole phase; a few % on the GPU, whose phase is ~15x its read-ahead.
             per_sample = spent / trained[index] if spent is not None and trained[index] else None
             extra = {"data_cores": busy, "data_cores_per_1k_samples_s": round(busy / sps * 1e3, 3)
                      if busy is not None and sps else None,

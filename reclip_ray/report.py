@@ -121,6 +121,8 @@ def summary_table(
     itself ("3.2x chance" says the model learned something; "1.0x" says it did not). ``wall_s`` is the time the
     command took; ``report_png`` (optional) is where report.png was drawn.
     """
+    from reclip_ray import storage
+
     prefix = _eval_prefix(metrics, full_size)
     size = f"{full_size}px" if prefix == f"eval/{full_size}px/" else "full resolution"
     lines = ["reclip-ray: run finished", ""]
@@ -130,7 +132,7 @@ def summary_table(
     facts = [
         ["train compute", format_gflops(float(gflops)) if _is_number(gflops) else "-"],
         ["wall time", format_duration(wall_s)],
-        ["model", f"{run_dir.rstrip('/')}/model"],
+        ["model", storage.join(run_dir, "model")],
         *([["report", report_png]] if report_png else []),
         ["MLflow run", str(mlflow_run_id)],
         ["browse it", f"mlflow ui --backend-store-uri {tracking_uri}"],

@@ -36,6 +36,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import shutil
 import threading
 import time
@@ -67,24 +68,51 @@ def local_path(path: str) -> str | None:
 
 def split_query(path: str) -> tuple[str, str]:
     """(the URI without its query, the query): ``s3://b/x?region=r`` -> (``s3://b/x``, ``region=r``); a local path
-    (also ``file://``) -> (path, ""). The one place that reads a URI's options: a ``#`` (a fragment, which
-    pyarrow drops and no filesystem reads) is refused in one line, so ``s3://b/x#1`` fails where it is given, not
-    as a key that this module and Ray Train would read differently."""
+    (also ``file://``) -> (path, ""). The one place that reads a URI's options. A ``#`` is a fragment to pyarrow,
+    which drops it: on HDFS, Azure and the like it is refused in one line, so ``hdfs://nn/x#1`` fails where it is
+    given, not as a folder that this module and Ray Train would read differently; an S3 or GCS key keeps it as
+    written (``pyarrow_uri`` encodes it for Ray). Credentials in a URI are refused first (``_refuse_credentials``)."""
     path = str(path)
     if not is_uri(path):
         return path, ""
-    if "#" in path:
+    _refuse_credentials(path)
+    base, _, query = path.partition("?")
+    if "#" in base and _scheme(base) not in OBJECT_STORES:
         raise DataError(f"{path}: '#' starts a URI fragment, which names nothing on a filesystem; a path in a URI "
                         "cannot hold '#' (nor '?', which starts the filesystem's options)")
-    base, _, query = path.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority = rest.split("/", 1)[0]
-    if scheme in OBJECT_STORES and "@" in authority:  # no bucket name holds '@'
-        shown = f"{scheme}://***@{authority.rsplit('@', 1)[1]}/{rest.partition('/')[2]}"
-        raise DataError(f"{shown}: credentials in a URI would be written wherever the path is (logs, MLflow, the run "
-                        "folder's records); give them as the store's environment (AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY, a profile, a role), and the bucket alone in the URI")
     return base, query
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower()
+
+
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token", "client_secret", "account_key", "sas_token", "password")
+
+
+def _refuse_credentials(uri: str) -> None:
+    """A path is printed, logged, recorded in MLflow and the run folder's files, and joined onto every file of a run
+    folder: a secret in it would go everywhere. So a URI's user:password (``s3://KEY:SECRET@bucket``,
+    ``abfs://account:KEY@container``) or a secret option (``?client_secret=...``) is one line that shows neither.
+    The authority ends at the first ``/``, ``?`` or ``#``, where a secret may hold any of them: a bucket name holds
+    neither ``:`` nor ``@``, and elsewhere ``host:port`` has digits after its colon."""
+    scheme, rest = _scheme(uri), uri.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, _, host = authority.rpartition("@")
+    if scheme in OBJECT_STORES:
+        leaked = ":" in authority or "@" in authority
+    else:
+        leaked = ":" in userinfo or not re.fullmatch(r"[^:]*(:\d*)?", host)
+    if leaked:
+        raise DataError(f"{scheme}://***: credentials in a URI would be written wherever the path is (logs, MLflow, "
+                        "the run folder's records); give them as the store's environment (AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, a profile, a role), and the bucket or host alone in the URI")
+    query = uri.partition("?")[2]
+    named = {key.lower() for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)}
+    if named & set(SECRET_OPTIONS):
+        raise DataError(f"{uri.partition('?')[0]}?***: a secret in a URI's options "
+                        f"({', '.join(sorted(named & set(SECRET_OPTIONS)))}) would be written wherever the path is; "
+                        "give it as the store's environment")
 
 
 def _with_query(base: str, query: str) -> str:
@@ -92,10 +120,11 @@ def _with_query(base: str, query: str) -> str:
 
 
 def _plain_part(base: str, part: str) -> str:
-    """``part`` of a path joined onto the URI ``base``: refused in one line where it would read as options."""
-    if "?" in part or "#" in part:
-        raise DataError(f"{base}: cannot name {part!r} under it: in a URI '?' starts the filesystem's options and "
-                        "'#' a fragment")
+    """``part`` of a path joined onto the URI ``base``: refused in one line where it would read as options (or, off
+    S3 and GCS, as a fragment). A listed file whose name holds one cannot be named by a URI, here or in pyarrow."""
+    if "?" in part or ("#" in part and _scheme(base) not in OBJECT_STORES):
+        raise DataError(f"{base}: cannot name {part!r} under it: in a URI '?' starts the filesystem's options"
+                        + ("" if "?" in part else " and '#' a fragment") + "; rename it")
     return part
 
 
@@ -167,6 +196,8 @@ def parent(path: str) -> str:
         return os.path.dirname(path.rstrip("/"))
     base, query = split_query(path)
     scheme, rest = base.rstrip("/").split("://", 1)
+    if "/" not in rest:  # a bucket or host's root is its own parent, as "/" is locally
+        return path
     return _with_query(f"{scheme}://{posixpath.dirname(rest)}", query)
 
 
@@ -502,7 +533,9 @@ def _s3_client(query: str = "") -> Any:
 def _boto3_options(query: str) -> dict[str, Any]:
     """boto3's ``client("s3", ...)`` arguments for the pyarrow S3 options in ``query`` that say where the store
     is; {} when it names none (boto3 then reads the environment, as pyarrow did)."""
-    given = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    given: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        given.setdefault(key, value)  # a repeated option: pyarrow takes its first value
     scheme, options = given.get("scheme") or "https", {}
     endpoint = given.get("endpoint_override")
     if endpoint:  # pyarrow's endpoint is host:port, its scheme apart (or a whole URL, which it takes as it is)
@@ -513,6 +546,8 @@ def _boto3_options(query: str) -> dict[str, Any]:
         options["region_name"] = given["region"]
     if given.get("tls_ca_file_path"):
         options["verify"] = given["tls_ca_file_path"]
+    if given.get("tls_verify_certificates", "").lower() in ("false", "0", "no"):  # a self-signed MinIO
+        options["verify"] = False
     return options
 
 

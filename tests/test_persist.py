@@ -166,7 +166,7 @@ def test_a_storage_path_whose_endpoint_is_in_its_query_is_where_ray_train_and_th
 
 @pytest.mark.parametrize("storage_path, message", [
     ("s3://b/runs?endpont_override=http://minio:9000", "Unexpected query parameter in S3 URI: 'endpont_override'"),
-    ("s3://b/runs#v2", "'#' starts a URI fragment")])
+    ("hdfs://nn/runs#v2", "'#' starts a URI fragment")])
 def test_a_storage_path_with_options_pyarrow_refuses_fails_at_prepare_in_one_line(storage_path, message, synth_dir,
                                                                                    tokenizer_path, tmp_path):
     """A mistyped option (or a fragment) in ``run.storage_path`` is one line naming it before anything starts (with

@@ -156,6 +156,11 @@ def test_summary_table_without_evaluation():
                                 mlflow_run_id="id9", tracking_uri="sqlite:////m.db", full_size=224)
     assert "no evaluation" in text and "top-1" not in text
     assert "2,500,000.0 GFLOPs (2.50 PFLOPs)" in text and "1h 02m 05s" in text and "runs/x/model" in text
+    # a run folder on a store named in its URI: the model's path keeps the options at the end, pasteable into eval
+    minio = "s3://b/runs/x?endpoint_override=minio:9000&scheme=http"
+    text = report.summary_table({"samples": 10}, wall_s=3, run_dir=minio, mlflow_run_id="id9",
+                                tracking_uri="sqlite:////m.db", full_size=224)
+    assert "s3://b/runs/x/model?endpoint_override=minio:9000&scheme=http" in text, text
     # The run's reason, where it gave one (the final report's eval_error, eval.json's)
     for reason, line in [("evaluation after 'finetune' failed: OSError: gone",
                           "no evaluation of the final model: evaluation after 'finetune' failed: OSError: gone"),

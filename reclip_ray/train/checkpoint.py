@@ -120,7 +120,9 @@ def load_checkpoint(
     except FileNotFoundError:
         raise CheckpointError(f"{shown}: missing {STATE_FILE}") from None
     except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem
-        raise CheckpointError(f"{shown}/{STATE_FILE}: refused to load ({type(exc).__name__}: {exc})") from None
+        from reclip_ray import storage
+
+        raise CheckpointError(f"{storage.join(shown, STATE_FILE)}: refused to load ({type(exc).__name__}: {exc})") from None
     try:
         model.load_state_dict(payload["model"])
         if optimizer is not None:

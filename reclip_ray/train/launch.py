@@ -79,7 +79,7 @@ def finished(prep: Prepared, state: dict[str, Any]) -> bool:
     if done.get("samples") != Schedule.from_config(prep.cfg).total_samples:
         return False
     print(f"[reclip] run '{prep.run_name}' already finished ({done['samples']} samples); model at "
-          f"{prep.run_dir}/model, MLflow run {done.get('mlflow_run_id')}. Nothing to do.", flush=True)
+          f"{storage.join(prep.run_dir, 'model')}, MLflow run {done.get('mlflow_run_id')}. Nothing to do.", flush=True)
     return True
 
 
