@@ -36,7 +36,8 @@ def write_dataset(root: Path, count: int = 6) -> list[str]:
         n = 3 + i
         columns = {"key": [f"{i}-{r}" for r in range(n)],
                    "image": pa.array([None if r % 3 == 0 else b"jpeg" for r in range(n)], pa.binary()),
-                   "caption": [f"caption {r}" for r in range(n)], "label": pa.array([r % 3 for r in range(n)], pa.int32())}
+                   "caption": [f"caption {r}" for r in range(n)],
+                   "label": pa.array([r % 3 for r in range(n)], pa.int32())}
         meta = {b"huggingface": LABELS.encode()}
         if i == 1:
             columns["image_40"] = pa.array([b"small"] * n, pa.binary())
@@ -262,3 +263,10 @@ def test_a_second_launch_on_s3_sends_no_footer_get(tmp_path, s3_prefix, s3_reque
     again = child(remote)
     assert again["reads"] == 0 and again["footers"] == first
     assert s3_requests and not [r for r in s3_requests if ".parquet" in r[1]]  # the listing's requests only
+
+
+def test_the_suite_never_touches_the_users_cache():
+    """conftest points the cache at a folder of this session (inherited by subprocesses and Ray workers)."""
+    folder = shards.cache_dir()
+    assert folder and os.path.basename(folder).startswith("reclip-test-cache-")
+    assert not folder.startswith(os.path.join(os.path.expanduser("~"), ".cache"))
