@@ -322,8 +322,11 @@ def footers(files: Sequence[str], threads: int = FOOTER_THREADS) -> list[Footer]
     rest are read in this thread too.
 
     A cached footer is reused while the file's (size, mtime) is unchanged: taken from the latest listing when
-    ``list_parquet_files`` saw the file, else from a stat. A file rewritten in place with the same size within
-    the filesystem's mtime resolution would be missed; shard writers here write a temp file and rename it.
+    ``list_parquet_files`` saw the file, else from a stat. For a listed file, a footer an earlier process read is
+    taken from the listing's cache file on disk (``_load_footer_cache``) under the same rule, and the file is
+    rewritten after this call read what it lacked (``_save_footer_cache``). A file rewritten in place with the same
+    size within the filesystem's mtime resolution (on S3 a second) would be missed; shard writers here write a temp
+    file and rename it.
     """
     files = list(files)
     out: list[Footer | None] = [None] * len(files)
