@@ -468,11 +468,11 @@ def _intern_schema(schema: pa.Schema) -> pa.Schema:
 
 # ------------------------------------------------------------------------------------------------ footer cache on disk
 #
-# Every launch on the same data used to read every footer again: at 140k shards on S3, 140k ranged GETs (minutes of
-# the driver) before any worker starts, at each resume, rerun and sweep trial. The footers of each listing are kept
-# in one Arrow IPC file on the driver's disk; a later process that lists the same path takes each entry whose
-# (size, mtime_ns) equals the listing's (the in-process rule of ``footers``) and reads only the rest. Never fatal:
-# an unreadable, corrupt or other-version file is ignored (and rewritten), an unwritable folder means no cache.
+# Every launch on the same data used to read every footer again: at 140k shards on S3, 140k HEADs and 140k ranged GETs
+# (minutes of the driver) before any worker starts, at each resume, rerun and sweep trial. The footers of each listing
+# are kept in one Arrow IPC file on the driver's disk; a later process that lists the same path takes each entry whose
+# (size, mtime_ns) equals the listing's (the in-process rule of ``footers``) and reads only the rest. Never fatal: an
+# unreadable, corrupt or other-version file is ignored (and rewritten), an unwritable folder means no cache.
 
 FOOTER_CACHE_VERSION = 1
 CACHE_ENV = "RECLIP_CACHE_DIR"  # the cache folder; set to the empty string, no cache
