@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -30,6 +31,12 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # start: the session cluster then asks of the tests' clients (a `ray job submit`, a CLI joining with RAY_ADDRESS,
 # which inherit this) what a user's cluster asks of theirs. Set before Ray is imported, which reads it once.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The footer cache (``shards.cache_dir``) in a folder of this session, never the user's ~/.cache: set before the Ray
+# cluster starts, so its workers and the CLI subprocesses that tests start inherit it too. Each test's data is under
+# its own tmp_path, so one test's entries are never another's (a listing's cache file is named by its path).
+_CACHE_DIR = tempfile.mkdtemp(prefix="reclip-test-cache-")
+os.environ["RECLIP_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
 
 
 S3_BUCKET = "reclip-test"
@@ -178,7 +185,8 @@ def ray_cluster(s3_server):
             "object_store_memory": 1 << 30,
         },
     )
-    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_TRAIN_"))}}
+    env = {"OMP_NUM_THREADS": "1", "RECLIP_CACHE_DIR": _CACHE_DIR,
+           **{k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_TRAIN_"))}}
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

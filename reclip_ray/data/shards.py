@@ -11,15 +11,21 @@ one footer cache without importing each other.
 Cost at scale: the footers are read once per run on the driver (a thread pool; 140k shards is a few minutes of
 small reads on object storage, once). ``footers`` keeps what each footer says for the life of the process, keyed
 by (path, size, mtime), so the launch's schema check, eval-set checks, tokenizer and phase streams share that one
-read; a listing records each file's (size, mtime), so a cache lookup needs no request of its own.
+read; a listing records each file's (size, mtime), so a cache lookup needs no request of its own. The footers of
+listed files are also kept on the local disk (``footer_cache_file``: one file per listing), so the next launch on
+the same data (a resume, a rerun, a sweep's next trial) reads only the shards that changed since.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import hashlib
 import json
+import logging
 import os
 import re
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,7 +197,9 @@ def list_parquet_files(path: str | os.PathLike) -> list[str]:
         raise DataError(f"no Parquet files under {path}" if not pattern else f"no Parquet files match {path}")
     for f, i in found:  # the footer cache's key: a cached footer is reused while these are unchanged
         note_listing(f, i.size, i.mtime_ns)
-    return [f for f, _ in found]
+    files = [f for f, _ in found]
+    _note_listing_root(storage.normalize(path), files)
+    return files
 
 
 def _glob(fs: pafs.FileSystem, folder: str, levels: list[str]) -> Iterator[pafs.FileInfo]:
@@ -292,10 +300,15 @@ def note_listing(path: str, size: int | None, mtime_ns: int | None) -> None:
 
 
 def clear_footer_cache() -> None:
+    """Forget every footer and listing this process holds (the cache on disk stays, and is read again)."""
     _FOOTERS.clear()
     _LISTED.clear()
     _SCHEMAS.clear()
     _CLASS_LABELS.clear()
+    _ROOT_OF.clear()
+    _ROOTS.clear()
+    _DISK_STALE.clear()
+    _DISK_FAILED.clear()
 
 
 def footers(files: Sequence[str], threads: int = FOOTER_THREADS) -> list[Footer]:
@@ -309,18 +322,26 @@ def footers(files: Sequence[str], threads: int = FOOTER_THREADS) -> list[Footer]
     rest are read in this thread too.
 
     A cached footer is reused while the file's (size, mtime) is unchanged: taken from the latest listing when
-    ``list_parquet_files`` saw the file, else from a stat. A file rewritten in place with the same size within
-    the filesystem's mtime resolution would be missed; shard writers here write a temp file and rename it.
+    ``list_parquet_files`` saw the file, else from a stat. For a listed file, a footer an earlier process read is
+    taken from the listing's cache file on disk (``_load_footer_cache``) under the same rule, and the file is
+    rewritten after this call read what it lacked (``_save_footer_cache``). A file rewritten in place with the same
+    size within the filesystem's mtime resolution (on S3 a second) would be missed; shard writers here write a temp
+    file and rename it.
     """
     files = list(files)
     out: list[Footer | None] = [None] * len(files)
     todo: list[int] = []
     for i, f in enumerate(files):
-        hit = _FOOTERS.get(f)
-        if hit is not None and _LISTED.get(f) == hit[0]:
-            out[i] = hit[1]
-        else:
+        out[i] = _fresh(f)
+        if out[i] is None:
             todo.append(i)
+    roots = {root for i in todo if (root := _ROOT_OF.get(files[i])) is not None}
+    if roots:  # files of a listing: what an earlier process read of it may be on disk
+        for root in roots:
+            _load_footer_cache(root)
+        for i in todo:
+            out[i] = _fresh(files[i])
+        todo = [i for i in todo if out[i] is None]
     t0 = time.perf_counter()
     for i in todo[:FOOTER_PROBE]:
         out[i] = _cached_footer(files[i])
@@ -333,7 +354,16 @@ def footers(files: Sequence[str], threads: int = FOOTER_THREADS) -> list[Footer]
     else:
         for i in rest:
             out[i] = _cached_footer(files[i])
+    for root in roots:  # rewritten after reading what it lacked, or when it holds files no longer listed
+        if _DISK_STALE.get(root) or any(_ROOT_OF.get(files[i]) == root for i in todo):
+            _save_footer_cache(root)
     return out  # type: ignore[return-value]
+
+
+def _fresh(file: str) -> Footer | None:
+    """The cached footer of ``file`` if the latest listing saw the file as it was when the footer was read."""
+    hit = _FOOTERS.get(file)
+    return hit[1] if hit is not None and _LISTED.get(file) == hit[0] else None
 
 
 def _cached_footer(file: str) -> Footer:
@@ -410,7 +440,7 @@ def _schema_of(meta: Any) -> tuple[Any, dict[int, str]]:
     for parquet_schema, nested, arrow, leaves in entries:
         if parquet_schema.equals(meta.schema) and all(meta.schema.column(c).path == p for c, p in nested):
             return arrow, leaves
-    arrow = meta.schema.to_arrow_schema().remove_metadata()
+    arrow = _intern_schema(meta.schema.to_arrow_schema().remove_metadata())
     images = {f.name for f in arrow if is_image_type(f.type)}
     # A column of nulls only (pandas writes an all-None or empty image column so) counts its rows absent, as nulls.
     binary = {f.name for f in arrow if is_binary(f.type) or pa.types.is_null(f.type)}
@@ -422,6 +452,172 @@ def _schema_of(meta: Any) -> tuple[Any, dict[int, str]]:
                        if "." in meta.schema.column(c).path)
         entries.append((meta.schema, nested, arrow, leaves))
     return arrow, leaves
+
+
+def _intern_schema(schema: pa.Schema) -> pa.Schema:
+    """The first schema seen that equals ``schema`` (field metadata included), so footers read from a shard and
+    footers loaded from the disk cache share one object per distinct schema."""
+    known = _SCHEMAS.setdefault("arrow", [])
+    for other in known:
+        if other.equals(schema, check_metadata=True):
+            return other
+    if len(known) < MAX_SCHEMAS:
+        known.append(schema)
+    return schema
+
+
+# ------------------------------------------------------------------------------------------------ footer cache on disk
+#
+# Every launch on the same data used to read every footer again: at 140k shards on S3, 140k HEADs and 140k ranged GETs
+# (minutes of the driver) before any worker starts, at each resume, rerun and sweep trial. The footers of each listing
+# are kept in one Arrow IPC file on the driver's disk; a later process that lists the same path takes each entry whose
+# (size, mtime_ns) equals the listing's (the in-process rule of ``footers``) and reads only the rest. Never fatal: an
+# unreadable, corrupt or other-version file is ignored (and rewritten), an unwritable folder means no cache.
+
+FOOTER_CACHE_VERSION = 1
+CACHE_ENV = "RECLIP_CACHE_DIR"  # the cache folder; set to the empty string, no cache
+_CACHE_META = b"reclip.footer_cache"  # the IPC schema's metadata: version, listing, the distinct schemas and labels
+_CACHE_SCHEMA = pa.schema([
+    ("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("rows", pa.int64()),
+    ("row_groups", pa.list_(pa.int64())), ("schema", pa.int32()),  # an index into the metadata's schemas
+    ("null_columns", pa.list_(pa.string())), ("null_counts", pa.list_(pa.int64())),
+    ("reclip_keys", pa.list_(pa.binary())), ("reclip_values", pa.list_(pa.binary())),
+    ("class_labels", pa.int32()),  # an index into the metadata's class labels (one entry per distinct tuple)
+])
+_TEMP_AGE_S = 3600  # a temp file this old beside a cache file is a killed writer's: removed by the next writer
+_ROOT_OF: dict[str, str] = {}  # listed file -> the listing it came from (``storage.normalize`` of the listed path)
+_ROOTS: dict[str, tuple[str, ...]] = {}  # listing -> its files, as the latest ``list_parquet_files`` saw them
+_DISK_STALE: dict[str, bool] = {}  # listing -> its cache file holds entries to drop (only listings loaded)
+_DISK_FAILED: list[str] = []  # cache files that could not be written: the first logged, none tried again
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> str | None:
+    """reclip-ray's cache folder on this machine: ``$RECLIP_CACHE_DIR`` (set but empty: None, no cache), else
+    ``$XDG_CACHE_HOME/reclip-ray``, else ``~/.cache/reclip-ray``. Read at each use, so a test can move it."""
+    if CACHE_ENV in os.environ:
+        chosen = os.environ[CACHE_ENV]
+        return os.path.abspath(os.path.expanduser(chosen)) if chosen else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "reclip-ray")
+
+
+def footer_cache_file(listing: str) -> str | None:
+    """The cache file of a listing (``storage.normalize`` of a path given to ``list_parquet_files``; a URI's options
+    are part of the key but kept out of the file, which may hold credentials), or None with the cache off."""
+    top = cache_dir()
+    if top is None:
+        return None
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:24]
+    return os.path.join(top, "footers", f"{digest}.v{FOOTER_CACHE_VERSION}.arrow")
+
+
+def _note_listing_root(listing: str, files: list[str]) -> None:
+    _ROOTS[listing] = tuple(files)
+    for f in files:
+        _ROOT_OF[f] = listing
+
+
+def _load_footer_cache(listing: str) -> None:
+    """Put the cached footers of ``listing`` whose (size, mtime_ns) match its latest listing into ``_FOOTERS``.
+    Once per listing and process; anything wrong with the file is logged (debug) and it is read as empty."""
+    if listing in _DISK_STALE:
+        return
+    _DISK_STALE[listing] = True  # rewritten after the next read, unless the file below holds just what is listed
+    file = footer_cache_file(listing)
+    if file is None or not os.path.isfile(file):
+        return
+    try:
+        with pa.OSFile(file) as source:
+            reader = pa.ipc.open_file(source)
+            meta = json.loads(reader.schema.metadata[_CACHE_META])
+            if meta["version"] != FOOTER_CACHE_VERSION or meta["listing"] != storage.split_query(listing)[0]:
+                raise ValueError(f"version {meta['version']} of {meta['listing']}")
+            table = reader.read_all()
+        if not table.schema.remove_metadata().equals(_CACHE_SCHEMA):
+            raise ValueError(f"columns {table.schema.names}")
+        schemas = [_intern_schema(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(s)))) for s in meta["schemas"]]
+        labels = [tuple((str(c), tuple(names)) for c, names in entry) for entry in meta["class_labels"]]
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    except Exception as exc:  # corrupt, truncated, another version: read the footers again, then rewrite the file
+        log.debug("footer cache %s of %s ignored: %s", file, listing, exc)
+        return
+    listed = {storage.split_query(f)[0]: f for f in _ROOTS.get(listing, ())}
+    used = 0
+    for i, key in enumerate(cols["path"]):
+        f = listed.get(key)
+        stamp = (cols["size"][i], cols["mtime_ns"][i])
+        if f is None or _LISTED.get(f) != stamp:
+            continue
+        used += 1
+        if _fresh(f) is None:
+            _FOOTERS[f] = (stamp, Footer(f, cols["rows"][i], tuple(cols["row_groups"][i]), schemas[cols["schema"][i]],
+                                         tuple(zip(cols["null_columns"][i], cols["null_counts"][i])),
+                                         tuple(zip(cols["reclip_keys"][i], cols["reclip_values"][i])),
+                                         labels[cols["class_labels"][i]]))
+    _DISK_STALE[listing] = used < len(cols["path"])  # shards deleted or rewritten since: drop them
+
+
+def _save_footer_cache(listing: str) -> None:
+    """Write the footers of ``listing``'s files (its latest listing only, so deleted shards drop out) to its cache
+    file: a temp file beside it, then ``os.replace``, so a reader (another launch) sees the old file or the new one
+    and two writers leave one of theirs whole. An unwritable folder is logged (debug) once and not tried again."""
+    file = footer_cache_file(listing)
+    if file is None or file in _DISK_FAILED:
+        return
+    entries = [(f, hit) for f in _ROOTS.get(listing, ()) if (hit := _FOOTERS.get(f)) is not None
+               and hit[0] == _LISTED.get(f)]
+    by_id: dict[int, int] = {}  # id(schema) -> index; the footers of a dataset share one schema object or a few
+    by_bytes: dict[bytes, int] = {}
+    labels: dict[tuple, int] = {}
+    cols: dict[str, list] = {name: [] for name in _CACHE_SCHEMA.names}
+    for f, ((size, mtime_ns), footer) in entries:
+        if id(footer.schema) not in by_id:
+            by_id[id(footer.schema)] = by_bytes.setdefault(footer.schema.serialize().to_pybytes(), len(by_bytes))
+        for name, value in (("path", storage.split_query(f)[0]), ("size", size), ("mtime_ns", mtime_ns),
+                            ("rows", footer.rows), ("row_groups", footer.row_groups),
+                            ("schema", by_id[id(footer.schema)]),
+                            ("null_columns", [c for c, _ in footer.null_counts]),
+                            ("null_counts", [n for _, n in footer.null_counts]),
+                            ("reclip_keys", [k for k, _ in footer.reclip_metadata]),
+                            ("reclip_values", [v for _, v in footer.reclip_metadata]),
+                            ("class_labels", labels.setdefault(footer.class_labels, len(labels)))):
+            cols[name].append(value)
+    meta = {"version": FOOTER_CACHE_VERSION, "listing": storage.split_query(listing)[0],
+            "schemas": [base64.b64encode(b).decode() for b in by_bytes],
+            "class_labels": [[[c, list(names)] for c, names in entry] for entry in labels]}
+    folder = os.path.dirname(file)
+    tmp = None
+    try:
+        table = pa.table(cols, schema=_CACHE_SCHEMA.with_metadata({_CACHE_META: json.dumps(meta)}))
+        os.makedirs(folder, exist_ok=True)
+        _remove_old_temps(folder, os.path.basename(file))
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(file) + ".tmp-", dir=folder)
+        os.close(fd)
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, file)
+        tmp = None
+        _DISK_STALE[listing] = False
+    except Exception as exc:  # an unwritable folder, a full disk: this launch works on without the cache
+        _DISK_FAILED.append(file)
+        if len(_DISK_FAILED) == 1:
+            log.debug("footer cache not written (%s): %s", file, exc)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _remove_old_temps(folder: str, name: str) -> None:
+    """Remove a killed writer's temp files of ``name`` (a live writer's are younger than ``_TEMP_AGE_S``)."""
+    now = time.time()
+    for entry in os.scandir(folder):
+        if entry.name.startswith(name + ".tmp-"):
+            try:
+                if now - entry.stat().st_mtime > _TEMP_AGE_S:
+                    os.remove(entry.path)
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------------------------------------------ writing
