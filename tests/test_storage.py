@@ -90,6 +90,24 @@ def test_an_s3_key_keeps_its_hash_as_written(s3_prefix):
     assert pafs.FileSystem.from_uri(storage.pyarrow_uri(f"s3://b/runs#1{MINIO}"))[1] == "b/runs#1"
 
 
+def _count_from_uri(monkeypatch) -> list[str]:
+    """Every URI ``pyarrow.fs.FileSystem.from_uri`` is given from now on (the module's cache emptied first)."""
+    import pyarrow.fs as pafs
+
+    real = pafs.FileSystem
+    built: list[str] = []
+
+    class Counting(real):
+        @staticmethod
+        def from_uri(uri):
+            built.append(uri)
+            return real.from_uri(uri)
+
+    monkeypatch.setattr(pafs, "FileSystem", Counting)
+    storage._remote_filesystem.cache_clear()
+    return built
+
+
 def test_options_pyarrow_refuses_are_one_line_naming_the_path_and_the_rule():
     """pyarrow refuses options it does not know (``Unexpected query parameter in S3 URI``): a mistyped option, or
     a key spelt with '?' (a glob's one-character wildcard) in a URI."""
@@ -107,17 +125,7 @@ def test_an_s3_filesystem_adds_delayed_open_to_the_users_options_and_keeps_their
     filesystem never delays (``_put_object``: a refused CreateMultipartUpload must raise at the open)."""
     import pyarrow.fs as pafs
 
-    real = pafs.FileSystem
-    built: list[str] = []
-
-    class Counting(real):
-        @staticmethod
-        def from_uri(uri):
-            built.append(uri)
-            return real.from_uri(uri)
-
-    monkeypatch.setattr(pafs, "FileSystem", Counting)
-    storage._remote_filesystem.cache_clear()
+    built = _count_from_uri(monkeypatch)
     try:
         fs, inner = storage.filesystem(f"s3://b/runs/run{MINIO}")
         storage.filesystem(f"s3://b/other{MINIO}")
@@ -571,17 +579,7 @@ def test_a_remote_filesystem_is_built_once_per_process_for_its_scheme_and_author
     upload and a download build it once, and the paths are still the ones from_uri gives."""
     import pyarrow.fs as pafs
 
-    real = pafs.FileSystem
-    built: list[str] = []
-
-    class Counting(real):
-        @staticmethod
-        def from_uri(uri):
-            built.append(uri)
-            return real.from_uri(uri)
-
-    monkeypatch.setattr(pafs, "FileSystem", Counting)
-    storage._remote_filesystem.cache_clear()
+    built = _count_from_uri(monkeypatch)
     try:
         run = "mock://store/runs/my%20run"
         for step in range(3):
@@ -607,7 +605,7 @@ def test_a_remote_filesystem_is_built_once_per_process_for_its_scheme_and_author
         storage._remote_filesystem.cache_clear()
     for uri in ("mock://store/runs/my%20run/a", "mock://store/a?b=1", "mock://store", "mock://store/",
                 "abfs://box@acct.dfs.core.windows.net/runs/my%20run", "abfs://box@acct.dfs.core.windows.net"):
-        assert storage.filesystem(uri)[1] == real.from_uri(uri)[1], uri
+        assert storage.filesystem(uri)[1] == pafs.FileSystem.from_uri(uri)[1], uri
     storage._remote_filesystem.cache_clear()
 
 
