@@ -43,7 +43,7 @@ def _cut_safe(tokenizer) -> bool:
 
     Why it cannot change those tokens: the pieces the pre-tokenizer makes never span the space between two words
     (GPT-2's regex attaches at most a leading space to a piece; CLIP's drops whitespace), a cut at a space leaves the
-    earlier pieces as they were (neither regex looks past a word, but for GPT-2's ``\s+(?!\S)`` on whitespace; the
+    earlier pieces as they were (neither regex looks past a word, but for GPT-2's ``\\s+(?!\\S)`` on whitespace; the
     normalizers act per character or, NFC, are stable at a space; added tokens hold no space), BPE works within a
     piece, and every piece gives at least one token (all 256 byte symbols are in the vocabulary, with the end-of-word
     suffix too), so each word gives one or more. Anything else (a user's tokenizer.json whose tokens may span
