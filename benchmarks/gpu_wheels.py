@@ -27,8 +27,9 @@ the size budget holds).
         run the carried cp312 wheels themselves on the device's torch
 
 Why MLflow needs more than ``mlflow-skinny``: the job's default store is SQLite (``tracking.resolve_tracking_uri``),
-which MLflow opens through SQLAlchemy and migrates with Alembic; open_clip_torch is carried for the export check
-(``open_clip.create_model_and_transforms('local-dir:...')``). Ray gets its ``default`` extra, as pyproject.toml asks:
+which MLflow opens through SQLAlchemy and migrates with Alembic. open_clip_torch is not carried (the 64 MiB): the
+export check loads the weights against the run's model there instead (``gpu_e2e.py open-clip-check``), and
+tests/test_openclip.py has open_clip load a vit-b-16 export. Ray gets its ``default`` extra, as pyproject.toml asks:
 the dashboard runs Ray Train's placement-group cleaner and the state API (``train/cluster.py``).
 """
 
