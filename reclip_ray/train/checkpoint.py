@@ -122,7 +122,8 @@ def load_checkpoint(
     except Exception as exc:  # weights_only refuses pickled code: surface it as a checkpoint problem
         from reclip_ray import storage
 
-        raise CheckpointError(f"{storage.join(shown, STATE_FILE)}: refused to load ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{storage.join(shown, STATE_FILE)}: refused to load ({type(exc).__name__}: {exc})") from None
     try:
         model.load_state_dict(payload["model"])
         if optimizer is not None:

@@ -35,8 +35,8 @@ def train_from_cli(config: str | None, overrides: list[str], as_json: bool = Fal
         why = {EVAL_ERROR: metrics[EVAL_ERROR]} if metrics.get(EVAL_ERROR) else {}  # why the final model has none
         print(json.dumps({"final": final, **why, "run_dir": metrics["run_dir"],
                           "mlflow_run_id": metrics["mlflow_run_id"], "report": png}, indent=2))
-        print(f"[reclip] model: {storage.join(metrics['run_dir'], 'model')}   metrics: mlflow ui --backend-store-uri {uri}",
-              file=sys.stderr)
+        print(f"[reclip] model: {storage.join(metrics['run_dir'], 'model')}   "
+              f"metrics: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
     else:
         print(summary_table(metrics, wall_s=wall_s, run_dir=metrics["run_dir"], mlflow_run_id=metrics["mlflow_run_id"],
                             tracking_uri=uri, full_size=full_image_size(cfg),

@@ -86,7 +86,8 @@ def _make_synthetic(cfg: Config) -> None:
 
     train, evald = cfg.data.train, cfg.data.eval or None
     root = storage.parent(train)
-    if storage.name(train) != "train" or (evald is not None and storage.normalize(evald) != storage.normalize(storage.join(root, "eval"))):
+    eval_beside = storage.normalize(storage.join(root, "eval"))
+    if storage.name(train) != "train" or (evald is not None and storage.normalize(evald) != eval_beside):
         raise DataError(
             f"data.synth_if_missing needs data.train=DIR/train and data.eval=DIR/eval, got {train} and {evald}"
         )
