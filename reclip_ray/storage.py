@@ -10,8 +10,9 @@ A URI's query is its filesystem's options, on every scheme, as ``pyarrow.fs.File
 and Tune) reads them: ``s3://bucket/runs?endpoint_override=http://minio:9000&scheme=http`` is the key ``runs`` on
 that endpoint, ``hdfs://nn/x?user=u`` the path ``/x`` as user ``u``. ``join``, ``parent``, ``name`` and
 ``normalize`` work on the path and keep the query at the end (``split_query``), so every file of a run folder
-carries its store's options to whichever node opens it. A path in a URI therefore cannot hold ``?``, nor ``#``
-(a fragment, which names nothing on a filesystem): either is one line of ``DataError`` naming the path.
+carries its store's options to whichever node opens it. A path in a URI therefore cannot hold ``?``; off S3 and
+GCS, whose keys are read as written, not ``#`` either (a fragment, which pyarrow drops): each is one line of
+``DataError`` naming the path. Credentials in a URI are refused (``_refuse_credentials``).
 
 Writes are atomic where the storage allows it: locally a temporary file in the same folder and ``os.replace``; on
 an object store a single PUT (an object becomes visible whole, when the upload completes, or not at all). On S3 an

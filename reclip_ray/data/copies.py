@@ -269,14 +269,10 @@ def shrink_dataset(data: str | os.PathLike, sizes: Sequence[int], *, out: str | 
     return summary
 
 
-def _relative(file: str, root: str) -> str:
-    return storage.relative(file, root)
-
-
 def _destination(file: str, src: str, dst_root: str) -> str:
     """Where ``--out`` writes a shard: at its path under the source folder, or for a source that is one file,
     ``dst_root/<its name>`` (its path relative to itself is empty, which named the folder ``dst_root`` itself)."""
-    return storage.join(dst_root, _relative(file, src) or storage.name(file))
+    return storage.join(dst_root, storage.relative(file, src) or storage.name(file))
 
 
 def _copy_small_files(src: str, dst_root: str) -> None:
@@ -284,7 +280,7 @@ def _copy_small_files(src: str, dst_root: str) -> None:
     if storage.local_path(dst_root):  # an object store has no folders to make
         os.makedirs(dst_root, exist_ok=True)
     for extra in storage.list_files(src):
-        relative = _relative(extra, src)
+        relative = storage.relative(extra, src)
         if not relative.endswith(".parquet") and not is_hidden(relative) and ".tmp" not in relative:
             storage.write_bytes(storage.join(dst_root, relative), storage.read_bytes(extra))
 

@@ -288,7 +288,8 @@ class Footer:
 # the eval-set checks, the tokenizer, build_datasets) each take a file list, and this is how they share one read.
 _FOOTERS: dict[str, tuple[tuple[int, int], Footer]] = {}
 _LISTED: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) as the latest ``list_parquet_files`` saw it
-_SCHEMAS: dict[str, list] = {}  # "entries": the distinct schemas seen (``_schema_of``)
+_SCHEMAS: dict[str, list] = {}  # "entries": the distinct Parquet schemas seen (``_schema_of``); "arrow": their
+# Arrow schemas, one object each, which footers loaded from the disk cache share too (``_intern_schema``)
 _CLASS_LABELS: dict[bytes, tuple] = {}  # a footer's ``huggingface`` entry -> its parsed ClassLabels (``_class_labels``)
 FOOTER_READS = [0]  # footers read from storage by this process (the tests count them)
 
